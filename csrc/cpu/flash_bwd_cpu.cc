@@ -1,0 +1,215 @@
+// CPU flash-attention backward, FlashAttention-2 style: one work item per key tile (and per batch / kv head
+// unless the bias is broadcast across them), looping over every query head of the GQA group and every query
+// tile that sees the key tile. dk / dv of the whole group accumulate in the item; dbias columns of the key tile
+// belong to exactly one item, so they are reduced there without atomics; dq accumulates in per-thread float32
+// buffers that are summed in thread order at the end. Items run on a static schedule, so the result is
+// bitwise reproducible.
+#include "cpu/flash_bwd_cpu.h"
+
+#include <vector>
+
+#include "cpu/tiles.h"
+
+namespace dmattn::cpu {
+namespace {
+
+int64_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+// delta[b, h, i] = sum_d dout * out - dlse: the row term of dS = P * (dP - delta).
+std::vector<float> row_deltas(const AttentionParams& p, const void* out, const void* dout, const float* dlse) {
+  const int64_t D = p.head_dim;
+  std::vector<float> delta(p.batch * p.heads * p.q_len);
+  parallel_for(p.batch * p.q_len, [&](int64_t bi, int) {
+    const int64_t b = bi / p.q_len, i = bi % p.q_len;
+    std::vector<float> o(D), d_o(D);
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t off = (bi * p.heads + h) * D;
+      load_row(out, p.dtype, off, D, o.data());
+      load_row(dout, p.dtype, off, D, d_o.data());
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += o[d] * d_o[d];
+      const int64_t row = (b * p.heads + h) * p.q_len + i;
+      delta[row] = acc - dlse[row];
+    }
+  });
+  return delta;
+}
+
+}  // namespace
+
+void flash_bwd(const AttentionParams& p, const void* q, const void* k, const void* v, const void* out,
+               const float* lse, const void* dout, const float* dlse, void* dq, void* dk, void* dv, void* dbias) {
+  const int64_t D = p.head_dim, Dp = round_up(D, 16), g = p.group();
+  const int64_t m_tiles = ceil_div(p.q_len, kBlockM), n_tiles = ceil_div(p.kv_len, kBlockN);
+  const MaskTileMap classes(p.mask);
+  const std::vector<float> delta = row_deltas(p, out, dout, dlse);
+  const BroadcastOperand& bias = p.bias;
+
+  // A bias constant along keys shifts every logit of a row equally; softmax cancels it, so its gradient is 0.
+  const bool has_dbias = bias.present() && bias.cols > 1;
+  if (bias.present() && !has_dbias) std::memset(dbias, 0, bias.size() * dtype_size(bias.dtype));
+  // An item owns whole dbias columns: it spans every batch / kv head that shares one bias batch / head.
+  const int64_t batches_per_item = (has_dbias && bias.batch == 1) ? p.batch : 1;
+  const int64_t kv_heads_per_item = (has_dbias && bias.heads == 1) ? p.kv_heads : 1;
+  const int64_t items = (p.batch / batches_per_item) * (p.kv_heads / kv_heads_per_item) * n_tiles;
+  // Each dbias element gets one dS value (full bias): write it straight out. Else reduce in a float32 scratch.
+  const bool dbias_direct = has_dbias && bias.batch == p.batch && bias.heads == p.heads && bias.rows == p.q_len;
+
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads(), items));
+  const int64_t q_elems = p.batch * p.q_len * p.heads * D;
+  std::vector<std::vector<float>> dq_partial(std::max(threads, 1));
+
+  parallel_for(items, [&](int64_t item, int thread) {
+    std::vector<float>& dq_acc = dq_partial[thread];
+    if (dq_acc.empty()) dq_acc.assign(q_elems, 0.f);
+    const int64_t nt = item % n_tiles;
+    const int64_t kv_group = (item / n_tiles) % (p.kv_heads / kv_heads_per_item);
+    const int64_t b_group = item / (n_tiles * (p.kv_heads / kv_heads_per_item));
+    const int64_t b_begin = b_group * batches_per_item, kvh_begin = kv_group * kv_heads_per_item;
+    const int64_t n0 = nt * kBlockN, bn = std::min<int64_t>(kBlockN, p.kv_len - n0);
+
+    thread_local std::vector<float> buf;
+    buf.resize(kBlockM * Dp * 3 + kBlockN * Dp * 6 + kBlockM * kBlockN * 4);
+    float* Q = buf.data();
+    float* dO = Q + kBlockM * Dp;
+    float* dQ = dO + kBlockM * Dp;
+    float* K = dQ + kBlockM * Dp;
+    float* Kt = K + kBlockN * Dp;
+    float* V = Kt + kBlockN * Dp;
+    float* Vt = V + kBlockN * Dp;
+    float* dK = Vt + kBlockN * Dp;
+    float* dV = dK + kBlockN * Dp;
+    float* S = dV + kBlockN * Dp;          // logits, then P
+    float* T = S + kBlockM * kBlockN;      // tanh of the capped logits (softcap only)
+    float* dS = T + kBlockM * kBlockN;     // dP, then dS
+    float* Tr = dS + kBlockM * kBlockN;    // P^T, then dS^T
+
+    // dbias scratch for the bias heads this item touches: [heads][bias rows][kBlockN].
+    const int64_t h_first = kvh_begin * g, h_last = (kvh_begin + kv_heads_per_item) * g - 1;
+    const int64_t hb_first = has_dbias ? h_first / bias.heads_per_index : 0;
+    const int64_t hb_count = has_dbias ? h_last / bias.heads_per_index - hb_first + 1 : 0;
+    const int64_t bb = (has_dbias && bias.batch > 1) ? b_begin : 0;
+    thread_local std::vector<float> dbias_acc;
+    if (has_dbias) {
+      if (dbias_direct) {
+        std::vector<float> zeros(bn, 0.f);
+        for (int64_t hb = hb_first; hb < hb_first + hb_count; ++hb)
+          for (int64_t i = 0; i < bias.rows; ++i)
+            store_row(dbias, bias.dtype, bb * bias.batch_stride + hb * bias.head_stride + i * bias.row_stride + n0,
+                      bn, zeros.data());
+      } else {
+        dbias_acc.assign(hb_count * bias.rows * kBlockN, 0.f);
+      }
+    }
+
+    for (int64_t b = b_begin; b < b_begin + batches_per_item; ++b) {
+      for (int64_t kvh = kvh_begin; kvh < kvh_begin + kv_heads_per_item; ++kvh) {
+        load_seq_tile(k, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, kBlockN, Dp, K);
+        load_seq_tile(v, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, kBlockN, Dp, V);
+        transpose(kBlockN, Dp, K, Dp, Kt, kBlockN);
+        transpose(kBlockN, Dp, V, Dp, Vt, kBlockN);
+        std::fill(dK, dK + kBlockN * Dp, 0.f);
+        std::fill(dV, dV + kBlockN * Dp, 0.f);
+
+        for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
+          const float* lse_h = lse + (b * p.heads + h) * p.q_len;
+          const float* delta_h = delta.data() + (b * p.heads + h) * p.q_len;
+          for (int64_t mt = causal_row_begin(p, n0) / kBlockM; mt < m_tiles; ++mt) {
+            const TileClass cls = classes.at(b, h, mt, nt);
+            if (cls == kEmpty) continue;
+            const int64_t m0 = mt * kBlockM, bm = std::min<int64_t>(kBlockM, p.q_len - m0);
+            load_seq_tile(q, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, Q);
+            load_seq_tile(dout, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, dO);
+
+            std::fill(S, S + kBlockM * kBlockN, 0.f);
+            gemm_acc(kBlockM, kBlockN, Dp, Q, Dp, Kt, kBlockN, S, kBlockN);
+            logits_tile(p, TileCoord{b, h, m0, bm, n0, bn, cls}, S, p.softcap > 0.f ? T : nullptr);
+            for (int64_t r = 0; r < kBlockM; ++r) {
+              float* s = S + r * kBlockN;
+              const float l = r < bm ? lse_h[m0 + r] * kLog2e : kNegInf;
+              if (l == kNegInf) {  // a row with no kept key: P = 0
+                std::fill(s, s + kBlockN, 0.f);
+                continue;
+              }
+              for (int64_t c = 0; c < kBlockN; ++c) s[c] = exp2_nonpositive(s[c] * kLog2e - l);
+            }
+
+            transpose(kBlockM, kBlockN, S, kBlockN, Tr, kBlockM);
+            gemm_acc(kBlockN, Dp, kBlockM, Tr, kBlockM, dO, Dp, dV, Dp);  // dV += P^T dO
+
+            std::fill(dS, dS + kBlockM * kBlockN, 0.f);
+            gemm_acc(kBlockM, kBlockN, Dp, dO, Dp, Vt, kBlockN, dS, kBlockN);  // dP = dO V^T
+            for (int64_t r = 0; r < bm; ++r) {
+              const float dr = delta_h[m0 + r];
+              float* ds = dS + r * kBlockN;
+              const float* pr = S + r * kBlockN;
+              for (int64_t c = 0; c < kBlockN; ++c) ds[c] = pr[c] * (ds[c] - dr);
+            }
+            std::fill(dS + bm * kBlockN, dS + kBlockM * kBlockN, 0.f);
+
+            if (has_dbias) {
+              const int64_t hb = h / bias.heads_per_index;
+              for (int64_t r = 0; r < bm; ++r) {
+                const float* ds = dS + r * kBlockN;
+                if (dbias_direct) {
+                  store_row(dbias, bias.dtype, bias.offset(b, h, m0 + r, n0), bn, ds);
+                } else {
+                  const int64_t row = bias.rows == 1 ? 0 : m0 + r;
+                  float* acc = dbias_acc.data() + ((hb - hb_first) * bias.rows + row) * kBlockN;
+                  for (int64_t c = 0; c < bn; ++c) acc[c] += ds[c];
+                }
+              }
+            }
+
+            // Back through the cap and the scale: d(scale * q.k) = dS * (1 - tanh^2) * scale.
+            for (int64_t r = 0; r < bm; ++r) {
+              float* ds = dS + r * kBlockN;
+              if (p.softcap > 0.f) {
+                const float* t = T + r * kBlockN;
+                for (int64_t c = 0; c < kBlockN; ++c) ds[c] *= (1.f - t[c] * t[c]) * p.scale;
+              } else {
+                for (int64_t c = 0; c < kBlockN; ++c) ds[c] *= p.scale;
+              }
+            }
+
+            transpose(kBlockM, kBlockN, dS, kBlockN, Tr, kBlockM);
+            gemm_acc(kBlockN, Dp, kBlockM, Tr, kBlockM, Q, Dp, dK, Dp);  // dK += dS^T Q
+            std::fill(dQ, dQ + kBlockM * Dp, 0.f);
+            gemm_acc(kBlockM, Dp, kBlockN, dS, kBlockN, K, Dp, dQ, Dp);  // dQ = dS K
+            for (int64_t r = 0; r < bm; ++r) {
+              float* dst = dq_acc.data() + ((b * p.q_len + m0 + r) * p.heads + h) * D;
+              const float* src = dQ + r * Dp;
+              for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+            }
+          }
+        }
+        store_seq_tile(dk, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, Dp, dK);
+        store_seq_tile(dv, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, Dp, dV);
+      }
+    }
+
+    if (has_dbias && !dbias_direct) {
+      for (int64_t hb = hb_first; hb < hb_first + hb_count; ++hb)
+        for (int64_t i = 0; i < bias.rows; ++i)
+          store_row(dbias, bias.dtype, bb * bias.batch_stride + hb * bias.head_stride + i * bias.row_stride + n0,
+                    bn, dbias_acc.data() + ((hb - hb_first) * bias.rows + i) * kBlockN);
+    }
+  }, /*static_schedule=*/true);
+
+  // dq = sum of the per-thread partials, always in thread order.
+  const int64_t rows = p.batch * p.q_len * p.heads;
+  parallel_for(ceil_div(rows, 64), [&](int64_t chunk, int) {
+    std::vector<float> acc(D);
+    for (int64_t row = chunk * 64; row < std::min(rows, (chunk + 1) * 64); ++row) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (const auto& part : dq_partial) {
+        if (part.empty()) continue;
+        const float* src = part.data() + row * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += src[d];
+      }
+      store_row(dq, p.dtype, row * D, D, acc.data());
+    }
+  });
+}
+
+}  // namespace dmattn::cpu

@@ -1,0 +1,95 @@
+// CPU flash-attention forward: one work item per (batch, query head, query tile), online softmax over key
+// tiles in float32. Empty mask tiles are skipped before any load; full tiles read no mask.
+#include "cpu/flash_fwd_cpu.h"
+
+#include <vector>
+
+#include "cpu/tiles.h"
+
+namespace dmattn::cpu {
+
+void flash_fwd(const AttentionParams& p, const void* q, const void* k, const void* v, void* out, float* lse) {
+  const int64_t D = p.head_dim, Dp = round_up(D, 16), g = p.group();
+  const int64_t m_tiles = ceil_div(p.q_len, kBlockM);
+  const MaskTileMap classes(p.mask);
+
+  parallel_for(p.batch * p.heads * m_tiles, [&](int64_t item, int) {
+    const int64_t mt = item % m_tiles;
+    const int64_t h = (item / m_tiles) % p.heads;
+    const int64_t b = item / (m_tiles * p.heads);
+    const int64_t kvh = h / g;
+    const int64_t m0 = mt * kBlockM, bm = std::min<int64_t>(kBlockM, p.q_len - m0);
+
+    thread_local std::vector<float> buf;
+    buf.resize(kBlockM * Dp * 2 + kBlockN * Dp * 3 + kBlockM * kBlockN + 2 * kBlockM);
+    float* Q = buf.data();
+    float* O = Q + kBlockM * Dp;
+    float* K = O + kBlockM * Dp;
+    float* Kt = K + kBlockN * Dp;
+    float* V = Kt + kBlockN * Dp;
+    float* S = V + kBlockN * Dp;
+    float* row_max = S + kBlockM * kBlockN;  // running max of the logits, log2 domain
+    float* row_sum = row_max + kBlockM;
+
+    load_seq_tile(q, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, Q);
+    std::fill(O, O + kBlockM * Dp, 0.f);
+    std::fill(row_max, row_max + kBlockM, kNegInf);
+    std::fill(row_sum, row_sum + kBlockM, 0.f);
+
+    const int64_t n_tiles = ceil_div(causal_key_end(p, m0, bm), kBlockN);
+    for (int64_t nt = 0; nt < n_tiles; ++nt) {
+      const TileClass cls = classes.at(b, h, mt, nt);
+      if (cls == kEmpty) continue;
+      const int64_t n0 = nt * kBlockN, bn = std::min<int64_t>(kBlockN, p.kv_len - n0);
+      load_seq_tile(k, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, kBlockN, Dp, K);
+      load_seq_tile(v, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, kBlockN, Dp, V);
+      transpose(kBlockN, Dp, K, Dp, Kt, kBlockN);
+
+      std::fill(S, S + kBlockM * kBlockN, 0.f);
+      gemm_acc(kBlockM, kBlockN, Dp, Q, Dp, Kt, kBlockN, S, kBlockN);
+      logits_tile(p, TileCoord{b, h, m0, bm, n0, bn, cls}, S, nullptr);
+
+      for (int64_t r = 0; r < kBlockM; ++r) {
+        float* s = S + r * kBlockN;
+        float tile_max = kNegInf;
+        for (int64_t c = 0; c < kBlockN; ++c) tile_max = std::max(tile_max, s[c]);
+        const float new_max = std::max(row_max[r], tile_max * kLog2e);
+        if (new_max == kNegInf) {  // nothing kept in this row so far
+          std::fill(s, s + kBlockN, 0.f);
+          continue;
+        }
+        float sum = 0.f;
+        for (int64_t c = 0; c < kBlockN; ++c) {
+          const float pc = exp2_nonpositive(s[c] * kLog2e - new_max);
+          s[c] = pc;
+          sum += pc;
+        }
+        if (new_max != row_max[r]) {
+          const float corr = exp2_nonpositive(row_max[r] - new_max);
+          float* o = O + r * Dp;
+          for (int64_t d = 0; d < Dp; ++d) o[d] *= corr;
+          row_sum[r] *= corr;
+          row_max[r] = new_max;
+        }
+        row_sum[r] += sum;
+      }
+      gemm_acc(kBlockM, Dp, kBlockN, S, kBlockN, V, Dp, O, Dp);
+    }
+
+    float* lse_row = lse + (b * p.heads + h) * p.q_len + m0;
+    for (int64_t r = 0; r < bm; ++r) {
+      float* o = O + r * Dp;
+      if (row_sum[r] > 0.f) {
+        const float inv = 1.f / row_sum[r];
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+        lse_row[r] = row_max[r] * kLn2 + std::log(row_sum[r]);
+      } else {
+        std::fill(o, o + D, 0.f);
+        lse_row[r] = kNegInf;
+      }
+    }
+    store_seq_tile(out, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, Dp, O);
+  });
+}
+
+}  // namespace dmattn::cpu

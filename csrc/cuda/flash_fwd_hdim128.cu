@@ -1,0 +1,4 @@
+// Forward instantiations for head dim 128 (bf16 and fp16).
+#include "cuda/flash_fwd_kernel.cuh"
+
+DMATTN_INSTANTIATE_FWD(128)

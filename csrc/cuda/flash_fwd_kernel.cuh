@@ -1,0 +1,467 @@
+// Flash-attention forward for sm80+ (cp.async into swizzled shared memory, ldmatrix, mma.sync), with a
+// broadcastable additive bias, a boolean mask whose empty tiles are skipped through the tile-class map,
+// GQA, bottom-right causal, softcap and the natural-log LSE. Templated on head dim and dtype only; causal,
+// bias, mask and softcap are run-time branches that are uniform across the CTA.
+//
+// One CTA computes a BlockM x D output tile for one (batch, query head): it walks the key tiles from the
+// causal bound down to 0, skips tiles whose mask class is empty (no K/V/bias/mask loads), and loads no mask
+// for full tiles. Skipping leaves the arithmetic of every computed tile unchanged, so results are bitwise
+// identical with and without skipping.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "cuda/flash_fwd.h"
+#include "cuda/tile_classes.h"
+
+namespace dmattn {
+namespace fwd {
+
+using namespace cute;
+
+template <int kHeadDim_, bool kIsBF16>
+struct Traits {
+  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kFwdBlockM;
+  static constexpr int kBlockN = kFwdBlockN;
+  static constexpr int kNWarps = kHeadDim <= 128 ? 4 : 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
+
+  using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
+  // Warps tile the query rows; the 16-wide N permutation lets ldmatrix.x4 feed two n8 atoms at once.
+  using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<Int<kNWarps>, _1, _1>>, Tile<Int<16 * kNWarps>, _16, _16>>;
+
+  using SmemLayoutAtom = decltype(composition(
+      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // V seen as [D, BlockN] (row-major view of the same storage) for the P @ V product.
+  using SmemLayoutVt =
+      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+
+  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
+  using SmemCopyAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
+  using SmemCopyAtomO = Copy_Atom<DefaultCopy, Elem>;
+
+  static constexpr int kGmemThreadsPerRow = kBlockKSmem / 8;  // 16-byte chunks per smem atom row
+  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+                                Stride<Int<kGmemThreadsPerRow>, _1>>;
+  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Elem>{},
+                                                 GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+  using GmemTiledCopyO = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Elem>{},
+                                                  GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+
+  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kHeadDim * int(sizeof(Elem));
+};
+
+// ---------------------------------------------------------------------------------------------- helpers
+
+// Accumulator layout ((2 cols, 2 row halves), MMA_M, MMA_N) viewed as (rows, cols).
+template <class L>
+__device__ __forceinline__ auto rowcol_layout(L l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// Accumulator layout of S viewed as the A operand of the P @ V product: two n8 blocks make one k16 block.
+template <class L>
+__device__ __forceinline__ auto acc_as_a_layout(L l) {
+  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});
+  return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
+}
+
+// Row-predicated tile copy (gmem -> smem); rows at or past max_rows are zero-filled.
+template <class TiledCopy, class S, class D, class C>
+__device__ __forceinline__ void copy_rows(TiledCopy const& tc, S const& src, D& dst, C const& coord, int max_rows) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    if (get<0>(coord(0, m, 0)) < max_rows) {
+      cute::copy(tc, src(_, m, _), dst(_, m, _));
+    } else {
+      cute::clear(dst(_, m, _));
+    }
+  }
+}
+
+// acc += A(smem) * B(smem), with ldmatrix of the next k slice overlapping the current mma.
+template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CA, class TA, class CB, class TB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
+                                        CA const& cpA, TA const& thrA, CB const& cpB, TB const& thrB) {
+  auto rA_v = thrA.retile_D(rA);
+  auto rB_v = thrB.retile_D(rB);
+  cute::copy(cpA, sA(_, _, 0), rA_v(_, _, 0));
+  cute::copy(cpB, sB(_, _, 0), rB_v(_, _, 0));
+  CUTE_UNROLL
+  for (int kk = 0; kk < size<2>(rA); ++kk) {
+    if (kk + 1 < size<2>(rA)) {
+      cute::copy(cpA, sA(_, _, kk + 1), rA_v(_, _, kk + 1));
+      cute::copy(cpB, sB(_, _, kk + 1), rB_v(_, _, kk + 1));
+    }
+    cute::gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
+  }
+}
+
+// acc += A(registers) * B(smem).
+template <class Acc, class RA, class RB, class SB, class Mma, class CB, class TB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const& sB, Mma const& mma,
+                                        CB const& cpB, TB const& thrB) {
+  auto rB_v = thrB.retile_D(rB);
+  cute::copy(cpB, sB(_, _, 0), rB_v(_, _, 0));
+  CUTE_UNROLL
+  for (int kk = 0; kk < size<2>(rA); ++kk) {
+    if (kk + 1 < size<2>(rA)) cute::copy(cpB, sB(_, _, kk + 1), rB_v(_, _, kk + 1));
+    cute::gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+__device__ __forceinline__ float load_bias(const void* base, int64_t off, int dtype) {
+  if (dtype == kBiasBF16) {
+    const uint16_t bits = __ldg(static_cast<const unsigned short*>(base) + off);
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  }
+  if (dtype == kBiasF16) return __half2float(__ldg(static_cast<const __half*>(base) + off));
+  return __ldg(static_cast<const float*>(base) + off);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------------- kernel
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams p) {
+  using Elem = typename Kt::Elem;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kBlockN = Kt::kBlockN;
+  constexpr int kD = Kt::kHeadDim;
+
+  extern __shared__ __align__(128) char smem[];
+
+  // Heavy (late, causal) query tiles first.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int hk = h / p.group;
+  const int tid = threadIdx.x;
+  const int row0 = m_block * kBlockM;
+  const int causal_off = p.kv_len - p.q_len;
+
+  // Key tiles [0, n_end): sequence end, then the bottom-right causal bound of this tile's last valid row.
+  const int n_tiles = (p.kv_len + kBlockN - 1) / kBlockN;
+  int n_end = n_tiles;
+  if (p.is_causal) {
+    const int last_key = min(row0 + kBlockM, p.q_len) - 1 + causal_off;  // largest visible key
+    n_end = last_key < 0 ? 0 : min(n_tiles, last_key / kBlockN + 1);
+  }
+
+  const bool has_mask = p.mask != nullptr;
+  const bool has_bias = p.bias != nullptr;
+  const uint8_t* cls_row = nullptr;
+  if (has_mask && p.classes != nullptr && p.skip_empty_tiles) {
+    cls_row = p.classes + b * p.cls_batch_stride + (h / p.mask_hdiv) * p.cls_head_stride + m_block * p.cls_m_stride;
+  }
+  auto tile_class = [&](int n) -> int {
+    if (!has_mask) return kTileFull;
+    if (cls_row == nullptr) return kTilePartial;
+    return cls_row[n * p.cls_n_stride];
+  };
+  auto next_tile = [&](int n) -> int {  // largest non-empty tile index <= n, or -1
+    if (cls_row == nullptr) return n;
+    while (n >= 0 && cls_row[n * p.cls_n_stride] == kTileEmpty) --n;
+    return n;
+  };
+
+  // Global tensors.
+  const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const Elem* v_ptr = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  Elem* o_ptr = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+
+  Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(row0) * p.q_row_stride),
+                          Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.q_row_stride, _1{}));
+  Tensor gO = make_tensor(make_gmem_ptr(o_ptr + int64_t(row0) * p.o_row_stride),
+                          Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.o_row_stride, _1{}));
+  Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(p.kv_len, Int<kD>{}), make_stride(p.k_row_stride, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(p.kv_len, Int<kD>{}), make_stride(p.v_row_stride, _1{}));
+  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));  // (BlockN, D, n)
+  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));
+
+  // Shared tensors.
+  Elem* smem_q = reinterpret_cast<Elem*>(smem);
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Kt::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_q + kBlockM * kD), typename Kt::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_q + (kBlockM + kBlockN) * kD), typename Kt::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Kt::SmemLayoutVt{});
+
+  typename Kt::GmemTiledCopy gmem_copy;
+  auto gthr = gmem_copy.get_thread_slice(tid);
+  Tensor tQgQ = gthr.partition_S(gQ);
+  Tensor tQsQ = gthr.partition_D(sQ);
+  Tensor tKgK = gthr.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
+  Tensor tKsK = gthr.partition_D(sK);
+  Tensor tVgV = gthr.partition_S(gV);
+  Tensor tVsV = gthr.partition_D(sV);
+  Tensor tQcQ = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor tKcK = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
+
+  typename Kt::TiledMma mma;
+  auto tmma = mma.get_thread_slice(tid);
+  Tensor rQ = tmma.partition_fragment_A(sQ);
+  Tensor rK = tmma.partition_fragment_B(sK);
+  Tensor rVt = tmma.partition_fragment_B(sVt);
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_o);
+
+  auto cpQ = make_tiled_copy_A(typename Kt::SmemCopyAtom{}, mma);
+  auto cpQ_t = cpQ.get_thread_slice(tid);
+  Tensor tSsQ = cpQ_t.partition_S(sQ);
+  auto cpK = make_tiled_copy_B(typename Kt::SmemCopyAtom{}, mma);
+  auto cpK_t = cpK.get_thread_slice(tid);
+  Tensor tSsK = cpK_t.partition_S(sK);
+  auto cpV = make_tiled_copy_B(typename Kt::SmemCopyAtomT{}, mma);
+  auto cpV_t = cpV.get_thread_slice(tid);
+  Tensor tOsVt = cpV_t.partition_S(sVt);
+
+  // Coordinates of this thread's accumulator elements, as (rows, cols).
+  Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cS = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS))::value;  // 2 * MMA_M
+  constexpr int kCols = decltype(size<1>(cS))::value;  // 2 * MMA_N
+
+  float row_max[kRows], row_sum[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
+
+  // Bias / mask bases for this (batch, head).
+  const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
+  const int64_t mask_base = has_mask ? b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : 0;
+  const bool bias_per_key = has_bias && p.bias_row_stride == 0;
+  // Mask pairs (two adjacent keys) can be read as one 16-bit load.
+  const bool mask_pairs = has_mask && p.mask_col_stride == 1 && (p.mask_row_stride % 2 == 0) &&
+                          (mask_base % 2 == 0) && ((reinterpret_cast<uintptr_t>(p.mask) & 1) == 0);
+
+  const float scale_log2 = p.scale * kLog2e;
+  const bool use_cap = p.softcap > 0.f;
+  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
+  const float cap_out = p.softcap * kLog2e;
+
+  int n = next_tile(n_end - 1);
+
+  // Prologue: Q and the first K tile.
+  copy_rows(gmem_copy, tQgQ, tQsQ, tQcQ, p.q_len - row0);
+  if (n >= 0) copy_rows(gmem_copy, tKgK(_, _, _, n), tKsK, tKcK, p.kv_len - n * kBlockN);
+  cute::cp_async_fence();
+
+  while (n >= 0) {
+    const int cls = tile_class(n);
+    const int n_next = next_tile(n - 1);
+    const int col0 = n * kBlockN;
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    cute::cp_async_wait<0>();
+    __syncthreads();
+    copy_rows(gmem_copy, tVgV(_, _, _, n), tVsV, tKcK, p.kv_len - col0);
+    cute::cp_async_fence();
+
+    // Element-wise masking is needed on partial mask tiles, across the causal diagonal and at sequence ends.
+    const bool load_mask = cls == kTilePartial;
+    const bool need_elem = load_mask || col0 + kBlockN > p.kv_len || row0 + kBlockM > p.q_len ||
+                           (p.is_causal && col0 + kBlockN - 1 > row0 + causal_off);
+
+    // Mask and per-key bias loads are issued before the QK product so their latency overlaps it.
+    uint8_t mreg[kRows][kCols];
+    if (load_mask) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + get<0>(cS(r, 0));
+        const int64_t roff = mask_base + int64_t(row) * p.mask_row_stride;
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; c += 2) {
+          const int col = col0 + get<1>(cS(0, c));  // even; col + 1 is the pair's second key
+          uint8_t m0 = 0, m1 = 0;
+          if (row < p.q_len) {
+            if (mask_pairs && col + 1 < p.kv_len) {
+              const uint16_t two = __ldg(reinterpret_cast<const unsigned short*>(p.mask + roff + col));
+              m0 = two & 0xff;
+              m1 = two >> 8;
+            } else {
+              if (col < p.kv_len) m0 = __ldg(p.mask + roff + int64_t(col) * p.mask_col_stride);
+              if (col + 1 < p.kv_len) m1 = __ldg(p.mask + roff + int64_t(col + 1) * p.mask_col_stride);
+            }
+          }
+          mreg[r][c] = m0;
+          mreg[r][c + 1] = m1;
+        }
+      }
+    }
+    float bcol[kCols];
+    if (bias_per_key) {
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int col = col0 + get<1>(cS(0, c));
+        bcol[c] = col < p.kv_len ? load_bias(p.bias, bias_base + int64_t(col) * p.bias_col_stride, p.bias_dtype) *
+                                       kLog2e
+                                 : 0.f;
+      }
+    }
+
+    gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
+
+    cute::cp_async_wait<0>();
+    __syncthreads();  // V landed; every warp is done reading sK
+    if (n_next >= 0) {
+      copy_rows(gmem_copy, tKgK(_, _, _, n_next), tKsK, tKcK, p.kv_len - n_next * kBlockN);
+      cute::cp_async_fence();
+    }
+
+    // Scores in the log2 domain: s2 = (cap(scale * qk) + bias) * log2(e), masked keys -inf.
+    Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int row = row0 + get<0>(cS(r, 0));
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int col = col0 + get<1>(cS(0, c));
+        float x = s(r, c);
+        x = use_cap ? cap_out * tanhf(x * cap_in) : x * scale_log2;
+        if (bias_per_key) {
+          x += bcol[c];
+        } else if (has_bias) {
+          if (row < p.q_len && col < p.kv_len) {
+            x += load_bias(p.bias,
+                           bias_base + int64_t(row) * p.bias_row_stride + int64_t(col) * p.bias_col_stride,
+                           p.bias_dtype) *
+                 kLog2e;
+          }
+        }
+        if (need_elem) {
+          bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off);
+          if (load_mask) keep = keep && mreg[r][c] != 0;
+          if (!keep) x = -INFINITY;
+        }
+        s(r, c) = x;
+      }
+    }
+
+    // Online softmax.
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float mx = row_max[r];
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
+      mx = quad_max(mx);
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float corr = exp2f(row_max[r] - m_use);
+      row_max[r] = mx;
+      row_sum[r] *= corr;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const float e = exp2f(s(r, c) - m_use);
+        s(r, c) = e;
+        sum += e;
+      }
+      row_sum[r] += sum;
+      Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
+    }
+
+    // P (as the A operand, in the input dtype) @ V.
+    Tensor pf = make_tensor_like<Elem>(acc_s);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) pf(i) = static_cast<Elem>(acc_s(i));
+    Tensor pa = make_tensor(pf.data(), acc_as_a_layout(pf.layout()));
+    gemm_rs(acc_o, pa, rVt, tOsVt, mma, cpV, cpV_t);
+
+    n = n_next;
+  }
+  cute::cp_async_wait<0>();
+
+  // Epilogue: normalise, write lse, stage O through shared memory (reusing sQ) and store with row predicates.
+  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  float* lse_ptr = p.lse + (int64_t(b) * p.heads + h) * p.q_len;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
+    const int row = row0 + get<0>(cS(r, 0));
+    if ((tid & 3) == 0 && row < p.q_len) {
+      lse_ptr[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+
+  Tensor ro = make_tensor_like<Elem>(acc_o);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_o); ++i) ro(i) = static_cast<Elem>(acc_o(i));
+
+  __syncthreads();  // every warp is done with sQ
+  auto cpO = make_tiled_copy_C(typename Kt::SmemCopyAtomO{}, mma);
+  auto cpO_t = cpO.get_thread_slice(tid);
+  cute::copy(cpO, cpO_t.retile_S(ro), cpO_t.partition_D(sQ));
+  __syncthreads();
+
+  typename Kt::GmemTiledCopyO gmem_copy_o;
+  auto gothr = gmem_copy_o.get_thread_slice(tid);
+  Tensor tOsO = gothr.partition_S(sQ);
+  Tensor tOgO = gothr.partition_D(gO);
+  Tensor tOcO = gothr.partition_D(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tOgO); ++m) {
+    if (get<0>(tOcO(0, m, 0)) < p.q_len - row0) cute::copy(gmem_copy_o, tOsO(_, m, _), tOgO(_, m, _));
+  }
+}
+
+template <int kHeadDim, bool kIsBF16>
+cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
+  using Kt = Traits<kHeadDim, kIsBF16>;
+  auto kernel = flash_fwd_kernel<Kt>;
+  constexpr int smem = Kt::kSmemBytes;
+  static bool configured = false;  // benign race: every thread sets the same attribute
+  if (!configured) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
+  const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  kernel<<<grid, Kt::kNThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace fwd
+}  // namespace dmattn
+
+// Explicit instantiation of both dtypes for one head dim (one .cu file per head dim).
+#define DMATTN_INSTANTIATE_FWD(D)                                                     \
+  namespace dmattn {                                                                  \
+  template <>                                                                         \
+  cudaError_t run_flash_fwd<D, true>(const FwdParams& p, cudaStream_t s) {            \
+    return fwd::launch<D, true>(p, s);                                                \
+  }                                                                                   \
+  template <>                                                                         \
+  cudaError_t run_flash_fwd<D, false>(const FwdParams& p, cudaStream_t s) {           \
+    return fwd::launch<D, false>(p, s);                                               \
+  }                                                                                   \
+  }

@@ -1,0 +1,32 @@
+// The Python extension: exports every FFI handler as a capsule, grouped by platform.
+#include <nanobind/nanobind.h>
+
+#include "ffi/targets.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+nb::dict as_capsules(const std::vector<dmattn::FfiTarget>& targets) {
+  nb::dict out;
+  for (const auto& [name, handler] : targets) out[name] = nb::capsule(handler);
+  return out;
+}
+
+}  // namespace
+
+namespace dmattn {
+#ifndef DMATTN_WITH_CUDA
+std::vector<FfiTarget> cuda_targets() { return {}; }
+#endif
+}  // namespace dmattn
+
+NB_MODULE(_jax_dmattn_ext, m) {
+  m.def("cpu_targets", [] { return as_capsules(dmattn::cpu_targets()); });
+  m.def("cuda_targets", [] { return as_capsules(dmattn::cuda_targets()); });
+#ifdef DMATTN_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

@@ -1,0 +1,9 @@
+"""jax_dmattn: flash dynamic-mask attention for JAX (trainable bias + sparse boolean mask, fused kernels)."""
+from jax_dmattn import _ffi
+from jax_dmattn.attention import attention, default_implementation
+from jax_dmattn.reference import attention_reference
+
+__version__ = "0.1.0"
+__all__ = ["attention", "attention_reference", "default_implementation"]
+
+_ffi.register_targets()

@@ -1,0 +1,139 @@
+"""Argument checks and normalisation for :func:`jax_dmattn.attention`.
+
+Every check raises before anything is traced into a kernel, with a message that names the argument, what it
+got and what it needs. The result, :class:`NormalizedCall`, is the canonical FFI layout of docs/design.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("cuda", "cpu", "xla")
+# Head dims the CUDA kernels are instantiated for; other D <= MAX_HEAD_DIM are zero-padded up to the next one.
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = {
+    "cuda": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
+    "cpu": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)),
+}
+# Bias dtypes the kernels read natively; other float dtypes are cast to float32 (and dbias cast back by autodiff).
+KERNEL_BIAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizedCall:
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    softcap: float  # 0.0: off
+    bias: jax.Array | None  # rank 4 [1|B, 1|Hkv|H, 1|Lq, 1|Lk]
+    mask: jax.Array | None  # rank 4, bool, same rule
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _check_qkv(query, key, value):
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must have rank 4 ([batch, length, heads, head_dim]), "
+                             f"got shape {_shape_str(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, "
+                        f"{value.dtype}")
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape, got {_shape_str(key.shape)} and "
+                         f"{_shape_str(value.shape)}")
+    b, _, h, d = query.shape
+    bk, _, hkv, dk = key.shape
+    if bk != b:
+        raise ValueError(f"key batch size {bk} does not match query batch size {b}")
+    if dk != d:
+        raise ValueError(f"key head_dim {dk} does not match query head_dim {d}")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+
+
+def _normalize_broadcast(name, x, dims):
+    """Left-pads x to rank 4 and checks each dim is 1 or full (head dim: 1, Hkv or H)."""
+    b, h, hkv, lq, lk = dims
+    if x.ndim > 4:
+        raise ValueError(f"{name} must have rank <= 4 (broadcastable to [batch, heads, q_len, kv_len]), "
+                         f"got shape {_shape_str(x.shape)}")
+    x4 = jnp.reshape(x, (1,) * (4 - x.ndim) + tuple(x.shape))
+    ok = (x4.shape[0] in (1, b) and x4.shape[1] in (1, hkv, h) and x4.shape[2] in (1, lq)
+          and x4.shape[3] in (1, lk))
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {_shape_str(x.shape)} is not broadcastable to [batch, heads, q_len, kv_len] = "
+            f"{_shape_str((b, h, lq, lk))}: each dim must be 1 or full, and the head dim 1, {hkv} (kv heads) "
+            f"or {h} (query heads)")
+    return x4
+
+
+def _check_positive_finite(name, value):
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a static Python number, got a traced value")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        if not (hasattr(value, "shape") and np.shape(value) == ()):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_implementation(implementation):
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def check_backend_support(implementation, dtype, head_dim):
+    """dtype / head-dim limits of a kernel implementation ("xla" has none)."""
+    if implementation == "xla":
+        return
+    allowed = KERNEL_DTYPES[implementation]
+    if jnp.dtype(dtype) not in allowed:
+        names = ", ".join(str(a) for a in allowed)
+        raise TypeError(f"implementation={implementation!r} supports query/key/value dtypes {names}, got {dtype}"
+                        + ("; use implementation='cpu' or 'xla' for float32" if implementation == "cuda" else ""))
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"implementation={implementation!r} supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}; "
+                         "use implementation='xla'")
+
+
+def normalize_call(query, key, value, bias, mask, *, scale, softcap, implementation) -> NormalizedCall:
+    check_implementation(implementation)
+    _check_qkv(query, key, value)
+    b, lq, h, d = query.shape
+    lk, hkv = key.shape[1], key.shape[2]
+    dims = (b, h, hkv, lq, lk)
+    if bias is not None:
+        if not hasattr(bias, "dtype") or not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise TypeError(f"bias must have a floating dtype, got {getattr(bias, 'dtype', type(bias).__name__)}")
+        bias = _normalize_broadcast("bias", jnp.asarray(bias), dims)
+    if mask is not None:
+        if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must have dtype bool (True = attend), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        mask = _normalize_broadcast("mask", jnp.asarray(mask), dims)
+    scale = d ** -0.5 if scale is None else _check_positive_finite("scale", scale)
+    softcap = 0.0 if softcap is None else _check_positive_finite("softcap", softcap)
+    if implementation is not None:
+        check_backend_support(implementation, query.dtype, d)
+    return NormalizedCall(batch=b, q_len=lq, kv_len=lk, heads=h, kv_heads=hkv, head_dim=d, scale=float(scale),
+                          softcap=float(softcap), bias=bias, mask=mask)

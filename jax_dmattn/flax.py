@@ -1,0 +1,435 @@
+"""Flax (linen) layers on top of :func:`jax_dmattn.attention`.
+
+* :class:`DynamicMaskAttention` -- self-attention with the paper's learned per-key
+  bias ``A * softplus(dt_proj(v))`` and a top-k (or block top-k) dynamic mask.
+* :func:`attention_fn` -- a drop-in for
+  ``flax.linen.MultiHeadDotProductAttention(attention_fn=...)``.
+
+This module imports flax; ``import jax_dmattn`` does not (import
+``jax_dmattn.flax`` explicitly).  The nnx twin lives in :mod:`jax_dmattn.nnx`.
+See docs/masks_and_flax.md for the design notes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    import flax.linen as nn
+except ImportError as e:  # pragma: no cover - exercised only without flax
+    raise ImportError(
+        "jax_dmattn.flax needs Flax; install it with `pip install flax` "
+        "(or `pip install jax_dmattn[flax]`)"
+    ) from e
+
+from jax_dmattn.masks import block_topk_mask, topk_mask
+
+__all__ = ["DynamicMaskAttention", "attention_fn", "make_attention_fn", "apply_rope"]
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+
+def _attention(*args, **kwargs):
+    # looked up at call time so that this module never pins an old binding
+    import jax_dmattn
+
+    return jax_dmattn.attention(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# math shared by the linen and nnx modules
+# --------------------------------------------------------------------------
+
+
+def resolve_heads(num_heads, num_kv_heads, head_dim, features: int):
+    """Validated (H, Hkv, D)."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    hkv = num_heads if num_kv_heads is None else num_kv_heads
+    if not isinstance(hkv, int) or hkv < 1:
+        raise ValueError(f"num_kv_heads must be a positive int or None, got {num_kv_heads!r}")
+    if num_heads % hkv:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({hkv}) for GQA/MQA"
+        )
+    if head_dim is None:
+        if features % num_heads:
+            raise ValueError(
+                f"head_dim=None needs the input features ({features}) to be divisible by "
+                f"num_heads ({num_heads}); pass head_dim explicitly"
+            )
+        head_dim = features // num_heads
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int or None, got {head_dim!r}")
+    return num_heads, hkv, head_dim
+
+
+def apply_rope(x: Array, positions: Array, theta: float = 10000.0) -> Array:
+    """Rotary position embedding (rotate-half convention) on ``x`` [B, L, H, D].
+
+    ``positions``: int array [L] or [B, L].  D must be even.  Computed in
+    float32, returned in ``x``'s dtype.
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {d}")
+    half = d // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    pos = jnp.asarray(positions, jnp.float32)
+    if pos.ndim == 1:
+        pos = pos[None]
+    angles = pos[..., None] * inv_freq  # [B|1, L, half]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def dynamic_bias(value: Array, dt_kernel: Array, dt_bias: Array | None, a: Array) -> Array:
+    """The paper's per-key bias ``A * softplus(dt_proj(v))``.
+
+    value [B, L, Hkv, D]; dt_kernel [Hkv, D] maps each kv head's value vector to a
+    scalar; dt_bias [Hkv] or None; a [Hkv].  Returns float32 [B, Hkv, 1, L].
+    """
+    dt = jnp.einsum(
+        "blhd,hd->bhl", value.astype(jnp.float32), dt_kernel.astype(jnp.float32)
+    )
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)[None, :, None]
+    bias = a.astype(jnp.float32)[None, :, None] * jax.nn.softplus(dt)
+    return bias[:, :, None, :]
+
+
+def dynamic_mask(
+    bias: Array,
+    window_size: int | None,
+    *,
+    mask: Array | None,
+    is_causal: bool,
+    query_len: int,
+    num_heads: int,
+    use_block_topk: bool = False,
+    block_q: int = 128,
+    block_k: int = 128,
+) -> Array | None:
+    """Top-k mask from the detached bias, combined with the user's ``mask``.
+
+    Returns None when every allowed key fits in the window (no mask needed).
+    """
+    lk = bias.shape[-1]
+    if window_size is None or window_size >= lk:
+        return mask
+    sel_bias = jax.lax.stop_gradient(bias)
+    if mask is not None and mask.ndim >= 3 and mask.shape[-3] == num_heads != sel_bias.shape[-3]:
+        # a per-query-head mask: select per query head
+        sel_bias = jnp.repeat(sel_bias, num_heads // sel_bias.shape[-3], axis=-3)
+    if use_block_topk:
+        return block_topk_mask(
+            sel_bias, window_size, block_q=block_q, block_k=block_k, mask=mask,
+            is_causal=is_causal, query_len=query_len,
+        )
+    return topk_mask(sel_bias, window_size, mask=mask, is_causal=is_causal, query_len=query_len)
+
+
+# --------------------------------------------------------------------------
+# linen modules
+# --------------------------------------------------------------------------
+
+
+class HeadwiseDense(nn.Module):
+    """Parameters of a per-head projection of each head's vector [D] to a scalar.
+
+    Parameters: ``kernel`` [Hkv, D], ``bias`` [Hkv].  Used as ``dt_proj``; its
+    ``__call__`` returns ``(kernel, bias)`` for :func:`dynamic_bias`.
+    """
+
+    num_heads: int
+    use_bias: bool = True
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        kernel = self.param(
+            "kernel", _headwise_init(self.kernel_init), (self.num_heads, d), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.num_heads,), self.param_dtype)
+            if self.use_bias else None
+        )
+        return kernel, bias
+
+
+def _headwise_init(init: Initializer) -> Initializer:
+    """Initialise a [H, D] kernel as H independent [D, 1] fan-in kernels."""
+
+    def wrapped(key, shape, dtype=jnp.float32):
+        h, d = shape
+        return init(key, (h, d, 1), dtype).reshape(h, d)
+
+    return wrapped
+
+
+class DynamicMaskAttention(nn.Module):
+    """Self-attention with a learned dynamic bias and a top-k dynamic mask.
+
+    Called on ``x`` [B, L, E]; returns [B, L, out_features or E].
+
+    Steps: q/k/v projections (``q_proj`` [E, H, D], ``k_proj``/``v_proj``
+    [E, Hkv, D]); optional RoPE on q and k; the per-key bias
+    ``A * softplus(dt_proj(v))`` of shape [B, Hkv, 1, L] (``dt_proj`` maps each
+    kv head's value vector to a scalar: kernel [Hkv, D], bias [Hkv]; ``A`` [Hkv]);
+    a top-k mask (or block top-k with ``use_block_topk``) selected from the
+    *detached* bias; then :func:`jax_dmattn.attention` with ``is_causal``; then
+    ``o_proj`` [H, D, E_out].  The bias is trained through attention's dbias.
+
+    Attributes:
+      num_heads: query heads H.
+      num_kv_heads: key/value heads Hkv (GQA/MQA); default H.
+      head_dim: D; default E // H.
+      window_size: keys kept per query row; None = no top-k mask (all allowed keys).
+      is_causal: bottom-right causal attention (default True).
+      use_dynamic_bias: learn the bias (default True).  False gives a plain
+        multi-head attention (no A/dt_proj parameters, no top-k mask) -- a dense baseline.
+      use_block_topk, block_q, block_k: select whole tiles with block_topk_mask.
+      rope_theta: apply rotary embeddings with this base to q and k (None = off).
+      scale, softcap, implementation, deterministic_backward: passed to attention
+        (``deterministic_backward`` is attention's ``deterministic``).
+      out_features: output width; default E.
+      use_proj_bias: biases in the q/k/v/o projections.
+      dtype: computation dtype (None: promote inputs and params); param_dtype:
+        parameter dtype.  The bias is always computed and passed in float32.
+      a_init, dt_kernel_init, dt_bias_init: initialisers of A and dt_proj.
+
+    ``__call__(x, mask=None, *, positions=None)``: ``mask`` is an optional bool
+    array broadcastable to [B, 1|Hkv|H, L, L] (e.g. a padding mask [B, 1, 1, L]),
+    True = attend; ``positions`` ([L] or [B, L], default ``arange(L)``) feed RoPE.
+    The bias is sown as ``intermediates/dynamic_bias``.
+    """
+
+    num_heads: int
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    window_size: Optional[int] = None
+    is_causal: bool = True
+    use_dynamic_bias: bool = True
+    use_block_topk: bool = False
+    block_q: int = 128
+    block_k: int = 128
+    rope_theta: Optional[float] = None
+    scale: Optional[float] = None
+    softcap: Optional[float] = None
+    implementation: Optional[str] = None
+    deterministic_backward: bool = False
+    out_features: Optional[int] = None
+    use_proj_bias: bool = False
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    a_init: Initializer = nn.initializers.ones_init()
+    dt_kernel_init: Initializer = nn.initializers.lecun_normal()
+    dt_bias_init: Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None) -> Array:
+        if x.ndim != 3:
+            raise ValueError(f"x must be [batch, length, features], got shape {tuple(x.shape)}")
+        _, length, features = x.shape
+        h, hkv, d = resolve_heads(self.num_heads, self.num_kv_heads, self.head_dim, features)
+        dense = functools.partial(
+            nn.DenseGeneral, axis=-1, use_bias=self.use_proj_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, precision=self.precision, kernel_init=self.kernel_init,
+        )
+        q = dense(features=(h, d), name="q_proj")(x)
+        k = dense(features=(hkv, d), name="k_proj")(x)
+        v = dense(features=(hkv, d), name="v_proj")(x)
+        if self.rope_theta is not None:
+            pos = jnp.arange(length) if positions is None else positions
+            q = apply_rope(q, pos, self.rope_theta)
+            k = apply_rope(k, pos, self.rope_theta)
+
+        bias = None
+        attn_mask = mask
+        if self.use_dynamic_bias:
+            dt_kernel, dt_bias = HeadwiseDense(
+                hkv, param_dtype=self.param_dtype, kernel_init=self.dt_kernel_init,
+                bias_init=self.dt_bias_init, name="dt_proj",
+            )(v)
+            a = self.param("A", self.a_init, (hkv,), self.param_dtype)
+            bias = dynamic_bias(v, dt_kernel, dt_bias, a)
+            self.sow("intermediates", "dynamic_bias", bias)
+            attn_mask = dynamic_mask(
+                bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
+                num_heads=h, use_block_topk=self.use_block_topk, block_q=self.block_q,
+                block_k=self.block_k,
+            )
+        out = _attention(
+            q, k, v, bias, attn_mask, scale=self.scale, is_causal=self.is_causal,
+            softcap=self.softcap, deterministic=self.deterministic_backward,
+            implementation=self.implementation,
+        )
+        return nn.DenseGeneral(
+            features=self.out_features or features, axis=(-2, -1), use_bias=self.use_proj_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            kernel_init=self.kernel_init, name="o_proj",
+        )(out)
+
+
+# --------------------------------------------------------------------------
+# attention_fn drop-in
+# --------------------------------------------------------------------------
+
+
+def _flatten_batch(x: Array | None, batch: tuple[int, ...], tail_rank: int, name: str) -> Array | None:
+    """[batch..., *tail] (numpy-broadcastable) -> [1|prod(batch), *tail] rank 1 + tail_rank."""
+    if x is None:
+        return None
+    nb = len(batch)
+    if x.ndim > nb + tail_rank:
+        raise ValueError(
+            f"{name} has rank {x.ndim}, more than batch dims {batch} + {tail_rank} "
+            f"([batch..., heads, q_length, kv_length]); got shape {tuple(x.shape)}"
+        )
+    x = x.reshape((1,) * (nb + tail_rank - x.ndim) + x.shape)
+    lead = x.shape[:nb]
+    tail = x.shape[nb:]
+    if all(s == 1 for s in lead):
+        return x.reshape((1,) + tail)
+    try:
+        np.broadcast_shapes(lead, batch)
+    except ValueError:
+        raise ValueError(
+            f"{name} batch dims {lead} do not broadcast to the query batch dims {batch}"
+        ) from None
+    if lead != batch:  # partly broadcast: materialise along batch only
+        x = jnp.broadcast_to(x, batch + tail)
+    return x.reshape((math.prod(batch),) + tail)
+
+
+def attention_fn(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype: Dtype | None = None,
+    precision: Any = None,
+    module: Any = None,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Callable[..., Array] | None = None,
+    qk_attn_weights_einsum: Callable[..., Array] | None = None,
+    attn_weights_value_einsum: Callable[..., Array] | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    implementation: str | None = None,
+    deterministic_backward: bool = False,
+) -> Array:
+    """Drop-in for :func:`flax.linen.dot_product_attention`, backed by jax_dmattn.
+
+    Use as ``nn.MultiHeadDotProductAttention(..., attention_fn=attention_fn)``, or
+    ``make_attention_fn(is_causal=True, ...)`` for the extra keyword options.
+
+    Flax layout: query [batch..., q_length, num_heads, depth], key/value
+    [batch..., kv_length, num_kv_heads, depth] (num_heads divisible by
+    num_kv_heads); ``bias`` (float) and ``mask`` (bool, True = attend) are
+    broadcastable to [batch..., num_heads, q_length, kv_length].  Returns
+    [batch..., q_length, num_heads, depth].  The logit scale defaults to
+    depth ** -0.5, as in flax.
+
+    Differences from flax's function: attention dropout is not supported
+    (``dropout_rate > 0`` with ``deterministic=False`` raises ValueError);
+    attention weights are never materialised, so ``sow_weights`` (``module``)
+    and einsum overrides raise ValueError; ``precision`` and
+    ``force_fp32_for_softmax`` are accepted and ignored (softmax always runs in
+    float32); a query row whose keys are all masked gives 0, where flax gives the
+    mean of the values.  A bias or mask whose batch dims are partly broadcast is
+    expanded along the batch dims only.
+    """
+    del broadcast_dropout, dropout_rng, precision, force_fp32_for_softmax
+    if dropout_rate and not isinstance(deterministic, (bool, np.bool_)):
+        raise ValueError(
+            "jax_dmattn attention_fn does not support attention dropout; "
+            f"got dropout_rate={dropout_rate} with a traced `deterministic` flag. Use dropout_rate=0."
+        )
+    if dropout_rate > 0.0 and not deterministic:
+        raise ValueError(
+            f"jax_dmattn attention_fn does not support attention dropout (got dropout_rate={dropout_rate}, "
+            "deterministic=False): the fused kernels never materialise the attention weights. "
+            "Set dropout_rate=0.0 on the attention module, or call it with deterministic=True."
+        )
+    if module is not None:
+        raise ValueError(
+            "jax_dmattn attention_fn cannot sow attention weights (sow_weights=True): "
+            "the weights are never materialised"
+        )
+    if einsum_dot_general is not None or qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
+        raise ValueError(
+            "jax_dmattn attention_fn does not take einsum / dot_general overrides "
+            "(einsum_dot_general, qk_attn_weights_einsum, attn_weights_value_einsum)"
+        )
+    for name, arr in (("query", query), ("key", key), ("value", value)):
+        if arr.ndim < 3:
+            raise ValueError(
+                f"{name} must be [batch..., length, heads, depth] (rank >= 3), got shape {tuple(arr.shape)}"
+            )
+    if not query.ndim == key.ndim == value.ndim:
+        raise ValueError(
+            f"query, key and value must have the same rank, got shapes {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batch = tuple(query.shape[:-3])
+    if tuple(key.shape[:-3]) != batch or tuple(value.shape[:-3]) != batch:
+        raise ValueError(
+            f"query, key and value batch dims must match, got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if dtype is None:
+        dtype = jnp.result_type(query, key, value)
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+    b = math.prod(batch)
+    q = query.reshape((b,) + query.shape[-3:])
+    k = key.reshape((b,) + key.shape[-3:])
+    v = value.reshape((b,) + value.shape[-3:])
+    bias4 = _flatten_batch(bias, batch, 3, "bias")
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}")
+    mask4 = _flatten_batch(mask, batch, 3, "mask")
+    out = _attention(
+        q, k, v, bias4, mask4, scale=scale, is_causal=is_causal, softcap=softcap,
+        deterministic=deterministic_backward, implementation=implementation,
+    )
+    return out.reshape(batch + out.shape[1:])
+
+
+def make_attention_fn(
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    implementation: str | None = None,
+    deterministic_backward: bool = False,
+) -> Callable[..., Array]:
+    """:func:`attention_fn` with jax_dmattn options bound (causality, softcap, backend, ...)."""
+    return functools.partial(
+        attention_fn, is_causal=is_causal, scale=scale, softcap=softcap,
+        implementation=implementation, deterministic_backward=deterministic_backward,
+    )

@@ -1,0 +1,347 @@
+"""Dynamic (top-k) attention masks built from a bias.
+
+``topk_mask`` is the paper's dynamic mask: per query row, keep the ``window_size``
+keys with the largest bias among the keys that the optional boolean ``mask`` and
+(bottom-right) causality allow.  ``block_topk_mask`` makes the same selection at
+tile granularity, so that the kept set is made of whole tiles and the attention
+kernels can skip every other tile.
+
+Both functions
+
+* return a ``bool`` array that :func:`jax_dmattn.attention` takes directly as
+  ``mask=``, in the numpy broadcast shape of ``bias`` and ``mask`` (the query
+  dimension is expanded to ``query_len`` only when causality needs it);
+* are deterministic: among equal biases the key with the lower index wins;
+* carry no gradient (the bias goes through ``jax.lax.stop_gradient``);
+* work under ``jit``/``vmap``; ``window_size``, ``block_q``, ``block_k``,
+  ``is_causal``, ``query_len`` and ``pool`` must be static Python values.
+
+The selection runs in float32 (float64 for a float64 bias), so bfloat16/float16
+biases are ranked exactly.  ``-inf`` and ``NaN`` biases on allowed keys rank
+below every finite bias (they tie with the most negative finite float32, ties go
+to the lower index), and ``-0.0`` ranks equal to ``0.0``.
+
+Memory: besides the boolean output, the element-level selection materialises one
+float32 score per output element plus ``lax.top_k``'s working set; no
+``[..., Lq, Lk, k]`` or sorted-copy-per-k buffers are built.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["topk_mask", "block_topk_mask"]
+
+
+# --------------------------------------------------------------------------
+# argument checking
+# --------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{name} must be a positive Python int (a static value), got {value!r} "
+            f"of type {type(value).__name__}"
+        )
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_bias(bias: Any) -> None:
+    if bias is None:
+        raise TypeError("bias is required: the mask is chosen from the largest bias values")
+    if not hasattr(bias, "shape") or not hasattr(bias, "dtype"):
+        raise TypeError(f"bias must be a JAX or NumPy array, got {type(bias).__name__}")
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
+    if bias.ndim < 1:
+        raise ValueError(
+            f"bias must have rank >= 1 (its last dim is the key dim), got shape {tuple(bias.shape)}"
+        )
+
+
+def _check_mask(mask: Any) -> None:
+    if mask is None:
+        return
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        raise TypeError(f"mask must be a JAX or NumPy bool array, got {type(mask).__name__}")
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must have dtype bool (True = attend), got {mask.dtype}")
+    if mask.ndim < 1:
+        raise ValueError(f"mask must have rank >= 1, got shape {tuple(mask.shape)}")
+
+
+def _output_shape(bias_shape, mask_shape, is_causal: bool, query_len: int | None) -> tuple[int, ...]:
+    """Broadcast shape of bias and mask; the query dim is expanded when causality needs it."""
+    shapes = [tuple(bias_shape)] + ([tuple(mask_shape)] if mask_shape is not None else [])
+    try:
+        shape = tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise ValueError(
+            f"bias shape {tuple(bias_shape)} and mask shape {tuple(mask_shape)} do not broadcast "
+            "together (numpy rule: each dim must be equal or 1)"
+        ) from None
+    if is_causal and len(shape) < 2:
+        shape = (1,) * (2 - len(shape)) + shape
+    if len(shape) >= 2:
+        lq = shape[-2]
+        if query_len is not None and lq != 1 and lq != query_len:
+            raise ValueError(
+                f"query_len={query_len} disagrees with the query dim {lq} of the bias/mask "
+                f"broadcast shape {shape}"
+            )
+        if is_causal and lq == 1:
+            if query_len is None:
+                raise ValueError(
+                    "is_causal=True with a bias/mask whose query dim is 1 (e.g. a per-key bias "
+                    f"[B, H, 1, Lk], broadcast shape {shape}) needs query_len= to know the query "
+                    "length Lq (causality depends on the row)"
+                )
+            shape = shape[:-2] + (query_len,) + shape[-1:]
+    return shape
+
+
+# --------------------------------------------------------------------------
+# shared pieces (traced)
+# --------------------------------------------------------------------------
+
+
+def _score_dtype(dtype) -> Any:
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _canonical_scores(bias: jax.Array) -> jax.Array:
+    """Bias in the ranking dtype with -inf/NaN -> most negative finite and -0.0 -> 0.0."""
+    dtype = _score_dtype(bias.dtype)
+    s = lax.stop_gradient(bias).astype(dtype)
+    lowest = jnp.finfo(dtype).min
+    s = jnp.where(s > lowest, s, lowest)  # NaN and -inf compare False
+    return jnp.where(s == 0, jnp.zeros((), dtype), s)
+
+
+def _allowed(mask: jax.Array | None, is_causal: bool, shape: tuple[int, ...]) -> jax.Array | None:
+    """Element-level allowed set (mask & bottom-right causality), broadcastable to shape."""
+    allowed = None
+    if is_causal:
+        lq, lk = shape[-2], shape[-1]
+        i = lax.broadcasted_iota(jnp.int32, (lq, lk), 0)
+        j = lax.broadcasted_iota(jnp.int32, (lq, lk), 1)
+        allowed = j <= i + (lk - lq)
+    if mask is not None:
+        allowed = mask if allowed is None else jnp.logical_and(mask, allowed)
+    return allowed
+
+
+def _topk_rows(score: jax.Array, k: int) -> jax.Array:
+    """Boolean keep-set of the k largest entries of each row of ``score`` (last axis).
+
+    Order is (value desc, index asc), the documented order of ``lax.top_k``; the
+    kept set is everything that precedes or equals the k-th element in that order.
+    ``score`` must hold no NaN and no -0.0.  Rows with fewer than k entries above
+    -inf keep all of them plus (possibly) some -inf entries; the caller intersects
+    with the allowed set.
+    """
+    vals, idx = lax.top_k(score, k)
+    thresh = vals[..., k - 1 : k]
+    last = idx[..., k - 1 : k]
+    j = lax.broadcasted_iota(jnp.int32, score.shape, score.ndim - 1)
+    return (score > thresh) | ((score == thresh) & (j <= last))
+
+
+# --------------------------------------------------------------------------
+# topk_mask
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("k", "is_causal", "shape"))
+def _topk_mask_impl(bias, mask, *, k: int, is_causal: bool, shape: tuple[int, ...]):
+    allowed = _allowed(mask, is_causal, shape)
+    if k >= shape[-1]:  # every allowed key fits in the window
+        if allowed is None:
+            return jnp.ones(shape, jnp.bool_)
+        return jnp.broadcast_to(allowed, shape)
+    s = jnp.broadcast_to(_canonical_scores(bias), shape)
+    if allowed is not None:
+        s = jnp.where(allowed, s, -jnp.inf)
+    keep = _topk_rows(s, k)
+    if allowed is not None:
+        keep = keep & allowed
+    return keep
+
+
+def topk_mask(
+    bias: jax.Array,
+    window_size: int,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    query_len: int | None = None,
+) -> jax.Array:
+    """Per query row, keep the ``window_size`` keys of largest ``bias``.
+
+    Args:
+      bias: float array, broadcastable like :func:`jax_dmattn.attention`'s bias,
+        e.g. ``[B, Hkv, 1, Lk]`` (per-key, as in the paper) or ``[B, H, Lq, Lk]``.
+        Its last dim is the key dim and must be full (size ``Lk``) unless ``mask``
+        supplies it.
+      window_size: how many keys each query row keeps (static int >= 1).
+      mask: optional bool array (True = may attend) broadcastable with ``bias``;
+        only allowed keys compete and are kept.
+      is_causal: restrict each row to the bottom-right causal keys,
+        key ``j`` visible from query ``i`` iff ``j <= i + Lk - Lq``.
+      query_len: ``Lq``; required when ``is_causal`` and the query dim of
+        ``bias``/``mask`` is 1 (a per-key bias), otherwise only checked.
+
+    Returns:
+      A bool array in the broadcast shape of ``bias`` and ``mask`` (with the
+      query dim expanded to ``query_len`` under causality): True for kept keys.
+      A row keeps ``min(window_size, #allowed keys)`` keys; among equal biases the
+      lower key index wins.  No gradient flows through it.
+    """
+    _check_bias(bias)
+    _check_mask(mask)
+    k = _check_positive_int("window_size", window_size)
+    query_len = _check_positive_int("query_len", query_len, allow_none=True)
+    is_causal = bool(is_causal)
+    shape = _output_shape(bias.shape, None if mask is None else mask.shape, is_causal, query_len)
+    return _topk_mask_impl(
+        jnp.asarray(bias), None if mask is None else jnp.asarray(mask),
+        k=min(k, shape[-1]), is_causal=is_causal, shape=shape,
+    )
+
+
+# --------------------------------------------------------------------------
+# block_topk_mask
+# --------------------------------------------------------------------------
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value) -> jax.Array:
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("kb", "bq", "bk", "is_causal", "shape", "pool")
+)
+def _block_topk_mask_impl(bias, mask, *, kb: int, bq: int, bk: int, is_causal: bool,
+                          shape: tuple[int, ...], pool: str):
+    lq, lk = shape[-2], shape[-1]
+    nq, nk = -(-lq // bq), -(-lk // bk)
+    allowed = _allowed(mask, is_causal, shape)
+    if kb >= nk:  # every allowed key block fits in the window
+        if allowed is None:
+            return jnp.ones(shape, jnp.bool_)
+        return jnp.broadcast_to(allowed, shape)
+
+    s = jnp.broadcast_to(_canonical_scores(bias), shape)
+    ok = jnp.ones(shape, jnp.bool_) if allowed is None else jnp.broadcast_to(allowed, shape)
+    # pad to whole blocks; padding is "not allowed"
+    s = _pad_axis(_pad_axis(s, -2, nq * bq, 0), -1, nk * bk, 0)
+    ok = _pad_axis(_pad_axis(ok, -2, nq * bq, False), -1, nk * bk, False)
+    blocked = shape[:-2] + (nq, bq, nk, bk)
+    s = s.reshape(blocked)
+    ok = ok.reshape(blocked)
+    axes = (s.ndim - 3, s.ndim - 1)
+    any_ok = jnp.any(ok, axis=axes)
+    if pool == "max":
+        pooled = jnp.max(jnp.where(ok, s, -jnp.inf), axis=axes)
+    else:  # mean over the block's allowed entries
+        total = jnp.sum(jnp.where(ok, s, 0), axis=axes)
+        count = jnp.sum(ok, axis=axes, dtype=s.dtype)
+        pooled = total / jnp.maximum(count, 1)
+        lowest = jnp.finfo(s.dtype).min
+        pooled = jnp.where(pooled > lowest, pooled, lowest)  # overflow / NaN guard
+        pooled = jnp.where(pooled == 0, jnp.zeros((), s.dtype), pooled)
+    pooled = jnp.where(any_ok, pooled, -jnp.inf)
+    keep_blocks = _topk_rows(pooled, kb) & any_ok  # [..., nq, nk]
+    keep = jnp.repeat(jnp.repeat(keep_blocks, bq, axis=-2), bk, axis=-1)
+    keep = keep[..., :lq, :lk]
+    if allowed is not None:
+        keep = keep & allowed
+    return keep
+
+
+def block_topk_mask(
+    bias: jax.Array,
+    window_size: int,
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    query_len: int | None = None,
+    pool: str = "max",
+) -> jax.Array:
+    """:func:`topk_mask` at tile granularity: keep whole ``block_q x block_k`` tiles.
+
+    The ``[Lq, Lk]`` plane is cut into tiles of ``block_q`` rows and ``block_k``
+    keys, aligned at the top-left corner (the last row/column of tiles may be
+    ragged).  Each tile is scored by pooling the bias over its *allowed* entries
+    (``pool="max"``, the default, or ``"mean"``); a tile with no allowed entry is
+    never kept.  Each query block then keeps the ``ceil(window_size / block_k)``
+    key blocks of highest score (ties: lower key-block index wins), so every row
+    of it keeps up to that many whole key blocks, i.e. at least ``window_size``
+    keys when that many are allowed and at most
+    ``ceil(window_size / block_k) * block_k``.
+
+    The kept tiles are finally intersected, element by element, with ``mask``
+    and causality, so the result never lets a query see a key that ``mask`` or
+    ``is_causal`` hides.  Hence every tile is all-False except kept tiles, which
+    are all-True unless they cross the causal diagonal, the user mask, or the
+    ragged end of the sequence.  The default 128 x 128 blocks are a multiple of
+    every kernel tile (CPU 64x64, CUDA 64/128), so each kernel tile lies inside
+    one block and is either fully skipped or (off the diagonal) fully kept.
+
+    When the broadcast query dim is 1 (per-key bias, not causal), the selection is
+    the same for every query and the result keeps query dim 1.
+
+    Args:
+      bias, window_size, mask, is_causal, query_len: as in :func:`topk_mask`.
+      block_q, block_k: tile size (static ints >= 1; default 128).
+      pool: ``"max"`` or ``"mean"`` pooling of the bias over a tile.
+
+    Returns:
+      A bool array in the broadcast shape of ``bias`` and ``mask`` (query dim
+      expanded to ``query_len`` under causality).
+    """
+    _check_bias(bias)
+    _check_mask(mask)
+    window_size = _check_positive_int("window_size", window_size)
+    block_q = _check_positive_int("block_q", block_q)
+    block_k = _check_positive_int("block_k", block_k)
+    query_len = _check_positive_int("query_len", query_len, allow_none=True)
+    if pool not in ("max", "mean"):
+        raise ValueError(f"pool must be 'max' or 'mean', got {pool!r}")
+    is_causal = bool(is_causal)
+    shape = _output_shape(bias.shape, None if mask is None else mask.shape, is_causal, query_len)
+    if len(shape) < 2:  # a rank-1 selection has a single query row
+        shape2 = (1,) + shape
+        out = _block_topk_mask_impl(
+            jnp.asarray(bias), None if mask is None else jnp.asarray(mask),
+            kb=math.ceil(window_size / block_k), bq=1, bk=block_k,
+            is_causal=False, shape=shape2, pool=pool,
+        )
+        return out.reshape(shape)
+    bq = 1 if shape[-2] == 1 else block_q
+    return _block_topk_mask_impl(
+        jnp.asarray(bias), None if mask is None else jnp.asarray(mask),
+        kb=math.ceil(window_size / block_k), bq=bq, bk=block_k,
+        is_causal=is_causal, shape=shape, pool=pool,
+    )

@@ -1,0 +1,170 @@
+"""Flax NNX twin of :class:`jax_dmattn.flax.DynamicMaskAttention`.
+
+Same math and the same parameter tree (``q_proj/kernel`` [E, H, D], ``k_proj``,
+``v_proj`` [E, Hkv, D], ``o_proj/kernel`` [H, D, E_out], ``dt_proj/kernel``
+[Hkv, D], ``dt_proj/bias`` [Hkv], ``A`` [Hkv]), so linen parameters can be
+loaded into it leaf by leaf.  Import ``jax_dmattn.nnx`` explicitly (needs flax).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from flax import nnx
+except ImportError as e:  # pragma: no cover - exercised only without flax
+    raise ImportError(
+        "jax_dmattn.nnx needs Flax; install it with `pip install flax` "
+        "(or `pip install jax_dmattn[flax]`)"
+    ) from e
+
+from jax_dmattn.flax import _attention, apply_rope, dynamic_bias, dynamic_mask, resolve_heads
+
+__all__ = ["DynamicMaskAttention", "HeadwiseLinear"]
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+
+class HeadwiseLinear(nnx.Module):
+    """Per-head projection of each head's vector [D] to a scalar (``dt_proj``).
+
+    Parameters: ``kernel`` [num_heads, D] (each row initialised like a [D, 1]
+    fan-in kernel), ``bias`` [num_heads] (or None).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        *,
+        use_bias: bool = True,
+        param_dtype: Dtype = jnp.float32,
+        kernel_init: Initializer = nnx.initializers.lecun_normal(),
+        bias_init: Initializer = nnx.initializers.zeros_init(),
+        rngs: nnx.Rngs,
+    ):
+        k = kernel_init(rngs.params(), (num_heads, head_dim, 1), param_dtype)
+        self.kernel = nnx.Param(k.reshape(num_heads, head_dim))
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), (num_heads,), param_dtype)) if use_bias else None
+        )
+
+    def __call__(self, value: Array) -> Array:
+        """value [..., H, D] -> [..., H]."""
+        out = jnp.einsum("...hd,hd->...h", value.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if self.bias is not None:
+            out = out + self.bias[...].astype(jnp.float32)
+        return out
+
+
+class DynamicMaskAttention(nnx.Module):
+    """Self-attention with a learned dynamic bias and a top-k dynamic mask (nnx).
+
+    ``DynamicMaskAttention(in_features, num_heads, num_kv_heads, head_dim,
+    window_size, is_causal=True, *, rngs, ...)``, called on ``x`` [B, L, E] with
+    optional ``mask`` (bool, broadcastable to [B, 1|Hkv|H, L, L]) and
+    ``positions`` (for RoPE), returns [B, L, out_features or E].  See
+    :class:`jax_dmattn.flax.DynamicMaskAttention` for the math and every option.
+    The bias is sown as ``nnx.Intermediate`` ``dynamic_bias``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        window_size: Optional[int] = None,
+        is_causal: bool = True,
+        *,
+        use_dynamic_bias: bool = True,
+        use_block_topk: bool = False,
+        block_q: int = 128,
+        block_k: int = 128,
+        rope_theta: Optional[float] = None,
+        scale: Optional[float] = None,
+        softcap: Optional[float] = None,
+        implementation: Optional[str] = None,
+        deterministic_backward: bool = False,
+        out_features: Optional[int] = None,
+        use_proj_bias: bool = False,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = nnx.initializers.lecun_normal(),
+        a_init: Initializer = nnx.initializers.ones_init(),
+        dt_kernel_init: Initializer = nnx.initializers.lecun_normal(),
+        dt_bias_init: Initializer = nnx.initializers.zeros_init(),
+        rngs: nnx.Rngs,
+    ):
+        h, hkv, d = resolve_heads(num_heads, num_kv_heads, head_dim, in_features)
+        self.in_features = in_features
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.window_size = window_size
+        self.is_causal = is_causal
+        self.use_dynamic_bias = use_dynamic_bias
+        self.use_block_topk = use_block_topk
+        self.block_q, self.block_k = block_q, block_k
+        self.rope_theta = rope_theta
+        self.scale, self.softcap = scale, softcap
+        self.implementation = implementation
+        self.deterministic_backward = deterministic_backward
+        self.out_features = out_features or in_features
+
+        def linear(in_f, out_f, **kw):
+            return nnx.LinearGeneral(
+                in_f, out_f, use_bias=use_proj_bias, dtype=dtype, param_dtype=param_dtype,
+                precision=precision, kernel_init=kernel_init, rngs=rngs, **kw,
+            )
+
+        self.q_proj = linear(in_features, (h, d))
+        self.k_proj = linear(in_features, (hkv, d))
+        self.v_proj = linear(in_features, (hkv, d))
+        self.o_proj = linear((h, d), self.out_features, axis=(-2, -1))
+        if use_dynamic_bias:
+            self.dt_proj = HeadwiseLinear(
+                hkv, d, param_dtype=param_dtype, kernel_init=dt_kernel_init,
+                bias_init=dt_bias_init, rngs=rngs,
+            )
+            self.A = nnx.Param(a_init(rngs.params(), (hkv,), param_dtype))
+        else:
+            self.dt_proj = None
+            self.A = None
+
+    def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None) -> Array:
+        if x.ndim != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must be [batch, length, {self.in_features}], got shape {tuple(x.shape)}"
+            )
+        length = x.shape[1]
+        q = self.q_proj(x)
+        k = self.k_proj(x)
+        v = self.v_proj(x)
+        if self.rope_theta is not None:
+            pos = jnp.arange(length) if positions is None else positions
+            q = apply_rope(q, pos, self.rope_theta)
+            k = apply_rope(k, pos, self.rope_theta)
+        bias = None
+        attn_mask = mask
+        if self.use_dynamic_bias:
+            dt = self.dt_proj
+            bias = dynamic_bias(
+                v, dt.kernel[...], None if dt.bias is None else dt.bias[...], self.A[...]
+            )
+            self.sow(nnx.Intermediate, "dynamic_bias", bias)
+            attn_mask = dynamic_mask(
+                bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
+                num_heads=self.num_heads, use_block_topk=self.use_block_topk,
+                block_q=self.block_q, block_k=self.block_k,
+            )
+        out = _attention(
+            q, k, v, bias, attn_mask, scale=self.scale, is_causal=self.is_causal,
+            softcap=self.softcap, deterministic=self.deterministic_backward,
+            implementation=self.implementation,
+        )
+        return self.o_proj(out)
