@@ -7,6 +7,10 @@
 #include <functional>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include "attention_params.h"
 
 namespace dmattn::cpu {
@@ -121,51 +125,91 @@ inline void store_row(void* base, DType t, int64_t offset, int64_t n, const floa
 }
 
 // ---------------------------------------------------------------------------------------- math
-// 2^x for x <= 0 (softmax arguments), rel. error ~2e-7; x < -126 (incl. -inf) gives exactly 0. Branch-free so
-// the compiler vectorises loops over it, which std::exp does not allow without -ffast-math.
+// 2^x for x <= 0 (softmax arguments), rel. error ~1e-7; x < -126 (incl. -inf) gives exactly 0. Branch-free so
+// the compiler vectorises loops over it, which std::exp does not allow without -ffast-math. The polynomial is a
+// degree-6 Chebyshev fit of 2^f on [0, 1].
 inline float exp2_nonpositive(float x) {
-  const bool underflow = !(x >= -126.f);
-  x = underflow ? -126.f : x;
-  const float n = std::floor(x);
-  const float f = x - n;  // [0, 1)
-  float p = 1.5353362e-4f;
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6182985e-3f;
-  p = p * f + 5.5503406e-2f;
-  p = p * f + 2.4022657e-1f;
-  p = p * f + 6.9314706e-1f;
+  const float xc = x < -126.f ? -126.f : x;
+  const float n = std::floor(xc);
+  const float f = xc - n;
+  float p = 2.187750476e-04f;
+  p = p * f + 1.238782153e-03f;
+  p = p * f + 9.684580452e-03f;
+  p = p * f + 5.548042628e-02f;
+  p = p * f + 2.402305022e-01f;
+  p = p * f + 6.931469286e-01f;
   p = p * f + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return underflow ? 0.f : p * scale;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, 4);
+  return x < -126.f ? 0.f : p * pow2n;
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 
-// C[M x N] += A[M x K] * B[K x N]; M % 4 == 0, N % 16 == 0; row-major with leading dims. The 4 x 16
-// accumulator block stays in registers across the K loop.
+// C[M x N] += A[M x K] * B[K x N]; M % 4 == 0, N % 16 == 0; row-major with leading dims. A 4 x 16
+// accumulator block stays in registers across the K loop (8 AVX2 registers where available).
 inline void gemm_acc(int64_t M, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
                      const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc) {
   for (int64_t i = 0; i < M; i += 4) {
+    const float* a0 = A + i * lda;
     for (int64_t j = 0; j < N; j += 16) {
+      float* c0 = C + i * ldc + j;
+#if defined(__AVX2__) && defined(__FMA__)
+      __m256 acc[4][2];
+      for (int r = 0; r < 4; ++r) {
+        acc[r][0] = _mm256_loadu_ps(c0 + r * ldc);
+        acc[r][1] = _mm256_loadu_ps(c0 + r * ldc + 8);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb + j);
+        const __m256 b1 = _mm256_loadu_ps(B + k * ldb + j + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 a = _mm256_broadcast_ss(a0 + r * lda + k);
+          acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        _mm256_storeu_ps(c0 + r * ldc, acc[r][0]);
+        _mm256_storeu_ps(c0 + r * ldc + 8, acc[r][1]);
+      }
+#else
       float acc[4][16];
       for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 16; ++c) acc[r][c] = C[(i + r) * ldc + j + c];
+        for (int c = 0; c < 16; ++c) acc[r][c] = c0[r * ldc + c];
       for (int64_t k = 0; k < K; ++k) {
         const float* b = B + k * ldb + j;
         for (int r = 0; r < 4; ++r) {
-          const float a = A[(i + r) * lda + k];
-#pragma GCC unroll 16
+          const float a = a0[r * lda + k];
           for (int c = 0; c < 16; ++c) acc[r][c] += a * b[c];
         }
       }
       for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 16; ++c) C[(i + r) * ldc + j + c] = acc[r][c];
+        for (int c = 0; c < 16; ++c) c0[r * ldc + c] = acc[r][c];
+#endif
     }
   }
+}
+
+// Reductions in 8 independent lanes, so they vectorise under strict IEEE semantics.
+inline float lane_max(const float* x, int64_t n) {  // n % 8 == 0
+  float m[8];
+  for (int l = 0; l < 8; ++l) m[l] = x[l];
+  for (int64_t c = 8; c < n; c += 8)
+    for (int l = 0; l < 8; ++l) m[l] = x[c + l] > m[l] ? x[c + l] : m[l];
+  float r = m[0];
+  for (int l = 1; l < 8; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+}
+
+inline float lane_sum(const float* x, int64_t n) {  // n % 8 == 0
+  float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t c = 0; c < n; c += 8)
+    for (int l = 0; l < 8; ++l) s[l] += x[c + l];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 // dst[c][r] = src[r][c] for an R x C block.

@@ -51,19 +51,13 @@ void flash_fwd(const AttentionParams& p, const void* q, const void* k, const voi
 
       for (int64_t r = 0; r < kBlockM; ++r) {
         float* s = S + r * kBlockN;
-        float tile_max = kNegInf;
-        for (int64_t c = 0; c < kBlockN; ++c) tile_max = std::max(tile_max, s[c]);
-        const float new_max = std::max(row_max[r], tile_max * kLog2e);
+        const float new_max = std::max(row_max[r], lane_max(s, kBlockN) * kLog2e);
         if (new_max == kNegInf) {  // nothing kept in this row so far
           std::fill(s, s + kBlockN, 0.f);
           continue;
         }
-        float sum = 0.f;
-        for (int64_t c = 0; c < kBlockN; ++c) {
-          const float pc = exp2_nonpositive(s[c] * kLog2e - new_max);
-          s[c] = pc;
-          sum += pc;
-        }
+        for (int64_t c = 0; c < kBlockN; ++c) s[c] = exp2_nonpositive(s[c] * kLog2e - new_max);
+        const float sum = lane_sum(s, kBlockN);
         if (new_max != row_max[r]) {
           const float corr = exp2_nonpositive(row_max[r] - new_max);
           float* o = O + r * Dp;
