@@ -117,7 +117,6 @@ def dynamic_mask(
     mask: Array | None,
     is_causal: bool,
     query_len: int,
-    num_heads: int,
     use_block_topk: bool = False,
     block_q: int = 128,
     block_k: int = 128,
@@ -129,10 +128,7 @@ def dynamic_mask(
     lk = bias.shape[-1]
     if window_size is None or window_size >= lk:
         return mask
-    sel_bias = jax.lax.stop_gradient(bias)
-    if mask is not None and mask.ndim >= 3 and mask.shape[-3] == num_heads != sel_bias.shape[-3]:
-        # a per-query-head mask: select per query head
-        sel_bias = jnp.repeat(sel_bias, num_heads // sel_bias.shape[-3], axis=-3)
+    sel_bias = jax.lax.stop_gradient(bias)  # a per-query-head mask gives a per-query-head selection
     if use_block_topk:
         return block_topk_mask(
             sel_bias, window_size, block_q=block_q, block_k=block_k, mask=mask,
@@ -273,7 +269,7 @@ class DynamicMaskAttention(nn.Module):
             self.sow("intermediates", "dynamic_bias", bias)
             attn_mask = dynamic_mask(
                 bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
-                num_heads=h, use_block_topk=self.use_block_topk, block_q=self.block_q,
+                use_block_topk=self.use_block_topk, block_q=self.block_q,
                 block_k=self.block_k,
             )
         out = _attention(
@@ -350,8 +346,9 @@ def attention_fn(
 
     Flax layout: query [batch..., q_length, num_heads, depth], key/value
     [batch..., kv_length, num_kv_heads, depth] (num_heads divisible by
-    num_kv_heads); ``bias`` (float) and ``mask`` (bool, True = attend) are
-    broadcastable to [batch..., num_heads, q_length, kv_length].  Returns
+    num_kv_heads); ``bias`` (float) and ``mask`` (bool, or numeric as made by
+    ``nn.make_causal_mask``: nonzero = attend) are broadcastable to
+    [batch..., num_heads, q_length, kv_length].  Returns
     [batch..., q_length, num_heads, depth].  The logit scale defaults to
     depth ** -0.5, as in flax.
 
@@ -411,7 +408,7 @@ def attention_fn(
     v = value.reshape((b,) + value.shape[-3:])
     bias4 = _flatten_batch(bias, batch, 3, "bias")
     if mask is not None and mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a bool array (True = attend), got dtype {mask.dtype}")
+        mask = mask != 0  # flax masks are often float 0/1 (nn.make_causal_mask): nonzero = attend
     mask4 = _flatten_batch(mask, batch, 3, "mask")
     out = _attention(
         q, k, v, bias4, mask4, scale=scale, is_causal=is_causal, softcap=softcap,

@@ -10,7 +10,9 @@ Both functions
 
 * return a ``bool`` array that :func:`jax_dmattn.attention` takes directly as
   ``mask=``, in the numpy broadcast shape of ``bias`` and ``mask`` (the query
-  dimension is expanded to ``query_len`` only when causality needs it);
+  dimension is expanded to ``query_len`` only when causality needs it; a head dim
+  of Hkv on one and H on the other combine by attention's GQA rule, query head
+  ``h`` reading kv head ``h // (H // Hkv)``, giving H);
 * are deterministic: among equal biases the key with the lower index wins;
 * carry no gradient (the bias goes through ``jax.lax.stop_gradient``);
 * work under ``jit``/``vmap``; ``window_size``, ``block_q``, ``block_k``,
@@ -84,8 +86,37 @@ def _check_mask(mask: Any) -> None:
         raise ValueError(f"mask must have rank >= 1, got shape {tuple(mask.shape)}")
 
 
+def _head_repeats(bias_shape, mask_shape) -> tuple[int, int]:
+    """GQA head rule of :func:`jax_dmattn.attention` for rank >= 3 operands.
+
+    A bias with Hkv heads and a mask with H heads (or the reverse, H % Hkv == 0)
+    are combined by mapping query head h to kv head h // (H // Hkv), i.e. by
+    repeating the Hkv-sized one.  Returns the repeat factors (bias, mask).
+    """
+    if mask_shape is None or len(bias_shape) < 3 or len(mask_shape) < 3:
+        return 1, 1
+    hb, hm = bias_shape[-3], mask_shape[-3]
+    if hb == hm or hb == 1 or hm == 1:
+        return 1, 1
+    if hm % hb == 0:
+        return hm // hb, 1
+    if hb % hm == 0:
+        return 1, hb // hm
+    return 1, 1  # incompatible: reported by the broadcast check
+
+
+def _repeat_heads(x: jax.Array | None, reps: int) -> jax.Array | None:
+    if x is None or reps == 1:
+        return x
+    return jnp.repeat(x, reps, axis=x.ndim - 3)
+
+
 def _output_shape(bias_shape, mask_shape, is_causal: bool, query_len: int | None) -> tuple[int, ...]:
     """Broadcast shape of bias and mask; the query dim is expanded when causality needs it."""
+    rb, rm = _head_repeats(bias_shape, mask_shape)
+    if rb != 1 or rm != 1:
+        bias_shape = bias_shape[:-3] + (bias_shape[-3] * rb,) + bias_shape[-2:]
+        mask_shape = mask_shape[:-3] + (mask_shape[-3] * rm,) + mask_shape[-2:]
     shapes = [tuple(bias_shape)] + ([tuple(mask_shape)] if mask_shape is not None else [])
     try:
         shape = tuple(np.broadcast_shapes(*shapes))
@@ -216,7 +247,10 @@ def topk_mask(
     k = _check_positive_int("window_size", window_size)
     query_len = _check_positive_int("query_len", query_len, allow_none=True)
     is_causal = bool(is_causal)
-    shape = _output_shape(bias.shape, None if mask is None else mask.shape, is_causal, query_len)
+    shape = _output_shape(tuple(bias.shape), None if mask is None else tuple(mask.shape),
+                          is_causal, query_len)
+    rb, rm = _head_repeats(tuple(bias.shape), None if mask is None else tuple(mask.shape))
+    bias, mask = _repeat_heads(jnp.asarray(bias), rb), _repeat_heads(mask, rm)
     return _topk_mask_impl(
         jnp.asarray(bias), None if mask is None else jnp.asarray(mask),
         k=min(k, shape[-1]), is_causal=is_causal, shape=shape,
@@ -330,7 +364,10 @@ def block_topk_mask(
     if pool not in ("max", "mean"):
         raise ValueError(f"pool must be 'max' or 'mean', got {pool!r}")
     is_causal = bool(is_causal)
-    shape = _output_shape(bias.shape, None if mask is None else mask.shape, is_causal, query_len)
+    shape = _output_shape(tuple(bias.shape), None if mask is None else tuple(mask.shape),
+                          is_causal, query_len)
+    rb, rm = _head_repeats(tuple(bias.shape), None if mask is None else tuple(mask.shape))
+    bias, mask = _repeat_heads(jnp.asarray(bias), rb), _repeat_heads(mask, rm)
     if len(shape) < 2:  # a rank-1 selection has a single query row
         shape2 = (1,) + shape
         out = _block_topk_mask_impl(

@@ -70,7 +70,8 @@ class DynamicMaskAttention(nnx.Module):
     optional ``mask`` (bool, broadcastable to [B, 1|Hkv|H, L, L]) and
     ``positions`` (for RoPE), returns [B, L, out_features or E].  See
     :class:`jax_dmattn.flax.DynamicMaskAttention` for the math and every option.
-    The bias is sown as ``nnx.Intermediate`` ``dynamic_bias``.
+    With ``sow_bias=True`` the bias is sown as ``nnx.Intermediate``
+    ``dynamic_bias`` (collect it with ``nnx.capture(model, nnx.Intermediate)``).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class DynamicMaskAttention(nnx.Module):
         softcap: Optional[float] = None,
         implementation: Optional[str] = None,
         deterministic_backward: bool = False,
+        sow_bias: bool = False,
         out_features: Optional[int] = None,
         use_proj_bias: bool = False,
         dtype: Optional[Dtype] = None,
@@ -114,6 +116,7 @@ class DynamicMaskAttention(nnx.Module):
         self.scale, self.softcap = scale, softcap
         self.implementation = implementation
         self.deterministic_backward = deterministic_backward
+        self.sow_bias = sow_bias
         self.out_features = out_features or in_features
 
         def linear(in_f, out_f, **kw):
@@ -156,10 +159,11 @@ class DynamicMaskAttention(nnx.Module):
             bias = dynamic_bias(
                 v, dt.kernel[...], None if dt.bias is None else dt.bias[...], self.A[...]
             )
-            self.sow(nnx.Intermediate, "dynamic_bias", bias)
+            if self.sow_bias:
+                self.sow(nnx.Intermediate, "dynamic_bias", bias)
             attn_mask = dynamic_mask(
                 bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
-                num_heads=self.num_heads, use_block_topk=self.use_block_topk,
+                use_block_topk=self.use_block_topk,
                 block_q=self.block_q, block_k=self.block_k,
             )
         out = _attention(

@@ -1,0 +1,134 @@
+"""jax_dmattn.nnx.DynamicMaskAttention: shapes, linen parity, gradients, jit, checkpoints."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+from flax import nnx  # noqa: E402
+
+import jax_dmattn.flax as jflax  # noqa: E402
+from jax_dmattn.nnx import DynamicMaskAttention  # noqa: E402
+
+B, L, E = 2, 24, 32
+
+
+def _x(seed=0, shape=(B, L, E)):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _linen_twin(**kw):
+    return jflax.DynamicMaskAttention(4, 2, 8, 6, **kw)
+
+
+def _nnx(seed=0, **kw):
+    return DynamicMaskAttention(E, 4, 2, 8, 6, rngs=nnx.Rngs(seed), **kw)
+
+
+def _pure(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _load(model, pure):
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+def test_param_shapes_match_linen():
+    model = nnx.eval_shape(lambda: _nnx())
+    shapes = jax.tree.map(lambda a: a.shape, _pure(model))
+    assert shapes == {
+        "q_proj": {"kernel": (E, 4, 8)},
+        "k_proj": {"kernel": (E, 2, 8)},
+        "v_proj": {"kernel": (E, 2, 8)},
+        "o_proj": {"kernel": (4, 8, E)},
+        "dt_proj": {"kernel": (2, 8), "bias": (2,)},
+        "A": (2,),
+    }
+    linen = jax.eval_shape(_linen_twin().init, jax.random.key(0), _x())["params"]
+    assert jax.tree.map(lambda a: a.shape, linen) == shapes
+    dense = nnx.eval_shape(lambda: DynamicMaskAttention(E, 4, use_dynamic_bias=False, rngs=nnx.Rngs(0)))
+    assert set(_pure(dense)) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert dense.head_dim == 8 and dense.num_kv_heads == 4
+
+
+@pytest.mark.parametrize("kw", [dict(rope_theta=10000.0), dict(use_block_topk=True, block_q=8, block_k=8)])
+def test_same_math_as_linen(kw):
+    x = _x(1)
+    linen_mod = _linen_twin(dt_kernel_init=jax.nn.initializers.normal(1.0), **kw)
+    params = jax.jit(linen_mod.init)(jax.random.key(0), x)["params"]
+    ref = jax.jit(linen_mod.apply)({"params": params}, x)
+    model = _nnx(**kw)
+    _load(model, params)
+    out = nnx.jit(lambda m, x: m(x))(model, x)
+    assert out.shape == (B, L, E)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # with a padding mask
+    pad = (jnp.arange(L)[None, :] < jnp.array([[L], [L - 5]]))[:, None, None, :]
+    ref = jax.jit(linen_mod.apply)({"params": params}, x, pad)
+    out = nnx.jit(lambda m, x, pad: m(x, pad))(model, x, pad)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_finite_and_nonzero():
+    model = _nnx(rope_theta=10000.0)
+    x = _x(2)
+
+    @nnx.jit
+    def step(m, x):
+        return nnx.grad(lambda m: jnp.mean(m(x) ** 2))(m)
+
+    grads = step(model, x)
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads)):
+        g = np.asarray(g)
+        assert np.isfinite(g).all(), path
+        assert np.abs(g).max() > 0, path
+
+
+def test_optimizer_step_and_intermediates():
+    optax = pytest.importorskip("optax")
+    model = _nnx()
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = _x(3)
+
+    @nnx.jit
+    def train_step(m, opt, x):
+        loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(x) - x) ** 2))(m)
+        opt.update(m, g)
+        return loss
+
+    losses = [float(train_step(model, opt, x)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    if hasattr(nnx, "capture"):
+        model = _nnx(sow_bias=True)
+        _, inter = nnx.capture(model, nnx.Intermediate)(x)
+        (bias,) = jax.tree.leaves(inter)
+        assert bias.shape == (B, 2, 1, L) and bias.dtype == jnp.float32
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    model = _nnx(seed=0)
+    x = _x(4)
+    state = nnx.state(model, nnx.Param)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "state", state)
+    ckpt.wait_until_finished()
+    other = _nnx(seed=1)
+    abstract = nnx.state(nnx.eval_shape(lambda: _nnx()), nnx.Param)
+    restored = ckpt.restore(tmp_path / "state", abstract)
+    nnx.update(other, restored)
+    f = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_array_equal(f(other, x), f(model, x))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        DynamicMaskAttention(E, 4, 3, rngs=nnx.Rngs(0))
+    model = _nnx()
+    with pytest.raises(ValueError, match="x must be"):
+        model(jnp.ones((B, L, E + 1)))
