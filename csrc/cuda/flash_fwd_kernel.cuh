@@ -29,7 +29,7 @@ struct Traits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kFwdBlockM;
   static constexpr int kBlockN = kFwdBlockN;
-  static constexpr int kNWarps = kHeadDim <= 128 ? 4 : 8;
+  static constexpr int kNWarps = kHeadDim <= 64 ? 4 : 8;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
   static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
@@ -288,31 +288,43 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
                            (p.is_causal && col0 + kBlockN - 1 > row0 + causal_off);
 
     // Mask and per-key bias loads are issued before the QK product so their latency overlaps it.
-    uint8_t mreg[kRows][kCols];
+    static_assert(kCols <= 32, "mask bits of one row must fit 32 bits");
+    uint32_t mbits[kRows];  // bit c: key column c of row r is kept
     if (load_mask) {
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int row = row0 + get<0>(cS(r, 0));
         const int64_t roff = mask_base + int64_t(row) * p.mask_row_stride;
+        uint32_t bits = 0;
         CUTE_UNROLL
         for (int c = 0; c < kCols; c += 2) {
           const int col = col0 + get<1>(cS(0, c));  // even; col + 1 is the pair's second key
-          uint8_t m0 = 0, m1 = 0;
+          uint32_t m0 = 0, m1 = 0;
           if (row < p.q_len) {
             if (mask_pairs && col + 1 < p.kv_len) {
-              const uint16_t two = __ldg(reinterpret_cast<const unsigned short*>(p.mask + roff + col));
-              m0 = two & 0xff;
+              const uint32_t two = __ldg(reinterpret_cast<const unsigned short*>(p.mask + roff + col));
+              m0 = two & 0xffu;
               m1 = two >> 8;
             } else {
               if (col < p.kv_len) m0 = __ldg(p.mask + roff + int64_t(col) * p.mask_col_stride);
               if (col + 1 < p.kv_len) m1 = __ldg(p.mask + roff + int64_t(col + 1) * p.mask_col_stride);
             }
           }
-          mreg[r][c] = m0;
-          mreg[r][c + 1] = m1;
+          bits |= (m0 != 0 ? 1u : 0u) << c;
+          bits |= (m1 != 0 ? 1u : 0u) << (c + 1);
         }
+        mbits[r] = bits;
       }
     }
+    gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
+
+    cute::cp_async_wait<0>();
+    __syncthreads();  // V landed; every warp is done reading sK
+    if (n_next >= 0) {
+      copy_rows(gmem_copy, tKgK(_, _, _, n_next), tKsK, tKcK, p.kv_len - n_next * kBlockN);
+      cute::cp_async_fence();
+    }
+
     float bcol[kCols];
     if (bias_per_key) {
       CUTE_UNROLL
@@ -322,15 +334,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
                                        kLog2e
                                  : 0.f;
       }
-    }
-
-    gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
-
-    cute::cp_async_wait<0>();
-    __syncthreads();  // V landed; every warp is done reading sK
-    if (n_next >= 0) {
-      copy_rows(gmem_copy, tKgK(_, _, _, n_next), tKsK, tKcK, p.kv_len - n_next * kBlockN);
-      cute::cp_async_fence();
     }
 
     // Scores in the log2 domain: s2 = (cap(scale * qk) + bias) * log2(e), masked keys -inf.
@@ -355,7 +358,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
         }
         if (need_elem) {
           bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off);
-          if (load_mask) keep = keep && mreg[r][c] != 0;
+          if (load_mask) keep = keep && ((mbits[r] >> c) & 1u);
           if (!keep) x = -INFINITY;
         }
         s(r, c) = x;

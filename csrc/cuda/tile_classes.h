@@ -12,8 +12,8 @@ struct MaskTileArgs {
   int64_t batch, heads, rows, cols;
   int block_m, block_n;                      // tile size in query rows x keys
   uint8_t* classes;                          // [batch, heads, m_tiles, n_tiles]
-  int64_t m_tiles() const { return (rows + block_m - 1) / block_m; }
-  int64_t n_tiles() const { return (cols + block_n - 1) / block_n; }
+  __host__ __device__ int64_t m_tiles() const { return (rows + block_m - 1) / block_m; }
+  __host__ __device__ int64_t n_tiles() const { return (cols + block_n - 1) / block_n; }
 };
 
 // Writes one TileClass per (batch, head, query tile, key tile) of the mask's own (broadcast) shape: a broadcast

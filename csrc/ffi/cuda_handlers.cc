@@ -3,8 +3,13 @@
 // Handlers never allocate and never synchronise, so they run inside CUDA graphs / command buffers.
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <string>
+
 #include "xla/ffi/api/ffi.h"
 
+#include "attention_params.h"
+#include "cuda/flash_fwd.h"
 #include "cuda/tile_classes.h"
 #include "ffi/targets.h"
 
@@ -31,6 +36,103 @@ ffi::Error mask_tile_classes_impl(cudaStream_t stream, ffi::Buffer<ffi::PRED> ma
   return cuda_error(launch_classify_mask_tiles(args, stream), "classify_mask_tiles");
 }
 
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
+
+// q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or zero-size; mask bool of the same rule or
+// zero-size. Returns out [B, Lq, H, D], lse [B, H, Lq] f32 and the mask tile classes
+// [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (zero-size without a mask), computed here by a pre-pass.
+ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> out,
+                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes, float scale,
+                          float softcap, bool is_causal, bool skip_empty_tiles) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q, k, v must be rank 4");
+  const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1], Hkv = kd[2];
+  if (kd[0] != B || kd[3] != D || vd[0] != B || vd[1] != Lk || vd[2] != Hkv || vd[3] != D)
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q/k/v shapes disagree");
+  if (Hkv <= 0 || H % Hkv != 0) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: H % Hkv != 0");
+  if (D != 32 && D != 64 && D != 96 && D != 128 && D != 192 && D != 256)
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: head dim must be 32, 64, 96, 128, 192 or 256");
+  const auto dt = q.element_type();
+  if ((dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) || k.element_type() != dt ||
+      v.element_type() != dt || out->element_type() != dt)
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q, k, v, out must share dtype bf16 or f16");
+
+  FwdParams p;
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out->untyped_data();
+  p.lse = lse->typed_data();
+  p.q_row_stride = H * D, p.q_head_stride = D, p.q_batch_stride = Lq * H * D;
+  p.k_row_stride = Hkv * D, p.k_head_stride = D, p.k_batch_stride = Lk * Hkv * D;
+  p.v_row_stride = Hkv * D, p.v_head_stride = D, p.v_batch_stride = Lk * Hkv * D;
+  p.o_row_stride = H * D, p.o_head_stride = D, p.o_batch_stride = Lq * H * D;
+  p.batch = static_cast<int>(B), p.heads = static_cast<int>(H), p.kv_heads = static_cast<int>(Hkv);
+  p.q_len = static_cast<int>(Lq), p.kv_len = static_cast<int>(Lk), p.head_dim = static_cast<int>(D);
+  p.group = static_cast<int>(H / Hkv);
+  p.is_bf16 = dt == ffi::DataType::BF16;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.is_causal = is_causal;
+  p.skip_empty_tiles = skip_empty_tiles;
+
+  auto check_operand = [&](auto dims, const char* name) -> ffi::Error {
+    if (dims.size() != 4 || !dims_ok(dims[0], B) || !(dims[1] == 1 || dims[1] == Hkv || dims[1] == H) ||
+        !dims_ok(dims[2], Lq) || !dims_ok(dims[3], Lk))
+      return ffi::Error::InvalidArgument(std::string("dmattn_fwd_cuda: bad ") + name + " shape");
+    return ffi::Error::Success();
+  };
+
+  if (bias.element_count() > 0) {
+    const auto bd = bias.dimensions();
+    if (auto e = check_operand(bd, "bias"); e.failure()) return e;
+    const auto bt = bias.element_type();
+    if (bt == ffi::DataType::F32) p.bias_dtype = kBiasF32;
+    else if (bt == ffi::DataType::BF16) p.bias_dtype = kBiasBF16;
+    else if (bt == ffi::DataType::F16) p.bias_dtype = kBiasF16;
+    else return ffi::Error::InvalidArgument("dmattn_fwd_cuda: bias dtype must be f32, bf16 or f16");
+    const int64_t dims[4] = {bd[0], bd[1], bd[2], bd[3]};
+    const BroadcastOperand op = make_broadcast_operand(bias.untyped_data(), DType::kF32, dims, H);
+    p.bias = op.data;
+    p.bias_batch_stride = op.batch_stride, p.bias_head_stride = op.head_stride;
+    p.bias_row_stride = op.row_stride, p.bias_col_stride = op.col_stride;
+    p.bias_hdiv = static_cast<int>(op.heads_per_index);
+  }
+
+  const bool has_mask = mask.element_count() > 0;
+  if (has_mask) {
+    const auto md = mask.dimensions();
+    if (auto e = check_operand(md, "mask"); e.failure()) return e;
+    const int64_t dims[4] = {md[0], md[1], md[2], md[3]};
+    const BroadcastOperand op = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, H);
+    p.mask = reinterpret_cast<const uint8_t*>(op.data);
+    p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
+    p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
+    p.mask_hdiv = static_cast<int>(op.heads_per_index);
+
+    MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kFwdBlockM, kFwdBlockN,
+                       classes->typed_data()};
+    const int64_t mt = targs.m_tiles(), nt = targs.n_tiles();
+    const auto cd = classes->dimensions();
+    if (cd.size() != 4 || cd[0] != dims[0] || cd[1] != dims[1] || cd[2] != mt || cd[3] != nt)
+      return ffi::Error::InvalidArgument("dmattn_fwd_cuda: tile class output has the wrong shape");
+    if (auto e = cuda_error(launch_classify_mask_tiles(targs, stream), "classify_mask_tiles"); e.failure())
+      return e;
+    p.classes = classes->typed_data();
+    p.cls_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt * nt;
+    p.cls_head_stride = dims[1] == 1 ? 0 : mt * nt;
+    p.cls_m_stride = dims[2] == 1 ? 0 : nt;
+    p.cls_n_stride = dims[3] == 1 ? 0 : 1;
+  }
+  if (Lq == 0) return ffi::Error::Success();
+  return cuda_error(launch_flash_fwd(p, stream), "flash_fwd");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kMaskTileClassesCuda, mask_tile_classes_impl,
@@ -41,9 +143,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kMaskTileClassesCuda, mask_tile_classes_impl,
                                   .Attr<int64_t>("block_m")
                                   .Attr<int64_t>("block_n"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // bias (zero-size: none)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (zero-size: none)
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Ret<ffi::Buffer<ffi::U8>>()  // mask tile classes (workspace / residual)
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<bool>("is_causal")
+                                  .Attr<bool>("skip_empty_tiles"));
+
 std::vector<FfiTarget> cuda_targets() {
   return {
       {"dmattn_mask_tile_classes_cuda", reinterpret_cast<void*>(kMaskTileClassesCuda)},
+      {"dmattn_fwd_cuda", reinterpret_cast<void*>(kFlashFwdCuda)},
   };
 }
 

@@ -1,0 +1,283 @@
+"""Direct checks of the CUDA forward kernel (jax_dmattn._cuda), independent of the public API plumbing.
+
+* a grid of shapes / dtypes / head dims / bias and mask broadcasts / GQA / causal / softcap against the
+  pure-jnp reference on float32-upcast inputs;
+* the tile-class map against numpy, and bitwise-identical results with and without tile skipping;
+* long sequences (up to 32K) against a tiled float32 reference that never builds the [Lq, Lk] scores.
+
+GPU only (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_dmattn import reference
+
+
+def _gpu_kernels():
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        from jax_dmattn import _cuda
+
+        return _cuda.available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_kernels(), reason="needs a GPU and the CUDA kernels")]
+
+F32 = jnp.float32
+
+
+def rel_err(a, e):
+    a = np.asarray(a, np.float64)
+    e = np.asarray(e, np.float64)
+    fin = np.isfinite(e)
+    assert np.array_equal(np.isfinite(a), fin), "infinities differ"
+    assert np.array_equal(a[~fin], e[~fin]), "infinite values differ"
+    a, e = a[fin], e[fin]
+    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-6 * np.sqrt(max(e.size, 1))))
+
+
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
+
+
+def make_operand(key, shape, kind):
+    if kind == "bias_bf16":
+        return jax.random.normal(key, shape, F32).astype(jnp.bfloat16)
+    if kind == "bias_f16":
+        return jax.random.normal(key, shape, F32).astype(jnp.float16)
+    if kind == "bias_f32":
+        return jax.random.normal(key, shape, F32)
+    if kind == "mask":
+        return jax.random.bernoulli(key, 0.6, shape)
+    raise ValueError(kind)
+
+
+def run_kernel(q, k, v, bias, mask, *, scale, softcap=0.0, is_causal=False, skip=True, tiles=False):
+    from jax_dmattn import _cuda
+
+    fn = functools.partial(_cuda.flash_fwd_with_tiles, scale=scale, softcap=softcap, is_causal=is_causal,
+                           skip_empty_tiles=skip)
+    out = jax.jit(fn)(q, k, v, bias, mask)
+    return out if tiles else out[:2]
+
+
+def run_reference(q, k, v, bias, mask, *, scale, softcap=0.0, is_causal=False):
+    f = lambda x: None if x is None else (x.astype(F32) if x.dtype != jnp.bool_ else x)
+    out, lse = reference.reference_core(q.astype(F32), k.astype(F32), v.astype(F32), f(bias), f(mask),
+                                        scale=scale, is_causal=is_causal, softcap=softcap or None)
+    return out, lse
+
+
+# (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (shape code, kind), mask shape code)
+# shape codes: letters per dim, "B"/"H"/"K"(Hkv)/"M"(Lq)/"N"(Lk) = full, "1" = broadcast.
+CASES = [
+    (2, 256, 256, 4, 2, 128, jnp.bfloat16, False, 0.0, ("BKMN", "bias_bf16"), "BKMN"),
+    (2, 256, 256, 4, 2, 128, jnp.bfloat16, True, 0.0, ("BK1N", "bias_bf16"), "BKMN"),
+    (1, 77, 203, 4, 1, 64, jnp.float16, True, 0.0, ("1HMN", "bias_f32"), "11MN"),
+    (1, 300, 129, 2, 2, 32, jnp.bfloat16, True, 0.0, None, "BHMN"),
+    (1, 129, 300, 6, 3, 96, jnp.float16, False, 0.0, ("BKM1", "bias_f16"), None),
+    (2, 190, 190, 2, 1, 192, jnp.bfloat16, True, 0.0, ("B11N", "bias_f32"), "B11N"),
+    (1, 250, 333, 2, 2, 256, jnp.float16, True, 0.0, ("BHMN", "bias_bf16"), "1KMN"),
+    (1, 128, 512, 4, 4, 64, jnp.bfloat16, False, 30.0, ("BK1N", "bias_bf16"), None),
+    (1, 64, 64, 2, 1, 128, jnp.float16, False, 5.0, None, None),
+    (3, 513, 1029, 4, 2, 128, jnp.bfloat16, True, 0.0, ("BK1N", "bias_bf16"), "BKMN"),
+    (1, 1000, 17, 2, 1, 64, jnp.bfloat16, True, 0.0, None, "BKMN"),  # Lq > Lk: top rows empty
+    (1, 200, 200, 8, 2, 256, jnp.bfloat16, False, 0.0, ("1KMN", "bias_f32"), "BK1N"),
+    (1, 333, 333, 2, 2, 32, jnp.float16, False, 0.0, ("BHMN", "bias_f16"), "BHMN"),
+    (2, 64, 320, 4, 2, 96, jnp.bfloat16, True, 0.0, ("BK1N", "bias_bf16"), "BKMN"),
+    (1, 144, 144, 4, 4, 192, jnp.float16, True, 0.0, None, None),
+]
+
+
+def _dims(code, b, lq, lk, h, hkv):
+    m = {"B": b, "H": h, "K": hkv, "M": lq, "N": lk, "1": 1}
+    return tuple(m[c] for c in code)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+def test_kernel_matches_reference(case):
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_code = case
+    keys = jax.random.split(jax.random.PRNGKey(hash(case[:6]) % 2**31), 5)
+    q = jax.random.normal(keys[0], (b, lq, h, d), F32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, lk, hkv, d), F32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, lk, hkv, d), F32).astype(dtype)
+    bias = None if bias_spec is None else make_operand(keys[3], _dims(bias_spec[0], b, lq, lk, h, hkv), bias_spec[1])
+    mask = None if mask_code is None else make_operand(keys[4], _dims(mask_code, b, lq, lk, h, hkv), "mask")
+    scale = d ** -0.5
+    out, lse = run_kernel(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal)
+    ref_out, ref_lse = run_reference(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, lq) and lse.dtype == F32
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(lse, ref_lse) < 1e-3
+
+
+def test_empty_rows_give_zero_and_neg_inf():
+    b, l, h, d = 1, 200, 2, 64
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    q, k, v = (jax.random.normal(kk, (b, l, h, d), F32).astype(jnp.bfloat16) for kk in keys[:3])
+    mask = jax.random.bernoulli(keys[3], 0.5, (b, h, l, l))
+    mask = mask.at[:, :, 10:150].set(False)  # whole query tiles and parts of tiles empty
+    out, lse = run_kernel(q, k, v, None, mask, scale=0.125)
+    out = np.asarray(out, np.float32)
+    lse = np.asarray(lse)
+    assert (out[:, 10:150] == 0).all()
+    assert np.isneginf(lse[:, :, 10:150]).all()
+    assert np.isfinite(lse[:, :, :10]).all() and np.isfinite(out).all()
+    ref_out, ref_lse = run_reference(q, k, v, None, mask, scale=0.125)
+    assert rel_err(out, ref_out) < 1e-2 and rel_err(lse, ref_lse) < 1e-3
+
+
+def block_sparse_mask(key, b, hm, lq, lk, density, bm=128, bn=64, partial_frac=0.3):
+    """Whole tiles kept at `density`, a share of the kept ones made partial by element noise."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    mt, nt = -(-lq // bm), -(-lk // bn)
+    keep = jax.random.bernoulli(k1, density, (b, hm, mt, nt))
+    partial = jax.random.bernoulli(k2, partial_frac, (b, hm, mt, nt))
+    full = jnp.repeat(jnp.repeat(keep, bm, axis=2), bn, axis=3)[:, :, :lq, :lk]
+    part = jnp.repeat(jnp.repeat(partial, bm, axis=2), bn, axis=3)[:, :, :lq, :lk]
+    noise = jax.random.bernoulli(k3, 0.5, (b, hm, lq, lk))
+    return jnp.where(part, full & noise, full)
+
+
+def numpy_classes(mask, bm=128, bn=64):
+    m = np.asarray(mask)
+    b, h, lq, lk = m.shape
+    mt, nt = -(-lq // bm), -(-lk // bn)
+    out = np.zeros((b, h, mt, nt), np.uint8)
+    for i in range(mt):
+        for j in range(nt):
+            t = m[:, :, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            out[:, :, i, j] = np.where(~t.any((2, 3)), 0, np.where(t.all((2, 3)), 2, 1))
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_skipping_is_bitwise_identical(causal, d):
+    b, lq, lk, h, hkv = 2, 1000, 1300, 4, 2
+    keys = jax.random.split(jax.random.PRNGKey(7 + d + causal), 5)
+    q = jax.random.normal(keys[0], (b, lq, h, d), F32).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (b, lk, hkv, d), F32).astype(jnp.bfloat16)
+    v = jax.random.normal(keys[2], (b, lk, hkv, d), F32).astype(jnp.bfloat16)
+    bias = jax.random.normal(keys[3], (b, hkv, 1, lk), F32).astype(jnp.bfloat16)
+    mask = block_sparse_mask(keys[4], b, hkv, lq, lk, 0.3)
+    o1, l1, c1 = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, skip=True, tiles=True)
+    o2, l2, _ = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, skip=False, tiles=True)
+    np.testing.assert_array_equal(np.asarray(c1), numpy_classes(mask))
+    assert (np.asarray(c1) == 0).mean() > 0.3  # the test really skips tiles
+    assert np.array_equal(np.asarray(o1).view(np.uint16), np.asarray(o2).view(np.uint16))
+    assert np.array_equal(np.asarray(l1).view(np.uint32), np.asarray(l2).view(np.uint32))
+    ref_out, ref_lse = run_reference(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal)
+    assert rel_err(o1, ref_out) < 1e-2 and rel_err(l1, ref_lse) < 1e-3
+
+
+def tiled_reference(q, k, v, bias, mask, *, scale, is_causal, block=1024):
+    """float32 flash-style reference: loops over key blocks, never builds [Lq, Lk] scores for all keys."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    assert lk % block == 0
+    qf = q.astype(F32)
+    kf = jnp.repeat(k.astype(F32), g, axis=2)
+    vf = jnp.repeat(v.astype(F32), g, axis=2)
+
+    def expand(x):  # [Bx, Hx, M, N] -> broadcastable to [B, H, M, N]
+        if x.shape[1] not in (1, h):
+            x = jnp.repeat(x, h // x.shape[1], axis=1)
+        return x
+
+    bias_e = None if bias is None else expand(bias)
+    mask_e = None if mask is None else expand(mask)
+    rows = jnp.arange(lq)[:, None]
+
+    def body(i, carry):
+        m, l, acc = carry
+        j0 = i * block
+        kb = jax.lax.dynamic_slice_in_dim(kf, j0, block, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(vf, j0, block, axis=1)
+        s = jnp.einsum("bqhd,bkhd->bhqk", qf, kb, precision=jax.lax.Precision.HIGHEST) * scale
+        if bias_e is not None:
+            bb = bias_e if bias_e.shape[3] == 1 else jax.lax.dynamic_slice_in_dim(bias_e, j0, block, axis=3)
+            s = s + bb.astype(F32)
+        keep = jnp.ones(s.shape, bool)
+        if mask_e is not None:
+            mb = mask_e if mask_e.shape[3] == 1 else jax.lax.dynamic_slice_in_dim(mask_e, j0, block, axis=3)
+            keep = keep & mb
+        if is_causal:
+            keep = keep & ((j0 + jnp.arange(block))[None, :] <= rows + (lk - lq))
+        s = jnp.where(keep, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_use = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_use[..., None])
+        corr = jnp.exp(m - m_use)
+        l = l * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vb, precision=jax.lax.Precision.HIGHEST)
+        return m_new, l, acc
+
+    init = (jnp.full((b, h, lq), -jnp.inf, F32), jnp.zeros((b, h, lq), F32), jnp.zeros((b, h, lq, d), F32))
+    m, l, acc = jax.lax.fori_loop(0, lk // block, body, init)
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + jnp.where(jnp.isfinite(m), m, 0.0), -jnp.inf)
+    return jnp.transpose(out, (0, 2, 1, 3)), lse
+
+
+LONG_CASES = [
+    # (L, H, Hkv, D, causal, bias kind, mask kind)
+    (32768, 4, 2, 128, True, "per_key", "block_sparse"),
+    (32768, 2, 1, 64, False, "per_key", None),
+    (16384, 4, 2, 128, True, "per_key", "topk_causal"),
+    (16384, 2, 1, 64, True, "full", "dense_random"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LONG_CASES, ids=[f"L{c[0]}_D{c[3]}_{c[6]}" for c in LONG_CASES])
+def test_long_sequences_against_tiled_reference(case):
+    l, h, hkv, d, causal, bias_kind, mask_kind = case
+    keys = jax.random.split(jax.random.PRNGKey(l + d), 6)
+    q = jax.random.normal(keys[0], (1, l, h, d), F32).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, l, hkv, d), F32).astype(jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, l, hkv, d), F32).astype(jnp.bfloat16)
+    if bias_kind == "per_key":
+        bias = (2.0 * jax.random.normal(keys[3], (1, hkv, 1, l), F32)).astype(jnp.bfloat16)
+    else:
+        bias = jax.random.normal(keys[3], (1, hkv, l, l), F32).astype(jnp.bfloat16)
+    if mask_kind == "block_sparse":
+        mask = block_sparse_mask(keys[4], 1, hkv, l, l, 0.25)
+    elif mask_kind == "dense_random":
+        mask = jax.random.bernoulli(keys[4], 0.5, (1, hkv, l, l))
+    elif mask_kind == "topk_causal":
+        # Per-row top-1024 keys by the per-key bias among the causally visible keys (the paper's dynamic mask).
+        bk = bias[:, :, 0, :].astype(F32)  # [1, Hkv, L]
+        order = jnp.argsort(-bk, axis=-1)
+        rank = jnp.argsort(order, axis=-1)  # rank of each key among all keys
+        # Row i keeps the 1024 best-ranked keys among the visible j <= i.
+        j = jnp.arange(l)
+
+        @jax.jit
+        def topk_mask(rank):
+            def row(i):
+                visible = j <= i
+                r = jnp.where(visible[None, None, :], rank, l + 1)
+                kth = jnp.sort(r, axis=-1)[..., min(1023, l - 1)]
+                return (r <= kth[..., None]) & visible[None, None, :]
+
+            return jax.lax.map(row, jnp.arange(l), batch_size=256).transpose(1, 2, 0, 3)
+
+        mask = topk_mask(rank)
+    else:
+        mask = None
+    scale = d ** -0.5
+    out, lse = run_kernel(q, k, v, bias, mask, scale=scale, is_causal=causal)
+    ref_out, ref_lse = tiled_reference(q, k, v, bias, mask, scale=scale, is_causal=causal)
+    assert rel_err(out, ref_out) < 1e-2
+    assert rel_err(lse, ref_lse) < 1e-3
