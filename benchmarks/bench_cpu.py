@@ -1,9 +1,9 @@
 """CPU kernel vs the pure-jnp reference: forward and forward+backward time and peak memory.
 
 Case (issue 2): causal, B=1, H=8, Hkv=2, D=64, float32, per-key bias [1, Hkv, 1, L], L = 1024..4096.
-Each (implementation, pass, L) runs in a fresh subprocess so its peak resident memory (ru_maxrss, which counts
-the kernels' own buffers too, unlike XLA's memory analysis) is its alone; the number reported is the peak
-minus the resident size once the inputs exist. Time: median of --reps runs after one warm-up.
+Each (implementation, pass, L) runs in a fresh subprocess. Peak memory is the resident set size sampled every
+millisecond by a background thread while the compiled function runs (it counts the kernels' own buffers too,
+unlike XLA's memory analysis), minus the resident size once the inputs exist and the function is compiled. Time: median of --reps runs after one warm-up.
 
     python benchmarks/bench_cpu.py [--lengths 1024 2048 4096] [--reps 3] [--out benchmarks/results/cpu.json]
 """
@@ -20,7 +20,7 @@ B, H, HKV, D = 1, 8, 2, 64
 
 
 def _single(impl: str, pass_name: str, length: int, reps: int) -> dict:
-    import resource
+    import threading
     import time
 
     import jax
@@ -42,19 +42,36 @@ def _single(impl: str, pass_name: str, length: int, reps: int) -> dict:
                  jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=(0, 1, 2, 3)))
     compiled = fn.lower(q, k, v, bias).compile()
     jax.block_until_ready((q, k, v, bias))
-    with open("/proc/self/statm") as f:
-        base_rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base_rss = rss()
+    peak = [base_rss]
+    running = threading.Event()
+    running.set()
+
+    def sample():
+        while running.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     jax.block_until_ready(compiled(q, k, v, bias))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(q, k, v, bias))
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    running.clear()
+    sampler.join()
     flops = 2 * B * H * length * length * D * (3.5 if pass_name == "fwd+bwd" else 1.0)  # causal: half of 4BHLLD
     ms = float(np.median(times)) * 1e3
     return {"impl": impl, "pass": pass_name, "L": length, "ms": ms, "gflops": flops / ms / 1e6,
-            "peak_bytes": max(0, peak - base_rss)}
+            "peak_bytes": max(0, peak[0] - base_rss)}
 
 
 def main():

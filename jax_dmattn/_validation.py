@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -86,12 +85,12 @@ def _normalize_broadcast(name, x, dims):
 
 
 def _check_positive_finite(name, value):
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(f"{name} must be a static Python number, got a traced value")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        if not (hasattr(value, "shape") and np.shape(value) == ()):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise TypeError(f"{name} must be a static Python number, got {type(value).__name__}") from e
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
