@@ -23,6 +23,8 @@ if(DMATTN_WITH_CUDA)
 
   file(GLOB DMATTN_CUDA_KERNELS CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu")
   target_sources(_jax_dmattn_ext PRIVATE ${DMATTN_CUDA_KERNELS} csrc/ffi/cuda_handlers.cc)
+  # The target exists before CUDA is enabled, so it does not pick up CMAKE_CUDA_ARCHITECTURES by itself.
+  set_target_properties(_jax_dmattn_ext PROPERTIES CUDA_ARCHITECTURES "${DMATTN_CUDA_ARCHS}")
   target_compile_definitions(_jax_dmattn_ext PRIVATE DMATTN_WITH_CUDA=1)
   target_include_directories(_jax_dmattn_ext SYSTEM PRIVATE ${CUTLASS_INCLUDE_DIR} ${CUDAToolkit_INCLUDE_DIRS})
   target_link_libraries(_jax_dmattn_ext PRIVATE CUDA::cudart_static)
