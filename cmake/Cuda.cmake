@@ -22,7 +22,8 @@ if(DMATTN_WITH_CUDA)
   find_package(CUDAToolkit REQUIRED)
 
   file(GLOB DMATTN_CUDA_KERNELS CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu")
-  target_sources(_jax_dmattn_ext PRIVATE ${DMATTN_CUDA_KERNELS} csrc/ffi/cuda_handlers.cc)
+  file(GLOB DMATTN_CUDA_HANDLERS CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ffi/cuda_*.cc")
+  target_sources(_jax_dmattn_ext PRIVATE ${DMATTN_CUDA_KERNELS} ${DMATTN_CUDA_HANDLERS})
   # The target exists before CUDA is enabled, so it does not pick up CMAKE_CUDA_ARCHITECTURES by itself.
   set_target_properties(_jax_dmattn_ext PROPERTIES CUDA_ARCHITECTURES "${DMATTN_CUDA_ARCHS}")
   target_compile_definitions(_jax_dmattn_ext PRIVATE DMATTN_WITH_CUDA=1)

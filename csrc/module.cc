@@ -18,12 +18,17 @@ nb::dict as_capsules(const std::vector<dmattn::FfiTarget>& targets) {
 namespace dmattn {
 #ifndef DMATTN_WITH_CUDA
 std::vector<FfiTarget> cuda_targets() { return {}; }
+std::vector<FfiTarget> cuda_bwd_targets() { return {}; }
 #endif
 }  // namespace dmattn
 
 NB_MODULE(_jax_dmattn_ext, m) {
   m.def("cpu_targets", [] { return as_capsules(dmattn::cpu_targets()); });
-  m.def("cuda_targets", [] { return as_capsules(dmattn::cuda_targets()); });
+  m.def("cuda_targets", [] {
+    auto targets = dmattn::cuda_targets();
+    for (const auto& t : dmattn::cuda_bwd_targets()) targets.push_back(t);
+    return as_capsules(targets);
+  });
 #ifdef DMATTN_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else

@@ -9,7 +9,9 @@ namespace dmattn {
 using FfiTarget = std::pair<const char*, void*>;
 
 std::vector<FfiTarget> cpu_targets();
-// Empty unless the extension was built with CUDA (DMATTN_WITH_CUDA).
+// Empty unless the extension was built with CUDA (DMATTN_WITH_CUDA). The backward's handlers live in their
+// own translation unit (csrc/ffi/cuda_bwd_handlers.cc).
 std::vector<FfiTarget> cuda_targets();
+std::vector<FfiTarget> cuda_bwd_targets();
 
 }  // namespace dmattn
