@@ -16,8 +16,9 @@ import numpy as np
 from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
+from jax.sharding import PartitionSpec as P
 
-from jax_dmattn import _ffi, reference
+from jax_dmattn import _ffi, _sharding, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +44,23 @@ dmattn_fwd_p.multiple_results = True
 dmattn_fwd_p.def_impl(functools.partial(dispatch.apply_primitive, dmattn_fwd_p))
 
 
+def _derived_aval(aval, shape, dtype, spec_dims):
+    """An output aval derived from input ``aval``: keeps its mesh, manual-axis (vma) type and, for explicit
+    sharding, the sharding of the input dims listed in ``spec_dims`` (None: unsharded)."""
+    try:
+        sharding = aval.sharding
+        spec = tuple(sharding.spec) + (None,) * (aval.ndim - len(sharding.spec))
+        new_spec = P(*(None if i is None else spec[i] for i in spec_dims))
+        return aval.update(shape=tuple(shape), dtype=jnp.dtype(dtype), weak_type=False,
+                           sharding=sharding.update(spec=new_spec))
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - avals without sharding (older jax)
+        return jax.core.ShapedArray(tuple(shape), dtype)
+
+
 @dmattn_fwd_p.def_abstract_eval
 def _fwd_abstract(q, k, v, bias, mask, *, config):
     b, lq, h, _ = q.shape
-    return (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray((b, h, lq), jnp.float32))
+    return (_derived_aval(q, q.shape, q.dtype, (0, 1, 2, 3)), _derived_aval(q, (b, h, lq), jnp.float32, (0, 2, 1)))
 
 
 def _attrs(config: KernelConfig):
@@ -76,8 +90,13 @@ def _fwd_cuda(q, k, v, bias, mask, *, config):
     return out, lse
 
 
-mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_fwd_cpu, multiple_results=True), platform="cpu")
-mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_fwd_cuda, multiple_results=True), platform="cuda")
+# Lowered through custom_partitioning (see _sharding.py): under jit with sharded inputs the call runs per shard.
+mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_sharding.partitioned("fwd", _fwd_cpu), multiple_results=True),
+                       platform="cpu")
+mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_sharding.partitioned("fwd", _fwd_cuda),
+                                                    multiple_results=True), platform="cuda")
+# custom_partitioning needs the device assignment while lowering.
+dispatch.prim_requires_devices_during_lowering.add(dmattn_fwd_p)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -88,7 +107,7 @@ dmattn_bwd_p.def_impl(functools.partial(dispatch.apply_primitive, dmattn_bwd_p))
 
 @dmattn_bwd_p.def_abstract_eval
 def _bwd_abstract(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
-    return tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in (q, k, v, bias))
+    return tuple(_derived_aval(x, x.shape, x.dtype, tuple(range(x.ndim))) for x in (q, k, v, bias))
 
 
 def _bwd_cpu(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
@@ -113,68 +132,85 @@ def _bwd_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     return dq, dk, dv, dbias
 
 
-mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_bwd_cpu, multiple_results=True), platform="cpu")
-mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_bwd_cuda, multiple_results=True), platform="cuda")
+mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_sharding.partitioned("bwd", _bwd_cpu), multiple_results=True),
+                       platform="cpu")
+mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_sharding.partitioned("bwd", _bwd_cuda),
+                                                    multiple_results=True), platform="cuda")
+dispatch.prim_requires_devices_during_lowering.add(dmattn_bwd_p)
 
 
 # ---------------------------------------------------------------------------------------------- batching
-def _fold(x, bdim, n, full_batch, keep_broadcast):
-    """Moves the vmapped dim of x to the front and merges it into x's batch dim (dim 0 of the rest).
+def _fold(x, bdim, n, b, keep_broadcast):
+    """Merges the vmapped dim (size n) of x into its batch dim, batch-major: folded index = batch * n + example.
 
-    An operand whose batch dim is 1 may stay broadcast when it is not vmapped and keep_broadcast is set.
-    Otherwise it is broadcast to [n, full_batch, ...] first, so batch index n_i * full_batch + b lines up.
+    Batch-major keeps the folded dim sharded like the batch dim when the batch is sharded (explicit-sharding
+    meshes can express it; an example-major merge of a sharded batch cannot be). An operand that is not vmapped
+    is broadcast over the examples, except a batch-broadcast (size-1 batch) bias / mask when keep_broadcast.
     """
-    if _is_absent(x) if bdim is None else False:
-        return x
     if bdim is None:
-        if keep_broadcast and x.shape[0] == 1:
+        if _is_absent(x) or (keep_broadcast and x.shape[0] == 1):
             return x
-        x = jnp.broadcast_to(x[None], (n,) + x.shape)
+        x = jnp.broadcast_to(x[:, None], (x.shape[0], n) + x.shape[1:])
     else:
-        x = jnp.moveaxis(x, bdim, 0)
-    if x.shape[1] != full_batch:
-        x = jnp.broadcast_to(x, (n, full_batch) + x.shape[2:])
-    return x.reshape((n * full_batch,) + x.shape[2:])
+        x = jnp.moveaxis(x, bdim, 1)
+    if x.shape[0] != b:
+        x = jnp.broadcast_to(x, (b,) + x.shape[1:])
+    return x.reshape((b * n,) + x.shape[2:])
 
 
 def _unfold(x, n):
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    """Inverse of _fold: [B * n, ...] -> [B, n, ...] (the vmapped dim comes out at position 1)."""
+    return x.reshape((x.shape[0] // n, n) + x.shape[1:])
 
 
 def _batch_size(args, dims):
     return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
 
+def _unbatched_dim0(x, bdim):
+    shape = list(x.shape)
+    if bdim is not None:
+        del shape[bdim]
+    return shape[0]
+
+
 def _fwd_batch(args, dims, *, config):
+    """vmap of the forward: one kernel call on the folded batch (never a loop)."""
     q, k, v, bias, mask = args
     n = _batch_size(args, dims)
-    b = (q if dims[0] is None else jnp.moveaxis(q, dims[0], 0)[0]).shape[0]
+    b = _unbatched_dim0(q, dims[0])
     q, k, v = (_fold(x, d, n, b, keep_broadcast=False) for x, d in zip((q, k, v), dims[:3]))
     bias = _fold(bias, dims[3], n, b, keep_broadcast=True)
     mask = _fold(mask, dims[4], n, b, keep_broadcast=True)
     out, lse = dmattn_fwd_p.bind(q, k, v, bias, mask, config=config)
-    return (_unfold(out, n), _unfold(lse, n)), (0, 0)
+    return (_unfold(out, n), _unfold(lse, n)), (1, 1)
 
 
 def _bwd_batch(args, dims, *, config):
+    """vmap of the backward (vmap of grad, per-example gradients): one kernel call on the folded batch.
+
+    Every gradient comes out per vmapped example, also for operands that were not vmapped (JAX sums them where
+    the primal was shared). dbias of a bias with a size-1 batch dim is therefore computed per folded batch
+    entry (the bias is expanded over the batch) and summed over the original batch afterwards.
+    """
     q, k, v, bias, mask, out, lse, dout, dlse = args
     n = _batch_size(args, dims)
-    b = (q if dims[0] is None else jnp.moveaxis(q, dims[0], 0)[0]).shape[0]
+    b = _unbatched_dim0(q, dims[0])
     q, k, v, out, lse, dout, dlse = (_fold(x, d, n, b, keep_broadcast=False)
                                      for x, d in zip((q, k, v, out, lse, dout, dlse), dims[:3] + dims[5:]))
-    # dbias must come out per vmapped example, so a batch-broadcast bias is expanded; the mask may stay shared.
-    bias_batch = bias.shape[0] if dims[3] is None else jnp.moveaxis(bias, dims[3], 0).shape[1]
     has_bias = not (dims[3] is None and _is_absent(bias))
+    bias_batch = _unbatched_dim0(bias, dims[3]) if has_bias else 0
     bias = _fold(bias, dims[3], n, b, keep_broadcast=False) if has_bias else bias
     mask = _fold(mask, dims[4], n, b, keep_broadcast=True)
     dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, out, lse, dout, dlse, config=config)
     if has_bias:
-        dbias = _unfold(dbias, n)
+        dbias = _unfold(dbias, n)  # [B, n, ...]
         if bias_batch == 1 and b != 1:
-            dbias = jnp.sum(dbias, axis=1, keepdims=True)
+            dbias = jnp.sum(dbias, axis=0, keepdims=True, dtype=jnp.float32).astype(dbias.dtype)
+        dbias_dim = 1
     else:
-        dbias = jnp.broadcast_to(dbias[None], (n,) + dbias.shape)
-    return (_unfold(dq, n), _unfold(dk, n), _unfold(dv, n), dbias), (0, 0, 0, 0)
+        dbias, dbias_dim = jnp.broadcast_to(dbias[None], (n,) + dbias.shape), 0
+    return (_unfold(dq, n), _unfold(dk, n), _unfold(dv, n), dbias), (1, 1, 1, dbias_dim)
 
 
 batching.primitive_batchers[dmattn_fwd_p] = _fwd_batch
@@ -182,9 +218,41 @@ batching.primitive_batchers[dmattn_bwd_p] = _bwd_batch
 
 
 # ---------------------------------------------------------------------------------------------- custom_vjp
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _vma(x) -> frozenset:
+    """The manual mesh axes x varies over inside shard_map (empty outside)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        mat = getattr(aval, "manual_axis_type", None)
+        vma = getattr(mat, "varying", None)
+    return frozenset(vma or ())
+
+
+def _match_vma(*xs):
+    """Inside shard_map (check_vma), casts every operand to vary over the union of their manual axes: the
+    primitives' outputs vary like the inputs, and the transpose of the cast psums the gradient of an operand
+    that was invariant (a bias replicated over the data-parallel axis gets its per-device dbias summed)."""
+    present = [x for x in xs if x is not None]
+    vmas = [_vma(x) for x in present]
+    union = frozenset().union(*vmas)
+    if all(v == union for v in vmas):
+        return xs
+    out = []
+    for x in xs:
+        missing = () if x is None else tuple(sorted(union - _vma(x), key=str))
+        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+    return tuple(out)
+
+
 def flash_attention(q, k, v, bias, mask, config: KernelConfig):
     """Canonical-layout attention through the kernels: returns (out, lse). bias/mask may be None."""
+    _sharding.check_input_shardings(q, k, v, bias, mask)
+    q, k, v, bias, mask = _match_vma(q, k, v, bias, mask)
+    return _flash_attention(q, k, v, bias, mask, config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash_attention(q, k, v, bias, mask, config: KernelConfig):
     return _forward(q, k, v, bias, mask, config)
 
 
@@ -207,8 +275,10 @@ def _vjp_bwd(config, residuals, cotangents):
     mask_arg = _absent(jnp.bool_) if mask is None else mask
     dout = jnp.asarray(dout, out.dtype)
     dlse = jnp.asarray(dlse, jnp.float32)
+    # A cotangent may vary over fewer manual axes than the residuals (e.g. an invariant one in shard_map).
+    *_, dout, dlse = _match_vma(q, dout, dlse)
     dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, config=config)
     return dq, dk, dv, (None if bias is None else dbias), None
 
 
-flash_attention.defvjp(_vjp_fwd, _vjp_bwd)
+_flash_attention.defvjp(_vjp_fwd, _vjp_bwd)

@@ -1,0 +1,374 @@
+"""Partitioning rules for the attention primitives under ``jit`` with sharded inputs.
+
+Each primitive's per-platform lowering goes through a
+:class:`jax.experimental.custom_partitioning.custom_partitioning` wrapper of the FFI call (see
+``_primitives.py``). It carries
+
+* a **Shardy sharding rule** (Shardy is JAX's default partitioner) that ties the batch dims of every operand
+  and result together, the query-head dims of q / out / lse / bias together, and the kv-head dims of k / v
+  (and of a bias or mask with ``Hkv`` heads) to the query heads as the major part of a compound factor
+  ``(hkv, g)``: the query heads of one kv head are contiguous (GQA), so sharding ``H`` over n devices with
+  ``n | Hkv`` shards ``Hkv`` the same way;
+* a ``partition`` callback that receives the shardings the partitioner picked, checks them and returns the
+  per-device computation: the same FFI call on the local shard, plus the collectives that gradients of
+  replicated operands need;
+* a GSPMD ``infer_sharding_from_operands`` callback for ``jax_use_shardy_partitioner=False``.
+
+What the per-device computation is, for a mesh with batch axes ``bA`` (those sharding q's batch dim) and head
+axes ``hA`` (those sharding q's head dim, n devices in all):
+
+* q, out, dout, dq: ``P(bA, None, hA, None)``; lse, dlse: ``P(bA, hA, None)``.
+* k, v, dk, dv: ``P(bA, None, hA, None)`` when ``n | Hkv`` ("split" kv heads). When ``Hkv | n`` instead (MQA, or
+  more tensor-parallel ranks than kv heads) k and v stay replicated over hA, each device slices the one kv head
+  its query heads read, and dk / dv are scattered back and summed over hA. Anything else is a ValueError.
+* bias / mask: the batch dim follows bA when it is full (B), else (size 1) it is replicated; the head dim
+  follows hA (H heads) or the kv layout (Hkv heads), or is replicated (1 head). dbias of a dim that is
+  replicated while the matching dim of q is sharded is a partial sum per device and is ``psum``-ed over those
+  axes, so dbias always equals the single-device result.
+* Sequence (Lq, Lk) or head-dim (D) sharding of any operand raises a ValueError (no context parallelism yet).
+
+Under ``shard_map`` / ``pmap`` (all mesh axes manual) ``custom_partitioning`` lowers the plain FFI call on the
+per-device blocks, so none of this runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, SdyShardingRule,
+                                                  custom_partitioning)
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+# Operand / result layouts, one role per dim. "bcast" dims (bias / mask) are resolved from the shapes.
+_Q = ("b", "lq", "h", "d")
+_KV = ("b", "lk", "hkv", "d")
+_LSE = ("b", "h", "lq")
+_BCAST = ("bcast_b", "bcast_h", "bcast_lq", "bcast_lk")
+
+# fwd: (q, k, v, bias, mask) -> (out, lse)
+# bwd: (q, k, v, bias, mask, out, lse, dout, dlse) -> (dq, dk, dv, dbias)
+_LAYOUTS = {
+    "fwd": ((_Q, _KV, _KV, _BCAST, _BCAST), (_Q, _LSE)),
+    "bwd": ((_Q, _KV, _KV, _BCAST, _BCAST, _Q, _LSE, _Q, _LSE), (_Q, _KV, _KV, _BCAST)),
+}
+_OPERAND_NAMES = {
+    "fwd": ("query", "key", "value", "bias", "mask"),
+    "bwd": ("query", "key", "value", "bias", "mask", "out", "lse", "dout", "dlse"),
+}
+_DIM_NAMES = {"b": "batch", "lq": "query length", "lk": "key length", "h": "heads", "hkv": "kv heads",
+              "d": "head_dim", "one": "broadcast", "empty": "placeholder"}
+_UNSHARDABLE = ("lq", "lk", "d")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _dims_from_shapes(shapes) -> _Dims:
+    q, k = shapes[0], shapes[1]
+    return _Dims(batch=q[0], q_len=q[1], kv_len=k[1], heads=q[2], kv_heads=k[2], head_dim=q[3])
+
+
+def _bcast_roles(shape, dims: _Dims):
+    """Roles of a rank-4 bias / mask ([1|B, 1|Hkv|H, 1|Lq, 1|Lk]); ("empty",) for the (0,) placeholder."""
+    if len(shape) == 1:
+        return ("empty",)
+    b, h, m, n = shape
+    rb = "b" if b == dims.batch else "one"
+    rh = "h" if h == dims.heads else ("hkv" if h == dims.kv_heads else "one")
+    rm = "lq" if m == dims.q_len else "one"
+    rn = "lk" if n == dims.kv_len else "one"
+    return (rb, rh, rm, rn)
+
+
+def _roles(kind, shapes):
+    """Per-operand and per-result dim roles for concrete (global or local) shapes."""
+    dims = _dims_from_shapes(shapes)
+    operand_layouts, result_layouts = _LAYOUTS[kind]
+
+    def resolve(layout, shape):
+        return _bcast_roles(shape, dims) if layout is _BCAST else layout
+
+    operands = tuple(resolve(lay, s) for lay, s in zip(operand_layouts, shapes))
+    bias_roles = operands[3]
+    results = tuple(bias_roles if lay is _BCAST else lay for lay in result_layouts)
+    return dims, operands, results
+
+
+# ------------------------------------------------------------------------------------------ Shardy rule
+def _sharding_rule(kind):
+    """The Shardy rule as a callable of the concrete operand types (factors depend on GQA and broadcasts)."""
+
+    def rule(config, mesh, operand_types, result_types):
+        del config
+        from jax._src.lib.mlir import ir
+
+        shapes = [tuple(ir.RankedTensorType(t).shape) for t in operand_types]
+        dims, operand_roles, result_roles = _roles(kind, shapes)
+        h, hkv = dims.heads, dims.kv_heads
+        factor_sizes = {}
+        axis_sizes = [size for size in dict(getattr(mesh, "shape", {}) or {}).values() if size > 1]
+        if hkv == h:
+            head_factor, kv_factor = "h", "h"
+        elif hkv == 1 or any(hkv % size for size in axis_sizes):
+            # MQA, or a mesh axis that cannot split the kv heads: the kv-head dims get a factor of their own, so
+            # Shardy does not split a mesh axis into sub-axes over (hkv, g); partition() replicates k / v over
+            # the head axes and slices them per device instead.
+            head_factor, kv_factor = "h", ("hkv" if hkv > 1 else None)
+        else:
+            head_factor, kv_factor = CompoundFactor("hkv", "g"), "hkv"
+            factor_sizes["g"] = h // hkv
+        counter = iter(range(1_000_000))
+
+        def mapping(roles):
+            out = []
+            for role in roles:
+                if role == "h":
+                    out.append(head_factor)
+                elif role == "hkv":
+                    out.append(kv_factor if kv_factor is not None else f"u{next(counter)}")
+                elif role in ("one", "empty"):
+                    out.append(f"u{next(counter)}")  # size 1 or 0: a factor of its own, never sharded
+                else:
+                    out.append(role)
+            return ArrayMapping(*out)
+
+        operand_mappings = tuple(mapping(r) for r in operand_roles)
+        result_mappings = tuple(mapping(r) for r in result_roles)
+        used = {f for m in operand_mappings + result_mappings for d in m
+                for f in ((d,) if isinstance(d, str) else d)}
+        # In the forward the key length is contracted away: a reduction factor (if sharded, partition() says
+        # clearly that context parallelism does not exist yet, instead of Shardy gathering silently).
+        reduction = ("lk",) if kind == "fwd" and "lk" in used else ()
+        factor_sizes = {k: v for k, v in factor_sizes.items() if k in used}
+        return SdyShardingRule(operand_mappings, result_mappings, reduction_factors=reduction, **factor_sizes)
+
+    return rule
+
+
+# ----------------------------------------------------------------------------------------- partitioning
+def _spec_axes(sharding, ndim):
+    """The mesh axes sharding each dim, as tuples of names."""
+    if sharding is None:  # GSPMD asks before every operand has a sharding: treat as replicated
+        return [()] * ndim
+    if not isinstance(sharding, NamedSharding):
+        raise ValueError(
+            f"jax_dmattn.attention under jit got an operand sharding it cannot read ({sharding}); shard the "
+            f"inputs with jax.sharding.NamedSharding over a jax.sharding.Mesh")
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    out = []
+    for entry in spec[:ndim]:
+        if entry is None:
+            out.append(())
+        elif isinstance(entry, str):
+            out.append((entry,))
+        else:
+            out.append(tuple(entry))
+    return out
+
+
+def _axes_entry(axes):
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _axes_size(mesh, axes):
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_unshardable_dims(name, roles, dim_axes):
+    for i, (role, ax) in enumerate(zip(roles, dim_axes)):
+        if ax and role in _UNSHARDABLE:
+            raise ValueError(
+                f"jax_dmattn.attention: {name} is sharded along its {_DIM_NAMES[role]} dim (dim {i}) over "
+                f"mesh axes {tuple(ax)}. Only batch and head sharding are supported: sequence sharding needs "
+                f"context parallelism, which jax_dmattn does not implement yet, and head_dim sharding is not "
+                f"supported. Reshard the inputs (e.g. jax.lax.with_sharding_constraint) to "
+                f"P(batch_axes, None, head_axes, None) before the call.")
+
+
+def check_input_shardings(q, k, v, bias, mask):
+    """Raises the sequence / head_dim sharding ValueError as early as the shardings are known: for concrete
+    arrays (eager calls) and for explicit-sharding avals. Under jit with auto sharding the shardings only
+    exist inside XLA's partitioner, where the same check runs (see partition())."""
+    xs = (q, k, v, bias, mask)
+    shapes = [(0,) if x is None else tuple(x.shape) for x in xs]
+    _, roles, _ = _roles("fwd", shapes)
+    for name, x, r in zip(_OPERAND_NAMES["fwd"], xs, roles):
+        if x is None:
+            continue
+        if isinstance(x, jax.core.Tracer):
+            sharding = getattr(jax.typeof(x), "sharding", None)
+        else:
+            sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            continue
+        _check_unshardable_dims(name, r, _spec_axes(sharding, len(x.shape)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The per-device layout chosen for one call."""
+
+    dims: _Dims
+    operand_roles: tuple
+    result_roles: tuple
+    batch_axes: tuple
+    head_axes: tuple
+    kv_mode: str  # "split": kv heads sharded like the query heads; "slice": kv replicated, sliced per device
+
+    @property
+    def kv_axes(self):
+        return self.head_axes if self.kv_mode == "split" else ()
+
+    def spec(self, roles):
+        entries = []
+        for role in roles:
+            if role == "b":
+                entries.append(_axes_entry(self.batch_axes))
+            elif role == "h":
+                entries.append(_axes_entry(self.head_axes))
+            elif role == "hkv":
+                entries.append(_axes_entry(self.kv_axes))
+            else:
+                entries.append(None)
+        return P(*entries)
+
+
+def _plan(kind, mesh, arg_shapes) -> _Plan:
+    shapes = [tuple(a.shape) for a in arg_shapes]
+    dims, operand_roles, result_roles = _roles(kind, shapes)
+    axes = [_spec_axes(a.sharding, len(a.shape)) for a in arg_shapes]
+    names = _OPERAND_NAMES[kind]
+    for name, roles, dim_axes in zip(names, operand_roles, axes):
+        _check_unshardable_dims(name, roles, dim_axes)
+    batch_axes, head_axes = tuple(axes[0][0]), tuple(axes[0][2])
+    n = _axes_size(mesh, head_axes)
+    hkv = dims.kv_heads
+    if n == 1 or hkv % n == 0:
+        kv_mode = "split"
+    elif n % hkv == 0:
+        kv_mode = "slice"
+    else:
+        raise ValueError(
+            f"jax_dmattn.attention: query heads ({dims.heads}) are sharded over {n} devices (mesh axes "
+            f"{head_axes}) but there are {hkv} kv heads: the head sharding must divide the kv heads, or the kv "
+            f"heads must divide it (then k/v are replicated over those axes). Shard the heads {hkv}-way or "
+            f"replicate them.")
+    return _Plan(dims=dims, operand_roles=operand_roles, result_roles=result_roles, batch_axes=batch_axes,
+                 head_axes=head_axes, kv_mode=kv_mode)
+
+
+def _psum(x, axes):
+    if not axes:
+        return x
+    if x.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.lax.psum(x.astype(jnp.float32), axes).astype(x.dtype)
+    return jax.lax.psum(x, axes)
+
+
+def _slice_kv_operands(plan, idx, args):
+    """kv_mode "slice": keep only kv head idx of k, v and of a bias / mask with Hkv heads."""
+    args = list(args)
+    for i in (1, 2):
+        args[i] = jax.lax.dynamic_slice_in_dim(args[i], idx, 1, axis=2)
+    for i in (3, 4):
+        if plan.operand_roles[i][1:2] == ("hkv",) and plan.dims.kv_heads > 1:
+            args[i] = jax.lax.dynamic_slice_in_dim(args[i], idx, 1, axis=1)
+    return args
+
+
+def _unslice(x, idx, axis, size):
+    full = jnp.zeros(x.shape[:axis] + (size,) + x.shape[axis + 1:], x.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(full, x, idx, axis=axis)
+
+
+def _partition(kind, body):
+    def partition(config, mesh, arg_shapes, result_shape):
+        plan = _plan(kind, mesh, arg_shapes)
+        n_heads = _axes_size(mesh, plan.head_axes)
+        arg_shardings = tuple(NamedSharding(mesh, plan.spec(r)) for r in plan.operand_roles)
+        result_shardings = tuple(NamedSharding(mesh, plan.spec(r)) for r in plan.result_roles)
+        bias_roles = plan.operand_roles[3]
+        has_bias = bias_roles != ("empty",)
+
+        def kv_index():
+            local_heads = plan.dims.heads // n_heads
+            group = plan.dims.heads // plan.dims.kv_heads
+            return (jax.lax.axis_index(plan.head_axes) * local_heads) // group
+
+        def lower_fn(*args):
+            idx = None
+            if plan.kv_mode == "slice":
+                idx = kv_index()
+                args = _slice_kv_operands(plan, idx, args)
+            outs = body(*args, config=config)
+            if kind == "fwd":
+                return tuple(outs)
+            dq, dk, dv, dbias = outs
+            if plan.kv_mode == "slice":
+                hkv = plan.dims.kv_heads
+                dk = _psum(_unslice(dk, idx, 2, hkv), plan.head_axes)
+                dv = _psum(_unslice(dv, idx, 2, hkv), plan.head_axes)
+            if has_bias:
+                sum_axes = ()
+                if bias_roles[0] == "one":
+                    sum_axes += plan.batch_axes  # batch-broadcast bias: every batch shard adds a part
+                if bias_roles[1] == "one" or (bias_roles[1] == "hkv" and plan.kv_mode == "slice"):
+                    if bias_roles[1] == "hkv" and plan.dims.kv_heads > 1:
+                        dbias = _unslice(dbias, idx, 1, plan.dims.kv_heads)
+                    sum_axes += plan.head_axes
+                dbias = _psum(dbias, sum_axes)
+            return dq, dk, dv, dbias
+
+        return mesh, lower_fn, result_shardings, arg_shardings
+
+    return partition
+
+
+def _infer_sharding_from_operands(kind):
+    """GSPMD (``jax_use_shardy_partitioner=False``) propagation: results follow the plan."""
+
+    def infer(config, mesh, arg_shapes, result_shape):
+        del config
+        # An exception here aborts the process (XLA CHECK), so never raise: errors are reported by partition().
+        try:
+            plan = _plan(kind, mesh, arg_shapes)
+            return tuple(NamedSharding(mesh, plan.spec(r)) for r in plan.result_roles)
+        except Exception:  # noqa: BLE001
+            return tuple(NamedSharding(mesh, P()) for _ in jax.tree.leaves(result_shape))
+
+    return infer
+
+
+def partitioned(kind: str, body: Callable) -> Callable:
+    """Wraps a per-platform lowering body ``body(*operands, config=...)`` of primitive ``kind`` ("fwd"/"bwd")
+    in ``custom_partitioning``; returns ``f(*operands, config=...)`` to hand to ``mlir.lower_fun``."""
+    n_operands = len(_LAYOUTS[kind][0])
+
+    if kind == "fwd":
+        def fun(q, k, v, bias, mask, config):
+            return tuple(body(q, k, v, bias, mask, config=config))
+    else:
+        def fun(q, k, v, bias, mask, out, lse, dout, dlse, config):
+            return tuple(body(q, k, v, bias, mask, out, lse, dout, dlse, config=config))
+
+    cp = custom_partitioning(fun, static_argnums=(n_operands,))
+    cp.def_partition(partition=_partition(kind, body),
+                     infer_sharding_from_operands=_infer_sharding_from_operands(kind),
+                     sharding_rule=_sharding_rule(kind))
+
+    def call(*operands, config):
+        return cp(*operands, config)
+
+    return call

@@ -1,0 +1,399 @@
+"""jax_dmattn.attention on 8 CPU devices: jit with NamedSharding inputs (custom_partitioning + Shardy rules),
+shard_map, pmap, explicit sharding; results equal the single-device ones, the compiled HLO of batch / head
+sharded calls has no all-gather, dbias of a bias replicated over a sharded axis is summed across devices, and
+sequence / head_dim sharding raises a clear error.
+
+The checks need 8 devices, i.e. ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts its
+backend. When this process has them (CI sets the flag) the tests run here; otherwise (the flag is missing, JAX
+is already initialised by other test modules, or the backend is a GPU) this file is run once more in a
+subprocess with the flag and ``JAX_PLATFORMS=cpu``, and each test reports its own result from there.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jax_dmattn
+
+N_DEVICES = 8
+_WORKER_ENV = "JAX_DMATTN_SHARDING_WORKER"
+IMPL = "cpu"
+_COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+# -------------------------------------------------------------------------------- 8 devices or subprocess
+def _here_has_devices() -> bool:
+    return jax.default_backend() == "cpu" and jax.device_count() >= N_DEVICES
+
+
+_subprocess_results: dict = {}
+
+
+def _run_worker():
+    if _subprocess_results:
+        return _subprocess_results
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={N_DEVICES}".strip(),
+               JAX_PLATFORMS="cpu", **{_WORKER_ENV: "1"})
+    env.pop("PYTEST_ADDOPTS", None)
+    here = os.path.abspath(__file__)
+    root = os.path.dirname(os.path.dirname(here))
+    with tempfile.TemporaryDirectory() as tmp:
+        xml_path = os.path.join(tmp, "results.xml")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml_path}",
+             f"--rootdir={root}", here],
+            cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        results = {}
+        if os.path.exists(xml_path):
+            for case in ET.parse(xml_path).getroot().iter("testcase"):
+                status, text = "passed", ""
+                for child in case:
+                    if child.tag in ("failure", "error"):
+                        status, text = "failed", (child.get("message") or "") + "\n" + (child.text or "")
+                        break
+                    if child.tag == "skipped":
+                        status, text = "skipped", child.get("message") or ""
+                results[case.get("name")] = (status, text)
+    results["__output__"] = ("", (proc.stdout + proc.stderr)[-4000:])
+    _subprocess_results.update(results)
+    return _subprocess_results
+
+
+def multi_device(fn):
+    """Runs the test body here when there are 8 CPU devices, else reports its result from the subprocess."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _here_has_devices():
+            return fn(*args, **kwargs)
+        if os.environ.get(_WORKER_ENV):
+            pytest.fail(f"the worker subprocess has {jax.device_count()} {jax.default_backend()} devices, "
+                        f"needs {N_DEVICES} CPU devices")
+        name = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].rsplit(" (", 1)[0]
+        results = _run_worker()
+        if name not in results:
+            pytest.fail(f"{name} did not run in the {N_DEVICES}-device subprocess:\n{results['__output__'][1]}")
+        status, text = results[name]
+        if status == "failed":
+            pytest.fail(f"failed in the {N_DEVICES}-device subprocess:\n{text}", pytrace=False)
+        if status == "skipped":
+            pytest.skip(text)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _mesh(shape=(2, 4), names=("dp", "tp"), axis_type="auto"):
+    """jax.make_mesh defaults to Explicit axes in recent JAX; the partitioning rules are about Auto axes (plain
+    jit with NamedSharding inputs), so that is the default here, Explicit is tested on its own."""
+    kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}[axis_type]
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(shape))
+
+
+def _put(mesh, x, spec):
+    return None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _inputs(b=4, lq=32, lk=48, h=8, hkv=8, d=16, bias_shape=None, mask_shape=None, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), dtype)
+    bias = None if bias_shape is None else jnp.asarray(rng.standard_normal(bias_shape), dtype)
+    mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) < 0.8)
+    ct = jnp.asarray(rng.standard_normal((b, lq, h, d)), dtype)
+    return q, k, v, bias, mask, ct
+
+
+def _attn(q, k, v, bias, mask, **kw):
+    return jax_dmattn.attention(q, k, v, bias, mask, implementation=IMPL, **kw)
+
+
+def _vjp_fn(has_bias, **kw):
+    """(q, k, v, bias, mask, ct) -> (out, dq, dk, dv[, dbias]); no loss reduction, so the only collectives in
+    the HLO are the ones the attention itself needs."""
+
+    def f(q, k, v, bias, mask, ct):
+        if has_bias:
+            out, vjp = jax.vjp(lambda q, k, v, b: _attn(q, k, v, b, mask, **kw), q, k, v, bias)
+        else:
+            out, vjp = jax.vjp(lambda q, k, v: _attn(q, k, v, None, mask, **kw), q, k, v)
+        return (out,) + tuple(vjp(ct))
+
+    return jax.jit(f)
+
+
+def _collectives(compiled_text):
+    return {c for c in _COLLECTIVES if re.search(rf"\b{c}(-start)?\(", compiled_text)}
+
+
+def _assert_close(actual, expected, rtol=1e-5, name=""):
+    a = np.asarray(jax.device_get(actual), np.float64)
+    e = np.asarray(jax.device_get(expected), np.float64)
+    assert a.shape == e.shape, (name, a.shape, e.shape)
+    err = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-6)
+    assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
+
+
+def _spec4(spec):
+    return tuple(spec) + (None,) * (4 - len(spec))
+
+
+def _check_sharded_vjp(mesh, q, k, v, bias, mask, ct, qspec, kspec, bspec, mspec=P(), expect_allreduce=None,
+                       rtol=1e-5, **kw):
+    f = _vjp_fn(bias is not None, **kw)
+    ref = f(q, k, v, bias, mask, ct)  # single device
+    args = (_put(mesh, q, qspec), _put(mesh, k, kspec), _put(mesh, v, kspec), _put(mesh, bias, bspec),
+            _put(mesh, mask, mspec), _put(mesh, ct, qspec))
+    compiled = f.lower(*args).compile().as_text()
+    got = f(*args)
+    names = ("out", "dq", "dk", "dv", "dbias")
+    for name, g, r in zip(names, got, ref):
+        _assert_close(g, r, rtol, name)
+    colls = _collectives(compiled)
+    assert "all-gather" not in colls, f"all-gather in the compiled HLO ({colls})"
+    assert not colls & {"all-to-all", "collective-permute"}, colls
+    if expect_allreduce is not None:
+        assert ("all-reduce" in colls) == expect_allreduce, colls
+    assert _spec4(got[0].sharding.spec) == _spec4(qspec), got[0].sharding.spec  # out keeps q's sharding
+    assert _spec4(got[1].sharding.spec) == _spec4(qspec), got[1].sharding.spec
+    return got
+
+
+# -------------------------------------------------------------------------------------------------- tests
+@multi_device
+def test_has_eight_devices():
+    assert jax.device_count() == N_DEVICES
+
+
+@multi_device
+@pytest.mark.parametrize("qspec", [P("dp"), P(None, None, "tp"), P("dp", None, "tp"), P(("dp", "tp")),
+                                   P(None, None, ("dp", "tp"))], ids=["batch", "heads", "batch+heads",
+                                                                     "batch-2axes", "heads-2axes"])
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_forward_no_gather_and_keeps_sharding(qspec, axis_type):
+    mesh = _mesh(axis_type=axis_type)
+    q, k, v, bias, mask, _ = _inputs(b=8, bias_shape=(1, 8, 32, 48), mask_shape=(8, 1, 32, 48))
+    f = jax.jit(lambda q, k, v, b, m: _attn(q, k, v, b, m, is_causal=True, return_lse=True))
+    ref = f(q, k, v, bias, mask)
+    qs = _spec4(qspec)
+    bspec, mspec = P(None, qs[2]), P(qs[0])
+    args = (_put(mesh, q, qspec), _put(mesh, k, qspec), _put(mesh, v, qspec), _put(mesh, bias, bspec),
+            _put(mesh, mask, mspec))
+    compiled = f.lower(*args).compile().as_text()
+    out, lse = f(*args)
+    _assert_close(out, ref[0], name="out")
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref[1]), rtol=1e-5, atol=1e-5)
+    assert _collectives(compiled) == set(), _collectives(compiled)  # the forward needs no communication
+    assert _spec4(out.sharding.spec) == qs
+    assert (tuple(lse.sharding.spec) + (None,) * 3)[:3] == (qs[0], qs[2], None)
+
+
+@multi_device
+@pytest.mark.parametrize("bias_shape,bspec,reduced", [
+    ((4, 8, 32, 48), P("dp", "tp"), False),  # full bias, sharded like q: dbias local
+    ((1, 8, 32, 48), P(None, "tp"), True),  # batch-broadcast: dbias psum over dp
+    ((4, 1, 32, 48), P("dp"), True),  # head-broadcast: dbias psum over tp
+    ((1, 1, 32, 48), P(), True),  # shared: psum over dp and tp
+    ((8, 32, 48), P("tp"), True),  # rank 3 (heads, Lq, Lk): psum over dp
+    ((1, 1, 1, 48), P(), True),  # key-only bias
+    ((1, 8, 32, 1), P(None, "tp"), None),  # query-only bias: zero gradient
+])
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_grads_batch_and_head_sharding(bias_shape, bspec, reduced, axis_type):
+    mesh = _mesh(axis_type=axis_type)
+    q, k, v, bias, mask, ct = _inputs(bias_shape=bias_shape, mask_shape=(1, 1, 32, 48))
+    qspec = P("dp", None, "tp")
+    _check_sharded_vjp(mesh, q, k, v, bias, mask, ct, qspec, qspec, bspec, expect_allreduce=reduced,
+                       is_causal=True)
+
+
+@multi_device
+def test_grads_no_bias_no_collectives():
+    mesh = _mesh()
+    q, k, v, _, mask, ct = _inputs(mask_shape=(4, 8, 32, 48))
+    qspec = P("dp", None, "tp")
+    _check_sharded_vjp(mesh, q, k, v, None, mask, ct, qspec, qspec, None, mspec=P("dp", "tp"),
+                       expect_allreduce=False, softcap=5.0)
+
+
+@multi_device
+def test_dbias_psum_bf16():
+    """A bf16 bias shared by all devices: its gradient is the sum of every device's part (summed in f32)."""
+    mesh = _mesh()
+    q, k, v, bias, _, ct = _inputs(bias_shape=(1, 1, 32, 48), dtype=jnp.bfloat16)
+    qspec = P("dp", None, "tp")
+    got = _check_sharded_vjp(mesh, q, k, v, bias, None, ct, qspec, qspec, P(), expect_allreduce=True, rtol=2e-2)
+    assert got[-1].dtype == jnp.bfloat16 and got[-1].shape == (1, 1, 32, 48)
+    assert got[-1].sharding.is_fully_replicated
+
+
+@multi_device
+@pytest.mark.parametrize("hkv,bias_heads,kv_sharded", [
+    (4, 4, True),  # tp=4 divides Hkv: kv heads sharded with the query heads
+    (2, 2, False),  # Hkv=2 < tp=4: k/v replicated over tp, each device slices its kv head, dk/dv summed
+    (2, 1, False),
+    (1, 1, False),  # MQA
+    (1, 8, False),
+])
+def test_gqa_head_sharding(hkv, bias_heads, kv_sharded):
+    mesh = _mesh()
+    q, k, v, bias, mask, ct = _inputs(hkv=hkv, bias_shape=(1, bias_heads, 32, 48), mask_shape=(4, 1, 32, 48))
+    qspec = P("dp", None, "tp")
+    kspec = qspec if kv_sharded else P("dp")
+    bspec = P(None, "tp") if (bias_heads == 8 or (bias_heads == hkv and kv_sharded)) else P()
+    got = _check_sharded_vjp(mesh, q, k, v, bias, mask, ct, qspec, kspec, bspec, mspec=P("dp"))
+    assert _spec4(got[2].sharding.spec) == _spec4(kspec)  # dk keeps k's layout
+
+
+@multi_device
+def test_gqa_kv_heads_incompatible_with_head_sharding():
+    mesh = _mesh()
+    q, k, v, _, _, _ = _inputs(h=12, hkv=3)
+    f = jax.jit(lambda q, k, v: _attn(q, k, v, None, None))
+    with pytest.raises(Exception, match="kv heads"):
+        f(_put(mesh, q, P("dp", None, "tp")), _put(mesh, k, P("dp")), _put(mesh, v, P("dp")))
+
+
+@multi_device
+@pytest.mark.parametrize("which,spec,what", [
+    ("q", P(None, "tp"), "query length"),
+    ("k", P("dp", "tp"), "key length"),
+    ("q", P(None, None, None, "tp"), "head_dim"),
+    ("bias", P(None, None, "tp"), "query length"),
+])
+def test_sequence_and_head_dim_sharding_raise(which, spec, what):
+    mesh = _mesh()
+    q, k, v, bias, _, _ = _inputs(bias_shape=(1, 1, 32, 48))
+    specs = {"q": P("dp"), "k": P("dp"), "bias": P()}
+    specs[which] = spec
+    args = (_put(mesh, q, specs["q"]), _put(mesh, k, specs["k"]), _put(mesh, v, specs["k"]),
+            _put(mesh, bias, specs["bias"]))
+    # Eager call on committed arrays: a ValueError before anything is compiled.
+    with pytest.raises(ValueError, match=f"{what} dim .*context parallelism"):
+        _attn(*args, None)
+    # Under jit the shardings only exist in XLA's partitioner: the same message, inside a JaxRuntimeError.
+    f = jax.jit(lambda q, k, v, b: _attn(q, k, v, b, None))
+    with pytest.raises(Exception, match=f"{what} dim .*context parallelism"):
+        f(*args)
+
+
+@multi_device
+def test_explicit_sharding_mesh_context():
+    mesh = _mesh(axis_type="explicit")
+    q, k, v, bias, _, ct = _inputs(bias_shape=(1, 8, 32, 48))
+    f = _vjp_fn(True, is_causal=True)
+    ref = f(q, k, v, bias, None, ct)
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        qspec = P("dp", None, "tp")
+        args = (_put(mesh, q, qspec), _put(mesh, k, qspec), _put(mesh, v, qspec), _put(mesh, bias, P(None, "tp")),
+                None, _put(mesh, ct, qspec))
+        got = f(*args)
+        for name, g, r in zip(("out", "dq", "dk", "dv", "dbias"), got, ref):
+            _assert_close(g, r, name=name)
+        assert _spec4(jax.typeof(got[0]).sharding.spec) == _spec4(qspec)
+        bad = _put(mesh, q, P("dp", "tp"))
+        with pytest.raises(ValueError, match="query length dim .*context parallelism"):
+            jax.jit(lambda q, k, v: _attn(q, k, v, None, None))(bad, args[1], args[2])
+
+
+def _shard_map():
+    sm = getattr(jax, "shard_map", None)
+    if sm is None:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map as sm
+    return sm
+
+
+@multi_device
+def test_shard_map_forward_and_grads():
+    """Inside shard_map each device runs the kernel on its block. The bias is replicated over dp: with
+    check_vma (the default) JAX sums its gradient over dp, like for any invariant operand."""
+    mesh = _mesh()
+    q, k, v, bias, mask, _ = _inputs(bias_shape=(1, 8, 32, 48), mask_shape=(4, 1, 32, 48))
+
+    def loss(q, k, v, bias, mask):
+        out = _attn(q, k, v, bias, mask, is_causal=True)
+        return jnp.sum(out * jnp.cos(out))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    ref_out = jax.jit(lambda *a: _attn(*a, is_causal=True))(q, k, v, bias, mask)
+    ref = jax.jit(grad)(q, k, v, bias, mask)
+    qs, bs, ms = P("dp", None, "tp"), P(None, "tp"), P("dp")
+    specs = (qs, qs, qs, bs, ms)
+    smap = functools.partial(_shard_map(), mesh=mesh, in_specs=specs)
+    fwd = jax.jit(smap(lambda *a: _attn(*a, is_causal=True), out_specs=qs))
+    bwd = jax.jit(smap(grad, out_specs=(qs, qs, qs, bs)))
+    args = [_put(mesh, x, s) for x, s in zip((q, k, v, bias, mask), specs)]
+    _assert_close(fwd(*args), ref_out, name="out")
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), bwd(*args), ref):
+        _assert_close(g, r, name=name)
+
+
+@multi_device
+def test_pmap_forward_and_grads():
+    q, k, v, bias, _, _ = _inputs(b=8, bias_shape=(1, 8, 32, 48))
+
+    def loss(q, k, v, bias):
+        out = _attn(q, k, v, bias, None)
+        return jnp.sum(out * jnp.cos(out))
+
+    def step(q, k, v, bias):
+        out = _attn(q, k, v, bias, None)
+        dq, dk, dv, db = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+        return out, dq, dk, dv, jax.lax.psum(db, "i")
+
+    ref_out = jax.jit(lambda *a: _attn(*a, None))(q, k, v, bias)
+    ref = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    split = lambda x: x.reshape((N_DEVICES, 1) + x.shape[1:])  # noqa: E731
+    got = jax.pmap(step, axis_name="i", in_axes=(0, 0, 0, None))(split(q), split(k), split(v), bias)
+    _assert_close(got[0].reshape(ref_out.shape), ref_out, name="out")
+    for name, g, r in zip(("dq", "dk", "dv"), got[1:4], ref[:3]):
+        _assert_close(g.reshape(r.shape), r, name=name)
+    _assert_close(got[4][0], ref[3], name="dbias")
+
+
+@multi_device
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_vmap_inside_sharded_jit(axis_type):
+    """vmap folds into the batch dim (batch-major, so a sharded batch stays sharded), then the folded call is
+    partitioned like any other."""
+    mesh = _mesh(axis_type=axis_type)
+    n = 2
+    q, k, v, bias, _, _ = _inputs(b=4, bias_shape=(1, 8, 32, 48))
+    qn = jnp.stack([q, q[::-1]])
+    f = jax.jit(jax.vmap(lambda q, k, v, b: _attn(q, k, v, b, None), in_axes=(0, None, None, None)))
+    ref = jnp.stack([jax.jit(lambda q: _attn(q, k, v, bias, None))(qn[i]) for i in range(n)])
+    spec = P("dp", None, "tp")
+    args = (_put(mesh, qn, P(None, "dp", None, "tp")), _put(mesh, k, spec), _put(mesh, v, spec),
+            _put(mesh, bias, P(None, "tp")))
+    compiled = f.lower(*args).compile().as_text()
+    _assert_close(f(*args), ref, name="out")
+    assert "all-gather" not in _collectives(compiled)
+
+
+@multi_device
+def test_gspmd_partitioner():
+    """The GSPMD callbacks (jax_use_shardy_partitioner=False, deprecated in JAX) give the same results."""
+    mesh = _mesh()
+    q, k, v, bias, _, ct = _inputs(bias_shape=(1, 8, 32, 48))
+    qspec = P("dp", None, "tp")
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        _check_sharded_vjp(mesh, q, k, v, bias, None, ct, qspec, qspec, P(None, "tp"), expect_allreduce=True)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
