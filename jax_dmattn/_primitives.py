@@ -174,8 +174,45 @@ def _unbatched_dim0(x, bdim):
     return shape[0]
 
 
+def _has_explicit_sharding(x) -> bool:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(entry is not None for entry in spec)
+
+
+def _heads_fold_applies(args, dims) -> bool:
+    """Only q is vmapped, and folding the examples into the query heads keeps every other operand as it is."""
+    q, k, v, bias, mask = args
+    if dims[0] is None or any(d is not None for d in dims[1:]):
+        return False
+    h, hkv = q.shape[2 if dims[0] > 2 else 3], k.shape[2]
+    for x in (bias, mask):
+        # a bias / mask with one entry per query head would have to be expanded over the examples
+        if not _is_absent(x) and x.shape[1] not in (1, hkv):
+            return False
+    # explicit-sharding avals: splitting a sharded head dim into (Hkv, G) is not always expressible
+    return h % hkv == 0 and not _has_explicit_sharding(q)
+
+
+def _fwd_batch_heads(args, dims, *, config):
+    """vmap of q alone (k, v, bias, mask shared): the n examples become extra query heads, laid out
+    [Hkv, n, G] so the query heads of one kv head stay contiguous (GQA); k and v are not copied n times."""
+    q, k, v, bias, mask = args
+    q = jnp.moveaxis(q, dims[0], 0)
+    n, b, lq, h, d = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    qf = q.reshape(n, b, lq, hkv, g, d).transpose(1, 2, 3, 0, 4, 5).reshape(b, lq, hkv * n * g, d)
+    out, lse = dmattn_fwd_p.bind(qf, k, v, bias, mask, config=config)
+    out = out.reshape(b, lq, hkv, n, g, d).transpose(3, 0, 1, 2, 4, 5).reshape(n, b, lq, h, d)
+    lse = lse.reshape(b, hkv, n, g, lq).transpose(2, 0, 1, 3, 4).reshape(n, b, h, lq)
+    return (out, lse), (0, 0)
+
+
 def _fwd_batch(args, dims, *, config):
-    """vmap of the forward: one kernel call on the folded batch (never a loop)."""
+    """vmap of the forward: one kernel call on the folded batch (never a loop); when only q is vmapped the
+    examples are folded into the query heads instead, so the shared k / v are not broadcast."""
+    if _heads_fold_applies(args, dims):
+        return _fwd_batch_heads(args, dims, config=config)
     q, k, v, bias, mask = args
     n = _batch_size(args, dims)
     b = _unbatched_dim0(q, dims[0])

@@ -397,3 +397,48 @@ def test_gspmd_partitioner():
         _check_sharded_vjp(mesh, q, k, v, bias, None, ct, qspec, qspec, P(None, "tp"), expect_allreduce=True)
     finally:
         jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+@multi_device
+@pytest.mark.parametrize("window_size,tensor_parallel", [(None, True), (8, False)], ids=["dense-dp+tp", "topk-dp"])
+def test_flax_training_step(window_size, tensor_parallel):
+    """A training step of jax_dmattn.flax.DynamicMaskAttention (learned bias + top-k mask, GQA) under jit:
+    data parallel (batch over dp, params replicated) and data + tensor parallel (heads over tp via the
+    projection kernels). Loss and gradients equal the single-device ones; without the top-k mask there is
+    no all-gather (jax.lax.top_k, used by the top-k mask builders, is gathered by XLA's CPU TopK)."""
+    pytest.importorskip("flax")
+    from jax_dmattn.flax import DynamicMaskAttention
+
+    mesh = _mesh()
+    model = DynamicMaskAttention(num_heads=8, num_kv_heads=4, head_dim=16, window_size=window_size,
+                                 implementation=IMPL)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 64)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(params, x):
+        return jnp.mean(model.apply({"params": params}, x) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    ref_loss, ref_grads = step(params, x)
+
+    def spec(path, _):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not tensor_parallel:
+            return P()
+        if name.startswith(("q_proj", "k_proj", "v_proj")):
+            return P(None, "tp", None)  # [E, heads, D]
+        if name.startswith("o_proj"):
+            return P("tp", None, None)  # [H, D, E]
+        if name.startswith("dt_proj") or name == "A":
+            return P("tp")  # per kv head
+        return P()
+
+    sharded = jax.tree_util.tree_map_with_path(lambda p, v: _put(mesh, v, spec(p, v)), params)
+    xs = _put(mesh, x, P("dp"))
+    compiled = step.lower(sharded, xs).compile().as_text()
+    got_loss, got_grads = step(sharded, xs)
+    _assert_close(got_loss, ref_loss, name="loss")
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got_grads)[0], jax.tree.leaves(ref_grads)):
+        _assert_close(g, r, rtol=2e-5, name=jax.tree_util.keystr(path))
+    if window_size is None:
+        assert "all-gather" not in _collectives(compiled), _collectives(compiled)
