@@ -96,7 +96,8 @@ mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_sharding.partitioned("fwd",
 mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_sharding.partitioned("fwd", _fwd_cuda),
                                                     multiple_results=True), platform="cuda")
 # custom_partitioning needs the device assignment while lowering.
-dispatch.prim_requires_devices_during_lowering.add(dmattn_fwd_p)
+_REQUIRES_DEVICES = getattr(dispatch, "prim_requires_devices_during_lowering", set())
+_REQUIRES_DEVICES.add(dmattn_fwd_p)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -136,31 +137,52 @@ mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_sharding.partitioned("bwd",
                        platform="cpu")
 mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_sharding.partitioned("bwd", _bwd_cuda),
                                                     multiple_results=True), platform="cuda")
-dispatch.prim_requires_devices_during_lowering.add(dmattn_bwd_p)
+_REQUIRES_DEVICES.add(dmattn_bwd_p)
 
 
 # ---------------------------------------------------------------------------------------------- batching
-def _fold(x, bdim, n, b, keep_broadcast):
-    """Merges the vmapped dim (size n) of x into its batch dim, batch-major: folded index = batch * n + example.
+def _fold(x, bdim, n, b, keep_broadcast, example_major=False):
+    """Merges the vmapped dim (size n) of x into its batch dim (size b), one kernel call for all examples.
 
-    Batch-major keeps the folded dim sharded like the batch dim when the batch is sharded (explicit-sharding
-    meshes can express it; an example-major merge of a sharded batch cannot be). An operand that is not vmapped
+    Batch-major (folded index = batch * n + example) by default, example-major (example * b + batch) when
+    example_major. A merge keeps a sharding only when the major of the two dims carries it: batch-major suits
+    a sharded batch, example-major a sharded vmapped dim (see _example_major). An operand that is not vmapped
     is broadcast over the examples, except a batch-broadcast (size-1 batch) bias / mask when keep_broadcast.
     """
     if bdim is None:
         if _is_absent(x) or (keep_broadcast and x.shape[0] == 1):
             return x
-        x = jnp.broadcast_to(x[:, None], (x.shape[0], n) + x.shape[1:])
+        x = x[None] if example_major else x[:, None]
+        x = jnp.broadcast_to(x, (n,) + x.shape[1:] if example_major else (x.shape[0], n) + x.shape[2:])
     else:
-        x = jnp.moveaxis(x, bdim, 1)
-    if x.shape[0] != b:
-        x = jnp.broadcast_to(x, (b,) + x.shape[1:])
+        x = jnp.moveaxis(x, bdim, 0 if example_major else 1)
+    shape = (n, b) if example_major else (b, n)
+    if x.shape[:2] != shape:
+        x = jnp.broadcast_to(x, shape + x.shape[2:])
     return x.reshape((b * n,) + x.shape[2:])
 
 
-def _unfold(x, n):
-    """Inverse of _fold: [B * n, ...] -> [B, n, ...] (the vmapped dim comes out at position 1)."""
-    return x.reshape((x.shape[0] // n, n) + x.shape[1:])
+def _unfold(x, n, example_major=False):
+    """Inverse of _fold: [B * n, ...] -> [B, n, ...] (vmapped dim at 1), or [n, B, ...] (at 0)."""
+    shape = (n, x.shape[0] // n) if example_major else (x.shape[0] // n, n)
+    return x.reshape(shape + x.shape[1:])
+
+
+def _dim_is_sharded(x, dim) -> bool:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and dim < len(spec) and spec[dim] is not None
+
+
+def _example_major(args, dims) -> bool:
+    """Example-major folding when an operand's vmapped dim is sharded (explicit sharding) and its batch dim
+    is not; batch-major otherwise (under Auto sharding the shardings are unknown while tracing)."""
+    for x, d in zip(args, dims):
+        if d is None:
+            continue
+        batch_dim = 1 if d == 0 else 0
+        if _dim_is_sharded(x, d) and not _dim_is_sharded(x, batch_dim):
+            return True
+    return False
 
 
 def _batch_size(args, dims):
@@ -175,8 +197,7 @@ def _unbatched_dim0(x, bdim):
 
 
 def _has_explicit_sharding(x) -> bool:
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return spec is not None and any(entry is not None for entry in spec)
+    return any(_dim_is_sharded(x, i) for i in range(x.ndim))
 
 
 def _heads_fold_applies(args, dims) -> bool:
@@ -216,11 +237,13 @@ def _fwd_batch(args, dims, *, config):
     q, k, v, bias, mask = args
     n = _batch_size(args, dims)
     b = _unbatched_dim0(q, dims[0])
-    q, k, v = (_fold(x, d, n, b, keep_broadcast=False) for x, d in zip((q, k, v), dims[:3]))
-    bias = _fold(bias, dims[3], n, b, keep_broadcast=True)
-    mask = _fold(mask, dims[4], n, b, keep_broadcast=True)
+    em = _example_major(args, dims)
+    q, k, v = (_fold(x, d, n, b, False, em) for x, d in zip((q, k, v), dims[:3]))
+    bias = _fold(bias, dims[3], n, b, True, em)
+    mask = _fold(mask, dims[4], n, b, True, em)
     out, lse = dmattn_fwd_p.bind(q, k, v, bias, mask, config=config)
-    return (_unfold(out, n), _unfold(lse, n)), (1, 1)
+    out_dim = 0 if em else 1
+    return (_unfold(out, n, em), _unfold(lse, n, em)), (out_dim, out_dim)
 
 
 def _bwd_batch(args, dims, *, config):
@@ -233,21 +256,23 @@ def _bwd_batch(args, dims, *, config):
     q, k, v, bias, mask, out, lse, dout, dlse = args
     n = _batch_size(args, dims)
     b = _unbatched_dim0(q, dims[0])
-    q, k, v, out, lse, dout, dlse = (_fold(x, d, n, b, keep_broadcast=False)
+    em = _example_major(args, dims)
+    q, k, v, out, lse, dout, dlse = (_fold(x, d, n, b, False, em)
                                      for x, d in zip((q, k, v, out, lse, dout, dlse), dims[:3] + dims[5:]))
     has_bias = not (dims[3] is None and _is_absent(bias))
     bias_batch = _unbatched_dim0(bias, dims[3]) if has_bias else 0
-    bias = _fold(bias, dims[3], n, b, keep_broadcast=False) if has_bias else bias
-    mask = _fold(mask, dims[4], n, b, keep_broadcast=True)
+    bias = _fold(bias, dims[3], n, b, False, em) if has_bias else bias
+    mask = _fold(mask, dims[4], n, b, True, em)
     dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, out, lse, dout, dlse, config=config)
+    out_dim = 0 if em else 1
     if has_bias:
-        dbias = _unfold(dbias, n)  # [B, n, ...]
+        dbias = _unfold(dbias, n, em)  # [B, n, ...] or [n, B, ...]
         if bias_batch == 1 and b != 1:
-            dbias = jnp.sum(dbias, axis=0, keepdims=True, dtype=jnp.float32).astype(dbias.dtype)
-        dbias_dim = 1
+            dbias = jnp.sum(dbias, axis=1 - out_dim, keepdims=True, dtype=jnp.float32).astype(dbias.dtype)
+        dbias_dim = out_dim
     else:
         dbias, dbias_dim = jnp.broadcast_to(dbias[None], (n,) + dbias.shape), 0
-    return (_unfold(dq, n), _unfold(dk, n), _unfold(dv, n), dbias), (1, 1, 1, dbias_dim)
+    return (_unfold(dq, n, em), _unfold(dk, n, em), _unfold(dv, n, em), dbias), (out_dim,) * 3 + (dbias_dim,)
 
 
 batching.primitive_batchers[dmattn_fwd_p] = _fwd_batch
@@ -265,6 +290,12 @@ def _vma(x) -> frozenset:
     return frozenset(vma or ())
 
 
+def _to_varying(x, axes):
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # pragma: no cover - jax before pcast
+
+
 def _match_vma(*xs):
     """Inside shard_map (check_vma), casts every operand to vary over the union of their manual axes: the
     primitives' outputs vary like the inputs, and the transpose of the cast psums the gradient of an operand
@@ -277,7 +308,7 @@ def _match_vma(*xs):
     out = []
     for x in xs:
         missing = () if x is None else tuple(sorted(union - _vma(x), key=str))
-        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+        out.append(_to_varying(x, missing) if missing else x)
     return tuple(out)
 
 

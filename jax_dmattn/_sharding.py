@@ -8,7 +8,8 @@ Each primitive's per-platform lowering goes through a
   and result together, the query-head dims of q / out / lse / bias together, and the kv-head dims of k / v
   (and of a bias or mask with ``Hkv`` heads) to the query heads as the major part of a compound factor
   ``(hkv, g)``: the query heads of one kv head are contiguous (GQA), so sharding ``H`` over n devices with
-  ``n | Hkv`` shards ``Hkv`` the same way;
+  ``n | Hkv`` shards ``Hkv`` the same way (used when the mesh size divides ``Hkv``, so Shardy never has to
+  split a mesh axis into sub-axes; otherwise the kv heads get a factor of their own);
 * a ``partition`` callback that receives the shardings the partitioner picked, checks them and returns the
   per-device computation: the same FFI call on the local shard, plus the collectives that gradients of
   replicated operands need;
@@ -116,13 +117,14 @@ def _sharding_rule(kind):
         dims, operand_roles, result_roles = _roles(kind, shapes)
         h, hkv = dims.heads, dims.kv_heads
         factor_sizes = {}
-        axis_sizes = [size for size in dict(getattr(mesh, "shape", {}) or {}).values() if size > 1]
+        n_devices = math.prod(dict(getattr(mesh, "shape", {}) or {}).values())
         if hkv == h:
             head_factor, kv_factor = "h", "h"
-        elif hkv == 1 or any(hkv % size for size in axis_sizes):
-            # MQA, or a mesh axis that cannot split the kv heads: the kv-head dims get a factor of their own, so
-            # Shardy does not split a mesh axis into sub-axes over (hkv, g); partition() replicates k / v over
-            # the head axes and slices them per device instead.
+        elif hkv == 1 or hkv % n_devices:
+            # MQA, or a head sharding (over any subset of the mesh axes) might not divide the kv heads: the
+            # kv-head dims get a factor of their own. Otherwise Shardy could split a mesh axis into sub-axes over
+            # (hkv, g), which custom_partitioning cannot hand to partition(). partition() still shards k / v
+            # like q's heads when that divides Hkv, and else replicates and slices them per device.
             head_factor, kv_factor = "h", ("hkv" if hkv > 1 else None)
         else:
             head_factor, kv_factor = CompoundFactor("hkv", "g"), "hkv"

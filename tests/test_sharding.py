@@ -260,6 +260,19 @@ def test_gqa_head_sharding(hkv, bias_heads, kv_sharded):
 
 
 @multi_device
+@pytest.mark.parametrize("h,hkv,qspec,kspec", [
+    (16, 8, P("dp", None, "tp"), P("dp", None, "tp")),  # mesh size divides Hkv: compound (hkv, g) Shardy factor
+    (8, 4, P(None, None, ("dp", "tp")), P()),  # heads over 2 axes (8-way) > Hkv: k/v replicated and sliced
+    (8, 2, P(None, None, ("tp", "dp")), P()),
+])
+def test_gqa_head_sharding_layouts(h, hkv, qspec, kspec):
+    mesh = _mesh()
+    q, k, v, bias, _, ct = _inputs(h=h, hkv=hkv, bias_shape=(1, hkv, 32, 48))
+    bspec = P(None, _spec4(kspec)[2])
+    _check_sharded_vjp(mesh, q, k, v, bias, None, ct, qspec, kspec, bspec, is_causal=True)
+
+
+@multi_device
 def test_gqa_kv_heads_incompatible_with_head_sharding():
     mesh = _mesh()
     q, k, v, _, _, _ = _inputs(h=12, hkv=3)
@@ -442,3 +455,28 @@ def test_flax_training_step(window_size, tensor_parallel):
         _assert_close(g, r, rtol=2e-5, name=jax.tree_util.keystr(path))
     if window_size is None:
         assert "all-gather" not in _collectives(compiled), _collectives(compiled)
+
+
+@multi_device
+def test_vmap_over_sharded_axis_explicit():
+    """Under an Explicit mesh, vmap over a sharded axis folds example-major, so the fold stays sharded."""
+    mesh = _mesh(shape=(8,), names=("dp",), axis_type="explicit")
+    q, k, v, _, _, _ = _inputs(b=2, lq=16, lk=16, h=4, hkv=2, d=8)
+    stack = lambda x: jnp.stack([x * (1 + 0.1 * i) for i in range(8)])  # noqa: E731
+    qn, kn, vn = stack(q), stack(k), stack(v)
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(_attn(q, k, v, None, None)))
+
+    f = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1, 2))))
+    ref = f(qn, kn, vn)
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        args = [_put(mesh, x, P("dp")) for x in (qn, kn, vn)]
+        compiled = f.lower(*args).compile().as_text()
+        got = f(*args)
+    _assert_close(got[0], ref[0], name="loss")
+    for name, g, r in zip(("dq", "dk", "dv"), got[1], ref[1]):
+        _assert_close(g, r, name=name)
+        assert _spec4(g.sharding.spec)[0] == "dp"
+    assert not _collectives(compiled), _collectives(compiled)
