@@ -1,9 +1,197 @@
 // CUDA FFI handlers of the backward pass (kept apart from the forward's, csrc/ffi/cuda_handlers.cc).
-// No CuTe includes here: kernels are reached through plain launch functions.
+// No CuTe includes here: kernels are reached through plain launch functions. Handlers never allocate and never
+// synchronise: every scratch buffer is an extra FFI result that XLA owns.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+#include "attention_params.h"
+#include "cuda/flash_bwd.h"
+#include "cuda/tile_classes.h"
 #include "ffi/targets.h"
 
-namespace dmattn {
+namespace ffi = xla::ffi;
 
-std::vector<FfiTarget> cuda_bwd_targets() { return {}; }
+namespace dmattn {
+namespace {
+
+ffi::Error cuda_error(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("dmattn_bwd_cuda: " + what); }
+
+bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
+
+// Inputs: q [B, Lq, H, D], k/v [B, Lk, Hkv, D], bias [Bb, Hb, Mb, Nb] or zero-size, mask (same rule, bool) or
+// zero-size, out [B, Lq, H, D], lse [B, H, Lq] f32, dout, dlse [B, H, Lq] f32.
+// Results: dq, dk, dv, dbias (bias's shape and dtype; zero-size without a bias), then workspaces:
+// dq_accum [B, Lq, H, D] f32 (zero-size when deterministic), delta [B, H, Lq] f32, the mask tile classes
+// [Bm, Hm, ceil(Mm / 64), ceil(Nm / 64)] u8 (zero-size without a mask), dbias_accum f32 of bias's shape
+// (only for a bf16/f16 bias whose dbias tiles get several flushes, see docs/cuda_backward.md; else zero-size).
+ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out,
+                          ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
+                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                          ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
+                          ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
+                          ffi::ResultBuffer<ffi::U8> classes, ffi::ResultBuffer<ffi::F32> dbias_accum, float scale,
+                          float softcap, bool is_causal, bool deterministic) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
+  const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1], Hkv = kd[2];
+  if (kd[0] != B || kd[3] != D || vd[0] != B || vd[1] != Lk || vd[2] != Hkv || vd[3] != D)
+    return bad("q/k/v shapes disagree");
+  if (Hkv <= 0 || H % Hkv != 0) return bad("H % Hkv != 0");
+  if (D != 32 && D != 64 && D != 96 && D != 128 && D != 192 && D != 256)
+    return bad("head dim must be 32, 64, 96, 128, 192 or 256");
+  const auto dt = q.element_type();
+  if ((dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) || k.element_type() != dt ||
+      v.element_type() != dt || out.element_type() != dt || dout.element_type() != dt ||
+      dq->element_type() != dt || dk->element_type() != dt || dv->element_type() != dt)
+    return bad("q, k, v, out, dout and the gradients must share dtype bf16 or f16");
+  const size_t rows = static_cast<size_t>(B * H * Lq);
+  if (out.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
+      lse.element_count() != rows || dlse.element_count() != rows || delta->element_count() != rows)
+    return bad("out / dout / lse / dlse / delta have the wrong size");
+  if (!deterministic && dq_accum->element_count() != q.element_count())
+    return bad("dq_accum must have q's element count unless deterministic");
+
+  BwdParams p;
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out.untyped_data();
+  p.dout = dout.untyped_data();
+  p.lse = lse.typed_data();
+  p.dlse = dlse.typed_data();
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  p.dq_accum = deterministic ? nullptr : dq_accum->typed_data();
+  p.delta = delta->typed_data();
+  p.batch = static_cast<int>(B), p.heads = static_cast<int>(H), p.kv_heads = static_cast<int>(Hkv);
+  p.q_len = static_cast<int>(Lq), p.kv_len = static_cast<int>(Lk), p.head_dim = static_cast<int>(D);
+  p.group = static_cast<int>(H / Hkv);
+  p.is_bf16 = dt == ffi::DataType::BF16;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.is_causal = is_causal;
+  p.deterministic = deterministic;
+
+  auto check_operand = [&](auto dims, const char* name) -> ffi::Error {
+    if (dims.size() != 4 || !dims_ok(dims[0], B) || !(dims[1] == 1 || dims[1] == Hkv || dims[1] == H) ||
+        !dims_ok(dims[2], Lq) || !dims_ok(dims[3], Lk))
+      return bad(std::string("bad ") + name + " shape");
+    return ffi::Error::Success();
+  };
+
+  if (bias.element_count() > 0) {
+    const auto bd = bias.dimensions();
+    if (auto e = check_operand(bd, "bias"); e.failure()) return e;
+    const auto bt = bias.element_type();
+    if (bt == ffi::DataType::F32) p.bias_dtype = kBwdBiasF32;
+    else if (bt == ffi::DataType::BF16) p.bias_dtype = kBwdBiasBF16;
+    else if (bt == ffi::DataType::F16) p.bias_dtype = kBwdBiasF16;
+    else return bad("bias dtype must be f32, bf16 or f16");
+    if (dbias->element_type() != bt || dbias->element_count() != bias.element_count())
+      return bad("dbias must have bias's shape and dtype");
+    const int64_t dims[4] = {bd[0], bd[1], bd[2], bd[3]};
+    const BroadcastOperand op = make_broadcast_operand(bias.untyped_data(), DType::kF32, dims, H);
+    p.bias = op.data;
+    p.bias_batch_stride = op.batch_stride, p.bias_head_stride = op.head_stride;
+    p.bias_row_stride = op.row_stride, p.bias_col_stride = op.col_stride;
+    p.bias_hdiv = static_cast<int>(op.heads_per_index);
+    p.bias_size = bias.element_count();
+    p.dbias = dbias->untyped_data();
+    // A bias constant along keys is cancelled by softmax: dbias is exactly 0 (zero-filled, never computed).
+    if (dims[3] == 1 && Lk != 1) {
+      p.dbias_mode = kDbiasNone;
+    } else {
+      // A CTA owns whole dbias columns: it spans every batch / kv head that shares one bias batch / head.
+      p.batches_per_item = dims[0] == 1 ? static_cast<int>(B) : 1;
+      p.kv_heads_per_item = dims[1] == 1 ? static_cast<int>(Hkv) : 1;
+      // Loop order in a CTA: batch, kv head, query tile, query head. A dbias tile is finished by one flush
+      // unless its contributions are interleaved with other tiles' (see docs/cuda_backward.md).
+      const bool multi = (dims[0] == 1 && B > 1) || (dims[1] == 1 && Hkv > 1) ||
+                         (dims[2] == 1 && dims[1] == H && H / Hkv > 1);
+      if (!multi) {
+        p.dbias_mode = kDbiasDirect;
+      } else {
+        p.dbias_mode = kDbiasAccum;
+        if (bt == ffi::DataType::F32) {
+          p.dbias_accum = static_cast<float*>(p.dbias);
+        } else {
+          if (dbias_accum->element_count() != bias.element_count())
+            return bad("dbias_accum must have bias's element count for this bias shape / dtype");
+          p.dbias_accum = dbias_accum->typed_data();
+        }
+      }
+    }
+  }
+
+  if (mask.element_count() > 0) {
+    const auto md = mask.dimensions();
+    if (auto e = check_operand(md, "mask"); e.failure()) return e;
+    const int64_t dims[4] = {md[0], md[1], md[2], md[3]};
+    const BroadcastOperand op = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, H);
+    p.mask = reinterpret_cast<const uint8_t*>(op.data);
+    p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
+    p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
+    p.mask_hdiv = static_cast<int>(op.heads_per_index);
+
+    MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kBwdBlockM, kBwdBlockN,
+                       classes->typed_data()};
+    const int64_t mt = targs.m_tiles(), nt = targs.n_tiles();
+    const auto cd = classes->dimensions();
+    if (cd.size() != 4 || cd[0] != dims[0] || cd[1] != dims[1] || cd[2] != mt || cd[3] != nt)
+      return bad("tile class output has the wrong shape");
+    if (auto e = cuda_error(launch_classify_mask_tiles(targs, stream), "classify_mask_tiles"); e.failure())
+      return e;
+    p.classes = classes->typed_data();
+    p.cls_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt * nt;
+    p.cls_head_stride = dims[1] == 1 ? 0 : mt * nt;
+    p.cls_m_stride = dims[2] == 1 ? 0 : nt;
+    p.cls_n_stride = dims[3] == 1 ? 0 : 1;
+  }
+  return cuda_error(launch_flash_bwd(p, stream), "flash_bwd");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()          // q
+                                  .Arg<ffi::AnyBuffer>()          // k
+                                  .Arg<ffi::AnyBuffer>()          // v
+                                  .Arg<ffi::AnyBuffer>()          // bias (zero-size: none)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (zero-size: none)
+                                  .Arg<ffi::AnyBuffer>()          // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::AnyBuffer>()          // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dlse
+                                  .Ret<ffi::AnyBuffer>()          // dq
+                                  .Ret<ffi::AnyBuffer>()          // dk
+                                  .Ret<ffi::AnyBuffer>()          // dv
+                                  .Ret<ffi::AnyBuffer>()          // dbias (zero-size f32: none)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq_accum (workspace)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // delta (workspace)
+                                  .Ret<ffi::Buffer<ffi::U8>>()    // mask tile classes (workspace)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dbias_accum (workspace)
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<bool>("is_causal")
+                                  .Attr<bool>("deterministic"));
+
+std::vector<FfiTarget> cuda_bwd_targets() {
+  return {
+      {"dmattn_bwd_cuda", reinterpret_cast<void*>(kFlashBwdCuda)},
+  };
+}
 
 }  // namespace dmattn

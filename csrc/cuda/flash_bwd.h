@@ -1,0 +1,84 @@
+// Plain (CuTe-free) interface of the CUDA flash backward: the parameter block and the launchers. Included by
+// the FFI handler TU (csrc/ffi/cuda_bwd_handlers.cc), which must not see CuTe headers.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace dmattn {
+
+// Tile sizes of every backward instantiation, and the granularity of the backward's own mask tile-class map
+// ([Bm, Hm, ceil(Mm / kBwdBlockM), ceil(Nm / kBwdBlockN)], written by launch_classify_mask_tiles).
+constexpr int kBwdBlockM = 64;
+constexpr int kBwdBlockN = 64;
+
+enum BwdBiasDtype : int { kBwdBiasF32 = 0, kBwdBiasBF16 = 1, kBwdBiasF16 = 2 };
+
+// How the main kernel writes dbias.
+enum DbiasMode : int {
+  kDbiasNone = 0,    // no bias, or a bias broadcast along keys (its gradient is exactly 0: zero-filled)
+  kDbiasDirect = 1,  // every dbias tile is finished by one flush: store it in the bias dtype
+  kDbiasAccum = 2,   // a tile gets several flushes (batch / head broadcast): read-modify-write an fp32 buffer
+};
+
+struct BwdParams {
+  // Canonical contiguous layouts: q, out, dout, dq [B, Lq, H, D]; k, v, dk, dv [B, Lk, Hkv, D];
+  // lse, dlse, delta [B, H, Lq] f32; dq_accum [B, Lq, H, D] f32.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* out = nullptr;
+  const void* dout = nullptr;
+  const float* lse = nullptr;
+  const float* dlse = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dq_accum = nullptr;  // fp32 dq accumulator (atomics); unused when deterministic
+  float* delta = nullptr;     // rowsum(dout * out) - dlse, written by the preprocess kernel
+
+  int batch = 0, heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
+  int group = 1;  // H / Hkv
+  bool is_bf16 = true;
+  float scale = 1.f;
+  float softcap = 0.f;  // 0: off
+  bool is_causal = false;
+  bool deterministic = false;  // dq by a separate query-tile-parallel kernel instead of atomics
+
+  // Broadcastable bias [Bb, Hb, Mb, Nb]: element strides (0 on broadcast dims); bias head of query head h is
+  // h / bias_hdiv. nullptr: none.
+  const void* bias = nullptr;
+  int bias_dtype = kBwdBiasF32;
+  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
+  int bias_hdiv = 1;
+  int64_t bias_size = 0;  // Bb * Hb * Mb * Nb
+
+  // dbias (bias's shape and dtype), and the fp32 accumulation target of kDbiasAccum (the dbias buffer itself
+  // for an f32 bias, else an fp32 workspace of bias's shape converted at the end).
+  void* dbias = nullptr;
+  float* dbias_accum = nullptr;
+  int dbias_mode = kDbiasNone;
+  // A CTA covers this many batches / kv heads so that it owns whole dbias columns (no atomics).
+  int batches_per_item = 1, kv_heads_per_item = 1;
+
+  // Broadcastable bool mask (same rule).
+  const uint8_t* mask = nullptr;
+  int64_t mask_batch_stride = 0, mask_head_stride = 0, mask_row_stride = 0, mask_col_stride = 0;
+  int mask_hdiv = 1;
+
+  // Tile classes at kBwdBlockM x kBwdBlockN (strides 0 on broadcast dims); nullptr: every tile full.
+  const uint8_t* classes = nullptr;
+  int64_t cls_batch_stride = 0, cls_head_stride = 0, cls_m_stride = 0, cls_n_stride = 0;
+};
+
+// Runs the whole backward on `stream` (the preprocess, the main kernel, the deterministic dq kernel or the dq
+// conversion, the dbias conversion). Buffers are XLA's: nothing is allocated, nothing synchronises. The
+// caller has already written the tile-class map.
+cudaError_t launch_flash_bwd(const BwdParams& params, cudaStream_t stream);
+
+// The main and dq kernels of one (head dim, dtype), defined in flash_bwd_hdim<D>.cu.
+template <int kHeadDim, bool kIsBF16>
+cudaError_t run_flash_bwd_main(const BwdParams& params, cudaStream_t stream);
+template <int kHeadDim, bool kIsBF16>
+cudaError_t run_flash_bwd_dq(const BwdParams& params, cudaStream_t stream);
+
+}  // namespace dmattn

@@ -1,0 +1,123 @@
+// The backward's launch sequence (no CuTe here: the main / dq kernels live in flash_bwd_hdim*.cu):
+// zero-fill, delta preprocess, main kernel, deterministic dq kernel or dq conversion, dbias conversion.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/flash_bwd.h"
+
+namespace dmattn {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <class T>
+__device__ __forceinline__ float to_f32(T x);
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+
+// delta[b, h, i] = sum_d dout * out - dlse: one warp per (b, i, h) row of the [B, Lq, H, D] tensors.
+template <class T>
+__global__ void __launch_bounds__(kThreads) bwd_delta_kernel(BwdParams p) {
+  const int64_t rows = int64_t(p.batch) * p.q_len * p.heads;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T* o = static_cast<const T*>(p.out) + row * p.head_dim;
+  const T* d_o = static_cast<const T*>(p.dout) + row * p.head_dim;
+  float acc = 0.f;
+  for (int d = lane; d < p.head_dim; d += 32) acc += to_f32(o[d]) * to_f32(d_o[d]);
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) {
+    const int64_t h = row % p.heads;
+    const int64_t i = (row / p.heads) % p.q_len;
+    const int64_t b = row / (int64_t(p.heads) * p.q_len);
+    const int64_t idx = (b * p.heads + h) * p.q_len + i;
+    p.delta[idx] = acc - p.dlse[idx];
+  }
+}
+
+template <class T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) convert_kernel(const float* __restrict__ src, T* __restrict__ dst,
+                                                           int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads)
+    dst[i] = from_f32<T>(src[i]);
+}
+
+template <class T>
+cudaError_t convert(const float* src, void* dst, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  convert_kernel<T><<<grid, kThreads, 0, stream>>>(src, static_cast<T*>(dst), n);
+  return cudaGetLastError();
+}
+
+cudaError_t run_main(const BwdParams& p, cudaStream_t stream, bool dq_pass) {
+#define DMATTN_BWD_CASE(D)                                                                             \
+  case D:                                                                                              \
+    if (dq_pass) return p.is_bf16 ? run_flash_bwd_dq<D, true>(p, stream) : run_flash_bwd_dq<D, false>(p, stream); \
+    return p.is_bf16 ? run_flash_bwd_main<D, true>(p, stream) : run_flash_bwd_main<D, false>(p, stream);
+  switch (p.head_dim) {
+    DMATTN_BWD_CASE(32)
+    DMATTN_BWD_CASE(64)
+    DMATTN_BWD_CASE(96)
+    DMATTN_BWD_CASE(128)
+    DMATTN_BWD_CASE(192)
+    DMATTN_BWD_CASE(256)
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef DMATTN_BWD_CASE
+}
+
+}  // namespace
+
+cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
+  cudaError_t err;
+  const int64_t q_elems = int64_t(p.batch) * p.q_len * p.heads * p.head_dim;
+  if (!p.deterministic) {
+    if ((err = cudaMemsetAsync(p.dq_accum, 0, q_elems * sizeof(float), stream)) != cudaSuccess) return err;
+  }
+  if (p.bias != nullptr) {
+    const int64_t esize = p.bias_dtype == kBwdBiasF32 ? 4 : 2;
+    if (p.dbias_mode == kDbiasAccum) {
+      err = cudaMemsetAsync(p.dbias_accum, 0, p.bias_size * sizeof(float), stream);
+    } else {  // skipped / never visited tiles (and a key-broadcast bias) get exact zeros
+      err = cudaMemsetAsync(p.dbias, 0, p.bias_size * esize, stream);
+    }
+    if (err != cudaSuccess) return err;
+  }
+  if (q_elems > 0) {
+    const int64_t rows = int64_t(p.batch) * p.q_len * p.heads;
+    const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
+    if (p.is_bf16) bwd_delta_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    else bwd_delta_kernel<__half><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if ((err = run_main(p, stream, /*dq_pass=*/false)) != cudaSuccess) return err;
+  if (p.deterministic) {
+    if ((err = run_main(p, stream, /*dq_pass=*/true)) != cudaSuccess) return err;
+  } else {
+    err = p.is_bf16 ? convert<__nv_bfloat16>(p.dq_accum, p.dq, q_elems, stream)
+                    : convert<__half>(p.dq_accum, p.dq, q_elems, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (p.bias != nullptr && p.dbias_mode == kDbiasAccum && p.bias_dtype != kBwdBiasF32) {
+    err = p.bias_dtype == kBwdBiasBF16 ? convert<__nv_bfloat16>(p.dbias_accum, p.dbias, p.bias_size, stream)
+                                       : convert<__half>(p.dbias_accum, p.dbias, p.bias_size, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace dmattn

@@ -1,0 +1,714 @@
+// Flash-attention backward for sm80+ (cp.async into swizzled shared memory, ldmatrix, mma.sync through CuTe),
+// with a broadcastable trainable bias (dbias reduced over its broadcast dims inside the kernel), a boolean
+// mask whose empty tiles are skipped through the tile-class map, GQA, bottom-right causal and softcap.
+// Templated on head dim and dtype only; causal, bias, mask, softcap and determinism are run-time branches that
+// are uniform across the CTA.
+//
+// Main kernel: one CTA per (key tile, batch group, kv-head group). It holds K and V of its key tile, loops over
+// the query tiles that see it (outer) and the query heads of its GQA group (inner), recomputes P from the
+// forward's lse, and accumulates dK and dV of the whole group in registers (no [B, Lk, H, D] buffer, no
+// atomics). dQ goes to an fp32 accumulator by atomics, or (deterministic) is left to a second kernel that is
+// parallel over query tiles and sums its key tiles in a fixed order. dbias: the CTA owns whole columns of
+// dbias (a batch- or head-broadcast bias puts every batch / kv head that shares them into one CTA), so the
+// reduction over broadcast dims needs no atomics: dS accumulates in registers while its dbias tile stays the
+// same and is flushed through shared memory, either stored (one flush per tile) or added to an fp32 buffer.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "cuda/flash_bwd.h"
+#include "cuda/tile_classes.h"
+
+namespace dmattn {
+namespace bwd {
+
+using namespace cute;
+
+template <int kHeadDim_, bool kIsBF16>
+struct Traits {
+  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBwdBlockM;
+  static constexpr int kBlockN = kBwdBlockN;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
+  static_assert(kBlockM == 64 && kBlockN == 64, "the warp tiling below assumes 64 x 64 tiles");
+
+  using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
+  // 4 warps along M x 2 along N; the 32-wide N tile gives each warp two adjacent n8 atoms (ldmatrix.x4 for B).
+  // One tiling serves all five products: S, dP (64 x 64), dV, dK (64 keys x D) and dQ (64 rows x D).
+  using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
+
+  using SmemLayoutAtom = decltype(composition(
+      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));   // Q, dO
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // K, V
+  // Transposed views of the same storage: Q^T / dO^T [D, M] (B of dK / dV), K^T [D, N] (B of dQ).
+  using SmemLayoutQt =
+      decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutKt =
+      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  // P and dS [M, N] (dS is A of dQ), and their transposes [N, M] (A of dV / dK).
+  using SmemLayoutAtomP =
+      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, Int<kBlockN>>, Stride<Int<kBlockN>, _1>>{}));
+  using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomP{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using SmemLayoutPt =
+      decltype(composition(SmemLayoutP{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
+
+  using S2RAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
+  using S2RAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
+  using R2SAtom = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Elem>;
+
+  static constexpr int kGmemThreadsPerRow = kBlockKSmem / 8;  // 16-byte chunks per smem atom row
+  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+                                Stride<Int<kGmemThreadsPerRow>, _1>>;
+  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Elem>{},
+                                                 GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKVElems = kBlockN * kHeadDim;
+  static constexpr int kPElems = kBlockM * kBlockN;
+  static constexpr int kDbStride = kBlockN + 4;  // fp32 dbias staging rows, padded against bank conflicts
+  static constexpr int kSmemBytes =
+      (2 * kQElems + 2 * kKVElems + 2 * kPElems) * int(sizeof(Elem)) + kBlockM * kDbStride * int(sizeof(float));
+  static constexpr int kSmemBytesDq = (2 * kQElems + 2 * kKVElems + kPElems) * int(sizeof(Elem));
+};
+
+// ---------------------------------------------------------------------------------------------- helpers
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Accumulator layout ((2 cols, 2 row halves), MMA_M, MMA_N) viewed as (rows, cols).
+template <class L>
+__device__ __forceinline__ auto rowcol(L l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// Row-predicated tile copy (gmem -> smem); rows at or past max_rows are zero-filled.
+template <class TiledCopy, class S, class D, class C>
+__device__ __forceinline__ void copy_rows(TiledCopy const& tc, S const& src, D& dst, C const& coord, int max_rows) {
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(src); ++m) {
+    if (get<0>(coord(0, m, 0)) < max_rows) {
+      cute::copy(tc, src(_, m, _), dst(_, m, _));
+    } else {
+      cute::clear(dst(_, m, _));
+    }
+  }
+}
+
+// acc += A(smem) * B(smem), with ldmatrix of the next k slice overlapping the current mma.
+template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CA, class TA, class CB, class TB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
+                                        CA const& cpA, TA const& thrA, CB const& cpB, TB const& thrB) {
+  auto rA_v = thrA.retile_D(rA);
+  auto rB_v = thrB.retile_D(rB);
+  cute::copy(cpA, sA(_, _, 0), rA_v(_, _, 0));
+  cute::copy(cpB, sB(_, _, 0), rB_v(_, _, 0));
+  CUTE_UNROLL
+  for (int kk = 0; kk < size<2>(rA); ++kk) {
+    if (kk + 1 < size<2>(rA)) {
+      cute::copy(cpA, sA(_, _, kk + 1), rA_v(_, _, kk + 1));
+      cute::copy(cpB, sB(_, _, kk + 1), rB_v(_, _, kk + 1));
+    }
+    cute::gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
+  }
+}
+
+__device__ __forceinline__ float load_bias(const void* base, int64_t off, int dtype) {
+  if (dtype == kBwdBiasBF16) {
+    const uint16_t bits = __ldg(static_cast<const unsigned short*>(base) + off);
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  }
+  if (dtype == kBwdBiasF16) return __half2float(__ldg(static_cast<const __half*>(base) + off));
+  return __ldg(static_cast<const float*>(base) + off);
+}
+
+__device__ __forceinline__ void store_bias(void* base, int64_t off, int dtype, float v) {
+  if (dtype == kBwdBiasBF16) {
+    static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v);
+  } else if (dtype == kBwdBiasF16) {
+    static_cast<__half*>(base)[off] = __float2half_rn(v);
+  } else {
+    static_cast<float*>(base)[off] = v;
+  }
+}
+
+// Two adjacent elements (even column) of a row-major [.., D] tensor in the input dtype.
+template <class Elem>
+__device__ __forceinline__ void store_pair(Elem* dst, float a, float b) {
+  Elem two[2] = {static_cast<Elem>(a), static_cast<Elem>(b)};
+  *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(two);
+}
+
+__device__ __forceinline__ int tile_class(const BwdParams& p, int b, int h, int m, int n) {
+  if (p.mask == nullptr) return kTileFull;
+  if (p.classes == nullptr) return kTilePartial;
+  return p.classes[b * p.cls_batch_stride + (h / p.mask_hdiv) * p.cls_head_stride + m * p.cls_m_stride +
+                   n * p.cls_n_stride];
+}
+
+// Turns the raw score tile acc_s = q.k (rows m0.., keys n0..) into P = exp(s - lse) in place, with
+// s = cap(scale * q.k) + bias and P = 0 for keys that are not kept (sequence ends, causality, mask, rows with
+// no kept key). capd receives the softcap chain factor 1 - tanh^2 (1 without softcap).
+template <class AccS, class CapD, class CS, int kRows>
+__device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int b,
+                                            int h, int m0, int n0, int cls, const float (&lse2)[kRows]) {
+  Tensor s = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+  Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
+  const bool has_bias = p.bias != nullptr;
+  const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
+  const bool load_mask = cls == kTilePartial;
+  const int64_t mask_base = load_mask ? b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : 0;
+  const bool use_cap = p.softcap > 0.f;
+  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
+  const int causal_off = p.kv_len - p.q_len;
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(s); ++r) {
+    const int row = m0 + get<0>(cS(r, 0));
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(s); ++c) {
+      const int col = n0 + get<1>(cS(0, c));
+      float x = s(r, c);
+      float d = 1.f;
+      if (use_cap) {
+        const float t = tanhf(x * cap_in);
+        x = p.softcap * t;
+        d = 1.f - t * t;
+      } else {
+        x *= p.scale;
+      }
+      bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off);
+      if (keep && load_mask) {
+        keep = __ldg(p.mask + mask_base + int64_t(row) * p.mask_row_stride + int64_t(col) * p.mask_col_stride) != 0;
+      }
+      if (keep && has_bias) {
+        x += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride + int64_t(col) * p.bias_col_stride,
+                       p.bias_dtype);
+      }
+      s(r, c) = (keep && lse2[r] != -INFINITY) ? exp2f(x * kLog2e - lse2[r]) : 0.f;
+      cd(r, c) = d;
+    }
+  }
+}
+
+// lse (in log2 units) and delta of this thread's rows of the query tile at m0 of (b, h).
+template <class CS, int kRows>
+__device__ __forceinline__ void load_row_stats(const BwdParams& p, CS const& cS, int b, int h, int m0,
+                                               float (&lse2)[kRows], float (&delta)[kRows]) {
+  const int64_t base = (int64_t(b) * p.heads + h) * p.q_len;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int row = m0 + get<0>(cS(r, 0));
+    lse2[r] = row < p.q_len ? p.lse[base + row] * kLog2e : -INFINITY;
+    delta[r] = row < p.q_len ? p.delta[base + row] : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- main kernel
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const __grid_constant__ BwdParams p) {
+  using Elem = typename Kt::Elem;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kBlockN = Kt::kBlockN;
+  constexpr int kD = Kt::kHeadDim;
+  constexpr int kNThreads = Kt::kNThreads;
+
+  extern __shared__ __align__(128) char smem[];
+
+  const int n_block = blockIdx.x;
+  const int kvh_begin = blockIdx.y * p.kv_heads_per_item;
+  const int b_begin = blockIdx.z * p.batches_per_item;
+  const int tid = threadIdx.x;
+  const int n0 = n_block * kBlockN;
+  const int g = p.group;
+  const int causal_off = p.kv_len - p.q_len;
+  const int m_tiles = (p.q_len + kBlockM - 1) / kBlockM;
+  int m_begin = 0;
+  if (p.is_causal) {
+    const int first_row = n0 - causal_off;  // first query row that sees key n0
+    m_begin = first_row <= 0 ? 0 : (first_row >= p.q_len ? m_tiles : first_row / kBlockM);
+  }
+  const int64_t q_row_stride = int64_t(p.heads) * kD;
+  const int64_t k_row_stride = int64_t(p.kv_heads) * kD;
+
+  // Shared memory: sQ | sdO | sK | sV | sP | sdS | fp32 dbias staging.
+  Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
+  Elem* sdo_ptr = sq_ptr + Kt::kQElems;
+  Elem* sk_ptr = sdo_ptr + Kt::kQElems;
+  Elem* sv_ptr = sk_ptr + Kt::kKVElems;
+  Elem* sp_ptr = sv_ptr + Kt::kKVElems;
+  Elem* sds_ptr = sp_ptr + Kt::kPElems;
+  float* sdb = reinterpret_cast<float*>(sds_ptr + Kt::kPElems);
+
+  Tensor sQ = make_tensor(make_smem_ptr(sq_ptr), typename Kt::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(sdo_ptr), typename Kt::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(sk_ptr), typename Kt::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(sv_ptr), typename Kt::SmemLayoutKV{});
+  Tensor sP = make_tensor(make_smem_ptr(sp_ptr), typename Kt::SmemLayoutP{});
+  Tensor sdS = make_tensor(make_smem_ptr(sds_ptr), typename Kt::SmemLayoutP{});
+  Tensor sQt = make_tensor(make_smem_ptr(sq_ptr), typename Kt::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(sdo_ptr), typename Kt::SmemLayoutQt{});
+  Tensor sKt = make_tensor(make_smem_ptr(sk_ptr), typename Kt::SmemLayoutKt{});
+  Tensor sPt = make_tensor(make_smem_ptr(sp_ptr), typename Kt::SmemLayoutPt{});
+  Tensor sdSt = make_tensor(make_smem_ptr(sds_ptr), typename Kt::SmemLayoutPt{});
+
+  typename Kt::GmemTiledCopy gmem_copy;
+  auto gthr = gmem_copy.get_thread_slice(tid);
+  Tensor tQsQ = gthr.partition_D(sQ);
+  Tensor tQsdO = gthr.partition_D(sdO);
+  Tensor tKsK = gthr.partition_D(sK);
+  Tensor tKsV = gthr.partition_D(sV);
+  Tensor tQc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor tKc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
+
+  typename Kt::TiledMma mma;
+  auto tmma = mma.get_thread_slice(tid);
+  Tensor tSrQ = tmma.partition_fragment_A(sQ);
+  Tensor tSrK = tmma.partition_fragment_B(sK);
+  Tensor tdPrdO = tmma.partition_fragment_A(sdO);
+  Tensor tdPrV = tmma.partition_fragment_B(sV);
+  Tensor tdVrPt = tmma.partition_fragment_A(sPt);
+  Tensor tdVrdOt = tmma.partition_fragment_B(sdOt);
+  Tensor tdKrdSt = tmma.partition_fragment_A(sdSt);
+  Tensor tdKrQt = tmma.partition_fragment_B(sQt);
+  Tensor tdQrdS = tmma.partition_fragment_A(sdS);
+  Tensor tdQrKt = tmma.partition_fragment_B(sKt);
+
+  auto cpA = make_tiled_copy_A(typename Kt::S2RAtom{}, mma);
+  auto cpA_t = cpA.get_thread_slice(tid);
+  auto cpAT = make_tiled_copy_A(typename Kt::S2RAtomT{}, mma);
+  auto cpAT_t = cpAT.get_thread_slice(tid);
+  auto cpB = make_tiled_copy_B(typename Kt::S2RAtom{}, mma);
+  auto cpB_t = cpB.get_thread_slice(tid);
+  auto cpBT = make_tiled_copy_B(typename Kt::S2RAtomT{}, mma);
+  auto cpBT_t = cpBT.get_thread_slice(tid);
+  Tensor tSsQ = cpA_t.partition_S(sQ);
+  Tensor tSsK = cpB_t.partition_S(sK);
+  Tensor tdPsdO = cpA_t.partition_S(sdO);
+  Tensor tdPsV = cpB_t.partition_S(sV);
+  Tensor tdVsPt = cpAT_t.partition_S(sPt);
+  Tensor tdVsdOt = cpBT_t.partition_S(sdOt);
+  Tensor tdKsdSt = cpAT_t.partition_S(sdSt);
+  Tensor tdKsQt = cpBT_t.partition_S(sQt);
+  Tensor tdQsdS = cpA_t.partition_S(sdS);
+  Tensor tdQsKt = cpBT_t.partition_S(sKt);
+
+  auto r2s = make_tiled_copy_C(typename Kt::R2SAtom{}, mma);
+  auto r2s_t = r2s.get_thread_slice(tid);
+  Tensor tPsP = r2s_t.partition_D(sP);
+  Tensor tPsdS = r2s_t.partition_D(sdS);
+
+  // Coordinates of this thread's accumulator elements, as (rows, cols).
+  Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cS = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS))::value;
+  Tensor tKVc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
+  Tensor cKV = make_tensor(tKVc.data(), rowcol(tKVc.layout()));
+  Tensor tQDc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cQD = make_tensor(tQDc.data(), rowcol(tQDc.layout()));
+
+  Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kD>>{});
+  Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kD>>{});
+
+  // dbias: the current target tile (bias offset of its (batch, head, first row)) and its fp32 partial sum.
+  const bool has_dbias = p.bias != nullptr && p.dbias_mode != kDbiasNone;
+  const bool dbias_rows = p.bias_row_stride != 0;  // bias has full query rows
+  Tensor dbacc = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  clear(dbacc);
+  int64_t db_key = -1, db_base = 0;
+  int db_m0 = 0;
+  auto flush_dbias = [&]() {  // CTA-uniform
+    Tensor db = make_tensor(dbacc.data(), rowcol(dbacc.layout()));
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(db); ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(db); ++c) {
+        sdb[get<0>(cS(r, 0)) * Kt::kDbStride + get<1>(cS(0, c))] = db(r, c);
+      }
+    }
+    clear(dbacc);
+    __syncthreads();
+    const bool direct = p.dbias_mode == kDbiasDirect;
+    if (dbias_rows) {
+      for (int e = tid; e < kBlockM * kBlockN; e += kNThreads) {
+        const int lr = e / kBlockN, lc = e % kBlockN;
+        const int row = db_m0 + lr, col = n0 + lc;
+        if (row < p.q_len && col < p.kv_len) {
+          const int64_t off = db_base + int64_t(row) * p.bias_row_stride + int64_t(col) * p.bias_col_stride;
+          const float v = sdb[lr * Kt::kDbStride + lc];
+          if (direct) store_bias(p.dbias, off, p.bias_dtype, v);
+          else p.dbias_accum[off] += v;
+        }
+      }
+    } else {
+      for (int lc = tid; lc < kBlockN; lc += kNThreads) {
+        float v = 0.f;
+        for (int lr = 0; lr < kBlockM; ++lr) v += sdb[lr * Kt::kDbStride + lc];
+        const int col = n0 + lc;
+        if (col < p.kv_len) {
+          const int64_t off = db_base + int64_t(col) * p.bias_col_stride;
+          if (direct) store_bias(p.dbias, off, p.bias_dtype, v);
+          else p.dbias_accum[off] += v;
+        }
+      }
+    }
+    __syncthreads();
+  };
+
+  for (int bi = 0; bi < p.batches_per_item; ++bi) {
+    const int b = b_begin + bi;
+    for (int ki = 0; ki < p.kv_heads_per_item; ++ki) {
+      const int kvh = kvh_begin + ki;
+      const Elem* k_ptr = static_cast<const Elem*>(p.k) + (int64_t(b) * p.kv_len + n0) * k_row_stride + kvh * kD;
+      const Elem* v_ptr = static_cast<const Elem*>(p.v) + (int64_t(b) * p.kv_len + n0) * k_row_stride + kvh * kD;
+      Tensor gK = make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kD>>{}, make_stride(k_row_stride, _1{}));
+      Tensor gV = make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kD>>{}, make_stride(k_row_stride, _1{}));
+      __syncthreads();  // every warp is done with the previous sK / sV
+      copy_rows(gmem_copy, gthr.partition_S(gK), tKsK, tKc, p.kv_len - n0);
+      copy_rows(gmem_copy, gthr.partition_S(gV), tKsV, tKc, p.kv_len - n0);
+      cute::cp_async_fence();
+      clear(acc_dk);
+      clear(acc_dv);
+
+      for (int m = m_begin; m < m_tiles; ++m) {
+        const int m0 = m * kBlockM;
+        for (int hi = 0; hi < g; ++hi) {
+          const int h = kvh * g + hi;
+          const int cls = tile_class(p, b, h, m, n_block);
+          if (cls == kTileEmpty) continue;
+
+          if (has_dbias) {
+            const int64_t base = b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride;
+            const int tm0 = dbias_rows ? m0 : 0;
+            const int64_t key = base + int64_t(tm0) * p.bias_row_stride;
+            if (db_key >= 0 && key != db_key) flush_dbias();
+            db_key = key, db_base = base, db_m0 = tm0;
+          }
+
+          const int64_t q_off = (int64_t(b) * p.q_len + m0) * q_row_stride + int64_t(h) * kD;
+          Tensor gQ = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.q) + q_off),
+                                  Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
+          Tensor gdO = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.dout) + q_off),
+                                   Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
+          copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
+          copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
+          cute::cp_async_fence();
+
+          float lse2[kRows], delta[kRows];
+          load_row_stats(p, cS, b, h, m0, lse2, delta);
+          cute::cp_async_wait<0>();
+          __syncthreads();
+
+          // S = Q K^T -> P.
+          Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+          clear(acc_s);
+          gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
+          Tensor capd = make_tensor_like(acc_s);
+          scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
+          {
+            Tensor pe = make_tensor_like<Elem>(acc_s);
+            CUTE_UNROLL
+            for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
+            cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
+          }
+
+          // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the cap.
+          Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+          clear(acc_dp);
+          gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
+          {
+            Tensor ps = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+            Tensor dp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
+            Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
+            Tensor db = make_tensor(dbacc.data(), rowcol(dbacc.layout()));
+            CUTE_UNROLL
+            for (int r = 0; r < size<0>(dp); ++r) {
+              CUTE_UNROLL
+              for (int c = 0; c < size<1>(dp); ++c) {
+                const float ds = ps(r, c) * (dp(r, c) - delta[r]);
+                if (has_dbias) db(r, c) += ds;
+                dp(r, c) = ds * cd(r, c);
+              }
+            }
+            Tensor dse = make_tensor_like<Elem>(acc_dp);
+            CUTE_UNROLL
+            for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
+            cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+          }
+          __syncthreads();  // sP, sdS complete
+
+          gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dV += P^T dO
+          gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dK += dS^T Q
+
+          if (!p.deterministic) {  // dQ (this key tile's share) = dS K, added to the fp32 accumulator
+            Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+            clear(acc_dq);
+            gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+            Tensor dq = make_tensor(acc_dq.data(), rowcol(acc_dq.layout()));
+            CUTE_UNROLL
+            for (int r = 0; r < size<0>(dq); ++r) {
+              const int row = m0 + get<0>(cQD(r, 0));
+              if (row < p.q_len) {
+                float* dst = p.dq_accum + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
+                CUTE_UNROLL
+                for (int c = 0; c < size<1>(dq); c += 2) {
+                  const int d = get<1>(cQD(0, c));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                  atomicAdd(reinterpret_cast<float2*>(dst + d), make_float2(dq(r, c) * p.scale, dq(r, c + 1) * p.scale));
+#else
+                  atomicAdd(dst + d, dq(r, c) * p.scale);
+                  atomicAdd(dst + d + 1, dq(r, c + 1) * p.scale);
+#endif
+                }
+              }
+            }
+          }
+          __syncthreads();  // every warp is done with sQ, sdO, sP, sdS
+        }
+      }
+      cute::cp_async_wait<0>();  // K / V of an item with no visited tile
+
+      // dK (scaled) and dV of the whole GQA group of this kv head.
+      Tensor dk = make_tensor(acc_dk.data(), rowcol(acc_dk.layout()));
+      Tensor dv = make_tensor(acc_dv.data(), rowcol(acc_dv.layout()));
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(dk); ++r) {
+        const int key = n0 + get<0>(cKV(r, 0));
+        if (key < p.kv_len) {
+          const int64_t off = (int64_t(b) * p.kv_len + key) * k_row_stride + int64_t(kvh) * kD;
+          Elem* dk_dst = static_cast<Elem*>(p.dk) + off;
+          Elem* dv_dst = static_cast<Elem*>(p.dv) + off;
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(dk); c += 2) {
+            const int d = get<1>(cKV(0, c));
+            store_pair(dk_dst + d, dk(r, c) * p.scale, dk(r, c + 1) * p.scale);
+            store_pair(dv_dst + d, dv(r, c), dv(r, c + 1));
+          }
+        }
+      }
+    }
+  }
+  if (has_dbias && db_key >= 0) flush_dbias();
+}
+
+// ---------------------------------------------------------------------------------------------- dq kernel
+// Deterministic dQ: one CTA per (query tile, query head, batch) walks its key tiles in a fixed order and
+// accumulates dQ = sum_n dS_n K_n in registers.
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __grid_constant__ BwdParams p) {
+  using Elem = typename Kt::Elem;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kBlockN = Kt::kBlockN;
+  constexpr int kD = Kt::kHeadDim;
+
+  extern __shared__ __align__(128) char smem[];
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heavy (late, causal) query tiles first
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int kvh = h / p.group;
+  const int tid = threadIdx.x;
+  const int m0 = m_block * kBlockM;
+  const int causal_off = p.kv_len - p.q_len;
+  const int n_tiles = (p.kv_len + kBlockN - 1) / kBlockN;
+  int n_end = n_tiles;
+  if (p.is_causal) {
+    const int last_key = min(m0 + kBlockM, p.q_len) - 1 + causal_off;
+    n_end = last_key < 0 ? 0 : min(n_tiles, last_key / kBlockN + 1);
+  }
+  const int64_t q_row_stride = int64_t(p.heads) * kD;
+  const int64_t k_row_stride = int64_t(p.kv_heads) * kD;
+
+  Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
+  Elem* sdo_ptr = sq_ptr + Kt::kQElems;
+  Elem* sk_ptr = sdo_ptr + Kt::kQElems;
+  Elem* sv_ptr = sk_ptr + Kt::kKVElems;
+  Elem* sds_ptr = sv_ptr + Kt::kKVElems;
+  Tensor sQ = make_tensor(make_smem_ptr(sq_ptr), typename Kt::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(sdo_ptr), typename Kt::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(sk_ptr), typename Kt::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(sv_ptr), typename Kt::SmemLayoutKV{});
+  Tensor sdS = make_tensor(make_smem_ptr(sds_ptr), typename Kt::SmemLayoutP{});
+  Tensor sKt = make_tensor(make_smem_ptr(sk_ptr), typename Kt::SmemLayoutKt{});
+
+  typename Kt::GmemTiledCopy gmem_copy;
+  auto gthr = gmem_copy.get_thread_slice(tid);
+  Tensor tQsQ = gthr.partition_D(sQ);
+  Tensor tQsdO = gthr.partition_D(sdO);
+  Tensor tKsK = gthr.partition_D(sK);
+  Tensor tKsV = gthr.partition_D(sV);
+  Tensor tQc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor tKc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
+
+  typename Kt::TiledMma mma;
+  auto tmma = mma.get_thread_slice(tid);
+  Tensor tSrQ = tmma.partition_fragment_A(sQ);
+  Tensor tSrK = tmma.partition_fragment_B(sK);
+  Tensor tdPrdO = tmma.partition_fragment_A(sdO);
+  Tensor tdPrV = tmma.partition_fragment_B(sV);
+  Tensor tdQrdS = tmma.partition_fragment_A(sdS);
+  Tensor tdQrKt = tmma.partition_fragment_B(sKt);
+
+  auto cpA = make_tiled_copy_A(typename Kt::S2RAtom{}, mma);
+  auto cpA_t = cpA.get_thread_slice(tid);
+  auto cpB = make_tiled_copy_B(typename Kt::S2RAtom{}, mma);
+  auto cpB_t = cpB.get_thread_slice(tid);
+  auto cpBT = make_tiled_copy_B(typename Kt::S2RAtomT{}, mma);
+  auto cpBT_t = cpBT.get_thread_slice(tid);
+  Tensor tSsQ = cpA_t.partition_S(sQ);
+  Tensor tSsK = cpB_t.partition_S(sK);
+  Tensor tdPsdO = cpA_t.partition_S(sdO);
+  Tensor tdPsV = cpB_t.partition_S(sV);
+  Tensor tdQsdS = cpA_t.partition_S(sdS);
+  Tensor tdQsKt = cpBT_t.partition_S(sKt);
+
+  auto r2s = make_tiled_copy_C(typename Kt::R2SAtom{}, mma);
+  auto r2s_t = r2s.get_thread_slice(tid);
+  Tensor tPsdS = r2s_t.partition_D(sdS);
+
+  Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cS = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS))::value;
+  Tensor tQDc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cQD = make_tensor(tQDc.data(), rowcol(tQDc.layout()));
+
+  const int64_t q_off = (int64_t(b) * p.q_len + m0) * q_row_stride + int64_t(h) * kD;
+  Tensor gQ = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.q) + q_off), Shape<Int<kBlockM>, Int<kD>>{},
+                          make_stride(q_row_stride, _1{}));
+  Tensor gdO = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.dout) + q_off), Shape<Int<kBlockM>, Int<kD>>{},
+                           make_stride(q_row_stride, _1{}));
+  copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
+  copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
+  cute::cp_async_fence();
+  float lse2[kRows], delta[kRows];
+  load_row_stats(p, cS, b, h, m0, lse2, delta);
+
+  Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_dq);
+
+  for (int n = 0; n < n_end; ++n) {
+    const int cls = tile_class(p, b, h, m_block, n);
+    if (cls == kTileEmpty) continue;
+    const int n0 = n * kBlockN;
+    const Elem* k_ptr = static_cast<const Elem*>(p.k) + (int64_t(b) * p.kv_len + n0) * k_row_stride + kvh * kD;
+    const Elem* v_ptr = static_cast<const Elem*>(p.v) + (int64_t(b) * p.kv_len + n0) * k_row_stride + kvh * kD;
+    Tensor gK = make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kD>>{}, make_stride(k_row_stride, _1{}));
+    Tensor gV = make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kD>>{}, make_stride(k_row_stride, _1{}));
+    __syncthreads();  // every warp is done with the previous sK / sV / sdS
+    copy_rows(gmem_copy, gthr.partition_S(gK), tKsK, tKc, p.kv_len - n0);
+    copy_rows(gmem_copy, gthr.partition_S(gV), tKsV, tKc, p.kv_len - n0);
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    __syncthreads();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
+    Tensor capd = make_tensor_like(acc_s);
+    scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
+
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_dp);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
+    {
+      Tensor ps = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+      Tensor dp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
+      Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(dp); ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = ps(r, c) * (dp(r, c) - delta[r]) * cd(r, c);
+      }
+      Tensor dse = make_tensor_like<Elem>(acc_dp);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
+      cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+    }
+    __syncthreads();
+    gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+  }
+  cute::cp_async_wait<0>();
+
+  Tensor dq = make_tensor(acc_dq.data(), rowcol(acc_dq.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(dq); ++r) {
+    const int row = m0 + get<0>(cQD(r, 0));
+    if (row < p.q_len) {
+      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dq); c += 2) {
+        const int d = get<1>(cQD(0, c));
+        store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- launchers
+
+template <class Kernel>
+cudaError_t set_smem(Kernel kernel, int smem, bool& configured) {
+  if (configured) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) configured = true;
+  return err;
+}
+
+template <int kHeadDim, bool kIsBF16>
+cudaError_t launch_main(const BwdParams& p, cudaStream_t stream) {
+  using Kt = Traits<kHeadDim, kIsBF16>;
+  auto kernel = flash_bwd_main_kernel<Kt>;
+  static bool configured = false;  // benign race: every thread sets the same attribute
+  if (cudaError_t err = set_smem(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+  const dim3 grid((p.kv_len + Kt::kBlockN - 1) / Kt::kBlockN, p.kv_heads / p.kv_heads_per_item,
+                  p.batch / p.batches_per_item);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  kernel<<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int kHeadDim, bool kIsBF16>
+cudaError_t launch_dq(const BwdParams& p, cudaStream_t stream) {
+  using Kt = Traits<kHeadDim, kIsBF16>;
+  auto kernel = flash_bwd_dq_kernel<Kt>;
+  static bool configured = false;
+  if (cudaError_t err = set_smem(kernel, Kt::kSmemBytesDq, configured); err != cudaSuccess) return err;
+  const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  kernel<<<grid, Kt::kNThreads, Kt::kSmemBytesDq, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace bwd
+}  // namespace dmattn
+
+// Explicit instantiation of both dtypes for one head dim (one .cu file per head dim).
+#define DMATTN_INSTANTIATE_BWD(D)                                                      \
+  namespace dmattn {                                                                   \
+  template <>                                                                          \
+  cudaError_t run_flash_bwd_main<D, true>(const BwdParams& p, cudaStream_t s) {        \
+    return bwd::launch_main<D, true>(p, s);                                            \
+  }                                                                                    \
+  template <>                                                                          \
+  cudaError_t run_flash_bwd_main<D, false>(const BwdParams& p, cudaStream_t s) {       \
+    return bwd::launch_main<D, false>(p, s);                                           \
+  }                                                                                    \
+  template <>                                                                          \
+  cudaError_t run_flash_bwd_dq<D, true>(const BwdParams& p, cudaStream_t s) {          \
+    return bwd::launch_dq<D, true>(p, s);                                              \
+  }                                                                                    \
+  template <>                                                                          \
+  cudaError_t run_flash_bwd_dq<D, false>(const BwdParams& p, cudaStream_t s) {         \
+    return bwd::launch_dq<D, false>(p, s);                                             \
+  }                                                                                    \
+  }

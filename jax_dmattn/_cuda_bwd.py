@@ -1,0 +1,90 @@
+"""The CUDA backward kernel as a traced JAX function (used inside the cuda lowering of ``dmattn_bwd``).
+
+One FFI call, ``dmattn_bwd_cuda``, runs: the mask tile classification (64 x 64 tiles), delta =
+rowsum(dout * out) - dlse, the main kernel (parallel over key tiles: dk, dv of the whole GQA group, dbias reduced
+over its broadcast dims without atomics, dq by fp32 atomics), and either the dq conversion or, when
+``deterministic``, a second kernel that computes dq over query tiles in a fixed order (bitwise reproducible).
+Scratch buffers are extra FFI outputs (XLA-owned workspace; the handler never allocates or synchronises).
+
+Inputs are the canonical layout of docs/design.md: q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (bf16 or f16,
+D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / f16 / f32); mask None or rank
+4 bool with the same broadcast rule; out, dout [B, Lq, H, D]; lse, dlse [B, H, Lq] float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_dmattn import _ffi
+
+# Tile sizes of the backward kernels and of their tile-class map (csrc/cuda/flash_bwd.h: kBwdBlockM / kBwdBlockN).
+BLOCK_M = 64
+BLOCK_N = 64
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+TARGET = "dmattn_bwd_cuda"
+
+
+def available() -> bool:
+    return TARGET in _ffi.register_targets()["CUDA"]
+
+
+def tile_class_shape(mask_shape) -> tuple[int, ...]:
+    bm, hm, mm, nm = mask_shape
+    return (bm, hm, -(-mm // BLOCK_M), -(-nm // BLOCK_N))
+
+
+def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: int) -> bool:
+    """Mirror of the handler's rule (csrc/ffi/cuda_bwd_handlers.cc): a bf16 / f16 dbias whose tiles get several
+    partial sums (a bias broadcast over batch, over kv heads, or over query rows with per-query-head heads)
+    is accumulated in an fp32 buffer of bias's shape and converted at the end."""
+    bb, hb, mb, nb = bias_shape
+    if nb == 1 and lk != 1:
+        return False  # dbias of a key-broadcast bias is exactly 0
+    multi = (bb == 1 and b > 1) or (hb == 1 and hkv > 1) or (mb == 1 and hb == h and h // hkv > 1)
+    return multi and jnp.dtype(bias_dtype) != jnp.float32
+
+
+def _check(q, k, v, bias, mask, out, lse, dout, dlse):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("flash_bwd: q, k, v must be rank 4")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"flash_bwd: q/k/v must share dtype bfloat16 or float16, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"flash_bwd: head dim {q.shape[-1]} not in {HEAD_DIMS}")
+    if out.shape != q.shape or dout.shape != q.shape:
+        raise ValueError(f"flash_bwd: out / dout must have q's shape {q.shape}, got {out.shape} / {dout.shape}")
+    b, lq, h, _ = q.shape
+    if lse.shape != (b, h, lq) or dlse.shape != (b, h, lq):
+        raise ValueError(f"flash_bwd: lse / dlse must have shape {(b, h, lq)}, got {lse.shape} / {dlse.shape}")
+    if bias is not None and (bias.ndim != 4 or bias.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32)):
+        raise TypeError(f"flash_bwd: bias must be rank 4 bf16/f16/f32, got {bias.shape} {bias.dtype}")
+    if mask is not None and (mask.ndim != 4 or mask.dtype != jnp.bool_):
+        raise TypeError(f"flash_bwd: mask must be rank 4 bool, got {mask.shape} {mask.dtype}")
+
+
+def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softcap: float, is_causal: bool,
+              deterministic: bool):
+    """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, None when bias is None."""
+    _check(q, k, v, bias, mask, out, lse, dout, dlse)
+    _ffi.register_targets()
+    b, lq, h, _ = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
+    mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
+    ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct(bias_arg.shape, bias_arg.dtype),
+        jax.ShapeDtypeStruct((0,) if deterministic else q.shape, jnp.float32),   # dq_accum
+        jax.ShapeDtypeStruct((b, h, lq), jnp.float32),                           # delta
+        jax.ShapeDtypeStruct((0,) if mask is None else tile_class_shape(mask.shape), jnp.uint8),
+        jax.ShapeDtypeStruct(bias.shape if ws_bias else (0,), jnp.float32),      # dbias_accum
+    )
+    dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types)(
+        q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),
+        scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
+        deterministic=np.bool_(deterministic))
+    return dq, dk, dv, (None if bias is None else dbias)

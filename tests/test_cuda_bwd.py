@@ -1,0 +1,227 @@
+"""Direct checks of the CUDA backward kernel (jax_dmattn._cuda_bwd), independent of the public API plumbing.
+
+* a sweep of shapes / dtypes / head dims / bias and mask broadcasts / GQA / causal / softcap / fully masked
+  rows / Lq = 1 / Lq > Lk against the float64 numpy oracle (tests/oracle.py), all four gradients, dlse folded;
+* exact zeros where they must be (rows with no kept key, a key-broadcast bias);
+* the kernel through jax.vjp of a custom_vjp wrapper around the CUDA forward;
+* deterministic=True is bitwise reproducible and agrees with the atomic path;
+* a long sequence against the float32 reference VJP on the GPU.
+
+GPU only (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oracle  # noqa: E402
+
+
+def _gpu_kernels():
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        from jax_dmattn import _cuda_bwd
+
+        return _cuda_bwd.available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_kernels(), reason="needs a GPU and the CUDA kernels")]
+
+F32 = jnp.float32
+BF16, F16 = jnp.bfloat16, jnp.float16
+TOL = {BF16: 4e-2, F16: 8e-3}
+BIAS_DT = {"bf16": BF16, "f16": F16, "f32": F32}
+
+
+def _dims(code, b, lq, lk, h, hkv):
+    m = {"B": b, "H": h, "K": hkv, "M": lq, "N": lk, "1": 1}
+    return tuple(m[c] for c in code)
+
+
+def rel_err(actual, expected, floor=0.0):
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    assert np.isfinite(a).all(), "non-finite gradient"
+    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), floor, 1e-30))
+
+
+def make_case(seed, b, lq, lk, h, hkv, d, dtype, bias_spec, mask_code, empty_rows=False):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
+    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
+    v = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
+    bias = None
+    if bias_spec is not None:
+        code, bdt = bias_spec
+        bias = jnp.asarray(rng.standard_normal(_dims(code, b, lq, lk, h, hkv)), F32).astype(BIAS_DT[bdt])
+    mask = None
+    if mask_code is not None:
+        shape = _dims(mask_code, b, lq, lk, h, hkv)
+        # Block structure (whole 64 x 64 tiles dropped) plus element noise, so empty / partial / full all occur.
+        tiles = rng.random((shape[0], shape[1], -(-shape[2] // 64), -(-shape[3] // 64))) < 0.7
+        tile_keep = np.repeat(np.repeat(tiles, 64, axis=2), 64, axis=3)[:, :, :shape[2], :shape[3]]
+        mask = tile_keep & (rng.random(shape) < 0.8)
+        if empty_rows and shape[2] > 1:
+            mask[:, :, 3:min(70, shape[2])] = False  # rows with no kept key (a whole tile's worth and parts)
+        mask = jnp.asarray(mask)
+    dout = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
+    dlse = jnp.asarray(rng.standard_normal((b, h, lq)), F32)
+    return q, k, v, bias, mask, dout, dlse
+
+
+def oracle_fwd(q, k, v, bias, mask, *, scale, softcap, is_causal, dtype):
+    out, lse = oracle.oracle_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal,
+                                       softcap=softcap or None)
+    return jnp.asarray(out, F32).astype(dtype), jnp.asarray(lse, F32)
+
+
+def run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale, softcap, is_causal, deterministic):
+    from jax_dmattn import _cuda_bwd
+
+    fn = functools.partial(_cuda_bwd.flash_bwd, scale=scale, softcap=softcap, is_causal=is_causal,
+                           deterministic=deterministic)
+    return jax.jit(fn)(q, k, v, bias, mask, out, lse, dout, dlse)
+
+
+def check_against_oracle(case, deterministic=False, empty_rows=False):
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_code = case
+    q, k, v, bias, mask, dout, dlse = make_case(hash(case) % 2**31, b, lq, lk, h, hkv, d, dtype, bias_spec,
+                                                mask_code, empty_rows)
+    scale = d ** -0.5
+    out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
+    grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
+                    deterministic=deterministic)
+    kw = dict(scale=scale, is_causal=causal, softcap=softcap or None, dlse=np.asarray(dlse))
+    ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
+    mag = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
+    names = ("dq", "dk", "dv", "dbias")
+    for name, got, exp, m, x in zip(names, grads, ref, mag, (q, k, v, bias)):
+        if x is None:
+            assert got is None
+            continue
+        assert got.shape == x.shape and got.dtype == x.dtype, (name, got.shape, got.dtype)
+        err = rel_err(got, exp, floor=0.02 * np.linalg.norm(m))
+        assert err < TOL[dtype], f"{name}: rel err {err:.3e}"
+    if bias is not None and bias.shape[-1] == 1 and lk != 1:
+        assert (np.asarray(grads[3], np.float32) == 0).all(), "key-broadcast bias must get exact-zero dbias"
+    return (q, k, v, bias, mask, out, lse, dout, dlse), grads
+
+
+# (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (shape code, dtype) or None, mask shape code or None)
+# shape codes: "B"/"H"/"K"(Hkv)/"M"(Lq)/"N"(Lk) = full, "1" = broadcast.
+CASES = [
+    (2, 128, 128, 4, 2, 128, BF16, False, 0.0, ("BHMN", "bf16"), "BKMN"),
+    (2, 200, 200, 4, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "BKMN"),   # per-key bias (the paper's)
+    (1, 77, 203, 4, 1, 64, F16, True, 0.0, ("1HMN", "f32"), "11MN"),
+    (1, 300, 129, 2, 2, 32, BF16, True, 0.0, None, "BHMN"),                # Lq > Lk
+    (1, 129, 300, 6, 3, 96, F16, False, 0.0, ("BKM1", "f16"), None),        # key-broadcast bias: dbias 0
+    (2, 190, 190, 2, 1, 192, BF16, True, 0.0, ("B11N", "f32"), "B11N"),
+    (1, 150, 170, 2, 2, 256, F16, True, 0.0, ("BHMN", "bf16"), "1KMN"),
+    (1, 128, 256, 4, 4, 64, BF16, False, 30.0, ("BK1N", "bf16"), None),    # softcap
+    (1, 64, 64, 2, 1, 128, F16, False, 5.0, None, None),
+    (3, 129, 260, 4, 2, 128, BF16, True, 0.0, ("1KMN", "bf16"), "BKMN"),   # batch-broadcast bias, bf16 accum
+    (2, 100, 100, 4, 2, 64, F16, False, 0.0, ("111N", "f16"), "BHMN"),     # everything-broadcast per-key bias
+    (2, 96, 160, 4, 2, 96, BF16, True, 0.0, ("1H1N", "bf16"), None),       # per-head rows-broadcast, g > 1
+    (1, 1, 333, 4, 2, 128, BF16, False, 0.0, ("BHMN", "f32"), "BKMN"),      # Lq = 1
+    (1, 333, 1, 2, 1, 64, F16, False, 0.0, ("BHMN", "f16"), None),          # Lk = 1
+    (1, 144, 144, 4, 4, 192, F16, True, 7.0, ("11MN", "bf16"), "BHMN"),
+    (2, 70, 90, 2, 2, 32, F16, False, 0.0, ("B1MN", "f32"), "BHMN"),
+    (1, 100, 220, 8, 2, 256, BF16, False, 0.0, ("1KMN", "f32"), "BK1N"),
+    (1, 65, 65, 2, 2, 96, F16, True, 0.0, ("BHMN", "f16"), None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+def test_bwd_matches_oracle(case):
+    check_against_oracle(case)
+
+
+@pytest.mark.parametrize("d,dtype", [(32, BF16), (64, F16), (96, BF16), (128, F16), (192, F16), (256, BF16)])
+def test_every_head_dim_deterministic(d, dtype):
+    check_against_oracle((2, 130, 150, 4, 2, d, dtype, True, 0.0, ("BK1N", "bf16"), "BKMN"), deterministic=True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rows_with_no_kept_key_get_zero_gradients(deterministic):
+    case = (1, 150, 140, 4, 2, 64, BF16, False, 0.0, ("BHMN", "f32"), "BHMN")
+    (q, *_rest), grads = check_against_oracle(case, deterministic=deterministic, empty_rows=True)
+    dq, _, _, dbias = grads
+    assert (np.asarray(dq, np.float32)[:, 3:70] == 0).all()
+    assert (np.asarray(dbias)[:, :, 3:70] == 0).all()
+
+
+def test_deterministic_is_bitwise_reproducible():
+    case = (2, 257, 300, 8, 2, 128, BF16, True, 0.0, ("1KMN", "bf16"), "BKMN")
+    args, g1 = check_against_oracle(case, deterministic=True)
+    kw = dict(scale=128 ** -0.5, softcap=0.0, is_causal=True)
+    for _ in range(3):
+        g2 = run_bwd(*args, deterministic=True, **kw)
+        for a, b in zip(g1, g2):
+            assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    ga = run_bwd(*args, deterministic=False, **kw)
+    for a, b in zip(g1, ga):
+        assert rel_err(a, b) < 1e-2
+
+
+def test_through_vjp_of_cuda_forward():
+    from jax_dmattn import _cuda, _cuda_bwd
+
+    b, lq, lk, h, hkv, d = 2, 190, 250, 4, 2, 64
+    causal, softcap, scale = True, 0.0, 64 ** -0.5
+    q, k, v, bias, mask, dout, dlse = make_case(11, b, lq, lk, h, hkv, d, BF16, ("BK1N", "bf16"), "BKMN")
+
+    @jax.custom_vjp
+    def attn(q, k, v, bias):
+        return _cuda.flash_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal)
+
+    def fwd(q, k, v, bias):
+        out, lse = attn(q, k, v, bias)
+        return (out, lse), (q, k, v, bias, out, lse)
+
+    def bwd(res, cts):
+        q, k, v, bias, out, lse = res
+        dout, dlse = cts
+        return _cuda_bwd.flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap,
+                                   is_causal=causal, deterministic=False)
+
+    attn.defvjp(fwd, bwd)
+    _, vjp = jax.jit(lambda *a: jax.vjp(attn, *a))(q, k, v, bias)
+    grads = jax.jit(vjp)((dout, dlse))
+    kw = dict(scale=scale, is_causal=causal, dlse=np.asarray(dlse))
+    ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
+    for name, got, exp in zip(("dq", "dk", "dv", "dbias"), grads, ref):
+        err = rel_err(got, exp, floor=1e-3)
+        assert err < TOL[BF16], f"{name}: rel err {err:.3e}"
+
+
+def test_long_sequence_against_f32_reference_vjp():
+    from jax_dmattn import reference
+
+    b, l, h, hkv, d = 1, 4096, 2, 1, 64
+    q, k, v, bias, _, dout, dlse = make_case(5, b, l, l, h, hkv, d, BF16, ("BK1N", "bf16"), None)
+    rng = np.random.default_rng(6)
+    tiles = rng.random((1, 1, l // 64, l // 64)) < 0.25
+    mask = jnp.asarray(np.repeat(np.repeat(tiles, 64, 2), 64, 3) | np.eye(l, dtype=bool)[None, None])
+    scale = d ** -0.5
+
+    def f(q, k, v, bias):
+        return reference.reference_core(q, k, v, bias, mask, scale=scale, is_causal=True, softcap=None)
+
+    up = lambda x: x.astype(F32)
+    (out, lse), vjp = jax.vjp(f, up(q), up(k), up(v), up(bias))
+    ref = vjp((up(dout), dlse))
+    grads = run_bwd(q, k, v, bias, mask, out.astype(BF16), lse, dout, dlse, scale=scale, softcap=0.0,
+                    is_causal=True, deterministic=False)
+    for name, got, exp in zip(("dq", "dk", "dv", "dbias"), grads, ref):
+        err = rel_err(got, exp, floor=1e-3)
+        assert err < TOL[BF16], f"{name}: rel err {err:.3e}"
