@@ -1,0 +1,55 @@
+"""pytest configuration and fixtures for the jax_dmattn suite.
+
+* ``implementation`` fixture: "xla" and "cpu" always; "cuda" only when ``jax.default_backend() == "gpu"``
+  (otherwise skipped with a reason). The "cuda" parameter carries the ``gpu`` marker, so
+  ``-m "not gpu"`` deselects it and ``-m gpu`` runs only it.
+* ``rng`` fixture: a fresh numpy Generator seeded from the test id (reproducible per test).
+* helpers (tolerance, assert_close, poison, input builders) live in helpers.py and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # works under --import-mode=importlib too
+    sys.path.insert(0, _HERE)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from helpers import (  # noqa: E402,F401
+    IMPLEMENTATIONS,
+    implementation_params,
+    Case,
+    assert_close,
+    check_dtype_supported,
+    make_inputs,
+    make_mask,
+    make_rng,
+    poison,
+    tolerance,
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (implementation='cuda')")
+    config.addinivalue_line("markers", "slow: longer-running case (still CPU-friendly)")
+
+
+@pytest.fixture(params=implementation_params())
+def implementation(request):
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    return make_rng(request)
+
+
+@pytest.fixture
+def jax_dmattn():
+    import jax_dmattn as mod
+
+    return mod

@@ -1,0 +1,399 @@
+"""Shared test helpers: tolerances, comparison, input generation, calling the implementation under test.
+
+conftest.py re-exports these; test modules import them from here (``from helpers import ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import warnings
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import oracle
+
+IMPLEMENTATIONS = ("xla", "cpu", "cuda")
+
+BF16 = jnp.bfloat16
+F16 = jnp.float16
+F32 = jnp.float32
+
+DTYPES = {"f32": F32, "f16": F16, "bf16": BF16}
+
+# Norm-wise relative tolerances ||actual - expected|| / ||expected||.
+_TOL = {
+    # dtype: (out / lse, gradients)
+    np.dtype(np.float64): (1e-10, 1e-10),
+    np.dtype(np.float32): (1e-5, 2e-5),
+    np.dtype(np.float16): (2e-3, 8e-3),
+    np.dtype(ml_dtypes.bfloat16): (1e-2, 4e-2),
+}
+
+# Below this RMS, ||expected|| is treated as "about zero" and the comparison becomes absolute.
+DEFAULT_FLOOR_RMS = 1e-4
+# Gradients that are ~0 by cancellation (Lk = 1, per-row bias) are compared on the scale of the terms that
+# cancel: floor = GRAD_FLOOR_FRAC * ||oracle_grads(..., magnitude=True)||. Over the sweep, ||grad|| /
+# ||magnitude|| is >= 0.047 whenever the gradient is not identically 0, so the floor never loosens those.
+GRAD_FLOOR_FRAC = 0.02
+
+
+def tolerance(dtype, kind="out"):
+    """Relative norm-wise tolerance for results computed from inputs of ``dtype``.
+
+    kind: "out" / "lse" (forward) or "grad" (any gradient).
+    """
+    fwd, bwd = _TOL[np.dtype(dtype)]
+    if kind in ("out", "lse", "fwd"):
+        return fwd
+    if kind in ("grad", "dq", "dk", "dv", "dbias", "bwd"):
+        return bwd
+    raise ValueError(f"unknown tolerance kind {kind!r}")
+
+
+def to_f64(x):
+    return np.asarray(jax.device_get(x)).astype(np.float64)
+
+
+def assert_close(actual, expected, dtype, kind="out", *, floor=None, tol=None, name=""):
+    """Norm-wise relative comparison that fails on any NaN.
+
+    * shapes must match exactly;
+    * any NaN in ``actual`` fails;
+    * infinities in ``expected`` (lse = -inf of empty rows) must be matched exactly, the finite part is
+      compared norm-wise;
+    * ``||actual - expected|| <= tol * max(||expected||, floor)`` where ``floor`` defaults to an RMS of
+      ``DEFAULT_FLOOR_RMS`` (an absolute floor when the expected value is ~0).
+    """
+    label = f"{name or kind}"
+    a = to_f64(actual)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{label}: shape {a.shape} != expected {e.shape}"
+    nan = np.isnan(a)
+    assert not nan.any(), f"{label}: {int(nan.sum())} NaN of {a.size} (first at {np.argwhere(nan)[0].tolist()})"
+    assert not np.isnan(e).any(), f"{label}: oracle has NaN (test bug)"
+    inf_e = np.isinf(e)
+    inf_a = np.isinf(a)
+    bad_inf = (inf_e | inf_a) & ~(a == e)
+    assert not bad_inf.any(), (
+        f"{label}: infinities differ at {int(bad_inf.sum())} positions, first "
+        f"{np.argwhere(bad_inf)[0].tolist()}: actual {a[bad_inf][0]} expected {e[bad_inf][0]}"
+    )
+    fin = ~inf_e
+    a_f, e_f = a[fin], e[fin]
+    if tol is None:
+        tol = tolerance(dtype, kind)
+    if floor is None:
+        floor = DEFAULT_FLOOR_RMS * np.sqrt(max(e_f.size, 1))
+    err = float(np.linalg.norm(a_f - e_f))
+    ref = float(np.linalg.norm(e_f))
+    denom = max(ref, floor)
+    if not err <= tol * denom:
+        diff = np.abs(a - e)
+        diff[~fin] = 0
+        idx = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        raise AssertionError(
+            f"{label}: ||a-e||/max(||e||, floor) = {err / denom:.3e} > tol {tol:.1e} "
+            f"(||e|| = {ref:.3e}, floor = {floor:.3e}); worst at {list(idx)}: actual {a[idx]!r} "
+            f"expected {e[idx]!r}"
+        )
+
+
+def seed_from(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def make_rng(request) -> np.random.Generator:
+    return np.random.default_rng(seed_from(request.node.nodeid))
+
+
+def check_dtype_supported(implementation, dtype):
+    """float32 q/k/v are valid only for "cpu" and "xla"."""
+    if implementation == "cuda" and np.dtype(dtype) == np.dtype(np.float32):
+        pytest.skip("float32 inputs are not supported by implementation='cuda'")
+
+
+def poison(x, where, value=np.nan):
+    """Return a copy of numpy ``x`` with ``value`` written at the boolean positions ``where`` (broadcast).
+
+    Used to plant values that must never influence a result (bias under a False mask, keys/values no
+    query can see) or that an implementation must overwrite (donated output buffers).
+    """
+    x = np.array(x, copy=True)
+    w = np.broadcast_to(np.asarray(where, dtype=bool), x.shape)
+    x[w] = value
+    return x
+
+
+def on_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except Exception:  # pragma: no cover - backend init failure
+        return False
+
+
+def implementation_marks(impl):
+    if impl != "cuda":
+        return []
+    return [
+        pytest.mark.gpu,
+        pytest.mark.skipif(not on_gpu(), reason="implementation='cuda' needs jax.default_backend() == 'gpu'"),
+    ]
+
+
+def implementation_params():
+    """pytest params for the implementation axis (cuda marked gpu and skipped off-GPU)."""
+    return [pytest.param(impl, marks=implementation_marks(impl), id=impl) for impl in IMPLEMENTATIONS]
+
+
+def sweep_params(cases):
+    """(implementation, case) params for a sweep: the kernels ("cpu", "cuda") run every case; "xla" (the
+    pure-jnp reference, also checked in float64 by test_reference.py) runs the cases marked core, to keep
+    the CPU time of the suite low. For "cuda", float32 cases run with bfloat16 q/k/v (bias dtype kept when
+    it is given explicitly)."""
+    params = []
+    for impl in IMPLEMENTATIONS:
+        for p in cases:
+            (case,) = p.values
+            if impl == "xla" and not case.core:
+                continue
+            if impl == "cuda" and case.dtype == "f32":  # cuda takes bf16/f16: run the float32 cases in bf16
+                case = case.replace(dtype="bf16")
+            params.append(pytest.param(impl, case, id=f"{impl}-{p.id}", marks=implementation_marks(impl) + list(p.marks)))
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------
+# Test cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int = 2
+    Lq: int = 65
+    Lk: int = 100
+    H: int = 4
+    Hkv: int = 2
+    D: int = 64
+    dtype: str = "f32"
+    bias: Optional[Tuple[int, ...]] = None  # shape, "full" handled by callers
+    mask: Optional[Tuple[int, ...]] = None
+    bias_dtype: Optional[str] = None  # default: q's dtype
+    mask_kind: str = "random"  # random | block | rows (random with some rows empty) | none_kept | all
+    mask_density: float = 0.7
+    is_causal: bool = False
+    softcap: Optional[float] = None
+    scale: Optional[float] = None
+    core: bool = False  # part of the reduced sweep run for implementation="xla"
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def jdtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def bias_jdtype(self):
+        return DTYPES[self.bias_dtype or self.dtype]
+
+    def full_shape(self, head="H"):
+        """[B, H|Hkv, Lq, Lk]."""
+        return (self.B, self.H if head == "H" else self.Hkv, self.Lq, self.Lk)
+
+
+def _round(x, dtype):
+    """Round a float64 numpy array to ``dtype`` (numpy array of that dtype)."""
+    return np.asarray(x, dtype=np.float64).astype(np.dtype(dtype))
+
+
+def make_mask(rng, shape, kind="random", density=0.7, tile=64):
+    """A boolean numpy mask of ``shape`` (rank >= 2 uses the last two dims as [Lq, Lk])."""
+    shape = tuple(shape)
+    if kind == "all":
+        return np.ones(shape, dtype=bool)
+    if kind == "none_kept":
+        return np.zeros(shape, dtype=bool)
+    if kind == "random":
+        return rng.random(shape) < density
+    if kind == "rows":  # random, plus some rows with no kept key at all
+        m = rng.random(shape) < density
+        if len(shape) >= 2 and shape[-2] > 1:
+            rows = rng.random(shape[:-1]) < 0.25
+            m = m & ~rows[..., None]
+        return m
+    if kind == "block":  # whole tile x tile blocks on or off, diagonal blocks always on
+        assert len(shape) >= 2
+        Mq, Nk = shape[-2], shape[-1]
+        nbq, nbk = -(-Mq // tile), -(-Nk // tile)
+        blocks = rng.random(shape[:-2] + (nbq, nbk)) < 0.5
+        if Mq > 1 and Nk > 1:
+            d = np.arange(min(nbq, nbk))
+            blocks[..., d, d] = True
+        m = np.repeat(np.repeat(blocks, tile, axis=-2), tile, axis=-1)[..., :Mq, :Nk]
+        return np.ascontiguousarray(m)
+    if kind == "block_random":  # per-tile: empty, full, or random (partial)
+        assert len(shape) >= 2
+        Mq, Nk = shape[-2], shape[-1]
+        nbq, nbk = -(-Mq // tile), -(-Nk // tile)
+        cls = rng.integers(0, 3, size=shape[:-2] + (nbq, nbk))
+        if Mq > 1 and Nk > 1:
+            d = np.arange(min(nbq, nbk))
+            cls[..., d, d] = 2
+        cls_full = np.repeat(np.repeat(cls, tile, axis=-2), tile, axis=-1)[..., :Mq, :Nk]
+        rnd = rng.random(shape) < 0.5
+        return np.where(cls_full == 2, True, np.where(cls_full == 1, rnd, False))
+    raise ValueError(kind)
+
+
+def make_inputs(case: Case, rng: np.random.Generator):
+    """numpy inputs (already in their final dtypes): q, k, v, bias (or None), mask (or None)."""
+    dt = np.dtype(case.jdtype)
+    q = _round(rng.standard_normal((case.B, case.Lq, case.H, case.D)), dt)
+    k = _round(rng.standard_normal((case.B, case.Lk, case.Hkv, case.D)), dt)
+    v = _round(rng.standard_normal((case.B, case.Lk, case.Hkv, case.D)), dt)
+    bias = None
+    if case.bias is not None:
+        bias = _round(rng.standard_normal(case.bias), np.dtype(case.bias_jdtype))
+    mask = None
+    if case.mask is not None:
+        mask = make_mask(rng, case.mask, case.mask_kind, case.mask_density)
+    return q, k, v, bias, mask
+
+
+def make_cotangent(case: Case, rng):
+    return _round(rng.standard_normal((case.B, case.Lq, case.H, case.D)), np.dtype(case.jdtype))
+
+
+def case_kwargs(case: Case):
+    return dict(scale=case.scale, is_causal=case.is_causal, softcap=case.softcap)
+
+
+def oracle_fwd(case: Case, q, k, v, bias, mask):
+    return oracle.oracle_attention(q, k, v, bias, mask, **case_kwargs(case))
+
+
+def oracle_bwd(case: Case, q, k, v, bias, mask, dout):
+    return oracle.oracle_grads(q, k, v, bias, mask, dout, **case_kwargs(case))
+
+
+def grad_floors(case: Case, q, k, v, bias, mask, dout, **extra):
+    """Absolute floors for (dq, dk, dv, dbias) from the magnitude of the terms that cancel."""
+    kw = case_kwargs(case)
+    kw.update(extra)
+    mags = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
+    return [None if m is None else max(GRAD_FLOOR_FRAC * float(np.linalg.norm(m)),
+                                       DEFAULT_FLOOR_RMS * np.sqrt(max(m.size, 1))) for m in mags]
+
+
+def get_attention():
+    import jax_dmattn  # a missing or broken package is a failure, not a skip
+
+    return jax_dmattn.attention
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_fn(implementation, kw_items, jit):
+    attention = get_attention()
+    kw = dict(kw_items)
+
+    def f(q, k, v, bias, mask):
+        return attention(q, k, v, bias, mask, return_lse=True, implementation=implementation, **kw)
+
+    return jax.jit(f) if jit else f
+
+
+@functools.lru_cache(maxsize=64)
+def _vjp_fn(implementation, kw_items, has_bias, jit):
+    attention = get_attention()
+    kw = dict(kw_items)
+
+    def f(q, k, v, bias, mask, dout):
+        if has_bias:
+            fn = lambda q, k, v, b: attention(q, k, v, b, mask, implementation=implementation, **kw)
+            out, vjp = jax.vjp(fn, q, k, v, bias)
+            dq, dk, dv, db = vjp(dout)
+        else:
+            fn = lambda q, k, v: attention(q, k, v, None, mask, implementation=implementation, **kw)
+            out, vjp = jax.vjp(fn, q, k, v)
+            dq, dk, dv = vjp(dout)
+            db = None
+        return out, dq, dk, dv, db
+
+    return jax.jit(f) if jit else f
+
+
+def _kw_items(case, extra):
+    kw = case_kwargs(case)
+    kw.update(extra)
+    return tuple(sorted(kw.items()))
+
+
+def _as_jax(*xs):
+    return [None if x is None else jnp.asarray(x) for x in xs]
+
+
+def run_forward(implementation, case: Case, q, k, v, bias, mask, *, jit=True, **extra):
+    """(out, lse) of attention(..., return_lse=True) under jit (functions cached per configuration)."""
+    f = _forward_fn(implementation, _kw_items(case, extra), jit)
+    return f(*_as_jax(q, k, v, bias, mask))
+
+
+def run_vjp(implementation, case: Case, q, k, v, bias, mask, dout, *, jit=True, **extra):
+    """(out, dq, dk, dv, dbias) of sum(out * dout) through jax.vjp; dbias is None without bias."""
+    f = _vjp_fn(implementation, _kw_items(case, extra), bias is not None, jit)
+    return f(*_as_jax(q, k, v, bias, mask, dout))
+
+
+def check_forward(implementation, case: Case, rng, *, q=None, inputs=None):
+    """Run the forward on fresh inputs and compare out and lse against the oracle. Returns the results."""
+    check_dtype_supported(implementation, case.jdtype)
+    if inputs is None:
+        inputs = make_inputs(case, rng)
+    q, k, v, bias, mask = inputs
+    out, lse = run_forward(implementation, case, q, k, v, bias, mask)
+    eo, el = oracle_fwd(case, q, k, v, bias, mask)
+    assert out.dtype == case.jdtype, f"out dtype {out.dtype} != query dtype {case.jdtype}"
+    assert out.shape == q.shape
+    assert lse.dtype == jnp.float32, f"lse dtype {lse.dtype} != float32"
+    assert lse.shape == (case.B, case.H, case.Lq)
+    assert_close(out, eo, case.jdtype, "out", name="out")
+    assert_close(lse, el, case.jdtype, "lse", name="lse")
+    return out, lse, (eo, el)
+
+
+def check_grads(implementation, case: Case, rng, *, inputs=None, dout=None):
+    """Compare dq, dk, dv, dbias (and out) of sum(out * dout) against the oracle. Returns the results."""
+    check_dtype_supported(implementation, case.jdtype)
+    if inputs is None:
+        inputs = make_inputs(case, rng)
+    q, k, v, bias, mask = inputs
+    if dout is None:
+        dout = make_cotangent(case, rng)
+    out, dq, dk, dv, db = run_vjp(implementation, case, q, k, v, bias, mask, dout)
+    eo, _ = oracle_fwd(case, q, k, v, bias, mask)
+    edq, edk, edv, edb = oracle_bwd(case, q, k, v, bias, mask, dout)
+    fq, fk, fv, fb = grad_floors(case, q, k, v, bias, mask, dout)
+    assert_close(out, eo, case.jdtype, "out", name="out")
+    for name, got, exp, like, fl in (("dq", dq, edq, q, fq), ("dk", dk, edk, k, fk), ("dv", dv, edv, v, fv)):
+        assert got.dtype == like.dtype, f"{name} dtype {got.dtype} != {like.dtype}"
+        assert got.shape == like.shape, f"{name} shape {got.shape} != {like.shape}"
+        assert_close(got, exp, case.jdtype, "grad", name=name, floor=fl)
+    if bias is not None:
+        assert db.shape == bias.shape, f"dbias shape {db.shape} != bias shape {bias.shape}"
+        assert db.dtype == bias.dtype, f"dbias dtype {db.dtype} != bias dtype {bias.dtype}"
+        # dbias is rounded to bias's dtype; the computation's precision is that of q. A per-row bias has
+        # dbias exactly 0 (the floor makes that comparison absolute).
+        tol = max(tolerance(case.jdtype, "grad"), tolerance(bias.dtype, "grad"))
+        assert_close(db, edb, case.jdtype, "grad", name="dbias", tol=tol, floor=fb)
+    return (out, dq, dk, dv, db), (eo, edq, edk, edv, edb)
+
+
+def suppress_donation_warnings():
+    warnings.filterwarnings("ignore", message=".*[Dd]onat.*")

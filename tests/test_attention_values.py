@@ -1,0 +1,189 @@
+"""Forward values of ``jax_dmattn.attention`` (out and lse) against the float64 oracle.
+
+Every test takes the ``implementation`` fixture ("xla", "cpu", and "cuda" on a GPU), so each backend runs
+the same body.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cases import BASE, CASES
+from helpers import (
+    Case,
+    assert_close,
+    check_dtype_supported,
+    check_forward,
+    get_attention,
+    make_inputs,
+    make_mask,
+    oracle_fwd,
+    poison,
+    run_forward,
+    sweep_params,
+)
+
+
+@pytest.mark.parametrize("implementation, case", sweep_params(CASES))
+def test_forward_matches_oracle(implementation, case, rng):
+    check_forward(implementation, case, rng)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_return_lse_false_returns_out_only(implementation, dtype, rng):
+    case = BASE.replace(dtype=dtype, bias=(2, 2, 65, 100), mask=(2, 1, 65, 100))
+    check_dtype_supported(implementation, case.jdtype)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    attention = get_attention()
+    out = attention(q, k, v, bias, mask, implementation=implementation)
+    assert isinstance(out, jax.Array), f"return_lse=False must return one array, got {type(out)}"
+    out2, lse = attention(q, k, v, bias, mask, implementation=implementation, return_lse=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+    eo, _ = oracle_fwd(case, q, k, v, bias, mask)
+    assert_close(out, eo, case.jdtype, "out")
+
+
+def test_default_implementation(rng):
+    """implementation=None picks the best available backend; results obey the same contract."""
+    attention = get_attention()
+    case = BASE.replace(dtype="bf16", bias=(2, 2, 1, 100), mask=(2, 1, 65, 100), is_causal=True)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    out, lse = attention(q, k, v, bias, mask, is_causal=True, return_lse=True)
+    eo, el = oracle_fwd(case, q, k, v, bias, mask)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, eo, case.jdtype, "out")
+    assert_close(lse, el, case.jdtype, "lse")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize(
+    "variant",
+    ["mask-none-kept", "mask-none-kept-bias", "mask-none-kept-bcast", "causal-lq-gt-lk-all-empty"],
+)
+def test_fully_masked_input_forward(implementation, dtype, variant, rng):
+    """All-False mask: out exactly 0, lse exactly -inf, no NaN."""
+    if variant == "mask-none-kept":
+        case = BASE.replace(dtype=dtype, mask=(2, 4, 65, 100), mask_kind="none_kept")
+    elif variant == "mask-none-kept-bias":
+        case = BASE.replace(dtype=dtype, mask=(2, 1, 65, 100), mask_kind="none_kept", bias=(2, 2, 65, 100))
+    elif variant == "mask-none-kept-bcast":
+        case = BASE.replace(dtype=dtype, mask=(1, 1, 1, 1), mask_kind="none_kept", bias=(1, 1, 1, 100))
+    else:  # causal Lq > Lk (leading rows see no key) and the mask removes the rest
+        case = BASE.replace(dtype=dtype, Lq=100, Lk=30, is_causal=True, mask=(1, 1, 100, 30), mask_kind="none_kept")
+    check_dtype_supported(implementation, case.jdtype)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    out, lse = run_forward(implementation, case, q, k, v, bias, mask)
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert not np.isnan(out.astype(np.float32)).any()
+    assert np.all(out == 0), "out must be exactly 0 where no key is kept"
+    assert np.all(np.isneginf(lse)), "lse must be exactly -inf where no key is kept"
+
+
+def test_empty_rows_exact(implementation, rng):
+    """Rows with no kept key (mask rows, causal Lq > Lk) are exactly 0 / -inf; other rows are unaffected."""
+    case = BASE.replace(Lq=100, Lk=40, is_causal=True, bias=(2, 2, 100, 40), mask=(2, 4, 100, 40), mask_kind="rows")
+    q, k, v, bias, mask = make_inputs(case, rng)
+    out, lse, (eo, el) = check_forward(implementation, case, rng, inputs=(q, k, v, bias, mask))
+    empty = np.isneginf(el)  # [B, H, Lq]
+    assert empty.any() and (~empty).any()
+    out = np.asarray(out).transpose(0, 2, 1, 3)  # [B, H, Lq, D]
+    assert np.all(out[empty] == 0)
+    assert np.all(np.isneginf(np.asarray(lse)[empty]))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_skipping_changes_nothing(implementation, dtype, rng):
+    """A block-structured mask gives the same result as the equivalent additive 0/-inf bias (no skipping
+    possible there), and both match the oracle."""
+    Lq, Lk = 192, 320
+    case = BASE.replace(dtype=dtype, Lq=Lq, Lk=Lk, bias=(2, 2, Lq, Lk), bias_dtype="f32", mask=(2, 2, Lq, Lk),
+                        mask_kind="block")
+    check_dtype_supported(implementation, case.jdtype)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    out_m, lse_m = run_forward(implementation, case, q, k, v, bias, mask)
+    bias_inf = np.where(mask, bias, -np.inf).astype(np.float32)
+    out_b, lse_b = run_forward(implementation, case.replace(mask=None), q, k, v, bias_inf, None)
+    eo, el = oracle_fwd(case, q, k, v, bias, mask)
+    assert_close(out_m, eo, case.jdtype, "out", name="out(mask)")
+    assert_close(out_b, eo, case.jdtype, "out", name="out(-inf bias)")
+    assert_close(lse_m, el, case.jdtype, "lse", name="lse(mask)")
+    assert_close(lse_b, el, case.jdtype, "lse", name="lse(-inf bias)")
+    assert_close(out_m, np.asarray(out_b).astype(np.float64), case.jdtype, "out", name="mask vs -inf bias")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_masked_bias_values_are_ignored(implementation, dtype, rng):
+    """Poison: bias entries under a False mask (NaN there, huge elsewhere in excluded tiles) never
+    influence the output."""
+    Lq, Lk = 130, 200
+    case = BASE.replace(dtype=dtype, Lq=Lq, Lk=Lk, bias=(2, 2, Lq, Lk), bias_dtype="f32", mask=(2, 2, Lq, Lk),
+                        mask_kind="block_random")
+    check_dtype_supported(implementation, case.jdtype)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    eo, el = oracle_fwd(case, q, k, v, bias, mask)
+    for value in (1e4, np.inf, np.nan):
+        poisoned = poison(bias, ~mask, value)
+        out, lse = run_forward(implementation, case, q, k, v, poisoned, mask)
+        assert_close(out, eo, case.jdtype, "out", name=f"out (masked bias = {value})")
+        assert_close(lse, el, case.jdtype, "lse", name=f"lse (masked bias = {value})")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_invisible_keys_are_ignored(implementation, dtype, rng):
+    """Poison: keys that no query may see (per-key mask False) carry huge k and v; the output is unchanged."""
+    case = BASE.replace(dtype=dtype, Lq=70, Lk=200, mask=(2, 1, 1, 200), bias=(2, 2, 1, 200))
+    check_dtype_supported(implementation, case.jdtype)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    mask[..., 64:128] = False  # a whole key tile
+    hidden = ~mask[:, 0, 0, :]  # [B, Lk]
+    k = poison(k, hidden[:, :, None, None], 300.0)
+    v = poison(v, hidden[:, :, None, None], 3e4)
+    check_forward(implementation, case, rng, inputs=(q, k, v, bias, mask))
+
+
+def test_output_buffers_are_fully_written(implementation, rng):
+    """Poison: donate NaN-filled buffers shaped like out/lse; if XLA reuses them for the outputs, every
+    element (including empty rows) must still be written."""
+    case = BASE.replace(Lq=100, Lk=40, is_causal=True, bias=(2, 2, 100, 40), mask=(2, 4, 100, 40), mask_kind="rows")
+    q, k, v, bias, mask = make_inputs(case, rng)
+    attention = get_attention()
+
+    def f(junk_out, junk_lse, q, k, v, bias, mask):
+        del junk_out, junk_lse
+        return attention(q, k, v, bias, mask, is_causal=True, return_lse=True, implementation=implementation)
+
+    g = jax.jit(f, donate_argnums=(0, 1))
+    junk_out = jnp.full(q.shape, jnp.nan, q.dtype)
+    junk_lse = jnp.full((2, 4, 100), jnp.nan, jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, lse = g(junk_out, junk_lse, q, k, v, bias, mask)
+    eo, el = oracle_fwd(case, q, k, v, bias, mask)
+    assert_close(out, eo, case.jdtype, "out")
+    assert_close(lse, el, case.jdtype, "lse")
+
+
+def test_scale_default_uses_true_head_dim(implementation, rng):
+    """scale=None means D ** -0.5 of the caller's D, also when the kernel pads D (40 -> 64)."""
+    case = BASE.replace(D=40, Lq=20, Lk=30)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    attention = get_attention()
+    a = jax.jit(lambda *x: attention(*x, implementation=implementation))(q, k, v)
+    b = jax.jit(lambda *x: attention(*x, scale=40 ** -0.5, implementation=implementation))(q, k, v)
+    assert_close(a, np.asarray(b).astype(np.float64), case.jdtype, "out")
+
+
+def test_gqa_equals_repeated_kv(implementation, rng):
+    """GQA with Hkv heads equals MHA with each kv head repeated g times (and a Hkv-head bias likewise)."""
+    case = BASE.replace(H=8, Hkv=2, bias=(2, 2, 65, 100), mask=(2, 2, 65, 100))
+    q, k, v, bias, mask = make_inputs(case, rng)
+    attention = get_attention()
+    f = jax.jit(lambda *a: attention(*a, implementation=implementation))
+    a = f(q, k, v, bias, mask)
+    rep = lambda x: np.repeat(x, 4, axis=2)
+    rep_b = lambda x: np.repeat(x, 4, axis=1)
+    b = f(q, rep(k), rep(v), rep_b(bias), rep_b(mask))
+    assert_close(a, np.asarray(b).astype(np.float64), case.jdtype, "out")
