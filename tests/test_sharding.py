@@ -50,12 +50,14 @@ def _run_worker():
     env.pop("PYTEST_ADDOPTS", None)
     here = os.path.abspath(__file__)
     root = os.path.dirname(os.path.dirname(here))
+    # cwd is the tests folder, not the repository root: `python -m` puts cwd first on sys.path, and the source
+    # tree's jax_dmattn (without the compiled extension) must not shadow the installed package.
     with tempfile.TemporaryDirectory() as tmp:
         xml_path = os.path.join(tmp, "results.xml")
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml_path}",
              f"--rootdir={root}", here],
-            cwd=root, env=env, capture_output=True, text=True, timeout=900)
+            cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=900)
         results = {}
         if os.path.exists(xml_path):
             for case in ET.parse(xml_path).getroot().iter("testcase"):
@@ -177,6 +179,9 @@ def _check_sharded_vjp(mesh, q, k, v, bias, mask, ct, qspec, kspec, bspec, mspec
 @multi_device
 def test_has_eight_devices():
     assert jax.device_count() == N_DEVICES
+    from jax_dmattn import _ffi
+
+    assert _ffi.has_cpu_kernels(), f"{jax_dmattn.__file__} was imported without its compiled extension"
 
 
 @multi_device
