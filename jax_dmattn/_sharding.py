@@ -195,8 +195,10 @@ def _check_unshardable_dims(name, roles, dim_axes):
                 f"jax_dmattn.attention: {name} is sharded along its {_DIM_NAMES[role]} dim (dim {i}) over "
                 f"mesh axes {tuple(ax)}. Only batch and head sharding are supported: sequence sharding needs "
                 f"context parallelism, which jax_dmattn does not implement yet, and head_dim sharding is not "
-                f"supported. Reshard the inputs (e.g. jax.lax.with_sharding_constraint) to "
-                f"P(batch_axes, None, head_axes, None) before the call.")
+                f"supported. Under jit the sharding may also have been propagated from a sequence-sharded "
+                f"consumer of the output (out_shardings, a later sharding constraint). Pin query, key and value "
+                f"with jax.lax.with_sharding_constraint(x, P(batch_axes, None, head_axes, None)) before the "
+                f"call (XLA then reshards the output afterwards).")
 
 
 def check_input_shardings(q, k, v, bias, mask):

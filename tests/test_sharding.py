@@ -310,6 +310,25 @@ def test_sequence_and_head_dim_sharding_raise(which, spec, what):
 
 
 @multi_device
+def test_sequence_sharded_output_propagation():
+    """A sequence-sharded consumer (out_shardings) propagates into q when nothing pins it: the clear error; with
+    q / k / v pinned to batch/head sharding it compiles and XLA reshards the output afterwards."""
+    mesh = _mesh()
+    q, _, _, _, _, _ = _inputs(lk=32)
+    w = jnp.eye(16)
+    out_sharding = NamedSharding(mesh, P("dp", "tp"))
+    qs = _put(mesh, q, P("dp"))
+    free = jax.jit(lambda q, w: _attn(q @ w, q @ w, q @ w, None, None), out_shardings=out_sharding)
+    with pytest.raises(Exception, match="query length dim .*propagated"):
+        free(qs, w)
+    pin = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("dp", None, "tp")))  # noqa: E731
+    pinned = jax.jit(lambda q, w: _attn(pin(q @ w), pin(q @ w), pin(q @ w), None, None), out_shardings=out_sharding)
+    out = pinned(qs, w)
+    _assert_close(out, jax.jit(lambda q: _attn(q, q, q, None, None))(q), name="out")
+    assert _spec4(out.sharding.spec) == ("dp", "tp", None, None)
+
+
+@multi_device
 def test_explicit_sharding_mesh_context():
     mesh = _mesh(axis_type="explicit")
     q, k, v, bias, _, ct = _inputs(bias_shape=(1, 8, 32, 48))
