@@ -23,6 +23,8 @@ if [[ " $STEPS " == *" build "* ]]; then
   fi
   export DMATTN_CUDA=${DMATTN_CUDA:-ON}
   export DMATTN_CUDA_ARCHS=${DMATTN_CUDA_ARCHS:-90a}
+  # The extension target exists before enable_language(CUDA): give CMake the archs up front as well.
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=${DMATTN_CUDA_ARCHS}"
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   t0=$(date +%s)
   if python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
@@ -40,14 +42,14 @@ python3 -c "import jax, jax_dmattn; from jax_dmattn import _cuda; print('backend
 
 if [[ " $STEPS " == *" test "* ]]; then
   t0=$(date +%s)
-  python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/test_cuda_long.py" ${PYTEST_ARGS:-} \
+  timeout ${TEST_TIMEOUT:-1800} python3 -m pytest -q -rfE -p no:cacheprovider "$REPO/tests/test_cuda_long.py" ${PYTEST_ARGS:-} \
     --junitxml="$OUT/test_cuda_long.xml" >"$OUT/test_cuda_long.log" 2>&1
-  rc=$?; status=$((status | rc)); echo "tests/test_cuda_long.py: rc=$rc in $(( $(date +%s) - t0 )) s"; tail -5 "$OUT/test_cuda_long.log"
+  rc=$?; status=$((status | rc)); echo "tests/test_cuda_long.py: rc=$rc in $(( $(date +%s) - t0 )) s"; grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/test_cuda_long.log" | cut -c1-300 | tail -25
   t0=$(date +%s)
-  python3 -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests" --ignore="$REPO/tests/test_cuda_long.py" \
+  timeout ${SUITE_TIMEOUT:-1800} python3 -m pytest -q -rfE -p no:cacheprovider -m gpu "$REPO/tests" --ignore="$REPO/tests/test_cuda_long.py" \
     ${PYTEST_SUITE_ARGS:-} >"$OUT/test_suite_gpu.log" 2>&1
   rc=$?; [ $rc -eq 5 ] && rc=0  # no tests collected
-  status=$((status | rc)); echo "suite -m gpu: rc=$rc in $(( $(date +%s) - t0 )) s"; tail -5 "$OUT/test_suite_gpu.log"
+  status=$((status | rc)); echo "suite -m gpu: rc=$rc in $(( $(date +%s) - t0 )) s"; grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/test_suite_gpu.log" | cut -c1-300 | tail -25
 fi
 
 if [[ " $STEPS " == *" bench "* ]]; then

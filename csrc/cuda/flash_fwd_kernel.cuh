@@ -23,14 +23,15 @@ namespace fwd {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBF16>
+template <int kHeadDim_, bool kIsBF16, int kNWarps_ = (kHeadDim_ <= 64 ? 4 : 8)>
 struct Traits {
   using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kFwdBlockM;
   static constexpr int kBlockN = kFwdBlockN;
-  static constexpr int kNWarps = kHeadDim <= 64 ? 4 : 8;
+  static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocks = kNWarps == 4 ? 2 : 1;  // 4 warps: two CTAs per SM hide latency
   static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
   static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
 
@@ -58,7 +59,9 @@ struct Traits {
   using GmemTiledCopyO = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Elem>{},
                                                   GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
 
-  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kHeadDim * int(sizeof(Elem));
+  static constexpr int kSmemQKVBytes = (kBlockM + 2 * kBlockN) * kHeadDim * int(sizeof(Elem));
+  // + double-buffered mask tile (bytes) and per-key bias vector (up to 4 bytes a key).
+  static constexpr int kSmemBytes = kSmemQKVBytes + 2 * kBlockM * kBlockN + 2 * kBlockN * 4;
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
@@ -144,7 +147,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ---------------------------------------------------------------------------------------------- kernel
 
 template <class Kt>
-__global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams p) {
+__global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   using Elem = typename Kt::Elem;
   constexpr int kBlockM = Kt::kBlockM;
   constexpr int kBlockN = Kt::kBlockN;
@@ -159,7 +162,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
   const int hk = h / p.group;
   const int tid = threadIdx.x;
   const int row0 = m_block * kBlockM;
-  const int causal_off = p.kv_len - p.q_len;
+  const int q_len = p.q_len, kv_len = p.kv_len;
+  const bool is_causal = p.is_causal;
+  const int causal_off = kv_len - q_len;
 
   // Key tiles [0, n_end): sequence end, then the bottom-right causal bound of this tile's last valid row.
   const int n_tiles = (p.kv_len + kBlockN - 1) / kBlockN;
@@ -254,9 +259,68 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
   const int64_t mask_base = has_mask ? b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : 0;
   const bool bias_per_key = has_bias && p.bias_row_stride == 0;
-  // Mask pairs (two adjacent keys) can be read as one 16-bit load.
-  const bool mask_pairs = has_mask && p.mask_col_stride == 1 && (p.mask_row_stride % 2 == 0) &&
-                          (mask_base % 2 == 0) && ((reinterpret_cast<uintptr_t>(p.mask) & 1) == 0);
+  const int bias_esize = p.bias_dtype == kBiasF32 ? 4 : 2;
+  // 16-byte cp.async of mask rows / bias vectors where the addresses allow it (else plain loads into smem).
+  const bool mask_vec = has_mask && p.mask_col_stride == 1 && (p.mask_row_stride % 16 == 0) &&
+                        (mask_base % 16 == 0) && ((reinterpret_cast<uintptr_t>(p.mask) & 15) == 0);
+  const bool bias_vec = bias_per_key && p.bias_col_stride == 1 && ((bias_base * bias_esize) % 16 == 0) &&
+                        ((reinterpret_cast<uintptr_t>(p.bias) & 15) == 0);
+
+  // Mask tile [BlockM, BlockN] bytes and per-key bias vector [BlockN] (raw dtype), double-buffered: the tile
+  // after the current one is loaded together with its K tile while the current one is still being read.
+  uint8_t* smem_mask = reinterpret_cast<uint8_t*>(smem + Kt::kSmemQKVBytes);
+  uint8_t* smem_bias = smem_mask + 2 * kBlockM * kBlockN;
+
+  auto load_mask_tile = [&](int nt, int buf) {
+    uint8_t* dst = smem_mask + buf * kBlockM * kBlockN;
+    const int c0 = nt * kBlockN;
+    constexpr int kChunksPerRow = kBlockN / 16;
+    CUTE_UNROLL
+    for (int e = tid; e < kBlockM * kChunksPerRow; e += Kt::kNThreads) {
+      const int r = e / kChunksPerRow, cc = (e % kChunksPerRow) * 16;
+      const int row = row0 + r;
+      if (row >= p.q_len) continue;  // rows past the end are masked analytically
+      const uint8_t* src = p.mask + mask_base + int64_t(row) * p.mask_row_stride;
+      if (mask_vec && c0 + cc + 16 <= p.kv_len) {
+        cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
+            *reinterpret_cast<const cute::uint128_t*>(src + c0 + cc),
+            *reinterpret_cast<cute::uint128_t*>(dst + r * kBlockN + cc));
+      } else {
+        for (int i = 0; i < 16; ++i) {
+          const int col = c0 + cc + i;
+          dst[r * kBlockN + cc + i] = col < p.kv_len ? src[int64_t(col) * p.mask_col_stride] : 0;
+        }
+      }
+    }
+  };
+  auto load_bias_vec = [&](int nt, int buf) {
+    uint8_t* dst = smem_bias + buf * kBlockN * 4;
+    const int c0 = nt * kBlockN;
+    const int per_chunk = 16 / bias_esize;
+    const int chunks = kBlockN / per_chunk;
+    const uint8_t* src = static_cast<const uint8_t*>(p.bias);
+    for (int e = tid; e < chunks; e += Kt::kNThreads) {
+      const int col = c0 + e * per_chunk;
+      if (bias_vec && col + per_chunk <= p.kv_len) {
+        cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
+            *reinterpret_cast<const cute::uint128_t*>(src + (bias_base + col) * bias_esize),
+            *reinterpret_cast<cute::uint128_t*>(dst + e * 16));
+      } else {
+        for (int i = 0; i < 16; ++i) {
+          const int c = col + i / bias_esize;
+          dst[e * 16 + i] =
+              c < p.kv_len ? src[(bias_base + int64_t(c) * p.bias_col_stride) * bias_esize + i % bias_esize] : 0;
+        }
+      }
+    }
+  };
+  auto smem_bias_value = [&](int buf, int c) -> float {
+    const uint8_t* src = smem_bias + buf * kBlockN * 4;
+    if (p.bias_dtype == kBiasBF16)
+      return __uint_as_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(src)[c]) << 16);
+    if (p.bias_dtype == kBiasF16) return __half2float(reinterpret_cast<const __half*>(src)[c]);
+    return reinterpret_cast<const float*>(src)[c];
+  };
 
   const float scale_log2 = p.scale * kLog2e;
   const bool use_cap = p.softcap > 0.f;
@@ -264,10 +328,15 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
   const float cap_out = p.softcap * kLog2e;
 
   int n = next_tile(n_end - 1);
+  int buf = 0;
 
-  // Prologue: Q and the first K tile.
+  // Prologue: Q, then the first K tile with its mask tile and bias vector.
   copy_rows(gmem_copy, tQgQ, tQsQ, tQcQ, p.q_len - row0);
-  if (n >= 0) copy_rows(gmem_copy, tKgK(_, _, _, n), tKsK, tKcK, p.kv_len - n * kBlockN);
+  if (n >= 0) {
+    copy_rows(gmem_copy, tKgK(_, _, _, n), tKsK, tKcK, p.kv_len - n * kBlockN);
+    if (tile_class(n) == kTilePartial) load_mask_tile(n, 0);
+    if (bias_per_key) load_bias_vec(n, 0);
+  }
   cute::cp_async_fence();
 
   while (n >= 0) {
@@ -278,7 +347,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     cute::cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // K, mask and bias of tile n landed
     copy_rows(gmem_copy, tVgV(_, _, _, n), tVsV, tKcK, p.kv_len - col0);
     cute::cp_async_fence();
 
@@ -287,81 +356,65 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
     const bool need_elem = load_mask || col0 + kBlockN > p.kv_len || row0 + kBlockM > p.q_len ||
                            (p.is_causal && col0 + kBlockN - 1 > row0 + causal_off);
 
-    // Mask and per-key bias loads are issued before the QK product so their latency overlaps it.
-    static_assert(kCols <= 32, "mask bits of one row must fit 32 bits");
-    uint32_t mbits[kRows];  // bit c: key column c of row r is kept
-    if (load_mask) {
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        const int row = row0 + get<0>(cS(r, 0));
-        const int64_t roff = mask_base + int64_t(row) * p.mask_row_stride;
-        uint32_t bits = 0;
-        CUTE_UNROLL
-        for (int c = 0; c < kCols; c += 2) {
-          const int col = col0 + get<1>(cS(0, c));  // even; col + 1 is the pair's second key
-          uint32_t m0 = 0, m1 = 0;
-          if (row < p.q_len) {
-            if (mask_pairs && col + 1 < p.kv_len) {
-              const uint32_t two = __ldg(reinterpret_cast<const unsigned short*>(p.mask + roff + col));
-              m0 = two & 0xffu;
-              m1 = two >> 8;
-            } else {
-              if (col < p.kv_len) m0 = __ldg(p.mask + roff + int64_t(col) * p.mask_col_stride);
-              if (col + 1 < p.kv_len) m1 = __ldg(p.mask + roff + int64_t(col + 1) * p.mask_col_stride);
-            }
-          }
-          bits |= (m0 != 0 ? 1u : 0u) << c;
-          bits |= (m1 != 0 ? 1u : 0u) << (c + 1);
-        }
-        mbits[r] = bits;
-      }
-    }
     gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
 
     cute::cp_async_wait<0>();
     __syncthreads();  // V landed; every warp is done reading sK
     if (n_next >= 0) {
       copy_rows(gmem_copy, tKgK(_, _, _, n_next), tKsK, tKcK, p.kv_len - n_next * kBlockN);
+      if (tile_class(n_next) == kTilePartial) load_mask_tile(n_next, buf ^ 1);
+      if (bias_per_key) load_bias_vec(n_next, buf ^ 1);
       cute::cp_async_fence();
     }
 
-    float bcol[kCols];
+    // Scores in the log2 domain: s2 = (cap(scale * qk) + bias) * log2(e), masked keys -inf.
+    const uint8_t* mtile = smem_mask + buf * kBlockM * kBlockN;
+    // Each step is a separate pass behind a CTA-uniform branch, so the element loops stay branch-free.
+    Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    if (use_cap) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap_out * tanhf(acc_s(i) * cap_in);
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
+    }
     if (bias_per_key) {
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) {
-        const int col = col0 + get<1>(cS(0, c));
-        bcol[c] = col < p.kv_len ? load_bias(p.bias, bias_base + int64_t(col) * p.bias_col_stride, p.bias_dtype) *
-                                       kLog2e
-                                 : 0.f;
+        const float bk = smem_bias_value(buf, get<1>(cS(0, c))) * kLog2e;
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) s(r, c) += bk;
       }
-    }
-
-    // Scores in the log2 domain: s2 = (cap(scale * qk) + bias) * log2(e), masked keys -inf.
-    Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int row = row0 + get<0>(cS(r, 0));
+    } else if (has_bias) {
       CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const int col = col0 + get<1>(cS(0, c));
-        float x = s(r, c);
-        x = use_cap ? cap_out * tanhf(x * cap_in) : x * scale_log2;
-        if (bias_per_key) {
-          x += bcol[c];
-        } else if (has_bias) {
-          if (row < p.q_len && col < p.kv_len) {
-            x += load_bias(p.bias,
-                           bias_base + int64_t(row) * p.bias_row_stride + int64_t(col) * p.bias_col_stride,
-                           p.bias_dtype) *
-                 kLog2e;
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + get<0>(cS(r, 0));
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const int col = col0 + get<1>(cS(0, c));
+          if (row < q_len && col < kv_len) {
+            s(r, c) += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
+                                             int64_t(col) * p.bias_col_stride, p.bias_dtype) * kLog2e;
           }
         }
-        if (need_elem) {
-          bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off);
-          if (load_mask) keep = keep && ((mbits[r] >> c) & 1u);
-          if (!keep) x = -INFINITY;
+      }
+    }
+    if (need_elem) {
+      const int row_lim = q_len - row0, col_lim = kv_len - col0;
+      const int diag = is_causal ? row0 + causal_off - col0 : (1 << 30);  // key cl visible iff cl <= rl + diag
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int rl = get<0>(cS(r, 0));
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; c += 2) {
+          const int cl = get<1>(cS(0, c));  // even; fragment column c + 1 is key cl + 1
+          const uint32_t mpair = load_mask ? *reinterpret_cast<const uint16_t*>(mtile + rl * kBlockN + cl) : 0x0101u;
+          const bool in_row = rl < row_lim;
+          const bool k0 = in_row && cl < col_lim && cl <= rl + diag && (mpair & 0xffu);
+          const bool k1 = in_row && cl + 1 < col_lim && cl + 1 <= rl + diag && (mpair >> 8);
+          s(r, c) = k0 ? s(r, c) : -INFINITY;
+          s(r, c + 1) = k1 ? s(r, c + 1) : -INFINITY;
         }
-        s(r, c) = x;
       }
     }
 
@@ -397,6 +450,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
     gemm_rs(acc_o, pa, rVt, tOsVt, mma, cpV, cpV_t);
 
     n = n_next;
+    buf ^= 1;
   }
   cute::cp_async_wait<0>();
 
@@ -436,9 +490,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_fwd_kernel(const __gri
   }
 }
 
-template <int kHeadDim, bool kIsBF16>
+template <int kHeadDim, bool kIsBF16, int kNWarps = (kHeadDim <= 64 ? 4 : 8)>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
-  using Kt = Traits<kHeadDim, kIsBF16>;
+  using Kt = Traits<kHeadDim, kIsBF16, kNWarps>;
   auto kernel = flash_fwd_kernel<Kt>;
   constexpr int smem = Kt::kSmemBytes;
   static bool configured = false;  // benign race: every thread sets the same attribute

@@ -1,0 +1,57 @@
+"""Times the CUDA forward kernel directly (jax_dmattn._cuda, no API wrapper) on variants of the standard case,
+to separate the cost of the mask path, the bias path and the core loop. Used under ncu as well:
+  python3 benchmarks/profile_fwd.py --variants standard --reps 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import bench_attention as ba
+
+
+def timeit(fn, args, reps):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--L", type=int, default=16384)
+    ap.add_argument("--variants", default="nomask_nobias,nomask_bias,allfull_mask,standard,standard_noskip,block16")
+    ap.add_argument("--reps", type=int, default=10)
+    a = ap.parse_args()
+    from jax_dmattn import _cuda
+
+    l = a.L
+    q, k, v, bias, mask = ba.make_inputs("standard", l)
+    bs = ba.make_inputs("block_sparse_1/16", l)[4]
+    full = jnp.ones_like(mask)
+    flops = 2.0 * 16 * l * l * 128
+    for name in a.variants.split(","):
+        kw = dict(scale=128 ** -0.5, softcap=0.0, is_causal=True)
+        args = {
+            "nomask_nobias": (q, k, v, None, None),
+            "nomask_bias": (q, k, v, bias, None),
+            "allfull_mask": (q, k, v, bias, full),
+            "standard": (q, k, v, bias, mask),
+            "standard_noskip": (q, k, v, bias, mask),
+            "block16": (q, k, v, bias, bs),
+        }[name]
+        skip = name != "standard_noskip"
+        fn = jax.jit(lambda q, k, v, b, m: _cuda.flash_fwd(q, k, v, b, m, skip_empty_tiles=skip, **kw))
+        ms = timeit(fn, args, a.reps)
+        print(f"{name:18s} L={l} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
