@@ -256,7 +256,7 @@ def test_dbias_psum_bf16():
 ])
 def test_gqa_head_sharding(hkv, bias_heads, kv_sharded):
     mesh = _mesh()
-    q, k, v, bias, mask, ct = _inputs(hkv=hkv, bias_shape=(1, bias_heads, 32, 48), mask_shape=(4, 1, 32, 48))
+    q, k, v, bias, mask, ct = _inputs(hkv=hkv, bias_shape=(1, bias_heads, 32, 48), mask_shape=(4, hkv, 32, 48))
     qspec = P("dp", None, "tp")
     kspec = qspec if kv_sharded else P("dp")
     bspec = P(None, "tp") if (bias_heads == 8 or (bias_heads == hkv and kv_sharded)) else P()
