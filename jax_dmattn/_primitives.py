@@ -1,9 +1,13 @@
 """The kernels as JAX primitives, and the ``jax.custom_vjp`` that ties forward and backward together.
 
 Two primitives, ``dmattn_fwd`` and ``dmattn_bwd``, take the canonical layout of docs/design.md. Each lowers,
-per platform, to an XLA FFI custom call (``mlir.lower_fun`` over ``jax.ffi.ffi_call``), and has a batching
-rule that folds vmapped dims into the batch dim, so vmap never becomes a loop. Absent bias / mask travel as
-zero-size placeholders so the primitives always have the same operands.
+per platform, to an XLA FFI custom call (``mlir.lower_fun`` over ``jax.ffi.ffi_call``) wrapped in
+``custom_partitioning`` (``_sharding.py``: under jit with batch / head sharded inputs each device calls the
+kernel on its shard, no gathers), and has a batching rule that folds vmapped dims into the batch dim (or, for a
+vmapped query alone, into the query heads), so vmap never becomes a loop. Absent bias / mask travel as
+zero-size placeholders so the primitives always have the same operands. Inside shard_map the operands are cast
+to vary over the same manual axes (``_match_vma``), so a replicated bias gets its gradient summed like any
+invariant operand. Distributed use: docs/distributed.md.
 """
 from __future__ import annotations
 
