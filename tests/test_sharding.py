@@ -356,9 +356,11 @@ def _shard_map():
 
 
 @multi_device
-def test_shard_map_forward_and_grads():
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_shard_map_forward_and_grads(check_vma):
     """Inside shard_map each device runs the kernel on its block. The bias is replicated over dp: with
-    check_vma (the default) JAX sums its gradient over dp, like for any invariant operand."""
+    check_vma (the default) JAX sums its gradient over dp, like for any invariant operand; without it the
+    per-device part comes back and the user sums it (as for any parameter)."""
     mesh = _mesh()
     q, k, v, bias, mask, _ = _inputs(bias_shape=(1, 8, 32, 48), mask_shape=(4, 1, 32, 48))
 
@@ -371,9 +373,14 @@ def test_shard_map_forward_and_grads():
     ref = jax.jit(grad)(q, k, v, bias, mask)
     qs, bs, ms = P("dp", None, "tp"), P(None, "tp"), P("dp")
     specs = (qs, qs, qs, bs, ms)
-    smap = functools.partial(_shard_map(), mesh=mesh, in_specs=specs)
+    smap = functools.partial(_shard_map(), mesh=mesh, in_specs=specs, check_vma=check_vma)
+
+    def local_grads(*a):
+        dq, dk, dv, db = grad(*a)
+        return dq, dk, dv, (db if check_vma else jax.lax.psum(db, "dp"))
+
     fwd = jax.jit(smap(lambda *a: _attn(*a, is_causal=True), out_specs=qs))
-    bwd = jax.jit(smap(grad, out_specs=(qs, qs, qs, bs)))
+    bwd = jax.jit(smap(local_grads, out_specs=(qs, qs, qs, bs)))
     args = [_put(mesh, x, s) for x, s in zip((q, k, v, bias, mask), specs)]
     _assert_close(fwd(*args), ref_out, name="out")
     for name, g, r in zip(("dq", "dk", "dv", "dbias"), bwd(*args), ref):
