@@ -202,10 +202,10 @@ def test_query_only_vmap_folds_into_heads(hkv, bias_heads):
     rng = np.random.default_rng(11)
     bias_shape = None if bias_heads is None else (B, bias_heads, LQ, LK)
     q, k, v, bias, mask = _stacked(rng, ("q",), bias_shape=bias_shape, hkv=hkv)
-    f = jax.vmap(lambda q: _attn(q, k, v, bias, mask, return_lse=True, softcap=3.0))
+    f = jax.vmap(lambda q: _attn(q, k, v, bias, mask, return_lse=True, softcap=3.0, is_causal=True))
     out, lse = jax.jit(f)(q)
     for i in range(N):
-        o, l = _attn(q[i], k, v, bias, mask, return_lse=True, softcap=3.0)
+        o, l = _attn(q[i], k, v, bias, mask, return_lse=True, softcap=3.0, is_causal=True)
         _close(out[i], o, name="out")
         _close(lse[i], l, name="lse")
     shapes = _fwd_operand_shapes(jax.make_jaxpr(f)(q))
