@@ -184,12 +184,15 @@ def test_has_eight_devices():
     assert _ffi.has_cpu_kernels(), f"{jax_dmattn.__file__} was imported without its compiled extension"
 
 
+_FWD_SPECS = {"batch": P("dp"), "heads": P(None, None, "tp"), "batch+heads": P("dp", None, "tp"),
+              "batch-2axes": P(("dp", "tp")), "heads-2axes": P(None, None, ("dp", "tp"))}
+_FWD_CASES = [(name, "auto") for name in _FWD_SPECS] + [("batch+heads", "explicit"), ("heads-2axes", "explicit")]
+
+
 @multi_device
-@pytest.mark.parametrize("qspec", [P("dp"), P(None, None, "tp"), P("dp", None, "tp"), P(("dp", "tp")),
-                                   P(None, None, ("dp", "tp"))], ids=["batch", "heads", "batch+heads",
-                                                                     "batch-2axes", "heads-2axes"])
-@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
-def test_forward_no_gather_and_keeps_sharding(qspec, axis_type):
+@pytest.mark.parametrize("spec_name,axis_type", _FWD_CASES, ids=[f"{a}-{n}" for n, a in _FWD_CASES])
+def test_forward_no_gather_and_keeps_sharding(spec_name, axis_type):
+    qspec = _FWD_SPECS[spec_name]
     mesh = _mesh(axis_type=axis_type)
     q, k, v, bias, mask, _ = _inputs(b=8, bias_shape=(1, 8, 32, 48), mask_shape=(8, 1, 32, 48))
     f = jax.jit(lambda q, k, v, b, m: _attn(q, k, v, b, m, is_causal=True, return_lse=True))
@@ -207,8 +210,7 @@ def test_forward_no_gather_and_keeps_sharding(qspec, axis_type):
     assert (tuple(lse.sharding.spec) + (None,) * 3)[:3] == (qs[0], qs[2], None)
 
 
-@multi_device
-@pytest.mark.parametrize("bias_shape,bspec,reduced", [
+_BIAS_CASES = [
     ((4, 8, 32, 48), P("dp", "tp"), False),  # full bias, sharded like q: dbias local
     ((1, 8, 32, 48), P(None, "tp"), True),  # batch-broadcast: dbias psum over dp
     ((4, 1, 32, 48), P("dp"), True),  # head-broadcast: dbias psum over tp
@@ -216,8 +218,13 @@ def test_forward_no_gather_and_keeps_sharding(qspec, axis_type):
     ((8, 32, 48), P("tp"), True),  # rank 3 (heads, Lq, Lk): psum over dp
     ((1, 1, 1, 48), P(), True),  # key-only bias
     ((1, 8, 32, 1), P(None, "tp"), None),  # query-only bias: zero gradient
-])
-@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+]
+_GRAD_CASES = [c + ("auto",) for c in _BIAS_CASES] + [c + ("explicit",) for c in _BIAS_CASES[:4]]
+
+
+@multi_device
+@pytest.mark.parametrize("bias_shape,bspec,reduced,axis_type", _GRAD_CASES,
+                         ids=[f"{c[3]}-bias{'x'.join(map(str, c[0]))}" for c in _GRAD_CASES])
 def test_grads_batch_and_head_sharding(bias_shape, bspec, reduced, axis_type):
     mesh = _mesh(axis_type=axis_type)
     q, k, v, bias, mask, ct = _inputs(bias_shape=bias_shape, mask_shape=(1, 1, 32, 48))
