@@ -186,6 +186,9 @@ def _topk_rows(score: jax.Array, k: int) -> jax.Array:
     with the allowed set.
     """
     vals, idx = lax.top_k(score, k)
+    # Keep XLA from fusing the [..., k-1] slice into top_k's sort: that breaks its
+    # sort+slice -> TopK rewrite and falls back to a full sort (6x slower on CPU).
+    vals, idx = lax.optimization_barrier((vals, idx))
     thresh = vals[..., k - 1 : k]
     last = idx[..., k - 1 : k]
     j = lax.broadcasted_iota(jnp.int32, score.shape, score.ndim - 1)
@@ -197,6 +200,90 @@ def _topk_rows(score: jax.Array, k: int) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
+def _per_key(x: jax.Array | None) -> bool:
+    """True when x (bias or mask) does not vary along the query dim."""
+    return x is None or x.ndim < 2 or x.shape[-2] == 1
+
+
+def _key_rows(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A per-key operand as [N, Lk] rows, N = prod(shape[:-2])."""
+    lead = shape[:-2]
+    x = x.reshape((1,) * (len(shape) - x.ndim) + x.shape)  # rank of shape
+    x = jnp.broadcast_to(x[..., 0, :], lead + (shape[-1],))
+    return x.reshape((math.prod(lead), shape[-1]))
+
+
+def _prefix_kth(s: jax.Array, k: int, chunk: int):
+    """For every prefix s[:, :e+1] of the rows of s [N, Lk], the k-th entry in
+    (value desc, index asc) order: its value t [N, Lk] and key index jk [N, Lk].
+
+    A scan over key chunks of size ``chunk`` carries the sorted top-k (values,
+    indices) of all earlier chunks; each prefix ending in the chunk ranks that
+    buffer together with its part of the chunk: O(N * Lk * (k + chunk)) work and
+    O(N * chunk * (k + chunk)) memory per step, never [Lq, Lk].  ``lax.top_k``
+    breaks value ties by position, and every candidate list is laid out in key
+    index order among equal values (buffer keys precede chunk keys, the buffer
+    itself is kept in (value desc, index asc) order), so position order is index
+    order.  Prefixes with fewer than k entries get t = -inf.
+    """
+    n, lk = s.shape
+    nc = -(-lk // chunk)
+    sp = _pad_axis(s, -1, nc * chunk, -jnp.inf)
+    xs = (jnp.moveaxis(sp.reshape(n, nc, chunk), 1, 0), jnp.arange(nc, dtype=jnp.int32) * chunk)
+    big = jnp.int32(np.iinfo(np.int32).max)
+    tri = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1) <= lax.broadcasted_iota(
+        jnp.int32, (chunk, chunk), 0)  # [e, j]: chunk key j is in prefix e
+
+    def step(carry, x):
+        bv, bi = carry  # [n, k]
+        cv, c0 = x  # [n, chunk], scalar
+        ci = c0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+        cand_v = jnp.concatenate(
+            [jnp.broadcast_to(bv[:, None, :], (n, chunk, k)),
+             jnp.where(tri[None], cv[:, None, :], -jnp.inf)], axis=-1)
+        cand_i = jnp.concatenate(
+            [jnp.broadcast_to(bi[:, None, :], (n, chunk, k)),
+             jnp.broadcast_to(ci[None, None, :], (n, chunk, chunk))], axis=-1)
+        v, pos = lax.top_k(cand_v, k)
+        v, pos = lax.optimization_barrier((v, pos))
+        t = v[..., k - 1]
+        jk = jnp.take_along_axis(cand_i, pos[..., k - 1 :], axis=-1)[..., 0]
+        allv = jnp.concatenate([bv, cv], axis=-1)
+        alli = jnp.concatenate([bi, jnp.broadcast_to(ci[None], (n, chunk))], axis=-1)
+        nv, npos = lax.top_k(allv, k)
+        ni = jnp.take_along_axis(alli, npos, axis=-1)
+        return (nv, ni), (t, jk)
+
+    init = (jnp.full((n, k), -jnp.inf, s.dtype), jnp.full((n, k), big, jnp.int32))
+    _, (t, jk) = lax.scan(step, init, xs)
+    t = jnp.moveaxis(t, 0, 1).reshape(n, nc * chunk)[:, :lk]
+    jk = jnp.moveaxis(jk, 0, 1).reshape(n, nc * chunk)[:, :lk]
+    return t, jk
+
+
+def _topk_causal_per_key(bias, mask, k: int, shape: tuple[int, ...]):
+    """topk_mask for a causal, per-key bias and mask: no [Lq, Lk] scores.
+
+    Causality makes row i's candidates the key prefix [0, i + Lk - Lq], so the
+    row's threshold is the k-th entry of that prefix (see _prefix_kth); the mask
+    is then one fused elementwise pass over the output.
+    """
+    lq, lk = shape[-2], shape[-1]
+    s = _key_rows(_canonical_scores(bias), shape)
+    if mask is not None:
+        m = _key_rows(mask, shape)
+        s = jnp.where(m, s, -jnp.inf)
+    t, jk = _prefix_kth(s, k, chunk=max(k, 64))
+    rows = jnp.clip(jnp.arange(lq) + (lk - lq), 0, lk - 1)
+    t, jk = t[:, rows], jk[:, rows]  # [N, Lq]
+    j = lax.broadcasted_iota(jnp.int32, (lq, lk), 1)
+    i = lax.broadcasted_iota(jnp.int32, (lq, lk), 0)
+    sv = s[:, None, :]
+    keep = (sv > t[..., None]) | ((sv == t[..., None]) & (j <= jk[..., None]))
+    keep = keep & (j <= i + (lk - lq)) & (sv > -jnp.inf)
+    return keep.reshape(shape)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "is_causal", "shape"))
 def _topk_mask_impl(bias, mask, *, k: int, is_causal: bool, shape: tuple[int, ...]):
     allowed = _allowed(mask, is_causal, shape)
@@ -204,6 +291,8 @@ def _topk_mask_impl(bias, mask, *, k: int, is_causal: bool, shape: tuple[int, ..
         if allowed is None:
             return jnp.ones(shape, jnp.bool_)
         return jnp.broadcast_to(allowed, shape)
+    if is_causal and _per_key(bias) and _per_key(mask) and 2 * k < shape[-2]:
+        return _topk_causal_per_key(bias, mask, k, shape)
     s = jnp.broadcast_to(_canonical_scores(bias), shape)
     if allowed is not None:
         s = jnp.where(allowed, s, -jnp.inf)
@@ -271,6 +360,29 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _block_max_causal_per_key(bias, mask, bq: int, bk: int, shape: tuple[int, ...]):
+    """Max-pooled tile scores [..., nq, nk] for a causal, per-key bias and mask.
+
+    The allowed keys of tile (qb, kb) are those of key block kb up to the causal
+    limit of the tile's last row, so its max is a within-block running max read
+    at that limit: O(Lk + nq * nk), no [Lq, Lk] scores.
+    """
+    lq, lk = shape[-2], shape[-1]
+    nq, nk = -(-lq // bq), -(-lk // bk)
+    s = _key_rows(_canonical_scores(bias), shape)
+    if mask is not None:
+        s = jnp.where(_key_rows(mask, shape), s, -jnp.inf)
+    s = _pad_axis(s, -1, nk * bk, -jnp.inf).reshape(-1, nk, bk)
+    run = lax.cummax(s, axis=2)  # [N, nk, bk]
+    last_row = jnp.minimum((jnp.arange(nq) + 1) * bq, lq) - 1
+    limit = last_row + (lk - lq)  # last visible key of each query block
+    off = limit[:, None] - (jnp.arange(nk) * bk)[None, :]  # [nq, nk]
+    idx = jnp.clip(off, 0, bk - 1)
+    pooled = run[:, jnp.arange(nk)[None, :], idx]  # [N, nq, nk]
+    pooled = jnp.where(off >= 0, pooled, -jnp.inf)
+    return pooled.reshape(shape[:-2] + (nq, nk))
+
+
 @functools.partial(
     jax.jit, static_argnames=("kb", "bq", "bk", "is_causal", "shape", "pool")
 )
@@ -283,6 +395,13 @@ def _block_topk_mask_impl(bias, mask, *, kb: int, bq: int, bk: int, is_causal: b
         if allowed is None:
             return jnp.ones(shape, jnp.bool_)
         return jnp.broadcast_to(allowed, shape)
+
+    if is_causal and pool == "max" and _per_key(bias) and _per_key(mask):
+        pooled = _block_max_causal_per_key(bias, mask, bq, bk, shape)
+        any_ok = pooled > -jnp.inf
+        keep_blocks = _topk_rows(pooled, kb) & any_ok
+        keep = jnp.repeat(jnp.repeat(keep_blocks, bq, axis=-2), bk, axis=-1)
+        return keep[..., :lq, :lk] & allowed
 
     s = jnp.broadcast_to(_canonical_scores(bias), shape)
     ok = jnp.ones(shape, jnp.bool_) if allowed is None else jnp.broadcast_to(allowed, shape)

@@ -161,6 +161,23 @@ def test_topk_low_precision_bias_and_jit_grad():
     assert np.isfinite(np.asarray(g)).all()
 
 
+@pytest.mark.parametrize("lq,lk,k,key_mask", [(150, 150, 5, True), (97, 160, 30, False), (40, 200, 9, True)])
+def test_topk_causal_per_key_many_chunks(lq, lk, k, key_mask):
+    # per-key bias (and key mask) + causal takes the prefix-threshold path: check it across chunks
+    rng = np.random.default_rng(lk)
+    bias = _tie_bias(rng, (2, 1, 1, lk), levels=3)
+    bias[0, 0, 0, ::7] = -np.inf
+    mask = rng.random((1, 2, 1, lk)) < 0.8 if key_mask else None
+    out = topk_mask(jnp.asarray(bias), k, mask=None if mask is None else jnp.asarray(mask),
+                    is_causal=True, query_len=lq)
+    shape = (2, 2 if key_mask else 1, lq, lk)
+    assert out.shape == shape
+    np.testing.assert_array_equal(np.asarray(out), brute_topk(bias, k, shape, mask, True))
+    out = block_topk_mask(jnp.asarray(bias), k, block_q=16, block_k=8,
+                          mask=None if mask is None else jnp.asarray(mask), is_causal=True, query_len=lq)
+    np.testing.assert_array_equal(np.asarray(out), brute_block_topk(bias, k, 16, 8, shape, mask, True))
+
+
 def test_topk_gqa_heads():
     # bias with Hkv = 2 heads, mask with H = 4 heads: query head h reads kv head h // 2
     rng = np.random.default_rng(7)
