@@ -22,7 +22,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from jax_dmattn import _ffi, _sharding, reference
+from jax_dmattn import _ffi, _sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,17 +124,15 @@ def _bwd_cpu(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
 
 
 def _bwd_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
-    """Until the CUDA backward kernel lands, the GPU backward is the reference's VJP (dense, O(L^2) memory)."""
     _check_platform(config, "cuda")
-    has_bias, has_mask = not _is_absent(bias), not _is_absent(mask)
+    from jax_dmattn import _cuda_bwd
 
-    def f(q, k, v, bias):
-        return reference.reference_core(q, k, v, bias if has_bias else None, mask if has_mask else None,
-                                        scale=config.scale, is_causal=config.is_causal, softcap=config.softcap)
-
-    _, vjp = jax.vjp(f, q, k, v, bias)
-    dq, dk, dv, dbias = vjp((dout, dlse))
-    return dq, dk, dv, dbias
+    has_bias = not _is_absent(bias)
+    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias if has_bias else None,
+                                            None if _is_absent(mask) else mask, out, lse, dout, dlse,
+                                            scale=config.scale, softcap=config.softcap,
+                                            is_causal=config.is_causal, deterministic=config.deterministic)
+    return dq, dk, dv, (dbias if has_bias else jnp.zeros_like(bias))
 
 
 mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_sharding.partitioned("bwd", _bwd_cpu), multiple_results=True),
