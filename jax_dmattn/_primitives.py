@@ -22,7 +22,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from jax_dmattn import _ffi, _sharding
+from jax_dmattn import _sharding
 
 
 @dataclasses.dataclass(frozen=True)
