@@ -10,6 +10,9 @@
 #pragma once
 
 #include <cuda_fp16.h>
+
+#include <atomic>
+#include <cstdint>
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
@@ -495,11 +498,15 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   using Kt = Traits<kHeadDim, kIsBF16, kNWarps>;
   auto kernel = flash_fwd_kernel<Kt>;
   constexpr int smem = Kt::kSmemBytes;
-  static bool configured = false;  // benign race: every thread sets the same attribute
-  if (!configured) {
+  // The dynamic shared-memory limit is a per-device function attribute: raise it once on each device.
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
-    configured = true;
+    configured.fetch_or(bit, std::memory_order_relaxed);
   }
   const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
