@@ -94,6 +94,9 @@ CASES = [
     (1, 333, 333, 2, 2, 32, jnp.float16, False, 0.0, ("BHMN", "bias_f16"), "BHMN"),
     (2, 64, 320, 4, 2, 96, jnp.bfloat16, True, 0.0, ("BK1N", "bias_bf16"), "BKMN"),
     (1, 144, 144, 4, 4, 192, jnp.float16, True, 0.0, None, None),
+    # per-query-head bias and mask with H != Hkv (class-map head index h / (H / Hm))
+    (2, 200, 260, 4, 2, 64, jnp.bfloat16, True, 0.0, ("BHMN", "bias_bf16"), "BHMN"),
+    (1, 130, 700, 8, 2, 128, jnp.bfloat16, False, 0.0, ("BH1N", "bias_f32"), "BH1N"),
 ]
 
 
@@ -134,6 +137,30 @@ def test_empty_rows_give_zero_and_neg_inf():
     assert np.isfinite(lse[:, :, :10]).all() and np.isfinite(out).all()
     ref_out, ref_lse = run_reference(q, k, v, None, mask, scale=0.125)
     assert rel_err(out, ref_out) < 1e-2 and rel_err(lse, ref_lse) < 1e-3
+
+
+def test_inside_scan_matches_single_calls():
+    """The FFI call inside a loop (XLA may put it in a command buffer / CUDA graph) gives the same bits."""
+    from jax_dmattn import _cuda
+
+    b, l, h, hkv, d = 1, 384, 4, 2, 64
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    qs = jax.random.normal(keys[0], (3, b, l, h, d), F32).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (b, l, hkv, d), F32).astype(jnp.bfloat16)
+    v = jax.random.normal(keys[2], (b, l, hkv, d), F32).astype(jnp.bfloat16)
+    bias = jax.random.normal(keys[3], (b, hkv, 1, l), F32).astype(jnp.bfloat16)
+    mask = block_sparse_mask(keys[4], b, hkv, l, l, 0.5)
+    f = functools.partial(_cuda.flash_fwd, scale=0.125, softcap=0.0, is_causal=True)
+
+    @jax.jit
+    def looped(qs):
+        return jax.lax.scan(lambda c, q: (c, f(q, k, v, bias, mask)), 0, qs)[1]
+
+    outs, lses = looped(qs)
+    for i in range(3):
+        o, lse = jax.jit(f)(qs[i], k, v, bias, mask)
+        assert np.array_equal(np.asarray(outs[i]).view(np.uint16), np.asarray(o).view(np.uint16))
+        assert np.array_equal(np.asarray(lses[i]).view(np.uint32), np.asarray(lse).view(np.uint32))
 
 
 def block_sparse_mask(key, b, hm, lq, lk, density, bm=128, bn=64, partial_frac=0.3):
