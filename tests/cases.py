@@ -128,6 +128,17 @@ def _cases():
     add("f32-q-bf16-bias", BASE.replace(dtype="f32", bias=(B, HKV, LQ, LK), bias_dtype="bf16"))
     add("f32-q-f16-bias", BASE.replace(dtype="f32", bias=(1, H, 1, LK), bias_dtype="f16"))
 
+    # --- numerics and odd corners
+    add("large-logits", BASE.replace(scale=2.0, bias=(B, HKV, LQ, LK), mask=(B, 1, LQ, LK)))
+    add("large-logits-bf16", BASE.replace(dtype="bf16", scale=2.0, bias=(B, HKV, LQ, LK), mask=(B, 1, LQ, LK)))
+    add("large-bias-f16", BASE.replace(dtype="f16", bias=(B, HKV, LQ, LK), bias_std=30.0, bias_dtype="f32"))
+    add("decode-1-700", BASE.replace(Lq=1, Lk=700, bias=(B, HKV, 1, 700), mask=(B, 1, 1, 700)))
+    add("decode-causal-3-700", BASE.replace(Lq=3, Lk=700, is_causal=True, bias=(1, 1, 1, 700)))
+    add("tiny", BASE.replace(B=1, H=1, Hkv=1, D=32, Lq=3, Lk=5, bias=(1, 1, 3, 5), mask=(1, 1, 3, 5)))
+    add("d8", BASE.replace(D=8, bias=(B, HKV, LQ, LK)))
+    add("causal-150-70-key-bias", BASE.replace(Lq=150, Lk=70, is_causal=True, bias=(B, HKV, 1, 70), mask=(B, 1, 1, 70)))
+    add("b5-h16", BASE.replace(B=5, H=16, Hkv=16, Lq=20, Lk=30, bias=(5, 1, 20, 30), mask=(5, 16, 1, 30)))
+
     # --- a few long-ish cases
     add("long-512-block", BASE.replace(B=1, H=2, Hkv=1, Lq=512, Lk=512, bias=(1, 1, 1, 512), mask=(1, 1, 512, 512),
                                        mask_kind="block_random", is_causal=True))

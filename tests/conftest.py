@@ -53,3 +53,15 @@ def jax_dmattn():
     import jax_dmattn as mod
 
     return mod
+
+
+@pytest.fixture(autouse=True)
+def _device_for_implementation(request):
+    """implementation="cpu" on a machine whose default backend is not CPU (a GPU host) runs on the CPU device."""
+    callspec = getattr(request.node, "callspec", None)
+    impl = callspec.params.get("implementation") if callspec is not None else None
+    if impl == "cpu" and jax.default_backend() != "cpu":
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    else:
+        yield

@@ -190,6 +190,7 @@ class Case:
     is_causal: bool = False
     softcap: Optional[float] = None
     scale: Optional[float] = None
+    bias_std: float = 1.0
     core: bool = False  # part of the reduced sweep run for implementation="xla"
 
     def replace(self, **kw):
@@ -260,7 +261,7 @@ def make_inputs(case: Case, rng: np.random.Generator):
     v = _round(rng.standard_normal((case.B, case.Lk, case.Hkv, case.D)), dt)
     bias = None
     if case.bias is not None:
-        bias = _round(rng.standard_normal(case.bias), np.dtype(case.bias_jdtype))
+        bias = _round(case.bias_std * rng.standard_normal(case.bias), np.dtype(case.bias_jdtype))
     mask = None
     if case.mask is not None:
         mask = make_mask(rng, case.mask, case.mask_kind, case.mask_density)

@@ -236,3 +236,55 @@ def test_mask_gets_no_gradient(implementation, rng):
     assert g.shape == q.shape and not np.isnan(np.asarray(g)).any()
     with pytest.raises(TypeError):
         jax.grad(loss, argnums=1)(q, mask)
+
+
+@pytest.mark.parametrize(
+    "bias_shape, mask_shape",
+    [((2, 2, 1, 100), (2, 1, 65, 100)), ((2, 2, 65, 100), (1, 1, 65, 100)), ((1, 1, 65, 100), None),
+     (None, (2, 2, 65, 100))],
+    ids=["key-bias", "full-bias", "shared-bias", "mask-only"],
+)
+def test_no_full_size_score_buffers(implementation, bias_shape, mask_shape, rng):
+    """Kernels never materialise [B, H, Lq, Lk] (or any scores-sized buffer larger than the bias/mask
+    given), forward or backward: checked on the compiled HLO of the jitted forward + VJP."""
+    import re
+
+    if implementation == "xla":
+        pytest.skip("the pure-jnp reference materialises the scores by design")
+    case = BASE.replace(dtype="bf16" if implementation == "cuda" else "f32", bias=bias_shape, mask=mask_shape)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    dout = make_cotangent(case, rng)
+    attention = get_attention()
+
+    def f(q, k, v, bias, mask, dout):
+        fn = lambda q, k, v, b: attention(q, k, v, b, mask, implementation=implementation)
+        return jax.vjp(fn, q, k, v, bias)[1](dout)
+
+    if bias is None:
+        bias = np.zeros((), np.float32)  # scalar bias: a broadcast [1, 1, 1, 1]
+    txt = jax.jit(f).lower(q, k, v, bias, mask, dout).compile().as_text()
+    limit = max(np.size(bias), 0 if mask is None else mask.size)
+    for dims in set(re.findall(r"\b(?:f64|f32|bf16|f16|pred|s8|u8|s32)\[([\d,]+)\]", txt)):
+        shape = [int(d) for d in dims.split(",")]
+        if 65 in shape and 100 in shape:
+            assert np.prod(shape) <= limit, f"a scores-sized buffer {shape} appears in the compiled HLO"
+
+
+def test_float64_bias_under_x64(implementation, rng):
+    """With x64 on, a float64 bias is accepted (the kernels read it as float32) and dbias comes back float64."""
+    case = BASE.replace(dtype="bf16" if implementation == "cuda" else "f32", bias=(2, 2, 65, 100),
+                        mask=(2, 1, 65, 100))
+    q, k, v, _, mask = make_inputs(case, rng)
+    dout = make_cotangent(case, rng)
+    bias = rng.standard_normal((2, 2, 65, 100))
+    attention = get_attention()
+    with jax.enable_x64(True):
+        fn = lambda q, k, v, b: attention(q, k, v, b, mask, implementation=implementation)
+        f = jax.jit(lambda q, k, v, b, d: jax.vjp(fn, q, k, v, b)[1](d))
+        dq, dk, dv, db = f(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(bias, jnp.float64),
+                           jnp.asarray(dout))
+        assert db.dtype == jnp.float64 and db.shape == bias.shape
+        assert dq.dtype == q.dtype
+    exp = oracle.oracle_grads(q, k, v, bias, mask, dout)
+    for name, g, e in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, db), exp):
+        assert_close(g, e, case.jdtype, "grad", name=name)

@@ -249,3 +249,21 @@ def test_scan(implementation, rng):
     g_l = jax.jit(jax.grad(loss_l, argnums=(0, 1, 2, 3)))(q, k, v, biases)
     for name, a, b in zip(("dq", "dk", "dv", "dbias"), g_s, g_l):
         _close(a, b, case, "grad", name=f"{name} (scan vs loop)")
+
+
+def test_jit_with_transposed_and_sliced_inputs(implementation, rng):
+    """Inputs produced inside jit by transposes / slices (non-default layouts upstream of the kernel call)."""
+    case = _case(implementation)
+    f = _attn(implementation, case)
+    q, k, v, bias, mask = make_inputs(case, rng)
+    qt = np.ascontiguousarray(q.transpose(0, 2, 1, 3))  # [B, H, Lq, D]
+    kv = np.concatenate([k, v], axis=-1)  # [B, Lk, Hkv, 2D]
+    bt = np.ascontiguousarray(bias.transpose(0, 1, 3, 2))  # [B, Hkv, Lk, Lq]
+
+    @jax.jit
+    def g(qt, kv, bt, mask):
+        return f(qt.transpose(0, 2, 1, 3), kv[..., :32], kv[..., 32:], bt.transpose(0, 1, 3, 2), mask)
+
+    out = g(qt, kv, bt, mask)
+    eo, _ = oracle.oracle_attention(q, k, v, bias, mask, is_causal=True)
+    assert_close(out, eo, case.jdtype, "out")
