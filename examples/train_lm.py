@@ -50,8 +50,8 @@ from jax_dmattn.flax import DynamicMaskAttention
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     seq_len: int = 256
-    pairs: int = 8
-    queries: int = 8
+    pairs: int = 4
+    queries: int = 4
     num_keys: int = 16
     num_values: int = 16
     num_filler: int = 32
@@ -386,8 +386,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--queries", type=int, default=4)
     p.add_argument("--num-keys", type=int, default=16)
     p.add_argument("--num-values", type=int, default=16)
     p.add_argument("--num-filler", type=int, default=32)
