@@ -64,8 +64,11 @@ inline void logits_tile(const AttentionParams& p, const TileCoord& t, float* S, 
     if (t.cls == kPartial) {
       const BroadcastOperand& mask = p.mask;
       const bool* m = static_cast<const bool*>(mask.data) + mask.offset(t.b, t.h, i, t.n0);
-      for (int64_t c = 0; c < limit; ++c)
-        if (!m[c * mask.col_stride]) s[c] = kNegInf;
+      if (mask.col_stride == 0) {  // constant along keys: the whole row is kept or not
+        if (!m[0]) std::fill(s, s + limit, kNegInf);
+      } else {  // a select, not a branch, so it vectorises
+        for (int64_t c = 0; c < limit; ++c) s[c] = m[c] ? s[c] : kNegInf;
+      }
     }
   }
   for (int64_t r = t.bm; r < kBlockM; ++r) std::fill(S + r * kBlockN, S + (r + 1) * kBlockN, kNegInf);
