@@ -119,6 +119,12 @@ def main(argv=None) -> int:
     print(f"jax_dmattn {jax_dmattn.__version__} on {jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}")
     print(f"  kernels: cpu={'yes' if _ffi.has_cpu_kernels() else 'no'} cuda={'yes' if _ffi.has_cuda_kernels() else 'no'};"
           f" default implementation for {jnp.dtype(dtype).name}: {implementation}")
+    expected = {"cpu": _ffi.has_cpu_kernels, "gpu": _ffi.has_cuda_kernels}.get(platform)
+    if expected is not None and not expected():
+        print(f"\nFAILED: the compiled {platform} kernels of jax_dmattn are not installed or did not load "
+              f"(extension: {'missing' if _ffi.extension() is None else 'loaded, no ' + platform + ' kernels'}). "
+              "Reinstall from source (see README).")
+        return 1
     tol = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}[dtype]
     print(f"\nself-check vs reference ({implementation}, {jnp.dtype(dtype).name}, norm-wise relative error):")
     ok = self_check(implementation, dtype, tol)
