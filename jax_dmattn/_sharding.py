@@ -273,6 +273,15 @@ def _plan(kind, mesh, arg_shapes) -> _Plan:
                  head_axes=head_axes, kv_mode=kv_mode)
 
 
+def _no_ambient_mesh():
+    """The partitioned body is per-device (manual) code. Traced under the user's Explicit-axes mesh context
+    (jax.set_mesh), jax 0.11 gives its values mesh shardings, and XLA then rejects the psum reducer
+    ("Unsupported reduction computation") or finds unpartitioned Sharding custom calls. So trace it without one."""
+    from jax._src import mesh as mesh_lib  # no public spelling of "no abstract mesh" in jax 0.10 / 0.11
+
+    return mesh_lib.use_abstract_mesh(mesh_lib.empty_abstract_mesh)
+
+
 def _psum(x, axes):
     if not axes:
         return x
@@ -312,6 +321,10 @@ def _partition(kind, body):
             return (jax.lax.axis_index(plan.head_axes) * local_heads) // group
 
         def lower_fn(*args):
+            with _no_ambient_mesh():
+                return _lower(*args)
+
+        def _lower(*args):
             idx = None
             if plan.kv_mode == "slice":
                 idx = kv_index()
