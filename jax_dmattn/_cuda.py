@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_dmattn import _ffi
+from jax_dmattn import _ffi, _validation
 
 # Tile sizes of the forward kernel and of the tile-class map (csrc/cuda/flash_fwd.h: kFwdBlockM / kFwdBlockN).
 BLOCK_M = 128
 BLOCK_N = 64
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+HEAD_DIMS = _validation.CUDA_HEAD_DIMS
 TARGET = "dmattn_fwd_cuda"
 
 TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
@@ -36,23 +36,24 @@ def available() -> bool:
     return TARGET in _ffi.register_targets()["CUDA"]
 
 
-def _check(q, k, v, bias, mask):
+def check_operands(caller, q, k, v, bias, mask):
+    """The layout the CUDA kernels take (attention() normalises to it); shared by flash_fwd and flash_bwd."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError("flash_fwd: q, k, v must be rank 4")
+        raise ValueError(f"{caller}: q, k, v must be rank 4")
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"flash_fwd: q/k/v must share dtype bfloat16 or float16, got {q.dtype}/{k.dtype}/{v.dtype}")
+        raise TypeError(f"{caller}: q/k/v must share dtype bfloat16 or float16, got {q.dtype}/{k.dtype}/{v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"flash_fwd: head dim {q.shape[-1]} not in {HEAD_DIMS}")
+        raise ValueError(f"{caller}: head dim {q.shape[-1]} not in {HEAD_DIMS}")
     if bias is not None and (bias.ndim != 4 or bias.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32)):
-        raise TypeError(f"flash_fwd: bias must be rank 4 bf16/f16/f32, got {bias.shape} {bias.dtype}")
+        raise TypeError(f"{caller}: bias must be rank 4 bf16/f16/f32, got {bias.shape} {bias.dtype}")
     if mask is not None and (mask.ndim != 4 or mask.dtype != jnp.bool_):
-        raise TypeError(f"flash_fwd: mask must be rank 4 bool, got {mask.shape} {mask.dtype}")
+        raise TypeError(f"{caller}: mask must be rank 4 bool, got {mask.shape} {mask.dtype}")
 
 
 def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
                          skip_empty_tiles: bool = True):
     """Returns (out [B, Lq, H, D], lse [B, H, Lq] f32, tile classes uint8 or a zero-size array)."""
-    _check(q, k, v, bias, mask)
+    check_operands("flash_fwd", q, k, v, bias, mask)
     _ffi.register_targets()
     b, lq, h, _ = q.shape
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias

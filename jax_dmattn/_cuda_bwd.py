@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_dmattn import _ffi
+from jax_dmattn import _cuda, _ffi
 
 # Tile sizes of the backward kernels and of their tile-class map (csrc/cuda/flash_bwd.h: kBwdBlockM / kBwdBlockN).
 BLOCK_M = 64
 BLOCK_N = 64
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 TARGET = "dmattn_bwd_cuda"
 
 
@@ -46,21 +45,12 @@ def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: 
 
 
 def _check(q, k, v, bias, mask, out, lse, dout, dlse):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError("flash_bwd: q, k, v must be rank 4")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"flash_bwd: q/k/v must share dtype bfloat16 or float16, got {q.dtype}/{k.dtype}/{v.dtype}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"flash_bwd: head dim {q.shape[-1]} not in {HEAD_DIMS}")
+    _cuda.check_operands("flash_bwd", q, k, v, bias, mask)
     if out.shape != q.shape or dout.shape != q.shape:
         raise ValueError(f"flash_bwd: out / dout must have q's shape {q.shape}, got {out.shape} / {dout.shape}")
     b, lq, h, _ = q.shape
     if lse.shape != (b, h, lq) or dlse.shape != (b, h, lq):
         raise ValueError(f"flash_bwd: lse / dlse must have shape {(b, h, lq)}, got {lse.shape} / {dlse.shape}")
-    if bias is not None and (bias.ndim != 4 or bias.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32)):
-        raise TypeError(f"flash_bwd: bias must be rank 4 bf16/f16/f32, got {bias.shape} {bias.dtype}")
-    if mask is not None and (mask.ndim != 4 or mask.dtype != jnp.bool_):
-        raise TypeError(f"flash_bwd: mask must be rank 4 bool, got {mask.shape} {mask.dtype}")
 
 
 def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softcap: float, is_causal: bool,
