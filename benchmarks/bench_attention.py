@@ -5,7 +5,9 @@ Cases (SPEC.md section 6), all bf16, causal, B=1, per-key bias [B, Hkv, 1, L]:
   paper              H=2,  Hkv=1, D=64,  same mask rule
   block_sparse_1/4   standard shapes, mask of whole random 128x64 tiles kept with probability 1/4
   block_sparse_1/16  the same at 1/16
-Impls: jax_dmattn (the CUDA kernels through jax_dmattn.attention), cudnn_bias (jax.nn.dot_product_attention,
+  dense_mask         standard shapes, an all-True mask (the dense-mask time the block-sparse cases compare to)
+Impls: jax_dmattn (the CUDA kernels through jax_dmattn.attention), jax_dmattn_tiles (forward only: the CUDA
+forward with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
 cuDNN, bias and mask folded into one additive [B, H, L, L] bias), cudnn_nobias (the flash ceiling: no bias,
 no mask, causal), reference (jax_dmattn's pure-jnp reference).
 
@@ -39,8 +41,9 @@ CASES = {
     "paper": dict(h=2, hkv=1, d=64, mask="topk"),
     "block_sparse_1/4": dict(h=16, hkv=4, d=128, mask="block", density=0.25),
     "block_sparse_1/16": dict(h=16, hkv=4, d=128, mask="block", density=1.0 / 16),
+    "dense_mask": dict(h=16, hkv=4, d=128, mask="dense"),
 }
-IMPLS = ("jax_dmattn", "cudnn_bias", "cudnn_nobias", "reference")
+IMPLS = ("jax_dmattn", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias", "reference")
 WINDOW = 1024
 
 
@@ -88,6 +91,8 @@ def make_inputs(case, l, seed=0):
     bias = jax.random.normal(ks[3], (b, c["hkv"], 1, l), jnp.float32).astype(jnp.bfloat16)
     if c["mask"] == "topk":
         mask = jax.jit(topk_causal_mask, static_argnums=1)(bias, WINDOW)
+    elif c["mask"] == "dense":
+        mask = jnp.ones((b, c["hkv"], l, l), jnp.bool_)
     else:
         mask = jax.jit(block_sparse_mask, static_argnums=(1, 2, 3, 4))(ks[4], b, c["hkv"], l, c["density"])
     jax.block_until_ready(mask)
@@ -103,6 +108,12 @@ def impl_fn(impl, case):
 
         def f(q, k, v, bias, mask):
             return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True, implementation="cuda")
+    elif impl == "jax_dmattn_tiles":
+        from jax_dmattn import _cuda
+
+        def f(q, k, v, bias, mask):
+            return _cuda.flash_fwd(q, k, v, bias, mask, scale=c["d"] ** -0.5, softcap=0.0, is_causal=True,
+                                   key_lists=False)[0]
     elif impl == "reference":
         import jax_dmattn
 
@@ -173,6 +184,8 @@ def should_skip(case, impl, pas, l):
         return "would not fit (dense [B, H, L, L] scores)"
     if impl == "cudnn_bias" and c["h"] * l * l * 2 * (1 if pas == "fwd" else 3) > 40e9:
         return "folded [B, H, L, L] bias would not fit"
+    if impl == "jax_dmattn_tiles" and pas != "fwd":
+        return "forward only"
     return None
 
 

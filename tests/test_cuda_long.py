@@ -2,7 +2,8 @@
 
 * a grid of shapes / dtypes / head dims / bias and mask broadcasts / GQA / causal / softcap against the
   pure-jnp reference on float32-upcast inputs;
-* the tile-class map against numpy, and bitwise-identical results with and without tile skipping;
+* both mask pre-passes: the live-key lists (default) and the tile-class map, each against numpy, and
+  bitwise-identical results with and without tile skipping;
 * long sequences (up to 32K) against a tiled float32 reference that never builds the [Lq, Lk] scores.
 
 GPU only (skipped elsewhere).
@@ -60,11 +61,12 @@ def make_operand(key, shape, kind):
     raise ValueError(kind)
 
 
-def run_kernel(q, k, v, bias, mask, *, scale, softcap=0.0, is_causal=False, skip=True, tiles=False):
+def run_kernel(q, k, v, bias, mask, *, scale, softcap=0.0, is_causal=False, skip=True, tiles=False,
+               key_lists=True):
     from jax_dmattn import _cuda
 
     fn = functools.partial(_cuda.flash_fwd_with_tiles, scale=scale, softcap=softcap, is_causal=is_causal,
-                           skip_empty_tiles=skip)
+                           skip_empty_tiles=skip, key_lists=key_lists)
     out = jax.jit(fn)(q, k, v, bias, mask)
     return out if tiles else out[:2]
 
@@ -105,8 +107,9 @@ def _dims(code, b, lq, lk, h, hkv):
     return tuple(m[c] for c in code)
 
 
+@pytest.mark.parametrize("key_lists", [True, False], ids=["lists", "tiles"])
 @pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
-def test_kernel_matches_reference(case):
+def test_kernel_matches_reference(case, key_lists):
     b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_code = case
     keys = jax.random.split(jax.random.PRNGKey(hash(case[:6]) % 2**31), 5)
     q = jax.random.normal(keys[0], (b, lq, h, d), F32).astype(dtype)
@@ -115,7 +118,7 @@ def test_kernel_matches_reference(case):
     bias = None if bias_spec is None else make_operand(keys[3], _dims(bias_spec[0], b, lq, lk, h, hkv), bias_spec[1])
     mask = None if mask_code is None else make_operand(keys[4], _dims(mask_code, b, lq, lk, h, hkv), "mask")
     scale = d ** -0.5
-    out, lse = run_kernel(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal)
+    out, lse = run_kernel(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, key_lists=key_lists)
     ref_out, ref_lse = run_reference(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, lq) and lse.dtype == F32
     assert not np.isnan(np.asarray(out, np.float32)).any()
@@ -123,13 +126,14 @@ def test_kernel_matches_reference(case):
     assert rel_err(lse, ref_lse) < 1e-3
 
 
-def test_empty_rows_give_zero_and_neg_inf():
+@pytest.mark.parametrize("key_lists", [True, False], ids=["lists", "tiles"])
+def test_empty_rows_give_zero_and_neg_inf(key_lists):
     b, l, h, d = 1, 200, 2, 64
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     q, k, v = (jax.random.normal(kk, (b, l, h, d), F32).astype(jnp.bfloat16) for kk in keys[:3])
     mask = jax.random.bernoulli(keys[3], 0.5, (b, h, l, l))
     mask = mask.at[:, :, 10:150].set(False)  # whole query tiles and parts of tiles empty
-    out, lse = run_kernel(q, k, v, None, mask, scale=0.125)
+    out, lse = run_kernel(q, k, v, None, mask, scale=0.125, key_lists=key_lists)
     out = np.asarray(out, np.float32)
     lse = np.asarray(lse)
     assert (out[:, 10:150] == 0).all()
@@ -197,14 +201,99 @@ def test_skipping_is_bitwise_identical(causal, d):
     v = jax.random.normal(keys[2], (b, lk, hkv, d), F32).astype(jnp.bfloat16)
     bias = jax.random.normal(keys[3], (b, hkv, 1, lk), F32).astype(jnp.bfloat16)
     mask = block_sparse_mask(keys[4], b, hkv, lq, lk, 0.3)
-    o1, l1, c1 = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, skip=True, tiles=True)
-    o2, l2, _ = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, skip=False, tiles=True)
+    o1, l1, c1, *_ = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, skip=True, tiles=True,
+                                key_lists=False)
+    o2, l2, *_ = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, skip=False, tiles=True,
+                            key_lists=False)
     np.testing.assert_array_equal(np.asarray(c1), numpy_classes(mask))
     assert (np.asarray(c1) == 0).mean() > 0.3  # the test really skips tiles
     assert np.array_equal(np.asarray(o1).view(np.uint16), np.asarray(o2).view(np.uint16))
     assert np.array_equal(np.asarray(l1).view(np.uint32), np.asarray(l2).view(np.uint32))
     ref_out, ref_lse = run_reference(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal)
     assert rel_err(o1, ref_out) < 1e-2 and rel_err(l1, ref_lse) < 1e-3
+
+
+def numpy_key_lists(mask, *, is_causal, q_len, bm=128, chunk=64):
+    """The live-key lists and bit words of csrc/cuda/key_lists.h, computed with numpy."""
+    m = np.asarray(mask)
+    b, h, rows, cols = m.shape
+    mt = -(-rows // bm)
+    rpu = min(rows, bm)
+    keys = np.zeros((b, h, mt, 1 + cols), np.int32)
+    bits = np.zeros((b, h, mt, -(-cols // chunk), rpu), np.uint64)
+    for t in range(mt):
+        blk = m[:, :, t * bm:(t + 1) * bm]
+        live = blk.any(2)
+        if is_causal and rows == q_len:
+            live[..., max(0, min(rows, (t + 1) * bm) - 1 + cols - q_len + 1):] = False
+        for bi in range(b):
+            for hi in range(h):
+                idx = np.nonzero(live[bi, hi])[0]
+                keys[bi, hi, t, 0] = idx.size
+                keys[bi, hi, t, 1:1 + idx.size] = idx
+                for c in range(-(-idx.size // chunk)):
+                    sel = idx[c * chunk:(c + 1) * chunk]
+                    w = blk[bi, hi][:, sel].astype(np.uint64) << np.arange(sel.size, dtype=np.uint64)
+                    bits[bi, hi, t, c, :blk.shape[2]] = np.bitwise_or.reduce(w, axis=1) if sel.size else 0
+    return keys, bits
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 2, 300, 300), (1, 1, 1, 517), (1, 2, 130, 200), (1, 1, 400, 256)])
+def test_key_lists_match_numpy(shape, causal):
+    """The pre-pass's lists and bit words, read back from the workspace outputs, entry by entry."""
+    b, hm, rows, lk = shape
+    lq = rows if rows > 1 else 97
+    keys = jax.random.split(jax.random.PRNGKey(rows + lk + causal), 4)
+    q = jax.random.normal(keys[0], (b, lq, 2, 64), F32).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (b, lk, 2, 64), F32).astype(jnp.bfloat16)
+    v = jax.random.normal(keys[2], (b, lk, 2, 64), F32).astype(jnp.bfloat16)
+    mask = jax.random.bernoulli(keys[3], 0.02, (b, hm, rows, lk))  # sparse: most keys dead in a tile
+    out, lse, cls, klist, kbits = run_kernel(q, k, v, None, mask, scale=0.125, is_causal=causal, tiles=True)
+    assert cls.size == 0 and klist.size > 0
+    exp_keys, exp_bits = numpy_key_lists(mask, is_causal=causal, q_len=lq)
+    got_keys = np.asarray(klist).reshape(exp_keys.shape)
+    got_bits = np.asarray(kbits).view(np.uint64).reshape(exp_bits.shape)
+    for idx in np.ndindex(exp_keys.shape[:3]):
+        n = exp_keys[idx][0]
+        assert got_keys[idx][0] == n
+        np.testing.assert_array_equal(got_keys[idx][1:1 + n], exp_keys[idx][1:1 + n])
+        nch = -(-n // 64)
+        np.testing.assert_array_equal(got_bits[idx][:nch], exp_bits[idx][:nch])
+    ref_out, ref_lse = run_reference(q, k, v, None, mask, scale=0.125, is_causal=causal)
+    assert rel_err(out, ref_out) < 1e-2 and rel_err(lse, ref_lse) < 1e-3
+
+
+@pytest.mark.parametrize("case", [
+    # (Lq, Lk, H, Hkv, D, window, causal, dtype)
+    (1000, 1000, 4, 2, 128, 100, True, jnp.bfloat16),
+    (777, 1500, 4, 1, 64, 64, True, jnp.float16),
+    (1500, 700, 2, 2, 256, 200, True, jnp.bfloat16),
+    (640, 640, 2, 1, 32, 33, False, jnp.bfloat16),
+    (513, 2048, 6, 3, 96, 500, False, jnp.float16),
+    (300, 300, 2, 2, 192, 1, True, jnp.bfloat16),
+])
+def test_key_lists_on_topk_masks(case):
+    """Top-k masks (the case the lists are for): scattered keys, every tile partial, a few hundred live keys."""
+    import jax_dmattn
+
+    lq, lk, h, hkv, d, window, causal, dtype = case
+    keys = jax.random.split(jax.random.PRNGKey(lq * 7 + lk), 4)
+    q = jax.random.normal(keys[0], (1, lq, h, d), F32).astype(dtype)
+    k = jax.random.normal(keys[1], (1, lk, hkv, d), F32).astype(dtype)
+    v = jax.random.normal(keys[2], (1, lk, hkv, d), F32).astype(dtype)
+    bias = (2.0 * jax.random.normal(keys[3], (1, hkv, 1, lk), F32)).astype(dtype)
+    mask = jax_dmattn.topk_mask(bias, window, is_causal=causal, query_len=lq)
+    if mask.shape[2] == 1:
+        mask = jnp.broadcast_to(mask, (1, hkv, lq, lk))
+    scale = d ** -0.5
+    out, lse, cls, klist, _ = run_kernel(q, k, v, bias, mask, scale=scale, is_causal=causal, tiles=True)
+    assert cls.size == 0 and klist.size > 0
+    ref_out, ref_lse = run_reference(q, k, v, bias, mask, scale=scale, is_causal=causal)
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    assert rel_err(out, ref_out) < TOL[dtype] and rel_err(lse, ref_lse) < 1e-3
+    tiles_out, tiles_lse = run_kernel(q, k, v, bias, mask, scale=scale, is_causal=causal, key_lists=False)
+    assert rel_err(out, tiles_out) < TOL[dtype]
 
 
 def tiled_reference(q, k, v, bias, mask, *, scale, is_causal, block=1024):

@@ -76,9 +76,12 @@ struct Traits {
   static constexpr int kKVElems = kBlockN * kHeadDim;
   static constexpr int kPElems = kBlockM * kBlockN;
   static constexpr int kDbStride = kBlockN + 4;  // fp32 dbias staging rows, padded against bank conflicts
+  // Main kernel: Q and dO double-buffered (the next visited tile is prefetched while this one is computed).
   static constexpr int kSmemBytes =
-      (2 * kQElems + 2 * kKVElems + 2 * kPElems) * int(sizeof(Elem)) + kBlockM * kDbStride * int(sizeof(float));
-  static constexpr int kSmemBytesDq = (2 * kQElems + 2 * kKVElems + kPElems) * int(sizeof(Elem));
+      (4 * kQElems + 2 * kKVElems + 2 * kPElems) * int(sizeof(Elem)) + kBlockM * kDbStride * int(sizeof(float));
+  // dq kernel: K and V double-buffered.
+  static constexpr int kSmemBytesDq = (2 * kQElems + 4 * kKVElems + kPElems) * int(sizeof(Elem));
+  static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesDq <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
@@ -170,31 +173,50 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
   const bool use_cap = p.softcap > 0.f;
   const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
   const int causal_off = p.kv_len - p.q_len;
+  // Two adjacent keys of a mask row can be read as one 16-bit load.
+  const bool mask_pairs = load_mask && p.mask_col_stride == 1 && (p.mask_row_stride % 2 == 0) &&
+                          (mask_base % 2 == 0) && ((reinterpret_cast<uintptr_t>(p.mask) & 1) == 0);
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     const int row = m0 + get<0>(cS(r, 0));
+    const int64_t mrow = mask_base + int64_t(row) * p.mask_row_stride;
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(s); ++c) {
-      const int col = n0 + get<1>(cS(0, c));
-      float x = s(r, c);
-      float d = 1.f;
-      if (use_cap) {
-        const float t = tanhf(x * cap_in);
-        x = p.softcap * t;
-        d = 1.f - t * t;
-      } else {
-        x *= p.scale;
+    for (int c = 0; c < size<1>(s); c += 2) {
+      const int col0 = n0 + get<1>(cS(0, c));  // even; the pair's second key is col0 + 1
+      uint32_t mk[2] = {1u, 1u};
+      if (load_mask) {
+        mk[0] = mk[1] = 0u;
+        if (row < p.q_len) {
+          if (mask_pairs && col0 + 1 < p.kv_len) {
+            const uint32_t two = __ldg(reinterpret_cast<const unsigned short*>(p.mask + mrow + col0));
+            mk[0] = two & 0xffu;
+            mk[1] = two >> 8;
+          } else {
+            if (col0 < p.kv_len) mk[0] = __ldg(p.mask + mrow + int64_t(col0) * p.mask_col_stride);
+            if (col0 + 1 < p.kv_len) mk[1] = __ldg(p.mask + mrow + int64_t(col0 + 1) * p.mask_col_stride);
+          }
+        }
       }
-      bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off);
-      if (keep && load_mask) {
-        keep = __ldg(p.mask + mask_base + int64_t(row) * p.mask_row_stride + int64_t(col) * p.mask_col_stride) != 0;
+      CUTE_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int col = col0 + e;
+        float x = s(r, c + e);
+        float d = 1.f;
+        if (use_cap) {
+          const float t = tanhf(x * cap_in);
+          x = p.softcap * t;
+          d = 1.f - t * t;
+        } else {
+          x *= p.scale;
+        }
+        bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off) && mk[e] != 0u;
+        if (keep && has_bias) {
+          x += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride + int64_t(col) * p.bias_col_stride,
+                         p.bias_dtype);
+        }
+        s(r, c + e) = (keep && lse2[r] != -INFINITY) ? exp2f(x * kLog2e - lse2[r]) : 0.f;
+        cd(r, c + e) = d;
       }
-      if (keep && has_bias) {
-        x += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride + int64_t(col) * p.bias_col_stride,
-                       p.bias_dtype);
-      }
-      s(r, c) = (keep && lse2[r] != -INFINITY) ? exp2f(x * kLog2e - lse2[r]) : 0.f;
-      cd(r, c) = d;
     }
   }
 }
@@ -240,10 +262,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
   const int64_t q_row_stride = int64_t(p.heads) * kD;
   const int64_t k_row_stride = int64_t(p.kv_heads) * kD;
 
-  // Shared memory: sQ | sdO | sK | sV | sP | sdS | fp32 dbias staging.
+  // Shared memory: sQ[2] | sdO[2] | sK | sV | sP | sdS | fp32 dbias staging.
   Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
-  Elem* sdo_ptr = sq_ptr + Kt::kQElems;
-  Elem* sk_ptr = sdo_ptr + Kt::kQElems;
+  Elem* sdo_ptr = sq_ptr + 2 * Kt::kQElems;
+  Elem* sk_ptr = sdo_ptr + 2 * Kt::kQElems;
   Elem* sv_ptr = sk_ptr + Kt::kKVElems;
   Elem* sp_ptr = sv_ptr + Kt::kKVElems;
   Elem* sds_ptr = sp_ptr + Kt::kPElems;
@@ -263,8 +285,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
 
   typename Kt::GmemTiledCopy gmem_copy;
   auto gthr = gmem_copy.get_thread_slice(tid);
-  Tensor tQsQ = gthr.partition_D(sQ);
-  Tensor tQsdO = gthr.partition_D(sdO);
   Tensor tKsK = gthr.partition_D(sK);
   Tensor tKsV = gthr.partition_D(sV);
   Tensor tQc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
@@ -291,14 +311,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
   auto cpB_t = cpB.get_thread_slice(tid);
   auto cpBT = make_tiled_copy_B(typename Kt::S2RAtomT{}, mma);
   auto cpBT_t = cpBT.get_thread_slice(tid);
-  Tensor tSsQ = cpA_t.partition_S(sQ);
   Tensor tSsK = cpB_t.partition_S(sK);
-  Tensor tdPsdO = cpA_t.partition_S(sdO);
   Tensor tdPsV = cpB_t.partition_S(sV);
   Tensor tdVsPt = cpAT_t.partition_S(sPt);
-  Tensor tdVsdOt = cpBT_t.partition_S(sdOt);
   Tensor tdKsdSt = cpAT_t.partition_S(sdSt);
-  Tensor tdKsQt = cpBT_t.partition_S(sQt);
   Tensor tdQsdS = cpA_t.partition_S(sdS);
   Tensor tdQsKt = cpBT_t.partition_S(sKt);
 
@@ -311,6 +327,31 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
   Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor cS = make_tensor(tScS.data(), rowcol(tScS.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
+
+  // The visited (query tile, query head) pairs of a (batch, kv head) item, in order: t = (m - m_begin) * g + hi.
+  const int n_work = (m_tiles - m_begin) * g;
+  auto next_work = [&](int b, int kvh, int t) -> int {  // first t' >= t whose tile is not empty, or -1
+    for (; t < n_work; ++t) {
+      if (tile_class(p, b, kvh * g + t % g, m_begin + t / g, n_block) != kTileEmpty) return t;
+    }
+    return -1;
+  };
+  // cp.async of the Q and dO tiles of work item t into buffer buf.
+  auto load_q_do = [&](int b, int kvh, int t, int buf) {
+    const int m0 = (m_begin + t / g) * kBlockM;
+    const int h = kvh * g + t % g;
+    const int64_t q_off = (int64_t(b) * p.q_len + m0) * q_row_stride + int64_t(h) * kD;
+    Tensor gQ = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.q) + q_off),
+                            Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
+    Tensor gdO = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.dout) + q_off),
+                             Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
+    Tensor sQb = make_tensor(make_smem_ptr(sq_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQ{});
+    Tensor sdOb = make_tensor(make_smem_ptr(sdo_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQ{});
+    Tensor dQ = gthr.partition_D(sQb);
+    Tensor ddO = gthr.partition_D(sdOb);
+    copy_rows(gmem_copy, gthr.partition_S(gQ), dQ, tQc, p.q_len - m0);
+    copy_rows(gmem_copy, gthr.partition_S(gdO), ddO, tQc, p.q_len - m0);
+  };
   Tensor tKVc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
   Tensor cKV = make_tensor(tKVc.data(), rowcol(tKVc.layout()));
   Tensor tQDc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
@@ -375,105 +416,112 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
       __syncthreads();  // every warp is done with the previous sK / sV
       copy_rows(gmem_copy, gthr.partition_S(gK), tKsK, tKc, p.kv_len - n0);
       copy_rows(gmem_copy, gthr.partition_S(gV), tKsV, tKc, p.kv_len - n0);
+      int t = next_work(b, kvh, 0);
+      int buf = 0;
+      if (t >= 0) load_q_do(b, kvh, t, buf);
       cute::cp_async_fence();
       clear(acc_dk);
       clear(acc_dv);
 
-      for (int m = m_begin; m < m_tiles; ++m) {
+      while (t >= 0) {
+        const int m = m_begin + t / g;
         const int m0 = m * kBlockM;
-        for (int hi = 0; hi < g; ++hi) {
-          const int h = kvh * g + hi;
-          const int cls = tile_class(p, b, h, m, n_block);
-          if (cls == kTileEmpty) continue;
+        const int h = kvh * g + t % g;
+        const int cls = tile_class(p, b, h, m, n_block);
+        // Prefetch the next visited tile's Q and dO into the other buffer (its readers finished at the barrier
+        // that ended the previous iteration).
+        const int t_next = next_work(b, kvh, t + 1);
+        if (t_next >= 0) load_q_do(b, kvh, t_next, buf ^ 1);
+        cute::cp_async_fence();
 
-          if (has_dbias) {
-            const int64_t base = b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride;
-            const int tm0 = dbias_rows ? m0 : 0;
-            const int64_t key = base + int64_t(tm0) * p.bias_row_stride;
-            if (db_key >= 0 && key != db_key) flush_dbias();
-            db_key = key, db_base = base, db_m0 = tm0;
-          }
-
-          const int64_t q_off = (int64_t(b) * p.q_len + m0) * q_row_stride + int64_t(h) * kD;
-          Tensor gQ = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.q) + q_off),
-                                  Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
-          Tensor gdO = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.dout) + q_off),
-                                   Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
-          copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
-          copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
-          cute::cp_async_fence();
-
-          float lse2[kRows], delta[kRows];
-          load_row_stats(p, cS, b, h, m0, lse2, delta);
-          cute::cp_async_wait<0>();
-          __syncthreads();
-
-          // S = Q K^T -> P.
-          Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-          clear(acc_s);
-          gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
-          Tensor capd = make_tensor_like(acc_s);
-          scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
-          {
-            Tensor pe = make_tensor_like<Elem>(acc_s);
-            CUTE_UNROLL
-            for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
-            cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
-          }
-
-          // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the cap.
-          Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-          clear(acc_dp);
-          gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
-          {
-            Tensor ps = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-            Tensor dp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
-            Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
-            Tensor db = make_tensor(dbacc.data(), rowcol(dbacc.layout()));
-            CUTE_UNROLL
-            for (int r = 0; r < size<0>(dp); ++r) {
-              CUTE_UNROLL
-              for (int c = 0; c < size<1>(dp); ++c) {
-                const float ds = ps(r, c) * (dp(r, c) - delta[r]);
-                if (has_dbias) db(r, c) += ds;
-                dp(r, c) = ds * cd(r, c);
-              }
-            }
-            Tensor dse = make_tensor_like<Elem>(acc_dp);
-            CUTE_UNROLL
-            for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
-            cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
-          }
-          __syncthreads();  // sP, sdS complete
-
-          gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dV += P^T dO
-          gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dK += dS^T Q
-
-          if (!p.deterministic) {  // dQ (this key tile's share) = dS K, added to the fp32 accumulator
-            Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
-            clear(acc_dq);
-            gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
-            Tensor dq = make_tensor(acc_dq.data(), rowcol(acc_dq.layout()));
-            CUTE_UNROLL
-            for (int r = 0; r < size<0>(dq); ++r) {
-              const int row = m0 + get<0>(cQD(r, 0));
-              if (row < p.q_len) {
-                float* dst = p.dq_accum + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
-                CUTE_UNROLL
-                for (int c = 0; c < size<1>(dq); c += 2) {
-                  const int d = get<1>(cQD(0, c));
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                  atomicAdd(reinterpret_cast<float2*>(dst + d), make_float2(dq(r, c) * p.scale, dq(r, c + 1) * p.scale));
-#else
-                  atomicAdd(dst + d, dq(r, c) * p.scale);
-                  atomicAdd(dst + d + 1, dq(r, c + 1) * p.scale);
-#endif
-                }
-              }
-            }
-          }
-          __syncthreads();  // every warp is done with sQ, sdO, sP, sdS
+        if (has_dbias) {
+          const int64_t base = b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride;
+          const int tm0 = dbias_rows ? m0 : 0;
+          const int64_t key = base + int64_t(tm0) * p.bias_row_stride;
+          if (db_key >= 0 && key != db_key) flush_dbias();
+          db_key = key, db_base = base, db_m0 = tm0;
         }
+
+        float lse2[kRows], delta[kRows];
+        load_row_stats(p, cS, b, h, m0, lse2, delta);
+        cute::cp_async_wait<1>();  // everything but the prefetch: this tile's Q / dO (and K / V) landed
+        __syncthreads();
+
+        Tensor sQb = make_tensor(make_smem_ptr(sq_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQ{});
+        Tensor sdOb = make_tensor(make_smem_ptr(sdo_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQ{});
+        Tensor sQtb = make_tensor(make_smem_ptr(sq_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQt{});
+        Tensor sdOtb = make_tensor(make_smem_ptr(sdo_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQt{});
+        Tensor tSsQ = cpA_t.partition_S(sQb);
+        Tensor tdPsdO = cpA_t.partition_S(sdOb);
+        Tensor tdVsdOt = cpBT_t.partition_S(sdOtb);
+        Tensor tdKsQt = cpBT_t.partition_S(sQtb);
+        // S = Q K^T -> P.
+        Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+        clear(acc_s);
+        gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
+        Tensor capd = make_tensor_like(acc_s);
+        scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
+        {
+          Tensor pe = make_tensor_like<Elem>(acc_s);
+          CUTE_UNROLL
+          for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
+          cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
+        }
+
+        // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the cap.
+        Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+        clear(acc_dp);
+        gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
+        {
+          Tensor ps = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+          Tensor dp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
+          Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
+          Tensor db = make_tensor(dbacc.data(), rowcol(dbacc.layout()));
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(dp); ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(dp); ++c) {
+              const float ds = ps(r, c) * (dp(r, c) - delta[r]);
+              if (has_dbias) db(r, c) += ds;
+              dp(r, c) = ds * cd(r, c);
+            }
+          }
+          Tensor dse = make_tensor_like<Elem>(acc_dp);
+          CUTE_UNROLL
+          for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
+          cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+        }
+        __syncthreads();  // sP, sdS complete
+
+        gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dV += P^T dO
+        gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dK += dS^T Q
+
+        if (!p.deterministic) {  // dQ (this key tile's share) = dS K, added to the fp32 accumulator
+          Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+          clear(acc_dq);
+          gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+          Tensor dq = make_tensor(acc_dq.data(), rowcol(acc_dq.layout()));
+          CUTE_UNROLL
+          for (int r = 0; r < size<0>(dq); ++r) {
+            const int row = m0 + get<0>(cQD(r, 0));
+            if (row < p.q_len) {
+              float* dst = p.dq_accum + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
+              CUTE_UNROLL
+              for (int c = 0; c < size<1>(dq); c += 2) {
+                const int d = get<1>(cQD(0, c));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                atomicAdd(reinterpret_cast<float2*>(dst + d), make_float2(dq(r, c) * p.scale, dq(r, c + 1) * p.scale));
+#else
+                atomicAdd(dst + d, dq(r, c) * p.scale);
+                atomicAdd(dst + d + 1, dq(r, c + 1) * p.scale);
+#endif
+              }
+            }
+          }
+        }
+        __syncthreads();  // every warp is done with this buffer, sP and sdS
+        buf ^= 1;
+        t = t_next;
       }
       cute::cp_async_wait<0>();  // K / V of an item with no visited tile
 
@@ -531,9 +579,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
 
   Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
   Elem* sdo_ptr = sq_ptr + Kt::kQElems;
-  Elem* sk_ptr = sdo_ptr + Kt::kQElems;
-  Elem* sv_ptr = sk_ptr + Kt::kKVElems;
-  Elem* sds_ptr = sv_ptr + Kt::kKVElems;
+  Elem* sk_ptr = sdo_ptr + Kt::kQElems;  // sK[2]
+  Elem* sv_ptr = sk_ptr + 2 * Kt::kKVElems;  // sV[2]
+  Elem* sds_ptr = sv_ptr + 2 * Kt::kKVElems;
   Tensor sQ = make_tensor(make_smem_ptr(sq_ptr), typename Kt::SmemLayoutQ{});
   Tensor sdO = make_tensor(make_smem_ptr(sdo_ptr), typename Kt::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(sk_ptr), typename Kt::SmemLayoutKV{});
@@ -545,8 +593,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   auto gthr = gmem_copy.get_thread_slice(tid);
   Tensor tQsQ = gthr.partition_D(sQ);
   Tensor tQsdO = gthr.partition_D(sdO);
-  Tensor tKsK = gthr.partition_D(sK);
-  Tensor tKsV = gthr.partition_D(sV);
   Tensor tQc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
   Tensor tKc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
 
@@ -566,11 +612,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   auto cpBT = make_tiled_copy_B(typename Kt::S2RAtomT{}, mma);
   auto cpBT_t = cpBT.get_thread_slice(tid);
   Tensor tSsQ = cpA_t.partition_S(sQ);
-  Tensor tSsK = cpB_t.partition_S(sK);
   Tensor tdPsdO = cpA_t.partition_S(sdO);
-  Tensor tdPsV = cpB_t.partition_S(sV);
   Tensor tdQsdS = cpA_t.partition_S(sdS);
-  Tensor tdQsKt = cpBT_t.partition_S(sKt);
 
   auto r2s = make_tiled_copy_C(typename Kt::R2SAtom{}, mma);
   auto r2s_t = r2s.get_thread_slice(tid);
@@ -596,20 +639,46 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
   clear(acc_dq);
 
-  for (int n = 0; n < n_end; ++n) {
-    const int cls = tile_class(p, b, h, m_block, n);
-    if (cls == kTileEmpty) continue;
+  auto next_tile = [&](int n) -> int {  // first non-empty key tile >= n, or -1
+    for (; n < n_end; ++n) {
+      if (tile_class(p, b, h, m_block, n) != kTileEmpty) return n;
+    }
+    return -1;
+  };
+  // cp.async of key tile n's K and V into buffer buf.
+  auto load_kv = [&](int n, int buf) {
     const int n0 = n * kBlockN;
     const Elem* k_ptr = static_cast<const Elem*>(p.k) + (int64_t(b) * p.kv_len + n0) * k_row_stride + kvh * kD;
     const Elem* v_ptr = static_cast<const Elem*>(p.v) + (int64_t(b) * p.kv_len + n0) * k_row_stride + kvh * kD;
     Tensor gK = make_tensor(make_gmem_ptr(k_ptr), Shape<Int<kBlockN>, Int<kD>>{}, make_stride(k_row_stride, _1{}));
     Tensor gV = make_tensor(make_gmem_ptr(v_ptr), Shape<Int<kBlockN>, Int<kD>>{}, make_stride(k_row_stride, _1{}));
-    __syncthreads();  // every warp is done with the previous sK / sV / sdS
-    copy_rows(gmem_copy, gthr.partition_S(gK), tKsK, tKc, p.kv_len - n0);
-    copy_rows(gmem_copy, gthr.partition_S(gV), tKsV, tKc, p.kv_len - n0);
+    Tensor sKb = make_tensor(make_smem_ptr(sk_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
+    Tensor sVb = make_tensor(make_smem_ptr(sv_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
+    Tensor dK = gthr.partition_D(sKb);
+    Tensor dV = gthr.partition_D(sVb);
+    copy_rows(gmem_copy, gthr.partition_S(gK), dK, tKc, p.kv_len - n0);
+    copy_rows(gmem_copy, gthr.partition_S(gV), dV, tKc, p.kv_len - n0);
+  };
+
+  int n = next_tile(0);
+  int buf = 0;
+  if (n >= 0) load_kv(n, buf);
+  cute::cp_async_fence();
+  while (n >= 0) {
+    const int cls = tile_class(p, b, h, m_block, n);
+    const int n0 = n * kBlockN;
+    const int n_next = next_tile(n + 1);
+    if (n_next >= 0) load_kv(n_next, buf ^ 1);  // its buffer's readers finished at the last barrier
     cute::cp_async_fence();
-    cute::cp_async_wait<0>();
+    cute::cp_async_wait<1>();  // everything but the prefetch
     __syncthreads();
+
+    Tensor sKb = make_tensor(make_smem_ptr(sk_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
+    Tensor sVb = make_tensor(make_smem_ptr(sv_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
+    Tensor sKtb = make_tensor(make_smem_ptr(sk_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKt{});
+    Tensor tSsK = cpB_t.partition_S(sKb);
+    Tensor tdPsV = cpB_t.partition_S(sVb);
+    Tensor tdQsKt = cpBT_t.partition_S(sKtb);
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
@@ -636,6 +705,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
     }
     __syncthreads();
     gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+    __syncthreads();  // every warp is done with this K / V buffer and sdS
+    buf ^= 1;
+    n = n_next;
   }
   cute::cp_async_wait<0>();
 

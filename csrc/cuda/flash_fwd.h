@@ -47,6 +47,14 @@ struct FwdParams {
   const uint8_t* classes = nullptr;
   int64_t cls_batch_stride = 0, cls_head_stride = 0, cls_m_stride = 0, cls_n_stride = 0;
   bool skip_empty_tiles = true;  // false: every mask tile is treated as partial (for bitwise tests)
+
+  // Live-key lists of the mask (csrc/cuda/key_lists.h); when set the kernel walks them instead of key tiles.
+  // Unit of (b, h, query tile) = b * kl_batch_stride + (h / mask_hdiv) * kl_head_stride + m * kl_m_stride.
+  const int32_t* key_lists = nullptr;  // [units, 1 + kv_len]
+  const uint64_t* key_bits = nullptr;  // [units, ceil(kv_len / 64), kb_rows]
+  int64_t kl_batch_stride = 0, kl_head_stride = 0, kl_m_stride = 0;
+  int64_t kb_unit_stride = 0;  // ceil(kv_len / 64) * kb_rows
+  int kb_rows = 0;             // rows per unit: 128, or 1 for a row-broadcast mask
 };
 
 // Launches the forward for params.head_dim in {32, 64, 96, 128, 192, 256} and params.is_bf16.

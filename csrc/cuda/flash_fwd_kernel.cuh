@@ -147,6 +147,90 @@ __device__ __forceinline__ float load_bias(const void* base, int64_t off, int dt
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// One online-softmax step on a tile of log2-domain scores (masked entries -inf): rescales the running sums and
+// the output accumulator, and leaves exp2(s - running max) in acc_s.
+template <int kRows, class AccS, class AccO>
+__device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, float (&row_max)[kRows],
+                                                    float (&row_sum)[kRows]) {
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  constexpr int kCols = decltype(size<1>(s))::value;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    float mx = row_max[r];
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
+    mx = quad_max(mx);
+    const float m_use = mx == -INFINITY ? 0.f : mx;
+    const float corr = exp2f(row_max[r] - m_use);
+    row_max[r] = mx;
+    row_sum[r] *= corr;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const float e = exp2f(s(r, c) - m_use);
+      s(r, c) = e;
+      sum += e;
+    }
+    row_sum[r] += sum;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
+  }
+}
+
+// Epilogue: normalise, write lse (natural log; -inf and a zero row for rows without a kept key), stage O
+// through shared memory (reusing sQ) and store it with row predicates.
+template <class Kt, int kRows, class AccO, class CS, class SQ, class GO, class Mma>
+__device__ __forceinline__ void store_output(AccO& acc_o, float const (&row_max)[kRows], float const (&row_sum)[kRows],
+                                             CS const& cS, SQ& sQ, GO& gO, Mma const& mma, float* lse_ptr,
+                                             int row0, int q_len) {
+  using Elem = typename Kt::Elem;
+  const int tid = threadIdx.x;
+  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
+    const int row = row0 + get<0>(cS(r, 0));
+    if ((tid & 3) == 0 && row < q_len) {
+      lse_ptr[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+
+  Tensor ro = make_tensor_like<Elem>(acc_o);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_o); ++i) ro(i) = static_cast<Elem>(acc_o(i));
+
+  __syncthreads();  // every warp is done with sQ
+  auto cpO = make_tiled_copy_C(typename Kt::SmemCopyAtomO{}, mma);
+  auto cpO_t = cpO.get_thread_slice(tid);
+  cute::copy(cpO, cpO_t.retile_S(ro), cpO_t.partition_D(sQ));
+  __syncthreads();
+
+  typename Kt::GmemTiledCopyO gmem_copy_o;
+  auto gothr = gmem_copy_o.get_thread_slice(tid);
+  Tensor tOsO = gothr.partition_S(sQ);
+  Tensor tOgO = gothr.partition_D(gO);
+  Tensor tOcO = gothr.partition_D(make_identity_tensor(Shape<Int<Kt::kBlockM>, Int<Kt::kHeadDim>>{}));
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tOgO); ++m) {
+    if (get<0>(tOcO(0, m, 0)) < q_len - row0) cute::copy(gmem_copy_o, tOsO(_, m, _), tOgO(_, m, _));
+  }
+}
+
+// P (as the A operand of the P @ V product, in the input dtype) @ V.
+template <class Elem, class AccS, class AccO, class RVt, class SVt, class Mma, class CpV, class CpVT>
+__device__ __forceinline__ void accumulate_pv(AccS const& acc_s, AccO& acc_o, RVt& rVt, SVt const& tOsVt,
+                                              Mma const& mma, CpV const& cpV, CpVT const& cpV_t) {
+  Tensor pf = make_tensor_like<Elem>(acc_s);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_s); ++i) pf(i) = static_cast<Elem>(acc_s(i));
+  Tensor pa = make_tensor(pf.data(), acc_as_a_layout(pf.layout()));
+  gemm_rs(acc_o, pa, rVt, tOsVt, mma, cpV, cpV_t);
+}
+
 // ---------------------------------------------------------------------------------------------- kernel
 
 template <class Kt>
@@ -421,111 +505,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
       }
     }
 
-    // Online softmax.
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float mx = row_max[r];
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
-      mx = quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float corr = exp2f(row_max[r] - m_use);
-      row_max[r] = mx;
-      row_sum[r] *= corr;
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        const float e = exp2f(s(r, c) - m_use);
-        s(r, c) = e;
-        sum += e;
-      }
-      row_sum[r] += sum;
-      Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
-    }
-
-    // P (as the A operand, in the input dtype) @ V.
-    Tensor pf = make_tensor_like<Elem>(acc_s);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) pf(i) = static_cast<Elem>(acc_s(i));
-    Tensor pa = make_tensor(pf.data(), acc_as_a_layout(pf.layout()));
-    gemm_rs(acc_o, pa, rVt, tOsVt, mma, cpV, cpV_t);
+    online_softmax_step(acc_s, acc_o, row_max, row_sum);
+    accumulate_pv<Elem>(acc_s, acc_o, rVt, tOsVt, mma, cpV, cpV_t);
 
     n = n_next;
     buf ^= 1;
   }
   cute::cp_async_wait<0>();
 
-  // Epilogue: normalise, write lse, stage O through shared memory (reusing sQ) and store with row predicates.
-  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
   float* lse_ptr = p.lse + (int64_t(b) * p.heads + h) * p.q_len;
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const float sum = quad_sum(row_sum[r]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
-    const int row = row0 + get<0>(cS(r, 0));
-    if ((tid & 3) == 0 && row < p.q_len) {
-      lse_ptr[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
-    }
-  }
-
-  Tensor ro = make_tensor_like<Elem>(acc_o);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_o); ++i) ro(i) = static_cast<Elem>(acc_o(i));
-
-  __syncthreads();  // every warp is done with sQ
-  auto cpO = make_tiled_copy_C(typename Kt::SmemCopyAtomO{}, mma);
-  auto cpO_t = cpO.get_thread_slice(tid);
-  cute::copy(cpO, cpO_t.retile_S(ro), cpO_t.partition_D(sQ));
-  __syncthreads();
-
-  typename Kt::GmemTiledCopyO gmem_copy_o;
-  auto gothr = gmem_copy_o.get_thread_slice(tid);
-  Tensor tOsO = gothr.partition_S(sQ);
-  Tensor tOgO = gothr.partition_D(gO);
-  Tensor tOcO = gothr.partition_D(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tOgO); ++m) {
-    if (get<0>(tOcO(0, m, 0)) < p.q_len - row0) cute::copy(gmem_copy_o, tOsO(_, m, _), tOgO(_, m, _));
-  }
-}
-
-template <int kHeadDim, bool kIsBF16, int kNWarps = (kHeadDim <= 64 ? 4 : 8)>
-cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
-  using Kt = Traits<kHeadDim, kIsBF16, kNWarps>;
-  auto kernel = flash_fwd_kernel<Kt>;
-  constexpr int smem = Kt::kSmemBytes;
-  // The dynamic shared-memory limit is a per-device function attribute: raise it once on each device.
-  static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
-  const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  kernel<<<grid, Kt::kNThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  store_output<Kt>(acc_o, row_max, row_sum, cS, sQ, gO, mma, lse_ptr, row0, p.q_len);
 }
 
 }  // namespace fwd
 }  // namespace dmattn
-
-// Explicit instantiation of both dtypes for one head dim (one .cu file per head dim).
-#define DMATTN_INSTANTIATE_FWD(D)                                                     \
-  namespace dmattn {                                                                  \
-  template <>                                                                         \
-  cudaError_t run_flash_fwd<D, true>(const FwdParams& p, cudaStream_t s) {            \
-    return fwd::launch<D, true>(p, s);                                                \
-  }                                                                                   \
-  template <>                                                                         \
-  cudaError_t run_flash_fwd<D, false>(const FwdParams& p, cudaStream_t s) {           \
-    return fwd::launch<D, false>(p, s);                                               \
-  }                                                                                   \
-  }

@@ -10,6 +10,7 @@
 
 #include "attention_params.h"
 #include "cuda/flash_fwd.h"
+#include "cuda/key_lists.h"
 #include "cuda/tile_classes.h"
 #include "ffi/targets.h"
 
@@ -42,12 +43,15 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
 
 // q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or zero-size; mask bool of the same rule or
-// zero-size. Returns out [B, Lq, H, D], lse [B, H, Lq] f32 and the mask tile classes
-// [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (zero-size without a mask), computed here by a pre-pass.
+// zero-size. Returns out [B, Lq, H, D], lse [B, H, Lq] f32, and the mask pre-pass's workspace: with
+// key_lists, the live-key lists (int32, KeyListArgs::keys_size()) and their bit words (uint64 as 2 x uint32,
+// KeyListArgs::bits_size()) and a zero-size tile map; otherwise the mask tile classes
+// [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (zero-size without a mask) and zero-size lists.
 ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> out,
-                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes, float scale,
-                          float softcap, bool is_causal, bool skip_empty_tiles) {
+                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes,
+                          ffi::ResultBuffer<ffi::S32> key_lists, ffi::ResultBuffer<ffi::U32> key_bits, float scale,
+                          float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q, k, v must be rank 4");
@@ -115,6 +119,29 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
     p.mask_hdiv = static_cast<int>(op.heads_per_index);
 
+    if (use_key_lists) {
+      if (dims[3] != Lk) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a full key dim");
+      KeyListArgs largs;
+      largs.mask = reinterpret_cast<const uint8_t*>(mask.typed_data());
+      largs.batch = dims[0], largs.heads = dims[1], largs.rows = dims[2], largs.cols = dims[3];
+      largs.is_causal = is_causal, largs.q_len = Lq, largs.causal_offset = Lk - Lq;
+      largs.keys = key_lists->typed_data();
+      largs.bits = reinterpret_cast<uint64_t*>(key_bits->typed_data());
+      if (static_cast<int64_t>(key_lists->element_count()) != largs.keys_size() ||
+          static_cast<int64_t>(key_bits->element_count()) != 2 * largs.bits_size())
+        return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list outputs have the wrong size");
+      if (Lq == 0) return ffi::Error::Success();
+      if (auto e = cuda_error(launch_build_key_lists(largs, stream), "build_key_lists"); e.failure()) return e;
+      const int64_t mt = largs.m_tiles();
+      p.key_lists = largs.keys;
+      p.key_bits = largs.bits;
+      p.kl_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt;
+      p.kl_head_stride = dims[1] == 1 ? 0 : mt;
+      p.kl_m_stride = dims[2] == 1 ? 0 : 1;
+      p.kb_rows = static_cast<int>(largs.rows_per_unit());
+      p.kb_unit_stride = largs.chunks() * largs.rows_per_unit();
+      return cuda_error(launch_flash_fwd(p, stream), "flash_fwd");
+    }
     MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kFwdBlockM, kFwdBlockN,
                        classes->typed_data()};
     const int64_t mt = targs.m_tiles(), nt = targs.n_tiles();
@@ -154,10 +181,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Ret<ffi::Buffer<ffi::U8>>()  // mask tile classes (workspace / residual)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // live-key lists (workspace)
+                                  .Ret<ffi::Buffer<ffi::U32>>()  // their mask bit words (workspace)
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
-                                  .Attr<bool>("skip_empty_tiles"));
+                                  .Attr<bool>("skip_empty_tiles")
+                                  .Attr<bool>("key_lists"));
 
 std::vector<FfiTarget> cuda_targets() {
   return {

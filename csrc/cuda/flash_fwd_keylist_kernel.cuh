@@ -1,0 +1,283 @@
+// Flash-attention forward over the mask's live-key lists (csrc/cuda/key_lists.h).
+//
+// Same arithmetic as flash_fwd_kernel (traits, score pipeline, online softmax, epilogue are shared), but a CTA
+// walks its query tile's list of live keys 64 at a time instead of the key tiles: K and V rows are gathered by
+// index (cp.async works per 16-byte piece, so any row order costs the same as a contiguous tile), the mask of the
+// chunk is one uint64 per row, and a per-key bias is gathered with the keys. A top-k mask keeps ~k keys per row
+// and nearly the same ones across a query tile, so the work follows k instead of Lk.
+//
+// Pipeline per chunk c: [K(c) landed] -> V(c) gather issued -> S = Q K^T -> [V(c) landed] -> K(c + 1) gather
+// issued (its indices were loaded into registers before the Q K^T product) -> scores, softmax, P V.
+#pragma once
+
+#include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/key_lists.h"
+
+namespace dmattn {
+namespace fwd {
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
+    flash_fwd_keylist_kernel(const __grid_constant__ FwdParams p) {
+  using Elem = typename Kt::Elem;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kChunk = Kt::kBlockN;
+  constexpr int kD = Kt::kHeadDim;
+  constexpr int kThreads = Kt::kNThreads;
+  static_assert(kBlockM == kKeyListBlockM && kChunk == kKeyListChunk, "key-list units must match the tiles");
+  // Gathered K/V copy: 16-byte pieces, kPieces per row; each thread copies kRowsPerThread rows' pieces.
+  constexpr int kPieces = kD / 8;
+  static_assert(kThreads % kPieces == 0 && (kChunk * kPieces) % kThreads == 0, "gather split");
+  constexpr int kRowStep = kThreads / kPieces;
+  constexpr int kRowsPerThread = kChunk / kRowStep;
+
+  extern __shared__ __align__(128) char smem[];
+
+  // Query heads fastest: the CTAs of one query tile and GQA group run together and share K/V rows in L2.
+  const int h = blockIdx.x;
+  const int m_block = gridDim.y - 1 - blockIdx.y;
+  const int b = blockIdx.z;
+  const int hk = h / p.group;
+  const int tid = threadIdx.x;
+  const int row0 = m_block * kBlockM;
+  const int q_len = p.q_len, kv_len = p.kv_len;
+  const bool is_causal = p.is_causal;
+  const int causal_off = kv_len - q_len;
+  const int last_key = is_causal ? min(row0 + kBlockM, q_len) - 1 + causal_off : kv_len - 1;
+
+  const int64_t unit = b * p.kl_batch_stride + (h / p.mask_hdiv) * p.kl_head_stride + m_block * p.kl_m_stride;
+  const int32_t* list = p.key_lists + unit * (1 + int64_t(kv_len));
+  const int32_t* keys = list + 1;
+  const uint64_t* bits = p.key_bits + unit * p.kb_unit_stride;
+  const int count = list[0];
+
+  // Live keys visible from the tile's last row (the list is ascending). Lists of a row-full causal mask are
+  // already cut at that bound; a row-broadcast mask's list is shared by every query tile.
+  int n_live = count;
+  if (is_causal) {
+    __shared__ int visible;
+    if (tid == 0) visible = 0;
+    __syncthreads();
+    int below = 0;
+    for (int i = tid; i < count; i += kThreads) below += keys[i] <= last_key;
+    below = __reduce_add_sync(0xffffffffu, below);
+    if ((tid & 31) == 0 && below) atomicAdd(&visible, below);
+    __syncthreads();
+    n_live = visible;
+  }
+  const int n_chunks = last_key < 0 ? 0 : (n_live + kChunk - 1) / kChunk;
+
+  const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const Elem* v_ptr = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  Elem* o_ptr = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+
+  Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(row0) * p.q_row_stride),
+                          Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.q_row_stride, _1{}));
+  Tensor gO = make_tensor(make_gmem_ptr(o_ptr + int64_t(row0) * p.o_row_stride),
+                          Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.o_row_stride, _1{}));
+
+  Elem* smem_q = reinterpret_cast<Elem*>(smem);
+  Elem* smem_k = smem_q + kBlockM * kD;
+  Elem* smem_v = smem_k + kChunk * kD;
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Kt::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Kt::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Kt::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Kt::SmemLayoutVt{});
+  // Key indices and log2-scaled per-key bias of the current and next chunk (the tile kernel's mask area).
+  int32_t* smem_idx = reinterpret_cast<int32_t*>(smem + Kt::kSmemQKVBytes);  // [2][kChunk]
+  float* smem_kbias = reinterpret_cast<float*>(smem_idx + 2 * kChunk);         // [2][kChunk]
+
+  typename Kt::GmemTiledCopy gmem_copy;
+  auto gthr = gmem_copy.get_thread_slice(tid);
+  Tensor tQgQ = gthr.partition_S(gQ);
+  Tensor tQsQ = gthr.partition_D(sQ);
+  Tensor tQcQ = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+
+  typename Kt::TiledMma mma;
+  auto tmma = mma.get_thread_slice(tid);
+  Tensor rQ = tmma.partition_fragment_A(sQ);
+  Tensor rK = tmma.partition_fragment_B(sK);
+  Tensor rVt = tmma.partition_fragment_B(sVt);
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_o);
+
+  auto cpQ = make_tiled_copy_A(typename Kt::SmemCopyAtom{}, mma);
+  auto cpQ_t = cpQ.get_thread_slice(tid);
+  Tensor tSsQ = cpQ_t.partition_S(sQ);
+  auto cpK = make_tiled_copy_B(typename Kt::SmemCopyAtom{}, mma);
+  auto cpK_t = cpK.get_thread_slice(tid);
+  Tensor tSsK = cpK_t.partition_S(sK);
+  auto cpV = make_tiled_copy_B(typename Kt::SmemCopyAtomT{}, mma);
+  auto cpV_t = cpV.get_thread_slice(tid);
+  Tensor tOsVt = cpV_t.partition_S(sVt);
+
+  Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kChunk>>{}));
+  Tensor cS = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS))::value;
+  constexpr int kCols = decltype(size<1>(cS))::value;
+
+  float row_max[kRows], row_sum[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
+
+  const bool has_bias = p.bias != nullptr;
+  const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
+  const bool bias_per_key = has_bias && p.bias_row_stride == 0;
+
+  // This thread's gather rows (chunk-relative) and 16-byte piece.
+  const int piece = tid % kPieces;
+  const int grow0 = tid / kPieces;
+  const auto sk_layout = typename Kt::SmemLayoutKV{};
+
+  // Key index of chunk-relative row j of chunk c, or -1 past the live keys.
+  auto key_at = [&](int c, int j) -> int {
+    const int i = c * kChunk + j;
+    return i < n_live ? keys[i] : -1;
+  };
+  auto gather = [&](const Elem* src_base, int64_t row_stride, Elem* dst_base, const int (&rows)[kRowsPerThread]) {
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = grow0 + i * kRowStep;
+      Elem* dst = dst_base + sk_layout(r, piece * 8);
+      if (rows[i] >= 0) {
+        cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
+            *reinterpret_cast<const cute::uint128_t*>(src_base + int64_t(rows[i]) * row_stride + piece * 8),
+            *reinterpret_cast<cute::uint128_t*>(dst));
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);  // finite zeros: P is 0 there
+      }
+    }
+  };
+  // Chunk-wide tables (threads < kChunk, one chunk position each): key index and log2-domain per-key bias.
+  auto load_key_bias = [&](int key) -> float {
+    if (!bias_per_key || key < 0) return 0.f;
+    return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype) * kLog2e;
+  };
+  auto stage_tables = [&](int buf, int key, float key_bias) {
+    if (tid < kChunk) {
+      smem_idx[buf * kChunk + tid] = key;
+      smem_kbias[buf * kChunk + tid] = key_bias;
+    }
+  };
+
+  const float scale_log2 = p.scale * kLog2e;
+  const bool use_cap = p.softcap > 0.f;
+  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
+  const float cap_out = p.softcap * kLog2e;
+
+  // Prologue: Q, K(0) and the tables of chunk 0.
+  copy_rows(gmem_copy, tQgQ, tQsQ, tQcQ, q_len - row0);
+  int next_rows[kRowsPerThread];
+  int next_key = -1;
+  float next_key_bias = 0.f;
+  if (n_chunks > 0) {
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(0, grow0 + i * kRowStep);
+    gather(k_ptr, p.k_row_stride, smem_k, next_rows);
+    const int key0 = tid < kChunk ? key_at(0, tid) : -1;
+    stage_tables(0, key0, load_key_bias(key0));
+  }
+  cute::cp_async_fence();
+
+  for (int c = 0; c < n_chunks; ++c) {
+    const int buf = c & 1;
+    int cur_rows[kRowsPerThread];
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) cur_rows[i] = next_rows[i];
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kChunk>>{});
+    clear(acc_s);
+    cute::cp_async_wait<0>();
+    __syncthreads();  // K(c) and the chunk tables landed
+    gather(v_ptr, p.v_row_stride, smem_v, cur_rows);
+    cute::cp_async_fence();
+
+    // Loads whose latency the Q K^T product hides: the next chunk's indices and this chunk's mask words.
+    const bool has_next = c + 1 < n_chunks;
+    if (has_next) {
+      CUTE_UNROLL
+      for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(c + 1, grow0 + i * kRowStep);
+      if (tid < kChunk) next_key = key_at(c + 1, tid);
+    }
+    uint64_t row_bits[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int rl = get<0>(cS(r, 0));
+      row_bits[r] = __ldg(bits + int64_t(c) * p.kb_rows + (p.kb_rows == 1 ? 0 : rl));
+    }
+
+    gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
+
+    cute::cp_async_wait<0>();
+    __syncthreads();  // V(c) landed; every warp is done reading sK
+    if (has_next) {
+      gather(k_ptr, p.k_row_stride, smem_k, next_rows);
+      cute::cp_async_fence();
+      next_key_bias = load_key_bias(next_key);  // consumed after P V, which hides its latency
+    }
+
+    // Scores in the log2 domain, as in the tile kernel; the key of chunk column cl is smem_idx[buf][cl].
+    const int32_t* idx = smem_idx + buf * kChunk;
+    Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    if (use_cap) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap_out * tanhf(acc_s(i) * cap_in);
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
+    }
+    if (bias_per_key) {
+      const float* kb = smem_kbias + buf * kChunk;
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const float bk = kb[get<1>(cS(0, cc))];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) s(r, cc) += bk;
+      }
+    } else if (has_bias) {
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const int key = idx[get<1>(cS(0, cc))];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const int row = row0 + get<0>(cS(r, 0));
+          if (row < q_len && key >= 0) {
+            s(r, cc) += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
+                                              int64_t(key) * p.bias_col_stride, p.bias_dtype) * kLog2e;
+          }
+        }
+      }
+    }
+    {
+      const int row_lim = q_len - row0;
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const int cl = get<1>(cS(0, cc));
+        const int key = idx[cl];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const int rl = get<0>(cS(r, 0));
+          const bool keep = rl < row_lim && key >= 0 && ((row_bits[r] >> cl) & 1u) &&
+                            (!is_causal || key <= row0 + rl + causal_off);
+          s(r, cc) = keep ? s(r, cc) : -INFINITY;
+        }
+      }
+    }
+
+    online_softmax_step(acc_s, acc_o, row_max, row_sum);
+    accumulate_pv<Elem>(acc_s, acc_o, rVt, tOsVt, mma, cpV, cpV_t);
+    // Chunk c + 1's tables; their buffer was last read by chunk c - 1, before this iteration's first barrier.
+    if (has_next) stage_tables(buf ^ 1, next_key, next_key_bias);
+  }
+  cute::cp_async_wait<0>();
+
+  float* lse_ptr = p.lse + (int64_t(b) * p.heads + h) * p.q_len;
+  store_output<Kt>(acc_o, row_max, row_sum, cS, sQ, gO, mma, lse_ptr, row0, q_len);
+}
+
+}  // namespace fwd
+}  // namespace dmattn

@@ -1,0 +1,59 @@
+// Launch template of the CUDA forward: picks the key-tile kernel or the live-key-list kernel and instantiates both
+// dtypes of one head dim (one flash_fwd_hdim<D>.cu file per head dim).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/flash_fwd_keylist_kernel.cuh"
+
+namespace dmattn {
+namespace fwd {
+
+// The dynamic shared-memory limit is a per-device function attribute: raise it once per (kernel, device).
+template <class Kernel>
+cudaError_t raise_smem_limit_once(Kernel kernel, int smem, std::atomic<uint64_t>& configured) {
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) configured.fetch_or(bit, std::memory_order_relaxed);
+  return err;
+}
+
+template <int kHeadDim, bool kIsBF16, int kNWarps = (kHeadDim <= 64 ? 4 : 8)>
+cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
+  using Kt = Traits<kHeadDim, kIsBF16, kNWarps>;
+  constexpr int smem = Kt::kSmemBytes;
+  const int m_blocks = (p.q_len + Kt::kBlockM - 1) / Kt::kBlockM;
+  if (m_blocks == 0 || p.heads == 0 || p.batch == 0) return cudaSuccess;
+  if (p.key_lists != nullptr) {
+    static std::atomic<uint64_t> configured{0};
+    auto kernel = flash_fwd_keylist_kernel<Kt>;
+    if (cudaError_t err = raise_smem_limit_once(kernel, smem, configured); err != cudaSuccess) return err;
+    kernel<<<dim3(p.heads, m_blocks, p.batch), Kt::kNThreads, smem, stream>>>(p);
+  } else {
+    static std::atomic<uint64_t> configured{0};
+    auto kernel = flash_fwd_kernel<Kt>;
+    if (cudaError_t err = raise_smem_limit_once(kernel, smem, configured); err != cudaSuccess) return err;
+    kernel<<<dim3(m_blocks, p.heads, p.batch), Kt::kNThreads, smem, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace fwd
+}  // namespace dmattn
+
+#define DMATTN_INSTANTIATE_FWD(D)                                                     \
+  namespace dmattn {                                                                  \
+  template <>                                                                         \
+  cudaError_t run_flash_fwd<D, true>(const FwdParams& p, cudaStream_t s) {            \
+    return fwd::launch<D, true>(p, s);                                                \
+  }                                                                                   \
+  template <>                                                                         \
+  cudaError_t run_flash_fwd<D, false>(const FwdParams& p, cudaStream_t s) {           \
+    return fwd::launch<D, false>(p, s);                                               \
+  }                                                                                   \
+  }

@@ -1,0 +1,139 @@
+#include "cuda/key_lists.h"
+
+#include <cstdint>
+
+namespace dmattn {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kKeysPerThread = 16;                      // one 16-byte mask word per row
+constexpr int kSegment = kThreads * kKeysPerThread;     // keys examined per pass of the CTA
+
+// Exclusive prefix sum of `x` over the CTA; `total` gets the CTA sum. `scratch` holds kWarps + 1 ints.
+__device__ __forceinline__ int cta_exclusive_scan(int x, int* scratch, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = x;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += y;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kWarps ? scratch[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < kWarps; d <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, w, d);
+      if (lane >= d) w += y;
+    }
+    if (lane < kWarps) scratch[lane] = w;  // inclusive warp totals
+  }
+  __syncthreads();
+  const int warp_base = warp == 0 ? 0 : scratch[warp - 1];
+  total = scratch[kWarps - 1];
+  __syncthreads();  // scratch is reused by the next call
+  return warp_base + incl - x;
+}
+
+// One CTA per unit (mask batch, mask head, 128-row query tile).
+// Phase 1: OR the unit's rows over each 16-key word, then list the live keys in order (CTA prefix sums).
+// Phase 2: for each 64-key chunk of the list, one warp per row gathers the row's bytes at the listed keys and
+//          packs them with a ballot: the mask over the live keys, one uint64 per (chunk, row).
+__global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a) {
+  __shared__ int scratch[kWarps + 1];
+  const int64_t m_tiles = a.m_tiles();
+  const int64_t unit = blockIdx.x;
+  const int64_t t = unit % m_tiles;
+  const int64_t bh = unit / m_tiles;  // bm * heads + hm
+  const int64_t row0 = t * kKeyListBlockM;
+  const int rows = static_cast<int>(a.rows - row0 < kKeyListBlockM ? a.rows - row0 : kKeyListBlockM);
+  const int rows_per_unit = static_cast<int>(a.rows_per_unit());
+  const uint8_t* base = a.mask + (bh * a.rows + row0) * a.cols;
+
+  // Keys past the causal bound of the unit's last row are invisible to every row of the unit.
+  int64_t key_end = a.cols;
+  if (a.is_causal && a.rows == a.q_len) {
+    const int64_t last = row0 + rows - 1 + a.causal_offset;
+    key_end = last < 0 ? 0 : (last + 1 < a.cols ? last + 1 : a.cols);
+  }
+
+  int32_t* keys = a.keys + unit * (1 + a.cols);
+  const bool vec = (a.cols % 16 == 0) && (reinterpret_cast<uintptr_t>(a.mask) % 16 == 0);
+  int count = 0;
+  for (int64_t s0 = 0; s0 < key_end; s0 += kSegment) {
+    const int64_t k0 = s0 + int64_t(threadIdx.x) * kKeysPerThread;
+    uint32_t live = 0;  // bit i: key k0 + i is kept by some row
+    if (k0 < key_end) {
+      if (vec && k0 + kKeysPerThread <= key_end) {
+        uint4 acc = make_uint4(0, 0, 0, 0);
+#pragma unroll 8
+        for (int r = 0; r < rows; ++r) {
+          const uint4 w = __ldg(reinterpret_cast<const uint4*>(base + int64_t(r) * a.cols + k0));
+          acc.x |= w.x, acc.y |= w.y, acc.z |= w.z, acc.w |= w.w;
+        }
+        const uint32_t words[4] = {acc.x, acc.y, acc.z, acc.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) live |= ((words[i] >> (8 * j)) & 0xffu) ? (1u << (4 * i + j)) : 0u;
+        }
+      } else {
+        for (int r = 0; r < rows; ++r) {
+          const uint8_t* src = base + int64_t(r) * a.cols;
+          for (int i = 0; i < kKeysPerThread; ++i) {
+            if (k0 + i < key_end && src[k0 + i]) live |= 1u << i;
+          }
+        }
+      }
+    }
+    int total = 0;
+    const int offset = cta_exclusive_scan(__popc(live), scratch, total);
+    int pos = count + offset;
+    while (live) {
+      const int i = __ffs(live) - 1;
+      live &= live - 1;
+      keys[1 + pos++] = static_cast<int32_t>(k0 + i);
+    }
+    count += total;
+  }
+  if (threadIdx.x == 0) keys[0] = count;
+  __syncthreads();  // the list (global, written by this CTA) is visible to the whole CTA
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunks = (count + kKeyListChunk - 1) / kKeyListChunk;
+  uint64_t* bits = a.bits + unit * a.chunks() * rows_per_unit;
+  for (int c = 0; c < chunks; ++c) {
+    const int j0 = c * kKeyListChunk + lane, j1 = j0 + 32;
+    const int64_t key0 = j0 < count ? keys[1 + j0] : -1;
+    const int64_t key1 = j1 < count ? keys[1 + j1] : -1;
+    // All of the warp's row loads are issued before the first ballot: the gathers are latency-bound.
+    constexpr int kRowsPerWarp = kKeyListBlockM / kWarps;
+    bool b0[kRowsPerWarp], b1[kRowsPerWarp];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp + i * kWarps;
+      const uint8_t* src = base + int64_t(r) * a.cols;
+      b0[i] = r < rows && key0 >= 0 && src[key0];
+      b1[i] = r < rows && key1 >= 0 && src[key1];
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp + i * kWarps;
+      const uint32_t lo = __ballot_sync(0xffffffffu, b0[i]), hi = __ballot_sync(0xffffffffu, b1[i]);
+      if (lane == 0 && r < rows_per_unit) bits[int64_t(c) * rows_per_unit + r] = (uint64_t(hi) << 32) | lo;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_build_key_lists(const KeyListArgs& args, cudaStream_t stream) {
+  const int64_t units = args.units();
+  if (units == 0) return cudaSuccess;
+  build_key_lists_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace dmattn

@@ -1,0 +1,45 @@
+// Compacted key lists of a mask ("live keys"): the sparse form of the mask that the CUDA kernels iterate over.
+//
+// A top-k mask keeps ~k scattered keys per query row, so nearly every (query tile, key tile) of it is partial
+// and tile skipping saves nothing. But consecutive query rows keep nearly the same keys: the union of the kept
+// keys of a 128-row query tile is ~k + a few. The pre-pass lists that union per query tile (ascending key
+// indices) and re-packs the tile's mask over the listed keys as 64-bit row words; the kernels then walk the list
+// 64 keys at a time, gathering K/V rows, so the work is proportional to the live keys, not to Lk.
+//
+// Layout, over the mask's own broadcast shape [Bm, Hm, Mm, Lk] (the key dim must be full):
+//   unit u = (bm * Hm + hm) * m_tiles + t, t = query tile of kKeyListBlockM rows, m_tiles = ceil(Mm / BlockM)
+//   keys [units, 1 + Lk] int32: keys[u][0] = count, keys[u][1 + i] = i-th live key of the unit (ascending)
+//   bits [units, ceil(Lk / 64), rows_per_unit] uint64, rows_per_unit = min(Mm, BlockM):
+//     bit j of bits[u][c][r] = mask[bm, hm, t * BlockM + r, keys[u][1 + 64 c + j]] for 64 c + j < count, else 0.
+// A key is live when some row of the unit keeps it and, with causal masking and a row-full mask (Mm == Lq), it
+// is visible from the unit's last row. Causality is not folded into the bits: the kernels still mask it.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace dmattn {
+
+constexpr int kKeyListBlockM = 128;  // query rows per unit (= the forward's BlockM)
+constexpr int kKeyListChunk = 64;    // keys per bit word (= one key chunk of the kernels)
+
+struct KeyListArgs {
+  const uint8_t* mask = nullptr;  // [Bm, Hm, Mm, Lk] bool, contiguous
+  int64_t batch = 0, heads = 0, rows = 0, cols = 0;
+  // Causal bound (bottom-right): used only when rows == q_len; key j is visible from row i iff j <= i + offset.
+  bool is_causal = false;
+  int64_t q_len = 0, causal_offset = 0;
+  int32_t* keys = nullptr;   // [units, 1 + cols]
+  uint64_t* bits = nullptr;  // [units, ceil(cols / 64), rows_per_unit]
+
+  __host__ __device__ int64_t m_tiles() const { return (rows + kKeyListBlockM - 1) / kKeyListBlockM; }
+  __host__ __device__ int64_t units() const { return batch * heads * m_tiles(); }
+  __host__ __device__ int64_t rows_per_unit() const { return rows < kKeyListBlockM ? rows : kKeyListBlockM; }
+  __host__ __device__ int64_t chunks() const { return (cols + kKeyListChunk - 1) / kKeyListChunk; }
+  __host__ __device__ int64_t keys_size() const { return units() * (1 + cols); }
+  __host__ __device__ int64_t bits_size() const { return units() * chunks() * rows_per_unit(); }
+};
+
+// Two kernels on `stream`: the per-unit union and list, then the bit words. No allocation, no sync.
+cudaError_t launch_build_key_lists(const KeyListArgs& args, cudaStream_t stream);
+
+}  // namespace dmattn
