@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# One-call GPU check: build + install jax_dmattn with the CUDA kernels, run the GPU tests, run the benchmark.
+# One-call GPU check: build + install jax_dmattn with the CUDA kernels, run the GPU tests, run the benchmarks.
 #
-#   bash benchmarks/gpu_check.sh            # everything
-#   STEPS="build test" bash benchmarks/gpu_check.sh
-#   PYTEST_ARGS="-k skipping" BENCH_ARGS="--cases standard --lengths 16384" bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh                                  # every step
+#   STEPS="build fwd bwd" bash benchmarks/gpu_check.sh            # build, then the forward and backward tests
+#   STEPS="build bench" BENCH_ARGS="--cases standard --lengths 16384 --passes fwd" bash benchmarks/gpu_check.sh
 #
+# Steps: build | fwd (tests/test_cuda_long.py) | bwd (tests/test_cuda_bwd.py) | suite (the shared suite's gpu-marked
+# cases, implementation="cuda") | bench (benchmarks/bench_attention.py). PYTEST_FWD / PYTEST_BWD / PYTEST_SUITE add
+# pytest arguments to a step; *_TIMEOUT bound it in seconds.
 # Needs nvcc, jax/jaxlib (the build uses the installed jaxlib's FFI headers: --no-build-isolation) and the
 # CUTLASS headers: CUTLASS_INCLUDE_DIR, or the nvidia-cutlass wheel in .whl/ (carried to machines without a
-# registry), or an installed nvidia-cutlass. Logs and results go to $OUT (default ./gpu_check_out).
+# registry), or an installed nvidia-cutlass. Logs, junit XML and benchmark JSON go to $OUT (default ./gpu_check_out).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_check_out}
-STEPS=${STEPS:-"build test bench"}
+STEPS=${STEPS:-"build fwd bwd suite bench"}
 mkdir -p "$OUT"
 cd "$REPO"
 status=0
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-if [[ " $STEPS " == *" build "* ]]; then
+if has_step build; then
   if [ -z "${CUTLASS_INCLUDE_DIR:-}" ] && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dmattn_cutlass \
       .whl/nvidia_cutlass-*.whl && export CUTLASS_INCLUDE_DIR=/tmp/dmattn_cutlass/cutlass_library/source/include
@@ -29,7 +33,7 @@ if [[ " $STEPS " == *" build "* ]]; then
   t0=$(date +%s)
   if python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
     echo "build: ok in $(( $(date +%s) - t0 )) s"
-    grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -20 || true
+    grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -30 || true
   else
     echo "build: FAILED (tail of $OUT/build.log)"; grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"
     exit 1
@@ -38,24 +42,28 @@ fi
 
 # Tests and benchmark run from outside the repo so that the installed package (with its extension) is imported.
 cd /tmp
-python3 -c "import jax, jax_dmattn; from jax_dmattn import _cuda; print('backend', jax.default_backend(), jax.devices()[0].device_kind, 'cuda kernels', _cuda.available())"
+python3 -c "import jax, jax_dmattn; from jax_dmattn import _cuda, _cuda_bwd; print('backend', jax.default_backend(), jax.devices()[0].device_kind, 'cuda fwd', _cuda.available(), 'bwd', _cuda_bwd.available())"
 
-if [[ " $STEPS " == *" test "* ]]; then
-  t0=$(date +%s)
-  timeout ${TEST_TIMEOUT:-1800} python3 -m pytest -q -rfE -p no:cacheprovider "$REPO/tests/test_cuda_long.py" ${PYTEST_ARGS:-} \
-    --junitxml="$OUT/test_cuda_long.xml" >"$OUT/test_cuda_long.log" 2>&1
-  rc=$?; status=$((status | rc)); echo "tests/test_cuda_long.py: rc=$rc in $(( $(date +%s) - t0 )) s"; grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/test_cuda_long.log" | cut -c1-300 | tail -25
-  t0=$(date +%s)
-  timeout ${SUITE_TIMEOUT:-1800} python3 -m pytest -q -rfE -p no:cacheprovider -m gpu "$REPO/tests" --ignore="$REPO/tests/test_cuda_long.py" \
-    ${PYTEST_SUITE_ARGS:-} >"$OUT/test_suite_gpu.log" 2>&1
-  rc=$?; [ $rc -eq 5 ] && rc=0  # no tests collected
-  status=$((status | rc)); echo "suite -m gpu: rc=$rc in $(( $(date +%s) - t0 )) s"; grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/test_suite_gpu.log" | cut -c1-300 | tail -25
-fi
+run_pytest() {  # name, timeout, extra args (one string, shell-quoted: '-m "not slow"'), pytest args...
+  local name=$1 limit=$2; eval "local extra=($3)"; shift 3
+  local t0=$(date +%s)
+  timeout "$limit" python3 -m pytest -q -rfE -p no:cacheprovider "$@" "${extra[@]}" --junitxml="$OUT/$name.xml" \
+    >"$OUT/$name.log" 2>&1
+  local rc=$?; [ $rc -eq 5 ] && rc=0  # nothing collected
+  status=$((status | rc))
+  echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s"
+  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/$name.log" | cut -c1-300 | tail -25
+}
 
-if [[ " $STEPS " == *" bench "* ]]; then
+has_step fwd && run_pytest test_cuda_fwd "${FWD_TIMEOUT:-900}" "${PYTEST_FWD:-}" "$REPO/tests/test_cuda_long.py"
+has_step bwd && run_pytest test_cuda_bwd "${BWD_TIMEOUT:-900}" "${PYTEST_BWD:-}" "$REPO/tests/test_cuda_bwd.py"
+has_step suite && run_pytest test_suite_gpu "${SUITE_TIMEOUT:-1800}" "${PYTEST_SUITE:-}" -m gpu "$REPO/tests" \
+  --ignore="$REPO/tests/test_cuda_long.py" --ignore="$REPO/tests/test_cuda_bwd.py"
+
+if has_step bench; then
   t0=$(date +%s)
-  PYTHONUNBUFFERED=1 python3 "$REPO/benchmarks/bench_attention.py" --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 \
-    | tee "$OUT/bench.log" | grep -v "^WARNING"
+  PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-1800}" python3 "$REPO/benchmarks/bench_attention.py" --out "$OUT/bench.json" \
+    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^WARNING"
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi
 exit $status
