@@ -6,6 +6,11 @@ over its broadcast dims without atomics, dq by fp32 atomics), and either the dq 
 ``deterministic``, a second kernel that computes dq over query tiles in a fixed order (bitwise reproducible).
 Scratch buffers are extra FFI outputs (XLA-owned workspace; the handler never allocates or synchronises).
 
+With ``deterministic=False``, a mask whose key dim is full and a bias that is absent or broadcast over query rows,
+the same call takes the key-list ("sparse") path instead (``use_sparse``): a pre-pass lists the live keys of every
+128-row query tile of the mask, and a query-tile-parallel kernel walks only those keys, adding dk / dv / dbias by
+fp32 atomics (docs/cuda_backward.md, "Sparse path").
+
 Inputs are the canonical layout of docs/design.md: q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (bf16 or f16,
 D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / f16 / f32); mask None or rank
 4 bool with the same broadcast rule; out, dout [B, Lq, H, D]; lse, dlse [B, H, Lq] float32.
@@ -22,6 +27,9 @@ from jax_dmattn import _cuda, _ffi
 BLOCK_M = 64
 BLOCK_N = 64
 TARGET = "dmattn_bwd_cuda"
+# Key-list geometry (csrc/cuda/key_lists.h: kKeyListBlockM, kKeyListChunk).
+KEY_LIST_BLOCK_M = 128
+KEY_LIST_CHUNK = 64
 
 
 def available() -> bool:
@@ -44,6 +52,21 @@ def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: 
     return multi and jnp.dtype(bias_dtype) != jnp.float32
 
 
+def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool) -> bool:
+    """Mirror of the handler's use_sparse_path: the key-list backward serves the atomic mode for a mask with a
+    full key dim and a bias that is absent or broadcast over query rows (Mb == 1)."""
+    if deterministic or mask_shape is None or mask_shape[3] != lk:
+        return False
+    return bias_shape is None or bias_shape[2] == 1
+
+
+def key_list_sizes(mask_shape) -> tuple[int, int]:
+    """(keys, bit words) of the key lists of a rank-4 mask: KeyListArgs::keys_size() and bits_size()."""
+    bm, hm, mm, nm = mask_shape
+    units = bm * hm * -(-mm // KEY_LIST_BLOCK_M)
+    return units * (1 + nm), units * -(-nm // KEY_LIST_CHUNK) * min(mm, KEY_LIST_BLOCK_M)
+
+
 def _check(q, k, v, bias, mask, out, lse, dout, dlse):
     _cuda.check_operands("flash_bwd", q, k, v, bias, mask)
     if out.shape != q.shape or dout.shape != q.shape:
@@ -62,16 +85,29 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     lk, hkv = k.shape[1], k.shape[2]
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
-    ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
+    sparse = use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk,
+                        deterministic)
+    if sparse:
+        # dbias columns are added atomically: in fp32, into dbias itself for an f32 bias.
+        ws_bias = (bias is not None and not (bias.shape[3] == 1 and lk != 1)
+                   and jnp.dtype(bias.dtype) != jnp.float32)
+        n_keys, n_words = key_list_sizes(mask.shape)
+    else:
+        ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
     out_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct(bias_arg.shape, bias_arg.dtype),
-        jax.ShapeDtypeStruct((0,) if deterministic else q.shape, jnp.float32),   # dq_accum
-        jax.ShapeDtypeStruct((b, h, lq), jnp.float32),                           # delta
-        jax.ShapeDtypeStruct((0,) if mask is None else tile_class_shape(mask.shape), jnp.uint8),
-        jax.ShapeDtypeStruct(bias.shape if ws_bias else (0,), jnp.float32),      # dbias_accum
+        jax.ShapeDtypeStruct((0,) if deterministic or sparse else q.shape, jnp.float32),   # dq_accum
+        jax.ShapeDtypeStruct((b, h, lq), jnp.float32),                                     # delta
+        jax.ShapeDtypeStruct((0,) if mask is None or sparse else tile_class_shape(mask.shape), jnp.uint8),
+        jax.ShapeDtypeStruct(bias.shape if ws_bias else (0,), jnp.float32),                # dbias_accum
+        # Sparse path: dK / dV fp32 accumulators, the key lists and their bit words (uint64 as 2 x uint32, so
+        # that no x64 mode is needed).
+        jax.ShapeDtypeStruct((2,) + k.shape if sparse else (0,), jnp.float32),             # dkv_accum
+        jax.ShapeDtypeStruct((n_keys,) if sparse else (0,), jnp.int32),                    # key-list keys
+        jax.ShapeDtypeStruct((2 * n_words,) if sparse else (0,), jnp.uint32),              # key-list bits
     )
     dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types)(
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),

@@ -75,6 +75,11 @@ struct BwdParams {
 // caller has already written the tile-class map.
 cudaError_t launch_flash_bwd(const BwdParams& params, cudaStream_t stream);
 
+// Pieces of the launch sequence shared with the sparse backward (csrc/cuda/flash_bwd_sparse.h):
+// delta = rowsum(dout * out) - dlse into params.delta, and an fp32 -> bf16 / f16 conversion of n elements.
+cudaError_t launch_bwd_delta(const BwdParams& params, cudaStream_t stream);
+cudaError_t launch_f32_to_half(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t stream);
+
 // The main and dq kernels of one (head dim, dtype), defined in flash_bwd_hdim<D>.cu.
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_main(const BwdParams& params, cudaStream_t stream);

@@ -82,6 +82,19 @@ cudaError_t run_main(const BwdParams& p, cudaStream_t stream, bool dq_pass) {
 
 }  // namespace
 
+cudaError_t launch_bwd_delta(const BwdParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.q_len * p.heads;
+  if (rows == 0) return cudaSuccess;
+  const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
+  if (p.is_bf16) bwd_delta_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  else bwd_delta_kernel<__half><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_f32_to_half(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t stream) {
+  return to_bf16 ? convert<__nv_bfloat16>(src, dst, n, stream) : convert<__half>(src, dst, n, stream);
+}
+
 cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
   cudaError_t err;
   const int64_t q_elems = int64_t(p.batch) * p.q_len * p.heads * p.head_dim;
@@ -97,13 +110,7 @@ cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
     }
     if (err != cudaSuccess) return err;
   }
-  if (q_elems > 0) {
-    const int64_t rows = int64_t(p.batch) * p.q_len * p.heads;
-    const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
-    if (p.is_bf16) bwd_delta_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-    else bwd_delta_kernel<__half><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
+  if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
   if ((err = run_main(p, stream, /*dq_pass=*/false)) != cudaSuccess) return err;
   if (p.deterministic) {
     if ((err = run_main(p, stream, /*dq_pass=*/true)) != cudaSuccess) return err;

@@ -10,6 +10,8 @@
 
 #include "attention_params.h"
 #include "cuda/flash_bwd.h"
+#include "cuda/flash_bwd_sparse.h"
+#include "cuda/key_lists.h"
 #include "cuda/tile_classes.h"
 #include "ffi/targets.h"
 
@@ -27,20 +29,34 @@ ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("dm
 
 bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
 
+// The key-list ("sparse") backward serves the atomic mode when a mask with a full key dim is given and the bias
+// (if any) is broadcast over query rows, so that its gradient is a column sum (docs/cuda_backward.md).
+// Mirrored by jax_dmattn/_cuda_bwd.py: use_sparse.
+bool use_sparse_path(bool deterministic, bool has_mask, int64_t mask_cols, bool has_bias, int64_t bias_rows,
+                     int64_t Lk) {
+  return !deterministic && has_mask && mask_cols == Lk && (!has_bias || bias_rows == 1);
+}
+
 // Inputs: q [B, Lq, H, D], k/v [B, Lk, Hkv, D], bias [Bb, Hb, Mb, Nb] or zero-size, mask (same rule, bool) or
 // zero-size, out [B, Lq, H, D], lse [B, H, Lq] f32, dout, dlse [B, H, Lq] f32.
 // Results: dq, dk, dv, dbias (bias's shape and dtype; zero-size without a bias), then workspaces:
 // dq_accum [B, Lq, H, D] f32 (zero-size when deterministic), delta [B, H, Lq] f32, the mask tile classes
 // [Bm, Hm, ceil(Mm / 64), ceil(Nm / 64)] u8 (zero-size without a mask), dbias_accum f32 of bias's shape
 // (only for a bf16/f16 bias whose dbias tiles get several flushes, see docs/cuda_backward.md; else zero-size).
+// Sparse path (use_sparse_path): dq_accum and the tile classes are zero-size; dbias_accum is f32 of bias's shape
+// for any bf16/f16 bias that is not key-broadcast; dkv_accum [2, B, Lk, Hkv, D] f32 (dK then dV), key_list_keys
+// [KeyListArgs::keys_size()] s32 and key_list_bits [2 * KeyListArgs::bits_size()] u32 (uint64 words) are set;
+// zero-size otherwise.
 ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
                           ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                           ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
-                          ffi::ResultBuffer<ffi::U8> classes, ffi::ResultBuffer<ffi::F32> dbias_accum, float scale,
-                          float softcap, bool is_causal, bool deterministic) {
+                          ffi::ResultBuffer<ffi::U8> classes, ffi::ResultBuffer<ffi::F32> dbias_accum,
+                          ffi::ResultBuffer<ffi::F32> dkv_accum, ffi::ResultBuffer<ffi::S32> key_list_keys,
+                          ffi::Result<ffi::AnyBuffer> key_list_bits, float scale, float softcap, bool is_causal,
+                          bool deterministic) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
   const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1], Hkv = kd[2];
@@ -58,8 +74,13 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   if (out.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
       lse.element_count() != rows || dlse.element_count() != rows || delta->element_count() != rows)
     return bad("out / dout / lse / dlse / delta have the wrong size");
-  if (!deterministic && dq_accum->element_count() != q.element_count())
-    return bad("dq_accum must have q's element count unless deterministic");
+  const bool has_bias = bias.element_count() > 0, has_mask = mask.element_count() > 0;
+  if ((has_bias && bias.dimensions().size() != 4) || (has_mask && mask.dimensions().size() != 4))
+    return bad("bias and mask must be rank 4");
+  const bool sparse = use_sparse_path(deterministic, has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
+                                      has_bias ? bias.dimensions()[2] : 0, Lk);
+  if (!deterministic && !sparse && dq_accum->element_count() != q.element_count())
+    return bad("dq_accum must have q's element count unless deterministic or on the sparse path");
 
   BwdParams p;
   p.q = q.untyped_data();
@@ -111,6 +132,16 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     // A bias constant along keys is cancelled by softmax: dbias is exactly 0 (zero-filled, never computed).
     if (dims[3] == 1 && Lk != 1) {
       p.dbias_mode = kDbiasNone;
+    } else if (sparse) {
+      // Column sums of dS added atomically: into dbias itself (f32) or an fp32 workspace converted at the end.
+      p.dbias_mode = kDbiasAccum;
+      if (bt == ffi::DataType::F32) {
+        p.dbias_accum = static_cast<float*>(p.dbias);
+      } else {
+        if (dbias_accum->element_count() != bias.element_count())
+          return bad("dbias_accum must have bias's element count on the sparse path");
+        p.dbias_accum = dbias_accum->typed_data();
+      }
     } else {
       // A CTA owns whole dbias columns: it spans every batch / kv head that shares one bias batch / head.
       p.batches_per_item = dims[0] == 1 ? static_cast<int>(B) : 1;
@@ -143,6 +174,38 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
     p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
     p.mask_hdiv = static_cast<int>(op.heads_per_index);
+
+    if (sparse) {
+      KeyListArgs ka;
+      ka.mask = reinterpret_cast<const uint8_t*>(mask.typed_data());
+      ka.batch = dims[0], ka.heads = dims[1], ka.rows = dims[2], ka.cols = dims[3];
+      ka.is_causal = is_causal;
+      ka.q_len = Lq;
+      ka.causal_offset = Lk - Lq;
+      const int64_t kv_elems = B * Lk * Hkv * D;
+      if (key_list_keys->element_count() != static_cast<size_t>(ka.keys_size()) ||
+          key_list_bits->size_bytes() != static_cast<size_t>(ka.bits_size()) * sizeof(uint64_t) ||
+          dkv_accum->element_count() != static_cast<size_t>(2 * kv_elems))
+        return bad("key-list / dkv_accum workspaces have the wrong size");
+      ka.keys = key_list_keys->typed_data();
+      ka.bits = reinterpret_cast<uint64_t*>(key_list_bits->untyped_data());
+      if (auto e = cuda_error(launch_build_key_lists(ka, stream), "build_key_lists"); e.failure()) return e;
+
+      BwdSparseParams sp;
+      sp.base = p;
+      sp.lists.keys = ka.keys;
+      sp.lists.bits = ka.bits;
+      sp.lists.unit_head_stride = ka.m_tiles();
+      sp.lists.unit_batch_stride = dims[0] == 1 ? 0 : dims[1] * ka.m_tiles();
+      sp.lists.mask_hdiv = static_cast<int>(H / dims[1]);
+      sp.lists.rows_full = dims[2] != 1;
+      sp.lists.keys_stride = 1 + Lk;
+      sp.lists.chunks = ka.chunks();
+      sp.lists.rows_per_unit = ka.rows_per_unit();
+      sp.dk_accum = dkv_accum->typed_data();
+      sp.dv_accum = sp.dk_accum + kv_elems;
+      return cuda_error(launch_flash_bwd_sparse(sp, stream), "flash_bwd_sparse");
+    }
 
     MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kBwdBlockM, kBwdBlockN,
                        classes->typed_data()};
@@ -183,6 +246,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // delta (workspace)
                                   .Ret<ffi::Buffer<ffi::U8>>()    // mask tile classes (workspace)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dbias_accum (workspace)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dkv_accum (sparse workspace)
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // key-list keys (sparse workspace)
+                                  .Ret<ffi::AnyBuffer>()          // key-list bit words (sparse workspace)
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")

@@ -1,0 +1,46 @@
+// Plain (CuTe-free) interface of the key-list ("sparse") CUDA backward: its parameter block and launchers.
+// Included by the FFI handler TU (csrc/ffi/cuda_bwd_handlers.cc), which must not see CuTe headers.
+//
+// The sparse backward is parallel over query tiles: one CTA per (query tile, query head, batch) walks the live
+// keys of its tile's key-list unit (csrc/cuda/key_lists.h) 64 at a time, accumulates dQ in registers and adds
+// dK, dV (and a query-broadcast dbias) with fp32 atomics. See docs/cuda_backward.md, "Sparse path".
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "cuda/flash_bwd.h"
+
+namespace dmattn {
+
+// Where a CTA finds the key list and the bit words of its rows (the layout of csrc/cuda/key_lists.h).
+struct BwdKeyLists {
+  const int32_t* keys = nullptr;   // [units, 1 + Lk]: count, then the live keys ascending
+  const uint64_t* bits = nullptr;  // [units, chunks, rows_per_unit]
+  // unit = b * unit_batch_stride + (h / mask_hdiv) * unit_head_stride + (rows_full ? row / 128 : 0)
+  int64_t unit_batch_stride = 0, unit_head_stride = 0;
+  int mask_hdiv = 1;
+  bool rows_full = false;          // the mask has Lq rows (else one row, broadcast over queries)
+  int64_t keys_stride = 0;         // 1 + Lk
+  int64_t chunks = 0;              // ceil(Lk / 64)
+  int64_t rows_per_unit = 0;       // min(Mm, 128)
+};
+
+struct BwdSparseParams {
+  // q, k, v, out, dout, lse, dlse, dq, dk, dv, delta, shapes, scale, softcap, causal; bias (only one with a
+  // broadcast query dim, Mb == 1) with its strides and dbias_mode (kDbiasNone: key-broadcast bias, zero dbias;
+  // otherwise dbias columns are added atomically into dbias_accum). mask / classes / dq_accum are unused.
+  BwdParams base;
+  BwdKeyLists lists;
+  float* dk_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dk
+  float* dv_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dv
+};
+
+// The whole sparse backward on `stream` after the key lists are built: zero-fill of the fp32 accumulators,
+// delta, the sparse kernel, conversions of dk / dv / dbias. Nothing is allocated, nothing synchronises.
+cudaError_t launch_flash_bwd_sparse(const BwdSparseParams& params, cudaStream_t stream);
+
+// The sparse kernel of one (head dim, dtype), defined in flash_bwd_sparse_hdim<D>.cu.
+template <int kHeadDim, bool kIsBF16>
+cudaError_t run_flash_bwd_sparse(const BwdSparseParams& params, cudaStream_t stream);
+
+}  // namespace dmattn

@@ -1,0 +1,498 @@
+// Key-list ("sparse") flash-attention backward for sm80+: query-tile parallel, walking the live keys of the
+// mask's key-list units (csrc/cuda/key_lists.h) 64 at a time with gathered K / V rows.
+//
+// Why: a top-k mask keeps ~k scattered keys per query row, so nearly every 64 x 64 tile is partial and the
+// key-tile-parallel kernel (flash_bwd_kernel.cuh) visits every causal tile. The union of the kept keys of a
+// 128-row query tile is only ~k keys, so listing them and gathering their K / V rows makes the work
+// proportional to the live keys instead of to Lk.
+//
+// One CTA per (query tile, query head, batch). Per chunk of 64 listed keys: K / V rows gathered by cp.async
+// (double-buffered: the next chunk is in flight while this one computes), S = Q K^T, P = exp(s - lse) with the
+// mask from the unit's bit words and causality / sequence ends checked on the real key index, dP = dO V^T,
+// dS = P (dP - delta); dQ += dS K stays in registers (written once, no atomics); dV[key] += P^T dO and
+// dK[key] += dS^T Q go to fp32 workspaces by atomics (several query tiles and the whole GQA group share a key);
+// a query-broadcast bias (Mb == 1) gets the column sums of dS by atomics. Atomics make dk / dv / dbias
+// order-dependent in the last bits: this path serves deterministic=False only.
+#pragma once
+
+#include <climits>
+
+#include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, gemm_ss, copy_rows, ...)
+#include "cuda/flash_bwd_sparse.h"
+#include "cuda/key_lists.h"
+
+namespace dmattn {
+namespace bwd_sparse {
+
+using namespace cute;
+using bwd::kLog2e;
+
+template <int kHeadDim_, bool kIsBF16, int kBlockM_>
+struct SparseTraits {
+  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;       // query rows per CTA
+  static constexpr int kBlockN = kKeyListChunk;  // listed keys per chunk (one bit word)
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  static_assert(kBlockM == 64 || kBlockM == 128, "a CTA covers a whole unit (128 rows) or one half of it");
+  static_assert(kKeyListBlockM % kBlockM == 0, "a CTA's rows lie in one unit");
+  static_assert(kBlockN == 64, "the bit words are 64 keys wide");
+  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
+
+  using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
+  // S, dP [M, 64] and dQ [M, D]: warps stacked along the query rows (8 x 1 at M = 128, 4 x 2 at M = 64), so a
+  // warp's rows are one 16-row band.
+  static constexpr int kWarpsM = kBlockM / 16;
+  static constexpr int kWarpsN = kNWarps / kWarpsM;
+  using MmaRows =
+      TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<Int<kWarpsM>, Int<kWarpsN>, _1>>, Tile<Int<kBlockM>, Int<16 * kWarpsN>, _16>>;
+  // dV, dK partials [64 keys, D] (contraction over the M query rows).
+  using MmaKeys = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
+
+  using SmemLayoutAtom = decltype(composition(
+      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));   // Q, dO
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // K, V
+  using SmemLayoutQt =
+      decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutKt =
+      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutAtomP =
+      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, Int<kBlockN>>, Stride<Int<kBlockN>, _1>>{}));
+  using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomP{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using SmemLayoutPt =
+      decltype(composition(SmemLayoutP{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
+
+  using S2RAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
+  using S2RAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
+  using R2SAtom = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Elem>;
+
+  // Q / dO rows are contiguous: CuTe's tiled cp.async. K / V rows are gathered: one 16-byte piece per cp.async.
+  static constexpr int kGmemThreadsPerRow = kBlockKSmem / 8;
+  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
+                                Stride<Int<kGmemThreadsPerRow>, _1>>;
+  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Elem>{},
+                                                 GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+  static constexpr int kPieces = kHeadDim / 8;                      // 16-byte pieces of a K / V row
+  static constexpr int kGatherSlots = kBlockN * kPieces / kNThreads;  // pieces per thread per operand
+  static_assert(kBlockN * kPieces % kNThreads == 0, "every thread gathers the same number of pieces");
+
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKVElems = kBlockN * kHeadDim;
+  static constexpr int kPElems = kBlockM * kBlockN;
+  // sQ | sdO | sK[2] | sV[2] | sP | sdS | bit words [2][M] | keys [2][64] | bias [2][64] | dbias bands.
+  static constexpr int kElemBytes = (2 * kQElems + 4 * kKVElems + 2 * kPElems) * int(sizeof(Elem));
+  static constexpr int kSmemBytes = kElemBytes + 2 * kBlockM * 8 + 2 * kBlockN * 4 + 2 * kBlockN * 4 +
+                                    kWarpsM * kBlockN * 4;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+};
+
+// 16 bytes global -> shared, zero-filled when !valid (src is not read then).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+// 8 bytes global -> shared (one bit word), zero-filled when !valid.
+__device__ __forceinline__ void cp_async_8(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 8 : 0));
+}
+
+// Turns the raw score tile acc_s = q.k (CTA rows from m0, chunk columns = listed keys skey) into P in place:
+// s = cap(scale q.k) + bias[key], P = exp(s - lse) where the key is kept (its bit in the row's word, causal
+// and sequence bounds on the real key index), else 0. capd receives the softcap factor 1 - tanh^2 (or 1).
+template <class AccS, class CapD, class CS, int kRows>
+__device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int m0,
+                                                  const int* skey, const float* sbias, const uint64_t* sbits,
+                                                  const float (&lse2)[kRows]) {
+  Tensor s = make_tensor(acc_s.data(), bwd::rowcol(acc_s.layout()));
+  Tensor cd = make_tensor(capd.data(), bwd::rowcol(capd.layout()));
+  const bool has_bias = p.bias != nullptr;
+  const bool use_cap = p.softcap > 0.f;
+  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
+  const int causal_off = p.kv_len - p.q_len;
+  uint64_t word[kRows];
+  int row_last_key[kRows];  // the last key index row r may see
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int lrow = get<0>(cS(r, 0));
+    const int row = m0 + lrow;
+    word[r] = row < p.q_len ? sbits[lrow] : 0ull;
+    row_last_key[r] = p.is_causal ? row + causal_off : INT_MAX;
+  }
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(s); ++c) {
+    const int lcol = get<1>(cS(0, c));
+    const int key = skey[lcol];  // -1 past the end of the list
+    const float bias = has_bias ? sbias[lcol] : 0.f;
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(s); ++r) {
+      float x = s(r, c);
+      float d = 1.f;
+      if (use_cap) {
+        const float t = tanhf(x * cap_in);
+        x = p.softcap * t;
+        d = 1.f - t * t;
+      } else {
+        x *= p.scale;
+      }
+      const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r];
+      s(r, c) = (keep && lse2[r] != -INFINITY) ? exp2f((x + bias) * kLog2e - lse2[r]) : 0.f;
+      cd(r, c) = d;
+    }
+  }
+}
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kNThreads, 1)
+    flash_bwd_sparse_kernel(const __grid_constant__ BwdSparseParams sp) {
+  using Elem = typename Kt::Elem;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kBlockN = Kt::kBlockN;
+  constexpr int kD = Kt::kHeadDim;
+  constexpr int kNThreads = Kt::kNThreads;
+  constexpr int kPieces = Kt::kPieces;
+  constexpr int kSlots = Kt::kGatherSlots;
+  const BwdParams& p = sp.base;
+  const BwdKeyLists& kl = sp.lists;
+
+  extern __shared__ __align__(128) char smem[];
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // late (causally heavier) query tiles first
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int kvh = h / p.group;
+  const int tid = threadIdx.x;
+  const int m0 = m_block * kBlockM;
+  const int64_t q_row_stride = int64_t(p.heads) * kD;
+  const int64_t k_row_stride = int64_t(p.kv_heads) * kD;
+
+  // This CTA's key-list unit, and where its rows sit in the unit's bit words.
+  const int64_t unit = b * kl.unit_batch_stride + (h / kl.mask_hdiv) * kl.unit_head_stride +
+                       (kl.rows_full ? m0 / kKeyListBlockM : 0);
+  const int32_t* live = kl.keys + unit * kl.keys_stride + 1;
+  const int count = __ldg(live - 1);
+  const uint64_t* unit_bits = kl.bits + unit * kl.chunks * kl.rows_per_unit;
+  const int row_in_unit0 = kl.rows_full ? m0 % kKeyListBlockM : 0;
+
+  // Chunks to walk: with causality only those whose first key the tile's last row can see (the list is
+  // ascending, so they are a prefix); the rest of the causal bound is checked per element.
+  int n_chunks = (count + kBlockN - 1) / kBlockN;
+  if (p.is_causal) {
+    const int last_key = min(m0 + kBlockM, p.q_len) - 1 + (p.kv_len - p.q_len);
+    int visible = 0;
+    for (int c0 = 0; c0 < n_chunks; c0 += kNThreads) {  // uniform trip count: every thread reaches the barrier
+      const int c = c0 + tid;
+      visible += __syncthreads_count(c < n_chunks && __ldg(live + int64_t(c) * kBlockN) <= last_key);
+    }
+    n_chunks = visible;
+  }
+
+  Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
+  Elem* sdo_ptr = sq_ptr + Kt::kQElems;
+  Elem* sk_ptr = sdo_ptr + Kt::kQElems;        // 2 stages
+  Elem* sv_ptr = sk_ptr + 2 * Kt::kKVElems;    // 2 stages
+  Elem* sp_ptr = sv_ptr + 2 * Kt::kKVElems;
+  Elem* sds_ptr = sp_ptr + Kt::kPElems;
+  uint64_t* sbits = reinterpret_cast<uint64_t*>(sds_ptr + Kt::kPElems);  // [2][kBlockM]
+  int* skey = reinterpret_cast<int*>(sbits + 2 * kBlockM);                // [2][kBlockN]
+  float* sbias = reinterpret_cast<float*>(skey + 2 * kBlockN);            // [2][kBlockN]
+  float* sdb = sbias + 2 * kBlockN;                                       // [kWarpsM][kBlockN]
+
+  Tensor sQ = make_tensor(make_smem_ptr(sq_ptr), typename Kt::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(sdo_ptr), typename Kt::SmemLayoutQ{});
+  Tensor sP = make_tensor(make_smem_ptr(sp_ptr), typename Kt::SmemLayoutP{});
+  Tensor sdS = make_tensor(make_smem_ptr(sds_ptr), typename Kt::SmemLayoutP{});
+  Tensor sQt = make_tensor(make_smem_ptr(sq_ptr), typename Kt::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(sdo_ptr), typename Kt::SmemLayoutQt{});
+  Tensor sPt = make_tensor(make_smem_ptr(sp_ptr), typename Kt::SmemLayoutPt{});
+  Tensor sdSt = make_tensor(make_smem_ptr(sds_ptr), typename Kt::SmemLayoutPt{});
+  auto stage_k = [&](int s) { return make_tensor(make_smem_ptr(sk_ptr + s * Kt::kKVElems), typename Kt::SmemLayoutKV{}); };
+  auto stage_v = [&](int s) { return make_tensor(make_smem_ptr(sv_ptr + s * Kt::kKVElems), typename Kt::SmemLayoutKV{}); };
+  auto stage_kt = [&](int s) { return make_tensor(make_smem_ptr(sk_ptr + s * Kt::kKVElems), typename Kt::SmemLayoutKt{}); };
+
+  // ---- Q / dO of the tile (cp.async group 0), row statistics.
+  typename Kt::GmemTiledCopy gmem_copy;
+  auto gthr = gmem_copy.get_thread_slice(tid);
+  Tensor tQc = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  {
+    const int64_t q_off = (int64_t(b) * p.q_len + m0) * q_row_stride + int64_t(h) * kD;
+    Tensor gQ = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.q) + q_off), Shape<Int<kBlockM>, Int<kD>>{},
+                            make_stride(q_row_stride, _1{}));
+    Tensor gdO = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.dout) + q_off),
+                             Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
+    Tensor tQsQ = gthr.partition_D(sQ);
+    Tensor tQsdO = gthr.partition_D(sdO);
+    bwd::copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
+    bwd::copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
+    cute::cp_async_fence();
+  }
+
+  typename Kt::MmaRows mma;
+  auto tmma = mma.get_thread_slice(tid);
+  typename Kt::MmaKeys mmak;
+  auto tmmak = mmak.get_thread_slice(tid);
+
+  Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cS = make_tensor(tScS.data(), bwd::rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(cS))::value;
+  float lse2[kRows], delta[kRows];
+  bwd::load_row_stats(p, cS, b, h, m0, lse2, delta);
+
+  // ---- Gathering one chunk: K / V rows of its listed keys (16-byte pieces), its keys, bias values and the bit
+  // words of this CTA's rows. The key indices of a chunk are read into registers one chunk ahead, so issuing
+  // the gather never waits on a global load.
+  const Elem* k_base = static_cast<const Elem*>(p.k) + (int64_t(b) * p.kv_len) * k_row_stride + int64_t(kvh) * kD;
+  const Elem* v_base = static_cast<const Elem*>(p.v) + (int64_t(b) * p.kv_len) * k_row_stride + int64_t(kvh) * kD;
+  const bool has_bias = p.bias != nullptr;
+  const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
+  int slot_key[kSlots];  // key of each of this thread's gather pieces, for the next chunk to issue
+  int row_key = -1;      // threads < 64: the key at position tid of the next chunk to issue
+  float row_bias = 0.f;  // threads < 64: its bias value, stored to shared memory one iteration later
+  auto read_keys = [&](int c) {
+    const int first = c * kBlockN;
+    CUTE_UNROLL
+    for (int j = 0; j < kSlots; ++j) {
+      const int pos = first + (tid + j * kNThreads) / kPieces;
+      slot_key[j] = (c < n_chunks && pos < count) ? __ldg(live + pos) : -1;
+    }
+    if (tid < kBlockN) row_key = (c < n_chunks && first + tid < count) ? __ldg(live + first + tid) : -1;
+  };
+  auto issue_chunk = [&](int c, int s) {
+    Tensor sK = stage_k(s);
+    Tensor sV = stage_v(s);
+    CUTE_UNROLL
+    for (int j = 0; j < kSlots; ++j) {
+      const int i = tid + j * kNThreads;
+      const int row = i / kPieces, col = (i % kPieces) * 8;
+      const int key = slot_key[j];
+      const int64_t off = int64_t(key < 0 ? 0 : key) * k_row_stride + col;
+      cp_async_16(&sK(row, col), k_base + off, key >= 0);
+      cp_async_16(&sV(row, col), v_base + off, key >= 0);
+    }
+    if (tid < kBlockM) {
+      const int row = m0 + tid;
+      const int64_t w = int64_t(c) * kl.rows_per_unit + (kl.rows_full ? row_in_unit0 + tid : 0);
+      cp_async_8(sbits + s * kBlockM + tid, unit_bits + (row < p.q_len ? w : 0), row < p.q_len);
+    }
+    cute::cp_async_fence();
+    if (tid < kBlockN) {
+      skey[s * kBlockN + tid] = row_key;
+      row_bias = (has_bias && row_key >= 0)
+                     ? bwd::load_bias(p.bias, bias_base + int64_t(row_key) * p.bias_col_stride, p.bias_dtype)
+                     : 0.f;
+    }
+  };
+
+  Tensor tSrQ = tmma.partition_fragment_A(sQ);
+  Tensor tSrK = tmma.partition_fragment_B(stage_k(0));
+  Tensor tdPrdO = tmma.partition_fragment_A(sdO);
+  Tensor tdPrV = tmma.partition_fragment_B(stage_v(0));
+  Tensor tdQrdS = tmma.partition_fragment_A(sdS);
+  Tensor tdQrKt = tmma.partition_fragment_B(stage_kt(0));
+  Tensor tdVrPt = tmmak.partition_fragment_A(sPt);
+  Tensor tdVrdOt = tmmak.partition_fragment_B(sdOt);
+  Tensor tdKrdSt = tmmak.partition_fragment_A(sdSt);
+  Tensor tdKrQt = tmmak.partition_fragment_B(sQt);
+
+  auto cpA = make_tiled_copy_A(typename Kt::S2RAtom{}, mma);
+  auto cpA_t = cpA.get_thread_slice(tid);
+  auto cpB = make_tiled_copy_B(typename Kt::S2RAtom{}, mma);
+  auto cpB_t = cpB.get_thread_slice(tid);
+  auto cpBT = make_tiled_copy_B(typename Kt::S2RAtomT{}, mma);
+  auto cpBT_t = cpBT.get_thread_slice(tid);
+  auto cpkAT = make_tiled_copy_A(typename Kt::S2RAtomT{}, mmak);
+  auto cpkAT_t = cpkAT.get_thread_slice(tid);
+  auto cpkBT = make_tiled_copy_B(typename Kt::S2RAtomT{}, mmak);
+  auto cpkBT_t = cpkBT.get_thread_slice(tid);
+  Tensor tSsQ = cpA_t.partition_S(sQ);
+  Tensor tdPsdO = cpA_t.partition_S(sdO);
+  Tensor tdQsdS = cpA_t.partition_S(sdS);
+  Tensor tdVsPt = cpkAT_t.partition_S(sPt);
+  Tensor tdVsdOt = cpkBT_t.partition_S(sdOt);
+  Tensor tdKsdSt = cpkAT_t.partition_S(sdSt);
+  Tensor tdKsQt = cpkBT_t.partition_S(sQt);
+
+  auto r2s = make_tiled_copy_C(typename Kt::R2SAtom{}, mma);
+  auto r2s_t = r2s.get_thread_slice(tid);
+  Tensor tPsP = r2s_t.partition_D(sP);
+  Tensor tPsdS = r2s_t.partition_D(sdS);
+
+  Tensor tQDc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cQD = make_tensor(tQDc.data(), bwd::rowcol(tQDc.layout()));
+  Tensor tKVc = tmmak.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
+  Tensor cKV = make_tensor(tKVc.data(), bwd::rowcol(tKVc.layout()));
+
+  const bool has_dbias = has_bias && p.dbias_mode != kDbiasNone;
+  const int lane = tid % 32;
+  const int band = get<0>(cS(0, 0)) / 16;  // this warp's 16-row band of the tile
+
+  Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_dq);
+
+  // Adds a [64 keys, D] partial (keys = this chunk's list) into an fp32 [B, Lk, Hkv, D] workspace.
+  auto add_key_rows = [&](auto& acc, float* accum, const int* keys, float mul) {
+    Tensor a = make_tensor(acc.data(), bwd::rowcol(acc.layout()));
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(a); ++r) {
+      const int key = keys[get<0>(cKV(r, 0))];
+      if (key < 0) continue;
+      float* dst = accum + (int64_t(b) * p.kv_len + key) * k_row_stride + int64_t(kvh) * kD;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(a); c += 2) {
+        const int d = get<1>(cKV(0, c));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        atomicAdd(reinterpret_cast<float2*>(dst + d), make_float2(a(r, c) * mul, a(r, c + 1) * mul));
+#else
+        atomicAdd(dst + d, a(r, c) * mul);
+        atomicAdd(dst + d + 1, a(r, c + 1) * mul);
+#endif
+      }
+    }
+  };
+
+  // ---- Prologue: chunk 0 in flight, keys of chunk 1 in registers.
+  read_keys(0);
+  if (n_chunks > 0) issue_chunk(0, 0);
+  read_keys(1);
+
+  for (int c = 0; c < n_chunks; ++c) {
+    const int s = c & 1;
+    if (tid < kBlockN) sbias[s * kBlockN + tid] = row_bias;  // bias of chunk c (loaded when it was issued)
+    cute::cp_async_wait<0>();
+    __syncthreads();  // chunk c landed; every warp is done with chunk c - 1 (its stage, sP, sdS, sdb)
+    if (c + 1 < n_chunks) {
+      issue_chunk(c + 1, s ^ 1);
+      read_keys(c + 2);
+    }
+    const int* ckey = skey + s * kBlockN;
+
+    Tensor sK = stage_k(s);
+    Tensor sV = stage_v(s);
+    Tensor sKt = stage_kt(s);
+    Tensor tSsK = cpB_t.partition_S(sK);
+    Tensor tdPsV = cpB_t.partition_S(sV);
+    Tensor tdQsKt = cpBT_t.partition_S(sKt);
+
+    // S = Q K^T -> P.
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    bwd::gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
+    Tensor capd = make_tensor_like(acc_s);
+    chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM, lse2);
+    {
+      Tensor pe = make_tensor_like<Elem>(acc_s);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
+      cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
+    }
+
+    // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the softcap factor.
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_dp);
+    bwd::gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
+    {
+      Tensor ps = make_tensor(acc_s.data(), bwd::rowcol(acc_s.layout()));
+      Tensor dp = make_tensor(acc_dp.data(), bwd::rowcol(acc_dp.layout()));
+      Tensor cd = make_tensor(capd.data(), bwd::rowcol(capd.layout()));
+      CUTE_UNROLL
+      for (int cc = 0; cc < size<1>(dp); ++cc) {
+        float colsum = 0.f;
+        CUTE_UNROLL
+        for (int r = 0; r < size<0>(dp); ++r) {
+          const float ds = ps(r, cc) * (dp(r, cc) - delta[r]);
+          colsum += ds;
+          dp(r, cc) = ds * cd(r, cc);
+        }
+        if (has_dbias) {  // column sum over the warp's band: lanes that differ in lane / 4 hold other rows
+          colsum += __shfl_xor_sync(0xffffffffu, colsum, 4);
+          colsum += __shfl_xor_sync(0xffffffffu, colsum, 8);
+          colsum += __shfl_xor_sync(0xffffffffu, colsum, 16);
+          if (lane < 4) sdb[band * kBlockN + get<1>(cS(0, cc))] = colsum;
+        }
+      }
+      Tensor dse = make_tensor_like<Elem>(acc_dp);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
+      cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+    }
+    __syncthreads();  // sP, sdS, sdb complete
+
+    // dQ += dS K (registers).
+    bwd::gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+
+    // dbias[key] += column sums of dS over the tile's rows.
+    if (has_dbias && tid < kBlockN && ckey[tid] >= 0) {
+      float v = 0.f;
+      CUTE_UNROLL
+      for (int w = 0; w < Kt::kWarpsM; ++w) v += sdb[w * kBlockN + tid];
+      atomicAdd(p.dbias_accum + bias_base + int64_t(ckey[tid]) * p.bias_col_stride, v);
+    }
+
+    // dV[key] += P^T dO, dK[key] += scale dS^T Q.
+    {
+      Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
+      clear(acc_kv);
+      bwd::gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
+      clear(acc_kv);
+      bwd::gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
+    }
+  }
+  cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
+
+  // dQ (scaled), written once. Rows with no kept key have P = 0 everywhere: exact zeros.
+  Tensor dq = make_tensor(acc_dq.data(), bwd::rowcol(acc_dq.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(dq); ++r) {
+    const int row = m0 + get<0>(cQD(r, 0));
+    if (row < p.q_len) {
+      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dq); c += 2) {
+        const int d = get<1>(cQD(0, c));
+        bwd::store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
+      }
+    }
+  }
+}
+
+// Query rows per CTA: a whole 128-row unit while the dQ accumulator (M x D fp32) fits the registers beside
+// the score tiles, half a unit above D = 128.
+template <int kHeadDim>
+constexpr int sparse_block_m() {
+  return kHeadDim <= 128 ? 128 : 64;
+}
+
+template <int kHeadDim, bool kIsBF16>
+cudaError_t launch_sparse(const BwdSparseParams& sp, cudaStream_t stream) {
+  using Kt = SparseTraits<kHeadDim, kIsBF16, sparse_block_m<kHeadDim>()>;
+  auto kernel = flash_bwd_sparse_kernel<Kt>;
+  static bool configured = false;  // benign race: every thread sets the same attribute
+  if (cudaError_t err = bwd::set_smem(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+  const BwdParams& p = sp.base;
+  const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  kernel<<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(sp);
+  return cudaGetLastError();
+}
+
+}  // namespace bwd_sparse
+}  // namespace dmattn
+
+// Explicit instantiation of both dtypes for one head dim (one .cu file per head dim).
+#define DMATTN_INSTANTIATE_BWD_SPARSE(D)                                                \
+  namespace dmattn {                                                                    \
+  template <>                                                                           \
+  cudaError_t run_flash_bwd_sparse<D, true>(const BwdSparseParams& p, cudaStream_t s) {  \
+    return bwd_sparse::launch_sparse<D, true>(p, s);                                    \
+  }                                                                                     \
+  template <>                                                                           \
+  cudaError_t run_flash_bwd_sparse<D, false>(const BwdSparseParams& p, cudaStream_t s) { \
+    return bwd_sparse::launch_sparse<D, false>(p, s);                                   \
+  }                                                                                     \
+  }
