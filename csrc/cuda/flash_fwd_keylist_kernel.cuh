@@ -25,11 +25,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   constexpr int kD = Kt::kHeadDim;
   constexpr int kThreads = Kt::kNThreads;
   static_assert(kBlockM == kKeyListBlockM && kChunk == kKeyListChunk, "key-list units must match the tiles");
-  // Gathered K/V copy: 16-byte pieces, kPieces per row; each thread copies kRowsPerThread rows' pieces.
+  // Gathered K/V copy: 16-byte pieces, kPieces per row; copy i of a thread is piece (tid + i * kThreads).
   constexpr int kPieces = kD / 8;
-  static_assert(kThreads % kPieces == 0 && (kChunk * kPieces) % kThreads == 0, "gather split");
-  constexpr int kRowStep = kThreads / kPieces;
-  constexpr int kRowsPerThread = kChunk / kRowStep;
+  static_assert((kChunk * kPieces) % kThreads == 0, "gather split");
+  constexpr int kRowsPerThread = kChunk * kPieces / kThreads;
 
   extern __shared__ __align__(128) char smem[];
 
@@ -128,9 +127,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
   const bool bias_per_key = has_bias && p.bias_row_stride == 0;
 
-  // This thread's gather rows (chunk-relative) and 16-byte piece.
-  const int piece = tid % kPieces;
-  const int grow0 = tid / kPieces;
+  // Chunk-relative row and 16-byte piece of this thread's copy i.
+  auto gather_row = [&](int i) { return (tid + i * kThreads) / kPieces; };
+  auto gather_piece = [&](int i) { return (tid + i * kThreads) % kPieces; };
   const auto sk_layout = typename Kt::SmemLayoutKV{};
 
   // Key index of chunk-relative row j of chunk c, or -1 past the live keys.
@@ -141,8 +140,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   auto gather = [&](const Elem* src_base, int64_t row_stride, Elem* dst_base, const int (&rows)[kRowsPerThread]) {
     CUTE_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) {
-      const int r = grow0 + i * kRowStep;
-      Elem* dst = dst_base + sk_layout(r, piece * 8);
+      const int piece = gather_piece(i);
+      Elem* dst = dst_base + sk_layout(gather_row(i), piece * 8);
       if (rows[i] >= 0) {
         cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
             *reinterpret_cast<const cute::uint128_t*>(src_base + int64_t(rows[i]) * row_stride + piece * 8),
@@ -176,7 +175,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   float next_key_bias = 0.f;
   if (n_chunks > 0) {
     CUTE_UNROLL
-    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(0, grow0 + i * kRowStep);
+    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(0, gather_row(i));
     gather(k_ptr, p.k_row_stride, smem_k, next_rows);
     const int key0 = tid < kChunk ? key_at(0, tid) : -1;
     stage_tables(0, key0, load_key_bias(key0));
@@ -200,7 +199,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     const bool has_next = c + 1 < n_chunks;
     if (has_next) {
       CUTE_UNROLL
-      for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(c + 1, grow0 + i * kRowStep);
+      for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(c + 1, gather_row(i));
       if (tid < kChunk) next_key = key_at(c + 1, tid);
     }
     uint64_t row_bits[kRows];
