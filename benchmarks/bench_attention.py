@@ -6,7 +6,8 @@ Cases (SPEC.md section 6), all bf16, causal, B=1, per-key bias [B, Hkv, 1, L]:
   block_sparse_1/4   standard shapes, mask of whole random 128x64 tiles kept with probability 1/4
   block_sparse_1/16  the same at 1/16
   dense_mask         standard shapes, an all-True mask (the dense-mask time the block-sparse cases compare to)
-Impls: jax_dmattn (the CUDA kernels through jax_dmattn.attention), jax_dmattn_tiles (forward only: the CUDA
+Impls: jax_dmattn (the CUDA kernels through jax_dmattn.attention), jax_dmattn_det (the same with
+deterministic=True, fwd+bwd only), jax_dmattn_tiles (forward only: the CUDA
 forward with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
 cuDNN, bias and mask folded into one additive [B, H, L, L] bias), cudnn_nobias (the flash ceiling: no bias,
 no mask, causal), reference (jax_dmattn's pure-jnp reference).
@@ -43,7 +44,7 @@ CASES = {
     "block_sparse_1/16": dict(h=16, hkv=4, d=128, mask="block", density=1.0 / 16),
     "dense_mask": dict(h=16, hkv=4, d=128, mask="dense"),
 }
-IMPLS = ("jax_dmattn", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias", "reference")
+IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias", "reference")
 WINDOW = 1024
 
 
@@ -103,11 +104,12 @@ def impl_fn(impl, case):
     c = CASES[case]
     g = c["h"] // c["hkv"]
 
-    if impl == "jax_dmattn":
+    if impl in ("jax_dmattn", "jax_dmattn_det"):
         import jax_dmattn
 
         def f(q, k, v, bias, mask):
-            return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True, implementation="cuda")
+            return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True, implementation="cuda",
+                                        deterministic=impl == "jax_dmattn_det")
     elif impl == "jax_dmattn_tiles":
         from jax_dmattn import _cuda
 
@@ -186,6 +188,8 @@ def should_skip(case, impl, pas, l):
         return "folded [B, H, L, L] bias would not fit"
     if impl == "jax_dmattn_tiles" and pas != "fwd":
         return "forward only"
+    if impl == "jax_dmattn_det" and pas == "fwd":
+        return "the forward has no nondeterminism"
     return None
 
 
