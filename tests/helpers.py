@@ -113,6 +113,11 @@ def make_rng(request) -> np.random.Generator:
     return np.random.default_rng(seed_from(request.node.nodeid))
 
 
+def native_dtype(implementation) -> str:
+    """The case dtype a dtype-agnostic test should use: float32 where supported, bfloat16 for "cuda"."""
+    return "bf16" if implementation == "cuda" else "f32"
+
+
 def check_dtype_supported(implementation, dtype):
     """float32 q/k/v are valid only for "cpu" and "xla"."""
     if implementation == "cuda" and np.dtype(dtype) == np.dtype(np.float32):

@@ -20,6 +20,7 @@ from helpers import (
     get_attention,
     make_cotangent,
     make_inputs,
+    native_dtype,
     oracle_bwd,
     oracle_fwd,
     poison,
@@ -83,7 +84,8 @@ def test_fully_masked_input_grads(implementation, dtype, variant, rng):
 
 def test_empty_rows_grads(implementation, rng):
     """Rows with no kept key (mask rows + causal Lq > Lk) touch no gradient; the rest match the oracle."""
-    case = BASE.replace(Lq=100, Lk=40, is_causal=True, bias=(2, 4, 100, 40), mask=(2, 4, 100, 40), mask_kind="rows")
+    case = BASE.replace(dtype=native_dtype(implementation), Lq=100, Lk=40, is_causal=True, bias=(2, 4, 100, 40),
+                        mask=(2, 4, 100, 40), mask_kind="rows")
     q, k, v, bias, mask = make_inputs(case, rng)
     dout = make_cotangent(case, rng)
     (out, dq, dk, dv, db), _ = check_grads(implementation, case, rng, inputs=(q, k, v, bias, mask), dout=dout)
@@ -205,7 +207,8 @@ def test_invisible_keys_get_zero_grads(implementation, dtype, rng):
 def test_grad_buffers_are_fully_written(implementation, rng):
     """Poison: donate NaN-filled buffers shaped like dq/dk/dv/dbias; whatever XLA reuses must be overwritten,
     empty rows and invisible keys included."""
-    case = BASE.replace(Lq=100, Lk=40, is_causal=True, bias=(2, 4, 100, 40), mask=(2, 4, 100, 40), mask_kind="rows")
+    case = BASE.replace(dtype=native_dtype(implementation), Lq=100, Lk=40, is_causal=True, bias=(2, 4, 100, 40),
+                        mask=(2, 4, 100, 40), mask_kind="rows")
     q, k, v, bias, mask = make_inputs(case, rng)
     dout = make_cotangent(case, rng)
     attention = get_attention()
@@ -228,7 +231,7 @@ def test_grad_buffers_are_fully_written(implementation, rng):
 
 def test_mask_gets_no_gradient(implementation, rng):
     """mask is bool: differentiating w.r.t. it is not possible (float0 / error), and the other grads are fine."""
-    case = BASE.replace(bias=(2, 2, 65, 100), mask=(2, 1, 65, 100))
+    case = BASE.replace(dtype=native_dtype(implementation), bias=(2, 2, 65, 100), mask=(2, 1, 65, 100))
     q, k, v, bias, mask = make_inputs(case, rng)
     attention = get_attention()
     loss = lambda q, m: jnp.sum(attention(q, k, v, bias, m, implementation=implementation).astype(jnp.float32))
@@ -251,7 +254,7 @@ def test_no_full_size_score_buffers(implementation, bias_shape, mask_shape, rng)
 
     if implementation == "xla":
         pytest.skip("the pure-jnp reference materialises the scores by design")
-    case = BASE.replace(dtype="bf16" if implementation == "cuda" else "f32", bias=bias_shape, mask=mask_shape)
+    case = BASE.replace(dtype=native_dtype(implementation), bias=bias_shape, mask=mask_shape)
     q, k, v, bias, mask = make_inputs(case, rng)
     dout = make_cotangent(case, rng)
     attention = get_attention()

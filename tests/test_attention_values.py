@@ -19,6 +19,7 @@ from helpers import (
     check_forward,
     get_attention,
     make_inputs,
+    native_dtype,
     make_mask,
     oracle_fwd,
     poison,
@@ -147,7 +148,8 @@ def test_invisible_keys_are_ignored(implementation, dtype, rng):
 def test_output_buffers_are_fully_written(implementation, rng):
     """Poison: donate NaN-filled buffers shaped like out/lse; if XLA reuses them for the outputs, every
     element (including empty rows) must still be written."""
-    case = BASE.replace(Lq=100, Lk=40, is_causal=True, bias=(2, 2, 100, 40), mask=(2, 4, 100, 40), mask_kind="rows")
+    case = BASE.replace(dtype=native_dtype(implementation), Lq=100, Lk=40, is_causal=True, bias=(2, 2, 100, 40),
+                        mask=(2, 4, 100, 40), mask_kind="rows")
     q, k, v, bias, mask = make_inputs(case, rng)
     attention = get_attention()
 
@@ -168,7 +170,7 @@ def test_output_buffers_are_fully_written(implementation, rng):
 
 def test_scale_default_uses_true_head_dim(implementation, rng):
     """scale=None means D ** -0.5 of the caller's D, also when the kernel pads D (40 -> 64)."""
-    case = BASE.replace(D=40, Lq=20, Lk=30)
+    case = BASE.replace(dtype=native_dtype(implementation), D=40, Lq=20, Lk=30)
     q, k, v, bias, mask = make_inputs(case, rng)
     attention = get_attention()
     a = jax.jit(lambda *x: attention(*x, implementation=implementation))(q, k, v)
@@ -178,7 +180,7 @@ def test_scale_default_uses_true_head_dim(implementation, rng):
 
 def test_gqa_equals_repeated_kv(implementation, rng):
     """GQA with Hkv heads equals MHA with each kv head repeated g times (and a Hkv-head bias likewise)."""
-    case = BASE.replace(H=8, Hkv=2, bias=(2, 2, 65, 100), mask=(2, 2, 65, 100))
+    case = BASE.replace(dtype=native_dtype(implementation), H=8, Hkv=2, bias=(2, 2, 65, 100), mask=(2, 2, 65, 100))
     q, k, v, bias, mask = make_inputs(case, rng)
     attention = get_attention()
     f = jax.jit(lambda *a: attention(*a, implementation=implementation))
