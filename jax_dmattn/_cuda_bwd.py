@@ -27,9 +27,6 @@ from jax_dmattn import _cuda, _ffi
 BLOCK_M = 64
 BLOCK_N = 64
 TARGET = "dmattn_bwd_cuda"
-# Key-list geometry (csrc/cuda/key_lists.h: kKeyListBlockM, kKeyListChunk).
-KEY_LIST_BLOCK_M = 128
-KEY_LIST_CHUNK = 64
 
 
 def available() -> bool:
@@ -60,11 +57,8 @@ def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool) -> bool:
     return bias_shape is None or bias_shape[2] == 1
 
 
-def key_list_sizes(mask_shape) -> tuple[int, int]:
-    """(keys, bit words) of the key lists of a rank-4 mask: KeyListArgs::keys_size() and bits_size()."""
-    bm, hm, mm, nm = mask_shape
-    units = bm * hm * -(-mm // KEY_LIST_BLOCK_M)
-    return units * (1 + nm), units * -(-nm // KEY_LIST_CHUNK) * min(mm, KEY_LIST_BLOCK_M)
+# The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size rule for both calls.
+key_list_sizes = _cuda.key_list_sizes
 
 
 def _check(q, k, v, bias, mask, out, lse, dout, dlse):
