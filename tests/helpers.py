@@ -143,6 +143,19 @@ def on_gpu() -> bool:
         return False
 
 
+def cuda_targets_on_gpu(*targets: str) -> bool:
+    """A GPU backend and an extension that registered these CUDA FFI targets (the direct kernel tests need both)."""
+    if not on_gpu():
+        return False
+    try:
+        from jax_dmattn import _ffi
+
+        registered = _ffi.register_targets()["CUDA"]
+        return all(t in registered for t in targets)
+    except Exception:  # pragma: no cover
+        return False
+
+
 def implementation_marks(impl):
     if impl != "cuda":
         return []

@@ -22,20 +22,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle  # noqa: E402
+from helpers import cuda_targets_on_gpu  # noqa: E402
 
 
-def _gpu_kernels():
-    try:
-        if jax.default_backend() != "gpu":
-            return False
-        from jax_dmattn import _cuda_bwd
-
-        return _cuda_bwd.available()
-    except Exception:  # pragma: no cover
-        return False
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_kernels(), reason="needs a GPU and the CUDA kernels")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_bwd_cuda"),
+                                                  reason="needs a GPU and the CUDA kernels")]
 
 F32 = jnp.float32
 BF16, F16 = jnp.bfloat16, jnp.float16
@@ -55,15 +46,28 @@ def rel_err(actual, expected, floor=0.0):
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), floor, 1e-30))
 
 
-def make_case(seed, b, lq, lk, h, hkv, d, dtype, bias_spec, mask_code, empty_rows=False):
-    rng = np.random.default_rng(seed)
+def draw_qkv_bias(rng, b, lq, lk, h, hkv, d, dtype, bias_spec, bias_scale=1.0):
+    """q, k, v (standard normal, in dtype) and the bias of bias_spec = (shape code, dtype name) or None."""
     q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
     k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
     v = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
     bias = None
     if bias_spec is not None:
         code, bdt = bias_spec
-        bias = jnp.asarray(rng.standard_normal(_dims(code, b, lq, lk, h, hkv)), F32).astype(BIAS_DT[bdt])
+        noise = bias_scale * rng.standard_normal(_dims(code, b, lq, lk, h, hkv))
+        bias = jnp.asarray(noise, F32).astype(BIAS_DT[bdt])
+    return q, k, v, bias
+
+
+def draw_cotangents(rng, b, lq, h, d, dtype):
+    dout = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
+    dlse = jnp.asarray(rng.standard_normal((b, h, lq)), F32)
+    return dout, dlse
+
+
+def make_case(seed, b, lq, lk, h, hkv, d, dtype, bias_spec, mask_code, empty_rows=False):
+    rng = np.random.default_rng(seed)
+    q, k, v, bias = draw_qkv_bias(rng, b, lq, lk, h, hkv, d, dtype, bias_spec)
     mask = None
     if mask_code is not None:
         shape = _dims(mask_code, b, lq, lk, h, hkv)
@@ -74,9 +78,7 @@ def make_case(seed, b, lq, lk, h, hkv, d, dtype, bias_spec, mask_code, empty_row
         if empty_rows and shape[2] > 1:
             mask[:, :, 3:min(70, shape[2])] = False  # rows with no kept key (a whole tile's worth and parts)
         mask = jnp.asarray(mask)
-    dout = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
-    dlse = jnp.asarray(rng.standard_normal((b, h, lq)), F32)
-    return q, k, v, bias, mask, dout, dlse
+    return (q, k, v, bias, mask) + draw_cotangents(rng, b, lq, h, d, dtype)
 
 
 def oracle_fwd(q, k, v, bias, mask, *, scale, softcap, is_causal, dtype):
@@ -252,13 +254,7 @@ def sparse_mask(rng, kind, shape, *, lq, causal, bias_for_topk=None):
 def sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind, mask_code,
                   empty_rows=None):
     rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
-    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
-    v = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
-    bias = None
-    if bias_spec is not None:
-        code, bdt = bias_spec
-        bias = jnp.asarray(2.0 * rng.standard_normal(_dims(code, b, lq, lk, h, hkv)), F32).astype(BIAS_DT[bdt])
+    q, k, v, bias = draw_qkv_bias(rng, b, lq, lk, h, hkv, d, dtype, bias_spec, bias_scale=2.0)
     topk_bias = bias if bias is not None and bias.shape[-1] == lk else \
         jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), F32)
     mask = sparse_mask(rng, mask_kind, _dims(mask_code, b, lq, lk, h, hkv), lq=lq, causal=causal,
@@ -267,9 +263,7 @@ def sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kin
         m = np.array(np.broadcast_to(np.asarray(mask), mask.shape[:2] + (lq, lk)))
         m[:, :, empty_rows] = False
         mask = jnp.asarray(m)
-    dout = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
-    dlse = jnp.asarray(rng.standard_normal((b, h, lq)), F32)
-    return q, k, v, bias, mask, dout, dlse
+    return (q, k, v, bias, mask) + draw_cotangents(rng, b, lq, h, d, dtype)
 
 
 def check_sparse_against_oracle(case, seed=0, empty_rows=None):

@@ -17,21 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import cuda_targets_on_gpu
 from jax_dmattn import reference
 
 
-def _gpu_kernels():
-    try:
-        if jax.default_backend() != "gpu":
-            return False
-        from jax_dmattn import _cuda
-
-        return _cuda.available()
-    except Exception:  # pragma: no cover
-        return False
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_kernels(), reason="needs a GPU and the CUDA kernels")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_fwd_cuda"),
+                                                  reason="needs a GPU and the CUDA kernels")]
 
 F32 = jnp.float32
 
