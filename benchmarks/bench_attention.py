@@ -179,6 +179,13 @@ def run_one(case, impl, pas, l, inputs):
     return dict(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 2), peak_bytes=peak_bytes(fn, args))
 
 
+def write_rows(rows, out_path):
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as fh:
+        json.dump(rows, fh, indent=1)
+    print(f"# wrote {len(rows)} rows to {out_path}", flush=True)
+
+
 def should_skip(case, impl, pas, l):
     c = CASES[case]
     dense_scores = c["h"] * l * l * 4  # one f32 [B, H, L, L] buffer
@@ -236,10 +243,7 @@ def main(argv=None):
                     gc.collect()
             del inputs
             gc.collect()
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as fh:
-        json.dump(rows, fh, indent=1)
-    print(f"# wrote {len(rows)} rows to {out_path}", flush=True)
+    write_rows(rows, out_path)
     return rows
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
 import re
 import sys
@@ -165,10 +164,7 @@ def main(argv=None):
                              peak_bytes=peak, io_bytes=io, peak_ratio=round(peak / io, 4)))
         except Exception as e:
             print(f"# peak L={l} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as fh:
-        json.dump(rows, fh, indent=1)
-    print(f"# wrote {len(rows)} rows to {out_path}", flush=True)
+    ba.write_rows(rows, out_path)
     return rows
 
 
