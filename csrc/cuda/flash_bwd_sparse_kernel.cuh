@@ -514,8 +514,8 @@ template <int kHeadDim, bool kIsBF16, bool kFixed>
 cudaError_t launch_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream) {
   using Kt = SparseTraits<kHeadDim, kIsBF16, sparse_block_m<kHeadDim>()>;
   auto kernel = flash_bwd_sparse_kernel<Kt, kFixed>;
-  static bool configured = false;  // benign race: every thread sets the same attribute
-  if (cudaError_t err = bwd::set_smem(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+  static std::atomic<uint64_t> configured{0};
+  if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
   const BwdParams& p = sp.base;
   const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
