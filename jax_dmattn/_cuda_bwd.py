@@ -6,10 +6,12 @@ over its broadcast dims without atomics, dq by fp32 atomics), and either the dq 
 ``deterministic``, a second kernel that computes dq over query tiles in a fixed order (bitwise reproducible).
 Scratch buffers are extra FFI outputs (XLA-owned workspace; the handler never allocates or synchronises).
 
-With ``deterministic=False``, a mask whose key dim is full and a bias that is absent or broadcast over query rows,
-the same call takes the key-list ("sparse") path instead (``use_sparse``): a pre-pass lists the live keys of every
-128-row query tile of the mask, and a query-tile-parallel kernel walks only those keys, adding dk / dv / dbias by
-fp32 atomics (docs/cuda_backward.md, "Sparse path").
+With a mask whose key dim is full and a bias that is absent or broadcast over query rows, the same call takes the
+key-list ("sparse") path instead (``use_sparse``): a pre-pass lists the live keys of every 128-row query tile of the
+mask, and a query-tile-parallel kernel walks only those keys, adding dk / dv / dbias by fp32 atomics
+(``deterministic=False``) or by int64 fixed-point atomics of a per-call power-of-two resolution
+(``deterministic=True``: integer addition is associative, so the result is bitwise reproducible)
+(docs/cuda_backward.md, "Sparse path" and "Deterministic sparse path").
 
 Inputs are the canonical layout of docs/design.md: q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (bf16 or f16,
 D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / f16 / f32); mask None or rank
@@ -27,6 +29,9 @@ from jax_dmattn import _cuda, _ffi
 BLOCK_M = 64
 BLOCK_N = 64
 TARGET = "dmattn_bwd_cuda"
+# uint32 words after the int64 dK / dV counts of the deterministic sparse path (csrc/cuda/flash_bwd_sparse.h:
+# kFixedStatsWords).
+FIXED_STATS_WORDS = 8
 
 
 def available() -> bool:
@@ -49,10 +54,12 @@ def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: 
     return multi and jnp.dtype(bias_dtype) != jnp.float32
 
 
-def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool) -> bool:
-    """Mirror of the handler's use_sparse_path: the key-list backward serves the atomic mode for a mask with a
-    full key dim and a bias that is absent or broadcast over query rows (Mb == 1)."""
-    if deterministic or mask_shape is None or mask_shape[3] != lk:
+def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool = False) -> bool:
+    """Mirror of the handler's use_sparse_path: the key-list backward serves a mask with a full key dim and a bias
+    that is absent or broadcast over query rows (Mb == 1), in both modes (``deterministic`` only changes how it
+    accumulates: fp32 atomics or int64 fixed-point atomics)."""
+    del deterministic  # both modes
+    if mask_shape is None or mask_shape[3] != lk:
         return False
     return bias_shape is None or bias_shape[2] == 1
 
@@ -81,13 +88,22 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
     sparse = use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk,
                         deterministic)
+    fixed = sparse and deterministic  # int64 fixed-point accumulators, declared as uint32 pairs (no x64 needed)
+    dbias_computed = bias is not None and not (bias.shape[3] == 1 and lk != 1)
     if sparse:
-        # dbias columns are added atomically: in fp32, into dbias itself for an f32 bias.
-        ws_bias = (bias is not None and not (bias.shape[3] == 1 and lk != 1)
-                   and jnp.dtype(bias.dtype) != jnp.float32)
+        # dbias columns are added atomically: in fp32, into dbias itself for an f32 bias; in deterministic mode as
+        # int64 counts for every bias dtype.
+        ws_bias = dbias_computed and (fixed or jnp.dtype(bias.dtype) != jnp.float32)
         n_keys, n_words = key_list_sizes(mask.shape)
     else:
         ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
+    if fixed:
+        dbias_ws = jax.ShapeDtypeStruct((2 * int(np.prod(bias.shape)),) if ws_bias else (0,), jnp.uint32)
+        # [dK counts | dV counts | stats words]: int64 as uint32 pairs.
+        dkv_ws = jax.ShapeDtypeStruct((4 * int(np.prod(k.shape)) + FIXED_STATS_WORDS,), jnp.uint32)
+    else:
+        dbias_ws = jax.ShapeDtypeStruct(bias.shape if ws_bias else (0,), jnp.float32)
+        dkv_ws = jax.ShapeDtypeStruct((2,) + k.shape if sparse else (0,), jnp.float32)
     out_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -96,10 +112,10 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         jax.ShapeDtypeStruct((0,) if deterministic or sparse else q.shape, jnp.float32),   # dq_accum
         jax.ShapeDtypeStruct((b, h, lq), jnp.float32),                                     # delta
         jax.ShapeDtypeStruct((0,) if mask is None or sparse else tile_class_shape(mask.shape), jnp.uint8),
-        jax.ShapeDtypeStruct(bias.shape if ws_bias else (0,), jnp.float32),                # dbias_accum
-        # Sparse path: dK / dV fp32 accumulators, the key lists and their bit words (uint64 as 2 x uint32, so
-        # that no x64 mode is needed).
-        jax.ShapeDtypeStruct((2,) + k.shape if sparse else (0,), jnp.float32),             # dkv_accum
+        dbias_ws,                                                                          # dbias_accum
+        # Sparse path: dK / dV accumulators (fp32, or int64 counts + stats words when deterministic), the key
+        # lists and their bit words (uint64 as 2 x uint32, so that no x64 mode is needed).
+        dkv_ws,                                                                            # dkv_accum
         jax.ShapeDtypeStruct((n_keys,) if sparse else (0,), jnp.int32),                    # key-list keys
         jax.ShapeDtypeStruct((2 * n_words,) if sparse else (0,), jnp.uint32),              # key-list bits
     )

@@ -4,7 +4,8 @@
   rows / Lq = 1 / Lq > Lk against the float64 numpy oracle (tests/oracle.py), all four gradients, dlse folded;
 * exact zeros where they must be (rows with no kept key, a key-broadcast bias);
 * the kernel through jax.vjp of a custom_vjp wrapper around the CUDA forward;
-* deterministic=True is bitwise reproducible and agrees with the atomic path;
+* deterministic=True is bitwise reproducible and agrees with the atomic path, on the key-tile kernels and on the
+  key-list (sparse) path, whose deterministic mode accumulates int64 fixed-point counts;
 * a long sequence against the float32 reference VJP on the GPU.
 
 GPU only (skipped elsewhere).
@@ -148,9 +149,12 @@ def test_bwd_matches_oracle(case):
     check_against_oracle(case)
 
 
+# A per-key bias [B, Hkv, 1, Lk] with a full-key mask takes the key-list path (fixed-point accumulation when
+# deterministic); a bias with query rows takes the key-tile kernels (the dq kernel when deterministic).
+@pytest.mark.parametrize("bias_code", ["BK1N", "BKMN"])
 @pytest.mark.parametrize("d,dtype", [(32, BF16), (64, F16), (96, BF16), (128, F16), (192, F16), (256, BF16)])
-def test_every_head_dim_deterministic(d, dtype):
-    check_against_oracle((2, 130, 150, 4, 2, d, dtype, True, 0.0, ("BK1N", "bf16"), "BKMN"), deterministic=True)
+def test_every_head_dim_deterministic(d, dtype, bias_code):
+    check_against_oracle((2, 130, 150, 4, 2, d, dtype, True, 0.0, (bias_code, "bf16"), "BKMN"), deterministic=True)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -266,19 +270,26 @@ def sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kin
     return (q, k, v, bias, mask) + draw_cotangents(rng, b, lq, h, d, dtype)
 
 
-def check_sparse_against_oracle(case, seed=0, empty_rows=None):
+def check_sparse_against_oracle(case, seed=0, empty_rows=None, deterministic=False, scales=None):
     """Runs the sparse path (asserting it is the one taken) and compares all four gradients with the oracle.
-    Also checks the exact zeros: dk / dv rows of keys that no kept (row, key) uses, dq rows with no kept key."""
+    Also checks the exact zeros: dk / dv rows of keys that no kept (row, key) uses, dq rows with no kept key.
+    scales: optional dict of factors applied to the inputs ("q", "v", "dout", "dlse") and to the softmax scale
+    ("scale"), for the magnitude tests of the fixed-point accumulation."""
     b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_kind, mask_code = case
     q, k, v, bias, mask, dout, dlse = sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec,
                                                     mask_kind, mask_code, empty_rows)
     from jax_dmattn import _cuda_bwd
 
-    assert _cuda_bwd.use_sparse(None if bias is None else bias.shape, mask.shape, lk, False)
+    assert _cuda_bwd.use_sparse(None if bias is None else bias.shape, mask.shape, lk, deterministic)
     scale = d ** -0.5
+    if scales:
+        mul = lambda x, f: (x.astype(F32) * f).astype(x.dtype)
+        q, v, dout = mul(q, scales.get("q", 1.0)), mul(v, scales.get("v", 1.0)), mul(dout, scales.get("dout", 1.0))
+        dlse = dlse * scales.get("dlse", 1.0)
+        scale = scale * scales.get("scale", 1.0)
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
-                    deterministic=False)
+                    deterministic=deterministic)
     kw = dict(scale=scale, is_causal=causal, softcap=softcap or None, dlse=np.asarray(dlse))
     ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
     mag = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
@@ -361,9 +372,10 @@ def test_sparse_rows_with_no_kept_key():
 
 
 def test_sparse_path_is_taken_and_agrees_with_dense():
-    """The lowered call carries the key-list workspaces (the handler rejects a call whose workspaces do not match
-    its own choice of path, so a successful run means the sparse kernel ran), and the result agrees with the
-    dense deterministic kernel."""
+    """The lowered call carries the key-list workspaces in both modes (the handler rejects a call whose workspaces
+    do not match its own choice of path, so a successful run means the sparse kernel ran), and the result agrees
+    with the dense deterministic kernel, reached by giving the per-key bias its query rows explicitly
+    ([B, Hkv, 1, Lk] broadcast to [B, Hkv, Lq, Lk]: dbias then has rows, summed here)."""
     from jax_dmattn import _cuda_bwd
 
     case = (1, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk48", "BKMN")
@@ -374,8 +386,118 @@ def test_sparse_path_is_taken_and_agrees_with_dense():
     fn = functools.partial(_cuda_bwd.flash_bwd, deterministic=False, **kw)
     hlo = jax.jit(fn).lower(*args).as_text()
     assert f"tensor<{n_keys}xi32>" in hlo and f"tensor<{2 * n_words}xui32>" in hlo
-    dense_fn = functools.partial(_cuda_bwd.flash_bwd, deterministic=True, **kw)
-    assert f"tensor<{n_keys}xi32>" not in jax.jit(dense_fn).lower(*args).as_text()
-    g_dense = run_bwd(*args, deterministic=True, **kw)
+    det_fn = functools.partial(_cuda_bwd.flash_bwd, deterministic=True, **kw)
+    hlo_det = jax.jit(det_fn).lower(*args).as_text()
+    n_fixed = 4 * k.size + _cuda_bwd.FIXED_STATS_WORDS
+    assert f"tensor<{n_keys}xi32>" in hlo_det and f"tensor<{n_fixed}xui32>" in hlo_det
+    bias_rows = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], bias.shape[3]))
+    dense_args = (q, k, v, bias_rows, mask, out, lse, dout, dlse)
+    assert f"tensor<{n_keys}xi32>" not in jax.jit(det_fn).lower(*dense_args).as_text()
+    g_dense = list(run_bwd(*dense_args, deterministic=True, **kw))
+    g_dense[3] = np.asarray(g_dense[3], np.float32).sum(axis=2, keepdims=True)
     for name, a, b in zip(("dq", "dk", "dv", "dbias"), g_sparse, g_dense):
         assert rel_err(a, b) < 1e-2, name
+
+
+# ------------------------------------------------------------------------------- deterministic sparse path
+# deterministic=True on the key-list path: dk / dv / dbias partials become int64 counts of a per-call
+# power-of-two resolution (from bounds on max |q|, |v|, |dout|, |delta|), added with integer atomics.
+
+
+def _bits(x):
+    return np.asarray(x).tobytes()
+
+
+DET_SPARSE_CASES = [
+    # the standard case in small: causal top-k mask from the per-key bias, GQA 4
+    (1, 1000, 1000, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk128", "BKMN"),
+    # f32 per-key bias (its own fixed-point workspace), f16, MHA
+    (2, 300, 300, 4, 4, 64, F16, True, 0.0, ("BK1N", "f32"), "topk40", "BKMN"),
+    # everything-broadcast per-key bias (dbias sums batches and heads), element mask, non-causal
+    (2, 300, 300, 8, 2, 128, BF16, False, 0.0, ("111N", "bf16"), "rand0.05", "BHMN"),
+    # no bias, MQA, D = 256 (64-row CTAs), Lq != Lk
+    (1, 190, 333, 4, 1, 256, BF16, True, 0.0, None, "rand0.5", "BKMN"),
+    # key-broadcast bias (exact-zero dbias), softcap
+    (1, 300, 300, 4, 2, 96, F16, True, 20.0, ("BK11", "bf16"), "rand0.5", "BK1N"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(DET_SPARSE_CASES)),
+                         ids=[f"d{i}" for i in range(len(DET_SPARSE_CASES))])
+def test_sparse_deterministic_bitwise_and_accurate(index):
+    """Matches the oracle (and the exact zeros, inside check_sparse_against_oracle), is bitwise identical over
+    3 more runs, and agrees with the atomic (fp32) sparse path."""
+    case = DET_SPARSE_CASES[index]
+    args, g1 = check_sparse_against_oracle(case, seed=200 + index, deterministic=True)
+    d, causal, softcap = case[5], case[7], case[8]
+    kw = dict(scale=d ** -0.5, softcap=softcap, is_causal=causal)
+    for _ in range(3):
+        g2 = run_bwd(*args, deterministic=True, **kw)
+        for name, a, b in zip(("dq", "dk", "dv", "dbias"), g1, g2):
+            if a is not None:
+                assert _bits(a) == _bits(b), f"{name} differs between deterministic runs"
+    ga = run_bwd(*args, deterministic=False, **kw)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), g1, ga):
+        if a is not None:
+            assert rel_err(a, b, floor=1e-6) < 1e-2, name
+
+
+def test_sparse_deterministic_rows_with_no_kept_key():
+    empty = np.r_[3:70, 130:141]
+    check_sparse_against_oracle((1, 200, 200, 4, 2, 128, BF16, False, 0.0, ("BK1N", "f32"), "rand0.5", "BKMN"),
+                                seed=13, empty_rows=empty, deterministic=True)
+    check_sparse_against_oracle((1, 200, 200, 4, 2, 192, F16, True, 0.0, ("BK1N", "bf16"), "topk32", "BKMN"),
+                                seed=14, empty_rows=empty, deterministic=True)
+
+
+@pytest.mark.parametrize("scales", [
+    # large magnitudes (scores unchanged): the dK and dbias bounds pass 2^60, so their resolutions exceed 1
+    {"q": 1e3, "scale": 1e-3, "v": 1e8, "dout": 1e8},
+    {"dout": 1e-6, "dlse": 1e-6},                       # tiny gradients: accurate relative to their own norm
+    {"v": 1e-4, "q": 1e2, "scale": 1e-2},               # mixed
+], ids=["huge", "tiny", "mixed"])
+def test_sparse_deterministic_magnitudes(scales):
+    """The per-call resolution follows the inputs' magnitudes: gradients stay accurate (relative to their own
+    norm, against the oracle and against the fp32 atomic path) far from magnitude 1."""
+    case = (1, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "f32"), "topk48", "BKMN")
+    args, g_det = check_sparse_against_oracle(case, seed=21, deterministic=True, scales=scales)
+    kw = dict(scale=128 ** -0.5 * scales.get("scale", 1.0), softcap=0.0, is_causal=True)
+    g_atomic = run_bwd(*args, deterministic=False, **kw)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), g_det, g_atomic):
+        assert rel_err(a, b) < 1e-2, name
+
+
+def test_sparse_deterministic_peaked_softmax_agrees_with_atomic():
+    """q scaled by 1e3 with the usual scale: a near one-hot softmax, dS mostly cancellation noise. Both modes add
+    the same fp32 partials, so they must still agree (the oracle comparison is not meaningful here)."""
+    case = (1, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk48", "BKMN")
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_kind, mask_code = case
+    q, k, v, bias, mask, dout, dlse = sparse_inputs(22, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind,
+                                                    mask_code)
+    q = (q.astype(F32) * 1e3).astype(dtype)
+    scale = d ** -0.5
+    out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=0.0, is_causal=causal, dtype=dtype)
+    args = (q, k, v, bias, mask, out, lse, dout, dlse)
+    kw = dict(scale=scale, softcap=0.0, is_causal=causal)
+    g_det = run_bwd(*args, deterministic=True, **kw)
+    g_det2 = run_bwd(*args, deterministic=True, **kw)
+    g_atomic = run_bwd(*args, deterministic=False, **kw)
+    for name, a, a2, c in zip(("dq", "dk", "dv", "dbias"), g_det, g_det2, g_atomic):
+        assert _bits(a) == _bits(a2), name
+        assert rel_err(a, c, floor=1e-3 * np.linalg.norm(np.asarray(c, np.float64))) < 2e-2, name
+
+
+def test_sparse_deterministic_non_finite_input_gives_nan():
+    """A NaN in dout poisons the bounds: the deterministic sparse path writes NaN into all of dk, dv and dbias
+    (documented; the atomic path leaves NaN only where the NaN row contributes)."""
+    case = (1, 200, 200, 4, 2, 64, BF16, True, 0.0, ("BK1N", "f32"), "topk32", "BKMN")
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_kind, mask_code = case
+    q, k, v, bias, mask, dout, dlse = sparse_inputs(23, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind,
+                                                    mask_code)
+    scale = d ** -0.5
+    out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=0.0, is_causal=causal, dtype=dtype)
+    dout = dout.at[0, 150, 1, 5].set(jnp.nan)
+    dq, dk, dv, dbias = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=0.0,
+                                is_causal=causal, deterministic=True)
+    for name, g in (("dk", dk), ("dv", dv), ("dbias", dbias)):
+        assert np.isnan(np.asarray(g, np.float32)).all(), name

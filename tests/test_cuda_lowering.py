@@ -87,14 +87,16 @@ def test_backward_path_choice(deterministic):
     types = result_types(line)
     n_keys, n_words = _cuda.key_list_sizes((B, HKV, L, L))
     # Results: dq, dk, dv, dbias, dq_accum, delta, tile classes, dbias_accum, dkv_accum, key lists, bit words.
+    # Both modes take the sparse path here; deterministic mode accumulates int64 fixed-point counts (as uint32
+    # pairs) with the stats words after them, the atomic mode fp32.
     assert len(types) == 11
-    if deterministic:  # key-tile kernels: tile map, no key lists, no dK/dV accumulators
-        assert types[6] == f"tensor<{B}x{HKV}x5x5xui8>"
-        assert types[8:11] == ["tensor<0xf32>", "tensor<0xi32>", "tensor<0xui32>"]
-    else:  # sparse path: dK/dV accumulators and the key lists, no tile map, no dq accumulator
-        assert types[4] == "tensor<0xf32>" and types[6] == "tensor<0xui8>"
+    assert types[4] == "tensor<0xf32>" and types[6] == "tensor<0xui8>"
+    assert types[9] == f"tensor<{n_keys}xi32>" and types[10] == f"tensor<{2 * n_words}xui32>"
+    if deterministic:
+        assert types[8] == f"tensor<{4 * B * L * HKV * D + 8}xui32>"
+        assert types[7] == f"tensor<{2 * B * HKV * L}xui32>"  # dbias counts
+    else:
         assert types[8] == f"tensor<2x{B}x{L}x{HKV}x{D}xf32>"
-        assert types[9] == f"tensor<{n_keys}xi32>" and types[10] == f"tensor<{2 * n_words}xui32>"
 
 
 def test_backward_full_bias_takes_the_key_tile_path():

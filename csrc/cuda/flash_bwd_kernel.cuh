@@ -22,6 +22,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "cuda/flash_bwd.h"
+#include "cuda/smem_limit.cuh"
 #include "cuda/tile_classes.h"
 
 namespace dmattn {
@@ -728,20 +729,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
 
 // ---------------------------------------------------------------------------------------------- launchers
 
-template <class Kernel>
-cudaError_t set_smem(Kernel kernel, int smem, bool& configured) {
-  if (configured) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess) configured = true;
-  return err;
-}
-
 template <int kHeadDim, bool kIsBF16>
 cudaError_t launch_main(const BwdParams& p, cudaStream_t stream) {
   using Kt = Traits<kHeadDim, kIsBF16>;
   auto kernel = flash_bwd_main_kernel<Kt>;
-  static bool configured = false;  // benign race: every thread sets the same attribute
-  if (cudaError_t err = set_smem(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+  static std::atomic<uint64_t> configured{0};
+  if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
   const dim3 grid((p.kv_len + Kt::kBlockN - 1) / Kt::kBlockN, p.kv_heads / p.kv_heads_per_item,
                   p.batch / p.batches_per_item);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
@@ -753,8 +746,8 @@ template <int kHeadDim, bool kIsBF16>
 cudaError_t launch_dq(const BwdParams& p, cudaStream_t stream) {
   using Kt = Traits<kHeadDim, kIsBF16>;
   auto kernel = flash_bwd_dq_kernel<Kt>;
-  static bool configured = false;
-  if (cudaError_t err = set_smem(kernel, Kt::kSmemBytesDq, configured); err != cudaSuccess) return err;
+  static std::atomic<uint64_t> configured{0};
+  if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytesDq, configured); err != cudaSuccess) return err;
   const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   kernel<<<grid, Kt::kNThreads, Kt::kSmemBytesDq, stream>>>(p);

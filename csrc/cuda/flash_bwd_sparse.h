@@ -3,7 +3,9 @@
 //
 // The sparse backward is parallel over query tiles: one CTA per (query tile, query head, batch) walks the live
 // keys of its tile's key-list unit (csrc/cuda/key_lists.h) 64 at a time, accumulates dQ in registers and adds
-// dK, dV (and a query-broadcast dbias) with fp32 atomics. See docs/cuda_backward.md, "Sparse path".
+// dK, dV (and a query-broadcast dbias) with fp32 atomics, or, in deterministic mode, with 64-bit fixed-point
+// integer atomics (order-independent, bitwise reproducible). See docs/cuda_backward.md, "Sparse path" and
+// "Deterministic sparse path".
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -25,6 +27,28 @@ struct BwdKeyLists {
   int64_t rows_per_unit = 0;       // min(Mm, 128)
 };
 
+// Deterministic mode (docs/cuda_backward.md, "Deterministic sparse path"): dK, dV and dbias partials are added as
+// int64 counts of a per-call power-of-two resolution (csrc/cuda/bwd_fixed_point.cuh). The stats words, zeroed
+// with the accumulators, receive max|q|, max|v|, max|dout|, max|delta| (fp32 bit patterns of non-negative values,
+// reduced with atomicMax: order-independent) and a flag set by the kernel on a non-finite / out-of-range partial.
+enum FixedStat : int {
+  kFixedMaxQ = 0,
+  kFixedMaxV = 1,
+  kFixedMaxDout = 2,
+  kFixedMaxDelta = 3,
+  kFixedBad = 4,
+  kFixedStatsWords = 8,  // padded: the workspace tail after the int64 accumulators
+};
+
+struct BwdFixedPoint {
+  unsigned long long* dk = nullptr;     // [B, Lk, Hkv, D] int64 counts; nullptr: fp32 atomics (not deterministic)
+  unsigned long long* dv = nullptr;     // [B, Lk, Hkv, D]
+  unsigned long long* dbias = nullptr;  // bias's element count, when dbias is computed (dbias_mode != kDbiasNone)
+  uint32_t* stats = nullptr;            // [kFixedStatsWords]
+  double rows_kv = 0;     // rows summed into one key's dK / dV: Lq * H / Hkv
+  double rows_dbias = 0;  // rows summed into one dbias entry: Lq * (B / Bb) * (H / Hb)
+};
+
 struct BwdSparseParams {
   // q, k, v, out, dout, lse, dlse, dq, dk, dv, delta, shapes, scale, softcap, causal; bias (only one with a
   // broadcast query dim, Mb == 1) with its strides and dbias_mode (kDbiasNone: key-broadcast bias, zero dbias;
@@ -33,10 +57,12 @@ struct BwdSparseParams {
   BwdKeyLists lists;
   float* dk_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dk
   float* dv_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dv
+  BwdFixedPoint fixed;        // deterministic mode when fixed.dk != nullptr (then dk_accum / dv_accum are unused)
 };
 
-// The whole sparse backward on `stream` after the key lists are built: zero-fill of the fp32 accumulators,
-// delta, the sparse kernel, conversions of dk / dv / dbias. Nothing is allocated, nothing synchronises.
+// The whole sparse backward on `stream` after the key lists are built: zero-fill of the accumulators, delta,
+// (deterministic mode: the maxima of the fixed-point bounds), the sparse kernel, conversions of dk / dv / dbias.
+// Nothing is allocated, nothing synchronises.
 cudaError_t launch_flash_bwd_sparse(const BwdSparseParams& params, cudaStream_t stream);
 
 // The sparse kernel of one (head dim, dtype), defined in flash_bwd_sparse_hdim<D>.cu.

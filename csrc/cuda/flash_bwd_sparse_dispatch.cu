@@ -1,9 +1,108 @@
 // The sparse backward's launch sequence (no CuTe here: the kernel lives in flash_bwd_sparse_hdim*.cu). The key
 // lists were built by the caller (launch_build_key_lists) on the same stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/bwd_fixed_point.cuh"
 #include "cuda/flash_bwd_sparse.h"
 
 namespace dmattn {
 namespace {
+
+constexpr int kThreads = 256;
+
+// ---- Deterministic mode: the maxima behind the fixed-point bounds (csrc/cuda/bwd_fixed_point.cuh).
+
+// max |x| over n 16-bit floats (bf16 or f16; n % 8 == 0, 16-byte aligned) as the fp32 bit pattern of the value.
+// |x| of a bf16 / f16 is its bit pattern with the sign cleared, and those patterns order like the magnitudes
+// (inf and NaN above every finite value), so the maximum is taken on the integers, two halves at a time.
+__device__ uint32_t max_abs_half_bits(const void* data, int64_t n, bool bf16, int64_t start, int64_t step) {
+  const uint4* src = static_cast<const uint4*>(data);
+  uint32_t m = 0;
+  for (int64_t i = start; i < n / 8; i += step) {
+    const uint4 w = __ldg(src + i);
+    m = __vmaxu2(m, w.x & 0x7fff7fffu);
+    m = __vmaxu2(m, w.y & 0x7fff7fffu);
+    m = __vmaxu2(m, w.z & 0x7fff7fffu);
+    m = __vmaxu2(m, w.w & 0x7fff7fffu);
+  }
+  const uint32_t h = max(m & 0xffffu, m >> 16);
+  if (bf16) return h << 16;  // a bf16 is the top half of an fp32
+  return __float_as_uint(fabsf(__half2float(__ushort_as_half(static_cast<unsigned short>(h)))));
+}
+
+// stats[kFixedMaxQ / V / Dout / Delta] = max |q|, |v|, |dout|, |delta| as fp32 bit patterns (atomicMax on the
+// patterns of non-negative floats: the result does not depend on the order; NaN / inf land above 0x7f7fffff).
+// blockIdx.y picks the tensor.
+__global__ void __launch_bounds__(kThreads) fixed_stats_kernel(BwdParams p, uint32_t* stats) {
+  const int64_t start = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t step = int64_t(gridDim.x) * kThreads;
+  const int64_t q_elems = int64_t(p.batch) * p.q_len * p.heads * p.head_dim;
+  const int64_t kv_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
+  uint32_t m = 0;
+  int which;
+  switch (blockIdx.y) {
+    case 0:
+      which = kFixedMaxQ;
+      m = max_abs_half_bits(p.q, q_elems, p.is_bf16, start, step);
+      break;
+    case 1:
+      which = kFixedMaxV;
+      m = max_abs_half_bits(p.v, kv_elems, p.is_bf16, start, step);
+      break;
+    case 2:
+      which = kFixedMaxDout;
+      m = max_abs_half_bits(p.dout, q_elems, p.is_bf16, start, step);
+      break;
+    default: {
+      which = kFixedMaxDelta;
+      const int64_t rows = int64_t(p.batch) * p.heads * p.q_len;
+      for (int64_t i = start; i < rows; i += step) m = max(m, __float_as_uint(fabsf(p.delta[i])));
+      break;
+    }
+  }
+  m = __reduce_max_sync(0xffffffffu, m);
+  __shared__ uint32_t warp_max[kThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t b = 0;
+    for (int w = 0; w < kThreads / 32; ++w) b = max(b, warp_max[w]);
+    if (b != 0) atomicMax(stats + which, b);
+  }
+}
+
+// dst[i] = count[i] * 2^e in the output dtype (0: f32, 1: bf16, 2: f16, the BwdBiasDtype codes), e from the same
+// bounds as the kernel's; NaN everywhere when an input maximum is non-finite or the kernel flagged a partial.
+// which: 0 dK, 1 dV, 2 dbias.
+__global__ void __launch_bounds__(kThreads)
+    fixed_to_out_kernel(const unsigned long long* __restrict__ src, void* __restrict__ dst, int64_t n, int dtype,
+                        int which, BwdFixedPoint fx, int head_dim, float scale) {
+  const fixed::Exponents ex = fixed::fixed_exponents(fx.stats, fx, head_dim, scale);
+  const double res = fixed::res(which == 0 ? ex.dk : (which == 1 ? ex.dv : ex.dbias));
+  const bool nan = fixed::poisoned(fx.stats);
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
+    const float x = nan ? __int_as_float(0x7fc00000) : fixed::from_count(src[i], res);
+    if (dtype == kBwdBiasBF16) static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(x);
+    else if (dtype == kBwdBiasF16) static_cast<__half*>(dst)[i] = __float2half_rn(x);
+    else static_cast<float*>(dst)[i] = x;
+  }
+}
+
+cudaError_t launch_fixed_stats(const BwdParams& p, uint32_t* stats, cudaStream_t stream) {
+  fixed_stats_kernel<<<dim3(256, 4), kThreads, 0, stream>>>(p, stats);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fixed_to_out(const unsigned long long* src, void* dst, int64_t n, int dtype, int which,
+                                const BwdSparseParams& sp, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  fixed_to_out_kernel<<<grid, kThreads, 0, stream>>>(src, dst, n, dtype, which, sp.fixed, sp.base.head_dim,
+                                                     sp.base.scale);
+  return cudaGetLastError();
+}
 
 cudaError_t run_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream) {
   const bool bf16 = sp.base.is_bf16;
@@ -23,9 +122,47 @@ cudaError_t run_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream) {
 #undef DMATTN_BWD_SPARSE_CASE
 }
 
+// Deterministic mode: int64 counts instead of fp32 sums (csrc/cuda/bwd_fixed_point.cuh). The handler laid out
+// the workspace as [dK counts | dV counts | stats words] and, with a computed dbias, an int64 dbias workspace.
+cudaError_t launch_flash_bwd_sparse_fixed(const BwdSparseParams& sp, cudaStream_t stream) {
+  const BwdParams& p = sp.base;
+  const BwdFixedPoint& fx = sp.fixed;
+  cudaError_t err;
+  const int64_t kv_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
+  const size_t kv_bytes = size_t(kv_elems) * sizeof(unsigned long long);
+  // dK, dV counts and the stats words are contiguous: one zero-fill.
+  if (fx.dv != fx.dk + kv_elems || reinterpret_cast<unsigned long long*>(fx.stats) != fx.dv + kv_elems)
+    return cudaErrorInvalidValue;
+  if ((err = cudaMemsetAsync(fx.dk, 0, 2 * kv_bytes + kFixedStatsWords * sizeof(uint32_t), stream)) != cudaSuccess)
+    return err;
+  const bool dbias_computed = p.bias != nullptr && p.dbias_mode != kDbiasNone;
+  if (p.bias != nullptr) {
+    const int64_t esize = p.bias_dtype == kBwdBiasF32 ? 4 : 2;
+    if (!dbias_computed) {  // key-broadcast bias: exact zeros
+      if ((err = cudaMemsetAsync(p.dbias, 0, p.bias_size * esize, stream)) != cudaSuccess) return err;
+    } else {
+      if (fx.dbias == nullptr) return cudaErrorInvalidValue;
+      err = cudaMemsetAsync(fx.dbias, 0, p.bias_size * sizeof(unsigned long long), stream);
+      if (err != cudaSuccess) return err;
+    }
+  }
+  if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
+  if ((err = launch_fixed_stats(p, fx.stats, stream)) != cudaSuccess) return err;
+  if ((err = run_sparse_kernel(sp, stream)) != cudaSuccess) return err;
+  const int out_dtype = p.is_bf16 ? kBwdBiasBF16 : kBwdBiasF16;
+  if ((err = launch_fixed_to_out(fx.dk, p.dk, kv_elems, out_dtype, 0, sp, stream)) != cudaSuccess) return err;
+  if ((err = launch_fixed_to_out(fx.dv, p.dv, kv_elems, out_dtype, 1, sp, stream)) != cudaSuccess) return err;
+  if (dbias_computed) {
+    if ((err = launch_fixed_to_out(fx.dbias, p.dbias, p.bias_size, p.bias_dtype, 2, sp, stream)) != cudaSuccess)
+      return err;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t launch_flash_bwd_sparse(const BwdSparseParams& sp, cudaStream_t stream) {
+  if (sp.fixed.dk != nullptr) return launch_flash_bwd_sparse_fixed(sp, stream);
   const BwdParams& p = sp.base;
   cudaError_t err;
   const int64_t kv_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;

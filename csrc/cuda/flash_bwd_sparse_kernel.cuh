@@ -10,13 +10,16 @@
 // (double-buffered: the next chunk is in flight while this one computes), S = Q K^T, P = exp(s - lse) with the
 // mask from the unit's bit words and causality / sequence ends checked on the real key index, dP = dO V^T,
 // dS = P (dP - delta); dQ += dS K stays in registers (written once, no atomics); dV[key] += P^T dO and
-// dK[key] += dS^T Q go to fp32 workspaces by atomics (several query tiles and the whole GQA group share a key);
-// a query-broadcast bias (Mb == 1) gets the column sums of dS by atomics. Atomics make dk / dv / dbias
-// order-dependent in the last bits: this path serves deterministic=False only.
+// dK[key] += dS^T Q go to workspaces by atomics (several query tiles and the whole GQA group share a key);
+// a query-broadcast bias (Mb == 1) gets the column sums of dS by atomics. kFixed = false: fp32 atomics, so dk /
+// dv / dbias depend on the order in the last bits (deterministic=False). kFixed = true (deterministic=True):
+// every partial becomes an int64 count of a per-call power-of-two resolution added with integer atomics, which
+// are order-independent, so the results are bitwise reproducible (csrc/cuda/bwd_fixed_point.cuh).
 #pragma once
 
 #include <climits>
 
+#include "cuda/bwd_fixed_point.cuh"
 #include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, gemm_ss, copy_rows, ...)
 #include "cuda/flash_bwd_sparse.h"
 #include "cuda/key_lists.h"
@@ -82,10 +85,11 @@ struct SparseTraits {
   static constexpr int kQElems = kBlockM * kHeadDim;
   static constexpr int kKVElems = kBlockN * kHeadDim;
   static constexpr int kPElems = kBlockM * kBlockN;
-  // sQ | sdO | sK[2] | sV[2] | sP | sdS | bit words [2][M] | keys [2][64] | bias [2][64] | dbias bands.
+  // sQ | sdO | sK[2] | sV[2] | sP | sdS | bit words [2][M] | keys [2][64] | bias [2][64] | dbias bands |
+  // fixed-point scales [4].
   static constexpr int kElemBytes = (2 * kQElems + 4 * kKVElems + 2 * kPElems) * int(sizeof(Elem));
   static constexpr int kSmemBytes = kElemBytes + 2 * kBlockM * 8 + 2 * kBlockN * 4 + 2 * kBlockN * 4 +
-                                    kWarpsM * kBlockN * 4;
+                                    kWarpsM * kBlockN * 4 + 4 * 4;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
@@ -146,7 +150,7 @@ __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS co
   }
 }
 
-template <class Kt>
+template <class Kt, bool kFixed>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_bwd_sparse_kernel(const __grid_constant__ BwdSparseParams sp) {
   using Elem = typename Kt::Elem;
@@ -201,6 +205,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   int* skey = reinterpret_cast<int*>(sbits + 2 * kBlockM);                // [2][kBlockN]
   float* sbias = reinterpret_cast<float*>(skey + 2 * kBlockN);            // [2][kBlockN]
   float* sdb = sbias + 2 * kBlockN;                                       // [kWarpsM][kBlockN]
+  float* sfix = sdb + Kt::kWarpsM * kBlockN;  // kFixed: 2^-e of dK, dV, dbias (partial -> count factors)
 
   Tensor sQ = make_tensor(make_smem_ptr(sq_ptr), typename Kt::SmemLayoutQ{});
   Tensor sdO = make_tensor(make_smem_ptr(sdo_ptr), typename Kt::SmemLayoutQ{});
@@ -353,11 +358,39 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
     }
   };
+  // The same into an int64 [B, Lk, Hkv, D] workspace of counts: each partial (times mul, rounded in fp32 as
+  // above) is scaled by the exact power of two inv_res, rounded to the nearest integer and added with a 64-bit
+  // integer atomic. A non-finite or out-of-range count raises the flag (outputs become NaN).
+  auto add_key_rows_fixed = [&](auto& acc, unsigned long long* accum, const int* keys, float mul, float inv_res) {
+    Tensor a = make_tensor(acc.data(), bwd::rowcol(acc.layout()));
+    bool bad = false;
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(a); ++r) {
+      const int key = keys[get<0>(cKV(r, 0))];
+      if (key < 0) continue;
+      unsigned long long* dst = accum + (int64_t(b) * p.kv_len + key) * k_row_stride + int64_t(kvh) * kD;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(a); ++c) {
+        atomicAdd(dst + get<1>(cKV(0, c)), fixed::to_count((a(r, c) * mul) * inv_res, bad));
+      }
+    }
+    if (bad) atomicOr(sp.fixed.stats + kFixedBad, 1u);
+  };
 
   // ---- Prologue: chunk 0 in flight, keys of chunk 1 in registers.
   read_keys(0);
   if (n_chunks > 0) issue_chunk(0, 0);
   read_keys(1);
+  if constexpr (kFixed) {
+    // The resolutions of this call (the maxima were gathered by the stats kernel before this one); read after
+    // the loop's first barrier.
+    if (tid == 0) {
+      const fixed::Exponents ex = fixed::fixed_exponents(sp.fixed.stats, sp.fixed, kD, p.scale);
+      sfix[0] = fixed::inv_res(ex.dk);
+      sfix[1] = fixed::inv_res(ex.dv);
+      sfix[2] = fixed::inv_res(ex.dbias);
+    }
+  }
 
   for (int c = 0; c < n_chunks; ++c) {
     const int s = c & 1;
@@ -429,7 +462,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       float v = 0.f;
       CUTE_UNROLL
       for (int w = 0; w < Kt::kWarpsM; ++w) v += sdb[w * kBlockN + tid];
-      atomicAdd(p.dbias_accum + bias_base + int64_t(ckey[tid]) * p.bias_col_stride, v);
+      const int64_t off = bias_base + int64_t(ckey[tid]) * p.bias_col_stride;
+      if constexpr (kFixed) {
+        bool bad = false;
+        atomicAdd(sp.fixed.dbias + off, fixed::to_count(v * sfix[2], bad));
+        if (bad) atomicOr(sp.fixed.stats + kFixedBad, 1u);
+      } else {
+        atomicAdd(p.dbias_accum + off, v);
+      }
     }
 
     // dV[key] += P^T dO, dK[key] += scale dS^T Q.
@@ -437,10 +477,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
       clear(acc_kv);
       bwd::gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
-      add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
+      if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dv, ckey, 1.f, sfix[1]);
+      else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
       clear(acc_kv);
       bwd::gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
-      add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
+      if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dk, ckey, p.scale, sfix[0]);
+      else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
     }
   }
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
@@ -468,17 +510,23 @@ constexpr int sparse_block_m() {
   return kHeadDim <= 128 ? 128 : 64;
 }
 
-template <int kHeadDim, bool kIsBF16>
-cudaError_t launch_sparse(const BwdSparseParams& sp, cudaStream_t stream) {
+template <int kHeadDim, bool kIsBF16, bool kFixed>
+cudaError_t launch_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream) {
   using Kt = SparseTraits<kHeadDim, kIsBF16, sparse_block_m<kHeadDim>()>;
-  auto kernel = flash_bwd_sparse_kernel<Kt>;
-  static bool configured = false;  // benign race: every thread sets the same attribute
-  if (cudaError_t err = bwd::set_smem(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+  auto kernel = flash_bwd_sparse_kernel<Kt, kFixed>;
+  static std::atomic<uint64_t> configured{0};
+  if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
   const BwdParams& p = sp.base;
   const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   kernel<<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(sp);
   return cudaGetLastError();
+}
+
+template <int kHeadDim, bool kIsBF16>
+cudaError_t launch_sparse(const BwdSparseParams& sp, cudaStream_t stream) {
+  return sp.fixed.dk != nullptr ? launch_sparse_kernel<kHeadDim, kIsBF16, true>(sp, stream)
+                                : launch_sparse_kernel<kHeadDim, kIsBF16, false>(sp, stream);
 }
 
 }  // namespace bwd_sparse

@@ -7,21 +7,10 @@
 
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/flash_fwd_keylist_kernel.cuh"
+#include "cuda/smem_limit.cuh"
 
 namespace dmattn {
 namespace fwd {
-
-// The dynamic shared-memory limit is a per-device function attribute: raise it once per (kernel, device).
-template <class Kernel>
-cudaError_t raise_smem_limit_once(Kernel kernel, int smem, std::atomic<uint64_t>& configured) {
-  int device = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-  if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess) configured.fetch_or(bit, std::memory_order_relaxed);
-  return err;
-}
 
 template <int kHeadDim, bool kIsBF16, int kNWarps = (kHeadDim <= 64 ? 4 : 8)>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {

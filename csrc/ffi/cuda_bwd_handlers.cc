@@ -29,12 +29,12 @@ ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("dm
 
 bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
 
-// The key-list ("sparse") backward serves the atomic mode when a mask with a full key dim is given and the bias
-// (if any) is broadcast over query rows, so that its gradient is a column sum (docs/cuda_backward.md).
-// Mirrored by jax_dmattn/_cuda_bwd.py: use_sparse.
-bool use_sparse_path(bool deterministic, bool has_mask, int64_t mask_cols, bool has_bias, int64_t bias_rows,
-                     int64_t Lk) {
-  return !deterministic && has_mask && mask_cols == Lk && (!has_bias || bias_rows == 1);
+// The key-list ("sparse") backward serves both modes when a mask with a full key dim is given and the bias (if
+// any) is broadcast over query rows, so that its gradient is a column sum (docs/cuda_backward.md). Its dk / dv /
+// dbias are added by fp32 atomics (deterministic=False) or by int64 fixed-point atomics (deterministic=True,
+// bitwise reproducible). Mirrored by jax_dmattn/_cuda_bwd.py: use_sparse.
+bool use_sparse_path(bool has_mask, int64_t mask_cols, bool has_bias, int64_t bias_rows, int64_t Lk) {
+  return has_mask && mask_cols == Lk && (!has_bias || bias_rows == 1);
 }
 
 // Inputs: q [B, Lq, H, D], k/v [B, Lk, Hkv, D], bias [Bb, Hb, Mb, Nb] or zero-size, mask (same rule, bool) or
@@ -43,18 +43,21 @@ bool use_sparse_path(bool deterministic, bool has_mask, int64_t mask_cols, bool 
 // dq_accum [B, Lq, H, D] f32 (zero-size when deterministic), delta [B, H, Lq] f32, the mask tile classes
 // [Bm, Hm, ceil(Mm / 64), ceil(Nm / 64)] u8 (zero-size without a mask), dbias_accum f32 of bias's shape
 // (only for a bf16/f16 bias whose dbias tiles get several flushes, see docs/cuda_backward.md; else zero-size).
-// Sparse path (use_sparse_path): dq_accum and the tile classes are zero-size; dbias_accum is f32 of bias's shape
-// for any bf16/f16 bias that is not key-broadcast; dkv_accum [2, B, Lk, Hkv, D] f32 (dK then dV), key_list_keys
+// Sparse path (use_sparse_path): dq_accum and the tile classes are zero-size; key_list_keys
 // [KeyListArgs::keys_size()] s32 and key_list_bits [2 * KeyListArgs::bits_size()] u32 (uint64 words) are set;
-// zero-size otherwise.
+// zero-size otherwise. Not deterministic: dbias_accum is f32 of bias's shape for any bf16/f16 bias that is not
+// key-broadcast, dkv_accum [2, B, Lk, Hkv, D] f32 (dK then dV). Deterministic (fixed point): dbias_accum is u32
+// [2 * bias elements] (int64 counts) for any bias that is not key-broadcast, dkv_accum u32
+// [2 * 2 * B * Lk * Hkv * D + kFixedStatsWords] (int64 dK counts, int64 dV counts, the stats words). The dense
+// path requires f32 for a non-empty dbias_accum.
 ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
                           ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                           ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
-                          ffi::ResultBuffer<ffi::U8> classes, ffi::ResultBuffer<ffi::F32> dbias_accum,
-                          ffi::ResultBuffer<ffi::F32> dkv_accum, ffi::ResultBuffer<ffi::S32> key_list_keys,
+                          ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
+                          ffi::Result<ffi::AnyBuffer> dkv_accum, ffi::ResultBuffer<ffi::S32> key_list_keys,
                           ffi::Result<ffi::AnyBuffer> key_list_bits, float scale, float softcap, bool is_causal,
                           bool deterministic) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
@@ -77,8 +80,9 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   const bool has_bias = bias.element_count() > 0, has_mask = mask.element_count() > 0;
   if ((has_bias && bias.dimensions().size() != 4) || (has_mask && mask.dimensions().size() != 4))
     return bad("bias and mask must be rank 4");
-  const bool sparse = use_sparse_path(deterministic, has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
+  const bool sparse = use_sparse_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
                                       has_bias ? bias.dimensions()[2] : 0, Lk);
+  BwdFixedPoint fixed;  // deterministic sparse path: the int64 workspaces (set below)
   if (!deterministic && !sparse && dq_accum->element_count() != q.element_count())
     return bad("dq_accum must have q's element count unless deterministic or on the sparse path");
 
@@ -132,15 +136,24 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     // A bias constant along keys is cancelled by softmax: dbias is exactly 0 (zero-filled, never computed).
     if (dims[3] == 1 && Lk != 1) {
       p.dbias_mode = kDbiasNone;
+    } else if (sparse && deterministic) {
+      // Column sums of dS added as int64 fixed-point counts into a workspace converted at the end.
+      p.dbias_mode = kDbiasAccum;
+      if (dbias_accum->element_type() != ffi::DataType::U32 ||
+          dbias_accum->size_bytes() != static_cast<size_t>(bias.element_count()) * sizeof(uint64_t))
+        return bad("dbias_accum must be u32 [2 x bias's element count] on the deterministic sparse path");
+      fixed.dbias = static_cast<unsigned long long*>(dbias_accum->untyped_data());
+      fixed.rows_dbias = double(Lq) * double(dims[0] == 1 ? B : 1) * double(H / dims[1]);
     } else if (sparse) {
       // Column sums of dS added atomically: into dbias itself (f32) or an fp32 workspace converted at the end.
       p.dbias_mode = kDbiasAccum;
       if (bt == ffi::DataType::F32) {
         p.dbias_accum = static_cast<float*>(p.dbias);
       } else {
-        if (dbias_accum->element_count() != bias.element_count())
-          return bad("dbias_accum must have bias's element count on the sparse path");
-        p.dbias_accum = dbias_accum->typed_data();
+        if (dbias_accum->element_type() != ffi::DataType::F32 ||
+            dbias_accum->element_count() != bias.element_count())
+          return bad("dbias_accum must be f32 of bias's element count on the sparse path");
+        p.dbias_accum = static_cast<float*>(dbias_accum->untyped_data());
       }
     } else {
       // A CTA owns whole dbias columns: it spans every batch / kv head that shares one bias batch / head.
@@ -157,9 +170,10 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
         if (bt == ffi::DataType::F32) {
           p.dbias_accum = static_cast<float*>(p.dbias);
         } else {
-          if (dbias_accum->element_count() != bias.element_count())
-            return bad("dbias_accum must have bias's element count for this bias shape / dtype");
-          p.dbias_accum = dbias_accum->typed_data();
+          if (dbias_accum->element_type() != ffi::DataType::F32 ||
+              dbias_accum->element_count() != bias.element_count())
+            return bad("dbias_accum must be f32 of bias's element count for this bias shape / dtype");
+          p.dbias_accum = static_cast<float*>(dbias_accum->untyped_data());
         }
       }
     }
@@ -184,9 +198,17 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       ka.causal_offset = Lk - Lq;
       const int64_t kv_elems = B * Lk * Hkv * D;
       if (key_list_keys->element_count() != static_cast<size_t>(ka.keys_size()) ||
-          key_list_bits->size_bytes() != static_cast<size_t>(ka.bits_size()) * sizeof(uint64_t) ||
-          dkv_accum->element_count() != static_cast<size_t>(2 * kv_elems))
-        return bad("key-list / dkv_accum workspaces have the wrong size");
+          key_list_bits->size_bytes() != static_cast<size_t>(ka.bits_size()) * sizeof(uint64_t))
+        return bad("key-list workspaces have the wrong size");
+      if (deterministic) {
+        if (dkv_accum->element_type() != ffi::DataType::U32 ||
+            dkv_accum->size_bytes() !=
+                static_cast<size_t>(2 * kv_elems) * sizeof(uint64_t) + kFixedStatsWords * sizeof(uint32_t))
+          return bad("dkv_accum must be u32 [4 * B * Lk * Hkv * D + 8] on the deterministic sparse path");
+      } else if (dkv_accum->element_type() != ffi::DataType::F32 ||
+                 dkv_accum->element_count() != static_cast<size_t>(2 * kv_elems)) {
+        return bad("dkv_accum must be f32 [2, B, Lk, Hkv, D] on the sparse path");
+      }
       ka.keys = key_list_keys->typed_data();
       ka.bits = reinterpret_cast<uint64_t*>(key_list_bits->untyped_data());
       if (auto e = cuda_error(launch_build_key_lists(ka, stream), "build_key_lists"); e.failure()) return e;
@@ -202,8 +224,16 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       sp.lists.keys_stride = 1 + Lk;
       sp.lists.chunks = ka.chunks();
       sp.lists.rows_per_unit = ka.rows_per_unit();
-      sp.dk_accum = dkv_accum->typed_data();
-      sp.dv_accum = sp.dk_accum + kv_elems;
+      if (deterministic) {
+        fixed.dk = static_cast<unsigned long long*>(dkv_accum->untyped_data());
+        fixed.dv = fixed.dk + kv_elems;
+        fixed.stats = reinterpret_cast<uint32_t*>(fixed.dv + kv_elems);
+        fixed.rows_kv = double(Lq) * double(H / Hkv);
+        sp.fixed = fixed;
+      } else {
+        sp.dk_accum = static_cast<float*>(dkv_accum->untyped_data());
+        sp.dv_accum = sp.dk_accum + kv_elems;
+      }
       return cuda_error(launch_flash_bwd_sparse(sp, stream), "flash_bwd_sparse");
     }
 
@@ -245,8 +275,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq_accum (workspace)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // delta (workspace)
                                   .Ret<ffi::Buffer<ffi::U8>>()    // mask tile classes (workspace)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dbias_accum (workspace)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dkv_accum (sparse workspace)
+                                  .Ret<ffi::AnyBuffer>()          // dbias_accum (workspace: f32, or u32 pairs)
+                                  .Ret<ffi::AnyBuffer>()          // dkv_accum (sparse workspace: f32, or u32)
                                   .Ret<ffi::Buffer<ffi::S32>>()   // key-list keys (sparse workspace)
                                   .Ret<ffi::AnyBuffer>()          // key-list bit words (sparse workspace)
                                   .Attr<float>("scale")
