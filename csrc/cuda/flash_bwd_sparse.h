@@ -16,14 +16,15 @@ namespace dmattn {
 
 // Where a CTA finds the key list and the bit words of its rows (the layout of csrc/cuda/key_lists.h).
 struct BwdKeyLists {
-  const int32_t* keys = nullptr;   // [units, 1 + Lk]: count, then the live keys ascending
+  // count (or kKeyListDense: walk every key, read the mask from base.mask), then the live keys ascending
+  const int32_t* keys = nullptr;   // [units, keys_stride]
   const uint64_t* bits = nullptr;  // [units, chunks, rows_per_unit]
   // unit = b * unit_batch_stride + (h / mask_hdiv) * unit_head_stride + (rows_full ? row / 128 : 0)
   int64_t unit_batch_stride = 0, unit_head_stride = 0;
   int mask_hdiv = 1;
   bool rows_full = false;          // the mask has Lq rows (else one row, broadcast over queries)
-  int64_t keys_stride = 0;         // 1 + Lk
-  int64_t chunks = 0;              // ceil(Lk / 64)
+  int64_t keys_stride = 0;         // 1 + capacity
+  int64_t chunks = 0;              // capacity / 64
   int64_t rows_per_unit = 0;       // min(Mm, 128)
 };
 

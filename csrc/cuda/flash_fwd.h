@@ -50,10 +50,12 @@ struct FwdParams {
 
   // Live-key lists of the mask (csrc/cuda/key_lists.h); when set the kernel walks them instead of key tiles.
   // Unit of (b, h, query tile) = b * kl_batch_stride + (h / mask_hdiv) * kl_head_stride + m * kl_m_stride.
-  const int32_t* key_lists = nullptr;  // [units, 1 + kv_len]
-  const uint64_t* key_bits = nullptr;  // [units, ceil(kv_len / 64), kb_rows]
+  // A unit whose first word is kKeyListDense walks every key and reads the mask (p.mask) itself.
+  const int32_t* key_lists = nullptr;  // [units, kl_keys_stride]
+  const uint64_t* key_bits = nullptr;  // [units, capacity / 64, kb_rows]
   int64_t kl_batch_stride = 0, kl_head_stride = 0, kl_m_stride = 0;
-  int64_t kb_unit_stride = 0;  // ceil(kv_len / 64) * kb_rows
+  int64_t kl_keys_stride = 0;  // 1 + capacity
+  int64_t kb_unit_stride = 0;  // capacity / 64 * kb_rows
   int kb_rows = 0;             // rows per unit: 128, or 1 for a row-broadcast mask
 };
 

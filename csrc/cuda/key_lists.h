@@ -6,11 +6,16 @@
 // indices) and re-packs the tile's mask over the listed keys as 64-bit row words; the kernels then walk the list
 // 64 keys at a time, gathering K/V rows, so the work is proportional to the live keys, not to Lk.
 //
-// Layout, over the mask's own broadcast shape [Bm, Hm, Mm, Lk] (the key dim must be full):
+// Layout, over the mask's own broadcast shape [Bm, Hm, Mm, Lk] (the key dim must be full), with a per-call list
+// capacity C (a multiple of 64, at most ceil(Lk / 64) * 64; jax_dmattn/_cuda.py: key_list_capacity):
 //   unit u = (bm * Hm + hm) * m_tiles + t, t = query tile of kKeyListBlockM rows, m_tiles = ceil(Mm / BlockM)
-//   keys [units, 1 + Lk] int32: keys[u][0] = count, keys[u][1 + i] = i-th live key of the unit (ascending)
-//   bits [units, ceil(Lk / 64), rows_per_unit] uint64, rows_per_unit = min(Mm, BlockM):
+//   keys [units, 1 + C] int32: keys[u][0] = count, keys[u][1 + i] = i-th live key of the unit (ascending)
+//   bits [units, C / 64, rows_per_unit] uint64, rows_per_unit = min(Mm, BlockM):
 //     bit j of bits[u][c][r] = mask[bm, hm, t * BlockM + r, keys[u][1 + 64 c + j]] for 64 c + j < count, else 0.
+// A unit whose live keys do not fit (count > C) is "dense": keys[u][0] = kKeyListDense, nothing else of the unit
+// is written, and the kernels walk every key (up to the causal bound) 64 at a time, reading the mask itself.
+// The capacity keeps the workspace at O(B * H * Lq) (C keys of 4 + 16 bytes per 128-row unit) instead of a
+// fraction of the O(Lq * Lk) mask; a mask that keeps most keys gains nothing from lists anyway.
 // A key is live when some row of the unit keeps it and, with causal masking and a row-full mask (Mm == Lq), it
 // is visible from the unit's last row. Causality is not folded into the bits: the kernels still mask it.
 #pragma once
@@ -21,6 +26,7 @@ namespace dmattn {
 
 constexpr int kKeyListBlockM = 128;  // query rows per unit (= the forward's BlockM)
 constexpr int kKeyListChunk = 64;    // keys per bit word (= one key chunk of the kernels)
+constexpr int32_t kKeyListDense = -1;  // keys[u][0] of a unit whose live keys exceed the capacity
 
 struct KeyListArgs {
   const uint8_t* mask = nullptr;  // [Bm, Hm, Mm, Lk] bool, contiguous
@@ -28,14 +34,21 @@ struct KeyListArgs {
   // Causal bound (bottom-right): used only when rows == q_len; key j is visible from row i iff j <= i + offset.
   bool is_causal = false;
   int64_t q_len = 0, causal_offset = 0;
-  int32_t* keys = nullptr;   // [units, 1 + cols]
-  uint64_t* bits = nullptr;  // [units, ceil(cols / 64), rows_per_unit]
+  int64_t capacity = 0;      // C: keys listed per unit, a multiple of 64 in [64, ceil(cols / 64) * 64]
+  int32_t* keys = nullptr;   // [units, 1 + capacity]
+  uint64_t* bits = nullptr;  // [units, capacity / 64, rows_per_unit]
 
   __host__ __device__ int64_t m_tiles() const { return (rows + kKeyListBlockM - 1) / kKeyListBlockM; }
   __host__ __device__ int64_t units() const { return batch * heads * m_tiles(); }
   __host__ __device__ int64_t rows_per_unit() const { return rows < kKeyListBlockM ? rows : kKeyListBlockM; }
-  __host__ __device__ int64_t chunks() const { return (cols + kKeyListChunk - 1) / kKeyListChunk; }
-  __host__ __device__ int64_t keys_size() const { return units() * (1 + cols); }
+  __host__ __device__ int64_t chunks() const { return capacity / kKeyListChunk; }  // bit-word chunks per unit
+  __host__ __device__ int64_t keys_stride() const { return 1 + capacity; }
+  __host__ __device__ int64_t keys_size() const { return units() * keys_stride(); }
+  // A capacity the kernels accept for this mask.
+  __host__ __device__ bool capacity_ok() const {
+    return capacity > 0 && capacity % kKeyListChunk == 0 &&
+           capacity <= (cols + kKeyListChunk - 1) / kKeyListChunk * kKeyListChunk;
+  }
   __host__ __device__ int64_t bits_size() const { return units() * chunks() * rows_per_unit(); }
 };
 
