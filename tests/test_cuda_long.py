@@ -53,11 +53,11 @@ def make_operand(key, shape, kind):
 
 
 def run_kernel(q, k, v, bias, mask, *, scale, softcap=0.0, is_causal=False, skip=True, tiles=False,
-               key_lists=True):
+               key_lists=True, capacity=None):
     from jax_dmattn import _cuda
 
     fn = functools.partial(_cuda.flash_fwd_with_tiles, scale=scale, softcap=softcap, is_causal=is_causal,
-                           skip_empty_tiles=skip, key_lists=key_lists)
+                           skip_empty_tiles=skip, key_lists=key_lists, key_list_capacity=capacity)
     out = jax.jit(fn)(q, k, v, bias, mask)
     return out if tiles else out[:2]
 
@@ -204,14 +204,15 @@ def test_skipping_is_bitwise_identical(causal, d):
     assert rel_err(o1, ref_out) < 1e-2 and rel_err(l1, ref_lse) < 1e-3
 
 
-def numpy_key_lists(mask, *, is_causal, q_len, bm=128, chunk=64):
-    """The live-key lists and bit words of csrc/cuda/key_lists.h, computed with numpy."""
+def numpy_key_lists(mask, *, is_causal, q_len, capacity, bm=128, chunk=64):
+    """The live-key lists and bit words of csrc/cuda/key_lists.h, computed with numpy (a unit with more live
+    keys than `capacity` is dense: count -1, nothing else written)."""
     m = np.asarray(mask)
     b, h, rows, cols = m.shape
     mt = -(-rows // bm)
     rpu = min(rows, bm)
-    keys = np.zeros((b, h, mt, 1 + cols), np.int32)
-    bits = np.zeros((b, h, mt, -(-cols // chunk), rpu), np.uint64)
+    keys = np.zeros((b, h, mt, 1 + capacity), np.int32)
+    bits = np.zeros((b, h, mt, capacity // chunk, rpu), np.uint64)
     for t in range(mt):
         blk = m[:, :, t * bm:(t + 1) * bm]
         live = blk.any(2)
@@ -220,6 +221,9 @@ def numpy_key_lists(mask, *, is_causal, q_len, bm=128, chunk=64):
         for bi in range(b):
             for hi in range(h):
                 idx = np.nonzero(live[bi, hi])[0]
+                if idx.size > capacity:
+                    keys[bi, hi, t, 0] = -1
+                    continue
                 keys[bi, hi, t, 0] = idx.size
                 keys[bi, hi, t, 1:1 + idx.size] = idx
                 for c in range(-(-idx.size // chunk)):
@@ -229,10 +233,14 @@ def numpy_key_lists(mask, *, is_causal, q_len, bm=128, chunk=64):
     return keys, bits
 
 
+@pytest.mark.parametrize("capacity", [None, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 2, 300, 300), (1, 1, 1, 517), (1, 2, 130, 200), (1, 1, 400, 256)])
-def test_key_lists_match_numpy(shape, causal):
-    """The pre-pass's lists and bit words, read back from the workspace outputs, entry by entry."""
+def test_key_lists_match_numpy(shape, causal, capacity):
+    """The pre-pass's lists and bit words, read back from the workspace outputs, entry by entry (capacity 256:
+    the units of ~270 live keys of the 300-key masks overflow and must be marked dense)."""
+    from jax_dmattn import _cuda
+
     b, hm, rows, lk = shape
     lq = rows if rows > 1 else 97
     keys = jax.random.split(jax.random.PRNGKey(rows + lk + causal), 4)
@@ -240,19 +248,81 @@ def test_key_lists_match_numpy(shape, causal):
     k = jax.random.normal(keys[1], (b, lk, 2, 64), F32).astype(jnp.bfloat16)
     v = jax.random.normal(keys[2], (b, lk, 2, 64), F32).astype(jnp.bfloat16)
     mask = jax.random.bernoulli(keys[3], 0.02, (b, hm, rows, lk))  # sparse: most keys dead in a tile
-    out, lse, cls, klist, kbits = run_kernel(q, k, v, None, mask, scale=0.125, is_causal=causal, tiles=True)
+    out, lse, cls, klist, kbits = run_kernel(q, k, v, None, mask, scale=0.125, is_causal=causal, tiles=True,
+                                             capacity=capacity)
     assert cls.size == 0 and klist.size > 0
-    exp_keys, exp_bits = numpy_key_lists(mask, is_causal=causal, q_len=lq)
+    cap = _cuda.key_list_capacity(lk) if capacity is None else capacity
+    exp_keys, exp_bits = numpy_key_lists(mask, is_causal=causal, q_len=lq, capacity=cap)
     got_keys = np.asarray(klist).reshape(exp_keys.shape)
     got_bits = np.asarray(kbits).view(np.uint64).reshape(exp_bits.shape)
     for idx in np.ndindex(exp_keys.shape[:3]):
         n = exp_keys[idx][0]
         assert got_keys[idx][0] == n
+        if n < 0:
+            continue
         np.testing.assert_array_equal(got_keys[idx][1:1 + n], exp_keys[idx][1:1 + n])
         nch = -(-n // 64)
         np.testing.assert_array_equal(got_bits[idx][:nch], exp_bits[idx][:nch])
     ref_out, ref_lse = run_reference(q, k, v, None, mask, scale=0.125, is_causal=causal)
     assert rel_err(out, ref_out) < 1e-2 and rel_err(lse, ref_lse) < 1e-3
+
+
+def mixed_mask(rng, shape, window):
+    """Query tiles (128 rows) alternate between `window` random keys shared by the tile's rows (each row keeps
+    ~90% of them: a short list) and a random half-dense mask (all keys live: a dense unit under a small
+    capacity)."""
+    b, hm, lq, lk = shape
+    m = rng.random(shape) < 0.5
+    for t in range(0, -(-lq // 128), 2):
+        rows = slice(t * 128, (t + 1) * 128)
+        m[:, :, rows] = False
+        for bi in range(b):
+            for hi in range(hm):
+                cols = rng.choice(lk, size=min(window, lk), replace=False)
+                n = m[bi, hi, rows].shape[0]
+                m[bi, hi, rows][:, cols] = rng.random((n, cols.size)) < 0.9
+    return jnp.asarray(m)
+
+
+@pytest.mark.parametrize("case", [
+    # (B, Lq, Lk, H, Hkv, D, dtype, causal, bias code, mask code, capacity): Lk % 16 == 0 takes the 16-byte
+    # mask loads of a dense unit, other lengths the byte loads.
+    (1, 520, 512, 4, 2, 128, jnp.bfloat16, True, "BK1N", "BKMN", 64),
+    (2, 300, 333, 4, 1, 64, jnp.float16, False, "BHMN", "BKMN", 128),
+    (1, 400, 700, 2, 2, 256, jnp.bfloat16, True, None, "BHMN", 64),
+    (1, 256, 1024, 6, 3, 96, jnp.float16, False, "1KMN", "1KMN", 192),
+    (1, 384, 384, 4, 2, 32, jnp.bfloat16, True, "BK1N", "BK1N", 64),   # row-broadcast mask: one unit
+    (1, 390, 390, 2, 1, 192, jnp.bfloat16, True, "BK1N", "BKMN", 64),
+])
+def test_dense_units_match_reference(case):
+    """Units whose live keys exceed the list capacity walk every key and read the mask themselves; on a mask
+    that mixes list units and dense units the output matches the reference and the tile path."""
+    from jax_dmattn import _cuda
+
+    b, lq, lk, h, hkv, d, dtype, causal, bias_code, mask_code, capacity = case
+    rng = np.random.default_rng(lq + lk + d)
+    keys = jax.random.split(jax.random.PRNGKey(lq * 3 + lk), 4)
+    q = jax.random.normal(keys[0], (b, lq, h, d), F32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, lk, hkv, d), F32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, lk, hkv, d), F32).astype(dtype)
+    bias = None if bias_code is None else make_operand(keys[3], _dims(bias_code, b, lq, lk, h, hkv), "bias_f32")
+    mshape = _dims(mask_code, b, lq, lk, h, hkv)
+    mask = mixed_mask(rng, mshape, 40) if mshape[2] > 1 else jnp.asarray(rng.random(mshape) < 0.5)
+    out, lse, _, klist, _ = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, tiles=True,
+                                       capacity=capacity)
+    counts = np.asarray(klist).reshape(-1, 1 + capacity)[:, 0]
+    assert (counts == -1).any(), "no dense unit: the test does not cover the fallback"
+    if mshape[2] > 1:
+        assert (counts >= 0).any(), "no list unit"
+    ref_out, ref_lse = run_reference(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal)
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    assert rel_err(out, ref_out) < TOL[dtype] and rel_err(lse, ref_lse) < 1e-3
+    tiles_out, tiles_lse = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, key_lists=False)
+    assert rel_err(out, tiles_out) < TOL[dtype] and rel_err(lse, tiles_lse) < 1e-3
+    # The default capacity lists every unit of these short masks: same result through the lists.
+    assert _cuda.key_list_capacity(lk) >= lk
+    list_out, _ = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal)
+    assert rel_err(out, list_out) < TOL[dtype]
 
 
 @pytest.mark.parametrize("case", [

@@ -23,6 +23,7 @@
 #include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, gemm_ss, copy_rows, ...)
 #include "cuda/flash_bwd_sparse.h"
 #include "cuda/key_lists.h"
+#include "cuda/mask_words.cuh"
 
 namespace dmattn {
 namespace bwd_sparse {
@@ -85,11 +86,12 @@ struct SparseTraits {
   static constexpr int kQElems = kBlockM * kHeadDim;
   static constexpr int kKVElems = kBlockN * kHeadDim;
   static constexpr int kPElems = kBlockM * kBlockN;
-  // sQ | sdO | sK[2] | sV[2] | sP | sdS | bit words [2][M] | keys [2][64] | bias [2][64] | dbias bands |
-  // fixed-point scales [4].
+  // sQ | sdO | sK[2] | sV[2] | sP | sdS | dense-unit mask bytes [2][M][64] | bit words [2][M] | keys [2][64] |
+  // bias [2][64] | dbias bands | fixed-point scales [4].
   static constexpr int kElemBytes = (2 * kQElems + 4 * kKVElems + 2 * kPElems) * int(sizeof(Elem));
-  static constexpr int kSmemBytes = kElemBytes + 2 * kBlockM * 8 + 2 * kBlockN * 4 + 2 * kBlockN * 4 +
-                                    kWarpsM * kBlockN * 4 + 4 * 4;
+  static constexpr int kMaskBytes = 2 * kBlockM * kBlockN;
+  static constexpr int kSmemBytes = kElemBytes + kMaskBytes + 2 * kBlockM * 8 + 2 * kBlockN * 4 +
+                                    2 * kBlockN * 4 + kWarpsM * kBlockN * 4 + 4 * 4;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
@@ -97,6 +99,12 @@ struct SparseTraits {
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+// The first `bytes` (0..16) of a 16-byte aligned global piece -> shared, the rest zero-filled.
+__device__ __forceinline__ void cp_async_16_prefix(void* smem, const void* gmem, int bytes) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
 }
 
 // 8 bytes global -> shared (one bit word), zero-filled when !valid.
@@ -111,7 +119,7 @@ __device__ __forceinline__ void cp_async_8(void* smem, const void* gmem, bool va
 template <class AccS, class CapD, class CS, int kRows>
 __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int m0,
                                                   const int* skey, const float* sbias, const uint64_t* sbits,
-                                                  const float (&lse2)[kRows]) {
+                                                  const uint8_t* smask, const float (&lse2)[kRows]) {
   Tensor s = make_tensor(acc_s.data(), bwd::rowcol(acc_s.layout()));
   Tensor cd = make_tensor(capd.data(), bwd::rowcol(capd.layout()));
   const bool has_bias = p.bias != nullptr;
@@ -124,7 +132,13 @@ __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS co
   for (int r = 0; r < kRows; ++r) {
     const int lrow = get<0>(cS(r, 0));
     const int row = m0 + lrow;
-    word[r] = row < p.q_len ? sbits[lrow] : 0ull;
+    if (smask != nullptr) {  // dense unit: the chunk's raw mask bytes [M][64]; every lane takes part (shuffles)
+      const uint4 bytes = *reinterpret_cast<const uint4*>(smask + lrow * 64 + 16 * (threadIdx.x & 3));
+      word[r] = quad_word(pack16(bytes));
+    } else {
+      word[r] = sbits[lrow];
+    }
+    if (row >= p.q_len) word[r] = 0ull;
     row_last_key[r] = p.is_causal ? row + causal_off : INT_MAX;
   }
   CUTE_UNROLL
@@ -179,14 +193,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                        (kl.rows_full ? m0 / kKeyListBlockM : 0);
   const int32_t* live = kl.keys + unit * kl.keys_stride + 1;
   const int count = __ldg(live - 1);
+  const bool dense = count == kKeyListDense;  // more live keys than the capacity: walk them all, read the mask
   const uint64_t* unit_bits = kl.bits + unit * kl.chunks * kl.rows_per_unit;
   const int row_in_unit0 = kl.rows_full ? m0 % kKeyListBlockM : 0;
+  const int last_key = p.is_causal ? min(m0 + kBlockM, p.q_len) - 1 + (p.kv_len - p.q_len) : p.kv_len - 1;
 
-  // Chunks to walk: with causality only those whose first key the tile's last row can see (the list is
-  // ascending, so they are a prefix); the rest of the causal bound is checked per element.
-  int n_chunks = (count + kBlockN - 1) / kBlockN;
-  if (p.is_causal) {
-    const int last_key = min(m0 + kBlockM, p.q_len) - 1 + (p.kv_len - p.q_len);
+  // Keys to walk: a dense unit's are 0 .. last_key. A list's chunks: with causality only those whose first key
+  // the tile's last row can see (the list is ascending, so they are a prefix); the rest of the causal bound is
+  // checked per element.
+  const int n_keys = dense ? max(last_key + 1, 0) : count;
+  int n_chunks = (n_keys + kBlockN - 1) / kBlockN;
+  if (p.is_causal && !dense) {
     int visible = 0;
     for (int c0 = 0; c0 < n_chunks; c0 += kNThreads) {  // uniform trip count: every thread reaches the barrier
       const int c = c0 + tid;
@@ -194,6 +211,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     }
     n_chunks = visible;
   }
+  // Dense units: the mask rows of this (batch, head); 16-byte cp.async pieces where the rows are aligned.
+  const uint8_t* mask_rows =
+      dense ? p.mask + b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : nullptr;
+  const bool mask_vec = dense && p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
+                        (reinterpret_cast<uintptr_t>(mask_rows) & 15) == 0;
 
   Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
   Elem* sdo_ptr = sq_ptr + Kt::kQElems;
@@ -201,7 +223,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   Elem* sv_ptr = sk_ptr + 2 * Kt::kKVElems;    // 2 stages
   Elem* sp_ptr = sv_ptr + 2 * Kt::kKVElems;
   Elem* sds_ptr = sp_ptr + Kt::kPElems;
-  uint64_t* sbits = reinterpret_cast<uint64_t*>(sds_ptr + Kt::kPElems);  // [2][kBlockM]
+  uint8_t* smask = reinterpret_cast<uint8_t*>(sds_ptr + Kt::kPElems);    // [2][kBlockM][64], dense units
+  uint64_t* sbits = reinterpret_cast<uint64_t*>(smask + Kt::kMaskBytes);  // [2][kBlockM]
   int* skey = reinterpret_cast<int*>(sbits + 2 * kBlockM);                // [2][kBlockN]
   float* sbias = reinterpret_cast<float*>(skey + 2 * kBlockN);            // [2][kBlockN]
   float* sdb = sbias + 2 * kBlockN;                                       // [kWarpsM][kBlockN]
@@ -262,9 +285,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     CUTE_UNROLL
     for (int j = 0; j < kSlots; ++j) {
       const int pos = first + (tid + j * kNThreads) / kPieces;
-      slot_key[j] = (c < n_chunks && pos < count) ? __ldg(live + pos) : -1;
+      slot_key[j] = (c < n_chunks && pos < n_keys) ? (dense ? pos : __ldg(live + pos)) : -1;
     }
-    if (tid < kBlockN) row_key = (c < n_chunks && first + tid < count) ? __ldg(live + first + tid) : -1;
+    if (tid < kBlockN) {
+      const int pos = first + tid;
+      row_key = (c < n_chunks && pos < n_keys) ? (dense ? pos : __ldg(live + pos)) : -1;
+    }
   };
   auto issue_chunk = [&](int c, int s) {
     Tensor sK = stage_k(s);
@@ -278,7 +304,26 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       cp_async_16(&sK(row, col), k_base + off, key >= 0);
       cp_async_16(&sV(row, col), v_base + off, key >= 0);
     }
-    if (tid < kBlockM) {
+    if (dense) {
+      // The chunk's raw mask block [M rows][64 keys] (keys past kv_len and rows past q_len read as 0).
+      const int k0 = c * kBlockN;
+      uint8_t* dst_base = smask + s * kBlockM * kBlockN;
+      for (int i = tid; i < kBlockM * 4; i += kNThreads) {
+        const int r = i / 4, piece = i % 4;
+        const int row = m0 + r;
+        const int col = k0 + 16 * piece;
+        uint8_t* dst = dst_base + r * kBlockN + 16 * piece;
+        const uint8_t* src = mask_rows + int64_t(row) * p.mask_row_stride + col;
+        const int bytes = row < p.q_len ? max(0, min(16, p.kv_len - col)) : 0;
+        if (mask_vec) {
+          cp_async_16_prefix(dst, bytes > 0 ? src : mask_rows, bytes);
+        } else {  // unaligned rows (Lk % 16 != 0): plain loads, correct but slower
+          uint32_t words[4] = {0, 0, 0, 0};
+          for (int j = 0; j < bytes; ++j) words[j / 4] |= uint32_t(src[j] != 0) << (8 * (j % 4));
+          *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+        }
+      }
+    } else if (tid < kBlockM) {
       const int row = m0 + tid;
       const int64_t w = int64_t(c) * kl.rows_per_unit + (kl.rows_full ? row_in_unit0 + tid : 0);
       cp_async_8(sbits + s * kBlockM + tid, unit_bits + (row < p.q_len ? w : 0), row < p.q_len);
@@ -415,7 +460,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     clear(acc_s);
     bwd::gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
     Tensor capd = make_tensor_like(acc_s);
-    chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM, lse2);
+    chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM,
+                      dense ? smask + s * kBlockM * kBlockN : nullptr, lse2);
     {
       Tensor pe = make_tensor_like<Elem>(acc_s);
       CUTE_UNROLL

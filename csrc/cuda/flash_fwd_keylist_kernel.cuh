@@ -6,12 +6,16 @@
 // chunk is one uint64 per row, and a per-key bias is gathered with the keys. A top-k mask keeps ~k keys per row
 // and nearly the same ones across a query tile, so the work follows k instead of Lk.
 //
+// A dense unit (more live keys than the list capacity) walks every key up to the causal bound the same way, with
+// the chunk's mask bits read from the mask itself (csrc/cuda/mask_words.cuh) while the Q K^T product runs.
+//
 // Pipeline per chunk c: [K(c) landed] -> V(c) gather issued -> S = Q K^T -> [V(c) landed] -> K(c + 1) gather
 // issued (its indices were loaded into registers before the Q K^T product) -> scores, softmax, P V.
 #pragma once
 
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/key_lists.h"
+#include "cuda/mask_words.cuh"
 
 namespace dmattn {
 namespace fwd {
@@ -45,15 +49,17 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   const int last_key = is_causal ? min(row0 + kBlockM, q_len) - 1 + causal_off : kv_len - 1;
 
   const int64_t unit = b * p.kl_batch_stride + (h / p.mask_hdiv) * p.kl_head_stride + m_block * p.kl_m_stride;
-  const int32_t* list = p.key_lists + unit * (1 + int64_t(kv_len));
+  const int32_t* list = p.key_lists + unit * p.kl_keys_stride;
   const int32_t* keys = list + 1;
   const uint64_t* bits = p.key_bits + unit * p.kb_unit_stride;
   const int count = list[0];
+  const bool dense = count == kKeyListDense;
 
-  // Live keys visible from the tile's last row (the list is ascending). Lists of a row-full causal mask are
-  // already cut at that bound; a row-broadcast mask's list is shared by every query tile.
-  int n_live = count;
-  if (is_causal) {
+  // Keys to walk. Dense unit: 0 .. last_key. Lists: the live keys visible from the tile's last row (the list is
+  // ascending); lists of a row-full causal mask are already cut at that bound, a row-broadcast mask's list is
+  // shared by every query tile.
+  int n_live = dense ? last_key + 1 : count;
+  if (is_causal && !dense) {
     __shared__ int visible;
     if (tid == 0) visible = 0;
     __syncthreads();
@@ -65,6 +71,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     n_live = visible;
   }
   const int n_chunks = last_key < 0 ? 0 : (n_live + kChunk - 1) / kChunk;
+  // Dense units read the mask rows of this (batch, head) directly.
+  const uint8_t* mask_rows = dense ? p.mask + b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride
+                                   : nullptr;
+  const bool mask_vec = dense && p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
+                        (reinterpret_cast<uintptr_t>(mask_rows) & 15) == 0;
 
   const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -135,7 +146,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   // Key index of chunk-relative row j of chunk c, or -1 past the live keys.
   auto key_at = [&](int c, int j) -> int {
     const int i = c * kChunk + j;
-    return i < n_live ? keys[i] : -1;
+    return i < n_live ? (dense ? i : keys[i]) : -1;
   };
   auto gather = [&](const Elem* src_base, int64_t row_stride, Elem* dst_base, const int (&rows)[kRowsPerThread]) {
     CUTE_UNROLL
@@ -203,13 +214,27 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       if (tid < kChunk) next_key = key_at(c + 1, tid);
     }
     uint64_t row_bits[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int rl = get<0>(cS(r, 0));
-      row_bits[r] = __ldg(bits + int64_t(c) * p.kb_rows + (p.kb_rows == 1 ? 0 : rl));
+    uint4 row_bytes[kRows];  // dense unit: this lane's 16 mask bytes of each row, packed after the product
+    if (dense) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + get<0>(cS(r, 0));
+        row_bytes[r] = row_bytes_global(row < q_len ? mask_rows + int64_t(row) * p.mask_row_stride : nullptr,
+                                        c * kChunk, kv_len, mask_vec);
+      }
+    } else {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int rl = get<0>(cS(r, 0));
+        row_bits[r] = __ldg(bits + int64_t(c) * p.kb_rows + (p.kb_rows == 1 ? 0 : rl));
+      }
     }
 
     gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
+    if (dense) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) row_bits[r] = quad_word(pack16(row_bytes[r]));
+    }
 
     cute::cp_async_wait<0>();
     __syncthreads();  // V(c) landed; every warp is done reading sK

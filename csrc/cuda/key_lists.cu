@@ -38,7 +38,8 @@ __device__ __forceinline__ int cta_exclusive_scan(int x, int* scratch, int& tota
 }
 
 // One CTA per unit (mask batch, mask head, 128-row query tile).
-// Phase 1: OR the unit's rows over each 16-key word, then list the live keys in order (CTA prefix sums).
+// Phase 1: OR the unit's rows over each 16-key word, then list the live keys in order (CTA prefix sums). A unit
+//          whose live keys outgrow the capacity stops reading the mask and is marked dense.
 // Phase 2: for each 64-key chunk of the list, one warp per row gathers the row's bytes at the listed keys and
 //          packs them with a ballot: the mask over the live keys, one uint64 per (chunk, row).
 __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a) {
@@ -59,7 +60,8 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
     key_end = last < 0 ? 0 : (last + 1 < a.cols ? last + 1 : a.cols);
   }
 
-  int32_t* keys = a.keys + unit * (1 + a.cols);
+  int32_t* keys = a.keys + unit * a.keys_stride();
+  const int64_t capacity = a.capacity;
   const bool vec = (a.cols % 16 == 0) && (reinterpret_cast<uintptr_t>(a.mask) % 16 == 0);
   int count = 0;
   for (int64_t s0 = 0; s0 < key_end; s0 += kSegment) {
@@ -91,12 +93,17 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
     int total = 0;
     const int offset = cta_exclusive_scan(__popc(live), scratch, total);
     int pos = count + offset;
-    while (live) {
+    while (live && pos < capacity) {
       const int i = __ffs(live) - 1;
       live &= live - 1;
       keys[1 + pos++] = static_cast<int32_t>(k0 + i);
     }
     count += total;
+    if (count > capacity) break;  // uniform: every thread has the same total
+  }
+  if (count > capacity) {
+    if (threadIdx.x == 0) keys[0] = kKeyListDense;  // the kernels walk all keys and read the mask themselves
+    return;
   }
   if (threadIdx.x == 0) keys[0] = count;
   __syncthreads();  // the list (global, written by this CTA) is visible to the whole CTA
@@ -130,6 +137,7 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
 }  // namespace
 
 cudaError_t launch_build_key_lists(const KeyListArgs& args, cudaStream_t stream) {
+  if (!args.capacity_ok()) return cudaErrorInvalidValue;
   const int64_t units = args.units();
   if (units == 0) return cudaSuccess;
   build_key_lists_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(args);
