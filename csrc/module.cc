@@ -19,6 +19,7 @@ namespace dmattn {
 #ifndef DMATTN_WITH_CUDA
 std::vector<FfiTarget> cuda_targets() { return {}; }
 std::vector<FfiTarget> cuda_bwd_targets() { return {}; }
+std::vector<FfiTarget> cuda_key_lists_targets() { return {}; }
 #endif
 }  // namespace dmattn
 
@@ -27,6 +28,7 @@ NB_MODULE(_jax_dmattn_ext, m) {
   m.def("cuda_targets", [] {
     auto targets = dmattn::cuda_targets();
     for (const auto& t : dmattn::cuda_bwd_targets()) targets.push_back(t);
+    for (const auto& t : dmattn::cuda_key_lists_targets()) targets.push_back(t);
     return as_capsules(targets);
   });
 #ifdef DMATTN_WITH_CUDA

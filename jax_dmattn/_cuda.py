@@ -1,13 +1,17 @@
 """The CUDA forward kernel as a traced JAX function (used inside the cuda lowering of ``dmattn_fwd``).
 
-One FFI call, ``dmattn_fwd_cuda``, runs a mask pre-pass and then the flash forward. Two pre-passes exist:
+The forward FFI call, ``dmattn_fwd_cuda``, runs on a mask pre-pass. Two pre-passes exist:
 
 - live-key lists (default for a mask with a full key dim): per 128-row query tile, the keys that some row keeps,
   with the tile's mask re-packed over them as bit words (csrc/cuda/key_lists.h); the kernel walks the list 64
-  keys at a time, so a top-k mask costs ~k keys per row instead of Lk. Workspace: ~5/32 of the mask's bytes.
+  keys at a time, so a top-k mask costs ~k keys per row instead of Lk. The lists are built by their own FFI call,
+  ``dmattn_key_lists_cuda`` (``build_key_lists``), and passed to the forward (and to the sparse backward) as
+  inputs: the call is side-effect free, so XLA's CSE merges identical ones and a jitted forward + backward, or
+  several layers with one mask, read the mask once. Workspace: ``key_list_capacity`` keys per 128-row unit
+  (units whose live keys exceed it are "dense" and the kernels read the mask for them).
 - tile classes: every (query tile, key tile) of the mask is empty / partial / full; the kernel skips empty tiles
-  and loads no mask for full ones. Used for key-broadcast masks, or with ``key_lists=False``.
-The pre-pass's results come back as extra outputs (XLA-owned workspace, no allocation in the handler).
+  and loads no mask for full ones. Used for key-broadcast masks, or with ``key_lists=False``. Built inside the
+  forward call, returned as an extra output (XLA-owned workspace, no allocation in the handler).
 
 Inputs are the canonical layout of docs/design.md: q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (bf16 or f16,
 D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / f16 / f32); mask None or rank
@@ -26,6 +30,7 @@ BLOCK_M = 128
 BLOCK_N = 64
 HEAD_DIMS = _validation.CUDA_HEAD_DIMS
 TARGET = "dmattn_fwd_cuda"
+KEY_LISTS_TARGET = "dmattn_key_lists_cuda"
 
 TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 
@@ -38,13 +43,61 @@ def tile_class_shape(mask_shape) -> tuple[int, ...]:
 
 KEY_LIST_BLOCK_M = 128  # csrc/cuda/key_lists.h: kKeyListBlockM
 KEY_LIST_CHUNK = 64     # kKeyListChunk
+# Default cap on the keys listed per 128-row unit. The lists' workspace is then O(B * H * Lq), not a fraction of
+# the O(Lq * Lk) mask: 4096 keys x (4 bytes of key + 128 rows / 8 bytes of bit words) = 4096 x 20 bytes per unit.
+# A unit whose live keys exceed the capacity is "dense": the kernels walk all of its keys and read the mask
+# itself, which is what such a unit costs anyway (lists only pay off when few keys are live).
+KEY_LIST_MAX_KEYS = 4096
 
 
-def key_list_sizes(mask_shape) -> tuple[int, int]:
-    """(int32 elements of the key lists, uint64 bit words) for a rank-4 mask with a full key dim."""
+def key_list_capacity(kv_len: int, max_keys: int | None = None) -> int:
+    """The list capacity C for a key length: min(kv_len rounded up to 64, max_keys or KEY_LIST_MAX_KEYS), rounded
+    down to a multiple of 64 and at least 64 (what the handlers accept: csrc/cuda/key_lists.h, capacity_ok)."""
+    cap = KEY_LIST_MAX_KEYS if max_keys is None else int(max_keys)
+    full = -(-int(kv_len) // KEY_LIST_CHUNK) * KEY_LIST_CHUNK
+    c = min(full, cap) // KEY_LIST_CHUNK * KEY_LIST_CHUNK
+    return max(c, KEY_LIST_CHUNK)
+
+
+def _resolve_capacity(caller: str, kv_len: int, capacity) -> int:
+    """A user's key_list_capacity (None: the default) as the capacity the calls use, capped at kv_len rounded up
+    to 64. Forward and backward resolve it the same way, so that their pre-pass calls are identical."""
+    if capacity is None:
+        return key_list_capacity(kv_len)
+    if (isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity <= 0
+            or capacity % KEY_LIST_CHUNK):
+        raise ValueError(f"{caller}: key_list_capacity must be a positive multiple of {KEY_LIST_CHUNK}, "
+                         f"got {capacity!r}")
+    return key_list_capacity(kv_len, int(capacity))
+
+
+def key_list_sizes(mask_shape, capacity: int | None = None) -> tuple[int, int]:
+    """(int32 elements of the key lists, uint64 bit words) for a rank-4 mask with a full key dim and a list
+    capacity (None: key_list_capacity of the mask's key dim)."""
     bm, hm, mm, nm = mask_shape
+    if capacity is None:
+        capacity = key_list_capacity(nm)
     units = bm * hm * -(-mm // KEY_LIST_BLOCK_M)
-    return units * (1 + nm), units * -(-nm // KEY_LIST_CHUNK) * min(mm, KEY_LIST_BLOCK_M)
+    return units * (1 + capacity), units * (capacity // KEY_LIST_CHUNK) * min(mm, KEY_LIST_BLOCK_M)
+
+
+def build_key_lists(mask, *, q_len: int, is_causal: bool, capacity: int):
+    """The live-key lists of a rank-4 bool mask [Bm, Hm, Mm, Lk] (one ``dmattn_key_lists_cuda`` call):
+    (keys int32 [units * (1 + capacity)], bit words as uint32 pairs [2 * units * capacity / 64 * min(Mm, 128)]).
+
+    ``q_len`` is the attention call's query length (the causal cut applies when Mm == q_len). Every caller
+    passing the same mask value, q_len, is_causal and capacity emits an identical call, which XLA's CSE merges."""
+    _ffi.register_targets()
+    n_keys, n_words = key_list_sizes(mask.shape, capacity)
+    out_types = (jax.ShapeDtypeStruct((n_keys,), jnp.int32), jax.ShapeDtypeStruct((2 * n_words,), jnp.uint32))
+    keys, bits = jax.ffi.ffi_call(KEY_LISTS_TARGET, out_types)(
+        mask, is_causal=np.bool_(is_causal), q_len=np.int64(q_len), capacity=np.int64(capacity))
+    return keys, bits
+
+
+def no_key_lists():
+    """The zero-size key-list operands of a call that does not take the list path."""
+    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.uint32)
 
 
 def uses_key_lists(mask_shape, kv_len: int, key_lists: bool = True) -> bool:
@@ -70,36 +123,43 @@ def check_operands(caller, q, k, v, bias, mask):
 
 
 def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
-                         skip_empty_tiles: bool = True, key_lists: bool = True):
+                         skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None):
     """Returns (out [B, Lq, H, D], lse [B, H, Lq] f32, tile classes uint8 or a zero-size array, key lists int32
     or zero-size, their bit words as uint32 pairs or zero-size).
 
     ``key_lists=False`` forces the tile-class pre-pass (``skip_empty_tiles=False`` then treats every tile as
-    partial: the bitwise reference of tile skipping)."""
+    partial: the bitwise reference of tile skipping). ``key_list_capacity``: keys listed per 128-row unit, a
+    positive multiple of 64 (None: ``key_list_capacity(Lk)``; capped at Lk rounded up to 64)."""
     check_operands("flash_fwd", q, k, v, bias, mask)
     _ffi.register_targets()
     b, lq, h, _ = q.shape
+    lk = k.shape[1]
+    capacity = _resolve_capacity("flash_fwd", lk, key_list_capacity)
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
-    lists = mask is not None and uses_key_lists(mask.shape, k.shape[1], key_lists)
+    # An empty mask (Lq = 0) has nothing to list; the handler sees no mask then.
+    lists = mask is not None and mask.size > 0 and uses_key_lists(mask.shape, lk, key_lists)
     cls_shape = tile_class_shape(mask.shape) if mask is not None and not lists else (0,)
-    n_keys, n_words = key_list_sizes(mask.shape) if lists else (0, 0)
+    if lists:
+        keys, bits = build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
+    else:
+        keys, bits = no_key_lists()
     out_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((b, h, lq), jnp.float32),
         jax.ShapeDtypeStruct(cls_shape, jnp.uint8),
-        jax.ShapeDtypeStruct((n_keys,), jnp.int32),
-        jax.ShapeDtypeStruct((2 * n_words,), jnp.uint32),
     )
-    return jax.ffi.ffi_call(TARGET, out_types)(
-        q, k, v, bias_arg, mask_arg,
+    out, lse, classes = jax.ffi.ffi_call(TARGET, out_types)(
+        q, k, v, bias_arg, mask_arg, keys, bits,
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
         skip_empty_tiles=np.bool_(skip_empty_tiles), key_lists=np.bool_(lists))
+    return out, lse, classes, keys, bits
 
 
 def flash_fwd(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
-              skip_empty_tiles: bool = True, key_lists: bool = True):
+              skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None):
     """out [B, Lq, H, D] (q dtype), lse [B, H, Lq] f32 (natural log; empty rows: out 0, lse -inf)."""
     out, lse, *_ = flash_fwd_with_tiles(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=is_causal,
-                                        skip_empty_tiles=skip_empty_tiles, key_lists=key_lists)
+                                        skip_empty_tiles=skip_empty_tiles, key_lists=key_lists,
+                                        key_list_capacity=key_list_capacity)
     return out, lse

@@ -7,11 +7,12 @@ over its broadcast dims without atomics, dq by fp32 atomics), and either the dq 
 Scratch buffers are extra FFI outputs (XLA-owned workspace; the handler never allocates or synchronises).
 
 With a mask whose key dim is full and a bias that is absent or broadcast over query rows, the same call takes the
-key-list ("sparse") path instead (``use_sparse``): a pre-pass lists the live keys of every 128-row query tile of the
-mask, and a query-tile-parallel kernel walks only those keys, adding dk / dv / dbias by fp32 atomics
-(``deterministic=False``) or by int64 fixed-point atomics of a per-call power-of-two resolution
-(``deterministic=True``: integer addition is associative, so the result is bitwise reproducible)
-(docs/cuda_backward.md, "Sparse path" and "Deterministic sparse path").
+key-list ("sparse") path instead (``use_sparse``): the live keys of every 128-row query tile of the mask are listed
+by the forward's pre-pass call (``_cuda.build_key_lists``, its own FFI call whose results are inputs here; inside
+one jit it is the very call of the forward, merged by XLA's CSE), and a query-tile-parallel kernel walks only those
+keys, adding dk / dv / dbias by fp32 atomics (``deterministic=False``) or by int64 fixed-point atomics of a
+per-call power-of-two resolution (``deterministic=True``: integer addition is associative, so the result is
+bitwise reproducible) (docs/cuda_backward.md, "Sparse path" and "Deterministic sparse path").
 
 Inputs are the canonical layout of docs/design.md: q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (bf16 or f16,
 D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / f16 / f32); mask None or rank
@@ -64,8 +65,9 @@ def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool = False) -> 
     return bias_shape is None or bias_shape[2] == 1
 
 
-# The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size rule for both calls.
+# The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size / capacity rule for both calls.
 key_list_sizes = _cuda.key_list_sizes
+key_list_capacity = _cuda.key_list_capacity
 
 
 def _check(q, k, v, bias, mask, out, lse, dout, dlse):
@@ -78,12 +80,16 @@ def _check(q, k, v, bias, mask, out, lse, dout, dlse):
 
 
 def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softcap: float, is_causal: bool,
-              deterministic: bool):
-    """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, None when bias is None."""
+              deterministic: bool, key_list_capacity=None):
+    """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, None when bias is None.
+
+    ``key_list_capacity`` as in ``_cuda.flash_fwd`` (pass the forward's value: the two pre-pass calls are then
+    identical and XLA's CSE makes one of them)."""
     _check(q, k, v, bias, mask, out, lse, dout, dlse)
     _ffi.register_targets()
     b, lq, h, _ = q.shape
     lk, hkv = k.shape[1], k.shape[2]
+    capacity = _cuda._resolve_capacity("flash_bwd", lk, key_list_capacity)
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
     sparse = use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk,
@@ -94,9 +100,13 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         # dbias columns are added atomically: in fp32, into dbias itself for an f32 bias; in deterministic mode as
         # int64 counts for every bias dtype.
         ws_bias = dbias_computed and (fixed or jnp.dtype(bias.dtype) != jnp.float32)
-        n_keys, n_words = key_list_sizes(mask.shape)
     else:
         ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
+    if sparse and mask.size > 0:
+        # Exactly the forward's call (same mask value, q_len, is_causal, capacity): CSE merges the two.
+        keys, bits = _cuda.build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
+    else:  # an empty mask (Lq = 0) has nothing to list, and the handler sees no mask
+        keys, bits = _cuda.no_key_lists()
     if fixed:
         dbias_ws = jax.ShapeDtypeStruct((2 * int(np.prod(bias.shape)),) if ws_bias else (0,), jnp.uint32)
         # [dK counts | dV counts | stats words]: int64 as uint32 pairs.
@@ -113,14 +123,12 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         jax.ShapeDtypeStruct((b, h, lq), jnp.float32),                                     # delta
         jax.ShapeDtypeStruct((0,) if mask is None or sparse else tile_class_shape(mask.shape), jnp.uint8),
         dbias_ws,                                                                          # dbias_accum
-        # Sparse path: dK / dV accumulators (fp32, or int64 counts + stats words when deterministic), the key
-        # lists and their bit words (uint64 as 2 x uint32, so that no x64 mode is needed).
+        # Sparse path: dK / dV accumulators (fp32, or int64 counts + stats words when deterministic).
         dkv_ws,                                                                            # dkv_accum
-        jax.ShapeDtypeStruct((n_keys,) if sparse else (0,), jnp.int32),                    # key-list keys
-        jax.ShapeDtypeStruct((2 * n_words,) if sparse else (0,), jnp.uint32),              # key-list bits
     )
     dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types)(
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),
+        keys, bits,
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
         deterministic=np.bool_(deterministic))
     return dq, dk, dv, (None if bias is None else dbias)

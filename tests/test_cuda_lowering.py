@@ -2,8 +2,9 @@
 lowered for the "cuda" platform on any machine, then the custom calls read from the StableHLO text.
 
 This catches, in CI, what the GPU tests would only see on the device: which FFI target each call reaches, which
-mask pre-pass / backward path it picks (live-key lists or tile classes), and the workspace output shapes the
-handlers check (csrc/ffi/cuda_handlers.cc, csrc/ffi/cuda_bwd_handlers.cc).
+mask pre-pass / backward path it picks (live-key lists or tile classes), the workspace / key-list shapes the
+handlers check (csrc/ffi/cuda_handlers.cc, csrc/ffi/cuda_bwd_handlers.cc, csrc/ffi/cuda_key_lists_handler.cc),
+and that the forward's and the backward's key-list pre-pass calls are identical (so that XLA's CSE merges them).
 """
 from __future__ import annotations
 
@@ -54,29 +55,66 @@ def result_types(line):
     return re.findall(r"tensor<[^>]*>", line.split("->")[-1])
 
 
+def operand_types(line):
+    """The operand tensor types of a custom-call line, in order."""
+    return re.findall(r"tensor<[^>]*>", line.split("->")[0].rsplit(":", 1)[-1])
+
+
+def operands(line):
+    """The SSA operand names of a custom-call line."""
+    return re.search(r"custom_call @\w+\(([^)]*)\)", line).group(1).split(", ")
+
+
+def key_list_call_signature(line):
+    """What makes two key-list calls identical for CSE: the whole op but the name of its results (operands,
+    attributes, layouts, types), and, to report, its operands and attributes."""
+    attrs = re.search(r"mhlo\.backend_config = \{([^}]*)\}", line).group(1)
+    return operands(line), attrs, re.sub(r"^\s*%[\w#:]+ = ", "", line)
+
+
+# Capacity of the lists at L = 300: the key dim rounded up to 64 (below KEY_LIST_MAX_KEYS).
+CAP = 320
+
+
 def test_forward_takes_key_lists_for_a_full_key_mask():
     calls = lowered_calls((B, HKV, 1, L), (B, HKV, L, L), grad=False)
     (line,) = calls["dmattn_fwd_cuda"]
     assert "key_lists = true" in line
-    n_keys, n_words = _cuda.key_list_sizes((B, HKV, L, L))
-    assert n_keys == 2 * 3 * (1 + L) and n_words == 2 * 3 * 5 * 128
+    assert _cuda.key_list_capacity(L) == CAP
+    n_keys, n_words = _cuda.key_list_sizes((B, HKV, L, L), CAP)
+    assert (n_keys, n_words) == _cuda.key_list_sizes((B, HKV, L, L))  # default capacity
+    assert n_keys == 2 * 3 * (1 + CAP) and n_words == 2 * 3 * 5 * 128
+    # Args: q, k, v, bias, mask, key lists, bit words; results: out, lse, tile classes.
+    ops = operand_types(line)
+    assert len(ops) == 7
+    assert ops[5] == f"tensor<{n_keys}xi32>" and ops[6] == f"tensor<{2 * n_words}xui32>"
     types = result_types(line)
-    assert types[2] == "tensor<0xui8>"  # no tile map
-    assert types[3] == f"tensor<{n_keys}xi32>" and types[4] == f"tensor<{2 * n_words}xui32>"
+    assert len(types) == 3 and types[2] == "tensor<0xui8>"  # no tile map
+    # The lists come from their own pre-pass call, on the mask, with the attention call's query length.
+    (kl,) = calls["dmattn_key_lists_cuda"]
+    assert result_types(kl) == [f"tensor<{n_keys}xi32>", f"tensor<{2 * n_words}xui32>"]
+    assert operand_types(kl) == [f"tensor<{B}x{HKV}x{L}x{L}xi1>"]
+    assert f"capacity = {CAP} : i64" in kl and "is_causal = true" in kl and f"q_len = {L} : i64" in kl
+    kl_results = re.match(r"\s*(%\w+)", kl).group(1)
+    assert operands(line)[5:7] == [f"{kl_results}#0", f"{kl_results}#1"]
 
 
 def test_forward_takes_tile_classes_for_a_key_broadcast_mask():
     calls = lowered_calls(None, (B, HKV, L, 1), grad=False)
     (line,) = calls["dmattn_fwd_cuda"]
     assert "key_lists = false" in line
+    assert "dmattn_key_lists_cuda" not in calls
     types = result_types(line)
     assert types[2] == f"tensor<{B}x{HKV}x3x1xui8>"  # [Bm, Hm, ceil(L / 128), ceil(1 / 64)]
-    assert types[3] == "tensor<0xi32>" and types[4] == "tensor<0xui32>"
+    assert operand_types(line)[5:7] == ["tensor<0xi32>", "tensor<0xui32>"]
 
 
 def test_forward_without_mask_has_no_pre_pass_outputs():
-    (line,) = lowered_calls(None, None, grad=False)["dmattn_fwd_cuda"]
-    assert result_types(line)[2:5] == ["tensor<0xui8>", "tensor<0xi32>", "tensor<0xui32>"]
+    calls = lowered_calls(None, None, grad=False)
+    (line,) = calls["dmattn_fwd_cuda"]
+    assert result_types(line)[2:] == ["tensor<0xui8>"]
+    assert operand_types(line)[5:7] == ["tensor<0xi32>", "tensor<0xui32>"]
+    assert "dmattn_key_lists_cuda" not in calls
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -85,13 +123,16 @@ def test_backward_path_choice(deterministic):
     (line,) = calls["dmattn_bwd_cuda"]
     assert f"deterministic = {str(deterministic).lower()}" in line
     types = result_types(line)
-    n_keys, n_words = _cuda.key_list_sizes((B, HKV, L, L))
-    # Results: dq, dk, dv, dbias, dq_accum, delta, tile classes, dbias_accum, dkv_accum, key lists, bit words.
-    # Both modes take the sparse path here; deterministic mode accumulates int64 fixed-point counts (as uint32
-    # pairs) with the stats words after them, the atomic mode fp32.
-    assert len(types) == 11
+    n_keys, n_words = _cuda.key_list_sizes((B, HKV, L, L), CAP)
+    # Args: q, k, v, bias, mask, out, lse, dout, dlse, key lists, bit words. Results: dq, dk, dv, dbias,
+    # dq_accum, delta, tile classes, dbias_accum, dkv_accum. Both modes take the sparse path here; deterministic
+    # mode accumulates int64 fixed-point counts (as uint32 pairs) with the stats words after them, the atomic
+    # mode fp32.
+    ops = operand_types(line)
+    assert len(ops) == 11
+    assert ops[9] == f"tensor<{n_keys}xi32>" and ops[10] == f"tensor<{2 * n_words}xui32>"
+    assert len(types) == 9
     assert types[4] == "tensor<0xf32>" and types[6] == "tensor<0xui8>"
-    assert types[9] == f"tensor<{n_keys}xi32>" and types[10] == f"tensor<{2 * n_words}xui32>"
     if deterministic:
         assert types[8] == f"tensor<{4 * B * L * HKV * D + 8}xui32>"
         assert types[7] == f"tensor<{2 * B * HKV * L}xui32>"  # dbias counts
@@ -101,6 +142,98 @@ def test_backward_path_choice(deterministic):
 
 def test_backward_full_bias_takes_the_key_tile_path():
     """A bias that varies over query rows needs per-element dbias: the sparse path does not take it."""
-    (line,) = lowered_calls((B, HKV, L, L), (B, HKV, L, L))["dmattn_bwd_cuda"]
-    types = result_types(line)
-    assert types[9] == "tensor<0xi32>" and types[6] == f"tensor<{B}x{HKV}x5x5xui8>"
+    calls = lowered_calls((B, HKV, L, L), (B, HKV, L, L))
+    (line,) = calls["dmattn_bwd_cuda"]
+    assert operand_types(line)[9:] == ["tensor<0xi32>", "tensor<0xui32>"]
+    assert result_types(line)[6] == f"tensor<{B}x{HKV}x5x5xui8>"
+    # Only the forward builds lists then.
+    assert len(calls["dmattn_key_lists_cuda"]) == 1
+
+
+def grad_text(mask_shape, *, deterministic=False, layers=1):
+    """StableHLO of jit(value_and_grad) over `layers` chained attention calls sharing one mask (an argument)."""
+    q = jnp.zeros((B, L, H, D), jnp.bfloat16)
+    k = jnp.zeros((B, L, HKV, D), jnp.bfloat16)
+    bias = jnp.zeros((B, HKV, 1, L), jnp.bfloat16)
+    mask = jnp.ones(mask_shape, jnp.bool_)
+
+    def loss(q, k, v, b, m):
+        x = q
+        for _ in range(layers):
+            x = jax_dmattn.attention(x, k, v, bias=b, mask=m, is_causal=True, deterministic=deterministic,
+                                     implementation="cuda")
+        return x.astype(jnp.float32).sum()
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    return fn.trace(q, k, k, bias, mask).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def key_list_lines(text):
+    return [ln for ln in text.splitlines() if re.search(r'custom_call @dmattn_key_lists_cuda\b', ln)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_forward_and_backward_key_list_calls_are_identical(deterministic):
+    """The backward rebuilds the lists with exactly the forward's call: same operand (the mask value), same
+    attributes, same types. XLA's CSE then merges the two (the optimized HLO has one; checked on the GPU in
+    tests/test_cuda_key_list_reuse.py), so the mask is read once per step."""
+    lines = key_list_lines(grad_text((B, HKV, L, L), deterministic=deterministic))
+    assert len(lines) == 2
+    fwd, bwd = (key_list_call_signature(ln) for ln in lines)
+    assert fwd == bwd
+    assert fwd[0] == ["%arg4"]  # the mask argument itself, not a copy
+    assert f"capacity = {CAP} : i64" in fwd[1] and f"q_len = {L} : i64" in fwd[1] and "is_causal = true" in fwd[1]
+
+
+def test_layers_sharing_a_mask_emit_identical_key_list_calls():
+    lines = key_list_lines(grad_text((B, HKV, L, L), layers=2))
+    assert len(lines) == 4
+    assert len({repr(key_list_call_signature(ln)) for ln in lines}) == 1
+
+
+def test_key_broadcast_mask_emits_no_key_list_call():
+    text = grad_text((B, HKV, L, 1))
+    assert not key_list_lines(text)
+    assert "dmattn_fwd_cuda" in text and "dmattn_bwd_cuda" in text
+
+
+def test_key_list_capacity_rounds_and_caps():
+    cap = _cuda.key_list_capacity
+    assert _cuda.KEY_LIST_MAX_KEYS == 4096
+    assert cap(1) == 64 and cap(64) == 64 and cap(65) == 128 and cap(300) == 320
+    assert cap(4096) == 4096 and cap(4097) == 4096 and cap(100_000) == 4096
+    assert cap(100_000, max_keys=1000) == 960  # rounded down to a multiple of 64
+    assert cap(100_000, max_keys=10) == 64     # at least one chunk
+    assert cap(300, max_keys=8192) == 320      # never above the key dim rounded up to 64
+    n_keys, n_words = _cuda.key_list_sizes((2, 3, 200, 10_000))
+    units = 2 * 3 * 2
+    assert (n_keys, n_words) == (units * (1 + 4096), units * 64 * 128)
+
+
+@pytest.mark.parametrize("bad", [0, -64, 100, 64.0, True])
+def test_bad_key_list_capacity_raises(bad):
+    from jax_dmattn import _cuda_bwd
+
+    q = jnp.zeros((B, L, H, D), jnp.bfloat16)
+    k = jnp.zeros((B, L, HKV, D), jnp.bfloat16)
+    mask = jnp.ones((B, HKV, L, L), jnp.bool_)
+    kw = dict(scale=0.125, softcap=0.0, is_causal=True)
+    with pytest.raises(ValueError, match="key_list_capacity"):
+        jax.jit(lambda q, k, m: _cuda.flash_fwd(q, k, k, None, m, key_list_capacity=bad, **kw)).trace(q, k, mask)
+    lse = jnp.zeros((B, H, L), jnp.float32)
+    with pytest.raises(ValueError, match="key_list_capacity"):
+        jax.jit(lambda q, k, m, lse: _cuda_bwd.flash_bwd(q, k, k, None, m, q, lse, q, lse, deterministic=False,
+                                                          key_list_capacity=bad, **kw)).trace(q, k, mask, lse)
+
+
+def test_explicit_key_list_capacity_sizes_the_lists():
+    q = jnp.zeros((B, L, H, D), jnp.bfloat16)
+    k = jnp.zeros((B, L, HKV, D), jnp.bfloat16)
+    mask = jnp.ones((B, HKV, L, L), jnp.bool_)
+    fn = jax.jit(lambda q, k, m: _cuda.flash_fwd(q, k, k, None, m, scale=0.125, softcap=0.0, is_causal=False,
+                                                 key_list_capacity=128))
+    text = fn.trace(q, k, mask).lower(lowering_platforms=("cuda",)).as_text()
+    (kl,) = key_list_lines(text)
+    n_keys, n_words = _cuda.key_list_sizes(mask.shape, 128)
+    assert "capacity = 128 : i64" in kl and "is_causal = false" in kl
+    assert result_types(kl) == [f"tensor<{n_keys}xi32>", f"tensor<{2 * n_words}xui32>"]

@@ -1,6 +1,8 @@
 // CUDA FFI handlers of the backward pass (kept apart from the forward's, csrc/ffi/cuda_handlers.cc).
 // No CuTe includes here: kernels are reached through plain launch functions. Handlers never allocate and never
-// synchronise: every scratch buffer is an extra FFI result that XLA owns.
+// synchronise: every scratch buffer is an extra FFI result that XLA owns. The sparse path's live-key lists are
+// inputs built by dmattn_key_lists_cuda (csrc/ffi/cuda_key_lists_handler.cc), so that a jitted forward + backward
+// shares the forward's lists through XLA's CSE.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -38,27 +40,27 @@ bool use_sparse_path(bool has_mask, int64_t mask_cols, bool has_bias, int64_t bi
 }
 
 // Inputs: q [B, Lq, H, D], k/v [B, Lk, Hkv, D], bias [Bb, Hb, Mb, Nb] or zero-size, mask (same rule, bool) or
-// zero-size, out [B, Lq, H, D], lse [B, H, Lq] f32, dout, dlse [B, H, Lq] f32.
+// zero-size, out [B, Lq, H, D], lse [B, H, Lq] f32, dout, dlse [B, H, Lq] f32, then on the sparse path the mask's
+// live-key lists from dmattn_key_lists_cuda: key_list_keys [units * (1 + C)] s32 and key_list_bits
+// [2 * units * C / 64 * min(Mm, 128)] u32 (uint64 words), C the list capacity; zero-size otherwise.
 // Results: dq, dk, dv, dbias (bias's shape and dtype; zero-size without a bias), then workspaces:
 // dq_accum [B, Lq, H, D] f32 (zero-size when deterministic), delta [B, H, Lq] f32, the mask tile classes
 // [Bm, Hm, ceil(Mm / 64), ceil(Nm / 64)] u8 (zero-size without a mask), dbias_accum f32 of bias's shape
 // (only for a bf16/f16 bias whose dbias tiles get several flushes, see docs/cuda_backward.md; else zero-size).
-// Sparse path (use_sparse_path): dq_accum and the tile classes are zero-size; key_list_keys
-// [KeyListArgs::keys_size()] s32 and key_list_bits [2 * KeyListArgs::bits_size()] u32 (uint64 words) are set;
-// zero-size otherwise. Not deterministic: dbias_accum is f32 of bias's shape for any bf16/f16 bias that is not
-// key-broadcast, dkv_accum [2, B, Lk, Hkv, D] f32 (dK then dV). Deterministic (fixed point): dbias_accum is u32
-// [2 * bias elements] (int64 counts) for any bias that is not key-broadcast, dkv_accum u32
-// [2 * 2 * B * Lk * Hkv * D + kFixedStatsWords] (int64 dK counts, int64 dV counts, the stats words). The dense
-// path requires f32 for a non-empty dbias_accum.
+// Sparse path (use_sparse_path): dq_accum and the tile classes are zero-size. Not deterministic: dbias_accum is
+// f32 of bias's shape for any bf16/f16 bias that is not key-broadcast, dkv_accum [2, B, Lk, Hkv, D] f32 (dK then
+// dV). Deterministic (fixed point): dbias_accum is u32 [2 * bias elements] (int64 counts) for any bias that is not
+// key-broadcast, dkv_accum u32 [2 * 2 * B * Lk * Hkv * D + kFixedStatsWords] (int64 dK counts, int64 dV counts,
+// the stats words). The dense path requires f32 for a non-empty dbias_accum.
 ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
+                          ffi::Buffer<ffi::S32> key_list_keys, ffi::Buffer<ffi::U32> key_list_bits,
                           ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                           ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
-                          ffi::Result<ffi::AnyBuffer> dkv_accum, ffi::ResultBuffer<ffi::S32> key_list_keys,
-                          ffi::Result<ffi::AnyBuffer> key_list_bits, float scale, float softcap, bool is_causal,
+                          ffi::Result<ffi::AnyBuffer> dkv_accum, float scale, float softcap, bool is_causal,
                           bool deterministic) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
@@ -82,6 +84,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     return bad("bias and mask must be rank 4");
   const bool sparse = use_sparse_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
                                       has_bias ? bias.dimensions()[2] : 0, Lk);
+  if (!sparse && (key_list_keys.element_count() != 0 || key_list_bits.element_count() != 0))
+    return bad("key-list inputs must be zero-size off the sparse path");
   BwdFixedPoint fixed;  // deterministic sparse path: the int64 workspaces (set below)
   if (!deterministic && !sparse && dq_accum->element_count() != q.element_count())
     return bad("dq_accum must have q's element count unless deterministic or on the sparse path");
@@ -190,16 +194,27 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     p.mask_hdiv = static_cast<int>(op.heads_per_index);
 
     if (sparse) {
+      // The lists' capacity C is read back from their sizes (jax_dmattn/_cuda.py: key_list_sizes).
       KeyListArgs ka;
-      ka.mask = reinterpret_cast<const uint8_t*>(mask.typed_data());
       ka.batch = dims[0], ka.heads = dims[1], ka.rows = dims[2], ka.cols = dims[3];
-      ka.is_causal = is_causal;
-      ka.q_len = Lq;
-      ka.causal_offset = Lk - Lq;
+      const int64_t units = ka.units();
+      const int64_t n_keys = static_cast<int64_t>(key_list_keys.element_count());
+      const int64_t n_bits = static_cast<int64_t>(key_list_bits.element_count());
+      if (units == 0) {
+        if (n_keys != 0 || n_bits != 0) return bad("key lists must be empty for an empty mask");
+      } else {
+        if (n_keys % units != 0)
+          return bad("key lists have " + std::to_string(n_keys) +
+                     " elements, not units x (1 + capacity) with units = " + std::to_string(units));
+        ka.capacity = n_keys / units - 1;
+        if (!ka.capacity_ok())
+          return bad("key list capacity " + std::to_string(ka.capacity) +
+                     " is not a multiple of 64 in [64, Lk rounded up to 64]");
+        if (n_bits != 2 * ka.bits_size())
+          return bad("key bit words have " + std::to_string(n_bits) + " u32 elements, expected " +
+                     std::to_string(2 * ka.bits_size()) + " for capacity " + std::to_string(ka.capacity));
+      }
       const int64_t kv_elems = B * Lk * Hkv * D;
-      if (key_list_keys->element_count() != static_cast<size_t>(ka.keys_size()) ||
-          key_list_bits->size_bytes() != static_cast<size_t>(ka.bits_size()) * sizeof(uint64_t))
-        return bad("key-list workspaces have the wrong size");
       if (deterministic) {
         if (dkv_accum->element_type() != ffi::DataType::U32 ||
             dkv_accum->size_bytes() !=
@@ -209,19 +224,17 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                  dkv_accum->element_count() != static_cast<size_t>(2 * kv_elems)) {
         return bad("dkv_accum must be f32 [2, B, Lk, Hkv, D] on the sparse path");
       }
-      ka.keys = key_list_keys->typed_data();
-      ka.bits = reinterpret_cast<uint64_t*>(key_list_bits->untyped_data());
-      if (auto e = cuda_error(launch_build_key_lists(ka, stream), "build_key_lists"); e.failure()) return e;
 
+      // The kernel also reads the mask itself (sp.base.mask, set above) for units marked dense.
       BwdSparseParams sp;
       sp.base = p;
-      sp.lists.keys = ka.keys;
-      sp.lists.bits = ka.bits;
+      sp.lists.keys = key_list_keys.typed_data();
+      sp.lists.bits = reinterpret_cast<const uint64_t*>(key_list_bits.typed_data());
       sp.lists.unit_head_stride = ka.m_tiles();
       sp.lists.unit_batch_stride = dims[0] == 1 ? 0 : dims[1] * ka.m_tiles();
       sp.lists.mask_hdiv = static_cast<int>(H / dims[1]);
       sp.lists.rows_full = dims[2] != 1;
-      sp.lists.keys_stride = 1 + Lk;
+      sp.lists.keys_stride = ka.keys_stride();
       sp.lists.chunks = ka.chunks();
       sp.lists.rows_per_unit = ka.rows_per_unit();
       if (deterministic) {
@@ -268,6 +281,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                   .Arg<ffi::AnyBuffer>()          // dout
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dlse
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // key-list keys (sparse path; else zero-size)
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // key-list bit words (sparse path; else zero-size)
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk
                                   .Ret<ffi::AnyBuffer>()          // dv
@@ -277,8 +292,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Ret<ffi::Buffer<ffi::U8>>()    // mask tile classes (workspace)
                                   .Ret<ffi::AnyBuffer>()          // dbias_accum (workspace: f32, or u32 pairs)
                                   .Ret<ffi::AnyBuffer>()          // dkv_accum (sparse workspace: f32, or u32)
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // key-list keys (sparse workspace)
-                                  .Ret<ffi::AnyBuffer>()          // key-list bit words (sparse workspace)
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")

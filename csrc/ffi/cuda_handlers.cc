@@ -42,15 +42,45 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
 
+// The capacity C of live-key lists built for a mask [Bm, Hm, Mm, Lk] (dmattn_key_lists_cuda), read back from
+// the sizes of its two buffers: keys [units, 1 + C] int32, bits [units, C / 64, min(Mm, 128)] uint64 (as u32
+// pairs). Sets `args` (shape, capacity; not the pointers) or says what does not match. Zero units: both buffers
+// must be empty and C is left 0 (nothing reads them).
+ffi::Error key_list_capacity_from_sizes(const int64_t dims[4], size_t n_keys, size_t n_bits_u32,
+                                        KeyListArgs& args) {
+  args.batch = dims[0], args.heads = dims[1], args.rows = dims[2], args.cols = dims[3];
+  const int64_t units = args.units();
+  if (units == 0) {
+    if (n_keys != 0 || n_bits_u32 != 0)
+      return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists must be empty for an empty mask");
+    return ffi::Error::Success();
+  }
+  const int64_t keys = static_cast<int64_t>(n_keys);
+  if (keys % units != 0 || keys / units < 2)
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists have " + std::to_string(keys) +
+                                       " elements, not units x (1 + capacity) with units = " +
+                                       std::to_string(units));
+  args.capacity = keys / units - 1;
+  if (!args.capacity_ok())
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list capacity " + std::to_string(args.capacity) +
+                                       " is not a multiple of 64 in [64, Lk rounded up to 64]");
+  if (static_cast<int64_t>(n_bits_u32) != 2 * args.bits_size())
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key bit words have " + std::to_string(n_bits_u32) +
+                                       " u32 elements, expected " + std::to_string(2 * args.bits_size()) +
+                                       " for capacity " + std::to_string(args.capacity));
+  return ffi::Error::Success();
+}
+
 // q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or zero-size; mask bool of the same rule or
-// zero-size. Returns out [B, Lq, H, D], lse [B, H, Lq] f32, and the mask pre-pass's workspace: with
-// key_lists, the live-key lists (int32, KeyListArgs::keys_size()) and their bit words (uint64 as 2 x uint32,
-// KeyListArgs::bits_size()) and a zero-size tile map; otherwise the mask tile classes
-// [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (zero-size without a mask) and zero-size lists.
+// zero-size; with key_lists, the mask's live-key lists and bit words built by dmattn_key_lists_cuda (int32
+// [units * (1 + C)], uint64 words as u32 pairs [2 * units * C / 64 * min(Mm, 128)]; zero-size otherwise). They
+// are inputs, not built here, so that XLA's CSE can share one pre-pass between the forward, the backward and
+// layers with the same mask. Returns out [B, Lq, H, D], lse [B, H, Lq] f32 and, off the list path, the mask
+// tile classes [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (workspace; zero-size without a mask or with lists).
 ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                          ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> out,
-                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes,
-                          ffi::ResultBuffer<ffi::S32> key_lists, ffi::ResultBuffer<ffi::U32> key_bits, float scale,
+                          ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> key_lists,
+                          ffi::Buffer<ffi::U32> key_bits, ffi::Result<ffi::AnyBuffer> out,
+                          ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes, float scale,
                           float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
@@ -109,6 +139,9 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   }
 
   const bool has_mask = mask.element_count() > 0;
+  if (use_key_lists && !has_mask) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a mask");
+  if (!use_key_lists && (key_lists.element_count() != 0 || key_bits.element_count() != 0))
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list inputs must be zero-size unless key_lists");
   if (has_mask) {
     const auto md = mask.dimensions();
     if (auto e = check_operand(md, "mask"); e.failure()) return e;
@@ -122,22 +155,18 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     if (use_key_lists) {
       if (dims[3] != Lk) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a full key dim");
       KeyListArgs largs;
-      largs.mask = reinterpret_cast<const uint8_t*>(mask.typed_data());
-      largs.batch = dims[0], largs.heads = dims[1], largs.rows = dims[2], largs.cols = dims[3];
-      largs.is_causal = is_causal, largs.q_len = Lq, largs.causal_offset = Lk - Lq;
-      largs.keys = key_lists->typed_data();
-      largs.bits = reinterpret_cast<uint64_t*>(key_bits->typed_data());
-      if (static_cast<int64_t>(key_lists->element_count()) != largs.keys_size() ||
-          static_cast<int64_t>(key_bits->element_count()) != 2 * largs.bits_size())
-        return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list outputs have the wrong size");
+      if (auto e = key_list_capacity_from_sizes(dims, key_lists.element_count(), key_bits.element_count(), largs);
+          e.failure())
+        return e;
       if (Lq == 0) return ffi::Error::Success();
-      if (auto e = cuda_error(launch_build_key_lists(largs, stream), "build_key_lists"); e.failure()) return e;
+      // The kernel also reads p.mask (set above): units whose live keys exceed the capacity are marked dense.
       const int64_t mt = largs.m_tiles();
-      p.key_lists = largs.keys;
-      p.key_bits = largs.bits;
+      p.key_lists = key_lists.typed_data();
+      p.key_bits = reinterpret_cast<const uint64_t*>(key_bits.typed_data());
       p.kl_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt;
       p.kl_head_stride = dims[1] == 1 ? 0 : mt;
       p.kl_m_stride = dims[2] == 1 ? 0 : 1;
+      p.kl_keys_stride = largs.keys_stride();
       p.kb_rows = static_cast<int>(largs.rows_per_unit());
       p.kb_unit_stride = largs.chunks() * largs.rows_per_unit();
       return cuda_error(launch_flash_fwd(p, stream), "flash_fwd");
@@ -178,11 +207,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::AnyBuffer>()  // bias (zero-size: none)
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask (zero-size: none)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // live-key lists (zero-size: tile path)
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // their mask bit words (zero-size: tile path)
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Ret<ffi::Buffer<ffi::U8>>()  // mask tile classes (workspace / residual)
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // live-key lists (workspace)
-                                  .Ret<ffi::Buffer<ffi::U32>>()  // their mask bit words (workspace)
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")

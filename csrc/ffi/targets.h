@@ -9,9 +9,11 @@ namespace dmattn {
 using FfiTarget = std::pair<const char*, void*>;
 
 std::vector<FfiTarget> cpu_targets();
-// Empty unless the extension was built with CUDA (DMATTN_WITH_CUDA). The backward's handlers live in their
-// own translation unit (csrc/ffi/cuda_bwd_handlers.cc).
+// Empty unless the extension was built with CUDA (DMATTN_WITH_CUDA). The backward's handlers and the live-key
+// list pre-pass live in their own translation units (csrc/ffi/cuda_bwd_handlers.cc,
+// csrc/ffi/cuda_key_lists_handler.cc).
 std::vector<FfiTarget> cuda_targets();
 std::vector<FfiTarget> cuda_bwd_targets();
+std::vector<FfiTarget> cuda_key_lists_targets();
 
 }  // namespace dmattn
