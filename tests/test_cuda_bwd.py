@@ -88,11 +88,12 @@ def oracle_fwd(q, k, v, bias, mask, *, scale, softcap, is_causal, dtype):
     return jnp.asarray(out, F32).astype(dtype), jnp.asarray(lse, F32)
 
 
-def run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale, softcap, is_causal, deterministic):
+def run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale, softcap, is_causal, deterministic,
+            capacity=None):
     from jax_dmattn import _cuda_bwd
 
     fn = functools.partial(_cuda_bwd.flash_bwd, scale=scale, softcap=softcap, is_causal=is_causal,
-                           deterministic=deterministic)
+                           deterministic=deterministic, key_list_capacity=capacity)
     return jax.jit(fn)(q, k, v, bias, mask, out, lse, dout, dlse)
 
 
@@ -103,7 +104,7 @@ def check_against_oracle(case, deterministic=False, empty_rows=False):
     scale = d ** -0.5
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
-                    deterministic=deterministic)
+                    deterministic=deterministic, capacity=capacity)
     kw = dict(scale=scale, is_causal=causal, softcap=softcap or None, dlse=np.asarray(dlse))
     ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
     mag = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
@@ -248,6 +249,17 @@ def sparse_mask(rng, kind, shape, *, lq, causal, bias_for_topk=None):
         return topk_mask(bias_for_topk, window, is_causal=causal, query_len=lq)
     if kind.startswith("rand"):  # scattered element mask of the given density
         return jnp.asarray(rng.random(shape) < float(kind[4:]))
+    if kind == "mixed":  # 128-row tiles alternate: 40 keys shared by the rows (a list) / half-dense (dense unit)
+        m = rng.random(shape) < 0.5
+        for t in range(0, -(-shape[2] // 128), 2):
+            rows = slice(t * 128, (t + 1) * 128)
+            m[:, :, rows] = False
+            for bi in range(shape[0]):
+                for hi in range(shape[1]):
+                    cols = rng.choice(shape[3], size=min(40, shape[3]), replace=False)
+                    n = m[bi, hi, rows].shape[0]
+                    m[bi, hi, rows][:, cols] = rng.random((n, cols.size)) < 0.9
+        return jnp.asarray(m)
     if kind == "block":  # whole 64 x 64 tiles kept or dropped, element noise inside the kept ones
         tiles = rng.random((shape[0], shape[1], -(-shape[2] // 64), -(-shape[3] // 64))) < 0.4
         keep = np.repeat(np.repeat(tiles, 64, axis=2), 64, axis=3)[:, :, :shape[2], :shape[3]]
@@ -270,7 +282,7 @@ def sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kin
     return (q, k, v, bias, mask) + draw_cotangents(rng, b, lq, h, d, dtype)
 
 
-def check_sparse_against_oracle(case, seed=0, empty_rows=None, deterministic=False, scales=None):
+def check_sparse_against_oracle(case, seed=0, empty_rows=None, deterministic=False, scales=None, capacity=None):
     """Runs the sparse path (asserting it is the one taken) and compares all four gradients with the oracle.
     Also checks the exact zeros: dk / dv rows of keys that no kept (row, key) uses, dq rows with no kept key.
     scales: optional dict of factors applied to the inputs ("q", "v", "dout", "dlse") and to the softmax scale
@@ -289,7 +301,7 @@ def check_sparse_against_oracle(case, seed=0, empty_rows=None, deterministic=Fal
         scale = scale * scales.get("scale", 1.0)
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
-                    deterministic=deterministic)
+                    deterministic=deterministic, capacity=capacity)
     kw = dict(scale=scale, is_causal=causal, softcap=softcap or None, dlse=np.asarray(dlse))
     ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
     mag = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
@@ -346,6 +358,36 @@ SPARSE_CASES = [
 @pytest.mark.parametrize("index", range(len(SPARSE_CASES)), ids=[f"s{i}" for i in range(len(SPARSE_CASES))])
 def test_sparse_bwd_matches_oracle(index):
     check_sparse_against_oracle(SPARSE_CASES[index], seed=100 + index)
+
+
+# Dense units (more live keys than the list capacity): the kernel walks every key and stages the raw mask.
+# Lk % 16 == 0 takes the 16-byte cp.async mask pieces, other lengths the plain byte loads.
+DENSE_UNIT_CASES = [
+    (1, 520, 512, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "mixed", "BKMN"),
+    (2, 300, 333, 4, 1, 64, F16, False, 0.0, None, "mixed", "BHMN"),
+    (1, 400, 704, 4, 2, 256, BF16, True, 0.0, ("BK1N", "f32"), "mixed", "BKMN"),
+    (1, 260, 260, 4, 4, 96, F16, True, 5.0, ("1H1N", "f16"), "rand0.5", "1KMN"),
+    (2, 129, 256, 4, 2, 32, BF16, True, 0.0, ("B11N", "f32"), "rand0.5", "B11N"),  # row-broadcast mask
+    (1, 333, 77, 4, 2, 192, F16, True, 0.0, ("BK1N", "f16"), "rand0.5", "BKMN"),   # Lq > Lk
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index", range(len(DENSE_UNIT_CASES)), ids=[f"u{i}" for i in range(len(DENSE_UNIT_CASES))])
+def test_sparse_dense_units_match_oracle(index, deterministic):
+    """capacity 64: the half-dense tiles overflow it (dense units) while the 40-key tiles stay lists."""
+    check_sparse_against_oracle(DENSE_UNIT_CASES[index], seed=300 + index, deterministic=deterministic,
+                                capacity=64)
+
+
+def test_sparse_dense_units_agree_with_lists():
+    """The same gradients whether a unit is walked as a list (default capacity) or densely (capacity 64)."""
+    case = DENSE_UNIT_CASES[0]
+    inputs, listed = check_sparse_against_oracle(case, seed=7)
+    dense = run_bwd(*inputs, scale=case[5] ** -0.5, softcap=case[8], is_causal=case[7], deterministic=False,
+                    capacity=64)
+    for name, a, e in zip(("dq", "dk", "dv", "dbias"), dense, listed):
+        assert rel_err(a, e) < TOL[case[6]], name
 
 
 @pytest.mark.parametrize("d", [32, 64, 96, 128, 192, 256])
