@@ -104,7 +104,7 @@ def check_against_oracle(case, deterministic=False, empty_rows=False):
     scale = d ** -0.5
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
-                    deterministic=deterministic, capacity=capacity)
+                    deterministic=deterministic)
     kw = dict(scale=scale, is_causal=causal, softcap=softcap or None, dlse=np.asarray(dlse))
     ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
     mag = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
