@@ -7,7 +7,9 @@
 #
 # Steps: build | fwd (tests/test_cuda_long.py) | bwd (tests/test_cuda_bwd.py) | suite (the shared suite's gpu-marked
 # cases, implementation="cuda") | bench (benchmarks/bench_attention.py). PYTEST_FWD / PYTEST_BWD / PYTEST_SUITE add
-# pytest arguments to a step; *_TIMEOUT bound it in seconds.
+# pytest arguments to a step; *_TIMEOUT bound it in seconds. GPU_TEST_WORKERS=N runs each test step on N pytest-xdist
+# workers sharing the GPU (memory is not preallocated): tests/test_cuda_long.py alone takes ~8-9 minutes on one
+# worker when other test steps share the card, which does not fit a 10-minute device call with the build.
 # Needs nvcc, jax/jaxlib (the build uses the installed jaxlib's FFI headers: --no-build-isolation) and the
 # CUTLASS headers: CUTLASS_INCLUDE_DIR, or the nvidia-cutlass wheel in .whl/ (carried to machines without a
 # registry), or an installed nvidia-cutlass. Logs, junit XML and benchmark JSON go to $OUT (default ./gpu_check_out).
@@ -44,8 +46,12 @@ fi
 cd /tmp
 python3 -c "import jax, jax_dmattn; from jax_dmattn import _cuda, _cuda_bwd; print('backend', jax.default_backend(), jax.devices()[0].device_kind, 'cuda fwd', _cuda.available(), 'bwd', _cuda_bwd.available())"
 
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+workers=()
+if [ "${GPU_TEST_WORKERS:-1}" -gt 1 ] && python3 -c "import xdist" 2>/dev/null; then workers=(-n "$GPU_TEST_WORKERS"); fi
+
 run_pytest() {  # name, timeout, extra args (one string, shell-quoted: '-m "not slow"'), pytest args...
-  local name=$1 limit=$2; eval "local extra=($3)"; shift 3
+  local name=$1 limit=$2; eval "local extra=($3 ${workers[*]})"; shift 3
   local t0=$(date +%s)
   timeout "$limit" python3 -m pytest -q -rfE -p no:cacheprovider "$@" "${extra[@]}" --junitxml="$OUT/$name.xml" \
     >"$OUT/$name.log" 2>&1
