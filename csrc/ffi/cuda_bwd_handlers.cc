@@ -15,6 +15,7 @@
 #include "cuda/flash_bwd_sparse.h"
 #include "cuda/key_lists.h"
 #include "cuda/tile_classes.h"
+#include "ffi/cuda_handler_common.h"
 #include "ffi/targets.h"
 
 namespace ffi = xla::ffi;
@@ -22,14 +23,7 @@ namespace ffi = xla::ffi;
 namespace dmattn {
 namespace {
 
-ffi::Error cuda_error(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("dmattn_bwd_cuda: " + what); }
-
-bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
 
 // The key-list ("sparse") backward serves both modes when a mask with a full key dim is given and the bias (if
 // any) is broadcast over query rows, so that its gradient is a column sum (docs/cuda_backward.md). Its dk / dv /
@@ -137,6 +131,19 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     p.bias_hdiv = static_cast<int>(op.heads_per_index);
     p.bias_size = bias.element_count();
     p.dbias = dbias->untyped_data();
+    // dbias partial sums added in fp32: into dbias itself for an f32 bias, else into the f32 workspace of bias's
+    // shape (converted at the end).
+    auto accumulate_in_f32 = [&](const char* where) -> ffi::Error {
+      p.dbias_mode = kDbiasAccum;
+      if (bt == ffi::DataType::F32) {
+        p.dbias_accum = static_cast<float*>(p.dbias);
+        return ffi::Error::Success();
+      }
+      if (dbias_accum->element_type() != ffi::DataType::F32 || dbias_accum->element_count() != bias.element_count())
+        return bad(std::string("dbias_accum must be f32 of bias's element count ") + where);
+      p.dbias_accum = static_cast<float*>(dbias_accum->untyped_data());
+      return ffi::Error::Success();
+    };
     // A bias constant along keys is cancelled by softmax: dbias is exactly 0 (zero-filled, never computed).
     if (dims[3] == 1 && Lk != 1) {
       p.dbias_mode = kDbiasNone;
@@ -150,15 +157,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       fixed.rows_dbias = double(Lq) * double(dims[0] == 1 ? B : 1) * double(H / dims[1]);
     } else if (sparse) {
       // Column sums of dS added atomically: into dbias itself (f32) or an fp32 workspace converted at the end.
-      p.dbias_mode = kDbiasAccum;
-      if (bt == ffi::DataType::F32) {
-        p.dbias_accum = static_cast<float*>(p.dbias);
-      } else {
-        if (dbias_accum->element_type() != ffi::DataType::F32 ||
-            dbias_accum->element_count() != bias.element_count())
-          return bad("dbias_accum must be f32 of bias's element count on the sparse path");
-        p.dbias_accum = static_cast<float*>(dbias_accum->untyped_data());
-      }
+      if (auto e = accumulate_in_f32("on the sparse path"); e.failure()) return e;
     } else {
       // A CTA owns whole dbias columns: it spans every batch / kv head that shares one bias batch / head.
       p.batches_per_item = dims[0] == 1 ? static_cast<int>(B) : 1;
@@ -170,15 +169,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       if (!multi) {
         p.dbias_mode = kDbiasDirect;
       } else {
-        p.dbias_mode = kDbiasAccum;
-        if (bt == ffi::DataType::F32) {
-          p.dbias_accum = static_cast<float*>(p.dbias);
-        } else {
-          if (dbias_accum->element_type() != ffi::DataType::F32 ||
-              dbias_accum->element_count() != bias.element_count())
-            return bad("dbias_accum must be f32 of bias's element count for this bias shape / dtype");
-          p.dbias_accum = static_cast<float*>(dbias_accum->untyped_data());
-        }
+        if (auto e = accumulate_in_f32("for this bias shape / dtype"); e.failure()) return e;
       }
     }
   }
@@ -196,24 +187,10 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     if (sparse) {
       // The lists' capacity C is read back from their sizes (jax_dmattn/_cuda.py: key_list_sizes).
       KeyListArgs ka;
-      ka.batch = dims[0], ka.heads = dims[1], ka.rows = dims[2], ka.cols = dims[3];
-      const int64_t units = ka.units();
-      const int64_t n_keys = static_cast<int64_t>(key_list_keys.element_count());
-      const int64_t n_bits = static_cast<int64_t>(key_list_bits.element_count());
-      if (units == 0) {
-        if (n_keys != 0 || n_bits != 0) return bad("key lists must be empty for an empty mask");
-      } else {
-        if (n_keys % units != 0)
-          return bad("key lists have " + std::to_string(n_keys) +
-                     " elements, not units x (1 + capacity) with units = " + std::to_string(units));
-        ka.capacity = n_keys / units - 1;
-        if (!ka.capacity_ok())
-          return bad("key list capacity " + std::to_string(ka.capacity) +
-                     " is not a multiple of 64 in [64, Lk rounded up to 64]");
-        if (n_bits != 2 * ka.bits_size())
-          return bad("key bit words have " + std::to_string(n_bits) + " u32 elements, expected " +
-                     std::to_string(2 * ka.bits_size()) + " for capacity " + std::to_string(ka.capacity));
-      }
+      if (auto e = key_list_capacity_from_sizes("dmattn_bwd_cuda", dims, key_list_keys.element_count(),
+                                                key_list_bits.element_count(), ka);
+          e.failure())
+        return e;
       const int64_t kv_elems = B * Lk * Hkv * D;
       if (deterministic) {
         if (dkv_accum->element_type() != ffi::DataType::U32 ||

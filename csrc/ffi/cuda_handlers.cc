@@ -12,17 +12,13 @@
 #include "cuda/flash_fwd.h"
 #include "cuda/key_lists.h"
 #include "cuda/tile_classes.h"
+#include "ffi/cuda_handler_common.h"
 #include "ffi/targets.h"
 
 namespace ffi = xla::ffi;
 
 namespace dmattn {
 namespace {
-
-ffi::Error cuda_error(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(err));
-}
 
 // mask [B, H, M, N] bool -> classes [B, H, ceil(M / block_m), ceil(N / block_n)] uint8.
 ffi::Error mask_tile_classes_impl(cudaStream_t stream, ffi::Buffer<ffi::PRED> mask,
@@ -37,39 +33,6 @@ ffi::Error mask_tile_classes_impl(cudaStream_t stream, ffi::Buffer<ffi::PRED> ma
   return cuda_error(launch_classify_mask_tiles(args, stream), "classify_mask_tiles");
 }
 
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
-
-// The capacity C of live-key lists built for a mask [Bm, Hm, Mm, Lk] (dmattn_key_lists_cuda), read back from
-// the sizes of its two buffers: keys [units, 1 + C] int32, bits [units, C / 64, min(Mm, 128)] uint64 (as u32
-// pairs). Sets `args` (shape, capacity; not the pointers) or says what does not match. Zero units: both buffers
-// must be empty and C is left 0 (nothing reads them).
-ffi::Error key_list_capacity_from_sizes(const int64_t dims[4], size_t n_keys, size_t n_bits_u32,
-                                        KeyListArgs& args) {
-  args.batch = dims[0], args.heads = dims[1], args.rows = dims[2], args.cols = dims[3];
-  const int64_t units = args.units();
-  if (units == 0) {
-    if (n_keys != 0 || n_bits_u32 != 0)
-      return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists must be empty for an empty mask");
-    return ffi::Error::Success();
-  }
-  const int64_t keys = static_cast<int64_t>(n_keys);
-  if (keys % units != 0 || keys / units < 2)
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists have " + std::to_string(keys) +
-                                       " elements, not units x (1 + capacity) with units = " +
-                                       std::to_string(units));
-  args.capacity = keys / units - 1;
-  if (!args.capacity_ok())
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list capacity " + std::to_string(args.capacity) +
-                                       " is not a multiple of 64 in [64, Lk rounded up to 64]");
-  if (static_cast<int64_t>(n_bits_u32) != 2 * args.bits_size())
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key bit words have " + std::to_string(n_bits_u32) +
-                                       " u32 elements, expected " + std::to_string(2 * args.bits_size()) +
-                                       " for capacity " + std::to_string(args.capacity));
-  return ffi::Error::Success();
-}
 
 // q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or zero-size; mask bool of the same rule or
 // zero-size; with key_lists, the mask's live-key lists and bit words built by dmattn_key_lists_cuda (int32
@@ -155,7 +118,8 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     if (use_key_lists) {
       if (dims[3] != Lk) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a full key dim");
       KeyListArgs largs;
-      if (auto e = key_list_capacity_from_sizes(dims, key_lists.element_count(), key_bits.element_count(), largs);
+      if (auto e = key_list_capacity_from_sizes("dmattn_fwd_cuda", dims, key_lists.element_count(),
+                                                key_bits.element_count(), largs);
           e.failure())
         return e;
       if (Lq == 0) return ffi::Error::Success();

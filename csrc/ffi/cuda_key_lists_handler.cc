@@ -15,17 +15,13 @@
 #include "xla/ffi/api/ffi.h"
 
 #include "cuda/key_lists.h"
+#include "ffi/cuda_handler_common.h"
 #include "ffi/targets.h"
 
 namespace ffi = xla::ffi;
 
 namespace dmattn {
 namespace {
-
-ffi::Error cuda_error(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(err));
-}
 
 ffi::Error bad(const std::string& what) {
   return ffi::Error::InvalidArgument("dmattn_key_lists_cuda: " + what);
