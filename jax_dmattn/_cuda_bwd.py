@@ -65,9 +65,8 @@ def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool = False) -> 
     return bias_shape is None or bias_shape[2] == 1
 
 
-# The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size / capacity rule for both calls.
+# The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size rule for both calls.
 key_list_sizes = _cuda.key_list_sizes
-key_list_capacity = _cuda.key_list_capacity
 
 
 def _check(q, k, v, bias, mask, out, lse, dout, dlse):
