@@ -20,6 +20,8 @@ D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / 
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,12 +57,60 @@ def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: 
     return multi and jnp.dtype(bias_dtype) != jnp.float32
 
 
-def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool = False) -> bool:
+# The sparse kernel's builds: query rows per CTA by head dim, preferred first (csrc/cuda/flash_bwd_sparse.h:
+# sparse_bwd_has_rows). 128 rows make a CTA one whole key-list unit; 64 keep the dQ accumulator in registers at
+# D > 128, and at D = 128 fit devices with less shared memory per block (sm_80).
+SPARSE_ROWS = {32: (128,), 64: (128,), 96: (128,), 128: (128, 64), 192: (64,), 256: (64,)}
+# Opt-in dynamic shared memory per block by compute capability (CUDA programming guide, "Technical
+# Specifications per Compute Capability"). JAX_DMATTN_MAX_DYNAMIC_SMEM (bytes) overrides the lookup, e.g. to run
+# the sm_80 choices on an H100.
+_SMEM_OPTIN = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
+               (10, 0): 232448, (10, 3): 232448, (12, 0): 101376}
+SMEM_ENV = "JAX_DMATTN_MAX_DYNAMIC_SMEM"
+_SMEM_DEFAULT = 232448  # no GPU to ask (lowering on a CPU machine): the sm_90 value, the kernels' design point
+
+
+def sparse_smem_bytes(head_dim: int, rows: int) -> int:
+    """Mirror of sparse_bwd_smem_bytes (csrc/cuda/flash_bwd_sparse.h), which the kernel static_asserts against
+    its own layout."""
+    return ((2 * rows * head_dim + 4 * 64 * head_dim + 2 * rows * 64) * 2 + 2 * rows * 64 + 2 * rows * 8
+            + 2 * 64 * 4 + 2 * 64 * 4 + (rows // 16) * 64 * 4 + 4 * 4)
+
+
+def device_smem_limit() -> int:
+    """The opt-in shared memory per block of the first local CUDA device (JAX_DMATTN_MAX_DYNAMIC_SMEM overrides)."""
+    env = os.environ.get(SMEM_ENV)
+    if env:
+        return int(env)
+    try:
+        cc = jax.local_devices(backend="cuda")[0].compute_capability
+        major, minor = (int(x) for x in str(cc).split(".")[:2])
+    except Exception:  # no CUDA backend here, or a jax without compute_capability
+        return _SMEM_DEFAULT
+    if (major, minor) in _SMEM_OPTIN:
+        return _SMEM_OPTIN[(major, minor)]
+    return 101376 if major in (8, 12) else _SMEM_DEFAULT
+
+
+def sparse_rows_per_cta(head_dim: int, smem_limit: int | None = None) -> int:
+    """The sparse kernel's rows per CTA for this head dim on this device: its preferred build that fits the
+    device's shared memory, or 0 when none does (then the key-tile path runs)."""
+    limit = device_smem_limit() if smem_limit is None else smem_limit
+    for rows in SPARSE_ROWS.get(head_dim, ()):
+        if sparse_smem_bytes(head_dim, rows) <= limit:
+            return rows
+    return 0
+
+
+def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool = False, head_dim: int | None = None) -> bool:
     """Mirror of the handler's use_sparse_path: the key-list backward serves a mask with a full key dim and a bias
     that is absent or broadcast over query rows (Mb == 1), in both modes (``deterministic`` only changes how it
-    accumulates: fp32 atomics or int64 fixed-point atomics)."""
+    accumulates: fp32 atomics or int64 fixed-point atomics), when one of its builds for ``head_dim`` fits the
+    device's shared memory (not checked without a head dim)."""
     del deterministic  # both modes
     if mask_shape is None or mask_shape[3] != lk:
+        return False
+    if head_dim is not None and sparse_rows_per_cta(head_dim) == 0:
         return False
     return bias_shape is None or bias_shape[2] == 1
 
@@ -91,8 +141,9 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     capacity = _cuda._resolve_capacity("flash_bwd", lk, key_list_capacity)
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
-    sparse = use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk,
-                        deterministic)
+    rows = sparse_rows_per_cta(q.shape[3])
+    sparse = rows > 0 and use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk,
+                                     deterministic)
     fixed = sparse and deterministic  # int64 fixed-point accumulators, declared as uint32 pairs (no x64 needed)
     dbias_computed = bias is not None and not (bias.shape[3] == 1 and lk != 1)
     if sparse:
@@ -129,5 +180,5 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),
         keys, bits,
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
-        deterministic=np.bool_(deterministic))
+        deterministic=np.bool_(deterministic), sparse_rows=np.int64(rows if sparse else 0))
     return dq, dk, dv, (None if bias is None else dbias)

@@ -543,3 +543,22 @@ def test_sparse_deterministic_non_finite_input_gives_nan():
                                 is_causal=causal, deterministic=True)
     for name, g in (("dk", dk), ("dv", dv), ("dbias", dbias)):
         assert np.isnan(np.asarray(g, np.float32)).all(), name
+
+
+# The choices made for a device with less shared memory per block (sm_80: 163 KB), run on this GPU through the
+# JAX_DMATTN_MAX_DYNAMIC_SMEM override: D = 128 takes the 64-row sparse build, D = 192 / 256 the key-tile path.
+A100_SMEM = 166912
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index", [0, 2])
+def test_sm80_choices_match_oracle(monkeypatch, index, deterministic):
+    from jax_dmattn import _cuda_bwd
+
+    monkeypatch.setenv(_cuda_bwd.SMEM_ENV, str(A100_SMEM))
+    case = list(SPARSE_CASES[index])
+    assert _cuda_bwd.sparse_rows_per_cta(case[5]) == (64 if case[5] == 128 else 128)
+    check_sparse_against_oracle(tuple(case), seed=500 + index, deterministic=deterministic)
+    case[5] = 256  # no sparse build fits: the key-tile path, same gradients
+    assert _cuda_bwd.sparse_rows_per_cta(256) == 0
+    check_sparse_against_oracle(tuple(case), seed=600 + index, deterministic=deterministic)

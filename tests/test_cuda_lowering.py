@@ -237,3 +237,69 @@ def test_explicit_key_list_capacity_sizes_the_lists():
     n_keys, n_words = _cuda.key_list_sizes(mask.shape, 128)
     assert "capacity = 128 : i64" in kl and "is_causal = false" in kl
     assert result_types(kl) == [f"tensor<{n_keys}xi32>", f"tensor<{2 * n_words}xui32>"]
+
+
+# ------------------------------------------------------------------ backward builds vs the device's shared memory
+H100_SMEM, A100_SMEM = 232448, 166912
+
+
+@pytest.mark.parametrize("limit,expected", [
+    (H100_SMEM, {32: 128, 64: 128, 96: 128, 128: 128, 192: 64, 256: 64}),
+    (A100_SMEM, {32: 128, 64: 128, 96: 128, 128: 64, 192: 0, 256: 0}),
+])
+def test_sparse_rows_per_cta_fit_the_device(limit, expected):
+    from jax_dmattn import _cuda_bwd
+
+    got = {d: _cuda_bwd.sparse_rows_per_cta(d, limit) for d in expected}
+    assert got == expected
+    for d, rows in got.items():
+        if rows:
+            assert _cuda_bwd.sparse_smem_bytes(d, rows) <= limit
+
+
+def test_smem_limit_env_override(monkeypatch):
+    from jax_dmattn import _cuda_bwd
+
+    monkeypatch.setenv(_cuda_bwd.SMEM_ENV, str(A100_SMEM))
+    assert _cuda_bwd.device_smem_limit() == A100_SMEM
+    monkeypatch.delenv(_cuda_bwd.SMEM_ENV)
+    assert _cuda_bwd.device_smem_limit() > 0
+
+
+def backward_line(d):
+    """The dmattn_bwd_cuda line of grad(attention) with a per-key bias and a full mask at head dim d."""
+    q = jnp.zeros((B, L, H, d), jnp.bfloat16)
+    k = jnp.zeros((B, L, HKV, d), jnp.bfloat16)
+    bias = jnp.zeros((B, HKV, 1, L), jnp.bfloat16)
+    mask = jnp.ones((B, HKV, L, L), jnp.bool_)
+
+    def loss(q, k, v, b):
+        out = jax_dmattn.attention(q, k, v, bias=b, mask=mask, is_causal=True, implementation="cuda")
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, k, bias).lower(
+        lowering_platforms=("cuda",)).as_text()
+    lines = [ln for ln in text.splitlines() if "dmattn_bwd_cuda" in ln and "custom_call" in ln]
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize("limit,d,rows", [
+    (H100_SMEM, 128, 128), (H100_SMEM, 256, 64), (A100_SMEM, 96, 128), (A100_SMEM, 128, 64),
+    (A100_SMEM, 192, 0), (A100_SMEM, 256, 0),
+])
+def test_backward_build_follows_the_device_smem(monkeypatch, limit, d, rows):
+    """The backward's sparse_rows attribute is the build that fits the device; none fits (0): the key-tile path,
+    with its dq accumulator and no key lists."""
+    from jax_dmattn import _cuda_bwd
+
+    monkeypatch.setenv(_cuda_bwd.SMEM_ENV, str(limit))
+    line = backward_line(d)
+    assert int(re.search(r"sparse_rows = (\d+)", line).group(1)) == rows
+    ops = operand_types(line)
+    res = result_types(line)
+    if rows:
+        assert ops[-2] != "tensor<0xi32>" and res[4] == "tensor<0xf32>"  # key lists in, no dq accumulator
+    else:
+        assert ops[-2] == "tensor<0xi32>" and ops[-1] == "tensor<0xui32>"
+        assert res[4] == f"tensor<{B}x{L}x{H}x{d}xf32>"  # the key-tile path's fp32 dq accumulator

@@ -50,6 +50,22 @@ struct BwdFixedPoint {
   double rows_dbias = 0;  // rows summed into one dbias entry: Lq * (B / Bb) * (H / Hb)
 };
 
+// Query rows per CTA the sparse kernel is built with for a head dim: 128 (a whole key-list unit) while the dQ
+// accumulator fits the registers (D <= 128), 64 above. D = 128 also has a 64-row build, for devices whose
+// shared memory per block (sm_80: 163 KB) cannot hold the 128-row one (181 KB).
+constexpr bool sparse_bwd_has_rows(int head_dim, int rows) {
+  return rows == 128 ? head_dim <= 128 : (rows == 64 && head_dim >= 128);
+}
+
+// Dynamic shared memory of the sparse kernel (SparseTraits::kSmemBytes; static_assert-ed equal there):
+// Q, dO [rows, D] + 2 stages of K, V [64, D] + P, dS [rows, 64] (2-byte elements), the dense-unit mask stages
+// [2, rows, 64] bytes, bit words [2, rows] u64, keys and bias values [2, 64] 4 B each, dbias bands
+// [rows / 16, 64] f32, 4 fixed-point scales. Mirrored by jax_dmattn/_cuda_bwd.py: sparse_smem_bytes.
+constexpr int sparse_bwd_smem_bytes(int head_dim, int rows) {
+  return (2 * rows * head_dim + 4 * 64 * head_dim + 2 * rows * 64) * 2 + 2 * rows * 64 + 2 * rows * 8 +
+         2 * 64 * 4 + 2 * 64 * 4 + (rows / 16) * 64 * 4 + 4 * 4;
+}
+
 struct BwdSparseParams {
   // q, k, v, out, dout, lse, dlse, dq, dk, dv, delta, shapes, scale, softcap, causal; bias (only one with a
   // broadcast query dim, Mb == 1) with its strides and dbias_mode (kDbiasNone: key-broadcast bias, zero dbias;
@@ -59,6 +75,7 @@ struct BwdSparseParams {
   float* dk_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dk
   float* dv_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dv
   BwdFixedPoint fixed;        // deterministic mode when fixed.dk != nullptr (then dk_accum / dv_accum are unused)
+  int rows_per_cta = 0;       // 128 or 64 (sparse_bwd_has_rows); chosen by the caller from the device's limit
 };
 
 // The whole sparse backward on `stream` after the key lists are built: zero-fill of the accumulators, delta,

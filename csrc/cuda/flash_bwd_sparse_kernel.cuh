@@ -93,6 +93,7 @@ struct SparseTraits {
   static constexpr int kSmemBytes = kElemBytes + kMaskBytes + 2 * kBlockM * 8 + 2 * kBlockN * 4 +
                                     2 * kBlockN * 4 + kWarpsM * kBlockN * 4 + 4 * 4;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+  static_assert(kSmemBytes == sparse_bwd_smem_bytes(kHeadDim, kBlockM), "flash_bwd_sparse.h's formula is stale");
 };
 
 // 16 bytes global -> shared, zero-filled when !valid (src is not read then).
@@ -406,17 +407,35 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // The same into an int64 [B, Lk, Hkv, D] workspace of counts: each partial (times mul, rounded in fp32 as
   // above) is scaled by the exact power of two inv_res, rounded to the nearest integer and added with a 64-bit
   // integer atomic. A non-finite or out-of-range count raises the flag (outputs become NaN).
+  // Coalescing: in the MMA accumulator layout lane q of a quad holds columns 2q, 2q + 1 of each 8-column block, so
+  // adding them directly makes every warp instruction touch 8 rows x two half-used 32-byte sectors. The quad first
+  // swaps counts (4 shuffles per pair) so that lane q adds columns q and q + 4: each instruction then covers one
+  // full sector per row, half the L2 sectors for the same 8-byte adds. Shuffles run on every lane (rows past the
+  // list included); only the atomics are skipped for them.
   auto add_key_rows_fixed = [&](auto& acc, unsigned long long* accum, const int* keys, float mul, float inv_res) {
     Tensor a = make_tensor(acc.data(), bwd::rowcol(acc.layout()));
+    static_assert(decltype(size<1>(a))::value % 2 == 0, "columns come in pairs per lane");
+    const int q = lane & 3;
+    const int src_lo = (lane & ~3) + (q >> 1), src_hi = src_lo + 2;
     bool bad = false;
     CUTE_UNROLL
     for (int r = 0; r < size<0>(a); ++r) {
       const int key = keys[get<0>(cKV(r, 0))];
-      if (key < 0) continue;
-      unsigned long long* dst = accum + (int64_t(b) * p.kv_len + key) * k_row_stride + int64_t(kvh) * kD;
+      unsigned long long* dst =
+          accum + (int64_t(b) * p.kv_len + (key < 0 ? 0 : key)) * k_row_stride + int64_t(kvh) * kD;
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(a); ++c) {
-        atomicAdd(dst + get<1>(cKV(0, c)), fixed::to_count((a(r, c) * mul) * inv_res, bad));
+      for (int c = 0; c < size<1>(a); c += 2) {
+        const unsigned long long e0 = fixed::to_count((a(r, c) * mul) * inv_res, bad);
+        const unsigned long long e1 = fixed::to_count((a(r, c + 1) * mul) * inv_res, bad);
+        const unsigned long long lo0 = __shfl_sync(0xffffffffu, e0, src_lo);
+        const unsigned long long lo1 = __shfl_sync(0xffffffffu, e1, src_lo);
+        const unsigned long long hi0 = __shfl_sync(0xffffffffu, e0, src_hi);
+        const unsigned long long hi1 = __shfl_sync(0xffffffffu, e1, src_hi);
+        const int n0 = get<1>(cKV(0, c)) - 2 * q;  // first column of this 8-column block
+        if (key >= 0) {
+          atomicAdd(dst + n0 + q, (q & 1) ? lo1 : lo0);
+          atomicAdd(dst + n0 + q + 4, (q & 1) ? hi1 : hi0);
+        }
       }
     }
     if (bad) atomicOr(sp.fixed.stats + kFixedBad, 1u);
@@ -549,16 +568,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   }
 }
 
-// Query rows per CTA: a whole 128-row unit while the dQ accumulator (M x D fp32) fits the registers beside
-// the score tiles, half a unit above D = 128.
-template <int kHeadDim>
-constexpr int sparse_block_m() {
-  return kHeadDim <= 128 ? 128 : 64;
-}
-
-template <int kHeadDim, bool kIsBF16, bool kFixed>
+template <int kHeadDim, bool kIsBF16, int kBlockM, bool kFixed>
 cudaError_t launch_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream) {
-  using Kt = SparseTraits<kHeadDim, kIsBF16, sparse_block_m<kHeadDim>()>;
+  using Kt = SparseTraits<kHeadDim, kIsBF16, kBlockM>;
   auto kernel = flash_bwd_sparse_kernel<Kt, kFixed>;
   static std::atomic<uint64_t> configured{0};
   if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
@@ -569,10 +581,23 @@ cudaError_t launch_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream)
   return cudaGetLastError();
 }
 
+template <int kHeadDim, bool kIsBF16, int kBlockM>
+cudaError_t launch_sparse_rows(const BwdSparseParams& sp, cudaStream_t stream) {
+  return sp.fixed.dk != nullptr ? launch_sparse_kernel<kHeadDim, kIsBF16, kBlockM, true>(sp, stream)
+                                : launch_sparse_kernel<kHeadDim, kIsBF16, kBlockM, false>(sp, stream);
+}
+
+// The builds of a head dim (flash_bwd_sparse.h: sparse_bwd_has_rows): 128 rows up to D = 128, 64 from D = 128.
 template <int kHeadDim, bool kIsBF16>
 cudaError_t launch_sparse(const BwdSparseParams& sp, cudaStream_t stream) {
-  return sp.fixed.dk != nullptr ? launch_sparse_kernel<kHeadDim, kIsBF16, true>(sp, stream)
-                                : launch_sparse_kernel<kHeadDim, kIsBF16, false>(sp, stream);
+  if (!sparse_bwd_has_rows(kHeadDim, sp.rows_per_cta)) return cudaErrorInvalidValue;
+  if constexpr (kHeadDim <= 128) {
+    if (sp.rows_per_cta == 128) return launch_sparse_rows<kHeadDim, kIsBF16, 128>(sp, stream);
+  }
+  if constexpr (kHeadDim >= 128) {
+    if (sp.rows_per_cta == 64) return launch_sparse_rows<kHeadDim, kIsBF16, 64>(sp, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace bwd_sparse

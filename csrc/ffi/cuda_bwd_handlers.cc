@@ -55,7 +55,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
                           ffi::Result<ffi::AnyBuffer> dkv_accum, float scale, float softcap, bool is_causal,
-                          bool deterministic) {
+                          bool deterministic, int64_t sparse_rows) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
   const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1], Hkv = kd[2];
@@ -76,8 +76,26 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   const bool has_bias = bias.element_count() > 0, has_mask = mask.element_count() > 0;
   if ((has_bias && bias.dimensions().size() != 4) || (has_mask && mask.dimensions().size() != 4))
     return bad("bias and mask must be rank 4");
-  const bool sparse = use_sparse_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
-                                      has_bias ? bias.dimensions()[2] : 0, Lk);
+  // sparse_rows: the sparse kernel's rows per CTA that the caller chose for this device (0: its shared memory
+  // fits no build of the head dim, take the key-tile path; jax_dmattn/_cuda_bwd.py: sparse_rows_per_cta).
+  const bool sparse = sparse_rows != 0 && use_sparse_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
+                                                          has_bias ? bias.dimensions()[2] : 0, Lk);
+  if (sparse) {
+    if (!sparse_bwd_has_rows(static_cast<int>(D), static_cast<int>(sparse_rows)))
+      return bad("sparse_rows " + std::to_string(sparse_rows) + " is not built for head dim " + std::to_string(D));
+    int device = 0, limit = 0;
+    if (auto e = cuda_error(cudaGetDevice(&device), "cudaGetDevice"); e.failure()) return e;
+    if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                            "cudaDeviceGetAttribute");
+        e.failure())
+      return e;
+    const int need = sparse_bwd_smem_bytes(static_cast<int>(D), static_cast<int>(sparse_rows));
+    if (need > limit)
+      return bad("the sparse backward with " + std::to_string(sparse_rows) + " rows per CTA needs " +
+                 std::to_string(need) + " bytes of shared memory, this device allows " + std::to_string(limit) +
+                 " (jax_dmattn chose it for a larger limit: set JAX_DMATTN_MAX_DYNAMIC_SMEM=" +
+                 std::to_string(limit) + ")");
+  }
   if (!sparse && (key_list_keys.element_count() != 0 || key_list_bits.element_count() != 0))
     return bad("key-list inputs must be zero-size off the sparse path");
   BwdFixedPoint fixed;  // deterministic sparse path: the int64 workspaces (set below)
@@ -205,6 +223,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       // The kernel also reads the mask itself (sp.base.mask, set above) for units marked dense.
       BwdSparseParams sp;
       sp.base = p;
+      sp.rows_per_cta = static_cast<int>(sparse_rows);
       sp.lists.keys = key_list_keys.typed_data();
       sp.lists.bits = reinterpret_cast<const uint64_t*>(key_list_bits.typed_data());
       sp.lists.unit_head_stride = ka.m_tiles();
@@ -272,7 +291,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
-                                  .Attr<bool>("deterministic"));
+                                  .Attr<bool>("deterministic")
+                                  .Attr<int64_t>("sparse_rows"));
 
 std::vector<FfiTarget> cuda_bwd_targets() {
   return {
