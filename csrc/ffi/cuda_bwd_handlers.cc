@@ -292,7 +292,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
                                   .Attr<bool>("deterministic")
-                                  .Attr<int64_t>("sparse_rows"));
+                                  .Attr<int64_t>("sparse_rows"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 std::vector<FfiTarget> cuda_bwd_targets() {
   return {

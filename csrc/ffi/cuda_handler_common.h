@@ -13,6 +13,12 @@
 
 namespace dmattn {
 
+// Command buffers: every CUDA handler declares ffi::Traits::kCmdBufferCompatible, so XLA may record it into a CUDA
+// graph by stream capture. That stays true only while a handler enqueues nothing but kernels and memsets on XLA's
+// stream, into the buffers XLA passed: no device allocation, no host sync, no stream or event query. Host-side calls
+// that capture allows (cudaGetDevice, cudaDeviceGetAttribute, cudaFuncSetAttribute) are fine.
+// tests/test_cuda_command_buffers.py runs every target inside a command buffer.
+
 inline xla::ffi::Error cuda_error(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return xla::ffi::Error::Success();
   return xla::ffi::Error(xla::ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(err));

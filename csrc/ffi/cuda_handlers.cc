@@ -20,20 +20,6 @@ namespace ffi = xla::ffi;
 namespace dmattn {
 namespace {
 
-// mask [B, H, M, N] bool -> classes [B, H, ceil(M / block_m), ceil(N / block_n)] uint8.
-ffi::Error mask_tile_classes_impl(cudaStream_t stream, ffi::Buffer<ffi::PRED> mask,
-                                  ffi::ResultBuffer<ffi::U8> classes, int64_t block_m, int64_t block_n) {
-  const auto dims = mask.dimensions();
-  if (dims.size() != 4) return ffi::Error::InvalidArgument("mask must be rank 4");
-  MaskTileArgs args{mask.typed_data(), dims[0], dims[1], dims[2], dims[3],
-                    static_cast<int>(block_m), static_cast<int>(block_n), classes->typed_data()};
-  const auto cdims = classes->dimensions();
-  if (cdims.size() != 4 || cdims[2] != args.m_tiles() || cdims[3] != args.n_tiles())
-    return ffi::Error::InvalidArgument("tile class map has the wrong shape");
-  return cuda_error(launch_classify_mask_tiles(args, stream), "classify_mask_tiles");
-}
-
-
 // q [B, Lq, H, D], k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or zero-size; mask bool of the same rule or
 // zero-size; with key_lists, the mask's live-key lists and bit words built by dmattn_key_lists_cuda (int32
 // [units * (1 + C)], uint64 words as u32 pairs [2 * units * C / 64 * min(Mm, 128)]; zero-size otherwise). They
@@ -155,14 +141,6 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kMaskTileClassesCuda, mask_tile_classes_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>()
-                                  .Attr<int64_t>("block_m")
-                                  .Attr<int64_t>("block_n"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -180,11 +158,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
                                   .Attr<bool>("skip_empty_tiles")
-                                  .Attr<bool>("key_lists"));
+                                  .Attr<bool>("key_lists"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 std::vector<FfiTarget> cuda_targets() {
   return {
-      {"dmattn_mask_tile_classes_cuda", reinterpret_cast<void*>(kMaskTileClassesCuda)},
       {"dmattn_fwd_cuda", reinterpret_cast<void*>(kFlashFwdCuda)},
   };
 }

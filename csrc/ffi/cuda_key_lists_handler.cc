@@ -71,7 +71,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kKeyListsCuda, key_lists_impl,
                                   .Ret<ffi::Buffer<ffi::U32>>()   // bits [2 * units * capacity / 64 * rows]
                                   .Attr<bool>("is_causal")
                                   .Attr<int64_t>("q_len")
-                                  .Attr<int64_t>("capacity"));
+                                  .Attr<int64_t>("capacity"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 std::vector<FfiTarget> cuda_key_lists_targets() {
   return {
