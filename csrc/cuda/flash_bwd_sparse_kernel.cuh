@@ -19,11 +19,13 @@
 
 #include <climits>
 
+#include "cuda/bias_load.cuh"
 #include "cuda/bwd_fixed_point.cuh"
-#include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, gemm_ss, copy_rows, ...)
+#include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, load_row_stats, store_pair, ...)
 #include "cuda/flash_bwd_sparse.h"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
+#include "cuda/smem_tiles.cuh"
 
 namespace dmattn {
 namespace bwd_sparse {
@@ -255,8 +257,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                              Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
     Tensor tQsQ = gthr.partition_D(sQ);
     Tensor tQsdO = gthr.partition_D(sdO);
-    bwd::copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
-    bwd::copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
+    copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
+    copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
     cute::cp_async_fence();
   }
 
@@ -333,7 +335,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     if (tid < kBlockN) {
       skey[s * kBlockN + tid] = row_key;
       row_bias = (has_bias && row_key >= 0)
-                     ? bwd::load_bias(p.bias, bias_base + int64_t(row_key) * p.bias_col_stride, p.bias_dtype)
+                     ? load_bias(p.bias, bias_base + int64_t(row_key) * p.bias_col_stride, p.bias_dtype)
                      : 0.f;
     }
   };
@@ -477,7 +479,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // S = Q K^T -> P.
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    bwd::gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
     Tensor capd = make_tensor_like(acc_s);
     chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM,
                       dense ? smask + s * kBlockM * kBlockN : nullptr, lse2);
@@ -491,7 +493,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the softcap factor.
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
-    bwd::gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
     {
       Tensor ps = make_tensor(acc_s.data(), bwd::rowcol(acc_s.layout()));
       Tensor dp = make_tensor(acc_dp.data(), bwd::rowcol(acc_dp.layout()));
@@ -520,7 +522,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     __syncthreads();  // sP, sdS, sdb complete
 
     // dQ += dS K (registers).
-    bwd::gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+    gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
 
     // dbias[key] += column sums of dS over the tile's rows.
     if (has_dbias && tid < kBlockN && ckey[tid] >= 0) {
@@ -541,11 +543,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     {
       Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
       clear(acc_kv);
-      bwd::gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dv, ckey, 1.f, sfix[1]);
       else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
       clear(acc_kv);
-      bwd::gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dk, ckey, p.scale, sfix[0]);
       else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
     }

@@ -13,9 +13,11 @@
 // issued (its indices were loaded into registers before the Q K^T product) -> scores, softmax, P V.
 #pragma once
 
+#include "cuda/bias_load.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
+#include "cuda/smem_tiles.cuh"
 
 namespace dmattn {
 namespace fwd {
