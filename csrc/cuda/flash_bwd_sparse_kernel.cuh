@@ -215,10 +215,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     n_chunks = visible;
   }
   // Dense units: the mask rows of this (batch, head); 16-byte cp.async pieces where the rows are aligned.
-  const uint8_t* mask_rows =
-      dense ? p.mask + b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : nullptr;
-  const bool mask_vec = dense && p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
-                        (reinterpret_cast<uintptr_t>(mask_rows) & 15) == 0;
+  const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 
   Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
   Elem* sdo_ptr = sq_ptr + Kt::kQElems;
@@ -316,10 +313,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         const int row = m0 + r;
         const int col = k0 + 16 * piece;
         uint8_t* dst = dst_base + r * kBlockN + 16 * piece;
-        const uint8_t* src = mask_rows + int64_t(row) * p.mask_row_stride + col;
+        const uint8_t* src = dense_mask.rows + int64_t(row) * p.mask_row_stride + col;
         const int bytes = row < p.q_len ? max(0, min(16, p.kv_len - col)) : 0;
-        if (mask_vec) {
-          cp_async_16_prefix(dst, bytes > 0 ? src : mask_rows, bytes);
+        if (dense_mask.vec) {
+          cp_async_16_prefix(dst, bytes > 0 ? src : dense_mask.rows, bytes);
         } else {  // unaligned rows (Lk % 16 != 0): plain loads, correct but slower
           uint32_t words[4] = {0, 0, 0, 0};
           for (int j = 0; j < bytes; ++j) words[j / 4] |= uint32_t(src[j] != 0) << (8 * (j % 4));
