@@ -114,6 +114,16 @@ __device__ __forceinline__ void store_pair(Elem* dst, float a, float b) {
   *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(two);
 }
 
+// An fp32 accumulator tile in the element type, stored to its shared-memory tile (P, dS: operands of the products
+// that follow).
+template <class Elem, class Acc, class R2S, class R2SThr, class Dst>
+__device__ __forceinline__ void store_as(Acc const& acc, R2S const& r2s, R2SThr const& r2s_t, Dst& dst) {
+  Tensor e = make_tensor_like<Elem>(acc);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) e(i) = static_cast<Elem>(acc(i));
+  cute::copy(r2s, r2s_t.retile_S(e), dst);
+}
+
 __device__ __forceinline__ int tile_class(const BwdParams& p, int b, int h, int m, int n) {
   if (p.mask == nullptr) return kTileFull;
   if (p.classes == nullptr) return kTilePartial;
@@ -424,12 +434,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
         gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
         Tensor capd = make_tensor_like(acc_s);
         scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
-        {
-          Tensor pe = make_tensor_like<Elem>(acc_s);
-          CUTE_UNROLL
-          for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
-          cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
-        }
+        store_as<Elem>(acc_s, r2s, r2s_t, tPsP);
 
         // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the cap.
         Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -449,10 +454,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
               dp(r, c) = ds * cd(r, c);
             }
           }
-          Tensor dse = make_tensor_like<Elem>(acc_dp);
-          CUTE_UNROLL
-          for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
-          cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+          store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
         }
         __syncthreads();  // sP, sdS complete
 
@@ -661,10 +663,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
         CUTE_UNROLL
         for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = ps(r, c) * (dp(r, c) - delta[r]) * cd(r, c);
       }
-      Tensor dse = make_tensor_like<Elem>(acc_dp);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
-      cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+      store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
     }
     __syncthreads();
     gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);

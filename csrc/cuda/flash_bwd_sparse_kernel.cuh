@@ -480,12 +480,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     Tensor capd = make_tensor_like(acc_s);
     chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM,
                       dense ? smask + s * kBlockM * kBlockN : nullptr, lse2);
-    {
-      Tensor pe = make_tensor_like<Elem>(acc_s);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
-      cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
-    }
+    bwd::store_as<Elem>(acc_s, r2s, r2s_t, tPsP);
 
     // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the softcap factor.
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -511,10 +506,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
           if (lane < 4) sdb[band * kBlockN + get<1>(cS(0, cc))] = colsum;
         }
       }
-      Tensor dse = make_tensor_like<Elem>(acc_dp);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
-      cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+      bwd::store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
     }
     __syncthreads();  // sP, sdS, sdb complete
 
