@@ -21,8 +21,10 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "cuda/bias_load.cuh"
 #include "cuda/flash_bwd.h"
 #include "cuda/smem_limit.cuh"
+#include "cuda/smem_tiles.cuh"
 #include "cuda/tile_classes.h"
 
 namespace dmattn {
@@ -95,46 +97,6 @@ __device__ __forceinline__ auto rowcol(L l) {
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
 }
 
-// Row-predicated tile copy (gmem -> smem); rows at or past max_rows are zero-filled.
-template <class TiledCopy, class S, class D, class C>
-__device__ __forceinline__ void copy_rows(TiledCopy const& tc, S const& src, D& dst, C const& coord, int max_rows) {
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(src); ++m) {
-    if (get<0>(coord(0, m, 0)) < max_rows) {
-      cute::copy(tc, src(_, m, _), dst(_, m, _));
-    } else {
-      cute::clear(dst(_, m, _));
-    }
-  }
-}
-
-// acc += A(smem) * B(smem), with ldmatrix of the next k slice overlapping the current mma.
-template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CA, class TA, class CB, class TB>
-__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
-                                        CA const& cpA, TA const& thrA, CB const& cpB, TB const& thrB) {
-  auto rA_v = thrA.retile_D(rA);
-  auto rB_v = thrB.retile_D(rB);
-  cute::copy(cpA, sA(_, _, 0), rA_v(_, _, 0));
-  cute::copy(cpB, sB(_, _, 0), rB_v(_, _, 0));
-  CUTE_UNROLL
-  for (int kk = 0; kk < size<2>(rA); ++kk) {
-    if (kk + 1 < size<2>(rA)) {
-      cute::copy(cpA, sA(_, _, kk + 1), rA_v(_, _, kk + 1));
-      cute::copy(cpB, sB(_, _, kk + 1), rB_v(_, _, kk + 1));
-    }
-    cute::gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
-  }
-}
-
-__device__ __forceinline__ float load_bias(const void* base, int64_t off, int dtype) {
-  if (dtype == kBwdBiasBF16) {
-    const uint16_t bits = __ldg(static_cast<const unsigned short*>(base) + off);
-    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-  }
-  if (dtype == kBwdBiasF16) return __half2float(__ldg(static_cast<const __half*>(base) + off));
-  return __ldg(static_cast<const float*>(base) + off);
-}
-
 __device__ __forceinline__ void store_bias(void* base, int64_t off, int dtype, float v) {
   if (dtype == kBwdBiasBF16) {
     static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v);
@@ -150,6 +112,16 @@ template <class Elem>
 __device__ __forceinline__ void store_pair(Elem* dst, float a, float b) {
   Elem two[2] = {static_cast<Elem>(a), static_cast<Elem>(b)};
   *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(two);
+}
+
+// An fp32 accumulator tile in the element type, stored to its shared-memory tile (P, dS: operands of the products
+// that follow).
+template <class Elem, class Acc, class R2S, class R2SThr, class Dst>
+__device__ __forceinline__ void store_as(Acc const& acc, R2S const& r2s, R2SThr const& r2s_t, Dst& dst) {
+  Tensor e = make_tensor_like<Elem>(acc);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) e(i) = static_cast<Elem>(acc(i));
+  cute::copy(r2s, r2s_t.retile_S(e), dst);
 }
 
 __device__ __forceinline__ int tile_class(const BwdParams& p, int b, int h, int m, int n) {
@@ -462,12 +434,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
         gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
         Tensor capd = make_tensor_like(acc_s);
         scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
-        {
-          Tensor pe = make_tensor_like<Elem>(acc_s);
-          CUTE_UNROLL
-          for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
-          cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
-        }
+        store_as<Elem>(acc_s, r2s, r2s_t, tPsP);
 
         // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the cap.
         Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -487,10 +454,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
               dp(r, c) = ds * cd(r, c);
             }
           }
-          Tensor dse = make_tensor_like<Elem>(acc_dp);
-          CUTE_UNROLL
-          for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
-          cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+          store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
         }
         __syncthreads();  // sP, sdS complete
 
@@ -699,10 +663,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
         CUTE_UNROLL
         for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = ps(r, c) * (dp(r, c) - delta[r]) * cd(r, c);
       }
-      Tensor dse = make_tensor_like<Elem>(acc_dp);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
-      cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+      store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
     }
     __syncthreads();
     gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);

@@ -19,11 +19,13 @@
 
 #include <climits>
 
+#include "cuda/bias_load.cuh"
 #include "cuda/bwd_fixed_point.cuh"
-#include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, gemm_ss, copy_rows, ...)
+#include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, load_row_stats, store_pair, ...)
 #include "cuda/flash_bwd_sparse.h"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
+#include "cuda/smem_tiles.cuh"
 
 namespace dmattn {
 namespace bwd_sparse {
@@ -213,10 +215,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     n_chunks = visible;
   }
   // Dense units: the mask rows of this (batch, head); 16-byte cp.async pieces where the rows are aligned.
-  const uint8_t* mask_rows =
-      dense ? p.mask + b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : nullptr;
-  const bool mask_vec = dense && p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
-                        (reinterpret_cast<uintptr_t>(mask_rows) & 15) == 0;
+  const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 
   Elem* sq_ptr = reinterpret_cast<Elem*>(smem);
   Elem* sdo_ptr = sq_ptr + Kt::kQElems;
@@ -255,8 +254,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
                              Shape<Int<kBlockM>, Int<kD>>{}, make_stride(q_row_stride, _1{}));
     Tensor tQsQ = gthr.partition_D(sQ);
     Tensor tQsdO = gthr.partition_D(sdO);
-    bwd::copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
-    bwd::copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
+    copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
+    copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
     cute::cp_async_fence();
   }
 
@@ -314,10 +313,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         const int row = m0 + r;
         const int col = k0 + 16 * piece;
         uint8_t* dst = dst_base + r * kBlockN + 16 * piece;
-        const uint8_t* src = mask_rows + int64_t(row) * p.mask_row_stride + col;
+        const uint8_t* src = dense_mask.rows + int64_t(row) * p.mask_row_stride + col;
         const int bytes = row < p.q_len ? max(0, min(16, p.kv_len - col)) : 0;
-        if (mask_vec) {
-          cp_async_16_prefix(dst, bytes > 0 ? src : mask_rows, bytes);
+        if (dense_mask.vec) {
+          cp_async_16_prefix(dst, bytes > 0 ? src : dense_mask.rows, bytes);
         } else {  // unaligned rows (Lk % 16 != 0): plain loads, correct but slower
           uint32_t words[4] = {0, 0, 0, 0};
           for (int j = 0; j < bytes; ++j) words[j / 4] |= uint32_t(src[j] != 0) << (8 * (j % 4));
@@ -333,7 +332,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     if (tid < kBlockN) {
       skey[s * kBlockN + tid] = row_key;
       row_bias = (has_bias && row_key >= 0)
-                     ? bwd::load_bias(p.bias, bias_base + int64_t(row_key) * p.bias_col_stride, p.bias_dtype)
+                     ? load_bias(p.bias, bias_base + int64_t(row_key) * p.bias_col_stride, p.bias_dtype)
                      : 0.f;
     }
   };
@@ -477,21 +476,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // S = Q K^T -> P.
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    bwd::gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
     Tensor capd = make_tensor_like(acc_s);
     chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM,
                       dense ? smask + s * kBlockM * kBlockN : nullptr, lse2);
-    {
-      Tensor pe = make_tensor_like<Elem>(acc_s);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) pe(i) = static_cast<Elem>(acc_s(i));
-      cute::copy(r2s, r2s_t.retile_S(pe), tPsP);
-    }
+    bwd::store_as<Elem>(acc_s, r2s, r2s_t, tPsP);
 
     // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the softcap factor.
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
-    bwd::gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
     {
       Tensor ps = make_tensor(acc_s.data(), bwd::rowcol(acc_s.layout()));
       Tensor dp = make_tensor(acc_dp.data(), bwd::rowcol(acc_dp.layout()));
@@ -512,15 +506,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
           if (lane < 4) sdb[band * kBlockN + get<1>(cS(0, cc))] = colsum;
         }
       }
-      Tensor dse = make_tensor_like<Elem>(acc_dp);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dp); ++i) dse(i) = static_cast<Elem>(acc_dp(i));
-      cute::copy(r2s, r2s_t.retile_S(dse), tPsdS);
+      bwd::store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
     }
     __syncthreads();  // sP, sdS, sdb complete
 
     // dQ += dS K (registers).
-    bwd::gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+    gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
 
     // dbias[key] += column sums of dS over the tile's rows.
     if (has_dbias && tid < kBlockN && ckey[tid] >= 0) {
@@ -541,11 +532,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     {
       Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
       clear(acc_kv);
-      bwd::gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dv, ckey, 1.f, sfix[1]);
       else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
       clear(acc_kv);
-      bwd::gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dk, ckey, p.scale, sfix[0]);
       else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
     }

@@ -18,7 +18,9 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "cuda/bias_load.cuh"
 #include "cuda/flash_fwd.h"
+#include "cuda/smem_tiles.cuh"
 #include "cuda/tile_classes.h"
 
 namespace dmattn {
@@ -82,37 +84,6 @@ __device__ __forceinline__ auto acc_as_a_layout(L l) {
   return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
 }
 
-// Row-predicated tile copy (gmem -> smem); rows at or past max_rows are zero-filled.
-template <class TiledCopy, class S, class D, class C>
-__device__ __forceinline__ void copy_rows(TiledCopy const& tc, S const& src, D& dst, C const& coord, int max_rows) {
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(src); ++m) {
-    if (get<0>(coord(0, m, 0)) < max_rows) {
-      cute::copy(tc, src(_, m, _), dst(_, m, _));
-    } else {
-      cute::clear(dst(_, m, _));
-    }
-  }
-}
-
-// acc += A(smem) * B(smem), with ldmatrix of the next k slice overlapping the current mma.
-template <class Acc, class RA, class RB, class SA, class SB, class Mma, class CA, class TA, class CB, class TB>
-__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma,
-                                        CA const& cpA, TA const& thrA, CB const& cpB, TB const& thrB) {
-  auto rA_v = thrA.retile_D(rA);
-  auto rB_v = thrB.retile_D(rB);
-  cute::copy(cpA, sA(_, _, 0), rA_v(_, _, 0));
-  cute::copy(cpB, sB(_, _, 0), rB_v(_, _, 0));
-  CUTE_UNROLL
-  for (int kk = 0; kk < size<2>(rA); ++kk) {
-    if (kk + 1 < size<2>(rA)) {
-      cute::copy(cpA, sA(_, _, kk + 1), rA_v(_, _, kk + 1));
-      cute::copy(cpB, sB(_, _, kk + 1), rB_v(_, _, kk + 1));
-    }
-    cute::gemm(mma, rA(_, _, kk), rB(_, _, kk), acc);
-  }
-}
-
 // acc += A(registers) * B(smem).
 template <class Acc, class RA, class RB, class SB, class Mma, class CB, class TB>
 __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const& sB, Mma const& mma,
@@ -133,15 +104,6 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-__device__ __forceinline__ float load_bias(const void* base, int64_t off, int dtype) {
-  if (dtype == kBiasBF16) {
-    const uint16_t bits = __ldg(static_cast<const unsigned short*>(base) + off);
-    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-  }
-  if (dtype == kBiasF16) return __half2float(__ldg(static_cast<const __half*>(base) + off));
-  return __ldg(static_cast<const float*>(base) + off);
 }
 
 constexpr float kLog2e = 1.4426950408889634f;

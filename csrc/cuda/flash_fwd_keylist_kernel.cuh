@@ -13,9 +13,11 @@
 // issued (its indices were loaded into registers before the Q K^T product) -> scores, softmax, P V.
 #pragma once
 
+#include "cuda/bias_load.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
+#include "cuda/smem_tiles.cuh"
 
 namespace dmattn {
 namespace fwd {
@@ -72,10 +74,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   }
   const int n_chunks = last_key < 0 ? 0 : (n_live + kChunk - 1) / kChunk;
   // Dense units read the mask rows of this (batch, head) directly.
-  const uint8_t* mask_rows = dense ? p.mask + b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride
-                                   : nullptr;
-  const bool mask_vec = dense && p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
-                        (reinterpret_cast<uintptr_t>(mask_rows) & 15) == 0;
+  const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 
   const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -219,8 +218,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int row = row0 + get<0>(cS(r, 0));
-        row_bytes[r] = row_bytes_global(row < q_len ? mask_rows + int64_t(row) * p.mask_row_stride : nullptr,
-                                        c * kChunk, kv_len, mask_vec);
+        row_bytes[r] = row_bytes_global(row < q_len ? dense_mask.rows + int64_t(row) * p.mask_row_stride : nullptr,
+                                        c * kChunk, kv_len, dense_mask.vec);
       }
     } else {
       CUTE_UNROLL

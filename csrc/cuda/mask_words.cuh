@@ -47,4 +47,19 @@ __device__ __forceinline__ uint4 row_bytes_global(const uint8_t* row, int k0, in
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
+// A dense unit's mask rows of one (batch, head) (nullptr when the unit is not dense), and whether they allow the
+// 16-byte loads: unit column stride and 16-byte aligned rows. Params: FwdParams or BwdParams (same mask fields).
+struct DenseMaskRows {
+  const uint8_t* rows;  // row r at rows + r * mask_row_stride
+  bool vec;
+};
+
+template <class Params>
+__device__ __forceinline__ DenseMaskRows dense_mask_rows(const Params& p, int b, int h, bool dense) {
+  const uint8_t* rows = dense ? p.mask + b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : nullptr;
+  const bool vec = dense && p.mask_col_stride == 1 && p.mask_row_stride % 16 == 0 &&
+                   (reinterpret_cast<uintptr_t>(rows) & 15) == 0;
+  return {rows, vec};
+}
+
 }  // namespace dmattn
