@@ -89,14 +89,6 @@ struct Traits {
 
 // ---------------------------------------------------------------------------------------------- helpers
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-// Accumulator layout ((2 cols, 2 row halves), MMA_M, MMA_N) viewed as (rows, cols).
-template <class L>
-__device__ __forceinline__ auto rowcol(L l) {
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
-}
-
 __device__ __forceinline__ void store_bias(void* base, int64_t off, int dtype, float v) {
   if (dtype == kBwdBiasBF16) {
     static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v);
@@ -137,8 +129,8 @@ __device__ __forceinline__ int tile_class(const BwdParams& p, int b, int h, int 
 template <class AccS, class CapD, class CS, int kRows>
 __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int b,
                                             int h, int m0, int n0, int cls, const float (&lse2)[kRows]) {
-  Tensor s = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-  Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
   const bool has_bias = p.bias != nullptr;
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
   const bool load_mask = cls == kTilePartial;
@@ -298,7 +290,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
 
   // Coordinates of this thread's accumulator elements, as (rows, cols).
   Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor cS = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  Tensor cS = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
 
   // The visited (query tile, query head) pairs of a (batch, kv head) item, in order: t = (m - m_begin) * g + hi.
@@ -326,9 +318,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
     copy_rows(gmem_copy, gthr.partition_S(gdO), ddO, tQc, p.q_len - m0);
   };
   Tensor tKVc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
-  Tensor cKV = make_tensor(tKVc.data(), rowcol(tKVc.layout()));
+  Tensor cKV = make_tensor(tKVc.data(), rowcol_layout(tKVc.layout()));
   Tensor tQDc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  Tensor cQD = make_tensor(tQDc.data(), rowcol(tQDc.layout()));
+  Tensor cQD = make_tensor(tQDc.data(), rowcol_layout(tQDc.layout()));
 
   Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kD>>{});
   Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kD>>{});
@@ -341,7 +333,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
   int64_t db_key = -1, db_base = 0;
   int db_m0 = 0;
   auto flush_dbias = [&]() {  // CTA-uniform
-    Tensor db = make_tensor(dbacc.data(), rowcol(dbacc.layout()));
+    Tensor db = make_tensor(dbacc.data(), rowcol_layout(dbacc.layout()));
     CUTE_UNROLL
     for (int r = 0; r < size<0>(db); ++r) {
       CUTE_UNROLL
@@ -441,10 +433,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
         clear(acc_dp);
         gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
         {
-          Tensor ps = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-          Tensor dp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
-          Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
-          Tensor db = make_tensor(dbacc.data(), rowcol(dbacc.layout()));
+          Tensor ps = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+          Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+          Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
+          Tensor db = make_tensor(dbacc.data(), rowcol_layout(dbacc.layout()));
           CUTE_UNROLL
           for (int r = 0; r < size<0>(dp); ++r) {
             CUTE_UNROLL
@@ -465,7 +457,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
           Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
           clear(acc_dq);
           gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
-          Tensor dq = make_tensor(acc_dq.data(), rowcol(acc_dq.layout()));
+          Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
           CUTE_UNROLL
           for (int r = 0; r < size<0>(dq); ++r) {
             const int row = m0 + get<0>(cQD(r, 0));
@@ -491,8 +483,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
       cute::cp_async_wait<0>();  // K / V of an item with no visited tile
 
       // dK (scaled) and dV of the whole GQA group of this kv head.
-      Tensor dk = make_tensor(acc_dk.data(), rowcol(acc_dk.layout()));
-      Tensor dv = make_tensor(acc_dv.data(), rowcol(acc_dv.layout()));
+      Tensor dk = make_tensor(acc_dk.data(), rowcol_layout(acc_dk.layout()));
+      Tensor dv = make_tensor(acc_dv.data(), rowcol_layout(acc_dv.layout()));
       CUTE_UNROLL
       for (int r = 0; r < size<0>(dk); ++r) {
         const int key = n0 + get<0>(cKV(r, 0));
@@ -585,10 +577,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   Tensor tPsdS = r2s_t.partition_D(sdS);
 
   Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor cS = make_tensor(tScS.data(), rowcol(tScS.layout()));
+  Tensor cS = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
   Tensor tQDc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  Tensor cQD = make_tensor(tQDc.data(), rowcol(tQDc.layout()));
+  Tensor cQD = make_tensor(tQDc.data(), rowcol_layout(tQDc.layout()));
 
   const int64_t q_off = (int64_t(b) * p.q_len + m0) * q_row_stride + int64_t(h) * kD;
   Tensor gQ = make_tensor(make_gmem_ptr(static_cast<const Elem*>(p.q) + q_off), Shape<Int<kBlockM>, Int<kD>>{},
@@ -655,9 +647,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
     clear(acc_dp);
     gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
     {
-      Tensor ps = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
-      Tensor dp = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
-      Tensor cd = make_tensor(capd.data(), rowcol(capd.layout()));
+      Tensor ps = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+      Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+      Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
       CUTE_UNROLL
       for (int r = 0; r < size<0>(dp); ++r) {
         CUTE_UNROLL
@@ -673,7 +665,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   }
   cute::cp_async_wait<0>();
 
-  Tensor dq = make_tensor(acc_dq.data(), rowcol(acc_dq.layout()));
+  Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
   CUTE_UNROLL
   for (int r = 0; r < size<0>(dq); ++r) {
     const int row = m0 + get<0>(cQD(r, 0));

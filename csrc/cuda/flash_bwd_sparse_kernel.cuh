@@ -21,7 +21,7 @@
 
 #include "cuda/bias_load.cuh"
 #include "cuda/bwd_fixed_point.cuh"
-#include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (rowcol, load_row_stats, store_pair, ...)
+#include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (load_row_stats, store_pair, ...)
 #include "cuda/flash_bwd_sparse.h"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
@@ -31,7 +31,6 @@ namespace dmattn {
 namespace bwd_sparse {
 
 using namespace cute;
-using bwd::kLog2e;
 
 template <int kHeadDim_, bool kIsBF16, int kBlockM_>
 struct SparseTraits {
@@ -123,8 +122,8 @@ template <class AccS, class CapD, class CS, int kRows>
 __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int m0,
                                                   const int* skey, const float* sbias, const uint64_t* sbits,
                                                   const uint8_t* smask, const float (&lse2)[kRows]) {
-  Tensor s = make_tensor(acc_s.data(), bwd::rowcol(acc_s.layout()));
-  Tensor cd = make_tensor(capd.data(), bwd::rowcol(capd.layout()));
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
   const bool has_bias = p.bias != nullptr;
   const bool use_cap = p.softcap > 0.f;
   const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
@@ -265,7 +264,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   auto tmmak = mmak.get_thread_slice(tid);
 
   Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor cS = make_tensor(tScS.data(), bwd::rowcol(tScS.layout()));
+  Tensor cS = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
   float lse2[kRows], delta[kRows];
   bwd::load_row_stats(p, cS, b, h, m0, lse2, delta);
@@ -372,9 +371,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   Tensor tPsdS = r2s_t.partition_D(sdS);
 
   Tensor tQDc = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
-  Tensor cQD = make_tensor(tQDc.data(), bwd::rowcol(tQDc.layout()));
+  Tensor cQD = make_tensor(tQDc.data(), rowcol_layout(tQDc.layout()));
   Tensor tKVc = tmmak.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kD>>{}));
-  Tensor cKV = make_tensor(tKVc.data(), bwd::rowcol(tKVc.layout()));
+  Tensor cKV = make_tensor(tKVc.data(), rowcol_layout(tKVc.layout()));
 
   const bool has_dbias = has_bias && p.dbias_mode != kDbiasNone;
   const int lane = tid % 32;
@@ -385,7 +384,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 
   // Adds a [64 keys, D] partial (keys = this chunk's list) into an fp32 [B, Lk, Hkv, D] workspace.
   auto add_key_rows = [&](auto& acc, float* accum, const int* keys, float mul) {
-    Tensor a = make_tensor(acc.data(), bwd::rowcol(acc.layout()));
+    Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
     CUTE_UNROLL
     for (int r = 0; r < size<0>(a); ++r) {
       const int key = keys[get<0>(cKV(r, 0))];
@@ -412,7 +411,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   // full sector per row, half the L2 sectors for the same 8-byte adds. Shuffles run on every lane (rows past the
   // list included); only the atomics are skipped for them.
   auto add_key_rows_fixed = [&](auto& acc, unsigned long long* accum, const int* keys, float mul, float inv_res) {
-    Tensor a = make_tensor(acc.data(), bwd::rowcol(acc.layout()));
+    Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
     static_assert(decltype(size<1>(a))::value % 2 == 0, "columns come in pairs per lane");
     const int q = lane & 3;
     const int src_lo = (lane & ~3) + (q >> 1), src_hi = src_lo + 2;
@@ -487,9 +486,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     clear(acc_dp);
     gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, cpA, cpA_t, cpB, cpB_t);
     {
-      Tensor ps = make_tensor(acc_s.data(), bwd::rowcol(acc_s.layout()));
-      Tensor dp = make_tensor(acc_dp.data(), bwd::rowcol(acc_dp.layout()));
-      Tensor cd = make_tensor(capd.data(), bwd::rowcol(capd.layout()));
+      Tensor ps = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+      Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+      Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
       CUTE_UNROLL
       for (int cc = 0; cc < size<1>(dp); ++cc) {
         float colsum = 0.f;
@@ -544,7 +543,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
 
   // dQ (scaled), written once. Rows with no kept key have P = 0 everywhere: exact zeros.
-  Tensor dq = make_tensor(acc_dq.data(), bwd::rowcol(acc_dq.layout()));
+  Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
   CUTE_UNROLL
   for (int r = 0; r < size<0>(dq); ++r) {
     const int row = m0 + get<0>(cQD(r, 0));

@@ -71,12 +71,6 @@ struct Traits {
 
 // ---------------------------------------------------------------------------------------------- helpers
 
-// Accumulator layout ((2 cols, 2 row halves), MMA_M, MMA_N) viewed as (rows, cols).
-template <class L>
-__device__ __forceinline__ auto rowcol_layout(L l) {
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
-}
-
 // Accumulator layout of S viewed as the A operand of the P @ V product: two n8 blocks make one k16 block.
 template <class L>
 __device__ __forceinline__ auto acc_as_a_layout(L l) {
@@ -106,7 +100,6 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // One online-softmax step on a tile of log2-domain scores (masked entries -inf): rescales the running sums and

@@ -1,11 +1,22 @@
 // Shared-memory tiles as the sm80 kernels (forward, backward, sparse backward) use them: filled from global
-// memory with row predicates (copy_rows) and multiplied from shared memory (gemm_ss). One definition, so the
-// kernels' load and MMA loops stay the same instruction sequence.
+// memory with row predicates (copy_rows), multiplied from shared memory (gemm_ss), the product's accumulator seen
+// as (rows, cols) (rowcol_layout). One definition, so the kernels' load and MMA loops stay the same instruction
+// sequence.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 namespace dmattn {
+
+// Scores are kept in the log2 domain (exp2f): natural-log quantities are scaled by log2(e) once.
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Accumulator layout ((2 cols, 2 row halves), MMA_M, MMA_N) viewed as (rows, cols).
+template <class L>
+__device__ __forceinline__ auto rowcol_layout(L l) {
+  return cute::make_layout(cute::make_layout(cute::get<0, 1>(l), cute::get<1>(l)),
+                           cute::make_layout(cute::get<0, 0>(l), cute::get<2>(l)));
+}
 
 // Row-predicated tile copy (gmem -> smem); rows at or past max_rows are zero-filled.
 template <class TiledCopy, class S, class D, class C>
