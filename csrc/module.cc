@@ -20,6 +20,7 @@ namespace dmattn {
 std::vector<FfiTarget> cuda_targets() { return {}; }
 std::vector<FfiTarget> cuda_bwd_targets() { return {}; }
 std::vector<FfiTarget> cuda_key_lists_targets() { return {}; }
+CudaHandlerRuns cuda_handler_runs() { return {}; }
 #endif
 }  // namespace dmattn
 
@@ -30,6 +31,10 @@ NB_MODULE(_jax_dmattn_ext, m) {
     for (const auto& t : dmattn::cuda_bwd_targets()) targets.push_back(t);
     for (const auto& t : dmattn::cuda_key_lists_targets()) targets.push_back(t);
     return as_capsules(targets);
+  });
+  m.def("cuda_handler_runs", [] {
+    const auto r = dmattn::cuda_handler_runs();
+    return nb::make_tuple(r.runs, r.captured);
   });
 #ifdef DMATTN_WITH_CUDA
   m.attr("built_with_cuda") = true;

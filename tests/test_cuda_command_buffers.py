@@ -1,9 +1,10 @@
 """The CUDA FFI handlers declare XLA's command-buffer trait (csrc/ffi/cuda_handler_common.h says what that
 promises), so XLA may record them into CUDA graphs. Checked here end to end:
 
-- with command buffers forced on for custom calls, every jax_dmattn target of a compiled forward + backward lies
-  inside a `command_buffer` computation of the optimized HLO (and with command buffers off, none does: the check
-  can fail);
+- with command buffers forced on for custom calls, the handlers run while XLA captures their stream into a
+  command buffer (the extension counts host-side handler runs and those under capture:
+  `_jax_dmattn_ext.cuda_handler_runs()`); with command buffers off, none does (the check can fail). XLA builds
+  command buffers from its thunks, after the HLO passes, so the compiled HLO text does not show them;
 - what runs inside the graphs equals what runs without them: bitwise for the forward and the deterministic
   backward, within bf16 rounding for the atomic backward;
 - a second call with new inputs gives the new results (the recorded graph is updated, not replayed stale).
@@ -37,6 +38,7 @@ CHILD = textwrap.dedent("""
     import json, re, sys
     import numpy as np, jax, jax.numpy as jnp
     import jax_dmattn
+    from jax_dmattn import _ffi
 
     out_dir, path, deterministic = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     B, L, H, HKV, D = 1, 384, 4, 2, 64
@@ -61,19 +63,19 @@ CHILD = textwrap.dedent("""
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
     text = step.lower(*inputs(0)).compile().as_text()
-    where, comp = [], None
-    for line in text.splitlines():
-        if line[:1] not in ("", " ") and line.rstrip().endswith("{"):  # a computation's header
-            comp = re.match(r"^(?:ENTRY )?%?([\\w.\\-]+)", line).group(1)
-        for target in re.findall(r'custom_call_target="(dmattn_[a-z_]+)"', line):
-            where.append([target, comp])
-    json.dump(where, open(out_dir + "/where.json", "w"))
-    saved = {}
+    targets = sorted(set(re.findall(r'custom_call_target="(dmattn_[a-z_]+)"', text)))
+    ext = _ffi.extension()
+    runs0, captured0 = ext.cuda_handler_runs()
+    saved, steps = {}, 0
     for seed in (1, 2):
-        for rep in range(2):  # the second run replays what the first recorded
+        for rep in range(2):  # the second run may replay what the first recorded
             (value, out), grads = step(*inputs(seed))
+            steps += 1
         for name, x in zip(("value", "out", "dq", "dk", "dv", "dbias"), (value, out) + tuple(grads)):
             saved[f"{name}_{seed}"] = np.asarray(jnp.asarray(x, jnp.float32))
+    runs1, captured1 = ext.cuda_handler_runs()
+    json.dump(dict(targets=targets, steps=steps, runs=runs1 - runs0, captured=captured1 - captured0),
+              open(out_dir + "/runs.json", "w"))
     np.savez(out_dir + "/results.npz", **saved)
 """)
 
@@ -86,21 +88,23 @@ def run_child(tmp_path, xla_flags, path, deterministic):
     proc = subprocess.run([sys.executable, "-c", CHILD, str(out_dir), path, "1" if deterministic else "0"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    where = json.loads((out_dir / "where.json").read_text())
-    return where, dict(np.load(out_dir / "results.npz"))
+    runs = json.loads((out_dir / "runs.json").read_text())
+    return runs, dict(np.load(out_dir / "results.npz"))
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("path", ["key_lists", "key_tiles"])
 def test_targets_run_inside_command_buffers(tmp_path, path, deterministic):
-    where_on, got = run_child(tmp_path, FORCED, path, deterministic)
-    where_off, want = run_child(tmp_path, OFF, path, deterministic)
+    on, got = run_child(tmp_path, FORCED, path, deterministic)
+    off, want = run_child(tmp_path, OFF, path, deterministic)
 
     expected = {"dmattn_fwd_cuda", "dmattn_bwd_cuda"} | ({"dmattn_key_lists_cuda"} if path == "key_lists" else set())
-    assert {t for t, _ in where_on} == expected, where_on
-    outside = [(t, c) for t, c in where_on if not (c or "").startswith("command_buffer")]
-    assert not outside, f"custom calls left out of command buffers: {outside}"
-    assert not any((c or "").startswith("command_buffer") for _, c in where_off), where_off
+    assert set(on["targets"]) == expected and set(off["targets"]) == expected, (on, off)
+    # Without command buffers every step runs each handler once on the host, never under capture.
+    assert off["runs"] == off["steps"] * len(expected) and off["captured"] == 0, off
+    # With them, the handlers run while XLA records them (and not at all when a recorded graph is replayed).
+    assert on["captured"] >= len(expected), on
+    assert on["captured"] == on["runs"], f"some handler runs were outside command buffers: {on}"
 
     for name, expect in want.items():
         actual = got[name]

@@ -56,6 +56,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
                           ffi::Result<ffi::AnyBuffer> dkv_accum, float scale, float softcap, bool is_causal,
                           bool deterministic, int64_t sparse_rows) {
+  count_cuda_handler_run(stream);
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
   const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1], Hkv = kd[2];

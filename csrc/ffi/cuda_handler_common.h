@@ -10,6 +10,7 @@
 #include "xla/ffi/api/ffi.h"
 
 #include "cuda/key_lists.h"
+#include "ffi/targets.h"
 
 namespace dmattn {
 
@@ -18,6 +19,10 @@ namespace dmattn {
 // stream, into the buffers XLA passed: no device allocation, no host sync, no stream or event query. Host-side calls
 // that capture allows (cudaGetDevice, cudaDeviceGetAttribute, cudaFuncSetAttribute) are fine.
 // tests/test_cuda_command_buffers.py runs every target inside a command buffer.
+
+// Counts one host-side run of a CUDA handler, and whether its stream is being captured (cuda_handler_runs()).
+// cudaStreamIsCapturing is allowed during capture and does not touch the stream's work.
+void count_cuda_handler_run(cudaStream_t stream);
 
 inline xla::ffi::Error cuda_error(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return xla::ffi::Error::Success();

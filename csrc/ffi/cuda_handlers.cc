@@ -3,6 +3,7 @@
 // Handlers never allocate and never synchronise, so they run inside CUDA graphs / command buffers.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -31,6 +32,7 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Buffer<ffi::U32> key_bits, ffi::Result<ffi::AnyBuffer> out,
                           ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes, float scale,
                           float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists) {
+  count_cuda_handler_run(stream);
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q, k, v must be rank 4");
@@ -160,6 +162,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                                   .Attr<bool>("skip_empty_tiles")
                                   .Attr<bool>("key_lists"),
                               {ffi::Traits::kCmdBufferCompatible});
+
+namespace {
+std::atomic<int64_t> handler_runs{0}, captured_handler_runs{0};
+}  // namespace
+
+void count_cuda_handler_run(cudaStream_t stream) {
+  handler_runs.fetch_add(1, std::memory_order_relaxed);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive)
+    captured_handler_runs.fetch_add(1, std::memory_order_relaxed);
+}
+
+CudaHandlerRuns cuda_handler_runs() {
+  return {handler_runs.load(std::memory_order_relaxed), captured_handler_runs.load(std::memory_order_relaxed)};
+}
 
 std::vector<FfiTarget> cuda_targets() {
   return {

@@ -33,6 +33,7 @@ ffi::Error bad(const std::string& what) {
 // applies only when the mask has a row per query (Mm == q_len), with the bottom-right offset Lk - q_len.
 ffi::Error key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::S32> keys,
                           ffi::ResultBuffer<ffi::U32> bits, bool is_causal, int64_t q_len, int64_t capacity) {
+  count_cuda_handler_run(stream);
   const auto md = mask.dimensions();
   if (md.size() != 4) return bad("mask must be rank 4 [Bm, Hm, Mm, Lk]");
   if (q_len < 0) return bad("q_len must be >= 0");

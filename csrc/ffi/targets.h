@@ -1,6 +1,7 @@
 // The FFI handlers this extension exports, as (target name, XLA_FFI_Handler*) pairs; csrc/module.cc wraps them
 // in capsules and jax_dmattn/_ffi.py registers them.
 #pragma once
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -15,5 +16,14 @@ std::vector<FfiTarget> cpu_targets();
 std::vector<FfiTarget> cuda_targets();
 std::vector<FfiTarget> cuda_bwd_targets();
 std::vector<FfiTarget> cuda_key_lists_targets();
+
+// Host-side runs of the CUDA handlers since the extension loaded, and how many of them found XLA recording a
+// command buffer (their stream under capture). A handler inside a replayed CUDA graph does not run on the host at
+// all. tests/test_cuda_command_buffers.py reads these; {0, 0} without CUDA.
+struct CudaHandlerRuns {
+  int64_t runs = 0;
+  int64_t captured = 0;
+};
+CudaHandlerRuns cuda_handler_runs();
 
 }  // namespace dmattn
