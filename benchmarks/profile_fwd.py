@@ -51,6 +51,24 @@ def main():
         fn = jax.jit(lambda q, k, v, b, m: _cuda.flash_fwd(q, k, v, b, m, skip_empty_tiles=skip, **kw))
         ms = timeit(fn, args, a.reps)
         print(f"{name:18s} L={l} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        if args[4] is not None and name != "standard_noskip":
+            prepass_report(_cuda, args[4], l, a.reps)
+
+
+def prepass_report(_cuda, mask, l, reps):
+    """The key-list pre-pass alone (its share of the forward) and what it produced: keys per 128-row unit and
+    units past the capacity (walked densely)."""
+    import numpy as np
+
+    cap = _cuda.key_list_capacity(l)
+    fn = jax.jit(lambda m: _cuda.build_key_lists(m, q_len=l, is_causal=True, capacity=cap))
+    ms = timeit(fn, (mask,), reps)
+    keys = np.asarray(fn(mask)[0]).reshape(-1, 1 + cap)
+    counts = keys[:, 0]
+    live = counts[counts >= 0]
+    print(f"{'':18s}   pre-pass {ms:8.3f} ms; units {len(counts)}, dense {int((counts < 0).sum())}, "
+          f"keys per list unit mean {live.mean() if live.size else 0:.0f} max {live.max() if live.size else 0}",
+          flush=True)
 
 
 if __name__ == "__main__":
