@@ -32,8 +32,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu(*TARGE
 FORCED = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 OFF = "--xla_gpu_enable_command_buffer="
 
-# One child: compile jit(value_and_grad) of attention for one configuration, record which computation of the
-# optimized HLO holds each jax_dmattn custom call, run it on two input seeds and save every result.
+# One child: compile jit(value_and_grad) of attention for one configuration, note which jax_dmattn custom calls the
+# optimized HLO holds, run it on two input seeds (twice each), and save every result and the handler run counts.
 CHILD = textwrap.dedent("""
     import json, re, sys
     import numpy as np, jax, jax.numpy as jnp
