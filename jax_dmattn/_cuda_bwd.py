@@ -102,15 +102,12 @@ def sparse_rows_per_cta(head_dim: int, smem_limit: int | None = None) -> int:
     return 0
 
 
-def use_sparse(bias_shape, mask_shape, lk: int, deterministic: bool = False, head_dim: int | None = None) -> bool:
+def use_sparse(bias_shape, mask_shape, lk: int) -> bool:
     """Mirror of the handler's use_sparse_path: the key-list backward serves a mask with a full key dim and a bias
     that is absent or broadcast over query rows (Mb == 1), in both modes (``deterministic`` only changes how it
-    accumulates: fp32 atomics or int64 fixed-point atomics), when one of its builds for ``head_dim`` fits the
-    device's shared memory (not checked without a head dim)."""
-    del deterministic  # both modes
+    accumulates: fp32 atomics or int64 fixed-point atomics). flash_bwd also needs one of its builds to fit the
+    device's shared memory (``sparse_rows_per_cta``)."""
     if mask_shape is None or mask_shape[3] != lk:
-        return False
-    if head_dim is not None and sparse_rows_per_cta(head_dim) == 0:
         return False
     return bias_shape is None or bias_shape[2] == 1
 
@@ -142,8 +139,7 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
     rows = sparse_rows_per_cta(q.shape[3])
-    sparse = rows > 0 and use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk,
-                                     deterministic)
+    sparse = rows > 0 and use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk)
     fixed = sparse and deterministic  # int64 fixed-point accumulators, declared as uint32 pairs (no x64 needed)
     dbias_computed = bias is not None and not (bias.shape[3] == 1 and lk != 1)
     if sparse:

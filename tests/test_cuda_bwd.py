@@ -292,7 +292,7 @@ def check_sparse_against_oracle(case, seed=0, empty_rows=None, deterministic=Fal
                                                     mask_kind, mask_code, empty_rows)
     from jax_dmattn import _cuda_bwd
 
-    assert _cuda_bwd.use_sparse(None if bias is None else bias.shape, mask.shape, lk, deterministic)
+    assert _cuda_bwd.use_sparse(None if bias is None else bias.shape, mask.shape, lk)
     scale = d ** -0.5
     if scales:
         mul = lambda x, f: (x.astype(F32) * f).astype(x.dtype)
