@@ -232,6 +232,13 @@ def _round(x, dtype):
     return np.asarray(x, dtype=np.float64).astype(np.dtype(dtype))
 
 
+def random_topk_mask(rng, shape, k):
+    """A bool numpy mask of ``shape``: per row (last dim), the k keys of largest random score (a top-k-like mask
+    with no tie to any bias; jax_dmattn.topk_mask builds the real thing)."""
+    scores = rng.standard_normal(shape)
+    return scores >= np.partition(scores, -k, axis=-1)[..., -k:-k + 1]
+
+
 def make_mask(rng, shape, kind="random", density=0.7, tile=64):
     """A boolean numpy mask of ``shape`` (rank >= 2 uses the last two dims as [Lq, Lk])."""
     shape = tuple(shape)

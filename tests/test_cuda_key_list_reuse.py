@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import cuda_targets_on_gpu  # noqa: E402
+from helpers import cuda_targets_on_gpu, random_topk_mask  # noqa: E402
 
 import jax_dmattn  # noqa: E402
 
@@ -32,20 +32,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu(*TARGE
 B, L, H, HKV, D, TOPK = 2, 512, 4, 2, 64, 32
 
 
-def topk_mask(rng, shape, k):
-    """Per query row, the k keys of largest random score (a top-k-like sparse mask)."""
-    scores = rng.standard_normal(shape)
-    kth = np.partition(scores, -k, axis=-1)[..., -k:-k + 1]
-    return jnp.asarray(scores >= kth)
-
-
 def inputs(seed=0):
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32).astype(jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((B, L, HKV, D)), jnp.float32).astype(jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((B, L, HKV, D)), jnp.float32).astype(jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal((B, HKV, 1, L)), jnp.float32).astype(jnp.bfloat16)  # per key
-    mask = topk_mask(rng, (B, HKV, L, L), TOPK)
+    mask = jnp.asarray(random_topk_mask(rng, (B, HKV, L, L), TOPK))
     return q, k, v, bias, mask
 
 

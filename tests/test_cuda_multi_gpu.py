@@ -28,7 +28,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import cuda_targets_on_gpu  # noqa: E402
+from helpers import cuda_targets_on_gpu, random_topk_mask  # noqa: E402
 
 import jax_dmattn  # noqa: E402
 
@@ -52,8 +52,7 @@ def inputs(path, bias_batch, seed=0):
     q, k, v = bf((B, L, H, D)), bf((B, L, HKV, D)), bf((B, L, HKV, D))
     if path == "key_lists":
         bias = bf((bias_batch, HKV, 1, L))
-        scores = rng.standard_normal((B, HKV, L, L))
-        mask = jnp.asarray(scores >= np.partition(scores, -TOPK, axis=-1)[..., -TOPK:-TOPK + 1])
+        mask = jnp.asarray(random_topk_mask(rng, (B, HKV, L, L), TOPK))
     else:
         bias = bf((bias_batch, H, L, L))
         mask = jnp.asarray(rng.random((B, 1, L, L)) < 0.5)
