@@ -20,6 +20,7 @@ namespace dmattn {
 std::vector<FfiTarget> cuda_targets() { return {}; }
 std::vector<FfiTarget> cuda_bwd_targets() { return {}; }
 std::vector<FfiTarget> cuda_key_lists_targets() { return {}; }
+std::vector<FfiTarget> cuda_topk_key_lists_targets() { return {}; }
 CudaHandlerRuns cuda_handler_runs() { return {}; }
 #endif
 }  // namespace dmattn
@@ -30,6 +31,7 @@ NB_MODULE(_jax_dmattn_ext, m) {
     auto targets = dmattn::cuda_targets();
     for (const auto& t : dmattn::cuda_bwd_targets()) targets.push_back(t);
     for (const auto& t : dmattn::cuda_key_lists_targets()) targets.push_back(t);
+    for (const auto& t : dmattn::cuda_topk_key_lists_targets()) targets.push_back(t);
     return as_capsules(targets);
   });
   m.def("cuda_handler_runs", [] {

@@ -11,11 +11,12 @@ using FfiTarget = std::pair<const char*, void*>;
 
 std::vector<FfiTarget> cpu_targets();
 // Empty unless the extension was built with CUDA (DMATTN_WITH_CUDA). The backward's handlers and the live-key
-// list pre-pass live in their own translation units (csrc/ffi/cuda_bwd_handlers.cc,
-// csrc/ffi/cuda_key_lists_handler.cc).
+// list pre-passes live in their own translation units (csrc/ffi/cuda_bwd_handlers.cc,
+// csrc/ffi/cuda_key_lists_handler.cc, csrc/ffi/cuda_topk_key_lists_handler.cc).
 std::vector<FfiTarget> cuda_targets();
 std::vector<FfiTarget> cuda_bwd_targets();
 std::vector<FfiTarget> cuda_key_lists_targets();
+std::vector<FfiTarget> cuda_topk_key_lists_targets();
 
 // Host-side runs of the CUDA handlers since the extension loaded, and how many of them found XLA recording a
 // command buffer (their stream under capture). A handler inside a replayed CUDA graph does not run on the host at

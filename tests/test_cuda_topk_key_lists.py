@@ -1,0 +1,171 @@
+"""dmattn_topk_key_lists_cuda: the live-key lists (csrc/cuda/key_lists.h layout) of a causal top-k mask given by
+per-key scores, built without any [Lq, Lk] array (csrc/cuda/topk_key_lists.h).
+
+The lists and bit words are decoded into a dense [Bs, Hs, Lq, Lk] mask in numpy and compared, bit for bit, with
+jax_dmattn.topk_mask of the scores broadcast over the query rows; each list must also be strictly ascending, fit
+the capacity, and hold only keys that some row of its unit keeps. Scores: continuous, heavily tied (a few
+distinct values: the index tie-break decides), and bf16-rounded (ties plus near-ties).
+
+The decode reads only what the layout defines (list entries < count, bit words of the chunks < ceil(count / 64)),
+so nothing the kernel leaves unwritten can reach a comparison. GPU only (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import cuda_targets_on_gpu  # noqa: E402
+
+import jax_dmattn  # noqa: E402
+
+TARGET = "dmattn_topk_key_lists_cuda"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu(TARGET),
+                                                  reason="needs a GPU and the CUDA kernels")]
+
+BLOCK_M, CHUNK = 128, 64  # csrc/cuda/key_lists.h: kKeyListBlockM, kKeyListChunk
+
+
+def roundup64(n: int) -> int:
+    return -(-n // CHUNK) * CHUNK
+
+
+def capacity_for(k: int, kv_len: int) -> int:
+    """The capacity the caller passes: k keys below a unit's diagonal plus up to 127 on it, at most every key."""
+    return min(roundup64(k + BLOCK_M - 1), roundup64(kv_len))
+
+
+def key_order(scores):
+    """Per (b, h), the key indices by (score desc, index asc): lax.sort is stable, so equal scores keep iota's
+    ascending order."""
+    iota = lax.broadcasted_iota(jnp.int32, scores.shape, 2)
+    return lax.sort((-scores, iota), dimension=2, is_stable=True, num_keys=1)[1]
+
+
+def call(scores, order, *, k: int, q_len: int, capacity: int):
+    bs, hs, _ = scores.shape
+    units = bs * hs * -(-q_len // BLOCK_M)
+    rows = min(q_len, BLOCK_M)
+    out_types = (jax.ShapeDtypeStruct((units * (1 + capacity),), jnp.int32),
+                 jax.ShapeDtypeStruct((2 * units * (capacity // CHUNK) * rows,), jnp.uint32))
+    return jax.ffi.ffi_call(TARGET, out_types)(scores, order, k=np.int64(k), q_len=np.int64(q_len),
+                                               capacity=np.int64(capacity))
+
+
+def decode(keys, bits, *, bs: int, hs: int, q_len: int, kv_len: int, capacity: int, k: int):
+    """The dense [Bs, Hs, Lq, Lk] mask the lists describe, checking the layout's invariants on the way."""
+    m_tiles = -(-q_len // BLOCK_M)
+    rows_per_unit = min(q_len, BLOCK_M)
+    keys = np.asarray(keys).reshape(bs * hs * m_tiles, 1 + capacity)
+    words = np.asarray(bits).view(np.uint64).reshape(bs * hs * m_tiles, capacity // CHUNK, rows_per_unit)
+    dense = np.zeros((bs, hs, q_len, kv_len), bool)
+    shifts = np.arange(CHUNK, dtype=np.uint64)
+    for unit in range(keys.shape[0]):
+        bh, t = divmod(unit, m_tiles)
+        b, h = divmod(bh, hs)
+        rows = min(BLOCK_M, q_len - t * BLOCK_M)
+        count = int(keys[unit, 0])
+        assert 0 <= count <= capacity, (unit, count)
+        # A unit lists at most k keys left of its diagonal and rows_per_unit - 1 on it (the capacity's reason).
+        assert count <= min(k + rows_per_unit - 1, kv_len), (unit, count)
+        listed = keys[unit, 1:1 + count]
+        assert np.all((listed >= 0) & (listed < kv_len)), unit
+        assert np.all(np.diff(listed) > 0), f"unit {unit}: list not strictly ascending"
+        chunks = -(-count // CHUNK)
+        w = words[unit, :chunks]  # [chunks, rows_per_unit]: only the chunks the list reaches are defined
+        unpacked = ((w[:, :, None] >> shifts) & np.uint64(1)).astype(bool)  # [chunks, rows_per_unit, 64]
+        unpacked = unpacked.transpose(1, 0, 2).reshape(rows_per_unit, chunks * CHUNK)
+        assert not unpacked[:, count:].any(), f"unit {unit}: bits set past the list's count"
+        assert not unpacked[rows:].any(), f"unit {unit}: bits set for rows past Lq"
+        kept = unpacked[:rows, :count]
+        assert kept.any(axis=0).all(), f"unit {unit}: a listed key no row keeps"
+        dense[b, h, t * BLOCK_M:t * BLOCK_M + rows][:, listed] = kept
+    return dense
+
+
+def make_scores(rng, shape, kind: str) -> np.ndarray:
+    if kind == "normal":
+        s = rng.standard_normal(shape).astype(np.float32)
+    elif kind == "ties":  # a few distinct values: most of the ranking is the index tie-break
+        s = rng.choice(np.array([-1.5, 0.0, 0.25, 2.0], np.float32), size=shape)
+    elif kind == "bf16":
+        s = np.asarray(jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+    else:
+        raise ValueError(kind)
+    return np.where(s == 0, np.float32(0), s).astype(np.float32)  # canonical: no -0.0
+
+
+def check(rng, bs, hs, q_len, kv_len, k, kind):
+    scores = jnp.asarray(make_scores(rng, (bs, hs, kv_len), kind))
+    order = key_order(scores)
+    capacity = capacity_for(k, kv_len)
+    keys, bits = call(scores, order, k=k, q_len=q_len, capacity=capacity)
+    got = decode(keys, bits, bs=bs, hs=hs, q_len=q_len, kv_len=kv_len, capacity=capacity, k=k)
+    want = np.asarray(jax_dmattn.topk_mask(scores[:, :, None, :], k, is_causal=True, query_len=q_len))
+    assert want.shape == got.shape
+    if not np.array_equal(got, want):
+        diff = np.argwhere(got != want)
+        raise AssertionError(f"{len(diff)} entries differ, first [b, h, i, j] = {diff[:5].tolist()} "
+                             f"(got {got[tuple(diff[0])]}, want {want[tuple(diff[0])]})")
+
+
+# (Bs, Hs, Lq, Lk): Lq == Lk, Lq < Lk and Lq > Lk (off < 0: the first rows see nothing), partial last tiles.
+SQUARE = [(1, 1, 64, 64), (2, 1, 127, 127), (1, 3, 128, 128), (3, 2, 300, 300), (2, 2, 1000, 1000)]
+# Lk = 10000 with Lq = 300: A's index range [0, p] outgrows a bitmap of 32 k bits, so A is bitonic-sorted.
+RECT = [(1, 2, 1, 500), (2, 1, 200, 1000), (1, 1, 129, 700), (3, 1, 300, 100), (1, 2, 1000, 257), (2, 3, 130, 65),
+        (1, 1, 300, 10000)]
+KINDS = ["normal", "ties", "bf16"]
+
+
+def cases():
+    out = []
+    for n, (bs, hs, lq, lk) in enumerate(SQUARE + RECT):
+        for m, k in enumerate((1, 7, 64, 200)):
+            if k < lk:
+                kind = KINDS[(n + m) % len(KINDS)]
+                out.append(pytest.param(bs, hs, lq, lk, k, kind, id=f"b{bs}h{hs}-q{lq}-k{lk}-top{k}-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize("bs,hs,q_len,kv_len,k,kind", cases())
+def test_lists_match_topk_mask(rng, bs, hs, q_len, kv_len, k, kind):
+    check(rng, bs, hs, q_len, kv_len, k, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_score_kind(rng, kind):
+    check(rng, 2, 2, 300, 300, 7, kind)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(8400, 8400), (300, 10000)], ids=["square", "short_queries"])
+def test_large_k(rng, q_len, kv_len):
+    # k = 8192 needs ~75 KiB of shared memory per CTA (opt-in above 48 KiB).
+    check(rng, 1, 1, q_len, kv_len, 8192, "ties")
+
+
+def test_order_is_score_desc_index_asc(rng):
+    s = make_scores(rng, (2, 3, 500), "ties")
+    order = np.asarray(key_order(jnp.asarray(s)))
+    for b in range(2):
+        for h in range(3):
+            np.testing.assert_array_equal(order[b, h], np.lexsort((np.arange(500), -s[b, h])))
+
+
+def test_empty_query_len():
+    scores = jnp.zeros((2, 2, 100), jnp.float32)
+    keys, bits = call(scores, key_order(scores), k=5, q_len=0, capacity=capacity_for(5, 100))
+    assert keys.size == 0 and bits.size == 0
+
+
+@pytest.mark.parametrize("k,capacity,match", [(60, 64, "cannot hold"), (100, 192, "k = 100"), (0, 64, "k = 0"),
+                                              (5, 96, "multiple of 64")])
+def test_bad_sizes_are_rejected(k, capacity, match):
+    scores = jnp.zeros((1, 1, 100), jnp.float32)
+    with pytest.raises(Exception, match=match):
+        jax.block_until_ready(call(scores, key_order(scores), k=k, q_len=50, capacity=capacity))
