@@ -1,7 +1,9 @@
 """Flax (linen) layers on top of :func:`jax_dmattn.attention`.
 
 * :class:`DynamicMaskAttention` -- self-attention with the paper's learned per-key
-  bias ``A * softplus(dt_proj(v))`` and a top-k (or block top-k) dynamic mask.
+  bias ``A * softplus(dt_proj(v))`` and a top-k (or block top-k) dynamic mask; the
+  element top-k goes to attention as a compact :class:`jax_dmattn.TopKMask`, so no
+  ``[L, L]`` mask is built (:func:`dynamic_attention_inputs`).
 * :func:`attention_fn` -- a drop-in for
   ``flax.linen.MultiHeadDotProductAttention(attention_fn=...)``.
 
@@ -28,7 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised only without flax
         "(or `pip install jax_dmattn[flax]`)"
     ) from e
 
-from jax_dmattn.masks import block_topk_mask, topk_mask
+from jax_dmattn.masks import TopKMask, block_topk_mask, topk_mask
 
 __all__ = ["DynamicMaskAttention", "attention_fn", "make_attention_fn", "apply_rope"]
 
@@ -121,9 +123,11 @@ def dynamic_mask(
     block_q: int = 128,
     block_k: int = 128,
 ) -> Array | None:
-    """Top-k mask from the detached bias, combined with the user's ``mask``.
+    """Dense bool top-k mask from the detached bias, combined with the user's ``mask``.
 
-    Returns None when every allowed key fits in the window (no mask needed).
+    Returns ``mask`` unchanged (None when there is none) when every key fits in
+    the window.  The modules call :func:`dynamic_attention_inputs` instead, which
+    makes the same selection without the ``[L, L]`` array where it can.
     """
     lk = bias.shape[-1]
     if window_size is None or window_size >= lk:
@@ -135,6 +139,75 @@ def dynamic_mask(
             is_causal=is_causal, query_len=query_len,
         )
     return topk_mask(sel_bias, window_size, mask=mask, is_causal=is_causal, query_len=query_len)
+
+
+def _as_rank4(mask: Array) -> Array | None:
+    """``mask`` reshaped to rank 4, or None if it has more dims than [B, H, Lq, Lk]."""
+    if mask.ndim > 4:
+        return None
+    return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+
+
+def dynamic_attention_inputs(
+    bias: Array,
+    window_size: int | None,
+    *,
+    mask: Array | None,
+    is_causal: bool,
+    query_len: int,
+    use_block_topk: bool = False,
+    block_q: int = 128,
+    block_k: int = 128,
+) -> tuple[Array, Any]:
+    """The ``(bias, mask)`` pair that the modules pass to :func:`jax_dmattn.attention`.
+
+    ``bias`` is the trainable per-key bias [B, Hkv, 1, L] (or any attention bias);
+    ``mask`` the user's optional bool mask.  The selection is the one of
+    :func:`dynamic_mask`, and the attention result (values and gradients) equals
+    ``attention(q, k, v, bias, dynamic_mask(bias, ...))``, but when the selection
+    is per key (``bias`` query dim 1, element top-k) no ``[L, L]`` array is built:
+
+    * no ``mask``: ``(bias, TopKMask(stop_gradient(bias)[:, :, 0, :], window_size))``;
+    * a key-broadcast bool ``mask`` (query dim 1, e.g. a padding mask
+      [B, 1, 1, L]): the keys it hides get score ``-inf`` in the TopKMask and
+      ``-inf`` added to the returned bias (a masked key for attention), whose
+      head dim grows to the mask's H when the mask is per query head;
+    * anything else (a mask with a query dim, ``use_block_topk``, a bias with a
+      query dim): the dense ``dynamic_mask``, with the bias unchanged.
+
+    ``window_size`` None or >= the key length: ``(bias, mask)`` unchanged.
+    """
+    lk = bias.shape[-1]
+    if window_size is None or window_size >= lk:
+        return bias, mask
+    dense = functools.partial(
+        dynamic_mask, bias, window_size, mask=mask, is_causal=is_causal, query_len=query_len,
+        use_block_topk=use_block_topk, block_q=block_q, block_k=block_k,
+    )
+    if use_block_topk or bias.ndim != 4 or bias.shape[2] != 1:
+        return bias, dense()
+    scores = jax.lax.stop_gradient(bias)[:, :, 0, :]
+    if mask is None:
+        return bias, TopKMask(scores, window_size)
+    m4 = _as_rank4(mask) if getattr(mask, "dtype", None) == jnp.bool_ else None
+    if m4 is None or m4.shape[2] != 1 or m4.shape[3] not in (1, lk):
+        return bias, dense()
+    hb, hm = bias.shape[1], m4.shape[1]
+    if hb != 1 and hm not in (1, hb):
+        if hm % hb:
+            return bias, dense()  # heads that do not combine: topk_mask raises the error
+        # query head h reads kv head h // (H // Hkv): attention's GQA rule
+        bias = jnp.repeat(bias, hm // hb, axis=1)
+        scores = jnp.repeat(scores, hm // hb, axis=1)
+    keep = jnp.broadcast_to(m4[:, :, 0, :], m4.shape[:2] + (lk,))
+    # Hidden keys rank last in the TopKMask, like disallowed keys in topk_mask, so a
+    # row keeps the same allowed keys; the hidden keys it keeps on top (rows with
+    # fewer than window_size allowed keys) are masked by their -inf bias.  Only
+    # allowed keys whose bias itself ranks last (-inf, NaN, the lowest float32)
+    # tie with hidden ones and may lose their slot to one.
+    scores = jnp.where(keep, scores, -jnp.inf)
+    bias = bias + jnp.where(keep, 0.0, -jnp.inf).astype(bias.dtype)[:, :, None, :]
+    return bias, TopKMask(scores, window_size)
 
 
 # --------------------------------------------------------------------------
@@ -191,6 +264,12 @@ class DynamicMaskAttention(nn.Module):
     *detached* bias; then :func:`jax_dmattn.attention` with ``is_causal``; then
     ``o_proj`` [H, D, E_out].  The bias is trained through attention's dbias.
 
+    The element top-k is passed as ``TopKMask(stop_gradient(bias)[:, :, 0, :],
+    window_size)``, which never becomes an [L, L] array; a key-broadcast ``mask``
+    (query dim 1, e.g. padding) is folded into it exactly (hidden keys: score
+    ``-inf`` and ``-inf`` added to the bias).  A ``mask`` with a query dim, or
+    ``use_block_topk``, builds the dense bool mask (:func:`dynamic_mask`).
+
     Attributes:
       num_heads: query heads H.
       num_kv_heads: key/value heads Hkv (GQA/MQA); default H.
@@ -210,8 +289,9 @@ class DynamicMaskAttention(nn.Module):
       a_init, dt_kernel_init, dt_bias_init: initialisers of A and dt_proj.
 
     ``__call__(x, mask=None, *, positions=None)``: ``mask`` is an optional bool
-    array broadcastable to [B, 1|Hkv|H, L, L] (e.g. a padding mask [B, 1, 1, L]),
-    True = attend; ``positions`` ([L] or [B, L], default ``arange(L)``) feed RoPE.
+    array broadcastable to [B, 1|Hkv|H, L, L] (e.g. a padding mask [B, 1, 1, L],
+    the form that keeps the mask compact), True = attend; ``positions`` ([L] or
+    [B, L], default ``arange(L)``) feed RoPE.
     The bias is sown as ``intermediates/dynamic_bias``.
     """
 
@@ -267,7 +347,7 @@ class DynamicMaskAttention(nn.Module):
             a = self.param("A", self.a_init, (hkv,), self.param_dtype)
             bias = dynamic_bias(v, dt_kernel, dt_bias, a)
             self.sow("intermediates", "dynamic_bias", bias)
-            attn_mask = dynamic_mask(
+            bias, attn_mask = dynamic_attention_inputs(
                 bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
                 use_block_topk=self.use_block_topk, block_q=self.block_q,
                 block_k=self.block_k,

@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only without flax
         "(or `pip install jax_dmattn[flax]`)"
     ) from e
 
-from jax_dmattn.flax import _attention, apply_rope, dynamic_bias, dynamic_mask, resolve_heads
+from jax_dmattn.flax import _attention, apply_rope, dynamic_attention_inputs, dynamic_bias, resolve_heads
 
 __all__ = ["DynamicMaskAttention", "HeadwiseLinear"]
 
@@ -69,7 +69,9 @@ class DynamicMaskAttention(nnx.Module):
     window_size, is_causal=True, *, rngs, ...)``, called on ``x`` [B, L, E] with
     optional ``mask`` (bool, broadcastable to [B, 1|Hkv|H, L, L]) and
     ``positions`` (for RoPE), returns [B, L, out_features or E].  See
-    :class:`jax_dmattn.flax.DynamicMaskAttention` for the math and every option.
+    :class:`jax_dmattn.flax.DynamicMaskAttention` for the math and every option;
+    like it, the element top-k (alone or with a key-broadcast ``mask``) reaches
+    attention as a compact ``TopKMask``, not an [L, L] array.
     With ``sow_bias=True`` the bias is sown as ``nnx.Intermediate``
     ``dynamic_bias`` (collect it with ``nnx.capture(model, nnx.Intermediate)``).
     """
@@ -161,7 +163,7 @@ class DynamicMaskAttention(nnx.Module):
             )
             if self.sow_bias:
                 self.sow(nnx.Intermediate, "dynamic_bias", bias)
-            attn_mask = dynamic_mask(
+            bias, attn_mask = dynamic_attention_inputs(
                 bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
                 use_block_topk=self.use_block_topk,
                 block_q=self.block_q, block_k=self.block_k,

@@ -10,13 +10,16 @@ import pytest
 flax = pytest.importorskip("flax")
 import flax.linen as nn  # noqa: E402
 
+import jax_dmattn  # noqa: E402
+import jax_dmattn.flax as jflax  # noqa: E402
 from jax_dmattn.flax import (  # noqa: E402
     DynamicMaskAttention,
     apply_rope,
     attention_fn,
+    dynamic_mask,
     make_attention_fn,
 )
-from jax_dmattn.masks import block_topk_mask, topk_mask  # noqa: E402
+from jax_dmattn.masks import TopKMask, block_topk_mask, topk_mask  # noqa: E402
 
 B, L, E = 2, 24, 32
 
@@ -198,6 +201,127 @@ def test_module_errors():
         jax.eval_shape(DynamicMaskAttention(5).init, jax.random.key(0), _x())
     with pytest.raises(ValueError, match="x must be"):
         jax.eval_shape(DynamicMaskAttention(4).init, jax.random.key(0), jnp.ones((L, E)))
+
+
+# --------------------------------------------------------------------------
+# the compact TopKMask path against the dense bool-mask path
+# --------------------------------------------------------------------------
+
+
+def dense_attention_inputs(bias, window_size, *, mask, **kw):
+    """What the modules passed to attention before the compact path: the bias and the dense bool mask."""
+    return bias, dynamic_mask(bias, window_size, mask=mask, **kw)
+
+
+def padding_masks(b, n):
+    """Key-broadcast masks [b, 1, 1, n] for b >= 4: full, right-padded, left-padded (causal rows with no
+    visible key), every key hidden (rows with no key at all)."""
+    valid = np.ones((b, n), bool)
+    valid[1, n - 9:] = False
+    valid[2, :7] = False
+    valid[2, n // 2: n // 2 + 3] = False
+    valid[3] = False
+    return jnp.asarray(valid)[:, None, None, :]
+
+
+def key_masks(b, h, n):
+    """None, a padding mask, a shared [n] key mask and a per-query-head key mask [b, h, 1, n]."""
+    per_head = np.random.default_rng(21).random((b, h, 1, n)) < 0.6
+    return {
+        "none": None,
+        "padding": padding_masks(b, n),
+        "shared": jnp.asarray(np.arange(n) % 5 != 3),
+        "per_head": jnp.asarray(per_head),
+    }
+
+
+def spy_attention(monkeypatch, calls, stub=False):
+    """Record the (bias, mask) every jax_dmattn.attention call gets; stub=True returns zeros instead of
+    attending (so a traced program holds only what the module built)."""
+    real = jax_dmattn.attention
+
+    def spy(q, k, v, bias=None, mask=None, **kw):
+        calls.append((bias, mask))
+        return jnp.zeros_like(q) if stub else real(q, k, v, bias, mask, **kw)
+
+    monkeypatch.setattr(jax_dmattn, "attention", spy)
+
+
+def jaxpr_shapes(jaxpr):
+    """Shapes of every value in a jaxpr, nested jaxprs (jit, custom_vjp, scan, ...) included."""
+    for v in list(jaxpr.invars) + list(jaxpr.constvars):
+        yield tuple(v.aval.shape)
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield tuple(getattr(v.aval, "shape", ()))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from jaxpr_shapes(sub)
+
+
+def has_square(closed_jaxpr, n):
+    return any(len(s) >= 2 and s[-2:] == (n, n) for s in jaxpr_shapes(closed_jaxpr.jaxpr))
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("mask_name", ["none", "padding", "shared", "per_head"])
+def test_compact_path_matches_dense_path(monkeypatch, is_causal, mask_name):
+    b, n = 4, 40
+    mask = key_masks(b, 4, n)[mask_name]
+    m = DynamicMaskAttention(4, 2, 8, 6, is_causal=is_causal, rope_theta=10000.0, implementation="xla",
+                             dt_kernel_init=nn.initializers.normal(1.0))
+    x = _x(30, (b, n, E))
+    params = jax.jit(m.init)(jax.random.key(0), x)["params"]
+
+    def run():  # fresh jits each time: the two paths must not share a trace
+        out = jax.jit(lambda p: m.apply({"params": p}, x, mask))(params)
+        grads = jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, mask) ** 2)))(params)
+        return out, grads
+
+    calls = []
+    spy_attention(monkeypatch, calls)
+    out, grads = run()
+    assert calls and all(isinstance(mk, TopKMask) for _, mk in calls)
+    monkeypatch.setattr(jflax, "dynamic_attention_inputs", dense_attention_inputs)
+    calls.clear()
+    ref, ref_grads = run()
+    assert calls and all(mk.dtype == jnp.bool_ for _, mk in calls)
+
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        r = ref_grads
+        for k in path:
+            r = r[k.key]
+        assert np.isfinite(g).all(), path
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6, err_msg=str(path))
+
+
+def test_compact_path_builds_no_square_array(monkeypatch):
+    b, n = 2, 256
+    x = _x(31, (b, n, E))
+    pad = padding_masks(4, n)[1:3]
+    calls = []
+    spy_attention(monkeypatch, calls, stub=True)
+
+    def jaxpr(mask=None, **kw):
+        m = DynamicMaskAttention(4, 2, 8, 32, **kw)
+        params = jax.eval_shape(m.init, jax.random.key(0), x)["params"]
+        calls.clear()
+        return jax.make_jaxpr(lambda p: m.apply({"params": p}, x, mask))(params)
+
+    for is_causal in (True, False):
+        for mask in (None, pad):
+            assert not has_square(jaxpr(mask, is_causal=is_causal), n)
+            ((bias, mk),) = calls
+            assert isinstance(mk, TopKMask) and mk.k == 32 and mk.scores.shape == (b, 2, n)
+            assert bias.shape == (b, 2, 1, n)
+    # the scan does see [n, n] arrays where the module still builds them
+    assert has_square(jaxpr(use_block_topk=True, block_q=64, block_k=64), n)
+    monkeypatch.setattr(jflax, "dynamic_attention_inputs", dense_attention_inputs)
+    assert has_square(jaxpr(pad), n)
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,10 @@ pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
 import jax_dmattn.flax as jflax  # noqa: E402
+import jax_dmattn.nnx as jnnx  # noqa: E402
+from jax_dmattn.masks import TopKMask  # noqa: E402
 from jax_dmattn.nnx import DynamicMaskAttention  # noqa: E402
+from test_flax import dense_attention_inputs, padding_masks, spy_attention  # noqa: E402
 
 B, L, E = 2, 24, 32
 
@@ -87,6 +90,38 @@ def test_gradients_finite_and_nonzero():
         g = np.asarray(g)
         assert np.isfinite(g).all(), path
         assert np.abs(g).max() > 0, path
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_compact_path_matches_dense_path(monkeypatch, is_causal, padded):
+    b, n = 4, 40
+    mask = padding_masks(b, n) if padded else None
+    model = _nnx(is_causal=is_causal, rope_theta=10000.0, implementation="xla",
+                 dt_kernel_init=jax.nn.initializers.normal(1.0))
+    x = _x(5, (b, n, E))
+
+    def run():  # fresh jits each time: the two paths must not share a trace
+        out = nnx.jit(lambda m: m(x, mask))(model)
+        grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, mask) ** 2)))(model)
+        return out, nnx.to_pure_dict(grads)
+
+    calls = []
+    spy_attention(monkeypatch, calls)
+    out, grads = run()
+    assert calls and all(isinstance(mk, TopKMask) for _, mk in calls)
+    monkeypatch.setattr(jnnx, "dynamic_attention_inputs", dense_attention_inputs)
+    calls.clear()
+    ref, ref_grads = run()
+    assert calls and all(mk.dtype == jnp.bool_ for _, mk in calls)
+
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    flat, ref_flat = (dict(jax.tree_util.tree_leaves_with_path(t)) for t in (grads, ref_grads))
+    assert flat.keys() == ref_flat.keys()
+    for path, g in flat.items():
+        assert np.isfinite(g).all(), path
+        np.testing.assert_allclose(g, ref_flat[path], rtol=1e-6, atol=1e-6, err_msg=str(path))
 
 
 def test_optimizer_step_and_intermediates():
