@@ -1,25 +1,43 @@
 """Forward (and, where it fits, forward+backward) timings of jax_dmattn against the cuDNN anchors.
 
-Cases (SPEC.md section 6), all bf16, causal, B=1, per-key bias [B, Hkv, 1, L]:
-  standard           H=16, Hkv=4, D=128, top-k 1024 mask (per query row, among the causally visible keys)
+Cases (SPEC.md section 6), all bf16, causal, per-key bias [B, Hkv, 1, L] (B=1 unless given):
+  standard           H=16, Hkv=4, D=128, top-k 1024 mask (per query row, among the causally visible keys), as a
+                     [B, Hkv, L, L] bool mask
   paper              H=2,  Hkv=1, D=64,  same mask rule
   block_sparse_1/4   standard shapes, mask of whole random 128x64 tiles kept with probability 1/4
   block_sparse_1/16  the same at 1/16
   dense_mask         standard shapes, an all-True mask (the dense-mask time the block-sparse cases compare to)
-Impls: jax_dmattn (the CUDA kernels through jax_dmattn.attention), jax_dmattn_det (the same with
-deterministic=True, fwd+bwd only), jax_dmattn_tiles (forward only: the CUDA
-forward with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
-cuDNN, bias and mask folded into one additive [B, H, L, L] bias), cudnn_nobias (the flash ceiling: no bias,
-no mask, causal), reference (jax_dmattn's pure-jnp reference).
+  topk_compact       standard shapes and mask rule, given as jax_dmattn.TopKMask(scores = the bias's values,
+                     k=1024): no [L, L] array; L = 16K, 64K, 128K, 256K by default
+  topk_compact_train the same mask at training shapes: B=8, H=32, Hkv=8, D=128, L = 32K
+A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has none); --lengths overrides them
+for every case.
+Impls: jax_dmattn (jax_dmattn.attention, implementation --implementation, default "cuda"), jax_dmattn_det (the
+same with deterministic=True, fwd+bwd only), jax_dmattn_tiles (forward only, bool masks only: the CUDA forward
+with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias
+(jax.nn.dot_product_attention, cuDNN, bias and mask folded into one additive [B, H, L, L] bias; a TopKMask is
+expanded to its bool mask by jax_dmattn.topk_mask before timing, as the other cases' masks are built before
+timing), cudnn_nobias (the flash ceiling: no bias, no mask, causal; any L), reference (jax_dmattn's pure-jnp
+reference). A row that would not fit (the reference's [B, H, L, L] scores, cudnn_bias's folded bias) is recorded
+with "skipped" and the reason.
 
 Timing: jit, warm-up, then the median over repetitions of (wall time of `inner` back-to-back calls, ended by
-block_until_ready) / inner. peak_bytes: XLA's compiled memory analysis (arguments + outputs + temporaries)
-of the timed function; our kernels allocate nothing outside XLA, cuDNN's workspace is an XLA temporary.
-TFLOP/s use the spec's causal count: fwd 2*B*H*L*L*D, fwd+bwd 3.5x that (also for block-sparse cases, so
-their TFLOP/s are "dense-equivalent").
+block_until_ready) / inner. TFLOP/s use the spec's causal count: fwd 2*B*H*L*L*D, fwd+bwd 3.5x that (also for
+sparse cases, so their TFLOP/s are "dense-equivalent").
 
-Rows {gpu, case, impl, pass, L, ms, tflops, peak_bytes} (plus "error" when a run failed, e.g. OOM) go to
-benchmarks/results/<gpu>.json (or --out).
+Memory, per row:
+  peak_bytes           XLA's compiled memory analysis (arguments + outputs + temporaries) of the timed function;
+                       our kernels allocate nothing outside XLA, cuDNN's workspace is an XLA temporary.
+  io_bytes             the timed function's arguments + outputs (fwd: q, k, v, bias, mask, out; fwd+bwd: the
+                       gradients instead of out): what any implementation holds.
+  device_peak_bytes    the device's peak_bytes_in_use after the row (jax Device.memory_stats(), None where the
+                       backend has none). It is a high-water mark since the process started and cannot be reset:
+  device_peak_increase device_peak_bytes - the bytes in use before the row (inputs made), when the row raised the
+                       high-water mark; None when an earlier row (or making the inputs) had a higher peak.
+  --isolate runs every row in a fresh process, so that each row's device_peak_* are its own.
+
+Rows {gpu, case, impl, pass, L, ms, tflops, peak_bytes, io_bytes, device_*} (plus "error" when a run failed,
+e.g. OOM, or "skipped") go to benchmarks/results/<gpu>.json (or --out).
 """
 from __future__ import annotations
 
@@ -29,6 +47,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -38,14 +57,18 @@ import jax.numpy as jnp
 import numpy as np
 
 CASES = {
-    "standard": dict(h=16, hkv=4, d=128, mask="topk"),
-    "paper": dict(h=2, hkv=1, d=64, mask="topk"),
-    "block_sparse_1/4": dict(h=16, hkv=4, d=128, mask="block", density=0.25),
-    "block_sparse_1/16": dict(h=16, hkv=4, d=128, mask="block", density=1.0 / 16),
-    "dense_mask": dict(h=16, hkv=4, d=128, mask="dense"),
+    "standard": dict(b=1, h=16, hkv=4, d=128, mask="topk"),
+    "paper": dict(b=1, h=2, hkv=1, d=64, mask="topk"),
+    "block_sparse_1/4": dict(b=1, h=16, hkv=4, d=128, mask="block", density=0.25),
+    "block_sparse_1/16": dict(b=1, h=16, hkv=4, d=128, mask="block", density=1.0 / 16),
+    "dense_mask": dict(b=1, h=16, hkv=4, d=128, mask="dense"),
+    "topk_compact": dict(b=1, h=16, hkv=4, d=128, mask="topk_compact", lengths=(16384, 65536, 131072, 262144)),
+    "topk_compact_train": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", lengths=(32768,)),
 }
+DEFAULT_LENGTHS = (1024, 4096, 16384, 32768)
 IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias", "reference")
 WINDOW = 1024
+ROW_PREFIX = "#row "  # how an --isolate child hands its row to the parent
 
 
 def gpu_name() -> str:
@@ -85,13 +108,17 @@ def block_sparse_mask(key, b, hkv, l, density, bm=128, bn=64):
 def make_inputs(case, l, seed=0):
     c = CASES[case]
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    b = 1
+    b = c["b"]
     q = jax.random.normal(ks[0], (b, l, c["h"], c["d"]), jnp.float32).astype(jnp.bfloat16)
     k = jax.random.normal(ks[1], (b, l, c["hkv"], c["d"]), jnp.float32).astype(jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, l, c["hkv"], c["d"]), jnp.float32).astype(jnp.bfloat16)
     bias = jax.random.normal(ks[3], (b, c["hkv"], 1, l), jnp.float32).astype(jnp.bfloat16)
     if c["mask"] == "topk":
         mask = jax.jit(topk_causal_mask, static_argnums=1)(bias, WINDOW)
+    elif c["mask"] == "topk_compact":
+        import jax_dmattn
+
+        mask = jax_dmattn.TopKMask(bias[:, :, 0, :], WINDOW)
     elif c["mask"] == "dense":
         mask = jnp.ones((b, c["hkv"], l, l), jnp.bool_)
     else:
@@ -100,7 +127,17 @@ def make_inputs(case, l, seed=0):
     return q, k, v, bias, mask
 
 
-def impl_fn(impl, case):
+def bool_mask(mask, l):
+    """The bool [B, Hkv, L, L] mask for the impls that take no compact mask (a TopKMask is expanded)."""
+    import jax_dmattn
+
+    if not isinstance(mask, jax_dmattn.TopKMask):
+        return mask
+    expand = jax.jit(lambda s: jax_dmattn.topk_mask(s[:, :, None, :], mask.k, is_causal=True, query_len=l))
+    return jax.block_until_ready(expand(mask.scores))
+
+
+def impl_fn(impl, case, implementation="cuda"):
     c = CASES[case]
     g = c["h"] // c["hkv"]
 
@@ -108,8 +145,8 @@ def impl_fn(impl, case):
         import jax_dmattn
 
         def f(q, k, v, bias, mask):
-            return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True, implementation="cuda",
-                                        deterministic=impl == "jax_dmattn_det")
+            return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True,
+                                        implementation=implementation, deterministic=impl == "jax_dmattn_det")
     elif impl == "jax_dmattn_tiles":
         from jax_dmattn import _cuda
 
@@ -160,23 +197,42 @@ def peak_bytes(jitted, args):
         return None
 
 
-def run_one(case, impl, pas, l, inputs):
+def device_memory():
+    """(bytes_in_use, peak_bytes_in_use) of device 0, or (None, None) where the backend keeps no stats."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # pragma: no cover
+        stats = {}
+    return stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
+
+
+def nbytes(tree):
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def run_one(case, impl, pas, l, inputs, implementation="cuda"):
     c = CASES[case]
-    f = impl_fn(impl, case)
+    f = impl_fn(impl, case, implementation)
     q, k, v, bias, mask = inputs
+    if impl == "cudnn_bias":
+        mask = bool_mask(mask, l)
+    args = (q, k, v, bias, mask)
     if pas == "fwd":
         fn = jax.jit(f)
-        args = (q, k, v, bias, mask)
     else:
         def loss(q, k, v, bias, mask):
             return jnp.sum(f(q, k, v, bias, mask).astype(jnp.float32))
 
         diff = (0, 1, 2) if impl == "cudnn_nobias" else (0, 1, 2, 3)
         fn = jax.jit(jax.grad(loss, argnums=diff))
-        args = (q, k, v, bias, mask)
+    in_use0, peak0 = device_memory()
     ms = timed(fn, args)
-    flops = 2.0 * 1 * c["h"] * l * l * c["d"] * (3.5 if pas == "fwd+bwd" else 1.0)
-    return dict(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 2), peak_bytes=peak_bytes(fn, args))
+    _, peak1 = device_memory()
+    flops = 2.0 * c["b"] * c["h"] * l * l * c["d"] * (3.5 if pas == "fwd+bwd" else 1.0)
+    raised = peak1 is not None and peak0 is not None and peak1 > peak0
+    return dict(ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 2), peak_bytes=peak_bytes(fn, args),
+                io_bytes=nbytes(args) + nbytes(jax.eval_shape(fn, *args)), device_peak_bytes=peak1,
+                device_peak_increase=peak1 - in_use0 if raised else None)
 
 
 def write_rows(rows, out_path):
@@ -186,63 +242,135 @@ def write_rows(rows, out_path):
     print(f"# wrote {len(rows)} rows to {out_path}", flush=True)
 
 
+def not_applicable(case, impl, pas):
+    """Rows that do not exist (left out silently)."""
+    if impl == "jax_dmattn_tiles" and (pas != "fwd" or CASES[case]["mask"] == "topk_compact"):
+        return True  # forward only, and the tile pre-pass reads a bool mask
+    return impl == "jax_dmattn_det" and pas == "fwd"  # the forward has no nondeterminism
+
+
 def should_skip(case, impl, pas, l):
+    """Why a row would not fit in memory (recorded), or None."""
     c = CASES[case]
-    dense_scores = c["h"] * l * l * 4  # one f32 [B, H, L, L] buffer
+    dense_scores = c["b"] * c["h"] * l * l * 4  # one f32 [B, H, L, L] buffer
     if impl == "reference" and dense_scores * (3 if pas == "fwd" else 6) > 60e9:
         return "would not fit (dense [B, H, L, L] scores)"
-    if impl == "cudnn_bias" and c["h"] * l * l * 2 * (1 if pas == "fwd" else 3) > 40e9:
+    if impl == "cudnn_bias" and c["b"] * c["h"] * l * l * 2 * (1 if pas == "fwd" else 3) > 40e9:
         return "folded [B, H, L, L] bias would not fit"
-    if impl == "jax_dmattn_tiles" and pas != "fwd":
-        return "forward only"
-    if impl == "jax_dmattn_det" and pas == "fwd":
-        return "the forward has no nondeterminism"
     return None
+
+
+def case_lengths(case, lengths_arg):
+    if lengths_arg:
+        return [int(x) for x in lengths_arg.split(",")]
+    return list(CASES[case].get("lengths", DEFAULT_LENGTHS))
+
+
+def measure_row(case, impl, pas, l, inputs, implementation):
+    """One row's measurements, or an "error" entry (e.g. OOM) instead of raising."""
+    try:
+        return run_one(case, impl, pas, l, inputs, implementation)
+    except Exception as e:
+        if os.environ.get("BENCH_TRACE"):
+            traceback.print_exc()
+        return dict(ms=None, tflops=None, peak_bytes=None, error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def measure_isolated(case, impl, pas, l, implementation):
+    """measure_row in a fresh process (its device peak is its own); the child makes its own inputs."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--row", f"{case},{impl},{pas},{l}",
+           "--implementation", implementation]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    for line in res.stdout.splitlines()[::-1]:
+        if line.startswith(ROW_PREFIX):
+            return json.loads(line[len(ROW_PREFIX):])
+    tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
+    return dict(ms=None, tflops=None, peak_bytes=None, error=f"child exited {res.returncode}: {tail[0][:200]}")
+
+
+def child_row(spec, implementation):
+    case, impl, pas, l = spec.split(",")
+    l = int(l)
+    row = dict(gpu=gpu_name())
+    try:
+        inputs = make_inputs(case, l)
+    except Exception as e:
+        row.update(ms=None, tflops=None, peak_bytes=None, error=f"inputs: {type(e).__name__}: {str(e)[:200]}")
+    else:
+        row.update(measure_row(case, impl, pas, l, inputs, implementation))
+    print(ROW_PREFIX + json.dumps(row), flush=True)
+
+
+def print_row(row):
+    gib = lambda key: "" if row.get(key) is None else f"{row[key] / 2**30:.2f}"
+    ms = "ERR" if row.get("ms") is None else f"{row['ms']:9.3f}"
+    if "skipped" in row:
+        ms = "skip"
+    tf = "" if row.get("tflops") is None else f"{row['tflops']:8.1f}"
+    note = row.get("error") or row.get("skipped") or ""
+    print(f"{row['case']:18s} {row['impl']:16s} {row['pass']:8s} {row['L']:6d} {ms:>9s} {tf:>8s} "
+          f"{gib('peak_bytes'):>9s} {gib('io_bytes'):>8s} {gib('device_peak_increase'):>8s}"
+          + (f"  {note[:80]}" if note else ""), flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--impls", default=",".join(IMPLS))
-    ap.add_argument("--lengths", default="1024,4096,16384,32768")
+    ap.add_argument("--lengths", default=None,
+                    help="comma-separated L for every case (default: each case's own lengths)")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
+    ap.add_argument("--implementation", default="cuda", choices=("cuda", "cpu", "xla"),
+                    help="jax_dmattn's implementation for the jax_dmattn rows (cpu / xla: smoke runs)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="run every row in a fresh process, so that its device peak memory is its own")
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # an --isolate child: CASE,IMPL,PASS,L
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<gpu>.json)")
     args = ap.parse_args(argv)
+    if args.row:
+        return child_row(args.row, args.implementation)
+    cases = args.cases.split(",")
+    for case in cases:
+        if case not in CASES:
+            ap.error(f"unknown case {case!r}; cases: {', '.join(CASES)}")
 
-    gpu = gpu_name()
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu) + ".json")
+    # An --isolate parent leaves the device alone: the children need all of its memory.
+    gpu = None if args.isolate else gpu_name()
     rows = []
-    print(f"# {gpu}  jax {jax.__version__}", flush=True)
-    print(f"{'case':18s} {'impl':13s} {'pass':8s} {'L':>6s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s}", flush=True)
-    for case in args.cases.split(","):
-        for l in (int(x) for x in args.lengths.split(",")):
-            try:
-                inputs = make_inputs(case, l)
-            except Exception as e:  # pragma: no cover
-                print(f"{case} L={l}: input generation failed: {e}", flush=True)
-                continue
+    print(f"# {gpu or 'device: see the rows'}  jax {jax.__version__}", flush=True)
+    print(f"{'case':18s} {'impl':16s} {'pass':8s} {'L':>6s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} "
+          f"{'io GiB':>8s} {'dev+ GiB':>8s}", flush=True)
+    for case in cases:
+        for l in case_lengths(case, args.lengths):
+            inputs = None
+            if not args.isolate:
+                try:
+                    inputs = make_inputs(case, l)
+                except Exception as e:  # pragma: no cover
+                    print(f"{case} L={l}: input generation failed: {e}", flush=True)
+                    continue
             for pas in args.passes.split(","):
                 for impl in args.impls.split(","):
+                    if not_applicable(case, impl, pas):
+                        continue
                     row = dict(gpu=gpu, case=case, impl=impl, **{"pass": pas}, L=l)
                     skip = should_skip(case, impl, pas, l)
                     if skip:
-                        continue
-                    try:
-                        row.update(run_one(case, impl, pas, l, inputs))
-                    except Exception as e:
-                        row.update(ms=None, tflops=None, peak_bytes=None, error=f"{type(e).__name__}: {str(e)[:200]}")
-                        if os.environ.get("BENCH_TRACE"):
-                            traceback.print_exc()
+                        row.update(ms=None, tflops=None, peak_bytes=None, skipped=skip)
+                    elif args.isolate:
+                        row.update(measure_isolated(case, impl, pas, l, args.implementation))
+                    else:
+                        row.update(measure_row(case, impl, pas, l, inputs, args.implementation))
                     rows.append(row)
-                    gib = "" if row.get("peak_bytes") is None else f"{row['peak_bytes'] / 2**30:9.2f}"
-                    ms = "ERR" if row.get("ms") is None else f"{row['ms']:9.3f}"
-                    tf = "" if row.get("tflops") is None else f"{row['tflops']:8.1f}"
-                    print(f"{case:18s} {impl:13s} {pas:8s} {l:6d} {ms:>9s} {tf:>8s} {gib:>9s}"
-                          + (f"  {row['error'][:80]}" if "error" in row else ""), flush=True)
+                    print_row(row)
                     gc.collect()
             del inputs
             gc.collect()
+    gpu = gpu or next((r["gpu"] for r in rows if r.get("gpu")), "unknown")
+    for r in rows:
+        r["gpu"] = r.get("gpu") or gpu
+    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu) + ".json")
     write_rows(rows, out_path)
     return rows
 
