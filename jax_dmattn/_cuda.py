@@ -95,6 +95,21 @@ def build_key_lists(mask, *, q_len: int, is_causal: bool, capacity: int):
     return keys, bits
 
 
+TOPK_KEY_LISTS_TARGET = "dmattn_topk_key_lists_cuda"
+
+
+def build_topk_key_lists(scores, order, *, k: int, q_len: int, capacity: int):
+    """The live-key lists of a causal TopKMask (one ``dmattn_topk_key_lists_cuda`` call, csrc/cuda/topk_key_lists.h):
+    scores float32 [Bs, Hs, Lk] (canonical), order int32 [Bs, Hs, Lk] (keys by score desc, index asc); lists over
+    the unit geometry (Bs, Hs, Lq). Deterministic and side-effect free: the forward's and the backward's calls merge."""
+    _ffi.register_targets()
+    bs, hs, lk = scores.shape
+    n_keys, n_words = key_list_sizes((bs, hs, q_len, lk), capacity)
+    out_types = (jax.ShapeDtypeStruct((n_keys,), jnp.int32), jax.ShapeDtypeStruct((2 * n_words,), jnp.uint32))
+    return jax.ffi.ffi_call(TOPK_KEY_LISTS_TARGET, out_types)(
+        scores, order, k=np.int64(k), q_len=np.int64(q_len), capacity=np.int64(capacity))
+
+
 def no_key_lists():
     """The zero-size key-list operands of a call that does not take the list path."""
     return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.uint32)
@@ -122,15 +137,27 @@ def check_operands(caller, q, k, v, bias, mask):
         raise TypeError(f"{caller}: mask must be rank 4 bool, got {mask.shape} {mask.dtype}")
 
 
+def list_geometry_attrs(compact_lists):
+    """The list_batch / list_heads / list_rows attributes: the unit geometry of lists given without a mask
+    (a compact mask), all 0 for lists built from the mask operand."""
+    b, h, m = (0, 0, 0) if compact_lists is None else compact_lists[2]
+    return dict(list_batch=np.int64(b), list_heads=np.int64(h), list_rows=np.int64(m))
+
+
 def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
-                         skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None):
+                         skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None,
+                         compact_lists=None):
     """Returns (out [B, Lq, H, D], lse [B, H, Lq] f32, tile classes uint8 or a zero-size array, key lists int32
     or zero-size, their bit words as uint32 pairs or zero-size).
 
     ``key_lists=False`` forces the tile-class pre-pass (``skip_empty_tiles=False`` then treats every tile as
     partial: the bitwise reference of tile skipping). ``key_list_capacity``: keys listed per 128-row unit, a
-    positive multiple of 64 (None: ``key_list_capacity(Lk)``; capped at Lk rounded up to 64)."""
+    positive multiple of 64 (None: ``key_list_capacity(Lk)``; capped at Lk rounded up to 64).
+    ``compact_lists``: (keys, bits, (Bm, Hm, Mm)) of a compact mask (jax_dmattn/_compact.py: cuda_key_lists),
+    given instead of a mask; they never hold a dense unit."""
     check_operands("flash_fwd", q, k, v, bias, mask)
+    if compact_lists is not None and mask is not None:
+        raise ValueError("flash_fwd: give a mask or compact_lists, not both")
     _ffi.register_targets()
     b, lq, h, _ = q.shape
     lk = k.shape[1]
@@ -140,7 +167,12 @@ def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, i
     # An empty mask (Lq = 0) has nothing to list; the handler sees no mask then.
     lists = mask is not None and mask.size > 0 and uses_key_lists(mask.shape, lk, key_lists)
     cls_shape = tile_class_shape(mask.shape) if mask is not None and not lists else (0,)
-    if lists:
+    if compact_lists is not None:
+        keys, bits, _ = compact_lists
+        lists = lq > 0
+        if not lists:
+            keys, bits = no_key_lists()
+    elif lists:
         keys, bits = build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
     else:
         keys, bits = no_key_lists()
@@ -152,14 +184,15 @@ def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, i
     out, lse, classes = jax.ffi.ffi_call(TARGET, out_types)(
         q, k, v, bias_arg, mask_arg, keys, bits,
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
-        skip_empty_tiles=np.bool_(skip_empty_tiles), key_lists=np.bool_(lists))
+        skip_empty_tiles=np.bool_(skip_empty_tiles), key_lists=np.bool_(lists),
+        **list_geometry_attrs(compact_lists if lists else None))
     return out, lse, classes, keys, bits
 
 
 def flash_fwd(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
-              skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None):
+              skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None, compact_lists=None):
     """out [B, Lq, H, D] (q dtype), lse [B, H, Lq] f32 (natural log; empty rows: out 0, lse -inf)."""
     out, lse, *_ = flash_fwd_with_tiles(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=is_causal,
                                         skip_empty_tiles=skip_empty_tiles, key_lists=key_lists,
-                                        key_list_capacity=key_list_capacity)
+                                        key_list_capacity=key_list_capacity, compact_lists=compact_lists)
     return out, lse

@@ -112,6 +112,12 @@ def use_sparse(bias_shape, mask_shape, lk: int) -> bool:
     return bias_shape is None or bias_shape[2] == 1
 
 
+def sparse_serves(head_dim: int, bias_shape) -> bool:
+    """Whether the sparse backward takes key lists given without a mask (a compact mask) on this device: a bias
+    absent or broadcast over query rows, and a build of the head dim that fits the device's shared memory."""
+    return sparse_rows_per_cta(head_dim) > 0 and (bias_shape is None or bias_shape[2] == 1)
+
+
 # The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size rule for both calls.
 key_list_sizes = _cuda.key_list_sizes
 
@@ -126,12 +132,21 @@ def _check(q, k, v, bias, mask, out, lse, dout, dlse):
 
 
 def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softcap: float, is_causal: bool,
-              deterministic: bool, key_list_capacity=None):
+              deterministic: bool, key_list_capacity=None, compact_lists=None):
     """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, None when bias is None.
 
     ``key_list_capacity`` as in ``_cuda.flash_fwd`` (pass the forward's value: the two pre-pass calls are then
-    identical and XLA's CSE makes one of them)."""
+    identical and XLA's CSE makes one of them). ``compact_lists`` as in ``_cuda.flash_fwd``, instead of a mask;
+    only where ``sparse_serves``."""
     _check(q, k, v, bias, mask, out, lse, dout, dlse)
+    if compact_lists is not None:
+        if mask is not None:
+            raise ValueError("flash_bwd: give a mask or compact_lists, not both")
+        if not sparse_serves(q.shape[3], None if bias is None else bias.shape):
+            raise ValueError("flash_bwd: compact_lists need the sparse backward (a bias broadcast over query rows "
+                             "and a sparse build that fits the device)")
+        if q.shape[1] == 0:  # no query row: nothing to list, and the handler sees no mask
+            compact_lists = None
     _ffi.register_targets()
     b, lq, h, _ = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -139,7 +154,8 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
     rows = sparse_rows_per_cta(q.shape[3])
-    sparse = rows > 0 and use_sparse(None if bias is None else bias.shape, None if mask is None else mask.shape, lk)
+    sparse = rows > 0 and (compact_lists is not None or use_sparse(None if bias is None else bias.shape,
+                                                                    None if mask is None else mask.shape, lk))
     fixed = sparse and deterministic  # int64 fixed-point accumulators, declared as uint32 pairs (no x64 needed)
     dbias_computed = bias is not None and not (bias.shape[3] == 1 and lk != 1)
     if sparse:
@@ -148,7 +164,9 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         ws_bias = dbias_computed and (fixed or jnp.dtype(bias.dtype) != jnp.float32)
     else:
         ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
-    if sparse and mask.size > 0:
+    if compact_lists is not None:
+        keys, bits, _ = compact_lists  # the forward's own lists: the same ops on the same operands, merged by CSE
+    elif compact_lists is None and sparse and mask.size > 0:
         # Exactly the forward's call (same mask value, q_len, is_causal, capacity): CSE merges the two.
         keys, bits = _cuda.build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
     else:  # an empty mask (Lq = 0) has nothing to list, and the handler sees no mask
@@ -176,5 +194,6 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),
         keys, bits,
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
-        deterministic=np.bool_(deterministic), sparse_rows=np.int64(rows if sparse else 0))
+        deterministic=np.bool_(deterministic), sparse_rows=np.int64(rows if sparse else 0),
+        **_cuda.list_geometry_attrs(compact_lists))
     return dq, dk, dv, (None if bias is None else dbias)

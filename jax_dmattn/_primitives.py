@@ -22,7 +22,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from jax_dmattn import _sharding
+from jax_dmattn import _compact, _sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,8 @@ class KernelConfig:
     is_causal: bool
     deterministic: bool
     implementation: str  # "cpu" | "cuda"
+    mask_kind: str = "bool"  # what the mask operand is: "bool" | "topk" | "indices" (jax_dmattn/_compact.py)
+    mask_k: int = 0          # k of a "topk" mask
 
 
 def _absent(dtype):
@@ -72,6 +74,23 @@ def _attrs(config: KernelConfig):
                 is_causal=np.bool_(config.is_causal))
 
 
+def _cpu_mask_operands(q, mask, config: KernelConfig):
+    """(mask, row_threshold, row_threshold_key) of the CPU targets, and their mask_kind attribute."""
+    operands = _compact.cpu_operands(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],
+                                     is_causal=config.is_causal)
+    return operands, np.int64(_compact.KIND_CODES[config.mask_kind])
+
+
+def _cuda_mask_args(q, k, mask, config: KernelConfig):
+    """The CUDA wrappers' (mask, compact key lists) for the mask operand: a bool mask goes as it is; a compact
+    one as its live-key lists (no mask)."""
+    if config.mask_kind == "bool":
+        return (None if _is_absent(mask) else mask), None
+    lists = _compact.cuda_key_lists(mask, config.mask_kind, config.mask_k, q_len=q.shape[1], kv_len=k.shape[1],
+                                    is_causal=config.is_causal)
+    return None, lists
+
+
 def _check_platform(config: KernelConfig, platform: str):
     if config.implementation != platform:
         raise ValueError(f"implementation={config.implementation!r} cannot run on the {platform} platform; "
@@ -82,14 +101,17 @@ def _fwd_cpu(q, k, v, bias, mask, *, config):
     _check_platform(config, "cpu")
     b, lq, h, _ = q.shape
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
-    return jax.ffi.ffi_call("dmattn_fwd", out_types)(q, k, v, bias, mask, **_attrs(config))
+    mask_operands, kind = _cpu_mask_operands(q, mask, config)
+    return jax.ffi.ffi_call("dmattn_fwd", out_types)(q, k, v, bias, *mask_operands, mask_kind=kind,
+                                                     **_attrs(config))
 
 
 def _fwd_cuda(q, k, v, bias, mask, *, config):
     _check_platform(config, "cuda")
     from jax_dmattn import _cuda
 
-    out, lse = _cuda.flash_fwd(q, k, v, None if _is_absent(bias) else bias, None if _is_absent(mask) else mask,
+    mask_arg, lists = _cuda_mask_args(q, k, mask, config)
+    out, lse = _cuda.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, compact_lists=lists,
                                scale=config.scale, softcap=config.softcap, is_causal=config.is_causal)
     return out, lse
 
@@ -118,9 +140,10 @@ def _bwd_abstract(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
 def _bwd_cpu(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     _check_platform(config, "cpu")
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, bias))
-    return jax.ffi.ffi_call("dmattn_bwd", out_types)(q, k, v, bias, mask, out, lse, dout, dlse,
+    mask_operands, kind = _cpu_mask_operands(q, mask, config)
+    return jax.ffi.ffi_call("dmattn_bwd", out_types)(q, k, v, bias, *mask_operands, out, lse, dout, dlse,
                                                      deterministic=np.bool_(config.deterministic),
-                                                     **_attrs(config))
+                                                     mask_kind=kind, **_attrs(config))
 
 
 def _bwd_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
@@ -128,8 +151,14 @@ def _bwd_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     from jax_dmattn import _cuda_bwd
 
     has_bias = not _is_absent(bias)
-    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias if has_bias else None,
-                                            None if _is_absent(mask) else mask, out, lse, dout, dlse,
+    bias_arg = bias if has_bias else None
+    mask_arg, lists = _cuda_mask_args(q, k, mask, config)
+    if lists is not None and not _cuda_bwd.sparse_serves(q.shape[3], None if bias_arg is None else bias_arg.shape):
+        # The key-tile backward reads a bool mask: a bias with a query dim (already O(Lq * Lk) itself), or a device
+        # whose shared memory fits no sparse build (docs/compact_masks.md).
+        mask_arg, lists = _compact.to_dense(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],
+                                            kv_len=k.shape[1], is_causal=config.is_causal), None
+    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, compact_lists=lists,
                                             scale=config.scale, softcap=config.softcap,
                                             is_causal=config.is_causal, deterministic=config.deterministic)
     return dq, dk, dv, (dbias if has_bias else jnp.zeros_like(bias))

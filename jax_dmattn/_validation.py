@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_dmattn import _compact, masks
+
 IMPLEMENTATIONS = ("cuda", "cpu", "xla")
 # Head dims the CUDA kernels are instantiated for; other D <= MAX_HEAD_DIM are zero-padded up to the next one.
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -35,7 +37,12 @@ class NormalizedCall:
     scale: float
     softcap: float  # 0.0: off
     bias: jax.Array | None  # rank 4 [1|B, 1|Hkv|H, 1|Lq, 1|Lk]
-    mask: jax.Array | None  # rank 4, bool, same rule
+    # rank 4, by mask_kind (jax_dmattn/_compact.py): "bool": bool, same rule as bias; "topk": canonical float32
+    # scores [1|B, 1|Hkv|H, 1, Lk] with mask_k = k < Lk; "indices": int32 [1|B, 1|Hkv|H, 1|Lq, K], rows sorted,
+    # duplicates and invalid entries replaced by INDEX_PAD.
+    mask: jax.Array | None
+    mask_kind: str = "bool"
+    mask_k: int = 0
 
 
 def _shape_str(shape) -> str:
@@ -125,9 +132,12 @@ def normalize_call(query, key, value, bias, mask, *, scale, softcap, implementat
         if not hasattr(bias, "dtype") or not jnp.issubdtype(bias.dtype, jnp.floating):
             raise TypeError(f"bias must have a floating dtype, got {getattr(bias, 'dtype', type(bias).__name__)}")
         bias = _normalize_broadcast("bias", jnp.asarray(bias), dims)
-    if mask is not None:
+    mask_kind, mask_k = "bool", 0
+    if isinstance(mask, masks.COMPACT_MASKS):
+        mask, mask_kind, mask_k = _compact.normalize(mask, dims)
+    elif mask is not None:
         if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_:
-            raise TypeError(f"mask must have dtype bool (True = attend), got "
+            raise TypeError(f"mask must be a bool array (True = attend), a TopKMask or a KeyIndices, got "
                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
         mask = _normalize_broadcast("mask", jnp.asarray(mask), dims)
     scale = d ** -0.5 if scale is None else _check_positive_finite("scale", scale)
@@ -135,4 +145,4 @@ def normalize_call(query, key, value, bias, mask, *, scale, softcap, implementat
     if implementation is not None:
         check_backend_support(implementation, query.dtype, d)
     return NormalizedCall(batch=b, q_len=lq, kv_len=lk, heads=h, kv_heads=hkv, head_dim=d, scale=float(scale),
-                          softcap=float(softcap), bias=bias, mask=mask)
+                          softcap=float(softcap), bias=bias, mask=mask, mask_kind=mask_kind, mask_k=mask_k)

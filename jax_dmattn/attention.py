@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_dmattn import _ffi, _primitives, _validation, reference
+from jax_dmattn import _compact, _ffi, _primitives, _validation, reference
 
 __all__ = ["attention", "default_implementation"]
 
@@ -37,6 +37,9 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         may be 1, Hkv or H, a size-Hkv dim maps query head h to h // (H // Hkv)). Trainable: gets a gradient
         of its own shape and dtype.
       mask: optional bool array, same broadcast rule; True = attend. Tiles that are all False are skipped.
+        Or a compact mask that never becomes an [Lq, Lk] array: ``TopKMask(scores, k)`` (per row, the k keys of
+        largest per-key score it sees) or ``KeyIndices(indices)`` (the keys each row keeps); see
+        docs/compact_masks.md.
       scale: logit scale, default D ** -0.5.
       is_causal: bottom-right causal: query i sees key j iff j <= i + Lk - Lq.
       softcap: if set (> 0), logits = softcap * tanh(scale * q.k / softcap), before the bias is added.
@@ -55,7 +58,10 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     if implementation is None:
         implementation = default_implementation(query.dtype, call.head_dim)
     if implementation == "xla":
-        out, lse = reference.reference_core(query, key, value, call.bias, call.mask, scale=call.scale,
+        _compact.check_reference_size(call.mask_kind, call.batch, call.heads, call.q_len, call.kv_len)
+        mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
+                                 is_causal=bool(is_causal))
+        out, lse = reference.reference_core(query, key, value, call.bias, mask, scale=call.scale,
                                             is_causal=bool(is_causal), softcap=call.softcap)
         return (out, lse.astype(jnp.float32)) if return_lse else out
     if implementation == "cpu" and not _ffi.has_cpu_kernels():
@@ -75,7 +81,8 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         pad = [(0, 0)] * 3 + [(0, d_pad - d)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=bool(is_causal),
-                                      deterministic=bool(deterministic), implementation=implementation)
+                                      deterministic=bool(deterministic), implementation=implementation,
+                                      mask_kind=call.mask_kind, mask_k=call.mask_k)
     out, lse = _primitives.flash_attention(q, k, v, bias_arg, call.mask, config)
     if d_pad != d:
         out = out[..., :d]

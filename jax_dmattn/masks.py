@@ -30,6 +30,7 @@ float32 score per output element plus ``lax.top_k``'s working set; no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["topk_mask", "block_topk_mask"]
+__all__ = ["topk_mask", "block_topk_mask", "TopKMask", "KeyIndices"]
 
 
 # --------------------------------------------------------------------------
@@ -501,3 +502,49 @@ def block_topk_mask(
         kb=math.ceil(window_size / block_k), bq=bq, bk=block_k,
         is_causal=is_causal, shape=shape, pool=pool,
     )
+
+
+# --------------------------------------------------------------------------
+# compact masks: no [Lq, Lk] array
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKMask:
+    """The top-k dynamic mask given by per-key scores, without any ``[Lq, Lk]`` array.
+
+    ``scores``: float ``[B|1, 1|Hkv|H, Lk]``; ``k``: static Python int >= 1.
+    Query row ``i`` keeps the ``k`` keys of largest score among the keys it may
+    see (all keys, or the bottom-right causal prefix when ``is_causal``); ties go
+    to the lower key index; a row that sees ``<= k`` keys keeps all of them. This
+    is :func:`topk_mask` of the scores broadcast over query rows, bit for bit
+    (the kernels rank in float32: scores are cast to float32 first). NaN and
+    ``-inf`` scores rank below every finite score. The scores get no gradient.
+
+    Pass it as ``mask=`` to :func:`jax_dmattn.attention`. A pytree (``scores``
+    is a leaf, ``k`` static), so it crosses ``jit``, ``vmap`` and ``shard_map``.
+    """
+
+    scores: Any
+    k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyIndices:
+    """A sparse mask given by the key indices each query row keeps.
+
+    ``indices``: integer ``[B|1, 1|Hkv|H, Lq|1, K]`` (per query row, as in
+    DeepSeek-style sparse attention; a query dim of 1 shares one key set with all
+    rows) or ``[B|1, 1|Hkv|H, K]`` (one shared key set). ``-1`` pads; duplicates
+    count once; causality still applies on top. Concrete indices outside
+    ``[-1, Lk)`` raise a ValueError in :func:`jax_dmattn.attention`; traced ones
+    outside ``[0, Lk)`` are ignored like ``-1``. The indices get no gradient.
+    """
+
+    indices: Any
+
+
+jax.tree_util.register_dataclass(TopKMask, data_fields=["scores"], meta_fields=["k"])
+jax.tree_util.register_dataclass(KeyIndices, data_fields=["indices"], meta_fields=[])
+
+COMPACT_MASKS = (TopKMask, KeyIndices)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_dmattn import _validation
+from jax_dmattn import _compact, _validation
 
 __all__ = ["attention_reference"]
 
@@ -66,6 +66,8 @@ def attention_reference(query, key, value, bias=None, mask=None, *, scale=None, 
     """Same contract as :func:`jax_dmattn.attention`, computed densely in float32 (float64 if inputs are)."""
     call = _validation.normalize_call(query, key, value, bias, mask, scale=scale, softcap=softcap,
                                       implementation="xla")
-    out, lse = reference_core(query, key, value, call.bias, call.mask, scale=call.scale,
+    mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
+                             is_causal=bool(is_causal))
+    out, lse = reference_core(query, key, value, call.bias, mask, scale=call.scale,
                               is_causal=bool(is_causal), softcap=call.softcap)
     return (out, lse) if return_lse else out

@@ -55,7 +55,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
                           ffi::Result<ffi::AnyBuffer> dkv_accum, float scale, float softcap, bool is_causal,
-                          bool deterministic, int64_t sparse_rows) {
+                          bool deterministic, int64_t sparse_rows, int64_t list_batch, int64_t list_heads,
+                          int64_t list_rows) {
   count_cuda_handler_run(stream);
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
@@ -79,8 +80,18 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     return bad("bias and mask must be rank 4");
   // sparse_rows: the sparse kernel's rows per CTA that the caller chose for this device (0: its shared memory
   // fits no build of the head dim, take the key-tile path; jax_dmattn/_cuda_bwd.py: sparse_rows_per_cta).
-  const bool sparse = sparse_rows != 0 && use_sparse_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
-                                                          has_bias ? bias.dimensions()[2] : 0, Lk);
+  // Lists given without a mask (a compact mask, jax_dmattn/_compact.py) describe their units by the list_*
+  // attributes instead of the mask's shape, and never hold a dense unit; only the sparse path takes them.
+  const bool compact = list_rows > 0;
+  if (compact && has_mask) return bad("key lists of a compact mask come without a mask");
+  if (compact && (!dims_ok(list_batch, B) || !(list_heads == 1 || list_heads == Hkv || list_heads == H) ||
+                  !dims_ok(list_rows, Lq)))
+    return bad("list_batch / list_heads / list_rows do not fit the call");
+  if (compact && (sparse_rows == 0 || (has_bias && bias.dimensions()[2] != 1)))
+    return bad("key lists of a compact mask need the sparse path (sparse_rows > 0, no bias with a query dim)");
+  const bool sparse =
+      sparse_rows != 0 && (compact || use_sparse_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
+                                                      has_bias ? bias.dimensions()[2] : 0, Lk));
   if (sparse) {
     if (!sparse_bwd_has_rows(static_cast<int>(D), static_cast<int>(sparse_rows)))
       return bad("sparse_rows " + std::to_string(sparse_rows) + " is not built for head dim " + std::to_string(D));
@@ -193,15 +204,22 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     }
   }
 
-  if (mask.element_count() > 0) {
+  if (mask.element_count() > 0 || compact) {
     const auto md = mask.dimensions();
-    if (auto e = check_operand(md, "mask"); e.failure()) return e;
-    const int64_t dims[4] = {md[0], md[1], md[2], md[3]};
-    const BroadcastOperand op = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, H);
-    p.mask = reinterpret_cast<const uint8_t*>(op.data);
-    p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
-    p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
-    p.mask_hdiv = static_cast<int>(op.heads_per_index);
+    if (!compact) {
+      if (auto e = check_operand(md, "mask"); e.failure()) return e;
+    }
+    const int64_t dims[4] = {compact ? list_batch : md[0], compact ? list_heads : md[1],
+                             compact ? list_rows : md[2], compact ? Lk : md[3]};
+    if (!compact) {
+      const BroadcastOperand op = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, H);
+      p.mask = reinterpret_cast<const uint8_t*>(op.data);
+      p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
+      p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
+      p.mask_hdiv = static_cast<int>(op.heads_per_index);
+    } else {
+      p.mask_hdiv = static_cast<int>(H / dims[1]);
+    }
 
     if (sparse) {
       // The lists' capacity C is read back from their sizes (jax_dmattn/_cuda.py: key_list_sizes).
@@ -221,7 +239,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
         return bad("dkv_accum must be f32 [2, B, Lk, Hkv, D] on the sparse path");
       }
 
-      // The kernel also reads the mask itself (sp.base.mask, set above) for units marked dense.
+      // The kernel also reads the mask itself (sp.base.mask, set above) for units marked dense; compact lists
+      // have none.
       BwdSparseParams sp;
       sp.base = p;
       sp.rows_per_cta = static_cast<int>(sparse_rows);
@@ -293,7 +312,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
                                   .Attr<bool>("deterministic")
-                                  .Attr<int64_t>("sparse_rows"),
+                                  .Attr<int64_t>("sparse_rows")
+                                  .Attr<int64_t>("list_batch")  // unit geometry of compact lists (0: none)
+                                  .Attr<int64_t>("list_heads")
+                                  .Attr<int64_t>("list_rows"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 std::vector<FfiTarget> cuda_bwd_targets() {

@@ -3,6 +3,7 @@
 // Handlers never allocate and never synchronise, so they run inside CUDA graphs / command buffers.
 #include <cuda_runtime.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <string>
@@ -31,7 +32,8 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> key_lists,
                           ffi::Buffer<ffi::U32> key_bits, ffi::Result<ffi::AnyBuffer> out,
                           ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes, float scale,
-                          float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists) {
+                          float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists,
+                          int64_t list_batch, int64_t list_heads, int64_t list_rows) {
   count_cuda_handler_run(stream);
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
@@ -90,7 +92,13 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   }
 
   const bool has_mask = mask.element_count() > 0;
-  if (use_key_lists && !has_mask) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a mask");
+  // Lists given without a mask (a compact mask, jax_dmattn/_compact.py) describe their units by the list_*
+  // attributes instead of the mask's shape, and never hold a dense unit.
+  const bool compact = list_rows > 0;
+  if (compact && (!use_key_lists || has_mask))
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: list_rows > 0 means key lists without a mask");
+  if (use_key_lists && !has_mask && !compact)
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a mask or their list_* geometry");
   if (!use_key_lists && (key_lists.element_count() != 0 || key_bits.element_count() != 0))
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list inputs must be zero-size unless key_lists");
   if (has_mask) {
@@ -103,26 +111,46 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
     p.mask_hdiv = static_cast<int>(op.heads_per_index);
 
-    if (use_key_lists) {
-      if (dims[3] != Lk) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a full key dim");
-      KeyListArgs largs;
-      if (auto e = key_list_capacity_from_sizes("dmattn_fwd_cuda", dims, key_lists.element_count(),
-                                                key_bits.element_count(), largs);
-          e.failure())
-        return e;
-      if (Lq == 0) return ffi::Error::Success();
-      // The kernel also reads p.mask (set above): units whose live keys exceed the capacity are marked dense.
-      const int64_t mt = largs.m_tiles();
-      p.key_lists = key_lists.typed_data();
-      p.key_bits = reinterpret_cast<const uint64_t*>(key_bits.typed_data());
-      p.kl_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt;
-      p.kl_head_stride = dims[1] == 1 ? 0 : mt;
-      p.kl_m_stride = dims[2] == 1 ? 0 : 1;
-      p.kl_keys_stride = largs.keys_stride();
-      p.kb_rows = static_cast<int>(largs.rows_per_unit());
-      p.kb_unit_stride = largs.chunks() * largs.rows_per_unit();
-      return cuda_error(launch_flash_fwd(p, stream), "flash_fwd");
-    }
+    if (use_key_lists && dims[3] != Lk)
+      return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a full key dim");
+  }
+  // Lists over units of the geometry dims = [Bm, Hm, Mm, Lk] (the mask's shape, or a compact mask's list_*).
+  auto launch_with_key_lists = [&](const int64_t dims[4]) -> ffi::Error {
+    KeyListArgs largs;
+    if (auto e = key_list_capacity_from_sizes("dmattn_fwd_cuda", dims, key_lists.element_count(),
+                                              key_bits.element_count(), largs);
+        e.failure())
+      return e;
+    if (Lq == 0) return ffi::Error::Success();
+    // The kernel also reads p.mask (set above) for units whose live keys exceed the capacity (marked dense);
+    // compact lists have none.
+    const int64_t mt = largs.m_tiles();
+    p.key_lists = key_lists.typed_data();
+    p.key_bits = reinterpret_cast<const uint64_t*>(key_bits.typed_data());
+    p.kl_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt;
+    p.kl_head_stride = dims[1] == 1 ? 0 : mt;
+    p.kl_m_stride = dims[2] == 1 ? 0 : 1;
+    p.kl_keys_stride = largs.keys_stride();
+    p.kb_rows = static_cast<int>(largs.rows_per_unit());
+    p.kb_unit_stride = largs.chunks() * largs.rows_per_unit();
+    return cuda_error(launch_flash_fwd(p, stream), "flash_fwd");
+  };
+  if (has_mask && use_key_lists) {
+    const auto md = mask.dimensions();
+    const int64_t dims[4] = {md[0], md[1], md[2], md[3]};
+    return launch_with_key_lists(dims);
+  }
+  if (compact) {
+    if (auto e = check_operand(std::array<int64_t, 4>{list_batch, list_heads, list_rows, Lk}, "key-list geometry");
+        e.failure())
+      return e;
+    p.mask_hdiv = static_cast<int>(H / list_heads);
+    const int64_t dims[4] = {list_batch, list_heads, list_rows, Lk};
+    return launch_with_key_lists(dims);
+  }
+  if (has_mask) {
+    const auto md = mask.dimensions();
+    const int64_t dims[4] = {md[0], md[1], md[2], md[3]};
     MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kFwdBlockM, kFwdBlockN,
                        classes->typed_data()};
     const int64_t mt = targs.m_tiles(), nt = targs.n_tiles();
@@ -160,7 +188,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
                                   .Attr<bool>("skip_empty_tiles")
-                                  .Attr<bool>("key_lists"),
+                                  .Attr<bool>("key_lists")
+                                  .Attr<int64_t>("list_batch")  // unit geometry of compact lists (0: none)
+                                  .Attr<int64_t>("list_heads")
+                                  .Attr<int64_t>("list_rows"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 namespace {

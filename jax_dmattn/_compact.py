@@ -1,0 +1,256 @@
+"""The compact masks (``TopKMask``, ``KeyIndices``) from the user's call down to what each kernel reads.
+
+No function here builds anything of size Lq x Lk except ``to_dense``, which only the pure-jnp reference and the
+one CUDA fallback documented in docs/compact_masks.md use.
+
+Normal forms (``normalize``; the mask operand of the primitives, always rank 4 so that the batching and sharding
+rules treat it like a bool mask: batch dim 0, head dim 1):
+
+- "topk": float32 scores [Bs, Hs, 1, Lk], canonical (NaN / -inf -> the lowest finite float32, -0.0 -> 0.0, no
+  gradient) and k < Lk (a k >= Lk keeps every visible key: no mask at all).
+- "indices": int32 [Bm, Hm, Mq, K] (Mq = 1 or Lq), each row sorted ascending with duplicates and invalid entries
+  (-1, out of range) replaced by INDEX_PAD, which sorts last and never matches a key.
+
+What each kernel reads:
+
+- CPU kernels: "topk" gets per-row thresholds (``topk_row_thresholds``): row i keeps key j iff
+  (s_j, -j) >= (t_i, -jt_i) lexicographically, t_i = -inf keeping every key; "indices" reads the sorted rows.
+- CUDA kernels: the live-key lists of csrc/cuda/key_lists.h (``cuda_key_lists``), built without any mask: by the
+  ``dmattn_topk_key_lists_cuda`` pre-pass for a causal TopKMask, by XLA sorts for the other forms.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_dmattn import masks
+
+INDEX_PAD = np.iinfo(np.int32).max
+KIND_CODES = {"bool": 0, "topk": 1, "indices": 2}  # the CPU handlers' mask_kind attribute (csrc/ffi/cpu_handlers.cc)
+# The pure-jnp reference materialises [B, H, Lq, Lk] float32 logits; past this many scores a compact mask is
+# refused there (the kernels never need that array).
+REFERENCE_MAX_SCORES = 1 << 31
+KEY_LIST_BLOCK_M = 128  # csrc/cuda/key_lists.h: kKeyListBlockM
+KEY_LIST_CHUNK = 64     # kKeyListChunk
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _check_dims(name, shape, dims, with_rows: bool):
+    b, h, hkv, lq, _ = dims
+    ok = shape[0] in (1, b) and shape[1] in (1, hkv, h) and (not with_rows or shape[2] in (1, lq))
+    if not ok:
+        rows = ", Lq|1" if with_rows else ""
+        raise ValueError(f"{name} of shape {_shape_str(shape)} does not fit [B|1, 1|Hkv|H{rows}, ...] = "
+                         f"[{b}|1, 1|{hkv}|{h}{', ' + str(lq) + '|1' if with_rows else ''}, ...]: the batch dim must "
+                         f"be 1 or {b}, the head dim 1, {hkv} (kv heads) or {h} (query heads)")
+
+
+def canonical_scores(scores):
+    """float32 ranking scores: what the kernels compare (NaN / -inf rank lowest, -0.0 equals 0.0)."""
+    s = masks._canonical_scores(lax.stop_gradient(scores).astype(jnp.float32))
+    return s
+
+
+def _normalize_topk(m: masks.TopKMask, dims):
+    b, h, hkv, lq, lk = dims
+    k = m.k
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"TopKMask.k must be a static Python int >= 1, got {k!r} of type {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"TopKMask.k must be >= 1, got {k}")
+    s = m.scores
+    if not hasattr(s, "shape") or not hasattr(s, "dtype"):
+        raise TypeError(f"TopKMask.scores must be an array, got {type(s).__name__}")
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        raise TypeError(f"TopKMask.scores must have a floating dtype, got {s.dtype}")
+    if s.ndim != 3:
+        raise ValueError(f"TopKMask.scores must have rank 3 [B|1, 1|Hkv|H, Lk], got shape {_shape_str(s.shape)}")
+    if s.shape[2] != lk:
+        raise ValueError(f"TopKMask.scores key dim must be the key length {lk}, got shape {_shape_str(s.shape)}")
+    _check_dims("TopKMask.scores", s.shape, dims, with_rows=False)
+    if k >= lk:  # every row keeps every key it sees
+        return None, "bool", 0
+    return canonical_scores(s)[:, :, None, :], "topk", k
+
+
+def _normalize_indices(m: masks.KeyIndices, dims):
+    b, h, hkv, lq, lk = dims
+    x = m.indices
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"KeyIndices.indices must be an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"KeyIndices.indices must have an integer dtype (int32), got {x.dtype}")
+    if x.ndim not in (3, 4):
+        raise ValueError(f"KeyIndices.indices must have rank 4 [B|1, 1|Hkv|H, Lq|1, K] or rank 3 [B|1, 1|Hkv|H, K], "
+                         f"got shape {_shape_str(x.shape)}")
+    if x.ndim == 3:
+        x = x[:, :, None, :]
+    _check_dims("KeyIndices.indices", tuple(x.shape), dims, with_rows=True)
+    if not isinstance(x, jax.core.Tracer):
+        host = np.asarray(x)
+        bad = (host < -1) | (host >= lk)
+        if bad.any():
+            where = tuple(int(i[0]) for i in np.nonzero(bad))
+            raise ValueError(f"KeyIndices.indices must lie in [-1, {lk}) (-1 pads; key length {lk}), got "
+                             f"{int(host[where])} at position {where}")
+    if x.shape[3] == 0:  # no key anywhere: an all-False mask
+        return jnp.zeros((1, 1, 1, 1), jnp.bool_), "bool", 0
+    x = x.astype(jnp.int32)
+    x = jnp.where((x >= 0) & (x < lk), x, INDEX_PAD)
+    x = jnp.sort(x, axis=-1)
+    dup = jnp.concatenate([jnp.zeros(x.shape[:-1] + (1,), jnp.bool_), x[..., 1:] == x[..., :-1]], axis=-1)
+    x = jnp.sort(jnp.where(dup, INDEX_PAD, x), axis=-1)
+    return x, "indices", 0
+
+
+def normalize(m, dims):
+    """(mask operand, mask_kind, k) of a TopKMask / KeyIndices for a call of dims (B, H, Hkv, Lq, Lk)."""
+    if isinstance(m, masks.TopKMask):
+        return _normalize_topk(m, dims)
+    return _normalize_indices(m, dims)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def check_reference_size(kind: str, b: int, h: int, lq: int, lk: int):
+    if kind != "bool" and b * h * lq * lk > REFERENCE_MAX_SCORES:
+        raise ValueError(f"implementation='xla' materialises [B, H, Lq, Lk] = {_shape_str((b, h, lq, lk))} scores, "
+                         f"too many for a compact mask (> {REFERENCE_MAX_SCORES}); use implementation='cuda' or "
+                         f"'cpu', whose kernels never build that array")
+
+
+def to_dense(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool):
+    """The bool mask [Bm, Hm, Mm, Lk] that a normal-form compact mask stands for (reference and fallbacks)."""
+    if kind == "bool":
+        return mask
+    if kind == "topk":
+        return masks.topk_mask(mask, k, is_causal=is_causal, query_len=q_len if is_causal else None)
+    bm, hm, mq, kk = mask.shape
+    dense = jnp.zeros((bm, hm, mq, kv_len + 1), jnp.bool_)
+    idx = jnp.minimum(mask, kv_len)  # INDEX_PAD -> the dropped column kv_len
+    bi, hi, ri = np.ogrid[:bm, :hm, :mq]
+    dense = dense.at[bi[..., None], hi[..., None], ri[..., None], idx].set(True)
+    return dense[..., :kv_len]
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+def topk_row_thresholds(scores, k: int, *, q_len: int, is_causal: bool):
+    """Per query row, the k-th best (score, index) of the keys it sees: (t float32 [Bs, Hs, Lq], jt int32
+    [Bs, Hs, Lq]); t = -inf where the row sees <= k keys (it keeps them all). scores: normal form [Bs, Hs, 1, Lk]."""
+    bs, hs, _, lk = scores.shape
+    s = scores.reshape(bs * hs, lk)
+    if not is_causal:
+        vals, idx = lax.top_k(s, k)
+        t = jnp.broadcast_to(vals[:, k - 1:k], (bs * hs, q_len))
+        jt = jnp.broadcast_to(idx[:, k - 1:k], (bs * hs, q_len))
+    else:
+        t_prefix, jt_prefix = masks._prefix_kth(s, k, chunk=max(k, 64))
+        rows = jnp.clip(jnp.arange(q_len) + (lk - q_len), 0, lk - 1)
+        t, jt = t_prefix[:, rows], jt_prefix[:, rows]
+    return t.reshape(bs, hs, q_len).astype(jnp.float32), jt.reshape(bs, hs, q_len).astype(jnp.int32)
+
+
+def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool):
+    """(mask, row_threshold, row_threshold_key) operands of the CPU targets for a normal-form mask."""
+    if kind == "topk":
+        t, jt = topk_row_thresholds(mask, k, q_len=q_len, is_causal=is_causal)
+        return mask, t, jt
+    return mask, jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+def _words_from_positions(valid):
+    """Bit words (uint32 pairs, little end first) of a bool [..., C] with C % 64 == 0: [..., C / 64, 2]."""
+    *lead, c = valid.shape
+    bits = valid.reshape(*lead, c // 64, 2, 32).astype(jnp.uint32)
+    return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def _shared_lists(sorted_keys, count, capacity: int):
+    """Lists of one key set per unit (a row-broadcast unit, rows_per_unit = 1): sorted_keys [N, >= capacity] with
+    the count valid keys first. Returns (keys int32 [N * (1 + C)], bits uint32 [N * C / 64 * 1 * 2])."""
+    n = sorted_keys.shape[0]
+    listed = sorted_keys[:, :capacity]
+    listed = jnp.where(jnp.arange(capacity) < count[:, None], listed, 0)
+    keys = jnp.concatenate([count[:, None].astype(jnp.int32), listed.astype(jnp.int32)], axis=1)
+    valid = jnp.arange(capacity)[None, :] < count[:, None]
+    bits = _words_from_positions(valid)  # [N, C / 64, 2]: one row per unit
+    return keys.reshape(-1), bits.reshape(-1)
+
+
+def _pad_keys(x, width: int):
+    if x.shape[-1] >= width:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=INDEX_PAD)
+
+
+def _per_row_index_lists(idx, q_len: int, kv_len: int):
+    """Lists of per-row indices [Bm, Hm, Lq, K] (normal form): per 128-row unit, the union of its rows' keys."""
+    bm, hm, lq, kk = idx.shape
+    rows = min(lq, KEY_LIST_BLOCK_M)
+    t = -(-lq // KEY_LIST_BLOCK_M)
+    capacity = min(_round_up(rows * kk, KEY_LIST_CHUNK), _round_up(kv_len, KEY_LIST_CHUNK))
+    x = jnp.pad(idx, [(0, 0), (0, 0), (0, t * rows - lq), (0, 0)], constant_values=INDEX_PAD)
+    x = x.reshape(bm * hm * t, rows, kk)
+    union = jnp.sort(x.reshape(bm * hm * t, rows * kk), axis=-1)
+    dup = jnp.concatenate([jnp.zeros((union.shape[0], 1), jnp.bool_), union[:, 1:] == union[:, :-1]], axis=-1)
+    union = jnp.sort(jnp.where(dup, INDEX_PAD, union), axis=-1)
+    union = _pad_keys(union, capacity)[:, :capacity]
+    count = jnp.sum(union != INDEX_PAD, axis=-1, dtype=jnp.int32)
+    keys = jnp.concatenate([count[:, None], jnp.where(union != INDEX_PAD, union, 0)], axis=1)
+    # Each row's keys are in its unit's union: its position there gives the bit.
+    pos = jax.vmap(lambda u, r: jnp.searchsorted(u, r))(union, x.reshape(bm * hm * t, rows * kk))
+    pos = pos.reshape(bm * hm * t, rows, kk)
+    valid = x != INDEX_PAD
+    chunks = capacity // KEY_LIST_CHUNK
+    unit = jnp.arange(bm * hm * t)[:, None, None]
+    r = jnp.arange(rows)[None, :, None]
+    word = pos // 64
+    flat = (((unit * chunks + word) * rows + r) * 2 + (pos % 64) // 32)
+    size = bm * hm * t * chunks * rows * 2
+    flat = jnp.where(valid, flat, size)  # out of bounds: dropped (a negative index would wrap around)
+    vals = jnp.where(valid, jnp.uint32(1) << (pos % 32).astype(jnp.uint32), jnp.uint32(0))
+    bits = jnp.zeros((size,), jnp.uint32)
+    bits = bits.at[flat.reshape(-1)].add(vals.reshape(-1), mode="drop")
+    return keys.reshape(-1), bits
+
+
+def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool):
+    """Live-key lists (csrc/cuda/key_lists.h layout) of a normal-form compact mask, built without any mask:
+    (keys int32, bits uint32 pairs, (Bm, Hm, Mm) the unit geometry, Mm = Lq or 1 for a row-broadcast list)."""
+    from jax_dmattn import _cuda
+
+    bm, hm = mask.shape[:2]
+    if kind == "topk":
+        s = mask[:, :, 0, :]
+        if is_causal:
+            iota = lax.broadcasted_iota(jnp.int32, s.shape, 2)
+            _, order = lax.sort((-s, iota), dimension=2, num_keys=1, is_stable=True)
+            capacity = min(_round_up(k + KEY_LIST_BLOCK_M - 1, KEY_LIST_CHUNK), _round_up(kv_len, KEY_LIST_CHUNK))
+            keys, bits = _cuda.build_topk_key_lists(s, order, k=k, q_len=q_len, capacity=capacity)
+            return keys, bits, (bm, hm, q_len)
+        _, idx = lax.top_k(s.reshape(bm * hm, kv_len), k)
+        capacity = _round_up(k, KEY_LIST_CHUNK)
+        listed = _pad_keys(jnp.sort(idx, axis=-1), capacity)
+        keys, bits = _shared_lists(listed, jnp.full((bm * hm,), k, jnp.int32), capacity)
+        return keys, bits, (bm, hm, 1)
+    mq, kk = mask.shape[2:]
+    if mq == 1:
+        capacity = min(_round_up(kk, KEY_LIST_CHUNK), _round_up(kv_len, KEY_LIST_CHUNK))
+        x = _pad_keys(mask.reshape(bm * hm, kk), capacity)
+        count = jnp.sum(x != INDEX_PAD, axis=-1, dtype=jnp.int32)
+        keys, bits = _shared_lists(x, count, capacity)
+        return keys, bits, (bm, hm, 1)
+    keys, bits = _per_row_index_lists(mask, q_len, kv_len)
+    return keys, bits, (bm, hm, q_len)

@@ -1,0 +1,390 @@
+"""Compact masks (TopKMask, KeyIndices) on every implementation, against the float64 oracle.
+
+The oracle gets a dense bool mask that this file builds in numpy from the compact form, independently of the
+package (``dense_topk`` / ``dense_indices``); the package's own dense form (``topk_mask``) must equal it bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+from helpers import (
+    GRAD_FLOOR_FRAC,
+    DEFAULT_FLOOR_RMS,
+    assert_close,
+    check_dtype_supported,
+    implementation_params,
+    poison,
+    seed_from,
+    tolerance,
+)
+
+import jax_dmattn
+from jax_dmattn import KeyIndices, TopKMask, _compact
+
+
+# ------------------------------------------------------------------------------------------ numpy semantics
+def _canonical_f32(s):
+    s = np.asarray(s, np.float32).copy()
+    lowest = np.finfo(np.float32).min
+    s[~(s > lowest)] = lowest  # NaN, -inf
+    s[s == 0] = 0.0
+    return s
+
+
+def dense_topk(scores, k, lq, is_causal):
+    """[Bs, Hs, Lq, Lk]: row i keeps the k keys of largest (score, -index) among those it sees."""
+    s = _canonical_f32(scores)
+    bs, hs, lk = s.shape
+    out = np.zeros((bs, hs, lq, lk), bool)
+    for b in range(bs):
+        for h in range(hs):
+            order = np.lexsort((np.arange(lk), -s[b, h].astype(np.float64)))  # score desc, index asc
+            for i in range(lq):
+                end = i + lk - lq if is_causal else lk - 1
+                if end < 0:
+                    continue
+                visible = order[order <= end]
+                out[b, h, i, visible[:k]] = True
+    return out
+
+
+def dense_indices(indices, lq, lk):
+    x = np.asarray(indices)
+    if x.ndim == 3:
+        x = x[:, :, None, :]
+    bm, hm, mq, kk = x.shape
+    out = np.zeros((bm, hm, mq, lk), bool)
+    for idx in np.ndindex(bm, hm, mq):
+        row = x[idx]
+        row = row[(row >= 0) & (row < lk)]
+        out[idx + (row,)] = True
+    return out
+
+
+# ------------------------------------------------------------------------------------------ cases
+@dataclasses.dataclass(frozen=True)
+class CompactCase:
+    form: str = "topk"          # topk | indices
+    B: int = 2
+    Lq: int = 70
+    Lk: int = 100
+    H: int = 4
+    Hkv: int = 2
+    D: int = 32
+    dtype: str = "f32"
+    mask_heads: str = "hkv"     # 1 | hkv | h
+    mask_batch: int = 2         # 1 or B
+    k: int = 9                  # topk: k; indices: K per row
+    rows: str = "per_row"       # indices: per_row | shared | shared3 (rank-3 form)
+    is_causal: bool = True
+    bias: str | None = "key"    # None | key ([B, Hkv, 1, Lk]) | full ([B, H, Lq, Lk])
+    ties: bool = False          # topk: scores drawn from a few values
+    empty_rows: bool = False    # indices: some rows only -1
+
+    @property
+    def jdtype(self):
+        return {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[self.dtype]
+
+    def heads(self, which):
+        return {"1": 1, "hkv": self.Hkv, "h": self.H}[which]
+
+
+CASES = {
+    "topk-causal": CompactCase(),
+    "topk-causal-ties-h": CompactCase(ties=True, mask_heads="h", mask_batch=1),
+    "topk-noncausal": CompactCase(is_causal=False, mask_heads="1"),
+    "topk-k1": CompactCase(k=1, Lq=130, Lk=130, bias=None),
+    "topk-k-ge-visible": CompactCase(k=90, Lq=100, Lk=100),
+    "topk-lq-gt-lk": CompactCase(Lq=150, Lk=64, k=20),
+    "topk-mqa-full-bias": CompactCase(H=4, Hkv=1, bias="full", k=33, Lq=129, Lk=200),
+    "topk-long": CompactCase(B=1, Lq=300, Lk=300, H=2, Hkv=2, k=40, mask_batch=1),
+    "idx-per-row": CompactCase(form="indices", k=12),
+    "idx-per-row-empty": CompactCase(form="indices", k=6, empty_rows=True, mask_heads="h", bias="full"),
+    "idx-shared": CompactCase(form="indices", rows="shared", k=30, is_causal=False, mask_heads="1"),
+    "idx-shared3-causal": CompactCase(form="indices", rows="shared3", k=50, Lq=130, Lk=160),
+    "idx-dups-gqa": CompactCase(form="indices", k=40, H=6, Hkv=3, Lq=33, Lk=47, mask_batch=1),
+}
+
+
+def make_case_inputs(case: CompactCase, rng):
+    dt = np.dtype(case.jdtype)
+    r = lambda shape: rng.standard_normal(shape).astype(dt)
+    q = r((case.B, case.Lq, case.H, case.D))
+    k = r((case.B, case.Lk, case.Hkv, case.D))
+    v = r((case.B, case.Lk, case.Hkv, case.D))
+    bias = None
+    if case.bias == "key":
+        bias = r((case.B, case.Hkv, 1, case.Lk))
+    elif case.bias == "full":
+        bias = r((case.B, case.H, case.Lq, case.Lk))
+    hm, bm = case.heads(case.mask_heads), case.mask_batch
+    if case.form == "topk":
+        if case.ties:
+            scores = rng.integers(0, 4, (bm, hm, case.Lk)).astype(np.float32)
+        else:
+            scores = rng.standard_normal((bm, hm, case.Lk)).astype(np.float32)
+        scores[..., ::17] = -np.inf  # rank lowest, still kept by rows that see <= k keys
+        mask = TopKMask(jnp.asarray(scores), case.k)
+        dense = dense_topk(scores, case.k, case.Lq, case.is_causal)
+    else:
+        rows = 1 if case.rows != "per_row" else case.Lq
+        idx = rng.integers(-1, case.Lk, (bm, hm, rows, case.k)).astype(np.int32)
+        idx[..., -1] = idx[..., 0]  # a duplicate in every row
+        if case.empty_rows:
+            idx[:, :, ::4, :] = -1
+        if case.rows == "shared3":
+            idx = idx[:, :, 0, :]
+        mask = KeyIndices(jnp.asarray(idx))
+        dense = dense_indices(idx, case.Lq, case.Lk)
+    return q, k, v, bias, mask, dense
+
+
+def _kw(case):
+    return dict(is_causal=case.is_causal)
+
+
+def _oracle_fwd(case, q, k, v, bias, dense):
+    return oracle.oracle_attention(q, k, v, bias, dense, **_kw(case))
+
+
+# ------------------------------------------------------------------------------------------ semantics
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("topk")])
+def test_topk_dense_form_equals_topk_mask(name):
+    """TopKMask is topk_mask of the scores broadcast over query rows, bit for bit."""
+    case = CASES[name]
+    rng = make_rng_for(name)
+    *_, mask, dense = make_case_inputs(case, rng)
+    got = jax_dmattn.topk_mask(mask.scores[:, :, None, :], case.k, is_causal=case.is_causal,
+                               query_len=case.Lq if case.is_causal else None)
+    np.testing.assert_array_equal(np.broadcast_to(np.asarray(got), dense.shape), dense)
+
+
+def make_rng_for(name):
+    return np.random.default_rng(seed_from(f"test_compact_masks::{name}"))
+
+
+# ------------------------------------------------------------------------------------------ values and gradients
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward(implementation, name):
+    case = CASES[name]
+    if implementation == "cuda":
+        case = dataclasses.replace(case, dtype="bf16")
+    check_dtype_supported(implementation, case.jdtype)
+    rng = make_rng_for(name)
+    q, k, v, bias, mask, dense = make_case_inputs(case, rng)
+    f = jax.jit(lambda q, k, v, b, m: jax_dmattn.attention(q, k, v, b, m, return_lse=True,
+                                                            implementation=implementation, **_kw(case)))
+    out, lse = f(q, k, v, bias, mask)
+    eo, el = _oracle_fwd(case, q, k, v, bias, dense)
+    assert_close(out, eo, case.jdtype, "out", name="out")
+    assert_close(lse, el, case.jdtype, "lse", name="lse")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_grads(implementation, name):
+    case = CASES[name]
+    if implementation == "cuda":
+        case = dataclasses.replace(case, dtype="bf16")
+    check_dtype_supported(implementation, case.jdtype)
+    rng = make_rng_for(name)
+    q, k, v, bias, mask, dense = make_case_inputs(case, rng)
+    dout = rng.standard_normal(q.shape).astype(q.dtype)
+
+    def f(q, k, v, b, m):
+        def fn(q, k, v, *b):
+            return jax_dmattn.attention(q, k, v, *b, mask=m, implementation=implementation, **_kw(case))
+
+        out, vjp = jax.vjp(fn, q, k, v, *b)
+        return (out,) + vjp(jnp.asarray(dout))
+
+    got = jax.jit(f)(q, k, v, () if bias is None else (bias,), mask)[1:]
+    grads = oracle.oracle_grads(q, k, v, bias, dense, dout, **_kw(case))
+    mags = oracle.oracle_grads(q, k, v, bias, dense, dout, magnitude=True, **_kw(case))
+    for name_, g, exp, m in zip(("dq", "dk", "dv", "dbias"), got, grads, mags):
+        fl = max(GRAD_FLOOR_FRAC * float(np.linalg.norm(m)), DEFAULT_FLOOR_RMS * np.sqrt(m.size))
+        tol = tolerance(case.jdtype, "grad") * (2 if name_ == "dbias" else 1)
+        got, exp = g, exp
+        assert_close(got, exp, case.jdtype, "grad", name=name_, floor=fl, tol=tol)
+
+
+def test_nan_in_masked_out_key_does_not_leak(implementation):
+    """A key no row keeps may hold NaN in k / v: it must not reach any output (it is never read as kept)."""
+    if implementation == "xla":
+        pytest.skip("the pure-jnp reference multiplies every value row, a masked one by weight 0 (NaN * 0 = NaN)")
+    case = CASES["idx-shared"]
+    if implementation == "cuda":
+        case = dataclasses.replace(case, dtype="bf16")
+    check_dtype_supported(implementation, case.jdtype)
+    rng = make_rng_for("nan")
+    q, k, v, bias, mask, dense = make_case_inputs(case, rng)
+    never = ~dense.any(axis=(0, 1, 2))  # keys no row of any (batch, head) keeps
+    assert never.any()
+    k = poison(k, never[None, :, None, None])
+    v = poison(v, never[None, :, None, None])
+    out = jax_dmattn.attention(q, k, v, bias, mask, implementation=implementation, **_kw(case))
+    eo, _ = _oracle_fwd(case, q, np.nan_to_num(k), np.nan_to_num(v), bias, dense)
+    assert_close(out, eo, case.jdtype, "out", name="out")
+
+
+def test_scores_get_no_gradient():
+    rng = make_rng_for("nograd")
+    case = CASES["topk-causal"]
+    q, k, v, bias, mask, _ = make_case_inputs(case, rng)
+
+    def loss(scores):
+        out = jax_dmattn.attention(q, k, v, bias, TopKMask(scores, case.k), implementation="xla", is_causal=True)
+        return jnp.sum(out)
+
+    g = jax.grad(loss)(mask.scores)
+    assert g.shape == mask.scores.shape and not np.any(np.asarray(g))
+
+
+def test_vmap_over_mask(implementation):
+    """vmap over a batch of TopKMask / KeyIndices pytrees equals a loop over the examples."""
+    case = dataclasses.replace(CASES["topk-causal"], B=1, mask_batch=1)
+    if implementation == "cuda":
+        case = dataclasses.replace(case, dtype="bf16")
+    check_dtype_supported(implementation, case.jdtype)
+    rng = make_rng_for("vmap")
+    ex = [make_case_inputs(case, rng) for _ in range(3)]
+    stack = lambda i: jnp.stack([jnp.asarray(e[i]) for e in ex])
+    q, k, v, bias = stack(0), stack(1), stack(2), stack(3)
+    masks = jax.tree.map(lambda *xs: jnp.stack(xs), *[e[4] for e in ex])
+    f = lambda q, k, v, b, m: jax_dmattn.attention(q, k, v, b, m, implementation=implementation, is_causal=True)
+    got = jax.jit(jax.vmap(f))(q, k, v, bias, masks)
+    for i, e in enumerate(ex):
+        eo, _ = _oracle_fwd(case, e[0], e[1], e[2], e[3], e[5])
+        assert_close(got[i], eo, case.jdtype, "out", name=f"out[{i}]")
+
+
+# ------------------------------------------------------------------------------------------ the CUDA key lists
+def decode_lists(keys, bits, geometry, lq, lk):
+    """Dense [Bm, Hm, Mm, Lk] bool of key lists (csrc/cuda/key_lists.h layout)."""
+    bm, hm, mm = geometry
+    keys, bits = np.asarray(keys), np.asarray(bits).view(np.uint64)
+    t = -(-mm // 128)
+    units = bm * hm * t
+    cap = keys.size // units - 1
+    rows = min(mm, 128)
+    keys = keys.reshape(units, 1 + cap)
+    bits = bits.reshape(units, cap // 64, rows)
+    out = np.zeros((bm * hm, t * 128 if mm > 1 else 1, lk), bool)
+    for u in range(units):
+        bh, ti = divmod(u, t)
+        count = keys[u, 0]
+        assert 0 <= count <= cap, f"unit {u}: count {count} (dense units must not occur)"
+        listed = keys[u, 1:1 + count]
+        assert np.all(np.diff(listed) > 0), f"unit {u}: list not strictly ascending"
+        for r in range(rows):
+            row = ti * 128 + r
+            for c in range(count):
+                if (int(bits[u, c // 64, r]) >> (c % 64)) & 1:
+                    out[bh, row, listed[c]] = True
+    return out[:, :mm].reshape(bm, hm, mm, lk)
+
+
+@pytest.mark.parametrize("name", ["topk-noncausal", "idx-per-row", "idx-per-row-empty", "idx-shared",
+                                  "idx-shared3-causal", "idx-dups-gqa"])
+def test_cuda_key_lists_built_by_xla(name):
+    """The lists that XLA builds for the CUDA kernels (every form but the causal TopKMask, which has its own
+    pre-pass kernel) decode to the mask they stand for; this runs on any backend."""
+    case = CASES[name]
+    rng = make_rng_for(name)
+    q, k, v, bias, mask, dense = make_case_inputs(case, rng)
+    dims = (case.B, case.H, case.Hkv, case.Lq, case.Lk)
+    norm, kind, kk = _compact.normalize(mask, dims)
+    keys, bits, geometry = _compact.cuda_key_lists(norm, kind, kk, q_len=case.Lq, kv_len=case.Lk,
+                                                   is_causal=case.is_causal)
+    got = decode_lists(keys, bits, geometry, case.Lq, case.Lk)
+    expected = dense if geometry[2] == dense.shape[2] else dense[:, :, :1]
+    if case.is_causal and expected.shape[2] == case.Lq:  # lists may hold keys past the causal cut
+        causal = np.arange(case.Lk)[None, :] <= np.arange(case.Lq)[:, None] + case.Lk - case.Lq
+        got, expected = got & causal, expected & causal
+    np.testing.assert_array_equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------ no [Lq, Lk] array
+@pytest.mark.parametrize("form", ["topk", "indices"])
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_lowering_has_no_lq_by_lk_array(form, platform):
+    """The kernel paths never build an array with Lq * Lk elements (fwd + bwd, lowered without running)."""
+    from jax_dmattn import _ffi
+
+    if platform == "cuda" and not _ffi.has_cuda_kernels():
+        pytest.skip("lowering for cuda needs the extension built with the CUDA kernels (nvcc)")
+    lq = lk = 1024
+    b, h, hkv, d = 1, 2, 1, 64
+    dt = jnp.bfloat16
+    q = jax.ShapeDtypeStruct((b, lq, h, d), dt)
+    kv = jax.ShapeDtypeStruct((b, lk, hkv, d), dt)
+    bias = jax.ShapeDtypeStruct((b, hkv, 1, lk), jnp.float32)
+    if form == "topk":
+        mask = TopKMask(jax.ShapeDtypeStruct((b, hkv, lk), jnp.float32), 64)
+    else:
+        mask = KeyIndices(jax.ShapeDtypeStruct((b, hkv, lq, 16), jnp.int32))
+
+    def loss(q, k, v, bias, mask):
+        return jnp.sum(jax_dmattn.attention(q, k, v, bias, mask, is_causal=True, implementation=platform)
+                       .astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, kv, kv, bias, mask).lower(
+        lowering_platforms=(platform,))
+    text = lowered.as_text()
+    import re
+
+    biggest = 0
+    for m in re.finditer(r"tensor<([0-9x]+)x[a-z]+[0-9]*>", text):
+        biggest = max(biggest, int(np.prod([int(x) for x in m.group(1).split("x")])))
+    assert biggest < lq * lk // 4, f"an array of {biggest} elements (Lq * Lk = {lq * lk}) in the {platform} lowering"
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _qkv(lq=8, lk=10, h=4, hkv=2):
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    return z(2, lq, h, 16), z(2, lk, hkv, 16), z(2, lk, hkv, 16)
+
+
+@pytest.mark.parametrize("mask, err, match", [
+    (TopKMask(jnp.zeros((2, 2, 10)), 0), ValueError, "k must be >= 1"),
+    (TopKMask(jnp.zeros((2, 2, 10)), 2.0), TypeError, "static Python int"),
+    (TopKMask(jnp.zeros((2, 2, 10)), True), TypeError, "static Python int"),
+    (TopKMask(jnp.zeros((2, 2, 10), jnp.int32), 2), TypeError, "floating dtype"),
+    (TopKMask(jnp.zeros((2, 2, 1, 10)), 2), ValueError, "rank 3"),
+    (TopKMask(jnp.zeros((2, 2, 9)), 2), ValueError, "key length 10"),
+    (TopKMask(jnp.zeros((2, 3, 10)), 2), ValueError, "head dim"),
+    (TopKMask(jnp.zeros((3, 2, 10)), 2), ValueError, "batch dim"),
+    (KeyIndices(jnp.zeros((2, 2, 8, 3), jnp.float32)), TypeError, "integer dtype"),
+    (KeyIndices(jnp.zeros((2, 2, 3), jnp.int32)[0]), ValueError, "rank 4"),
+    (KeyIndices(jnp.zeros((2, 2, 5, 3), jnp.int32)), ValueError, "Lq|1"),
+    (KeyIndices(jnp.full((2, 2, 8, 3), 10, jnp.int32)), ValueError, r"\[-1, 10\)"),
+    (KeyIndices(jnp.full((2, 2, 8, 3), -2, jnp.int32)), ValueError, r"\[-1, 10\)"),
+])
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+def test_errors(mask, err, match, implementation):
+    q, k, v = _qkv()
+    with pytest.raises(err, match=match):
+        jax_dmattn.attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def test_reference_refuses_huge_compact_mask(monkeypatch):
+    monkeypatch.setattr(_compact, "REFERENCE_MAX_SCORES", 100)
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="implementation='cuda' or 'cpu'"):
+        jax_dmattn.attention(q, k, v, mask=TopKMask(jnp.zeros((2, 2, 10)), 3), implementation="xla")
+
+
+def test_traced_out_of_range_indices_are_ignored():
+    q, k, v = _qkv()
+    idx = np.array([[[[0, 3, 11, -5]]]], np.int32)  # 11 and -5 are outside [-1, 10)
+    f = jax.jit(lambda idx: jax_dmattn.attention(q + 1, k + 1, v + jnp.arange(10.)[None, :, None, None],
+                                                  mask=KeyIndices(idx), implementation="xla"))
+    out = f(idx)
+    ref = jax_dmattn.attention(q + 1, k + 1, v + jnp.arange(10.)[None, :, None, None],
+                               mask=KeyIndices(np.array([[[[0, 3, -1, -1]]]], np.int32)), implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref))
