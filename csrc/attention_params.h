@@ -7,6 +7,12 @@ namespace dmattn {
 
 enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// How AttentionParams::mask says which keys a query row keeps; the values are the FFI attribute `mask_kind`.
+// kBool: a broadcastable bool mask. kTopK: f32 key scores [Bs, Hs, 1, Lk]; row i keeps key j iff
+// s[j] > t[i] || (s[j] == t[i] && j <= jt[i]) with t = row_threshold, jt = row_threshold_key (t = -inf keeps
+// every key). kKeyIndices: s32 [Bm, Hm, Mq, K], each row the kept keys ascending, padded with values >= Lk.
+enum class MaskKind : int { kBool = 0, kTopK = 1, kKeyIndices = 2 };
+
 // A rank-4 broadcastable operand ([Bx, Hx, Mx, Nx] with each dim 1 or full). Strides are in elements and are 0
 // on broadcast dims, so `offset(b, h, i, j)` works for any (b, query head, query row, key) without branches.
 struct BroadcastOperand {
@@ -47,6 +53,9 @@ struct AttentionParams {
   float softcap = 0.f;            // 0: off
   bool is_causal = false;
   BroadcastOperand bias, mask;
+  MaskKind mask_kind = MaskKind::kBool;
+  // kTopK only: f32 / s32 [Bs, Hs, Lq, 1], the batch and heads of the scores in `mask`.
+  BroadcastOperand row_threshold, row_threshold_key;
 
   int64_t group() const { return heads / kv_heads; }
   // Bottom-right causal: key j is visible from query i iff j <= i + causal_offset().

@@ -221,11 +221,14 @@ inline void transpose(int64_t R, int64_t Cn, const float* src, int64_t lds, floa
 // ---------------------------------------------------------------------------------------- tile classes
 enum TileClass : uint8_t { kEmpty = 0, kPartial = 1, kFull = 2 };
 
-// Classes of every (mask batch, mask head, query tile, key tile) in the mask's own broadcast shape.
+class MaskSource;  // cpu/mask_source.h: it includes this header for TileClass
+
+// Classes of every (mask batch, mask head, query tile, key tile) in the mask's own broadcast shape
+// (MaskSource::extent()).
 class MaskTileMap {
  public:
   MaskTileMap() = default;
-  explicit MaskTileMap(const BroadcastOperand& mask);
+  explicit MaskTileMap(const MaskSource& mask);
   // Class of query tile mt x key tile nt for (batch b, query head h); kFull when there is no mask.
   TileClass at(int64_t b, int64_t h, int64_t mt, int64_t nt) const {
     if (classes_.empty()) return kFull;

@@ -41,7 +41,8 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
                const float* lse, const void* dout, const float* dlse, void* dq, void* dk, void* dv, void* dbias) {
   const int64_t D = p.head_dim, Dp = round_up(D, 16), g = p.group();
   const int64_t m_tiles = ceil_div(p.q_len, kBlockM), n_tiles = ceil_div(p.kv_len, kBlockN);
-  const MaskTileMap classes(p.mask);
+  const MaskSource mask(p);
+  const MaskTileMap classes(mask);
   const std::vector<float> delta = row_deltas(p, out, dout, dlse);
   const BroadcastOperand& bias = p.bias;
 
@@ -123,7 +124,7 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
 
             std::fill(S, S + kBlockM * kBlockN, 0.f);
             gemm_acc(kBlockM, kBlockN, Dp, Q, Dp, Kt, kBlockN, S, kBlockN);
-            logits_tile(p, TileCoord{b, h, m0, bm, n0, bn, cls}, S, p.softcap > 0.f ? T : nullptr);
+            logits_tile(p, mask, TileCoord{b, h, m0, bm, n0, bn, cls}, S, p.softcap > 0.f ? T : nullptr);
             for (int64_t r = 0; r < kBlockM; ++r) {
               float* s = S + r * kBlockN;
               const float l = r < bm ? lse_h[m0 + r] * kLog2e : kNegInf;

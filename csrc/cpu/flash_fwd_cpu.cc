@@ -11,7 +11,8 @@ namespace dmattn::cpu {
 void flash_fwd(const AttentionParams& p, const void* q, const void* k, const void* v, void* out, float* lse) {
   const int64_t D = p.head_dim, Dp = round_up(D, 16), g = p.group();
   const int64_t m_tiles = ceil_div(p.q_len, kBlockM);
-  const MaskTileMap classes(p.mask);
+  const MaskSource mask(p);
+  const MaskTileMap classes(mask);
 
   parallel_for(p.batch * p.heads * m_tiles, [&](int64_t item, int) {
     const int64_t mt = item % m_tiles;
@@ -47,7 +48,7 @@ void flash_fwd(const AttentionParams& p, const void* q, const void* k, const voi
 
       std::fill(S, S + kBlockM * kBlockN, 0.f);
       gemm_acc(kBlockM, kBlockN, Dp, Q, Dp, Kt, kBlockN, S, kBlockN);
-      logits_tile(p, TileCoord{b, h, m0, bm, n0, bn, cls}, S, nullptr);
+      logits_tile(p, mask, TileCoord{b, h, m0, bm, n0, bn, cls}, S, nullptr);
 
       for (int64_t r = 0; r < kBlockM; ++r) {
         float* s = S + r * kBlockN;

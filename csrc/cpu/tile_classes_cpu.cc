@@ -5,35 +5,81 @@
 #include <thread>
 
 #include "cpu/cpu_common.h"
+#include "cpu/mask_source.h"
 
 namespace dmattn::cpu {
 
-MaskTileMap::MaskTileMap(const BroadcastOperand& mask) {
-  if (!mask.present()) return;
-  batch_ = mask.batch;
-  heads_ = mask.heads;
-  rows_ = mask.rows;
-  cols_ = mask.cols;
-  heads_per_index_ = mask.heads_per_index;
+MaskTileMap::MaskTileMap(const MaskSource& mask) {
+  if (!mask.restricts()) return;
+  const MaskSource::Extent e = mask.extent();
+  batch_ = e.batch;
+  heads_ = e.heads;
+  rows_ = e.rows;
+  cols_ = e.cols;
+  heads_per_index_ = e.heads_per_index;
   m_tiles_ = ceil_div(rows_, kBlockM);
   n_tiles_ = ceil_div(cols_, kBlockN);
   classes_.assign(batch_ * heads_ * m_tiles_ * n_tiles_, kEmpty);
-  const bool* data = static_cast<const bool*>(mask.data);
   parallel_for(batch_ * heads_ * m_tiles_, [&](int64_t item, int) {
     const int64_t mt = item % m_tiles_;
     const int64_t bh = item / m_tiles_;
     const int64_t r0 = mt * kBlockM, r1 = std::min(rows_, r0 + kBlockM);
     for (int64_t nt = 0; nt < n_tiles_; ++nt) {
       const int64_t c0 = nt * kBlockN, c1 = std::min(cols_, c0 + kBlockN);
+      classes_[item * n_tiles_ + nt] = mask.classify(bh, r0, r1, c0, c1);
+    }
+  });
+}
+
+TileClass MaskSource::classify(int64_t bh, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
+  switch (kind_) {
+    case MaskKind::kTopK: {
+      // One key range against many thresholds: the range's score bounds decide every row at once. NaN scores
+      // are never kept, so they leave "nothing kept" intact but rule out "everything kept".
+      const float* score = static_cast<const float*>(mask_.data) + bh * kv_len_;
+      float lo = INFINITY, hi = -INFINITY;
+      bool has_nan = false;
+      for (int64_t c = c0; c < c1; ++c) {
+        const float x = score[c];
+        if (x != x) {
+          has_nan = true;
+        } else {
+          lo = std::min(lo, x);
+          hi = std::max(hi, x);
+        }
+      }
+      const float* threshold = static_cast<const float*>(threshold_.data) + bh * q_len_;
+      const int32_t* threshold_key = static_cast<const int32_t*>(threshold_key_.data) + bh * q_len_;
+      bool none_kept = true, all_kept = !has_nan;
+      for (int64_t r = r0; r < r1 && (none_kept || all_kept); ++r) {
+        const float t = threshold[r];
+        const int64_t jt = threshold_key[r];
+        none_kept = none_kept && (hi < t || (hi == t && c0 > jt));
+        all_kept = all_kept && (lo > t || (lo == t && c1 - 1 <= jt));
+      }
+      return none_kept ? kEmpty : (all_kept ? kFull : kPartial);
+    }
+    case MaskKind::kKeyIndices: {
+      // Never kFull: that would trust the rows to hold no repeated key, and partial tiles cost little more.
+      const int64_t k_count = mask_.cols;
+      const int32_t* keys = static_cast<const int32_t*>(mask_.data) + (bh * mask_.rows + r0) * k_count;
+      for (int64_t r = r0; r < r1; ++r, keys += k_count) {
+        const int32_t* k = std::lower_bound(keys, keys + k_count, c0);
+        if (k != keys + k_count && *k < c1) return kPartial;
+      }
+      return kEmpty;
+    }
+    default: {
+      const bool* data = static_cast<const bool*>(mask_.data);
       int64_t kept = 0;
       for (int64_t r = r0; r < r1; ++r) {
-        const bool* row = data + (bh * rows_ + r) * cols_;
+        const bool* row = data + (bh * mask_.rows + r) * mask_.cols;
         for (int64_t c = c0; c < c1; ++c) kept += row[c];
       }
       const int64_t total = (r1 - r0) * (c1 - c0);
-      classes_[item * n_tiles_ + nt] = kept == 0 ? kEmpty : (kept == total ? kFull : kPartial);
+      return kept == 0 ? kEmpty : (kept == total ? kFull : kPartial);
     }
-  });
+  }
 }
 
 int num_threads() {

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "cpu/cpu_common.h"
+#include "cpu/mask_source.h"
 
 namespace dmattn::cpu {
 
@@ -26,9 +27,10 @@ struct TileCoord {
 };
 
 // S (kBlockM x kBlockN, holding q.k) -> logits cap(scale * q.k) + bias, -inf where the key is not kept.
-// Keys past the tile's end, above the causal diagonal, or False in a partial mask tile are not kept.
+// Keys past the tile's end, above the causal diagonal, or dropped by the mask in a partial tile are not kept.
 // If tanh_out is given it receives tanh(scale * q.k / softcap) (the softcap chain rule needs it).
-inline void logits_tile(const AttentionParams& p, const TileCoord& t, float* S, float* tanh_out) {
+inline void logits_tile(const AttentionParams& p, const MaskSource& mask, const TileCoord& t, float* S,
+                        float* tanh_out) {
   const float scale = p.scale;
   const float cap = p.softcap;
   const int64_t off = p.causal_offset();
@@ -61,15 +63,7 @@ inline void logits_tile(const AttentionParams& p, const TileCoord& t, float* S, 
     int64_t limit = t.bn;
     if (p.is_causal) limit = std::min<int64_t>(limit, std::max<int64_t>(0, i + off + 1 - t.n0));
     for (int64_t c = limit; c < kBlockN; ++c) s[c] = kNegInf;
-    if (t.cls == kPartial) {
-      const BroadcastOperand& mask = p.mask;
-      const bool* m = static_cast<const bool*>(mask.data) + mask.offset(t.b, t.h, i, t.n0);
-      if (mask.col_stride == 0) {  // constant along keys: the whole row is kept or not
-        if (!m[0]) std::fill(s, s + limit, kNegInf);
-      } else {  // a select, not a branch, so it vectorises
-        for (int64_t c = 0; c < limit; ++c) s[c] = m[c] ? s[c] : kNegInf;
-      }
-    }
+    if (t.cls == kPartial) mask.drop_row(t.b, t.h, i, t.n0, limit, s);
   }
   for (int64_t r = t.bm; r < kBlockM; ++r) std::fill(S + r * kBlockN, S + (r + 1) * kBlockN, kNegInf);
 }

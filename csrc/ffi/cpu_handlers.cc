@@ -22,10 +22,82 @@ bool to_dtype(ffi::DataType t, DType* out) {
   }
 }
 
-// Fills params from q, k, v and the optional (zero-size = absent) bias and mask; checks what Python promised.
+// "f32 [2, 4, 1, 70]": what a rejected operand was, for the error message.
+std::string describe(const ffi::AnyBuffer& x) {
+  std::string s;
+  switch (x.element_type()) {
+    case ffi::DataType::PRED: s = "bool"; break;
+    case ffi::DataType::F32: s = "f32"; break;
+    case ffi::DataType::BF16: s = "bf16"; break;
+    case ffi::DataType::F16: s = "f16"; break;
+    case ffi::DataType::S32: s = "s32"; break;
+    case ffi::DataType::S64: s = "s64"; break;
+    default: s = "dtype #" + std::to_string(static_cast<int>(x.element_type()));
+  }
+  s += " [";
+  bool first = true;
+  for (const int64_t d : x.dimensions()) {
+    s += (first ? "" : ", ") + std::to_string(d);
+    first = false;
+  }
+  return s + "]";
+}
+
+// The compact masks (mask_kind 1 and 2): `mask` and the top-k thresholds must have exactly the shapes the kind
+// promises, since the kernels index them without further checks. Zero-size buffers are legal only where the
+// promised shape is empty (no rows or keys at all, or key index rows of length 0). The operands' DType is left
+// at kF32 even for the s32 ones: MaskSource reads each by the kind, not by DType.
+ffi::Error compact_mask(const ffi::AnyBuffer& mask, const ffi::AnyBuffer& row_threshold,
+                        const ffi::AnyBuffer& row_threshold_key, MaskKind kind, AttentionParams* p) {
+  const auto d = mask.dimensions();
+  const auto batch_ok = [&](int64_t x) { return x == 1 || x == p->batch; };
+  const auto heads_ok = [&](int64_t x) { return x == 1 || x == p->kv_heads || x == p->heads; };
+  if (kind == MaskKind::kTopK) {
+    if (mask.element_type() != ffi::DataType::F32 || d.size() != 4 || !batch_ok(d[0]) || !heads_ok(d[1]) ||
+        d[2] != 1 || d[3] != p->kv_len)
+      return ffi::Error::InvalidArgument(
+          "dmattn: a top-k mask (mask_kind 1) must be f32 scores [Bs, Hs, 1, Lk] with Bs in {1, B}, Hs in "
+          "{1, Hkv, H}; got " + describe(mask));
+    const std::string want = "[" + std::to_string(d[0]) + ", " + std::to_string(d[1]) + ", " +
+                             std::to_string(p->q_len) + "]";
+    const auto matches = [&](const ffi::AnyBuffer& x) {
+      const auto xd = x.dimensions();
+      return xd.size() == 3 && xd[0] == d[0] && xd[1] == d[1] && xd[2] == p->q_len;
+    };
+    if (row_threshold.element_type() != ffi::DataType::F32 || !matches(row_threshold))
+      return ffi::Error::InvalidArgument("dmattn: row_threshold must be f32 " + want + " (the scores' batch and "
+                                         "heads, Lq); got " + describe(row_threshold));
+    if (row_threshold_key.element_type() != ffi::DataType::S32 || !matches(row_threshold_key))
+      return ffi::Error::InvalidArgument("dmattn: row_threshold_key must be s32 " + want + " (the scores' batch "
+                                         "and heads, Lq); got " + describe(row_threshold_key));
+    const int64_t dims[4] = {d[0], d[1], d[2], d[3]};
+    p->mask = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, p->heads);
+    const int64_t row_dims[4] = {d[0], d[1], p->q_len, 1};
+    p->row_threshold = make_broadcast_operand(row_threshold.untyped_data(), DType::kF32, row_dims, p->heads);
+    p->row_threshold_key = make_broadcast_operand(row_threshold_key.untyped_data(), DType::kF32, row_dims,
+                                                  p->heads);
+  } else {
+    if (mask.element_type() != ffi::DataType::S32 || d.size() != 4 || !batch_ok(d[0]) || !heads_ok(d[1]) ||
+        (d[2] != 1 && d[2] != p->q_len))
+      return ffi::Error::InvalidArgument(
+          "dmattn: a key-index mask (mask_kind 2) must be s32 [Bm, Hm, Mq, K] with Bm in {1, B}, Hm in "
+          "{1, Hkv, H}, Mq in {1, Lq}; got " + describe(mask));
+    if (row_threshold.element_count() != 0 || row_threshold_key.element_count() != 0)
+      return ffi::Error::InvalidArgument("dmattn: row_threshold and row_threshold_key must be zero-size unless "
+                                         "mask_kind == 1");
+    const int64_t dims[4] = {d[0], d[1], d[2], d[3]};
+    p->mask = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, p->heads);
+  }
+  p->mask_kind = kind;
+  return ffi::Error::Success();
+}
+
+// Fills params from q, k, v, the optional (zero-size = absent) bias and the mask in the form mask_kind says
+// (attention_params.h, MaskKind); checks what Python promised.
 ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                       const ffi::AnyBuffer& bias, const ffi::AnyBuffer& mask, float scale, float softcap,
-                       bool is_causal, AttentionParams* p) {
+                       const ffi::AnyBuffer& bias, const ffi::AnyBuffer& mask, const ffi::AnyBuffer& row_threshold,
+                       const ffi::AnyBuffer& row_threshold_key, float scale, float softcap, bool is_causal,
+                       int64_t mask_kind, AttentionParams* p) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("dmattn: query, key and value must be rank 4");
@@ -64,25 +136,45 @@ ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
     return ffi::Error::Success();
   };
   if (auto err = broadcast(bias, false, &p->bias); err.failure()) return err;
-  return broadcast(mask, true, &p->mask);
+  switch (mask_kind) {
+    case static_cast<int64_t>(MaskKind::kBool):
+      if (row_threshold.element_count() != 0 || row_threshold_key.element_count() != 0)
+        return ffi::Error::InvalidArgument("dmattn: row_threshold and row_threshold_key must be zero-size unless "
+                                           "mask_kind == 1");
+      return broadcast(mask, true, &p->mask);
+    case static_cast<int64_t>(MaskKind::kTopK):
+    case static_cast<int64_t>(MaskKind::kKeyIndices):
+      return compact_mask(mask, row_threshold, row_threshold_key, static_cast<MaskKind>(mask_kind), p);
+    default:
+      return ffi::Error::InvalidArgument("dmattn: mask_kind must be 0 (bool), 1 (top-k) or 2 (key indices); got " +
+                                         std::to_string(mask_kind));
+  }
 }
 
 ffi::Error fwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale,
-                    float softcap, bool is_causal) {
+                    ffi::AnyBuffer row_threshold, ffi::AnyBuffer row_threshold_key, ffi::Result<ffi::AnyBuffer> out,
+                    ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap, bool is_causal,
+                    int64_t mask_kind) {
   AttentionParams p;
-  if (auto err = make_params(q, k, v, bias, mask, scale, softcap, is_causal, &p); err.failure()) return err;
+  if (auto err = make_params(q, k, v, bias, mask, row_threshold, row_threshold_key, scale, softcap, is_causal,
+                             mask_kind, &p);
+      err.failure())
+    return err;
   cpu::flash_fwd(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out->untyped_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                    ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
+                    ffi::AnyBuffer row_threshold, ffi::AnyBuffer row_threshold_key, ffi::AnyBuffer out,
+                    ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                     ffi::Result<ffi::AnyBuffer> dbias, float scale, float softcap, bool is_causal,
-                    bool /*deterministic: the CPU backward always is*/) {
+                    bool /*deterministic: the CPU backward always is*/, int64_t mask_kind) {
   AttentionParams p;
-  if (auto err = make_params(q, k, v, bias, mask, scale, softcap, is_causal, &p); err.failure()) return err;
+  if (auto err = make_params(q, k, v, bias, mask, row_threshold, row_threshold_key, scale, softcap, is_causal,
+                             mask_kind, &p);
+      err.failure())
+    return err;
   cpu::flash_bwd(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out.untyped_data(), lse.typed_data(),
                  dout.untyped_data(), dlse.typed_data(), dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
                  p.bias.present() ? dbias->untyped_data() : nullptr);
@@ -98,11 +190,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnFwdCpu, fwd_impl,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::AnyBuffer>()  // bias
                                   .Arg<ffi::AnyBuffer>()  // mask
+                                  .Arg<ffi::AnyBuffer>()  // row_threshold
+                                  .Arg<ffi::AnyBuffer>()  // row_threshold_key
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
-                                  .Attr<bool>("is_causal"));
+                                  .Attr<bool>("is_causal")
+                                  .Attr<int64_t>("mask_kind"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnBwdCpu, bwd_impl,
                               ffi::Ffi::Bind()
@@ -111,6 +206,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnBwdCpu, bwd_impl,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::AnyBuffer>()  // bias
                                   .Arg<ffi::AnyBuffer>()  // mask
+                                  .Arg<ffi::AnyBuffer>()  // row_threshold
+                                  .Arg<ffi::AnyBuffer>()  // row_threshold_key
                                   .Arg<ffi::AnyBuffer>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::AnyBuffer>()  // dout
@@ -122,7 +219,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnBwdCpu, bwd_impl,
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
-                                  .Attr<bool>("deterministic"));
+                                  .Attr<bool>("deterministic")
+                                  .Attr<int64_t>("mask_kind"));
 
 std::vector<FfiTarget> cpu_targets() {
   return {
