@@ -139,8 +139,9 @@ def to_dense(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: boo
     bm, hm, mq, kk = mask.shape
     dense = jnp.zeros((bm, hm, mq, kv_len + 1), jnp.bool_)
     idx = jnp.minimum(mask, kv_len)  # INDEX_PAD -> the dropped column kv_len
-    bi, hi, ri = np.ogrid[:bm, :hm, :mq]
-    dense = dense.at[bi[..., None], hi[..., None], ri[..., None], idx].set(True)
+    # iotas, not numpy index arrays: inside custom_partitioning's lowering a captured constant is not allowed
+    bi, hi, ri = (lax.broadcasted_iota(jnp.int32, idx.shape, d) for d in range(3))
+    dense = dense.at[bi, hi, ri, idx].set(True)
     return dense[..., :kv_len]
 
 
