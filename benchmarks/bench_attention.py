@@ -288,6 +288,21 @@ def measure_isolated(case, impl, pas, l, implementation):
     return dict(ms=None, tflops=None, peak_bytes=None, error=f"child exited {res.returncode}: {tail[0][:200]}")
 
 
+def run_provenance():
+    """jax version, the commit the run measured (git describe of this checkout, "+dirty" with local changes;
+    None outside a checkout) and the UTC date, for every row of the run."""
+    import datetime
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return dict(jax=jax.__version__, commit=commit,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+
+
 def child_row(spec, implementation):
     case, impl, pas, l = spec.split(",")
     l = int(l)
@@ -367,8 +382,10 @@ def main(argv=None):
             del inputs
             gc.collect()
     gpu = gpu or next((r["gpu"] for r in rows if r.get("gpu")), "unknown")
+    provenance = run_provenance()
     for r in rows:
         r["gpu"] = r.get("gpu") or gpu
+        r.update(provenance)
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                         re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu) + ".json")
     write_rows(rows, out_path)

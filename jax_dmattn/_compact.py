@@ -34,6 +34,10 @@ KIND_CODES = {"bool": 0, "topk": 1, "indices": 2}  # the CPU handlers' mask_kind
 # The pure-jnp reference materialises [B, H, Lq, Lk] float32 logits; past this many scores a compact mask is
 # refused there (the kernels never need that array).
 REFERENCE_MAX_SCORES = 1 << 31
+# The causal TopKMask pre-pass keeps topk(prefix) in shared memory (csrc/cuda/topk_key_lists.h:
+# topk_key_lists_smem_bytes); this k fits every supported GPU (sm_80: 163 KB per block), and the handler checks
+# the device it runs on.
+MAX_CUDA_TOPK_K = 16384
 KEY_LIST_BLOCK_M = 128  # csrc/cuda/key_lists.h: kKeyListBlockM
 KEY_LIST_CHUNK = 64     # kKeyListChunk
 
@@ -123,6 +127,12 @@ def normalize(m, dims):
 
 
 # ------------------------------------------------------------------------------------------------ reference
+def check_cuda_support(kind: str, k: int, is_causal: bool):
+    if kind == "topk" and is_causal and k > MAX_CUDA_TOPK_K:
+        raise ValueError(f"TopKMask.k = {k} with is_causal=True exceeds what the CUDA pre-pass holds "
+                         f"(k <= {MAX_CUDA_TOPK_K}); use a smaller k or implementation='cpu'")
+
+
 def check_reference_size(kind: str, b: int, h: int, lq: int, lk: int):
     if kind != "bool" and b * h * lq * lk > REFERENCE_MAX_SCORES:
         raise ValueError(f"implementation='xla' materialises [B, H, Lq, Lk] = {_shape_str((b, h, lq, lk))} scores, "

@@ -71,6 +71,8 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         raise ValueError("implementation='cuda' needs the extension built with CUDA kernels; rebuild with "
                          "a CUDA toolkit and the CuTe headers (see README) or use implementation='xla'")
 
+    if implementation == "cuda":
+        _compact.check_cuda_support(call.mask_kind, call.mask_k, bool(is_causal))
     bias_arg = call.bias
     if bias_arg is not None and bias_arg.dtype not in _validation.KERNEL_BIAS_DTYPES:
         bias_arg = bias_arg.astype(jnp.float32)  # autodiff casts dbias back to bias's dtype

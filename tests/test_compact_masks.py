@@ -390,3 +390,13 @@ def test_traced_out_of_range_indices_are_ignored():
     ref = jax_dmattn.attention(q + 1, k + 1, v + jnp.arange(10.)[None, :, None, None],
                                mask=KeyIndices(np.array([[[[0, 3, -1, -1]]]], np.int32)), implementation="xla")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref))
+
+
+def test_cuda_topk_k_limit(monkeypatch):
+    from jax_dmattn import _ffi
+
+    monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(lk=40000))
+    mask = TopKMask(jnp.zeros((2, 2, 40000)), _compact.MAX_CUDA_TOPK_K + 1)
+    with pytest.raises(ValueError, match="CUDA pre-pass"):
+        jax_dmattn.attention(q, k, v, mask=mask, is_causal=True, implementation="cuda")
