@@ -518,3 +518,19 @@ def test_vmap_over_sharded_axis_explicit():
         _assert_close(g, r, name=name)
         assert _spec4(g.sharding.spec)[0] == "dp"
     assert not _collectives(compiled), _collectives(compiled)
+
+
+@multi_device
+@pytest.mark.parametrize("form", ["topk", "indices"])
+def test_compact_masks_batch_and_head_sharding(form):
+    """TopKMask / KeyIndices shard with the batch and heads like a bool mask: no gather, dbias local."""
+    mesh = _mesh()
+    q, k, v, bias, _, ct = _inputs(bias_shape=(4, 8, 1, 48))
+    rng = np.random.default_rng(3)
+    if form == "topk":
+        mask = jax_dmattn.TopKMask(jnp.asarray(rng.standard_normal((4, 8, 48)), jnp.float32), 7)
+    else:
+        mask = jax_dmattn.KeyIndices(jnp.asarray(rng.integers(-1, 48, (4, 8, 32, 6)), jnp.int32))
+    qspec = P("dp", None, "tp")
+    _check_sharded_vjp(mesh, q, k, v, bias, mask, ct, qspec, qspec, P("dp", "tp"), mspec=P("dp", "tp"),
+                       expect_allreduce=False, is_causal=True)
