@@ -162,7 +162,7 @@ def topk_row_thresholds(scores, k: int, *, q_len: int, is_causal: bool):
     bs, hs, _, lk = scores.shape
     s = scores.reshape(bs * hs, lk)
     if not is_causal:
-        vals, idx = lax.top_k(s, k)
+        vals, idx = masks.top_k_unfused(s, k)
         t = jnp.broadcast_to(vals[:, k - 1:k], (bs * hs, q_len))
         jt = jnp.broadcast_to(idx[:, k - 1:k], (bs * hs, q_len))
     else:

@@ -177,6 +177,20 @@ def _allowed(mask: jax.Array | None, is_causal: bool, shape: tuple[int, ...]) ->
     return allowed
 
 
+def top_k_unfused(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` whose results XLA may not fuse into a consumer.
+
+    Fusing a [..., k-1] slice into top_k's sort breaks XLA's sort+slice -> TopK
+    rewrite and falls back to a full sort (6x slower on CPU), hence the barrier.
+    The barrier also carries a scalar: a barrier over exactly the TopK's two
+    results is simplified to consume the TopK tuple itself, which jaxlib 0.10's
+    CPU TopkDecomposer aborts on once the program is SPMD-partitioned.
+    """
+    vals, idx = lax.top_k(x, k)
+    vals, idx, _ = lax.optimization_barrier((vals, idx, jnp.zeros((), jnp.int32)))
+    return vals, idx
+
+
 def _topk_rows(score: jax.Array, k: int) -> jax.Array:
     """Boolean keep-set of the k largest entries of each row of ``score`` (last axis).
 
@@ -186,10 +200,7 @@ def _topk_rows(score: jax.Array, k: int) -> jax.Array:
     -inf keep all of them plus (possibly) some -inf entries; the caller intersects
     with the allowed set.
     """
-    vals, idx = lax.top_k(score, k)
-    # Keep XLA from fusing the [..., k-1] slice into top_k's sort: that breaks its
-    # sort+slice -> TopK rewrite and falls back to a full sort (6x slower on CPU).
-    vals, idx = lax.optimization_barrier((vals, idx))
+    vals, idx = top_k_unfused(score, k)
     thresh = vals[..., k - 1 : k]
     last = idx[..., k - 1 : k]
     j = lax.broadcasted_iota(jnp.int32, score.shape, score.ndim - 1)
@@ -245,8 +256,7 @@ def _prefix_kth(s: jax.Array, k: int, chunk: int):
         cand_i = jnp.concatenate(
             [jnp.broadcast_to(bi[:, None, :], (n, chunk, k)),
              jnp.broadcast_to(ci[None, None, :], (n, chunk, chunk))], axis=-1)
-        v, pos = lax.top_k(cand_v, k)
-        v, pos = lax.optimization_barrier((v, pos))
+        v, pos = top_k_unfused(cand_v, k)
         t = v[..., k - 1]
         jk = jnp.take_along_axis(cand_i, pos[..., k - 1 :], axis=-1)[..., 0]
         allv = jnp.concatenate([bv, cv], axis=-1)
