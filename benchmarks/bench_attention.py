@@ -68,6 +68,7 @@ CASES = {
 DEFAULT_LENGTHS = (1024, 4096, 16384, 32768)
 IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias", "reference")
 WINDOW = 1024
+COMMIT_ENV = "DMATTN_BENCH_COMMIT"
 ROW_PREFIX = "#row "  # how an --isolate child hands its row to the parent
 
 
@@ -289,13 +290,15 @@ def measure_isolated(case, impl, pas, l, implementation):
 
 
 def run_provenance():
-    """jax version, the commit the run measured (git describe of this checkout, "+dirty" with local changes;
-    None outside a checkout) and the UTC date, for every row of the run."""
+    """jax version, the commit the run measured ($DMATTN_BENCH_COMMIT, else git describe of this checkout, "+dirty"
+    with local changes; None outside a checkout) and the UTC date, for every row of the run. A copy of the tree
+    whose git metadata is not its own (a remote GPU machine's) must name the commit in the environment variable."""
     import datetime
     import subprocess
 
+    commit = os.environ.get(COMMIT_ENV)
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         commit = None

@@ -12,7 +12,9 @@
 # worker when other test steps share the card, which does not fit a 10-minute device call with the build.
 # Needs nvcc, jax/jaxlib (the build uses the installed jaxlib's FFI headers: --no-build-isolation) and the
 # CUTLASS headers: CUTLASS_INCLUDE_DIR, or the nvidia-cutlass wheel in .whl/ (carried to machines without a
-# registry), or an installed nvidia-cutlass. Logs, junit XML and benchmark JSON go to $OUT (default ./gpu_check_out).
+# registry), or an installed nvidia-cutlass. A machine that gets a copy of the tree without its own git history
+# must be told the commit for the benchmark rows: DMATTN_BENCH_COMMIT=<sha>. Logs, junit XML and benchmark JSON
+# go to $OUT (default ./gpu_check_out).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_check_out}
