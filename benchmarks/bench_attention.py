@@ -149,10 +149,10 @@ def impl_fn(impl, case, implementation="cuda"):
             return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True,
                                         implementation=implementation, deterministic=impl == "jax_dmattn_det")
     elif impl == "jax_dmattn_tiles":
-        from jax_dmattn import _cuda
+        from jax_dmattn import _cuda_fwd
 
         def f(q, k, v, bias, mask):
-            return _cuda.flash_fwd(q, k, v, bias, mask, scale=c["d"] ** -0.5, softcap=0.0, is_causal=True,
+            return _cuda_fwd.flash_fwd(q, k, v, bias, mask, scale=c["d"] ** -0.5, softcap=0.0, is_causal=True,
                                    key_lists=False)[0]
     elif impl == "reference":
         import jax_dmattn
@@ -298,8 +298,9 @@ def run_provenance():
 
     commit = os.environ.get(COMMIT_ENV)
     try:
-        commit = commit or subprocess.run(["git", "describe", "--always", "--dirty=+dirty"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip() or None
+        commit = commit or subprocess.run(
+            ["git", "describe", "--always", "--dirty=+dirty"], capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return dict(jax=jax.__version__, commit=commit,

@@ -1,6 +1,6 @@
 """Forward+backward timings of the CUDA backward kernel (jax_dmattn._cuda_bwd) against the cuDNN anchors.
 
-Our impls wrap the CUDA forward (jax_dmattn._cuda.flash_fwd) and the CUDA backward in a jax.custom_vjp, so the
+Our impls wrap the CUDA forward (jax_dmattn._cuda_fwd.flash_fwd) and the CUDA backward in a jax.custom_vjp, so the
 numbers do not depend on how jax_dmattn._primitives dispatches:
   cuda            forward + backward kernels, dq by fp32 atomics (default)
   cuda_det        the same with deterministic=True (dq by a second, query-tile-parallel kernel)
@@ -33,11 +33,11 @@ IMPLS = ("cuda", "cuda_det", "cudnn_bias", "cudnn_nobias")
 
 
 def ours(deterministic):
-    from jax_dmattn import _cuda, _cuda_bwd
+    from jax_dmattn import _cuda_fwd, _cuda_bwd
 
     def fwd_call(q, k, v, bias, mask):
         d = q.shape[-1]
-        return _cuda.flash_fwd(q, k, v, bias, mask, scale=d ** -0.5, softcap=0.0, is_causal=True)
+        return _cuda_fwd.flash_fwd(q, k, v, bias, mask, scale=d ** -0.5, softcap=0.0, is_causal=True)
 
     @jax.custom_vjp
     def attn(q, k, v, bias, mask):
@@ -138,10 +138,10 @@ def main(argv=None):
                         if pas == "fwd+bwd":
                             fn, fargs, mult = fwd_bwd_fn(impl, case), inputs, 3.5
                         else:
-                            from jax_dmattn import _cuda
+                            from jax_dmattn import _cuda_fwd
 
                             q, k, v, bias, mask = inputs
-                            out, lse = jax.jit(functools.partial(_cuda.flash_fwd, scale=c["d"] ** -0.5, softcap=0.0,
+                            out, lse = jax.jit(functools.partial(_cuda_fwd.flash_fwd, scale=c["d"] ** -0.5, softcap=0.0,
                                                                  is_causal=True))(q, k, v, bias, mask)
                             dout = jax.random.normal(jax.random.PRNGKey(3), q.shape, jnp.float32).astype(q.dtype)
                             dlse = jnp.zeros(lse.shape, jnp.float32)

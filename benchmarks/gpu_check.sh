@@ -5,10 +5,10 @@
 #   STEPS="build fwd bwd" bash benchmarks/gpu_check.sh            # build, then the forward and backward tests
 #   STEPS="build bench" BENCH_ARGS="--cases standard --lengths 16384 --passes fwd" bash benchmarks/gpu_check.sh
 #
-# Steps: build | fwd (tests/test_cuda_long.py) | bwd (tests/test_cuda_bwd.py) | suite (the shared suite's gpu-marked
+# Steps: build | fwd (tests/test_cuda_fwd.py) | bwd (tests/test_cuda_bwd.py) | suite (the shared suite's gpu-marked
 # cases, implementation="cuda") | bench (benchmarks/bench_attention.py). PYTEST_FWD / PYTEST_BWD / PYTEST_SUITE add
 # pytest arguments to a step; *_TIMEOUT bound it in seconds. GPU_TEST_WORKERS=N runs each test step on N pytest-xdist
-# workers sharing the GPU (memory is not preallocated): tests/test_cuda_long.py alone takes ~8-9 minutes on one
+# workers sharing the GPU (memory is not preallocated): tests/test_cuda_fwd.py alone takes ~8-9 minutes on one
 # worker when other test steps share the card, which does not fit a 10-minute device call with the build.
 # Needs nvcc, jax/jaxlib (the build uses the installed jaxlib's FFI headers: --no-build-isolation) and the
 # CUTLASS headers: CUTLASS_INCLUDE_DIR, or the nvidia-cutlass wheel in .whl/ (carried to machines without a
@@ -46,7 +46,7 @@ fi
 
 # Tests and benchmark run from outside the repo so that the installed package (with its extension) is imported.
 cd /tmp
-python3 -c "import jax, jax_dmattn; from jax_dmattn import _cuda, _cuda_bwd; print('backend', jax.default_backend(), jax.devices()[0].device_kind, 'cuda fwd', _cuda.available(), 'bwd', _cuda_bwd.available())"
+python3 -c "import jax, jax_dmattn; from jax_dmattn import _cuda_fwd, _cuda_bwd; print('backend', jax.default_backend(), jax.devices()[0].device_kind, 'cuda fwd', _cuda_fwd.available(), 'bwd', _cuda_bwd.available())"
 
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 workers=()
@@ -63,10 +63,10 @@ run_pytest() {  # name, timeout, extra args (one string, shell-quoted: '-m "not 
   grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/$name.log" | cut -c1-300 | tail -25
 }
 
-has_step fwd && run_pytest test_cuda_fwd "${FWD_TIMEOUT:-900}" "${PYTEST_FWD:-}" "$REPO/tests/test_cuda_long.py"
+has_step fwd && run_pytest test_cuda_fwd "${FWD_TIMEOUT:-900}" "${PYTEST_FWD:-}" "$REPO/tests/test_cuda_fwd.py"
 has_step bwd && run_pytest test_cuda_bwd "${BWD_TIMEOUT:-900}" "${PYTEST_BWD:-}" "$REPO/tests/test_cuda_bwd.py"
 has_step suite && run_pytest test_suite_gpu "${SUITE_TIMEOUT:-1800}" "${PYTEST_SUITE:-}" -m gpu "$REPO/tests" \
-  --ignore="$REPO/tests/test_cuda_long.py" --ignore="$REPO/tests/test_cuda_bwd.py"
+  --ignore="$REPO/tests/test_cuda_fwd.py" --ignore="$REPO/tests/test_cuda_bwd.py"
 
 if has_step bench; then
   t0=$(date +%s)

@@ -1,4 +1,4 @@
-"""Times the CUDA forward kernel directly (jax_dmattn._cuda, no API wrapper) on variants of the standard case,
+"""Times the CUDA forward kernel directly (jax_dmattn._cuda_fwd, no API wrapper) on variants of the standard case,
 to separate the cost of the mask path, the bias path and the core loop. Used under ncu as well:
   python3 benchmarks/profile_fwd.py --variants standard --reps 1
 """
@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--variants", default="nomask_nobias,nomask_bias,allfull_mask,standard,standard_noskip,block16")
     ap.add_argument("--reps", type=int, default=10)
     a = ap.parse_args()
-    from jax_dmattn import _cuda
+    from jax_dmattn import _cuda_fwd
 
     l = a.L
     q, k, v, bias, mask = ba.make_inputs("standard", l)
@@ -48,20 +48,20 @@ def main():
             "block16": (q, k, v, bias, bs),
         }[name]
         skip = name != "standard_noskip"
-        fn = jax.jit(lambda q, k, v, b, m: _cuda.flash_fwd(q, k, v, b, m, skip_empty_tiles=skip, **kw))
+        fn = jax.jit(lambda q, k, v, b, m: _cuda_fwd.flash_fwd(q, k, v, b, m, skip_empty_tiles=skip, **kw))
         ms = timeit(fn, args, a.reps)
         print(f"{name:18s} L={l} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
         if args[4] is not None and name != "standard_noskip":
-            prepass_report(_cuda, args[4], l, a.reps)
+            prepass_report(_cuda_fwd, args[4], l, a.reps)
 
 
-def prepass_report(_cuda, mask, l, reps):
+def prepass_report(_cuda_fwd, mask, l, reps):
     """The key-list pre-pass alone (its share of the forward) and what it produced: keys per 128-row unit and
     units past the capacity (walked densely)."""
     import numpy as np
 
-    cap = _cuda.key_list_capacity(l)
-    fn = jax.jit(lambda m: _cuda.build_key_lists(m, q_len=l, is_causal=True, capacity=cap))
+    cap = _cuda_fwd.key_list_capacity(l)
+    fn = jax.jit(lambda m: _cuda_fwd.build_key_lists(m, q_len=l, is_causal=True, capacity=cap))
     ms = timeit(fn, (mask,), reps)
     keys = np.asarray(fn(mask)[0]).reshape(-1, 1 + cap)
     counts = keys[:, 0]

@@ -240,7 +240,7 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int):
 def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool):
     """Live-key lists (csrc/cuda/key_lists.h layout) of a normal-form compact mask, built without any mask:
     (keys int32, bits uint32 pairs, (Bm, Hm, Mm) the unit geometry, Mm = Lq or 1 for a row-broadcast list)."""
-    from jax_dmattn import _cuda
+    from jax_dmattn import _cuda_fwd
 
     bm, hm = mask.shape[:2]
     if kind == "topk":
@@ -249,7 +249,7 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
             iota = lax.broadcasted_iota(jnp.int32, s.shape, 2)
             _, order = lax.sort((-s, iota), dimension=2, num_keys=1, is_stable=True)
             capacity = min(_round_up(k + KEY_LIST_BLOCK_M - 1, KEY_LIST_CHUNK), _round_up(kv_len, KEY_LIST_CHUNK))
-            keys, bits = _cuda.build_topk_key_lists(s, order, k=k, q_len=q_len, capacity=capacity)
+            keys, bits = _cuda_fwd.build_topk_key_lists(s, order, k=k, q_len=q_len, capacity=capacity)
             return keys, bits, (bm, hm, q_len)
         _, idx = lax.top_k(s.reshape(bm * hm, kv_len), k)
         capacity = _round_up(k, KEY_LIST_CHUNK)

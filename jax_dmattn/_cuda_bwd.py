@@ -7,12 +7,12 @@ over its broadcast dims without atomics, dq by fp32 atomics), and either the dq 
 Scratch buffers are extra FFI outputs (XLA-owned workspace; the handler never allocates or synchronises).
 
 With a mask whose key dim is full and a bias that is absent or broadcast over query rows, the same call takes the
-key-list ("sparse") path instead (``use_sparse``): the live keys of every 128-row query tile of the mask are listed
-by the forward's pre-pass call (``_cuda.build_key_lists``, its own FFI call whose results are inputs here; inside
+key-list path instead (``uses_key_list_path``): the live keys of every 128-row query tile of the mask are listed
+by the forward's pre-pass call (``_cuda_fwd.build_key_lists``, its own FFI call whose results are inputs here; inside
 one jit it is the very call of the forward, merged by XLA's CSE), and a query-tile-parallel kernel walks only those
 keys, adding dk / dv / dbias by fp32 atomics (``deterministic=False``) or by int64 fixed-point atomics of a
 per-call power-of-two resolution (``deterministic=True``: integer addition is associative, so the result is
-bitwise reproducible) (docs/cuda_backward.md, "Sparse path" and "Deterministic sparse path").
+bitwise reproducible) (docs/cuda_backward.md, "Key-list path" and "Deterministic key-list path").
 
 Inputs are the canonical layout of docs/design.md: q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (bf16 or f16,
 D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / f16 / f32); mask None or rank
@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_dmattn import _cuda, _ffi
+from jax_dmattn import _cuda_fwd, _ffi
 
 # Tile sizes of the backward kernels and of their tile-class map (csrc/cuda/flash_bwd.h: kBwdBlockM / kBwdBlockN).
 BLOCK_M = 64
 BLOCK_N = 64
 TARGET = "dmattn_bwd_cuda"
-# uint32 words after the int64 dK / dV counts of the deterministic sparse path (csrc/cuda/flash_bwd_sparse.h:
+# uint32 words after the int64 dK / dV counts of the deterministic key-list path (csrc/cuda/flash_bwd_key_list.h:
 # kFixedStatsWords).
 FIXED_STATS_WORDS = 8
 
@@ -47,7 +47,7 @@ def tile_class_shape(mask_shape) -> tuple[int, ...]:
 
 
 def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: int) -> bool:
-    """Mirror of the handler's rule (csrc/ffi/cuda_bwd_handlers.cc): a bf16 / f16 dbias whose tiles get several
+    """Mirror of the handler's rule (csrc/ffi/cuda_bwd_handler.cc): a bf16 / f16 dbias whose tiles get several
     partial sums (a bias broadcast over batch, over kv heads, or over query rows with per-query-head heads)
     is accumulated in an fp32 buffer of bias's shape and converted at the end."""
     bb, hb, mb, nb = bias_shape
@@ -57,10 +57,10 @@ def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: 
     return multi and jnp.dtype(bias_dtype) != jnp.float32
 
 
-# The sparse kernel's builds: query rows per CTA by head dim, preferred first (csrc/cuda/flash_bwd_sparse.h:
-# sparse_bwd_has_rows). 128 rows make a CTA one whole key-list unit; 64 keep the dQ accumulator in registers at
+# The key-list kernel's builds: query rows per CTA by head dim, preferred first (csrc/cuda/flash_bwd_key_list.h:
+# key_list_bwd_has_rows). 128 rows make a CTA one whole key-list unit; 64 keep the dQ accumulator in registers at
 # D > 128, and at D = 128 fit devices with less shared memory per block (sm_80).
-SPARSE_ROWS = {32: (128,), 64: (128,), 96: (128,), 128: (128, 64), 192: (64,), 256: (64,)}
+KEY_LIST_ROWS = {32: (128,), 64: (128,), 96: (128,), 128: (128, 64), 192: (64,), 256: (64,)}
 # Opt-in dynamic shared memory per block by compute capability (CUDA programming guide, "Technical
 # Specifications per Compute Capability"). JAX_DMATTN_MAX_DYNAMIC_SMEM (bytes) overrides the lookup, e.g. to run
 # the sm_80 choices on an H100.
@@ -70,8 +70,8 @@ SMEM_ENV = "JAX_DMATTN_MAX_DYNAMIC_SMEM"
 _SMEM_DEFAULT = 232448  # no GPU to ask (lowering on a CPU machine): the sm_90 value, the kernels' design point
 
 
-def sparse_smem_bytes(head_dim: int, rows: int) -> int:
-    """Mirror of sparse_bwd_smem_bytes (csrc/cuda/flash_bwd_sparse.h), which the kernel static_asserts against
+def key_list_smem_bytes(head_dim: int, rows: int) -> int:
+    """Mirror of key_list_bwd_smem_bytes (csrc/cuda/flash_bwd_key_list.h), which the kernel static_asserts against
     its own layout."""
     return ((2 * rows * head_dim + 4 * 64 * head_dim + 2 * rows * 64) * 2 + 2 * rows * 64 + 2 * rows * 8
             + 2 * 64 * 4 + 2 * 64 * 4 + (rows // 16) * 64 * 4 + 4 * 4)
@@ -92,38 +92,38 @@ def device_smem_limit() -> int:
     return 101376 if major in (8, 12) else _SMEM_DEFAULT
 
 
-def sparse_rows_per_cta(head_dim: int, smem_limit: int | None = None) -> int:
-    """The sparse kernel's rows per CTA for this head dim on this device: its preferred build that fits the
+def key_list_rows_per_cta(head_dim: int, smem_limit: int | None = None) -> int:
+    """The key-list kernel's rows per CTA for this head dim on this device: its preferred build that fits the
     device's shared memory, or 0 when none does (then the key-tile path runs)."""
     limit = device_smem_limit() if smem_limit is None else smem_limit
-    for rows in SPARSE_ROWS.get(head_dim, ()):
-        if sparse_smem_bytes(head_dim, rows) <= limit:
+    for rows in KEY_LIST_ROWS.get(head_dim, ()):
+        if key_list_smem_bytes(head_dim, rows) <= limit:
             return rows
     return 0
 
 
-def use_sparse(bias_shape, mask_shape, lk: int) -> bool:
-    """Mirror of the handler's use_sparse_path: the key-list backward serves a mask with a full key dim and a bias
+def uses_key_list_path(bias_shape, mask_shape, lk: int) -> bool:
+    """Mirror of the handler's uses_key_list_path: the key-list backward serves a mask with a full key dim and a bias
     that is absent or broadcast over query rows (Mb == 1), in both modes (``deterministic`` only changes how it
     accumulates: fp32 atomics or int64 fixed-point atomics). flash_bwd also needs one of its builds to fit the
-    device's shared memory (``sparse_rows_per_cta``)."""
+    device's shared memory (``key_list_rows_per_cta``)."""
     if mask_shape is None or mask_shape[3] != lk:
         return False
     return bias_shape is None or bias_shape[2] == 1
 
 
-def sparse_serves(head_dim: int, bias_shape) -> bool:
-    """Whether the sparse backward takes key lists given without a mask (a compact mask) on this device: a bias
+def key_list_path_serves(head_dim: int, bias_shape) -> bool:
+    """Whether the key-list backward takes key lists given without a mask (a compact mask) on this device: a bias
     absent or broadcast over query rows, and a build of the head dim that fits the device's shared memory."""
-    return sparse_rows_per_cta(head_dim) > 0 and (bias_shape is None or bias_shape[2] == 1)
+    return key_list_rows_per_cta(head_dim) > 0 and (bias_shape is None or bias_shape[2] == 1)
 
 
 # The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size rule for both calls.
-key_list_sizes = _cuda.key_list_sizes
+key_list_sizes = _cuda_fwd.key_list_sizes
 
 
 def _check(q, k, v, bias, mask, out, lse, dout, dlse):
-    _cuda.check_operands("flash_bwd", q, k, v, bias, mask)
+    _cuda_fwd.check_operands("flash_bwd", q, k, v, bias, mask)
     if out.shape != q.shape or dout.shape != q.shape:
         raise ValueError(f"flash_bwd: out / dout must have q's shape {q.shape}, got {out.shape} / {dout.shape}")
     b, lq, h, _ = q.shape
@@ -135,30 +135,30 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
               deterministic: bool, key_list_capacity=None, compact_lists=None):
     """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, None when bias is None.
 
-    ``key_list_capacity`` as in ``_cuda.flash_fwd`` (pass the forward's value: the two pre-pass calls are then
-    identical and XLA's CSE makes one of them). ``compact_lists`` as in ``_cuda.flash_fwd``, instead of a mask;
-    only where ``sparse_serves``."""
+    ``key_list_capacity`` as in ``_cuda_fwd.flash_fwd`` (pass the forward's value: the two pre-pass calls are then
+    identical and XLA's CSE makes one of them). ``compact_lists`` as in ``_cuda_fwd.flash_fwd``, instead of a mask;
+    only where ``key_list_path_serves``."""
     _check(q, k, v, bias, mask, out, lse, dout, dlse)
     if compact_lists is not None:
         if mask is not None:
             raise ValueError("flash_bwd: give a mask or compact_lists, not both")
-        if not sparse_serves(q.shape[3], None if bias is None else bias.shape):
-            raise ValueError("flash_bwd: compact_lists need the sparse backward (a bias broadcast over query rows "
-                             "and a sparse build that fits the device)")
+        if not key_list_path_serves(q.shape[3], None if bias is None else bias.shape):
+            raise ValueError("flash_bwd: compact_lists need the key-list backward (a bias broadcast over query rows "
+                             "and a key-list build that fits the device)")
         if q.shape[1] == 0:  # no query row: nothing to list, and the handler sees no mask
             compact_lists = None
     _ffi.register_targets()
     b, lq, h, _ = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    capacity = _cuda._resolve_capacity("flash_bwd", lk, key_list_capacity)
+    capacity = _cuda_fwd._resolve_capacity("flash_bwd", lk, key_list_capacity)
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
-    rows = sparse_rows_per_cta(q.shape[3])
-    sparse = rows > 0 and (compact_lists is not None or use_sparse(None if bias is None else bias.shape,
-                                                                    None if mask is None else mask.shape, lk))
-    fixed = sparse and deterministic  # int64 fixed-point accumulators, declared as uint32 pairs (no x64 needed)
+    rows = key_list_rows_per_cta(q.shape[3])
+    key_list_path = rows > 0 and (compact_lists is not None or uses_key_list_path(
+        None if bias is None else bias.shape, None if mask is None else mask.shape, lk))
+    fixed = key_list_path and deterministic  # int64 fixed-point accumulators, declared as uint32 pairs (no x64 needed)
     dbias_computed = bias is not None and not (bias.shape[3] == 1 and lk != 1)
-    if sparse:
+    if key_list_path:
         # dbias columns are added atomically: in fp32, into dbias itself for an f32 bias; in deterministic mode as
         # int64 counts for every bias dtype.
         ws_bias = dbias_computed and (fixed or jnp.dtype(bias.dtype) != jnp.float32)
@@ -166,34 +166,34 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
     if compact_lists is not None:
         keys, bits, _ = compact_lists  # the forward's own lists: the same ops on the same operands, merged by CSE
-    elif compact_lists is None and sparse and mask.size > 0:
+    elif compact_lists is None and key_list_path and mask.size > 0:
         # Exactly the forward's call (same mask value, q_len, is_causal, capacity): CSE merges the two.
-        keys, bits = _cuda.build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
+        keys, bits = _cuda_fwd.build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
     else:  # an empty mask (Lq = 0) has nothing to list, and the handler sees no mask
-        keys, bits = _cuda.no_key_lists()
+        keys, bits = _cuda_fwd.no_key_lists()
     if fixed:
         dbias_ws = jax.ShapeDtypeStruct((2 * int(np.prod(bias.shape)),) if ws_bias else (0,), jnp.uint32)
         # [dK counts | dV counts | stats words]: int64 as uint32 pairs.
         dkv_ws = jax.ShapeDtypeStruct((4 * int(np.prod(k.shape)) + FIXED_STATS_WORDS,), jnp.uint32)
     else:
         dbias_ws = jax.ShapeDtypeStruct(bias.shape if ws_bias else (0,), jnp.float32)
-        dkv_ws = jax.ShapeDtypeStruct((2,) + k.shape if sparse else (0,), jnp.float32)
+        dkv_ws = jax.ShapeDtypeStruct((2,) + k.shape if key_list_path else (0,), jnp.float32)
     out_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct(bias_arg.shape, bias_arg.dtype),
-        jax.ShapeDtypeStruct((0,) if deterministic or sparse else q.shape, jnp.float32),   # dq_accum
+        jax.ShapeDtypeStruct((0,) if deterministic or key_list_path else q.shape, jnp.float32),   # dq_accum
         jax.ShapeDtypeStruct((b, h, lq), jnp.float32),                                     # delta
-        jax.ShapeDtypeStruct((0,) if mask is None or sparse else tile_class_shape(mask.shape), jnp.uint8),
+        jax.ShapeDtypeStruct((0,) if mask is None or key_list_path else tile_class_shape(mask.shape), jnp.uint8),
         dbias_ws,                                                                          # dbias_accum
-        # Sparse path: dK / dV accumulators (fp32, or int64 counts + stats words when deterministic).
+        # Key-list path: dK / dV accumulators (fp32, or int64 counts + stats words when deterministic).
         dkv_ws,                                                                            # dkv_accum
     )
     dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types)(
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),
         keys, bits,
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
-        deterministic=np.bool_(deterministic), sparse_rows=np.int64(rows if sparse else 0),
-        **_cuda.list_geometry_attrs(compact_lists))
+        deterministic=np.bool_(deterministic), key_list_rows=np.int64(rows if key_list_path else 0),
+        **_cuda_fwd.list_geometry_attrs(compact_lists))
     return dq, dk, dv, (None if bias is None else dbias)

@@ -108,10 +108,10 @@ def _fwd_cpu(q, k, v, bias, mask, *, config):
 
 def _fwd_cuda(q, k, v, bias, mask, *, config):
     _check_platform(config, "cuda")
-    from jax_dmattn import _cuda
+    from jax_dmattn import _cuda_fwd
 
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
-    out, lse = _cuda.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, compact_lists=lists,
+    out, lse = _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, compact_lists=lists,
                                scale=config.scale, softcap=config.softcap, is_causal=config.is_causal)
     return out, lse
 
@@ -153,9 +153,10 @@ def _bwd_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     has_bias = not _is_absent(bias)
     bias_arg = bias if has_bias else None
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
-    if lists is not None and not _cuda_bwd.sparse_serves(q.shape[3], None if bias_arg is None else bias_arg.shape):
+    bias_shape = None if bias_arg is None else bias_arg.shape
+    if lists is not None and not _cuda_bwd.key_list_path_serves(q.shape[3], bias_shape):
         # The key-tile backward reads a bool mask: a bias with a query dim (already O(Lq * Lk) itself), or a device
-        # whose shared memory fits no sparse build (docs/compact_masks.md).
+        # whose shared memory fits no key-list build (docs/compact_masks.md).
         mask_arg, lists = _compact.to_dense(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],
                                             kv_len=k.shape[1], is_causal=config.is_causal), None
     dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, compact_lists=lists,

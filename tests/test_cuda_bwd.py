@@ -5,7 +5,7 @@
 * exact zeros where they must be (rows with no kept key, a key-broadcast bias);
 * the kernel through jax.vjp of a custom_vjp wrapper around the CUDA forward;
 * deterministic=True is bitwise reproducible and agrees with the atomic path, on the key-tile kernels and on the
-  key-list (sparse) path, whose deterministic mode accumulates int64 fixed-point counts;
+  key-list path, whose deterministic mode accumulates int64 fixed-point counts;
 * a long sequence against the float32 reference VJP on the GPU.
 
 GPU only (skipped elsewhere).
@@ -181,7 +181,7 @@ def test_deterministic_is_bitwise_reproducible():
 
 
 def test_through_vjp_of_cuda_forward():
-    from jax_dmattn import _cuda, _cuda_bwd
+    from jax_dmattn import _cuda_fwd, _cuda_bwd
 
     b, lq, lk, h, hkv, d = 2, 190, 250, 4, 2, 64
     causal, softcap, scale = True, 0.0, 64 ** -0.5
@@ -189,7 +189,7 @@ def test_through_vjp_of_cuda_forward():
 
     @jax.custom_vjp
     def attn(q, k, v, bias):
-        return _cuda.flash_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal)
+        return _cuda_fwd.flash_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal)
 
     def fwd(q, k, v, bias):
         out, lse = attn(q, k, v, bias)
@@ -234,14 +234,14 @@ def test_long_sequence_against_f32_reference_vjp():
         assert err < TOL[BF16], f"{name}: rel err {err:.3e}"
 
 
-# ------------------------------------------------------------------------------------------------ sparse path
+# ------------------------------------------------------------------------------------------------ key-list path
 # With deterministic=False, a mask with a full key dim and a bias that is absent or broadcast over query rows,
-# flash_bwd takes the key-list path (csrc/cuda/flash_bwd_sparse_kernel.cuh): per 128-row query tile it walks
+# flash_bwd takes the key-list path (csrc/cuda/flash_bwd_key_list_kernel.cuh): per 128-row query tile it walks
 # only the keys some row keeps, and adds dk / dv / dbias with fp32 atomics.
 
 
-def sparse_mask(rng, kind, shape, *, lq, causal, bias_for_topk=None):
-    """A bool mask of `shape` ([Bm, Hm, Mm, Lk]) of one of the kinds the sparse path must handle."""
+def key_list_mask(rng, kind, shape, *, lq, causal, bias_for_topk=None):
+    """A bool mask of `shape` ([Bm, Hm, Mm, Lk]) of one of the kinds the key-list path must handle."""
     if kind.startswith("topk"):  # the paper's dynamic mask: the `window` keys of largest per-key bias per row
         from jax_dmattn import topk_mask
 
@@ -267,13 +267,13 @@ def sparse_mask(rng, kind, shape, *, lq, causal, bias_for_topk=None):
     raise ValueError(kind)
 
 
-def sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind, mask_code,
+def key_list_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind, mask_code,
                   empty_rows=None):
     rng = np.random.default_rng(seed)
     q, k, v, bias = draw_qkv_bias(rng, b, lq, lk, h, hkv, d, dtype, bias_spec, bias_scale=2.0)
     topk_bias = bias if bias is not None and bias.shape[-1] == lk else \
         jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), F32)
-    mask = sparse_mask(rng, mask_kind, _dims(mask_code, b, lq, lk, h, hkv), lq=lq, causal=causal,
+    mask = key_list_mask(rng, mask_kind, _dims(mask_code, b, lq, lk, h, hkv), lq=lq, causal=causal,
                        bias_for_topk=topk_bias)
     if empty_rows is not None:  # rows with no kept key at all
         m = np.array(np.broadcast_to(np.asarray(mask), mask.shape[:2] + (lq, lk)))
@@ -282,17 +282,17 @@ def sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kin
     return (q, k, v, bias, mask) + draw_cotangents(rng, b, lq, h, d, dtype)
 
 
-def check_sparse_against_oracle(case, seed=0, empty_rows=None, deterministic=False, scales=None, capacity=None):
-    """Runs the sparse path (asserting it is the one taken) and compares all four gradients with the oracle.
+def check_key_list_path_against_oracle(case, seed=0, empty_rows=None, deterministic=False, scales=None, capacity=None):
+    """Runs the key-list path (asserting it is the one taken) and compares all four gradients with the oracle.
     Also checks the exact zeros: dk / dv rows of keys that no kept (row, key) uses, dq rows with no kept key.
     scales: optional dict of factors applied to the inputs ("q", "v", "dout", "dlse") and to the softmax scale
     ("scale"), for the magnitude tests of the fixed-point accumulation."""
     b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_kind, mask_code = case
-    q, k, v, bias, mask, dout, dlse = sparse_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec,
+    q, k, v, bias, mask, dout, dlse = key_list_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec,
                                                     mask_kind, mask_code, empty_rows)
     from jax_dmattn import _cuda_bwd
 
-    assert _cuda_bwd.use_sparse(None if bias is None else bias.shape, mask.shape, lk)
+    assert _cuda_bwd.uses_key_list_path(None if bias is None else bias.shape, mask.shape, lk)
     scale = d ** -0.5
     if scales:
         mul = lambda x, f: (x.astype(F32) * f).astype(x.dtype)
@@ -325,7 +325,7 @@ def check_sparse_against_oracle(case, seed=0, empty_rows=None, deterministic=Fal
 
 
 # (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (code, dtype) or None, mask kind, mask shape code)
-SPARSE_CASES = [
+KEY_LIST_CASES = [
     # the standard case in small: per-key bias, causal top-k mask built from it, GQA 4
     (1, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk48", "BKMN"),
     (1, 1000, 1000, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk128", "BKMN"),
@@ -355,9 +355,9 @@ SPARSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("index", range(len(SPARSE_CASES)), ids=[f"s{i}" for i in range(len(SPARSE_CASES))])
-def test_sparse_bwd_matches_oracle(index):
-    check_sparse_against_oracle(SPARSE_CASES[index], seed=100 + index)
+@pytest.mark.parametrize("index", range(len(KEY_LIST_CASES)), ids=[f"s{i}" for i in range(len(KEY_LIST_CASES))])
+def test_key_list_path_bwd_matches_oracle(index):
+    check_key_list_path_against_oracle(KEY_LIST_CASES[index], seed=100 + index)
 
 
 # Dense units (more live keys than the list capacity): the kernel walks every key and stages the raw mask.
@@ -374,16 +374,16 @@ DENSE_UNIT_CASES = [
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("index", range(len(DENSE_UNIT_CASES)), ids=[f"u{i}" for i in range(len(DENSE_UNIT_CASES))])
-def test_sparse_dense_units_match_oracle(index, deterministic):
+def test_key_list_path_dense_units_match_oracle(index, deterministic):
     """capacity 64: the half-dense tiles overflow it (dense units) while the 40-key tiles stay lists."""
-    check_sparse_against_oracle(DENSE_UNIT_CASES[index], seed=300 + index, deterministic=deterministic,
+    check_key_list_path_against_oracle(DENSE_UNIT_CASES[index], seed=300 + index, deterministic=deterministic,
                                 capacity=64)
 
 
-def test_sparse_dense_units_agree_with_lists():
+def test_key_list_path_dense_units_agree_with_lists():
     """The same gradients whether a unit is walked as a list (default capacity) or densely (capacity 64)."""
     case = DENSE_UNIT_CASES[0]
-    inputs, listed = check_sparse_against_oracle(case, seed=7)
+    inputs, listed = check_key_list_path_against_oracle(case, seed=7)
     dense = run_bwd(*inputs, scale=case[5] ** -0.5, softcap=case[8], is_causal=case[7], deterministic=False,
                     capacity=64)
     for name, a, e in zip(("dq", "dk", "dv", "dbias"), dense, listed):
@@ -392,36 +392,36 @@ def test_sparse_dense_units_agree_with_lists():
 
 @pytest.mark.parametrize("d", [32, 64, 96, 128, 192, 256])
 @pytest.mark.parametrize("dtype", [BF16, F16])
-def test_sparse_every_head_dim(d, dtype):
-    check_sparse_against_oracle((1, 260, 260, 4, 2, d, dtype, True, 0.0, ("BK1N", "bf16"), "topk40", "BKMN"),
+def test_key_list_path_every_head_dim(d, dtype):
+    check_key_list_path_against_oracle((1, 260, 260, 4, 2, d, dtype, True, 0.0, ("BK1N", "bf16"), "topk40", "BKMN"),
                                 seed=d)
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
-def test_sparse_gqa_ratios(group):
-    check_sparse_against_oracle((2, 230, 230, 4, 4 // group, 64, BF16, True, 0.0, ("BK1N", "bf16"),
+def test_key_list_path_gqa_ratios(group):
+    check_key_list_path_against_oracle((2, 230, 230, 4, 4 // group, 64, BF16, True, 0.0, ("BK1N", "bf16"),
                                  "rand0.05", "BKMN"), seed=group)
 
 
-def test_sparse_rows_with_no_kept_key():
+def test_key_list_path_rows_with_no_kept_key():
     # rows 3..69 (across the 64-row boundary) and 130..140 (second unit) keep nothing: exact-zero dq,
     # nothing added to dk / dv / dbias from them (checked inside).
     empty = np.r_[3:70, 130:141]
-    check_sparse_against_oracle((1, 200, 200, 4, 2, 128, BF16, False, 0.0, ("BK1N", "f32"), "rand0.5", "BKMN"),
+    check_key_list_path_against_oracle((1, 200, 200, 4, 2, 128, BF16, False, 0.0, ("BK1N", "f32"), "rand0.5", "BKMN"),
                                 seed=3, empty_rows=empty)
-    check_sparse_against_oracle((1, 200, 200, 4, 2, 192, F16, True, 0.0, ("BK1N", "bf16"), "topk32", "BKMN"),
+    check_key_list_path_against_oracle((1, 200, 200, 4, 2, 192, F16, True, 0.0, ("BK1N", "bf16"), "topk32", "BKMN"),
                                 seed=4, empty_rows=empty)
 
 
-def test_sparse_path_is_taken_and_agrees_with_dense():
+def test_key_list_path_path_is_taken_and_agrees_with_dense():
     """The lowered call carries the key-list workspaces in both modes (the handler rejects a call whose workspaces
-    do not match its own choice of path, so a successful run means the sparse kernel ran), and the result agrees
+    do not match its own choice of path, so a successful run means the key-list kernel ran), and the result agrees
     with the dense deterministic kernel, reached by giving the per-key bias its query rows explicitly
     ([B, Hkv, 1, Lk] broadcast to [B, Hkv, Lq, Lk]: dbias then has rows, summed here)."""
     from jax_dmattn import _cuda_bwd
 
     case = (1, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk48", "BKMN")
-    args, g_sparse = check_sparse_against_oracle(case, seed=7)
+    args, g_key_list = check_key_list_path_against_oracle(case, seed=7)
     q, k, v, bias, mask, out, lse, dout, dlse = args
     n_keys, n_words = _cuda_bwd.key_list_sizes(mask.shape)
     kw = dict(scale=128 ** -0.5, softcap=0.0, is_causal=True)
@@ -437,11 +437,11 @@ def test_sparse_path_is_taken_and_agrees_with_dense():
     assert f"tensor<{n_keys}xi32>" not in jax.jit(det_fn).lower(*dense_args).as_text()
     g_dense = list(run_bwd(*dense_args, deterministic=True, **kw))
     g_dense[3] = np.asarray(g_dense[3], np.float32).sum(axis=2, keepdims=True)
-    for name, a, b in zip(("dq", "dk", "dv", "dbias"), g_sparse, g_dense):
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), g_key_list, g_dense):
         assert rel_err(a, b) < 1e-2, name
 
 
-# ------------------------------------------------------------------------------- deterministic sparse path
+# ------------------------------------------------------------------------------- deterministic key-list path
 # deterministic=True on the key-list path: dk / dv / dbias partials become int64 counts of a per-call
 # power-of-two resolution (from bounds on max |q|, |v|, |dout|, |delta|), added with integer atomics.
 
@@ -450,7 +450,7 @@ def _bits(x):
     return np.asarray(x).tobytes()
 
 
-DET_SPARSE_CASES = [
+DET_KEY_LIST_CASES = [
     # the standard case in small: causal top-k mask from the per-key bias, GQA 4
     (1, 1000, 1000, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk128", "BKMN"),
     # f32 per-key bias (its own fixed-point workspace), f16, MHA
@@ -464,13 +464,13 @@ DET_SPARSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("index", range(len(DET_SPARSE_CASES)),
-                         ids=[f"d{i}" for i in range(len(DET_SPARSE_CASES))])
-def test_sparse_deterministic_bitwise_and_accurate(index):
-    """Matches the oracle (and the exact zeros, inside check_sparse_against_oracle), is bitwise identical over
-    3 more runs, and agrees with the atomic (fp32) sparse path."""
-    case = DET_SPARSE_CASES[index]
-    args, g1 = check_sparse_against_oracle(case, seed=200 + index, deterministic=True)
+@pytest.mark.parametrize("index", range(len(DET_KEY_LIST_CASES)),
+                         ids=[f"d{i}" for i in range(len(DET_KEY_LIST_CASES))])
+def test_key_list_path_deterministic_bitwise_and_accurate(index):
+    """Matches the oracle (and the exact zeros, inside check_key_list_path_against_oracle), is bitwise identical over
+    3 more runs, and agrees with the atomic (fp32) key-list path."""
+    case = DET_KEY_LIST_CASES[index]
+    args, g1 = check_key_list_path_against_oracle(case, seed=200 + index, deterministic=True)
     d, causal, softcap = case[5], case[7], case[8]
     kw = dict(scale=d ** -0.5, softcap=softcap, is_causal=causal)
     for _ in range(3):
@@ -484,11 +484,11 @@ def test_sparse_deterministic_bitwise_and_accurate(index):
             assert rel_err(a, b, floor=1e-6) < 1e-2, name
 
 
-def test_sparse_deterministic_rows_with_no_kept_key():
+def test_key_list_path_deterministic_rows_with_no_kept_key():
     empty = np.r_[3:70, 130:141]
-    check_sparse_against_oracle((1, 200, 200, 4, 2, 128, BF16, False, 0.0, ("BK1N", "f32"), "rand0.5", "BKMN"),
+    check_key_list_path_against_oracle((1, 200, 200, 4, 2, 128, BF16, False, 0.0, ("BK1N", "f32"), "rand0.5", "BKMN"),
                                 seed=13, empty_rows=empty, deterministic=True)
-    check_sparse_against_oracle((1, 200, 200, 4, 2, 192, F16, True, 0.0, ("BK1N", "bf16"), "topk32", "BKMN"),
+    check_key_list_path_against_oracle((1, 200, 200, 4, 2, 192, F16, True, 0.0, ("BK1N", "bf16"), "topk32", "BKMN"),
                                 seed=14, empty_rows=empty, deterministic=True)
 
 
@@ -498,23 +498,23 @@ def test_sparse_deterministic_rows_with_no_kept_key():
     {"dout": 1e-6, "dlse": 1e-6},                       # tiny gradients: accurate relative to their own norm
     {"v": 1e-4, "q": 1e2, "scale": 1e-2},               # mixed
 ], ids=["huge", "tiny", "mixed"])
-def test_sparse_deterministic_magnitudes(scales):
+def test_key_list_path_deterministic_magnitudes(scales):
     """The per-call resolution follows the inputs' magnitudes: gradients stay accurate (relative to their own
     norm, against the oracle and against the fp32 atomic path) far from magnitude 1."""
     case = (1, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "f32"), "topk48", "BKMN")
-    args, g_det = check_sparse_against_oracle(case, seed=21, deterministic=True, scales=scales)
+    args, g_det = check_key_list_path_against_oracle(case, seed=21, deterministic=True, scales=scales)
     kw = dict(scale=128 ** -0.5 * scales.get("scale", 1.0), softcap=0.0, is_causal=True)
     g_atomic = run_bwd(*args, deterministic=False, **kw)
     for name, a, b in zip(("dq", "dk", "dv", "dbias"), g_det, g_atomic):
         assert rel_err(a, b) < 1e-2, name
 
 
-def test_sparse_deterministic_peaked_softmax_agrees_with_atomic():
+def test_key_list_path_deterministic_peaked_softmax_agrees_with_atomic():
     """q scaled by 1e3 with the usual scale: a near one-hot softmax, dS mostly cancellation noise. Both modes add
     the same fp32 partials, so they must still agree (the oracle comparison is not meaningful here)."""
     case = (1, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk48", "BKMN")
     b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_kind, mask_code = case
-    q, k, v, bias, mask, dout, dlse = sparse_inputs(22, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind,
+    q, k, v, bias, mask, dout, dlse = key_list_inputs(22, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind,
                                                     mask_code)
     q = (q.astype(F32) * 1e3).astype(dtype)
     scale = d ** -0.5
@@ -529,12 +529,12 @@ def test_sparse_deterministic_peaked_softmax_agrees_with_atomic():
         assert rel_err(a, c, floor=1e-3 * np.linalg.norm(np.asarray(c, np.float64))) < 2e-2, name
 
 
-def test_sparse_deterministic_non_finite_input_gives_nan():
-    """A NaN in dout poisons the bounds: the deterministic sparse path writes NaN into all of dk, dv and dbias
+def test_key_list_path_deterministic_non_finite_input_gives_nan():
+    """A NaN in dout poisons the bounds: the deterministic key-list path writes NaN into all of dk, dv and dbias
     (documented; the atomic path leaves NaN only where the NaN row contributes)."""
     case = (1, 200, 200, 4, 2, 64, BF16, True, 0.0, ("BK1N", "f32"), "topk32", "BKMN")
     b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_kind, mask_code = case
-    q, k, v, bias, mask, dout, dlse = sparse_inputs(23, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind,
+    q, k, v, bias, mask, dout, dlse = key_list_inputs(23, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind,
                                                     mask_code)
     scale = d ** -0.5
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=0.0, is_causal=causal, dtype=dtype)
@@ -546,7 +546,7 @@ def test_sparse_deterministic_non_finite_input_gives_nan():
 
 
 # The choices made for a device with less shared memory per block (sm_80: 163 KB), run on this GPU through the
-# JAX_DMATTN_MAX_DYNAMIC_SMEM override: D = 128 takes the 64-row sparse build, D = 192 / 256 the key-tile path.
+# JAX_DMATTN_MAX_DYNAMIC_SMEM override: D = 128 takes the 64-row key-list build, D = 192 / 256 the key-tile path.
 A100_SMEM = 166912
 
 
@@ -556,9 +556,9 @@ def test_sm80_choices_match_oracle(monkeypatch, index, deterministic):
     from jax_dmattn import _cuda_bwd
 
     monkeypatch.setenv(_cuda_bwd.SMEM_ENV, str(A100_SMEM))
-    case = list(SPARSE_CASES[index])
-    assert _cuda_bwd.sparse_rows_per_cta(case[5]) == (64 if case[5] == 128 else 128)
-    check_sparse_against_oracle(tuple(case), seed=500 + index, deterministic=deterministic)
-    case[5] = 256  # no sparse build fits: the key-tile path, same gradients
-    assert _cuda_bwd.sparse_rows_per_cta(256) == 0
-    check_sparse_against_oracle(tuple(case), seed=600 + index, deterministic=deterministic)
+    case = list(KEY_LIST_CASES[index])
+    assert _cuda_bwd.key_list_rows_per_cta(case[5]) == (64 if case[5] == 128 else 128)
+    check_key_list_path_against_oracle(tuple(case), seed=500 + index, deterministic=deterministic)
+    case[5] = 256  # no key-list build fits: the key-tile path, same gradients
+    assert _cuda_bwd.key_list_rows_per_cta(256) == 0
+    check_key_list_path_against_oracle(tuple(case), seed=600 + index, deterministic=deterministic)

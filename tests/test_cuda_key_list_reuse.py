@@ -1,4 +1,4 @@
-"""The live-key list pre-pass is its own FFI call (dmattn_key_lists_cuda) whose results the forward and the sparse
+"""The live-key list pre-pass is its own FFI call (dmattn_key_lists_cuda) whose results the forward and the key-list
 backward take as inputs: XLA's CSE merges the identical calls, so a jitted forward + backward reads the mask once
 for its lists, and so do layers that share one mask. Checked on the compiled (optimized) HLO, and the reuse must
 change nothing numerically: the gradients equal, bitwise (deterministic=True), those of a backward in a separate

@@ -3,7 +3,7 @@ lowered for the "cuda" platform on any machine, then the custom calls read from 
 
 This catches, in CI, what the GPU tests would only see on the device: which FFI target each call reaches, which
 mask pre-pass / backward path it picks (live-key lists or tile classes), the workspace / key-list shapes the
-handlers check (csrc/ffi/cuda_handlers.cc, csrc/ffi/cuda_bwd_handlers.cc, csrc/ffi/cuda_key_lists_handler.cc),
+handlers check (csrc/ffi/cuda_fwd_handler.cc, csrc/ffi/cuda_bwd_handler.cc, csrc/ffi/cuda_key_lists_handler.cc),
 and that the forward's and the backward's key-list pre-pass calls are identical (so that XLA's CSE merges them).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_dmattn
-from jax_dmattn import _cuda, _ffi
+from jax_dmattn import _cuda_fwd, _ffi
 
 B, L, H, HKV, D = 1, 300, 4, 2, 64
 
@@ -80,9 +80,9 @@ def test_forward_takes_key_lists_for_a_full_key_mask():
     calls = lowered_calls((B, HKV, 1, L), (B, HKV, L, L), grad=False)
     (line,) = calls["dmattn_fwd_cuda"]
     assert "key_lists = true" in line
-    assert _cuda.key_list_capacity(L) == CAP
-    n_keys, n_words = _cuda.key_list_sizes((B, HKV, L, L), CAP)
-    assert (n_keys, n_words) == _cuda.key_list_sizes((B, HKV, L, L))  # default capacity
+    assert _cuda_fwd.key_list_capacity(L) == CAP
+    n_keys, n_words = _cuda_fwd.key_list_sizes((B, HKV, L, L), CAP)
+    assert (n_keys, n_words) == _cuda_fwd.key_list_sizes((B, HKV, L, L))  # default capacity
     assert n_keys == 2 * 3 * (1 + CAP) and n_words == 2 * 3 * 5 * 128
     # Args: q, k, v, bias, mask, key lists, bit words; results: out, lse, tile classes.
     ops = operand_types(line)
@@ -123,9 +123,9 @@ def test_backward_path_choice(deterministic):
     (line,) = calls["dmattn_bwd_cuda"]
     assert f"deterministic = {str(deterministic).lower()}" in line
     types = result_types(line)
-    n_keys, n_words = _cuda.key_list_sizes((B, HKV, L, L), CAP)
+    n_keys, n_words = _cuda_fwd.key_list_sizes((B, HKV, L, L), CAP)
     # Args: q, k, v, bias, mask, out, lse, dout, dlse, key lists, bit words. Results: dq, dk, dv, dbias,
-    # dq_accum, delta, tile classes, dbias_accum, dkv_accum. Both modes take the sparse path here; deterministic
+    # dq_accum, delta, tile classes, dbias_accum, dkv_accum. Both modes take the key-list path here; deterministic
     # mode accumulates int64 fixed-point counts (as uint32 pairs) with the stats words after them, the atomic
     # mode fp32.
     ops = operand_types(line)
@@ -141,7 +141,7 @@ def test_backward_path_choice(deterministic):
 
 
 def test_backward_full_bias_takes_the_key_tile_path():
-    """A bias that varies over query rows needs per-element dbias: the sparse path does not take it."""
+    """A bias that varies over query rows needs per-element dbias: the key-list path does not take it."""
     calls = lowered_calls((B, HKV, L, L), (B, HKV, L, L))
     (line,) = calls["dmattn_bwd_cuda"]
     assert operand_types(line)[9:] == ["tensor<0xi32>", "tensor<0xui32>"]
@@ -198,14 +198,14 @@ def test_key_broadcast_mask_emits_no_key_list_call():
 
 
 def test_key_list_capacity_rounds_and_caps():
-    cap = _cuda.key_list_capacity
-    assert _cuda.KEY_LIST_MAX_KEYS == 4096
+    cap = _cuda_fwd.key_list_capacity
+    assert _cuda_fwd.KEY_LIST_MAX_KEYS == 4096
     assert cap(1) == 64 and cap(64) == 64 and cap(65) == 128 and cap(300) == 320
     assert cap(4096) == 4096 and cap(4097) == 4096 and cap(100_000) == 4096
     assert cap(100_000, max_keys=1000) == 960  # rounded down to a multiple of 64
     assert cap(100_000, max_keys=10) == 64     # at least one chunk
     assert cap(300, max_keys=8192) == 320      # never above the key dim rounded up to 64
-    n_keys, n_words = _cuda.key_list_sizes((2, 3, 200, 10_000))
+    n_keys, n_words = _cuda_fwd.key_list_sizes((2, 3, 200, 10_000))
     units = 2 * 3 * 2
     assert (n_keys, n_words) == (units * (1 + 4096), units * 64 * 128)
 
@@ -219,7 +219,7 @@ def test_bad_key_list_capacity_raises(bad):
     mask = jnp.ones((B, HKV, L, L), jnp.bool_)
     kw = dict(scale=0.125, softcap=0.0, is_causal=True)
     with pytest.raises(ValueError, match="key_list_capacity"):
-        jax.jit(lambda q, k, m: _cuda.flash_fwd(q, k, k, None, m, key_list_capacity=bad, **kw)).trace(q, k, mask)
+        jax.jit(lambda q, k, m: _cuda_fwd.flash_fwd(q, k, k, None, m, key_list_capacity=bad, **kw)).trace(q, k, mask)
     lse = jnp.zeros((B, H, L), jnp.float32)
     with pytest.raises(ValueError, match="key_list_capacity"):
         jax.jit(lambda q, k, m, lse: _cuda_bwd.flash_bwd(q, k, k, None, m, q, lse, q, lse, deterministic=False,
@@ -230,11 +230,11 @@ def test_explicit_key_list_capacity_sizes_the_lists():
     q = jnp.zeros((B, L, H, D), jnp.bfloat16)
     k = jnp.zeros((B, L, HKV, D), jnp.bfloat16)
     mask = jnp.ones((B, HKV, L, L), jnp.bool_)
-    fn = jax.jit(lambda q, k, m: _cuda.flash_fwd(q, k, k, None, m, scale=0.125, softcap=0.0, is_causal=False,
+    fn = jax.jit(lambda q, k, m: _cuda_fwd.flash_fwd(q, k, k, None, m, scale=0.125, softcap=0.0, is_causal=False,
                                                  key_list_capacity=128))
     text = fn.trace(q, k, mask).lower(lowering_platforms=("cuda",)).as_text()
     (kl,) = key_list_lines(text)
-    n_keys, n_words = _cuda.key_list_sizes(mask.shape, 128)
+    n_keys, n_words = _cuda_fwd.key_list_sizes(mask.shape, 128)
     assert "capacity = 128 : i64" in kl and "is_causal = false" in kl
     assert result_types(kl) == [f"tensor<{n_keys}xi32>", f"tensor<{2 * n_words}xui32>"]
 
@@ -247,14 +247,14 @@ H100_SMEM, A100_SMEM = 232448, 166912
     (H100_SMEM, {32: 128, 64: 128, 96: 128, 128: 128, 192: 64, 256: 64}),
     (A100_SMEM, {32: 128, 64: 128, 96: 128, 128: 64, 192: 0, 256: 0}),
 ])
-def test_sparse_rows_per_cta_fit_the_device(limit, expected):
+def test_key_list_rows_per_cta_fit_the_device(limit, expected):
     from jax_dmattn import _cuda_bwd
 
-    got = {d: _cuda_bwd.sparse_rows_per_cta(d, limit) for d in expected}
+    got = {d: _cuda_bwd.key_list_rows_per_cta(d, limit) for d in expected}
     assert got == expected
     for d, rows in got.items():
         if rows:
-            assert _cuda_bwd.sparse_smem_bytes(d, rows) <= limit
+            assert _cuda_bwd.key_list_smem_bytes(d, rows) <= limit
 
 
 def test_smem_limit_env_override(monkeypatch):
@@ -289,13 +289,13 @@ def backward_line(d):
     (A100_SMEM, 192, 0), (A100_SMEM, 256, 0),
 ])
 def test_backward_build_follows_the_device_smem(monkeypatch, limit, d, rows):
-    """The backward's sparse_rows attribute is the build that fits the device; none fits (0): the key-tile path,
+    """The backward's key_list_rows attribute is the build that fits the device; none fits (0): the key-tile path,
     with its dq accumulator and no key lists."""
     from jax_dmattn import _cuda_bwd
 
     monkeypatch.setenv(_cuda_bwd.SMEM_ENV, str(limit))
     line = backward_line(d)
-    assert int(re.search(r"sparse_rows = (\d+)", line).group(1)) == rows
+    assert int(re.search(r"key_list_rows = (\d+)", line).group(1)) == rows
     ops = operand_types(line)
     res = result_types(line)
     if rows:

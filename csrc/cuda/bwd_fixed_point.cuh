@@ -1,6 +1,6 @@
-// Fixed-point accumulation of the sparse backward's deterministic mode (docs/cuda_backward.md, "Deterministic
-// sparse path"). Device code only, no CuTe: included by the sparse kernel (flash_bwd_sparse_kernel.cuh) and by its
-// launch sequence (flash_bwd_sparse_dispatch.cu).
+// Fixed-point accumulation of the key-list backward's deterministic mode (docs/cuda_backward.md, "Deterministic
+// key-list path"). Device code only, no CuTe: included by the key-list kernel (flash_bwd_key_list_kernel.cuh) and
+// by its launch sequence (flash_bwd_key_list_dispatch.cu).
 //
 // dK, dV and dbias are sums of fp32 partials that CTAs add in a scheduling-dependent order. In this mode each
 // partial x is turned into an int64 count of a per-call, per-tensor resolution res = 2^e,
@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "cuda/flash_bwd_sparse.h"
+#include "cuda/flash_bwd_key_list.h"
 
 namespace dmattn {
 namespace fixed {
@@ -40,7 +40,7 @@ __device__ __forceinline__ float inv_res(int e) { return __int_as_float((127 - e
 
 __device__ __forceinline__ float stat(const uint32_t* stats, int i) { return __uint_as_float(stats[i]); }
 
-// True when a maximum is inf / NaN (their |x| bit patterns exceed the largest finite float's) or when the sparse
+// True when a maximum is inf / NaN (their |x| bit patterns exceed the largest finite float's) or when the key-list
 // kernel met a partial that was non-finite or out of the int64 range: the outputs are then NaN.
 __device__ __forceinline__ bool poisoned(const uint32_t* stats) {
   return stats[kFixedMaxQ] >= 0x7f800000u || stats[kFixedMaxV] >= 0x7f800000u ||

@@ -1,5 +1,5 @@
 // Plain (CuTe-free) interface of the CUDA flash backward: the parameter block and the launchers. Included by
-// the FFI handler TU (csrc/ffi/cuda_bwd_handlers.cc), which must not see CuTe headers.
+// the FFI handler TU (csrc/ffi/cuda_bwd_handler.cc), which must not see CuTe headers.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -75,7 +75,7 @@ struct BwdParams {
 // caller has already written the tile-class map.
 cudaError_t launch_flash_bwd(const BwdParams& params, cudaStream_t stream);
 
-// Pieces of the launch sequence shared with the sparse backward (csrc/cuda/flash_bwd_sparse.h):
+// Pieces of the launch sequence shared with the key-list backward (csrc/cuda/flash_bwd_key_list.h):
 // delta = rowsum(dout * out) - dlse into params.delta, and an fp32 -> bf16 / f16 conversion of n elements.
 cudaError_t launch_bwd_delta(const BwdParams& params, cudaStream_t stream);
 cudaError_t launch_f32_to_half(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t stream);

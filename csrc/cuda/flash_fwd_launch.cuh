@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "cuda/flash_fwd_kernel.cuh"
-#include "cuda/flash_fwd_keylist_kernel.cuh"
+#include "cuda/flash_fwd_key_list_kernel.cuh"
 #include "cuda/smem_limit.cuh"
 
 namespace dmattn {
@@ -20,7 +20,7 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (m_blocks == 0 || p.heads == 0 || p.batch == 0) return cudaSuccess;
   if (p.key_lists != nullptr) {
     static std::atomic<uint64_t> configured{0};
-    auto kernel = flash_fwd_keylist_kernel<Kt>;
+    auto kernel = flash_fwd_key_list_kernel<Kt>;
     if (cudaError_t err = raise_smem_limit_once(kernel, smem, configured); err != cudaSuccess) return err;
     kernel<<<dim3(p.heads, m_blocks, p.batch), Kt::kNThreads, smem, stream>>>(p);
   } else {

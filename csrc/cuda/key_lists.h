@@ -7,7 +7,7 @@
 // 64 keys at a time, gathering K/V rows, so the work is proportional to the live keys, not to Lk.
 //
 // Layout, over the mask's own broadcast shape [Bm, Hm, Mm, Lk] (the key dim must be full), with a per-call list
-// capacity C (a multiple of 64, at most ceil(Lk / 64) * 64; jax_dmattn/_cuda.py: key_list_capacity):
+// capacity C (a multiple of 64, at most ceil(Lk / 64) * 64; jax_dmattn/_cuda_fwd.py: key_list_capacity):
 //   unit u = (bm * Hm + hm) * m_tiles + t, t = query tile of kKeyListBlockM rows, m_tiles = ceil(Mm / BlockM)
 //   keys [units, 1 + C] int32: keys[u][0] = count, keys[u][1 + i] = i-th live key of the unit (ascending)
 //   bits [units, C / 64, rows_per_unit] uint64, rows_per_unit = min(Mm, BlockM):

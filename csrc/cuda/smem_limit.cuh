@@ -1,5 +1,5 @@
 // Raising a kernel's dynamic shared-memory limit above 48 KiB, shared by every launcher (forward, key-tile
-// backward, sparse backward).
+// backward, key-list backward).
 #pragma once
 
 #include <atomic>

@@ -1,4 +1,4 @@
-// Shared-memory tiles as the sm80 kernels (forward, backward, sparse backward) use them: filled from global
+// Shared-memory tiles as the sm80 kernels (forward, backward, key-list backward) use them: filled from global
 // memory with row predicates (copy_rows), multiplied from shared memory (gemm_ss), the product's accumulator seen
 // as (rows, cols) (rowcol_layout). One definition, so the kernels' load and MMA loops stay the same instruction
 // sequence.

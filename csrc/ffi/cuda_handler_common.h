@@ -1,4 +1,4 @@
-// Pieces the CUDA FFI handlers share (csrc/ffi/cuda_handlers.cc, cuda_bwd_handlers.cc,
+// Pieces the CUDA FFI handlers share (csrc/ffi/cuda_fwd_handler.cc, cuda_bwd_handler.cc,
 // cuda_key_lists_handler.cc). Like them, no CuTe here: its headers break the FFI headers' warnings setup.
 #pragma once
 #include <cuda_runtime.h>

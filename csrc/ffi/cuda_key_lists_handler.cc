@@ -3,10 +3,10 @@
 // Its results are inputs of dmattn_fwd_cuda and dmattn_bwd_cuda rather than something each of them builds: the
 // call has no side effects, so XLA's CSE merges identical calls. In a jitted forward + backward, the backward
 // then reuses the forward's lists (the mask is read once), and layers that share one mask share one pre-pass.
-// For that the Python side (jax_dmattn/_cuda.py: build_key_lists) must emit the same operand and attributes
+// For that the Python side (jax_dmattn/_cuda_fwd.py: build_key_lists) must emit the same operand and attributes
 // from both passes.
 //
-// No CuTe includes here (see csrc/ffi/cuda_handlers.cc). The handler never allocates and never synchronises.
+// No CuTe includes here (see csrc/ffi/cuda_fwd_handler.cc). The handler never allocates and never synchronises.
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -1,9 +1,9 @@
 // The key-list pre-pass of a causal top-k mask given by per-key scores (csrc/cuda/topk_key_lists.h) as its own
 // FFI call, "dmattn_topk_key_lists_cuda": the same keys / bits layout as dmattn_key_lists_cuda, so the forward
-// and the sparse backward take either, and like that call it is side-effect free, so XLA's CSE lets a forward
+// and the key-list backward take either, and like that call it is side-effect free, so XLA's CSE lets a forward
 // and its backward share one.
 //
-// No CuTe includes here (see csrc/ffi/cuda_handlers.cc). The handler never allocates and never synchronises.
+// No CuTe includes here (see csrc/ffi/cuda_fwd_handler.cc). The handler never allocates and never synchronises.
 #include <cuda_runtime.h>
 
 #include <climits>

@@ -11,7 +11,7 @@ using FfiTarget = std::pair<const char*, void*>;
 
 std::vector<FfiTarget> cpu_targets();
 // Empty unless the extension was built with CUDA (DMATTN_WITH_CUDA). The backward's handlers and the live-key
-// list pre-passes live in their own translation units (csrc/ffi/cuda_bwd_handlers.cc,
+// list pre-passes live in their own translation units (csrc/ffi/cuda_bwd_handler.cc,
 // csrc/ffi/cuda_key_lists_handler.cc, csrc/ffi/cuda_topk_key_lists_handler.cc).
 std::vector<FfiTarget> cuda_targets();
 std::vector<FfiTarget> cuda_bwd_targets();

@@ -1,10 +1,10 @@
-// The sparse backward's launch sequence (no CuTe here: the kernel lives in flash_bwd_sparse_hdim*.cu). The key
+// The key-list backward's launch sequence (no CuTe here: the kernel lives in flash_bwd_key_list_hdim*.cu). The key
 // lists were built by the caller (launch_build_key_lists) on the same stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "cuda/bwd_fixed_point.cuh"
-#include "cuda/flash_bwd_sparse.h"
+#include "cuda/flash_bwd_key_list.h"
 
 namespace dmattn {
 namespace {
@@ -95,7 +95,7 @@ cudaError_t launch_fixed_stats(const BwdParams& p, uint32_t* stats, cudaStream_t
 }
 
 cudaError_t launch_fixed_to_out(const unsigned long long* src, void* dst, int64_t n, int dtype, int which,
-                                const BwdSparseParams& sp, cudaStream_t stream) {
+                                const BwdKeyListParams& sp, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
@@ -104,27 +104,27 @@ cudaError_t launch_fixed_to_out(const unsigned long long* src, void* dst, int64_
   return cudaGetLastError();
 }
 
-cudaError_t run_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream) {
+cudaError_t run_key_list_kernel(const BwdKeyListParams& sp, cudaStream_t stream) {
   const bool bf16 = sp.base.is_bf16;
-#define DMATTN_BWD_SPARSE_CASE(D) \
+#define DMATTN_BWD_KEY_LIST_CASE(D) \
   case D:                         \
-    return bf16 ? run_flash_bwd_sparse<D, true>(sp, stream) : run_flash_bwd_sparse<D, false>(sp, stream);
+    return bf16 ? run_flash_bwd_key_list<D, true>(sp, stream) : run_flash_bwd_key_list<D, false>(sp, stream);
   switch (sp.base.head_dim) {
-    DMATTN_BWD_SPARSE_CASE(32)
-    DMATTN_BWD_SPARSE_CASE(64)
-    DMATTN_BWD_SPARSE_CASE(96)
-    DMATTN_BWD_SPARSE_CASE(128)
-    DMATTN_BWD_SPARSE_CASE(192)
-    DMATTN_BWD_SPARSE_CASE(256)
+    DMATTN_BWD_KEY_LIST_CASE(32)
+    DMATTN_BWD_KEY_LIST_CASE(64)
+    DMATTN_BWD_KEY_LIST_CASE(96)
+    DMATTN_BWD_KEY_LIST_CASE(128)
+    DMATTN_BWD_KEY_LIST_CASE(192)
+    DMATTN_BWD_KEY_LIST_CASE(256)
     default:
       return cudaErrorInvalidValue;
   }
-#undef DMATTN_BWD_SPARSE_CASE
+#undef DMATTN_BWD_KEY_LIST_CASE
 }
 
 // Deterministic mode: int64 counts instead of fp32 sums (csrc/cuda/bwd_fixed_point.cuh). The handler laid out
 // the workspace as [dK counts | dV counts | stats words] and, with a computed dbias, an int64 dbias workspace.
-cudaError_t launch_flash_bwd_sparse_fixed(const BwdSparseParams& sp, cudaStream_t stream) {
+cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStream_t stream) {
   const BwdParams& p = sp.base;
   const BwdFixedPoint& fx = sp.fixed;
   cudaError_t err;
@@ -148,7 +148,7 @@ cudaError_t launch_flash_bwd_sparse_fixed(const BwdSparseParams& sp, cudaStream_
   }
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
   if ((err = launch_fixed_stats(p, fx.stats, stream)) != cudaSuccess) return err;
-  if ((err = run_sparse_kernel(sp, stream)) != cudaSuccess) return err;
+  if ((err = run_key_list_kernel(sp, stream)) != cudaSuccess) return err;
   const int out_dtype = p.is_bf16 ? kBwdBiasBF16 : kBwdBiasF16;
   if ((err = launch_fixed_to_out(fx.dk, p.dk, kv_elems, out_dtype, 0, sp, stream)) != cudaSuccess) return err;
   if ((err = launch_fixed_to_out(fx.dv, p.dv, kv_elems, out_dtype, 1, sp, stream)) != cudaSuccess) return err;
@@ -161,8 +161,8 @@ cudaError_t launch_flash_bwd_sparse_fixed(const BwdSparseParams& sp, cudaStream_
 
 }  // namespace
 
-cudaError_t launch_flash_bwd_sparse(const BwdSparseParams& sp, cudaStream_t stream) {
-  if (sp.fixed.dk != nullptr) return launch_flash_bwd_sparse_fixed(sp, stream);
+cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t stream) {
+  if (sp.fixed.dk != nullptr) return launch_flash_bwd_key_list_fixed(sp, stream);
   const BwdParams& p = sp.base;
   cudaError_t err;
   const int64_t kv_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
@@ -181,7 +181,7 @@ cudaError_t launch_flash_bwd_sparse(const BwdSparseParams& sp, cudaStream_t stre
     }
   }
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
-  if ((err = run_sparse_kernel(sp, stream)) != cudaSuccess) return err;
+  if ((err = run_key_list_kernel(sp, stream)) != cudaSuccess) return err;
   if ((err = launch_f32_to_half(sp.dk_accum, p.dk, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
   if ((err = launch_f32_to_half(sp.dv_accum, p.dv, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
   if (p.bias != nullptr && p.dbias_mode != kDbiasNone && p.bias_dtype != kBwdBiasF32) {

@@ -24,7 +24,7 @@ namespace fwd {
 
 template <class Kt>
 __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
-    flash_fwd_keylist_kernel(const __grid_constant__ FwdParams p) {
+    flash_fwd_key_list_kernel(const __grid_constant__ FwdParams p) {
   using Elem = typename Kt::Elem;
   constexpr int kBlockM = Kt::kBlockM;
   constexpr int kChunk = Kt::kBlockN;

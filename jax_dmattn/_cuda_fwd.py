@@ -5,7 +5,7 @@ The forward FFI call, ``dmattn_fwd_cuda``, runs on a mask pre-pass. Two pre-pass
 - live-key lists (default for a mask with a full key dim): per 128-row query tile, the keys that some row keeps,
   with the tile's mask re-packed over them as bit words (csrc/cuda/key_lists.h); the kernel walks the list 64
   keys at a time, so a top-k mask costs ~k keys per row instead of Lk. The lists are built by their own FFI call,
-  ``dmattn_key_lists_cuda`` (``build_key_lists``), and passed to the forward (and to the sparse backward) as
+  ``dmattn_key_lists_cuda`` (``build_key_lists``), and passed to the forward (and to the key-list backward) as
   inputs: the call is side-effect free, so XLA's CSE merges identical ones and a jitted forward + backward, or
   several layers with one mask, read the mask once. Workspace: ``key_list_capacity`` keys per 128-row unit
   (units whose live keys exceed it are "dense" and the kernels read the mask for them).

@@ -1,6 +1,6 @@
-// CUDA FFI handlers of the backward pass (kept apart from the forward's, csrc/ffi/cuda_handlers.cc).
+// CUDA FFI handlers of the backward pass (kept apart from the forward's, csrc/ffi/cuda_fwd_handler.cc).
 // No CuTe includes here: kernels are reached through plain launch functions. Handlers never allocate and never
-// synchronise: every scratch buffer is an extra FFI result that XLA owns. The sparse path's live-key lists are
+// synchronise: every scratch buffer is an extra FFI result that XLA owns. The key-list path's live-key lists are
 // inputs built by dmattn_key_lists_cuda (csrc/ffi/cuda_key_lists_handler.cc), so that a jitted forward + backward
 // shares the forward's lists through XLA's CSE.
 #include <cuda_runtime.h>
@@ -12,7 +12,7 @@
 
 #include "attention_params.h"
 #include "cuda/flash_bwd.h"
-#include "cuda/flash_bwd_sparse.h"
+#include "cuda/flash_bwd_key_list.h"
 #include "cuda/key_lists.h"
 #include "cuda/tile_classes.h"
 #include "ffi/cuda_handler_common.h"
@@ -25,23 +25,23 @@ namespace {
 
 ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("dmattn_bwd_cuda: " + what); }
 
-// The key-list ("sparse") backward serves both modes when a mask with a full key dim is given and the bias (if
+// The key-list backward serves both modes when a mask with a full key dim is given and the bias (if
 // any) is broadcast over query rows, so that its gradient is a column sum (docs/cuda_backward.md). Its dk / dv /
 // dbias are added by fp32 atomics (deterministic=False) or by int64 fixed-point atomics (deterministic=True,
-// bitwise reproducible). Mirrored by jax_dmattn/_cuda_bwd.py: use_sparse.
-bool use_sparse_path(bool has_mask, int64_t mask_cols, bool has_bias, int64_t bias_rows, int64_t Lk) {
+// bitwise reproducible). Mirrored by jax_dmattn/_cuda_bwd.py: uses_key_list_path.
+bool uses_key_list_path(bool has_mask, int64_t mask_cols, bool has_bias, int64_t bias_rows, int64_t Lk) {
   return has_mask && mask_cols == Lk && (!has_bias || bias_rows == 1);
 }
 
 // Inputs: q [B, Lq, H, D], k/v [B, Lk, Hkv, D], bias [Bb, Hb, Mb, Nb] or zero-size, mask (same rule, bool) or
-// zero-size, out [B, Lq, H, D], lse [B, H, Lq] f32, dout, dlse [B, H, Lq] f32, then on the sparse path the mask's
+// zero-size, out [B, Lq, H, D], lse [B, H, Lq] f32, dout, dlse [B, H, Lq] f32, then on the key-list path the mask's
 // live-key lists from dmattn_key_lists_cuda: key_list_keys [units * (1 + C)] s32 and key_list_bits
 // [2 * units * C / 64 * min(Mm, 128)] u32 (uint64 words), C the list capacity; zero-size otherwise.
 // Results: dq, dk, dv, dbias (bias's shape and dtype; zero-size without a bias), then workspaces:
 // dq_accum [B, Lq, H, D] f32 (zero-size when deterministic), delta [B, H, Lq] f32, the mask tile classes
 // [Bm, Hm, ceil(Mm / 64), ceil(Nm / 64)] u8 (zero-size without a mask), dbias_accum f32 of bias's shape
 // (only for a bf16/f16 bias whose dbias tiles get several flushes, see docs/cuda_backward.md; else zero-size).
-// Sparse path (use_sparse_path): dq_accum and the tile classes are zero-size. Not deterministic: dbias_accum is
+// Key-list path (uses_key_list_path): dq_accum and the tile classes are zero-size. Not deterministic: dbias_accum is
 // f32 of bias's shape for any bf16/f16 bias that is not key-broadcast, dkv_accum [2, B, Lk, Hkv, D] f32 (dK then
 // dV). Deterministic (fixed point): dbias_accum is u32 [2 * bias elements] (int64 counts) for any bias that is not
 // key-broadcast, dkv_accum u32 [2 * 2 * B * Lk * Hkv * D + kFixedStatsWords] (int64 dK counts, int64 dV counts,
@@ -55,7 +55,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
                           ffi::Result<ffi::AnyBuffer> dkv_accum, float scale, float softcap, bool is_causal,
-                          bool deterministic, int64_t sparse_rows, int64_t list_batch, int64_t list_heads,
+                          bool deterministic, int64_t key_list_rows, int64_t list_batch, int64_t list_heads,
                           int64_t list_rows) {
   count_cuda_handler_run(stream);
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
@@ -78,41 +78,41 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   const bool has_bias = bias.element_count() > 0, has_mask = mask.element_count() > 0;
   if ((has_bias && bias.dimensions().size() != 4) || (has_mask && mask.dimensions().size() != 4))
     return bad("bias and mask must be rank 4");
-  // sparse_rows: the sparse kernel's rows per CTA that the caller chose for this device (0: its shared memory
-  // fits no build of the head dim, take the key-tile path; jax_dmattn/_cuda_bwd.py: sparse_rows_per_cta).
+  // key_list_rows: the key-list kernel's rows per CTA that the caller chose for this device (0: its shared memory
+  // fits no build of the head dim, take the key-tile path; jax_dmattn/_cuda_bwd.py: key_list_rows_per_cta).
   // Lists given without a mask (a compact mask, jax_dmattn/_compact.py) describe their units by the list_*
-  // attributes instead of the mask's shape, and never hold a dense unit; only the sparse path takes them.
+  // attributes instead of the mask's shape, and never hold a dense unit; only the key-list path takes them.
   const bool compact = list_rows > 0;
   if (compact && has_mask) return bad("key lists of a compact mask come without a mask");
   if (compact && (!dims_ok(list_batch, B) || !(list_heads == 1 || list_heads == Hkv || list_heads == H) ||
                   !dims_ok(list_rows, Lq)))
     return bad("list_batch / list_heads / list_rows do not fit the call");
-  if (compact && (sparse_rows == 0 || (has_bias && bias.dimensions()[2] != 1)))
-    return bad("key lists of a compact mask need the sparse path (sparse_rows > 0, no bias with a query dim)");
-  const bool sparse =
-      sparse_rows != 0 && (compact || use_sparse_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
+  if (compact && (key_list_rows == 0 || (has_bias && bias.dimensions()[2] != 1)))
+    return bad("key lists of a compact mask need the key-list path (key_list_rows > 0, no bias with a query dim)");
+  const bool key_list_path =
+      key_list_rows != 0 && (compact || uses_key_list_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
                                                       has_bias ? bias.dimensions()[2] : 0, Lk));
-  if (sparse) {
-    if (!sparse_bwd_has_rows(static_cast<int>(D), static_cast<int>(sparse_rows)))
-      return bad("sparse_rows " + std::to_string(sparse_rows) + " is not built for head dim " + std::to_string(D));
+  if (key_list_path) {
+    if (!key_list_bwd_has_rows(static_cast<int>(D), static_cast<int>(key_list_rows)))
+      return bad("key_list_rows " + std::to_string(key_list_rows) + " is not built for head dim " + std::to_string(D));
     int device = 0, limit = 0;
     if (auto e = cuda_error(cudaGetDevice(&device), "cudaGetDevice"); e.failure()) return e;
     if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                             "cudaDeviceGetAttribute");
         e.failure())
       return e;
-    const int need = sparse_bwd_smem_bytes(static_cast<int>(D), static_cast<int>(sparse_rows));
+    const int need = key_list_bwd_smem_bytes(static_cast<int>(D), static_cast<int>(key_list_rows));
     if (need > limit)
-      return bad("the sparse backward with " + std::to_string(sparse_rows) + " rows per CTA needs " +
+      return bad("the key-list backward with " + std::to_string(key_list_rows) + " rows per CTA needs " +
                  std::to_string(need) + " bytes of shared memory, this device allows " + std::to_string(limit) +
                  " (jax_dmattn chose it for a larger limit: set JAX_DMATTN_MAX_DYNAMIC_SMEM=" +
                  std::to_string(limit) + ")");
   }
-  if (!sparse && (key_list_keys.element_count() != 0 || key_list_bits.element_count() != 0))
-    return bad("key-list inputs must be zero-size off the sparse path");
-  BwdFixedPoint fixed;  // deterministic sparse path: the int64 workspaces (set below)
-  if (!deterministic && !sparse && dq_accum->element_count() != q.element_count())
-    return bad("dq_accum must have q's element count unless deterministic or on the sparse path");
+  if (!key_list_path && (key_list_keys.element_count() != 0 || key_list_bits.element_count() != 0))
+    return bad("key-list inputs must be zero-size off the key-list path");
+  BwdFixedPoint fixed;  // deterministic key-list path: the int64 workspaces (set below)
+  if (!deterministic && !key_list_path && dq_accum->element_count() != q.element_count())
+    return bad("dq_accum must have q's element count unless deterministic or on the key-list path");
 
   BwdParams p;
   p.q = q.untyped_data();
@@ -177,17 +177,17 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     // A bias constant along keys is cancelled by softmax: dbias is exactly 0 (zero-filled, never computed).
     if (dims[3] == 1 && Lk != 1) {
       p.dbias_mode = kDbiasNone;
-    } else if (sparse && deterministic) {
+    } else if (key_list_path && deterministic) {
       // Column sums of dS added as int64 fixed-point counts into a workspace converted at the end.
       p.dbias_mode = kDbiasAccum;
       if (dbias_accum->element_type() != ffi::DataType::U32 ||
           dbias_accum->size_bytes() != static_cast<size_t>(bias.element_count()) * sizeof(uint64_t))
-        return bad("dbias_accum must be u32 [2 x bias's element count] on the deterministic sparse path");
+        return bad("dbias_accum must be u32 [2 x bias's element count] on the deterministic key-list path");
       fixed.dbias = static_cast<unsigned long long*>(dbias_accum->untyped_data());
       fixed.rows_dbias = double(Lq) * double(dims[0] == 1 ? B : 1) * double(H / dims[1]);
-    } else if (sparse) {
+    } else if (key_list_path) {
       // Column sums of dS added atomically: into dbias itself (f32) or an fp32 workspace converted at the end.
-      if (auto e = accumulate_in_f32("on the sparse path"); e.failure()) return e;
+      if (auto e = accumulate_in_f32("on the key-list path"); e.failure()) return e;
     } else {
       // A CTA owns whole dbias columns: it spans every batch / kv head that shares one bias batch / head.
       p.batches_per_item = dims[0] == 1 ? static_cast<int>(B) : 1;
@@ -221,8 +221,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       p.mask_hdiv = static_cast<int>(H / dims[1]);
     }
 
-    if (sparse) {
-      // The lists' capacity C is read back from their sizes (jax_dmattn/_cuda.py: key_list_sizes).
+    if (key_list_path) {
+      // The lists' capacity C is read back from their sizes (jax_dmattn/_cuda_fwd.py: key_list_sizes).
       KeyListArgs ka;
       if (auto e = key_list_capacity_from_sizes("dmattn_bwd_cuda", dims, key_list_keys.element_count(),
                                                 key_list_bits.element_count(), ka);
@@ -233,17 +233,17 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
         if (dkv_accum->element_type() != ffi::DataType::U32 ||
             dkv_accum->size_bytes() !=
                 static_cast<size_t>(2 * kv_elems) * sizeof(uint64_t) + kFixedStatsWords * sizeof(uint32_t))
-          return bad("dkv_accum must be u32 [4 * B * Lk * Hkv * D + 8] on the deterministic sparse path");
+          return bad("dkv_accum must be u32 [4 * B * Lk * Hkv * D + 8] on the deterministic key-list path");
       } else if (dkv_accum->element_type() != ffi::DataType::F32 ||
                  dkv_accum->element_count() != static_cast<size_t>(2 * kv_elems)) {
-        return bad("dkv_accum must be f32 [2, B, Lk, Hkv, D] on the sparse path");
+        return bad("dkv_accum must be f32 [2, B, Lk, Hkv, D] on the key-list path");
       }
 
       // The kernel also reads the mask itself (sp.base.mask, set above) for units marked dense; compact lists
       // have none.
-      BwdSparseParams sp;
+      BwdKeyListParams sp;
       sp.base = p;
-      sp.rows_per_cta = static_cast<int>(sparse_rows);
+      sp.rows_per_cta = static_cast<int>(key_list_rows);
       sp.lists.keys = key_list_keys.typed_data();
       sp.lists.bits = reinterpret_cast<const uint64_t*>(key_list_bits.typed_data());
       sp.lists.unit_head_stride = ka.m_tiles();
@@ -263,7 +263,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
         sp.dk_accum = static_cast<float*>(dkv_accum->untyped_data());
         sp.dv_accum = sp.dk_accum + kv_elems;
       }
-      return cuda_error(launch_flash_bwd_sparse(sp, stream), "flash_bwd_sparse");
+      return cuda_error(launch_flash_bwd_key_list(sp, stream), "flash_bwd_key_list");
     }
 
     MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kBwdBlockM, kBwdBlockN,
@@ -297,8 +297,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                   .Arg<ffi::AnyBuffer>()          // dout
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dlse
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // key-list keys (sparse path; else zero-size)
-                                  .Arg<ffi::Buffer<ffi::U32>>()   // key-list bit words (sparse path; else zero-size)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // key-list keys (key-list path; else zero-size)
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // key-list bit words (key-list path; else zero-size)
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk
                                   .Ret<ffi::AnyBuffer>()          // dv
@@ -307,12 +307,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // delta (workspace)
                                   .Ret<ffi::Buffer<ffi::U8>>()    // mask tile classes (workspace)
                                   .Ret<ffi::AnyBuffer>()          // dbias_accum (workspace: f32, or u32 pairs)
-                                  .Ret<ffi::AnyBuffer>()          // dkv_accum (sparse workspace: f32, or u32)
+                                  .Ret<ffi::AnyBuffer>()          // dkv_accum (key_list_path workspace: f32, or u32)
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")
                                   .Attr<bool>("deterministic")
-                                  .Attr<int64_t>("sparse_rows")
+                                  .Attr<int64_t>("key_list_rows")
                                   .Attr<int64_t>("list_batch")  // unit geometry of compact lists (0: none)
                                   .Attr<int64_t>("list_heads")
                                   .Attr<int64_t>("list_rows"),

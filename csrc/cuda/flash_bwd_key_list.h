@@ -1,11 +1,11 @@
-// Plain (CuTe-free) interface of the key-list ("sparse") CUDA backward: its parameter block and launchers.
-// Included by the FFI handler TU (csrc/ffi/cuda_bwd_handlers.cc), which must not see CuTe headers.
+// Plain (CuTe-free) interface of the key-list CUDA backward: its parameter block and launchers.
+// Included by the FFI handler TU (csrc/ffi/cuda_bwd_handler.cc), which must not see CuTe headers.
 //
-// The sparse backward is parallel over query tiles: one CTA per (query tile, query head, batch) walks the live
+// The key-list backward is parallel over query tiles: one CTA per (query tile, query head, batch) walks the live
 // keys of its tile's key-list unit (csrc/cuda/key_lists.h) 64 at a time, accumulates dQ in registers and adds
 // dK, dV (and a query-broadcast dbias) with fp32 atomics, or, in deterministic mode, with 64-bit fixed-point
-// integer atomics (order-independent, bitwise reproducible). See docs/cuda_backward.md, "Sparse path" and
-// "Deterministic sparse path".
+// integer atomics (order-independent, bitwise reproducible). See docs/cuda_backward.md, "Key-list path" and
+// "Deterministic key-list path".
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -28,7 +28,7 @@ struct BwdKeyLists {
   int64_t rows_per_unit = 0;       // min(Mm, 128)
 };
 
-// Deterministic mode (docs/cuda_backward.md, "Deterministic sparse path"): dK, dV and dbias partials are added as
+// Deterministic mode (docs/cuda_backward.md, "Deterministic key-list path"): dK, dV and dbias partials are added as
 // int64 counts of a per-call power-of-two resolution (csrc/cuda/bwd_fixed_point.cuh). The stats words, zeroed
 // with the accumulators, receive max|q|, max|v|, max|dout|, max|delta| (fp32 bit patterns of non-negative values,
 // reduced with atomicMax: order-independent) and a flag set by the kernel on a non-finite / out-of-range partial.
@@ -50,23 +50,23 @@ struct BwdFixedPoint {
   double rows_dbias = 0;  // rows summed into one dbias entry: Lq * (B / Bb) * (H / Hb)
 };
 
-// Query rows per CTA the sparse kernel is built with for a head dim: 128 (a whole key-list unit) while the dQ
+// Query rows per CTA the key-list kernel is built with for a head dim: 128 (a whole key-list unit) while the dQ
 // accumulator fits the registers (D <= 128), 64 above. D = 128 also has a 64-row build, for devices whose
 // shared memory per block (sm_80: 163 KB) cannot hold the 128-row one (181 KB).
-constexpr bool sparse_bwd_has_rows(int head_dim, int rows) {
+constexpr bool key_list_bwd_has_rows(int head_dim, int rows) {
   return rows == 128 ? head_dim <= 128 : (rows == 64 && head_dim >= 128);
 }
 
-// Dynamic shared memory of the sparse kernel (SparseTraits::kSmemBytes; static_assert-ed equal there):
+// Dynamic shared memory of the key-list kernel (BwdKeyListTraits::kSmemBytes; static_assert-ed equal there):
 // Q, dO [rows, D] + 2 stages of K, V [64, D] + P, dS [rows, 64] (2-byte elements), the dense-unit mask stages
 // [2, rows, 64] bytes, bit words [2, rows] u64, keys and bias values [2, 64] 4 B each, dbias bands
-// [rows / 16, 64] f32, 4 fixed-point scales. Mirrored by jax_dmattn/_cuda_bwd.py: sparse_smem_bytes.
-constexpr int sparse_bwd_smem_bytes(int head_dim, int rows) {
+// [rows / 16, 64] f32, 4 fixed-point scales. Mirrored by jax_dmattn/_cuda_bwd.py: key_list_smem_bytes.
+constexpr int key_list_bwd_smem_bytes(int head_dim, int rows) {
   return (2 * rows * head_dim + 4 * 64 * head_dim + 2 * rows * 64) * 2 + 2 * rows * 64 + 2 * rows * 8 +
          2 * 64 * 4 + 2 * 64 * 4 + (rows / 16) * 64 * 4 + 4 * 4;
 }
 
-struct BwdSparseParams {
+struct BwdKeyListParams {
   // q, k, v, out, dout, lse, dlse, dq, dk, dv, delta, shapes, scale, softcap, causal; bias (only one with a
   // broadcast query dim, Mb == 1) with its strides and dbias_mode (kDbiasNone: key-broadcast bias, zero dbias;
   // otherwise dbias columns are added atomically into dbias_accum). mask / classes / dq_accum are unused.
@@ -75,16 +75,16 @@ struct BwdSparseParams {
   float* dk_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dk
   float* dv_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dv
   BwdFixedPoint fixed;        // deterministic mode when fixed.dk != nullptr (then dk_accum / dv_accum are unused)
-  int rows_per_cta = 0;       // 128 or 64 (sparse_bwd_has_rows); chosen by the caller from the device's limit
+  int rows_per_cta = 0;       // 128 or 64 (key_list_bwd_has_rows); chosen by the caller from the device's limit
 };
 
-// The whole sparse backward on `stream` after the key lists are built: zero-fill of the accumulators, delta,
-// (deterministic mode: the maxima of the fixed-point bounds), the sparse kernel, conversions of dk / dv / dbias.
+// The whole key-list backward on `stream` after the key lists are built: zero-fill of the accumulators, delta,
+// (deterministic mode: the maxima of the fixed-point bounds), the key-list kernel, conversions of dk / dv / dbias.
 // Nothing is allocated, nothing synchronises.
-cudaError_t launch_flash_bwd_sparse(const BwdSparseParams& params, cudaStream_t stream);
+cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& params, cudaStream_t stream);
 
-// The sparse kernel of one (head dim, dtype), defined in flash_bwd_sparse_hdim<D>.cu.
+// The key-list kernel of one (head dim, dtype), defined in flash_bwd_key_list_hdim<D>.cu.
 template <int kHeadDim, bool kIsBF16>
-cudaError_t run_flash_bwd_sparse(const BwdSparseParams& params, cudaStream_t stream);
+cudaError_t run_flash_bwd_key_list(const BwdKeyListParams& params, cudaStream_t stream);
 
 }  // namespace dmattn

@@ -1,4 +1,4 @@
-"""Direct checks of the CUDA forward kernel (jax_dmattn._cuda), independent of the public API plumbing.
+"""Direct checks of the CUDA forward kernel (jax_dmattn._cuda_fwd), independent of the public API plumbing.
 
 * a grid of shapes / dtypes / head dims / bias and mask broadcasts / GQA / causal / softcap against the
   pure-jnp reference on float32-upcast inputs;
@@ -54,9 +54,9 @@ def make_operand(key, shape, kind):
 
 def run_kernel(q, k, v, bias, mask, *, scale, softcap=0.0, is_causal=False, skip=True, tiles=False,
                key_lists=True, capacity=None):
-    from jax_dmattn import _cuda
+    from jax_dmattn import _cuda_fwd
 
-    fn = functools.partial(_cuda.flash_fwd_with_tiles, scale=scale, softcap=softcap, is_causal=is_causal,
+    fn = functools.partial(_cuda_fwd.flash_fwd_with_tiles, scale=scale, softcap=softcap, is_causal=is_causal,
                            skip_empty_tiles=skip, key_lists=key_lists, key_list_capacity=capacity)
     out = jax.jit(fn)(q, k, v, bias, mask)
     return out if tiles else out[:2]
@@ -136,7 +136,7 @@ def test_empty_rows_give_zero_and_neg_inf(key_lists):
 
 def test_inside_scan_matches_single_calls():
     """The FFI call inside a loop (XLA may put it in a command buffer / CUDA graph) gives the same bits."""
-    from jax_dmattn import _cuda
+    from jax_dmattn import _cuda_fwd
 
     b, l, h, hkv, d = 1, 384, 4, 2, 64
     keys = jax.random.split(jax.random.PRNGKey(3), 5)
@@ -145,7 +145,7 @@ def test_inside_scan_matches_single_calls():
     v = jax.random.normal(keys[2], (b, l, hkv, d), F32).astype(jnp.bfloat16)
     bias = jax.random.normal(keys[3], (b, hkv, 1, l), F32).astype(jnp.bfloat16)
     mask = block_sparse_mask(keys[4], b, hkv, l, l, 0.5)
-    f = functools.partial(_cuda.flash_fwd, scale=0.125, softcap=0.0, is_causal=True)
+    f = functools.partial(_cuda_fwd.flash_fwd, scale=0.125, softcap=0.0, is_causal=True)
 
     @jax.jit
     def looped(qs):
@@ -239,7 +239,7 @@ def numpy_key_lists(mask, *, is_causal, q_len, capacity, bm=128, chunk=64):
 def test_key_lists_match_numpy(shape, causal, capacity):
     """The pre-pass's lists and bit words, read back from the workspace outputs, entry by entry (capacity 256:
     the units of ~270 live keys of the 300-key masks overflow and must be marked dense)."""
-    from jax_dmattn import _cuda
+    from jax_dmattn import _cuda_fwd
 
     b, hm, rows, lk = shape
     lq = rows if rows > 1 else 97
@@ -251,7 +251,7 @@ def test_key_lists_match_numpy(shape, causal, capacity):
     out, lse, cls, klist, kbits = run_kernel(q, k, v, None, mask, scale=0.125, is_causal=causal, tiles=True,
                                              capacity=capacity)
     assert cls.size == 0 and klist.size > 0
-    cap = _cuda.key_list_capacity(lk) if capacity is None else capacity
+    cap = _cuda_fwd.key_list_capacity(lk) if capacity is None else capacity
     exp_keys, exp_bits = numpy_key_lists(mask, is_causal=causal, q_len=lq, capacity=cap)
     got_keys = np.asarray(klist).reshape(exp_keys.shape)
     got_bits = np.asarray(kbits).view(np.uint64).reshape(exp_bits.shape)
@@ -297,7 +297,7 @@ def mixed_mask(rng, shape, window):
 def test_dense_units_match_reference(case):
     """Units whose live keys exceed the list capacity walk every key and read the mask themselves; on a mask
     that mixes list units and dense units the output matches the reference and the tile path."""
-    from jax_dmattn import _cuda
+    from jax_dmattn import _cuda_fwd
 
     b, lq, lk, h, hkv, d, dtype, causal, bias_code, mask_code, capacity = case
     rng = np.random.default_rng(lq + lk + d)
@@ -320,7 +320,7 @@ def test_dense_units_match_reference(case):
     tiles_out, tiles_lse = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal, key_lists=False)
     assert rel_err(out, tiles_out) < TOL[dtype] and rel_err(lse, tiles_lse) < 1e-3
     # The default capacity lists every unit of these short masks: same result through the lists.
-    assert _cuda.key_list_capacity(lk) >= lk
+    assert _cuda_fwd.key_list_capacity(lk) >= lk
     list_out, _ = run_kernel(q, k, v, bias, mask, scale=d ** -0.5, is_causal=causal)
     assert rel_err(out, list_out) < TOL[dtype]
 

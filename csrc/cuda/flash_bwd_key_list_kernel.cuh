@@ -1,4 +1,4 @@
-// Key-list ("sparse") flash-attention backward for sm80+: query-tile parallel, walking the live keys of the
+// Key-list flash-attention backward for sm80+: query-tile parallel, walking the live keys of the
 // mask's key-list units (csrc/cuda/key_lists.h) 64 at a time with gathered K / V rows.
 //
 // Why: a top-k mask keeps ~k scattered keys per query row, so nearly every 64 x 64 tile is partial and the
@@ -22,18 +22,18 @@
 #include "cuda/bias_load.cuh"
 #include "cuda/bwd_fixed_point.cuh"
 #include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (load_row_stats, store_pair, ...)
-#include "cuda/flash_bwd_sparse.h"
+#include "cuda/flash_bwd_key_list.h"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
 #include "cuda/smem_tiles.cuh"
 
 namespace dmattn {
-namespace bwd_sparse {
+namespace bwd_key_list {
 
 using namespace cute;
 
 template <int kHeadDim_, bool kIsBF16, int kBlockM_>
-struct SparseTraits {
+struct BwdKeyListTraits {
   using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;       // query rows per CTA
@@ -94,7 +94,7 @@ struct SparseTraits {
   static constexpr int kSmemBytes = kElemBytes + kMaskBytes + 2 * kBlockM * 8 + 2 * kBlockN * 4 +
                                     2 * kBlockN * 4 + kWarpsM * kBlockN * 4 + 4 * 4;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
-  static_assert(kSmemBytes == sparse_bwd_smem_bytes(kHeadDim, kBlockM), "flash_bwd_sparse.h's formula is stale");
+  static_assert(kSmemBytes == key_list_bwd_smem_bytes(kHeadDim, kBlockM), "flash_bwd_key_list.h's formula is stale");
 };
 
 // 16 bytes global -> shared, zero-filled when !valid (src is not read then).
@@ -168,7 +168,7 @@ __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS co
 
 template <class Kt, bool kFixed>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
-    flash_bwd_sparse_kernel(const __grid_constant__ BwdSparseParams sp) {
+    flash_bwd_key_list_kernel(const __grid_constant__ BwdKeyListParams sp) {
   using Elem = typename Kt::Elem;
   constexpr int kBlockM = Kt::kBlockM;
   constexpr int kBlockN = Kt::kBlockN;
@@ -559,9 +559,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
 }
 
 template <int kHeadDim, bool kIsBF16, int kBlockM, bool kFixed>
-cudaError_t launch_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream) {
-  using Kt = SparseTraits<kHeadDim, kIsBF16, kBlockM>;
-  auto kernel = flash_bwd_sparse_kernel<Kt, kFixed>;
+cudaError_t launch_key_list_kernel(const BwdKeyListParams& sp, cudaStream_t stream) {
+  using Kt = BwdKeyListTraits<kHeadDim, kIsBF16, kBlockM>;
+  auto kernel = flash_bwd_key_list_kernel<Kt, kFixed>;
   static std::atomic<uint64_t> configured{0};
   if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
   const BwdParams& p = sp.base;
@@ -572,36 +572,36 @@ cudaError_t launch_sparse_kernel(const BwdSparseParams& sp, cudaStream_t stream)
 }
 
 template <int kHeadDim, bool kIsBF16, int kBlockM>
-cudaError_t launch_sparse_rows(const BwdSparseParams& sp, cudaStream_t stream) {
-  return sp.fixed.dk != nullptr ? launch_sparse_kernel<kHeadDim, kIsBF16, kBlockM, true>(sp, stream)
-                                : launch_sparse_kernel<kHeadDim, kIsBF16, kBlockM, false>(sp, stream);
+cudaError_t launch_key_list_rows(const BwdKeyListParams& sp, cudaStream_t stream) {
+  return sp.fixed.dk != nullptr ? launch_key_list_kernel<kHeadDim, kIsBF16, kBlockM, true>(sp, stream)
+                                : launch_key_list_kernel<kHeadDim, kIsBF16, kBlockM, false>(sp, stream);
 }
 
-// The builds of a head dim (flash_bwd_sparse.h: sparse_bwd_has_rows): 128 rows up to D = 128, 64 from D = 128.
+// The builds of a head dim (flash_bwd_key_list.h: key_list_bwd_has_rows): 128 rows up to D = 128, 64 from D = 128.
 template <int kHeadDim, bool kIsBF16>
-cudaError_t launch_sparse(const BwdSparseParams& sp, cudaStream_t stream) {
-  if (!sparse_bwd_has_rows(kHeadDim, sp.rows_per_cta)) return cudaErrorInvalidValue;
+cudaError_t launch_key_list(const BwdKeyListParams& sp, cudaStream_t stream) {
+  if (!key_list_bwd_has_rows(kHeadDim, sp.rows_per_cta)) return cudaErrorInvalidValue;
   if constexpr (kHeadDim <= 128) {
-    if (sp.rows_per_cta == 128) return launch_sparse_rows<kHeadDim, kIsBF16, 128>(sp, stream);
+    if (sp.rows_per_cta == 128) return launch_key_list_rows<kHeadDim, kIsBF16, 128>(sp, stream);
   }
   if constexpr (kHeadDim >= 128) {
-    if (sp.rows_per_cta == 64) return launch_sparse_rows<kHeadDim, kIsBF16, 64>(sp, stream);
+    if (sp.rows_per_cta == 64) return launch_key_list_rows<kHeadDim, kIsBF16, 64>(sp, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-}  // namespace bwd_sparse
+}  // namespace bwd_key_list
 }  // namespace dmattn
 
 // Explicit instantiation of both dtypes for one head dim (one .cu file per head dim).
-#define DMATTN_INSTANTIATE_BWD_SPARSE(D)                                                \
+#define DMATTN_INSTANTIATE_BWD_KEY_LIST(D)                                                \
   namespace dmattn {                                                                    \
   template <>                                                                           \
-  cudaError_t run_flash_bwd_sparse<D, true>(const BwdSparseParams& p, cudaStream_t s) {  \
-    return bwd_sparse::launch_sparse<D, true>(p, s);                                    \
+  cudaError_t run_flash_bwd_key_list<D, true>(const BwdKeyListParams& p, cudaStream_t s) {  \
+    return bwd_key_list::launch_key_list<D, true>(p, s);                                    \
   }                                                                                     \
   template <>                                                                           \
-  cudaError_t run_flash_bwd_sparse<D, false>(const BwdSparseParams& p, cudaStream_t s) { \
-    return bwd_sparse::launch_sparse<D, false>(p, s);                                   \
+  cudaError_t run_flash_bwd_key_list<D, false>(const BwdKeyListParams& p, cudaStream_t s) { \
+    return bwd_key_list::launch_key_list<D, false>(p, s);                                   \
   }                                                                                     \
   }

@@ -1,4 +1,0 @@
-// Sparse (key-list) backward instantiations for head dim 192 (bf16 and fp16).
-#include "cuda/flash_bwd_sparse_kernel.cuh"
-
-DMATTN_INSTANTIATE_BWD_SPARSE(192)
