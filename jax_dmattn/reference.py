@@ -64,10 +64,12 @@ def reference_core(q, k, v, bias, mask, *, scale, is_causal, softcap):
 def attention_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
                         softcap=None, return_lse=False):
     """Same contract as :func:`jax_dmattn.attention`, computed densely in float32 (float64 if inputs are)."""
+    is_causal = _validation.check_flag("is_causal", is_causal)
+    return_lse = _validation.check_flag("return_lse", return_lse)
     call = _validation.normalize_call(query, key, value, bias, mask, scale=scale, softcap=softcap,
                                       implementation="xla")
     mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
-                             is_causal=bool(is_causal))
+                             is_causal=is_causal)
     out, lse = reference_core(query, key, value, call.bias, mask, scale=call.scale,
-                              is_causal=bool(is_causal), softcap=call.softcap)
+                              is_causal=is_causal, softcap=call.softcap)
     return (out, lse) if return_lse else out

@@ -17,6 +17,7 @@ from helpers import (
     assert_close,
     check_dtype_supported,
     check_forward,
+    check_grads,
     get_attention,
     make_inputs,
     native_dtype,
@@ -189,3 +190,14 @@ def test_gqa_equals_repeated_kv(implementation, rng):
     rep_b = lambda x: np.repeat(x, 4, axis=1)
     b = f(q, rep(k), rep(v), rep_b(bias), rep_b(mask))
     assert_close(a, np.asarray(b).astype(np.float64), case.jdtype, "out")
+
+
+@pytest.mark.parametrize("d", [264, 320])
+def test_head_dim_above_256_runs_the_cpu_kernels(implementation, d, rng):
+    """The CPU kernels take any head dim (implementation=None on CPU runs them too); CUDA stops at 256."""
+    if implementation == "cuda":
+        pytest.skip("implementation='cuda' takes head_dim <= 256 (tests/test_errors.py)")
+    case = BASE.replace(D=d, Lq=33, Lk=70, is_causal=True, bias=(2, 2, 1, 70), mask=(1, 1, 33, 70))
+    check_forward(implementation, case, rng)
+    check_grads(implementation, case, rng)
+
