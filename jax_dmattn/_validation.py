@@ -69,6 +69,9 @@ def _check_qkv(query, key, value):
                          f"{_shape_str(value.shape)}")
     b, _, h, d = query.shape
     bk, _, hkv, dk = key.shape
+    if d == 0:
+        # The default scale D ** -0.5 is undefined and no kernel has a use for it: one answer everywhere.
+        raise ValueError(f"query/key/value head_dim must be >= 1, got 0 (query shape {_shape_str(query.shape)})")
     if bk != b:
         raise ValueError(f"key batch size {bk} does not match query batch size {b}")
     if dk != d:

@@ -65,7 +65,8 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
 
     Returns:
       out [B, Lq, H, D] in query's dtype, or (out, lse) when return_lse. A row with no kept key gives 0 and
-      lse -inf, and all gradients it touches are 0.
+      lse -inf, and all gradients it touches are 0. Lk = 0 is that for every row; B, H or Lq = 0 gives empty
+      results. D = 0 is a ValueError.
     """
     is_causal = _validation.check_flag("is_causal", is_causal)
     return_lse = _validation.check_flag("return_lse", return_lse)
@@ -78,7 +79,10 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         raise ValueError(_validation.missing_kernels_message(implementation))
     if implementation == "cuda":
         _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
-    if implementation == "xla":
+    # Nothing to compute (no key, or an empty output): the reference's closed form (out 0, lse -inf, zero
+    # gradients) on every implementation, whose cost is nil here, instead of kernel launches over empty grids.
+    empty = call.kv_len == 0 or call.batch * call.heads * call.q_len == 0
+    if implementation == "xla" or empty:
         _compact.check_reference_size(call.mask_kind, call.batch, call.heads, call.q_len, call.kv_len)
         mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
                                  is_causal=is_causal)

@@ -49,7 +49,8 @@ def reference_core(q, k, v, bias, mask, *, scale, is_causal, softcap):
     if keep is not None:
         keep = jnp.broadcast_to(keep, logits.shape)
         logits = jnp.where(keep, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # initial: Lk = 0 gives rows with no key (max -inf) rather than a reduction error
+    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
     # Rows with no kept key have max -inf: shift by 0 instead so exp gives exact zeros and no NaN.
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     p = jnp.exp(logits - row_max)

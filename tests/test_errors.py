@@ -144,6 +144,15 @@ def test_head_dim_too_large_for_cuda(head_dim):
     _expect_error(ValueError, r"head.?dim|query|\bD\b", "cuda", got=str(head_dim), **a)
 
 
+def test_head_dim_zero(implementation):
+    """D = 0 is a ValueError on every implementation (the default scale D ** -0.5 has no value)."""
+    dtype = jnp.bfloat16 if implementation == "cuda" else jnp.float32
+    a = _good(dtype, query=jnp.ones((B, LQ, H, 0), dtype), key=jnp.ones((B, LK, HKV, 0), dtype),
+              value=jnp.ones((B, LK, HKV, 0), dtype))
+    _expect_error(ValueError, r"head.?dim", implementation, got="0", **a)
+    _expect_error(ValueError, r"head.?dim", implementation, got="0", scale=1.0, **a)
+
+
 # ----------------------------------------------------------------------------------- bool keyword arguments
 BOOL_FLAGS = ("is_causal", "return_lse", "deterministic")
 NOT_BOOLS = {"str": "no", "int-1": 1, "int-0": 0, "none": None, "float": 1.0, "array": np.array([True])}
