@@ -413,8 +413,10 @@ def main(argv=None) -> list[dict]:
     task.check()
     if args.d_model % args.heads or args.heads % args.kv_heads:
         raise SystemExit("--d-model must be divisible by --heads, and --heads by --kv-heads")
-    if jax.default_backend() == "gpu" and not args.bf16 and args.implementation != "xla":
-        print("note: float32 on GPU runs the pure-jnp path; pass --bf16 for the CUDA kernels", file=sys.stderr)
+    if jax.default_backend() == "gpu" and not args.bf16 and args.implementation is None:
+        # jax_dmattn.attention would raise the same thing at the first step: say it before building anything.
+        raise SystemExit("float32 on GPU: the CUDA kernels take bf16/f16; pass --bf16, or --implementation xla "
+                         "for the pure-jnp reference (O(L^2) memory)")
     os.makedirs(args.out_dir, exist_ok=True)
     modes = ["dense", "dynamic"] if args.attention == "both" else [args.attention]
     print(

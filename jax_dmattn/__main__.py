@@ -1,8 +1,10 @@
 """``python -m jax_dmattn``: check the installed kernels against the reference, then time them.
 
 Runs on the default JAX device. The self-check compares outputs and all four gradients with the pure-jnp
-reference on fresh random inputs; the table times ours, the reference and ``jax.nn.dot_product_attention``
-(bias and mask folded into one additive bias, as users do today).
+reference on fresh random inputs; the table times plain attention (ours, the reference and
+``jax.nn.dot_product_attention`` with bias and mask folded into one additive bias, as users do today) next to
+the dynamic-mask case: ours with ``TopKMask`` of the per-key bias (each query row keeps its ``--window`` keys
+of largest bias).
 """
 from __future__ import annotations
 
@@ -76,17 +78,33 @@ def _time(fn, *args, reps):
     return float(np.median(times)) * 1e3
 
 
-def timing_table(implementation, dtype, lengths, reps):
+# What the command does, for --help (the module docstring carries reST markup).
+DESCRIPTION = ("Check the installed jax_dmattn kernels against the pure-jnp reference (outputs and the gradients of "
+               "query, key, value and bias), then time them on the default JAX device.")
+EPILOG = ("Timing table: causal attention with a per-key bias [B, Hkv, 1, L]. Columns: jax_dmattn (plain "
+          "attention), top-k (jax_dmattn with the dynamic mask TopKMask(bias, window): each query row keeps the "
+          "window keys of largest bias), reference (implementation='xla', plain), jax.nn.dpa "
+          "(jax.nn.dot_product_attention, plain). Exit status 0 when the self-check passes.")
+DEFAULT_LENGTHS = {"cpu": (512, 1024, 2048), "gpu": (1024, 4096, 16384)}
+DEFAULT_WINDOW = 256
+
+
+def timing_table(implementation, dtype, lengths, reps, window=DEFAULT_WINDOW):
     rng = np.random.default_rng(0)
     b, h, hkv, d = 1, 8, 2, 64
-    print(f"\n  causal, B={b} H={h} Hkv={hkv} D={d} {jnp.dtype(dtype).name}, per-key bias [B, Hkv, 1, L], "
-          f"median of {reps} (ms)")
-    print(f"  {'L':>6s} {'pass':>8s} {'jax_dmattn':>11s} {'reference':>10s} {'jax.nn.dpa':>11s}")
+    print(f"\n  causal, B={b} H={h} Hkv={hkv} D={d} {jnp.dtype(dtype).name}, per-key bias [B, Hkv, 1, L]; "
+          f"top-k: TopKMask of the bias, {window} keys per row; median of {reps} (ms)")
+    print(f"  {'L':>6s} {'pass':>8s} {'jax_dmattn':>11s} {'top-k':>9s} {'reference':>10s} {'jax.nn.dpa':>11s}")
     for length in lengths:
         q, k, v, bias, _ = _inputs(rng, b, length, length, h, hkv, d, "key", None, dtype)
 
         def ours(q, k, v, bias):
             return jax_dmattn.attention(q, k, v, bias, is_causal=True, implementation=implementation)
+
+        def topk(q, k, v, bias):
+            # the paper's dynamic mask: selected from the detached bias, which still trains through attention
+            mask = jax_dmattn.TopKMask(jax.lax.stop_gradient(bias[:, :, 0, :]), window)
+            return jax_dmattn.attention(q, k, v, bias, mask, is_causal=True, implementation=implementation)
 
         def ref(q, k, v, bias):
             return jax_dmattn.attention(q, k, v, bias, is_causal=True, implementation="xla")
@@ -97,39 +115,64 @@ def timing_table(implementation, dtype, lengths, reps):
 
         for pass_name in ("fwd", "fwd+bwd"):
             row = []
-            for fn in (ours, ref, dpa):
+            for fn in (ours, topk, ref, dpa):
                 if pass_name == "fwd":
                     f = jax.jit(fn)
                 else:
                     f = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32)),
                                          argnums=(0, 1, 2, 3)))
                 row.append(_time(f, q, k, v, bias, reps=reps))
-            print(f"  {length:6d} {pass_name:>8s} {row[0]:11.1f} {row[1]:10.1f} {row[2]:11.1f}")
+            print(f"  {length:6d} {pass_name:>8s} {row[0]:11.1f} {row[1]:9.1f} {row[2]:10.1f} {row[3]:11.1f}")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a clean usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jax_dmattn", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--lengths", type=_positive_int, nargs="+", metavar="L",
+                        help="sequence lengths to time (default: "
+                             + "; ".join(f"{' '.join(map(str, v))} on {k}" for k, v in DEFAULT_LENGTHS.items()) + ")")
+    parser.add_argument("--reps", type=_positive_int, default=3, metavar="N",
+                        help="timed runs per entry, after one warm-up run; the table shows their median "
+                             "(default: %(default)s)")
+    parser.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="K",
+                        help="keys each query row keeps in the top-k column (default: %(default)s)")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jax_dmattn", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=None, help="sequence lengths to time")
-    parser.add_argument("--reps", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     platform = jax.default_backend()
     dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
-    implementation = jax_dmattn.default_implementation(dtype, 64)
     print(f"jax_dmattn {jax_dmattn.__version__} on {jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}")
-    print(f"  kernels: cpu={'yes' if _ffi.has_cpu_kernels() else 'no'} cuda={'yes' if _ffi.has_cuda_kernels() else 'no'};"
-          f" default implementation for {jnp.dtype(dtype).name}: {implementation}")
+    print(f"  kernels: cpu={'yes' if _ffi.has_cpu_kernels() else 'no'} cuda={'yes' if _ffi.has_cuda_kernels() else 'no'}")
     expected = {"cpu": _ffi.has_cpu_kernels, "gpu": _ffi.has_cuda_kernels}.get(platform)
     if expected is not None and not expected():
         print(f"\nFAILED: the compiled {platform} kernels of jax_dmattn are not installed or did not load "
               f"(extension: {'missing' if _ffi.extension() is None else 'loaded, no ' + platform + ' kernels'}). "
               "Reinstall from source (see README).")
         return 1
+    try:
+        implementation = jax_dmattn.default_implementation(dtype, 64)
+    except ValueError as e:  # a platform without kernels
+        print(f"\nFAILED: {e}")
+        return 1
+    print(f"  default implementation for {jnp.dtype(dtype).name}: {implementation}")
     tol = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}[dtype]
     print(f"\nself-check vs reference ({implementation}, {jnp.dtype(dtype).name}, norm-wise relative error):")
     ok = self_check(implementation, dtype, tol)
-    lengths = args.lengths or ([512, 1024, 2048] if platform == "cpu" else [1024, 4096, 16384])
-    timing_table(implementation, dtype, lengths, args.reps)
+    lengths = args.lengths or DEFAULT_LENGTHS.get(platform, DEFAULT_LENGTHS["gpu"])
+    timing_table(implementation, dtype, lengths, args.reps, args.window)
     print("\nself-check " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -15,9 +15,12 @@ import numpy as np
 from jax_dmattn import _compact, masks
 
 IMPLEMENTATIONS = ("cuda", "cpu", "xla")
-# Head dims the CUDA kernels are instantiated for; other D <= MAX_HEAD_DIM are zero-padded up to the next one.
+# The kernel implementation of each JAX platform: what implementation=None runs there.
+PLATFORM_KERNELS = {"cpu": "cpu", "gpu": "cuda"}
+# Head dims the CUDA kernels are instantiated for; other D up to the largest are zero-padded up to the next one.
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-MAX_HEAD_DIM = 256
+# Largest head dim of each kernel implementation (None: any). The CPU kernels size their tile buffers by D.
+KERNEL_MAX_HEAD_DIM = {"cuda": CUDA_HEAD_DIMS[-1], "cpu": None}
 KERNEL_DTYPES = {
     "cuda": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
     "cpu": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)),
@@ -66,6 +69,9 @@ def _check_qkv(query, key, value):
                          f"{_shape_str(value.shape)}")
     b, _, h, d = query.shape
     bk, _, hkv, dk = key.shape
+    if d == 0:
+        # The default scale D ** -0.5 is undefined and no kernel has a use for it: one answer everywhere.
+        raise ValueError(f"query/key/value head_dim must be >= 1, got 0 (query shape {_shape_str(query.shape)})")
     if bk != b:
         raise ValueError(f"key batch size {bk} does not match query batch size {b}")
     if dk != d:
@@ -108,18 +114,56 @@ def check_implementation(implementation):
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
-def check_backend_support(implementation, dtype, head_dim):
-    """dtype / head-dim limits of a kernel implementation ("xla" has none)."""
+# What implementation="xla" costs, for the messages that point to it.
+REFERENCE_HINT = ("implementation='xla' for the pure-jnp reference, which materialises the [B, H, Lq, Lk] scores "
+                  "(O(Lq * Lk) memory)")
+
+
+def check_backend_support(implementation, dtype, head_dim, *, platform=None):
+    """dtype / head-dim limits of a kernel implementation ("xla" has none).
+
+    An explicit ``implementation`` raises TypeError (dtype) or ValueError (head dim). ``platform`` set means
+    ``implementation`` is the one ``implementation=None`` picked for that platform: both then raise ValueError,
+    saying that None runs those kernels and what implementation="xla" would cost.
+    """
     if implementation == "xla":
         return
+    dtype = jnp.dtype(dtype)
     allowed = KERNEL_DTYPES[implementation]
-    if jnp.dtype(dtype) not in allowed:
+    max_d = KERNEL_MAX_HEAD_DIM[implementation]
+    who = (f"implementation={implementation!r}" if platform is None else
+           f"implementation=None on {platform} runs the {implementation!r} kernels, which")
+    if dtype not in allowed:
         names = ", ".join(str(a) for a in allowed)
-        raise TypeError(f"implementation={implementation!r} supports query/key/value dtypes {names}, got {dtype}"
-                        + ("; use implementation='cpu' or 'xla' for float32" if implementation == "cuda" else ""))
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"implementation={implementation!r} supports head_dim <= {MAX_HEAD_DIM}, got {head_dim}; "
-                         "use implementation='xla'")
+        if platform is None:
+            raise TypeError(f"{who} supports query/key/value dtypes {names}, got {dtype}"
+                            + ("; use implementation='cpu' or 'xla' for float32" if implementation == "cuda" else ""))
+        raise ValueError(f"{who} support query/key/value dtypes {names}, got {dtype}: cast the inputs to one of "
+                         f"them, or pass {REFERENCE_HINT}")
+    if max_d is not None and head_dim > max_d:
+        if platform is None:
+            raise ValueError(f"{who} supports head_dim <= {max_d}, got {head_dim}; pass {REFERENCE_HINT}")
+        raise ValueError(f"{who} support head_dim <= {max_d}, got {head_dim}: pass {REFERENCE_HINT}")
+
+
+def missing_kernels_message(implementation, platform=None) -> str:
+    """Why ``implementation`` ("cpu" / "cuda") cannot run in this install, and what to do."""
+    who = (f"implementation={implementation!r} needs" if platform is None else
+           f"implementation=None on {platform} runs the {implementation!r} kernels, which need")
+    if implementation == "cpu":
+        return (f"{who} the compiled extension, which is not installed; reinstall jax_dmattn from source, or "
+                f"pass {REFERENCE_HINT}")
+    return (f"{who} the extension built with CUDA kernels; rebuild with a CUDA toolkit and the CuTe headers "
+            f"(see README), or pass {REFERENCE_HINT}")
+
+
+def check_flag(name, value) -> bool:
+    """A bool keyword of attention: a Python bool or numpy bool_ (it picks the kernel and the Python path, so it
+    is static; an int, a string or None is a mistake, not a truth value)."""
+    if not isinstance(value, (bool, np.bool_)):
+        got = repr(value) if value is None or isinstance(value, (str, bytes, int, float)) else type(value).__name__
+        raise TypeError(f"{name} must be a bool (True or False), got {got}")
+    return bool(value)
 
 
 def normalize_call(query, key, value, bias, mask, *, scale, softcap, implementation) -> NormalizedCall:

@@ -10,15 +10,26 @@ __all__ = ["attention", "default_implementation"]
 
 
 def default_implementation(dtype, head_dim: int, platform: str | None = None) -> str:
-    """The implementation ``implementation=None`` picks: the platform's kernels when they serve the call."""
+    """The implementation ``implementation=None`` runs: the kernels of the platform, never the reference.
+
+    "cpu" on CPU (float32, bfloat16, float16; any head dim), "cuda" on GPU (bfloat16, float16; head_dim <= 256).
+    Raises ValueError when those kernels cannot serve the call (dtype, head dim, not built in this install, or a
+    platform without kernels), saying what they support: implementation="xla" then has to be asked for by name,
+    since the reference materialises the [B, H, Lq, Lk] scores.
+    """
     platform = platform or jax.default_backend()
-    dtype = jnp.dtype(dtype)
-    if head_dim <= _validation.MAX_HEAD_DIM:
-        if platform == "gpu" and _ffi.has_cuda_kernels() and dtype in _validation.KERNEL_DTYPES["cuda"]:
-            return "cuda"
-        if platform == "cpu" and _ffi.has_cpu_kernels() and dtype in _validation.KERNEL_DTYPES["cpu"]:
-            return "cpu"
-    return "xla"
+    implementation = _validation.PLATFORM_KERNELS.get(platform)
+    if implementation is None:
+        raise ValueError(f"jax_dmattn has kernels for the {' and '.join(_validation.PLATFORM_KERNELS)} platforms, "
+                         f"not {platform!r}: pass {_validation.REFERENCE_HINT}")
+    if not _kernels_built(implementation):
+        raise ValueError(_validation.missing_kernels_message(implementation, platform))
+    _validation.check_backend_support(implementation, dtype, head_dim, platform=platform)
+    return implementation
+
+
+def _kernels_built(implementation: str) -> bool:
+    return {"cpu": _ffi.has_cpu_kernels, "cuda": _ffi.has_cuda_kernels}[implementation]()
 
 
 def _padded_head_dim(head_dim: int, implementation: str) -> int:
@@ -45,34 +56,40 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
       softcap: if set (> 0), logits = softcap * tanh(scale * q.k / softcap), before the bias is added.
       return_lse: also return the float32 natural-log log-sum-exp [B, H, Lq] (-inf for rows with no key).
       deterministic: bitwise-reproducible backward.
-      implementation: None (best for the platform and dtype), "cuda", "cpu" or "xla" (pure-jnp reference).
+      implementation: None (the kernels of the platform: ``default_implementation``), "cuda" (bf16/f16,
+        D <= 256), "cpu" (f32/bf16/f16, any D) or "xla" (the pure-jnp reference, O(Lq * Lk) memory, any float
+        dtype and D). None never falls back to the reference: a call the platform's kernels cannot serve
+        raises ValueError.
+
+    is_causal, return_lse and deterministic are Python (or numpy) bools; anything else is a TypeError.
 
     Returns:
       out [B, Lq, H, D] in query's dtype, or (out, lse) when return_lse. A row with no kept key gives 0 and
-      lse -inf, and all gradients it touches are 0.
+      lse -inf, and all gradients it touches are 0. Lk = 0 is that for every row; B, H or Lq = 0 gives empty
+      results. D = 0 is a ValueError.
     """
+    is_causal = _validation.check_flag("is_causal", is_causal)
+    return_lse = _validation.check_flag("return_lse", return_lse)
+    deterministic = _validation.check_flag("deterministic", deterministic)
     call = _validation.normalize_call(query, key, value, bias, mask, scale=scale, softcap=softcap,
                                       implementation=implementation)
-    if not isinstance(is_causal, (bool, jnp.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if implementation is None:
         implementation = default_implementation(query.dtype, call.head_dim)
-    if implementation == "xla":
+    elif implementation != "xla" and not _kernels_built(implementation):
+        raise ValueError(_validation.missing_kernels_message(implementation))
+    if implementation == "cuda":
+        _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
+    # Nothing to compute (no key, or an empty output): the reference's closed form (out 0, lse -inf, zero
+    # gradients) on every implementation, whose cost is nil here, instead of kernel launches over empty grids.
+    empty = call.kv_len == 0 or call.batch * call.heads * call.q_len == 0
+    if implementation == "xla" or empty:
         _compact.check_reference_size(call.mask_kind, call.batch, call.heads, call.q_len, call.kv_len)
         mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
-                                 is_causal=bool(is_causal))
+                                 is_causal=is_causal)
         out, lse = reference.reference_core(query, key, value, call.bias, mask, scale=call.scale,
-                                            is_causal=bool(is_causal), softcap=call.softcap)
+                                            is_causal=is_causal, softcap=call.softcap)
         return (out, lse.astype(jnp.float32)) if return_lse else out
-    if implementation == "cpu" and not _ffi.has_cpu_kernels():
-        raise ValueError("implementation='cpu' needs the compiled extension, which is not installed; "
-                         "reinstall jax_dmattn from source or use implementation='xla'")
-    if implementation == "cuda" and not _ffi.has_cuda_kernels():
-        raise ValueError("implementation='cuda' needs the extension built with CUDA kernels; rebuild with "
-                         "a CUDA toolkit and the CuTe headers (see README) or use implementation='xla'")
 
-    if implementation == "cuda":
-        _compact.check_cuda_support(call.mask_kind, call.mask_k, bool(is_causal))
     bias_arg = call.bias
     if bias_arg is not None and bias_arg.dtype not in _validation.KERNEL_BIAS_DTYPES:
         bias_arg = bias_arg.astype(jnp.float32)  # autodiff casts dbias back to bias's dtype
@@ -82,8 +99,8 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     if d_pad != d:
         pad = [(0, 0)] * 3 + [(0, d_pad - d)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=bool(is_causal),
-                                      deterministic=bool(deterministic), implementation=implementation,
+    config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
+                                      deterministic=deterministic, implementation=implementation,
                                       mask_kind=call.mask_kind, mask_k=call.mask_k)
     out, lse = _primitives.flash_attention(q, k, v, bias_arg, call.mask, config)
     if d_pad != d:

@@ -15,6 +15,7 @@ See docs/masks_and_flax.md for the design notes.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -499,14 +500,54 @@ def attention_fn(
 
 def make_attention_fn(
     *,
-    is_causal: bool = False,
+    is_causal: bool | None = None,
     scale: float | None = None,
     softcap: float | None = None,
     implementation: str | None = None,
     deterministic_backward: bool = False,
 ) -> Callable[..., Array]:
-    """:func:`attention_fn` with jax_dmattn options bound (causality, softcap, backend, ...)."""
-    return functools.partial(
-        attention_fn, is_causal=is_causal, scale=scale, softcap=softcap,
-        implementation=implementation, deterministic_backward=deterministic_backward,
-    )
+    """:func:`attention_fn` with jax_dmattn options bound (causality, softcap, backend, ...).
+
+    Works as the ``attention_fn`` of ``flax.linen.MultiHeadDotProductAttention`` and of
+    ``flax.nnx.MultiHeadAttention``.  The returned function has :func:`attention_fn`'s signature (linen
+    filters the keywords it passes by that signature).
+
+    ``is_causal``.  ``nnx.MultiHeadAttention`` passes ``is_causal=`` on every call: its own call
+    argument, which defaults to False (and is False during ``decode``); linen passes none.  A call-time
+    False therefore means "the module asks for no causal mask", not "make this attention non-causal",
+    and the bound value combines with the call-time one as follows:
+
+    * bound True: causal, whatever the module passes; a call-time False does not undo it.  During nnx
+      ``decode`` (one query over the cache) bottom-right causality lets the query see every cached key,
+      and nnx's cache mask hides the unwritten slots, so a bound True stays correct there.
+    * bound False: non-causal; a call-time True contradicts it and raises ValueError naming both values.
+    * None (the default, nothing bound): the call-time value decides (False when none is passed).
+
+    ``scale``, ``softcap``, ``implementation`` and ``deterministic_backward`` are defaults that a
+    call-time keyword replaces (no Flax module passes them).
+    """
+    if is_causal is not None and not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"make_attention_fn: is_causal must be a bool or None, got {type(is_causal).__name__}")
+    bound_causal = None if is_causal is None else bool(is_causal)
+    options = dict(scale=scale, softcap=softcap, implementation=implementation,
+                   deterministic_backward=deterministic_backward)
+
+    def bound_attention_fn(*args, is_causal: bool = False, **kwargs):
+        if not isinstance(is_causal, (bool, np.bool_)):
+            raise TypeError(f"attention_fn: is_causal must be a bool, got {type(is_causal).__name__}")
+        if bound_causal is False and is_causal:
+            raise ValueError(
+                "attention_fn: the call asks for is_causal=True, but make_attention_fn bound "
+                "is_causal=False; bind is_causal=True (or leave it unbound) for causal attention, "
+                "or call without is_causal=True"
+            )
+        return attention_fn(*args, is_causal=bool(bound_causal or is_causal), **{**options, **kwargs})
+
+    functools.update_wrapper(bound_attention_fn, attention_fn)
+    # The signature Flax inspects: attention_fn's, with the bound options as defaults.
+    defaults = dict(options, is_causal=bool(bound_causal))
+    sig = inspect.signature(attention_fn)
+    bound_attention_fn.__signature__ = sig.replace(parameters=[
+        p.replace(default=defaults[p.name]) if p.name in defaults else p for p in sig.parameters.values()
+    ])
+    return bound_attention_fn

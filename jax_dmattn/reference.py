@@ -49,7 +49,8 @@ def reference_core(q, k, v, bias, mask, *, scale, is_causal, softcap):
     if keep is not None:
         keep = jnp.broadcast_to(keep, logits.shape)
         logits = jnp.where(keep, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # initial: Lk = 0 gives rows with no key (max -inf) rather than a reduction error
+    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
     # Rows with no kept key have max -inf: shift by 0 instead so exp gives exact zeros and no NaN.
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     p = jnp.exp(logits - row_max)
@@ -64,10 +65,12 @@ def reference_core(q, k, v, bias, mask, *, scale, is_causal, softcap):
 def attention_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
                         softcap=None, return_lse=False):
     """Same contract as :func:`jax_dmattn.attention`, computed densely in float32 (float64 if inputs are)."""
+    is_causal = _validation.check_flag("is_causal", is_causal)
+    return_lse = _validation.check_flag("return_lse", return_lse)
     call = _validation.normalize_call(query, key, value, bias, mask, scale=scale, softcap=softcap,
                                       implementation="xla")
     mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
-                             is_causal=bool(is_causal))
+                             is_causal=is_causal)
     out, lse = reference_core(query, key, value, call.bias, mask, scale=call.scale,
-                              is_causal=bool(is_causal), softcap=call.softcap)
+                              is_causal=is_causal, softcap=call.softcap)
     return (out, lse) if return_lse else out

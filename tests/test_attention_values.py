@@ -13,10 +13,12 @@ import pytest
 
 from cases import BASE, CASES
 from helpers import (
+    DTYPES,
     Case,
     assert_close,
     check_dtype_supported,
     check_forward,
+    check_grads,
     get_attention,
     make_inputs,
     native_dtype,
@@ -189,3 +191,84 @@ def test_gqa_equals_repeated_kv(implementation, rng):
     rep_b = lambda x: np.repeat(x, 4, axis=1)
     b = f(q, rep(k), rep(v), rep_b(bias), rep_b(mask))
     assert_close(a, np.asarray(b).astype(np.float64), case.jdtype, "out")
+
+
+@pytest.mark.parametrize("d", [264, 320])
+def test_head_dim_above_256_runs_the_cpu_kernels(implementation, d, rng):
+    """The CPU kernels take any head dim (implementation=None on CPU runs them too); CUDA stops at 256."""
+    if implementation == "cuda":
+        pytest.skip("implementation='cuda' takes head_dim <= 256 (tests/test_errors.py)")
+    case = BASE.replace(D=d, Lq=33, Lk=70, is_causal=True, bias=(2, 2, 1, 70), mask=(1, 1, 33, 70))
+    check_forward(implementation, case, rng)
+    check_grads(implementation, case, rng)
+
+
+def _empty_inputs(implementation, b, lq, lk, h, hkv, bias_shape, rng):
+    dtype = DTYPES[native_dtype(implementation)]
+    q = jnp.asarray(rng.standard_normal((b, lq, h, 16)), dtype)
+    k = jnp.asarray(rng.standard_normal((b, lk, hkv, 16)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, lk, hkv, 16)), dtype)
+    bias = None if bias_shape is None else jnp.asarray(rng.standard_normal(bias_shape), jnp.float32)
+    return q, k, v, bias
+
+
+def _masks_without_keys(b, h, lq):
+    """Every mask form for Lk = 0."""
+    from jax_dmattn import KeyIndices, TopKMask
+
+    return {
+        "none": None,
+        "bool": jnp.ones((b, 1, lq, 0), bool),
+        "bool-bcast": jnp.ones((1, 1, 1, 1), bool),
+        "topk": TopKMask(jnp.zeros((b, h, 0)), 3),
+        "indices": KeyIndices(jnp.full((b, 1, lq, 2), -1, jnp.int32)),
+    }
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("bias_shape", [None, (2, 2, 5, 0), (1, 1, 5, 1), (2, 4, 1, 1)])
+def test_no_keys(implementation, is_causal, bias_shape, rng):
+    """Lk = 0: every row sees no key, like a fully masked row: out exactly 0, lse -inf, dq 0, dk / dv empty,
+    dbias 0 in the bias's own shape, on every implementation and with every mask form."""
+    b, lq, h, hkv = 2, 5, 4, 2
+    q, k, v, bias = _empty_inputs(implementation, b, lq, 0, h, hkv, bias_shape, rng)
+    attention = get_attention()
+    for name, mask in _masks_without_keys(b, h, lq).items():
+        def f(q, k, v, bias):
+            out, lse = attention(q, k, v, bias, mask, is_causal=is_causal, return_lse=True,
+                                 implementation=implementation)
+            return jnp.sum(out.astype(jnp.float32)), (out, lse)
+
+        argnums = (0, 1, 2) + (() if bias is None else (3,))
+        grads, (out, lse) = jax.jit(jax.grad(f, argnums=argnums, has_aux=True))(q, k, v, bias)
+        assert out.shape == q.shape and out.dtype == q.dtype, name
+        assert lse.shape == (b, h, lq) and lse.dtype == jnp.float32, name
+        np.testing.assert_array_equal(np.asarray(out, np.float32), 0.0, err_msg=name)
+        assert np.isneginf(np.asarray(lse)).all(), name
+        for g, x in zip(grads, (q, k, v, bias)):
+            assert g.shape == x.shape and g.dtype == x.dtype, name
+            np.testing.assert_array_equal(np.asarray(g, np.float32), 0.0, err_msg=name)
+    if implementation == "xla":  # the public reference takes the same contract
+        from jax_dmattn import attention_reference
+
+        out, lse = attention_reference(q, k, v, bias, is_causal=is_causal, return_lse=True)
+        assert not np.any(np.asarray(out)) and np.isneginf(np.asarray(lse)).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 4, 7), (2, 0, 4, 7), (2, 5, 0, 7)])
+def test_empty_output(implementation, shape, rng):
+    """B, Lq or H = 0: empty out / lse of the right shapes, gradients of the inputs' shapes."""
+    b, lq, h, lk = shape
+    hkv = 1
+    q, k, v, bias = _empty_inputs(implementation, b, lq, lk, h, hkv, (b, 1, lq, lk), rng)
+    attention = get_attention()
+
+    def f(q, k, v, bias):
+        out, lse = attention(q, k, v, bias, None, is_causal=True, return_lse=True, implementation=implementation)
+        return jnp.sum(out.astype(jnp.float32)), (out, lse)
+
+    grads, (out, lse) = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
+    assert out.shape == q.shape and lse.shape == (b, h, lq)
+    for g, x in zip(grads, (q, k, v, bias)):
+        assert g.shape == x.shape
+        np.testing.assert_array_equal(np.asarray(g, np.float32), 0.0)

@@ -303,3 +303,29 @@ def test_backward_build_follows_the_device_smem(monkeypatch, limit, d, rows):
     else:
         assert ops[-2] == "tensor<0xi32>" and ops[-1] == "tensor<0xui32>"
         assert res[4] == f"tensor<{B}x{L}x{H}x{d}xf32>"  # the key-tile path's fp32 dq accumulator
+
+
+@pytest.mark.parametrize("lq, lk", [(7, 0), (0, 7)])
+def test_nothing_to_compute_reaches_no_cuda_call(lq, lk):
+    """Lk = 0 (rows with no key) or an empty output lowers to no CUDA call: implementation="cuda" gives the
+    closed form every implementation gives (out 0, lse -inf, zero gradients), not launches over empty grids."""
+    q = jnp.ones((B, lq, H, D), jnp.bfloat16)
+    k = jnp.ones((B, lk, HKV, D), jnp.bfloat16)
+    bias = jnp.ones((B, HKV, 1, lk), jnp.float32)
+
+    def f(q, k, v, b):
+        out, lse = jax_dmattn.attention(q, k, v, b, is_causal=True, return_lse=True, implementation="cuda")
+        return out.astype(jnp.float32).sum(), (out, lse)
+
+    fn = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+    assert "dmattn" not in fn.trace(q, k, k, bias).lower(lowering_platforms=("cuda",)).as_text()
+    # nothing platform-specific is left, so the same call runs here
+    grads, (out, lse) = fn(q, k, k, bias)
+    assert out.shape == q.shape and lse.shape == (B, H, lq)
+    assert not jnp.any(out) and bool(jnp.all(jnp.isneginf(lse)))
+    assert all(g.shape == x.shape and not jnp.any(g) for g, x in zip(grads, (q, k, k, bias)))
+    # the same lowering with keys does reach the kernels
+    k = jnp.ones((B, 7, HKV, D), jnp.bfloat16)
+    if lq:
+        assert "dmattn_fwd_cuda" in fn.trace(q, k, k, jnp.ones((B, HKV, 1, 7))).lower(
+            lowering_platforms=("cuda",)).as_text()

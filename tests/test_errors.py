@@ -135,15 +135,121 @@ def test_float32_rejected_by_cuda():
         assert re.search(r"float32|dtype", str(info.value), re.IGNORECASE), str(info.value)
 
 
-@pytest.mark.parametrize("implementation", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("head_dim", [264, 512])
-def test_head_dim_too_large(implementation, head_dim):
-    if implementation == "cuda" and jax.default_backend() != "gpu":
-        pytest.skip("implementation='cuda' needs a GPU")
+def test_head_dim_too_large_for_cuda(head_dim):
+    """implementation="cuda" takes head_dim <= 256; the check runs before anything needs a GPU."""
     dtype = jnp.bfloat16
     a = _good(dtype, query=jnp.ones((B, LQ, H, head_dim), dtype), key=jnp.ones((B, LK, HKV, head_dim), dtype),
               value=jnp.ones((B, LK, HKV, head_dim), dtype))
-    _expect_error(ValueError, r"head.?dim|query|\bD\b", implementation, got=str(head_dim), **a)
+    _expect_error(ValueError, r"head.?dim|query|\bD\b", "cuda", got=str(head_dim), **a)
+
+
+def test_head_dim_zero(implementation):
+    """D = 0 is a ValueError on every implementation (the default scale D ** -0.5 has no value)."""
+    dtype = jnp.bfloat16 if implementation == "cuda" else jnp.float32
+    a = _good(dtype, query=jnp.ones((B, LQ, H, 0), dtype), key=jnp.ones((B, LK, HKV, 0), dtype),
+              value=jnp.ones((B, LK, HKV, 0), dtype))
+    _expect_error(ValueError, r"head.?dim", implementation, got="0", **a)
+    _expect_error(ValueError, r"head.?dim", implementation, got="0", scale=1.0, **a)
+
+
+# ----------------------------------------------------------------------------------- bool keyword arguments
+BOOL_FLAGS = ("is_causal", "return_lse", "deterministic")
+NOT_BOOLS = {"str": "no", "int-1": 1, "int-0": 0, "none": None, "float": 1.0, "array": np.array([True])}
+
+
+@pytest.mark.parametrize("value", list(NOT_BOOLS))
+@pytest.mark.parametrize("flag", BOOL_FLAGS)
+def test_bool_flags_must_be_bool(implementation, flag, value):
+    dtype = jnp.bfloat16 if implementation == "cuda" else jnp.float32
+    _expect_error(TypeError, flag, implementation, **_good(dtype), **{flag: NOT_BOOLS[value]})
+
+
+@pytest.mark.parametrize("flag", ["is_causal", "return_lse"])
+def test_reference_bool_flags_must_be_bool(flag):
+    import jax_dmattn
+
+    a = _good()
+    for value in ("no", 1, None):
+        with pytest.raises(TypeError, match=flag):
+            jax_dmattn.attention_reference(a["query"], a["key"], a["value"], **{flag: value})
+
+
+def test_numpy_bools_accepted(implementation):
+    dtype = jnp.bfloat16 if implementation == "cuda" else jnp.float32
+    a = _good(dtype)
+    out, lse = get_attention()(a["query"], a["key"], a["value"], is_causal=np.bool_(True), return_lse=np.bool_(True),
+                               deterministic=np.bool_(False), implementation=implementation)
+    assert out.shape == a["query"].shape and lse.shape == (B, H, LQ)
+
+
+# ------------------------------------------------------------------------------- implementation=None
+@pytest.fixture
+def on_platform(monkeypatch):
+    """Pretend the default backend is ``platform`` and which kernels were built; only tracing runs (eval_shape),
+    so nothing is lowered for the pretended platform."""
+    import jax_dmattn
+    from jax_dmattn import _ffi
+
+    def pretend(platform, cuda_kernels=True, cpu_kernels=True):
+        monkeypatch.setattr(jax, "default_backend", lambda: platform)
+        monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: cuda_kernels)
+        monkeypatch.setattr(_ffi, "has_cpu_kernels", lambda: cpu_kernels)
+        return jax_dmattn
+
+    return pretend
+
+
+def _none_call(jax_dmattn, dtype, head_dim=D):
+    a = _good(dtype, query=jnp.ones((B, LQ, H, head_dim), dtype), key=jnp.ones((B, LK, HKV, head_dim), dtype),
+              value=jnp.ones((B, LK, HKV, head_dim), dtype))
+    return jax.eval_shape(lambda a: jax_dmattn.attention(a["query"], a["key"], a["value"], a["bias"], a["mask"]), a)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_none_on_gpu_never_picks_the_reference(on_platform, dtype):
+    """implementation=None on GPU: float32 or head_dim > 256 raise (naming what the CUDA kernels take and the
+    cost of implementation="xla"), where they used to run the O(L^2) reference silently."""
+    jax_dmattn = on_platform("gpu")
+    assert jax_dmattn.default_implementation(jnp.bfloat16, 256) == "cuda"
+    if dtype == jnp.float32:
+        with pytest.raises(ValueError, match=r"(?s)bfloat16.*float32.*implementation='xla'.*memory") as info:
+            _none_call(jax_dmattn, dtype)
+        assert "implementation=None" in str(info.value)
+    with pytest.raises(ValueError, match=r"(?s)256.*264.*implementation='xla'"):
+        _none_call(jax_dmattn, jnp.bfloat16, head_dim=264)
+    with pytest.raises(ValueError, match=r"(?s)256.*264.*implementation='xla'"):
+        jax_dmattn.default_implementation(jnp.bfloat16, 264)
+    # the same call by name runs the reference
+    a = _good(dtype)
+    out = jax_dmattn.attention(a["query"], a["key"], a["value"], implementation="xla")
+    assert out.shape == a["query"].shape
+
+
+def test_none_on_gpu_without_cuda_kernels(on_platform):
+    jax_dmattn = on_platform("gpu", cuda_kernels=False)
+    with pytest.raises(ValueError, match=r"(?s)CUDA kernels.*implementation='xla'"):
+        _none_call(jax_dmattn, jnp.bfloat16)
+
+
+def test_none_on_cpu_uses_the_cpu_kernels(on_platform):
+    """The CPU kernels take float32 / bfloat16 / float16 and any head dim: implementation=None runs them."""
+    jax_dmattn = on_platform("cpu")
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for d in (8, 256, 264, 512):
+            assert jax_dmattn.default_implementation(dtype, d) == "cpu"
+    with jax.enable_x64(True):
+        with pytest.raises(ValueError, match=r"(?s)float32.*float64.*implementation='xla'"):
+            _none_call(jax_dmattn, jnp.float64)
+    jax_dmattn = on_platform("cpu", cpu_kernels=False)
+    with pytest.raises(ValueError, match=r"(?s)extension.*implementation='xla'"):
+        _none_call(jax_dmattn, jnp.float32)
+
+
+def test_none_on_a_platform_without_kernels(on_platform):
+    jax_dmattn = on_platform("tpu")
+    with pytest.raises(ValueError, match=r"(?s)tpu.*implementation='xla'"):
+        _none_call(jax_dmattn, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), -float("inf"), 0])

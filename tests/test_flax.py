@@ -353,6 +353,23 @@ def test_drop_in_matches_flax_self_attention_causal():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_drop_in_bound_causal_keeps_flax_keywords():
+    """linen passes only the keywords in attention_fn's signature: make_attention_fn's function keeps them all
+    (a mask still arrives), and its bound is_causal combines with that mask."""
+    import inspect
+
+    fn = make_attention_fn(is_causal=True, softcap=30.0)
+    params_ = inspect.signature(fn).parameters
+    assert set(params_) == set(inspect.signature(attention_fn).parameters)
+    assert params_["is_causal"].default is True and params_["softcap"].default == 30.0
+    x = _x(8)
+    pad = (jnp.arange(L)[None, :] < jnp.array([[L], [L - 5]]))[:, None, None, :]
+    params = jax.jit(_mha().init)(jax.random.key(0), x)
+    out = jax.jit(_mha(make_attention_fn(is_causal=True)).apply)(params, x, mask=pad)
+    ref = jax.jit(_mha(attention_fn).apply)(params, x, mask=pad & nn.make_causal_mask(jnp.ones((B, L)), dtype=bool))
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
 def test_drop_in_direct_call_multi_batch_bias_mask():
     batch = (2, 3)
     q = _x(12, batch + (7, 4, 16))

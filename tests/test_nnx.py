@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
+import jax_dmattn  # noqa: E402
 import jax_dmattn.flax as jflax  # noqa: E402
 import jax_dmattn.nnx as jnnx  # noqa: E402
 from jax_dmattn.masks import TopKMask  # noqa: E402
@@ -167,3 +168,61 @@ def test_errors():
     model = _nnx()
     with pytest.raises(ValueError, match="x must be"):
         model(jnp.ones((B, L, E + 1)))
+
+
+# --------------------------------------------------------------------------
+# make_attention_fn as the attention_fn of flax.nnx.MultiHeadAttention
+# --------------------------------------------------------------------------
+
+
+def _nnx_mha(attention_fn, decode=False):
+    return nnx.MultiHeadAttention(num_heads=4, in_features=E, qkv_features=32, attention_fn=attention_fn,
+                                  decode=decode, rngs=nnx.Rngs(0))
+
+
+def _by_hand(mha, x, **attention_kw):
+    """mha's projections around a direct jax_dmattn.attention call."""
+    q, k, v = mha.query(x), mha.key(x), mha.value(x)
+    return mha.out(jax_dmattn.attention(q, k, v, **attention_kw))
+
+
+def test_nnx_mha_bound_causal():
+    """nnx passes is_causal=False on every call; a bound is_causal=True must survive it."""
+    x = _x(20)
+    mha = _nnx_mha(jflax.make_attention_fn(is_causal=True))
+    out = mha(x)
+    causal = _by_hand(mha, x, is_causal=True)
+    np.testing.assert_allclose(out, causal, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out, _by_hand(mha, x, is_causal=False), atol=1e-3)
+    # the module's own is_causal=True agrees with the bound value; under nnx.jit too
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x, is_causal=True))(mha, x), causal, rtol=1e-5, atol=1e-5)
+    # nothing bound: the module's call-time value decides
+    unbound = _nnx_mha(jflax.make_attention_fn())
+    np.testing.assert_allclose(unbound(x), _by_hand(unbound, x, is_causal=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(unbound(x, is_causal=True), causal, rtol=1e-5, atol=1e-5)
+    # and the plain drop-in takes nnx's keyword as it is
+    plain = _nnx_mha(jflax.attention_fn)
+    np.testing.assert_allclose(plain(x, is_causal=True), causal, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_mha_bound_causal_decode():
+    """During decode nnx passes is_causal=False and a cache mask; a bound True still gives causal steps."""
+    x = _x(21, (B, 6, E))
+    fn = jflax.make_attention_fn(is_causal=True)
+    full = _nnx_mha(fn)(x)
+    mha = _nnx_mha(fn, decode=True)
+    mha.init_cache(x.shape)
+    steps = [mha(x[:, i:i + 1]) for i in range(x.shape[1])]
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_mha_contradicting_causal_raises():
+    x = _x(22)
+    mha = _nnx_mha(jflax.make_attention_fn(is_causal=False))
+    np.testing.assert_allclose(mha(x), _by_hand(mha, x, is_causal=False), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"is_causal=True.*is_causal=False"):
+        mha(x, is_causal=True)
+    with pytest.raises(TypeError, match="is_causal"):
+        jflax.make_attention_fn(is_causal="yes")
+    with pytest.raises(TypeError, match="is_causal"):
+        jflax.make_attention_fn(is_causal=True)(*(jnp.ones((1, 4, 2, 8)),) * 3, is_causal=1)
