@@ -17,7 +17,7 @@ nb::dict as_capsules(const std::vector<dmattn::FfiTarget>& targets) {
 
 namespace dmattn {
 #ifndef DMATTN_WITH_CUDA
-std::vector<FfiTarget> cuda_targets() { return {}; }
+std::vector<FfiTarget> cuda_fwd_targets() { return {}; }
 std::vector<FfiTarget> cuda_bwd_targets() { return {}; }
 std::vector<FfiTarget> cuda_key_lists_targets() { return {}; }
 std::vector<FfiTarget> cuda_topk_key_lists_targets() { return {}; }
@@ -28,7 +28,7 @@ CudaHandlerRuns cuda_handler_runs() { return {}; }
 NB_MODULE(_jax_dmattn_ext, m) {
   m.def("cpu_targets", [] { return as_capsules(dmattn::cpu_targets()); });
   m.def("cuda_targets", [] {
-    auto targets = dmattn::cuda_targets();
+    auto targets = dmattn::cuda_fwd_targets();
     for (const auto& t : dmattn::cuda_bwd_targets()) targets.push_back(t);
     for (const auto& t : dmattn::cuda_key_lists_targets()) targets.push_back(t);
     for (const auto& t : dmattn::cuda_topk_key_lists_targets()) targets.push_back(t);

@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
@@ -36,8 +35,10 @@ class KernelConfig:
     mask_k: int = 0          # k of a "topk" mask
 
 
-def _absent(dtype):
-    return jnp.zeros((0,), dtype)
+def _operand(x, dtype):
+    """An optional operand as the primitives take it: absent (None) is a zero-size array of ``dtype``, so the
+    primitives always have the same operands."""
+    return jnp.zeros((0,), dtype) if x is None else x
 
 
 def _is_absent(x) -> bool:
@@ -47,7 +48,6 @@ def _is_absent(x) -> bool:
 # ----------------------------------------------------------------------------------------------- forward
 dmattn_fwd_p = Primitive("dmattn_fwd")
 dmattn_fwd_p.multiple_results = True
-dmattn_fwd_p.def_impl(functools.partial(dispatch.apply_primitive, dmattn_fwd_p))
 
 
 def _derived_aval(aval, shape, dtype, spec_dims):
@@ -63,22 +63,9 @@ def _derived_aval(aval, shape, dtype, spec_dims):
         return jax.core.ShapedArray(tuple(shape), dtype)
 
 
-@dmattn_fwd_p.def_abstract_eval
 def _fwd_abstract(q, k, v, bias, mask, *, config):
     b, lq, h, _ = q.shape
     return (_derived_aval(q, q.shape, q.dtype, (0, 1, 2, 3)), _derived_aval(q, (b, h, lq), jnp.float32, (0, 2, 1)))
-
-
-def _attrs(config: KernelConfig):
-    return dict(scale=np.float32(config.scale), softcap=np.float32(config.softcap),
-                is_causal=np.bool_(config.is_causal))
-
-
-def _cpu_mask_operands(q, mask, config: KernelConfig):
-    """(mask, row_threshold, row_threshold_key) of the CPU targets, and their mask_kind attribute."""
-    operands = _compact.cpu_operands(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],
-                                     is_causal=config.is_causal)
-    return operands, np.int64(_compact.KIND_CODES[config.mask_kind])
 
 
 def _cuda_mask_args(q, k, mask, config: KernelConfig):
@@ -97,56 +84,42 @@ def _check_platform(config: KernelConfig, platform: str):
                          f"use implementation=None to pick the kernels of the platform in use")
 
 
-def _fwd_cpu(q, k, v, bias, mask, *, config):
+def _fwd_lowering_cpu(q, k, v, bias, mask, *, config):
     _check_platform(config, "cpu")
-    b, lq, h, _ = q.shape
-    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
-    mask_operands, kind = _cpu_mask_operands(q, mask, config)
-    return jax.ffi.ffi_call("dmattn_fwd", out_types)(q, k, v, bias, *mask_operands, mask_kind=kind,
-                                                     **_attrs(config))
+    from jax_dmattn import _cpu
+
+    return _cpu.flash_fwd(q, k, v, bias, mask, scale=config.scale, softcap=config.softcap,
+                          is_causal=config.is_causal, mask_kind=config.mask_kind, mask_k=config.mask_k)
 
 
-def _fwd_cuda(q, k, v, bias, mask, *, config):
+def _fwd_lowering_cuda(q, k, v, bias, mask, *, config):
     _check_platform(config, "cuda")
     from jax_dmattn import _cuda_fwd
 
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
-    out, lse = _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, compact_lists=lists,
+    return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, compact_lists=lists,
                                scale=config.scale, softcap=config.softcap, is_causal=config.is_causal)
-    return out, lse
-
-
-# Lowered through custom_partitioning (see _sharding.py): under jit with sharded inputs the call runs per shard.
-mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_sharding.partitioned("fwd", _fwd_cpu), multiple_results=True),
-                       platform="cpu")
-mlir.register_lowering(dmattn_fwd_p, mlir.lower_fun(_sharding.partitioned("fwd", _fwd_cuda),
-                                                    multiple_results=True), platform="cuda")
-# custom_partitioning needs the device assignment while lowering.
-_REQUIRES_DEVICES = getattr(dispatch, "prim_requires_devices_during_lowering", set())
-_REQUIRES_DEVICES.add(dmattn_fwd_p)
 
 
 # ---------------------------------------------------------------------------------------------- backward
 dmattn_bwd_p = Primitive("dmattn_bwd")
 dmattn_bwd_p.multiple_results = True
-dmattn_bwd_p.def_impl(functools.partial(dispatch.apply_primitive, dmattn_bwd_p))
 
 
-@dmattn_bwd_p.def_abstract_eval
 def _bwd_abstract(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     return tuple(_derived_aval(x, x.shape, x.dtype, tuple(range(x.ndim))) for x in (q, k, v, bias))
 
 
-def _bwd_cpu(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
+def _bwd_lowering_cpu(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     _check_platform(config, "cpu")
-    out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, bias))
-    mask_operands, kind = _cpu_mask_operands(q, mask, config)
-    return jax.ffi.ffi_call("dmattn_bwd", out_types)(q, k, v, bias, *mask_operands, out, lse, dout, dlse,
-                                                     deterministic=np.bool_(config.deterministic),
-                                                     mask_kind=kind, **_attrs(config))
+    from jax_dmattn import _cpu
+
+    return _cpu.flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=config.scale, softcap=config.softcap,
+                          is_causal=config.is_causal, deterministic=config.deterministic,
+                          mask_kind=config.mask_kind, mask_k=config.mask_k)
 
 
-def _bwd_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
+def _bwd_lowering_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     _check_platform(config, "cuda")
     from jax_dmattn import _cuda_bwd
 
@@ -163,13 +136,6 @@ def _bwd_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
                                             scale=config.scale, softcap=config.softcap,
                                             is_causal=config.is_causal, deterministic=config.deterministic)
     return dq, dk, dv, (dbias if has_bias else jnp.zeros_like(bias))
-
-
-mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_sharding.partitioned("bwd", _bwd_cpu), multiple_results=True),
-                       platform="cpu")
-mlir.register_lowering(dmattn_bwd_p, mlir.lower_fun(_sharding.partitioned("bwd", _bwd_cuda),
-                                                    multiple_results=True), platform="cuda")
-_REQUIRES_DEVICES.add(dmattn_bwd_p)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -246,7 +212,7 @@ def _heads_fold_applies(args, dims) -> bool:
     return h % hkv == 0 and not _has_explicit_sharding(q)
 
 
-def _fwd_batch_heads(args, dims, *, config):
+def _fwd_batcher_heads(args, dims, *, config):
     """vmap of q alone (k, v, bias, mask shared): the n examples become extra query heads, laid out
     [Hkv, n, G] so the query heads of one kv head stay contiguous (GQA); k and v are not copied n times."""
     q, k, v, bias, mask = args
@@ -261,11 +227,11 @@ def _fwd_batch_heads(args, dims, *, config):
     return (out, lse), (0, 0)
 
 
-def _fwd_batch(args, dims, *, config):
+def _fwd_batcher(args, dims, *, config):
     """vmap of the forward: one kernel call on the folded batch (never a loop); when only q is vmapped the
     examples are folded into the query heads instead, so the shared k / v are not broadcast."""
     if _heads_fold_applies(args, dims):
-        return _fwd_batch_heads(args, dims, config=config)
+        return _fwd_batcher_heads(args, dims, config=config)
     q, k, v, bias, mask = args
     n = _batch_size(args, dims)
     b = _unbatched_dim0(q, dims[0])
@@ -278,7 +244,7 @@ def _fwd_batch(args, dims, *, config):
     return (_unfold(out, n, em), _unfold(lse, n, em)), (out_dim, out_dim)
 
 
-def _bwd_batch(args, dims, *, config):
+def _bwd_batcher(args, dims, *, config):
     """vmap of the backward (vmap of grad, per-example gradients): one kernel call on the folded batch.
 
     Every gradient comes out per vmapped example, also for operands that were not vmapped (JAX sums them where
@@ -307,8 +273,6 @@ def _bwd_batch(args, dims, *, config):
     return (_unfold(dq, n, em), _unfold(dk, n, em), _unfold(dv, n, em), dbias), (out_dim,) * 3 + (dbias_dim,)
 
 
-batching.primitive_batchers[dmattn_fwd_p] = _fwd_batch
-batching.primitive_batchers[dmattn_bwd_p] = _bwd_batch
 
 
 # ---------------------------------------------------------------------------------------------- custom_vjp
@@ -345,40 +309,48 @@ def _match_vma(*xs):
 
 
 def flash_attention(q, k, v, bias, mask, config: KernelConfig):
-    """Canonical-layout attention through the kernels: returns (out, lse). bias/mask may be None."""
+    """Canonical-layout attention through the kernels: returns (out, lse). bias / mask may be None."""
     _sharding.check_input_shardings(q, k, v, bias, mask)
     q, k, v, bias, mask = _match_vma(q, k, v, bias, mask)
-    return _flash_attention(q, k, v, bias, mask, config)
+    return _attention(q, k, v, _operand(bias, jnp.float32), _operand(mask, jnp.bool_), config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash_attention(q, k, v, bias, mask, config: KernelConfig):
-    return _forward(q, k, v, bias, mask, config)
+def _attention(q, k, v, bias, mask, config: KernelConfig):
+    return tuple(dmattn_fwd_p.bind(q, k, v, bias, mask, config=config))
 
 
-def _forward(q, k, v, bias, mask, config):
-    bias_arg = _absent(jnp.float32) if bias is None else bias
-    mask_arg = _absent(jnp.bool_) if mask is None else mask
-    out, lse = dmattn_fwd_p.bind(q, k, v, bias_arg, mask_arg, config=config)
-    return out, lse
-
-
-def _vjp_fwd(q, k, v, bias, mask, config):
-    out, lse = _forward(q, k, v, bias, mask, config)
+def _attention_fwd(q, k, v, bias, mask, config):
+    out, lse = dmattn_fwd_p.bind(q, k, v, bias, mask, config=config)
     return (out, lse), (q, k, v, bias, mask, out, lse)
 
 
-def _vjp_bwd(config, residuals, cotangents):
+def _attention_bwd(config, residuals, cotangents):
     q, k, v, bias, mask, out, lse = residuals
     dout, dlse = cotangents
-    bias_arg = _absent(jnp.float32) if bias is None else bias
-    mask_arg = _absent(jnp.bool_) if mask is None else mask
     dout = jnp.asarray(dout, out.dtype)
     dlse = jnp.asarray(dlse, jnp.float32)
     # A cotangent may vary over fewer manual axes than the residuals (e.g. an invariant one in shard_map).
     *_, dout, dlse = _match_vma(q, dout, dlse)
-    dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, config=config)
-    return dq, dk, dv, (None if bias is None else dbias), None
+    dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, out, lse, dout, dlse, config=config)
+    return dq, dk, dv, dbias, None  # the mask (bool, scores or indices) gets no gradient
 
 
-_flash_attention.defvjp(_vjp_fwd, _vjp_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def _register(prim, role, abstract, lowerings, batcher):
+    prim.def_impl(functools.partial(dispatch.apply_primitive, prim))
+    prim.def_abstract_eval(abstract)
+    # Lowered through custom_partitioning (_sharding.py): under jit with sharded inputs the call runs per shard.
+    for platform, lowering in lowerings.items():
+        mlir.register_lowering(prim, mlir.lower_fun(_sharding.partitioned(role, lowering), multiple_results=True),
+                               platform=platform)
+    batching.primitive_batchers[prim] = batcher
+    # custom_partitioning needs the device assignment while lowering.
+    getattr(dispatch, "prim_requires_devices_during_lowering", set()).add(prim)
+
+
+_register(dmattn_fwd_p, "fwd", _fwd_abstract, {"cpu": _fwd_lowering_cpu, "cuda": _fwd_lowering_cuda}, _fwd_batcher)
+_register(dmattn_bwd_p, "bwd", _bwd_abstract, {"cpu": _bwd_lowering_cpu, "cuda": _bwd_lowering_cuda}, _bwd_batcher)

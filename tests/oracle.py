@@ -1,6 +1,6 @@
 """Float64 numpy oracle for ``jax_dmattn.attention``: forward values and analytic gradients.
 
-Written from the contract (SPEC.md section 1), independently of the package:
+Written from the contract (docs/design.md, "Semantics fixed here"), independently of the package:
 
 * ``s = cap(scale * <q_i, k_j>) + bias``, ``cap(x) = softcap * tanh(x / softcap)`` when softcap is set;
 * GQA: query head ``h`` reads kv head ``h // (H // Hkv)``;

@@ -224,8 +224,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnBwdCpu, bwd_impl,
 
 std::vector<FfiTarget> cpu_targets() {
   return {
-      {"dmattn_fwd", reinterpret_cast<void*>(kDmattnFwdCpu)},
-      {"dmattn_bwd", reinterpret_cast<void*>(kDmattnBwdCpu)},
+      {"dmattn_fwd_cpu", reinterpret_cast<void*>(kDmattnFwdCpu)},
+      {"dmattn_bwd_cpu", reinterpret_cast<void*>(kDmattnBwdCpu)},
   };
 }
 

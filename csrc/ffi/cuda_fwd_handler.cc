@@ -1,5 +1,5 @@
-// CUDA FFI handlers. This translation unit must not include CuTe (its headers break the FFI headers' warnings
-// setup, see TOOLCHAIN.md): kernels are reached through the plain launch functions in csrc/cuda/*.h.
+// The CUDA forward's FFI handler. This translation unit must not include CuTe (its headers break the FFI headers'
+// warnings setup): kernels are reached through the plain launch functions in csrc/cuda/*.h.
 // Handlers never allocate and never synchronise, so they run inside CUDA graphs / command buffers.
 #include <cuda_runtime.h>
 
@@ -209,7 +209,7 @@ CudaHandlerRuns cuda_handler_runs() {
   return {handler_runs.load(std::memory_order_relaxed), captured_handler_runs.load(std::memory_order_relaxed)};
 }
 
-std::vector<FfiTarget> cuda_targets() {
+std::vector<FfiTarget> cuda_fwd_targets() {
   return {
       {"dmattn_fwd_cuda", reinterpret_cast<void*>(kFlashFwdCuda)},
   };

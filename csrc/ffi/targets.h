@@ -13,7 +13,7 @@ std::vector<FfiTarget> cpu_targets();
 // Empty unless the extension was built with CUDA (DMATTN_WITH_CUDA). The backward's handlers and the live-key
 // list pre-passes live in their own translation units (csrc/ffi/cuda_bwd_handler.cc,
 // csrc/ffi/cuda_key_lists_handler.cc, csrc/ffi/cuda_topk_key_lists_handler.cc).
-std::vector<FfiTarget> cuda_targets();
+std::vector<FfiTarget> cuda_fwd_targets();
 std::vector<FfiTarget> cuda_bwd_targets();
 std::vector<FfiTarget> cuda_key_lists_targets();
 std::vector<FfiTarget> cuda_topk_key_lists_targets();
