@@ -1,7 +1,12 @@
-// The Python extension: exports every FFI handler as a capsule, grouped by platform.
+// The Python extension: every FFI handler as a capsule, grouped by platform, and the kernel facts (kernel_facts.h).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/array.h>
 
+#include <array>
+
+#include "attention_params.h"
 #include "ffi/targets.h"
+#include "kernel_facts.h"
 
 namespace nb = nanobind;
 
@@ -25,7 +30,49 @@ CudaHandlerRuns cuda_handler_runs() { return {}; }
 #endif
 }  // namespace dmattn
 
+namespace {
+
+nb::dict kernel_facts() {
+  using namespace dmattn;
+  nb::list head_dims;
+  for (int d : kCudaHeadDims) head_dims.append(d);
+  nb::list key_list_bwd_rows;  // (head dim, rows per CTA) of every key-list backward build, preferred first
+  for (int d : kCudaHeadDims)
+    for (int rows : {128, 64})
+      if (key_list_bwd_has_rows(d, rows)) key_list_bwd_rows.append(nb::make_tuple(d, rows));
+  nb::dict f;
+  f["fwd_block_m"] = kFwdBlockM;
+  f["fwd_block_n"] = kFwdBlockN;
+  f["bwd_block_m"] = kBwdBlockM;
+  f["bwd_block_n"] = kBwdBlockN;
+  f["cuda_head_dims"] = nb::tuple(head_dims);
+  f["tile_empty"] = static_cast<int>(kTileEmpty);
+  f["tile_partial"] = static_cast<int>(kTilePartial);
+  f["tile_full"] = static_cast<int>(kTileFull);
+  f["key_list_block_m"] = kKeyListBlockM;
+  f["key_list_chunk"] = kKeyListChunk;
+  f["key_list_dense"] = kKeyListDense;
+  f["key_list_max_keys"] = kKeyListMaxKeys;
+  f["topk_lists_max_k"] = kTopKListsMaxK;
+  f["fixed_stats_words"] = kFixedStatsWords;
+  f["key_list_bwd_rows"] = nb::tuple(key_list_bwd_rows);
+  nb::dict mask_kinds;  // the CPU targets' mask_kind attribute
+  mask_kinds["bool"] = static_cast<int>(MaskKind::kBool);
+  mask_kinds["topk"] = static_cast<int>(MaskKind::kTopK);
+  mask_kinds["indices"] = static_cast<int>(MaskKind::kKeyIndices);
+  f["mask_kinds"] = mask_kinds;
+  return f;
+}
+
+}  // namespace
+
 NB_MODULE(_jax_dmattn_ext, m) {
+  m.def("kernel_facts", &kernel_facts);
+  m.def("key_list_bwd_smem_bytes", &dmattn::key_list_bwd_smem_bytes, nb::arg("head_dim"), nb::arg("rows"));
+  m.def("dbias_tiles_get_several_flushes",
+        [](std::array<int64_t, 4> bias_dims, int64_t batch, int64_t heads, int64_t kv_heads) {
+          return dmattn::dbias_tiles_get_several_flushes(bias_dims.data(), batch, heads, kv_heads);
+        });
   m.def("cpu_targets", [] { return as_capsules(dmattn::cpu_targets()); });
   m.def("cuda_targets", [] {
     auto targets = dmattn::cuda_fwd_targets();

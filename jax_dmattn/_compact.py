@@ -27,19 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_dmattn import masks
+from jax_dmattn import _ffi, masks
 
 INDEX_PAD = np.iinfo(np.int32).max
-KIND_CODES = {"bool": 0, "topk": 1, "indices": 2}  # the CPU handlers' mask_kind attribute (csrc/ffi/cpu_handlers.cc)
 # The pure-jnp reference materialises [B, H, Lq, Lk] float32 logits; past this many scores a compact mask is
 # refused there (the kernels never need that array).
 REFERENCE_MAX_SCORES = 1 << 31
-# The causal TopKMask pre-pass keeps topk(prefix) in shared memory (csrc/cuda/topk_key_lists.h:
-# topk_key_lists_smem_bytes); this k fits every supported GPU (sm_80: 163 KB per block), and the handler checks
-# the device it runs on.
-MAX_CUDA_TOPK_K = 16384
-KEY_LIST_BLOCK_M = 128  # csrc/cuda/key_lists.h: kKeyListBlockM
-KEY_LIST_CHUNK = 64     # kKeyListChunk
 
 
 def _shape_str(shape) -> str:
@@ -128,9 +121,10 @@ def normalize(m, dims):
 
 # ------------------------------------------------------------------------------------------------ reference
 def check_cuda_support(kind: str, k: int, is_causal: bool):
-    if kind == "topk" and is_causal and k > MAX_CUDA_TOPK_K:
+    max_k = _ffi.kernel_facts()["topk_lists_max_k"]
+    if kind == "topk" and is_causal and k > max_k:
         raise ValueError(f"TopKMask.k = {k} with is_causal=True exceeds what the CUDA pre-pass holds "
-                         f"(k <= {MAX_CUDA_TOPK_K}); use a smaller k or implementation='cpu'")
+                         f"(k <= {max_k}); use a smaller k or implementation='cpu'")
 
 
 def check_reference_size(kind: str, b: int, h: int, lq: int, lk: int):
@@ -181,6 +175,12 @@ def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool):
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
+def _list_geometry():
+    """(query rows per key-list unit, keys per bit word) of the kernels (csrc/kernel_facts.h)."""
+    facts = _ffi.kernel_facts()
+    return facts["key_list_block_m"], facts["key_list_chunk"]
+
+
 def _words_from_positions(valid):
     """Bit words (uint32 pairs, little end first) of a bool [..., C] with C % 64 == 0: [..., C / 64, 2]."""
     *lead, c = valid.shape
@@ -209,9 +209,10 @@ def _pad_keys(x, width: int):
 def _per_row_index_lists(idx, q_len: int, kv_len: int):
     """Lists of per-row indices [Bm, Hm, Lq, K] (normal form): per 128-row unit, the union of its rows' keys."""
     bm, hm, lq, kk = idx.shape
-    rows = min(lq, KEY_LIST_BLOCK_M)
-    t = -(-lq // KEY_LIST_BLOCK_M)
-    capacity = min(_round_up(rows * kk, KEY_LIST_CHUNK), _round_up(kv_len, KEY_LIST_CHUNK))
+    BLOCK, CHUNK = _list_geometry()
+    rows = min(lq, BLOCK)
+    t = -(-lq // BLOCK)
+    capacity = min(_round_up(rows * kk, CHUNK), _round_up(kv_len, CHUNK))
     x = jnp.pad(idx, [(0, 0), (0, 0), (0, t * rows - lq), (0, 0)], constant_values=INDEX_PAD)
     x = x.reshape(bm * hm * t, rows, kk)
     union = jnp.sort(x.reshape(bm * hm * t, rows * kk), axis=-1)
@@ -224,7 +225,7 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int):
     pos = jax.vmap(lambda u, r: jnp.searchsorted(u, r))(union, x.reshape(bm * hm * t, rows * kk))
     pos = pos.reshape(bm * hm * t, rows, kk)
     valid = x != INDEX_PAD
-    chunks = capacity // KEY_LIST_CHUNK
+    chunks = capacity // CHUNK
     unit = jnp.arange(bm * hm * t)[:, None, None]
     r = jnp.arange(rows)[None, :, None]
     word = pos // 64
@@ -242,23 +243,24 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
     (keys int32, bits uint32 pairs, (Bm, Hm, Mm) the unit geometry, Mm = Lq or 1 for a row-broadcast list)."""
     from jax_dmattn import _cuda_fwd
 
+    BLOCK, CHUNK = _list_geometry()
     bm, hm = mask.shape[:2]
     if kind == "topk":
         s = mask[:, :, 0, :]
         if is_causal:
             iota = lax.broadcasted_iota(jnp.int32, s.shape, 2)
             _, order = lax.sort((-s, iota), dimension=2, num_keys=1, is_stable=True)
-            capacity = min(_round_up(k + KEY_LIST_BLOCK_M - 1, KEY_LIST_CHUNK), _round_up(kv_len, KEY_LIST_CHUNK))
+            capacity = min(_round_up(k + BLOCK - 1, CHUNK), _round_up(kv_len, CHUNK))
             keys, bits = _cuda_fwd.build_topk_key_lists(s, order, k=k, q_len=q_len, capacity=capacity)
             return keys, bits, (bm, hm, q_len)
         _, idx = lax.top_k(s.reshape(bm * hm, kv_len), k)
-        capacity = _round_up(k, KEY_LIST_CHUNK)
+        capacity = _round_up(k, CHUNK)
         listed = _pad_keys(jnp.sort(idx, axis=-1), capacity)
         keys, bits = _shared_lists(listed, jnp.full((bm * hm,), k, jnp.int32), capacity)
         return keys, bits, (bm, hm, 1)
     mq, kk = mask.shape[2:]
     if mq == 1:
-        capacity = min(_round_up(kk, KEY_LIST_CHUNK), _round_up(kv_len, KEY_LIST_CHUNK))
+        capacity = min(_round_up(kk, CHUNK), _round_up(kv_len, CHUNK))
         x = _pad_keys(mask.reshape(bm * hm, kk), capacity)
         count = jnp.sum(x != INDEX_PAD, axis=-1, dtype=jnp.int32)
         keys, bits = _shared_lists(x, count, capacity)

@@ -21,7 +21,7 @@ BWD_TARGET = "dmattn_bwd_cpu"
 def _mask_operands(mask, *, q_len: int, is_causal: bool, mask_kind: str, mask_k: int):
     """(mask, row_threshold, row_threshold_key) operands and the mask_kind attribute."""
     operands = _compact.cpu_operands(mask, mask_kind, mask_k, q_len=q_len, is_causal=is_causal)
-    return operands, np.int64(_compact.KIND_CODES[mask_kind])
+    return operands, np.int64(_ffi.kernel_facts()["mask_kinds"][mask_kind])
 
 
 def _attrs(scale: float, softcap: float, is_causal: bool):

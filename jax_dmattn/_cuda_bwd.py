@@ -28,13 +28,13 @@ import numpy as np
 
 from jax_dmattn import _cuda_fwd, _ffi
 
-# Tile sizes of the backward kernels and of their tile-class map (csrc/cuda/flash_bwd.h: kBwdBlockM / kBwdBlockN).
-BLOCK_M = 64
-BLOCK_N = 64
+_FACTS = _ffi.kernel_facts()  # csrc/kernel_facts.h
+# Tile sizes of the key-tile backward and of its tile-class map.
+BLOCK_M = _FACTS["bwd_block_m"]
+BLOCK_N = _FACTS["bwd_block_n"]
 TARGET = "dmattn_bwd_cuda"
-# uint32 words after the int64 dK / dV counts of the deterministic key-list path (csrc/cuda/flash_bwd_key_list.h:
-# kFixedStatsWords).
-FIXED_STATS_WORDS = 8
+# uint32 words after the int64 dK / dV counts of the deterministic key-list path.
+FIXED_STATS_WORDS = _FACTS["fixed_stats_words"]
 
 
 def available() -> bool:
@@ -47,20 +47,18 @@ def tile_class_shape(mask_shape) -> tuple[int, ...]:
 
 
 def dbias_needs_workspace(bias_shape, bias_dtype, b: int, h: int, hkv: int, lk: int) -> bool:
-    """Mirror of the handler's rule (csrc/ffi/cuda_bwd_handler.cc): a bf16 / f16 dbias whose tiles get several
-    partial sums (a bias broadcast over batch, over kv heads, or over query rows with per-query-head heads)
-    is accumulated in an fp32 buffer of bias's shape and converted at the end."""
-    bb, hb, mb, nb = bias_shape
-    if nb == 1 and lk != 1:
+    """The key-tile backward's rule (csrc/kernel_facts.h: dbias_tiles_get_several_flushes, as the handler applies
+    it): a bf16 / f16 dbias whose tiles get several partial sums is accumulated in an fp32 buffer of bias's shape
+    and converted at the end."""
+    if bias_shape[3] == 1 and lk != 1:
         return False  # dbias of a key-broadcast bias is exactly 0
-    multi = (bb == 1 and b > 1) or (hb == 1 and hkv > 1) or (mb == 1 and hb == h and h // hkv > 1)
-    return multi and jnp.dtype(bias_dtype) != jnp.float32
+    several = _ffi.extension().dbias_tiles_get_several_flushes(tuple(bias_shape), b, h, hkv)
+    return several and jnp.dtype(bias_dtype) != jnp.float32
 
 
-# The key-list kernel's builds: query rows per CTA by head dim, preferred first (csrc/cuda/flash_bwd_key_list.h:
-# key_list_bwd_has_rows). 128 rows make a CTA one whole key-list unit; 64 keep the dQ accumulator in registers at
-# D > 128, and at D = 128 fit devices with less shared memory per block (sm_80).
-KEY_LIST_ROWS = {32: (128,), 64: (128,), 96: (128,), 128: (128, 64), 192: (64,), 256: (64,)}
+# The key-list kernel's builds: query rows per CTA by head dim, preferred first (csrc/kernel_facts.h:
+# key_list_bwd_has_rows).
+KEY_LIST_ROWS = {d: tuple(r for dd, r in _FACTS["key_list_bwd_rows"] if dd == d) for d in _FACTS["cuda_head_dims"]}
 # Opt-in dynamic shared memory per block by compute capability (CUDA programming guide, "Technical
 # Specifications per Compute Capability"). JAX_DMATTN_MAX_DYNAMIC_SMEM (bytes) overrides the lookup, e.g. to run
 # the sm_80 choices on an H100.
@@ -71,10 +69,9 @@ _SMEM_DEFAULT = 232448  # no GPU to ask (lowering on a CPU machine): the sm_90 v
 
 
 def key_list_smem_bytes(head_dim: int, rows: int) -> int:
-    """Mirror of key_list_bwd_smem_bytes (csrc/cuda/flash_bwd_key_list.h), which the kernel static_asserts against
-    its own layout."""
-    return ((2 * rows * head_dim + 4 * 64 * head_dim + 2 * rows * 64) * 2 + 2 * rows * 64 + 2 * rows * 8
-            + 2 * 64 * 4 + 2 * 64 * 4 + (rows // 16) * 64 * 4 + 4 * 4)
+    """Dynamic shared memory of a key-list backward build (csrc/kernel_facts.h: key_list_bwd_smem_bytes, which the
+    kernel static_asserts against its own layout)."""
+    return _ffi.extension().key_list_bwd_smem_bytes(head_dim, rows)
 
 
 def device_smem_limit() -> int:

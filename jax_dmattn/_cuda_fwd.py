@@ -23,16 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_dmattn import _ffi, _validation
+from jax_dmattn import _ffi
 
-# Tile sizes of the forward kernel and of the tile-class map (csrc/cuda/flash_fwd.h: kFwdBlockM / kFwdBlockN).
-BLOCK_M = 128
-BLOCK_N = 64
-HEAD_DIMS = _validation.CUDA_HEAD_DIMS
+_FACTS = _ffi.kernel_facts()  # csrc/kernel_facts.h
+# Tile sizes of the forward kernel and of its tile-class map.
+BLOCK_M = _FACTS["fwd_block_m"]
+BLOCK_N = _FACTS["fwd_block_n"]
+HEAD_DIMS = _FACTS["cuda_head_dims"]
 TARGET = "dmattn_fwd_cuda"
 KEY_LISTS_TARGET = "dmattn_key_lists_cuda"
 
-TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+TILE_EMPTY, TILE_PARTIAL, TILE_FULL = _FACTS["tile_empty"], _FACTS["tile_partial"], _FACTS["tile_full"]
 
 
 def tile_class_shape(mask_shape) -> tuple[int, ...]:
@@ -41,13 +42,13 @@ def tile_class_shape(mask_shape) -> tuple[int, ...]:
     return (bm, hm, -(-mm // BLOCK_M), -(-nm // BLOCK_N))
 
 
-KEY_LIST_BLOCK_M = 128  # csrc/cuda/key_lists.h: kKeyListBlockM
-KEY_LIST_CHUNK = 64     # kKeyListChunk
+KEY_LIST_BLOCK_M = _FACTS["key_list_block_m"]  # query rows per key-list unit
+KEY_LIST_CHUNK = _FACTS["key_list_chunk"]      # keys per bit word
 # Default cap on the keys listed per 128-row unit. The lists' workspace is then O(B * H * Lq), not a fraction of
 # the O(Lq * Lk) mask: 4096 keys x (4 bytes of key + 128 rows / 8 bytes of bit words) = 4096 x 20 bytes per unit.
 # A unit whose live keys exceed the capacity is "dense": the kernels walk all of its keys and read the mask
 # itself, which is what such a unit costs anyway (lists only pay off when few keys are live).
-KEY_LIST_MAX_KEYS = 4096
+KEY_LIST_MAX_KEYS = _FACTS["key_list_max_keys"]
 
 
 def key_list_capacity(kv_len: int, max_keys: int | None = None) -> int:

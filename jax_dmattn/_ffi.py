@@ -30,6 +30,17 @@ def register_targets() -> dict[str, tuple[str, ...]]:
     return registered
 
 
+@functools.cache
+def kernel_facts() -> dict:
+    """The kernels' tile sizes, head dims, key-list geometry and capacities (csrc/kernel_facts.h), as the
+    extension exports them: the one source of these numbers for the Python side."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("jax_dmattn was installed without its compiled extension: the kernels (and their facts) "
+                           "are unavailable; implementation='xla' runs the pure-jnp reference")
+    return dict(ext.kernel_facts())
+
+
 def has_cpu_kernels() -> bool:
     return bool(register_targets()["cpu"])
 

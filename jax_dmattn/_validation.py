@@ -12,21 +12,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_dmattn import _compact, masks
+from jax_dmattn import _compact, _ffi, masks
 
 IMPLEMENTATIONS = ("cuda", "cpu", "xla")
 # The kernel implementation of each JAX platform: what implementation=None runs there.
 PLATFORM_KERNELS = {"cpu": "cpu", "gpu": "cuda"}
-# Head dims the CUDA kernels are instantiated for; other D up to the largest are zero-padded up to the next one.
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-# Largest head dim of each kernel implementation (None: any). The CPU kernels size their tile buffers by D.
-KERNEL_MAX_HEAD_DIM = {"cuda": CUDA_HEAD_DIMS[-1], "cpu": None}
 KERNEL_DTYPES = {
     "cuda": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
     "cpu": (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)),
 }
 # Bias dtypes the kernels read natively; other float dtypes are cast to float32 (and dbias cast back by autodiff).
 KERNEL_BIAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def cuda_head_dims() -> tuple[int, ...]:
+    """Head dims the CUDA kernels are instantiated for (csrc/kernel_facts.h); other D up to the largest are
+    zero-padded up to the next one."""
+    return _ffi.kernel_facts()["cuda_head_dims"]
+
+
+def kernel_max_head_dim(implementation: str) -> int | None:
+    """Largest head dim of a kernel implementation (None: any; the CPU kernels size their tile buffers by D)."""
+    return cuda_head_dims()[-1] if implementation == "cuda" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +137,7 @@ def check_backend_support(implementation, dtype, head_dim, *, platform=None):
         return
     dtype = jnp.dtype(dtype)
     allowed = KERNEL_DTYPES[implementation]
-    max_d = KERNEL_MAX_HEAD_DIM[implementation]
+    max_d = kernel_max_head_dim(implementation)
     who = (f"implementation={implementation!r}" if platform is None else
            f"implementation=None on {platform} runs the {implementation!r} kernels, which")
     if dtype not in allowed:

@@ -35,7 +35,7 @@ def _kernels_built(implementation: str) -> bool:
 def _padded_head_dim(head_dim: int, implementation: str) -> int:
     if implementation != "cuda":
         return head_dim  # the CPU kernels take any head dim
-    return next(d for d in _validation.CUDA_HEAD_DIMS if d >= head_dim)
+    return next(d for d in _validation.cuda_head_dims() if d >= head_dim)
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, softcap=None,

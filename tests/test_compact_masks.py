@@ -25,7 +25,7 @@ from helpers import (
 )
 
 import jax_dmattn
-from jax_dmattn import KeyIndices, TopKMask, _compact
+from jax_dmattn import KeyIndices, TopKMask, _compact, _ffi
 
 
 # ------------------------------------------------------------------------------------------ numpy semantics
@@ -397,7 +397,7 @@ def test_cuda_topk_k_limit(monkeypatch):
 
     monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(lk=40000))
-    mask = TopKMask(jnp.zeros((2, 2, 40000)), _compact.MAX_CUDA_TOPK_K + 1)
+    mask = TopKMask(jnp.zeros((2, 2, 40000)), _ffi.kernel_facts()["topk_lists_max_k"] + 1)
     with pytest.raises(ValueError, match="CUDA pre-pass"):
         jax_dmattn.attention(q, k, v, mask=mask, is_causal=True, implementation="cuda")
 

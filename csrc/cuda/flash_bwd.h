@@ -4,12 +4,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace dmattn {
+#include "kernel_facts.h"
 
-// Tile sizes of every backward instantiation, and the granularity of the backward's own mask tile-class map
-// ([Bm, Hm, ceil(Mm / kBwdBlockM), ceil(Nm / kBwdBlockN)], written by launch_classify_mask_tiles).
-constexpr int kBwdBlockM = 64;
-constexpr int kBwdBlockN = 64;
+namespace dmattn {
 
 enum BwdBiasDtype : int { kBwdBiasF32 = 0, kBwdBiasBF16 = 1, kBwdBiasF16 = 2 };
 

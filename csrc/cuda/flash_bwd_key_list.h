@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/flash_bwd.h"
+#include "kernel_facts.h"
 
 namespace dmattn {
 
@@ -37,8 +38,7 @@ enum FixedStat : int {
   kFixedMaxV = 1,
   kFixedMaxDout = 2,
   kFixedMaxDelta = 3,
-  kFixedBad = 4,
-  kFixedStatsWords = 8,  // padded: the workspace tail after the int64 accumulators
+  kFixedBad = 4,  // the words up to kFixedStatsWords (kernel_facts.h) pad the workspace tail
 };
 
 struct BwdFixedPoint {
@@ -49,22 +49,6 @@ struct BwdFixedPoint {
   double rows_kv = 0;     // rows summed into one key's dK / dV: Lq * H / Hkv
   double rows_dbias = 0;  // rows summed into one dbias entry: Lq * (B / Bb) * (H / Hb)
 };
-
-// Query rows per CTA the key-list kernel is built with for a head dim: 128 (a whole key-list unit) while the dQ
-// accumulator fits the registers (D <= 128), 64 above. D = 128 also has a 64-row build, for devices whose
-// shared memory per block (sm_80: 163 KB) cannot hold the 128-row one (181 KB).
-constexpr bool key_list_bwd_has_rows(int head_dim, int rows) {
-  return rows == 128 ? head_dim <= 128 : (rows == 64 && head_dim >= 128);
-}
-
-// Dynamic shared memory of the key-list kernel (BwdKeyListTraits::kSmemBytes; static_assert-ed equal there):
-// Q, dO [rows, D] + 2 stages of K, V [64, D] + P, dS [rows, 64] (2-byte elements), the dense-unit mask stages
-// [2, rows, 64] bytes, bit words [2, rows] u64, keys and bias values [2, 64] 4 B each, dbias bands
-// [rows / 16, 64] f32, 4 fixed-point scales. Mirrored by jax_dmattn/_cuda_bwd.py: key_list_smem_bytes.
-constexpr int key_list_bwd_smem_bytes(int head_dim, int rows) {
-  return (2 * rows * head_dim + 4 * 64 * head_dim + 2 * rows * 64) * 2 + 2 * rows * 64 + 2 * rows * 8 +
-         2 * 64 * 4 + 2 * 64 * 4 + (rows / 16) * 64 * 4 + 4 * 4;
-}
 
 struct BwdKeyListParams {
   // q, k, v, out, dout, lse, dlse, dq, dk, dv, delta, shapes, scale, softcap, causal; bias (only one with a

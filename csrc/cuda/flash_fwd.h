@@ -4,12 +4,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace dmattn {
+#include "kernel_facts.h"
 
-// Tile sizes shared by every forward instantiation and by the mask tile-class map (the backward reads the map
-// at the same granularity).
-constexpr int kFwdBlockM = 128;
-constexpr int kFwdBlockN = 64;
+namespace dmattn {
 
 enum FwdBiasDtype : int { kBiasF32 = 0, kBiasBF16 = 1, kBiasF16 = 2 };
 

@@ -22,11 +22,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace dmattn {
+#include "kernel_facts.h"
 
-constexpr int kKeyListBlockM = 128;  // query rows per unit (= the forward's BlockM)
-constexpr int kKeyListChunk = 64;    // keys per bit word (= one key chunk of the kernels)
-constexpr int32_t kKeyListDense = -1;  // keys[u][0] of a unit whose live keys exceed the capacity
+namespace dmattn {
 
 struct KeyListArgs {
   const uint8_t* mask = nullptr;  // [Bm, Hm, Mm, Lk] bool, contiguous

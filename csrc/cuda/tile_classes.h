@@ -3,9 +3,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace dmattn {
+#include "kernel_facts.h"
 
-enum TileClass : uint8_t { kTileEmpty = 0, kTilePartial = 1, kTileFull = 2 };
+namespace dmattn {
 
 struct MaskTileArgs {
   const bool* mask;                          // [batch, heads, rows, cols], each dim 1 or full

@@ -194,9 +194,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       p.kv_heads_per_item = dims[1] == 1 ? static_cast<int>(Hkv) : 1;
       // Loop order in a CTA: batch, kv head, query tile, query head. A dbias tile is finished by one flush
       // unless its contributions are interleaved with other tiles' (see docs/cuda_backward.md).
-      const bool multi = (dims[0] == 1 && B > 1) || (dims[1] == 1 && Hkv > 1) ||
-                         (dims[2] == 1 && dims[1] == H && H / Hkv > 1);
-      if (!multi) {
+      if (!dbias_tiles_get_several_flushes(dims, B, H, Hkv)) {
         p.dbias_mode = kDbiasDirect;
       } else {
         if (auto e = accumulate_in_f32("for this bias shape / dtype"); e.failure()) return e;

@@ -1,0 +1,62 @@
+// Facts about the kernels that the code building their calls needs: tile sizes, instantiated head dims, key-list
+// geometry, capacities and workspace rules. CUDA-free, so every build (CPU-only too) exports it through the
+// extension (csrc/module.cc: kernel_facts) and jax_dmattn reads it there instead of restating it.
+#pragma once
+#include <cstdint>
+
+namespace dmattn {
+
+// Tile sizes of every forward instantiation and of the forward's mask tile-class map.
+constexpr int kFwdBlockM = 128;
+constexpr int kFwdBlockN = 64;
+// Tile sizes of every key-tile backward instantiation and of the backward's own tile-class map.
+constexpr int kBwdBlockM = 64;
+constexpr int kBwdBlockN = 64;
+
+// Head dims the CUDA kernels are instantiated for (csrc/cuda/*_hdim<D>.cu); a call with another D up to the
+// largest is zero-padded to the next one.
+constexpr int kCudaHeadDims[] = {32, 64, 96, 128, 192, 256};
+
+// Mask tile classes (both tile-class maps, CPU and CUDA).
+enum TileClass : uint8_t { kTileEmpty = 0, kTilePartial = 1, kTileFull = 2 };
+
+// Key lists (csrc/cuda/key_lists.h): query rows per unit, keys per bit word, the count marking a dense unit,
+// and the default cap on the keys listed per unit (keeps the lists' workspace O(B * H * Lq)).
+constexpr int kKeyListBlockM = kFwdBlockM;
+constexpr int kKeyListChunk = 64;
+constexpr int32_t kKeyListDense = -1;
+constexpr int64_t kKeyListMaxKeys = 4096;
+
+// Largest k of the causal TopKMask pre-pass (csrc/cuda/topk_key_lists.h keeps topk(prefix) in shared memory):
+// it fits every supported GPU's shared memory per block (sm_80: 163 KB); the handler checks the device it runs on.
+constexpr int64_t kTopKListsMaxK = 16384;
+
+// uint32 words after the int64 dK / dV counts of the deterministic key-list backward (its statistics).
+constexpr int kFixedStatsWords = 8;
+
+// Query rows per CTA the key-list backward is built with for a head dim: 128 (a whole key-list unit) while the
+// dQ accumulator fits the registers (D <= 128), 64 above. D = 128 also has a 64-row build, for devices whose
+// shared memory per block (sm_80: 163 KB) cannot hold the 128-row one (181 KB).
+constexpr bool key_list_bwd_has_rows(int head_dim, int rows) {
+  return rows == 128 ? head_dim <= 128 : (rows == 64 && head_dim >= 128);
+}
+
+// Dynamic shared memory of the key-list backward (BwdKeyListTraits::kSmemBytes, static_assert-ed equal there):
+// Q, dO [rows, D] + 2 stages of K, V [64, D] + P, dS [rows, 64] (2-byte elements), the dense-unit mask stages
+// [2, rows, 64] bytes, bit words [2, rows] u64, keys and bias values [2, 64] 4 B each, dbias bands
+// [rows / 16, 64] f32, 4 fixed-point scales.
+constexpr int key_list_bwd_smem_bytes(int head_dim, int rows) {
+  return (2 * rows * head_dim + 4 * 64 * head_dim + 2 * rows * 64) * 2 + 2 * rows * 64 + 2 * rows * 8 +
+         2 * 64 * 4 + 2 * 64 * 4 + (rows / 16) * 64 * 4 + 4 * 4;
+}
+
+// Key-tile backward: whether a dbias tile of a bias [Bb, Hb, Mb, Nb] gets several partial sums (a bias broadcast
+// over batch, over kv heads, or over query rows with per-query-head heads), so that it is accumulated in fp32
+// instead of stored by one flush. The loop order in a CTA (batch, kv head, query tile, query head) decides it.
+constexpr bool dbias_tiles_get_several_flushes(const int64_t bias_dims[4], int64_t batch, int64_t heads,
+                                               int64_t kv_heads) {
+  return (bias_dims[0] == 1 && batch > 1) || (bias_dims[1] == 1 && kv_heads > 1) ||
+         (bias_dims[2] == 1 && bias_dims[1] == heads && heads / kv_heads > 1);
+}
+
+}  // namespace dmattn
