@@ -46,7 +46,7 @@ fi
 
 # Tests and benchmark run from outside the repo so that the installed package (with its extension) is imported.
 cd /tmp
-python3 -c "import jax, jax_dmattn; from jax_dmattn import _cuda_fwd, _cuda_bwd; print('backend', jax.default_backend(), jax.devices()[0].device_kind, 'cuda fwd', _cuda_fwd.available(), 'bwd', _cuda_bwd.available())"
+python3 -c "import jax; from jax_dmattn import _ffi; print('backend', jax.default_backend(), jax.devices()[0].device_kind, 'cuda kernels', _ffi.has_cuda_kernels())"
 
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 workers=()

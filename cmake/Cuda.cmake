@@ -22,6 +22,32 @@ if(DMATTN_WITH_CUDA)
   find_package(CUDAToolkit REQUIRED)
 
   file(GLOB DMATTN_CUDA_KERNELS CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu")
+  # One instantiation file per (kernel, head dim), generated from the head-dim list of csrc/kernel_facts.h, so that
+  # the list lives in one place and every file compiles in parallel.
+  set(_facts "${CMAKE_CURRENT_SOURCE_DIR}/csrc/kernel_facts.h")
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${_facts}")
+  file(STRINGS "${_facts}" _line REGEX "^#define DMATTN_FOR_EACH_CUDA_HEAD_DIM\\(X\\)")
+  string(REGEX MATCHALL "X\\(([0-9]+)\\)" _items "${_line}")
+  string(REGEX REPLACE "X\\(([0-9]+)\\)" "\\1" DMATTN_CUDA_HEAD_DIMS "${_items}")
+  if(NOT DMATTN_CUDA_HEAD_DIMS)
+    message(FATAL_ERROR "jax_dmattn: no head dims found in ${_facts} (DMATTN_FOR_EACH_CUDA_HEAD_DIM)")
+  endif()
+  set(_kernels
+    "fwd|Forward|cuda/flash_fwd_launch.cuh|DMATTN_INSTANTIATE_FWD"
+    "bwd|Backward|cuda/flash_bwd_kernel.cuh|DMATTN_INSTANTIATE_BWD"
+    "bwd_key_list|Key-list backward|cuda/flash_bwd_key_list_kernel.cuh|DMATTN_INSTANTIATE_BWD_KEY_LIST")
+  foreach(_kernel IN LISTS _kernels)
+    string(REPLACE "|" ";" _fields "${_kernel}")
+    list(GET _fields 0 _name)
+    list(GET _fields 1 DMATTN_WHAT)
+    list(GET _fields 2 DMATTN_HEADER)
+    list(GET _fields 3 DMATTN_MACRO)
+    foreach(DMATTN_D IN LISTS DMATTN_CUDA_HEAD_DIMS)
+      set(_out "${CMAKE_CURRENT_BINARY_DIR}/generated/flash_${_name}_hdim${DMATTN_D}.cu")
+      configure_file("${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/instantiation.cu.in" "${_out}" @ONLY)
+      list(APPEND DMATTN_CUDA_KERNELS "${_out}")
+    endforeach()
+  endforeach()
   file(GLOB DMATTN_CUDA_HANDLERS CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ffi/cuda_*.cc")
   target_sources(_jax_dmattn_ext PRIVATE ${DMATTN_CUDA_KERNELS} ${DMATTN_CUDA_HANDLERS})
   # The target exists before CUDA is enabled, so it does not pick up CMAKE_CUDA_ARCHITECTURES by itself.

@@ -13,9 +13,13 @@ constexpr int kFwdBlockN = 64;
 constexpr int kBwdBlockM = 64;
 constexpr int kBwdBlockN = 64;
 
-// Head dims the CUDA kernels are instantiated for (csrc/cuda/*_hdim<D>.cu); a call with another D up to the
-// largest is zero-padded to the next one.
-constexpr int kCudaHeadDims[] = {32, 64, 96, 128, 192, 256};
+// Head dims the CUDA kernels are instantiated for; a call with another D up to the largest is zero-padded to the
+// next one. The one list: the dispatch switches expand it, and cmake/Cuda.cmake reads this line to generate one
+// instantiation file per (kernel, head dim).
+#define DMATTN_FOR_EACH_CUDA_HEAD_DIM(X) X(32) X(64) X(96) X(128) X(192) X(256)
+#define DMATTN_HEAD_DIM_ITEM(D) D,
+constexpr int kCudaHeadDims[] = {DMATTN_FOR_EACH_CUDA_HEAD_DIM(DMATTN_HEAD_DIM_ITEM)};
+#undef DMATTN_HEAD_DIM_ITEM
 
 // Mask tile classes (both tile-class maps, CPU and CUDA).
 enum TileClass : uint8_t { kTileEmpty = 0, kTilePartial = 1, kTileFull = 2 };

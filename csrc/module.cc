@@ -46,9 +46,6 @@ nb::dict kernel_facts() {
   f["bwd_block_m"] = kBwdBlockM;
   f["bwd_block_n"] = kBwdBlockN;
   f["cuda_head_dims"] = nb::tuple(head_dims);
-  f["tile_empty"] = static_cast<int>(kTileEmpty);
-  f["tile_partial"] = static_cast<int>(kTilePartial);
-  f["tile_full"] = static_cast<int>(kTileFull);
   f["key_list_block_m"] = kKeyListBlockM;
   f["key_list_chunk"] = kKeyListChunk;
   f["key_list_dense"] = kKeyListDense;

@@ -37,10 +37,6 @@ TARGET = "dmattn_bwd_cuda"
 FIXED_STATS_WORDS = _FACTS["fixed_stats_words"]
 
 
-def available() -> bool:
-    return TARGET in _ffi.register_targets()["CUDA"]
-
-
 def tile_class_shape(mask_shape) -> tuple[int, ...]:
     bm, hm, mm, nm = mask_shape
     return (bm, hm, -(-mm // BLOCK_M), -(-nm // BLOCK_N))

@@ -33,7 +33,6 @@ HEAD_DIMS = _FACTS["cuda_head_dims"]
 TARGET = "dmattn_fwd_cuda"
 KEY_LISTS_TARGET = "dmattn_key_lists_cuda"
 
-TILE_EMPTY, TILE_PARTIAL, TILE_FULL = _FACTS["tile_empty"], _FACTS["tile_partial"], _FACTS["tile_full"]
 
 
 def tile_class_shape(mask_shape) -> tuple[int, ...]:
@@ -118,10 +117,6 @@ def no_key_lists():
 
 def uses_key_lists(mask_shape, kv_len: int, key_lists: bool = True) -> bool:
     return key_lists and mask_shape is not None and mask_shape[3] == kv_len and kv_len > 0
-
-
-def available() -> bool:
-    return TARGET in _ffi.register_targets()["CUDA"]
 
 
 def check_operands(caller, q, k, v, bias, mask):

@@ -77,7 +77,7 @@ cudaError_t launch_flash_bwd(const BwdParams& params, cudaStream_t stream);
 cudaError_t launch_bwd_delta(const BwdParams& params, cudaStream_t stream);
 cudaError_t launch_f32_to_half(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t stream);
 
-// The main and dq kernels of one (head dim, dtype), defined in flash_bwd_hdim<D>.cu.
+// The main and dq kernels of one (head dim, dtype), defined in the generated flash_bwd_hdim<D>.cu (cmake/Cuda.cmake).
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_main(const BwdParams& params, cudaStream_t stream);
 template <int kHeadDim, bool kIsBF16>

@@ -1,4 +1,4 @@
-// The backward's launch sequence (no CuTe here: the main / dq kernels live in flash_bwd_hdim*.cu):
+// The backward's launch sequence (no CuTe here: the main / dq kernels live in the generated flash_bwd_hdim*.cu):
 // zero-fill, delta preprocess, main kernel, deterministic dq kernel or dq conversion, dbias conversion.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -68,12 +68,7 @@ cudaError_t run_main(const BwdParams& p, cudaStream_t stream, bool dq_pass) {
     if (dq_pass) return p.is_bf16 ? run_flash_bwd_dq<D, true>(p, stream) : run_flash_bwd_dq<D, false>(p, stream); \
     return p.is_bf16 ? run_flash_bwd_main<D, true>(p, stream) : run_flash_bwd_main<D, false>(p, stream);
   switch (p.head_dim) {
-    DMATTN_BWD_CASE(32)
-    DMATTN_BWD_CASE(64)
-    DMATTN_BWD_CASE(96)
-    DMATTN_BWD_CASE(128)
-    DMATTN_BWD_CASE(192)
-    DMATTN_BWD_CASE(256)
+    DMATTN_FOR_EACH_CUDA_HEAD_DIM(DMATTN_BWD_CASE)
     default:
       return cudaErrorInvalidValue;
   }

@@ -67,7 +67,8 @@ struct BwdKeyListParams {
 // Nothing is allocated, nothing synchronises.
 cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& params, cudaStream_t stream);
 
-// The key-list kernel of one (head dim, dtype), defined in flash_bwd_key_list_hdim<D>.cu.
+// The key-list kernel of one (head dim, dtype), defined in the generated flash_bwd_key_list_hdim<D>.cu
+// (cmake/Cuda.cmake).
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_key_list(const BwdKeyListParams& params, cudaStream_t stream);
 

@@ -1,5 +1,5 @@
-// The key-list backward's launch sequence (no CuTe here: the kernel lives in flash_bwd_key_list_hdim*.cu). The key
-// lists were built by the caller (launch_build_key_lists) on the same stream.
+// The key-list backward's launch sequence (no CuTe here: the kernel lives in the generated
+// flash_bwd_key_list_hdim*.cu). The key lists were built by the caller (launch_build_key_lists) on the same stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -110,12 +110,7 @@ cudaError_t run_key_list_kernel(const BwdKeyListParams& sp, cudaStream_t stream)
   case D:                         \
     return bf16 ? run_flash_bwd_key_list<D, true>(sp, stream) : run_flash_bwd_key_list<D, false>(sp, stream);
   switch (sp.base.head_dim) {
-    DMATTN_BWD_KEY_LIST_CASE(32)
-    DMATTN_BWD_KEY_LIST_CASE(64)
-    DMATTN_BWD_KEY_LIST_CASE(96)
-    DMATTN_BWD_KEY_LIST_CASE(128)
-    DMATTN_BWD_KEY_LIST_CASE(192)
-    DMATTN_BWD_KEY_LIST_CASE(256)
+    DMATTN_FOR_EACH_CUDA_HEAD_DIM(DMATTN_BWD_KEY_LIST_CASE)
     default:
       return cudaErrorInvalidValue;
   }

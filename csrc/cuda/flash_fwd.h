@@ -59,7 +59,7 @@ struct FwdParams {
 // Launches the forward for params.head_dim in {32, 64, 96, 128, 192, 256} and params.is_bf16.
 cudaError_t launch_flash_fwd(const FwdParams& params, cudaStream_t stream);
 
-// One instantiation per (head dim, dtype), defined in flash_fwd_hdim<D>.cu.
+// One instantiation per (head dim, dtype), defined in the generated flash_fwd_hdim<D>.cu (cmake/Cuda.cmake).
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_fwd(const FwdParams& params, cudaStream_t stream);
 

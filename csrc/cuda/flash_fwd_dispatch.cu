@@ -1,4 +1,4 @@
-// Head-dim / dtype dispatch of the forward (no CuTe here: the kernels live in flash_fwd_hdim*.cu).
+// Head-dim / dtype dispatch of the forward (no CuTe here: the kernels live in the generated flash_fwd_hdim*.cu).
 #include "cuda/flash_fwd.h"
 
 namespace dmattn {
@@ -8,12 +8,7 @@ cudaError_t launch_flash_fwd(const FwdParams& p, cudaStream_t stream) {
   case D:                  \
     return p.is_bf16 ? run_flash_fwd<D, true>(p, stream) : run_flash_fwd<D, false>(p, stream);
   switch (p.head_dim) {
-    DMATTN_FWD_CASE(32)
-    DMATTN_FWD_CASE(64)
-    DMATTN_FWD_CASE(96)
-    DMATTN_FWD_CASE(128)
-    DMATTN_FWD_CASE(192)
-    DMATTN_FWD_CASE(256)
+    DMATTN_FOR_EACH_CUDA_HEAD_DIM(DMATTN_FWD_CASE)
     default:
       return cudaErrorInvalidValue;
   }

@@ -1,5 +1,5 @@
 // Launch template of the CUDA forward: picks the key-tile kernel or the live-key-list kernel and instantiates both
-// dtypes of one head dim (one flash_fwd_hdim<D>.cu file per head dim).
+// dtypes of one head dim (one generated flash_fwd_hdim<D>.cu file per head dim, cmake/Cuda.cmake).
 #pragma once
 
 #include <atomic>

@@ -1,4 +1,0 @@
-// Backward instantiations for head dim 32 (bf16 and fp16).
-#include "cuda/flash_bwd_kernel.cuh"
-
-DMATTN_INSTANTIATE_BWD(32)
