@@ -354,5 +354,6 @@ def write_rows(rows, out=None):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
         json.dump(kept + rows, fh, indent=1)
+        fh.write("\n")
     print(f"# wrote {len(rows)} rows to {out} ({len(kept) + len(rows)} in all)", flush=True)
     return rows
