@@ -1,9 +1,12 @@
 """CPU kernel vs the pure-jnp reference: forward and forward+backward time and peak memory.
 
-Case (issue 2): causal, B=1, H=8, Hkv=2, D=64, float32, per-key bias [1, Hkv, 1, L], L = 1024..4096.
-Each (implementation, pass, L) runs in a fresh subprocess. Peak memory is the resident set size sampled every
-millisecond by a background thread while the compiled function runs (it counts the kernels' own buffers too,
-unlike XLA's memory analysis), minus the resident size once the inputs exist and the function is compiled. Time: median of --reps runs after one warm-up.
+Case cpu_standard of common.py (issue 2): causal, B=1, H=8, Hkv=2, D=64, float32, per-key bias [1, Hkv, 1, L],
+L = 1024..4096; fwd+bwd = jax.grad of sum(out) w.r.t. q, k, v and bias. --impls are jax_dmattn.attention's
+implementations. Each (implementation, pass, L) runs in a fresh subprocess. Peak memory is the resident set size
+sampled every millisecond by a background thread while the compiled function runs (it counts the kernels' own
+buffers too, unlike XLA's memory analysis), minus the resident size once the inputs exist and the function is
+compiled. Time: median of --reps runs after one warm-up (jax_dmattn._timing.timed, one call per run).
+Rows are appended to --out.
 
     python benchmarks/bench_cpu.py [--lengths 1024 2048 4096] [--reps 3] [--out benchmarks/results/cpu.json]
 """
@@ -16,32 +19,20 @@ import platform
 import subprocess
 import sys
 
-B, H, HKV, D = 1, 8, 2, 64
+import common
+
+CASE = "cpu_standard"
 
 
 def _single(impl: str, pass_name: str, length: int, reps: int) -> dict:
     import threading
     import time
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    from jax_dmattn import _timing
 
-    import jax_dmattn
-
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((B, length, H, D)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((B, length, HKV, D)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((B, length, HKV, D)), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal((1, HKV, 1, length)), jnp.float32)
-
-    def fwd(q, k, v, bias):
-        return jax_dmattn.attention(q, k, v, bias, is_causal=True, implementation=impl)
-
-    fn = jax.jit(fwd if pass_name == "fwd" else
-                 jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=(0, 1, 2, 3)))
-    compiled = fn.lower(q, k, v, bias).compile()
-    jax.block_until_ready((q, k, v, bias))
+    inputs = common.make_inputs(CASE, length)
+    fn, args = common.pass_fn("jax_dmattn", CASE, pass_name, inputs, implementation=impl)
+    compiled = fn.lower(*args).compile()
     page = os.sysconf("SC_PAGE_SIZE")
 
     def rss():
@@ -60,28 +51,21 @@ def _single(impl: str, pass_name: str, length: int, reps: int) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    jax.block_until_ready(compiled(q, k, v, bias))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v, bias))
-        times.append(time.perf_counter() - t0)
+    ms = _timing.timed(compiled, args, reps=reps, max_inner=1)
     running.clear()
     sampler.join()
-    flops = 2 * B * H * length * length * D * (3.5 if pass_name == "fwd+bwd" else 1.0)  # causal: half of 4BHLLD
-    ms = float(np.median(times)) * 1e3
-    return {"impl": impl, "pass": pass_name, "L": length, "ms": ms, "gflops": flops / ms / 1e6,
-            "peak_bytes": max(0, peak[0] - base_rss)}
+    return {"impl": impl, "pass": pass_name, "L": length, "ms": ms,
+            "gflops": common.flops(CASE, pass_name, length) / ms / 1e6, "peak_bytes": max(0, peak[0] - base_rss)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096])
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="*", default=list(common.CASES[CASE]["lengths"]))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--impls", nargs="*", default=["cpu", "xla"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu.json"))
+    parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "cpu.json"))
     parser.add_argument("--single", nargs=3, metavar=("IMPL", "PASS", "L"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.single:
         impl, pass_name, length = args.single
         print(json.dumps(_single(impl, pass_name, int(length), args.reps)))
@@ -89,22 +73,21 @@ def main():
 
     rows = []
     cpu = platform.processor() or platform.machine()
-    print(f"causal B={B} H={H} Hkv={HKV} D={D} float32, per-key bias; {os.cpu_count()} cores")
+    c = common.CASES[CASE]
+    print(f"causal B={c['b']} H={c['h']} Hkv={c['hkv']} D={c['d']} float32, per-key bias; {os.cpu_count()} cores")
     print(f"{'impl':>5s} {'pass':>8s} {'L':>6s} {'ms':>10s} {'GFLOP/s':>8s} {'peak MiB':>9s}")
     for length in args.lengths:
         for pass_name in ("fwd", "fwd+bwd"):
             for impl in args.impls:
-                res = subprocess.run([sys.executable, __file__, "--single", impl, pass_name, str(length),
-                                      "--reps", str(args.reps)], capture_output=True, text=True, check=True)
+                res = subprocess.run([sys.executable, os.path.abspath(__file__), "--single", impl, pass_name,
+                                      str(length), "--reps", str(args.reps)], capture_output=True, text=True,
+                                     check=True)
                 row = json.loads(res.stdout.strip().splitlines()[-1])
-                row.update(case="cpu_standard", device=cpu, cores=os.cpu_count())
+                row.update(case=CASE, device=cpu, cores=os.cpu_count())
                 rows.append(row)
                 print(f"{impl:>5s} {pass_name:>8s} {length:6d} {row['ms']:10.1f} {row['gflops']:8.2f} "
                       f"{row['peak_bytes'] / 2**20:9.1f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {args.out}")
+    return common.write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ has_step suite && run_pytest test_suite_gpu "${SUITE_TIMEOUT:-1800}" "${PYTEST_S
 
 if has_step bench; then
   t0=$(date +%s)
+  rm -f "$OUT/bench.json"  # the results writer appends: this file holds this call's rows only
   PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-1800}" python3 "$REPO/benchmarks/bench_attention.py" --out "$OUT/bench.json" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^WARNING"
   echo "bench: $(( $(date +%s) - t0 )) s"

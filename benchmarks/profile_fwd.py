@@ -1,44 +1,38 @@
-"""Times the CUDA forward kernel directly (jax_dmattn._cuda_fwd, no API wrapper) on variants of the standard case,
-to separate the cost of the mask path, the bias path and the core loop. Used under ncu as well:
+"""Times the CUDA forward kernel directly (jax_dmattn._cuda_fwd, no API wrapper) on variants of the standard case
+of common.py, to separate the cost of the mask path, the bias path and the core loop. One call per timing (warm-up,
+then --reps calls), so that it runs under ncu as well:
   python3 benchmarks/profile_fwd.py --variants standard --reps 1
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-import bench_attention as ba
+import common
+from jax_dmattn import _timing
 
-
-def timeit(fn, args, reps):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+VARIANTS = ("nomask_nobias", "nomask_bias", "allfull_mask", "standard", "standard_noskip", "block16")
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--L", type=int, default=16384)
-    ap.add_argument("--variants", default="nomask_nobias,nomask_bias,allfull_mask,standard,standard_noskip,block16")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=10)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     from jax_dmattn import _cuda_fwd
 
     l = a.L
-    q, k, v, bias, mask = ba.make_inputs("standard", l)
-    bs = ba.make_inputs("block_sparse_1/16", l)[4]
+    c = common.CASES["standard"]
+    q, k, v, bias, mask = common.make_inputs("standard", l)
+    bs = common.make_inputs("block_sparse_1/16", l)[4]
     full = jnp.ones_like(mask)
-    flops = 2.0 * 16 * l * l * 128
+    flops = common.flops("standard", "fwd", l)
     for name in a.variants.split(","):
-        kw = dict(scale=128 ** -0.5, softcap=0.0, is_causal=True)
+        kw = dict(scale=c["d"] ** -0.5, softcap=0.0, is_causal=True)
         args = {
             "nomask_nobias": (q, k, v, None, None),
             "nomask_bias": (q, k, v, bias, None),
@@ -49,7 +43,7 @@ def main():
         }[name]
         skip = name != "standard_noskip"
         fn = jax.jit(lambda q, k, v, b, m: _cuda_fwd.flash_fwd(q, k, v, b, m, skip_empty_tiles=skip, **kw))
-        ms = timeit(fn, args, a.reps)
+        ms = _timing.timed(fn, args, reps=a.reps, max_inner=1)
         print(f"{name:18s} L={l} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
         if args[4] is not None and name != "standard_noskip":
             prepass_report(_cuda_fwd, args[4], l, a.reps)
@@ -58,11 +52,9 @@ def main():
 def prepass_report(_cuda_fwd, mask, l, reps):
     """The key-list pre-pass alone (its share of the forward) and what it produced: keys per 128-row unit and
     units past the capacity (walked densely)."""
-    import numpy as np
-
     cap = _cuda_fwd.key_list_capacity(l)
     fn = jax.jit(lambda m: _cuda_fwd.build_key_lists(m, q_len=l, is_causal=True, capacity=cap))
-    ms = timeit(fn, (mask,), reps)
+    ms = _timing.timed(fn, (mask,), reps=reps, max_inner=1)
     keys = np.asarray(fn(mask)[0]).reshape(-1, 1 + cap)
     counts = keys[:, 0]
     live = counts[counts >= 0]

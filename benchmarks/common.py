@@ -1,0 +1,359 @@
+"""The benchmark toolkit behind bench_attention.py, bench_backward.py, profile_fwd.py and bench_cpu.py: cases and
+their inputs, the implementations and passes timed, the row loop and the results writer. Timing, compiled peak
+memory and run provenance come from jax_dmattn._timing (shared with ``python -m jax_dmattn``).
+
+Cases (SPEC.md section 6), bf16, causal, per-key bias [B, Hkv, 1, L] (B=1 unless given):
+  standard           H=16, Hkv=4, D=128, top-k 1024 mask (per query row, among the causally visible keys:
+                     jax_dmattn.topk_mask of the bias), as a [B, Hkv, L, L] bool mask
+  paper              H=2,  Hkv=1, D=64,  same mask rule
+  block_sparse_1/4   standard shapes, mask of whole random 128x64 tiles kept with probability 1/4
+  block_sparse_1/16  the same at 1/16
+  dense_mask         standard shapes, an all-True mask (the dense-mask time the block-sparse cases compare to)
+  topk_compact       standard shapes and mask rule, given as jax_dmattn.TopKMask(scores = the bias's values,
+                     k=1024): no [L, L] array; L = 16K, 64K, 128K, 256K by default
+  topk_compact_train the same mask at training shapes: B=8, H=32, Hkv=8, D=128, L = 32K
+  cpu_standard       bench_cpu.py's case: H=8, Hkv=2, D=64, float32, no mask; L = 1K, 2K, 4K
+A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has none).
+
+Impls: jax_dmattn (jax_dmattn.attention, implementation as given, default "cuda"), jax_dmattn_det (the same with
+deterministic=True; not the forward), jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the
+tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
+cuDNN, bias and mask folded into one additive [B, H, L, L] bias; a TopKMask is expanded to its bool mask by
+jax_dmattn.topk_mask before timing, as the other cases' masks are built before timing), cudnn_nobias (the flash
+ceiling: no bias, no mask, causal; any L), reference (jax_dmattn's pure-jnp reference). A row that would not fit
+(the reference's [B, H, L, L] scores, cudnn_bias's folded bias) is recorded with "skipped" and the reason.
+
+Passes: fwd; fwd+bwd (jax.grad of sum(out) w.r.t. q, k, v and bias); bwd (jax_dmattn and jax_dmattn_det only: the
+backward alone, jax.vjp's pullback of attention given its residuals and a random dout). TFLOP/s use the spec's
+causal count: fwd 2*B*H*L*L*D, fwd+bwd 3.5x that, bwd 2.5x (also for sparse cases: "dense-equivalent").
+
+Memory, per row:
+  peak_bytes           XLA's compiled memory analysis (arguments + outputs + temporaries) of the timed function;
+                       our kernels allocate nothing outside XLA, cuDNN's workspace is an XLA temporary.
+  io_bytes             the timed function's arguments + outputs (fwd: q, k, v, bias, mask, out; fwd+bwd: the
+                       gradients instead of out; bwd: the residuals, dout and the gradients): what any
+                       implementation holds.
+  device_peak_bytes    the device's peak_bytes_in_use after the row (jax Device.memory_stats(), None where the
+                       backend has none). It is a high-water mark since the process started and cannot be reset:
+  device_peak_increase device_peak_bytes - the bytes in use before the row (inputs made), when the row raised the
+                       high-water mark; None when an earlier row (or making the inputs) had a higher peak.
+
+Results: one JSON list per device, benchmarks/results/<device>.json; a run appends its rows, each carrying gpu
+(the device kind), jax, commit and date.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import jax_dmattn
+from jax_dmattn import _timing
+
+CASES = {
+    "standard": dict(b=1, h=16, hkv=4, d=128, mask="topk"),
+    "paper": dict(b=1, h=2, hkv=1, d=64, mask="topk"),
+    "block_sparse_1/4": dict(b=1, h=16, hkv=4, d=128, mask="block", density=0.25),
+    "block_sparse_1/16": dict(b=1, h=16, hkv=4, d=128, mask="block", density=1.0 / 16),
+    "dense_mask": dict(b=1, h=16, hkv=4, d=128, mask="dense"),
+    "topk_compact": dict(b=1, h=16, hkv=4, d=128, mask="topk_compact", lengths=(16384, 65536, 131072, 262144)),
+    "topk_compact_train": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", lengths=(32768,)),
+    "cpu_standard": dict(b=1, h=8, hkv=2, d=64, mask=None, dtype=jnp.float32, lengths=(1024, 2048, 4096)),
+}
+# What bench_attention.py runs by default: the GPU cases (cpu_standard is bench_cpu.py's).
+GPU_CASES = tuple(name for name in CASES if name != "cpu_standard")
+DEFAULT_LENGTHS = (1024, 4096, 16384, 32768)
+IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias", "reference")
+PASSES = ("fwd", "fwd+bwd", "bwd")
+PASS_FLOPS = {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}  # multiples of the causal forward count
+WINDOW = 1024
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+
+
+def block_sparse_mask(key, b, hkv, l, density, bm=128, bn=64):
+    mt, nt = -(-l // bm), -(-l // bn)
+    keep = jax.random.bernoulli(key, density, (b, hkv, mt, nt))
+    # The diagonal tiles are always kept so that no causal row is empty.
+    diag = (jnp.arange(nt)[None, :] * bn) // bm == jnp.arange(mt)[:, None]
+    keep = keep | diag
+    return jnp.repeat(jnp.repeat(keep, bm, axis=2), bn, axis=3)[:, :, :l, :l]
+
+
+def input_shapes(case, l):
+    """(q, k, v, bias, mask) of a case as jax.ShapeDtypeStructs (the mask: a bool struct, a TopKMask of one, or
+    None): what make_inputs builds, for compiling without inputs."""
+    c = CASES[case]
+    b, dtype, sds = c["b"], jnp.dtype(c.get("dtype", jnp.bfloat16)), jax.ShapeDtypeStruct
+    bias = sds((b, c["hkv"], 1, l), dtype)
+    if c["mask"] is None:
+        mask = None
+    elif c["mask"] == "topk_compact":
+        mask = jax_dmattn.TopKMask(sds((b, c["hkv"], l), dtype), WINDOW)
+    else:
+        mask = sds((b, c["hkv"], l, l), jnp.bool_)
+    return (sds((b, l, c["h"], c["d"]), dtype), sds((b, l, c["hkv"], c["d"]), dtype),
+            sds((b, l, c["hkv"], c["d"]), dtype), bias, mask)
+
+
+def make_inputs(case, l, seed=0):
+    c = CASES[case]
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q, k, v, bias = (jax.random.normal(key, s.shape, jnp.float32).astype(s.dtype)
+                     for key, s in zip(keys, input_shapes(case, l)[:4]))
+    if c["mask"] is None:
+        mask = None
+    elif c["mask"] == "topk":
+        mask = jax_dmattn.topk_mask(bias, WINDOW, is_causal=True, query_len=l)
+    elif c["mask"] == "topk_compact":
+        mask = jax_dmattn.TopKMask(bias[:, :, 0, :], WINDOW)
+    elif c["mask"] == "dense":
+        mask = jnp.ones((c["b"], c["hkv"], l, l), jnp.bool_)
+    else:
+        mask = jax.jit(block_sparse_mask, static_argnums=(1, 2, 3, 4))(keys[4], c["b"], c["hkv"], l, c["density"])
+    return jax.block_until_ready((q, k, v, bias, mask))
+
+
+def bool_mask(mask, l):
+    """The bool [B, Hkv, L, L] mask for the impls that take no compact mask (a TopKMask is expanded)."""
+    if not isinstance(mask, jax_dmattn.TopKMask):
+        return mask
+    expand = jax.jit(lambda s: jax_dmattn.topk_mask(s[:, :, None, :], mask.k, is_causal=True, query_len=l))
+    return jax.block_until_ready(expand(mask.scores))
+
+
+def impl_fn(impl, case, implementation="cuda"):
+    """The impl as f(q, k, v, bias, mask) -> out."""
+    c = CASES[case]
+    g = c["h"] // c["hkv"]
+
+    if impl in ("jax_dmattn", "jax_dmattn_det"):
+        def f(q, k, v, bias, mask):
+            return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True,
+                                        implementation=implementation, deterministic=impl == "jax_dmattn_det")
+    elif impl == "jax_dmattn_tiles":
+        from jax_dmattn import _cuda_fwd
+
+        def f(q, k, v, bias, mask):
+            return _cuda_fwd.flash_fwd(q, k, v, bias, mask, scale=c["d"] ** -0.5, softcap=0.0, is_causal=True,
+                                       key_lists=False)[0]
+    elif impl == "reference":
+        def f(q, k, v, bias, mask):
+            return jax_dmattn.attention_reference(q, k, v, bias=bias, mask=mask, is_causal=True)
+    elif impl == "cudnn_bias":
+        def f(q, k, v, bias, mask):
+            folded = jnp.where(mask, bias, jnp.asarray(-1e9, bias.dtype))  # [B, Hkv, L, L]
+            folded = jnp.repeat(folded, g, axis=1)  # cuDNN wants the query-head count
+            return jax.nn.dot_product_attention(q, k, v, bias=folded, is_causal=True, implementation="cudnn")
+    elif impl == "cudnn_nobias":
+        def f(q, k, v, bias, mask):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    else:
+        raise ValueError(impl)
+    return f
+
+
+def grad_fn(impl, case, implementation="cuda"):
+    """jit of the fwd+bwd pass: the gradients of sum(out) w.r.t. q, k, v and bias (cudnn_nobias takes no bias)."""
+    f = impl_fn(impl, case, implementation)
+
+    def loss(q, k, v, bias, mask):
+        return jnp.sum(f(q, k, v, bias, mask).astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2) if impl == "cudnn_nobias" else (0, 1, 2, 3)))
+
+
+def pass_fn(impl, case, pas, inputs, implementation="cuda"):
+    """(jitted function, its arguments) that one row times."""
+    f = impl_fn(impl, case, implementation)
+    if pas == "fwd":
+        return jax.jit(f), inputs
+    if pas == "fwd+bwd":
+        return grad_fn(impl, case, implementation), inputs
+    if pas != "bwd":
+        raise ValueError(pas)
+    q, k, v, bias, mask = inputs
+    # The pullback holds attention's residuals (q, k, v, bias, mask, out, lse) as jit arguments, so the timed
+    # function is the backward call alone, made by the library's own custom_vjp.
+    out, pullback = jax.vjp(lambda q, k, v, bias: f(q, k, v, bias, mask), q, k, v, bias)
+    dout = jax.random.normal(jax.random.PRNGKey(3), out.shape, jnp.float32).astype(out.dtype)
+    return jax.jit(lambda pullback, dout: pullback(dout)), jax.block_until_ready((pullback, dout))
+
+
+def flops(case, pas, l):
+    c = CASES[case]
+    return 2.0 * c["b"] * c["h"] * l * l * c["d"] * PASS_FLOPS[pas]
+
+
+def device_memory():
+    """(bytes_in_use, peak_bytes_in_use) of device 0, or (None, None) where the backend keeps no stats."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # pragma: no cover
+        stats = {}
+    return stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
+
+
+def nbytes(tree):
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def run_one(case, impl, pas, l, inputs, implementation="cuda"):
+    if impl == "cudnn_bias":
+        q, k, v, bias, mask = inputs
+        inputs = (q, k, v, bias, bool_mask(mask, l))
+    fn, args = pass_fn(impl, case, pas, inputs, implementation)
+    in_use0, peak0 = device_memory()
+    ms = _timing.timed(fn, args)
+    _, peak1 = device_memory()
+    raised = peak1 is not None and peak0 is not None and peak1 > peak0
+    return dict(ms=round(ms, 4), tflops=round(flops(case, pas, l) / (ms * 1e-3) / 1e12, 2),
+                peak_bytes=_timing.peak_bytes(fn, args), io_bytes=nbytes(args) + nbytes(jax.eval_shape(fn, *args)),
+                device_peak_bytes=peak1, device_peak_increase=peak1 - in_use0 if raised else None)
+
+
+def not_applicable(case, impl, pas):
+    """Rows that do not exist (left out silently)."""
+    if impl == "jax_dmattn_tiles" and (pas != "fwd" or CASES[case]["mask"] == "topk_compact"):
+        return True  # forward only, and the tile pre-pass reads a bool mask
+    if pas == "bwd" and impl not in ("jax_dmattn", "jax_dmattn_det"):
+        return True  # the backward alone is timed for our kernels only
+    return impl == "jax_dmattn_det" and pas == "fwd"  # the forward has no nondeterminism
+
+
+def should_skip(case, impl, pas, l):
+    """Why a row would not fit in memory (recorded), or None."""
+    c = CASES[case]
+    dense_scores = c["b"] * c["h"] * l * l * 4  # one f32 [B, H, L, L] buffer
+    if impl == "reference" and dense_scores * (3 if pas == "fwd" else 6) > 60e9:
+        return "would not fit (dense [B, H, L, L] scores)"
+    if impl == "cudnn_bias" and c["b"] * c["h"] * l * l * 2 * (1 if pas == "fwd" else 3) > 40e9:
+        return "folded [B, H, L, L] bias would not fit"
+    return None
+
+
+def case_lengths(case, lengths_arg):
+    if lengths_arg:
+        return [int(x) for x in lengths_arg.split(",")]
+    return list(CASES[case].get("lengths", DEFAULT_LENGTHS))
+
+
+def measure_row(case, impl, pas, l, inputs, implementation):
+    """One row's measurements, or an "error" entry (e.g. OOM) instead of raising."""
+    try:
+        return run_one(case, impl, pas, l, inputs, implementation)
+    except Exception as e:
+        if os.environ.get("BENCH_TRACE"):
+            traceback.print_exc()
+        return dict(ms=None, tflops=None, peak_bytes=None, error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def print_header(gpu):
+    print(f"# {gpu or 'device: see the rows'}  jax {jax.__version__}", flush=True)
+    print(f"{'case':18s} {'impl':16s} {'pass':8s} {'L':>6s} {'ms':>9s} {'TFLOP/s':>8s} {'peak GiB':>9s} "
+          f"{'io GiB':>8s} {'dev+ GiB':>8s}", flush=True)
+
+
+def print_row(row):
+    gib = lambda key: "" if row.get(key) is None else f"{row[key] / 2**30:.2f}"
+    ms = "ERR" if row.get("ms") is None else f"{row['ms']:9.3f}"
+    if "skipped" in row:
+        ms = "skip"
+    tf = "" if row.get("tflops") is None else f"{row['tflops']:8.1f}"
+    note = row.get("error") or row.get("skipped") or ""
+    print(f"{row['case']:18s} {row['impl']:16s} {row['pass']:8s} {row['L']:6d} {ms:>9s} {tf:>8s} "
+          f"{gib('peak_bytes'):>9s} {gib('io_bytes'):>8s} {gib('device_peak_increase'):>8s}"
+          + (f"  {note[:80]}" if note else ""), flush=True)
+
+
+def run(cases, impls, passes, lengths_arg=None, implementation="cuda", measure_apart=None):
+    """The rows of every (case, L, pass, impl) that exists, printed as they come.
+
+    ``measure_apart(case, impl, pas, l)``, when given, measures each row in a fresh process and this one leaves the
+    device alone (no inputs, no device name; the rows carry the children's): the children need all of its memory,
+    and each row's device_peak_* are then its own."""
+    gpu = None if measure_apart else _timing.device_name()
+    print_header(gpu)
+    rows = []
+    for case in cases:
+        for l in case_lengths(case, lengths_arg):
+            inputs = None
+            if not measure_apart:
+                try:
+                    inputs = make_inputs(case, l)
+                except Exception as e:  # pragma: no cover
+                    print(f"{case} L={l}: input generation failed: {e}", flush=True)
+                    continue
+            for pas in passes:
+                for impl in impls:
+                    if not_applicable(case, impl, pas):
+                        continue
+                    row = dict(gpu=gpu, case=case, impl=impl, **{"pass": pas}, L=l)
+                    skip = should_skip(case, impl, pas, l)
+                    if skip:
+                        row.update(ms=None, tflops=None, peak_bytes=None, skipped=skip)
+                    elif measure_apart:
+                        row.update(measure_apart(case, impl, pas, l))
+                    else:
+                        row.update(measure_row(case, impl, pas, l, inputs, implementation))
+                    rows.append(row)
+                    print_row(row)
+                    gc.collect()
+            del inputs
+            gc.collect()
+    return rows
+
+
+def add_arguments(ap, *, cases, impls, passes, lengths=None):
+    """The options every row-loop CLI shares, with that CLI's defaults (comma-separated lists)."""
+    ap.add_argument("--cases", default=",".join(cases), help="comma-separated, of: " + ", ".join(CASES))
+    ap.add_argument("--impls", default=",".join(impls), help="comma-separated, of: " + ", ".join(IMPLS))
+    ap.add_argument("--lengths", default=lengths,
+                    help="comma-separated L for every case (default: "
+                         + ("each case's own lengths)" if lengths is None else "%(default)s)"))
+    ap.add_argument("--passes", default=",".join(passes), help="comma-separated, of: " + ", ".join(PASSES))
+    ap.add_argument("--implementation", default="cuda", choices=("cuda", "cpu", "xla"),
+                    help="jax_dmattn's implementation for the jax_dmattn rows (cpu / xla: smoke runs)")
+    ap.add_argument("--out", default=None,
+                    help="JSON file the rows are appended to (default benchmarks/results/<device>.json)")
+
+
+def parse_lists(ap, args):
+    """(cases, impls, passes) of parsed add_arguments options; unknown names are usage errors."""
+    chosen = []
+    for name, one, known in (("cases", "case", CASES), ("impls", "impl", IMPLS), ("passes", "pass", PASSES)):
+        values = getattr(args, name).split(",")
+        for value in values:
+            if value not in known:
+                ap.error(f"unknown {one} {value!r}; {name}: {', '.join(known)}")
+        chosen.append(values)
+    return chosen
+
+
+def results_path(gpu):
+    return os.path.join(RESULTS_DIR, re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu) + ".json")
+
+
+def write_rows(rows, out=None):
+    """Gives every row the run's provenance (gpu where the row has none, jax, commit, date) and appends the rows to
+    ``out`` (default: the device's results file), after the rows already there: one file per device holds every
+    run."""
+    provenance = _timing.run_provenance(next((r["gpu"] for r in rows if r.get("gpu")), None), checkout=HERE)
+    rows = [dict(gpu=r.get("gpu") or provenance["gpu"], **{k: v for k, v in r.items() if k != "gpu"},
+                 jax=provenance["jax"], commit=provenance["commit"], date=provenance["date"]) for r in rows]
+    out = out or results_path(provenance["gpu"])
+    kept = []
+    if os.path.exists(out):
+        with open(out) as fh:
+            kept = json.load(fh)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(kept + rows, fh, indent=1)
+        fh.write("\n")
+    print(f"# wrote {len(rows)} rows to {out} ({len(kept) + len(rows)} in all)", flush=True)
+    return rows
