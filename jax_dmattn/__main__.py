@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jax_dmattn
-from jax_dmattn import _ffi
+from jax_dmattn import _ffi, _timing
 
 # (name, B, Lq, Lk, H, Hkv, D, bias shape, causal, softcap, mask density)
 CHECKS = (
@@ -68,16 +67,6 @@ def self_check(implementation, dtype, tol) -> bool:
     return ok
 
 
-def _time(fn, *args, reps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
-
-
 # What the command does, for --help (the module docstring carries reST markup).
 DESCRIPTION = ("Check the installed jax_dmattn kernels against the pure-jnp reference (outputs and the gradients of "
                "query, key, value and bias), then time them on the default JAX device.")
@@ -121,7 +110,7 @@ def timing_table(implementation, dtype, lengths, reps, window=DEFAULT_WINDOW):
                 else:
                     f = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32)),
                                          argnums=(0, 1, 2, 3)))
-                row.append(_time(f, q, k, v, bias, reps=reps))
+                row.append(_timing.timed(f, (q, k, v, bias), reps=reps, max_inner=1))
             print(f"  {length:6d} {pass_name:>8s} {row[0]:11.1f} {row[1]:9.1f} {row[2]:10.1f} {row[3]:11.1f}")
 
 
