@@ -20,7 +20,6 @@ What each kernel reads:
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +190,6 @@ def _words_from_positions(valid):
 def _shared_lists(sorted_keys, count, capacity: int):
     """Lists of one key set per unit (a row-broadcast unit, rows_per_unit = 1): sorted_keys [N, >= capacity] with
     the count valid keys first. Returns (keys int32 [N * (1 + C)], bits uint32 [N * C / 64 * 1 * 2])."""
-    n = sorted_keys.shape[0]
     listed = sorted_keys[:, :capacity]
     listed = jnp.where(jnp.arange(capacity) < count[:, None], listed, 0)
     keys = jnp.concatenate([count[:, None].astype(jnp.int32), listed.astype(jnp.int32)], axis=1)

@@ -43,6 +43,8 @@ from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, 
                                                   custom_partitioning)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_dmattn import _validation
+
 # Operand / result layouts, one role per dim. "bcast" dims (bias / mask) are resolved from the shapes.
 _Q = ("b", "lq", "h", "d")
 _KV = ("b", "lk", "hkv", "d")
@@ -64,22 +66,12 @@ _DIM_NAMES = {"b": "batch", "lq": "query length", "lk": "key length", "h": "head
 _UNSHARDABLE = ("lq", "lk", "d")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dims:
-    batch: int
-    q_len: int
-    kv_len: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
-def _dims_from_shapes(shapes) -> _Dims:
+def _dims_from_shapes(shapes) -> _validation.CallDims:
     q, k = shapes[0], shapes[1]
-    return _Dims(batch=q[0], q_len=q[1], kv_len=k[1], heads=q[2], kv_heads=k[2], head_dim=q[3])
+    return _validation.CallDims(batch=q[0], q_len=q[1], kv_len=k[1], heads=q[2], kv_heads=k[2], head_dim=q[3])
 
 
-def _bcast_roles(shape, dims: _Dims):
+def _bcast_roles(shape, dims: _validation.CallDims):
     """Roles of a rank-4 bias / mask ([1|B, 1|Hkv|H, 1|Lq, 1|Lk]); ("empty",) for the (0,) placeholder."""
     if len(shape) == 1:
         return ("empty",)
@@ -224,7 +216,7 @@ def check_input_shardings(q, k, v, bias, mask):
 class _Plan:
     """The per-device layout chosen for one call."""
 
-    dims: _Dims
+    dims: _validation.CallDims
     operand_roles: tuple
     result_roles: tuple
     batch_axes: tuple

@@ -37,13 +37,18 @@ def kernel_max_head_dim(implementation: str) -> int | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class NormalizedCall:
+class CallDims:
+    """The sizes of one attention call: q [batch, q_len, heads, head_dim], k / v [batch, kv_len, kv_heads, ...]."""
     batch: int
     q_len: int
     kv_len: int
     heads: int
     kv_heads: int
     head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizedCall(CallDims):
     scale: float
     softcap: float  # 0.0: off
     bias: jax.Array | None  # rank 4 [1|B, 1|Hkv|H, 1|Lq, 1|Lk]

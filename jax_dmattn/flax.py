@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +140,26 @@ def dynamic_mask(
             is_causal=is_causal, query_len=query_len,
         )
     return topk_mask(sel_bias, window_size, mask=mask, is_causal=is_causal, query_len=query_len)
+
+
+def rope_qk(q: Array, k: Array, positions: Array | None, theta: float | None) -> tuple[Array, Array]:
+    """q, k [B, L, heads, D] with rotary embeddings at ``positions`` (default 0..L-1); unchanged without theta."""
+    if theta is None:
+        return q, k
+    pos = jnp.arange(q.shape[1]) if positions is None else positions
+    return apply_rope(q, pos, theta), apply_rope(k, pos, theta)
+
+
+def module_attention(module, q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None) -> Array:
+    """The attention call of a DynamicMaskAttention module (linen or nnx: the same option names): with a dynamic
+    ``bias``, its top-k selection (:func:`dynamic_attention_inputs`) combined with ``mask``; else ``mask`` alone."""
+    if bias is not None:
+        bias, mask = dynamic_attention_inputs(
+            bias, module.window_size, mask=mask, is_causal=module.is_causal, query_len=q.shape[1],
+            use_block_topk=module.use_block_topk, block_q=module.block_q, block_k=module.block_k,
+        )
+    return _attention(q, k, v, bias, mask, scale=module.scale, is_causal=module.is_causal, softcap=module.softcap,
+                      deterministic=module.deterministic_backward, implementation=module.implementation)
 
 
 def _as_rank4(mask: Array) -> Array | None:
@@ -324,7 +344,7 @@ class DynamicMaskAttention(nn.Module):
     def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None) -> Array:
         if x.ndim != 3:
             raise ValueError(f"x must be [batch, length, features], got shape {tuple(x.shape)}")
-        _, length, features = x.shape
+        features = x.shape[-1]
         h, hkv, d = resolve_heads(self.num_heads, self.num_kv_heads, self.head_dim, features)
         dense = functools.partial(
             nn.DenseGeneral, axis=-1, use_bias=self.use_proj_bias, dtype=self.dtype,
@@ -333,13 +353,8 @@ class DynamicMaskAttention(nn.Module):
         q = dense(features=(h, d), name="q_proj")(x)
         k = dense(features=(hkv, d), name="k_proj")(x)
         v = dense(features=(hkv, d), name="v_proj")(x)
-        if self.rope_theta is not None:
-            pos = jnp.arange(length) if positions is None else positions
-            q = apply_rope(q, pos, self.rope_theta)
-            k = apply_rope(k, pos, self.rope_theta)
-
+        q, k = rope_qk(q, k, positions, self.rope_theta)
         bias = None
-        attn_mask = mask
         if self.use_dynamic_bias:
             dt_kernel, dt_bias = HeadwiseDense(
                 hkv, param_dtype=self.param_dtype, kernel_init=self.dt_kernel_init,
@@ -348,16 +363,7 @@ class DynamicMaskAttention(nn.Module):
             a = self.param("A", self.a_init, (hkv,), self.param_dtype)
             bias = dynamic_bias(v, dt_kernel, dt_bias, a)
             self.sow("intermediates", "dynamic_bias", bias)
-            bias, attn_mask = dynamic_attention_inputs(
-                bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
-                use_block_topk=self.use_block_topk, block_q=self.block_q,
-                block_k=self.block_k,
-            )
-        out = _attention(
-            q, k, v, bias, attn_mask, scale=self.scale, is_causal=self.is_causal,
-            softcap=self.softcap, deterministic=self.deterministic_backward,
-            implementation=self.implementation,
-        )
+        out = module_attention(self, q, k, v, bias, mask)
         return nn.DenseGeneral(
             features=self.out_features or features, axis=(-2, -1), use_bias=self.use_proj_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,

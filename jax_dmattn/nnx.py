@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only without flax
         "(or `pip install jax_dmattn[flax]`)"
     ) from e
 
-from jax_dmattn.flax import _attention, apply_rope, dynamic_attention_inputs, dynamic_bias, resolve_heads
+from jax_dmattn.flax import dynamic_bias, module_attention, resolve_heads, rope_qk
 
 __all__ = ["DynamicMaskAttention", "HeadwiseLinear"]
 
@@ -146,16 +146,11 @@ class DynamicMaskAttention(nnx.Module):
             raise ValueError(
                 f"x must be [batch, length, {self.in_features}], got shape {tuple(x.shape)}"
             )
-        length = x.shape[1]
         q = self.q_proj(x)
         k = self.k_proj(x)
         v = self.v_proj(x)
-        if self.rope_theta is not None:
-            pos = jnp.arange(length) if positions is None else positions
-            q = apply_rope(q, pos, self.rope_theta)
-            k = apply_rope(k, pos, self.rope_theta)
+        q, k = rope_qk(q, k, positions, self.rope_theta)
         bias = None
-        attn_mask = mask
         if self.use_dynamic_bias:
             dt = self.dt_proj
             bias = dynamic_bias(
@@ -163,14 +158,4 @@ class DynamicMaskAttention(nnx.Module):
             )
             if self.sow_bias:
                 self.sow(nnx.Intermediate, "dynamic_bias", bias)
-            bias, attn_mask = dynamic_attention_inputs(
-                bias, self.window_size, mask=mask, is_causal=self.is_causal, query_len=length,
-                use_block_topk=self.use_block_topk,
-                block_q=self.block_q, block_k=self.block_k,
-            )
-        out = _attention(
-            q, k, v, bias, attn_mask, scale=self.scale, is_causal=self.is_causal,
-            softcap=self.softcap, deterministic=self.deterministic_backward,
-            implementation=self.implementation,
-        )
-        return self.o_proj(out)
+        return self.o_proj(module_attention(self, q, k, v, bias, mask))

@@ -159,7 +159,7 @@ def oracle_grads(q, k, v, bias=None, mask=None, dout=None, *, scale=None, is_cau
     of any implementation, used as an absolute floor where the true gradient is ~0 by cancellation.
     """
     out, lse, c = _forward(q, k, v, bias, mask, scale, is_causal, softcap)
-    B, H, Hkv, Lq, Lk, D, g = c["B"], c["H"], c["Hkv"], c["Lq"], c["Lk"], c["D"], c["g"]
+    B, H, Hkv, Lk, D, g = c["B"], c["H"], c["Hkv"], c["Lk"], c["D"], c["g"]
     do_h = _f64(dout).transpose(0, 2, 1, 3)  # [B, H, Lq, D]
     p = c["p"]
     dv_h = np.einsum("bhij,bhid->bhjd", p, do_h)

@@ -26,7 +26,6 @@ from helpers import (
     poison,
     run_vjp,
     sweep_params,
-    tolerance,
 )
 
 

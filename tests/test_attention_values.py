@@ -14,7 +14,6 @@ import pytest
 from cases import BASE, CASES
 from helpers import (
     DTYPES,
-    Case,
     assert_close,
     check_dtype_supported,
     check_forward,
@@ -22,7 +21,6 @@ from helpers import (
     get_attention,
     make_inputs,
     native_dtype,
-    make_mask,
     oracle_fwd,
     poison,
     run_forward,

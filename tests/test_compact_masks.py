@@ -18,7 +18,6 @@ from helpers import (
     DEFAULT_FLOOR_RMS,
     assert_close,
     check_dtype_supported,
-    implementation_params,
     poison,
     seed_from,
     tolerance,
@@ -317,8 +316,6 @@ def test_cuda_key_lists_built_by_xla(name):
 def test_lowering_has_no_lq_by_lk_array(form, platform, monkeypatch):
     """The kernel paths never build an array with Lq * Lk elements (fwd + bwd, lowered without running; lowering
     for cuda needs no GPU and no CUDA build: the custom calls are emitted by name)."""
-    from jax_dmattn import _ffi
-
     monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
     lq = lk = 1024
     b, h, hkv, d = 1, 2, 1, 64
@@ -393,8 +390,6 @@ def test_traced_out_of_range_indices_are_ignored():
 
 
 def test_cuda_topk_k_limit(monkeypatch):
-    from jax_dmattn import _ffi
-
     monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(lk=40000))
     mask = TopKMask(jnp.zeros((2, 2, 40000)), _ffi.kernel_facts()["topk_lists_max_k"] + 1)
@@ -406,8 +401,6 @@ def test_cuda_topk_k_limit(monkeypatch):
 def test_cuda_full_bias_backward_lowers(form, monkeypatch):
     """With a bias that has a query dim the CUDA backward takes the key-tile path on the expanded mask; that
     expansion lowers inside custom_partitioning (no captured constants)."""
-    from jax_dmattn import _ffi
-
     monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
     lq = lk = 256
     q = jax.ShapeDtypeStruct((1, lq, 2, 64), jnp.bfloat16)

@@ -1,6 +1,5 @@
 """jax_dmattn.nnx.DynamicMaskAttention: shapes, linen parity, gradients, jit, checkpoints."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,6 @@ from flax import nnx  # noqa: E402
 
 import jax_dmattn  # noqa: E402
 import jax_dmattn.flax as jflax  # noqa: E402
-import jax_dmattn.nnx as jnnx  # noqa: E402
 from jax_dmattn.masks import TopKMask  # noqa: E402
 from jax_dmattn.nnx import DynamicMaskAttention  # noqa: E402
 from test_flax import dense_attention_inputs, padding_masks, spy_attention  # noqa: E402
@@ -111,7 +109,7 @@ def test_compact_path_matches_dense_path(monkeypatch, is_causal, padded):
     spy_attention(monkeypatch, calls)
     out, grads = run()
     assert calls and all(isinstance(mk, TopKMask) for _, mk in calls)
-    monkeypatch.setattr(jnnx, "dynamic_attention_inputs", dense_attention_inputs)
+    monkeypatch.setattr(jflax, "dynamic_attention_inputs", dense_attention_inputs)  # shared by linen and nnx
     calls.clear()
     ref, ref_grads = run()
     assert calls and all(mk.dtype == jnp.bool_ for _, mk in calls)

@@ -104,7 +104,7 @@ def test_oracle_small_hand_case():
 
 
 def test_oracle_causal_is_bottom_right():
-    B, Lq, Lk, H, D = 1, 2, 4, 1, 2
+    B, Lq, Lk, H = 1, 2, 4, 1
     keep = oracle.keep_matrix(None, B, H, H, Lq, Lk, True)[0, 0]
     np.testing.assert_array_equal(keep, [[1, 1, 1, 0], [1, 1, 1, 1]])
     keep = oracle.keep_matrix(None, B, H, H, 4, 2, True)[0, 0]
