@@ -50,6 +50,11 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     Returns:
       out [B, Lq, H, D] in query's dtype, or (out, lse) when return_lse. A row with no kept key gives 0 and
       lse -inf, and all gradients it touches are 0.
+
+    NaN and inf: a row drops a key where the mask or causality does and where the bias (or the logit) is -inf; a
+    dropped key contributes nothing to the row, whatever its values. A NaN or +inf logit makes the row's out and
+    lse NaN, and NaN reaches exactly the gradients the row touches. "xla" computes dense products, so a NaN in a
+    dropped pair still reaches the row (0 * NaN); "cuda" does not follow this yet (README, known limitations).
     """
     call = _validation.normalize_call(query, key, value, bias, mask, scale=scale, softcap=softcap,
                                       implementation=implementation)
