@@ -1,7 +1,9 @@
 """Pure-jnp attention with the whole jax_dmattn contract; also ``implementation="xla"``.
 
 It materialises the [B, H, Lq, Lk] scores: use it as the ground truth and for small problems, not at long
-context. Gradients come from JAX autodiff and are NaN-free on rows with no kept key.
+context. Gradients come from JAX autodiff and are NaN-free on rows with no kept key. Its products are dense, so a
+NaN or inf in q, k or v of a pair that the row drops still reaches that row's results (0 * NaN = NaN), where the
+CPU kernels leave it out (docs/design.md).
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ def reference_core(q, k, v, bias, mask, *, scale, is_causal, softcap):
     if softcap:
         logits = softcap * jnp.tanh(logits / softcap)
     if bias is not None:
-        logits = logits + _grouped(bias.astype(acc), hkv, g)
+        bias = _grouped(bias.astype(acc), hkv, g)
+        # A -inf bias drops its key like a False mask, also where q.k is NaN or inf (NaN + -inf is NaN).
+        logits = jnp.where(bias == -jnp.inf, -jnp.inf, logits + bias)
     keep = None
     if mask is not None:
         keep = _grouped(mask, hkv, g)
@@ -51,14 +55,15 @@ def reference_core(q, k, v, bias, mask, *, scale, is_causal, softcap):
         logits = jnp.where(keep, logits, -jnp.inf)
     # initial: Lk = 0 gives rows with no key (max -inf) rather than a reduction error
     row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
-    # Rows with no kept key have max -inf: shift by 0 instead so exp gives exact zeros and no NaN.
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    # Rows with no kept key have max -inf: shift by 0 instead so exp gives exact zeros and no NaN. A NaN or +inf
+    # max (a NaN or +inf logit) stays, so out and lse of that row are NaN.
+    row_max = jax.lax.stop_gradient(jnp.where(row_max == -jnp.inf, 0.0, row_max))
     p = jnp.exp(logits - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    nonempty = denom > 0
-    safe_denom = jnp.where(nonempty, denom, 1.0)
+    empty = denom == 0
+    safe_denom = jnp.where(empty, 1.0, denom)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p / safe_denom, vf, precision=jax.lax.Precision.HIGHEST)
-    lse = jnp.where(nonempty, jnp.log(safe_denom) + row_max, -jnp.inf)[..., 0]
+    lse = jnp.where(empty, -jnp.inf, jnp.log(safe_denom) + row_max)[..., 0]
     return out.reshape(b, lq, h, d).astype(q.dtype), lse.reshape(b, h, lq)
 
 

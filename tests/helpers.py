@@ -362,7 +362,7 @@ def _kw_items(case, extra):
 
 
 def _as_jax(*xs):
-    return [None if x is None else jnp.asarray(x) for x in xs]
+    return [None if x is None else jax.tree.map(jnp.asarray, x) for x in xs]  # a compact mask is a pytree
 
 
 def run_forward(implementation, case: Case, q, k, v, bias, mask, *, jit=True, **extra):

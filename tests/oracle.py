@@ -7,7 +7,12 @@ Written from the contract (docs/design.md, "Semantics fixed here"), independentl
 * bias/mask broadcast: lower rank is left-padded with 1s, each dim is 1 or full, the head dim may be
   1, Hkv (query head ``h`` -> ``h // g``) or H;
 * bottom-right causal: key ``j`` is visible from query ``i`` iff ``j <= i + Lk - Lq``;
-* a row with no kept key has out 0, lse -inf, and contributes nothing to any gradient.
+* a row with no kept key has out 0, lse -inf, and contributes nothing to any gradient;
+* non-finite values: row ``i`` drops key ``j`` when the mask or causality does, when ``bias_ij`` is -inf (whatever
+  ``q_i . k_j`` is) or when its logit is -inf. A dropped key contributes nothing to the row, forward or backward,
+  even where its k / v (or the row's q) is NaN or inf: the products are restricted to kept pairs, never a dense
+  ``0 * NaN``. A NaN or +inf logit of a kept key makes the row's out and lse NaN, and NaN spreads from there
+  through the gradients like any other value.
 
 Every input is cast to float64 first, so callers pass the exact (rounded) values they gave the
 implementation under test.
@@ -82,6 +87,22 @@ def _bias_full(bias, B, H, Hkv, Lq, Lk):
     return np.broadcast_to(expand_to_heads(b4, H, Hkv), (B, H, Lq, Lk))
 
 
+def _kept_product(w, x, keep, over):
+    """``sum_j w[b,h,i,j] x[b,h,j,d]`` (over="keys", -> [B, H, Lq, D]) or ``sum_i w[b,h,i,j] x[b,h,i,d]``
+    (over="rows", -> [B, H, Lk, D]), where a pair (i, j) that ``keep`` [B, H, Lq, Lk] drops contributes nothing
+    even when its x is NaN or inf (a dense product would give 0 * NaN = NaN)."""
+    finite = np.isfinite(x)
+    spec = "bhij,bhjd->bhid" if over == "keys" else "bhij,bhid->bhjd"
+    r = np.einsum(spec, w, np.where(finite, x, 0.0))
+    with np.errstate(invalid="ignore"):  # 0 * inf of a kept pair is NaN, as in any product
+        for b, h, n, d in np.argwhere(~finite):
+            if over == "keys":
+                r[b, h, :, d] += np.where(keep[b, h, :, n], w[b, h, :, n] * x[b, h, n, d], 0.0)
+            else:
+                r[b, h, :, d] += np.where(keep[b, h, n, :], w[b, h, n, :] * x[b, h, n, d], 0.0)
+    return r
+
+
 def _forward(q, k, v, bias, mask, scale, is_causal, softcap):
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, Lq, H, D = q.shape
@@ -103,21 +124,24 @@ def _forward(q, k, v, bias, mask, scale, is_causal, softcap):
         s = raw
     bf = _bias_full(bias, B, H, Hkv, Lq, Lk)
     if bf is not None:
-        s = s + bf
+        with np.errstate(invalid="ignore"):  # NaN or inf q.k + -inf
+            s = np.where(bf == -np.inf, -np.inf, s + bf)
     keep = keep_matrix(mask, B, H, Hkv, Lq, Lk, is_causal)
-    # A kept key whose score is -inf (a -inf bias) contributes exp(-inf) = 0, like an excluded one.
-    keep = keep & (s > -np.inf)
+    # A -inf score drops its key like the mask does; a NaN score is kept, so it reaches its row.
+    keep = keep & (s != -np.inf)
     s_kept = np.where(keep, s, -np.inf)
-    m = s_kept.max(axis=-1, keepdims=True)
+    m = s_kept.max(axis=-1, keepdims=True)  # NaN if a kept score is NaN
     row_empty = ~keep.any(axis=-1, keepdims=True)
     m_safe = np.where(row_empty, 0.0, m)
-    e = np.where(keep, np.exp(s_kept - m_safe), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf where the max is +inf
+        e = np.where(keep, np.exp(s_kept - m_safe), 0.0)
     denom = e.sum(axis=-1, keepdims=True)
-    p = e / np.where(row_empty, 1.0, denom)  # empty rows: all zeros
-    out_h = np.einsum("bhij,bhjd->bhid", p, vh)  # [B, H, Lq, D]
+    p = np.where(keep, e / np.where(row_empty, 1.0, denom), 0.0)  # empty rows: all zeros
+    out_h = _kept_product(p, vh, keep, "keys")  # [B, H, Lq, D]
     with np.errstate(divide="ignore"):
         lse = np.where(row_empty[..., 0], -np.inf, m_safe[..., 0] + np.log(np.where(row_empty, 1.0, denom)[..., 0]))
-    ctx = dict(qh=qh, kh=kh, vh=vh, p=p, t=t, out_h=out_h, scale=scale, g=g, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D)
+    ctx = dict(qh=qh, kh=kh, vh=vh, p=p, keep=keep, t=t, out_h=out_h, scale=scale, g=g, B=B, H=H, Hkv=Hkv, Lq=Lq,
+               Lk=Lk, D=D)
     return out_h.transpose(0, 2, 1, 3), lse, ctx
 
 
@@ -161,21 +185,22 @@ def oracle_grads(q, k, v, bias=None, mask=None, dout=None, *, scale=None, is_cau
     out, lse, c = _forward(q, k, v, bias, mask, scale, is_causal, softcap)
     B, H, Hkv, Lk, D, g = c["B"], c["H"], c["Hkv"], c["Lk"], c["D"], c["g"]
     do_h = _f64(dout).transpose(0, 2, 1, 3)  # [B, H, Lq, D]
-    p = c["p"]
-    dv_h = np.einsum("bhij,bhid->bhjd", p, do_h)
+    p, keep = c["p"], c["keep"]
+    dv_h = _kept_product(p, do_h, keep, "rows")
     dp = np.einsum("bhid,bhjd->bhij", do_h, c["vh"])
     delta = (do_h * c["out_h"]).sum(axis=-1, keepdims=True)
     if dlse is not None:  # d lse_i / d s_ij = p_ij
         delta = delta - _f64(dlse)[..., None]
-    ds = p * (dp - delta)  # zero wherever p == 0 (excluded keys, empty rows)
     kh, qh = c["kh"], c["qh"]
-    if magnitude:
-        ds = p * (np.abs(dp) + np.abs(delta))
-        kh, qh, do_h = np.abs(kh), np.abs(qh), np.abs(do_h)
-        dv_h = np.einsum("bhij,bhid->bhjd", p, do_h)
-    draw = ds if c["t"] is None else ds * (1.0 - c["t"] ** 2)
-    dq_h = c["scale"] * np.einsum("bhij,bhjd->bhid", draw, kh)
-    dk_h = c["scale"] * np.einsum("bhij,bhid->bhjd", draw, qh)
+    with np.errstate(invalid="ignore"):
+        ds = np.where(keep, p * (dp - delta), 0.0)  # zero wherever a key is dropped (and in empty rows)
+        if magnitude:
+            ds = np.where(keep, p * (np.abs(dp) + np.abs(delta)), 0.0)
+            kh, qh, do_h = np.abs(kh), np.abs(qh), np.abs(do_h)
+            dv_h = _kept_product(p, do_h, keep, "rows")
+        draw = ds if c["t"] is None else np.where(keep, ds * (1.0 - c["t"] ** 2), 0.0)
+    dq_h = c["scale"] * _kept_product(draw, kh, keep, "keys")
+    dk_h = c["scale"] * _kept_product(draw, qh, keep, "rows")
     dq = dq_h.transpose(0, 2, 1, 3)
     dk = dk_h.reshape(B, Hkv, g, Lk, D).sum(axis=2).transpose(0, 2, 1, 3)
     dv = dv_h.reshape(B, Hkv, g, Lk, D).sum(axis=2).transpose(0, 2, 1, 3)

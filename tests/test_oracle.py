@@ -103,6 +103,25 @@ def test_oracle_small_hand_case():
     np.testing.assert_allclose(lse2.ravel(), [np.log(np.exp(s2).sum())])
 
 
+def test_oracle_non_finite_semantics():
+    # one query, three keys, D=1; key 2 is dropped (mask, then -inf bias) and holds NaN in k and v
+    q = np.array([1.0]).reshape(1, 1, 1, 1)
+    k = np.array([1.0, 2.0, np.nan]).reshape(1, 3, 1, 1)
+    v = np.array([3.0, 5.0, np.nan]).reshape(1, 3, 1, 1)
+    dout = np.ones((1, 1, 1, 1))
+    p = np.exp([1.0, 2.0]) / np.exp([1.0, 2.0]).sum()
+    for bias, mask in ((None, np.array([True, True, False])), (np.array([0.0, 0.0, -np.inf]), None)):
+        out, lse = oracle.oracle_attention(q, k, v, bias, mask, scale=1.0)
+        np.testing.assert_allclose(out.ravel(), [p @ [3.0, 5.0]])
+        np.testing.assert_allclose(lse.ravel(), [np.log(np.exp([1.0, 2.0]).sum())])
+        dq, dk, dv, _ = oracle.oracle_grads(q, k, v, bias, mask, dout, scale=1.0)
+        assert np.isfinite(dq).all() and np.all(dk.ravel()[2] == 0) and np.all(dv.ravel()[2] == 0)
+    # kept, the NaN makes the row NaN, and every gradient the row touches
+    out, lse = oracle.oracle_attention(q, k, v, None, None, scale=1.0)
+    assert np.isnan(out).all() and np.isnan(lse).all()
+    assert all(np.isnan(g).all() for g in oracle.oracle_grads(q, k, v, None, None, dout, scale=1.0)[:3])
+
+
 def test_oracle_causal_is_bottom_right():
     B, Lq, Lk, H = 1, 2, 4, 1
     keep = oracle.keep_matrix(None, B, H, H, Lq, Lk, True)[0, 0]

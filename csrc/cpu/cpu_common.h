@@ -146,7 +146,6 @@ inline float exp2_nonpositive(float x) {
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 
 // C[M x N] += A[M x K] * B[K x N]; M % 4 == 0, N % 16 == 0; row-major with leading dims. A 4 x 16
@@ -194,15 +193,48 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const float* __restrict A,
   }
 }
 
+// gemm_acc over kept pairs only: C[i][j] += sum of A[i][k] * B[k][j] over the k with keep[i * keep_i + k * keep_k]
+// set. A dropped pair adds nothing even where B holds NaN or inf, where gemm_acc would add 0 * NaN = NaN. A plain
+// loop: it serves the rare tiles that hold a non-finite value. keep == nullptr keeps every pair (gemm_acc).
+inline void gemm_acc_kept(int64_t M, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
+                          const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
+                          const uint8_t* keep, int64_t keep_i, int64_t keep_k) {
+  if (keep == nullptr) return gemm_acc(M, N, K, A, lda, B, ldb, C, ldc);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (!keep[i * keep_i + k * keep_k]) continue;
+      const float a = A[i * lda + k];
+      const float* b = B + k * ldb;
+      float* c = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// max(a, b), but NaN if either is NaN (std::max and the max instructions drop a NaN depending on its position).
+inline float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // Reductions in 8 independent lanes, so they vectorise under strict IEEE semantics.
-inline float lane_max(const float* x, int64_t n) {  // n % 8 == 0
+inline float lane_max(const float* x, int64_t n) {  // n % 8 == 0; NaN if any x is NaN
   float m[8];
-  for (int l = 0; l < 8; ++l) m[l] = x[l];
-  for (int64_t c = 8; c < n; c += 8)
-    for (int l = 0; l < 8; ++l) m[l] = x[c + l] > m[l] ? x[c + l] : m[l];
+  int nan[8];  // a flag beside the max, since a NaN-propagating select does not vectorise
+  for (int l = 0; l < 8; ++l) {
+    m[l] = x[l];
+    nan[l] = x[l] != x[l];
+  }
+  for (int64_t c = 8; c < n; c += 8) {
+    for (int l = 0; l < 8; ++l) {
+      m[l] = x[c + l] > m[l] ? x[c + l] : m[l];
+      nan[l] |= x[c + l] != x[c + l];
+    }
+  }
   float r = m[0];
-  for (int l = 1; l < 8; ++l) r = m[l] > r ? m[l] : r;
-  return r;
+  int any_nan = nan[0];
+  for (int l = 1; l < 8; ++l) {
+    r = m[l] > r ? m[l] : r;
+    any_nan |= nan[l];
+  }
+  return any_nan ? NAN : r;
 }
 
 inline float lane_sum(const float* x, int64_t n) {  // n % 8 == 0
@@ -210,6 +242,16 @@ inline float lane_sum(const float* x, int64_t n) {  // n % 8 == 0
   for (int64_t c = 0; c < n; c += 8)
     for (int l = 0; l < 8; ++l) s[l] += x[c + l];
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+inline bool all_finite(const float* x, int64_t n) {
+  uint32_t non_finite = 0;  // exponent bits all set: inf or NaN; integer ops, so the loop vectorises
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    non_finite |= (~u & 0x7f800000u) == 0;
+  }
+  return non_finite == 0;
 }
 
 // dst[c][r] = src[r][c] for an R x C block.

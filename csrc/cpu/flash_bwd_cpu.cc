@@ -3,7 +3,8 @@
 // tile that sees the key tile. dk / dv of the whole group accumulate in the item; dbias columns of the key tile
 // belong to exactly one item, so they are reduced there without atomics; dq accumulates in per-thread float32
 // buffers that are summed in thread order at the end. Items run on a static schedule, so the result is
-// bitwise reproducible.
+// bitwise reproducible. A tile that reads a NaN or inf (in q, k, v, dout, lse or delta) keeps its dropped pairs
+// out of every product, so the value reaches exactly the gradients it touches (see kept_pairs).
 #include "cpu/flash_bwd_cpu.h"
 
 #include <vector>
@@ -45,6 +46,14 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
   const MaskTileMap classes(mask);
   const std::vector<float> delta = row_deltas(p, out, dout, dlse);
   const BroadcastOperand& bias = p.bias;
+  // Tiles free of NaN and inf: a key tile (k, v) and a query tile (q, dout, lse, delta) that both are take the
+  // plain GEMMs; any other pair cuts its dropped pairs out of every product.
+  const std::vector<uint8_t> kv_finite = finite_tiles({k, v}, p.dtype, p.batch, p.kv_len, p.kv_heads, D, kBlockN);
+  std::vector<uint8_t> q_finite = finite_tiles({q, dout}, p.dtype, p.batch, p.q_len, p.heads, D, kBlockM);
+  for (int64_t row = 0; row < p.batch * p.heads * p.q_len; ++row) {  // row = (b * H + h) * Lq + i
+    const bool ok = !std::isnan(lse[row]) && std::isfinite(delta[row]);
+    if (!ok) q_finite[row / p.q_len * m_tiles + row % p.q_len / kBlockM] = 0;
+  }
 
   // A bias constant along keys shifts every logit of a row equally; softmax cancels it, so its gradient is 0.
   const bool has_dbias = bias.present() && bias.cols > 1;
@@ -84,6 +93,7 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
     float* T = S + kBlockM * kBlockN;      // tanh of the capped logits (softcap only)
     float* dS = T + kBlockM * kBlockN;     // dP, then dS
     float* Tr = dS + kBlockM * kBlockN;    // P^T, then dS^T
+    uint8_t keep[kBlockM * kBlockN];
 
     // dbias scratch for the bias heads this item touches: [heads][bias rows][kBlockN].
     const int64_t h_first = kvh_begin * g, h_last = (kvh_begin + kv_heads_per_item) * g - 1;
@@ -121,22 +131,34 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
             const int64_t m0 = mt * kBlockM, bm = std::min<int64_t>(kBlockM, p.q_len - m0);
             load_seq_tile(q, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, Q);
             load_seq_tile(dout, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, dO);
+            // With finite operands a dropped pair's zero P and dS multiply finite values, so the plain GEMMs are
+            // exact; otherwise 0 * NaN would carry a dropped pair's NaN into the gradients.
+            const bool finite = kv_finite[(b * p.kv_heads + kvh) * n_tiles + nt] &&
+                                q_finite[(b * p.heads + h) * m_tiles + mt];
+            const uint8_t* kept = finite ? nullptr : keep;
 
             std::fill(S, S + kBlockM * kBlockN, 0.f);
             gemm_acc(kBlockM, kBlockN, Dp, Q, Dp, Kt, kBlockN, S, kBlockN);
             logits_tile(p, mask, TileCoord{b, h, m0, bm, n0, bn, cls}, S, p.softcap > 0.f ? T : nullptr);
+            if (!finite) kept_pairs(S, keep);
             for (int64_t r = 0; r < kBlockM; ++r) {
               float* s = S + r * kBlockN;
-              const float l = r < bm ? lse_h[m0 + r] * kLog2e : kNegInf;
+              const float l = r < bm ? lse_h[m0 + r] : kNegInf;
               if (l == kNegInf) {  // a row with no kept key: P = 0
                 std::fill(s, s + kBlockN, 0.f);
                 continue;
               }
-              for (int64_t c = 0; c < kBlockN; ++c) s[c] = exp2_nonpositive(s[c] * kLog2e - l);
+              if (l != l) {  // a NaN row (zero_dropped below clears its dropped pairs)
+                std::fill(s, s + kBlockN, NAN);
+                continue;
+              }
+              // Subtract, then scale, as the forward: the top term of a row is exact at any magnitude.
+              for (int64_t c = 0; c < kBlockN; ++c) s[c] = exp2_nonpositive((s[c] - l) * kLog2e);
             }
+            if (!finite) zero_dropped(S, keep);
 
             transpose(kBlockM, kBlockN, S, kBlockN, Tr, kBlockM);
-            gemm_acc(kBlockN, Dp, kBlockM, Tr, kBlockM, dO, Dp, dV, Dp);  // dV += P^T dO
+            gemm_acc_kept(kBlockN, Dp, kBlockM, Tr, kBlockM, dO, Dp, dV, Dp, kept, 1, kBlockN);  // dV += P^T dO
 
             std::fill(dS, dS + kBlockM * kBlockN, 0.f);
             gemm_acc(kBlockM, kBlockN, Dp, dO, Dp, Vt, kBlockN, dS, kBlockN);  // dP = dO V^T
@@ -147,6 +169,7 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
               for (int64_t c = 0; c < kBlockN; ++c) ds[c] = pr[c] * (ds[c] - dr);
             }
             std::fill(dS + bm * kBlockN, dS + kBlockM * kBlockN, 0.f);
+            if (!finite) zero_dropped(dS, keep);  // dP and delta may be NaN or inf there
 
             if (has_dbias) {
               const int64_t hb = h / bias.heads_per_index;
@@ -163,6 +186,7 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
             }
 
             // Back through the cap and the scale: d(scale * q.k) = dS * (1 - tanh^2) * scale.
+            if (!finite && p.softcap > 0.f) zero_dropped(T, keep);  // tanh of a dropped pair's NaN q.k
             for (int64_t r = 0; r < bm; ++r) {
               float* ds = dS + r * kBlockN;
               if (p.softcap > 0.f) {
@@ -174,9 +198,9 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
             }
 
             transpose(kBlockM, kBlockN, dS, kBlockN, Tr, kBlockM);
-            gemm_acc(kBlockN, Dp, kBlockM, Tr, kBlockM, Q, Dp, dK, Dp);  // dK += dS^T Q
+            gemm_acc_kept(kBlockN, Dp, kBlockM, Tr, kBlockM, Q, Dp, dK, Dp, kept, 1, kBlockN);  // dK += dS^T Q
             std::fill(dQ, dQ + kBlockM * Dp, 0.f);
-            gemm_acc(kBlockM, Dp, kBlockN, dS, kBlockN, K, Dp, dQ, Dp);  // dQ = dS K
+            gemm_acc_kept(kBlockM, Dp, kBlockN, dS, kBlockN, K, Dp, dQ, Dp, kept, kBlockN, 1);  // dQ = dS K
             for (int64_t r = 0; r < bm; ++r) {
               float* dst = dq_acc.data() + ((b * p.q_len + m0 + r) * p.heads + h) * D;
               const float* src = dQ + r * Dp;

@@ -2,6 +2,8 @@
 // kBlockM x kBlockN (or kBlock x Dp) float32 array, zero-padded past the sequence ends and the head dim.
 #pragma once
 #include <algorithm>
+#include <initializer_list>
+#include <vector>
 
 #include "cpu/cpu_common.h"
 #include "cpu/mask_source.h"
@@ -27,7 +29,8 @@ struct TileCoord {
 };
 
 // S (kBlockM x kBlockN, holding q.k) -> logits cap(scale * q.k) + bias, -inf where the key is not kept.
-// Keys past the tile's end, above the causal diagonal, or dropped by the mask in a partial tile are not kept.
+// Keys past the tile's end, above the causal diagonal, dropped by the mask in a partial tile, or with a -inf bias
+// are not kept, whatever their q.k.
 // If tanh_out is given it receives tanh(scale * q.k / softcap) (the softcap chain rule needs it).
 inline void logits_tile(const AttentionParams& p, const MaskSource& mask, const TileCoord& t, float* S,
                         float* tanh_out) {
@@ -36,9 +39,9 @@ inline void logits_tile(const AttentionParams& p, const MaskSource& mask, const 
   const int64_t off = p.causal_offset();
   for (int64_t r = 0; r < t.bm; ++r) {
     float* s = S + r * kBlockN;
-    if (cap > 0.f) {
+    if (cap > 0.f) {  // every column, so no stale tanh is left past the tile's end
       float* th = tanh_out ? tanh_out + r * kBlockN : nullptr;
-      for (int64_t c = 0; c < t.bn; ++c) {
+      for (int64_t c = 0; c < kBlockN; ++c) {
         const float tv = std::tanh(s[c] * scale / cap);
         if (th) th[c] = tv;
         s[c] = cap * tv;
@@ -50,13 +53,18 @@ inline void logits_tile(const AttentionParams& p, const MaskSource& mask, const 
     if (p.bias.present()) {
       const BroadcastOperand& bias = p.bias;
       const int64_t base = bias.offset(t.b, t.h, i, t.n0);
+      // A -inf bias drops its key whatever q.k is (a NaN or +inf q.k plus -inf would be NaN).
       if (bias.col_stride == 0) {
         const float v = load_f32(bias.data, bias.dtype, base);
-        for (int64_t c = 0; c < t.bn; ++c) s[c] += v;
+        if (v == kNegInf) {
+          std::fill(s, s + t.bn, kNegInf);
+        } else {
+          for (int64_t c = 0; c < t.bn; ++c) s[c] += v;
+        }
       } else {
         float row[kBlockN];
         load_row(bias.data, bias.dtype, base, t.bn, row);
-        for (int64_t c = 0; c < t.bn; ++c) s[c] += row[c];
+        for (int64_t c = 0; c < t.bn; ++c) s[c] = row[c] == kNegInf ? kNegInf : s[c] + row[c];
       }
     }
     // Keys visible from row i: [n0, limit) before the mask.
@@ -66,6 +74,45 @@ inline void logits_tile(const AttentionParams& p, const MaskSource& mask, const 
     if (t.cls == kPartial) mask.drop_row(t.b, t.h, i, t.n0, limit, s);
   }
   for (int64_t r = t.bm; r < kBlockM; ++r) std::fill(S + r * kBlockN, S + (r + 1) * kBlockN, kNegInf);
+}
+
+// Per (batch, head, tile of `block` rows) of [B, L, Hx, D] tensors of one dtype, [(b * Hx + head) * tiles + t]:
+// 1 if no tensor in xs holds a NaN or inf there. One pass per call, so the kernels look tiles up instead of
+// scanning a tile once per tile pair.
+inline std::vector<uint8_t> finite_tiles(std::initializer_list<const void*> xs, DType t, int64_t B, int64_t L,
+                                         int64_t Hx, int64_t D, int64_t block) {
+  const int64_t tiles = ceil_div(L, block);
+  std::vector<uint8_t> finite(B * Hx * tiles);
+  parallel_for(B * Hx * tiles, [&](int64_t item, int) {
+    const int64_t tile = item % tiles, head = (item / tiles) % Hx, b = item / (tiles * Hx);
+    std::vector<float> row(D);
+    bool ok = true;
+    for (const void* x : xs) {
+      for (int64_t r = tile * block; r < std::min(L, (tile + 1) * block) && ok; ++r) {
+        const int64_t offset = ((b * L + r) * Hx + head) * D;
+        if (t == DType::kF32) {
+          ok = all_finite(static_cast<const float*>(x) + offset, D);
+        } else {
+          load_row(x, t, offset, D, row.data());
+          ok = all_finite(row.data(), D);
+        }
+      }
+    }
+    finite[item] = ok;
+  });
+  return finite;
+}
+
+// A pair (row, key) of a logits tile is kept unless its logit is -inf: masked, causal, -inf bias or q.k = -inf.
+// Tiles that hold a NaN or inf need the kept pairs explicitly, since 0 * NaN is NaN (the GEMMs would let a dropped
+// pair's zero weight pick up its NaN).
+inline void kept_pairs(const float* S, uint8_t* keep) {
+  for (int64_t i = 0; i < kBlockM * kBlockN; ++i) keep[i] = S[i] != kNegInf;
+}
+
+// X[i] = 0 at the dropped pairs of a kBlockM x kBlockN tile (a select, so it vectorises).
+inline void zero_dropped(float* X, const uint8_t* keep) {
+  for (int64_t i = 0; i < kBlockM * kBlockN; ++i) X[i] = keep[i] ? X[i] : 0.f;
 }
 
 // The key range of query tile [m0, m0 + bm) under bottom-right causality: keys [0, end).
