@@ -68,7 +68,6 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
       lse -inf, and all gradients it touches are 0. Lk = 0 is that for every row; B, H or Lq = 0 gives empty
       results. D = 0 is a ValueError.
 
-
     NaN and inf: a row drops a key where the mask or causality does and where the bias (or the logit) is -inf; a
     dropped key contributes nothing to the row, whatever its values. A NaN or +inf logit makes the row's out and
     lse NaN, and NaN reaches exactly the gradients the row touches. "xla" computes dense products, so a NaN in a
