@@ -9,9 +9,10 @@ from jax_dmattn import _ffi  # noqa: E402
 from jax_dmattn.attention import attention, default_implementation  # noqa: E402
 from jax_dmattn.masks import KeyIndices, TopKMask, block_topk_mask, topk_mask  # noqa: E402
 from jax_dmattn.reference import attention_reference  # noqa: E402
+from jax_dmattn import context_parallel  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["KeyIndices", "TopKMask", "attention", "attention_reference", "block_topk_mask", "default_implementation",
-           "topk_mask"]
+__all__ = ["KeyIndices", "TopKMask", "attention", "attention_reference", "block_topk_mask", "context_parallel",
+           "default_implementation", "topk_mask"]
 
 _ffi.register_targets()

@@ -1,0 +1,345 @@
+"""Context parallelism: attention over a sequence split across the devices of one mesh axis, inside shard_map.
+
+Device ``i`` of axis ``axis_name`` (n devices) holds query chunk ``i`` and key/value chunk ``i`` of the
+sequence (``[B, L / n, ...]`` each). Two strategies compute its rows' attention over every key:
+
+- ``"ring"``: the key/value chunks (and the operands that travel with keys: a per-key bias or mask) pass around
+  the ring with ``jax.lax.ppermute``, one chunk per step; no device ever holds more than two chunks of K/V.
+- ``"all_gather"``: every device gathers all of K/V once (``jax.lax.all_gather``) and walks the chunks locally;
+  one collective instead of n - 1, at the memory of the whole K/V (fine with few kv heads).
+
+Each step is one call of the kernels on a (query chunk, key chunk) pair, combined exactly through the log-sum-exp.
+With ``is_causal`` (self-attention: equal global query and key lengths, equal chunks) a pair above the diagonal
+is skipped, the diagonal pair is causal and a pair below it has no mask. The backward walks the ring again: dq
+stays, dk / dv (and the gradient of a travelling bias) travel with their chunk and end on the device that owns
+it; each step calls the backward kernel with the rows' global output and log-sum-exp, which makes its partial
+gradients exact (docs/distributed.md, "Context parallelism").
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_dmattn import _primitives, _validation
+from jax_dmattn.attention import _padded_head_dim, default_implementation
+
+__all__ = ["attention"]
+
+STRATEGIES = ("ring", "all_gather")
+
+
+class _Layout(NamedTuple):
+    """Static facts of one call, decided while tracing."""
+    n: int                   # devices on the axis
+    axis_name: object
+    strategy: str
+    config: _primitives.KernelConfig  # is_causal: the diagonal pair's; other pairs have no causal mask
+    bias_keys: str | None    # how the bias's key dim is laid out: "one", "chunk" (travels), "full" (sliced)
+    mask_keys: str | None
+    chunk: int               # keys per chunk
+
+
+def _key_layout(name: str, x, chunk: int, n: int) -> str | None:
+    if x is None:
+        return None
+    nk = x.shape[3]
+    if nk == 1 and chunk != 1:
+        return "one"
+    if nk == chunk:
+        return "chunk"
+    if nk == n * chunk:
+        return "full"
+    raise ValueError(f"{name}'s key dim must be 1, the local key chunk ({chunk}) or the whole key length "
+                     f"({n * chunk}), got {nk}")
+
+
+def _rank4(name: str, x, dims):
+    """A bias / mask as the kernels take it, rank 4 with broadcast dims of size 1. Its key dim is checked by
+    _key_layout (the local chunk or all keys), its query dim against the local query chunk."""
+    if x is None:
+        return None
+    b, h, hkv, lq = dims
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(f"{name} must have rank <= 4 ([B, H, Lq, Lk] broadcastable), got shape {x.shape}")
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    ok = (x.shape[0] in (1, b) and x.shape[1] in (1, hkv, h) and x.shape[2] in (1, lq))
+    if not ok:
+        raise ValueError(f"{name} of shape {x.shape} does not broadcast to the local [B={b}, H={h} (or Hkv={hkv}), "
+                         f"Lq={lq} (this device's query chunk), keys]")
+    return x
+
+
+def _slice_keys(x, layout: str | None, j, chunk: int):
+    """The part of x for key chunk j: a "full" operand is sliced, the others are already that chunk."""
+    if layout != "full":
+        return x
+    return lax.dynamic_slice_in_dim(x, j * chunk, chunk, axis=3)
+
+
+def _pair_kind(i, j, causal: bool):
+    """0: no mask from causality, 1: the diagonal (causal), 2: above the diagonal (nothing visible)."""
+    if not causal:
+        return jnp.int32(0)
+    return jnp.where(i == j, 1, jnp.where(j > i, 2, 0)).astype(jnp.int32)
+
+
+def _operand(x, dtype):
+    return jnp.zeros((0,), dtype) if x is None else x
+
+
+def _fwd_pair(q, k, v, bias, mask, kind, layout: _Layout):
+    """(out [B, Lq, H, D], lse [B, H, Lq] f32) of one (query chunk, key chunk) pair."""
+    b, lq, h, _ = q.shape
+    bias_op, mask_op = _operand(bias, jnp.float32), _operand(mask, jnp.bool_)
+
+    def run(causal):
+        config = dataclasses.replace(layout.config, is_causal=causal)
+        return tuple(_primitives.dmattn_fwd_p.bind(q, k, v, bias_op, mask_op, config=config))
+
+    def nothing():  # varying like the kernel's results, so that the branches agree under shard_map
+        _, out, lse = _primitives._match_vma(q, jnp.zeros(q.shape, q.dtype), jnp.full((b, h, lq), -jnp.inf))
+        return out, lse
+
+    return lax.switch(kind, (lambda: run(False), lambda: run(True), nothing))
+
+
+def _bwd_pair(q, k, v, bias, mask, out, lse, dout, dlse, kind, layout: _Layout):
+    """(dq, dk, dv, dbias) of one pair, given the rows' global out and lse (exact partial gradients)."""
+    bias_op, mask_op = _operand(bias, jnp.float32), _operand(mask, jnp.bool_)
+
+    def run(causal):
+        config = dataclasses.replace(layout.config, is_causal=causal)
+        return tuple(_primitives.dmattn_bwd_p.bind(q, k, v, bias_op, mask_op, out, lse, dout, dlse, config=config))
+
+    def nothing():  # each zero varies like the operand it is the gradient of, as the kernel's results do
+        return tuple(_primitives._match_vma(x, jnp.zeros(x.shape, x.dtype))[1] for x in (q, k, v, bias_op))
+
+    return lax.switch(kind, (lambda: run(False), lambda: run(True), nothing))
+
+
+def _combine(out, lse, out_s, lse_s):
+    """Merges a pair's (out_s, lse_s) into the running (out f32, lse): exact, -inf rows stay empty."""
+    new = jnp.logaddexp(lse, lse_s)
+    safe = jnp.where(jnp.isneginf(new), 0.0, new)
+    w_old = jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(lse - safe))
+    w_new = jnp.where(jnp.isneginf(lse_s), 0.0, jnp.exp(lse_s - safe))
+    to_rows = lambda w: jnp.transpose(w, (0, 2, 1))[..., None]  # noqa: E731  [B, H, Lq] -> [B, Lq, H, 1]
+    return out * to_rows(w_old) + out_s.astype(jnp.float32) * to_rows(w_new), new
+
+
+def _axis_size(axis_name) -> int:
+    size = getattr(lax, "axis_size", None)
+    return int(size(axis_name)) if size is not None else int(lax.psum(1, axis_name))
+
+
+def _ring_perm(n: int):
+    return [(d, (d + 1) % n) for d in range(n)]
+
+
+def _kv_source(layout: _Layout, k, v, bias, mask):
+    """For strategy "all_gather": the gathered K/V and travelling operands, and a fetch(j) of chunk j. For "ring":
+    None (the chunks arrive by ppermute)."""
+    if layout.strategy != "all_gather":
+        return None
+    gather = functools.partial(lax.all_gather, axis_name=layout.axis_name, axis=1, tiled=True)
+    full_k, full_v = gather(k), gather(v)
+    gather_keys = functools.partial(lax.all_gather, axis_name=layout.axis_name, axis=3, tiled=True)
+    full_bias = gather_keys(bias) if layout.bias_keys == "chunk" else None
+    full_mask = gather_keys(mask) if layout.mask_keys == "chunk" else None
+    c = layout.chunk
+
+    def fetch(j):
+        kj = lax.dynamic_slice_in_dim(full_k, j * c, c, axis=1)
+        vj = lax.dynamic_slice_in_dim(full_v, j * c, c, axis=1)
+        bj = lax.dynamic_slice_in_dim(full_bias, j * c, c, axis=3) if full_bias is not None else None
+        mj = lax.dynamic_slice_in_dim(full_mask, j * c, c, axis=3) if full_mask is not None else None
+        return kj, vj, bj, mj
+
+    return fetch
+
+
+def _forward(q, k, v, bias, mask, layout: _Layout):
+    n, c = layout.n, layout.chunk
+    i = lax.axis_index(layout.axis_name)
+    b, lq, h, d = q.shape
+    fetch = _kv_source(layout, k, v, bias, mask)
+    trav_bias = bias if layout.bias_keys == "chunk" else None
+    trav_mask = mask if layout.mask_keys == "chunk" else None
+
+    def step(s, carry):
+        out, lse, kj, vj, tb, tm = carry
+        j = (i - s) % n
+        if fetch is not None:
+            kj, vj, fb, fm = fetch(j)
+            tb = fb if fb is not None else tb
+            tm = fm if fm is not None else tm
+        bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, c)
+        mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, c)
+        out_s, lse_s = _fwd_pair(q, kj, vj, bj, mj, _pair_kind(i, j, layout.config.is_causal), layout)
+        out, lse = _combine(out, lse, out_s, lse_s)
+        if fetch is None:
+            kj, vj, tb, tm = lax.ppermute((kj, vj, tb, tm), layout.axis_name, _ring_perm(n))
+        return out, lse, kj, vj, tb, tm
+
+    init = (jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32), k, v,
+            trav_bias, trav_mask)
+    init = _primitives._match_vma(*init)
+    out, lse, *_ = lax.fori_loop(0, n, step, init)
+    return out.astype(q.dtype), lse
+
+
+def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout):
+    n, c = layout.n, layout.chunk
+    i = lax.axis_index(layout.axis_name)
+    fetch = _kv_source(layout, k, v, bias, mask)
+    has_bias = bias is not None
+    dbias_full = jnp.zeros(bias.shape, jnp.float32) if layout.bias_keys in ("one", "full") else None
+    trav_bias = bias if layout.bias_keys == "chunk" else None
+    trav_mask = mask if layout.mask_keys == "chunk" else None
+    dtb0 = jnp.zeros(bias.shape, jnp.float32) if layout.bias_keys == "chunk" else None
+    gathered = fetch is not None
+    if gathered:  # all_gather: gradients of every chunk accumulate here, then go to their owners at once
+        dk_all = jnp.zeros((k.shape[0], n * c) + k.shape[2:], jnp.float32)
+        dv_all = jnp.zeros_like(dk_all)
+        db_all = (jnp.zeros(bias.shape[:3] + (n * c,), jnp.float32) if layout.bias_keys == "chunk" else None)
+
+    def step(s, carry):
+        dq, kj, vj, tb, tm, dkj, dvj, dtb, dbf, acc = carry
+        j = (i - s) % n
+        if gathered:
+            kj, vj, fb, fm = fetch(j)
+            tb = fb if fb is not None else tb
+            tm = fm if fm is not None else tm
+        bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, c)
+        mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, c)
+        kind = _pair_kind(i, j, layout.config.is_causal)
+        gq, gk, gv, gb = _bwd_pair(q, kj, vj, bj, mj, out, lse, dout, dlse, kind, layout)
+        dq = dq + gq.astype(jnp.float32)
+        if has_bias:
+            gb = gb.astype(jnp.float32)
+            if layout.bias_keys == "chunk":
+                dtb = dtb + gb
+            elif layout.bias_keys == "full":
+                cur = lax.dynamic_slice_in_dim(dbf, j * c, c, axis=3)
+                dbf = lax.dynamic_update_slice_in_dim(dbf, cur + gb, j * c, axis=3)
+            else:
+                dbf = dbf + gb
+        if gathered:
+            ak, av, ab = acc
+            ak = lax.dynamic_update_slice_in_dim(ak, lax.dynamic_slice_in_dim(ak, j * c, c, 1) + gk, j * c, 1)
+            av = lax.dynamic_update_slice_in_dim(av, lax.dynamic_slice_in_dim(av, j * c, c, 1) + gv, j * c, 1)
+            if ab is not None:
+                ab = lax.dynamic_update_slice_in_dim(ab, lax.dynamic_slice_in_dim(ab, j * c, c, 3) + dtb, j * c, 3)
+                dtb = jnp.zeros_like(dtb)
+            acc = (ak, av, ab)
+        else:
+            dkj, dvj = dkj + gk.astype(jnp.float32), dvj + gv.astype(jnp.float32)
+            kj, vj, tb, tm, dkj, dvj, dtb = lax.ppermute((kj, vj, tb, tm, dkj, dvj, dtb), layout.axis_name,
+                                                          _ring_perm(n))
+        return dq, kj, vj, tb, tm, dkj, dvj, dtb, dbf, acc
+
+    zeros_kv = jnp.zeros(k.shape, jnp.float32)
+    acc0 = (dk_all, dv_all, db_all) if gathered else (None, None, None)
+    # the loop's carry varies over the same mesh axes throughout (shard_map's check_vma)
+    *flat, a0, a1, a2 = _primitives._match_vma(jnp.zeros(q.shape, jnp.float32), k, v, trav_bias, trav_mask,
+                                               zeros_kv, zeros_kv, dtb0, dbias_full, *acc0)
+    init = (*flat, (a0, a1, a2))
+    dq, _, _, _, _, dk, dv, dtb, dbf, acc = lax.fori_loop(0, n, step, init)
+    if gathered:
+        scatter = functools.partial(lax.psum_scatter, axis_name=layout.axis_name, tiled=True)
+        dk, dv = scatter(acc[0], scatter_dimension=1), scatter(acc[1], scatter_dimension=1)
+        if acc[2] is not None:
+            dtb = scatter(acc[2], scatter_dimension=3)
+    # ring: every chunk (and its gradients) moved one device per step, n steps: back on the device that owns it
+    dbias = None
+    if has_bias:
+        dbias = (dtb if layout.bias_keys == "chunk" else dbf).astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _cp_attention(q, k, v, bias, mask, layout: _Layout):
+    return _forward(q, k, v, bias, mask, layout)
+
+
+def _cp_fwd(q, k, v, bias, mask, layout):
+    out, lse = _forward(q, k, v, bias, mask, layout)
+    return (out, lse), (q, k, v, bias, mask, out, lse)
+
+
+def _cp_bwd(layout, residuals, cotangents):
+    q, k, v, bias, mask, out, lse = residuals
+    dout, dlse = cotangents
+    dout = jnp.asarray(dout, out.dtype)
+    dlse = jnp.asarray(dlse, jnp.float32)
+    dq, dk, dv, dbias = _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout)
+    return dq, dk, dv, dbias, None
+
+
+_cp_attention.defvjp(_cp_fwd, _cp_bwd)
+
+
+def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: str = "ring", scale=None,
+              is_causal=False, softcap=None, return_lse=False, deterministic=False, implementation=None):
+    """:func:`jax_dmattn.attention` over a sequence sharded along mesh axis ``axis_name``, called inside
+    ``shard_map``: ``query`` [B, Lq / n, H, D] and ``key`` / ``value`` [B, Lk / n, Hkv, D] are this device's
+    chunks (chunk i on the axis's device i); the result is this device's query rows of the whole attention.
+
+    ``bias`` / ``mask`` (bool) broadcast as in :func:`jax_dmattn.attention` over the local rows, and their key
+    dim is 1, the local key chunk (a per-key bias or padding mask: it travels with its keys) or the whole key
+    length (an operand sharded along queries only, e.g. a [B, H, Lq / n, Lk] bias). Compact masks
+    (TopKMask / KeyIndices) are not taken here: their selection spans every key chunk.
+
+    ``is_causal`` needs equal global query and key lengths (and so equal chunks): bottom-right and top-left
+    alignment coincide then. ``strategy``: "ring" (K/V chunks passed around with ppermute; no device holds more
+    than two) or "all_gather" (one gather of K/V, a reduce-scatter of their gradients). ``deterministic`` keeps
+    each kernel call bitwise reproducible; the order of the cross-device sums is fixed by the ring.
+    """
+    is_causal = _validation.check_flag("is_causal", is_causal)
+    return_lse = _validation.check_flag("return_lse", return_lse)
+    deterministic = _validation.check_flag("deterministic", deterministic)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if mask is not None and not (hasattr(mask, "dtype") and mask.dtype == jnp.bool_):
+        raise TypeError("context_parallel.attention takes a bool mask (True = attend); compact masks "
+                        f"(TopKMask / KeyIndices) select over every key chunk and are not taken here, got {mask!r}")
+    n = _axis_size(axis_name)
+    call = _validation.normalize_call(query, key, value, None, None, scale=scale, softcap=softcap,
+                                      implementation=implementation)
+    b, lq, h, d = query.shape
+    chunk, hkv = key.shape[1], key.shape[2]
+    if is_causal and lq != chunk:
+        raise ValueError(f"is_causal under context parallelism needs equal query and key chunks (self-attention "
+                         f"over one sequence), got {lq} query rows and {chunk} keys per device")
+    bias = _rank4("bias", bias, (b, h, hkv, lq))
+    mask = _rank4("mask", mask, (b, h, hkv, lq))
+    if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
+    if implementation is None:
+        implementation = default_implementation(query.dtype, d)
+    if implementation == "xla":
+        raise ValueError("context_parallel.attention runs the kernels (implementation None, 'cpu' or 'cuda'); "
+                         "the pure-jnp reference has no per-chunk form")
+    if bias is not None and bias.dtype not in _validation.KERNEL_BIAS_DTYPES:
+        bias = bias.astype(jnp.float32)
+    d_pad = _padded_head_dim(d, implementation)
+    q, k, v = query, key, value
+    if d_pad != d:
+        pad = [(0, 0)] * 3 + [(0, d_pad - d)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
+                                      deterministic=deterministic, implementation=implementation)
+    layout = _Layout(n=int(n), axis_name=axis_name, strategy=strategy, config=config,
+                     bias_keys=_key_layout("bias", bias, chunk, int(n)),
+                     mask_keys=_key_layout("mask", mask, chunk, int(n)), chunk=chunk)
+    q, k, v, bias, mask = _primitives._match_vma(q, k, v, bias, mask)
+    out, lse = _cp_attention(q, k, v, bias, mask, layout)
+    if d_pad != d:
+        out = out[..., :d]
+    return (out, lse) if return_lse else out

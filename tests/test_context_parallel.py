@@ -1,0 +1,190 @@
+"""jax_dmattn.context_parallel.attention on 8 CPU devices (tests/multi_device.py): a sequence split over a mesh
+axis inside shard_map gives the single-device attention's output, lse and all four gradients, for both
+strategies, causal and not, GQA, biases and masks laid out along keys (travelling with their chunk) or along
+queries (sliced per chunk); the ring strategy never gathers K/V; bad calls raise clear errors.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jax_dmattn
+from jax_dmattn import context_parallel
+from multi_device import N_DEVICES, multi_device
+
+B, L, H, D = 2, 64, 4, 16
+IMPL = "cpu"
+ROWS, KEYS = P(None, None, "sp", None), P(None, None, None, "sp")  # a bias / mask sharded along queries / keys
+
+
+def _shard_map(*args, **kwargs):
+    sm = getattr(jax, "shard_map", None)
+    if sm is None:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map as sm
+    return sm(*args, **kwargs)
+
+
+def _mesh(shape=(N_DEVICES,), names=("sp",)):
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def _inputs(hkv, bias_shape, mask_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, L, hkv, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, L, hkv, D)), jnp.float32)
+    bias = None if bias_shape is None else jnp.asarray(rng.standard_normal(bias_shape), jnp.float32)
+    mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) < 0.7)
+    ct = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)
+    ct_lse = jnp.asarray(rng.standard_normal((B, H, L)), jnp.float32)
+    return q, k, v, bias, mask, ct, ct_lse
+
+
+def _close(got, want, name, rtol=2e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg=name)
+    fin = np.isfinite(want)
+    err = np.linalg.norm((got - want)[fin]) / max(np.linalg.norm(want[fin]), 1e-30)
+    assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec, mesh=None, seq_axis="sp",
+         qspec=P(None, "sp")):
+    """Values and gradients (q, k, v, bias) of context-parallel attention against one device, with an lse
+    cotangent as well (the loss uses out and lse)."""
+    mesh = mesh or _mesh()
+    q, k, v, bias, mask, ct, ct_lse = _inputs(hkv, bias_shape, mask_shape)
+
+    def loss_of(attn):
+        def loss(q, k, v, bias):
+            out, lse = attn(q, k, v, bias)
+            lse = jnp.where(jnp.isneginf(lse), 0.0, lse)
+            return jnp.sum(out * ct) + jnp.sum(lse * ct_lse), (out, lse)
+        return loss
+
+    def one_device(q, k, v, bias):
+        return jax_dmattn.attention(q, k, v, bias, mask, is_causal=is_causal, return_lse=True, implementation=IMPL)
+
+    in_specs = (qspec, qspec, qspec, bias_spec, mask_spec)
+    lse_spec = P(qspec[0], None, seq_axis)
+
+    def local(q, k, v, bias, mask):
+        return context_parallel.attention(q, k, v, bias, mask, axis_name=seq_axis, strategy=strategy,
+                                          is_causal=is_causal, return_lse=True, implementation=IMPL)
+
+    sharded = _shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(qspec, lse_spec))
+    argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+    want_grads, (want_out, want_lse) = jax.jit(jax.grad(loss_of(one_device), argnums, has_aux=True))(q, k, v, bias)
+    put = lambda x, s: None if x is None else jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    args = [put(x, s) for x, s in zip((q, k, v, bias, mask), in_specs)]
+    cp_loss = loss_of(lambda q, k, v, bias: sharded(q, k, v, bias, args[4]))
+    got_grads, (got_out, got_lse) = jax.jit(jax.grad(cp_loss, argnums, has_aux=True))(*args[:4])
+    _close(got_out, want_out, "out")
+    _close(got_lse, want_lse, "lse")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+        _close(g, w, name)
+    return sharded, args
+
+
+STRATEGIES = ["ring", "all_gather"]
+
+
+@multi_device
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_no_bias_no_mask(strategy, is_causal, hkv):
+    _run(strategy, is_causal, hkv, None, None, None, None)
+
+
+# (bias shape, its sharding): along keys the bias travels with its chunk; along queries each device holds its
+# rows over all keys and slices the chunk it attends to; a query-broadcast or key-broadcast bias stays put.
+BIASES = {
+    "per-key": ((B, 2, 1, L), KEYS),
+    "per-key-heads1": ((1, 1, 1, L), KEYS),
+    "full-rows": ((B, H, L, L), ROWS),
+    "full-rows-kvheads": ((1, 2, L, L), ROWS),
+    "per-query": ((B, H, L, 1), ROWS),
+}
+MASKS = {
+    "padding": ((B, 1, 1, L), KEYS),
+    "full-rows": ((B, 2, L, L), ROWS),
+}
+
+
+@multi_device
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("bias", list(BIASES))
+def test_bias_layouts(strategy, is_causal, bias):
+    shape, spec = BIASES[bias]
+    _run(strategy, is_causal, 2, shape, spec, None, None)
+
+
+@multi_device
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_masks_with_per_key_bias(strategy, is_causal, mask):
+    shape, spec = MASKS[mask]
+    _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, shape, spec)
+
+
+@multi_device
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_and_sequence_mesh(strategy):
+    """dp x sp mesh: the batch over dp, the sequence over sp; the ring runs within each dp group."""
+    mesh = _mesh((2, 4), ("dp", "sp"))
+    _run(strategy, True, 2, (B, 2, 1, L), P("dp", None, None, "sp"), None, None, mesh=mesh,
+         qspec=P("dp", "sp"))
+
+
+def _collectives(compiled_text):
+    return {c for c in ("all-gather", "collective-permute", "reduce-scatter", "all-reduce")
+            if c in compiled_text}
+
+
+@multi_device
+def test_ring_never_gathers_kv():
+    sharded, args = _run("ring", True, 2, (B, 2, 1, L), KEYS, None, None)
+    text = jax.jit(sharded).lower(*args).compile().as_text()
+    assert "all-gather" not in _collectives(text) and "collective-permute" in _collectives(text), \
+        _collectives(text)
+
+
+@multi_device
+def test_errors():
+    mesh = _mesh()
+    q, k, v, *_ = _inputs(2, None, None)
+
+    def call(**kw):
+        def local(q, k, v):
+            return context_parallel.attention(q, k, v, axis_name="sp", implementation=IMPL, **kw)
+        spec = P(None, "sp")
+        return jax.jit(_shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
+
+    with pytest.raises(ValueError, match="strategy"):
+        call(strategy="tree")
+    with pytest.raises(TypeError, match="is_causal"):
+        call(is_causal="yes")
+
+    def local_compact(q, k, v):
+        scores = jnp.zeros((B, 2, k.shape[1]))
+        return context_parallel.attention(q, k, v, mask=jax_dmattn.TopKMask(scores, 4), axis_name="sp",
+                                          implementation=IMPL)
+    spec = P(None, "sp")
+    with pytest.raises(TypeError, match="compact masks"):
+        jax.jit(_shard_map(local_compact, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
+
+    def local_unequal(q, k, v):
+        return context_parallel.attention(q[:, :4], k, v, axis_name="sp", is_causal=True, implementation=IMPL)
+    with pytest.raises(ValueError, match="equal query and key chunks"):
+        jax.jit(_shard_map(local_unequal, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
+
+    def local_bad_bias(q, k, v):
+        return context_parallel.attention(q, k, v, jnp.zeros((B, 2, 1, 3)), axis_name="sp", implementation=IMPL)
+    with pytest.raises(ValueError, match="key dim"):
+        jax.jit(_shard_map(local_bad_bias, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
