@@ -1,6 +1,6 @@
 """CPU kernel vs the pure-jnp reference: forward and forward+backward time and peak memory.
 
-Case cpu_standard of common.py (issue 2): causal, B=1, H=8, Hkv=2, D=64, float32, per-key bias [1, Hkv, 1, L],
+Case cpu_standard of common.py: causal, B=1, H=8, Hkv=2, D=64, float32, per-key bias [1, Hkv, 1, L],
 L = 1024..4096; fwd+bwd = jax.grad of sum(out) w.r.t. q, k, v and bias. --impls are jax_dmattn.attention's
 implementations. Each (implementation, pass, L) runs in a fresh subprocess. Peak memory is the resident set size
 sampled every millisecond by a background thread while the compiled function runs (it counts the kernels' own

@@ -2,7 +2,7 @@
 their inputs, the implementations and passes timed, the row loop and the results writer. Timing, compiled peak
 memory and run provenance come from jax_dmattn._timing (shared with ``python -m jax_dmattn``).
 
-Cases (SPEC.md section 6), bf16, causal, per-key bias [B, Hkv, 1, L] (B=1 unless given):
+Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L] (B=1 unless given):
   standard           H=16, Hkv=4, D=128, top-k 1024 mask (per query row, among the causally visible keys:
                      jax_dmattn.topk_mask of the bias), as a [B, Hkv, L, L] bool mask
   paper              H=2,  Hkv=1, D=64,  same mask rule
@@ -24,7 +24,7 @@ ceiling: no bias, no mask, causal; any L), reference (jax_dmattn's pure-jnp refe
 (the reference's [B, H, L, L] scores, cudnn_bias's folded bias) is recorded with "skipped" and the reason.
 
 Passes: fwd; fwd+bwd (jax.grad of sum(out) w.r.t. q, k, v and bias); bwd (jax_dmattn and jax_dmattn_det only: the
-backward alone, jax.vjp's pullback of attention given its residuals and a random dout). TFLOP/s use the spec's
+backward alone, jax.vjp's pullback of attention given its residuals and a random dout). TFLOP/s use the dense
 causal count: fwd 2*B*H*L*L*D, fwd+bwd 3.5x that, bwd 2.5x (also for sparse cases: "dense-equivalent").
 
 Memory, per row:

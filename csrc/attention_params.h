@@ -1,5 +1,6 @@
-// Shapes, broadcast strides and flags of one attention call, shared by every kernel (CPU and CUDA).
-// Built once by the FFI handler from the canonical FFI layout (docs/design.md).
+// Shapes, broadcast strides and flags of one attention call (AttentionParams: what the CPU kernels take), and the
+// broadcast-operand strides every FFI handler derives from the canonical FFI layout (docs/design.md): the CPU
+// handlers fill AttentionParams with them, the CUDA handlers their kernels' FwdParams / BwdParams.
 #pragma once
 #include <cstdint>
 

@@ -53,7 +53,9 @@ struct BwdFixedPoint {
 struct BwdKeyListParams {
   // q, k, v, out, dout, lse, dlse, dq, dk, dv, delta, shapes, scale, softcap, causal; bias (only one with a
   // broadcast query dim, Mb == 1) with its strides and dbias_mode (kDbiasNone: key-broadcast bias, zero dbias;
-  // otherwise dbias columns are added atomically into dbias_accum). mask / classes / dq_accum are unused.
+  // otherwise dbias columns are added atomically into dbias_accum). mask and its strides are read only by the
+  // CTAs of dense units (more live keys than the list capacity: csrc/cuda/mask_words.cuh), which walk every key
+  // and read the mask's bytes themselves; classes / dq_accum are unused.
   BwdParams base;
   BwdKeyLists lists;
   float* dk_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dk
