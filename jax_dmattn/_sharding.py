@@ -185,9 +185,9 @@ def _check_unshardable_dims(name, roles, dim_axes):
         if ax and role in _UNSHARDABLE:
             raise ValueError(
                 f"jax_dmattn.attention: {name} is sharded along its {_DIM_NAMES[role]} dim (dim {i}) over "
-                f"mesh axes {tuple(ax)}. Only batch and head sharding are supported: sequence sharding needs "
-                f"context parallelism, which jax_dmattn does not implement yet, and head_dim sharding is not "
-                f"supported. Under jit the sharding may also have been propagated from a sequence-sharded "
+                f"mesh axes {tuple(ax)}. Only batch and head sharding are supported here: for a sequence split "
+                f"over devices call jax_dmattn.context_parallel.attention inside shard_map; head_dim sharding is "
+                f"not supported. Under jit the sharding may also have been propagated from a sequence-sharded "
                 f"consumer of the output (out_shardings, a later sharding constraint). Pin query, key and value "
                 f"with jax.lax.with_sharding_constraint(x, P(batch_axes, None, head_axes, None)) before the "
                 f"call (XLA then reshards the output afterwards).")

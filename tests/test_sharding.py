@@ -234,11 +234,11 @@ def test_sequence_and_head_dim_sharding_raise(which, spec, what):
     args = (_put(mesh, q, specs["q"]), _put(mesh, k, specs["k"]), _put(mesh, v, specs["k"]),
             _put(mesh, bias, specs["bias"]))
     # Eager call on committed arrays: a ValueError before anything is compiled.
-    with pytest.raises(ValueError, match=f"{what} dim .*context parallelism"):
+    with pytest.raises(ValueError, match=f"{what} dim .*context_parallel.attention"):
         _attn(*args, None)
     # Under jit the shardings only exist in XLA's partitioner: the same message, inside a JaxRuntimeError.
     f = jax.jit(lambda q, k, v, b: _attn(q, k, v, b, None))
-    with pytest.raises(Exception, match=f"{what} dim .*context parallelism"):
+    with pytest.raises(Exception, match=f"{what} dim .*context_parallel.attention"):
         f(*args)
 
 
@@ -277,7 +277,7 @@ def test_explicit_sharding_mesh_context():
             _assert_close(g, r, name=name)
         assert _spec4(jax.typeof(got[0]).sharding.spec) == _spec4(qspec)
         bad = _put(mesh, q, P("dp", "tp"))
-        with pytest.raises(ValueError, match="query length dim .*context parallelism"):
+        with pytest.raises(ValueError, match="query length dim .*context_parallel.attention"):
             jax.jit(lambda q, k, v: _attn(q, k, v, None, None))(bad, args[1], args[2])
 
 
