@@ -38,6 +38,55 @@ def _padded_head_dim(head_dim: int, implementation: str) -> int:
     return next(d for d in _validation.cuda_head_dims() if d >= head_dim)
 
 
+def _explicit_spec(x):
+    """The PartitionSpec in x's type under an Explicit-axes mesh (None otherwise), padded to x's rank."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    axis_types = getattr(mesh, "axis_types", ())
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not any(
+            t == jax.sharding.AxisType.Explicit for t in axis_types):
+        return None
+    return jax.sharding.PartitionSpec(*(tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))))
+
+
+def _explicit_sequence_axis(query, key):
+    """The mesh axis the sequence of query and key is split over, visible in their types (Explicit axes), or None.
+    Such a call runs as context parallelism (jax_dmattn.context_parallel)."""
+    qs, ks = _explicit_spec(query), _explicit_spec(key)
+    if qs is None or ks is None or (qs[1] is None and ks[1] is None):
+        return None
+    if qs[1] != ks[1] or not isinstance(qs[1], str):
+        raise ValueError(f"jax_dmattn.attention: query is split along its query length dim over {qs[1]!r} and key "
+                         f"along its key length dim over {ks[1]!r}; context parallelism "
+                         f"(jax_dmattn.context_parallel.attention) needs both split over the same single mesh axis")
+    if qs[2] != ks[2]:
+        raise ValueError(f"jax_dmattn.attention: with a split sequence, query and key heads must be sharded alike "
+                         f"(query heads over {qs[2]!r}, key heads over {ks[2]!r})")
+    return qs[1]
+
+
+def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, **kwargs):
+    """attention() on a sequence split over Explicit mesh axis ``axis``: context_parallel.attention in a
+    shard_map over the operands' own shardings."""
+    from jax_dmattn import context_parallel
+
+    qspec = _explicit_spec(query)
+    specs = [None if x is None else (_explicit_spec(x) or jax.sharding.PartitionSpec())
+             for x in (query, key, value, bias, mask)]
+    lse_spec = jax.sharding.PartitionSpec(qspec[0], qspec[2], qspec[1])
+
+    def local(q, k, v, b, m):
+        return context_parallel.attention(q, k, v, b, m, axis_name=axis, return_lse=True, **kwargs)
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map
+    mesh = jax.typeof(query).sharding.mesh
+    out, lse = shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(qspec, lse_spec))(
+        query, key, value, bias, mask)
+    return (out, lse) if return_lse else out
+
+
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, softcap=None,
               return_lse=False, deterministic=False, implementation=None):
     """Exact softmax attention with an additive broadcastable bias and a boolean mask.
@@ -84,6 +133,11 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         raise ValueError(_validation.missing_kernels_message(implementation))
     if implementation == "cuda":
         _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
+    seq_axis = _explicit_sequence_axis(query, key)
+    if seq_axis is not None and implementation != "xla":
+        return _context_parallel_call(query, key, value, bias, mask, seq_axis, scale=scale, is_causal=is_causal,
+                                      softcap=softcap, return_lse=return_lse, deterministic=deterministic,
+                                      implementation=implementation)
     # Nothing to compute (no key, or an empty output): the reference's closed form (out 0, lse -inf, zero
     # gradients) on every implementation, whose cost is nil here, instead of kernel launches over empty grids.
     empty = call.kv_len == 0 or call.batch * call.heads * call.q_len == 0

@@ -156,6 +156,33 @@ def test_ring_never_gathers_kv():
 
 
 @multi_device
+def test_explicit_mesh_routes_to_context_parallel():
+    """Under an Explicit-axes mesh a sequence split visible in the types makes jax_dmattn.attention itself run
+    context-parallel (no shard_map written): values and gradients equal one device, the output keeps q's
+    sharding."""
+    q, k, v, bias, _, ct, _ = _inputs(2, (B, 2, 1, L), None)
+
+    def loss_of(ct):
+        def loss(q, k, v, bias):
+            return jnp.sum(jax_dmattn.attention(q, k, v, bias, is_causal=True, implementation=IMPL) * ct)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+    want_loss, want_grads = jax.jit(loss_of(ct))(q, k, v, bias)
+    mesh = jax.make_mesh((2, 4), ("dp", "sp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+        seq = P("dp", "sp")
+        args = (put(q, seq), put(k, seq), put(v, seq), put(bias, P("dp", None, None, "sp")))
+        got_loss, got_grads = jax.jit(loss_of(put(ct, seq)))(*args)
+        out = jax.jit(lambda *a: jax_dmattn.attention(*a, is_causal=True, implementation=IMPL))(*args)
+        assert tuple(jax.typeof(out).sharding.spec)[:2] == ("dp", "sp")
+    _close(got_loss, want_loss, "loss")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+        _close(g, w, name)
+
+
+@multi_device
 def test_errors():
     mesh = _mesh()
     q, k, v, *_ = _inputs(2, None, None)
