@@ -32,10 +32,18 @@ def _kernels_built(implementation: str) -> bool:
     return {"cpu": _ffi.has_cpu_kernels, "cuda": _ffi.has_cuda_kernels}[implementation]()
 
 
-def _padded_head_dim(head_dim: int, implementation: str) -> int:
-    if implementation != "cuda":
-        return head_dim  # the CPU kernels take any head dim
-    return next(d for d in _validation.cuda_head_dims() if d >= head_dim)
+def kernel_operands(query, key, value, bias, implementation: str):
+    """q, k, v zero-padded along D to a head dim the kernels are built for (the CPU kernels take any; the CUDA
+    ones the next instantiated one), and bias in a dtype they read (others as float32: autodiff casts dbias
+    back to bias's dtype)."""
+    d = query.shape[-1]
+    d_pad = d if implementation != "cuda" else next(x for x in _validation.cuda_head_dims() if x >= d)
+    if d_pad != d:
+        pad = [(0, 0)] * 3 + [(0, d_pad - d)]
+        query, key, value = (jnp.pad(x, pad) for x in (query, key, value))
+    if bias is not None and bias.dtype not in _validation.KERNEL_BIAS_DTYPES:
+        bias = bias.astype(jnp.float32)
+    return query, key, value, bias
 
 
 def _explicit_spec(x):
@@ -149,19 +157,10 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
                                             is_causal=is_causal, softcap=call.softcap)
         return (out, lse.astype(jnp.float32)) if return_lse else out
 
-    bias_arg = call.bias
-    if bias_arg is not None and bias_arg.dtype not in _validation.KERNEL_BIAS_DTYPES:
-        bias_arg = bias_arg.astype(jnp.float32)  # autodiff casts dbias back to bias's dtype
-    d = call.head_dim
-    d_pad = _padded_head_dim(d, implementation)
-    q, k, v = query, key, value
-    if d_pad != d:
-        pad = [(0, 0)] * 3 + [(0, d_pad - d)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    q, k, v, bias_arg = kernel_operands(query, key, value, call.bias, implementation)
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
                                       mask_kind=call.mask_kind, mask_k=call.mask_k)
     out, lse = _primitives.flash_attention(q, k, v, bias_arg, call.mask, config)
-    if d_pad != d:
-        out = out[..., :d]
+    out = out[..., :call.head_dim]
     return (out, lse) if return_lse else out

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_dmattn import _primitives, _validation
-from jax_dmattn.attention import _padded_head_dim, default_implementation
+from jax_dmattn.attention import default_implementation, kernel_operands
 
 __all__ = ["attention"]
 
@@ -326,13 +326,7 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     if implementation == "xla":
         raise ValueError("context_parallel.attention runs the kernels (implementation None, 'cpu' or 'cuda'); "
                          "the pure-jnp reference has no per-chunk form")
-    if bias is not None and bias.dtype not in _validation.KERNEL_BIAS_DTYPES:
-        bias = bias.astype(jnp.float32)
-    d_pad = _padded_head_dim(d, implementation)
-    q, k, v = query, key, value
-    if d_pad != d:
-        pad = [(0, 0)] * 3 + [(0, d_pad - d)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    q, k, v, bias = kernel_operands(query, key, value, bias, implementation)
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation)
     layout = _Layout(n=int(n), axis_name=axis_name, strategy=strategy, config=config,
@@ -340,6 +334,5 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
                      mask_keys=_key_layout("mask", mask, chunk, int(n)), chunk=chunk)
     q, k, v, bias, mask = _primitives._match_vma(q, k, v, bias, mask)
     out, lse = _cp_attention(q, k, v, bias, mask, layout)
-    if d_pad != d:
-        out = out[..., :d]
+    out = out[..., :d]
     return (out, lse) if return_lse else out
