@@ -28,9 +28,36 @@ from jax import lax
 from jax_dmattn import _primitives, _validation
 from jax_dmattn.attention import default_implementation, kernel_operands
 
-__all__ = ["attention"]
+__all__ = ["attention", "from_zigzag", "to_zigzag"]
 
 STRATEGIES = ("ring", "all_gather")
+CHUNK_ORDERS = ("contiguous", "zigzag")
+
+
+def _zigzag_halves(n: int):
+    """The sequence halves (of 2n) in zigzag order: device d's chunk is halves d and 2n - 1 - d."""
+    return [h for d in range(n) for h in (d, 2 * n - 1 - d)]
+
+
+def to_zigzag(x, n: int, axis: int = 1):
+    """x with its sequence axis reordered so that splitting it into n contiguous chunks gives device d the
+    sequence halves d and 2n - 1 - d (``chunk_order="zigzag"``): under a causal mask every device then has the
+    same work. The length must be a multiple of 2n. Apply to q, k, v and to the sequence dims of bias / mask."""
+    length = x.shape[axis]
+    if length % (2 * n):
+        raise ValueError(f"to_zigzag: the sequence length {length} is not a multiple of 2 * {n}")
+    halves = jnp.split(x, 2 * n, axis=axis)
+    return jnp.concatenate([halves[h] for h in _zigzag_halves(n)], axis=axis)
+
+
+def from_zigzag(x, n: int, axis: int = 1):
+    """The inverse of :func:`to_zigzag` (e.g. for the output)."""
+    length = x.shape[axis]
+    if length % (2 * n):
+        raise ValueError(f"from_zigzag: the sequence length {length} is not a multiple of 2 * {n}")
+    parts = jnp.split(x, 2 * n, axis=axis)
+    order = _zigzag_halves(n)
+    return jnp.concatenate([parts[order.index(h)] for h in range(2 * n)], axis=axis)
 
 
 class _Layout(NamedTuple):
@@ -42,6 +69,7 @@ class _Layout(NamedTuple):
     bias_keys: str | None    # how the bias's key dim is laid out: "one", "chunk" (travels), "full" (sliced)
     mask_keys: str | None
     chunk: int               # keys per chunk
+    zigzag: bool             # each chunk is two half-chunks of the sequence: i and 2n - 1 - i
 
 
 def _key_layout(name: str, x, chunk: int, n: int) -> str | None:
@@ -87,6 +115,65 @@ def _pair_kind(i, j, causal: bool):
     if not causal:
         return jnp.int32(0)
     return jnp.where(i == j, 1, jnp.where(j > i, 2, 0)).astype(jnp.int32)
+
+
+def _parts(layout: _Layout, device, length: int):
+    """The parts of a device's chunk of ``length`` rows or keys as (slice along the chunk, index of the part in
+    the sequence, in parts): the whole chunk (contiguous), or its two halves, sequence halves d and 2n - 1 - d
+    (zigzag)."""
+    if not layout.zigzag:
+        return ((slice(0, length), device),)
+    h = length // 2
+    return ((slice(0, h), device), (slice(h, length), 2 * layout.n - 1 - device))
+
+
+def _sub(x, dim: int, part: slice):
+    """x's part along dim, unless x is absent or broadcast there."""
+    if x is None or x.shape[dim] == 1:
+        return x
+    return x[(slice(None),) * dim + (part,)]
+
+
+def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
+    """(out, lse) of this device's rows against key chunk j, over the pairs of parts."""
+    outs, lses = [], []
+    for qpart, qi in _parts(layout, i, q.shape[1]):
+        out, lse = None, None
+        for kpart, kj_i in _parts(layout, j, kj.shape[1]):
+            o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart],
+                              _sub(_sub(bj, 2, qpart), 3, kpart), _sub(_sub(mj, 2, qpart), 3, kpart),
+                              _pair_kind(qi, kj_i, layout.config.is_causal), layout)
+            if out is None:
+                out, lse = o.astype(jnp.float32), l_
+            else:
+                out, lse = _combine(out, lse, o, l_)
+        outs.append(out)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+
+
+def _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout: _Layout):
+    """(dq, dk, dv, dbias) of this device's rows against key chunk j, over the pairs of parts; dbias in bj's shape."""
+    dq = []
+    dk = [jnp.zeros(kj[:, p].shape, jnp.float32) for p, _ in _parts(layout, j, kj.shape[1])]
+    dv = [jnp.zeros(vj[:, p].shape, jnp.float32) for p, _ in _parts(layout, j, kj.shape[1])]
+    db = None if bj is None else jnp.zeros(bj.shape, jnp.float32)
+    for qpart, qi in _parts(layout, i, q.shape[1]):
+        gq = jnp.zeros(q[:, qpart].shape, jnp.float32)
+        for n_k, (kpart, kj_i) in enumerate(_parts(layout, j, kj.shape[1])):
+            bsub = _sub(_sub(bj, 2, qpart), 3, kpart)
+            g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], bsub, _sub(_sub(mj, 2, qpart), 3, kpart),
+                          out[:, qpart], lse[:, :, qpart], dout[:, qpart], dlse[:, :, qpart],
+                          _pair_kind(qi, kj_i, layout.config.is_causal), layout)
+            gq = gq + g[0].astype(jnp.float32)
+            dk[n_k] = dk[n_k] + g[1].astype(jnp.float32)
+            dv[n_k] = dv[n_k] + g[2].astype(jnp.float32)
+            if db is not None:
+                rows = qpart if bj.shape[2] != 1 else slice(None)
+                cols = kpart if bj.shape[3] != 1 else slice(None)
+                db = db.at[:, :, rows, cols].add(g[3].astype(jnp.float32))
+        dq.append(gq)
+    return jnp.concatenate(dq, axis=1), jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1), db
 
 
 def _operand(x, dtype):
@@ -181,7 +268,7 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
             tm = fm if fm is not None else tm
         bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, c)
         mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, c)
-        out_s, lse_s = _fwd_pair(q, kj, vj, bj, mj, _pair_kind(i, j, layout.config.is_causal), layout)
+        out_s, lse_s = _step_fwd(q, kj, vj, bj, mj, i, j, layout)
         out, lse = _combine(out, lse, out_s, lse_s)
         if fetch is None:
             kj, vj, tb, tm = lax.ppermute((kj, vj, tb, tm), layout.axis_name, _ring_perm(n))
@@ -218,9 +305,8 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout):
             tm = fm if fm is not None else tm
         bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, c)
         mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, c)
-        kind = _pair_kind(i, j, layout.config.is_causal)
-        gq, gk, gv, gb = _bwd_pair(q, kj, vj, bj, mj, out, lse, dout, dlse, kind, layout)
-        dq = dq + gq.astype(jnp.float32)
+        gq, gk, gv, gb = _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout)
+        dq = dq + gq
         if has_bias:
             gb = gb.astype(jnp.float32)
             if layout.bias_keys == "chunk":
@@ -285,8 +371,9 @@ def _cp_bwd(layout, residuals, cotangents):
 _cp_attention.defvjp(_cp_fwd, _cp_bwd)
 
 
-def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: str = "ring", scale=None,
-              is_causal=False, softcap=None, return_lse=False, deterministic=False, implementation=None):
+def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: str = "ring",
+              chunk_order: str = "contiguous", scale=None, is_causal=False, softcap=None, return_lse=False,
+              deterministic=False, implementation=None):
     """:func:`jax_dmattn.attention` over a sequence sharded along mesh axis ``axis_name``, called inside
     ``shard_map``: ``query`` [B, Lq / n, H, D] and ``key`` / ``value`` [B, Lk / n, Hkv, D] are this device's
     chunks (chunk i on the axis's device i); the result is this device's query rows of the whole attention.
@@ -298,7 +385,9 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
 
     ``is_causal`` needs equal global query and key lengths (and so equal chunks): bottom-right and top-left
     alignment coincide then. ``strategy``: "ring" (K/V chunks passed around with ppermute; no device holds more
-    than two) or "all_gather" (one gather of K/V, a reduce-scatter of their gradients). ``deterministic`` keeps
+    than two) or "all_gather" (one gather of K/V, a reduce-scatter of their gradients). ``chunk_order``:
+    "contiguous" (device i holds the i-th n-th of the sequence) or "zigzag" (device i holds the sequence halves
+    i and 2n - 1 - i, as :func:`to_zigzag` lays them out: balanced work under ``is_causal``). ``deterministic`` keeps
     each kernel call bitwise reproducible; the order of the cross-device sums is fixed by the ring.
     """
     is_causal = _validation.check_flag("is_causal", is_causal)
@@ -306,6 +395,8 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     deterministic = _validation.check_flag("deterministic", deterministic)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if chunk_order not in CHUNK_ORDERS:
+        raise ValueError(f"chunk_order must be one of {CHUNK_ORDERS}, got {chunk_order!r}")
     if mask is not None and not (hasattr(mask, "dtype") and mask.dtype == jnp.bool_):
         raise TypeError("context_parallel.attention takes a bool mask (True = attend); compact masks "
                         f"(TopKMask / KeyIndices) select over every key chunk and are not taken here, got {mask!r}")
@@ -314,6 +405,9 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
                                       implementation=implementation)
     b, lq, h, d = query.shape
     chunk, hkv = key.shape[1], key.shape[2]
+    if chunk_order == "zigzag" and (lq % 2 or chunk % 2):
+        raise ValueError(f"chunk_order='zigzag' splits each device's chunk in two halves: the local query and key "
+                         f"lengths must be even, got {lq} and {chunk}")
     if is_causal and lq != chunk:
         raise ValueError(f"is_causal under context parallelism needs equal query and key chunks (self-attention "
                          f"over one sequence), got {lq} query rows and {chunk} keys per device")
@@ -331,7 +425,8 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
                                       deterministic=deterministic, implementation=implementation)
     layout = _Layout(n=int(n), axis_name=axis_name, strategy=strategy, config=config,
                      bias_keys=_key_layout("bias", bias, chunk, int(n)),
-                     mask_keys=_key_layout("mask", mask, chunk, int(n)), chunk=chunk)
+                     mask_keys=_key_layout("mask", mask, chunk, int(n)), chunk=chunk,
+                     zigzag=chunk_order == "zigzag")
     q, k, v, bias, mask = _primitives._match_vma(q, k, v, bias, mask)
     out, lse = _cp_attention(q, k, v, bias, mask, layout)
     out = out[..., :d]

@@ -51,12 +51,29 @@ def _close(got, want, name, rtol=2e-5):
     assert err <= rtol, f"{name}: relative error {err:.2e}"
 
 
+def _reorder(x, n, fn, seq_dims):
+    """x with fn (to_zigzag / from_zigzag) applied along each of seq_dims of full sequence length L."""
+    if x is None:
+        return None
+    for dim in seq_dims:
+        if x.shape[dim] == L:
+            x = fn(x, n, axis=dim)
+    return x
+
+
 def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec, mesh=None, seq_axis="sp",
-         qspec=P(None, "sp")):
+         qspec=P(None, "sp"), chunk_order="contiguous"):
     """Values and gradients (q, k, v, bias) of context-parallel attention against one device, with an lse
-    cotangent as well (the loss uses out and lse)."""
+    cotangent as well (the loss uses out and lse). With chunk_order="zigzag" the sequence is laid out by
+    context_parallel.to_zigzag before sharding and the results are put back in order for the comparison."""
     mesh = mesh or _mesh()
     q, k, v, bias, mask, ct, ct_lse = _inputs(hkv, bias_shape, mask_shape)
+    n = dict(zip(mesh.axis_names, mesh.devices.shape))[seq_axis]
+    if chunk_order == "zigzag":
+        order = lambda x, dims: _reorder(x, n, context_parallel.to_zigzag, dims)  # noqa: E731
+        back = lambda x, dims: _reorder(x, n, context_parallel.from_zigzag, dims)  # noqa: E731
+    else:
+        order = back = lambda x, dims: x  # noqa: E731
 
     def loss_of(attn):
         def loss(q, k, v, bias):
@@ -73,15 +90,21 @@ def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec,
 
     def local(q, k, v, bias, mask):
         return context_parallel.attention(q, k, v, bias, mask, axis_name=seq_axis, strategy=strategy,
-                                          is_causal=is_causal, return_lse=True, implementation=IMPL)
+                                          chunk_order=chunk_order, is_causal=is_causal, return_lse=True,
+                                          implementation=IMPL)
 
     sharded = _shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(qspec, lse_spec))
     argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
     want_grads, (want_out, want_lse) = jax.jit(jax.grad(loss_of(one_device), argnums, has_aux=True))(q, k, v, bias)
     put = lambda x, s: None if x is None else jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
-    args = [put(x, s) for x, s in zip((q, k, v, bias, mask), in_specs)]
+    seq = (1,)
+    laid_out = [order(q, seq), order(k, seq), order(v, seq), order(bias, (2, 3)), order(mask, (2, 3))]
+    args = [put(x, s) for x, s in zip(laid_out, in_specs)]
+    ct, ct_lse = order(ct, seq), order(ct_lse, (2,))
     cp_loss = loss_of(lambda q, k, v, bias: sharded(q, k, v, bias, args[4]))
     got_grads, (got_out, got_lse) = jax.jit(jax.grad(cp_loss, argnums, has_aux=True))(*args[:4])
+    got_out, got_lse = back(got_out, seq), back(got_lse, (2,))
+    got_grads = [back(g, seq) for g in got_grads[:3]] + [back(g, (2, 3)) for g in got_grads[3:]]
     _close(got_out, want_out, "out")
     _close(got_lse, want_lse, "lse")
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
@@ -90,14 +113,16 @@ def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec,
 
 
 STRATEGIES = ["ring", "all_gather"]
+ORDERS = ["contiguous", "zigzag"]
 
 
 @multi_device
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("hkv", [4, 2, 1])
-def test_no_bias_no_mask(strategy, is_causal, hkv):
-    _run(strategy, is_causal, hkv, None, None, None, None)
+@pytest.mark.parametrize("chunk_order", ORDERS)
+def test_no_bias_no_mask(strategy, is_causal, hkv, chunk_order):
+    _run(strategy, is_causal, hkv, None, None, None, None, chunk_order=chunk_order)
 
 
 # (bias shape, its sharding): along keys the bias travels with its chunk; along queries each device holds its
@@ -119,18 +144,20 @@ MASKS = {
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("bias", list(BIASES))
-def test_bias_layouts(strategy, is_causal, bias):
+@pytest.mark.parametrize("chunk_order", ORDERS)
+def test_bias_layouts(strategy, is_causal, bias, chunk_order):
     shape, spec = BIASES[bias]
-    _run(strategy, is_causal, 2, shape, spec, None, None)
+    _run(strategy, is_causal, 2, shape, spec, None, None, chunk_order=chunk_order)
 
 
 @multi_device
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("mask", list(MASKS))
-def test_masks_with_per_key_bias(strategy, is_causal, mask):
+@pytest.mark.parametrize("chunk_order", ORDERS)
+def test_masks_with_per_key_bias(strategy, is_causal, mask, chunk_order):
     shape, spec = MASKS[mask]
-    _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, shape, spec)
+    _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, shape, spec, chunk_order=chunk_order)
 
 
 @multi_device
@@ -145,6 +172,17 @@ def test_batch_and_sequence_mesh(strategy):
 def _collectives(compiled_text):
     return {c for c in ("all-gather", "collective-permute", "reduce-scatter", "all-reduce")
             if c in compiled_text}
+
+
+@multi_device
+def test_zigzag_round_trip_and_balance():
+    x = jnp.arange(2 * 4 * 3).reshape(1, 24, 1)
+    z = context_parallel.to_zigzag(x, 4)
+    np.testing.assert_array_equal(context_parallel.from_zigzag(z, 4), x)
+    # device d's chunk holds sequence halves d and 2n - 1 - d
+    np.testing.assert_array_equal(z[0, :6, 0], [0, 1, 2, 21, 22, 23])
+    with pytest.raises(ValueError, match="multiple of 2"):
+        context_parallel.to_zigzag(jnp.zeros((1, 10)), 4)
 
 
 @multi_device
