@@ -12,6 +12,7 @@
 #endif
 
 #include "attention_params.h"
+#include "kernel_facts.h"
 
 namespace dmattn::cpu {
 
@@ -261,9 +262,8 @@ inline void transpose(int64_t R, int64_t Cn, const float* src, int64_t lds, floa
 }
 
 // ---------------------------------------------------------------------------------------- tile classes
-enum TileClass : uint8_t { kEmpty = 0, kPartial = 1, kFull = 2 };
 
-class MaskSource;  // cpu/mask_source.h: it includes this header for TileClass
+class MaskSource;  // cpu/mask_source.h: it includes this header (TileClass: kernel_facts.h)
 
 // Classes of every (mask batch, mask head, query tile, key tile) in the mask's own broadcast shape
 // (MaskSource::extent()).
@@ -271,9 +271,9 @@ class MaskTileMap {
  public:
   MaskTileMap() = default;
   explicit MaskTileMap(const MaskSource& mask);
-  // Class of query tile mt x key tile nt for (batch b, query head h); kFull when there is no mask.
+  // Class of query tile mt x key tile nt for (batch b, query head h); kTileFull when there is no mask.
   TileClass at(int64_t b, int64_t h, int64_t mt, int64_t nt) const {
-    if (classes_.empty()) return kFull;
+    if (classes_.empty()) return kTileFull;
     const int64_t mb = batch_ == 1 ? 0 : b;
     const int64_t mh = h / heads_per_index_;
     const int64_t m = rows_ == 1 ? 0 : mt;

@@ -127,7 +127,7 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
           const float* delta_h = delta.data() + (b * p.heads + h) * p.q_len;
           for (int64_t mt = causal_row_begin(p, n0) / kBlockM; mt < m_tiles; ++mt) {
             const TileClass cls = classes.at(b, h, mt, nt);
-            if (cls == kEmpty) continue;
+            if (cls == kTileEmpty) continue;
             const int64_t m0 = mt * kBlockM, bm = std::min<int64_t>(kBlockM, p.q_len - m0);
             load_seq_tile(q, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, Q);
             load_seq_tile(dout, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, dO);

@@ -43,7 +43,7 @@ void flash_fwd(const AttentionParams& p, const void* q, const void* k, const voi
     const int64_t n_tiles = ceil_div(causal_key_end(p, m0, bm), kBlockN);
     for (int64_t nt = 0; nt < n_tiles; ++nt) {
       const TileClass cls = classes.at(b, h, mt, nt);
-      if (cls == kEmpty) continue;
+      if (cls == kTileEmpty) continue;
       const int64_t n0 = nt * kBlockN, bn = std::min<int64_t>(kBlockN, p.kv_len - n0);
       load_seq_tile(k, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, kBlockN, Dp, K);
       load_seq_tile(v, p.dtype, p.kv_len, p.kv_heads, D, b, kvh, n0, bn, kBlockN, Dp, V);

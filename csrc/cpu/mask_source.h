@@ -32,7 +32,7 @@ class MaskSource {
   }
 
   // Class of rows [r0, r1) x keys [c0, c1) of batch-head bh (mask batch * extent().heads + mask head) in
-  // extent()'s grid. Never kFull or kEmpty where it could be wrong; kPartial is always safe. Defined next to
+  // extent()'s grid. Never kTileFull or kTileEmpty where it could be wrong; kTilePartial is always safe. Defined next to
   // MaskTileMap (tile_classes_cpu.cc), its only caller.
   TileClass classify(int64_t bh, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const;
 

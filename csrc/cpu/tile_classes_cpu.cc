@@ -19,7 +19,7 @@ MaskTileMap::MaskTileMap(const MaskSource& mask) {
   heads_per_index_ = e.heads_per_index;
   m_tiles_ = ceil_div(rows_, kBlockM);
   n_tiles_ = ceil_div(cols_, kBlockN);
-  classes_.assign(batch_ * heads_ * m_tiles_ * n_tiles_, kEmpty);
+  classes_.assign(batch_ * heads_ * m_tiles_ * n_tiles_, kTileEmpty);
   parallel_for(batch_ * heads_ * m_tiles_, [&](int64_t item, int) {
     const int64_t mt = item % m_tiles_;
     const int64_t bh = item / m_tiles_;
@@ -57,17 +57,17 @@ TileClass MaskSource::classify(int64_t bh, int64_t r0, int64_t r1, int64_t c0, i
         none_kept = none_kept && (hi < t || (hi == t && c0 > jt));
         all_kept = all_kept && (lo > t || (lo == t && c1 - 1 <= jt));
       }
-      return none_kept ? kEmpty : (all_kept ? kFull : kPartial);
+      return none_kept ? kTileEmpty : (all_kept ? kTileFull : kTilePartial);
     }
     case MaskKind::kKeyIndices: {
-      // Never kFull: that would trust the rows to hold no repeated key, and partial tiles cost little more.
+      // Never kTileFull: that would trust the rows to hold no repeated key, and partial tiles cost little more.
       const int64_t k_count = mask_.cols;
       const int32_t* keys = static_cast<const int32_t*>(mask_.data) + (bh * mask_.rows + r0) * k_count;
       for (int64_t r = r0; r < r1; ++r, keys += k_count) {
         const int32_t* k = std::lower_bound(keys, keys + k_count, c0);
-        if (k != keys + k_count && *k < c1) return kPartial;
+        if (k != keys + k_count && *k < c1) return kTilePartial;
       }
-      return kEmpty;
+      return kTileEmpty;
     }
     default: {
       const bool* data = static_cast<const bool*>(mask_.data);
@@ -77,7 +77,7 @@ TileClass MaskSource::classify(int64_t bh, int64_t r0, int64_t r1, int64_t c0, i
         for (int64_t c = c0; c < c1; ++c) kept += row[c];
       }
       const int64_t total = (r1 - r0) * (c1 - c0);
-      return kept == 0 ? kEmpty : (kept == total ? kFull : kPartial);
+      return kept == 0 ? kTileEmpty : (kept == total ? kTileFull : kTilePartial);
     }
   }
 }

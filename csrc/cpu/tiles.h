@@ -71,7 +71,7 @@ inline void logits_tile(const AttentionParams& p, const MaskSource& mask, const 
     int64_t limit = t.bn;
     if (p.is_causal) limit = std::min<int64_t>(limit, std::max<int64_t>(0, i + off + 1 - t.n0));
     for (int64_t c = limit; c < kBlockN; ++c) s[c] = kNegInf;
-    if (t.cls == kPartial) mask.drop_row(t.b, t.h, i, t.n0, limit, s);
+    if (t.cls == kTilePartial) mask.drop_row(t.b, t.h, i, t.n0, limit, s);
   }
   for (int64_t r = t.bm; r < kBlockM; ++r) std::fill(S + r * kBlockN, S + (r + 1) * kBlockN, kNegInf);
 }
