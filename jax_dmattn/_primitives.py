@@ -333,7 +333,27 @@ def _attention_bwd(config, residuals, cotangents):
     # A cotangent may vary over fewer manual axes than the residuals (e.g. an invariant one in shard_map).
     *_, dout, dlse = _match_vma(q, dout, dlse)
     dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, out, lse, dout, dlse, config=config)
+    if not _is_absent(bias) and bias.shape[3] == 1 and k.shape[1] != 1:
+        dbias = (dbias.astype(jnp.float32) + key_broadcast_dbias(bias.shape, lse, dlse)).astype(dbias.dtype)
     return dq, dk, dv, dbias, None  # the mask (bool, scores or indices) gets no gradient
+
+
+def key_broadcast_dbias(bias_shape, lse, dlse):
+    """The gradient of a bias [Bb, Hb, Mb, 1] (constant along keys) from the lse cotangent dlse [B, H, Lq]: softmax
+    cancels a per-row constant in the output (the kernels write exactly 0 for it), while d lse_i / d b_i = 1 in
+    every row that keeps a key (lse > -inf). Summed over the bias's broadcast dims, float32."""
+    bb, hb, mb, _ = bias_shape
+    b, h, lq = dlse.shape
+    x = jnp.where(jnp.isneginf(lse), 0.0, dlse.astype(jnp.float32))
+    if hb == 1:
+        x = jnp.sum(x, axis=1, keepdims=True)
+    elif hb != h:  # Hb = Hkv: query heads h * G .. h * G + G - 1 share bias head h
+        x = jnp.sum(x.reshape(b, hb, h // hb, lq), axis=2)
+    if bb == 1 and b != 1:
+        x = jnp.sum(x, axis=0, keepdims=True)
+    if mb == 1 and lq != 1:
+        x = jnp.sum(x, axis=2, keepdims=True)
+    return x[..., None]
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -345,6 +345,8 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout):
     # ring: every chunk (and its gradients) moved one device per step, n steps: back on the device that owns it
     dbias = None
     if has_bias:
+        if layout.bias_keys == "one":  # constant along keys: only lse moves with it (the kernels write 0)
+            dbf = dbf + _primitives.key_broadcast_dbias(bias.shape, lse, dlse)
         dbias = (dtb if layout.bias_keys == "chunk" else dbf).astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 

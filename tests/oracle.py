@@ -176,7 +176,8 @@ def oracle_grads(q, k, v, bias=None, mask=None, dout=None, *, scale=None, is_cau
 
     Returns ``(dq, dk, dv, dbias)`` in float64; ``dbias`` has bias's shape (None when bias is None).
     dS = P * (dP - rowsum(dO * O)); with softcap, dRaw = dS * (1 - tanh^2); dq/dk carry ``scale``.
-    The gradient of a bias broadcast along keys (last dim 1) is exactly 0 and is returned as such.
+    A bias broadcast along keys (last dim 1) shifts a row's logits by a constant: softmax cancels it in out, so
+    its gradient is exactly the lse cotangent of the rows with a kept key (0 without dlse).
 
     With ``magnitude=True``, returns instead the same gradients computed from absolute values of the
     terms that cancel (dS -> P * (|dP| + |delta|), then |k|, |q|, |dO|): the scale of the rounding error
@@ -209,10 +210,12 @@ def oracle_grads(q, k, v, bias=None, mask=None, dout=None, *, scale=None, is_cau
         bshape = np.shape(bias)
         if magnitude:
             dbias = reduce_to_shape(ds, bshape, H, Hkv)
-        elif len(bshape) >= 1 and bshape[-1] == 1 and Lk != 1:
-            dbias = np.zeros(bshape, dtype=np.float64)  # softmax cancels a per-row constant
-        elif len(bshape) == 0:
-            dbias = np.zeros((), dtype=np.float64)
+        elif (len(bshape) == 0 or bshape[-1] == 1) and Lk != 1:
+            # d out / d b_i = 0 (softmax cancels a per-row constant); d lse_i / d b_i = 1 where row i keeps a key
+            rows = np.zeros(ds.shape[:3] + (Lk,), dtype=np.float64)
+            if dlse is not None:
+                rows[..., 0] = np.where(keep.any(axis=-1), _f64(dlse), 0.0)
+            dbias = reduce_to_shape(rows, bshape, H, Hkv)
         else:
             dbias = reduce_to_shape(ds, bshape, H, Hkv)
     return dq, dk, dv, dbias

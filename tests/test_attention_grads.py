@@ -35,9 +35,12 @@ def test_grads_match_oracle(implementation, case, rng):
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_grads_through_lse(implementation, dtype, rng):
-    """lse is differentiable too: cotangents on (out, lse) together."""
-    case = BASE.replace(dtype=dtype, bias=(2, 2, 65, 100), mask=(2, 1, 65, 100), mask_kind="rows", softcap=4.0)
+@pytest.mark.parametrize("bias_shape", [(2, 2, 65, 100), (2, 2, 65, 1), (1, 4, 1, 1), (1, 1, 65, 1)],
+                         ids=["full", "per-row", "per-head", "rows-shared"])
+def test_grads_through_lse(implementation, dtype, bias_shape, rng):
+    """lse is differentiable too: cotangents on (out, lse) together. A bias constant along keys leaves out
+    unchanged but moves lse one for one: its gradient is the lse cotangent of the rows with a kept key."""
+    case = BASE.replace(dtype=dtype, bias=bias_shape, mask=(2, 1, 65, 100), mask_kind="rows", softcap=4.0)
     check_dtype_supported(implementation, case.jdtype)
     q, k, v, bias, mask = make_inputs(case, rng)
     dout = make_cotangent(case, rng)
