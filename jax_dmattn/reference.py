@@ -58,7 +58,11 @@ def reference_core(q, k, v, bias, mask, *, scale, is_causal, softcap):
     # Rows with no kept key have max -inf: shift by 0 instead so exp gives exact zeros and no NaN. A NaN or +inf
     # max (a NaN or +inf logit) stays, so out and lse of that row are NaN.
     row_max = jax.lax.stop_gradient(jnp.where(row_max == -jnp.inf, 0.0, row_max))
-    p = jnp.exp(logits - row_max)
+    # logits - max is <= 0, but XLA may fuse the logit scaling into it as an FMA (jaxlib 0.10's CPU compiler
+    # does), leaving the product's rounding error, ~100 at logits of 1e9, and exp overflows. Clip that residue
+    # in value only (the gradient stays 1); NaN stays NaN, -inf stays -inf.
+    shifted = logits - row_max
+    p = jnp.exp(shifted - jax.lax.stop_gradient(jnp.maximum(shifted, 0.0)))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     empty = denom == 0
     safe_denom = jnp.where(empty, 1.0, denom)
