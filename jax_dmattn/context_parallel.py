@@ -259,8 +259,7 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
     trav_bias = bias if layout.bias_keys == "chunk" else None
     trav_mask = mask if layout.mask_keys == "chunk" else None
 
-    def step(s, carry):
-        out, lse, kj, vj, tb, tm = carry
+    def compute(s, out, lse, kj, vj, tb, tm):
         j = (i - s) % n
         if fetch is not None:
             kj, vj, fb, fm = fetch(j)
@@ -269,15 +268,22 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
         bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, c)
         mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, c)
         out_s, lse_s = _step_fwd(q, kj, vj, bj, mj, i, j, layout)
-        out, lse = _combine(out, lse, out_s, lse_s)
+        return _combine(out, lse, out_s, lse_s)
+
+    def step(s, carry):
+        out, lse, kj, vj, tb, tm = carry
+        if fetch is None:  # the next chunk is in flight while this one is computed
+            nxt = lax.ppermute((kj, vj, tb, tm), layout.axis_name, _ring_perm(n))
+        out, lse = compute(s, out, lse, kj, vj, tb, tm)
         if fetch is None:
-            kj, vj, tb, tm = lax.ppermute((kj, vj, tb, tm), layout.axis_name, _ring_perm(n))
+            kj, vj, tb, tm = nxt
         return out, lse, kj, vj, tb, tm
 
     init = (jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32), k, v,
             trav_bias, trav_mask)
     init = _primitives._match_vma(*init)
-    out, lse, *_ = lax.fori_loop(0, n, step, init)
+    carry = lax.fori_loop(0, n - 1, step, init)  # n - 1 hops: the last chunk is computed where it lands
+    out, lse = compute(n - 1, *carry)
     return out.astype(q.dtype), lse
 
 
