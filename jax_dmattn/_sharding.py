@@ -180,14 +180,14 @@ def _axes_size(mesh, axes):
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def _check_unshardable_dims(name, roles, dim_axes):
+def _check_unshardable_dims(name, roles, dim_axes, allowed=()):
     for i, (role, ax) in enumerate(zip(roles, dim_axes)):
-        if ax and role in _UNSHARDABLE:
+        if ax and role in _UNSHARDABLE and role not in allowed:
             raise ValueError(
                 f"jax_dmattn.attention: {name} is sharded along its {_DIM_NAMES[role]} dim (dim {i}) over "
-                f"mesh axes {tuple(ax)}. Only batch and head sharding are supported here: for a sequence split "
-                f"over devices call jax_dmattn.context_parallel.attention inside shard_map; head_dim sharding is "
-                f"not supported. Under jit the sharding may also have been propagated from a sequence-sharded "
+                f"mesh axes {tuple(ax)}. A sequence split needs query and key lengths split over the same single "
+                f"mesh axis (then the call runs context-parallel, as jax_dmattn.context_parallel.attention does "
+                f"inside shard_map); head_dim sharding is not supported. Under jit the sharding may also have been propagated from a sequence-sharded "
                 f"consumer of the output (out_shardings, a later sharding constraint). Pin query, key and value "
                 f"with jax.lax.with_sharding_constraint(x, P(batch_axes, None, head_axes, None)) before the "
                 f"call (XLA then reshards the output afterwards).")
@@ -200,16 +200,27 @@ def check_input_shardings(q, k, v, bias, mask):
     xs = (q, k, v, bias, mask)
     shapes = [(0,) if x is None else tuple(x.shape) for x in xs]
     _, roles, _ = _roles("fwd", shapes)
-    for name, x, r in zip(_OPERAND_NAMES["fwd"], xs, roles):
-        if x is None:
-            continue
+
+    def axes_of(x):
+        """The mesh axes of each dim where they are known now, else None: a concrete array's, or a tracer's
+        under Explicit axes (under Auto axes a tracer's type says nothing about its sharding)."""
         if isinstance(x, jax.core.Tracer):
             sharding = getattr(jax.typeof(x), "sharding", None)
+            axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+            if not any(t == jax.sharding.AxisType.Explicit for t in axis_types):
+                return None
         else:
             sharding = getattr(x, "sharding", None)
-        if not isinstance(sharding, NamedSharding):
+        return _spec_axes(sharding, len(x.shape)) if isinstance(sharding, NamedSharding) else None
+
+    q_axes, k_axes = axes_of(q), axes_of(k)
+    # Query and key lengths split over one axis: the partitioner runs it context-parallel. Where their shardings
+    # are not known yet (tracers under jit with Auto axes), the partitioner decides, with the same message.
+    seq = q_axes is None or k_axes is None or (len(q_axes[1]) == 1 and q_axes[1] == k_axes[1])
+    for name, x, r in zip(_OPERAND_NAMES["fwd"], xs, roles):
+        if x is None or axes_of(x) is None:
             continue
-        _check_unshardable_dims(name, r, _spec_axes(sharding, len(x.shape)))
+        _check_unshardable_dims(name, r, axes_of(x), allowed=("lq", "lk") if seq else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +233,7 @@ class _Plan:
     batch_axes: tuple
     head_axes: tuple
     kv_mode: str  # "split": kv heads sharded like the query heads; "slice": kv replicated, sliced per device
+    seq_axes: tuple = ()  # the mesh axis query and key lengths are split over: context parallelism
 
     @property
     def kv_axes(self):
@@ -229,6 +241,9 @@ class _Plan:
 
     def spec(self, roles):
         entries = []
+        # A bias / mask with a query dim stays with its rows (all keys, sliced per chunk); one without travels
+        # with its keys (context_parallel's layouts).
+        keys_follow = "lq" not in roles
         for role in roles:
             if role == "b":
                 entries.append(_axes_entry(self.batch_axes))
@@ -236,6 +251,8 @@ class _Plan:
                 entries.append(_axes_entry(self.head_axes))
             elif role == "hkv":
                 entries.append(_axes_entry(self.kv_axes))
+            elif role == "lq" or (role == "lk" and keys_follow):
+                entries.append(_axes_entry(self.seq_axes))
             else:
                 entries.append(None)
         return P(*entries)
@@ -246,8 +263,11 @@ def _plan(kind, mesh, arg_shapes) -> _Plan:
     dims, operand_roles, result_roles = _roles(kind, shapes)
     axes = [_spec_axes(a.sharding, len(a.shape)) for a in arg_shapes]
     names = _OPERAND_NAMES[kind]
+    seq_axes = tuple(axes[0][1])
+    if seq_axes and (len(seq_axes) != 1 or tuple(axes[1][1]) != seq_axes):
+        seq_axes = ()  # not one axis for both query and key lengths: the clear error below
     for name, roles, dim_axes in zip(names, operand_roles, axes):
-        _check_unshardable_dims(name, roles, dim_axes)
+        _check_unshardable_dims(name, roles, dim_axes, allowed=("lq", "lk") if seq_axes else ())
     batch_axes, head_axes = tuple(axes[0][0]), tuple(axes[0][2])
     n = _axes_size(mesh, head_axes)
     hkv = dims.kv_heads
@@ -261,8 +281,12 @@ def _plan(kind, mesh, arg_shapes) -> _Plan:
             f"{head_axes}) but there are {hkv} kv heads: the head sharding must divide the kv heads, or the kv "
             f"heads must divide it (then k/v are replicated over those axes). Shard the heads {hkv}-way or "
             f"replicate them.")
+    if seq_axes and kv_mode != "split":
+        raise ValueError(
+            f"jax_dmattn.attention: a sequence split over {seq_axes} (context parallelism) needs the kv heads "
+            f"sharded like the query heads; got {dims.heads} query heads over {n} devices and {hkv} kv heads")
     return _Plan(dims=dims, operand_roles=operand_roles, result_roles=result_roles, batch_axes=batch_axes,
-                 head_axes=head_axes, kv_mode=kv_mode)
+                 head_axes=head_axes, kv_mode=kv_mode, seq_axes=seq_axes)
 
 
 def _no_ambient_mesh():
@@ -298,6 +322,37 @@ def _unslice(x, idx, axis, size):
     return jax.lax.dynamic_update_slice_in_dim(full, x, idx, axis=axis)
 
 
+def _lower_context_parallel(kind, plan, mesh, config, args):
+    """The per-device body of a call whose sequence is split over plan.seq_axes: jax_dmattn.context_parallel's
+    ring over that axis (bool masks only), then the same dbias sums over broadcast batch / head axes."""
+    from jax_dmattn import context_parallel
+
+    if config.mask_kind != "bool":
+        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) takes a bool "
+                         f"mask; a {config.mask_kind!r} compact mask selects over every key chunk")
+    (axis,) = plan.seq_axes
+    q, k, v, bias, mask = args[:5]
+    bias = None if _is_empty(bias) else bias
+    mask = None if _is_empty(mask) else mask
+    n, chunk = mesh.shape[axis], k.shape[1]
+    layout = context_parallel.layout_for(config, axis, n, chunk, bias, mask)
+    if kind == "fwd":
+        return context_parallel.forward(q, k, v, bias, mask, layout)
+    out, lse, dout, dlse = args[5:]
+    dq, dk, dv, dbias = context_parallel.backward(q, k, v, bias, mask, out, lse, dout, dlse, layout,
+                                                  lse_term=False)
+    if bias is None:
+        return dq, dk, dv, jnp.zeros_like(args[3])
+    bias_roles = plan.operand_roles[3]
+    sum_axes = (plan.batch_axes if bias_roles[0] == "one" else ()) + (
+        plan.head_axes if bias_roles[1] == "one" else ())
+    return dq, dk, dv, _psum(dbias, sum_axes)
+
+
+def _is_empty(x) -> bool:
+    return x.ndim == 1 and x.shape[0] == 0
+
+
 def _partition(kind, body):
     def partition(config, mesh, arg_shapes, result_shape):
         plan = _plan(kind, mesh, arg_shapes)
@@ -317,6 +372,8 @@ def _partition(kind, body):
                 return _lower(*args)
 
         def _lower(*args):
+            if plan.seq_axes:
+                return _lower_context_parallel(kind, plan, mesh, config, args)
             idx = None
             if plan.kv_mode == "slice":
                 idx = kv_index()

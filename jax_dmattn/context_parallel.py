@@ -287,7 +287,26 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
     return out.astype(q.dtype), lse
 
 
-def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout):
+def layout_for(config: _primitives.KernelConfig, axis_name, n: int, chunk: int, bias, mask, *,
+               strategy: str = "ring", zigzag: bool = False) -> _Layout:
+    """The static layout of a call on local chunks (bias / mask rank 4 or None)."""
+    return _Layout(n=n, axis_name=axis_name, strategy=strategy, config=config,
+                   bias_keys=_key_layout("bias", bias, chunk, n), mask_keys=_key_layout("mask", mask, chunk, n),
+                   chunk=chunk, zigzag=zigzag)
+
+
+def forward(q, k, v, bias, mask, layout: _Layout):
+    """(out, lse) of this device's query rows over every key chunk (the primal of :func:`attention`)."""
+    return _forward(q, k, v, bias, mask, layout)
+
+
+def backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, *, lse_term: bool = True):
+    """(dq, dk, dv, dbias) on the devices that own them. ``lse_term=False`` leaves out the lse cotangent's part of
+    a key-broadcast bias's gradient, for callers that add it themselves (jax_dmattn's custom_vjp)."""
+    return _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout, lse_term=lse_term)
+
+
+def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, lse_term: bool = True):
     n, c = layout.n, layout.chunk
     i = lax.axis_index(layout.axis_name)
     fetch = _kv_source(layout, k, v, bias, mask)
@@ -351,7 +370,7 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout):
     # ring: every chunk (and its gradients) moved one device per step, n steps: back on the device that owns it
     dbias = None
     if has_bias:
-        if layout.bias_keys == "one":  # constant along keys: only lse moves with it (the kernels write 0)
+        if layout.bias_keys == "one" and lse_term:  # constant along keys: only lse moves with it (kernels: 0)
             dbf = dbf + _primitives.key_broadcast_dbias(bias.shape, lse, dlse)
         dbias = (dtb if layout.bias_keys == "chunk" else dbf).astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
@@ -431,10 +450,8 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     q, k, v, bias = kernel_operands(query, key, value, bias, implementation)
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation)
-    layout = _Layout(n=int(n), axis_name=axis_name, strategy=strategy, config=config,
-                     bias_keys=_key_layout("bias", bias, chunk, int(n)),
-                     mask_keys=_key_layout("mask", mask, chunk, int(n)), chunk=chunk,
-                     zigzag=chunk_order == "zigzag")
+    layout = layout_for(config, axis_name, int(n), chunk, bias, mask, strategy=strategy,
+                        zigzag=chunk_order == "zigzag")
     q, k, v, bias, mask = _primitives._match_vma(q, k, v, bias, mask)
     out, lse = _cp_attention(q, k, v, bias, mask, layout)
     out = out[..., :d]

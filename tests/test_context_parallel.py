@@ -253,3 +253,47 @@ def test_errors():
         return context_parallel.attention(q, k, v, jnp.zeros((B, 2, 1, 3)), axis_name="sp", implementation=IMPL)
     with pytest.raises(ValueError, match="key dim"):
         jax.jit(_shard_map(local_bad_bias, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
+
+
+@multi_device
+@pytest.mark.parametrize("bias,mask", [("per-key", None), ("full-rows", None), ("per-key", "padding"),
+                                       ("per-key", "full-rows")])
+def test_jit_auto_sequence_sharding(bias, mask):
+    """Plain jax_dmattn.attention under jit on inputs whose sequence is split over an Auto mesh axis: the
+    partitioner runs it context-parallel (ring): values and gradients equal one device, and the compiled program
+    moves K/V by collective-permute, never by all-gather."""
+    mesh = _mesh((2, 4), ("dp", "sp"))
+    bias_shape, bias_spec = BIASES[bias]
+    mask_shape, mask_spec = MASKS[mask] if mask else (None, None)
+    q, k, v, b, m, ct, _ = _inputs(2, bias_shape, mask_shape)
+
+    def grads(ct, m):
+        def loss(q, k, v, b):
+            return jnp.sum(jax_dmattn.attention(q, k, v, b, m, is_causal=True, implementation=IMPL) * ct)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+    want_loss, want_grads = grads(ct, m)(q, k, v, b)
+    seq = P("dp", "sp")
+    with_dp = lambda spec: P("dp", *tuple(spec)[1:])  # noqa: E731
+    put = lambda x, s: None if x is None else jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    args = (put(q, seq), put(k, seq), put(v, seq), put(b, with_dp(bias_spec)))
+    f = grads(put(ct, seq), put(m, with_dp(mask_spec)) if m is not None else None)
+    got_loss, got_grads = f(*args)
+    _close(got_loss, want_loss, "loss")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+        _close(g, w, name)
+    text = f.lower(*args).compile().as_text()
+    assert "all-gather" not in _collectives(text) and "collective-permute" in _collectives(text), \
+        _collectives(text)
+
+
+@multi_device
+def test_jit_auto_sequence_sharding_refuses_compact_masks():
+    mesh = _mesh()
+    q, k, v, *_ = _inputs(2, None, None)
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "sp")))  # noqa: E731
+    scores = jnp.zeros((B, 2, L))
+    f = jax.jit(lambda q, k, v: jax_dmattn.attention(q, k, v, mask=jax_dmattn.TopKMask(scores, 4),
+                                                     implementation=IMPL))
+    with pytest.raises(Exception, match="compact mask"):
+        f(put(q), put(k), put(v))
