@@ -273,8 +273,6 @@ def _bwd_batcher(args, dims, *, config):
     return (_unfold(dq, n, em), _unfold(dk, n, em), _unfold(dv, n, em), dbias), (out_dim,) * 3 + (dbias_dim,)
 
 
-
-
 # ---------------------------------------------------------------------------------------------- custom_vjp
 def _vma(x) -> frozenset:
     """The manual mesh axes x varies over inside shard_map (empty outside)."""

@@ -330,10 +330,12 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
     if config.mask_kind != "bool":
         raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) takes a bool "
                          f"mask; a {config.mask_kind!r} compact mask selects over every key chunk")
+    from jax_dmattn._primitives import _is_absent  # (a module-level import would be circular)
+
     (axis,) = plan.seq_axes
     q, k, v, bias, mask = args[:5]
-    bias = None if _is_empty(bias) else bias
-    mask = None if _is_empty(mask) else mask
+    bias = None if _is_absent(bias) else bias
+    mask = None if _is_absent(mask) else mask
     n, chunk = mesh.shape[axis], k.shape[1]
     layout = context_parallel.layout_for(config, axis, n, chunk, bias, mask)
     if kind == "fwd":
@@ -347,10 +349,6 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
     sum_axes = (plan.batch_axes if bias_roles[0] == "one" else ()) + (
         plan.head_axes if bias_roles[1] == "one" else ())
     return dq, dk, dv, _psum(dbias, sum_axes)
-
-
-def _is_empty(x) -> bool:
-    return x.ndim == 1 and x.shape[0] == 0
 
 
 def _partition(kind, body):

@@ -39,25 +39,26 @@ def _zigzag_halves(n: int):
     return [h for d in range(n) for h in (d, 2 * n - 1 - d)]
 
 
+def _reorder_halves(caller: str, x, n: int, axis: int, order):
+    """x's sequence axis cut into 2n halves and put back in ``order`` (a permutation of the halves)."""
+    length = x.shape[axis]
+    if length % (2 * n):
+        raise ValueError(f"{caller}: the sequence length {length} is not a multiple of 2 * {n}")
+    halves = jnp.split(x, 2 * n, axis=axis)
+    return jnp.concatenate([halves[h] for h in order], axis=axis)
+
+
 def to_zigzag(x, n: int, axis: int = 1):
     """x with its sequence axis reordered so that splitting it into n contiguous chunks gives device d the
     sequence halves d and 2n - 1 - d (``chunk_order="zigzag"``): under a causal mask every device then has the
     same work. The length must be a multiple of 2n. Apply to q, k, v and to the sequence dims of bias / mask."""
-    length = x.shape[axis]
-    if length % (2 * n):
-        raise ValueError(f"to_zigzag: the sequence length {length} is not a multiple of 2 * {n}")
-    halves = jnp.split(x, 2 * n, axis=axis)
-    return jnp.concatenate([halves[h] for h in _zigzag_halves(n)], axis=axis)
+    return _reorder_halves("to_zigzag", x, n, axis, _zigzag_halves(n))
 
 
 def from_zigzag(x, n: int, axis: int = 1):
     """The inverse of :func:`to_zigzag` (e.g. for the output)."""
-    length = x.shape[axis]
-    if length % (2 * n):
-        raise ValueError(f"from_zigzag: the sequence length {length} is not a multiple of 2 * {n}")
-    parts = jnp.split(x, 2 * n, axis=axis)
-    order = _zigzag_halves(n)
-    return jnp.concatenate([parts[order.index(h)] for h in range(2 * n)], axis=axis)
+    zigzag = _zigzag_halves(n)
+    return _reorder_halves("from_zigzag", x, n, axis, [zigzag.index(h) for h in range(2 * n)])
 
 
 class _Layout(NamedTuple):
@@ -87,20 +88,12 @@ def _key_layout(name: str, x, chunk: int, n: int) -> str | None:
 
 
 def _rank4(name: str, x, dims):
-    """A bias / mask as the kernels take it, rank 4 with broadcast dims of size 1. Its key dim is checked by
-    _key_layout (the local chunk or all keys), its query dim against the local query chunk."""
+    """A bias / mask as the kernels take it, rank 4 with broadcast dims of size 1, checked against the local
+    query chunk; its key dim (the local chunk or all keys) is checked by _key_layout."""
     if x is None:
         return None
-    b, h, hkv, lq = dims
     x = jnp.asarray(x)
-    if x.ndim > 4:
-        raise ValueError(f"{name} must have rank <= 4 ([B, H, Lq, Lk] broadcastable), got shape {x.shape}")
-    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-    ok = (x.shape[0] in (1, b) and x.shape[1] in (1, hkv, h) and x.shape[2] in (1, lq))
-    if not ok:
-        raise ValueError(f"{name} of shape {x.shape} does not broadcast to the local [B={b}, H={h} (or Hkv={hkv}), "
-                         f"Lq={lq} (this device's query chunk), keys]")
-    return x
+    return _validation._normalize_broadcast(name, x, tuple(dims) + (x.shape[-1] if x.ndim else 1,))
 
 
 def _slice_keys(x, layout: str | None, j, chunk: int):
@@ -134,15 +127,19 @@ def _sub(x, dim: int, part: slice):
     return x[(slice(None),) * dim + (part,)]
 
 
+def _pair_part(x, qpart: slice, kpart: slice):
+    """A bias / mask of a chunk pair cut to one (query part, key part)."""
+    return _sub(_sub(x, 2, qpart), 3, kpart)
+
+
 def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
     """(out, lse) of this device's rows against key chunk j, over the pairs of parts."""
     outs, lses = [], []
     for qpart, qi in _parts(layout, i, q.shape[1]):
         out, lse = None, None
         for kpart, kj_i in _parts(layout, j, kj.shape[1]):
-            o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart],
-                              _sub(_sub(bj, 2, qpart), 3, kpart), _sub(_sub(mj, 2, qpart), 3, kpart),
-                              _pair_kind(qi, kj_i, layout.config.is_causal), layout)
+            o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
+                              _pair_part(mj, qpart, kpart), _pair_kind(qi, kj_i, layout.config.is_causal), layout)
             if out is None:
                 out, lse = o.astype(jnp.float32), l_
             else:
@@ -161,8 +158,8 @@ def _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout: _Layout):
     for qpart, qi in _parts(layout, i, q.shape[1]):
         gq = jnp.zeros(q[:, qpart].shape, jnp.float32)
         for n_k, (kpart, kj_i) in enumerate(_parts(layout, j, kj.shape[1])):
-            bsub = _sub(_sub(bj, 2, qpart), 3, kpart)
-            g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], bsub, _sub(_sub(mj, 2, qpart), 3, kpart),
+            g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
+                          _pair_part(mj, qpart, kpart),
                           out[:, qpart], lse[:, :, qpart], dout[:, qpart], dlse[:, :, qpart],
                           _pair_kind(qi, kj_i, layout.config.is_causal), layout)
             gq = gq + g[0].astype(jnp.float32)
@@ -176,14 +173,10 @@ def _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout: _Layout):
     return jnp.concatenate(dq, axis=1), jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1), db
 
 
-def _operand(x, dtype):
-    return jnp.zeros((0,), dtype) if x is None else x
-
-
 def _fwd_pair(q, k, v, bias, mask, kind, layout: _Layout):
     """(out [B, Lq, H, D], lse [B, H, Lq] f32) of one (query chunk, key chunk) pair."""
     b, lq, h, _ = q.shape
-    bias_op, mask_op = _operand(bias, jnp.float32), _operand(mask, jnp.bool_)
+    bias_op, mask_op = _primitives._operand(bias, jnp.float32), _primitives._operand(mask, jnp.bool_)
 
     def run(causal):
         config = dataclasses.replace(layout.config, is_causal=causal)
@@ -198,7 +191,7 @@ def _fwd_pair(q, k, v, bias, mask, kind, layout: _Layout):
 
 def _bwd_pair(q, k, v, bias, mask, out, lse, dout, dlse, kind, layout: _Layout):
     """(dq, dk, dv, dbias) of one pair, given the rows' global out and lse (exact partial gradients)."""
-    bias_op, mask_op = _operand(bias, jnp.float32), _operand(mask, jnp.bool_)
+    bias_op, mask_op = _primitives._operand(bias, jnp.float32), _primitives._operand(mask, jnp.bool_)
 
     def run(causal):
         config = dataclasses.replace(layout.config, is_causal=causal)
@@ -251,8 +244,21 @@ def _kv_source(layout: _Layout, k, v, bias, mask):
     return fetch
 
 
+def _chunk_operands(layout: _Layout, fetch, j, kj, vj, tb, tm, bias, mask):
+    """Key chunk j's k, v and travelling bias / mask (as they arrived by ppermute, or fetched from the gathered
+    arrays), and the bias / mask parts the pair uses: the travelling ones, or the chunk's columns of a bias / mask
+    laid out over all keys."""
+    if fetch is not None:
+        kj, vj, fb, fm = fetch(j)
+        tb = fb if fb is not None else tb
+        tm = fm if fm is not None else tm
+    bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, layout.chunk)
+    mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, layout.chunk)
+    return kj, vj, tb, tm, bj, mj
+
+
 def _forward(q, k, v, bias, mask, layout: _Layout):
-    n, c = layout.n, layout.chunk
+    n = layout.n
     i = lax.axis_index(layout.axis_name)
     b, lq, h, d = q.shape
     fetch = _kv_source(layout, k, v, bias, mask)
@@ -261,12 +267,7 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
 
     def compute(s, out, lse, kj, vj, tb, tm):
         j = (i - s) % n
-        if fetch is not None:
-            kj, vj, fb, fm = fetch(j)
-            tb = fb if fb is not None else tb
-            tm = fm if fm is not None else tm
-        bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, c)
-        mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, c)
+        kj, vj, tb, tm, bj, mj = _chunk_operands(layout, fetch, j, kj, vj, tb, tm, bias, mask)
         out_s, lse_s = _step_fwd(q, kj, vj, bj, mj, i, j, layout)
         return _combine(out, lse, out_s, lse_s)
 
@@ -324,12 +325,7 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, lse_te
     def step(s, carry):
         dq, kj, vj, tb, tm, dkj, dvj, dtb, dbf, acc = carry
         j = (i - s) % n
-        if gathered:
-            kj, vj, fb, fm = fetch(j)
-            tb = fb if fb is not None else tb
-            tm = fm if fm is not None else tm
-        bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, c)
-        mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, c)
+        kj, vj, tb, tm, bj, mj = _chunk_operands(layout, fetch, j, kj, vj, tb, tm, bias, mask)
         gq, gk, gv, gb = _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout)
         dq = dq + gq
         if has_bias:
