@@ -144,7 +144,9 @@ def main(argv=None) -> int:
     platform = jax.default_backend()
     dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
     print(f"jax_dmattn {jax_dmattn.__version__} on {jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}")
-    print(f"  kernels: cpu={'yes' if _ffi.has_cpu_kernels() else 'no'} cuda={'yes' if _ffi.has_cuda_kernels() else 'no'}")
+    built = {name: "yes" if has() else "no" for name, has in (("cpu", _ffi.has_cpu_kernels),
+                                                             ("cuda", _ffi.has_cuda_kernels))}
+    print(f"  kernels: cpu={built['cpu']} cuda={built['cuda']}")
     expected = {"cpu": _ffi.has_cpu_kernels, "gpu": _ffi.has_cuda_kernels}.get(platform)
     if expected is not None and not expected():
         print(f"\nFAILED: the compiled {platform} kernels of jax_dmattn are not installed or did not load "

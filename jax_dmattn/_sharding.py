@@ -187,7 +187,8 @@ def _check_unshardable_dims(name, roles, dim_axes, allowed=()):
                 f"jax_dmattn.attention: {name} is sharded along its {_DIM_NAMES[role]} dim (dim {i}) over "
                 f"mesh axes {tuple(ax)}. A sequence split needs query and key lengths split over the same single "
                 f"mesh axis (then the call runs context-parallel, as jax_dmattn.context_parallel.attention does "
-                f"inside shard_map); head_dim sharding is not supported. Under jit the sharding may also have been propagated from a sequence-sharded "
+                f"inside shard_map); head_dim sharding is not supported. Under jit the sharding may also have "
+                f"been propagated from a sequence-sharded "
                 f"consumer of the output (out_shardings, a later sharding constraint). Pin query, key and value "
                 f"with jax.lax.with_sharding_constraint(x, P(batch_axes, None, head_axes, None)) before the "
                 f"call (XLA then reshards the output afterwards).")
@@ -337,7 +338,7 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
     bias = None if _is_absent(bias) else bias
     mask = None if _is_absent(mask) else mask
     n, chunk = mesh.shape[axis], k.shape[1]
-    layout = context_parallel.layout_for(config, axis, n, chunk, bias, mask)
+    layout = context_parallel.layout_for(config, axis, n, q.shape[1], chunk, bias, mask)
     if kind == "fwd":
         return context_parallel.forward(q, k, v, bias, mask, layout)
     out, lse, dout, dlse = args[5:]
@@ -345,10 +346,17 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
                                                   lse_term=False)
     if bias is None:
         return dq, dk, dv, jnp.zeros_like(args[3])
+    return dq, dk, dv, _psum(dbias, _dbias_sum_axes(plan))
+
+
+def _dbias_sum_axes(plan) -> tuple:
+    """The mesh axes whose devices each hold a part of dbias: those a batch- or head-broadcast bias is replicated
+    over (with kv_mode "slice", also those a kv-head bias is)."""
     bias_roles = plan.operand_roles[3]
-    sum_axes = (plan.batch_axes if bias_roles[0] == "one" else ()) + (
-        plan.head_axes if bias_roles[1] == "one" else ())
-    return dq, dk, dv, _psum(dbias, sum_axes)
+    axes = plan.batch_axes if bias_roles[0] == "one" else ()
+    if bias_roles[1] == "one" or (bias_roles[1] == "hkv" and plan.kv_mode == "slice"):
+        axes += plan.head_axes
+    return axes
 
 
 def _partition(kind, body):
@@ -385,14 +393,9 @@ def _partition(kind, body):
                 dk = _psum(_unslice(dk, idx, 2, hkv), plan.head_axes)
                 dv = _psum(_unslice(dv, idx, 2, hkv), plan.head_axes)
             if has_bias:
-                sum_axes = ()
-                if bias_roles[0] == "one":
-                    sum_axes += plan.batch_axes  # batch-broadcast bias: every batch shard adds a part
-                if bias_roles[1] == "one" or (bias_roles[1] == "hkv" and plan.kv_mode == "slice"):
-                    if bias_roles[1] == "hkv" and plan.dims.kv_heads > 1:
-                        dbias = _unslice(dbias, idx, 1, plan.dims.kv_heads)
-                    sum_axes += plan.head_axes
-                dbias = _psum(dbias, sum_axes)
+                if bias_roles[1] == "hkv" and plan.kv_mode == "slice" and plan.dims.kv_heads > 1:
+                    dbias = _unslice(dbias, idx, 1, plan.dims.kv_heads)
+                dbias = _psum(dbias, _dbias_sum_axes(plan))
             return dq, dk, dv, dbias
 
         return mesh, lower_fn, result_shardings, arg_shardings

@@ -288,9 +288,13 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
     return out.astype(q.dtype), lse
 
 
-def layout_for(config: _primitives.KernelConfig, axis_name, n: int, chunk: int, bias, mask, *,
+def layout_for(config: _primitives.KernelConfig, axis_name, n: int, q_chunk: int, chunk: int, bias, mask, *,
                strategy: str = "ring", zigzag: bool = False) -> _Layout:
-    """The static layout of a call on local chunks (bias / mask rank 4 or None)."""
+    """The static layout of a call on local chunks of q_chunk query rows and chunk keys (bias / mask rank 4 or
+    None). The causal pair rule (diagonal, below, above) needs the chunks equal."""
+    if config.is_causal and q_chunk != chunk:
+        raise ValueError(f"is_causal under context parallelism needs equal query and key chunks (self-attention "
+                         f"over one sequence), got {q_chunk} query rows and {chunk} keys per device")
     return _Layout(n=n, axis_name=axis_name, strategy=strategy, config=config,
                    bias_keys=_key_layout("bias", bias, chunk, n), mask_keys=_key_layout("mask", mask, chunk, n),
                    chunk=chunk, zigzag=zigzag)
@@ -431,9 +435,6 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     if chunk_order == "zigzag" and (lq % 2 or chunk % 2):
         raise ValueError(f"chunk_order='zigzag' splits each device's chunk in two halves: the local query and key "
                          f"lengths must be even, got {lq} and {chunk}")
-    if is_causal and lq != chunk:
-        raise ValueError(f"is_causal under context parallelism needs equal query and key chunks (self-attention "
-                         f"over one sequence), got {lq} query rows and {chunk} keys per device")
     bias = _rank4("bias", bias, (b, h, hkv, lq))
     mask = _rank4("mask", mask, (b, h, hkv, lq))
     if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
@@ -446,7 +447,7 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     q, k, v, bias = kernel_operands(query, key, value, bias, implementation)
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation)
-    layout = layout_for(config, axis_name, int(n), chunk, bias, mask, strategy=strategy,
+    layout = layout_for(config, axis_name, int(n), lq, chunk, bias, mask, strategy=strategy,
                         zigzag=chunk_order == "zigzag")
     q, k, v, bias, mask = _primitives._match_vma(q, k, v, bias, mask)
     out, lse = _cp_attention(q, k, v, bias, mask, layout)

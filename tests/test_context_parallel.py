@@ -297,3 +297,15 @@ def test_jit_auto_sequence_sharding_refuses_compact_masks():
                                                      implementation=IMPL))
     with pytest.raises(Exception, match="compact mask"):
         f(put(q), put(k), put(v))
+
+
+@multi_device
+def test_jit_auto_sequence_sharding_refuses_causal_with_unequal_chunks():
+    """Under jit the partitioner's context-parallel route applies the same rule as the shard_map call: the causal
+    pair rule needs equal query and key chunks."""
+    mesh = _mesh()
+    q, k, v, *_ = _inputs(2, None, None)
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "sp")))  # noqa: E731
+    f = jax.jit(lambda q, k, v: jax_dmattn.attention(q, k, v, is_causal=True, implementation=IMPL))
+    with pytest.raises(Exception, match="equal query and key chunks"):
+        f(put(q[:, :L // 2]), put(k), put(v))
