@@ -4,11 +4,10 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "attention_params.h"
 #include "kernel_facts.h"
 
 namespace dmattn {
-
-enum BwdBiasDtype : int { kBwdBiasF32 = 0, kBwdBiasBF16 = 1, kBwdBiasF16 = 2 };
 
 // How the main kernel writes dbias.
 enum DbiasMode : int {
@@ -44,7 +43,7 @@ struct BwdParams {
   // Broadcastable bias [Bb, Hb, Mb, Nb]: element strides (0 on broadcast dims); bias head of query head h is
   // h / bias_hdiv. nullptr: none.
   const void* bias = nullptr;
-  int bias_dtype = kBwdBiasF32;
+  DType bias_dtype = DType::kF32;
   int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
   int bias_hdiv = 1;
   int64_t bias_size = 0;  // Bb * Hb * Mb * Nb

@@ -97,7 +97,7 @@ cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
     if ((err = cudaMemsetAsync(p.dq_accum, 0, q_elems * sizeof(float), stream)) != cudaSuccess) return err;
   }
   if (p.bias != nullptr) {
-    const int64_t esize = p.bias_dtype == kBwdBiasF32 ? 4 : 2;
+    const int64_t esize = p.bias_dtype == DType::kF32 ? 4 : 2;
     if (p.dbias_mode == kDbiasAccum) {
       err = cudaMemsetAsync(p.dbias_accum, 0, p.bias_size * sizeof(float), stream);
     } else {  // skipped / never visited tiles (and a key-broadcast bias) get exact zeros
@@ -114,8 +114,8 @@ cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
                     : convert<__half>(p.dq_accum, p.dq, q_elems, stream);
     if (err != cudaSuccess) return err;
   }
-  if (p.bias != nullptr && p.dbias_mode == kDbiasAccum && p.bias_dtype != kBwdBiasF32) {
-    err = p.bias_dtype == kBwdBiasBF16 ? convert<__nv_bfloat16>(p.dbias_accum, p.dbias, p.bias_size, stream)
+  if (p.bias != nullptr && p.dbias_mode == kDbiasAccum && p.bias_dtype != DType::kF32) {
+    err = p.bias_dtype == DType::kBF16 ? convert<__nv_bfloat16>(p.dbias_accum, p.dbias, p.bias_size, stream)
                                        : convert<__half>(p.dbias_accum, p.dbias, p.bias_size, stream);
     if (err != cudaSuccess) return err;
   }

@@ -89,10 +89,10 @@ struct Traits {
 
 // ---------------------------------------------------------------------------------------------- helpers
 
-__device__ __forceinline__ void store_bias(void* base, int64_t off, int dtype, float v) {
-  if (dtype == kBwdBiasBF16) {
+__device__ __forceinline__ void store_bias(void* base, int64_t off, DType dtype, float v) {
+  if (dtype == DType::kBF16) {
     static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v);
-  } else if (dtype == kBwdBiasF16) {
+  } else if (dtype == DType::kF16) {
     static_cast<__half*>(base)[off] = __float2half_rn(v);
   } else {
     static_cast<float*>(base)[off] = v;

@@ -72,19 +72,19 @@ __global__ void __launch_bounds__(kThreads) fixed_stats_kernel(BwdParams p, uint
   }
 }
 
-// dst[i] = count[i] * 2^e in the output dtype (0: f32, 1: bf16, 2: f16, the BwdBiasDtype codes), e from the same
+// dst[i] = count[i] * 2^e in the output dtype, e from the same
 // bounds as the kernel's; NaN everywhere when an input maximum is non-finite or the kernel flagged a partial.
 // which: 0 dK, 1 dV, 2 dbias.
 __global__ void __launch_bounds__(kThreads)
-    fixed_to_out_kernel(const unsigned long long* __restrict__ src, void* __restrict__ dst, int64_t n, int dtype,
+    fixed_to_out_kernel(const unsigned long long* __restrict__ src, void* __restrict__ dst, int64_t n, DType dtype,
                         int which, BwdFixedPoint fx, int head_dim, float scale) {
   const fixed::Exponents ex = fixed::fixed_exponents(fx.stats, fx, head_dim, scale);
   const double res = fixed::res(which == 0 ? ex.dk : (which == 1 ? ex.dv : ex.dbias));
   const bool nan = fixed::poisoned(fx.stats);
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
     const float x = nan ? __int_as_float(0x7fc00000) : fixed::from_count(src[i], res);
-    if (dtype == kBwdBiasBF16) static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(x);
-    else if (dtype == kBwdBiasF16) static_cast<__half*>(dst)[i] = __float2half_rn(x);
+    if (dtype == DType::kBF16) static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(x);
+    else if (dtype == DType::kF16) static_cast<__half*>(dst)[i] = __float2half_rn(x);
     else static_cast<float*>(dst)[i] = x;
   }
 }
@@ -94,7 +94,7 @@ cudaError_t launch_fixed_stats(const BwdParams& p, uint32_t* stats, cudaStream_t
   return cudaGetLastError();
 }
 
-cudaError_t launch_fixed_to_out(const unsigned long long* src, void* dst, int64_t n, int dtype, int which,
+cudaError_t launch_fixed_to_out(const unsigned long long* src, void* dst, int64_t n, DType dtype, int which,
                                 const BwdKeyListParams& sp, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
@@ -132,7 +132,7 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
     return err;
   const bool dbias_computed = p.bias != nullptr && p.dbias_mode != kDbiasNone;
   if (p.bias != nullptr) {
-    const int64_t esize = p.bias_dtype == kBwdBiasF32 ? 4 : 2;
+    const int64_t esize = p.bias_dtype == DType::kF32 ? 4 : 2;
     if (!dbias_computed) {  // key-broadcast bias: exact zeros
       if ((err = cudaMemsetAsync(p.dbias, 0, p.bias_size * esize, stream)) != cudaSuccess) return err;
     } else {
@@ -144,7 +144,7 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
   if ((err = launch_fixed_stats(p, fx.stats, stream)) != cudaSuccess) return err;
   if ((err = run_key_list_kernel(sp, stream)) != cudaSuccess) return err;
-  const int out_dtype = p.is_bf16 ? kBwdBiasBF16 : kBwdBiasF16;
+  const DType out_dtype = p.is_bf16 ? DType::kBF16 : DType::kF16;
   if ((err = launch_fixed_to_out(fx.dk, p.dk, kv_elems, out_dtype, 0, sp, stream)) != cudaSuccess) return err;
   if ((err = launch_fixed_to_out(fx.dv, p.dv, kv_elems, out_dtype, 1, sp, stream)) != cudaSuccess) return err;
   if (dbias_computed) {
@@ -167,8 +167,8 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
   if (p.bias != nullptr) {
     // dbias columns are added atomically into dbias_accum (dbias itself for an f32 bias). A key-broadcast bias
     // (kDbiasNone) gets exact zeros, as does every key no row keeps.
-    const int64_t esize = p.bias_dtype == kBwdBiasF32 ? 4 : 2;
-    if (p.dbias_mode == kDbiasNone || p.bias_dtype != kBwdBiasF32) {
+    const int64_t esize = p.bias_dtype == DType::kF32 ? 4 : 2;
+    if (p.dbias_mode == kDbiasNone || p.bias_dtype != DType::kF32) {
       if ((err = cudaMemsetAsync(p.dbias, 0, p.bias_size * esize, stream)) != cudaSuccess) return err;
     }
     if (p.dbias_mode != kDbiasNone) {
@@ -179,8 +179,8 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
   if ((err = run_key_list_kernel(sp, stream)) != cudaSuccess) return err;
   if ((err = launch_f32_to_half(sp.dk_accum, p.dk, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
   if ((err = launch_f32_to_half(sp.dv_accum, p.dv, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
-  if (p.bias != nullptr && p.dbias_mode != kDbiasNone && p.bias_dtype != kBwdBiasF32) {
-    err = launch_f32_to_half(p.dbias_accum, p.dbias, p.bias_size, p.bias_dtype == kBwdBiasBF16, stream);
+  if (p.bias != nullptr && p.dbias_mode != kDbiasNone && p.bias_dtype != DType::kF32) {
+    err = launch_f32_to_half(p.dbias_accum, p.dbias, p.bias_size, p.bias_dtype == DType::kBF16, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -4,11 +4,10 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "attention_params.h"
 #include "kernel_facts.h"
 
 namespace dmattn {
-
-enum FwdBiasDtype : int { kBiasF32 = 0, kBiasBF16 = 1, kBiasF16 = 2 };
 
 struct FwdParams {
   // q [B, Lq, H, D], k/v [B, Lk, Hkv, D], out [B, Lq, H, D] (element strides), lse [B, H, Lq] f32.
@@ -31,7 +30,7 @@ struct FwdParams {
 
   // Broadcastable bias [Bb, Hb, Mb, Nb]: element strides, 0 on broadcast dims; bias head = h / bias_hdiv.
   const void* bias = nullptr;
-  int bias_dtype = kBiasF32;
+  DType bias_dtype = DType::kF32;
   int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
   int bias_hdiv = 1;
 

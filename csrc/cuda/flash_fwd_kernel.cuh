@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
   const int64_t mask_base = has_mask ? b * p.mask_batch_stride + (h / p.mask_hdiv) * p.mask_head_stride : 0;
   const bool bias_per_key = has_bias && p.bias_row_stride == 0;
-  const int bias_esize = p.bias_dtype == kBiasF32 ? 4 : 2;
+  const int bias_esize = p.bias_dtype == DType::kF32 ? 4 : 2;
   // 16-byte cp.async of mask rows / bias vectors where the addresses allow it (else plain loads into smem).
   const bool mask_vec = has_mask && p.mask_col_stride == 1 && (p.mask_row_stride % 16 == 0) &&
                         (mask_base % 16 == 0) && ((reinterpret_cast<uintptr_t>(p.mask) & 15) == 0);
@@ -358,9 +358,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
   };
   auto smem_bias_value = [&](int buf, int c) -> float {
     const uint8_t* src = smem_bias + buf * kBlockN * 4;
-    if (p.bias_dtype == kBiasBF16)
+    if (p.bias_dtype == DType::kBF16)
       return __uint_as_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(src)[c]) << 16);
-    if (p.bias_dtype == kBiasF16) return __half2float(reinterpret_cast<const __half*>(src)[c]);
+    if (p.bias_dtype == DType::kF16) return __half2float(reinterpret_cast<const __half*>(src)[c]);
     return reinterpret_cast<const float*>(src)[c];
   };
 

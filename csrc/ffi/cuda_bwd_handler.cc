@@ -23,7 +23,9 @@ namespace ffi = xla::ffi;
 namespace dmattn {
 namespace {
 
-ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument("dmattn_bwd_cuda: " + what); }
+constexpr const char* kTarget = "dmattn_bwd_cuda";
+
+ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument(std::string(kTarget) + ": " + what); }
 
 // The key-list backward serves both modes when a mask with a full key dim is given and the bias (if
 // any) is broadcast over query rows, so that its gradient is a column sum (docs/cuda_backward.md). Its dk / dv /
@@ -58,19 +60,13 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           bool deterministic, int64_t key_list_rows, int64_t list_batch, int64_t list_heads,
                           int64_t list_rows) {
   count_cuda_handler_run(stream);
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
-  const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1], Hkv = kd[2];
-  if (kd[0] != B || kd[3] != D || vd[0] != B || vd[1] != Lk || vd[2] != Hkv || vd[3] != D)
-    return bad("q/k/v shapes disagree");
-  if (Hkv <= 0 || H % Hkv != 0) return bad("H % Hkv != 0");
-  if (D != 32 && D != 64 && D != 96 && D != 128 && D != 192 && D != 256)
-    return bad("head dim must be 32, 64, 96, 128, 192 or 256");
+  QkvDims s;
+  if (auto e = decode_qkv(kTarget, q, k, v, s); e.failure()) return e;
+  const int64_t B = s.B, Lq = s.Lq, H = s.H, D = s.D, Lk = s.Lk, Hkv = s.Hkv;
   const auto dt = q.element_type();
-  if ((dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) || k.element_type() != dt ||
-      v.element_type() != dt || out.element_type() != dt || dout.element_type() != dt ||
-      dq->element_type() != dt || dk->element_type() != dt || dv->element_type() != dt)
-    return bad("q, k, v, out, dout and the gradients must share dtype bf16 or f16");
+  if (out.element_type() != dt || dout.element_type() != dt || dq->element_type() != dt ||
+      dk->element_type() != dt || dv->element_type() != dt)
+    return bad("out, dout and the gradients must have q's dtype");
   const size_t rows = static_cast<size_t>(B * H * Lq);
   if (out.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
       lse.element_count() != rows || dlse.element_count() != rows || delta->element_count() != rows)
@@ -130,31 +126,20 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.batch = static_cast<int>(B), p.heads = static_cast<int>(H), p.kv_heads = static_cast<int>(Hkv);
   p.q_len = static_cast<int>(Lq), p.kv_len = static_cast<int>(Lk), p.head_dim = static_cast<int>(D);
   p.group = static_cast<int>(H / Hkv);
-  p.is_bf16 = dt == ffi::DataType::BF16;
+  p.is_bf16 = s.is_bf16;
   p.scale = scale;
   p.softcap = softcap;
   p.is_causal = is_causal;
   p.deterministic = deterministic;
 
-  auto check_operand = [&](auto dims, const char* name) -> ffi::Error {
-    if (dims.size() != 4 || !dims_ok(dims[0], B) || !(dims[1] == 1 || dims[1] == Hkv || dims[1] == H) ||
-        !dims_ok(dims[2], Lq) || !dims_ok(dims[3], Lk))
-      return bad(std::string("bad ") + name + " shape");
-    return ffi::Error::Success();
-  };
-
   if (bias.element_count() > 0) {
-    const auto bd = bias.dimensions();
-    if (auto e = check_operand(bd, "bias"); e.failure()) return e;
     const auto bt = bias.element_type();
-    if (bt == ffi::DataType::F32) p.bias_dtype = kBwdBiasF32;
-    else if (bt == ffi::DataType::BF16) p.bias_dtype = kBwdBiasBF16;
-    else if (bt == ffi::DataType::F16) p.bias_dtype = kBwdBiasF16;
-    else return bad("bias dtype must be f32, bf16 or f16");
+    if (auto e = bias_dtype(kTarget, bt, p.bias_dtype); e.failure()) return e;
     if (dbias->element_type() != bt || dbias->element_count() != bias.element_count())
       return bad("dbias must have bias's shape and dtype");
-    const int64_t dims[4] = {bd[0], bd[1], bd[2], bd[3]};
-    const BroadcastOperand op = make_broadcast_operand(bias.untyped_data(), DType::kF32, dims, H);
+    BroadcastOperand op;
+    if (auto e = decode_broadcast(kTarget, "bias", bias, p.bias_dtype, s, op); e.failure()) return e;
+    const int64_t dims[4] = {op.batch, op.heads, op.rows, op.cols};
     p.bias = op.data;
     p.bias_batch_stride = op.batch_stride, p.bias_head_stride = op.head_stride;
     p.bias_row_stride = op.row_stride, p.bias_col_stride = op.col_stride;
@@ -203,14 +188,11 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   }
 
   if (mask.element_count() > 0 || compact) {
-    const auto md = mask.dimensions();
+    int64_t dims[4] = {list_batch, list_heads, list_rows, Lk};  // a compact mask's list geometry
     if (!compact) {
-      if (auto e = check_operand(md, "mask"); e.failure()) return e;
-    }
-    const int64_t dims[4] = {compact ? list_batch : md[0], compact ? list_heads : md[1],
-                             compact ? list_rows : md[2], compact ? Lk : md[3]};
-    if (!compact) {
-      const BroadcastOperand op = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, H);
+      BroadcastOperand op;
+      if (auto e = decode_broadcast(kTarget, "mask", mask, DType::kF32, s, op); e.failure()) return e;
+      dims[0] = op.batch, dims[1] = op.heads, dims[2] = op.rows, dims[3] = op.cols;
       p.mask = reinterpret_cast<const uint8_t*>(op.data);
       p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
       p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
@@ -222,7 +204,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     if (key_list_path) {
       // The lists' capacity C is read back from their sizes (jax_dmattn/_cuda_fwd.py: key_list_sizes).
       KeyListArgs ka;
-      if (auto e = key_list_capacity_from_sizes("dmattn_bwd_cuda", dims, key_list_keys.element_count(),
+      if (auto e = key_list_capacity_from_sizes(kTarget, dims, key_list_keys.element_count(),
                                                 key_list_bits.element_count(), ka);
           e.failure())
         return e;

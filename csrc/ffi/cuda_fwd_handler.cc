@@ -3,7 +3,6 @@
 // Handlers never allocate and never synchronise, so they run inside CUDA graphs / command buffers.
 #include <cuda_runtime.h>
 
-#include <array>
 #include <atomic>
 #include <cstdint>
 #include <string>
@@ -35,19 +34,12 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists,
                           int64_t list_batch, int64_t list_heads, int64_t list_rows) {
   count_cuda_handler_run(stream);
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q, k, v must be rank 4");
-  const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1], Hkv = kd[2];
-  if (kd[0] != B || kd[3] != D || vd[0] != B || vd[1] != Lk || vd[2] != Hkv || vd[3] != D)
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q/k/v shapes disagree");
-  if (Hkv <= 0 || H % Hkv != 0) return ffi::Error::InvalidArgument("dmattn_fwd_cuda: H % Hkv != 0");
-  if (D != 32 && D != 64 && D != 96 && D != 128 && D != 192 && D != 256)
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: head dim must be 32, 64, 96, 128, 192 or 256");
-  const auto dt = q.element_type();
-  if ((dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) || k.element_type() != dt ||
-      v.element_type() != dt || out->element_type() != dt)
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q, k, v, out must share dtype bf16 or f16");
+  constexpr const char* kTarget = "dmattn_fwd_cuda";
+  QkvDims s;
+  if (auto e = decode_qkv(kTarget, q, k, v, s); e.failure()) return e;
+  if (out->element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: out must have q's dtype");
+  const int64_t B = s.B, Lq = s.Lq, H = s.H, D = s.D, Lk = s.Lk, Hkv = s.Hkv;
 
   FwdParams p;
   p.q = q.untyped_data();
@@ -62,29 +54,16 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.batch = static_cast<int>(B), p.heads = static_cast<int>(H), p.kv_heads = static_cast<int>(Hkv);
   p.q_len = static_cast<int>(Lq), p.kv_len = static_cast<int>(Lk), p.head_dim = static_cast<int>(D);
   p.group = static_cast<int>(H / Hkv);
-  p.is_bf16 = dt == ffi::DataType::BF16;
+  p.is_bf16 = s.is_bf16;
   p.scale = scale;
   p.softcap = softcap;
   p.is_causal = is_causal;
   p.skip_empty_tiles = skip_empty_tiles;
 
-  auto check_operand = [&](auto dims, const char* name) -> ffi::Error {
-    if (dims.size() != 4 || !dims_ok(dims[0], B) || !(dims[1] == 1 || dims[1] == Hkv || dims[1] == H) ||
-        !dims_ok(dims[2], Lq) || !dims_ok(dims[3], Lk))
-      return ffi::Error::InvalidArgument(std::string("dmattn_fwd_cuda: bad ") + name + " shape");
-    return ffi::Error::Success();
-  };
-
   if (bias.element_count() > 0) {
-    const auto bd = bias.dimensions();
-    if (auto e = check_operand(bd, "bias"); e.failure()) return e;
-    const auto bt = bias.element_type();
-    if (bt == ffi::DataType::F32) p.bias_dtype = kBiasF32;
-    else if (bt == ffi::DataType::BF16) p.bias_dtype = kBiasBF16;
-    else if (bt == ffi::DataType::F16) p.bias_dtype = kBiasF16;
-    else return ffi::Error::InvalidArgument("dmattn_fwd_cuda: bias dtype must be f32, bf16 or f16");
-    const int64_t dims[4] = {bd[0], bd[1], bd[2], bd[3]};
-    const BroadcastOperand op = make_broadcast_operand(bias.untyped_data(), DType::kF32, dims, H);
+    if (auto e = bias_dtype(kTarget, bias.element_type(), p.bias_dtype); e.failure()) return e;
+    BroadcastOperand op;
+    if (auto e = decode_broadcast(kTarget, "bias", bias, p.bias_dtype, s, op); e.failure()) return e;
     p.bias = op.data;
     p.bias_batch_stride = op.batch_stride, p.bias_head_stride = op.head_stride;
     p.bias_row_stride = op.row_stride, p.bias_col_stride = op.col_stride;
@@ -102,16 +81,14 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   if (!use_key_lists && (key_lists.element_count() != 0 || key_bits.element_count() != 0))
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list inputs must be zero-size unless key_lists");
   if (has_mask) {
-    const auto md = mask.dimensions();
-    if (auto e = check_operand(md, "mask"); e.failure()) return e;
-    const int64_t dims[4] = {md[0], md[1], md[2], md[3]};
-    const BroadcastOperand op = make_broadcast_operand(mask.untyped_data(), DType::kF32, dims, H);
+    BroadcastOperand op;
+    if (auto e = decode_broadcast(kTarget, "mask", mask, DType::kF32, s, op); e.failure()) return e;
     p.mask = reinterpret_cast<const uint8_t*>(op.data);
     p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
     p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
     p.mask_hdiv = static_cast<int>(op.heads_per_index);
 
-    if (use_key_lists && dims[3] != Lk)
+    if (use_key_lists && op.cols != Lk)
       return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a full key dim");
   }
   // Lists over units of the geometry dims = [Bm, Hm, Mm, Lk] (the mask's shape, or a compact mask's list_*).
@@ -141,11 +118,9 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     return launch_with_key_lists(dims);
   }
   if (compact) {
-    if (auto e = check_operand(std::array<int64_t, 4>{list_batch, list_heads, list_rows, Lk}, "key-list geometry");
-        e.failure())
-      return e;
-    p.mask_hdiv = static_cast<int>(H / list_heads);
     const int64_t dims[4] = {list_batch, list_heads, list_rows, Lk};
+    if (auto e = check_broadcast_dims(kTarget, "key-list geometry", dims, s); e.failure()) return e;
+    p.mask_hdiv = static_cast<int>(H / list_heads);
     return launch_with_key_lists(dims);
   }
   if (has_mask) {

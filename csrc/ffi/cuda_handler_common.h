@@ -9,8 +9,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "attention_params.h"
 #include "cuda/key_lists.h"
 #include "ffi/targets.h"
+#include "kernel_facts.h"
 
 namespace dmattn {
 
@@ -31,6 +33,73 @@ inline xla::ffi::Error cuda_error(cudaError_t err, const char* what) {
 
 // A broadcastable operand dim: 1 or the full size.
 inline bool dims_ok(int64_t d, int64_t full) { return d == 1 || d == full; }
+
+// The shapes every attention handler reads first: q [B, Lq, H, D], k / v [B, Lk, Hkv, D], one dtype.
+struct QkvDims {
+  int64_t B = 0, Lq = 0, H = 0, D = 0, Lk = 0, Hkv = 0;
+  bool is_bf16 = false;
+};
+
+// Checks q, k, v as the CUDA kernels take them (rank 4, matching shapes, H a multiple of Hkv, an instantiated
+// head dim, bf16 or f16) and reads their dims. Error messages start with `target`.
+inline xla::ffi::Error decode_qkv(const char* target, const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer& k,
+                                  const xla::ffi::AnyBuffer& v, QkvDims& s) {
+  auto bad = [&](const std::string& what) {
+    return xla::ffi::Error::InvalidArgument(std::string(target) + ": " + what);
+  };
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
+  s.B = qd[0], s.Lq = qd[1], s.H = qd[2], s.D = qd[3], s.Lk = kd[1], s.Hkv = kd[2];
+  if (kd[0] != s.B || kd[3] != s.D || vd[0] != s.B || vd[1] != s.Lk || vd[2] != s.Hkv || vd[3] != s.D)
+    return bad("q/k/v shapes disagree");
+  if (s.Hkv <= 0 || s.H % s.Hkv != 0) return bad("H % Hkv != 0");
+  bool instantiated = false;
+  std::string dims;
+  for (int d : kCudaHeadDims) {
+    instantiated = instantiated || d == s.D;
+    dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+  }
+  if (!instantiated) return bad("head dim must be one of " + dims + ", got " + std::to_string(s.D));
+  const auto dt = q.element_type();
+  if ((dt != xla::ffi::DataType::BF16 && dt != xla::ffi::DataType::F16) || k.element_type() != dt ||
+      v.element_type() != dt)
+    return bad("q, k, v must share dtype bf16 or f16");
+  s.is_bf16 = dt == xla::ffi::DataType::BF16;
+  return xla::ffi::Error::Success();
+}
+
+// A bias, mask or key-list geometry [Bx, Hx, Mx, Nx] of the call `s`: each dim 1 or full, heads 1, Hkv or H.
+inline xla::ffi::Error check_broadcast_dims(const char* target, const char* name, const int64_t d[4],
+                                            const QkvDims& s) {
+  if (!dims_ok(d[0], s.B) || !(d[1] == 1 || d[1] == s.Hkv || d[1] == s.H) || !dims_ok(d[2], s.Lq) ||
+      !dims_ok(d[3], s.Lk))
+    return xla::ffi::Error::InvalidArgument(std::string(target) + ": bad " + name + " shape");
+  return xla::ffi::Error::Success();
+}
+
+// A rank-4 bias or mask buffer of the call `s` (check_broadcast_dims) as the kernels read it: data, dtype and
+// broadcast strides.
+template <typename Buffer>
+xla::ffi::Error decode_broadcast(const char* target, const char* name, const Buffer& x, DType dtype,
+                                 const QkvDims& s, BroadcastOperand& op) {
+  const auto d = x.dimensions();
+  if (d.size() != 4)
+    return xla::ffi::Error::InvalidArgument(std::string(target) + ": " + name + " must be rank 4");
+  const int64_t dims[4] = {d[0], d[1], d[2], d[3]};
+  if (auto e = check_broadcast_dims(target, name, dims, s); e.failure()) return e;
+  op = make_broadcast_operand(x.untyped_data(), dtype, dims, s.H);
+  return xla::ffi::Error::Success();
+}
+
+// The bias's dtype as the kernels tag it.
+inline xla::ffi::Error bias_dtype(const char* target, xla::ffi::DataType t, DType& out) {
+  switch (t) {
+    case xla::ffi::DataType::F32: out = DType::kF32; return xla::ffi::Error::Success();
+    case xla::ffi::DataType::BF16: out = DType::kBF16; return xla::ffi::Error::Success();
+    case xla::ffi::DataType::F16: out = DType::kF16; return xla::ffi::Error::Success();
+    default: return xla::ffi::Error::InvalidArgument(std::string(target) + ": bias dtype must be f32, bf16 or f16");
+  }
+}
 
 // The capacity C of live-key lists built for a mask [Bm, Hm, Mm, Lk] (dmattn_key_lists_cuda), read back from
 // the sizes of its two buffers: keys [units, 1 + C] int32, bits [units, C / 64, min(Mm, 128)] uint64 (as u32
