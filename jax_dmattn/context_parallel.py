@@ -10,10 +10,11 @@ sequence (``[B, L / n, ...]`` each). Two strategies compute its rows' attention 
 
 Each step is one call of the kernels on a (query chunk, key chunk) pair, combined exactly through the log-sum-exp.
 With ``is_causal`` (self-attention: equal global query and key lengths, equal chunks) a pair above the diagonal
-is skipped, the diagonal pair is causal and a pair below it has no mask. The backward walks the ring again: dq
-stays, dk / dv (and the gradient of a travelling bias) travel with their chunk and end on the device that owns
-it; each step calls the backward kernel with the rows' global output and log-sum-exp, which makes its partial
-gradients exact (docs/distributed.md, "Context parallelism").
+is skipped, the diagonal pair is causal and a pair below it has no mask. KeyIndices (global key positions) stay
+with their query rows; each pair keeps the indices inside its key part, renumbered from the part's start. The
+backward walks the ring again: dq stays, dk / dv (and the gradient of a travelling bias) travel with their chunk
+and end on the device that owns it; each step calls the backward kernel with the rows' global output and
+log-sum-exp, which makes its partial gradients exact (docs/distributed.md, "Context parallelism").
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_dmattn import _primitives, _validation
+from jax_dmattn import _compact, _primitives, _validation, masks
 from jax_dmattn.attention import default_implementation, kernel_operands
 
 __all__ = ["attention", "from_zigzag", "to_zigzag"]
@@ -68,7 +69,7 @@ class _Layout(NamedTuple):
     strategy: str
     config: _primitives.KernelConfig  # is_causal: the diagonal pair's; other pairs have no causal mask
     bias_keys: str | None    # how the bias's key dim is laid out: "one", "chunk" (travels), "full" (sliced)
-    mask_keys: str | None
+    mask_keys: str | None    # the same, or "indices": KeyIndices of global key positions, localised per pair
     chunk: int               # keys per chunk
     zigzag: bool             # each chunk is two half-chunks of the sequence: i and 2n - 1 - i
 
@@ -132,6 +133,29 @@ def _pair_part(x, qpart: slice, kpart: slice):
     return _sub(_sub(x, 2, qpart), 3, kpart)
 
 
+def _local_indices(idx, start, length: int):
+    """Normal-form key indices (_compact: rows sorted, unique, INDEX_PAD last) of global key positions, as the
+    normal form of the same keys within the key part [start, start + length): each row's keys in the part are
+    one contiguous run of its sorted row, shifted to the front (a gather, no sort) and renumbered from 0. A part
+    holds at most ``length`` distinct keys, so rows longer than that are cut to it."""
+    kk = idx.shape[3]
+    width = min(kk, length)
+    first = jnp.sum(idx < start, axis=3, keepdims=True, dtype=jnp.int32)  # the row's keys before the part
+    pos = first + lax.broadcasted_iota(jnp.int32, idx.shape[:3] + (width,), 3)
+    taken = jnp.take_along_axis(idx, jnp.minimum(pos, kk - 1), axis=3)
+    inside = (pos < kk) & (taken >= start) & (taken < start + length)  # INDEX_PAD is never inside
+    return jnp.where(inside, taken - start, _compact.INDEX_PAD).astype(jnp.int32)
+
+
+def _pair_mask(layout: _Layout, x, qpart: slice, kpart: slice, k_index):
+    """The mask of one (query part, key part): a bool mask's block, or KeyIndices localised to the key part
+    (k_index: the part's index in the sequence, in parts, so that it starts at global key k_index * length)."""
+    if layout.mask_keys != "indices":
+        return _pair_part(x, qpart, kpart)
+    length = kpart.stop - kpart.start
+    return _local_indices(_sub(x, 2, qpart), k_index * length, length)
+
+
 def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
     """(out, lse) of this device's rows against key chunk j, over the pairs of parts."""
     outs, lses = [], []
@@ -139,7 +163,8 @@ def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
         out, lse = None, None
         for kpart, kj_i in _parts(layout, j, kj.shape[1]):
             o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
-                              _pair_part(mj, qpart, kpart), _pair_kind(qi, kj_i, layout.config.is_causal), layout)
+                              _pair_mask(layout, mj, qpart, kpart, kj_i),
+                              _pair_kind(qi, kj_i, layout.config.is_causal), layout)
             if out is None:
                 out, lse = o.astype(jnp.float32), l_
             else:
@@ -159,7 +184,7 @@ def _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout: _Layout):
         gq = jnp.zeros(q[:, qpart].shape, jnp.float32)
         for n_k, (kpart, kj_i) in enumerate(_parts(layout, j, kj.shape[1])):
             g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
-                          _pair_part(mj, qpart, kpart),
+                          _pair_mask(layout, mj, qpart, kpart, kj_i),
                           out[:, qpart], lse[:, :, qpart], dout[:, qpart], dlse[:, :, qpart],
                           _pair_kind(qi, kj_i, layout.config.is_causal), layout)
             gq = gq + g[0].astype(jnp.float32)
@@ -291,13 +316,17 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
 def layout_for(config: _primitives.KernelConfig, axis_name, n: int, q_chunk: int, chunk: int, bias, mask, *,
                strategy: str = "ring", zigzag: bool = False) -> _Layout:
     """The static layout of a call on local chunks of q_chunk query rows and chunk keys (bias / mask rank 4 or
-    None). The causal pair rule (diagonal, below, above) needs the chunks equal."""
+    None; with config.mask_kind "indices" the mask is normal-form KeyIndices of global key positions). The causal
+    pair rule (diagonal, below, above) needs the chunks equal."""
     if config.is_causal and q_chunk != chunk:
         raise ValueError(f"is_causal under context parallelism needs equal query and key chunks (self-attention "
                          f"over one sequence), got {q_chunk} query rows and {chunk} keys per device")
+    if config.mask_kind not in ("bool", "indices"):
+        raise ValueError(f"context parallelism takes a bool mask or KeyIndices, not a {config.mask_kind!r} compact "
+                         f"mask: its selection ranks the keys of every chunk together")
+    mask_keys = "indices" if config.mask_kind == "indices" else _key_layout("mask", mask, chunk, n)
     return _Layout(n=n, axis_name=axis_name, strategy=strategy, config=config,
-                   bias_keys=_key_layout("bias", bias, chunk, n), mask_keys=_key_layout("mask", mask, chunk, n),
-                   chunk=chunk, zigzag=zigzag)
+                   bias_keys=_key_layout("bias", bias, chunk, n), mask_keys=mask_keys, chunk=chunk, zigzag=zigzag)
 
 
 def forward(q, k, v, bias, mask, layout: _Layout):
@@ -407,8 +436,16 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
 
     ``bias`` / ``mask`` (bool) broadcast as in :func:`jax_dmattn.attention` over the local rows, and their key
     dim is 1, the local key chunk (a per-key bias or padding mask: it travels with its keys) or the whole key
-    length (an operand sharded along queries only, e.g. a [B, H, Lq / n, Lk] bias). Compact masks
-    (TopKMask / KeyIndices) are not taken here: their selection spans every key chunk.
+    length (an operand sharded along queries only, e.g. a [B, H, Lq / n, Lk] bias).
+
+    ``mask`` may also be a :class:`jax_dmattn.KeyIndices`: int [B|1, 1|Hkv|H, Lq / n|1, K] or [B|1, 1|Hkv|H, K]
+    holding, for this device's query rows (a query dim of 1: shared by all rows, replicated), the GLOBAL positions
+    of the keys they keep, in [-1, Lk) with Lk = n * (local key length); -1 pads, duplicates count once,
+    causality applies on top, no gradient. The indices stay on their device; each (query chunk, key chunk) pair
+    keeps the ones that fall in its key chunk. Under ``chunk_order="zigzag"`` the rows are the zigzag-ordered
+    local rows (like a bias's rows) while the indices still name positions of the original, un-reordered
+    sequence. Concrete indices outside [-1, Lk) raise a ValueError. A ``TopKMask`` is a TypeError: its top-k
+    ranks the keys of every chunk together, which no pair sees (select the keys first and pass KeyIndices).
 
     ``is_causal`` needs equal global query and key lengths (and so equal chunks): bottom-right and top-left
     alignment coincide then. ``strategy``: "ring" (K/V chunks passed around with ppermute; no device holds more
@@ -424,9 +461,14 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if chunk_order not in CHUNK_ORDERS:
         raise ValueError(f"chunk_order must be one of {CHUNK_ORDERS}, got {chunk_order!r}")
-    if mask is not None and not (hasattr(mask, "dtype") and mask.dtype == jnp.bool_):
-        raise TypeError("context_parallel.attention takes a bool mask (True = attend); compact masks "
-                        f"(TopKMask / KeyIndices) select over every key chunk and are not taken here, got {mask!r}")
+    if isinstance(mask, masks.TopKMask):
+        raise TypeError("context_parallel.attention does not take a TopKMask: its top-k ranks the keys of every "
+                        "chunk together, which no (query chunk, key chunk) pair sees; pass the selected keys as "
+                        "KeyIndices (global key positions), or call jax_dmattn.attention on the whole sequence")
+    if mask is not None and not isinstance(mask, masks.KeyIndices) and not (
+            hasattr(mask, "dtype") and mask.dtype == jnp.bool_):
+        raise TypeError(f"context_parallel.attention takes a bool mask (True = attend) or a KeyIndices, got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
     n = _axis_size(axis_name)
     call = _validation.normalize_call(query, key, value, None, None, scale=scale, softcap=softcap,
                                       implementation=implementation)
@@ -436,7 +478,12 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
         raise ValueError(f"chunk_order='zigzag' splits each device's chunk in two halves: the local query and key "
                          f"lengths must be even, got {lq} and {chunk}")
     bias = _rank4("bias", bias, (b, h, hkv, lq))
-    mask = _rank4("mask", mask, (b, h, hkv, lq))
+    mask_kind = "bool"
+    if isinstance(mask, masks.KeyIndices):
+        # checked and normalised once against the local rows and the global key length; each pair localises it
+        mask, mask_kind, _ = _compact.normalize(mask, (b, h, hkv, lq, int(n) * chunk))
+    else:
+        mask = _rank4("mask", mask, (b, h, hkv, lq))
     if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
         raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
     if implementation is None:
@@ -446,7 +493,8 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
                          "the pure-jnp reference has no per-chunk form")
     q, k, v, bias = kernel_operands(query, key, value, bias, implementation)
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
-                                      deterministic=deterministic, implementation=implementation)
+                                      deterministic=deterministic, implementation=implementation,
+                                      mask_kind=mask_kind)
     layout = layout_for(config, axis_name, int(n), lq, chunk, bias, mask, strategy=strategy,
                         zigzag=chunk_order == "zigzag")
     q, k, v, bias, mask = _primitives._match_vma(q, k, v, bias, mask)

@@ -1,7 +1,8 @@
 """jax_dmattn.context_parallel.attention on 8 CPU devices (tests/multi_device.py): a sequence split over a mesh
 axis inside shard_map gives the single-device attention's output, lse and all four gradients, for both
 strategies, causal and not, GQA, biases and masks laid out along keys (travelling with their chunk) or along
-queries (sliced per chunk); the ring strategy never gathers K/V; bad calls raise clear errors.
+queries (sliced per chunk), KeyIndices of global key positions; the ring strategy never gathers K/V; bad calls
+raise clear errors.
 """
 from __future__ import annotations
 
@@ -56,18 +57,23 @@ def _reorder(x, n, fn, seq_dims):
     if x is None:
         return None
     for dim in seq_dims:
-        if x.shape[dim] == L:
+        if dim < x.ndim and x.shape[dim] == L:
             x = fn(x, n, axis=dim)
     return x
 
 
 def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec, mesh=None, seq_axis="sp",
-         qspec=P(None, "sp"), chunk_order="contiguous"):
+         qspec=P(None, "sp"), chunk_order="contiguous", indices=None):
     """Values and gradients (q, k, v, bias) of context-parallel attention against one device, with an lse
     cotangent as well (the loss uses out and lse). With chunk_order="zigzag" the sequence is laid out by
-    context_parallel.to_zigzag before sharding and the results are put back in order for the comparison."""
+    context_parallel.to_zigzag before sharding and the results are put back in order for the comparison.
+    ``indices`` (sharded by mask_spec) is passed as KeyIndices instead of a bool mask: under zigzag its query
+    rows are reordered like a bias's, its values stay positions of the original sequence."""
     mesh = mesh or _mesh()
     q, k, v, bias, mask, ct, ct_lse = _inputs(hkv, bias_shape, mask_shape)
+    wrap = lambda m: m  # noqa: E731
+    if indices is not None:
+        mask, wrap = indices, jax_dmattn.KeyIndices
     n = dict(zip(mesh.axis_names, mesh.devices.shape))[seq_axis]
     if chunk_order == "zigzag":
         order = lambda x, dims: _reorder(x, n, context_parallel.to_zigzag, dims)  # noqa: E731
@@ -83,13 +89,14 @@ def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec,
         return loss
 
     def one_device(q, k, v, bias):
-        return jax_dmattn.attention(q, k, v, bias, mask, is_causal=is_causal, return_lse=True, implementation=IMPL)
+        return jax_dmattn.attention(q, k, v, bias, wrap(mask), is_causal=is_causal, return_lse=True,
+                                    implementation=IMPL)
 
     in_specs = (qspec, qspec, qspec, bias_spec, mask_spec)
     lse_spec = P(qspec[0], None, seq_axis)
 
     def local(q, k, v, bias, mask):
-        return context_parallel.attention(q, k, v, bias, mask, axis_name=seq_axis, strategy=strategy,
+        return context_parallel.attention(q, k, v, bias, wrap(mask), axis_name=seq_axis, strategy=strategy,
                                           chunk_order=chunk_order, is_causal=is_causal, return_lse=True,
                                           implementation=IMPL)
 
@@ -158,6 +165,43 @@ def test_bias_layouts(strategy, is_causal, bias, chunk_order):
 def test_masks_with_per_key_bias(strategy, is_causal, mask, chunk_order):
     shape, spec = MASKS[mask]
     _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, shape, spec, chunk_order=chunk_order)
+
+
+def _key_indices(shape, seed=1):
+    """Random global key positions in [-1, L) (-1 pads), each row with a repeated entry."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(-1, L, shape).astype(np.int32)
+    idx[..., 1] = idx[..., 0]
+    return jnp.asarray(idx)
+
+
+K_IDX = 12  # keys per row, != L so that the zigzag reorder of the test touches the query rows only
+# (indices shape, its sharding): per-row indices are sharded along queries like a bias's rows; shared ones (no
+# query dim, or one of size 1) are replicated.
+KEY_INDICES = {
+    "per-row": ((B, 2, L, K_IDX), P(None, None, "sp", None)),
+    "per-row-qheads": ((1, H, L, K_IDX), P(None, None, "sp", None)),
+    "shared": ((B, 2, K_IDX), P()),
+    "shared-heads1": ((B, 1, 1, K_IDX), P()),
+}
+
+
+@multi_device
+@pytest.mark.parametrize("indices,strategy,is_causal,chunk_order", [
+    ("per-row", "ring", True, "contiguous"),
+    ("per-row", "all_gather", False, "zigzag"),
+    ("per-row", "ring", True, "zigzag"),
+    ("per-row-qheads", "all_gather", True, "zigzag"),
+    ("shared", "all_gather", True, "contiguous"),
+    ("shared", "ring", False, "zigzag"),
+    ("shared-heads1", "ring", True, "zigzag"),
+])
+def test_key_indices_with_per_key_bias(indices, strategy, is_causal, chunk_order):
+    """KeyIndices of global key positions (padding, duplicates) under context parallelism equal the same
+    KeyIndices on one device over the whole sequence: out, lse and dq / dk / dv / dbias."""
+    shape, spec = KEY_INDICES[indices]
+    _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, None, spec, chunk_order=chunk_order,
+         indices=_key_indices(shape))
 
 
 @multi_device
@@ -241,8 +285,21 @@ def test_errors():
         return context_parallel.attention(q, k, v, mask=jax_dmattn.TopKMask(scores, 4), axis_name="sp",
                                           implementation=IMPL)
     spec = P(None, "sp")
-    with pytest.raises(TypeError, match="compact masks"):
+    with pytest.raises(TypeError, match="does not take a TopKMask"):
         jax.jit(_shard_map(local_compact, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
+
+    def local_indices(indices):
+        def local(q, k, v):
+            return context_parallel.attention(q, k, v, mask=jax_dmattn.KeyIndices(indices), axis_name="sp",
+                                              implementation=IMPL)
+        return jax.jit(_shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))
+
+    # concrete indices are checked against the global key length (L), not the local chunk (L / n)
+    local_indices(np.array([[[-1, L // 2, L - 1]]], np.int32))(q, k, v)
+    with pytest.raises(ValueError, match=rf"\[-1, {L}\)"):
+        local_indices(np.array([[[0, L]]], np.int32))(q, k, v)
+    with pytest.raises(TypeError, match="integer dtype"):
+        local_indices(np.array([[[0.0, 1.0]]], np.float32))(q, k, v)
 
     def local_unequal(q, k, v):
         return context_parallel.attention(q[:, :4], k, v, axis_name="sp", is_causal=True, implementation=IMPL)
