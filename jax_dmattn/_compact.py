@@ -106,7 +106,8 @@ def _normalize_indices(m: masks.KeyIndices, dims):
     x = x.astype(jnp.int32)
     x = jnp.where((x >= 0) & (x < lk), x, INDEX_PAD)
     x = jnp.sort(x, axis=-1)
-    dup = jnp.concatenate([jnp.zeros(x.shape[:-1] + (1,), jnp.bool_), x[..., 1:] == x[..., :-1]], axis=-1)
+    # a pad, not a concatenate with a fresh array: under Explicit sharding that array would be unsharded
+    dup = jnp.pad(x[..., 1:] == x[..., :-1], [(0, 0)] * 3 + [(1, 0)], constant_values=False)
     x = jnp.sort(jnp.where(dup, INDEX_PAD, x), axis=-1)
     return x, "indices", 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_dmattn import _compact, _ffi, _primitives, _validation, reference
+from jax_dmattn import _compact, _ffi, _primitives, _validation, masks, reference
 
 __all__ = ["attention", "default_implementation"]
 
@@ -78,13 +78,18 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
     shard_map over the operands' own shardings."""
     from jax_dmattn import context_parallel
 
+    rebuild = lambda m: m  # noqa: E731
+    if isinstance(mask, masks.COMPACT_MASKS):
+        # a TopKMask / KeyIndices is no JAX type: it crosses shard_map as its one array, in that array's sharding
+        (mask,), tree = jax.tree_util.tree_flatten(mask)
+        rebuild = lambda m: jax.tree_util.tree_unflatten(tree, [m])  # noqa: E731
     qspec = _explicit_spec(query)
     specs = [None if x is None else (_explicit_spec(x) or jax.sharding.PartitionSpec())
              for x in (query, key, value, bias, mask)]
     lse_spec = jax.sharding.PartitionSpec(qspec[0], qspec[2], qspec[1])
 
     def local(q, k, v, b, m):
-        return context_parallel.attention(q, k, v, b, m, axis_name=axis, return_lse=True, **kwargs)
+        return context_parallel.attention(q, k, v, b, rebuild(m), axis_name=axis, return_lse=True, **kwargs)
 
     shard_map = getattr(jax, "shard_map", None)
     if shard_map is None:  # pragma: no cover - older jax

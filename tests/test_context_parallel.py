@@ -265,6 +265,37 @@ def test_explicit_mesh_routes_to_context_parallel():
 
 
 @multi_device
+def test_explicit_mesh_key_indices():
+    """Under an Explicit-axes mesh jax_dmattn.attention with KeyIndices (rows sharded like q) runs context-parallel
+    and equals one device; a TopKMask there gets context_parallel's error."""
+    q, k, v, bias, _, ct, _ = _inputs(2, (B, 2, 1, L), None)
+    idx = _key_indices((B, 2, L, K_IDX))
+
+    def loss_of(ct, idx):
+        def loss(q, k, v, bias):
+            out = jax_dmattn.attention(q, k, v, bias, jax_dmattn.KeyIndices(idx), is_causal=True,
+                                       implementation=IMPL)
+            return jnp.sum(out * ct)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+    want_loss, want_grads = jax.jit(loss_of(ct, idx))(q, k, v, bias)
+    mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+        seq = P(None, "sp")
+        args = (put(q, seq), put(k, seq), put(v, seq), put(bias, KEYS))
+        got_loss, got_grads = jax.jit(loss_of(put(ct, seq), put(idx, P(None, None, "sp"))))(*args)
+        scores = jnp.zeros((B, 2, L))
+        with pytest.raises(TypeError, match="does not take a TopKMask"):
+            jax.jit(lambda q, k, v: jax_dmattn.attention(q, k, v, mask=jax_dmattn.TopKMask(scores, 4),
+                                                         implementation=IMPL))(*args[:3])
+    _close(got_loss, want_loss, "loss")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+        _close(g, w, name)
+
+
+@multi_device
 def test_errors():
     mesh = _mesh()
     q, k, v, *_ = _inputs(2, None, None)
