@@ -12,11 +12,15 @@ Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L
   topk_compact       standard shapes and mask rule, given as jax_dmattn.TopKMask(scores = the bias's values,
                      k=1024): no [L, L] array; L = 16K, 64K, 128K, 256K by default
   topk_compact_train the same mask at training shapes: B=8, H=32, Hkv=8, D=128, L = 32K
+  plain              standard shapes, no bias and no mask (plain causal attention)
+  bias_only          standard shapes, the per-key bias and no mask
+  full_bias          standard shapes, a bias [B, Hkv, L, L] and no mask (dbias of that shape in fwd+bwd)
   cpu_standard       bench_cpu.py's case: H=8, Hkv=2, D=64, float32, no mask; L = 1K, 2K, 4K
 A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has none).
 
 Impls: jax_dmattn (jax_dmattn.attention, implementation as given, default "cuda"), jax_dmattn_det (the same with
-deterministic=True; not the forward), jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the
+deterministic=True; not the forward), jax_dmattn_sm80 (the same with the sm80 kernels forced on every device:
+JAX_DMATTN_CUDA_KERNELS=sm80 while the row runs, to compare with the Hopper forward in one run), jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the
 tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
 cuDNN, bias and mask folded into one additive [B, H, L, L] bias; a TopKMask is expanded to its bool mask by
 jax_dmattn.topk_mask before timing, as the other cases' masks are built before timing), cudnn_nobias (the flash
@@ -43,6 +47,7 @@ Results: one JSON list per device, benchmarks/results/<device>.json; a run appen
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -63,12 +68,16 @@ CASES = {
     "dense_mask": dict(b=1, h=16, hkv=4, d=128, mask="dense"),
     "topk_compact": dict(b=1, h=16, hkv=4, d=128, mask="topk_compact", lengths=(16384, 65536, 131072, 262144)),
     "topk_compact_train": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", lengths=(32768,)),
+    "plain": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None),
+    "bias_only": dict(b=1, h=16, hkv=4, d=128, mask=None),
+    "full_bias": dict(b=1, h=16, hkv=4, d=128, mask=None, bias="full", lengths=(1024, 4096, 16384)),
     "cpu_standard": dict(b=1, h=8, hkv=2, d=64, mask=None, dtype=jnp.float32, lengths=(1024, 2048, 4096)),
 }
 # What bench_attention.py runs by default: the GPU cases (cpu_standard is bench_cpu.py's).
 GPU_CASES = tuple(name for name in CASES if name != "cpu_standard")
 DEFAULT_LENGTHS = (1024, 4096, 16384, 32768)
-IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias", "reference")
+IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_sm80", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias",
+         "reference")
 PASSES = ("fwd", "fwd+bwd", "bwd")
 PASS_FLOPS = {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}  # multiples of the causal forward count
 WINDOW = 1024
@@ -90,7 +99,8 @@ def input_shapes(case, l):
     None): what make_inputs builds, for compiling without inputs."""
     c = CASES[case]
     b, dtype, sds = c["b"], jnp.dtype(c.get("dtype", jnp.bfloat16)), jax.ShapeDtypeStruct
-    bias = sds((b, c["hkv"], 1, l), dtype)
+    bias_kind = c.get("bias", "per_key")
+    bias = None if bias_kind is None else sds((b, c["hkv"], l if bias_kind == "full" else 1, l), dtype)
     if c["mask"] is None:
         mask = None
     elif c["mask"] == "topk_compact":
@@ -104,7 +114,7 @@ def input_shapes(case, l):
 def make_inputs(case, l, seed=0):
     c = CASES[case]
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q, k, v, bias = (jax.random.normal(key, s.shape, jnp.float32).astype(s.dtype)
+    q, k, v, bias = (None if s is None else jax.random.normal(key, s.shape, jnp.float32).astype(s.dtype)
                      for key, s in zip(keys, input_shapes(case, l)[:4]))
     if c["mask"] is None:
         mask = None
@@ -132,7 +142,7 @@ def impl_fn(impl, case, implementation="cuda"):
     c = CASES[case]
     g = c["h"] // c["hkv"]
 
-    if impl in ("jax_dmattn", "jax_dmattn_det"):
+    if impl in ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_sm80"):
         def f(q, k, v, bias, mask):
             return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True,
                                         implementation=implementation, deterministic=impl == "jax_dmattn_det")
@@ -147,7 +157,7 @@ def impl_fn(impl, case, implementation="cuda"):
             return jax_dmattn.attention_reference(q, k, v, bias=bias, mask=mask, is_causal=True)
     elif impl == "cudnn_bias":
         def f(q, k, v, bias, mask):
-            folded = jnp.where(mask, bias, jnp.asarray(-1e9, bias.dtype))  # [B, Hkv, L, L]
+            folded = bias if mask is None else jnp.where(mask, bias, jnp.asarray(-1e9, bias.dtype))
             folded = jnp.repeat(folded, g, axis=1)  # cuDNN wants the query-head count
             return jax.nn.dot_product_attention(q, k, v, bias=folded, is_causal=True, implementation="cudnn")
     elif impl == "cudnn_nobias":
@@ -165,7 +175,8 @@ def grad_fn(impl, case, implementation="cuda"):
     def loss(q, k, v, bias, mask):
         return jnp.sum(f(q, k, v, bias, mask).astype(jnp.float32))
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2) if impl == "cudnn_nobias" else (0, 1, 2, 3)))
+    no_bias = impl == "cudnn_nobias" or CASES[case].get("bias", "per_key") is None
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2) if no_bias else (0, 1, 2, 3)))
 
 
 def pass_fn(impl, case, pas, inputs, implementation="cuda"):
@@ -203,13 +214,31 @@ def nbytes(tree):
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+@contextlib.contextmanager
+def kernels_forced(impl):
+    """JAX_DMATTN_CUDA_KERNELS=sm80 for a jax_dmattn_sm80 row (the handlers read it at every run)."""
+    if impl != "jax_dmattn_sm80":
+        yield
+        return
+    old = os.environ.get("JAX_DMATTN_CUDA_KERNELS")
+    os.environ["JAX_DMATTN_CUDA_KERNELS"] = "sm80"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("JAX_DMATTN_CUDA_KERNELS")
+        else:
+            os.environ["JAX_DMATTN_CUDA_KERNELS"] = old
+
+
 def run_one(case, impl, pas, l, inputs, implementation="cuda"):
     if impl == "cudnn_bias":
         q, k, v, bias, mask = inputs
         inputs = (q, k, v, bias, bool_mask(mask, l))
     fn, args = pass_fn(impl, case, pas, inputs, implementation)
     in_use0, peak0 = device_memory()
-    ms = _timing.timed(fn, args)
+    with kernels_forced(impl):
+        ms = _timing.timed(fn, args)
     _, peak1 = device_memory()
     raised = peak1 is not None and peak0 is not None and peak1 > peak0
     return dict(ms=round(ms, 4), tflops=round(flops(case, pas, l) / (ms * 1e-3) / 1e12, 2),
@@ -219,8 +248,12 @@ def run_one(case, impl, pas, l, inputs, implementation="cuda"):
 
 def not_applicable(case, impl, pas):
     """Rows that do not exist (left out silently)."""
-    if impl == "jax_dmattn_tiles" and (pas != "fwd" or CASES[case]["mask"] == "topk_compact"):
+    if impl == "jax_dmattn_tiles" and (pas != "fwd" or CASES[case]["mask"] in ("topk_compact", None)):
         return True  # forward only, and the tile pre-pass reads a bool mask
+    if impl == "cudnn_bias" and CASES[case].get("bias", "per_key") is None:
+        return True  # nothing to fold: cudnn_nobias is the row
+    if pas == "bwd" and impl == "jax_dmattn_sm80":
+        return True  # the backward has one set of kernels
     if pas == "bwd" and impl not in ("jax_dmattn", "jax_dmattn_det"):
         return True  # the backward alone is timed for our kernels only
     return impl == "jax_dmattn_det" and pas == "fwd"  # the forward has no nondeterminism

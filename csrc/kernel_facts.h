@@ -21,6 +21,13 @@ constexpr int kBwdBlockN = 64;
 constexpr int kCudaHeadDims[] = {DMATTN_FOR_EACH_CUDA_HEAD_DIM(DMATTN_HEAD_DIM_ITEM)};
 #undef DMATTN_HEAD_DIM_ITEM
 
+// Head dims the Hopper (sm_90a) forward is instantiated for (csrc/cuda/sm90/); the others run the sm80 kernels on
+// every device. cmake/Cuda.cmake reads this line too.
+#define DMATTN_FOR_EACH_SM90_HEAD_DIM(X) X(64) X(128) X(256)
+#define DMATTN_HEAD_DIM_ITEM(D) D,
+constexpr int kSm90FwdHeadDims[] = {DMATTN_FOR_EACH_SM90_HEAD_DIM(DMATTN_HEAD_DIM_ITEM)};
+#undef DMATTN_HEAD_DIM_ITEM
+
 // Mask tile classes (both tile-class maps, CPU and CUDA).
 enum TileClass : uint8_t { kTileEmpty = 0, kTilePartial = 1, kTileFull = 2 };
 

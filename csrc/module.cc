@@ -7,6 +7,9 @@
 #include "attention_params.h"
 #include "ffi/targets.h"
 #include "kernel_facts.h"
+#if defined(DMATTN_WITH_SM90)
+#include "cuda/sm90/flash_fwd_sm90.h"
+#endif
 
 namespace nb = nanobind;
 
@@ -40,12 +43,20 @@ nb::dict kernel_facts() {
   for (int d : kCudaHeadDims)
     for (int rows : {128, 64})
       if (key_list_bwd_has_rows(d, rows)) key_list_bwd_rows.append(nb::make_tuple(d, rows));
+  nb::list sm90_fwd_head_dims;
+  for (int d : kSm90FwdHeadDims) sm90_fwd_head_dims.append(d);
   nb::dict f;
   f["fwd_block_m"] = kFwdBlockM;
   f["fwd_block_n"] = kFwdBlockN;
   f["bwd_block_m"] = kBwdBlockM;
   f["bwd_block_n"] = kBwdBlockN;
   f["cuda_head_dims"] = nb::tuple(head_dims);
+  f["sm90_fwd_head_dims"] = nb::tuple(sm90_fwd_head_dims);
+#if defined(DMATTN_WITH_SM90)
+  f["sm90_fwd_built"] = true;  // the Hopper forward is in this build (csrc/cuda/sm90/, arch 90a)
+#else
+  f["sm90_fwd_built"] = false;
+#endif
   f["key_list_block_m"] = kKeyListBlockM;
   f["key_list_chunk"] = kKeyListChunk;
   f["key_list_dense"] = kKeyListDense;
@@ -77,6 +88,13 @@ NB_MODULE(_jax_dmattn_ext, m) {
     for (const auto& t : dmattn::cuda_key_lists_targets()) targets.push_back(t);
     for (const auto& t : dmattn::cuda_topk_key_lists_targets()) targets.push_back(t);
     return as_capsules(targets);
+  });
+  m.def("sm90_fwd_launches", [] {  // calls the Hopper forward has served (0 where it is not built)
+#if defined(DMATTN_WITH_SM90)
+    return dmattn::flash_fwd_sm90_launches();
+#else
+    return int64_t{0};
+#endif
   });
   m.def("cuda_handler_runs", [] {
     const auto r = dmattn::cuda_handler_runs();

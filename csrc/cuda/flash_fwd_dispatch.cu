@@ -1,9 +1,16 @@
-// Head-dim / dtype dispatch of the forward (no CuTe here: the kernels live in the generated flash_fwd_hdim*.cu).
+// Head-dim / dtype dispatch of the forward, and its route to the Hopper forward where that serves the call (no CuTe
+// here: the kernels live in the generated flash_fwd_hdim*.cu and flash_fwd_sm90_hdim*.cu).
 #include "cuda/flash_fwd.h"
+#if defined(DMATTN_WITH_SM90)
+#include "cuda/sm90/flash_fwd_sm90.h"
+#endif
 
 namespace dmattn {
 
 cudaError_t launch_flash_fwd(const FwdParams& p, cudaStream_t stream) {
+#if defined(DMATTN_WITH_SM90)
+  if (flash_fwd_sm90_serves(p)) return launch_flash_fwd_sm90(p, stream);
+#endif
 #define DMATTN_FWD_CASE(D) \
   case D:                  \
     return p.is_bf16 ? run_flash_fwd<D, true>(p, stream) : run_flash_fwd<D, false>(p, stream);

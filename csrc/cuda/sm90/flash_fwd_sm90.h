@@ -1,0 +1,27 @@
+// Plain (CuTe-free) interface of the Hopper forward (csrc/cuda/sm90/): which calls it serves and its launcher.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/flash_fwd.h"
+
+namespace dmattn {
+
+// Whether the Hopper forward serves this call on this device: built for sm_90a, a compute-capability-9.0 device, no
+// mask (bool, key lists or tile classes), head dim in DMATTN_FOR_EACH_SM90_HEAD_DIM (kernel_facts.h), TMA-compatible
+// strides (unit stride along D, the others 16-byte multiples that fit in 32 bits), and the environment variable
+// JAX_DMATTN_CUDA_KERNELS not set to "sm80" (tests and benchmarks force the sm80 kernels with it).
+bool flash_fwd_sm90_serves(const FwdParams& params);
+
+// Launches the Hopper forward (one launch per query head of a GQA group); callers check flash_fwd_sm90_serves first.
+cudaError_t launch_flash_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+
+// How many calls launch_flash_fwd_sm90 has served in this process (tests check the route with it).
+int64_t flash_fwd_sm90_launches();
+
+// One instantiation per (head dim, dtype), defined in the generated flash_fwd_sm90_hdim<D>.cu (cmake/Cuda.cmake).
+template <int kHeadDim, bool kIsBF16>
+cudaError_t run_flash_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+
+}  // namespace dmattn

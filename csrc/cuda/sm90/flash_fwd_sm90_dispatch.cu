@@ -1,0 +1,72 @@
+// Which calls the Hopper forward serves, and its head-dim / dtype dispatch (no CuTe here: the kernels live in the
+// generated flash_fwd_sm90_hdim*.cu).
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda/sm90/flash_fwd_sm90.h"
+
+namespace dmattn {
+namespace {
+
+bool current_device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
+}
+
+bool sm80_forced() {
+  const char* v = std::getenv("JAX_DMATTN_CUDA_KERNELS");
+  return v != nullptr && std::strcmp(v, "sm80") == 0;
+}
+
+// A TMA global stride (elements of 2 bytes): a 16-byte multiple, and an int for the CuTe strides.
+bool tma_stride(int64_t s) { return s >= 0 && s % 8 == 0 && s <= INT_MAX; }
+
+bool tma_base(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+std::atomic<int64_t> g_launches{0};
+
+bool sm90_head_dim(int d) {
+  for (int x : kSm90FwdHeadDims)
+    if (x == d) return true;
+  return false;
+}
+
+}  // namespace
+
+bool flash_fwd_sm90_serves(const FwdParams& p) {
+  if (p.mask != nullptr || p.key_lists != nullptr || p.classes != nullptr || !sm90_head_dim(p.head_dim)) return false;
+  if (p.q_len == 0 || p.kv_len == 0 || p.lse == nullptr) return false;
+  const int64_t g = p.group;
+  for (int64_t s : {p.q_row_stride, p.q_batch_stride, p.q_head_stride * g, p.k_row_stride, p.k_batch_stride,
+                    p.k_head_stride, p.v_row_stride, p.v_batch_stride, p.v_head_stride, p.o_row_stride,
+                    p.o_batch_stride, p.o_head_stride * g})
+    if (!tma_stride(s)) return false;
+  if (int64_t(p.heads) * p.q_len > INT_MAX) return false;  // the LSE's batch stride
+  if (!tma_base(p.q) || !tma_base(p.k) || !tma_base(p.v) || !tma_base(p.out)) return false;
+  // Per call: the device can change between calls of one process.
+  return !sm80_forced() && current_device_is_sm90();
+}
+
+int64_t flash_fwd_sm90_launches() { return g_launches.load(std::memory_order_relaxed); }
+
+cudaError_t launch_flash_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+  g_launches.fetch_add(1, std::memory_order_relaxed);
+#define DMATTN_FWD_SM90_CASE(D) \
+  case D:                       \
+    return p.is_bf16 ? run_flash_fwd_sm90<D, true>(p, stream) : run_flash_fwd_sm90<D, false>(p, stream);
+  switch (p.head_dim) {
+    DMATTN_FOR_EACH_SM90_HEAD_DIM(DMATTN_FWD_SM90_CASE)
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef DMATTN_FWD_SM90_CASE
+}
+
+}  // namespace dmattn

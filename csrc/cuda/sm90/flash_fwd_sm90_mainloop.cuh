@@ -1,0 +1,320 @@
+// Hopper (sm_90a) forward mainloop for the calls without a mask: plain, causal (bottom-right), any broadcast bias,
+// softcap, GQA, Lq != Lk. It builds on CUTLASS's Hopper FMHA collectives, included from the nvidia-cutlass wheel's
+// examples/88_hopper_fmha (never copied here): their TMA loads of Q once and of K / V tiles into a 5-stage shared
+// memory ring (one producer warp), their warp-specialised kernel (two consumer warpgroups of 64 query rows each, with
+// register reallocation) and their epilogue (O through shared memory and a TMA store, the LSE per row). What this
+// file adds is the consumer's compute step, because the logits are ours: scale and softcap as the other kernels do,
+// the bias added in-register from global memory (any broadcast: strides), bottom-right causal, rows with no key
+// (out 0, lse -inf) and the natural-log LSE the backward reads. docs/cuda_kernels.md describes the pipeline.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+
+#include "collective/fmha_collective_tma_warpspecialized.hpp"
+#include "collective/fmha_common.hpp"
+#include "cuda/bias_load.cuh"
+
+namespace dmattn::sm90 {
+
+using namespace cute;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Which key tiles a CTA of BlockM query rows visits, in order 0 .. trips - 1: all keys, or with bottom-right causality
+// (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The last `masked` trips need the per-element
+// test (the causal diagonal, the partial last key tile); earlier ones hold keys every row of the CTA sees. Always at
+// least one trip, so that the pipelines run even for a CTA whose rows see no key (all of it masked). The CUTLASS
+// producer reads get_trip_count through a default-constructed object, so everything comes from the tile coordinate
+// and the problem shape (B, H, Lq, Lk, D).
+template <bool kCausal>
+struct KeyTiles {
+  template <class BlkCoord, class TileShape, class ProblemShape>
+  CUTLASS_DEVICE int get_trip_count(BlkCoord const& blk, TileShape const&, ProblemShape const& problem) const {
+    constexpr int kBlockM = get<0>(TileShape{}), kBlockN = get<1>(TileShape{});
+    const int lq = get<2>(problem), lk = get<3>(problem);
+    int limit = lk;
+    if constexpr (kCausal) limit = min(lk, (int(get<0>(blk)) + 1) * kBlockM + lk - lq);
+    return limit > kBlockN ? (limit + kBlockN - 1) / kBlockN : 1;
+  }
+
+  template <class BlkCoord, class TileShape, class ProblemShape>
+  CUTLASS_DEVICE int get_unmasked_trip_count(BlkCoord const& blk, TileShape const& tile,
+                                             ProblemShape const& problem) const {
+    constexpr int kBlockM = get<0>(TileShape{}), kBlockN = get<1>(TileShape{});
+    const int lq = get<2>(problem), lk = get<3>(problem);
+    int full = lk / kBlockN;
+    if constexpr (kCausal) {
+      const int seen_by_all = int(get<0>(blk)) * kBlockM + lk - lq + 1;  // keys [0, seen_by_all) in every row
+      full = min(full, seen_by_all > 0 ? seen_by_all / kBlockN : 0);
+    }
+    return min(full, get_trip_count(blk, tile, problem));
+  }
+
+  template <class BlkCoord, class TileShape, class ProblemShape>
+  CUTLASS_DEVICE int get_masked_trip_count(BlkCoord const& blk, TileShape const& tile,
+                                           ProblemShape const& problem) const {
+    return get_trip_count(blk, tile, problem) - get_unmasked_trip_count(blk, tile, problem);
+  }
+};
+
+// What turns one launch's QK^T accumulator into logits in log2 units. A launch covers the query heads
+// h = kv_head * group + group_index of every kv head (flash_fwd_sm90_launch.cuh: one launch per group_index).
+struct Logits {
+  float qk_scale = 1.f;  // scale * log2(e); with softcap: scale / softcap (the tanh argument)
+  float cap_log2 = 0.f;  // softcap * log2(e); 0: no softcap
+  const void* bias = nullptr;
+  DType bias_dtype = DType::kF32;
+  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
+  int bias_hdiv = 1;
+  int group = 1, group_index = 0;
+};
+
+// The CUTLASS mainloop with our consumer step. Producer side (TMA loads of Q, K, V), shared storage, pipelines and
+// tiled MMAs are the base's; its Params travel inside ours.
+template <class Element, class TileShape_, bool kCausal, class... Options>
+struct FwdMainloop
+    : cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
+          Element, float, float, TileShape_, cute::tuple<int, _1, cute::tuple<int, int>>,
+          cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kCausal>,
+          Options...> {
+  using Base = cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
+      Element, float, float, TileShape_, cute::tuple<int, _1, cute::tuple<int, int>>,
+      cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kCausal>,
+      Options...>;
+  using typename Base::MainloopPipeline;
+  using typename Base::MainloopPipelineQ;
+  using typename Base::PipelineState;
+  using typename Base::PipelineStateQ;
+  using typename Base::SharedStorage;
+  using typename Base::SmemLayoutK;
+  using typename Base::SmemLayoutQ;
+  using typename Base::SmemLayoutV;
+  using typename Base::TiledMmaPV;
+  using typename Base::TiledMmaQK;
+  using typename Base::TileShape;
+  using typename Base::TileShapePV;
+  using typename Base::TileShapeQK;
+
+  struct Arguments {
+    typename Base::Arguments base;
+    Logits logits;
+  };
+  struct Params {
+    typename Base::Params base;
+    Logits logits;
+  };
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem, Arguments const& args) {
+    return Base::can_implement(problem, args.base);
+  }
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& problem, Arguments const& args, void* workspace) {
+    return Params{Base::to_underlying_arguments(problem, args.base, workspace), args.logits};
+  }
+
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
+    Base::prefetch_tma_descriptors(params.base);
+  }
+
+  template <bool kLoadQ, class BlkCoord, class ProblemShape, class LoadWarpBarrier>
+  CUTLASS_DEVICE void load_kv_maybe_q(int block_rank_in_cluster, BlkCoord const& blk_coord, Params const& params,
+                                      ProblemShape const& problem, MainloopPipeline& pipeline,
+                                      PipelineState& smem_pipe_write, MainloopPipelineQ& pipeline_q,
+                                      PipelineStateQ& smem_pipe_write_q, SharedStorage& storage,
+                                      LoadWarpBarrier& load_warp_barrier, bool do_barrier) {
+    Base::template load_kv_maybe_q<kLoadQ>(block_rank_in_cluster, blk_coord, params.base, problem, pipeline,
+                                           smem_pipe_write, pipeline_q, smem_pipe_write_q, storage,
+                                           load_warp_barrier, do_barrier);
+  }
+
+  template <class BlkCoord, class ProblemShape, class LoadWarpBarrier>
+  CUTLASS_DEVICE void load_maybe_q(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
+                                   MainloopPipelineQ& pipeline_q, PipelineStateQ& smem_pipe_write_q,
+                                   SharedStorage& storage, LoadWarpBarrier& load_warp_barrier, bool do_barrier) {
+    Base::load_maybe_q(blk_coord, params.base, problem, pipeline_q, smem_pipe_write_q, storage, load_warp_barrier,
+                       do_barrier);
+  }
+
+  template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer>
+  CUTLASS_DEVICE void reduce(BlkCoord const&, Params const&, ProblemShape const&, PipelineReducer&,
+                             PipelineStateReducer&, SharedStorage&) {}
+
+  // Logits (log2 units) of one QK^T tile in place: scale or softcap, bias, and -inf where the key is past Lk or
+  // (causal) after the row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem.
+  template <class Acc, class Coords, class ProblemShape>
+  CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, Logits const& lg, ProblemShape const& problem,
+                                       int b, int h, bool check_bounds) {
+    const int lq = get<2>(problem), lk = get<3>(problem);
+    if (lg.cap_log2 > 0.f) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(acc); ++i) acc(i) = lg.cap_log2 * tanhf(acc(i) * lg.qk_scale);
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale;
+    }
+    if (lg.bias != nullptr) {
+      const int qh = h * lg.group + lg.group_index;
+      const int64_t base = int64_t(b) * lg.bias_batch_stride + int64_t(qh / lg.bias_hdiv) * lg.bias_head_stride;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(acc); ++i) {
+        const auto pos = cS(i);
+        // Rows past Lq (the partial last query tile) and keys past Lk read an in-range element; the result is
+        // never stored (rows) or masked below (keys).
+        const int r = min(int(get<0>(pos)), lq - 1), c = min(int(get<1>(pos)), lk - 1);
+        const float bv = load_bias(lg.bias, base + r * lg.bias_row_stride + c * lg.bias_col_stride, lg.bias_dtype);
+        acc(i) = fmaf(bv, kLog2e, acc(i));
+      }
+    }
+    if (check_bounds) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(acc); ++i) {
+        const auto pos = cS(i);
+        const int r = int(get<0>(pos)), c = int(get<1>(pos));
+        bool dropped = c >= lk;
+        if constexpr (kCausal) dropped = dropped || c > r + lk - lq;
+        if (dropped) acc(i) = -INFINITY;
+      }
+    }
+  }
+
+  template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer,
+            class MathWgOrderBarrier>
+  CUTLASS_DEVICE auto compute(BlkCoord const& blk_coord, BlkCoord const& wg_coord, Params const& params,
+                              ProblemShape const& problem, MainloopPipeline& pipeline, PipelineState& smem_pipe_read,
+                              MainloopPipelineQ& pipeline_q, PipelineStateQ& smem_pipe_read_q, PipelineReducer&,
+                              PipelineStateReducer&, SharedStorage& storage,
+                              MathWgOrderBarrier& math_wg_order_barrier) {
+    using cutlass::fmha::collective::gemm_zero_acc;
+    using cutlass::fmha::collective::layout_acc_mn;
+    using cutlass::fmha::collective::make_acc_into_op;
+    using cutlass::fmha::collective::reduction_target_n;
+    const int thread_idx = int(threadIdx.x);
+    PipelineState smem_pipe_release = smem_pipe_read;
+
+    TiledMmaQK mma_qk;
+    auto thr_qk = mma_qk.get_thread_slice(thread_idx);
+    Tensor sQ = make_tensor(make_smem_ptr(storage.smem_q.data()), SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(storage.smem_k.data()), SmemLayoutK{});
+    Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
+    Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));
+
+    TiledMmaPV mma_pv;
+    auto thr_pv = mma_pv.get_thread_slice(thread_idx);
+    Tensor sV = make_tensor(make_smem_ptr(storage.smem_v.data()), SmemLayoutV{});
+    Tensor tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV));
+
+    const KeyTiles<kCausal> key_tiles;
+    const int trips = key_tiles.get_trip_count(blk_coord, TileShape{}, problem);
+    const int unmasked = key_tiles.get_unmasked_trip_count(blk_coord, TileShape{}, problem);
+    const int b = get<0>(get<2>(blk_coord)), h = get<1>(get<2>(blk_coord));
+
+    // (row, key) of each accumulator element: this warpgroup's 64 rows, advanced by BlockN keys per trip.
+    Tensor cS = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
+    cS.data() = cS.data() + E<0>{} * (int(get<0>(wg_coord)) * get<0>(TileShapeQK{}));
+
+    Tensor acc_pv = partition_fragment_C(mma_pv, take<0, 2>(TileShapePV{}));
+    Tensor acc_pv_mn = make_tensor(acc_pv.data(), layout_acc_mn(mma_pv, acc_pv.layout()));
+    constexpr int kRows = decltype(size<0>(acc_pv_mn))::value;
+    Tensor row_max = make_tensor<float>(Int<kRows>{});  // running max of each row's logits (log2 units)
+    Tensor row_sum = make_tensor<float>(Int<kRows>{});  // this thread's part of sum exp2(logit - row_max)
+    fill(row_max, -INFINITY);
+    fill(row_sum, 0.f);
+    clear(acc_pv);
+    const auto quad = reduction_target_n(mma_qk);
+    constexpr int kQuadRank = decltype(rank(quad))::value;
+
+    pipeline_q.consumer_wait(smem_pipe_read_q);
+    const int q_stage = smem_pipe_read_q.index();
+
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int trip = 0; trip < trips; ++trip) {
+      Tensor acc_qk = partition_fragment_C(mma_qk, take<0, 2>(TileShapeQK{}));
+      pipeline.consumer_wait(smem_pipe_read);
+      if (trip == 0) math_wg_order_barrier.wait();
+      warpgroup_fence_operand(acc_qk);
+      warpgroup_arrive();
+      gemm_zero_acc(mma_qk, tSrQ(_, _, _, q_stage), tSrK(_, _, _, smem_pipe_read.index()), acc_qk);
+      warpgroup_commit_batch();
+      if (trip == 0) math_wg_order_barrier.arrive();
+      ++smem_pipe_read;
+      auto v_token = pipeline.consumer_try_wait(smem_pipe_read);
+      warpgroup_wait<0>();  // this QK^T, and the previous trip's PV before acc_pv is rescaled
+      warpgroup_fence_operand(acc_qk);
+      warpgroup_fence_operand(acc_pv);
+
+      to_logits(acc_qk, cS, params.logits, problem, b, h, trip >= unmasked);
+
+      // Online softmax. A row whose logits so far are all -inf keeps max -inf and uses 0 as its reference, so its
+      // weights are exp2(-inf) = 0 and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN
+      // weight, which reaches the row's sum, output and lse.
+      Tensor s_mn = make_tensor(acc_qk.data(), layout_acc_mn(mma_qk, acc_qk.layout()));
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        float m = row_max(i);
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(s_mn); ++j) m = fmaxf(m, s_mn(i, j));
+        for_each(make_seq<kQuadRank>{}, [&](auto r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int step = 1; step < shape<r>(quad); step *= 2)
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, stride<r>(quad) * step));
+        });
+        const float ref = m == -INFINITY ? 0.f : m;
+        const float rescale = exp2f(row_max(i) - ref);  // 0 on the first kept key (row_max -inf)
+        row_max(i) = m;
+        float sum = 0.f;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(s_mn); ++j) {
+          s_mn(i, j) = exp2f(s_mn(i, j) - ref);
+          sum += s_mn(i, j);
+        }
+        row_sum(i) = row_sum(i) * rescale + sum;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= rescale;
+      }
+
+      Tensor p = make_acc_into_op<Element>(acc_qk, typename TiledMmaPV::LayoutA_TV{});
+      pipeline.consumer_wait(smem_pipe_read, v_token);
+      warpgroup_fence_operand(acc_pv);
+      warpgroup_fence_operand(p);
+      warpgroup_arrive();
+      cute::gemm(mma_pv, p, tOrV(_, _, _, smem_pipe_read.index()), acc_pv);
+      warpgroup_commit_batch();
+      // Release this trip's K stage, and the previous trip's V stage (its PV finished at the wait above).
+      if (trip > 0) {
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+      pipeline.consumer_release(smem_pipe_release);
+      ++smem_pipe_release;
+      ++smem_pipe_read;
+      cS.data() = cS.data() + E<1>{} * get<1>(TileShapeQK{});
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_pv);
+
+    // Normalise; lse (natural log) = (row_max + log2(sum)) * ln 2, -inf for a row without a kept key (sum 0).
+    Tensor lse = make_tensor<float>(Int<kRows>{});
+    const auto quad_pv = reduction_target_n(mma_pv);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      float sum = row_sum(i);
+      for_each(make_seq<decltype(rank(quad_pv))::value>{}, [&](auto r) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int step = 1; step < shape<r>(quad_pv); step *= 2)
+          sum += __shfl_xor_sync(0xffffffffu, sum, stride<r>(quad_pv) * step);
+      });
+      const bool empty = sum == 0.f;
+      lse(i) = empty ? -INFINITY : (row_max(i) + log2f(sum)) * kLn2;
+      const float inv = empty ? 0.f : 1.f / sum;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= inv;
+    }
+    return make_tuple(acc_pv, lse);
+  }
+};
+
+}  // namespace dmattn::sm90

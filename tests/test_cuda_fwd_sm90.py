@@ -1,0 +1,138 @@
+"""The Hopper forward (csrc/cuda/sm90/): calls without a mask on a compute-capability-9.0 GPU.
+
+Every case runs twice, through the default route (the Hopper forward where it serves the call) and with the sm80
+kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80), against the float32 reference; the default route must really reach
+the Hopper forward on such a device (its launch counter moves), and the forced one must not. Covers head dims 64, 128,
+256 (and 96, which stays on the sm80 kernels), both dtypes, GQA, Lq != Lk both ways (bottom-right causal, rows with no
+key), odd lengths, softcap and every bias broadcast and dtype, and gradients through the public API (the backward
+reads the Hopper forward's lse).
+
+GPU only (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import cuda_targets_on_gpu
+from jax_dmattn import reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_fwd_cuda"),
+                                                  reason="needs a GPU and the CUDA kernels")]
+
+F32 = jnp.float32
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
+
+
+def hopper_forward_available():
+    from jax_dmattn import _ffi
+
+    dev = jax.devices()[0]
+    return (_ffi.kernel_facts()["sm90_fwd_built"] and getattr(dev, "compute_capability", None) == "9.0")
+
+
+def launches():
+    from jax_dmattn import _ffi
+
+    return _ffi.extension().sm90_fwd_launches()
+
+
+@pytest.fixture(params=["default", "sm80"])
+def route(request, monkeypatch):
+    if request.param == "sm80":
+        monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", "sm80")
+    else:
+        monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
+    return request.param
+
+
+def rel_err(a, e):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    fin = np.isfinite(e)
+    assert np.array_equal(np.isfinite(a), fin), "infinities differ"
+    assert np.array_equal(a[~fin], e[~fin]), "infinite values differ"
+    a, e = a[fin], e[fin]
+    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-6 * np.sqrt(max(e.size, 1))))
+
+
+def bias_of(key, code, dtype, b, lq, lk, h, hkv):
+    dims = {"B": b, "H": h, "K": hkv, "M": lq, "N": lk, "1": 1}
+    return (2.0 * jax.random.normal(key, tuple(dims[c] for c in code), F32)).astype(dtype)
+
+
+# (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (shape code, dtype) or None)
+CASES = [
+    (1, 256, 256, 4, 1, 128, jnp.bfloat16, True, 0.0, None),
+    (2, 300, 300, 8, 2, 128, jnp.bfloat16, True, 0.0, ("BK1N", jnp.bfloat16)),   # the paper's per-key bias, GQA 4
+    (1, 1000, 1000, 4, 4, 64, jnp.float16, True, 0.0, ("BHMN", jnp.float32)),    # full bias, MHA
+    (2, 77, 203, 4, 2, 128, jnp.float16, True, 0.0, ("1KMN", jnp.float16)),      # Lq < Lk, batch-broadcast bias
+    (1, 333, 129, 2, 1, 64, jnp.bfloat16, True, 0.0, ("B11N", jnp.float32)),     # Lq > Lk: top rows see no key
+    (1, 129, 517, 6, 3, 256, jnp.bfloat16, False, 0.0, ("BKM1", jnp.bfloat16)),  # key-broadcast bias, D = 256
+    (1, 250, 250, 2, 2, 256, jnp.float16, True, 0.0, None),
+    (1, 128, 512, 4, 2, 64, jnp.bfloat16, False, 30.0, ("BK1N", jnp.bfloat16)),   # softcap
+    (1, 64, 64, 2, 1, 128, jnp.float16, True, 5.0, ("11MN", jnp.bfloat16)),
+    (3, 1, 700, 4, 2, 128, jnp.bfloat16, True, 0.0, ("BK1N", jnp.bfloat16)),     # one query row (decode)
+    (1, 513, 1, 2, 2, 64, jnp.bfloat16, False, 0.0, None),                       # one key
+    (2, 190, 260, 4, 2, 96, jnp.bfloat16, True, 0.0, ("BK1N", jnp.bfloat16)),    # D = 96: sm80 kernels everywhere
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+def test_forward_matches_reference(case, route):
+    from jax_dmattn import _cuda_fwd
+
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec = case
+    keys = jax.random.split(jax.random.PRNGKey(hash(case[:6]) % 2**31), 4)
+    q = jax.random.normal(keys[0], (b, lq, h, d), F32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, lk, hkv, d), F32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, lk, hkv, d), F32).astype(dtype)
+    bias = None if bias_spec is None else bias_of(keys[3], bias_spec[0], bias_spec[1], b, lq, lk, h, hkv)
+    scale = d ** -0.5
+    fn = functools.partial(_cuda_fwd.flash_fwd, scale=scale, softcap=softcap, is_causal=causal)
+    before = launches()
+    out, lse = jax.block_until_ready(jax.jit(fn)(q, k, v, bias, None))
+    served = launches() > before
+    hopper = route == "default" and hopper_forward_available() and d in (64, 128, 256)
+    assert served == hopper, f"route {route}: the Hopper forward {'did not serve' if hopper else 'served'} the call"
+
+    up = lambda x: None if x is None else x.astype(F32)
+    ref_out, ref_lse = reference.reference_core(up(q), up(k), up(v), up(bias), None, scale=scale, is_causal=causal,
+                                                softcap=softcap or None)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, lq) and lse.dtype == F32
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(lse, ref_lse) < 1e-4
+    if causal and lq > lk:  # rows i < Lq - Lk see no key: exact zeros and -inf
+        assert (np.asarray(out, np.float32)[:, :lq - lk] == 0).all()
+        assert np.isneginf(np.asarray(lse)[:, :, :lq - lk]).all()
+
+
+@pytest.mark.parametrize("case", [
+    (2, 200, 200, 8, 2, 128, jnp.bfloat16, True, ("BK1N", jnp.bfloat16)),
+    (1, 150, 300, 4, 4, 64, jnp.float16, False, ("BHMN", jnp.float32)),
+], ids=["per_key_gqa", "full_bias"])
+def test_gradients_through_the_api(case, route):
+    """The backward (sm80 kernels) consumes the forward's residuals: out and the natural-log lse."""
+    import jax_dmattn
+
+    b, lq, lk, h, hkv, d, dtype, causal, bias_spec = case
+    keys = jax.random.split(jax.random.PRNGKey(7), 5)
+    q = jax.random.normal(keys[0], (b, lq, h, d), F32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, lk, hkv, d), F32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, lk, hkv, d), F32).astype(dtype)
+    bias = bias_of(keys[3], bias_spec[0], bias_spec[1], b, lq, lk, h, hkv)
+    dout = jax.random.normal(keys[4], q.shape, F32).astype(dtype)
+
+    def loss(impl, q, k, v, bias):
+        up = (lambda x: x.astype(F32)) if impl == "xla" else (lambda x: x)
+        out = jax_dmattn.attention(up(q), up(k), up(v), up(bias), is_causal=causal, implementation=impl)
+        return jnp.sum(out.astype(F32) * dout.astype(F32))
+
+    got = jax.jit(jax.grad(functools.partial(loss, "cuda"), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    ref = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, ref):
+        assert g.dtype == {"dbias": bias.dtype}.get(name, dtype)
+        assert rel_err(g, r) < 3 * TOL[dtype], name
