@@ -91,8 +91,8 @@ struct FwdKernel {
       Element* o = static_cast<Element*>(p.out) + gi * p.o_head_stride;
       float* lse = p.lse + int64_t(gi) * p.q_len;
       Logits lg;
-      lg.qk_scale = p.softcap > 0.f ? p.scale / p.softcap : p.scale * kLog2e;
-      lg.cap_log2 = p.softcap > 0.f ? p.softcap * kLog2e : 0.f;
+      lg.qk_scale = p.softcap > 0.f ? p.scale / p.softcap : p.scale;
+      lg.softcap = p.softcap;
       lg.bias = p.bias;
       lg.bias_dtype = p.bias_dtype;
       lg.bias_batch_stride = p.bias_batch_stride, lg.bias_head_stride = p.bias_head_stride;

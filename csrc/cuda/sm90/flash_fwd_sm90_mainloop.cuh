@@ -20,7 +20,6 @@ namespace dmattn::sm90 {
 using namespace cute;
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Which key tiles a CTA of BlockM query rows visits, in order 0 .. trips - 1: all keys, or with bottom-right causality
 // (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The last `masked` trips need the per-element
@@ -59,11 +58,11 @@ struct KeyTiles {
   }
 };
 
-// What turns one launch's QK^T accumulator into logits in log2 units. A launch covers the query heads
+// What turns one launch's QK^T accumulator into logits. A launch covers the query heads
 // h = kv_head * group + group_index of every kv head (flash_fwd_sm90_launch.cuh: one launch per group_index).
 struct Logits {
-  float qk_scale = 1.f;  // scale * log2(e); with softcap: scale / softcap (the tanh argument)
-  float cap_log2 = 0.f;  // softcap * log2(e); 0: no softcap
+  float qk_scale = 1.f;  // scale; with softcap: scale / softcap (the tanh argument)
+  float softcap = 0.f;   // 0: off
   const void* bias = nullptr;
   DType bias_dtype = DType::kF32;
   int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
@@ -143,15 +142,16 @@ struct FwdMainloop
   CUTLASS_DEVICE void reduce(BlkCoord const&, Params const&, ProblemShape const&, PipelineReducer&,
                              PipelineStateReducer&, SharedStorage&) {}
 
-  // Logits (log2 units) of one QK^T tile in place: scale or softcap, bias, and -inf where the key is past Lk or
-  // (causal) after the row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem.
+  // Logits of one QK^T tile in place, in natural units as the backward recomputes them: scale or softcap, bias,
+  // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk or (causal) after the
+  // row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem.
   template <class Acc, class Coords, class ProblemShape>
   CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, Logits const& lg, ProblemShape const& problem,
                                        int b, int h, bool check_bounds) {
     const int lq = get<2>(problem), lk = get<3>(problem);
-    if (lg.cap_log2 > 0.f) {
+    if (lg.softcap > 0.f) {
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(acc); ++i) acc(i) = lg.cap_log2 * tanhf(acc(i) * lg.qk_scale);
+      for (int i = 0; i < size(acc); ++i) acc(i) = lg.softcap * tanhf(acc(i) * lg.qk_scale);
     } else {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale;
@@ -166,7 +166,7 @@ struct FwdMainloop
         // never stored (rows) or masked below (keys).
         const int r = min(int(get<0>(pos)), lq - 1), c = min(int(get<1>(pos)), lk - 1);
         const float bv = load_bias(lg.bias, base + r * lg.bias_row_stride + c * lg.bias_col_stride, lg.bias_dtype);
-        acc(i) = fmaf(bv, kLog2e, acc(i));
+        acc(i) = bv == -INFINITY ? -INFINITY : acc(i) + bv;
       }
     }
     if (check_bounds) {
@@ -248,9 +248,11 @@ struct FwdMainloop
 
       to_logits(acc_qk, cS, params.logits, problem, b, h, trip >= unmasked);
 
-      // Online softmax. A row whose logits so far are all -inf keeps max -inf and uses 0 as its reference, so its
-      // weights are exp2(-inf) = 0 and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN
-      // weight, which reaches the row's sum, output and lse.
+      // Online softmax, exp2((s - max) * log2 e): subtracting before scaling makes the largest weight exactly 1 at
+      // any logit size (the lse then equals the max there, as the backward needs). A row whose logits so far are
+      // all -inf keeps max -inf and uses 0 as its reference, so its weights are exp2(-inf) = 0 and no inf - inf
+      // appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which reaches the row's sum, output and
+      // lse.
       Tensor s_mn = make_tensor(acc_qk.data(), layout_acc_mn(mma_qk, acc_qk.layout()));
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) {
@@ -263,12 +265,12 @@ struct FwdMainloop
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, stride<r>(quad) * step));
         });
         const float ref = m == -INFINITY ? 0.f : m;
-        const float rescale = exp2f(row_max(i) - ref);  // 0 on the first kept key (row_max -inf)
+        const float rescale = exp2f((row_max(i) - ref) * kLog2e);  // 0 on the first kept key (row_max -inf)
         row_max(i) = m;
         float sum = 0.f;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(s_mn); ++j) {
-          s_mn(i, j) = exp2f(s_mn(i, j) - ref);
+          s_mn(i, j) = exp2f((s_mn(i, j) - ref) * kLog2e);
           sum += s_mn(i, j);
         }
         row_sum(i) = row_sum(i) * rescale + sum;
@@ -296,7 +298,7 @@ struct FwdMainloop
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_pv);
 
-    // Normalise; lse (natural log) = (row_max + log2(sum)) * ln 2, -inf for a row without a kept key (sum 0).
+    // Normalise; lse = row_max + log(sum), -inf for a row without a kept key (sum 0).
     Tensor lse = make_tensor<float>(Int<kRows>{});
     const auto quad_pv = reduction_target_n(mma_pv);
     CUTLASS_PRAGMA_UNROLL
@@ -308,7 +310,7 @@ struct FwdMainloop
           sum += __shfl_xor_sync(0xffffffffu, sum, stride<r>(quad_pv) * step);
       });
       const bool empty = sum == 0.f;
-      lse(i) = empty ? -INFINITY : (row_max(i) + log2f(sum)) * kLn2;
+      lse(i) = empty ? -INFINITY : row_max(i) + logf(sum);
       const float inv = empty ? 0.f : 1.f / sum;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= inv;
