@@ -91,9 +91,9 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const
   }
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+__device__ __forceinline__ float quad_max(float x) {  // NaN if any lane's x is NaN
+  x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return max_nan(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
@@ -102,8 +102,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 constexpr float kLn2 = 0.6931471805599453f;
 
-// One online-softmax step on a tile of log2-domain scores (masked entries -inf): rescales the running sums and
-// the output accumulator, and leaves exp2(s - running max) in acc_s.
+// One online-softmax step on a tile of natural-unit scores (dropped entries -inf): rescales the running sums and
+// the output accumulator, and leaves exp(s - running max) in acc_s. The max propagates NaN: a NaN logit of a kept
+// key makes the row's max, sum and accumulator NaN for good (as does a +inf one, through inf - inf), while a
+// dropped key's NaN was replaced by -inf before this step.
 template <int kRows, class AccS, class AccO>
 __device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, float (&row_max)[kRows],
                                                     float (&row_sum)[kRows]) {
@@ -114,16 +116,16 @@ __device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, fl
   for (int r = 0; r < kRows; ++r) {
     float mx = row_max[r];
     CUTE_UNROLL
-    for (int c = 0; c < kCols; ++c) mx = fmaxf(mx, s(r, c));
+    for (int c = 0; c < kCols; ++c) mx = max_nan(mx, s(r, c));
     mx = quad_max(mx);
     const float m_use = mx == -INFINITY ? 0.f : mx;
-    const float corr = exp2f(row_max[r] - m_use);
+    const float corr = exp2f((row_max[r] - m_use) * kLog2e);
     row_max[r] = mx;
     row_sum[r] *= corr;
     float sum = 0.f;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float e = exp2f(s(r, c) - m_use);
+      const float e = exp2f((s(r, c) - m_use) * kLog2e);
       s(r, c) = e;
       sum += e;
     }
@@ -133,8 +135,11 @@ __device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, fl
   }
 }
 
-// Epilogue: normalise, write lse (natural log; -inf and a zero row for rows without a kept key), stage O
-// through shared memory (reusing sQ) and store it with row predicates.
+// Epilogue: normalise, write lse (-inf and a zero row for rows without a kept key), stage O through shared memory
+// (reusing sQ) and store it with row predicates. A row is empty iff its max is still -inf; otherwise its sum is >= 1
+// (the max term) or NaN, and a NaN must reach out and lse (a test on the sum alone would turn it into -inf).
+// lse = max + log(sum) is exactly the max when the sum is 1, which keeps the backward's exp(s - lse) exact for
+// huge logits.
 template <class Kt, int kRows, class AccO, class CS, class SQ, class GO, class Mma>
 __device__ __forceinline__ void store_output(AccO& acc_o, float const (&row_max)[kRows], float const (&row_sum)[kRows],
                                              CS const& cS, SQ& sQ, GO& gO, Mma const& mma, float* lse_ptr,
@@ -145,12 +150,13 @@ __device__ __forceinline__ void store_output(AccO& acc_o, float const (&row_max)
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const float sum = quad_sum(row_sum[r]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const bool empty = row_max[r] == -INFINITY;
+    const float inv = empty ? 0.f : 1.f / sum;
     CUTE_UNROLL
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
     const int row = row0 + get<0>(cS(r, 0));
     if ((tid & 3) == 0 && row < q_len) {
-      lse_ptr[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
+      lse_ptr[row] = empty ? -INFINITY : row_max[r] + __log2f(sum) * kLn2;
     }
   }
 
@@ -184,6 +190,46 @@ __device__ __forceinline__ void accumulate_pv(AccS const& acc_s, AccO& acc_o, RV
   for (int i = 0; i < size(acc_s); ++i) pf(i) = static_cast<Elem>(acc_s(i));
   Tensor pa = make_tensor(pf.data(), acc_as_a_layout(pf.layout()));
   gemm_rs(acc_o, pa, rVt, tOsVt, mma, cpV, cpV_t);
+}
+
+// Non-finite V (docs/cuda_kernels.md, "Non-finite values"). The P V product multiplies every row's P by every key's
+// V, so a dropped pair's P = 0 times a NaN or inf in V would reach a row that drops that key. A tile (or chunk)
+// whose V holds an inf or NaN therefore zeroes those elements before the product and adds them back afterwards
+// (correct_nonfinite_v) only to the rows that keep their key.
+
+// Bit j of w[r]: this thread's row r keeps tile column j (its logit is not -inf; NaN counts as kept). From the
+// logits, before the softmax step; the quad ORs its columns together, so every lane of it has the whole word.
+template <int kRows, class AccS, class CS>
+__device__ __forceinline__ void kept_words(AccS const& acc_s, CS const& cS, uint64_t (&w)[kRows]) {
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    uint64_t x = 0;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(s); ++c) x |= uint64_t(s(r, c) != -INFINITY) << get<1>(cS(0, c));
+    x |= __shfl_xor_sync(0xffffffffu, x, 1);
+    w[r] = x | __shfl_xor_sync(0xffffffffu, x, 2);
+  }
+}
+
+// acc_o(r, d) += V[j][d] for every inf / NaN element of V (read back from global memory: the shared tile has been
+// cleaned) of a key j in `bad` that row r keeps. P's weight is left out: times a positive P the value stays what it
+// is (inf, -inf, NaN), and an inf of a kept key whose fp32 P underflowed is still inf, as in the float64 oracle.
+template <class Elem, int kRows, class AccO, class CO, class VRow>
+__device__ __forceinline__ void correct_nonfinite_v(AccO& acc_o, CO const& cO, const uint64_t (&kept)[kRows],
+                                                    uint64_t bad, VRow const& v_row) {
+  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    for (uint64_t w = kept[r] & bad; w != 0; w &= w - 1) {
+      const Elem* v = v_row(__ffsll(static_cast<long long>(w)) - 1);
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) {
+        const float x = static_cast<float>(v[get<1>(cO(0, c))]);
+        if (is_nonfinite(x)) o(r, c) += x;
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------- kernel
@@ -364,10 +410,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
     return reinterpret_cast<const float*>(src)[c];
   };
 
-  const float scale_log2 = p.scale * kLog2e;
   const bool use_cap = p.softcap > 0.f;
   const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
-  const float cap_out = p.softcap * kLog2e;
+
+  // Keys of the current tile whose V holds an inf or NaN, double-buffered like the mask (see below).
+  __shared__ unsigned long long bad_v_keys[2];
+  if (tid == 0) bad_v_keys[0] = bad_v_keys[1] = 0ull;
+  Tensor tOcO = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cO = make_tensor(tOcO.data(), rowcol_layout(tOcO.layout()));
 
   int n = next_tile(n_end - 1);
   int buf = 0;
@@ -401,7 +451,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
     gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
 
     cute::cp_async_wait<0>();
-    __syncthreads();  // V landed; every warp is done reading sK
+    // V landed; every warp is done reading sK. The barrier also ORs each thread's scan of its own V pieces.
+    const bool v_bad = __syncthreads_or(own_pieces_nonfinite<Elem>(tVsV));
+    // This word's last reader was the previous tile, before this iteration's first barrier.
+    if (tid == 0) bad_v_keys[buf ^ 1] = 0ull;
     if (n_next >= 0) {
       copy_rows(gmem_copy, tKgK(_, _, _, n_next), tKsK, tKcK, p.kv_len - n_next * kBlockN);
       if (tile_class(n_next) == kTilePartial) load_mask_tile(n_next, buf ^ 1);
@@ -409,23 +462,24 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
       cute::cp_async_fence();
     }
 
-    // Scores in the log2 domain: s2 = (cap(scale * qk) + bias) * log2(e), masked keys -inf.
+    // Scores s = cap(scale * qk) + bias in natural units (the backward recomputes them with the same operations),
+    // dropped keys -inf. A -inf bias drops its key whatever q.k is (NaN or inf + -inf would not be -inf).
     const uint8_t* mtile = smem_mask + buf * kBlockM * kBlockN;
     // Each step is a separate pass behind a CTA-uniform branch, so the element loops stay branch-free.
     Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     if (use_cap) {
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap_out * tanhf(acc_s(i) * cap_in);
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = p.softcap * tanhf(acc_s(i) * cap_in);
     } else {
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= p.scale;
     }
     if (bias_per_key) {
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) {
-        const float bk = smem_bias_value(buf, get<1>(cS(0, c))) * kLog2e;
+        const float bk = smem_bias_value(buf, get<1>(cS(0, c)));
         CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) s(r, c) += bk;
+        for (int r = 0; r < kRows; ++r) s(r, c) = bk == -INFINITY ? -INFINITY : s(r, c) + bk;
       }
     } else if (has_bias) {
       CUTE_UNROLL
@@ -435,8 +489,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
         for (int c = 0; c < kCols; ++c) {
           const int col = col0 + get<1>(cS(0, c));
           if (row < q_len && col < kv_len) {
-            s(r, c) += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
-                                             int64_t(col) * p.bias_col_stride, p.bias_dtype) * kLog2e;
+            const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
+                                                   int64_t(col) * p.bias_col_stride, p.bias_dtype);
+            s(r, c) = bv == -INFINITY ? -INFINITY : s(r, c) + bv;
           }
         }
       }
@@ -460,7 +515,23 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
       }
     }
 
-    online_softmax_step(acc_s, acc_o, row_max, row_sum);
+    if (v_bad) {  // rare (CTA-uniform): V of this tile holds an inf or NaN
+      uint64_t kept[kRows];
+      kept_words(acc_s, cS, kept);
+      CUTE_UNROLL
+      for (int m = 0; m < size<1>(tVsV); ++m) {
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(tVsV); ++k) {
+          if (zero_nonfinite_piece<Elem>(&tVsV(0, m, k))) atomicOr(&bad_v_keys[buf], 1ull << get<0>(tKcK(0, m, k)));
+        }
+      }
+      __syncthreads();  // V cleaned, the bad keys known
+      online_softmax_step(acc_s, acc_o, row_max, row_sum);
+      correct_nonfinite_v<Elem>(acc_o, cO, kept, bad_v_keys[buf],
+                                [&](int j) { return v_ptr + int64_t(col0 + j) * p.v_row_stride; });
+    } else {
+      online_softmax_step(acc_s, acc_o, row_max, row_sum);
+    }
     accumulate_pv<Elem>(acc_s, acc_o, rVt, tOsVt, mma, cpV, cpV_t);
 
     n = n_next;

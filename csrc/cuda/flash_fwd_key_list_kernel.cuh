@@ -161,11 +161,25 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       }
     }
   };
-  // Chunk-wide tables (threads < kChunk, one chunk position each): key index and log2-domain per-key bias.
+  // Chunk-wide tables (threads < kChunk, one chunk position each): key index and per-key bias.
   auto load_key_bias = [&](int key) -> float {
     if (!bias_per_key || key < 0) return 0.f;
-    return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype) * kLog2e;
+    return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype);
   };
+  // Whether this thread's gathered V pieces hold an inf or NaN (after the wait: its own copies are visible to it).
+  auto own_v_nonfinite = [&]() {
+    uint32_t bits = 0;
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      bits |= piece_nonfinite_bits<Elem>(smem_v + sk_layout(gather_row(i), gather_piece(i) * 8));
+    }
+    return (bits & kNonfiniteBits) != 0;
+  };
+  // Chunk columns whose V holds an inf or NaN, double-buffered by chunk parity (see the tile kernel).
+  __shared__ unsigned long long bad_v_keys[2];
+  if (tid == 0) bad_v_keys[0] = bad_v_keys[1] = 0ull;
+  Tensor tOcO = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cO = make_tensor(tOcO.data(), rowcol_layout(tOcO.layout()));
   auto stage_tables = [&](int buf, int key, float key_bias) {
     if (tid < kChunk) {
       smem_idx[buf * kChunk + tid] = key;
@@ -173,10 +187,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     }
   };
 
-  const float scale_log2 = p.scale * kLog2e;
   const bool use_cap = p.softcap > 0.f;
   const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
-  const float cap_out = p.softcap * kLog2e;
 
   // Prologue: Q, K(0) and the tables of chunk 0.
   copy_rows(gmem_copy, tQgQ, tQsQ, tQcQ, q_len - row0);
@@ -236,22 +248,24 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     }
 
     cute::cp_async_wait<0>();
-    __syncthreads();  // V(c) landed; every warp is done reading sK
+    // V(c) landed; every warp is done reading sK. The barrier also ORs each thread's scan of its own V pieces.
+    const bool v_bad = __syncthreads_or(own_v_nonfinite());
+    if (tid == 0) bad_v_keys[buf ^ 1] = 0ull;  // last read by chunk c - 1, before this iteration's first barrier
     if (has_next) {
       gather(k_ptr, p.k_row_stride, smem_k, next_rows);
       cute::cp_async_fence();
       next_key_bias = load_key_bias(next_key);  // consumed after P V, which hides its latency
     }
 
-    // Scores in the log2 domain, as in the tile kernel; the key of chunk column cl is smem_idx[buf][cl].
+    // Scores in natural units, as in the tile kernel; the key of chunk column cl is smem_idx[buf][cl].
     const int32_t* idx = smem_idx + buf * kChunk;
     Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     if (use_cap) {
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = cap_out * tanhf(acc_s(i) * cap_in);
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = p.softcap * tanhf(acc_s(i) * cap_in);
     } else {
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= p.scale;
     }
     if (bias_per_key) {
       const float* kb = smem_kbias + buf * kChunk;
@@ -259,7 +273,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       for (int cc = 0; cc < kCols; ++cc) {
         const float bk = kb[get<1>(cS(0, cc))];
         CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) s(r, cc) += bk;
+        for (int r = 0; r < kRows; ++r) s(r, cc) = bk == -INFINITY ? -INFINITY : s(r, cc) + bk;
       }
     } else if (has_bias) {
       CUTE_UNROLL
@@ -269,8 +283,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
         for (int r = 0; r < kRows; ++r) {
           const int row = row0 + get<0>(cS(r, 0));
           if (row < q_len && key >= 0) {
-            s(r, cc) += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
-                                              int64_t(key) * p.bias_col_stride, p.bias_dtype) * kLog2e;
+            const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
+                                                   int64_t(key) * p.bias_col_stride, p.bias_dtype);
+            s(r, cc) = bv == -INFINITY ? -INFINITY : s(r, cc) + bv;
           }
         }
       }
@@ -291,7 +306,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       }
     }
 
-    online_softmax_step(acc_s, acc_o, row_max, row_sum);
+    if (v_bad) {  // rare (CTA-uniform): V of this chunk holds an inf or NaN; see correct_nonfinite_v
+      uint64_t kept[kRows];
+      kept_words(acc_s, cS, kept);
+      CUTE_UNROLL
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        if (zero_nonfinite_piece<Elem>(smem_v + sk_layout(gather_row(i), gather_piece(i) * 8))) {
+          atomicOr(&bad_v_keys[buf], 1ull << gather_row(i));
+        }
+      }
+      __syncthreads();  // V cleaned, the bad columns known
+      online_softmax_step(acc_s, acc_o, row_max, row_sum);
+      correct_nonfinite_v<Elem>(acc_o, cO, kept, bad_v_keys[buf],
+                                [&](int j) { return v_ptr + int64_t(idx[j]) * p.v_row_stride; });
+    } else {
+      online_softmax_step(acc_s, acc_o, row_max, row_sum);
+    }
     accumulate_pv<Elem>(acc_s, acc_o, rVt, tOsVt, mma, cpV, cpV_t);
     // Chunk c + 1's tables; their buffer was last read by chunk c - 1, before this iteration's first barrier.
     if (has_next) stage_tables(buf ^ 1, next_key, next_key_bias);

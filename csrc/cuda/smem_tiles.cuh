@@ -5,11 +5,80 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include <cstdint>
+#include <type_traits>
 
 namespace dmattn {
 
-// Scores are kept in the log2 domain (exp2f): natural-log quantities are scaled by log2(e) once.
+// exp2f takes log2-domain arguments. Scores stay in natural units and a difference is scaled after the
+// subtraction, (s - m) * log2(e): s - m is exact near the max, so the top term is exactly 1 at any magnitude (a
+// fused s * log2(e) - m * log2(e) is off by the rounding of m * log2(e), which is huge for logits of 1e9), and the
+// backward recomputes P = exp(s - lse) from the very same s.
 constexpr float kLog2e = 1.4426950408889634f;
+
+// max that propagates NaN (max.NaN, sm_80+): fmaxf drops a NaN operand, but a NaN logit of a kept key must make
+// its row NaN.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ bool is_nonfinite(float x) { return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u; }
+
+// Non-finite detection on raw 16-bit elements (bf16 / f16), two per 32-bit word. Adding one to a half's exponent
+// field carries into its sign bit only when the field is all ones (inf or NaN); the lower half cannot carry into
+// the upper one. OR the results of many words and test kNonfiniteBits once: three integer ops a word, so the
+// kernels can afford to scan every tile they load.
+template <class Elem>
+__device__ __forceinline__ uint32_t nonfinite_halves(uint32_t w) {
+  constexpr bool kBF16 = std::is_same_v<Elem, cutlass::bfloat16_t>;
+  constexpr uint32_t kExp = kBF16 ? 0x7f807f80u : 0x7c007c00u;
+  constexpr uint32_t kOne = kBF16 ? 0x00800080u : 0x04000400u;
+  return (w & kExp) + kOne;
+}
+constexpr uint32_t kNonfiniteBits = 0x80008000u;
+
+// nonfinite_halves of a 16-byte piece (8 elements) in shared memory.
+template <class Elem>
+__device__ __forceinline__ uint32_t piece_nonfinite_bits(const void* piece) {
+  const uint4 w = *reinterpret_cast<const uint4*>(piece);
+  return nonfinite_halves<Elem>(w.x) | nonfinite_halves<Elem>(w.y) | nonfinite_halves<Elem>(w.z) |
+         nonfinite_halves<Elem>(w.w);
+}
+
+// Whether any 16-byte piece of a thread's partition of a tiled cp.async copy (CPY, CPY_M, CPY_K; CPY = 8 contiguous
+// elements) holds an inf or NaN. Called after cp_async_wait by the thread that issued the copies, whose own writes
+// are visible to it without a barrier.
+template <class Elem, class T>
+__device__ __forceinline__ bool own_pieces_nonfinite(T const& t) {
+  uint32_t bits = 0;
+  CUTE_UNROLL
+  for (int m = 0; m < cute::size<1>(t); ++m) {
+    CUTE_UNROLL
+    for (int k = 0; k < cute::size<2>(t); ++k) bits |= piece_nonfinite_bits<Elem>(&t(0, m, k));
+  }
+  return (bits & kNonfiniteBits) != 0;
+}
+
+// Zeroes the inf / NaN elements of a 16-byte piece in shared memory; true if there were any.
+template <class Elem>
+__device__ __forceinline__ bool zero_nonfinite_piece(void* piece) {
+  uint4 w = *reinterpret_cast<uint4*>(piece);
+  uint32_t* x = reinterpret_cast<uint32_t*>(&w);
+  bool any = false;
+  CUTE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t f = nonfinite_halves<Elem>(x[i]);
+    const uint32_t keep = ((f & 0x8000u) ? 0u : 0x0000ffffu) | ((f & 0x80000000u) ? 0u : 0xffff0000u);
+    any |= keep != 0xffffffffu;
+    x[i] &= keep;
+  }
+  if (any) *reinterpret_cast<uint4*>(piece) = w;
+  return any;
+}
 
 // Accumulator layout ((2 cols, 2 row halves), MMA_M, MMA_N) viewed as (rows, cols).
 template <class L>
