@@ -100,8 +100,6 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-constexpr float kLn2 = 0.6931471805599453f;
-
 // One online-softmax step on a tile of natural-unit scores (dropped entries -inf): rescales the running sums and
 // the output accumulator, and leaves exp(s - running max) in acc_s. The max propagates NaN: a NaN logit of a kept
 // key makes the row's max, sum and accumulator NaN for good (as does a +inf one, through inf - inf), while a
@@ -156,7 +154,7 @@ __device__ __forceinline__ void store_output(AccO& acc_o, float const (&row_max)
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
     const int row = row0 + get<0>(cS(r, 0));
     if ((tid & 3) == 0 && row < q_len) {
-      lse_ptr[row] = empty ? -INFINITY : row_max[r] + __log2f(sum) * kLn2;
+      lse_ptr[row] = empty ? -INFINITY : row_max[r] + logf(sum);  // logf(1) is exactly 0
     }
   }
 
