@@ -82,8 +82,8 @@ struct Traits {
   // Main kernel: Q and dO double-buffered (the next visited tile is prefetched while this one is computed).
   static constexpr int kSmemBytes =
       (4 * kQElems + 2 * kKVElems + 2 * kPElems) * int(sizeof(Elem)) + kBlockM * kDbStride * int(sizeof(float));
-  // dq kernel: K and V double-buffered.
-  static constexpr int kSmemBytesDq = (2 * kQElems + 4 * kKVElems + kPElems) * int(sizeof(Elem));
+  // dq kernel: K and V double-buffered, + the kept bytes of a tile with non-finite K.
+  static constexpr int kSmemBytesDq = (2 * kQElems + 4 * kKVElems + kPElems) * int(sizeof(Elem)) + kPElems;
   static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesDq <= 227 * 1024, "shared memory over the sm_90 limit");
 };
 
@@ -124,11 +124,15 @@ __device__ __forceinline__ int tile_class(const BwdParams& p, int b, int h, int 
 }
 
 // Turns the raw score tile acc_s = q.k (rows m0.., keys n0..) into P = exp(s - lse) in place, with
-// s = cap(scale * q.k) + bias and P = 0 for keys that are not kept (sequence ends, causality, mask, rows with
-// no kept key). capd receives the softcap chain factor 1 - tanh^2 (1 without softcap).
+// s = cap(scale * q.k) + bias computed exactly as the forward does (so s - lse is exact at the max, whatever the
+// magnitude) and P = 0 for pairs that are not kept: sequence ends, causality, mask, a -inf bias or logit, rows with
+// no kept key. Bit c of kept[r] says whether fragment element (r, c) is kept: the products that follow zero
+// dropped pairs by select, since P = 0 there may meet a NaN dP or delta (0 * NaN). capd receives the softcap
+// chain factor 1 - tanh^2 (1 without softcap).
 template <class AccS, class CapD, class CS, int kRows>
 __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int b,
-                                            int h, int m0, int n0, int cls, const float (&lse2)[kRows]) {
+                                            int h, int m0, int n0, int cls, const float (&lse)[kRows],
+                                            uint32_t (&kept)[kRows]) {
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
   const bool has_bias = p.bias != nullptr;
@@ -141,10 +145,12 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
   // Two adjacent keys of a mask row can be read as one 16-bit load.
   const bool mask_pairs = load_mask && p.mask_col_stride == 1 && (p.mask_row_stride % 2 == 0) &&
                           (mask_base % 2 == 0) && ((reinterpret_cast<uintptr_t>(p.mask) & 1) == 0);
+  static_assert(decltype(size<1>(s))::value <= 32, "kept bits fit a word per row");
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     const int row = m0 + get<0>(cS(r, 0));
     const int64_t mrow = mask_base + int64_t(row) * p.mask_row_stride;
+    kept[r] = 0u;
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); c += 2) {
       const int col0 = n0 + get<1>(cS(0, c));  // even; the pair's second key is col0 + 1
@@ -176,26 +182,82 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
         }
         bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off) && mk[e] != 0u;
         if (keep && has_bias) {
-          x += load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride + int64_t(col) * p.bias_col_stride,
-                         p.bias_dtype);
+          const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
+                                                 int64_t(col) * p.bias_col_stride, p.bias_dtype);
+          x = bv == -INFINITY ? -INFINITY : x + bv;
         }
-        s(r, c + e) = (keep && lse2[r] != -INFINITY) ? exp2f(x * kLog2e - lse2[r]) : 0.f;
+        keep = keep && x != -INFINITY && lse[r] != -INFINITY;
+        s(r, c + e) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
         cd(r, c + e) = d;
+        kept[r] |= uint32_t(keep) << (c + e);
       }
     }
   }
 }
 
-// lse (in log2 units) and delta of this thread's rows of the query tile at m0 of (b, h).
+// lse and delta of this thread's rows of the query tile at m0 of (b, h).
 template <class CS, int kRows>
 __device__ __forceinline__ void load_row_stats(const BwdParams& p, CS const& cS, int b, int h, int m0,
-                                               float (&lse2)[kRows], float (&delta)[kRows]) {
+                                               float (&lse)[kRows], float (&delta)[kRows]) {
   const int64_t base = (int64_t(b) * p.heads + h) * p.q_len;
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int row = m0 + get<0>(cS(r, 0));
-    lse2[r] = row < p.q_len ? p.lse[base + row] * kLog2e : -INFINITY;
+    lse[r] = row < p.q_len ? p.lse[base + row] : -INFINITY;
     delta[r] = row < p.q_len ? p.delta[base + row] : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- non-finite tiles
+// The products dV = P^T dO, dK = dS^T Q and dQ = dS K multiply the exact zeros of dropped pairs by the other
+// operand, so an inf or NaN in q, dout or k would reach gradients of pairs that drop it (0 * NaN). A tile whose Q,
+// dO or K holds one (each thread scans the pieces it copied; the barrier that follows ORs the flags) runs those
+// products as scalar sums over its kept pairs instead (docs/cuda_backward.md, "Non-finite values"): slow, and
+// only where the data is non-finite.
+
+// keep[i * 64 + j] = 1 where fragment element (row i, key j) is kept (kept bits of scores_to_p).
+template <int kRows, class CS>
+__device__ __forceinline__ void store_kept_bytes(uint8_t* keep, CS const& cS, const uint32_t (&kept)[kRows]) {
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(cS); ++c) {
+      keep[get<0>(cS(r, c)) * 64 + get<1>(cS(r, c))] = uint8_t((kept[r] >> c) & 1u);
+    }
+  }
+}
+
+// acc(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] (dV: A = P, B = dO; dK: A = dS, B = Q); rows i < rows.
+template <class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                                       const uint8_t* keep, int rows) {
+  Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
+  for (int i = 0; i < rows; ++i) {
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(a); ++r) {
+      const int j = get<0>(cAcc(r, 0));
+      if (!keep[i * 64 + j]) continue;
+      const float w = static_cast<float>(sA(i, j));
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(a); ++c) a(r, c) += w * static_cast<float>(sB(i, get<1>(cAcc(0, c))));
+    }
+  }
+}
+
+// acc(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] (dQ: A = dS, B = K); keys j < 64.
+template <class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                                       const uint8_t* keep) {
+  Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
+  for (int j = 0; j < 64; ++j) {
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(a); ++r) {
+      const int i = get<0>(cAcc(r, 0));
+      if (!keep[i * 64 + j]) continue;
+      const float w = static_cast<float>(sA(i, j));
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(a); ++c) a(r, c) += w * static_cast<float>(sB(j, get<1>(cAcc(0, c))));
+    }
   }
 }
 
@@ -387,6 +449,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
       cute::cp_async_fence();
       clear(acc_dk);
       clear(acc_dv);
+      bool k_scanned = false, k_bad = false;  // this thread's K pieces, scanned once they landed
 
       while (t >= 0) {
         const int m = m_begin + t / g;
@@ -407,13 +470,19 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
           db_key = key, db_base = base, db_m0 = tm0;
         }
 
-        float lse2[kRows], delta[kRows];
-        load_row_stats(p, cS, b, h, m0, lse2, delta);
+        float lse[kRows], delta[kRows];
+        load_row_stats(p, cS, b, h, m0, lse, delta);
         cute::cp_async_wait<1>();  // everything but the prefetch: this tile's Q / dO (and K / V) landed
-        __syncthreads();
-
         Tensor sQb = make_tensor(make_smem_ptr(sq_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQ{});
         Tensor sdOb = make_tensor(make_smem_ptr(sdo_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQ{});
+        if (!k_scanned) {
+          k_bad = own_pieces_nonfinite<Elem>(tKsK);
+          k_scanned = true;
+        }
+        // CTA-uniform: Q, dO or K of this tile holds an inf or NaN (see kept_product_over_rows).
+        const bool slow = __syncthreads_or(k_bad || own_pieces_nonfinite<Elem>(gthr.partition_D(sQb)) ||
+                                           own_pieces_nonfinite<Elem>(gthr.partition_D(sdOb)));
+
         Tensor sQtb = make_tensor(make_smem_ptr(sq_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQt{});
         Tensor sdOtb = make_tensor(make_smem_ptr(sdo_ptr + buf * Kt::kQElems), typename Kt::SmemLayoutQt{});
         Tensor tSsQ = cpA_t.partition_S(sQb);
@@ -425,8 +494,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
         clear(acc_s);
         gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
         Tensor capd = make_tensor_like(acc_s);
-        scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
+        uint32_t kept[kRows];
+        scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse, kept);
         store_as<Elem>(acc_s, r2s, r2s_t, tPsP);
+        uint8_t* keep_bytes = reinterpret_cast<uint8_t*>(sdb);  // free between dbias flushes
+        if (slow) store_kept_bytes(keep_bytes, cS, kept);
 
         // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the cap.
         Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -437,26 +509,34 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
           Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
           Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
           Tensor db = make_tensor(dbacc.data(), rowcol_layout(dbacc.layout()));
+          // dS = 0 at dropped pairs by select: their P = 0 meets dP - delta, NaN where v or the row is.
           CUTE_UNROLL
           for (int r = 0; r < size<0>(dp); ++r) {
             CUTE_UNROLL
             for (int c = 0; c < size<1>(dp); ++c) {
-              const float ds = ps(r, c) * (dp(r, c) - delta[r]);
+              const bool keep = (kept[r] >> c) & 1u;
+              const float ds = keep ? ps(r, c) * (dp(r, c) - delta[r]) : 0.f;
               if (has_dbias) db(r, c) += ds;
-              dp(r, c) = ds * cd(r, c);
+              dp(r, c) = keep ? ds * cd(r, c) : 0.f;
             }
           }
           store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
         }
-        __syncthreads();  // sP, sdS complete
+        __syncthreads();  // sP, sdS (and the kept bytes) complete
 
-        gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dV += P^T dO
-        gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dK += dS^T Q
+        if (slow) {
+          kept_product_over_rows(acc_dv, cKV, sP, sdOb, keep_bytes, kBlockM);  // dV += P^T dO
+          kept_product_over_rows(acc_dk, cKV, sdS, sQb, keep_bytes, kBlockM);  // dK += dS^T Q
+        } else {
+          gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dV += P^T dO
+          gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dK += dS^T Q
+        }
 
         if (!p.deterministic) {  // dQ (this key tile's share) = dS K, added to the fp32 accumulator
           Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
           clear(acc_dq);
-          gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+          if (slow) kept_product_over_keys(acc_dq, cQD, sdS, sK, keep_bytes);
+          else gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
           Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
           CUTE_UNROLL
           for (int r = 0; r < size<0>(dq); ++r) {
@@ -590,8 +670,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tQc, p.q_len - m0);
   copy_rows(gmem_copy, gthr.partition_S(gdO), tQsdO, tQc, p.q_len - m0);
   cute::cp_async_fence();
-  float lse2[kRows], delta[kRows];
-  load_row_stats(p, cS, b, h, m0, lse2, delta);
+  float lse[kRows], delta[kRows];
+  load_row_stats(p, cS, b, h, m0, lse, delta);
+  uint8_t* keep_bytes = reinterpret_cast<uint8_t*>(sds_ptr + Kt::kPElems);
 
   Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
   clear(acc_dq);
@@ -628,9 +709,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
     if (n_next >= 0) load_kv(n_next, buf ^ 1);  // its buffer's readers finished at the last barrier
     cute::cp_async_fence();
     cute::cp_async_wait<1>();  // everything but the prefetch
-    __syncthreads();
-
     Tensor sKb = make_tensor(make_smem_ptr(sk_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
+    // CTA-uniform: K of this tile holds an inf or NaN (see kept_product_over_keys).
+    const bool slow = __syncthreads_or(own_pieces_nonfinite<Elem>(gthr.partition_D(sKb)));
+
     Tensor sVb = make_tensor(make_smem_ptr(sv_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
     Tensor sKtb = make_tensor(make_smem_ptr(sk_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKt{});
     Tensor tSsK = cpB_t.partition_S(sKb);
@@ -641,7 +723,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
     clear(acc_s);
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
     Tensor capd = make_tensor_like(acc_s);
-    scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse2);
+    uint32_t kept[kRows];
+    scores_to_p(acc_s, capd, cS, p, b, h, m0, n0, cls, lse, kept);
+    if (slow) store_kept_bytes(keep_bytes, cS, kept);
 
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
@@ -653,12 +737,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
       CUTE_UNROLL
       for (int r = 0; r < size<0>(dp); ++r) {
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = ps(r, c) * (dp(r, c) - delta[r]) * cd(r, c);
+        for (int c = 0; c < size<1>(dp); ++c) {
+          const bool keep = (kept[r] >> c) & 1u;  // as in the main kernel
+          dp(r, c) = keep ? ps(r, c) * (dp(r, c) - delta[r]) * cd(r, c) : 0.f;
+        }
       }
       store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
     }
     __syncthreads();
-    gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+    if (slow) kept_product_over_keys(acc_dq, cQD, sdS, sKb, keep_bytes);
+    else gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
     __syncthreads();  // every warp is done with this K / V buffer and sdS
     buf ^= 1;
     n = n_next;

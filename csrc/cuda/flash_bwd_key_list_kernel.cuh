@@ -116,12 +116,14 @@ __device__ __forceinline__ void cp_async_8(void* smem, const void* gmem, bool va
 }
 
 // Turns the raw score tile acc_s = q.k (CTA rows from m0, chunk columns = listed keys skey) into P in place:
-// s = cap(scale q.k) + bias[key], P = exp(s - lse) where the key is kept (its bit in the row's word, causal
-// and sequence bounds on the real key index), else 0. capd receives the softcap factor 1 - tanh^2 (or 1).
+// s = cap(scale q.k) + bias[key] as the forward computes it, P = exp(s - lse) where the key is kept (its bit in the
+// row's word, causal and sequence bounds on the real key index, a logit that is not -inf, a row with a kept key),
+// else 0; kept bits as bwd::scores_to_p. capd receives the softcap factor 1 - tanh^2 (or 1).
 template <class AccS, class CapD, class CS, int kRows>
 __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int m0,
                                                   const int* skey, const float* sbias, const uint64_t* sbits,
-                                                  const uint8_t* smask, const float (&lse2)[kRows]) {
+                                                  const uint8_t* smask, const float (&lse)[kRows],
+                                                  uint32_t (&kept)[kRows]) {
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
   const bool has_bias = p.bias != nullptr;
@@ -142,7 +144,9 @@ __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS co
     }
     if (row >= p.q_len) word[r] = 0ull;
     row_last_key[r] = p.is_causal ? row + causal_off : INT_MAX;
+    kept[r] = 0u;
   }
+  static_assert(decltype(size<1>(s))::value <= 32, "kept bits fit a word per row");
   CUTE_UNROLL
   for (int c = 0; c < size<1>(s); ++c) {
     const int lcol = get<1>(cS(0, c));
@@ -159,9 +163,12 @@ __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS co
       } else {
         x *= p.scale;
       }
-      const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r];
-      s(r, c) = (keep && lse2[r] != -INFINITY) ? exp2f((x + bias) * kLog2e - lse2[r]) : 0.f;
+      x = bias == -INFINITY ? -INFINITY : x + bias;  // a -inf bias drops the key whatever q.k is
+      const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r] &&
+                        x != -INFINITY && lse[r] != -INFINITY;
+      s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
       cd(r, c) = d;
+      kept[r] |= uint32_t(keep) << c;
     }
   }
 }
@@ -266,8 +273,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor cS = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
-  float lse2[kRows], delta[kRows];
-  bwd::load_row_stats(p, cS, b, h, m0, lse2, delta);
+  float lse[kRows], delta[kRows];
+  bwd::load_row_stats(p, cS, b, h, m0, lse, delta);
+  bool qdo_bad = false;  // this thread's Q / dO pieces hold an inf or NaN (scanned at chunk 0, once they landed)
 
   // ---- Gathering one chunk: K / V rows of its listed keys (16-byte pieces), its keys, bias values and the bit
   // words of this CTA's rows. The key indices of a chunk are read into registers one chunk ahead, so issuing
@@ -458,7 +466,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     const int s = c & 1;
     if (tid < kBlockN) sbias[s * kBlockN + tid] = row_bias;  // bias of chunk c (loaded when it was issued)
     cute::cp_async_wait<0>();
-    __syncthreads();  // chunk c landed; every warp is done with chunk c - 1 (its stage, sP, sdS, sdb)
+    if (c == 0) {
+      qdo_bad = own_pieces_nonfinite<Elem>(gthr.partition_D(sQ)) ||
+                own_pieces_nonfinite<Elem>(gthr.partition_D(sdO));
+    }
+    uint32_t k_bits = 0;  // this thread's gathered K pieces of chunk c
+    {
+      Tensor sKs = stage_k(s);
+      CUTE_UNROLL
+      for (int j = 0; j < kSlots; ++j) {
+        const int i = tid + j * kNThreads;
+        k_bits |= piece_nonfinite_bits<Elem>(&sKs(i / kPieces, (i % kPieces) * 8));
+      }
+    }
+    // Chunk c landed; every warp is done with chunk c - 1 (its stage, sP, sdS, sdb). CTA-uniform slow: Q, dO or
+    // K of this chunk holds an inf or NaN (bwd::kept_product_over_rows).
+    const bool slow = __syncthreads_or(qdo_bad || (k_bits & kNonfiniteBits) != 0);
     if (c + 1 < n_chunks) {
       issue_chunk(c + 1, s ^ 1);
       read_keys(c + 2);
@@ -477,8 +500,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     clear(acc_s);
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
     Tensor capd = make_tensor_like(acc_s);
+    uint32_t kept[kRows];
     chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM,
-                      dense ? smask + s * kBlockM * kBlockN : nullptr, lse2);
+                      dense ? smask + s * kBlockM * kBlockN : nullptr, lse, kept);
     bwd::store_as<Elem>(acc_s, r2s, r2s_t, tPsP);
 
     // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the softcap factor.
@@ -493,10 +517,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       for (int cc = 0; cc < size<1>(dp); ++cc) {
         float colsum = 0.f;
         CUTE_UNROLL
-        for (int r = 0; r < size<0>(dp); ++r) {
-          const float ds = ps(r, cc) * (dp(r, cc) - delta[r]);
+        for (int r = 0; r < size<0>(dp); ++r) {  // dS = 0 at dropped pairs by select (0 * NaN otherwise)
+          const bool keep = (kept[r] >> cc) & 1u;
+          const float ds = keep ? ps(r, cc) * (dp(r, cc) - delta[r]) : 0.f;
           colsum += ds;
-          dp(r, cc) = ds * cd(r, cc);
+          dp(r, cc) = keep ? ds * cd(r, cc) : 0.f;
         }
         if (has_dbias) {  // column sum over the warp's band: lanes that differ in lane / 4 hold other rows
           colsum += __shfl_xor_sync(0xffffffffu, colsum, 4);
@@ -507,10 +532,18 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
       bwd::store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
     }
-    __syncthreads();  // sP, sdS, sdb complete
+    // Kept bytes [M][64] of a slow chunk, in this stage's dense-mask bytes (every warp has read those by the
+    // extra barrier; the stage is next filled after the next iteration's first barrier).
+    uint8_t* keep_bytes = smask + s * kBlockM * kBlockN;
+    if (slow) {
+      __syncthreads();
+      bwd::store_kept_bytes(keep_bytes, cS, kept);
+    }
+    __syncthreads();  // sP, sdS, sdb (and the kept bytes) complete
 
     // dQ += dS K (registers).
-    gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
+    if (slow) bwd::kept_product_over_keys(acc_dq, cQD, sdS, sK, keep_bytes);
+    else gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
 
     // dbias[key] += column sums of dS over the tile's rows.
     if (has_dbias && tid < kBlockN && ckey[tid] >= 0) {
@@ -531,11 +564,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     {
       Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
       clear(acc_kv);
-      gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      if (slow) bwd::kept_product_over_rows(acc_kv, cKV, sP, sdO, keep_bytes, kBlockM);
+      else gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dv, ckey, 1.f, sfix[1]);
       else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
       clear(acc_kv);
-      gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
+      if (slow) bwd::kept_product_over_rows(acc_kv, cKV, sdS, sQ, keep_bytes, kBlockM);
+      else gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dk, ckey, p.scale, sfix[0]);
       else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
     }
