@@ -17,6 +17,10 @@ bool flash_fwd_sm90_serves(const FwdParams& params);
 // Launches the Hopper forward (one launch per query head of a GQA group); callers check flash_fwd_sm90_serves first.
 cudaError_t launch_flash_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 
+// Recomputes, over their kept keys only, the rows the Hopper forward marked with lse = +inf (an inf or NaN of V
+// reached them through P V); launch_flash_fwd_sm90 runs it after the kernels.
+cudaError_t launch_flash_fwd_exact_rows(const FwdParams& params, cudaStream_t stream);
+
 // How many calls launch_flash_fwd_sm90 has served in this process (tests check the route with it).
 int64_t flash_fwd_sm90_launches();
 

@@ -58,15 +58,18 @@ int64_t flash_fwd_sm90_launches() { return g_launches.load(std::memory_order_rel
 
 cudaError_t launch_flash_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   g_launches.fetch_add(1, std::memory_order_relaxed);
+  cudaError_t err = cudaErrorInvalidValue;
 #define DMATTN_FWD_SM90_CASE(D) \
   case D:                       \
-    return p.is_bf16 ? run_flash_fwd_sm90<D, true>(p, stream) : run_flash_fwd_sm90<D, false>(p, stream);
+    err = p.is_bf16 ? run_flash_fwd_sm90<D, true>(p, stream) : run_flash_fwd_sm90<D, false>(p, stream); \
+    break;
   switch (p.head_dim) {
     DMATTN_FOR_EACH_SM90_HEAD_DIM(DMATTN_FWD_SM90_CASE)
     default:
-      return cudaErrorInvalidValue;
+      break;
   }
 #undef DMATTN_FWD_SM90_CASE
+  return err != cudaSuccess ? err : launch_flash_fwd_exact_rows(p, stream);
 }
 
 }  // namespace dmattn

@@ -58,9 +58,11 @@ struct KeyTiles {
   }
 };
 
-// What turns one launch's QK^T accumulator into logits. A launch covers the query heads
-// h = kv_head * group + group_index of every kv head (flash_fwd_sm90_launch.cuh: one launch per group_index).
-struct Logits {
+// What the consumer step needs beyond the collectives' TMA parameters: the logit rule (scale, softcap, bias). A
+// launch covers the query heads h = kv_head * group + group_index of every kv head (flash_fwd_sm90_launch.cuh: one
+// launch per group_index).
+template <class Element>
+struct Consumer {
   float qk_scale = 1.f;  // scale; with softcap: scale / softcap (the tanh argument)
   float softcap = 0.f;   // 0: off
   const void* bias = nullptr;
@@ -98,11 +100,11 @@ struct FwdMainloop
 
   struct Arguments {
     typename Base::Arguments base;
-    Logits logits;
+    Consumer<Element> consumer;
   };
   struct Params {
     typename Base::Params base;
-    Logits logits;
+    Consumer<Element> consumer;
   };
 
   template <class ProblemShape>
@@ -112,7 +114,7 @@ struct FwdMainloop
 
   template <class ProblemShape>
   static Params to_underlying_arguments(ProblemShape const& problem, Arguments const& args, void* workspace) {
-    return Params{Base::to_underlying_arguments(problem, args.base, workspace), args.logits};
+    return Params{Base::to_underlying_arguments(problem, args.base, workspace), args.consumer};
   }
 
   CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
@@ -142,11 +144,19 @@ struct FwdMainloop
   CUTLASS_DEVICE void reduce(BlkCoord const&, Params const&, ProblemShape const&, PipelineReducer&,
                              PipelineStateReducer&, SharedStorage&) {}
 
+  // The bias of (query row r, key c) of query head qh's batch b, as float (-inf: the key is masked).
+  CUTLASS_DEVICE static float bias_at(Consumer<Element> const& lg, int b, int qh, int r, int c) {
+    const int64_t off = int64_t(b) * lg.bias_batch_stride + int64_t(qh / lg.bias_hdiv) * lg.bias_head_stride +
+                        int64_t(r) * lg.bias_row_stride + int64_t(c) * lg.bias_col_stride;
+    return load_bias(lg.bias, off, lg.bias_dtype);
+  }
+
   // Logits of one QK^T tile in place, in natural units as the backward recomputes them: scale or softcap, bias,
   // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk or (causal) after the
   // row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem.
   template <class Acc, class Coords, class ProblemShape>
-  CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, Logits const& lg, ProblemShape const& problem,
+  CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, Consumer<Element> const& lg,
+                                       ProblemShape const& problem,
                                        int b, int h, bool check_bounds) {
     const int lq = get<2>(problem), lk = get<3>(problem);
     if (lg.softcap > 0.f) {
@@ -158,14 +168,12 @@ struct FwdMainloop
     }
     if (lg.bias != nullptr) {
       const int qh = h * lg.group + lg.group_index;
-      const int64_t base = int64_t(b) * lg.bias_batch_stride + int64_t(qh / lg.bias_hdiv) * lg.bias_head_stride;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) {
         const auto pos = cS(i);
         // Rows past Lq (the partial last query tile) and keys past Lk read an in-range element; the result is
         // never stored (rows) or masked below (keys).
-        const int r = min(int(get<0>(pos)), lq - 1), c = min(int(get<1>(pos)), lk - 1);
-        const float bv = load_bias(lg.bias, base + r * lg.bias_row_stride + c * lg.bias_col_stride, lg.bias_dtype);
+        const float bv = bias_at(lg, b, qh, min(int(get<0>(pos)), lq - 1), min(int(get<1>(pos)), lk - 1));
         acc(i) = bv == -INFINITY ? -INFINITY : acc(i) + bv;
       }
     }
@@ -219,7 +227,7 @@ struct FwdMainloop
     Tensor acc_pv = partition_fragment_C(mma_pv, take<0, 2>(TileShapePV{}));
     Tensor acc_pv_mn = make_tensor(acc_pv.data(), layout_acc_mn(mma_pv, acc_pv.layout()));
     constexpr int kRows = decltype(size<0>(acc_pv_mn))::value;
-    Tensor row_max = make_tensor<float>(Int<kRows>{});  // running max of each row's logits (log2 units)
+    Tensor row_max = make_tensor<float>(Int<kRows>{});  // running max of each row's logits
     Tensor row_sum = make_tensor<float>(Int<kRows>{});  // this thread's part of sum exp2(logit - row_max)
     fill(row_max, -INFINITY);
     fill(row_sum, 0.f);
@@ -246,7 +254,7 @@ struct FwdMainloop
       warpgroup_fence_operand(acc_qk);
       warpgroup_fence_operand(acc_pv);
 
-      to_logits(acc_qk, cS, params.logits, problem, b, h, trip >= unmasked);
+      to_logits(acc_qk, cS, params.consumer, problem, b, h, trip >= unmasked);
 
       // Online softmax, exp2((s - max) * log2 e): subtracting before scaling makes the largest weight exactly 1 at
       // any logit size (the lse then equals the max there, as the backward needs). A row whose logits so far are
@@ -298,22 +306,34 @@ struct FwdMainloop
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_pv);
 
-    // Normalise; lse = row_max + log(sum), -inf for a row without a kept key (sum 0).
+    // Normalise; lse = row_max + log(sum), -inf for a row without a kept key (sum 0). A row whose output is
+    // non-finite while its sum is finite and positive got an inf or NaN of V through P V, where the exact-zero
+    // weights of dropped keys multiply their values too (0 * NaN): its lse is set to +inf, a value no row has
+    // otherwise (an infinite max makes the sum NaN), and launch_flash_fwd_exact_rows recomputes it over its kept
+    // keys only.
     Tensor lse = make_tensor<float>(Int<kRows>{});
     const auto quad_pv = reduction_target_n(mma_pv);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      float sum = row_sum(i);
+    auto quad_reduce = [&](auto x, auto op) {
       for_each(make_seq<decltype(rank(quad_pv))::value>{}, [&](auto r) {
         CUTLASS_PRAGMA_UNROLL
         for (int step = 1; step < shape<r>(quad_pv); step *= 2)
-          sum += __shfl_xor_sync(0xffffffffu, sum, stride<r>(quad_pv) * step);
+          x = op(x, __shfl_xor_sync(0xffffffffu, x, stride<r>(quad_pv) * step));
       });
+      return x;
+    };
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const float sum = quad_reduce(row_sum(i), [](float a, float c) { return a + c; });
       const bool empty = sum == 0.f;
-      lse(i) = empty ? -INFINITY : row_max(i) + logf(sum);
       const float inv = empty ? 0.f : 1.f / sum;
+      int bad = 0;
       CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= inv;
+      for (int j = 0; j < size<1>(acc_pv_mn); ++j) {
+        acc_pv_mn(i, j) *= inv;
+        bad |= !isfinite(acc_pv_mn(i, j));
+      }
+      bad = quad_reduce(bad, [](int a, int c) { return a | c; });
+      lse(i) = empty ? -INFINITY : (bad && isfinite(sum)) ? INFINITY : row_max(i) + logf(sum);
     }
     return make_tuple(acc_pv, lse);
   }
