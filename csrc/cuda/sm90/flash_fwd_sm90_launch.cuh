@@ -3,6 +3,9 @@
 // plain strides (the CUTLASS collectives take one (batch, head) coordinate for Q and K alike).
 #pragma once
 
+#include <atomic>
+#include <cstdint>
+
 #include <cute/tensor.hpp>
 #include <cutlass/bfloat16.h>
 #include <cutlass/device_kernel.h>
@@ -14,6 +17,7 @@
 #include "kernel/fmha_options.hpp"
 #include "cuda/flash_fwd.h"
 #include "cuda/sm90/flash_fwd_sm90.h"
+#include "cuda/smem_limit.cuh"
 #include "cuda/sm90/flash_fwd_sm90_mainloop.cuh"
 
 namespace dmattn::sm90 {
@@ -79,9 +83,8 @@ struct FwdKernel {
 
   static cudaError_t run(const FwdParams& p, cudaStream_t stream) {
     constexpr int kSmem = Kernel::SharedStorageSize;
-    // Per device (the attribute is set in the current device's context); cheap next to the launches.
-    if (const cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
-                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    static std::atomic<uint64_t> smem_configured{0};
+    if (const cudaError_t err = raise_smem_limit_once(cutlass::device_kernel<Kernel>, kSmem, smem_configured);
         err != cudaSuccess)
       return err;
     const int g = p.group;
