@@ -1,8 +1,9 @@
 """The Hopper forward (csrc/cuda/sm90/): calls without a mask on a compute-capability-9.0 GPU.
 
-Every case runs twice, through the default route (the Hopper forward where it serves the call) and with the sm80
-kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80), against the float32 reference; the default route must really reach
-the Hopper forward on such a device (its launch counter moves), and the forced one must not. Covers head dims 64, 128,
+Every case runs three times, through the default route (the Hopper forward serves calls without a bias), with the
+sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80) and with the Hopper forward allowed biased calls too
+(JAX_DMATTN_CUDA_KERNELS=sm90), against the float32 reference; each route must really reach the kernels it names on
+such a device (the Hopper forward's launch counter moves or not). Covers head dims 64, 128,
 256 (and 96, which stays on the sm80 kernels), both dtypes, GQA, Lq != Lk both ways (bottom-right causal, rows with no
 key), odd lengths, softcap and every bias broadcast and dtype, and gradients through the public API (the backward
 reads the Hopper forward's lse).
@@ -41,12 +42,12 @@ def launches():
     return _ffi.extension().sm90_fwd_launches()
 
 
-@pytest.fixture(params=["default", "sm80"])
+@pytest.fixture(params=["default", "sm80", "sm90"])
 def route(request, monkeypatch):
-    if request.param == "sm80":
-        monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", "sm80")
-    else:
+    if request.param == "default":
         monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", request.param)
     return request.param
 
 
@@ -96,7 +97,8 @@ def test_forward_matches_reference(case, route):
     before = launches()
     out, lse = jax.block_until_ready(jax.jit(fn)(q, k, v, bias, None))
     served = launches() > before
-    hopper = route == "default" and hopper_forward_available() and d in (64, 128, 256)
+    hopper = (hopper_forward_available() and d in (64, 128, 256)
+              and (route == "sm90" or (route == "default" and bias is None)))
     assert served == hopper, f"route {route}: the Hopper forward {'did not serve' if hopper else 'served'} the call"
 
     up = lambda x: None if x is None else x.astype(F32)

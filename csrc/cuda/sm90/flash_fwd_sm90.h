@@ -9,9 +9,10 @@
 namespace dmattn {
 
 // Whether the Hopper forward serves this call on this device: built for sm_90a, a compute-capability-9.0 device, no
-// mask (bool, key lists or tile classes), head dim in DMATTN_FOR_EACH_SM90_HEAD_DIM (kernel_facts.h), TMA-compatible
-// strides (unit stride along D, the others 16-byte multiples that fit in 32 bits), and the environment variable
-// JAX_DMATTN_CUDA_KERNELS not set to "sm80" (tests and benchmarks force the sm80 kernels with it).
+// mask (bool, key lists or tile classes), no bias (unless JAX_DMATTN_CUDA_KERNELS=sm90), head dim in
+// DMATTN_FOR_EACH_SM90_HEAD_DIM (kernel_facts.h), TMA-compatible strides (unit stride along D, the others 16-byte
+// multiples that fit in 32 bits), and JAX_DMATTN_CUDA_KERNELS not "sm80" (tests and benchmarks force the sm80
+// kernels with it).
 bool flash_fwd_sm90_serves(const FwdParams& params);
 
 // Launches the Hopper forward (one launch per query head of a GQA group); callers check flash_fwd_sm90_serves first.
