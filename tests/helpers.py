@@ -105,6 +105,17 @@ def assert_close(actual, expected, dtype, kind="out", *, floor=None, tol=None, n
         )
 
 
+def rel_err_same_infinities(a, e):
+    """Norm-wise relative error of a against e over e's finite entries, after asserting that both have the same
+    infinities (position and sign); the denominator is floored for an all-zero e."""
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    fin = np.isfinite(e)
+    assert np.array_equal(np.isfinite(a), fin), "infinities differ"
+    assert np.array_equal(a[~fin], e[~fin]), "infinite values differ"
+    a, e = a[fin], e[fin]
+    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-6 * np.sqrt(max(e.size, 1))))
+
+
 def seed_from(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import cuda_targets_on_gpu
+from helpers import cuda_targets_on_gpu, rel_err_same_infinities as rel_err
 from jax_dmattn import reference
 
 
@@ -25,16 +25,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmatt
                                                   reason="needs a GPU and the CUDA kernels")]
 
 F32 = jnp.float32
-
-
-def rel_err(a, e):
-    a = np.asarray(a, np.float64)
-    e = np.asarray(e, np.float64)
-    fin = np.isfinite(e)
-    assert np.array_equal(np.isfinite(a), fin), "infinities differ"
-    assert np.array_equal(a[~fin], e[~fin]), "infinite values differ"
-    a, e = a[fin], e[fin]
-    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-6 * np.sqrt(max(e.size, 1))))
 
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}

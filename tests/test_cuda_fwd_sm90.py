@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import cuda_targets_on_gpu
+from helpers import cuda_targets_on_gpu, rel_err_same_infinities as rel_err
 from jax_dmattn import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_fwd_cuda"),
@@ -49,15 +49,6 @@ def route(request, monkeypatch):
     else:
         monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", request.param)
     return request.param
-
-
-def rel_err(a, e):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    fin = np.isfinite(e)
-    assert np.array_equal(np.isfinite(a), fin), "infinities differ"
-    assert np.array_equal(a[~fin], e[~fin]), "infinite values differ"
-    a, e = a[fin], e[fin]
-    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-6 * np.sqrt(max(e.size, 1))))
 
 
 def bias_of(key, code, dtype, b, lq, lk, h, hkv):

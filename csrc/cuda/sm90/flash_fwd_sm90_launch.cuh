@@ -93,7 +93,7 @@ struct FwdKernel {
       const Element* q = static_cast<const Element*>(p.q) + gi * p.q_head_stride;
       Element* o = static_cast<Element*>(p.out) + gi * p.o_head_stride;
       float* lse = p.lse + int64_t(gi) * p.q_len;
-      Consumer<Element> lg;
+      Consumer lg;
       lg.qk_scale = p.softcap > 0.f ? p.scale / p.softcap : p.scale;
       lg.softcap = p.softcap;
       lg.bias = p.bias;

@@ -22,8 +22,9 @@ using namespace cute;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Which key tiles a CTA of BlockM query rows visits, in order 0 .. trips - 1: all keys, or with bottom-right causality
-// (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The last `masked` trips need the per-element
-// test (the causal diagonal, the partial last key tile); earlier ones hold keys every row of the CTA sees. Always at
+// (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The trips from the unmasked count on need
+// the per-element test (the causal diagonal, the partial last key tile); earlier ones hold keys every row of the CTA
+// sees. Always at
 // least one trip, so that the pipelines run even for a CTA whose rows see no key (all of it masked). The CUTLASS
 // producer reads get_trip_count through a default-constructed object, so everything comes from the tile coordinate
 // and the problem shape (B, H, Lq, Lk, D).
@@ -50,18 +51,11 @@ struct KeyTiles {
     }
     return min(full, get_trip_count(blk, tile, problem));
   }
-
-  template <class BlkCoord, class TileShape, class ProblemShape>
-  CUTLASS_DEVICE int get_masked_trip_count(BlkCoord const& blk, TileShape const& tile,
-                                           ProblemShape const& problem) const {
-    return get_trip_count(blk, tile, problem) - get_unmasked_trip_count(blk, tile, problem);
-  }
 };
 
 // What the consumer step needs beyond the collectives' TMA parameters: the logit rule (scale, softcap, bias). A
 // launch covers the query heads h = kv_head * group + group_index of every kv head (flash_fwd_sm90_launch.cuh: one
 // launch per group_index).
-template <class Element>
 struct Consumer {
   float qk_scale = 1.f;  // scale; with softcap: scale / softcap (the tanh argument)
   float softcap = 0.f;   // 0: off
@@ -100,11 +94,11 @@ struct FwdMainloop
 
   struct Arguments {
     typename Base::Arguments base;
-    Consumer<Element> consumer;
+    Consumer consumer;
   };
   struct Params {
     typename Base::Params base;
-    Consumer<Element> consumer;
+    Consumer consumer;
   };
 
   template <class ProblemShape>
@@ -145,7 +139,7 @@ struct FwdMainloop
                              PipelineStateReducer&, SharedStorage&) {}
 
   // The bias of (query row r, key c) of query head qh's batch b, as float (-inf: the key is masked).
-  CUTLASS_DEVICE static float bias_at(Consumer<Element> const& lg, int b, int qh, int r, int c) {
+  CUTLASS_DEVICE static float bias_at(Consumer const& lg, int b, int qh, int r, int c) {
     const int64_t off = int64_t(b) * lg.bias_batch_stride + int64_t(qh / lg.bias_hdiv) * lg.bias_head_stride +
                         int64_t(r) * lg.bias_row_stride + int64_t(c) * lg.bias_col_stride;
     return load_bias(lg.bias, off, lg.bias_dtype);
@@ -155,7 +149,7 @@ struct FwdMainloop
   // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk or (causal) after the
   // row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem.
   template <class Acc, class Coords, class ProblemShape>
-  CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, Consumer<Element> const& lg,
+  CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, Consumer const& lg,
                                        ProblemShape const& problem,
                                        int b, int h, bool check_bounds) {
     const int lq = get<2>(problem), lk = get<3>(problem);
