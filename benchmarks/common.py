@@ -20,8 +20,9 @@ A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has n
 
 Impls: jax_dmattn (jax_dmattn.attention, implementation as given, default "cuda"), jax_dmattn_det (the same with
 deterministic=True; not the forward), jax_dmattn_sm80 (the same with the sm80 kernels forced on every device:
-JAX_DMATTN_CUDA_KERNELS=sm80 while the row runs, to compare with the Hopper forward in one run), jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the
-tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
+JAX_DMATTN_CUDA_KERNELS=sm80 while the row runs, to compare with the Hopper forward in one run), jax_dmattn_sm90
+(the Hopper forward allowed every bias: JAX_DMATTN_CUDA_KERNELS=sm90; forward rows on sm_90 only matter),
+jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
 cuDNN, bias and mask folded into one additive [B, H, L, L] bias; a TopKMask is expanded to its bool mask by
 jax_dmattn.topk_mask before timing, as the other cases' masks are built before timing), cudnn_nobias (the flash
 ceiling: no bias, no mask, causal; any L), reference (jax_dmattn's pure-jnp reference). A row that would not fit
@@ -76,7 +77,7 @@ CASES = {
 # What bench_attention.py runs by default: the GPU cases (cpu_standard is bench_cpu.py's).
 GPU_CASES = tuple(name for name in CASES if name != "cpu_standard")
 DEFAULT_LENGTHS = (1024, 4096, 16384, 32768)
-IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_sm80", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias",
+IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_sm80", "jax_dmattn_sm90", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias",
          "reference")
 PASSES = ("fwd", "fwd+bwd", "bwd")
 PASS_FLOPS = {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}  # multiples of the causal forward count
@@ -142,7 +143,7 @@ def impl_fn(impl, case, implementation="cuda"):
     c = CASES[case]
     g = c["h"] // c["hkv"]
 
-    if impl in ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_sm80"):
+    if impl in ("jax_dmattn", "jax_dmattn_det") + tuple(FORCED_KERNELS):
         def f(q, k, v, bias, mask):
             return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True,
                                         implementation=implementation, deterministic=impl == "jax_dmattn_det")
@@ -214,14 +215,18 @@ def nbytes(tree):
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+# The rows that force a set of kernels through JAX_DMATTN_CUDA_KERNELS (the handlers read it at every run).
+FORCED_KERNELS = {"jax_dmattn_sm80": "sm80", "jax_dmattn_sm90": "sm90"}
+
+
 @contextlib.contextmanager
 def kernels_forced(impl):
-    """JAX_DMATTN_CUDA_KERNELS=sm80 for a jax_dmattn_sm80 row (the handlers read it at every run)."""
-    if impl != "jax_dmattn_sm80":
+    """JAX_DMATTN_CUDA_KERNELS set as FORCED_KERNELS says for the row's impl, for the duration of the row."""
+    if impl not in FORCED_KERNELS:
         yield
         return
     old = os.environ.get("JAX_DMATTN_CUDA_KERNELS")
-    os.environ["JAX_DMATTN_CUDA_KERNELS"] = "sm80"
+    os.environ["JAX_DMATTN_CUDA_KERNELS"] = FORCED_KERNELS[impl]
     try:
         yield
     finally:
@@ -252,7 +257,7 @@ def not_applicable(case, impl, pas):
         return True  # forward only, and the tile pre-pass reads a bool mask
     if impl == "cudnn_bias" and CASES[case].get("bias", "per_key") is None:
         return True  # nothing to fold: cudnn_nobias is the row
-    if pas == "bwd" and impl == "jax_dmattn_sm80":
+    if pas == "bwd" and impl in FORCED_KERNELS:
         return True  # the backward has one set of kernels
     if pas == "bwd" and impl not in ("jax_dmattn", "jax_dmattn_det"):
         return True  # the backward alone is timed for our kernels only

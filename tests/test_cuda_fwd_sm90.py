@@ -1,8 +1,8 @@
 """The Hopper forward (csrc/cuda/sm90/): calls without a mask on a compute-capability-9.0 GPU.
 
-Every case runs three times, through the default route (the Hopper forward serves calls without a bias), with the
-sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80) and with the Hopper forward allowed biased calls too
-(JAX_DMATTN_CUDA_KERNELS=sm90), against the float32 reference; each route must really reach the kernels it names on
+Every case runs three times, through the default route (the Hopper forward serves calls without a bias or with a
+bias constant along query rows), with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80) and with the Hopper
+forward allowed every bias (JAX_DMATTN_CUDA_KERNELS=sm90), against the float32 reference; each route must really reach the kernels it names on
 such a device (the Hopper forward's launch counter moves or not). Covers head dims 64, 128,
 256 (and 96, which stays on the sm80 kernels), both dtypes, GQA, Lq != Lk both ways (bottom-right causal, rows with no
 key), odd lengths, softcap and every bias broadcast and dtype, and gradients through the public API (the backward
@@ -68,6 +68,8 @@ CASES = [
     (1, 128, 512, 4, 2, 64, jnp.bfloat16, False, 30.0, ("BK1N", jnp.bfloat16)),   # softcap
     (1, 64, 64, 2, 1, 128, jnp.float16, True, 5.0, ("11MN", jnp.bfloat16)),
     (3, 1, 700, 4, 2, 128, jnp.bfloat16, True, 0.0, ("BK1N", jnp.bfloat16)),     # one query row (decode)
+    (2, 200, 333, 8, 2, 64, jnp.float16, True, 0.0, ("1H1N", jnp.float16)),      # per-key bias per query head
+    (1, 260, 1000, 2, 1, 256, jnp.bfloat16, True, 0.0, ("111N", jnp.float32)),   # one f32 bias row for all heads
     (1, 513, 1, 2, 2, 64, jnp.bfloat16, False, 0.0, None),                       # one key
     (2, 190, 260, 4, 2, 96, jnp.bfloat16, True, 0.0, ("BK1N", jnp.bfloat16)),    # D = 96: sm80 kernels everywhere
 ]
@@ -88,8 +90,9 @@ def test_forward_matches_reference(case, route):
     before = launches()
     out, lse = jax.block_until_ready(jax.jit(fn)(q, k, v, bias, None))
     served = launches() > before
+    per_key_bias = bias is not None and bias_spec[0][2] == "1"  # one value per key: staged per key tile
     hopper = (hopper_forward_available() and d in (64, 128, 256)
-              and (route == "sm90" or (route == "default" and bias is None)))
+              and (route == "sm90" or (route == "default" and (bias is None or per_key_bias))))
     assert served == hopper, f"route {route}: the Hopper forward {'did not serve' if hopper else 'served'} the call"
 
     up = lambda x: None if x is None else x.astype(F32)

@@ -44,10 +44,10 @@ bool sm90_head_dim(int d) {
 
 bool flash_fwd_sm90_serves(const FwdParams& p) {
   if (p.mask != nullptr || p.key_lists != nullptr || p.classes != nullptr || !sm90_head_dim(p.head_dim)) return false;
-  // Its bias is read per element from global memory in the consumer warpgroups, which measured slower than the
-  // sm80 kernels' shared-memory staging (H200, bias_only 16K fwd: 8.83 against 7.67 ms), so biased calls stay on
-  // the sm80 kernels unless JAX_DMATTN_CUDA_KERNELS=sm90 asks for it.
-  if (p.bias != nullptr && !kernels_forced("sm90")) return false;
+  // A bias constant along query rows (the per-key bias) is staged per key tile in shared memory; any other bias is
+  // read per element from global memory, and those calls stay on the sm80 kernels (bias tiles staged in shared
+  // memory) unless JAX_DMATTN_CUDA_KERNELS=sm90 asks for the Hopper forward.
+  if (p.bias != nullptr && p.bias_row_stride != 0 && !kernels_forced("sm90")) return false;
   if (p.q_len == 0 || p.kv_len == 0 || p.lse == nullptr) return false;
   const int64_t g = p.group;
   for (int64_t s : {p.q_row_stride, p.q_batch_stride, p.q_head_stride * g, p.k_row_stride, p.k_batch_stride,

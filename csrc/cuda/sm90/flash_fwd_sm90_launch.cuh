@@ -80,6 +80,9 @@ struct FwdKernel {
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<Element, float, typename Mainloop::TileShapePV>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Mainloop, Epilogue, ReverseQueryTiles>;
   using Stride = cute::tuple<int, _1, cute::tuple<int, int>>;
+  // The kernel overlays the epilogue's output tiles on the mainloop's storage; our staged bias lies past the base's.
+  static_assert(sizeof(typename Epilogue::TensorStorage) * Mainloop::NumMmaWarpGroups <=
+                sizeof(typename Mainloop::Base::SharedStorage));
 
   static cudaError_t run(const FwdParams& p, cudaStream_t stream) {
     constexpr int kSmem = Kernel::SharedStorageSize;

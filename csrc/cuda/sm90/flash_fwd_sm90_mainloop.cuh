@@ -4,11 +4,13 @@
 // memory ring (one producer warp), their warp-specialised kernel (two consumer warpgroups of 64 query rows each, with
 // register reallocation) and their epilogue (O through shared memory and a TMA store, the LSE per row). What this
 // file adds is the consumer's compute step, because the logits are ours: scale and softcap as the other kernels do,
-// the bias added in-register from global memory (any broadcast: strides), bottom-right causal, rows with no key
-// (out 0, lse -inf) and the natural-log LSE the backward reads. docs/cuda_kernels.md describes the pipeline.
+// the bias (any broadcast: strides; a bias constant along query rows, the paper's per-key bias, staged per key tile
+// in shared memory, any other read per element), bottom-right causal, rows with no key (out 0, lse -inf) and the
+// natural-log LSE the backward reads. docs/cuda_kernels.md describes the pipeline.
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
 
 #include "collective/fmha_collective_tma_warpspecialized.hpp"
@@ -82,7 +84,6 @@ struct FwdMainloop
   using typename Base::MainloopPipelineQ;
   using typename Base::PipelineState;
   using typename Base::PipelineStateQ;
-  using typename Base::SharedStorage;
   using typename Base::SmemLayoutK;
   using typename Base::SmemLayoutQ;
   using typename Base::SmemLayoutV;
@@ -91,6 +92,17 @@ struct FwdMainloop
   using typename Base::TileShape;
   using typename Base::TileShapePV;
   using typename Base::TileShapeQK;
+
+  static constexpr int kBlockN = get<1>(TileShape{});
+  static constexpr int kWarpGroupThreads = cutlass::NumThreadsPerWarpGroup;
+  static_assert(kBlockN <= kWarpGroupThreads, "one staged bias value per consumer thread and key tile");
+
+  // The base's Q and K / V tiles, then each consumer warpgroup's per-key bias of two key tiles (the one its logits
+  // read and the next one its threads write). It lies past the base's storage, so the epilogue's output tiles, which
+  // the kernel overlays on the mainloop's storage, never reach it.
+  struct SharedStorage : Base::SharedStorage {
+    alignas(16) float key_bias[Base::NumMmaWarpGroups][2][kBlockN];
+  };
 
   struct Arguments {
     typename Base::Arguments base;
@@ -138,20 +150,19 @@ struct FwdMainloop
   CUTLASS_DEVICE void reduce(BlkCoord const&, Params const&, ProblemShape const&, PipelineReducer&,
                              PipelineStateReducer&, SharedStorage&) {}
 
-  // The bias of (query row r, key c) of query head qh's batch b, as float (-inf: the key is masked).
-  CUTLASS_DEVICE static float bias_at(Consumer const& lg, int b, int qh, int r, int c) {
-    const int64_t off = int64_t(b) * lg.bias_batch_stride + int64_t(qh / lg.bias_hdiv) * lg.bias_head_stride +
-                        int64_t(r) * lg.bias_row_stride + int64_t(c) * lg.bias_col_stride;
-    return load_bias(lg.bias, off, lg.bias_dtype);
+  CUTLASS_DEVICE static float add_bias(float logit, float bias) {
+    return bias == -INFINITY ? -INFINITY : logit + bias;  // -inf masks the key even where q.k is inf or NaN
   }
 
   // Logits of one QK^T tile in place, in natural units as the backward recomputes them: scale or softcap, bias,
   // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk or (causal) after the
-  // row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem.
-  template <class Acc, class Coords, class ProblemShape>
-  CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, Consumer const& lg,
-                                       ProblemShape const& problem,
-                                       int b, int h, bool check_bounds) {
+  // row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem, `cT` its (row, key) in the
+  // tile. `staged`: this tile's per-key bias in shared memory when the bias is constant along rows, else null and a
+  // bias is read per element from global memory at `bias_base` (the batch and head offset) plus row and key strides.
+  template <class Acc, class Coords, class TileCoords, class ProblemShape>
+  CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, TileCoords const& cT, const float* staged,
+                                       int64_t bias_base, Consumer const& lg, ProblemShape const& problem,
+                                       bool check_bounds) {
     const int lq = get<2>(problem), lk = get<3>(problem);
     if (lg.softcap > 0.f) {
       CUTLASS_PRAGMA_UNROLL
@@ -160,16 +171,24 @@ struct FwdMainloop
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale;
     }
-    if (lg.bias != nullptr) {
-      const int qh = h * lg.group + lg.group_index;
+    if (staged != nullptr) {
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(acc); ++i) {
-        const auto pos = cS(i);
-        // Rows past Lq (the partial last query tile) and keys past Lk read an in-range element; the result is
-        // never stored (rows) or masked below (keys).
-        const float bv = bias_at(lg, b, qh, min(int(get<0>(pos)), lq - 1), min(int(get<1>(pos)), lk - 1));
-        acc(i) = bv == -INFINITY ? -INFINITY : acc(i) + bv;
-      }
+      for (int i = 0; i < size(acc); ++i) acc(i) = add_bias(acc(i), staged[int(get<1>(cT(i)))]);
+    } else if (lg.bias != nullptr) {
+      // One dtype dispatch per tile. Rows past Lq (the partial last query tile) and keys past Lk read an in-range
+      // element; the result is never stored (rows) or masked below (keys).
+      auto add_tile = [&](auto dtype) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(acc); ++i) {
+          const auto pos = cS(i);
+          const int64_t off = bias_base + int64_t(min(int(get<0>(pos)), lq - 1)) * lg.bias_row_stride +
+                              int64_t(min(int(get<1>(pos)), lk - 1)) * lg.bias_col_stride;
+          acc(i) = add_bias(acc(i), load_bias<decltype(dtype)::value>(lg.bias, off));
+        }
+      };
+      if (lg.bias_dtype == DType::kBF16) add_tile(std::integral_constant<DType, DType::kBF16>{});
+      else if (lg.bias_dtype == DType::kF16) add_tile(std::integral_constant<DType, DType::kF16>{});
+      else add_tile(std::integral_constant<DType, DType::kF32>{});
     }
     if (check_bounds) {
       CUTLASS_PRAGMA_UNROLL
@@ -213,10 +232,33 @@ struct FwdMainloop
     const int trips = key_tiles.get_trip_count(blk_coord, TileShape{}, problem);
     const int unmasked = key_tiles.get_unmasked_trip_count(blk_coord, TileShape{}, problem);
     const int b = get<0>(get<2>(blk_coord)), h = get<1>(get<2>(blk_coord));
+    const int wg = int(get<0>(wg_coord));
 
-    // (row, key) of each accumulator element: this warpgroup's 64 rows, advanced by BlockN keys per trip.
+    // (row, key) of each accumulator element within the tile, and in the problem: this warpgroup's 64 rows,
+    // advanced by BlockN keys per trip.
+    Tensor cT = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
     Tensor cS = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
-    cS.data() = cS.data() + E<0>{} * (int(get<0>(wg_coord)) * get<0>(TileShapeQK{}));
+    cS.data() = cS.data() + E<0>{} * (wg * get<0>(TileShapeQK{}));
+
+    // The bias's batch and head offset. A bias constant along rows (row stride 0: one value per key) is staged per
+    // key tile: thread t of the warpgroup loads key t of the next tile one trip ahead (its latency hides behind this
+    // trip's QK^T), stores it into the buffer of that tile's parity, and a warpgroup barrier publishes the tile
+    // before the logits read it. Two buffers: a thread writes tile n + 2 only after the barrier of tile n + 1, which
+    // every thread reaches after it read tile n.
+    Consumer const& lg = params.consumer;
+    const int64_t bias_base = lg.bias == nullptr ? 0
+                                                 : int64_t(b) * lg.bias_batch_stride +
+                                                       int64_t((h * lg.group + lg.group_index) / lg.bias_hdiv) *
+                                                           lg.bias_head_stride;
+    const bool key_bias = lg.bias != nullptr && lg.bias_row_stride == 0;
+    const int stage_key = thread_idx % kWarpGroupThreads;
+    const bool stages = key_bias && stage_key < kBlockN;
+    const int lk = get<3>(problem);
+    auto load_key_bias = [&](int trip) {
+      const int key = min(trip * kBlockN + stage_key, lk - 1);  // keys past Lk are masked in to_logits
+      return load_bias(lg.bias, bias_base + int64_t(key) * lg.bias_col_stride, lg.bias_dtype);
+    };
+    float next_key_bias = stages ? load_key_bias(0) : 0.f;
 
     Tensor acc_pv = partition_fragment_C(mma_pv, take<0, 2>(TileShapePV{}));
     Tensor acc_pv_mn = make_tensor(acc_pv.data(), layout_acc_mn(mma_pv, acc_pv.layout()));
@@ -242,13 +284,19 @@ struct FwdMainloop
       gemm_zero_acc(mma_qk, tSrQ(_, _, _, q_stage), tSrK(_, _, _, smem_pipe_read.index()), acc_qk);
       warpgroup_commit_batch();
       if (trip == 0) math_wg_order_barrier.arrive();
+      float* staged = key_bias ? storage.key_bias[wg][trip & 1] : nullptr;
+      if (stages) {
+        staged[stage_key] = next_key_bias;
+        if (trip + 1 < trips) next_key_bias = load_key_bias(trip + 1);
+      }
       ++smem_pipe_read;
       auto v_token = pipeline.consumer_try_wait(smem_pipe_read);
       warpgroup_wait<0>();  // this QK^T, and the previous trip's PV before acc_pv is rescaled
       warpgroup_fence_operand(acc_qk);
       warpgroup_fence_operand(acc_pv);
+      if (key_bias) cutlass::arch::NamedBarrier::arrive_and_wait(kWarpGroupThreads, wg);
 
-      to_logits(acc_qk, cS, params.consumer, problem, b, h, trip >= unmasked);
+      to_logits(acc_qk, cS, cT, staged, bias_base, lg, problem, trip >= unmasked);
 
       // Online softmax, exp2((s - max) * log2 e): subtracting before scaling makes the largest weight exactly 1 at
       // any logit size (the lse then equals the max there, as the backward needs). A row whose logits so far are
