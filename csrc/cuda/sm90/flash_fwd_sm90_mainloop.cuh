@@ -232,13 +232,14 @@ struct FwdMainloop
     const int trips = key_tiles.get_trip_count(blk_coord, TileShape{}, problem);
     const int unmasked = key_tiles.get_unmasked_trip_count(blk_coord, TileShape{}, problem);
     const int b = get<0>(get<2>(blk_coord)), h = get<1>(get<2>(blk_coord));
-    const int wg = int(get<0>(wg_coord));
+    // The kernel numbers the warpgroups' 64-row tiles across the problem: tile NumMmaWarpGroups * (CTA tile) + wg.
+    const int wg_tile = int(get<0>(wg_coord)), wg = wg_tile % Base::NumMmaWarpGroups;
 
     // (row, key) of each accumulator element within the tile, and in the problem: this warpgroup's 64 rows,
     // advanced by BlockN keys per trip.
     Tensor cT = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
     Tensor cS = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
-    cS.data() = cS.data() + E<0>{} * (wg * get<0>(TileShapeQK{}));
+    cS.data() = cS.data() + E<0>{} * (wg_tile * get<0>(TileShapeQK{}));
 
     // The bias's batch and head offset. A bias constant along rows (row stride 0: one value per key) is staged per
     // key tile: thread t of the warpgroup loads key t of the next tile one trip ahead (its latency hides behind this
