@@ -20,8 +20,7 @@ bool current_device_is_sm90() {
   return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
 }
 
-// JAX_DMATTN_CUDA_KERNELS: "sm80" forces the sm80 kernels; "sm90" lets the Hopper forward serve biased calls too
-// (tests and benchmarks; by default it serves calls without a bias: see flash_fwd_sm90_serves).
+// JAX_DMATTN_CUDA_KERNELS=sm80 forces the sm80 kernels (tests and benchmarks compare the two routes with it).
 bool kernels_forced(const char* which) {
   const char* v = std::getenv("JAX_DMATTN_CUDA_KERNELS");
   return v != nullptr && std::strcmp(v, which) == 0;
@@ -44,10 +43,6 @@ bool sm90_head_dim(int d) {
 
 bool flash_fwd_sm90_serves(const FwdParams& p) {
   if (p.mask != nullptr || p.key_lists != nullptr || p.classes != nullptr || !sm90_head_dim(p.head_dim)) return false;
-  // A bias constant along query rows (the per-key bias) is staged per key tile in shared memory; any other bias is
-  // read per element from global memory, and those calls stay on the sm80 kernels (bias tiles staged in shared
-  // memory) unless JAX_DMATTN_CUDA_KERNELS=sm90 asks for the Hopper forward.
-  if (p.bias != nullptr && p.bias_row_stride != 0 && !kernels_forced("sm90")) return false;
   if (p.q_len == 0 || p.kv_len == 0 || p.lse == nullptr) return false;
   const int64_t g = p.group;
   for (int64_t s : {p.q_row_stride, p.q_batch_stride, p.q_head_stride * g, p.k_row_stride, p.k_batch_stride,
