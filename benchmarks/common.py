@@ -20,9 +20,7 @@ A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has n
 
 Impls: jax_dmattn (jax_dmattn.attention, implementation as given, default "cuda"), jax_dmattn_det (the same with
 deterministic=True; not the forward), jax_dmattn_sm80 (the same with the sm80 kernels forced on every device:
-JAX_DMATTN_CUDA_KERNELS=sm80 while the row runs, to compare with the Hopper forward in one run), jax_dmattn_sm90
-(the Hopper forward allowed every bias: JAX_DMATTN_CUDA_KERNELS=sm90; forward rows on sm_90 only matter),
-jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
+JAX_DMATTN_CUDA_KERNELS=sm80 while the row runs, to compare with the Hopper forward in one run), jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
 cuDNN, bias and mask folded into one additive [B, H, L, L] bias; a TopKMask is expanded to its bool mask by
 jax_dmattn.topk_mask before timing, as the other cases' masks are built before timing), cudnn_nobias (the flash
 ceiling: no bias, no mask, causal; any L), reference (jax_dmattn's pure-jnp reference). A row that would not fit
@@ -77,7 +75,7 @@ CASES = {
 # What bench_attention.py runs by default: the GPU cases (cpu_standard is bench_cpu.py's).
 GPU_CASES = tuple(name for name in CASES if name != "cpu_standard")
 DEFAULT_LENGTHS = (1024, 4096, 16384, 32768)
-IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_sm80", "jax_dmattn_sm90", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias",
+IMPLS = ("jax_dmattn", "jax_dmattn_det", "jax_dmattn_sm80", "jax_dmattn_tiles", "cudnn_bias", "cudnn_nobias",
          "reference")
 PASSES = ("fwd", "fwd+bwd", "bwd")
 PASS_FLOPS = {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}  # multiples of the causal forward count
@@ -216,7 +214,7 @@ def nbytes(tree):
 
 
 # The rows that force a set of kernels through JAX_DMATTN_CUDA_KERNELS (the handlers read it at every run).
-FORCED_KERNELS = {"jax_dmattn_sm80": "sm80", "jax_dmattn_sm90": "sm90"}
+FORCED_KERNELS = {"jax_dmattn_sm80": "sm80"}
 
 
 @contextlib.contextmanager
