@@ -157,7 +157,9 @@ def impl_fn(impl, case, implementation="cuda"):
     elif impl == "cudnn_bias":
         def f(q, k, v, bias, mask):
             folded = bias if mask is None else jnp.where(mask, bias, jnp.asarray(-1e9, bias.dtype))
-            folded = jnp.repeat(folded, g, axis=1)  # cuDNN wants the query-head count
+            # cuDNN wants the query-head count and a full [Lq, Lk] bias (it refuses a per-key bias [B, H, 1, L]).
+            folded = jnp.broadcast_to(folded, folded.shape[:2] + (q.shape[1], k.shape[1]))
+            folded = jnp.repeat(folded, g, axis=1)
             return jax.nn.dot_product_attention(q, k, v, bias=folded, is_causal=True, implementation="cudnn")
     elif impl == "cudnn_nobias":
         def f(q, k, v, bias, mask):
