@@ -21,9 +21,9 @@ bool current_device_is_sm90() {
 }
 
 // JAX_DMATTN_CUDA_KERNELS=sm80 forces the sm80 kernels (tests and benchmarks compare the two routes with it).
-bool kernels_forced(const char* which) {
+bool sm80_kernels_forced() {
   const char* v = std::getenv("JAX_DMATTN_CUDA_KERNELS");
-  return v != nullptr && std::strcmp(v, which) == 0;
+  return v != nullptr && std::strcmp(v, "sm80") == 0;
 }
 
 // A TMA global stride (elements of 2 bytes): a 16-byte multiple, and an int for the CuTe strides.
@@ -52,7 +52,7 @@ bool flash_fwd_sm90_serves(const FwdParams& p) {
   if (int64_t(p.heads) * p.q_len > INT_MAX) return false;  // the LSE's batch stride
   if (!tma_base(p.q) || !tma_base(p.k) || !tma_base(p.v) || !tma_base(p.out)) return false;
   // Per call: the device can change between calls of one process.
-  return !kernels_forced("sm80") && current_device_is_sm90();
+  return !sm80_kernels_forced() && current_device_is_sm90();
 }
 
 int64_t flash_fwd_sm90_launches() { return g_launches.load(std::memory_order_relaxed); }
