@@ -227,19 +227,25 @@ __device__ __forceinline__ void store_kept_bytes(uint8_t* keep, CS const& cS, co
   }
 }
 
+// The two products below run columns outside and rows / keys inside (a loop kept rolled): each column's shared-memory
+// address is live for one inner loop only. The other order lets the compiler hoist every column's swizzled address
+// out of the inner loop, which pushed the kernels with 128-row tiles into spilling on the fast path too.
+
 // acc(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] (dV: A = P, B = dO; dK: A = dS, B = Q); rows i < rows.
 template <class Acc, class CAcc, class SA, class SB>
 __device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
                                                        const uint8_t* keep, int rows) {
   Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
-  for (int i = 0; i < rows; ++i) {
-    CUTE_UNROLL
-    for (int r = 0; r < size<0>(a); ++r) {
-      const int j = get<0>(cAcc(r, 0));
-      if (!keep[i * 64 + j]) continue;
-      const float w = static_cast<float>(sA(i, j));
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(a); ++c) {
+    const int d = get<1>(cAcc(0, c));
+#pragma unroll 1
+    for (int i = 0; i < rows; ++i) {
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(a); ++c) a(r, c) += w * static_cast<float>(sB(i, get<1>(cAcc(0, c))));
+      for (int r = 0; r < size<0>(a); ++r) {
+        const int j = get<0>(cAcc(r, 0));
+        if (keep[i * 64 + j]) a(r, c) += static_cast<float>(sA(i, j)) * static_cast<float>(sB(i, d));
+      }
     }
   }
 }
@@ -249,14 +255,16 @@ template <class Acc, class CAcc, class SA, class SB>
 __device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
                                                        const uint8_t* keep) {
   Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
-  for (int j = 0; j < 64; ++j) {
-    CUTE_UNROLL
-    for (int r = 0; r < size<0>(a); ++r) {
-      const int i = get<0>(cAcc(r, 0));
-      if (!keep[i * 64 + j]) continue;
-      const float w = static_cast<float>(sA(i, j));
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(a); ++c) {
+    const int d = get<1>(cAcc(0, c));
+#pragma unroll 1
+    for (int j = 0; j < 64; ++j) {
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(a); ++c) a(r, c) += w * static_cast<float>(sB(j, get<1>(cAcc(0, c))));
+      for (int r = 0; r < size<0>(a); ++r) {
+        const int i = get<0>(cAcc(r, 0));
+        if (keep[i * 64 + j]) a(r, c) += static_cast<float>(sA(i, j)) * static_cast<float>(sB(j, d));
+      }
     }
   }
 }
