@@ -227,15 +227,17 @@ __device__ __forceinline__ void store_kept_bytes(uint8_t* keep, CS const& cS, co
   }
 }
 
-// The two products below run columns outside and rows / keys inside (a loop kept rolled): each column's shared-memory
-// address is live for one inner loop only. The other order lets the compiler hoist every column's swizzled address
-// out of the inner loop, which pushed the kernels with 128-row tiles into spilling on the fast path too.
+// The two products below are out-of-line calls (__noinline__) on a local copy of the accumulator fragment: their
+// loops then take no registers from the kernel body, where the key-list kernel with 128-row tiles sits at the
+// register limit and spilled on its MMA path while the scalar loops were inlined. The copies and the call cost
+// only tiles that take this path. Inside, columns run outside and rows / keys inside, so that each column's
+// shared-memory address is live for one inner loop.
 
-// acc(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] (dV: A = P, B = dO; dK: A = dS, B = Q); rows i < rows.
-template <class Acc, class CAcc, class SA, class SB>
-__device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
-                                                       const uint8_t* keep, int rows) {
-  Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
+// a(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] on the fragment `acc` of layout AccLayout; rows i < rows.
+template <class AccLayout, class CAcc, class SA, class SB>
+__device__ __noinline__ void kept_product_over_rows_out_of_line(float* acc, CAcc cAcc, SA sA, SB sB,
+                                                                const uint8_t* keep, int rows) {
+  Tensor a = make_tensor(acc, rowcol_layout(AccLayout{}));
   CUTE_UNROLL
   for (int c = 0; c < size<1>(a); ++c) {
     const int d = get<1>(cAcc(0, c));
@@ -250,11 +252,11 @@ __device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAc
   }
 }
 
-// acc(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] (dQ: A = dS, B = K); keys j < 64.
-template <class Acc, class CAcc, class SA, class SB>
-__device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
-                                                       const uint8_t* keep) {
-  Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
+// a(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] on the fragment `acc` of layout AccLayout; keys j < 64.
+template <class AccLayout, class CAcc, class SA, class SB>
+__device__ __noinline__ void kept_product_over_keys_out_of_line(float* acc, CAcc cAcc, SA sA, SB sB,
+                                                                const uint8_t* keep) {
+  Tensor a = make_tensor(acc, rowcol_layout(AccLayout{}));
   CUTE_UNROLL
   for (int c = 0; c < size<1>(a); ++c) {
     const int d = get<1>(cAcc(0, c));
@@ -267,6 +269,30 @@ __device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAc
       }
     }
   }
+}
+
+// acc(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] (dV: A = P, B = dO; dK: A = dS, B = Q); rows i < rows.
+template <class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                                       const uint8_t* keep, int rows) {
+  float local[decltype(size(acc))::value];
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) local[i] = acc(i);
+  kept_product_over_rows_out_of_line<std::decay_t<decltype(acc.layout())>>(local, cAcc, sA, sB, keep, rows);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) acc(i) = local[i];
+}
+
+// acc(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] (dQ: A = dS, B = K); keys j < 64.
+template <class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                                       const uint8_t* keep) {
+  float local[decltype(size(acc))::value];
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) local[i] = acc(i);
+  kept_product_over_keys_out_of_line<std::decay_t<decltype(acc.layout())>>(local, cAcc, sA, sB, keep);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) acc(i) = local[i];
 }
 
 // ---------------------------------------------------------------------------------------------- main kernel
