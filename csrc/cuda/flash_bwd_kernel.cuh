@@ -227,17 +227,14 @@ __device__ __forceinline__ void store_kept_bytes(uint8_t* keep, CS const& cS, co
   }
 }
 
-// The two products below are out-of-line calls (__noinline__) on a local copy of the accumulator fragment: their
-// loops then take no registers from the kernel body, where the key-list kernel with 128-row tiles sits at the
-// register limit and spilled on its MMA path while the scalar loops were inlined. The copies and the call cost
-// only tiles that take this path. Inside, columns run outside and rows / keys inside, so that each column's
-// shared-memory address is live for one inner loop.
+// Both products run columns outside and rows / keys inside, so that each column's shared-memory address is live
+// for one inner loop (in the other order the compiler hoists every column's swizzled address out of it).
 
-// a(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] on the fragment `acc` of layout AccLayout; rows i < rows.
-template <class AccLayout, class CAcc, class SA, class SB>
-__device__ __noinline__ void kept_product_over_rows_out_of_line(float* acc, CAcc cAcc, SA sA, SB sB,
-                                                                const uint8_t* keep, int rows) {
-  Tensor a = make_tensor(acc, rowcol_layout(AccLayout{}));
+// acc(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] (dV: A = P, B = dO; dK: A = dS, B = Q); rows i < rows.
+template <class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                                       const uint8_t* keep, int rows) {
+  Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
   CUTE_UNROLL
   for (int c = 0; c < size<1>(a); ++c) {
     const int d = get<1>(cAcc(0, c));
@@ -252,11 +249,11 @@ __device__ __noinline__ void kept_product_over_rows_out_of_line(float* acc, CAcc
   }
 }
 
-// a(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] on the fragment `acc` of layout AccLayout; keys j < 64.
-template <class AccLayout, class CAcc, class SA, class SB>
-__device__ __noinline__ void kept_product_over_keys_out_of_line(float* acc, CAcc cAcc, SA sA, SB sB,
-                                                                const uint8_t* keep) {
-  Tensor a = make_tensor(acc, rowcol_layout(AccLayout{}));
+// acc(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] (dQ: A = dS, B = K); keys j < 64.
+template <class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                                       const uint8_t* keep) {
+  Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
   CUTE_UNROLL
   for (int c = 0; c < size<1>(a); ++c) {
     const int d = get<1>(cAcc(0, c));
@@ -271,26 +268,30 @@ __device__ __noinline__ void kept_product_over_keys_out_of_line(float* acc, CAcc
   }
 }
 
-// acc(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] (dV: A = P, B = dO; dK: A = dS, B = Q); rows i < rows.
-template <class Acc, class CAcc, class SA, class SB>
-__device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
-                                                       const uint8_t* keep, int rows) {
-  float local[decltype(size(acc))::value];
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) local[i] = acc(i);
-  kept_product_over_rows_out_of_line<std::decay_t<decltype(acc.layout())>>(local, cAcc, sA, sB, keep, rows);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) acc(i) = local[i];
+// The same products as out-of-line calls (__noinline__) on a local copy of the fragment, for a kernel at the
+// register limit: the key-list kernel with 128-row tiles spilled on its MMA path while the scalar loops were
+// inlined (ptxas, sm_90a, D = 128: 828 bytes; 20-24 this way). The copies and the call cost only the tiles that
+// take this path; the other kernels inline the products, which costs them no spill.
+template <class AccLayout, class CAcc, class SA, class SB>
+__device__ __noinline__ void kept_product_over_rows_call(float* acc, CAcc cAcc, SA sA, SB sB, const uint8_t* keep,
+                                                         int rows) {
+  Tensor a = make_tensor(acc, AccLayout{});
+  kept_product_over_rows(a, cAcc, sA, sB, keep, rows);
 }
 
-// acc(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] (dQ: A = dS, B = K); keys j < 64.
-template <class Acc, class CAcc, class SA, class SB>
-__device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
-                                                       const uint8_t* keep) {
+template <class AccLayout, class CAcc, class SA, class SB>
+__device__ __noinline__ void kept_product_over_keys_call(float* acc, CAcc cAcc, SA sA, SB sB, const uint8_t* keep) {
+  Tensor a = make_tensor(acc, AccLayout{});
+  kept_product_over_keys(a, cAcc, sA, sB, keep);
+}
+
+// acc += the product `call` computes on a local copy (one of the two *_call functions above).
+template <class Acc, class Call>
+__device__ __forceinline__ void through_local_copy(Acc& acc, Call&& call) {
   float local[decltype(size(acc))::value];
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) local[i] = acc(i);
-  kept_product_over_keys_out_of_line<std::decay_t<decltype(acc.layout())>>(local, cAcc, sA, sB, keep);
+  call(local);
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) acc(i) = local[i];
 }

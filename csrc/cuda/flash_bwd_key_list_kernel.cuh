@@ -542,7 +542,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     __syncthreads();  // sP, sdS, sdb (and the kept bytes) complete
 
     // dQ += dS K (registers).
-    if (slow) bwd::kept_product_over_keys(acc_dq, cQD, sdS, sK, keep_bytes);
+    if (slow) {
+      bwd::through_local_copy(acc_dq, [&](float* a) {
+        bwd::kept_product_over_keys_call<std::decay_t<decltype(acc_dq.layout())>>(a, cQD, sdS, sK, keep_bytes);
+      });
+    }
     else gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
 
     // dbias[key] += column sums of dS over the tile's rows.
@@ -564,12 +568,22 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     {
       Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
       clear(acc_kv);
-      if (slow) bwd::kept_product_over_rows(acc_kv, cKV, sP, sdO, keep_bytes, kBlockM);
+      if (slow) {
+        bwd::through_local_copy(acc_kv, [&](float* a) {
+          bwd::kept_product_over_rows_call<std::decay_t<decltype(acc_kv.layout())>>(a, cKV, sP, sdO, keep_bytes,
+                                                                                    kBlockM);
+        });
+      }
       else gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dv, ckey, 1.f, sfix[1]);
       else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
       clear(acc_kv);
-      if (slow) bwd::kept_product_over_rows(acc_kv, cKV, sdS, sQ, keep_bytes, kBlockM);
+      if (slow) {
+        bwd::through_local_copy(acc_kv, [&](float* a) {
+          bwd::kept_product_over_rows_call<std::decay_t<decltype(acc_kv.layout())>>(a, cKV, sdS, sQ, keep_bytes,
+                                                                                    kBlockM);
+        });
+      }
       else gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dk, ckey, p.scale, sfix[0]);
       else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
