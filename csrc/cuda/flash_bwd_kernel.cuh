@@ -227,71 +227,51 @@ __device__ __forceinline__ void store_kept_bytes(uint8_t* keep, CS const& cS, co
   }
 }
 
-// Both products run columns outside and rows / keys inside, so that each column's shared-memory address is live
-// for one inner loop (in the other order the compiler hoists every column's swizzled address out of it).
+// The sum a scalar kept-pair product runs over: dV += P^T dO and dK += dS^T Q sum over query rows, dQ += dS K over
+// keys.
+enum class KeptSum { kOverRows, kOverKeys };
 
-// acc(j, d) += sum over kept (i, j) of A[i][j] * B[i][d] (dV: A = P, B = dO; dK: A = dS, B = Q); rows i < rows.
-template <class Acc, class CAcc, class SA, class SB>
-__device__ __forceinline__ void kept_product_over_rows(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
-                                                       const uint8_t* keep, int rows) {
+// acc(x, d) += sum over kept pairs of A[i][j] * B[t][d], t < terms running over the summed index: (i, j) = (t, x)
+// over rows (dV: A = P, B = dO; dK: A = dS, B = Q), (x, t) over keys (dQ: A = dS, B = K). Columns run outside and
+// t inside, so that each column's shared-memory address is live for one inner loop (in the other order the compiler
+// hoists every column's swizzled address out of it).
+template <KeptSum kSum, class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                             const uint8_t* keep, int terms) {
   Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
   CUTE_UNROLL
   for (int c = 0; c < size<1>(a); ++c) {
     const int d = get<1>(cAcc(0, c));
 #pragma unroll 1
-    for (int i = 0; i < rows; ++i) {
+    for (int t = 0; t < terms; ++t) {
       CUTE_UNROLL
       for (int r = 0; r < size<0>(a); ++r) {
-        const int j = get<0>(cAcc(r, 0));
-        if (keep[i * 64 + j]) a(r, c) += static_cast<float>(sA(i, j)) * static_cast<float>(sB(i, d));
+        const int x = get<0>(cAcc(r, 0));
+        const int i = kSum == KeptSum::kOverRows ? t : x, j = kSum == KeptSum::kOverRows ? x : t;
+        if (keep[i * 64 + j]) a(r, c) += static_cast<float>(sA(i, j)) * static_cast<float>(sB(t, d));
       }
     }
   }
 }
 
-// acc(i, d) += sum over kept (i, j) of A[i][j] * B[j][d] (dQ: A = dS, B = K); keys j < 64.
-template <class Acc, class CAcc, class SA, class SB>
-__device__ __forceinline__ void kept_product_over_keys(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
-                                                       const uint8_t* keep) {
-  Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
-  CUTE_UNROLL
-  for (int c = 0; c < size<1>(a); ++c) {
-    const int d = get<1>(cAcc(0, c));
-#pragma unroll 1
-    for (int j = 0; j < 64; ++j) {
-      CUTE_UNROLL
-      for (int r = 0; r < size<0>(a); ++r) {
-        const int i = get<0>(cAcc(r, 0));
-        if (keep[i * 64 + j]) a(r, c) += static_cast<float>(sA(i, j)) * static_cast<float>(sB(j, d));
-      }
-    }
-  }
-}
-
-// The same products as out-of-line calls (__noinline__) on a local copy of the fragment, for a kernel at the
-// register limit: the key-list kernel with 128-row tiles spilled on its MMA path while the scalar loops were
-// inlined (ptxas, sm_90a, D = 128: 828 bytes; 20-24 this way). The copies and the call cost only the tiles that
-// take this path; the other kernels inline the products, which costs them no spill.
-template <class AccLayout, class CAcc, class SA, class SB>
-__device__ __noinline__ void kept_product_over_rows_call(float* acc, CAcc cAcc, SA sA, SB sB, const uint8_t* keep,
-                                                         int rows) {
+// kept_product as an out-of-line call (__noinline__) on a local copy of the fragment, for a kernel at the register
+// limit: the key-list kernel with 128-row tiles spilled on its MMA path while the scalar loops were inlined (ptxas,
+// sm_90a, D = 128: 828 bytes; 20-24 this way). The copies and the call cost only the tiles that take this path;
+// the other kernels inline kept_product, which costs them no spill.
+template <KeptSum kSum, class AccLayout, class CAcc, class SA, class SB>
+__device__ __noinline__ void kept_product_out_of_line(float* acc, CAcc cAcc, SA sA, SB sB, const uint8_t* keep,
+                                                      int terms) {
   Tensor a = make_tensor(acc, AccLayout{});
-  kept_product_over_rows(a, cAcc, sA, sB, keep, rows);
+  kept_product<kSum>(a, cAcc, sA, sB, keep, terms);
 }
 
-template <class AccLayout, class CAcc, class SA, class SB>
-__device__ __noinline__ void kept_product_over_keys_call(float* acc, CAcc cAcc, SA sA, SB sB, const uint8_t* keep) {
-  Tensor a = make_tensor(acc, AccLayout{});
-  kept_product_over_keys(a, cAcc, sA, sB, keep);
-}
-
-// acc += the product `call` computes on a local copy (one of the two *_call functions above).
-template <class Acc, class Call>
-__device__ __forceinline__ void through_local_copy(Acc& acc, Call&& call) {
+template <KeptSum kSum, class Acc, class CAcc, class SA, class SB>
+__device__ __forceinline__ void kept_product_through_call(Acc& acc, CAcc const& cAcc, SA const& sA, SB const& sB,
+                                                          const uint8_t* keep, int terms) {
   float local[decltype(size(acc))::value];
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) local[i] = acc(i);
-  call(local);
+  kept_product_out_of_line<kSum, std::decay_t<decltype(acc.layout())>>(local, cAcc, sA, sB, keep, terms);
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) acc(i) = local[i];
 }
@@ -514,7 +494,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
           k_bad = own_pieces_nonfinite<Elem>(tKsK);
           k_scanned = true;
         }
-        // CTA-uniform: Q, dO or K of this tile holds an inf or NaN (see kept_product_over_rows).
+        // CTA-uniform: Q, dO or K of this tile holds an inf or NaN (see kept_product).
         const bool slow = __syncthreads_or(k_bad || own_pieces_nonfinite<Elem>(gthr.partition_D(sQb)) ||
                                            own_pieces_nonfinite<Elem>(gthr.partition_D(sdOb)));
 
@@ -560,8 +540,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
         __syncthreads();  // sP, sdS (and the kept bytes) complete
 
         if (slow) {
-          kept_product_over_rows(acc_dv, cKV, sP, sdOb, keep_bytes, kBlockM);  // dV += P^T dO
-          kept_product_over_rows(acc_dk, cKV, sdS, sQb, keep_bytes, kBlockM);  // dK += dS^T Q
+          kept_product<KeptSum::kOverRows>(acc_dv, cKV, sP, sdOb, keep_bytes, kBlockM);  // dV += P^T dO
+          kept_product<KeptSum::kOverRows>(acc_dk, cKV, sdS, sQb, keep_bytes, kBlockM);  // dK += dS^T Q
         } else {
           gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dV += P^T dO
           gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma, cpAT, cpAT_t, cpBT, cpBT_t);  // dK += dS^T Q
@@ -570,7 +550,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
         if (!p.deterministic) {  // dQ (this key tile's share) = dS K, added to the fp32 accumulator
           Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
           clear(acc_dq);
-          if (slow) kept_product_over_keys(acc_dq, cQD, sdS, sK, keep_bytes);
+          if (slow) kept_product<KeptSum::kOverKeys>(acc_dq, cQD, sdS, sK, keep_bytes, 64);
           else gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
           Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
           CUTE_UNROLL
@@ -745,7 +725,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
     cute::cp_async_fence();
     cute::cp_async_wait<1>();  // everything but the prefetch
     Tensor sKb = make_tensor(make_smem_ptr(sk_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
-    // CTA-uniform: K of this tile holds an inf or NaN (see kept_product_over_keys).
+    // CTA-uniform: K of this tile holds an inf or NaN (see kept_product).
     const bool slow = __syncthreads_or(own_pieces_nonfinite<Elem>(gthr.partition_D(sKb)));
 
     Tensor sVb = make_tensor(make_smem_ptr(sv_ptr + buf * Kt::kKVElems), typename Kt::SmemLayoutKV{});
@@ -780,7 +760,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
       store_as<Elem>(acc_dp, r2s, r2s_t, tPsdS);
     }
     __syncthreads();
-    if (slow) kept_product_over_keys(acc_dq, cQD, sdS, sKb, keep_bytes);
+    if (slow) kept_product<KeptSum::kOverKeys>(acc_dq, cQD, sdS, sKb, keep_bytes, 64);
     else gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
     __syncthreads();  // every warp is done with this K / V buffer and sdS
     buf ^= 1;

@@ -480,7 +480,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
     }
     // Chunk c landed; every warp is done with chunk c - 1 (its stage, sP, sdS, sdb). CTA-uniform slow: Q, dO or
-    // K of this chunk holds an inf or NaN (bwd::kept_product_over_rows).
+    // K of this chunk holds an inf or NaN (bwd::kept_product).
     const bool slow = __syncthreads_or(qdo_bad || (k_bits & kNonfiniteBits) != 0);
     if (c + 1 < n_chunks) {
       issue_chunk(c + 1, s ^ 1);
@@ -542,11 +542,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     __syncthreads();  // sP, sdS, sdb (and the kept bytes) complete
 
     // dQ += dS K (registers).
-    if (slow) {
-      bwd::through_local_copy(acc_dq, [&](float* a) {
-        bwd::kept_product_over_keys_call<std::decay_t<decltype(acc_dq.layout())>>(a, cQD, sdS, sK, keep_bytes);
-      });
-    }
+    if (slow) bwd::kept_product_through_call<bwd::KeptSum::kOverKeys>(
+        acc_dq, cQD, sdS, sK, keep_bytes, 64);
     else gemm_ss(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma, cpA, cpA_t, cpBT, cpBT_t);
 
     // dbias[key] += column sums of dS over the tile's rows.
@@ -568,22 +565,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     {
       Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
       clear(acc_kv);
-      if (slow) {
-        bwd::through_local_copy(acc_kv, [&](float* a) {
-          bwd::kept_product_over_rows_call<std::decay_t<decltype(acc_kv.layout())>>(a, cKV, sP, sdO, keep_bytes,
-                                                                                    kBlockM);
-        });
-      }
+      if (slow)
+        bwd::kept_product_through_call<bwd::KeptSum::kOverRows>(acc_kv, cKV, sP, sdO, keep_bytes, kBlockM);
       else gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dv, ckey, 1.f, sfix[1]);
       else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
       clear(acc_kv);
-      if (slow) {
-        bwd::through_local_copy(acc_kv, [&](float* a) {
-          bwd::kept_product_over_rows_call<std::decay_t<decltype(acc_kv.layout())>>(a, cKV, sdS, sQ, keep_bytes,
-                                                                                    kBlockM);
-        });
-      }
+      if (slow)
+        bwd::kept_product_through_call<bwd::KeptSum::kOverRows>(acc_kv, cKV, sdS, sQ, keep_bytes, kBlockM);
       else gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dk, ckey, p.scale, sfix[0]);
       else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
