@@ -28,6 +28,13 @@ constexpr int kCudaHeadDims[] = {DMATTN_FOR_EACH_CUDA_HEAD_DIM(DMATTN_HEAD_DIM_I
 constexpr int kSm90FwdHeadDims[] = {DMATTN_FOR_EACH_SM90_HEAD_DIM(DMATTN_HEAD_DIM_ITEM)};
 #undef DMATTN_HEAD_DIM_ITEM
 
+// Head dims the Hopper (sm_90a) backward is instantiated for: its two consumer warpgroups keep dK and dV of 64 keys
+// each in registers (2 x 64 x D fp32), which D = 256 does not fit. cmake/Cuda.cmake reads this line too.
+#define DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM(X) X(64) X(128)
+#define DMATTN_HEAD_DIM_ITEM(D) D,
+constexpr int kSm90BwdHeadDims[] = {DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM(DMATTN_HEAD_DIM_ITEM)};
+#undef DMATTN_HEAD_DIM_ITEM
+
 // Mask tile classes (both tile-class maps, CPU and CUDA).
 enum TileClass : uint8_t { kTileEmpty = 0, kTilePartial = 1, kTileFull = 2 };
 

@@ -8,6 +8,7 @@
 #include "ffi/targets.h"
 #include "kernel_facts.h"
 #if defined(DMATTN_WITH_SM90)
+#include "cuda/sm90/flash_bwd_sm90.h"
 #include "cuda/sm90/flash_fwd_sm90.h"
 #endif
 
@@ -45,6 +46,8 @@ nb::dict kernel_facts() {
       if (key_list_bwd_has_rows(d, rows)) key_list_bwd_rows.append(nb::make_tuple(d, rows));
   nb::list sm90_fwd_head_dims;
   for (int d : kSm90FwdHeadDims) sm90_fwd_head_dims.append(d);
+  nb::list sm90_bwd_head_dims;
+  for (int d : kSm90BwdHeadDims) sm90_bwd_head_dims.append(d);
   nb::dict f;
   f["fwd_block_m"] = kFwdBlockM;
   f["fwd_block_n"] = kFwdBlockN;
@@ -52,10 +55,11 @@ nb::dict kernel_facts() {
   f["bwd_block_n"] = kBwdBlockN;
   f["cuda_head_dims"] = nb::tuple(head_dims);
   f["sm90_fwd_head_dims"] = nb::tuple(sm90_fwd_head_dims);
+  f["sm90_bwd_head_dims"] = nb::tuple(sm90_bwd_head_dims);
 #if defined(DMATTN_WITH_SM90)
-  f["sm90_fwd_built"] = true;  // the Hopper forward is in this build (csrc/cuda/sm90/, arch 90a)
+  f["sm90_built"] = true;  // the Hopper forward and backward are in this build (csrc/cuda/sm90/, arch 90a)
 #else
-  f["sm90_fwd_built"] = false;
+  f["sm90_built"] = false;
 #endif
   f["key_list_block_m"] = kKeyListBlockM;
   f["key_list_chunk"] = kKeyListChunk;
@@ -92,6 +96,13 @@ NB_MODULE(_jax_dmattn_ext, m) {
   m.def("sm90_fwd_launches", [] {  // calls the Hopper forward has served (0 where it is not built)
 #if defined(DMATTN_WITH_SM90)
     return dmattn::flash_fwd_sm90_launches();
+#else
+    return int64_t{0};
+#endif
+  });
+  m.def("sm90_bwd_launches", [] {  // calls the Hopper backward has served (0 where it is not built)
+#if defined(DMATTN_WITH_SM90)
+    return dmattn::flash_bwd_sm90_launches();
 #else
     return int64_t{0};
 #endif

@@ -182,6 +182,8 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         dbias_ws,                                                                          # dbias_accum
         # Key-list path: dK / dV accumulators (fp32, or int64 counts + stats words when deterministic).
         dkv_ws,                                                                            # dkv_accum
+        # One word: set when q, dout or k holds an inf or NaN, on the route through the Hopper backward.
+        jax.ShapeDtypeStruct((1,), jnp.uint32),                                            # nonfinite
     )
     dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types)(
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),

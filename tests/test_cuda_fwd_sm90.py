@@ -32,7 +32,7 @@ def hopper_forward_available():
     from jax_dmattn import _ffi
 
     dev = jax.devices()[0]
-    return (_ffi.kernel_facts()["sm90_fwd_built"] and getattr(dev, "compute_capability", None) == "9.0")
+    return (_ffi.kernel_facts()["sm90_built"] and getattr(dev, "compute_capability", None) == "9.0")
 
 
 def launches():

@@ -125,13 +125,13 @@ def test_backward_path_choice(deterministic):
     types = result_types(line)
     n_keys, n_words = _cuda_fwd.key_list_sizes((B, HKV, L, L), CAP)
     # Args: q, k, v, bias, mask, out, lse, dout, dlse, key lists, bit words. Results: dq, dk, dv, dbias,
-    # dq_accum, delta, tile classes, dbias_accum, dkv_accum. Both modes take the key-list path here; deterministic
+    # dq_accum, delta, tile classes, dbias_accum, dkv_accum, nonfinite. Both modes take the key-list path here; deterministic
     # mode accumulates int64 fixed-point counts (as uint32 pairs) with the stats words after them, the atomic
     # mode fp32.
     ops = operand_types(line)
     assert len(ops) == 11
     assert ops[9] == f"tensor<{n_keys}xi32>" and ops[10] == f"tensor<{2 * n_words}xui32>"
-    assert len(types) == 9
+    assert len(types) == 10
     assert types[4] == "tensor<0xf32>" and types[6] == "tensor<0xui8>"
     if deterministic:
         assert types[8] == f"tensor<{4 * B * L * HKV * D + 8}xui32>"

@@ -31,6 +31,10 @@ struct BwdParams {
   void* dv = nullptr;
   float* dq_accum = nullptr;  // fp32 dq accumulator (atomics); unused when deterministic
   float* delta = nullptr;     // rowsum(dout * out) - dlse, written by the preprocess kernel
+  // Hopper route only (csrc/cuda/sm90/flash_bwd_sm90.h), else nullptr: one word, set by the non-finite scan when q,
+  // dout or k holds an inf or NaN. The Hopper kernel then does nothing and the sm80 main kernel, which keeps such
+  // values out of the pairs that drop them, runs instead; it does nothing while the word is 0.
+  uint32_t* nonfinite = nullptr;
 
   int batch = 0, heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
   int group = 1;  // H / Hkv

@@ -1,9 +1,17 @@
-// The backward's launch sequence (no CuTe here: the main / dq kernels live in the generated flash_bwd_hdim*.cu):
-// zero-fill, delta preprocess, main kernel, deterministic dq kernel or dq conversion, dbias conversion.
+// The backward's launch sequence (no CuTe here: the main / dq kernels live in the generated flash_bwd_hdim*.cu and
+// flash_bwd_sm90_hdim*.cu): zero-fill, delta preprocess, main kernel (on the Hopper route: the non-finite scan, the
+// Hopper main kernel and the sm80 one, of which exactly one does the work), deterministic dq kernel or dq
+// conversion, dbias conversion.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <utility>
+
 #include "cuda/flash_bwd.h"
+#if defined(DMATTN_WITH_SM90)
+#include "cuda/sm90/flash_bwd_sm90.h"
+#endif
 
 namespace dmattn {
 namespace {
@@ -37,6 +45,35 @@ __global__ void __launch_bounds__(kThreads) bwd_delta_kernel(BwdParams p) {
     const int64_t idx = (b * p.heads + h) * p.q_len + i;
     p.delta[idx] = acc - p.dlse[idx];
   }
+}
+
+// *flag = 1 if any of the n 2-byte floats at x is an inf or NaN (all exponent bits set: mask 0x7f80 for bf16,
+// 0x7c00 for f16), 8 per 16-byte load.
+__global__ void __launch_bounds__(kThreads) flag_nonfinite_kernel(const uint16_t* __restrict__ x, int64_t n,
+                                                                  uint32_t exp_mask, uint32_t* flag) {
+  const uint32_t mask2 = exp_mask | (exp_mask << 16);
+  const int64_t vecs = n / 8;
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  bool bad = false;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < vecs; i += stride) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(x) + i);
+    for (uint32_t word : {w.x, w.y, w.z, w.w}) {
+      const uint32_t e = word & mask2;
+      bad |= (e & 0xffffu) == exp_mask || (e >> 16) == exp_mask;
+    }
+  }
+  for (int64_t i = vecs * 8 + int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride)
+    bad |= (x[i] & exp_mask) == exp_mask;
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1u;
+}
+
+cudaError_t flag_nonfinite(const void* x, int64_t n, bool bf16, uint32_t* flag, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n / 8 + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 1 ? 1 : (blocks < 4096 ? blocks : 4096));
+  flag_nonfinite_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const uint16_t*>(x), n, bf16 ? 0x7f80u : 0x7c00u,
+                                                       flag);
+  return cudaGetLastError();
 }
 
 template <class T>
@@ -106,7 +143,25 @@ cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
-  if ((err = run_main(p, stream, /*dq_pass=*/false)) != cudaSuccess) return err;
+  BwdParams sm80 = p;
+#if defined(DMATTN_WITH_SM90)
+  if (p.nonfinite != nullptr && flash_bwd_sm90_serves(p)) {
+    // The Hopper kernel multiplies the exact zeros of dropped pairs by q, dout and k in its products, so an inf or
+    // NaN there would reach gradients of pairs that drop it: a scan of the three sets the word, and then only the
+    // sm80 main kernel (which routes such tiles through its kept-pair sums) does the work.
+    if ((err = cudaMemsetAsync(p.nonfinite, 0, sizeof(uint32_t), stream)) != cudaSuccess) return err;
+    const int64_t k_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
+    for (auto [x, n] : {std::pair<const void*, int64_t>{p.q, q_elems}, {p.dout, q_elems}, {p.k, k_elems}}) {
+      if ((err = flag_nonfinite(x, n, p.is_bf16, p.nonfinite, stream)) != cudaSuccess) return err;
+    }
+    if ((err = launch_flash_bwd_sm90(p, stream)) != cudaSuccess) return err;
+  } else {
+    sm80.nonfinite = nullptr;
+  }
+#else
+  sm80.nonfinite = nullptr;
+#endif
+  if ((err = run_main(sm80, stream, /*dq_pass=*/false)) != cudaSuccess) return err;
   if (p.deterministic) {
     if ((err = run_main(p, stream, /*dq_pass=*/true)) != cudaSuccess) return err;
   } else {

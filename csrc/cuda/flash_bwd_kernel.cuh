@@ -286,6 +286,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
   constexpr int kD = Kt::kHeadDim;
   constexpr int kNThreads = Kt::kNThreads;
 
+  // Hopper route: this kernel works only when the non-finite scan found an inf or NaN (flash_bwd.h: nonfinite).
+  if (p.nonfinite != nullptr && *p.nonfinite == 0u) return;  // CTA-uniform
   extern __shared__ __align__(128) char smem[];
 
   const int n_block = blockIdx.x;

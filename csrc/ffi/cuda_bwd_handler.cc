@@ -47,7 +47,8 @@ bool uses_key_list_path(bool has_mask, int64_t mask_cols, bool has_bias, int64_t
 // f32 of bias's shape for any bf16/f16 bias that is not key-broadcast, dkv_accum [2, B, Lk, Hkv, D] f32 (dK then
 // dV). Deterministic (fixed point): dbias_accum is u32 [2 * bias elements] (int64 counts) for any bias that is not
 // key-broadcast, dkv_accum u32 [2 * 2 * B * Lk * Hkv * D + kFixedStatsWords] (int64 dK counts, int64 dV counts,
-// the stats words). The dense path requires f32 for a non-empty dbias_accum.
+// the stats words). The dense path requires f32 for a non-empty dbias_accum. Last, nonfinite u32 [1]: the word the
+// Hopper route's non-finite scan sets (csrc/cuda/flash_bwd.h).
 ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
@@ -56,7 +57,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
-                          ffi::Result<ffi::AnyBuffer> dkv_accum, float scale, float softcap, bool is_causal,
+                          ffi::Result<ffi::AnyBuffer> dkv_accum, ffi::ResultBuffer<ffi::U32> nonfinite, float scale, float softcap, bool is_causal,
                           bool deterministic, int64_t key_list_rows, int64_t list_batch, int64_t list_heads,
                           int64_t list_rows) {
   count_cuda_handler_run(stream);
@@ -123,6 +124,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.dv = dv->untyped_data();
   p.dq_accum = deterministic ? nullptr : dq_accum->typed_data();
   p.delta = delta->typed_data();
+  if (nonfinite->element_count() != 1) return bad("nonfinite must be one u32 word");
+  p.nonfinite = nonfinite->typed_data();  // read by the Hopper route only (flash_bwd.h)
   p.batch = static_cast<int>(B), p.heads = static_cast<int>(H), p.kv_heads = static_cast<int>(Hkv);
   p.q_len = static_cast<int>(Lq), p.kv_len = static_cast<int>(Lk), p.head_dim = static_cast<int>(D);
   p.group = static_cast<int>(H / Hkv);
@@ -288,6 +291,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Ret<ffi::Buffer<ffi::U8>>()    // mask tile classes (workspace)
                                   .Ret<ffi::AnyBuffer>()          // dbias_accum (workspace: f32, or u32 pairs)
                                   .Ret<ffi::AnyBuffer>()          // dkv_accum (key_list_path workspace: f32, or u32)
+                                  .Ret<ffi::Buffer<ffi::U32>>()   // nonfinite (workspace: one word)
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("is_causal")

@@ -3,28 +3,12 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "cuda/sm90/flash_fwd_sm90.h"
+#include "cuda/sm90/sm90_route.h"
 
 namespace dmattn {
 namespace {
-
-bool current_device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
-    return false;
-  return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
-}
-
-// JAX_DMATTN_CUDA_KERNELS=sm80 forces the sm80 kernels (tests and benchmarks compare the two routes with it).
-bool sm80_kernels_forced() {
-  const char* v = std::getenv("JAX_DMATTN_CUDA_KERNELS");
-  return v != nullptr && std::strcmp(v, "sm80") == 0;
-}
 
 // A TMA global stride (elements of 2 bytes): a 16-byte multiple, and an int for the CuTe strides.
 bool tma_stride(int64_t s) { return s >= 0 && s % 8 == 0 && s <= INT_MAX; }
@@ -51,8 +35,7 @@ bool flash_fwd_sm90_serves(const FwdParams& p) {
     if (!tma_stride(s)) return false;
   if (int64_t(p.heads) * p.q_len > INT_MAX) return false;  // the LSE's batch stride
   if (!tma_base(p.q) || !tma_base(p.k) || !tma_base(p.v) || !tma_base(p.out)) return false;
-  // Per call: the device can change between calls of one process.
-  return !sm80_kernels_forced() && current_device_is_sm90();
+  return sm90_kernels_route_open();
 }
 
 int64_t flash_fwd_sm90_launches() { return g_launches.load(std::memory_order_relaxed); }

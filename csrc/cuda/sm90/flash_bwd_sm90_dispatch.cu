@@ -1,0 +1,48 @@
+// Which calls the Hopper backward serves, and its head-dim / dtype dispatch (no CuTe here: the kernels live in the
+// generated flash_bwd_sm90_hdim*.cu).
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "cuda/sm90/flash_bwd_sm90.h"
+#include "cuda/sm90/sm90_route.h"
+
+namespace dmattn {
+namespace {
+
+std::atomic<int64_t> g_launches{0};
+
+bool sm90_bwd_head_dim(int d) {
+  for (int x : kSm90BwdHeadDims)
+    if (x == d) return true;
+  return false;
+}
+
+}  // namespace
+
+bool flash_bwd_sm90_serves(const BwdParams& p) {
+  if (p.mask != nullptr || p.classes != nullptr || p.bias != nullptr || p.softcap > 0.f || p.deterministic)
+    return false;
+  if (!sm90_bwd_head_dim(p.head_dim) || p.q_len == 0 || p.kv_len == 0 || p.dq_accum == nullptr) return false;
+  // Batch strides of the canonical layouts as ints (the TMA descriptors' CuTe strides).
+  if (int64_t(p.q_len) * p.heads * p.head_dim > INT_MAX || int64_t(p.kv_len) * p.kv_heads * p.head_dim > INT_MAX)
+    return false;
+  return sm90_kernels_route_open();
+}
+
+int64_t flash_bwd_sm90_launches() { return g_launches.load(std::memory_order_relaxed); }
+
+cudaError_t launch_flash_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
+  g_launches.fetch_add(1, std::memory_order_relaxed);
+#define DMATTN_BWD_SM90_CASE(D) \
+  case D:                       \
+    return p.is_bf16 ? run_flash_bwd_sm90<D, true>(p, stream) : run_flash_bwd_sm90<D, false>(p, stream);
+  switch (p.head_dim) {
+    DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM(DMATTN_BWD_SM90_CASE)
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef DMATTN_BWD_SM90_CASE
+}
+
+}  // namespace dmattn

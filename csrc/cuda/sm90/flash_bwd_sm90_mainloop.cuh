@@ -1,0 +1,502 @@
+// Hopper (sm_90a) backward mainloop for the calls without a mask and without a bias: plain and bottom-right causal
+// attention, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's Hopper FMHA backward collective, included from the
+// nvidia-cutlass wheel's examples/88_hopper_fmha (never copied here): its shared-memory layouts, pipelines and tiled
+// MMAs, and its kernel (a producer warpgroup whose warps load by TMA and reduce dQ, two consumer warpgroups of 64
+// keys each, register reallocation, and the dK / dV epilogue by TMA store). What this file adds is the schedule of
+// the work and the consumer's compute step, because both are ours: a CTA of 128 keys of one kv head walks the query
+// tiles that see them and, inside each, the query heads of its GQA group (so dK and dV of the whole group sum in
+// registers), recomputes P from the forward's natural-log lse exactly as the sm80 kernels do, and zeroes the pairs
+// that are not kept by select (P = 0 there may meet a NaN of dP). dQ of each (query tile, head) is reduced into the
+// fp32 accumulator [B, Lq, H, D] by a TMA reduce-add. docs/cuda_backward.md describes the pipeline.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+
+#include "collective/fmha_collective_bwd_tma_warpspecialized.hpp"
+#include "collective/fmha_common.hpp"
+#include "collective/fmha_fusion.hpp"
+
+namespace dmattn::sm90 {
+
+using namespace cute;
+
+constexpr float kBwdLog2e = 1.4426950408889634f;
+
+// The work of a CTA of kBlockN keys starting at key n0: trips t = 0 .. count - 1 over (query tile m, query head of
+// the group gi) with m = m_begin + t / group, gi = t % group. Bottom-right causal (row i sees key j iff
+// j <= i + Lk - Lq): tiles before the first row that sees key n0 are skipped. Every CTA has at least one trip when
+// Lq > 0: the last row sees every key.
+template <bool kCausal, int kBlockM, int kBlockN>
+struct BwdTrips {
+  int m_begin = 0, count = 0, group = 1;
+
+  CUTLASS_HOST_DEVICE BwdTrips(int n0, int lq, int lk, int group_) : group(group_) {
+    const int m_tiles = (lq + kBlockM - 1) / kBlockM;
+    if constexpr (kCausal) {
+      const int first_row = n0 - (lk - lq);
+      m_begin = first_row <= 0 ? 0 : min(first_row / kBlockM, m_tiles);
+    }
+    count = (m_tiles - m_begin) * group;
+  }
+  CUTLASS_HOST_DEVICE int m(int t) const { return m_begin + t / group; }
+  CUTLASS_HOST_DEVICE int head(int kv_head, int t) const { return kv_head * group + t % group; }
+};
+
+// What the consumer step and the dQ reducer need beyond the TMA descriptors.
+struct BwdConsumer {
+  const float* lse = nullptr;    // [B, H, Lq], natural log, from the forward
+  const float* delta = nullptr;  // [B, H, Lq], rowsum(dout * out) - dlse
+  float scale = 1.f;
+  int heads = 1, group = 1;
+  // Set by the non-finite scan (flash_bwd_dispatch.cu) when q, dout or k holds an inf or NaN: the kernel then does
+  // nothing and the sm80 main kernel, which handles those, runs instead.
+  const uint32_t* nonfinite = nullptr;
+};
+
+template <class Element, class TileShape_, bool kCausal>
+struct BwdMainloop
+    : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<
+          Element, float, TileShape_,
+          cutlass::fmha::collective::FusionBwdAdapter<cutlass::fmha::collective::DefaultFusion>> {
+  using Base = cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<
+      Element, float, TileShape_, cutlass::fmha::collective::FusionBwdAdapter<cutlass::fmha::collective::DefaultFusion>>;
+  using typename Base::CollectiveMmaNM;
+  using typename Base::LoadK;
+  using typename Base::LoadV;
+  using typename Base::MainloopPipeline;
+  using typename Base::MainloopPipelineQ;
+  using typename Base::PipelineState;
+  using typename Base::PipelineStateQ;
+  using typename Base::SharedStorage;
+  using typename Base::SmemLayoutDO;
+  using typename Base::SmemLayoutDOp;
+  using typename Base::SmemLayoutDQ;
+  using typename Base::SmemLayoutDS;
+  using typename Base::SmemLayoutK;
+  using typename Base::SmemLayoutKp;
+  using typename Base::SmemLayoutQ;
+  using typename Base::SmemLayoutQp;
+  using typename Base::SmemLayoutV;
+  using typename Base::TiledMmaMD;
+  using typename Base::TiledMmaND;
+  using typename Base::TiledMmaND_SS;
+  using typename Base::TiledMmaNM;
+  using typename Base::TileShape;
+  using typename Base::TileShapeMD;
+  using typename Base::TileShapeND;
+  using typename Base::TileShapeNM;
+  using typename Base::TMA_DO;
+  using typename Base::TMA_DQ;
+  using typename Base::TMA_K;
+  using typename Base::TMA_Q;
+  using typename Base::TMA_V;
+  using Base::NumMmaWarpGroups;
+
+  static constexpr int kBlockM = get<0>(TileShape{});  // query rows per trip
+  static constexpr int kBlockN = get<1>(TileShape{});  // keys per CTA
+  static constexpr int kWgKeys = get<0>(TileShapeNM{});  // keys per consumer warpgroup
+  using Trips = BwdTrips<kCausal, kBlockM, kBlockN>;
+
+  // A pipeline stage holds one Q or one dO tile: lse and delta are read by the consumers from global memory (L2)
+  // instead of staged, so the base's per-stage row-statistics bytes are not expected.
+  static constexpr int kInnerLoadBytes = size(SmemLayoutQ{}(_, _, _0{})) * sizeof(Element);
+
+  // Canonical layouts (csrc/cuda/flash_bwd.h): strides as (batch, head, row, 1) in elements.
+  using Strides = cute::tuple<int, int, int, _1>;
+  struct Arguments {
+    const Element* q;
+    Strides q_strides;
+    const Element* k;
+    Strides k_strides;
+    const Element* v;
+    Strides v_strides;
+    const Element* dout;
+    Strides dout_strides;
+    float* dq_accum;
+    Strides dq_accum_strides;
+    BwdConsumer consumer;
+  };
+  struct Params {
+    TMA_Q tma_load_q;
+    TMA_K tma_load_k;
+    TMA_V tma_load_v;
+    TMA_DO tma_load_do;
+    TMA_DQ tma_red_dq;
+    BwdConsumer consumer;
+  };
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem, Arguments const&) {
+    return get<4>(problem) == get<2>(TileShape{});
+  }
+
+  // problem = (B, Hkv, Lq, Lk, D). The base builds its TMA descriptors in pairs from one (rows, rows, D, (B, heads))
+  // problem; Q / dO have H heads and K / V Hkv, so each pair is built from one tensor and one half is kept.
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape const& problem, Arguments const& args, void*) {
+    const int batch = get<0>(problem), kv_heads = get<1>(problem), lq = get<2>(problem), lk = get<3>(problem);
+    const int d = get<4>(problem), heads = args.consumer.heads;
+    auto mma_stride = [](Strides const& s) { return make_stride(get<2>(s), get<3>(s), make_stride(get<0>(s), get<1>(s))); };
+    auto tmas = [&](const Element* x, Strides const& s, int rows, int nheads) {
+      return CollectiveMmaNM::to_underlying_arguments(
+          make_shape(rows, rows, d, make_shape(batch, nheads)),
+          typename CollectiveMmaNM::Arguments{x, mma_stride(s), x, mma_stride(s)}, nullptr);
+    };
+    auto dq = args.dq_accum_strides;
+    return Params{
+        tmas(args.q, args.q_strides, lq, heads).tma_load_b,
+        tmas(args.k, args.k_strides, lk, kv_heads).tma_load_a,
+        tmas(args.v, args.v_strides, lk, kv_heads).tma_load_a,
+        tmas(args.dout, args.dout_strides, lq, heads).tma_load_b,
+        make_tma_copy(SM90_TMA_REDUCE_ADD{},
+                      make_tensor(args.dq_accum, make_shape(lq, d, batch, heads),
+                                  make_stride(get<2>(dq), _1{}, get<0>(dq), get<1>(dq))),
+                      SmemLayoutDQ{}(_, _, _0{})),
+        args.consumer};
+  }
+
+  CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
+    cute::prefetch_tma_descriptor(params.tma_load_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_load_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_load_v.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(params.tma_load_do.get_tma_descriptor());
+  }
+
+  template <class BlkCoord, class ProblemShape>
+  CUTLASS_DEVICE static Trips trips_of(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem) {
+    return Trips(int(get<1>(blk_coord)) * kBlockN, get<2>(problem), get<3>(problem), params.consumer.group);
+  }
+
+  // Q and dO tiles of every trip, in a (rows, D, query tile, (batch, head)) view for the TMA.
+  template <class Tma, class ProblemShape>
+  CUTLASS_DEVICE static auto row_tiles(Tma const& tma, Params const& params, ProblemShape const& problem) {
+    Tensor m_full = tma.get_tma_tensor(
+        make_shape(get<2>(problem), get<4>(problem), make_shape(get<0>(problem), params.consumer.heads)));
+    return local_tile(m_full, TileShapeNM{}, make_coord(_, _, _), Step<Underscore, _1, _1>{})(_, _, _, _0{}, _);
+  }
+
+  // The producer warp: K and V of the two warpgroups' key halves into the outer pipeline (K0 V0 K1 V1), and Q, dO of
+  // every trip into the inner one (one stage each), interleaved as the first trip consumes them.
+  template <bool kLoadOuter, class BlkCoord, class ProblemShape, class LoadWarpBarrier>
+  CUTLASS_DEVICE void load_kv_maybe_q(int, BlkCoord const& blk_coord, Params const& params,
+                                      ProblemShape const& problem, MainloopPipeline& pipeline_inner,
+                                      PipelineState& smem_pipe_write_inner, MainloopPipelineQ& pipeline_outer,
+                                      PipelineStateQ& smem_pipe_write_outer, SharedStorage& storage,
+                                      LoadWarpBarrier&, bool) {
+    static_assert(kLoadOuter, "this warp loads K / V and Q / dO");
+    const int lane_predicate = cute::elect_one_sync();
+    const int b = get<2, 0>(blk_coord), kv_head = get<2, 1>(blk_coord);
+    const Trips trips = trips_of(blk_coord, params, problem);
+
+    int outer_count = NumMmaWarpGroups;
+    auto outer_iter = cute::make_coord_iterator(outer_count);
+    LoadK load_k{params.tma_load_k, pipeline_outer, storage.smem_k};
+    auto state_k = load_k.init_state(_0{}, problem, TileShapeNM{}, blk_coord, outer_count);
+    LoadV load_v{params.tma_load_v, pipeline_outer, storage.smem_v};
+    auto state_v = load_v.init_state(_0{}, problem, TileShapeNM{}, blk_coord, outer_count);
+    outer_count *= 2;  // K and V
+
+    auto tma_q = params.tma_load_q.get_slice(_0{});
+    Tensor tQgQ = tma_q.partition_S(row_tiles(params.tma_load_q, params, problem));
+    Tensor tQsQ = tma_q.partition_D(make_tensor(make_smem_ptr(storage.smem_q.data()), SmemLayoutQ{}));
+    auto tma_do = params.tma_load_do.get_slice(_0{});
+    Tensor tDOgDO = tma_do.partition_S(row_tiles(params.tma_load_do, params, problem));
+    Tensor tDOsDO = tma_do.partition_D(make_tensor(make_smem_ptr(storage.smem_do.data()), SmemLayoutDO{}));
+
+    auto load_rows = [&](auto const& tma, auto const& tg, auto const& ts, int t) {
+      if (lane_predicate) {
+        pipeline_inner.producer_acquire(smem_pipe_write_inner);
+        auto* barrier = pipeline_inner.producer_get_barrier(smem_pipe_write_inner);
+        copy(tma.with(*barrier, 0), tg(_, _, _, trips.m(t), make_coord(b, trips.head(kv_head, t))),
+             ts(_, _, _, smem_pipe_write_inner.index()));
+        ++smem_pipe_write_inner;
+      }
+    };
+
+    load_k.template step<false>(outer_iter, state_k, smem_pipe_write_outer, lane_predicate, outer_count);
+    load_rows(params.tma_load_q, tQgQ, tQsQ, 0);
+    load_v.template step<true>(outer_iter, state_v, smem_pipe_write_outer, lane_predicate, outer_count);
+    load_k.template step<false>(outer_iter, state_k, smem_pipe_write_outer, lane_predicate, outer_count);
+    load_rows(params.tma_load_do, tDOgDO, tDOsDO, 0);
+    load_v.template step<true>(outer_iter, state_v, smem_pipe_write_outer, lane_predicate, outer_count);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 1; t < trips.count; ++t) {
+      load_rows(params.tma_load_q, tQgQ, tQsQ, t);
+      load_rows(params.tma_load_do, tDOgDO, tDOsDO, t);
+    }
+  }
+
+  // Only built with a separate Q-loading warp, which this mainloop does not use.
+  template <class BlkCoord, class ProblemShape, class LoadWarpBarrier>
+  CUTLASS_DEVICE void load_maybe_q(BlkCoord const&, Params const&, ProblemShape const&, MainloopPipelineQ&,
+                                   PipelineStateQ&, SharedStorage&, LoadWarpBarrier&, bool) {}
+
+  // The reducer warp: each trip's dQ tile (written to shared memory by the second warpgroup) is added to the fp32
+  // accumulator by a TMA reduce-add; a stage is released once the store that read it has completed.
+  template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer>
+  CUTLASS_DEVICE void reduce(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
+                             PipelineReducer& pipeline_reducer, PipelineStateReducer& smem_pipe_read_reducer,
+                             SharedStorage& storage) {
+    const int lane_predicate = cute::elect_one_sync();
+    const int b = get<2, 0>(blk_coord), kv_head = get<2, 1>(blk_coord);
+    const Trips trips = trips_of(blk_coord, params, problem);
+    Tensor mDQ = params.tma_red_dq.get_tma_tensor(
+        make_shape(get<2>(problem), get<4>(problem), get<0>(problem), params.consumer.heads));
+    Tensor gDQ = local_tile(mDQ, TileShapeMD{}, make_coord(_, _, _), Step<_1, _1, Underscore>{})(_, _, _, _0{}, _, _);
+    Tensor sDQ = make_tensor(make_smem_ptr(storage.smem_dq.data()), SmemLayoutDQ{});
+    auto tma = params.tma_red_dq.get_slice(_0{});
+    Tensor tDQsDQ = tma.partition_S(sDQ);
+    Tensor tDQgDQ = tma.partition_D(gDQ);
+
+    auto smem_pipe_release = smem_pipe_read_reducer;
+    for (int t = 0; t < trips.count; ++t) {
+      pipeline_reducer.consumer_wait(smem_pipe_read_reducer);
+      if (lane_predicate) tma_store_wait<1>();
+      if (t > 0) {
+        pipeline_reducer.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+      if (lane_predicate) {
+        copy(params.tma_red_dq, tDQsDQ(_, _, _, smem_pipe_read_reducer.index()),
+             tDQgDQ(_, _, _, trips.m(t), b, trips.head(kv_head, t)));
+        tma_store_arrive();
+      }
+      ++smem_pipe_read_reducer;
+    }
+    if (lane_predicate) tma_store_wait<0>();
+    pipeline_reducer.consumer_release(smem_pipe_release);
+    ++smem_pipe_release;
+  }
+
+  // One consumer warpgroup: 64 keys of the CTA, every trip. Per trip: S = K Q^T and dP = V dO^T (keys x rows),
+  // P = exp(scale * S - lse) and dS = P (dP - delta) on the kept pairs (exact zeros elsewhere), dV += P dO and
+  // dK += dS Q (dS scaled by `scale`, so dK and dQ come out scaled), and dQ = dS K over both halves of the CTA's keys
+  // by the second warpgroup, handed to the reducer. The math-warpgroup order barrier alternates the two
+  // warpgroups' softmax phases and makes the first warpgroup's dS visible before the second reads it for dQ.
+  template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer,
+            class MathWgOrderBarrier>
+  CUTLASS_DEVICE auto compute(BlkCoord const& blk_coord, BlkCoord const& wg_coord, Params const& params,
+                              ProblemShape const& problem, MainloopPipeline& pipeline_inner,
+                              PipelineState& smem_pipe_read_inner, MainloopPipelineQ& pipeline_outer,
+                              PipelineStateQ& smem_pipe_read_outer, PipelineReducer& pipeline_reducer,
+                              PipelineStateReducer& smem_pipe_write_reducer, SharedStorage& storage,
+                              MathWgOrderBarrier& math_wg_order_barrier) {
+    using cutlass::fmha::collective::gemm_zero_acc;
+    using cutlass::fmha::collective::layout_acc_mn;
+    using cutlass::fmha::collective::make_acc_into_op;
+    BwdConsumer const& lg = params.consumer;
+    const int lq = get<2>(problem), lk = get<3>(problem);
+    const int b = get<2, 0>(blk_coord), kv_head = get<2, 1>(blk_coord);
+    const Trips trips = trips_of(blk_coord, params, problem);
+    const int thread_idx = int(threadIdx.x) % cutlass::NumThreadsPerWarpGroup;
+    // The kernel numbers the warpgroups' 64-key tiles across the problem: NumMmaWarpGroups * (CTA tile) + wg.
+    const int wg_tile = int(get<1>(wg_coord));
+    const int wg = __shfl_sync(0xffffffffu, wg_tile % NumMmaWarpGroups, 0);
+    const int key0 = wg_tile * kWgKeys;
+
+    TiledMmaND mma_nd;
+    Tensor acc_dv = partition_fragment_C(mma_nd, take<0, 2>(TileShapeND{}));
+    Tensor acc_dk = partition_fragment_C(mma_nd, take<0, 2>(TileShapeND{}));
+    clear(acc_dv);
+    clear(acc_dk);
+
+    PipelineState smem_pipe_release_inner = smem_pipe_read_inner;
+    pipeline_outer.consumer_wait(smem_pipe_read_outer);
+    PipelineStateQ smem_pipe_read_k = smem_pipe_read_outer;
+    ++smem_pipe_read_outer;
+    pipeline_outer.consumer_wait(smem_pipe_read_outer);
+    PipelineStateQ smem_pipe_read_v = smem_pipe_read_outer;
+    auto smem_pipe_read_k_other = smem_pipe_read_k;  // the other warpgroup's K (its stages are 2 further on)
+    smem_pipe_read_k_other.advance(2);
+
+    TiledMmaNM mma_nm;
+    auto thr_nm = mma_nm.get_thread_slice(thread_idx);
+    Tensor tSrK = thr_nm.make_fragment_A(thr_nm.partition_A(make_tensor(make_smem_ptr(storage.smem_k.data()), SmemLayoutK{})));
+    Tensor tSrQ = thr_nm.make_fragment_B(thr_nm.partition_B(make_tensor(make_smem_ptr(storage.smem_q.data()), SmemLayoutQ{})));
+    Tensor tDPrV = thr_nm.make_fragment_A(thr_nm.partition_A(make_tensor(make_smem_ptr(storage.smem_v.data()), SmemLayoutV{})));
+    Tensor tDPrDO = thr_nm.make_fragment_B(thr_nm.partition_B(make_tensor(make_smem_ptr(storage.smem_do.data()), SmemLayoutDO{})));
+
+    auto thr_nd = mma_nd.get_thread_slice(thread_idx);
+    Tensor tDVrDO = thr_nd.make_fragment_B(thr_nd.partition_B(make_tensor(make_smem_ptr(storage.smem_dop.data()), SmemLayoutDOp{})));
+    Tensor tDKrQ = thr_nd.make_fragment_B(thr_nd.partition_B(make_tensor(make_smem_ptr(storage.smem_qp.data()), SmemLayoutQp{})));
+
+    TiledMmaMD mma_md;
+    auto thr_md = mma_md.get_thread_slice(thread_idx);
+    Tensor sDS = make_tensor(make_smem_ptr(storage.smem_ds.data()), SmemLayoutDS{});
+    Tensor tDQrDS = thr_md.make_fragment_A(thr_md.partition_A(sDS));
+    Tensor tDQrK = thr_md.make_fragment_B(thr_md.partition_B(make_tensor(make_smem_ptr(storage.smem_kp.data()), SmemLayoutKp{})));
+    Tensor tDQsDQ = thr_md.partition_C(make_tensor(make_smem_ptr(storage.smem_dq.data()), SmemLayoutDQ{}));
+
+    // The dS tile of each warpgroup is rows x keys (the A operand of dQ = dS K); it is written, and read by
+    // dK += dS^T Q, through its keys x rows view, the layout of the logits.
+    Tensor sDSt = sDS.compose(make_layout(make_shape(size<1>(sDS), size<0>(sDS), size<2>(sDS)),
+                                          make_stride(size<0>(sDS), _1{}, size<1>(sDS) * size<0>(sDS))));
+    Tensor tDPsDS = thr_nm.partition_C(sDSt);
+    auto thr_nd_ss = TiledMmaND_SS{}.get_thread_slice(thread_idx);
+    Tensor tDKrDS = thr_nd_ss.make_fragment_A(thr_nd_ss.partition_A(sDSt));
+
+    // (key, row) of each logit of this thread, in the tile (key in the warpgroup's half, row in the query tile).
+    Tensor cS = thr_nm.partition_C(make_identity_tensor(take<0, 2>(TileShapeNM{})));
+    Tensor cS_mn = make_tensor(cS.data(), layout_acc_mn(mma_nm, cS.layout()));
+    constexpr int kKeys = decltype(size<0>(cS_mn))::value;  // keys per thread
+    constexpr int kCols = decltype(size<1>(cS_mn))::value;  // query rows per thread
+    static_assert(kKeys * kCols <= 32, "kept bits fit one word");
+    const int causal_off = lk - lq;
+
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int t = 0; t < trips.count; ++t) {
+      const int row0 = trips.m(t) * kBlockM;
+      const int h = trips.head(kv_head, t);
+      pipeline_inner.consumer_wait(smem_pipe_read_inner);
+      const int q_stage = smem_pipe_read_inner.index();
+      ++smem_pipe_read_inner;
+      const int do_stage = smem_pipe_read_inner.index();
+      PipelineState smem_pipe_read_do = smem_pipe_read_inner;
+      ++smem_pipe_read_inner;
+
+      Tensor acc_s = partition_fragment_C(mma_nm, take<0, 2>(TileShapeNM{}));
+      warpgroup_fence_operand(acc_s);
+      warpgroup_arrive();
+      gemm_zero_acc(mma_nm, tSrK(_, _, _, smem_pipe_read_k.index()), tSrQ(_, _, _, q_stage), acc_s);
+      warpgroup_commit_batch();
+
+      // Row statistics of this thread's query rows, read while the products run.
+      float lse[kCols], delta[kCols];
+      const int64_t stats = (int64_t(b) * lg.heads + h) * lq;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kCols; ++j) {
+        const int row = row0 + int(get<1>(cS_mn(0, j)));
+        lse[j] = row < lq ? __ldg(lg.lse + stats + row) : 0.f;
+        delta[j] = row < lq ? __ldg(lg.delta + stats + row) : 0.f;
+      }
+
+      pipeline_inner.consumer_wait(smem_pipe_read_do);
+      Tensor acc_dp = partition_fragment_C(mma_nm, take<0, 2>(TileShapeNM{}));
+      warpgroup_fence_operand(acc_dp);
+      warpgroup_arrive();
+      gemm_zero_acc(mma_nm, tDPrV(_, _, _, smem_pipe_read_v.index()), tDPrDO(_, _, _, do_stage), acc_dp);
+      warpgroup_commit_batch();
+
+      // Pairs are tested one by one only where some may be dropped: the sequence ends or the causal diagonal.
+      bool check = row0 + kBlockM > lq || key0 + kWgKeys > lk;
+      if constexpr (kCausal) check = check || key0 + kWgKeys - 1 > row0 + causal_off;
+      uint32_t kept = 0xffffffffu;
+
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(acc_s);
+      math_wg_order_barrier.wait();
+      Tensor s_mn = make_tensor(acc_s.data(), layout_acc_mn(mma_nm, acc_s.layout()));
+      if (check) {
+        kept = 0u;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kKeys; ++i) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kCols; ++j) {
+            const int key = key0 + int(get<0>(cS_mn(i, j))), row = row0 + int(get<1>(cS_mn(i, j)));
+            bool keep = row < lq && key < lk;
+            if constexpr (kCausal) keep = keep && key <= row + causal_off;
+            kept |= uint32_t(keep) << (i * kCols + j);
+          }
+        }
+      }
+      // P = exp(s - lse) with s = scale * q.k, in natural units as the forward's lse (exact at the row's max).
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kKeys; ++i) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const bool keep = (kept >> (i * kCols + j)) & 1u;
+          s_mn(i, j) = keep ? exp2f((s_mn(i, j) * lg.scale - lse[j]) * kBwdLog2e) : 0.f;
+        }
+      }
+      math_wg_order_barrier.arrive();
+
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dp);
+      // dS = P (dP - delta), by select where the pair is dropped (its P = 0 may meet a NaN of dP or delta); scaled
+      // here so that dK and dQ come out scaled.
+      Tensor ds = make_fragment_like<Element>(acc_dp);
+      Tensor ds_mn = make_tensor(ds.data(), layout_acc_mn(mma_nm, ds.layout()));
+      Tensor dp_mn = make_tensor(acc_dp.data(), layout_acc_mn(mma_nm, acc_dp.layout()));
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kKeys; ++i) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const bool keep = (kept >> (i * kCols + j)) & 1u;
+          ds_mn(i, j) = static_cast<Element>(keep ? s_mn(i, j) * (dp_mn(i, j) - delta[j]) * lg.scale : 0.f);
+        }
+      }
+
+      // dV += P dO (P from registers).
+      Tensor op_p = make_acc_into_op<Element>(acc_s, typename TiledMmaND::LayoutA_TV{});
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(op_p);
+      warpgroup_arrive();
+      cute::gemm(mma_nd, op_p, tDVrDO(_, _, _, do_stage), acc_dv);
+      warpgroup_commit_batch();
+
+      // dS to shared memory: this warpgroup's half of the CTA's dS tile.
+      if (wg == 0) math_wg_order_barrier.wait();
+      auto as_pairs = [](auto t) { return recast<uint_bit_t<sizeof_bits_v<Element> * 2>>(t); };
+      auto tDPsDS_v = as_pairs(tDPsDS);
+      auto ds_v = as_pairs(ds);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(ds_v); ++i) tDPsDS_v(_, _, _, wg)(i) = ds_v(i);
+      cutlass::arch::fence_view_async_shared();
+      if (wg == 0) math_wg_order_barrier.arrive();
+
+      if (wg == 1) {
+        // dQ = dS K over both halves, once the first warpgroup's dS is in shared memory; then dK += dS Q.
+        math_wg_order_barrier.wait();
+        Tensor acc_dq = partition_fragment_C(mma_md, take<0, 2>(TileShapeMD{}));
+        warpgroup_fence_operand(acc_dq);
+        warpgroup_arrive();
+        gemm_zero_acc(mma_md, tDQrDS(_, _, _, 0), tDQrK(_, _, _, smem_pipe_read_k_other.index()), acc_dq);
+        cute::gemm(mma_md, tDQrDS(_, _, _, 1), tDQrK(_, _, _, smem_pipe_read_k.index()), acc_dq);
+        warpgroup_commit_batch();
+        warpgroup_fence_operand(acc_dk);
+        warpgroup_arrive();
+        cute::gemm(TiledMmaND_SS{}, tDKrDS(_, _, _, wg), tDKrQ(_, _, _, q_stage), acc_dk);
+        warpgroup_commit_batch();
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(acc_dq);
+        math_wg_order_barrier.arrive();
+
+        pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+        using Vec = uint_bit_t<sizeof_bits_v<float> * 2>;
+        auto dst = recast<Vec>(tDQsDQ(_, _, _, smem_pipe_write_reducer.index()));
+        auto src = recast<Vec>(acc_dq);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(src); ++i) dst(i) = src(i);
+        cutlass::arch::fence_view_async_shared();
+        pipeline_reducer.producer_commit(smem_pipe_write_reducer);
+        ++smem_pipe_write_reducer;
+      } else {
+        warpgroup_fence_operand(acc_dk);
+        warpgroup_arrive();
+        cute::gemm(TiledMmaND_SS{}, tDKrDS(_, _, _, wg), tDKrQ(_, _, _, q_stage), acc_dk);
+        warpgroup_commit_batch();
+        // Keeps the reducer pipeline's arrival count (both warpgroups) whole.
+        pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+        pipeline_reducer.producer_commit(smem_pipe_write_reducer);
+        ++smem_pipe_write_reducer;
+      }
+      // dV and dK of this trip have read Q and dO: release their stages.
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(acc_dk);
+      pipeline_inner.consumer_release(smem_pipe_release_inner);
+      ++smem_pipe_release_inner;
+      pipeline_inner.consumer_release(smem_pipe_release_inner);
+      ++smem_pipe_release_inner;
+    }
+
+    pipeline_outer.consumer_release(smem_pipe_read_k);
+    pipeline_outer.consumer_release(smem_pipe_read_outer);
+    pipeline_reducer.producer_tail(smem_pipe_write_reducer);
+    ++smem_pipe_read_outer;
+    return make_tuple(acc_dk, acc_dv);
+  }
+};
+
+}  // namespace dmattn::sm90

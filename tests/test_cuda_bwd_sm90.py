@@ -1,0 +1,123 @@
+"""The Hopper backward (csrc/cuda/sm90/): calls without a mask, a bias or softcap, deterministic=False, D in 64 / 128,
+on a compute-capability-9.0 GPU.
+
+Every case runs twice, through the default route and with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80),
+against the float64 oracle (all three gradients, dlse folded); each route must really reach the kernels it names on
+such a device (the Hopper backward's launch counter moves or not). Covers both dtypes, GQA, Lq != Lk both ways
+(bottom-right causal, rows with no key), odd lengths, one query row, one key, and the calls it leaves to the sm80
+kernels (a bias, softcap, deterministic, D = 96 / 256). Inputs with an inf or NaN in q, dout or k go through the
+Hopper route's scan to the sm80 main kernel: the gradients match the forced sm80 route's, NaN for NaN.
+
+GPU only (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import cuda_targets_on_gpu  # noqa: E402
+from test_cuda_bwd import BF16, F16, check_against_oracle, make_case, oracle_fwd, run_bwd  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_bwd_cuda"),
+                                                  reason="needs a GPU and the CUDA kernels")]
+
+
+def hopper_available():
+    from jax_dmattn import _ffi
+
+    dev = jax.devices()[0]
+    return _ffi.kernel_facts()["sm90_built"] and getattr(dev, "compute_capability", None) == "9.0"
+
+
+def launches():
+    from jax_dmattn import _ffi
+
+    return _ffi.extension().sm90_bwd_launches()
+
+
+def hopper_head_dims():
+    from jax_dmattn import _ffi
+
+    return _ffi.kernel_facts()["sm90_bwd_head_dims"]
+
+
+@pytest.fixture(params=["default", "sm80"])
+def route(request, monkeypatch):
+    if request.param == "default":
+        monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", request.param)
+    return request.param
+
+
+# (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (shape code, dtype name) or None, mask code or None)
+SERVED = [
+    (1, 256, 256, 4, 1, 128, BF16, True, 0.0, None, None),
+    (2, 300, 300, 8, 2, 128, BF16, True, 0.0, None, None),       # GQA 4, odd length
+    (1, 1000, 1000, 4, 4, 64, F16, True, 0.0, None, None),
+    (2, 77, 203, 4, 2, 128, F16, True, 0.0, None, None),         # Lq < Lk
+    (1, 333, 129, 2, 1, 64, BF16, True, 0.0, None, None),        # Lq > Lk: the top rows see no key
+    (1, 129, 517, 6, 3, 128, BF16, False, 0.0, None, None),
+    (3, 1, 700, 4, 2, 128, BF16, True, 0.0, None, None),         # one query row
+    (1, 513, 1, 2, 2, 64, BF16, False, 0.0, None, None),         # one key
+    (1, 640, 384, 2, 2, 64, F16, False, 0.0, None, None),
+]
+LEFT_TO_SM80 = [
+    (2, 200, 200, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), None),   # a bias
+    (1, 128, 256, 4, 4, 64, BF16, False, 30.0, None, None),              # softcap
+    (1, 190, 260, 4, 2, 96, BF16, True, 0.0, None, None),                # D = 96
+    (1, 150, 170, 2, 2, 256, F16, True, 0.0, None, None),                # D = 256
+    (2, 100, 100, 4, 2, 64, F16, False, 0.0, None, "BHMN"),              # a mask
+]
+
+
+@pytest.mark.parametrize("case", SERVED + LEFT_TO_SM80,
+                         ids=[f"served{i}" for i in range(len(SERVED))] + [f"sm80_{i}" for i in range(len(LEFT_TO_SM80))])
+def test_backward_matches_oracle(case, route):
+    before = launches()
+    check_against_oracle(case)
+    served = launches() > before
+    d = case[5]
+    hopper = hopper_available() and route == "default" and case in SERVED and d in hopper_head_dims()
+    assert served == hopper, f"route {route}: the Hopper backward {'did not serve' if hopper else 'served'} the call"
+
+
+def test_deterministic_stays_on_sm80_kernels():
+    before = launches()
+    check_against_oracle((1, 200, 200, 4, 2, 128, BF16, True, 0.0, None, None), deterministic=True)
+    assert launches() == before
+
+
+@pytest.mark.parametrize("where", ["q", "dout", "k", "v"])
+def test_nonfinite_inputs_match_the_sm80_route(where, monkeypatch):
+    """An inf or NaN in q, dout or k sets the scan's word and the sm80 main kernel does the work; one in v needs no
+    fallback (v enters only dP, whose dropped pairs are zeroed by select). Either way the gradients are those of the
+    forced sm80 route: NaN exactly where it is NaN, the rest close."""
+    b, lq, lk, h, hkv, d = 1, 200, 230, 4, 2, 128
+    q, k, v, _, _, dout, dlse = make_case(11, b, lq, lk, h, hkv, d, BF16, None, None)
+    x = {"q": q, "dout": dout, "k": k, "v": v}[where]
+    x = x.at[0, 37, 0, 5].set(np.nan).at[0, 150, 1, 9].set(np.inf)
+    args = {"q": q, "k": k, "v": v, "dout": dout}
+    args[where] = x
+    scale = d ** -0.5
+    out, lse = oracle_fwd(args["q"], args["k"], args["v"], None, None, scale=scale, softcap=0.0, is_causal=True,
+                          dtype=BF16)
+    call = lambda: run_bwd(args["q"], args["k"], args["v"], None, None, out, lse, args["dout"], dlse, scale=scale,
+                           softcap=0.0, is_causal=True, deterministic=False)
+    monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
+    got = call()
+    monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", "sm80")
+    want = call()
+    for name, g, w in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert (np.isnan(g) == np.isnan(w)).all(), name
+        assert (np.isinf(g) == np.isinf(w)).all(), name
+        fin = np.isfinite(w)
+        assert fin.any(), name
+        err = np.linalg.norm(g[fin] - w[fin]) / max(np.linalg.norm(w[fin]), 1e-30)
+        assert err < 2e-2, f"{name}: rel err {err:.3e}"
