@@ -97,7 +97,7 @@ def test_deterministic_stays_on_sm80_kernels():
 def test_nonfinite_inputs_match_the_sm80_route(where, monkeypatch):
     """An inf or NaN in q, dout or k sets the scan's word and the sm80 main kernel does the work; one in v needs no
     fallback (v enters only dP, whose dropped pairs are zeroed by select). Either way the gradients are those of the
-    forced sm80 route: NaN exactly where it is NaN, the rest close."""
+    forced sm80 route: NaN and inf exactly where they are, the finite rest close."""
     b, lq, lk, h, hkv, d = 1, 200, 230, 4, 2, 128
     q, k, v, _, _, dout, dlse = make_case(11, b, lq, lk, h, hkv, d, BF16, None, None)
     x = {"q": q, "dout": dout, "k": k, "v": v}[where]
@@ -117,7 +117,7 @@ def test_nonfinite_inputs_match_the_sm80_route(where, monkeypatch):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert (np.isnan(g) == np.isnan(w)).all(), name
         assert (np.isinf(g) == np.isinf(w)).all(), name
-        fin = np.isfinite(w)
-        assert fin.any(), name
-        err = np.linalg.norm(g[fin] - w[fin]) / max(np.linalg.norm(w[fin]), 1e-30)
-        assert err < 2e-2, f"{name}: rel err {err:.3e}"
+        fin = np.isfinite(w)  # a NaN of k reaches every dk: the rows that see it have a NaN delta
+        if fin.any():
+            err = np.linalg.norm(g[fin] - w[fin]) / max(np.linalg.norm(w[fin]), 1e-30)
+            assert err < 2e-2, f"{name}: rel err {err:.3e}"
