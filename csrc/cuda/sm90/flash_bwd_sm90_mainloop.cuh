@@ -361,15 +361,16 @@ struct BwdMainloop
       gemm_zero_acc(mma_nm, tSrK(_, _, _, smem_pipe_read_k.index()), tSrQ(_, _, _, q_stage), acc_s);
       warpgroup_commit_batch();
 
-      // Row statistics of this thread's query rows, read while the products run.
-      float lse[kCols], delta[kCols];
+      // Row statistics of this thread's query rows (L2-resident), read while the products run: lse now, delta once
+      // P is done (it is needed only for dS, and fewer registers are live across P that way).
       const int64_t stats = (int64_t(b) * lg.heads + h) * lq;
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kCols; ++j) {
+      auto row_stat = [&](const float* x, int j) {
         const int row = row0 + int(get<1>(cS_mn(0, j)));
-        lse[j] = row < lq ? __ldg(lg.lse + stats + row) : 0.f;
-        delta[j] = row < lq ? __ldg(lg.delta + stats + row) : 0.f;
-      }
+        return row < lq ? __ldg(x + stats + row) : 0.f;
+      };
+      float lse[kCols];
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kCols; ++j) lse[j] = row_stat(lg.lse, j);
 
       pipeline_inner.consumer_wait(smem_pipe_read_do);
       Tensor acc_dp = partition_fragment_C(mma_nm, take<0, 2>(TileShapeNM{}));
@@ -383,7 +384,7 @@ struct BwdMainloop
       if constexpr (kCausal) check = check || key0 + kWgKeys - 1 > row0 + causal_off;
       uint32_t kept = 0xffffffffu;
 
-      warpgroup_wait<1>();
+      warpgroup_wait<1>();  // this trip's S
       warpgroup_fence_operand(acc_s);
       math_wg_order_barrier.wait();
       Tensor s_mn = make_tensor(acc_s.data(), layout_acc_mn(mma_nm, acc_s.layout()));
@@ -410,6 +411,9 @@ struct BwdMainloop
         }
       }
       math_wg_order_barrier.arrive();
+      float delta[kCols];
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kCols; ++j) delta[j] = row_stat(lg.delta, j);
 
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_dp);
@@ -481,7 +485,8 @@ struct BwdMainloop
         pipeline_reducer.producer_commit(smem_pipe_write_reducer);
         ++smem_pipe_write_reducer;
       }
-      // dV and dK of this trip have read Q and dO: release their stages.
+      // dV and dK of this trip have read its Q and dO: release their stages. (Releasing them one trip later instead,
+      // so that dK overlaps the next trip's S, keeps more registers live and spilled 140-176 bytes: ptxas, D = 128.)
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_dv);
       warpgroup_fence_operand(acc_dk);
