@@ -1,11 +1,12 @@
-"""The Hopper backward (csrc/cuda/sm90/): calls without a mask, a bias or softcap, deterministic=False, D in 64 / 128,
-on a compute-capability-9.0 GPU.
+"""The Hopper backward (csrc/cuda/sm90/): calls without a mask or softcap, with no bias or one constant along query
+rows (the paper's per-key bias and its broadcasts, dbias included), deterministic=False, D in 64 / 128, on a
+compute-capability-9.0 GPU.
 
 Every case runs twice, through the default route and with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80),
 against the float64 oracle (all three gradients, dlse folded); each route must really reach the kernels it names on
 such a device (the Hopper backward's launch counter moves or not). Covers both dtypes, GQA, Lq != Lk both ways
 (bottom-right causal, rows with no key), odd lengths, one query row, one key, and the calls it leaves to the sm80
-kernels (a bias, softcap, deterministic, D = 96 / 256). Inputs with an inf or NaN in q, dout or k go through the
+kernels (a bias with query rows, softcap, deterministic, D = 96 / 256, a mask), and a per-key bias with -inf keys. Inputs with an inf or NaN in q, dout or k go through the
 Hopper route's scan to the sm80 main kernel: the gradients match the forced sm80 route's, NaN for NaN.
 
 GPU only (skipped elsewhere).
@@ -21,7 +22,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import cuda_targets_on_gpu  # noqa: E402
-from test_cuda_bwd import BF16, F16, check_against_oracle, make_case, oracle_fwd, run_bwd  # noqa: E402
+import oracle  # noqa: E402
+from test_cuda_bwd import (BF16, F16, TOL, check_against_oracle, make_case, oracle_fwd, rel_err,  # noqa: E402
+                           run_bwd)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_bwd_cuda"),
                                                   reason="needs a GPU and the CUDA kernels")]
@@ -66,9 +69,14 @@ SERVED = [
     (3, 1, 700, 4, 2, 128, BF16, True, 0.0, None, None),         # one query row
     (1, 513, 1, 2, 2, 64, BF16, False, 0.0, None, None),         # one key
     (1, 640, 384, 2, 2, 64, F16, False, 0.0, None, None),
+    (2, 300, 300, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), None),   # the paper's per-key bias: dbias direct
+    (2, 200, 333, 8, 2, 64, F16, True, 0.0, ("1H1N", "f16"), None),      # per query head, batch-broadcast: fp32 sums
+    (1, 260, 1000, 2, 1, 128, BF16, True, 0.0, ("111N", "f32"), None),   # one f32 row for all heads
+    (3, 1, 700, 4, 2, 128, BF16, True, 0.0, ("B11N", "bf16"), None),     # one query row, head-broadcast bias
+    (1, 150, 170, 4, 4, 64, BF16, False, 0.0, ("BH11", "f32"), None),    # constant per head: dbias exactly 0
 ]
 LEFT_TO_SM80 = [
-    (2, 200, 200, 8, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), None),   # a bias
+    (2, 200, 200, 8, 2, 128, BF16, True, 0.0, ("BKMN", "bf16"), None),   # a bias with query rows
     (1, 128, 256, 4, 4, 64, BF16, False, 30.0, None, None),              # softcap
     (1, 190, 260, 4, 2, 96, BF16, True, 0.0, None, None),                # D = 96
     (1, 150, 170, 2, 2, 256, F16, True, 0.0, None, None),                # D = 256
@@ -91,6 +99,33 @@ def test_deterministic_stays_on_sm80_kernels():
     before = launches()
     check_against_oracle((1, 200, 200, 4, 2, 128, BF16, True, 0.0, None, None), deterministic=True)
     assert launches() == before
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_minus_inf_key_bias_drops_keys(dtype, route):
+    """A -inf per-key bias drops its key in every row (P and dS exactly 0 there, also for rows that keep no key):
+    gradients against the oracle, dbias exactly 0 at the dropped keys."""
+    b, lq, lk, h, hkv, d = 2, 190, 260, 4, 2, 128
+    q, k, v, _, _, dout, dlse = make_case(5, b, lq, lk, h, hkv, d, dtype, None, None)
+    rng = np.random.default_rng(6)
+    bias = rng.standard_normal((b, hkv, 1, lk)).astype(np.float32)
+    bias[rng.random(bias.shape) < 0.3] = -np.inf
+    bias[1, 0, 0, :100] = -np.inf  # batch 1, kv head 0: the first rows keep no key under causality
+    bias = jax.numpy.asarray(bias)
+    scale = d ** -0.5
+    out, lse = oracle_fwd(q, k, v, bias, None, scale=scale, softcap=0.0, is_causal=True, dtype=dtype)
+    before = launches()
+    dq, dk, dv, dbias = run_bwd(q, k, v, bias, None, out, lse, dout, dlse, scale=scale, softcap=0.0, is_causal=True,
+                                deterministic=False)
+    assert (launches() > before) == (hopper_available() and route == "default")
+    kw = dict(scale=scale, is_causal=True, dlse=np.asarray(dlse))
+    ref = oracle.oracle_grads(q, k, v, bias, None, dout, **kw)
+    mag = oracle.oracle_grads(q, k, v, bias, None, dout, magnitude=True, **kw)
+    for name, got, exp, m in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, dbias), ref, mag):
+        assert rel_err(got, exp, floor=0.02 * np.linalg.norm(m)) < TOL[dtype], name
+    assert (np.asarray(dbias)[np.isneginf(np.asarray(bias))] == 0).all()
+    dropped = np.isneginf(np.asarray(bias))[:, :, 0, :].transpose(0, 2, 1)  # [B, Lk, Hkv]
+    assert (np.asarray(dk, np.float32)[dropped] == 0).all() and (np.asarray(dv, np.float32)[dropped] == 0).all()
 
 
 @pytest.mark.parametrize("where", ["q", "dout", "k", "v"])

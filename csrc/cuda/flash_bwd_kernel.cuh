@@ -21,7 +21,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
-#include "cuda/bias_load.cuh"
+#include "cuda/bias_element.cuh"
 #include "cuda/flash_bwd.h"
 #include "cuda/smem_limit.cuh"
 #include "cuda/smem_tiles.cuh"
@@ -88,16 +88,6 @@ struct Traits {
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
-
-__device__ __forceinline__ void store_bias(void* base, int64_t off, DType dtype, float v) {
-  if (dtype == DType::kBF16) {
-    static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v);
-  } else if (dtype == DType::kF16) {
-    static_cast<__half*>(base)[off] = __float2half_rn(v);
-  } else {
-    static_cast<float*>(base)[off] = v;
-  }
-}
 
 // Two adjacent elements (even column) of a row-major [.., D] tensor in the input dtype.
 template <class Elem>
@@ -184,7 +174,7 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
         if (keep && has_bias) {
           const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
                                                  int64_t(col) * p.bias_col_stride, p.bias_dtype);
-          x = bv == -INFINITY ? -INFINITY : x + bv;
+          x = add_bias(x, bv);
         }
         keep = keep && x != -INFINITY && lse[r] != -INFINITY;
         s(r, c + e) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;

@@ -19,7 +19,7 @@
 
 #include <climits>
 
-#include "cuda/bias_load.cuh"
+#include "cuda/bias_element.cuh"
 #include "cuda/bwd_fixed_point.cuh"
 #include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (load_row_stats, store_pair, ...)
 #include "cuda/flash_bwd_key_list.h"
@@ -163,7 +163,7 @@ __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS co
       } else {
         x *= p.scale;
       }
-      x = bias == -INFINITY ? -INFINITY : x + bias;  // a -inf bias drops the key whatever q.k is
+      x = add_bias(x, bias);
       const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r] &&
                         x != -INFINITY && lse[r] != -INFINITY;
       s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;

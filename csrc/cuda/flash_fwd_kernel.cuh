@@ -18,7 +18,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
-#include "cuda/bias_load.cuh"
+#include "cuda/bias_element.cuh"
 #include "cuda/flash_fwd.h"
 #include "cuda/smem_tiles.cuh"
 #include "cuda/tile_classes.h"
@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
       for (int c = 0; c < kCols; ++c) {
         const float bk = smem_bias_value(buf, get<1>(cS(0, c)));
         CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) s(r, c) = bk == -INFINITY ? -INFINITY : s(r, c) + bk;
+        for (int r = 0; r < kRows; ++r) s(r, c) = add_bias(s(r, c), bk);
       }
     } else if (has_bias) {
       CUTE_UNROLL
@@ -489,7 +489,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
           if (row < q_len && col < kv_len) {
             const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
                                                    int64_t(col) * p.bias_col_stride, p.bias_dtype);
-            s(r, c) = bv == -INFINITY ? -INFINITY : s(r, c) + bv;
+            s(r, c) = add_bias(s(r, c), bv);
           }
         }
       }

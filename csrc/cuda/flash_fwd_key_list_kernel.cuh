@@ -13,7 +13,7 @@
 // issued (its indices were loaded into registers before the Q K^T product) -> scores, softmax, P V.
 #pragma once
 
-#include "cuda/bias_load.cuh"
+#include "cuda/bias_element.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       for (int cc = 0; cc < kCols; ++cc) {
         const float bk = kb[get<1>(cS(0, cc))];
         CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) s(r, cc) = bk == -INFINITY ? -INFINITY : s(r, cc) + bk;
+        for (int r = 0; r < kRows; ++r) s(r, cc) = add_bias(s(r, cc), bk);
       }
     } else if (has_bias) {
       CUTE_UNROLL
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
           if (row < q_len && key >= 0) {
             const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
                                                    int64_t(key) * p.bias_col_stride, p.bias_dtype);
-            s(r, cc) = bv == -INFINITY ? -INFINITY : s(r, cc) + bv;
+            s(r, cc) = add_bias(s(r, cc), bv);
           }
         }
       }

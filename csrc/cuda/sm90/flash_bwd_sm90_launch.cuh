@@ -35,10 +35,10 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
   op(params, smem);
 }
 
-template <int kHeadDim, bool kIsBF16, bool kCausal>
+template <int kHeadDim, bool kIsBF16, bool kCausal, bool kBias>
 struct BwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
-  using Mainloop = BwdMainloop<Element, BwdTileShape<kHeadDim>, kCausal>;
+  using Mainloop = BwdMainloop<Element, BwdTileShape<kHeadDim>, kCausal, kBias>;
   using Epilogue = cutlass::fmha::collective::FmhaBwdEpilogueKV<Element, float, typename Mainloop::TileShapePV>;
   // Grid (key tiles, B, Hkv); key tile 0 first, the one that most query tiles see under causality.
   using Scheduler = cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>;
@@ -63,6 +63,14 @@ struct BwdKernel {
     consumer.heads = p.heads;
     consumer.group = p.group;
     consumer.nonfinite = p.nonfinite;
+    consumer.bias = p.bias;
+    consumer.bias_dtype = p.bias_dtype;
+    consumer.bias_batch_stride = p.bias_batch_stride, consumer.bias_head_stride = p.bias_head_stride;
+    consumer.bias_col_stride = p.bias_col_stride;
+    consumer.bias_hdiv = p.bias_hdiv;
+    consumer.dbias = p.dbias;
+    consumer.dbias_accum = p.dbias_accum;
+    consumer.dbias_mode = p.dbias_mode;
     typename Kernel::Arguments args{
         problem,
         {static_cast<const Element*>(p.q), q_strides, static_cast<const Element*>(p.k), k_strides,
@@ -83,8 +91,11 @@ namespace dmattn {
 
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
-  return p.is_causal ? sm90::BwdKernel<kHeadDim, kIsBF16, true>::run(p, stream)
-                     : sm90::BwdKernel<kHeadDim, kIsBF16, false>::run(p, stream);
+  if (p.bias != nullptr)
+    return p.is_causal ? sm90::BwdKernel<kHeadDim, kIsBF16, true, true>::run(p, stream)
+                       : sm90::BwdKernel<kHeadDim, kIsBF16, false, true>::run(p, stream);
+  return p.is_causal ? sm90::BwdKernel<kHeadDim, kIsBF16, true, false>::run(p, stream)
+                     : sm90::BwdKernel<kHeadDim, kIsBF16, false, false>::run(p, stream);
 }
 
 }  // namespace dmattn

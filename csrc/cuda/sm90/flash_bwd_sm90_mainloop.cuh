@@ -1,5 +1,6 @@
-// Hopper (sm_90a) backward mainloop for the calls without a mask and without a bias: plain and bottom-right causal
-// attention, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's Hopper FMHA backward collective, included from the
+// Hopper (sm_90a) backward mainloop for the calls without a mask: plain and bottom-right causal attention, a bias
+// constant along query rows (the paper's per-key bias [B, Hkv, 1, Lk] and its broadcasts) with its dbias, GQA,
+// Lq != Lk, odd lengths. It builds on CUTLASS's Hopper FMHA backward collective, included from the
 // nvidia-cutlass wheel's examples/88_hopper_fmha (never copied here): its shared-memory layouts, pipelines and tiled
 // MMAs, and its kernel (a producer warpgroup whose warps load by TMA and reduce dQ, two consumer warpgroups of 64
 // keys each, register reallocation, and the dK / dV epilogue by TMA store). What this file adds is the schedule of
@@ -16,6 +17,8 @@
 #include "collective/fmha_collective_bwd_tma_warpspecialized.hpp"
 #include "collective/fmha_common.hpp"
 #include "collective/fmha_fusion.hpp"
+#include "cuda/bias_element.cuh"
+#include "cuda/flash_bwd.h"
 
 namespace dmattn::sm90 {
 
@@ -49,12 +52,26 @@ struct BwdConsumer {
   const float* delta = nullptr;  // [B, H, Lq], rowsum(dout * out) - dlse
   float scale = 1.f;
   int heads = 1, group = 1;
+  // A bias constant along query rows, nullptr: none. Bias head of query head h: h / bias_hdiv.
+  const void* bias = nullptr;
+  DType bias_dtype = DType::kF32;
+  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_col_stride = 0;
+  int bias_hdiv = 1;
+  // Its gradient, the column sums of dS (DbiasMode of flash_bwd.h): stored in the bias dtype when one CTA holds all
+  // of a column's terms (kDbiasDirect: the bias head is then the same for all query heads of the CTA's kv head),
+  // else added in fp32 to dbias_accum (kDbiasAccum).
+  void* dbias = nullptr;
+  float* dbias_accum = nullptr;
+  int dbias_mode = kDbiasNone;
   // Set by the non-finite scan (flash_bwd_dispatch.cu) when q, dout or k holds an inf or NaN: the kernel then does
   // nothing and the sm80 main kernel, which handles those, runs instead.
   const uint32_t* nonfinite = nullptr;
 };
 
-template <class Element, class TileShape_, bool kCausal>
+// kBias: a bias constant along rows is read (and its dbias summed). A template flag, since its registers would
+// otherwise cost the calls without one (ptxas sm_90a, D = 128, non-causal / causal: 0 / 36 bytes of spills without
+// a bias, 84 / 92 with one; 128 / 152 for both with the bias as a run-time branch).
+template <class Element, class TileShape_, bool kCausal, bool kBias>
 struct BwdMainloop
     : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<
           Element, float, TileShape_,
@@ -341,8 +358,38 @@ struct BwdMainloop
     Tensor cS_mn = make_tensor(cS.data(), layout_acc_mn(mma_nm, cS.layout()));
     constexpr int kKeys = decltype(size<0>(cS_mn))::value;  // keys per thread
     constexpr int kCols = decltype(size<1>(cS_mn))::value;  // query rows per thread
-    static_assert(kKeys * kCols <= 32, "kept bits fit one word");
+    static_assert(kKeys * kCols <= 32 && kCols < 32, "kept bits fit one word");
     const int causal_off = lk - lq;
+
+    // The bias of this thread's keys (one value per key: the bias is constant along rows), and its gradient's
+    // partial column sums, added over trips while the bias head stays the same and flushed when it changes.
+    constexpr bool has_bias = kBias;
+    const bool has_dbias = kBias && lg.dbias_mode != kDbiasNone;
+    auto bias_base = [&](int t) {
+      return int64_t(b) * lg.bias_batch_stride + int64_t(trips.head(kv_head, t) / lg.bias_hdiv) * lg.bias_head_stride;
+    };
+    float col_sum[kKeys];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kKeys; ++i) col_sum[i] = 0.f;
+    const auto quad = cutlass::fmha::collective::reduction_target_n(mma_nm);
+    auto flush_dbias = [&](int64_t base) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kKeys; ++i) {
+        float v = col_sum[i];
+        for_each(make_seq<decltype(rank(quad))::value>{}, [&](auto r) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int step = 1; step < shape<r>(quad); step *= 2)
+            v += __shfl_xor_sync(0xffffffffu, v, stride<r>(quad) * step);
+        });
+        col_sum[i] = 0.f;
+        const int key = key0 + int(get<0>(cS_mn(i, 0)));
+        if (get<1>(cS_mn(0, 0)) == 0 && key < lk) {  // one thread of those holding the key
+          const int64_t off = base + int64_t(key) * lg.bias_col_stride;
+          if (lg.dbias_mode == kDbiasDirect) store_bias(lg.dbias, off, lg.bias_dtype, v);
+          else atomicAdd(lg.dbias_accum + off, v);
+        }
+      }
+    };
 
     CUTLASS_PRAGMA_NO_UNROLL
     for (int t = 0; t < trips.count; ++t) {
@@ -371,6 +418,15 @@ struct BwdMainloop
       float lse[kCols];
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < kCols; ++j) lse[j] = row_stat(lg.lse, j);
+      float key_bias[kKeys];
+      if constexpr (has_bias) {
+        const int64_t base = bias_base(t);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kKeys; ++i) {  // keys past Lk read an in-range element; they are dropped below
+          const int key = min(key0 + int(get<0>(cS_mn(i, 0))), lk - 1);
+          key_bias[i] = load_bias(lg.bias, base + int64_t(key) * lg.bias_col_stride, lg.bias_dtype);
+        }
+      }
 
       pipeline_inner.consumer_wait(smem_pipe_read_do);
       Tensor acc_dp = partition_fragment_C(mma_nm, take<0, 2>(TileShapeNM{}));
@@ -401,13 +457,21 @@ struct BwdMainloop
           }
         }
       }
-      // P = exp(s - lse) with s = scale * q.k, in natural units as the forward's lse (exact at the row's max).
+      if constexpr (has_bias) {  // a -inf bias drops its key in every row
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kKeys; ++i)
+          if (key_bias[i] == -INFINITY) kept &= ~(((1u << kCols) - 1u) << (i * kCols));
+      }
+      // P = exp(s - lse) with s = scale * q.k + bias, in natural units as the forward's lse (exact at the row's
+      // max).
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kKeys; ++i) {
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kCols; ++j) {
           const bool keep = (kept >> (i * kCols + j)) & 1u;
-          s_mn(i, j) = keep ? exp2f((s_mn(i, j) * lg.scale - lse[j]) * kBwdLog2e) : 0.f;
+          float x = s_mn(i, j) * lg.scale;
+          if constexpr (has_bias) x += key_bias[i];
+          s_mn(i, j) = keep ? exp2f((x - lse[j]) * kBwdLog2e) : 0.f;
         }
       }
       math_wg_order_barrier.arrive();
@@ -417,8 +481,8 @@ struct BwdMainloop
 
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_dp);
-      // dS = P (dP - delta), by select where the pair is dropped (its P = 0 may meet a NaN of dP or delta); scaled
-      // here so that dK and dQ come out scaled.
+      // dS = P (dP - delta), by select where the pair is dropped (its P = 0 may meet a NaN of dP or delta); dbias
+      // sums it over rows; scaled for the products, so that dK and dQ come out scaled.
       Tensor ds = make_fragment_like<Element>(acc_dp);
       Tensor ds_mn = make_tensor(ds.data(), layout_acc_mn(mma_nm, ds.layout()));
       Tensor dp_mn = make_tensor(acc_dp.data(), layout_acc_mn(mma_nm, acc_dp.layout()));
@@ -427,9 +491,12 @@ struct BwdMainloop
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kCols; ++j) {
           const bool keep = (kept >> (i * kCols + j)) & 1u;
-          ds_mn(i, j) = static_cast<Element>(keep ? s_mn(i, j) * (dp_mn(i, j) - delta[j]) * lg.scale : 0.f);
+          const float d = keep ? s_mn(i, j) * (dp_mn(i, j) - delta[j]) : 0.f;
+          if (has_dbias) col_sum[i] += d;
+          ds_mn(i, j) = static_cast<Element>(d * lg.scale);
         }
       }
+      if (has_dbias && (t + 1 == trips.count || bias_base(t + 1) != bias_base(t))) flush_dbias(bias_base(t));
 
       // dV += P dO (P from registers).
       Tensor op_p = make_acc_into_op<Element>(acc_s, typename TiledMmaND::LayoutA_TV{});

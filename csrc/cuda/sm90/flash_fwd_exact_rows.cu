@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/bias_load.cuh"
+#include "cuda/bias_element.cuh"
 #include "cuda/sm90/flash_fwd_sm90.h"
 
 namespace dmattn {
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
           const int64_t off = b * p.bias_batch_stride + int64_t(h / p.bias_hdiv) * p.bias_head_stride +
                               int64_t(i) * p.bias_row_stride + int64_t(j) * p.bias_col_stride;
           const float bv = load_bias(p.bias, off, p.bias_dtype);
-          s = bv == -INFINITY ? -INFINITY : s + bv;
+          s = add_bias(s, bv);
         }
         if (s == -INFINITY) continue;  // a dropped key contributes nothing, whatever its values
         const float m_new = fmaxf(m, s);

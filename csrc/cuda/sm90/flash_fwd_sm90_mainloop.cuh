@@ -15,7 +15,7 @@
 
 #include "collective/fmha_collective_tma_warpspecialized.hpp"
 #include "collective/fmha_common.hpp"
-#include "cuda/bias_load.cuh"
+#include "cuda/bias_element.cuh"
 
 namespace dmattn::sm90 {
 
@@ -149,10 +149,6 @@ struct FwdMainloop
   template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer>
   CUTLASS_DEVICE void reduce(BlkCoord const&, Params const&, ProblemShape const&, PipelineReducer&,
                              PipelineStateReducer&, SharedStorage&) {}
-
-  CUTLASS_DEVICE static float add_bias(float logit, float bias) {
-    return bias == -INFINITY ? -INFINITY : logit + bias;  // -inf masks the key even where q.k is inf or NaN
-  }
 
   // Logits of one QK^T tile in place, in natural units as the backward recomputes them: scale or softcap, bias,
   // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk or (causal) after the

@@ -1,0 +1,49 @@
+// One element of a bias or dbias stored in its own dtype (f32, bf16, f16: DType of attention_params.h, as FwdParams
+// and BwdParams carry it): read through the read-only cache as fp32 (the template serves loops that dispatch on the
+// dtype once, outside the loop; the runtime form dispatches per element), stored rounded to nearest, and added to
+// a logit by the rule every kernel shares.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention_params.h"
+
+namespace dmattn {
+
+template <DType kDtype>
+__device__ __forceinline__ float load_bias(const void* base, int64_t off) {
+  if constexpr (kDtype == DType::kBF16) {
+    const uint16_t bits = __ldg(static_cast<const unsigned short*>(base) + off);
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  } else if constexpr (kDtype == DType::kF16) {
+    return __half2float(__ldg(static_cast<const __half*>(base) + off));
+  } else {
+    return __ldg(static_cast<const float*>(base) + off);
+  }
+}
+
+__device__ __forceinline__ float load_bias(const void* base, int64_t off, DType dtype) {
+  if (dtype == DType::kBF16) return load_bias<DType::kBF16>(base, off);
+  if (dtype == DType::kF16) return load_bias<DType::kF16>(base, off);
+  return load_bias<DType::kF32>(base, off);
+}
+
+__device__ __forceinline__ void store_bias(void* base, int64_t off, DType dtype, float v) {
+  if (dtype == DType::kBF16) {
+    static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v);
+  } else if (dtype == DType::kF16) {
+    static_cast<__half*>(base)[off] = __float2half_rn(v);
+  } else {
+    static_cast<float*>(base)[off] = v;
+  }
+}
+
+// A -inf bias drops the key whatever the logit is (even an inf or NaN q.k).
+__device__ __forceinline__ float add_bias(float logit, float bias) {
+  return bias == -INFINITY ? -INFINITY : logit + bias;
+}
+
+}  // namespace dmattn
