@@ -48,7 +48,7 @@ LENGTH_CASES = ("standard", "topk_compact")
 PASSES = ("fwd", "fwd+bwd")
 SERIES_IMPLS = ("jax_dmattn", "cudnn_bias", "cudnn_nobias")
 # block_sparse_1/4 is not among them: its only 16K rows are from kernels this package no longer has.
-BAR_CASES = ("standard", "paper", "block_sparse_1/16", "dense_mask", "topk_compact")
+BAR_CASES = ("standard", "paper", "block_sparse_1/16", "dense_mask", "topk_compact", "plain", "bias_only")
 BAR_IMPLS = ("jax_dmattn", "jax_dmattn_det", "cudnn_bias", "cudnn_nobias")
 BAR_L = 16384
 LABELS = {
