@@ -20,7 +20,9 @@ A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has n
 
 Impls: jax_dmattn (jax_dmattn.attention, implementation as given, default "cuda"), jax_dmattn_det (the same with
 deterministic=True; not the forward), jax_dmattn_sm80 (the same with the sm80 kernels forced on every device:
-JAX_DMATTN_CUDA_KERNELS=sm80 while the row runs, to compare with the Hopper forward in one run), jax_dmattn_tiles (forward only, bool masks only: the CUDA forward with the tile-class pre-pass instead of the live-key lists, called directly), cudnn_bias (jax.nn.dot_product_attention,
+JAX_DMATTN_CUDA_KERNELS=sm80 while the row runs, to compare with the Hopper kernels in one run), jax_dmattn_tiles
+(forward only, bool masks only: the CUDA forward with the tile-class pre-pass instead of the live-key lists, called
+directly), cudnn_bias (jax.nn.dot_product_attention,
 cuDNN, bias and mask folded into one additive [B, H, L, L] bias; a TopKMask is expanded to its bool mask by
 jax_dmattn.topk_mask before timing, as the other cases' masks are built before timing), cudnn_nobias (the flash
 ceiling: no bias, no mask, causal; any L), reference (jax_dmattn's pure-jnp reference). A row that would not fit

@@ -35,6 +35,14 @@ constexpr int kSm90FwdHeadDims[] = {DMATTN_FOR_EACH_SM90_HEAD_DIM(DMATTN_HEAD_DI
 constexpr int kSm90BwdHeadDims[] = {DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM(DMATTN_HEAD_DIM_ITEM)};
 #undef DMATTN_HEAD_DIM_ITEM
 
+// Whether `head_dim` is in one of the lists above (the dispatch code's "is this built?" question).
+template <int N>
+constexpr bool has_head_dim(const int (&dims)[N], int head_dim) {
+  for (int d : dims)
+    if (d == head_dim) return true;
+  return false;
+}
+
 // Mask tile classes (both tile-class maps, CPU and CUDA).
 enum TileClass : uint8_t { kTileEmpty = 0, kTilePartial = 1, kTileFull = 2 };
 

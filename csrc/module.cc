@@ -38,24 +38,23 @@ namespace {
 
 nb::dict kernel_facts() {
   using namespace dmattn;
-  nb::list head_dims;
-  for (int d : kCudaHeadDims) head_dims.append(d);
+  auto tuple_of = [](const auto& dims) {
+    nb::list l;
+    for (int d : dims) l.append(d);
+    return nb::tuple(l);
+  };
   nb::list key_list_bwd_rows;  // (head dim, rows per CTA) of every key-list backward build, preferred first
   for (int d : kCudaHeadDims)
     for (int rows : {128, 64})
       if (key_list_bwd_has_rows(d, rows)) key_list_bwd_rows.append(nb::make_tuple(d, rows));
-  nb::list sm90_fwd_head_dims;
-  for (int d : kSm90FwdHeadDims) sm90_fwd_head_dims.append(d);
-  nb::list sm90_bwd_head_dims;
-  for (int d : kSm90BwdHeadDims) sm90_bwd_head_dims.append(d);
   nb::dict f;
   f["fwd_block_m"] = kFwdBlockM;
   f["fwd_block_n"] = kFwdBlockN;
   f["bwd_block_m"] = kBwdBlockM;
   f["bwd_block_n"] = kBwdBlockN;
-  f["cuda_head_dims"] = nb::tuple(head_dims);
-  f["sm90_fwd_head_dims"] = nb::tuple(sm90_fwd_head_dims);
-  f["sm90_bwd_head_dims"] = nb::tuple(sm90_bwd_head_dims);
+  f["cuda_head_dims"] = tuple_of(kCudaHeadDims);
+  f["sm90_fwd_head_dims"] = tuple_of(kSm90FwdHeadDims);
+  f["sm90_bwd_head_dims"] = tuple_of(kSm90BwdHeadDims);
 #if defined(DMATTN_WITH_SM90)
   f["sm90_built"] = true;  // the Hopper forward and backward are in this build (csrc/cuda/sm90/, arch 90a)
 #else

@@ -3,6 +3,7 @@
 * ``implementation`` fixture: "xla" and "cpu" always; "cuda" only when ``jax.default_backend() == "gpu"``
   (otherwise skipped with a reason). The "cuda" parameter carries the ``gpu`` marker, so
   ``-m "not gpu"`` deselects it and ``-m gpu`` runs only it.
+* ``kernel_route`` fixture: "default" and "sm80" (the sm80 kernels forced), for the tests of the Hopper kernels.
 * ``rng`` fixture: a fresh numpy Generator seeded from the test id (reproducible per test).
 * helpers (tolerance, assert_close, poison, input builders) live in helpers.py and are re-exported here.
 """
@@ -40,6 +41,17 @@ def pytest_configure(config):
 
 @pytest.fixture(params=implementation_params())
 def implementation(request):
+    return request.param
+
+
+@pytest.fixture(params=["default", "sm80"])
+def kernel_route(request, monkeypatch):
+    """The CUDA kernels a test runs: "default" (the Hopper kernels where they serve the call on this device) or
+    "sm80" (JAX_DMATTN_CUDA_KERNELS=sm80 forces the sm80 kernels)."""
+    if request.param == "default":
+        monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", request.param)
     return request.param
 
 

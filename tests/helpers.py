@@ -167,6 +167,21 @@ def cuda_targets_on_gpu(*targets: str) -> bool:
         return False
 
 
+def hopper_kernels_available() -> bool:
+    """The Hopper kernels (csrc/cuda/sm90/) are in this build and the default device has compute capability 9.0."""
+    from jax_dmattn import _ffi
+
+    dev = jax.devices()[0]
+    return _ffi.kernel_facts()["sm90_built"] and getattr(dev, "compute_capability", None) == "9.0"
+
+
+def sm90_launches(direction: str) -> int:
+    """Calls the Hopper forward (direction "fwd") or backward ("bwd") has served in this process."""
+    from jax_dmattn import _ffi
+
+    return getattr(_ffi.extension(), f"sm90_{direction}_launches")()
+
+
 def implementation_marks(impl):
     if impl != "cuda":
         return []

@@ -6,8 +6,9 @@ Every case runs twice, through the default route and with the sm80 kernels force
 against the float64 oracle (all three gradients, dlse folded); each route must really reach the kernels it names on
 such a device (the Hopper backward's launch counter moves or not). Covers both dtypes, GQA, Lq != Lk both ways
 (bottom-right causal, rows with no key), odd lengths, one query row, one key, and the calls it leaves to the sm80
-kernels (a bias with query rows, softcap, deterministic, D = 96 / 256, a mask), and a per-key bias with -inf keys. Inputs with an inf or NaN in q, dout or k go through the
-Hopper route's scan to the sm80 main kernel: the gradients match the forced sm80 route's, NaN for NaN.
+kernels (a bias with query rows, softcap, deterministic, D = 96 / 256, a mask), and a per-key bias with -inf keys.
+Inputs with an inf or NaN in q, dout or k go through the Hopper route's scan to the sm80 main kernel: the gradients
+match the forced sm80 route's, NaN for NaN.
 
 GPU only (skipped elsewhere).
 """
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import cuda_targets_on_gpu  # noqa: E402
+from helpers import cuda_targets_on_gpu, hopper_kernels_available, sm90_launches  # noqa: E402
 import oracle  # noqa: E402
 from test_cuda_bwd import (BF16, F16, TOL, check_against_oracle, make_case, oracle_fwd, rel_err,  # noqa: E402
                            run_bwd)
@@ -30,32 +31,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmatt
                                                   reason="needs a GPU and the CUDA kernels")]
 
 
-def hopper_available():
-    from jax_dmattn import _ffi
-
-    dev = jax.devices()[0]
-    return _ffi.kernel_facts()["sm90_built"] and getattr(dev, "compute_capability", None) == "9.0"
-
-
-def launches():
-    from jax_dmattn import _ffi
-
-    return _ffi.extension().sm90_bwd_launches()
-
-
 def hopper_head_dims():
     from jax_dmattn import _ffi
 
     return _ffi.kernel_facts()["sm90_bwd_head_dims"]
-
-
-@pytest.fixture(params=["default", "sm80"])
-def route(request, monkeypatch):
-    if request.param == "default":
-        monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
-    else:
-        monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", request.param)
-    return request.param
 
 
 # (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (shape code, dtype name) or None, mask code or None)
@@ -84,25 +63,26 @@ LEFT_TO_SM80 = [
 ]
 
 
-@pytest.mark.parametrize("case", SERVED + LEFT_TO_SM80,
-                         ids=[f"served{i}" for i in range(len(SERVED))] + [f"sm80_{i}" for i in range(len(LEFT_TO_SM80))])
-def test_backward_matches_oracle(case, route):
-    before = launches()
+@pytest.mark.parametrize("case", SERVED + LEFT_TO_SM80, ids=[f"served{i}" for i in range(len(SERVED))] +
+                         [f"sm80_{i}" for i in range(len(LEFT_TO_SM80))])
+def test_backward_matches_oracle(case, kernel_route):
+    before = sm90_launches("bwd")
     check_against_oracle(case)
-    served = launches() > before
+    served = sm90_launches("bwd") > before
     d = case[5]
-    hopper = hopper_available() and route == "default" and case in SERVED and d in hopper_head_dims()
-    assert served == hopper, f"route {route}: the Hopper backward {'did not serve' if hopper else 'served'} the call"
+    hopper = hopper_kernels_available() and kernel_route == "default" and case in SERVED and d in hopper_head_dims()
+    assert served == hopper, (f"route {kernel_route}: the Hopper backward "
+                              f"{'did not serve' if hopper else 'served'} the call")
 
 
 def test_deterministic_stays_on_sm80_kernels():
-    before = launches()
+    before = sm90_launches("bwd")
     check_against_oracle((1, 200, 200, 4, 2, 128, BF16, True, 0.0, None, None), deterministic=True)
-    assert launches() == before
+    assert sm90_launches("bwd") == before
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
-def test_minus_inf_key_bias_drops_keys(dtype, route):
+def test_minus_inf_key_bias_drops_keys(dtype, kernel_route):
     """A -inf per-key bias drops its key in every row (P and dS exactly 0 there, also for rows that keep no key):
     gradients against the oracle, dbias exactly 0 at the dropped keys."""
     b, lq, lk, h, hkv, d = 2, 190, 260, 4, 2, 128
@@ -114,10 +94,10 @@ def test_minus_inf_key_bias_drops_keys(dtype, route):
     bias = jax.numpy.asarray(bias)
     scale = d ** -0.5
     out, lse = oracle_fwd(q, k, v, bias, None, scale=scale, softcap=0.0, is_causal=True, dtype=dtype)
-    before = launches()
+    before = sm90_launches("bwd")
     dq, dk, dv, dbias = run_bwd(q, k, v, bias, None, out, lse, dout, dlse, scale=scale, softcap=0.0, is_causal=True,
                                 deterministic=False)
-    assert (launches() > before) == (hopper_available() and route == "default")
+    assert (sm90_launches("bwd") > before) == (hopper_kernels_available() and kernel_route == "default")
     kw = dict(scale=scale, is_causal=True, dlse=np.asarray(dlse))
     ref = oracle.oracle_grads(q, k, v, bias, None, dout, **kw)
     mag = oracle.oracle_grads(q, k, v, bias, None, dout, magnitude=True, **kw)

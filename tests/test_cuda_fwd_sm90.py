@@ -1,8 +1,8 @@
 """The Hopper forward (csrc/cuda/sm90/): calls without a mask on a compute-capability-9.0 GPU.
 
 Every case runs twice, through the default route (the Hopper forward serves every call without a mask) and with the
-sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80), against the float32 reference; each route must really reach the kernels it names on
-such a device (the Hopper forward's launch counter moves or not). Covers head dims 64, 128,
+sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80), against the float32 reference; each route must really reach the
+kernels it names on such a device (the Hopper forward's launch counter moves or not). Covers head dims 64, 128,
 256 (and 96, which stays on the sm80 kernels), both dtypes, GQA, Lq != Lk both ways (bottom-right causal, rows with no
 key), odd lengths, softcap and every bias broadcast and dtype, and gradients through the public API (the backward
 reads the Hopper forward's lse).
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import cuda_targets_on_gpu, rel_err_same_infinities as rel_err
+from helpers import cuda_targets_on_gpu, hopper_kernels_available, rel_err_same_infinities as rel_err, sm90_launches
 from jax_dmattn import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_fwd_cuda"),
@@ -26,28 +26,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmatt
 
 F32 = jnp.float32
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
-
-
-def hopper_forward_available():
-    from jax_dmattn import _ffi
-
-    dev = jax.devices()[0]
-    return (_ffi.kernel_facts()["sm90_built"] and getattr(dev, "compute_capability", None) == "9.0")
-
-
-def launches():
-    from jax_dmattn import _ffi
-
-    return _ffi.extension().sm90_fwd_launches()
-
-
-@pytest.fixture(params=["default", "sm80"])
-def route(request, monkeypatch):
-    if request.param == "default":
-        monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
-    else:
-        monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", request.param)
-    return request.param
 
 
 def bias_of(key, code, dtype, b, lq, lk, h, hkv):
@@ -75,7 +53,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
-def test_forward_matches_reference(case, route):
+def test_forward_matches_reference(case, kernel_route):
     from jax_dmattn import _cuda_fwd
 
     b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec = case
@@ -86,11 +64,12 @@ def test_forward_matches_reference(case, route):
     bias = None if bias_spec is None else bias_of(keys[3], bias_spec[0], bias_spec[1], b, lq, lk, h, hkv)
     scale = d ** -0.5
     fn = functools.partial(_cuda_fwd.flash_fwd, scale=scale, softcap=softcap, is_causal=causal)
-    before = launches()
+    before = sm90_launches("fwd")
     out, lse = jax.block_until_ready(jax.jit(fn)(q, k, v, bias, None))
-    served = launches() > before
-    hopper = hopper_forward_available() and d in (64, 128, 256) and route == "default"
-    assert served == hopper, f"route {route}: the Hopper forward {'did not serve' if hopper else 'served'} the call"
+    served = sm90_launches("fwd") > before
+    hopper = hopper_kernels_available() and d in (64, 128, 256) and kernel_route == "default"
+    assert served == hopper, (f"route {kernel_route}: the Hopper forward "
+                              f"{'did not serve' if hopper else 'served'} the call")
 
     up = lambda x: None if x is None else x.astype(F32)
     ref_out, ref_lse = reference.reference_core(up(q), up(k), up(v), up(bias), None, scale=scale, is_causal=causal,
@@ -107,7 +86,7 @@ def test_forward_matches_reference(case, route):
     (2, 200, 200, 8, 2, 128, jnp.bfloat16, True, ("BK1N", jnp.bfloat16)),
     (1, 150, 300, 4, 4, 64, jnp.float16, False, ("BHMN", jnp.float32)),
 ], ids=["per_key_gqa", "full_bias"])
-def test_gradients_through_the_api(case, route):
+def test_gradients_through_the_api(case, kernel_route):
     """The backward (sm80 kernels) consumes the forward's residuals: out and the natural-log lse."""
     import jax_dmattn
 

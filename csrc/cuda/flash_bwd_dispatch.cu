@@ -144,6 +144,7 @@ cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
   }
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
   BwdParams sm80 = p;
+  sm80.nonfinite = nullptr;  // the sm80 main kernel does the work unless the Hopper route takes the call
 #if defined(DMATTN_WITH_SM90)
   if (p.nonfinite != nullptr && flash_bwd_sm90_serves(p)) {
     // The Hopper kernel multiplies the exact zeros of dropped pairs by q, dout and k in its products, so an inf or
@@ -155,11 +156,8 @@ cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
       if ((err = flag_nonfinite(x, n, p.is_bf16, p.nonfinite, stream)) != cudaSuccess) return err;
     }
     if ((err = launch_flash_bwd_sm90(p, stream)) != cudaSuccess) return err;
-  } else {
-    sm80.nonfinite = nullptr;
+    sm80.nonfinite = p.nonfinite;
   }
-#else
-  sm80.nonfinite = nullptr;
 #endif
   if ((err = run_main(sm80, stream, /*dq_pass=*/false)) != cudaSuccess) return err;
   if (p.deterministic) {

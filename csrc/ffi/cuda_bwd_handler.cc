@@ -57,9 +57,9 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
-                          ffi::Result<ffi::AnyBuffer> dkv_accum, ffi::ResultBuffer<ffi::U32> nonfinite, float scale, float softcap, bool is_causal,
-                          bool deterministic, int64_t key_list_rows, int64_t list_batch, int64_t list_heads,
-                          int64_t list_rows) {
+                          ffi::Result<ffi::AnyBuffer> dkv_accum, ffi::ResultBuffer<ffi::U32> nonfinite, float scale,
+                          float softcap, bool is_causal, bool deterministic, int64_t key_list_rows,
+                          int64_t list_batch, int64_t list_heads, int64_t list_rows) {
   count_cuda_handler_run(stream);
   QkvDims s;
   if (auto e = decode_qkv(kTarget, q, k, v, s); e.failure()) return e;

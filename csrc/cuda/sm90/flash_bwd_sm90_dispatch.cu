@@ -12,18 +12,13 @@ namespace {
 
 std::atomic<int64_t> g_launches{0};
 
-bool sm90_bwd_head_dim(int d) {
-  for (int x : kSm90BwdHeadDims)
-    if (x == d) return true;
-  return false;
-}
-
 }  // namespace
 
 bool flash_bwd_sm90_serves(const BwdParams& p) {
   if (p.mask != nullptr || p.classes != nullptr || p.softcap > 0.f || p.deterministic) return false;
   if (p.bias != nullptr && p.bias_row_stride != 0) return false;  // a bias with query rows: per-element dbias
-  if (!sm90_bwd_head_dim(p.head_dim) || p.q_len == 0 || p.kv_len == 0 || p.dq_accum == nullptr) return false;
+  if (!has_head_dim(kSm90BwdHeadDims, p.head_dim) || p.q_len == 0 || p.kv_len == 0 || p.dq_accum == nullptr)
+    return false;
   // Batch strides of the canonical layouts as ints (the TMA descriptors' CuTe strides).
   if (int64_t(p.q_len) * p.heads * p.head_dim > INT_MAX || int64_t(p.kv_len) * p.kv_heads * p.head_dim > INT_MAX)
     return false;

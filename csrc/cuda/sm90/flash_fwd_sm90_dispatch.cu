@@ -17,16 +17,12 @@ bool tma_base(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0
 
 std::atomic<int64_t> g_launches{0};
 
-bool sm90_head_dim(int d) {
-  for (int x : kSm90FwdHeadDims)
-    if (x == d) return true;
-  return false;
-}
-
 }  // namespace
 
 bool flash_fwd_sm90_serves(const FwdParams& p) {
-  if (p.mask != nullptr || p.key_lists != nullptr || p.classes != nullptr || !sm90_head_dim(p.head_dim)) return false;
+  if (p.mask != nullptr || p.key_lists != nullptr || p.classes != nullptr ||
+      !has_head_dim(kSm90FwdHeadDims, p.head_dim))
+    return false;
   if (p.q_len == 0 || p.kv_len == 0 || p.lse == nullptr) return false;
   const int64_t g = p.group;
   for (int64_t s : {p.q_row_stride, p.q_batch_stride, p.q_head_stride * g, p.k_row_stride, p.k_batch_stride,
