@@ -99,6 +99,13 @@ NB_MODULE(_jax_dmattn_ext, m) {
     return int64_t{0};
 #endif
   });
+  m.def("sm90_fwd_key_list_launches", [] {  // calls the Hopper key-list forward has served
+#if defined(DMATTN_WITH_SM90)
+    return dmattn::flash_fwd_key_list_sm90_launches();
+#else
+    return int64_t{0};
+#endif
+  });
   m.def("sm90_bwd_launches", [] {  // calls the Hopper backward has served (0 where it is not built)
 #if defined(DMATTN_WITH_SM90)
     return dmattn::flash_bwd_sm90_launches();

@@ -176,7 +176,8 @@ def hopper_kernels_available() -> bool:
 
 
 def sm90_launches(direction: str) -> int:
-    """Calls the Hopper forward (direction "fwd") or backward ("bwd") has served in this process."""
+    """Calls a Hopper kernel has served in this process: "fwd" (the forward without a mask), "fwd_key_list" (the
+    key-list forward) or "bwd" (the backward)."""
     from jax_dmattn import _ffi
 
     return getattr(_ffi.extension(), f"sm90_{direction}_launches")()

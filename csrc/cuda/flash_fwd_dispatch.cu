@@ -1,5 +1,5 @@
-// Head-dim / dtype dispatch of the forward, and its route to the Hopper forward where that serves the call (no CuTe
-// here: the kernels live in the generated flash_fwd_hdim*.cu and flash_fwd_sm90_hdim*.cu).
+// Head-dim / dtype dispatch of the forward, and its routes to the Hopper forwards where they serve the call (no CuTe
+// here: the kernels live in the generated flash_fwd_hdim*.cu and csrc/cuda/sm90/).
 #include "cuda/flash_fwd.h"
 #if defined(DMATTN_WITH_SM90)
 #include "cuda/sm90/flash_fwd_sm90.h"
@@ -10,6 +10,7 @@ namespace dmattn {
 cudaError_t launch_flash_fwd(const FwdParams& p, cudaStream_t stream) {
 #if defined(DMATTN_WITH_SM90)
   if (flash_fwd_sm90_serves(p)) return launch_flash_fwd_sm90(p, stream);
+  if (flash_fwd_key_list_sm90_serves(p)) return launch_flash_fwd_key_list_sm90(p, stream);
 #endif
 #define DMATTN_FWD_CASE(D) \
   case D:                  \

@@ -103,12 +103,11 @@ __device__ __forceinline__ float quad_sum(float x) {
 // One online-softmax step on a tile of natural-unit scores (dropped entries -inf): rescales the running sums and
 // the output accumulator, and leaves exp(s - running max) in acc_s. The max propagates NaN: a NaN logit of a kept
 // key makes the row's max, sum and accumulator NaN for good (as does a +inf one, through inf - inf), while a
-// dropped key's NaN was replaced by -inf before this step.
-template <int kRows, class AccS, class AccO>
-__device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, float (&row_max)[kRows],
-                                                    float (&row_sum)[kRows]) {
-  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+// dropped key's NaN was replaced by -inf before this step. It takes (rows, cols) views of the two accumulators, which
+// serves the sm80 and the Hopper MMA layouts alike (the four lanes of a quad hold the same rows);
+// online_softmax_step takes the sm80 accumulators themselves.
+template <int kRows, class S, class O>
+__device__ __forceinline__ void online_softmax_rows(S& s, O& o, float (&row_max)[kRows], float (&row_sum)[kRows]) {
   constexpr int kCols = decltype(size<1>(s))::value;
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -133,18 +132,22 @@ __device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, fl
   }
 }
 
-// Epilogue: normalise, write lse (-inf and a zero row for rows without a kept key), stage O through shared memory
-// (reusing sQ) and store it with row predicates. A row is empty iff its max is still -inf; otherwise its sum is >= 1
-// (the max term) or NaN, and a NaN must reach out and lse (a test on the sum alone would turn it into -inf).
-// lse = max + log(sum) is exactly the max when the sum is 1, which keeps the backward's exp(s - lse) exact for
-// huge logits.
-template <class Kt, int kRows, class AccO, class CS, class SQ, class GO, class Mma>
-__device__ __forceinline__ void store_output(AccO& acc_o, float const (&row_max)[kRows], float const (&row_sum)[kRows],
-                                             CS const& cS, SQ& sQ, GO& gO, Mma const& mma, float* lse_ptr,
-                                             int row0, int q_len) {
-  using Elem = typename Kt::Elem;
-  const int tid = threadIdx.x;
+template <int kRows, class AccS, class AccO>
+__device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, float (&row_max)[kRows],
+                                                    float (&row_sum)[kRows]) {
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  online_softmax_rows(s, o, row_max, row_sum);
+}
+
+// Normalises the output rows of a (rows, cols) view and writes their lse (lanes with tid % 4 == 0): a row is empty
+// iff its max is still -inf (out 0, lse -inf); otherwise its sum is >= 1 (the max term) or NaN, and a NaN must reach
+// out and lse (a test on the sum alone would turn it into -inf). lse = max + log(sum) is exactly the max when the
+// sum is 1, which keeps the backward's exp(s - lse) exact for huge logits. `cS`: (row, col) of each element in the
+// CTA's tile.
+template <int kRows, class O, class CS>
+__device__ __forceinline__ void normalize_rows(O& o, float const (&row_max)[kRows], float const (&row_sum)[kRows],
+                                               CS const& cS, float* lse_ptr, int row0, int q_len) {
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const float sum = quad_sum(row_sum[r]);
@@ -153,10 +156,22 @@ __device__ __forceinline__ void store_output(AccO& acc_o, float const (&row_max)
     CUTE_UNROLL
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
     const int row = row0 + get<0>(cS(r, 0));
-    if ((tid & 3) == 0 && row < q_len) {
+    if ((threadIdx.x & 3) == 0 && row < q_len) {
       lse_ptr[row] = empty ? -INFINITY : row_max[r] + logf(sum);  // logf(1) is exactly 0
     }
   }
+}
+
+// Epilogue: normalise and write lse (normalize_rows), stage O through shared memory (reusing sQ) and store it with
+// row predicates.
+template <class Kt, int kRows, class AccO, class CS, class SQ, class GO, class Mma>
+__device__ __forceinline__ void store_output(AccO& acc_o, float const (&row_max)[kRows], float const (&row_sum)[kRows],
+                                             CS const& cS, SQ& sQ, GO& gO, Mma const& mma, float* lse_ptr,
+                                             int row0, int q_len) {
+  using Elem = typename Kt::Elem;
+  const int tid = threadIdx.x;
+  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  normalize_rows(o, row_max, row_sum, cS, lse_ptr, row0, q_len);
 
   Tensor ro = make_tensor_like<Elem>(acc_o);
   CUTE_UNROLL
@@ -197,9 +212,9 @@ __device__ __forceinline__ void accumulate_pv(AccS const& acc_s, AccO& acc_o, RV
 
 // Bit j of w[r]: this thread's row r keeps tile column j (its logit is not -inf; NaN counts as kept). From the
 // logits, before the softmax step; the quad ORs its columns together, so every lane of it has the whole word.
-template <int kRows, class AccS, class CS>
-__device__ __forceinline__ void kept_words(AccS const& acc_s, CS const& cS, uint64_t (&w)[kRows]) {
-  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+// `s`: the logits as (rows, cols), `cS` the (row, col) of each element in the tile.
+template <int kRows, class S, class CS>
+__device__ __forceinline__ void kept_words_rows(S const& s, CS const& cS, uint64_t (&w)[kRows]) {
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     uint64_t x = 0;
@@ -210,13 +225,18 @@ __device__ __forceinline__ void kept_words(AccS const& acc_s, CS const& cS, uint
   }
 }
 
+template <int kRows, class AccS, class CS>
+__device__ __forceinline__ void kept_words(AccS const& acc_s, CS const& cS, uint64_t (&w)[kRows]) {
+  kept_words_rows(make_tensor(acc_s.data(), rowcol_layout(acc_s.layout())), cS, w);
+}
+
 // acc_o(r, d) += V[j][d] for every inf / NaN element of V (read back from global memory: the shared tile has been
 // cleaned) of a key j in `bad` that row r keeps. P's weight is left out: times a positive P the value stays what it
 // is (inf, -inf, NaN), and an inf of a kept key whose fp32 P underflowed is still inf, as in the float64 oracle.
-template <class Elem, int kRows, class AccO, class CO, class VRow>
-__device__ __forceinline__ void correct_nonfinite_v(AccO& acc_o, CO const& cO, const uint64_t (&kept)[kRows],
-                                                    uint64_t bad, VRow const& v_row) {
-  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+// `o`: the output accumulator as (rows, cols), `cO` the (row, col) of each element.
+template <class Elem, int kRows, class O, class CO, class VRow>
+__device__ __forceinline__ void correct_nonfinite_v_rows(O& o, CO const& cO, const uint64_t (&kept)[kRows], uint64_t bad,
+                                                         VRow const& v_row) {
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     for (uint64_t w = kept[r] & bad; w != 0; w &= w - 1) {
@@ -228,6 +248,13 @@ __device__ __forceinline__ void correct_nonfinite_v(AccO& acc_o, CO const& cO, c
       }
     }
   }
+}
+
+template <class Elem, int kRows, class AccO, class CO, class VRow>
+__device__ __forceinline__ void correct_nonfinite_v(AccO& acc_o, CO const& cO, const uint64_t (&kept)[kRows],
+                                                    uint64_t bad, VRow const& v_row) {
+  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  correct_nonfinite_v_rows<Elem>(o, cO, kept, bad, v_row);
 }
 
 // ---------------------------------------------------------------------------------------------- kernel

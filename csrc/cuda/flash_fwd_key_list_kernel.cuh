@@ -15,7 +15,7 @@
 
 #include "cuda/bias_element.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
-#include "cuda/key_lists.h"
+#include "cuda/key_list_walk.cuh"
 #include "cuda/mask_words.cuh"
 #include "cuda/smem_tiles.cuh"
 
@@ -48,31 +48,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   const int q_len = p.q_len, kv_len = p.kv_len;
   const bool is_causal = p.is_causal;
   const int causal_off = kv_len - q_len;
-  const int last_key = is_causal ? min(row0 + kBlockM, q_len) - 1 + causal_off : kv_len - 1;
 
-  const int64_t unit = b * p.kl_batch_stride + (h / p.mask_hdiv) * p.kl_head_stride + m_block * p.kl_m_stride;
-  const int32_t* list = p.key_lists + unit * p.kl_keys_stride;
-  const int32_t* keys = list + 1;
-  const uint64_t* bits = p.key_bits + unit * p.kb_unit_stride;
-  const int count = list[0];
-  const bool dense = count == kKeyListDense;
-
-  // Keys to walk. Dense unit: 0 .. last_key. Lists: the live keys visible from the tile's last row (the list is
-  // ascending); lists of a row-full causal mask are already cut at that bound, a row-broadcast mask's list is
-  // shared by every query tile.
-  int n_live = dense ? last_key + 1 : count;
-  if (is_causal && !dense) {
-    __shared__ int visible;
-    if (tid == 0) visible = 0;
-    __syncthreads();
-    int below = 0;
-    for (int i = tid; i < count; i += kThreads) below += keys[i] <= last_key;
-    below = __reduce_add_sync(0xffffffffu, below);
-    if ((tid & 31) == 0 && below) atomicAdd(&visible, below);
-    __syncthreads();
-    n_live = visible;
-  }
-  const int n_chunks = last_key < 0 ? 0 : (n_live + kChunk - 1) / kChunk;
+  const KeyListWalk walk = key_list_walk<kBlockM, kChunk, kThreads>(p, b, h, m_block);
+  const bool dense = walk.dense;
+  const int n_chunks = walk.n_chunks;
+  const uint64_t* bits = walk.bits;
   // Dense units read the mask rows of this (batch, head) directly.
   const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 
@@ -142,11 +122,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   auto gather_piece = [&](int i) { return (tid + i * kThreads) % kPieces; };
   const auto sk_layout = typename Kt::SmemLayoutKV{};
 
-  // Key index of chunk-relative row j of chunk c, or -1 past the live keys.
-  auto key_at = [&](int c, int j) -> int {
-    const int i = c * kChunk + j;
-    return i < n_live ? (dense ? i : keys[i]) : -1;
-  };
+  auto key_at = [&](int c, int j) { return walk.key_at(c, j, kChunk); };
   auto gather = [&](const Elem* src_base, int64_t row_stride, Elem* dst_base, const int (&rows)[kRowsPerThread]) {
     CUTE_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) {

@@ -25,8 +25,22 @@ cudaError_t launch_flash_fwd_exact_rows(const FwdParams& params, cudaStream_t st
 // How many calls launch_flash_fwd_sm90 has served in this process (tests check the route with it).
 int64_t flash_fwd_sm90_launches();
 
-// One instantiation per (head dim, dtype), defined in the generated flash_fwd_sm90_hdim<D>.cu (cmake/Cuda.cmake).
+// Whether the Hopper key-list forward (flash_fwd_key_list_sm90_kernel.cuh) serves this call: a call on the key-list
+// path (live-key lists of a bool mask or of a compact mask), head dim in DMATTN_FOR_EACH_SM90_HEAD_DIM, on a device
+// where the Hopper kernels may serve calls (sm90_route.h).
+bool flash_fwd_key_list_sm90_serves(const FwdParams& params);
+
+// Launches the Hopper key-list forward; callers check flash_fwd_key_list_sm90_serves first.
+cudaError_t launch_flash_fwd_key_list_sm90(const FwdParams& params, cudaStream_t stream);
+
+// How many calls launch_flash_fwd_key_list_sm90 has served in this process.
+int64_t flash_fwd_key_list_sm90_launches();
+
+// One instantiation per (head dim, dtype), defined in the generated flash_fwd_sm90_hdim<D>.cu and
+// flash_fwd_key_list_sm90_hdim<D>.cu (cmake/Cuda.cmake).
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+template <int kHeadDim, bool kIsBF16>
+cudaError_t run_flash_fwd_key_list_sm90(const FwdParams& params, cudaStream_t stream);
 
 }  // namespace dmattn

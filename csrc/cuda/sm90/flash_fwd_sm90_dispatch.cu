@@ -1,5 +1,5 @@
-// Which calls the Hopper forward serves, and its head-dim / dtype dispatch (no CuTe here: the kernels live in the
-// generated flash_fwd_sm90_hdim*.cu).
+// Which calls the Hopper forwards (no mask; key lists) serve, and their head-dim / dtype dispatch (no CuTe here: the kernels live in the
+// generated flash_fwd_sm90_hdim*.cu and flash_fwd_key_list_sm90_hdim*.cu).
 #include <atomic>
 #include <climits>
 #include <cstdint>
@@ -16,6 +16,7 @@ bool tma_stride(int64_t s) { return s >= 0 && s % 8 == 0 && s <= INT_MAX; }
 bool tma_base(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 std::atomic<int64_t> g_launches{0};
+std::atomic<int64_t> g_key_list_launches{0};
 
 }  // namespace
 
@@ -53,3 +54,22 @@ cudaError_t launch_flash_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
 }
 
 }  // namespace dmattn
+
+bool flash_fwd_key_list_sm90_serves(const FwdParams& p) {
+  return p.key_lists != nullptr && has_head_dim(kSm90FwdHeadDims, p.head_dim) && sm90_kernels_route_open();
+}
+
+int64_t flash_fwd_key_list_sm90_launches() { return g_key_list_launches.load(std::memory_order_relaxed); }
+
+cudaError_t launch_flash_fwd_key_list_sm90(const FwdParams& p, cudaStream_t stream) {
+  g_key_list_launches.fetch_add(1, std::memory_order_relaxed);
+#define DMATTN_FWD_KEY_LIST_SM90_CASE(D) \
+  case D:                                \
+    return p.is_bf16 ? run_flash_fwd_key_list_sm90<D, true>(p, stream) : run_flash_fwd_key_list_sm90<D, false>(p, stream);
+  switch (p.head_dim) {
+    DMATTN_FOR_EACH_SM90_HEAD_DIM(DMATTN_FWD_KEY_LIST_SM90_CASE)
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef DMATTN_FWD_KEY_LIST_SM90_CASE
+}

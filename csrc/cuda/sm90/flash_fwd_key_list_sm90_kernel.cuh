@@ -1,0 +1,409 @@
+// Hopper (sm_90a) forward over the mask's live-key lists (csrc/cuda/key_lists.h): the sm80 key-list forward
+// (csrc/cuda/flash_fwd_key_list_kernel.cuh) with its two products on wgmma. Same walk (csrc/cuda/key_list_walk.cuh),
+// same logits, masks, online softmax, non-finite rules and epilogue arithmetic, so both kernels agree to rounding.
+//
+// Why not TMA: the keys of a list are scattered rows, and a gather is what cp.async does per 16-byte piece. The
+// pieces go straight into the swizzled shared-memory layouts wgmma reads (K K-major, V MN-major, so V needs no
+// transpose), and every thread of the CTA gathers, as in the sm80 kernel.
+//
+// A CTA of 256 threads (two warpgroups of 64 query rows each) serves one (batch, query head, 128-row query tile);
+// the grid runs query heads fastest, so the CTAs of one GQA group and query tile share the gathered K/V rows in L2.
+// K and V chunks of 64 keys live in a two-stage ring: chunk c + 1 is gathered while chunk c is computed.
+// Per chunk c:
+//   [K(c), V(c) landed: cp.async wait, proxy fence, CTA barrier] -> gather chunk c + 1, stage its key / bias table
+//   -> S = Q K^T (wgmma, Q and K from shared memory) -> logits, masks -> online softmax -> O += P V (wgmma, P from
+//   registers).
+// The proxy fence: wgmma reads shared memory through the async proxy, while cp.async and plain stores write it
+// through the generic one; each thread fences its own writes once they landed, and the barrier publishes them.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include "collective/fmha_common.hpp"
+#include "cuda/bias_element.cuh"
+#include "cuda/flash_fwd.h"
+#include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/key_list_walk.cuh"
+#include "cuda/mask_words.cuh"
+#include "cuda/sm90/flash_fwd_sm90.h"
+#include "cuda/smem_limit.cuh"
+#include "cuda/smem_tiles.cuh"
+
+namespace dmattn::sm90 {
+
+using namespace cute;
+
+// A wgmma accumulator ((2 cols, 2 row halves, N / 8 col groups), MMA_M, MMA_N) viewed as (rows, cols).
+template <class L>
+__device__ __forceinline__ auto gmma_rowcol_layout(L l) {
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+template <int kHeadDim, bool kIsBF16>
+struct KeyListFwdTraits {
+  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kD = kHeadDim;
+  static constexpr int kBlockM = kKeyListBlockM;  // 128 query rows: one key-list unit
+  static constexpr int kChunk = kKeyListChunk;    // 64 keys: one bit word
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 256;  // two warpgroups, 64 rows each
+  static_assert(kD % 64 == 0, "128-byte swizzled rows of D");
+
+  using AtomLayout = Layout<Shape<_2, _1, _1>>;
+  using TiledMmaQK =
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kChunk>, Int<kD>>>(),
+                              AtomLayout{}));
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<kD>, Int<kChunk>>, GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayout{}));
+
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{},
+                                             Shape<Int<kBlockM>, Int<kD>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{},
+                                             Shape<Int<kChunk>, Int<kD>, Int<kStages>>{}));
+  // V as the (D, keys) B operand of P V, D contiguous: the rows are gathered as they are stored.
+  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Elem>{},
+                                              Shape<Int<kD>, Int<kChunk>, Int<kStages>>{}));
+
+  static constexpr int kQElems = cosize_v<SmemLayoutQ>;
+  static constexpr int kKElems = cosize_v<SmemLayoutK>;
+  static constexpr int kVElems = cosize_v<SmemLayoutVt>;
+  // 1024-byte alignment: the hardware swizzles by address bits, the layouts by offset from the base.
+  static constexpr int kAlign = 1024;
+  static constexpr int kTableBytes = kStages * kChunk * (4 + 4);  // key index and per-key bias of each stage
+  static constexpr int kSmemBytes = kAlign + (kQElems + kKElems + kVElems) * int(sizeof(Elem)) + kTableBytes;
+};
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kernel(const __grid_constant__ FwdParams p) {
+  using Elem = typename Kt::Elem;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kChunk = Kt::kChunk;
+  constexpr int kD = Kt::kD;
+  constexpr int kThreads = Kt::kThreads;
+  constexpr int kStages = Kt::kStages;
+  // Gathered K/V copy: 16-byte pieces, kPieces per row; piece i of a thread is (tid + i * kThreads).
+  constexpr int kPieces = kD / 8;
+  static_assert((kChunk * kPieces) % kThreads == 0 && (kBlockM * kPieces) % kThreads == 0, "copy split");
+  constexpr int kRowsPerThread = kChunk * kPieces / kThreads;
+
+  extern __shared__ char smem_raw[];
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + Kt::kAlign - 1) &
+                                       ~uintptr_t(Kt::kAlign - 1));
+
+  const int h = blockIdx.x;
+  const int m_block = gridDim.y - 1 - blockIdx.y;
+  const int b = blockIdx.z;
+  const int hk = h / p.group;
+  const int tid = threadIdx.x;
+  const int row0 = m_block * kBlockM;
+  const int q_len = p.q_len, kv_len = p.kv_len;
+  const bool is_causal = p.is_causal;
+  const int causal_off = kv_len - q_len;
+
+  const KeyListWalk walk = key_list_walk<kBlockM, kChunk, kThreads>(p, b, h, m_block);
+  const bool dense = walk.dense;
+  const int n_chunks = walk.n_chunks;
+  const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
+
+  const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const Elem* v_ptr = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  Elem* o_ptr = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+
+  Elem* smem_q = reinterpret_cast<Elem*>(smem);
+  Elem* smem_k = smem_q + Kt::kQElems;
+  Elem* smem_v = smem_k + Kt::kKElems;
+  int32_t* smem_idx = reinterpret_cast<int32_t*>(smem_v + Kt::kVElems);  // [kStages][kChunk]
+  float* smem_kbias = reinterpret_cast<float*>(smem_idx + kStages * kChunk);  // [kStages][kChunk]
+  const auto q_layout = typename Kt::SmemLayoutQ{};
+  const auto k_layout = typename Kt::SmemLayoutK{};
+  const auto vt_layout = typename Kt::SmemLayoutVt{};
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), q_layout);
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), k_layout);
+  Tensor sVt = make_tensor(make_smem_ptr(smem_v), vt_layout);
+
+  typename Kt::TiledMmaQK mma_qk;
+  typename Kt::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_pv = mma_pv.get_thread_slice(tid);
+  Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
+  Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));     // (MMA, N, K, stage)
+  Tensor tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));    // (MMA, N, K, stage)
+  Tensor acc_o = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kD>>{});
+  clear(acc_o);
+  Tensor o = make_tensor(acc_o.data(), gmma_rowcol_layout(acc_o.layout()));
+  Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kChunk>>{}));
+  Tensor cS = make_tensor(tScS.data(), gmma_rowcol_layout(tScS.layout()));
+  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cO = make_tensor(tOcO.data(), gmma_rowcol_layout(tOcO.layout()));
+  constexpr int kRows = decltype(size<0>(cS))::value;
+  constexpr int kCols = decltype(size<1>(cS))::value;
+
+  float row_max[kRows], row_sum[kRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
+
+  const bool has_bias = p.bias != nullptr;
+  const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
+  const bool bias_per_key = has_bias && p.bias_row_stride == 0;
+
+  auto gather_row = [&](int i) { return (tid + i * kThreads) / kPieces; };
+  auto gather_piece = [&](int i) { return (tid + i * kThreads) % kPieces; };
+  auto copy_piece = [](const Elem* src, Elem* dst) {
+    cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+                                                             *reinterpret_cast<cute::uint128_t*>(dst));
+  };
+  // K and V rows of one chunk into ring stage `stage`; rows[i] < 0: past the walked keys, finite zeros (P is 0 there).
+  auto gather = [&](int stage, const int (&rows)[kRowsPerThread]) {
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int j = gather_row(i), d0 = gather_piece(i) * 8;
+      Elem* dk = smem_k + k_layout(j, d0, stage);
+      Elem* dv = smem_v + vt_layout(d0, j, stage);
+      if (rows[i] >= 0) {
+        copy_piece(k_ptr + int64_t(rows[i]) * p.k_row_stride + d0, dk);
+        copy_piece(v_ptr + int64_t(rows[i]) * p.v_row_stride + d0, dv);
+      } else {
+        *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  auto v_piece = [&](int stage, int i) { return smem_v + vt_layout(gather_piece(i) * 8, gather_row(i), stage); };
+  auto own_v_nonfinite = [&](int stage) {
+    uint32_t bits = 0;
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) bits |= piece_nonfinite_bits<Elem>(v_piece(stage, i));
+    return (bits & kNonfiniteBits) != 0;
+  };
+  auto load_key_bias = [&](int key) -> float {
+    if (!bias_per_key || key < 0) return 0.f;
+    return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype);
+  };
+  auto stage_tables = [&](int stage, int key, float key_bias) {
+    if (tid < kChunk) {
+      smem_idx[stage * kChunk + tid] = key;
+      smem_kbias[stage * kChunk + tid] = key_bias;
+    }
+  };
+  // Chunk columns whose V holds an inf or NaN, per ring stage (see the sm80 tile kernel).
+  __shared__ unsigned long long bad_v_keys[kStages];
+  if (tid < kStages) bad_v_keys[tid] = 0ull;
+
+  const bool use_cap = p.softcap > 0.f;
+  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
+
+  // Prologue: Q (rows past Lq are zeros), chunk 0 and its tables, then the indices of chunk 1.
+  CUTE_UNROLL
+  for (int i = 0; i < kBlockM * kPieces / kThreads; ++i) {
+    const int e = tid + i * kThreads, r = e / kPieces, d0 = (e % kPieces) * 8;
+    Elem* dq = smem_q + q_layout(r, d0);
+    if (row0 + r < q_len) {
+      copy_piece(q_ptr + int64_t(row0 + r) * p.q_row_stride + d0, dq);
+    } else {
+      *reinterpret_cast<uint4*>(dq) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  auto key_at = [&](int c, int j) { return walk.key_at(c, j, kChunk); };
+  int next_rows[kRowsPerThread];
+  int next_key = -1;
+  float next_key_bias = 0.f;
+  if (n_chunks > 0) {
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(0, gather_row(i));
+    gather(0, next_rows);
+    const int key0 = tid < kChunk ? key_at(0, tid) : -1;
+    stage_tables(0, key0, load_key_bias(key0));
+    if (n_chunks > 1) {
+      CUTE_UNROLL
+      for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(1, gather_row(i));
+      if (tid < kChunk) next_key = key_at(1, tid);
+      next_key_bias = load_key_bias(next_key);
+    }
+  }
+  cute::cp_async_fence();
+
+  for (int c = 0; c < n_chunks; ++c) {
+    const int stage = c % kStages;
+    const int next_stage = (c + 1) % kStages;
+    cute::cp_async_wait<0>();
+    const bool own_bad = own_v_nonfinite(stage);
+    cutlass::arch::fence_view_async_shared();
+    // Chunk c landed in every thread's pieces; every warpgroup finished chunk c - 1, whose stage chunk c + 1 reuses.
+    const bool v_bad = __syncthreads_or(own_bad);
+    if (tid == 0) bad_v_keys[next_stage] = 0ull;  // last read by chunk c - 1
+
+    const bool has_next = c + 1 < n_chunks;
+    if (has_next) {
+      gather(next_stage, next_rows);
+      stage_tables(next_stage, next_key, next_key_bias);
+      if (c + 2 < n_chunks) {  // consumed at the next iteration: a whole chunk hides their latency
+        CUTE_UNROLL
+        for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(c + 2, gather_row(i));
+        if (tid < kChunk) next_key = key_at(c + 2, tid);
+        next_key_bias = load_key_bias(next_key);
+      }
+    }
+    cute::cp_async_fence();
+
+    // Mask words of this chunk, loaded while Q K^T runs.
+    uint64_t row_bits[kRows];
+    uint4 row_bytes[kRows];  // dense unit: this lane's 16 mask bytes of each row, packed after the product
+    if (dense) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + get<0>(cS(r, 0));
+        row_bytes[r] = row_bytes_global(row < q_len ? dense_mask.rows + int64_t(row) * p.mask_row_stride : nullptr,
+                                        c * kChunk, kv_len, dense_mask.vec);
+      }
+    } else {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int rl = get<0>(cS(r, 0));
+        row_bits[r] = __ldg(walk.bits + int64_t(c) * p.kb_rows + (p.kb_rows == 1 ? 0 : rl));
+      }
+    }
+
+    Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kChunk>>{});
+    warpgroup_fence_operand(acc_s);
+    warpgroup_arrive();
+    cutlass::fmha::collective::gemm_zero_acc(mma_qk, tSrQ, tSrK(_, _, _, stage), acc_s);
+    warpgroup_commit_batch();
+    if (dense) {
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) row_bits[r] = quad_word(pack16(row_bytes[r]));
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_s);
+
+    // Logits in natural units, as in the sm80 kernels; the key of chunk column cl is idx[cl].
+    const int32_t* idx = smem_idx + stage * kChunk;
+    Tensor s = make_tensor(acc_s.data(), gmma_rowcol_layout(acc_s.layout()));
+    if (use_cap) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = p.softcap * tanhf(acc_s(i) * cap_in);
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= p.scale;
+    }
+    if (bias_per_key) {
+      const float* kb = smem_kbias + stage * kChunk;
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const float bk = kb[get<1>(cS(0, cc))];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) s(r, cc) = add_bias(s(r, cc), bk);
+      }
+    } else if (has_bias) {
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const int key = idx[get<1>(cS(0, cc))];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const int row = row0 + get<0>(cS(r, 0));
+          if (row < q_len && key >= 0) {
+            const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
+                                                   int64_t(key) * p.bias_col_stride, p.bias_dtype);
+            s(r, cc) = add_bias(s(r, cc), bv);
+          }
+        }
+      }
+    }
+    {
+      const int row_lim = q_len - row0;
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const int cl = get<1>(cS(0, cc));
+        const int key = idx[cl];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const int rl = get<0>(cS(r, 0));
+          const bool keep = rl < row_lim && key >= 0 && ((row_bits[r] >> cl) & 1u) &&
+                            (!is_causal || key <= row0 + rl + causal_off);
+          s(r, cc) = keep ? s(r, cc) : -INFINITY;
+        }
+      }
+    }
+
+    if (v_bad) {  // rare (CTA-uniform): V of this chunk holds an inf or NaN; see correct_nonfinite_v_rows
+      uint64_t kept[kRows];
+      fwd::kept_words_rows(s, cS, kept);
+      CUTE_UNROLL
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        if (zero_nonfinite_piece<Elem>(v_piece(stage, i))) atomicOr(&bad_v_keys[stage], 1ull << gather_row(i));
+      }
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();  // V cleaned, the bad columns known
+      fwd::online_softmax_rows(s, o, row_max, row_sum);
+      fwd::correct_nonfinite_v_rows<Elem>(o, cO, kept, bad_v_keys[stage],
+                                     [&](int j) { return v_ptr + int64_t(idx[j]) * p.v_row_stride; });
+    } else {
+      fwd::online_softmax_rows(s, o, row_max, row_sum);
+    }
+
+    Tensor pa = cutlass::fmha::collective::make_acc_into_op<Elem>(acc_s, typename Kt::TiledMmaPV::LayoutA_TV{});
+    warpgroup_fence_operand(acc_o);
+    warpgroup_fence_operand(pa);
+    warpgroup_arrive();
+    cute::gemm(mma_pv, pa, tOrV(_, _, _, stage), acc_o);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_o);
+  }
+  cute::cp_async_wait<0>();
+
+  // Epilogue: normalise, lse, then O through shared memory (the Q tile) into 16-byte row-predicated stores.
+  float* lse_ptr = p.lse + (int64_t(b) * p.heads + h) * p.q_len;
+  fwd::normalize_rows(o, row_max, row_sum, cS, lse_ptr, row0, q_len);
+  __syncthreads();  // every warpgroup is done reading sQ (and the Q copies landed)
+  CUTE_UNROLL
+  for (int i = 0; i < size(o); ++i) {
+    const auto rc = cO(i);
+    smem_q[q_layout(get<0>(rc), get<1>(rc))] = static_cast<Elem>(o(i));
+  }
+  __syncthreads();
+  CUTE_UNROLL
+  for (int i = 0; i < kBlockM * kPieces / kThreads; ++i) {
+    const int e = tid + i * kThreads, r = e / kPieces, d0 = (e % kPieces) * 8;
+    if (row0 + r < q_len) {
+      *reinterpret_cast<uint4*>(o_ptr + int64_t(row0 + r) * p.o_row_stride + d0) =
+          *reinterpret_cast<const uint4*>(smem_q + q_layout(r, d0));
+    }
+  }
+}
+
+template <int kHeadDim, bool kIsBF16>
+cudaError_t launch_key_list(const FwdParams& p, cudaStream_t stream) {
+  using Kt = KeyListFwdTraits<kHeadDim, kIsBF16>;
+  const int m_blocks = (p.q_len + Kt::kBlockM - 1) / Kt::kBlockM;
+  if (m_blocks == 0 || p.heads == 0 || p.batch == 0) return cudaSuccess;
+  static std::atomic<uint64_t> configured{0};
+  auto kernel = flash_fwd_key_list_sm90_kernel<Kt>;
+  if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+  kernel<<<dim3(p.heads, m_blocks, p.batch), Kt::kThreads, Kt::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace dmattn::sm90
+
+namespace dmattn {
+
+template <int kHeadDim, bool kIsBF16>
+cudaError_t run_flash_fwd_key_list_sm90(const FwdParams& p, cudaStream_t stream) {
+  return sm90::launch_key_list<kHeadDim, kIsBF16>(p, stream);
+}
+
+}  // namespace dmattn
+
+#define DMATTN_INSTANTIATE_FWD_KEY_LIST_SM90(D)                                                                  \
+  template cudaError_t dmattn::run_flash_fwd_key_list_sm90<D, true>(const dmattn::FwdParams&, cudaStream_t);  \
+  template cudaError_t dmattn::run_flash_fwd_key_list_sm90<D, false>(const dmattn::FwdParams&, cudaStream_t);

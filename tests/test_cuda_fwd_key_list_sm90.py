@@ -1,0 +1,163 @@
+"""The Hopper key-list forward (csrc/cuda/sm90/flash_fwd_key_list_sm90_kernel.cuh): masked calls on a
+compute-capability-9.0 GPU.
+
+Every case runs through the default route (the Hopper key-list forward serves every call on the key-list path with
+D in 64 / 128 / 256) and with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80), against the float32 reference;
+each route must reach the kernel it names (the launch counter moves or not). Masks: random, per-row top-k, block
+structured, a padding mask broadcast over rows (one bit word per chunk), rows and whole units with no kept key, dense
+units (a capacity below the unit's live keys, so the kernel reads the mask itself), plus the compact masks through
+the public API. Also GQA, Lq != Lk both ways, odd lengths, softcap, per-key and full biases of every dtype, both
+dtypes, an inf / NaN in V that must reach exactly the rows that keep its key, and gradients through the public API
+(the backward reads this forward's lse).
+
+GPU only (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import cuda_targets_on_gpu, hopper_kernels_available, rel_err_same_infinities as rel_err, sm90_launches
+from jax_dmattn import reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_fwd_cuda"),
+                                                  reason="needs a GPU and the CUDA kernels")]
+
+F32 = jnp.float32
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
+HOPPER_DIMS = (64, 128, 256)
+
+
+def mask_of(rng, kind, b, hm, lq, lk):
+    if kind == "random":
+        return rng.random((b, hm, lq, lk)) < 0.3
+    if kind == "topk":  # each row keeps the 40 keys of largest random score: scattered, nearly shared per tile
+        s = rng.standard_normal((b, hm, 1, lk)) + 0.05 * rng.standard_normal((b, hm, lq, lk))
+        kth = np.sort(s, axis=-1)[..., -min(40, lk)][..., None]
+        return s >= kth
+    if kind == "blocks":  # whole 128 x 64 blocks kept at density 1/3
+        blocks = rng.random((b, hm, -(-lq // 128), -(-lk // 64))) < 1 / 3
+        return np.repeat(np.repeat(blocks, 128, axis=2), 64, axis=3)[:, :, :lq, :lk]
+    if kind == "padding":  # [B, 1, 1, Lk]: the first lengths[b] keys
+        lengths = rng.integers(1, lk + 1, size=b)
+        return (np.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
+    if kind == "empty_rows":  # random, with every third row and the whole first 128-row unit empty
+        m = rng.random((b, hm, lq, lk)) < 0.2
+        m[:, :, ::3] = False
+        m[:, :, :128] = False
+        return m
+    raise ValueError(kind)
+
+
+def bias_of(rng, code, dtype, b, lq, lk, h, hkv):
+    dims = {"B": b, "H": h, "K": hkv, "M": lq, "N": lk, "1": 1}
+    return jnp.asarray(2.0 * rng.standard_normal(tuple(dims[c] for c in code)), F32).astype(dtype)
+
+
+# (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, mask kind, mask heads ("H" or "K"), bias spec or None, capacity)
+CASES = [
+    (1, 256, 256, 4, 1, 128, jnp.bfloat16, True, 0.0, "topk", "K", ("BK1N", jnp.bfloat16), None),
+    (2, 300, 300, 8, 2, 128, jnp.bfloat16, True, 0.0, "random", "K", ("BK1N", jnp.float32), None),
+    (1, 1000, 1000, 4, 4, 64, jnp.float16, True, 0.0, "blocks", "H", ("BHMN", jnp.float32), None),
+    (2, 77, 203, 4, 2, 128, jnp.float16, True, 0.0, "random", "K", ("1KMN", jnp.float16), None),   # Lq < Lk
+    (1, 333, 129, 2, 1, 64, jnp.bfloat16, True, 0.0, "topk", "K", None, None),                   # Lq > Lk
+    (1, 129, 517, 6, 3, 256, jnp.bfloat16, False, 0.0, "random", "K", ("BKM1", jnp.bfloat16), None),
+    (2, 200, 333, 8, 2, 64, jnp.float16, False, 0.0, "padding", "1", ("BK1N", jnp.float16), None),
+    (1, 300, 300, 4, 2, 128, jnp.bfloat16, True, 0.0, "empty_rows", "K", None, None),
+    (1, 128, 512, 4, 2, 64, jnp.bfloat16, False, 30.0, "topk", "K", ("BK1N", jnp.bfloat16), None),  # softcap
+    (1, 700, 700, 4, 2, 128, jnp.bfloat16, True, 0.0, "random", "K", ("BK1N", jnp.bfloat16), 64),   # dense units
+    (2, 260, 390, 4, 4, 128, jnp.float16, False, 0.0, "blocks", "H", None, 128),                  # dense units
+    (1, 190, 260, 4, 2, 96, jnp.bfloat16, True, 0.0, "random", "K", None, None),  # D = 96: sm80 kernels everywhere
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+def test_forward_matches_reference(case, kernel_route, rng):
+    from jax_dmattn import _cuda_fwd
+
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, kind, mheads, bias_spec, capacity = case
+    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
+    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
+    v = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
+    mask = jnp.asarray(mask_of(rng, kind, b, {"H": h, "K": hkv, "1": 1}[mheads], lq, lk))
+    bias = None if bias_spec is None else bias_of(rng, bias_spec[0], bias_spec[1], b, lq, lk, h, hkv)
+    scale = d ** -0.5
+    fn = functools.partial(_cuda_fwd.flash_fwd, scale=scale, softcap=softcap, is_causal=causal,
+                           key_list_capacity=capacity)
+    before = sm90_launches("fwd_key_list")
+    out, lse = jax.block_until_ready(jax.jit(fn)(q, k, v, bias, mask))
+    served = sm90_launches("fwd_key_list") > before
+    hopper = hopper_kernels_available() and d in HOPPER_DIMS and kernel_route == "default"
+    assert served == hopper, (f"route {kernel_route}: the Hopper key-list forward "
+                              f"{'did not serve' if hopper else 'served'} the call")
+
+    up = lambda x: None if x is None else x.astype(F32)
+    ref_out, ref_lse = reference.reference_core(up(q), up(k), up(v), up(bias), mask, scale=scale,
+                                                is_causal=causal, softcap=softcap or None)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, lq) and lse.dtype == F32
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(lse, ref_lse) < 1e-4
+    empty = np.isneginf(np.asarray(ref_lse))  # rows with no kept key: exact zeros and -inf
+    assert np.isneginf(np.asarray(lse)[empty]).all()
+    out_rows = np.moveaxis(np.asarray(out, np.float32), 2, 1)  # [B, H, Lq, D]
+    assert (out_rows[empty] == 0).all()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nonfinite_v_reaches_exactly_the_rows_that_keep_it(value, kernel_route, rng):
+    from jax_dmattn import _cuda_fwd
+
+    b, lq, lk, h, hkv, d = 1, 256, 320, 4, 2, 128
+    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(jnp.bfloat16)
+    v_np = rng.standard_normal((b, lk, hkv, d)).astype(np.float32)
+    v_np[0, 100, 1, 7] = value
+    v = jnp.asarray(v_np).astype(jnp.bfloat16)
+    mask_np = rng.random((b, hkv, lq, lk)) < 0.3
+    mask_np[0, 1, :, 100] = np.arange(lq) % 2 == 0  # even rows keep key 100 of kv head 1
+    out, _ = jax.jit(functools.partial(_cuda_fwd.flash_fwd, scale=d ** -0.5, softcap=0.0, is_causal=False))(
+        q, k, v, None, jnp.asarray(mask_np))
+    out = np.asarray(out, np.float32)
+    hit = np.zeros(out.shape, bool)
+    hit[0, 0::2, 2:4, 7] = True  # query heads 2, 3 read kv head 1
+    assert np.array_equal(~np.isfinite(out), hit)
+    if np.isnan(value):
+        assert np.isnan(out[hit]).all()
+    else:
+        assert (out[hit] == np.inf).all()
+
+
+@pytest.mark.parametrize("form", ["bool", "topk", "key_indices"])
+def test_gradients_through_the_api(form, kernel_route, rng):
+    """The backward consumes the forward's residuals (out and the natural-log lse) and the same key lists."""
+    import jax_dmattn
+
+    b, lq, lk, h, hkv, d, dtype = 1, 384, 384, 4, 2, 128, jnp.bfloat16
+    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
+    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
+    v = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
+    bias = jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), F32).astype(dtype)
+    dout = jnp.asarray(rng.standard_normal(q.shape), F32).astype(dtype)
+    if form == "bool":
+        mask = jnp.asarray(mask_of(rng, "topk", b, hkv, lq, lk))
+    elif form == "topk":
+        mask = jax_dmattn.TopKMask(jnp.asarray(rng.standard_normal((b, hkv, lk)), F32), 50)
+    else:
+        idx = np.stack([rng.choice(lk, 60, replace=False) for _ in range(b * hkv)]).reshape(b, hkv, 60)
+        mask = jax_dmattn.KeyIndices(jnp.asarray(idx, jnp.int32))
+
+    def loss(impl, q, k, v, bias):
+        up = (lambda x: x.astype(F32)) if impl == "xla" else (lambda x: x)
+        out = jax_dmattn.attention(up(q), up(k), up(v), up(bias), mask=mask, is_causal=True, implementation=impl)
+        return jnp.sum(out.astype(F32) * dout.astype(F32))
+
+    before = sm90_launches("fwd_key_list")
+    got = jax.jit(jax.grad(functools.partial(loss, "cuda"), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    assert (sm90_launches("fwd_key_list") > before) == (hopper_kernels_available() and kernel_route == "default")
+    ref = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, ref):
+        assert rel_err(g, r) < 3 * TOL[dtype], name
