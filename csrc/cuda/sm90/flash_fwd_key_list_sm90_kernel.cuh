@@ -121,12 +121,12 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   Elem* smem_v = smem_k + Kt::kKElems;
   int32_t* smem_idx = reinterpret_cast<int32_t*>(smem_v + Kt::kVElems);  // [kStages][kChunk]
   float* smem_kbias = reinterpret_cast<float*>(smem_idx + kStages * kChunk);  // [kStages][kChunk]
-  const auto q_layout = typename Kt::SmemLayoutQ{};
-  const auto k_layout = typename Kt::SmemLayoutK{};
-  const auto vt_layout = typename Kt::SmemLayoutVt{};
-  Tensor sQ = make_tensor(make_smem_ptr(smem_q), q_layout);
-  Tensor sK = make_tensor(make_smem_ptr(smem_k), k_layout);
-  Tensor sVt = make_tensor(make_smem_ptr(smem_v), vt_layout);
+  // The GMMA layouts swizzle byte addresses: an element's address comes from the tensor (its swizzled pointer), never
+  // from the layout alone.
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Kt::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Kt::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Kt::SmemLayoutVt{});
+  auto addr = [](auto& t, auto... coord) { return raw_pointer_cast(&t(coord...)); };
 
   typename Kt::TiledMmaQK mma_qk;
   typename Kt::TiledMmaPV mma_pv;
@@ -167,8 +167,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     CUTE_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int j = gather_row(i), d0 = gather_piece(i) * 8;
-      Elem* dk = smem_k + k_layout(j, d0, stage);
-      Elem* dv = smem_v + vt_layout(d0, j, stage);
+      Elem* dk = addr(sK, j, d0, stage);
+      Elem* dv = addr(sVt, d0, j, stage);
       if (rows[i] >= 0) {
         copy_piece(k_ptr + int64_t(rows[i]) * p.k_row_stride + d0, dk);
         copy_piece(v_ptr + int64_t(rows[i]) * p.v_row_stride + d0, dv);
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
       }
     }
   };
-  auto v_piece = [&](int stage, int i) { return smem_v + vt_layout(gather_piece(i) * 8, gather_row(i), stage); };
+  auto v_piece = [&](int stage, int i) { return addr(sVt, gather_piece(i) * 8, gather_row(i), stage); };
   auto own_v_nonfinite = [&](int stage) {
     uint32_t bits = 0;
     CUTE_UNROLL
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   CUTE_UNROLL
   for (int i = 0; i < kBlockM * kPieces / kThreads; ++i) {
     const int e = tid + i * kThreads, r = e / kPieces, d0 = (e % kPieces) * 8;
-    Elem* dq = smem_q + q_layout(r, d0);
+    Elem* dq = addr(sQ, r, d0);
     if (row0 + r < q_len) {
       copy_piece(q_ptr + int64_t(row0 + r) * p.q_row_stride + d0, dq);
     } else {
@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   CUTE_UNROLL
   for (int i = 0; i < size(o); ++i) {
     const auto rc = cO(i);
-    smem_q[q_layout(get<0>(rc), get<1>(rc))] = static_cast<Elem>(o(i));
+    sQ(get<0>(rc), get<1>(rc)) = static_cast<Elem>(o(i));
   }
   __syncthreads();
   CUTE_UNROLL
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     const int e = tid + i * kThreads, r = e / kPieces, d0 = (e % kPieces) * 8;
     if (row0 + r < q_len) {
       *reinterpret_cast<uint4*>(o_ptr + int64_t(row0 + r) * p.o_row_stride + d0) =
-          *reinterpret_cast<const uint4*>(smem_q + q_layout(r, d0));
+          *reinterpret_cast<const uint4*>(addr(sQ, r, d0));
     }
   }
 }
