@@ -53,8 +53,6 @@ cudaError_t launch_flash_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   return err != cudaSuccess ? err : launch_flash_fwd_exact_rows(p, stream);
 }
 
-}  // namespace dmattn
-
 bool flash_fwd_key_list_sm90_serves(const FwdParams& p) {
   return p.key_lists != nullptr && has_head_dim(kSm90FwdHeadDims, p.head_dim) && sm90_kernels_route_open();
 }
@@ -73,3 +71,5 @@ cudaError_t launch_flash_fwd_key_list_sm90(const FwdParams& p, cudaStream_t stre
   }
 #undef DMATTN_FWD_KEY_LIST_SM90_CASE
 }
+
+}  // namespace dmattn
