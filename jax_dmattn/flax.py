@@ -150,16 +150,64 @@ def rope_qk(q: Array, k: Array, positions: Array | None, theta: float | None) ->
     return apply_rope(q, pos, theta), apply_rope(k, pos, theta)
 
 
-def module_attention(module, q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None) -> Array:
+def module_attention(module, q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
+                     *, is_causal: bool | None = None) -> Array:
     """The attention call of a DynamicMaskAttention module (linen or nnx: the same option names): with a dynamic
-    ``bias``, its top-k selection (:func:`dynamic_attention_inputs`) combined with ``mask``; else ``mask`` alone."""
+    ``bias``, its top-k selection (:func:`dynamic_attention_inputs`) combined with ``mask``; else ``mask`` alone.
+    ``is_causal``: None for the module's own flag (a decoding step passes False: its mask says what is visible)."""
+    causal = module.is_causal if is_causal is None else is_causal
     if bias is not None:
         bias, mask = dynamic_attention_inputs(
-            bias, module.window_size, mask=mask, is_causal=module.is_causal, query_len=q.shape[1],
+            bias, module.window_size, mask=mask, is_causal=causal, query_len=q.shape[1],
             use_block_topk=module.use_block_topk, block_q=module.block_q, block_k=module.block_k,
         )
-    return _attention(q, k, v, bias, mask, scale=module.scale, is_causal=module.is_causal, softcap=module.softcap,
+    return _attention(q, k, v, bias, mask, scale=module.scale, is_causal=causal, softcap=module.softcap,
                       deterministic=module.deterministic_backward, implementation=module.implementation)
+
+
+def decode_step(
+    module,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None,
+    mask: Array | None,
+    positions: Array | None,
+    cache: tuple[Array, Array, Array | None, Array],
+) -> tuple[Array, tuple[Array, Array, Array | None, Array]]:
+    """One decoding step of a DynamicMaskAttention module (linen or nnx) over its KV cache.
+
+    ``q`` [B, 1, H, D], ``k`` / ``v`` [B, 1, Hkv, D] (before RoPE) and ``bias`` [B, Hkv, 1, 1] (the step's per-key
+    bias, or None) belong to the token at position ``index``; ``cache`` is ``(key [B, T, Hkv, D], value, bias
+    [B, Hkv, 1, T] or None, index)``.  The step's key, value and bias are written at ``index`` and its query attends
+    to the cache slots ``0 .. index`` (a key-broadcast mask, so the top-k stays a compact ``TopKMask``); with the
+    top-k, the slots it keeps are the ``window_size`` of largest bias among them, the same keys row ``index`` keeps
+    in a causal call over the whole sequence.  ``mask``: None, or a bool mask broadcast over the query dim
+    ([B, 1|Hkv|H, 1, T], e.g. padding), True = attend.  ``positions`` (RoPE) default to ``[index]``.
+
+    Returns the attention output [B, 1, H, D] and the new cache (index + 1).  The caller keeps the index below T.
+    """
+    key_cache, value_cache, bias_cache, index = cache
+    if q.shape[1] != 1:
+        raise ValueError(f"decode: one token per step (x of length 1), got length {q.shape[1]}; "
+                         "call the module without decode for a whole sequence")
+    t = key_cache.shape[1]
+    pos = jnp.reshape(index, (1,)) if positions is None else positions
+    q, k = rope_qk(q, k, pos, module.rope_theta)
+    at = (0, index, 0, 0)
+    key_cache = jax.lax.dynamic_update_slice(key_cache, k.astype(key_cache.dtype), at)
+    value_cache = jax.lax.dynamic_update_slice(value_cache, v.astype(value_cache.dtype), at)
+    if bias is not None:
+        bias_cache = jax.lax.dynamic_update_slice(bias_cache, bias.astype(bias_cache.dtype), (0, 0, 0, index))
+    visible = (jnp.arange(t) <= index)[None, None, None, :]
+    if mask is not None:
+        m4 = _as_rank4(jnp.asarray(mask))
+        if m4 is None or m4.dtype != jnp.bool_ or m4.shape[2] != 1 or m4.shape[3] not in (1, t):
+            raise ValueError(f"decode: mask must be a bool mask broadcast over the query dim, [B, 1|Hkv|H, 1, {t}], "
+                             f"got {getattr(mask, 'dtype', type(mask))} {tuple(jnp.shape(mask))}")
+        visible = visible & m4
+    out = module_attention(module, q, key_cache, value_cache, bias_cache, visible, is_causal=False)
+    return out, (key_cache, value_cache, bias_cache, index + 1)
 
 
 def _as_rank4(mask: Array) -> Array | None:
@@ -303,6 +351,11 @@ class DynamicMaskAttention(nn.Module):
       rope_theta: apply rotary embeddings with this base to q and k (None = off).
       scale, softcap, implementation, deterministic_backward: passed to attention
         (``deterministic_backward`` is attention's ``deterministic``).
+      decode: cached decoding (Flax's ``decode=True`` convention): the call that creates the ``cache`` collection
+        (``init`` on a full-length ``x``) sizes the cache (key, value, per-key bias, index) and runs as without
+        decode; every later call (``apply(..., mutable=["cache"])``) takes one token ``x`` [B, 1, E] at the cache
+        index and attends to the slots filled so far (:func:`decode_step`), with the top-k of their cached bias:
+        the same output as a causal call over the whole sequence gives that token.
       out_features: output width; default E.
       use_proj_bias: biases in the q/k/v/o projections.
       dtype: computation dtype (None: promote inputs and params); param_dtype:
@@ -330,6 +383,7 @@ class DynamicMaskAttention(nn.Module):
     softcap: Optional[float] = None
     implementation: Optional[str] = None
     deterministic_backward: bool = False
+    decode: bool = False
     out_features: Optional[int] = None
     use_proj_bias: bool = False
     dtype: Optional[Dtype] = None
@@ -353,7 +407,6 @@ class DynamicMaskAttention(nn.Module):
         q = dense(features=(h, d), name="q_proj")(x)
         k = dense(features=(hkv, d), name="k_proj")(x)
         v = dense(features=(hkv, d), name="v_proj")(x)
-        q, k = rope_qk(q, k, positions, self.rope_theta)
         bias = None
         if self.use_dynamic_bias:
             dt_kernel, dt_bias = HeadwiseDense(
@@ -362,13 +415,33 @@ class DynamicMaskAttention(nn.Module):
             )(v)
             a = self.param("A", self.a_init, (hkv,), self.param_dtype)
             bias = dynamic_bias(v, dt_kernel, dt_bias, a)
-            self.sow("intermediates", "dynamic_bias", bias)
-        out = module_attention(self, q, k, v, bias, mask)
-        return nn.DenseGeneral(
+        o_proj = nn.DenseGeneral(
             features=self.out_features or features, axis=(-2, -1), use_bias=self.use_proj_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
             kernel_init=self.kernel_init, name="o_proj",
-        )(out)
+        )
+        if self.decode:
+            # Flax's convention: the call that creates the cache (init, on a full-length x) sizes it and runs as
+            # without decode; every later call is one step of one token.
+            stepping = self.has_variable("cache", "cached_key")
+            b, t = x.shape[0], x.shape[1]
+            key_cache = self.variable("cache", "cached_key", jnp.zeros, (b, t, hkv, d), k.dtype)
+            value_cache = self.variable("cache", "cached_value", jnp.zeros, (b, t, hkv, d), v.dtype)
+            bias_cache = (self.variable("cache", "cached_bias", jnp.zeros, (b, hkv, 1, t), jnp.float32)
+                          if bias is not None else None)
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            if stepping:
+                out, (key_cache.value, value_cache.value, new_bias, index.value) = decode_step(
+                    self, q, k, v, bias, mask, positions,
+                    (key_cache.value, value_cache.value, None if bias_cache is None else bias_cache.value,
+                     index.value))
+                if bias_cache is not None:
+                    bias_cache.value = new_bias
+                return o_proj(out)
+        q, k = rope_qk(q, k, positions, self.rope_theta)
+        if bias is not None:
+            self.sow("intermediates", "dynamic_bias", bias)
+        return o_proj(module_attention(self, q, k, v, bias, mask))
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only without flax
         "(or `pip install jax_dmattn[flax]`)"
     ) from e
 
-from jax_dmattn.flax import dynamic_bias, module_attention, resolve_heads, rope_qk
+from jax_dmattn.flax import decode_step, dynamic_bias, module_attention, resolve_heads, rope_qk
 
 __all__ = ["DynamicMaskAttention", "HeadwiseLinear"]
 
@@ -72,6 +72,8 @@ class DynamicMaskAttention(nnx.Module):
     :class:`jax_dmattn.flax.DynamicMaskAttention` for the math and every option;
     like it, the element top-k (alone or with a key-broadcast ``mask``) reaches
     attention as a compact ``TopKMask``, not an [L, L] array.
+    ``decode=True`` (or ``decode=True`` at call time) with :meth:`init_cache` decodes one token per call over a KV
+    cache, as nnx's own attention does; see :func:`jax_dmattn.flax.decode_step`.
     With ``sow_bias=True`` the bias is sown as ``nnx.Intermediate``
     ``dynamic_bias`` (collect it with ``nnx.capture(model, nnx.Intermediate)``).
     """
@@ -94,6 +96,7 @@ class DynamicMaskAttention(nnx.Module):
         softcap: Optional[float] = None,
         implementation: Optional[str] = None,
         deterministic_backward: bool = False,
+        decode: bool = False,
         sow_bias: bool = False,
         out_features: Optional[int] = None,
         use_proj_bias: bool = False,
@@ -118,6 +121,7 @@ class DynamicMaskAttention(nnx.Module):
         self.scale, self.softcap = scale, softcap
         self.implementation = implementation
         self.deterministic_backward = deterministic_backward
+        self.decode = decode
         self.sow_bias = sow_bias
         self.out_features = out_features or in_features
 
@@ -141,21 +145,49 @@ class DynamicMaskAttention(nnx.Module):
             self.dt_proj = None
             self.A = None
 
-    def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None) -> Array:
+    def init_cache(self, input_shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> None:
+        """Creates the decoding cache for inputs of ``input_shape`` [B, T, E] (nnx's convention): ``cached_key`` and
+        ``cached_value`` [B, T, Hkv, D] in ``dtype``, with the dynamic bias ``cached_bias`` [B, Hkv, 1, T] in float32,
+        and ``cache_index`` 0."""
+        b, t = input_shape[0], input_shape[1]
+        shape = (b, t, self.num_kv_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        if self.use_dynamic_bias:
+            self.cached_bias = nnx.Cache(jnp.zeros((b, self.num_kv_heads, 1, t), jnp.float32))
+        self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None,
+                 decode: bool | None = None) -> Array:
+        """``decode`` (default: the constructor's): one decoding step of one token ``x`` [B, 1, E] over the cache
+        of :meth:`init_cache` (see :func:`jax_dmattn.flax.decode_step`)."""
         if x.ndim != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must be [batch, length, {self.in_features}], got shape {tuple(x.shape)}"
             )
+        decode = self.decode if decode is None else decode
+        if decode and not hasattr(self, "cached_key"):
+            raise ValueError("decode: call init_cache(input_shape) before the first decoding step")
         q = self.q_proj(x)
         k = self.k_proj(x)
         v = self.v_proj(x)
-        q, k = rope_qk(q, k, positions, self.rope_theta)
         bias = None
         if self.use_dynamic_bias:
             dt = self.dt_proj
             bias = dynamic_bias(
                 v, dt.kernel[...], None if dt.bias is None else dt.bias[...], self.A[...]
             )
-            if self.sow_bias:
-                self.sow(nnx.Intermediate, "dynamic_bias", bias)
+        if decode:
+            cache = (self.cached_key[...], self.cached_value[...],
+                     self.cached_bias[...] if bias is not None else None, self.cache_index[...])
+            out, (key, value, bias_cache, index) = decode_step(self, q, k, v, bias, mask, positions, cache)
+            self.cached_key[...] = key
+            self.cached_value[...] = value
+            if bias is not None:
+                self.cached_bias[...] = bias_cache
+            self.cache_index[...] = index
+            return self.o_proj(out)
+        q, k = rope_qk(q, k, positions, self.rope_theta)
+        if bias is not None and self.sow_bias:
+            self.sow(nnx.Intermediate, "dynamic_bias", bias)
         return self.o_proj(module_attention(self, q, k, v, bias, mask))
