@@ -112,6 +112,7 @@ class ModelConfig:
     block_size: int = 128
     implementation: str | None = None
     dtype: Any = jnp.float32
+    decode: bool = False  # cached decoding, one token per call (examples/generate_lm.py)
 
 
 class Block(nn.Module):
@@ -134,6 +135,7 @@ class Block(nn.Module):
             rope_theta=10000.0,
             implementation=cfg.implementation,
             dtype=cfg.dtype,
+            decode=cfg.decode,
             name="attn",
         )(h)
         x = x + h

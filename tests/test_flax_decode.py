@@ -95,3 +95,21 @@ def test_nnx_decode_needs_a_cache():
     model = jnnx.DynamicMaskAttention(E, 4, window_size=4, decode=True, implementation="cpu", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="init_cache"):
         model(_x(6)[:, :1])
+
+
+def test_generate_example_matches_full_recomputation():
+    """examples/generate_lm.py, tiny: cached greedy decoding equals decoding by full recomputation."""
+    import importlib.util
+    import os
+    import sys
+
+    pytest.importorskip("optax")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "generate_lm.py")
+    spec = importlib.util.spec_from_file_location("generate_lm_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    r = mod.main(["--steps", "3", "--seq-len", "24", "--pairs", "2", "--queries", "2", "--num-keys", "4",
+                  "--num-values", "4", "--num-filler", "4", "--d-model", "16", "--heads", "2", "--kv-heads", "1",
+                  "--layers", "1", "--batch-size", "2", "--window-size", "6", "--implementation", "cpu"])
+    assert r["same_tokens"] and r["max_logit_diff"] < 1e-4
