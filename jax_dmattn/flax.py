@@ -188,6 +188,9 @@ def decode_step(
     Returns the attention output [B, 1, H, D] and the new cache (index + 1).  The caller keeps the index below T.
     """
     key_cache, value_cache, bias_cache, index = cache
+    if module.use_block_topk and bias is not None and module.window_size is not None:
+        raise ValueError("decode: use_block_topk selects whole blocks of block_q query rows at once, which one-token "
+                         "steps cannot reproduce; decode with the element top-k (use_block_topk=False)")
     if q.shape[1] != 1:
         raise ValueError(f"decode: one token per step (x of length 1), got length {q.shape[1]}; "
                          "call the module without decode for a whole sequence")

@@ -75,6 +75,11 @@ def test_linen_decode_errors():
         model.apply(variables, x[:, :2], mutable=["cache"])
     with pytest.raises(ValueError, match="broadcast over the query dim"):
         model.apply(variables, x[:, :1], jnp.ones((B, 1, T, T), bool), mutable=["cache"])
+    block = DynamicMaskAttention(num_heads=4, window_size=4, use_block_topk=True, block_q=4, block_k=4, decode=True,
+                                 implementation="cpu")
+    block_vars = block.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="use_block_topk"):
+        block.apply(block_vars, x[:, :1], mutable=["cache"])
 
 
 @pytest.mark.parametrize("window", [None, 5])
