@@ -25,28 +25,16 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_lm import DecoderLM, ModelConfig, TaskConfig, loss_and_metrics, make_batch  # noqa: E402
+from train_lm import (  # noqa: E402
+    DecoderLM, add_task_and_model_args, loss_and_metrics, make_batch, model_config, task_config,
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200, help="training steps before generating")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--window-size", type=int, default=16, help="keys kept per query")
-    p.add_argument("--pairs", type=int, default=3)
-    p.add_argument("--queries", type=int, default=3)
-    p.add_argument("--num-keys", type=int, default=8)
-    p.add_argument("--num-values", type=int, default=8)
-    p.add_argument("--num-filler", type=int, default=16)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--implementation", choices=["cuda", "cpu", "xla"], default=None)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 activations (needed for the CUDA kernels)")
-    p.add_argument("--seed", type=int, default=0)
+    p = add_task_and_model_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    # A shorter task than train_lm.py's, so that a brief training already recalls something.
+    p.set_defaults(steps=200, seq_len=64, window_size=16, pairs=3, queries=3, num_keys=8, num_values=8,
+                   num_filler=16)
     return p.parse_args(argv)
 
 
@@ -71,11 +59,8 @@ def train(model, task, args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    task = TaskConfig(args.seq_len, args.pairs, args.queries, args.num_keys, args.num_values, args.num_filler)
-    task.check()
-    cfg = ModelConfig(vocab_size=task.vocab_size, d_model=args.d_model, layers=args.layers, heads=args.heads,
-                      kv_heads=args.kv_heads, window_size=args.window_size, dynamic=True,
-                      implementation=args.implementation, dtype=jnp.bfloat16 if args.bf16 else jnp.float32)
+    task = task_config(args)
+    cfg = model_config(args, task, dynamic=True)
     model = DecoderLM(cfg)
     decoder = DecoderLM(dataclasses.replace(cfg, decode=True))
 

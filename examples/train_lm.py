@@ -215,19 +215,7 @@ def state_initializer(model, tx, task):
 
 
 def train_one(mode: str, args, task: TaskConfig) -> dict:
-    cfg = ModelConfig(
-        vocab_size=task.vocab_size,
-        d_model=args.d_model,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        window_size=args.window_size,
-        dynamic=(mode == "dynamic"),
-        block_topk=args.block_topk,
-        block_size=args.block_size,
-        implementation=args.implementation,
-        dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
-    )
+    cfg = model_config(args, task, dynamic=(mode == "dynamic"))
     model = DecoderLM(cfg)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, warmup_steps=max(1, args.steps // 10), decay_steps=max(2, args.steps),
@@ -377,15 +365,11 @@ def plot(results, path):
     return path
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_task_and_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The task, model and optimiser options this script shares with generate_lm.py (which sets its own defaults)."""
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--attention", choices=["dense", "dynamic", "both"], default="both")
-    p.add_argument("--out-dir", default="runs/train_lm")
     p.add_argument("--window-size", type=int, default=64, help="keys kept per query (dynamic)")
-    p.add_argument("--block-topk", action="store_true", help="select whole tiles (block_topk_mask)")
-    p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -397,11 +381,42 @@ def parse_args(argv=None):
     p.add_argument("--num-keys", type=int, default=16)
     p.add_argument("--num-values", type=int, default=16)
     p.add_argument("--num-filler", type=int, default=32)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--implementation", choices=["cuda", "cpu", "xla"], default=None)
     p.add_argument("--bf16", action="store_true", help="bfloat16 activations (needed for the CUDA kernels)")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def task_config(args) -> TaskConfig:
+    task = TaskConfig(args.seq_len, args.pairs, args.queries, args.num_keys, args.num_values, args.num_filler)
+    task.check()
+    return task
+
+
+def model_config(args, task: TaskConfig, dynamic: bool) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=task.vocab_size,
+        d_model=args.d_model,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        window_size=args.window_size,
+        dynamic=dynamic,
+        block_topk=getattr(args, "block_topk", False),
+        block_size=getattr(args, "block_size", 128),
+        implementation=args.implementation,
+        dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+    )
+
+
+def parse_args(argv=None):
+    p = add_task_and_model_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    p.add_argument("--attention", choices=["dense", "dynamic", "both"], default="both")
+    p.add_argument("--out-dir", default="runs/train_lm")
+    p.add_argument("--block-topk", action="store_true", help="select whole tiles (block_topk_mask)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -410,8 +425,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    task = TaskConfig(args.seq_len, args.pairs, args.queries, args.num_keys, args.num_values, args.num_filler)
-    task.check()
+    task = task_config(args)
     if args.d_model % args.heads or args.heads % args.kv_heads:
         raise SystemExit("--d-model must be divisible by --heads, and --heads by --kv-heads")
     if jax.default_backend() == "gpu" and not args.bf16 and args.implementation is None:

@@ -1,5 +1,5 @@
-// Which calls the Hopper forwards (no mask; key lists) serve, and their head-dim / dtype dispatch (no CuTe here: the kernels live in the
-// generated flash_fwd_sm90_hdim*.cu and flash_fwd_key_list_sm90_hdim*.cu).
+// Which calls the Hopper forwards (no mask; key lists) serve, and their head-dim / dtype dispatch (no CuTe here:
+// the kernels live in the generated flash_fwd_sm90_hdim*.cu and flash_fwd_key_list_sm90_hdim*.cu).
 #include <atomic>
 #include <climits>
 #include <cstdint>
