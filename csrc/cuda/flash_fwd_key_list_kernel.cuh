@@ -22,6 +22,63 @@
 namespace dmattn {
 namespace fwd {
 
+// Logits of one key-list chunk in place, in natural units as the tile kernel computes them: scale or softcap,
+// the bias (a per-key bias from the chunk's table `key_bias`, any other bias per element at `bias_base` through its
+// strides), then -inf where a pair is dropped: rows past Lq, columns past the walked keys (idx < 0), a zero bit in
+// the row's word, the bottom-right causal bound on the real key index. `acc` is the raw q.k accumulator, `s` and
+// `cS` its (rows, cols) view and coordinates in the CTA's tile (either MMA layout); the key of chunk column cl is
+// idx[cl]. Shared by the sm80 and the Hopper key-list forwards.
+template <class Acc, class S, class CS, int kRows>
+__device__ __forceinline__ void key_list_logits(Acc& acc, S& s, CS const& cS, const FwdParams& p, const int32_t* idx,
+                                                const float* key_bias, int64_t bias_base,
+                                                const uint64_t (&row_bits)[kRows], int row0) {
+  constexpr int kCols = decltype(size<1>(cS))::value;
+  if (p.softcap > 0.f) {
+    const float cap_in = p.scale / p.softcap;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) acc(i) = p.softcap * tanhf(acc(i) * cap_in);
+  } else {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) acc(i) *= p.scale;
+  }
+  if (key_bias != nullptr) {
+    CUTE_UNROLL
+    for (int cc = 0; cc < kCols; ++cc) {
+      const float bk = key_bias[get<1>(cS(0, cc))];
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) s(r, cc) = add_bias(s(r, cc), bk);
+    }
+  } else if (p.bias != nullptr) {
+    CUTE_UNROLL
+    for (int cc = 0; cc < kCols; ++cc) {
+      const int key = idx[get<1>(cS(0, cc))];
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + get<0>(cS(r, 0));
+        if (row < p.q_len && key >= 0) {
+          const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
+                                                 int64_t(key) * p.bias_col_stride, p.bias_dtype);
+          s(r, cc) = add_bias(s(r, cc), bv);
+        }
+      }
+    }
+  }
+  const int row_lim = p.q_len - row0;
+  const int causal_off = p.kv_len - p.q_len;
+  CUTE_UNROLL
+  for (int cc = 0; cc < kCols; ++cc) {
+    const int cl = get<1>(cS(0, cc));
+    const int key = idx[cl];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int rl = get<0>(cS(r, 0));
+      const bool keep = rl < row_lim && key >= 0 && ((row_bits[r] >> cl) & 1u) &&
+                        (!p.is_causal || key <= row0 + rl + causal_off);
+      s(r, cc) = keep ? s(r, cc) : -INFINITY;
+    }
+  }
+}
+
 template <class Kt>
 __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     flash_fwd_key_list_kernel(const __grid_constant__ FwdParams p) {
@@ -46,8 +103,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   const int tid = threadIdx.x;
   const int row0 = m_block * kBlockM;
   const int q_len = p.q_len, kv_len = p.kv_len;
-  const bool is_causal = p.is_causal;
-  const int causal_off = kv_len - q_len;
 
   const KeyListWalk walk = key_list_walk<kBlockM, kChunk, kThreads>(p, b, h, m_block);
   const bool dense = walk.dense;
@@ -104,7 +159,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   Tensor tScS = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kChunk>>{}));
   Tensor cS = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
-  constexpr int kCols = decltype(size<1>(cS))::value;
 
   float row_max[kRows], row_sum[kRows];
   CUTE_UNROLL
@@ -163,8 +217,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     }
   };
 
-  const bool use_cap = p.softcap > 0.f;
-  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
 
   // Prologue: Q, K(0) and the tables of chunk 0.
   copy_rows(gmem_copy, tQgQ, tQsQ, tQcQ, q_len - row0);
@@ -233,54 +285,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       next_key_bias = load_key_bias(next_key);  // consumed after P V, which hides its latency
     }
 
-    // Scores in natural units, as in the tile kernel; the key of chunk column cl is smem_idx[buf][cl].
     const int32_t* idx = smem_idx + buf * kChunk;
     Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    if (use_cap) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = p.softcap * tanhf(acc_s(i) * cap_in);
-    } else {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= p.scale;
-    }
-    if (bias_per_key) {
-      const float* kb = smem_kbias + buf * kChunk;
-      CUTE_UNROLL
-      for (int cc = 0; cc < kCols; ++cc) {
-        const float bk = kb[get<1>(cS(0, cc))];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) s(r, cc) = add_bias(s(r, cc), bk);
-      }
-    } else if (has_bias) {
-      CUTE_UNROLL
-      for (int cc = 0; cc < kCols; ++cc) {
-        const int key = idx[get<1>(cS(0, cc))];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          const int row = row0 + get<0>(cS(r, 0));
-          if (row < q_len && key >= 0) {
-            const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
-                                                   int64_t(key) * p.bias_col_stride, p.bias_dtype);
-            s(r, cc) = add_bias(s(r, cc), bv);
-          }
-        }
-      }
-    }
-    {
-      const int row_lim = q_len - row0;
-      CUTE_UNROLL
-      for (int cc = 0; cc < kCols; ++cc) {
-        const int cl = get<1>(cS(0, cc));
-        const int key = idx[cl];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          const int rl = get<0>(cS(r, 0));
-          const bool keep = rl < row_lim && key >= 0 && ((row_bits[r] >> cl) & 1u) &&
-                            (!is_causal || key <= row0 + rl + causal_off);
-          s(r, cc) = keep ? s(r, cc) : -INFINITY;
-        }
-      }
-    }
+    key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + buf * kChunk : nullptr, bias_base, row_bits,
+                    row0);
 
     if (v_bad) {  // rare (CTA-uniform): V of this chunk holds an inf or NaN; see correct_nonfinite_v
       uint64_t kept[kRows];

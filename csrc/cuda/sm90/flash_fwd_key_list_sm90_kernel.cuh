@@ -28,6 +28,7 @@
 #include "cuda/bias_element.cuh"
 #include "cuda/flash_fwd.h"
 #include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/flash_fwd_key_list_kernel.cuh"
 #include "cuda/key_list_walk.cuh"
 #include "cuda/mask_words.cuh"
 #include "cuda/sm90/flash_fwd_sm90.h"
@@ -103,8 +104,6 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   const int tid = threadIdx.x;
   const int row0 = m_block * kBlockM;
   const int q_len = p.q_len, kv_len = p.kv_len;
-  const bool is_causal = p.is_causal;
-  const int causal_off = kv_len - q_len;
 
   const KeyListWalk walk = key_list_walk<kBlockM, kChunk, kThreads>(p, b, h, m_block);
   const bool dense = walk.dense;
@@ -143,7 +142,6 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
   Tensor cO = make_tensor(tOcO.data(), gmma_rowcol_layout(tOcO.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
-  constexpr int kCols = decltype(size<1>(cS))::value;
 
   float row_max[kRows], row_sum[kRows];
   CUTE_UNROLL
@@ -199,8 +197,6 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   __shared__ unsigned long long bad_v_keys[kStages];
   if (tid < kStages) bad_v_keys[tid] = 0ull;
 
-  const bool use_cap = p.softcap > 0.f;
-  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
 
   // Prologue: Q (rows past Lq are zeros), chunk 0 and its tables, then the indices of chunk 1.
   CUTE_UNROLL
@@ -285,54 +281,10 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
 
-    // Logits in natural units, as in the sm80 kernels; the key of chunk column cl is idx[cl].
     const int32_t* idx = smem_idx + stage * kChunk;
     Tensor s = make_tensor(acc_s.data(), gmma_rowcol_layout(acc_s.layout()));
-    if (use_cap) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) = p.softcap * tanhf(acc_s(i) * cap_in);
-    } else {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= p.scale;
-    }
-    if (bias_per_key) {
-      const float* kb = smem_kbias + stage * kChunk;
-      CUTE_UNROLL
-      for (int cc = 0; cc < kCols; ++cc) {
-        const float bk = kb[get<1>(cS(0, cc))];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) s(r, cc) = add_bias(s(r, cc), bk);
-      }
-    } else if (has_bias) {
-      CUTE_UNROLL
-      for (int cc = 0; cc < kCols; ++cc) {
-        const int key = idx[get<1>(cS(0, cc))];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          const int row = row0 + get<0>(cS(r, 0));
-          if (row < q_len && key >= 0) {
-            const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
-                                                   int64_t(key) * p.bias_col_stride, p.bias_dtype);
-            s(r, cc) = add_bias(s(r, cc), bv);
-          }
-        }
-      }
-    }
-    {
-      const int row_lim = q_len - row0;
-      CUTE_UNROLL
-      for (int cc = 0; cc < kCols; ++cc) {
-        const int cl = get<1>(cS(0, cc));
-        const int key = idx[cl];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          const int rl = get<0>(cS(r, 0));
-          const bool keep = rl < row_lim && key >= 0 && ((row_bits[r] >> cl) & 1u) &&
-                            (!is_causal || key <= row0 + rl + causal_off);
-          s(r, cc) = keep ? s(r, cc) : -INFINITY;
-        }
-      }
-    }
+    fwd::key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + stage * kChunk : nullptr, bias_base,
+                         row_bits, row0);
 
     if (v_bad) {  // rare (CTA-uniform): V of this chunk holds an inf or NaN; see correct_nonfinite_v_rows
       uint64_t kept[kRows];
