@@ -67,7 +67,8 @@ if(DMATTN_WITH_CUDA)
     set(_sm90_kernels
       "fwd_sm90|Hopper forward|cuda/sm90/flash_fwd_sm90_launch.cuh|DMATTN_INSTANTIATE_FWD_SM90|DMATTN_SM90_HEAD_DIMS"
       "fwd_key_list_sm90|Hopper key-list forward|cuda/sm90/flash_fwd_key_list_sm90_kernel.cuh|DMATTN_INSTANTIATE_FWD_KEY_LIST_SM90|DMATTN_SM90_HEAD_DIMS"
-      "bwd_sm90|Hopper backward|cuda/sm90/flash_bwd_sm90_launch.cuh|DMATTN_INSTANTIATE_BWD_SM90|DMATTN_SM90_BWD_HEAD_DIMS")
+      "bwd_sm90|Hopper backward|cuda/sm90/flash_bwd_sm90_launch.cuh|DMATTN_INSTANTIATE_BWD_SM90|DMATTN_SM90_BWD_HEAD_DIMS"
+      "bwd_key_list_sm90|Hopper key-list backward|cuda/sm90/flash_bwd_key_list_sm90_kernel.cuh|DMATTN_INSTANTIATE_BWD_KEY_LIST_SM90|DMATTN_SM90_BWD_HEAD_DIMS")
     foreach(_kernel IN LISTS _sm90_kernels)
       string(REPLACE "|" ";" _fields "${_kernel}")
       list(GET _fields 0 _name)

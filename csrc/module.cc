@@ -113,6 +113,13 @@ NB_MODULE(_jax_dmattn_ext, m) {
     return int64_t{0};
 #endif
   });
+  m.def("sm90_bwd_key_list_launches", [] {  // calls the Hopper key-list backward has served
+#if defined(DMATTN_WITH_SM90)
+    return dmattn::flash_bwd_key_list_sm90_launches();
+#else
+    return int64_t{0};
+#endif
+  });
   m.def("cuda_handler_runs", [] {
     const auto r = dmattn::cuda_handler_runs();
     return nb::make_tuple(r.runs, r.captured);

@@ -31,9 +31,10 @@ struct BwdParams {
   void* dv = nullptr;
   float* dq_accum = nullptr;  // fp32 dq accumulator (atomics); unused when deterministic
   float* delta = nullptr;     // rowsum(dout * out) - dlse, written by the preprocess kernel
-  // Hopper route only (csrc/cuda/sm90/flash_bwd_sm90.h), else nullptr: one word, set by the non-finite scan when q,
-  // dout or k holds an inf or NaN. The Hopper kernel then does nothing and the sm80 main kernel, which keeps such
-  // values out of the pairs that drop them, runs instead; it does nothing while the word is 0.
+  // Hopper routes only (csrc/cuda/sm90/flash_bwd_sm90.h), else nullptr: one word, set by the non-finite scan when q,
+  // dout or k holds an inf or NaN. The Hopper kernel then does nothing and the sm80 kernel of the same path (main or
+  // key-list), which keeps such values out of the pairs that drop them, runs instead; it does nothing while the
+  // word is 0.
   uint32_t* nonfinite = nullptr;
 
   int batch = 0, heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
@@ -78,6 +79,8 @@ cudaError_t launch_flash_bwd(const BwdParams& params, cudaStream_t stream);
 // Pieces of the launch sequence shared with the key-list backward (csrc/cuda/flash_bwd_key_list.h):
 // delta = rowsum(dout * out) - dlse into params.delta, and an fp32 -> bf16 / f16 conversion of n elements.
 cudaError_t launch_bwd_delta(const BwdParams& params, cudaStream_t stream);
+// The Hopper routes' non-finite scan: zeroes *params.nonfinite, then sets it when q, dout or k holds an inf or NaN.
+cudaError_t launch_nonfinite_scan(const BwdParams& params, cudaStream_t stream);
 cudaError_t launch_f32_to_half(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t stream);
 
 // The main and dq kernels of one (head dim, dtype), defined in the generated flash_bwd_hdim<D>.cu (cmake/Cuda.cmake).

@@ -123,6 +123,17 @@ cudaError_t launch_bwd_delta(const BwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t launch_nonfinite_scan(const BwdParams& p, cudaStream_t stream) {
+  cudaError_t err;
+  if ((err = cudaMemsetAsync(p.nonfinite, 0, sizeof(uint32_t), stream)) != cudaSuccess) return err;
+  const int64_t q_elems = int64_t(p.batch) * p.q_len * p.heads * p.head_dim;
+  const int64_t k_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
+  for (auto [x, n] : {std::pair<const void*, int64_t>{p.q, q_elems}, {p.dout, q_elems}, {p.k, k_elems}}) {
+    if ((err = flag_nonfinite(x, n, p.is_bf16, p.nonfinite, stream)) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 cudaError_t launch_f32_to_half(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t stream) {
   return to_bf16 ? convert<__nv_bfloat16>(src, dst, n, stream) : convert<__half>(src, dst, n, stream);
 }
@@ -150,11 +161,7 @@ cudaError_t launch_flash_bwd(const BwdParams& p, cudaStream_t stream) {
     // The Hopper kernel multiplies the exact zeros of dropped pairs by q, dout and k in its products, so an inf or
     // NaN there would reach gradients of pairs that drop it: a scan of the three sets the word, and then only the
     // sm80 main kernel (which routes such tiles through its kept-pair sums) does the work.
-    if ((err = cudaMemsetAsync(p.nonfinite, 0, sizeof(uint32_t), stream)) != cudaSuccess) return err;
-    const int64_t k_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
-    for (auto [x, n] : {std::pair<const void*, int64_t>{p.q, q_elems}, {p.dout, q_elems}, {p.k, k_elems}}) {
-      if ((err = flag_nonfinite(x, n, p.is_bf16, p.nonfinite, stream)) != cudaSuccess) return err;
-    }
+    if ((err = launch_nonfinite_scan(p, stream)) != cudaSuccess) return err;
     if ((err = launch_flash_bwd_sm90(p, stream)) != cudaSuccess) return err;
     sm80.nonfinite = p.nonfinite;
   }

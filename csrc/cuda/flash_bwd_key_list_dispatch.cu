@@ -5,6 +5,9 @@
 
 #include "cuda/bwd_fixed_point.cuh"
 #include "cuda/flash_bwd_key_list.h"
+#if defined(DMATTN_WITH_SM90)
+#include "cuda/sm90/flash_bwd_sm90.h"
+#endif
 
 namespace dmattn {
 namespace {
@@ -157,7 +160,9 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
 }  // namespace
 
 cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t stream) {
-  if (sp.fixed.dk != nullptr) return launch_flash_bwd_key_list_fixed(sp, stream);
+  BwdKeyListParams sm80 = sp;
+  sm80.base.nonfinite = nullptr;  // the sm80 kernel does the work unless the Hopper route takes the call
+  if (sp.fixed.dk != nullptr) return launch_flash_bwd_key_list_fixed(sm80, stream);
   const BwdParams& p = sp.base;
   cudaError_t err;
   const int64_t kv_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
@@ -176,7 +181,16 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
     }
   }
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
-  if ((err = run_key_list_kernel(sp, stream)) != cudaSuccess) return err;
+#if defined(DMATTN_WITH_SM90)
+  if (flash_bwd_key_list_sm90_serves(sp)) {
+    // The Hopper kernel needs finite q, dout and k (see its header); the scan's word hands other calls to the sm80
+    // kernel.
+    if ((err = launch_nonfinite_scan(p, stream)) != cudaSuccess) return err;
+    if ((err = launch_flash_bwd_key_list_sm90(sp, stream)) != cudaSuccess) return err;
+    sm80.base.nonfinite = p.nonfinite;
+  }
+#endif
+  if ((err = run_key_list_kernel(sm80, stream)) != cudaSuccess) return err;
   if ((err = launch_f32_to_half(sp.dk_accum, p.dk, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
   if ((err = launch_f32_to_half(sp.dv_accum, p.dv, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
   if (p.bias != nullptr && p.dbias_mode != kDbiasNone && p.bias_dtype != DType::kF32) {

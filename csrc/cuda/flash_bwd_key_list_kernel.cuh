@@ -115,35 +115,46 @@ __device__ __forceinline__ void cp_async_8(void* smem, const void* gmem, bool va
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 8 : 0));
 }
 
-// Turns the raw score tile acc_s = q.k (CTA rows from m0, chunk columns = listed keys skey) into P in place:
-// s = cap(scale q.k) + bias[key] as the forward computes it, P = exp(s - lse) where the key is kept (its bit in the
-// row's word, causal and sequence bounds on the real key index, a logit that is not -inf, a row with a kept key),
-// else 0; kept bits as bwd::scores_to_p. capd receives the softcap factor 1 - tanh^2 (or 1).
-template <class AccS, class CapD, class CS, int kRows>
-__device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS const& cS, const BwdParams& p, int m0,
-                                                  const int* skey, const float* sbias, const uint64_t* sbits,
-                                                  const uint8_t* smask, const float (&lse)[kRows],
-                                                  uint32_t (&kept)[kRows]) {
-  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-  Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
-  const bool has_bias = p.bias != nullptr;
-  const bool use_cap = p.softcap > 0.f;
-  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
-  const int causal_off = p.kv_len - p.q_len;
-  uint64_t word[kRows];
-  int row_last_key[kRows];  // the last key index row r may see
+// The bit word of chunk-local rows for the sm80 kernel: a dense unit's from the chunk's raw mask bytes [M][64] (every
+// lane takes part: shuffles), a list's from the staged words; 0 for rows past Lq.
+template <class CS, int kRows>
+__device__ __forceinline__ void chunk_row_words(uint64_t (&word)[kRows], CS const& cS, const BwdParams& p, int m0,
+                                                const uint64_t* sbits, const uint8_t* smask) {
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int lrow = get<0>(cS(r, 0));
-    const int row = m0 + lrow;
-    if (smask != nullptr) {  // dense unit: the chunk's raw mask bytes [M][64]; every lane takes part (shuffles)
+    if (smask != nullptr) {
       const uint4 bytes = *reinterpret_cast<const uint4*>(smask + lrow * 64 + 16 * (threadIdx.x & 3));
       word[r] = quad_word(pack16(bytes));
     } else {
       word[r] = sbits[lrow];
     }
-    if (row >= p.q_len) word[r] = 0ull;
-    row_last_key[r] = p.is_causal ? row + causal_off : INT_MAX;
+    if (m0 + lrow >= p.q_len) word[r] = 0ull;
+  }
+}
+
+// Turns the raw scores s = q.k of a chunk ((rows, cols) view of either MMA's accumulator; cS: CTA rows from m0,
+// chunk columns = listed keys skey) into P in place: s = cap(scale q.k) + bias[key] as the forward computes it,
+// P = exp(s - lse) where the key is kept (its bit in the row's word, causal and sequence bounds on the real key index,
+// a logit that is not -inf, a row with a kept key), else 0; kept bits as bwd::scores_to_p. cd receives the softcap
+// factor 1 - tanh^2 (or 1), unless it is NoSoftcap (a kernel that serves no softcap call). Shared by the sm80 and
+// the Hopper key-list backwards.
+struct NoSoftcap {};
+
+template <class S, class CD, class CS, int kRows>
+__device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, const BwdParams& p, int m0,
+                                                  const int* skey, const float* sbias,
+                                                  const uint64_t (&word)[kRows], const float (&lse)[kRows],
+                                                  uint32_t (&kept)[kRows]) {
+  const bool has_bias = p.bias != nullptr;
+  constexpr bool kCapFactor = !std::is_same_v<CD, NoSoftcap>;
+  const bool use_cap = kCapFactor && p.softcap > 0.f;
+  const float cap_in = use_cap ? p.scale / p.softcap : 0.f;
+  const int causal_off = p.kv_len - p.q_len;
+  int row_last_key[kRows];  // the last key index row r may see
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    row_last_key[r] = p.is_causal ? m0 + get<0>(cS(r, 0)) + causal_off : INT_MAX;
     kept[r] = 0u;
   }
   static_assert(decltype(size<1>(s))::value <= 32, "kept bits fit a word per row");
@@ -167,7 +178,7 @@ __device__ __forceinline__ void chunk_scores_to_p(AccS& acc_s, CapD& capd, CS co
       const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r] &&
                         x != -INFINITY && lse[r] != -INFINITY;
       s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
-      cd(r, c) = d;
+      if constexpr (kCapFactor) cd(r, c) = d;
       kept[r] |= uint32_t(keep) << c;
     }
   }
@@ -185,6 +196,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   constexpr int kSlots = Kt::kGatherSlots;
   const BwdParams& p = sp.base;
   const BwdKeyLists& kl = sp.lists;
+  // Hopper route: this kernel works only when the non-finite scan found an inf or NaN (flash_bwd.h: nonfinite).
+  if (p.nonfinite != nullptr && *p.nonfinite == 0u) return;  // CTA-uniform
 
   extern __shared__ __align__(128) char smem[];
 
@@ -501,8 +514,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, cpA, cpA_t, cpB, cpB_t);
     Tensor capd = make_tensor_like(acc_s);
     uint32_t kept[kRows];
-    chunk_scores_to_p(acc_s, capd, cS, p, m0, ckey, sbias + s * kBlockN, sbits + s * kBlockM,
-                      dense ? smask + s * kBlockM * kBlockN : nullptr, lse, kept);
+    {
+      uint64_t word[kRows];
+      chunk_row_words(word, cS, p, m0, sbits + s * kBlockM, dense ? smask + s * kBlockM * kBlockN : nullptr);
+      Tensor ps = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+      Tensor cd = make_tensor(capd.data(), rowcol_layout(capd.layout()));
+      chunk_scores_to_p(ps, cd, cS, p, m0, ckey, sbias + s * kBlockN, word, lse, kept);
+    }
     bwd::store_as<Elem>(acc_s, r2s, r2s_t, tPsP);
 
     // dP = dO V^T -> dS = P (dP - delta); dbias takes dS, dQ / dK take it through the softcap factor.

@@ -107,7 +107,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   const KeyListWalk walk = key_list_walk<kBlockM, kChunk, kThreads>(p, b, h, m_block);
   const bool dense = walk.dense;
   const int n_chunks = walk.n_chunks;
-  const uint64_t* bits = walk.bits;
   // Dense units read the mask rows of this (batch, head) directly.
   const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 
@@ -265,7 +264,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int rl = get<0>(cS(r, 0));
-        row_bits[r] = __ldg(bits + int64_t(c) * p.kb_rows + (p.kb_rows == 1 ? 0 : rl));
+        row_bits[r] = walk.word(c, rl);
       }
     }
 

@@ -1,11 +1,12 @@
-// What a forward CTA on the key-list path walks (csrc/cuda/key_lists.h): its unit's list of live keys 64 at a time,
-// or, for a dense unit, every key up to the causal bound. Shared by the sm80 key-list forward
-// (flash_fwd_key_list_kernel.cuh) and the Hopper one (sm90/flash_fwd_key_list_sm90_kernel.cuh), so both walk the same
-// keys in the same order.
+// What a CTA on the key-list path walks (csrc/cuda/key_lists.h): its unit's list of live keys 64 at a time, or, for a
+// dense unit, every key up to the causal bound. Shared by the key-list forwards (sm80 flash_fwd_key_list_kernel.cuh,
+// Hopper sm90/flash_fwd_key_list_sm90_kernel.cuh) and the Hopper key-list backward
+// (sm90/flash_bwd_key_list_sm90_kernel.cuh), so that they walk the same keys in the same order.
 #pragma once
 
 #include <cstdint>
 
+#include "cuda/flash_bwd_key_list.h"
 #include "cuda/flash_fwd.h"
 #include "cuda/key_lists.h"
 
@@ -13,7 +14,8 @@ namespace dmattn {
 
 struct KeyListWalk {
   const int32_t* keys;  // the unit's ascending live keys (unused for a dense unit)
-  const uint64_t* bits;  // the unit's bit words [chunks][kb_rows]
+  const uint64_t* bits;  // the unit's bit words [chunks][bit_rows]
+  int bit_rows;          // rows of a unit's bit words per chunk (1: one word per chunk, shared by every row)
   bool dense;            // walk 0 .. last_key, reading the mask itself
   int last_key;          // the largest key the CTA's last row may see (-1: none)
   int n_live;            // keys walked
@@ -24,26 +26,31 @@ struct KeyListWalk {
     const int i = c * chunk + j;
     return i < n_live ? (dense ? i : keys[i]) : -1;
   }
+
+  // The bit word of chunk c for the CTA's row rl (a list's unit only).
+  __device__ __forceinline__ uint64_t word(int c, int rl) const {
+    return __ldg(bits + int64_t(c) * bit_rows + (bit_rows == 1 ? 0 : rl));
+  }
 };
 
-// The walk of the CTA of (batch b, query head h, query tile m_block of kBlockM rows). Every thread of the CTA must
-// call it (it counts the visible keys of a causal list with a CTA barrier).
-template <int kBlockM, int kChunk, int kThreads>
-__device__ __forceinline__ KeyListWalk key_list_walk(const FwdParams& p, int b, int h, int m_block) {
-  const int row0 = m_block * kBlockM;
+// The walk over one unit (`list`: its count, then its keys; `bits`: its bit words) of a CTA whose rows end at
+// last_row (exclusive bound min(row0 + rows, Lq)). Every thread of the CTA must call it (it counts the visible keys
+// of a causal list with a CTA barrier).
+template <int kChunk, int kThreads>
+__device__ __forceinline__ KeyListWalk key_list_walk_of_unit(const int32_t* list, const uint64_t* bits, int bit_rows,
+                                                             bool is_causal, int row_end, int q_len, int kv_len) {
   const int tid = threadIdx.x;
   KeyListWalk w;
-  w.last_key = p.is_causal ? min(row0 + kBlockM, p.q_len) - 1 + (p.kv_len - p.q_len) : p.kv_len - 1;
-  const int64_t unit = b * p.kl_batch_stride + (h / p.mask_hdiv) * p.kl_head_stride + m_block * p.kl_m_stride;
-  const int32_t* list = p.key_lists + unit * p.kl_keys_stride;
+  w.last_key = is_causal ? row_end - 1 + (kv_len - q_len) : kv_len - 1;
   w.keys = list + 1;
-  w.bits = p.key_bits + unit * p.kb_unit_stride;
+  w.bits = bits;
+  w.bit_rows = bit_rows;
   const int count = list[0];
   w.dense = count == kKeyListDense;
   // Lists: the live keys visible from the tile's last row (the list is ascending); lists of a row-full causal mask
   // are already cut at that bound, a row-broadcast mask's list is shared by every query tile.
   w.n_live = w.dense ? w.last_key + 1 : count;
-  if (p.is_causal && !w.dense) {
+  if (is_causal && !w.dense) {
     __shared__ int visible;
     if (tid == 0) visible = 0;
     __syncthreads();
@@ -56,6 +63,30 @@ __device__ __forceinline__ KeyListWalk key_list_walk(const FwdParams& p, int b, 
   }
   w.n_chunks = w.last_key < 0 ? 0 : (w.n_live + kChunk - 1) / kChunk;
   return w;
+}
+
+// The walk of the forward CTA of (batch b, query head h, query tile m_block of kBlockM rows).
+template <int kBlockM, int kChunk, int kThreads>
+__device__ __forceinline__ KeyListWalk key_list_walk(const FwdParams& p, int b, int h, int m_block) {
+  const int row0 = m_block * kBlockM;
+  const int64_t unit = b * p.kl_batch_stride + (h / p.mask_hdiv) * p.kl_head_stride + m_block * p.kl_m_stride;
+  return key_list_walk_of_unit<kChunk, kThreads>(p.key_lists + unit * p.kl_keys_stride,
+                                                 p.key_bits + unit * p.kb_unit_stride, p.kb_rows, p.is_causal,
+                                                 min(row0 + kBlockM, p.q_len), p.q_len, p.kv_len);
+}
+
+// The walk of the backward CTA of (batch b, query head h, query tile m_block of kBlockM = kKeyListBlockM rows).
+template <int kBlockM, int kChunk, int kThreads>
+__device__ __forceinline__ KeyListWalk key_list_walk(const BwdKeyListParams& sp, int b, int h, int m_block) {
+  static_assert(kBlockM == kKeyListBlockM, "a CTA covers one whole unit");
+  const BwdKeyLists& kl = sp.lists;
+  const int row0 = m_block * kBlockM;
+  const int64_t unit = b * kl.unit_batch_stride + (h / kl.mask_hdiv) * kl.unit_head_stride +
+                       (kl.rows_full ? m_block : 0);
+  return key_list_walk_of_unit<kChunk, kThreads>(kl.keys + unit * kl.keys_stride,
+                                                 kl.bits + unit * kl.chunks * kl.rows_per_unit,
+                                                 static_cast<int>(kl.rows_per_unit), sp.base.is_causal,
+                                                 min(row0 + kBlockM, sp.base.q_len), sp.base.q_len, sp.base.kv_len);
 }
 
 }  // namespace dmattn

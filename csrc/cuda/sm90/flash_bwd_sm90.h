@@ -1,10 +1,11 @@
-// Plain (CuTe-free) interface of the Hopper backward (csrc/cuda/sm90/): which calls it serves and its main kernel.
+// Plain (CuTe-free) interface of the Hopper backwards (csrc/cuda/sm90/): which calls they serve and their kernels.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "cuda/flash_bwd.h"
+#include "cuda/flash_bwd_key_list.h"
 
 namespace dmattn {
 
@@ -22,8 +23,25 @@ cudaError_t launch_flash_bwd_sm90(const BwdParams& params, cudaStream_t stream);
 // How many calls launch_flash_bwd_sm90 has served in this process (tests check the route with it).
 int64_t flash_bwd_sm90_launches();
 
-// One instantiation per (head dim, dtype), defined in the generated flash_bwd_sm90_hdim<D>.cu (cmake/Cuda.cmake).
+// Whether the Hopper key-list backward (flash_bwd_key_list_sm90_kernel.cuh) serves this call on the key-list path:
+// deterministic=False (the fixed-point mode stays on the sm80 key-list kernel), no softcap (its factor would cost the
+// registers that keep the kernel free of spills), a non-finite word to scan into,
+// head dim in DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM, on a device where the Hopper kernels may serve calls (sm90_route.h).
+bool flash_bwd_key_list_sm90_serves(const BwdKeyListParams& params);
+
+// Launches the Hopper key-list kernel: dQ, and dK / dV / dbias added to the key-list workspaces. Callers check
+// flash_bwd_key_list_sm90_serves first and run the rest of the key-list sequence (launch_flash_bwd_key_list): the
+// kernel reads params.base.delta and does nothing when *params.base.nonfinite is set.
+cudaError_t launch_flash_bwd_key_list_sm90(const BwdKeyListParams& params, cudaStream_t stream);
+
+// How many calls launch_flash_bwd_key_list_sm90 has served in this process.
+int64_t flash_bwd_key_list_sm90_launches();
+
+// One instantiation per (head dim, dtype), defined in the generated flash_bwd_sm90_hdim<D>.cu and
+// flash_bwd_key_list_sm90_hdim<D>.cu (cmake/Cuda.cmake).
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_sm90(const BwdParams& params, cudaStream_t stream);
+template <int kHeadDim, bool kIsBF16>
+cudaError_t run_flash_bwd_key_list_sm90(const BwdKeyListParams& params, cudaStream_t stream);
 
 }  // namespace dmattn

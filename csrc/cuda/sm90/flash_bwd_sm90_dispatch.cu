@@ -1,5 +1,5 @@
-// Which calls the Hopper backward serves, and its head-dim / dtype dispatch (no CuTe here: the kernels live in the
-// generated flash_bwd_sm90_hdim*.cu).
+// Which calls the Hopper backwards (no mask; key lists) serve, and their head-dim / dtype dispatch (no CuTe here: the
+// kernels live in the generated flash_bwd_sm90_hdim*.cu and flash_bwd_key_list_sm90_hdim*.cu).
 #include <atomic>
 #include <climits>
 #include <cstdint>
@@ -11,6 +11,7 @@ namespace dmattn {
 namespace {
 
 std::atomic<int64_t> g_launches{0};
+std::atomic<int64_t> g_key_list_launches{0};
 
 }  // namespace
 
@@ -38,6 +39,27 @@ cudaError_t launch_flash_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
       return cudaErrorInvalidValue;
   }
 #undef DMATTN_BWD_SM90_CASE
+}
+
+bool flash_bwd_key_list_sm90_serves(const BwdKeyListParams& sp) {
+  return sp.fixed.dk == nullptr && sp.base.softcap == 0.f && sp.base.nonfinite != nullptr && has_head_dim(kSm90BwdHeadDims, sp.base.head_dim) &&
+         sm90_kernels_route_open();
+}
+
+int64_t flash_bwd_key_list_sm90_launches() { return g_key_list_launches.load(std::memory_order_relaxed); }
+
+cudaError_t launch_flash_bwd_key_list_sm90(const BwdKeyListParams& sp, cudaStream_t stream) {
+  g_key_list_launches.fetch_add(1, std::memory_order_relaxed);
+#define DMATTN_BWD_KEY_LIST_SM90_CASE(D)                                                  \
+  case D:                                                                                 \
+    return sp.base.is_bf16 ? run_flash_bwd_key_list_sm90<D, true>(sp, stream)             \
+                           : run_flash_bwd_key_list_sm90<D, false>(sp, stream);
+  switch (sp.base.head_dim) {
+    DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM(DMATTN_BWD_KEY_LIST_SM90_CASE)
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef DMATTN_BWD_KEY_LIST_SM90_CASE
 }
 
 }  // namespace dmattn

@@ -32,18 +32,13 @@
 #include "cuda/key_list_walk.cuh"
 #include "cuda/mask_words.cuh"
 #include "cuda/sm90/flash_fwd_sm90.h"
+#include "cuda/sm90/gmma_rowcol.cuh"
 #include "cuda/smem_limit.cuh"
 #include "cuda/smem_tiles.cuh"
 
 namespace dmattn::sm90 {
 
 using namespace cute;
-
-// A wgmma accumulator ((2 cols, 2 row halves, N / 8 col groups), MMA_M, MMA_N) viewed as (rows, cols).
-template <class L>
-__device__ __forceinline__ auto gmma_rowcol_layout(L l) {
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
-}
 
 template <int kHeadDim, bool kIsBF16>
 struct KeyListFwdTraits {
@@ -265,7 +260,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int rl = get<0>(cS(r, 0));
-        row_bits[r] = __ldg(walk.bits + int64_t(c) * p.kb_rows + (p.kb_rows == 1 ? 0 : rl));
+        row_bits[r] = walk.word(c, rl);
       }
     }
 
