@@ -16,7 +16,13 @@ Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L
   bias_only          standard shapes, the per-key bias and no mask
   full_bias          standard shapes, a bias [B, Hkv, L, L] and no mask (dbias of that shape in fwd+bwd)
   cpu_standard       bench_cpu.py's case: H=8, Hkv=2, D=64, float32, no mask; L = 1K, 2K, 4K
-A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has none).
+  decode             one decoding step: B=8, H=32, Hkv=8, D=128, one query row against L = 8K, 64K, 512K keys,
+                     not causal (one row sees every key), no bias, no mask; forward only
+  decode_topk        the same with a per-key bias and a top-2048 mask (jax_dmattn.topk_mask of the bias) as a
+                     bool [B, Hkv, 1, L] mask
+  decode_topk_compact the same mask as jax_dmattn.TopKMask(scores = the bias's values, k=2048)
+A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has none). L is the key length; the
+query length is L too, except for the decode cases (one row).
 
 Impls: jax_dmattn (jax_dmattn.attention, implementation as given, default "cuda"), jax_dmattn_det (the same with
 deterministic=True; not the forward), jax_dmattn_sm80 (the same with the sm80 kernels forced on every device:
@@ -30,7 +36,10 @@ ceiling: no bias, no mask, causal; any L), reference (jax_dmattn's pure-jnp refe
 
 Passes: fwd; fwd+bwd (jax.grad of sum(out) w.r.t. q, k, v and bias); bwd (jax_dmattn and jax_dmattn_det only: the
 backward alone, jax.vjp's pullback of attention given its residuals and a random dout). TFLOP/s use the dense
-causal count: fwd 2*B*H*L*L*D, fwd+bwd 3.5x that, bwd 2.5x (also for sparse cases: "dense-equivalent").
+causal count: fwd 2*B*H*L*L*D, fwd+bwd 3.5x that, bwd 2.5x (also for sparse cases: "dense-equivalent"); the decode
+cases count 4*B*H*L*D. The decode rows also carry read_gbps: the bytes a decoding step must read (K and V of every
+kept key; with a top-k mask only the k kept keys of each (batch, kv head) and their bias entries) over the time, in
+GB/s, to compare with the card's copy bandwidth.
 
 Memory, per row:
   peak_bytes           XLA's compiled memory analysis (arguments + outputs + temporaries) of the timed function;
@@ -73,6 +82,12 @@ CASES = {
     "bias_only": dict(b=1, h=16, hkv=4, d=128, mask=None),
     "full_bias": dict(b=1, h=16, hkv=4, d=128, mask=None, bias="full", lengths=(1024, 4096, 16384)),
     "cpu_standard": dict(b=1, h=8, hkv=2, d=64, mask=None, dtype=jnp.float32, lengths=(1024, 2048, 4096)),
+    "decode": dict(b=8, h=32, hkv=8, d=128, mask=None, bias=None, q_len=1, causal=False,
+                   lengths=(8192, 65536, 524288)),
+    "decode_topk": dict(b=8, h=32, hkv=8, d=128, mask="topk", window=2048, q_len=1, causal=False,
+                        lengths=(8192, 65536, 524288)),
+    "decode_topk_compact": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", window=2048, q_len=1, causal=False,
+                                lengths=(8192, 65536, 524288)),
 }
 # What bench_attention.py runs by default: the GPU cases (cpu_standard is bench_cpu.py's).
 GPU_CASES = tuple(name for name in CASES if name != "cpu_standard")
@@ -95,20 +110,35 @@ def block_sparse_mask(key, b, hkv, l, density, bm=128, bn=64):
     return jnp.repeat(jnp.repeat(keep, bm, axis=2), bn, axis=3)[:, :, :l, :l]
 
 
+def q_len(case, l):
+    """The query length of a case at key length l."""
+    return CASES[case].get("q_len", l)
+
+
+def is_causal(case):
+    return CASES[case].get("causal", True)
+
+
+def window(case):
+    """k of a case's top-k mask."""
+    return CASES[case].get("window", WINDOW)
+
+
 def input_shapes(case, l):
     """(q, k, v, bias, mask) of a case as jax.ShapeDtypeStructs (the mask: a bool struct, a TopKMask of one, or
     None): what make_inputs builds, for compiling without inputs."""
     c = CASES[case]
     b, dtype, sds = c["b"], jnp.dtype(c.get("dtype", jnp.bfloat16)), jax.ShapeDtypeStruct
+    lq = q_len(case, l)
     bias_kind = c.get("bias", "per_key")
-    bias = None if bias_kind is None else sds((b, c["hkv"], l if bias_kind == "full" else 1, l), dtype)
+    bias = None if bias_kind is None else sds((b, c["hkv"], lq if bias_kind == "full" else 1, l), dtype)
     if c["mask"] is None:
         mask = None
     elif c["mask"] == "topk_compact":
-        mask = jax_dmattn.TopKMask(sds((b, c["hkv"], l), dtype), WINDOW)
+        mask = jax_dmattn.TopKMask(sds((b, c["hkv"], l), dtype), window(case))
     else:
-        mask = sds((b, c["hkv"], l, l), jnp.bool_)
-    return (sds((b, l, c["h"], c["d"]), dtype), sds((b, l, c["hkv"], c["d"]), dtype),
+        mask = sds((b, c["hkv"], lq, l), jnp.bool_)
+    return (sds((b, lq, c["h"], c["d"]), dtype), sds((b, l, c["hkv"], c["d"]), dtype),
             sds((b, l, c["hkv"], c["d"]), dtype), bias, mask)
 
 
@@ -120,9 +150,9 @@ def make_inputs(case, l, seed=0):
     if c["mask"] is None:
         mask = None
     elif c["mask"] == "topk":
-        mask = jax_dmattn.topk_mask(bias, WINDOW, is_causal=True, query_len=l)
+        mask = jax_dmattn.topk_mask(bias, window(case), is_causal=is_causal(case), query_len=q_len(case, l))
     elif c["mask"] == "topk_compact":
-        mask = jax_dmattn.TopKMask(bias[:, :, 0, :], WINDOW)
+        mask = jax_dmattn.TopKMask(bias[:, :, 0, :], window(case))
     elif c["mask"] == "dense":
         mask = jnp.ones((c["b"], c["hkv"], l, l), jnp.bool_)
     else:
@@ -130,11 +160,12 @@ def make_inputs(case, l, seed=0):
     return jax.block_until_ready((q, k, v, bias, mask))
 
 
-def bool_mask(mask, l):
-    """The bool [B, Hkv, L, L] mask for the impls that take no compact mask (a TopKMask is expanded)."""
+def bool_mask(mask, case, l):
+    """The bool [B, Hkv, Lq, L] mask for the impls that take no compact mask (a TopKMask is expanded)."""
     if not isinstance(mask, jax_dmattn.TopKMask):
         return mask
-    expand = jax.jit(lambda s: jax_dmattn.topk_mask(s[:, :, None, :], mask.k, is_causal=True, query_len=l))
+    expand = jax.jit(lambda s: jax_dmattn.topk_mask(s[:, :, None, :], mask.k, is_causal=is_causal(case),
+                                                    query_len=q_len(case, l)))
     return jax.block_until_ready(expand(mask.scores))
 
 
@@ -142,30 +173,31 @@ def impl_fn(impl, case, implementation="cuda"):
     """The impl as f(q, k, v, bias, mask) -> out."""
     c = CASES[case]
     g = c["h"] // c["hkv"]
+    causal = is_causal(case)
 
     if impl in ("jax_dmattn", "jax_dmattn_det") + tuple(FORCED_KERNELS):
         def f(q, k, v, bias, mask):
-            return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=True,
+            return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
                                         implementation=implementation, deterministic=impl == "jax_dmattn_det")
     elif impl == "jax_dmattn_tiles":
         from jax_dmattn import _cuda_fwd
 
         def f(q, k, v, bias, mask):
-            return _cuda_fwd.flash_fwd(q, k, v, bias, mask, scale=c["d"] ** -0.5, softcap=0.0, is_causal=True,
+            return _cuda_fwd.flash_fwd(q, k, v, bias, mask, scale=c["d"] ** -0.5, softcap=0.0, is_causal=causal,
                                        key_lists=False)[0]
     elif impl == "reference":
         def f(q, k, v, bias, mask):
-            return jax_dmattn.attention_reference(q, k, v, bias=bias, mask=mask, is_causal=True)
+            return jax_dmattn.attention_reference(q, k, v, bias=bias, mask=mask, is_causal=causal)
     elif impl == "cudnn_bias":
         def f(q, k, v, bias, mask):
             folded = bias if mask is None else jnp.where(mask, bias, jnp.asarray(-1e9, bias.dtype))
             # cuDNN wants the query-head count and a full [Lq, Lk] bias (it refuses a per-key bias [B, H, 1, L]).
             folded = jnp.broadcast_to(folded, folded.shape[:2] + (q.shape[1], k.shape[1]))
             folded = jnp.repeat(folded, g, axis=1)
-            return jax.nn.dot_product_attention(q, k, v, bias=folded, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, bias=folded, is_causal=causal, implementation="cudnn")
     elif impl == "cudnn_nobias":
         def f(q, k, v, bias, mask):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     else:
         raise ValueError(impl)
     return f
@@ -201,7 +233,21 @@ def pass_fn(impl, case, pas, inputs, implementation="cuda"):
 
 def flops(case, pas, l):
     c = CASES[case]
+    if not is_causal(case):
+        return 4.0 * c["b"] * c["h"] * q_len(case, l) * l * c["d"] * PASS_FLOPS[pas]
     return 2.0 * c["b"] * c["h"] * l * l * c["d"] * PASS_FLOPS[pas]
+
+
+def read_bytes(case, l):
+    """The bytes a decode case's forward must read: K and V of the keys it keeps (all, or the top-k of each
+    (batch, kv head)) and their bias entries; None for the other cases."""
+    c = CASES[case]
+    if "q_len" not in c:
+        return None
+    item = jnp.dtype(c.get("dtype", jnp.bfloat16)).itemsize
+    keys = l if c["mask"] is None else min(window(case), l)
+    per_key = 2 * c["d"] * item + (0 if c.get("bias", "per_key") is None else item)
+    return c["b"] * c["hkv"] * keys * per_key
 
 
 def device_memory():
@@ -241,14 +287,16 @@ def kernels_forced(impl):
 def run_one(case, impl, pas, l, inputs, implementation="cuda"):
     if impl == "cudnn_bias":
         q, k, v, bias, mask = inputs
-        inputs = (q, k, v, bias, bool_mask(mask, l))
+        inputs = (q, k, v, bias, bool_mask(mask, case, l))
     fn, args = pass_fn(impl, case, pas, inputs, implementation)
     in_use0, peak0 = device_memory()
     with kernels_forced(impl):
         ms = _timing.timed(fn, args)
     _, peak1 = device_memory()
     raised = peak1 is not None and peak0 is not None and peak1 > peak0
-    return dict(ms=round(ms, 4), tflops=round(flops(case, pas, l) / (ms * 1e-3) / 1e12, 2),
+    read = read_bytes(case, l)
+    extra = {} if read is None else dict(read_gbps=round(read / (ms * 1e-3) / 1e9, 1))
+    return dict(ms=round(ms, 4), tflops=round(flops(case, pas, l) / (ms * 1e-3) / 1e12, 2), **extra,
                 peak_bytes=_timing.peak_bytes(fn, args), io_bytes=nbytes(args) + nbytes(jax.eval_shape(fn, *args)),
                 device_peak_bytes=peak1, device_peak_increase=peak1 - in_use0 if raised else None)
 
@@ -259,6 +307,8 @@ def not_applicable(case, impl, pas):
         return True  # forward only, and the tile pre-pass reads a bool mask
     if impl == "cudnn_bias" and CASES[case].get("bias", "per_key") is None:
         return True  # nothing to fold: cudnn_nobias is the row
+    if "q_len" in CASES[case] and pas != "fwd":
+        return True  # a decoding step is a forward
     if pas == "bwd" and impl in FORCED_KERNELS:
         return True  # the backward has one set of kernels
     if pas == "bwd" and impl not in ("jax_dmattn", "jax_dmattn_det"):
@@ -269,10 +319,11 @@ def not_applicable(case, impl, pas):
 def should_skip(case, impl, pas, l):
     """Why a row would not fit in memory (recorded), or None."""
     c = CASES[case]
-    dense_scores = c["b"] * c["h"] * l * l * 4  # one f32 [B, H, L, L] buffer
+    lq = q_len(case, l)
+    dense_scores = c["b"] * c["h"] * lq * l * 4  # one f32 [B, H, Lq, L] buffer
     if impl == "reference" and dense_scores * (3 if pas == "fwd" else 6) > 60e9:
         return "would not fit (dense [B, H, L, L] scores)"
-    if impl == "cudnn_bias" and c["b"] * c["h"] * l * l * 2 * (1 if pas == "fwd" else 3) > 40e9:
+    if impl == "cudnn_bias" and c["b"] * c["h"] * lq * l * 2 * (1 if pas == "fwd" else 3) > 40e9:
         return "folded [B, H, L, L] bias would not fit"
     return None
 
@@ -308,6 +359,7 @@ def print_row(row):
     note = row.get("error") or row.get("skipped") or ""
     print(f"{row['case']:18s} {row['impl']:16s} {row['pass']:8s} {row['L']:6d} {ms:>9s} {tf:>8s} "
           f"{gib('peak_bytes'):>9s} {gib('io_bytes'):>8s} {gib('device_peak_increase'):>8s}"
+          + (f"  {row['read_gbps']:.0f} GB/s read" if row.get("read_gbps") else "")
           + (f"  {note[:80]}" if note else ""), flush=True)
 
 

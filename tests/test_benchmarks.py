@@ -38,3 +38,34 @@ def test_bench_attention_cpu_rows(bench_attention, tmp_path, monkeypatch):
         assert isinstance(r["gpu"], str) and r["gpu"]
         assert r["jax"] == jax.__version__ and r["commit"] == "abc1234" and len(r["date"]) == len("2026-01-01")
         assert r["ms"] > 0 and r["peak_bytes"] > 0 and r["io_bytes"] > 0
+
+
+def test_decode_cases_time_one_query_row(bench_attention, tmp_path, monkeypatch):
+    """The decode cases: one query row against L keys, forward rows only, with the bytes-read rate; the bool and the
+    compact top-k masks keep the same keys."""
+    import common
+
+    monkeypatch.setenv("DMATTN_BENCH_COMMIT", "abc1234")
+    q, k, _, bias, mask = common.input_shapes("decode_topk", 4096)
+    assert q.shape == (8, 1, 32, 128) and k.shape == (8, 4096, 8, 128)
+    assert bias.shape == (8, 8, 1, 4096) and mask.shape == (8, 8, 1, 4096)
+    inputs = common.make_inputs("decode_topk", 4096)
+    compact = common.make_inputs("decode_topk_compact", 4096)[4]
+    assert (inputs[4].sum(axis=-1) == 2048).all()
+    assert (common.bool_mask(compact, "decode_topk_compact", 4096) == inputs[4]).all()
+    assert common.read_bytes("decode", 4096) == 8 * 8 * 4096 * 2 * 128 * 2
+    assert common.read_bytes("decode_topk", 4096) == 8 * 8 * 2048 * (2 * 128 + 1) * 2
+    assert common.read_bytes("standard", 4096) is None
+
+    out = tmp_path / "results.json"
+    with jax.default_device(jax.devices("cpu")[0]):
+        bench_attention.main(["--cases", "decode,decode_topk_compact", "--lengths", "512", "--impls",
+                              "jax_dmattn,reference", "--passes", "fwd,fwd+bwd", "--implementation", "cpu",
+                              "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert {(r["case"], r["impl"], r["pass"]) for r in rows} == {
+        (c, i, "fwd") for c in ("decode", "decode_topk_compact") for i in ("jax_dmattn", "reference")}
+    for r in rows:
+        assert "error" not in r, r
+        rate = common.read_bytes(r["case"], 512) / (r["ms"] * 1e-3) / 1e9
+        assert abs(r["read_gbps"] - rate) <= 0.05 + 1e-3 * rate, (r["read_gbps"], rate)
