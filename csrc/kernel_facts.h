@@ -85,4 +85,13 @@ constexpr bool dbias_tiles_get_several_flushes(const int64_t bias_dims[4], int64
          (bias_dims[2] == 1 && bias_dims[1] == heads && heads / kv_heads > 1);
 }
 
+// Whether the CUDA backward takes the key-list path (docs/cuda_backward.md, "Key-list path"): a mask with a full key
+// dim, and a bias (if any) broadcast over query rows, so that its gradient is a column sum of dS. Both modes:
+// dk / dv / dbias are added by fp32 atomics (deterministic=False) or int64 fixed-point atomics (deterministic=True).
+// The lists of a compact mask stand in for a mask with a full key dim. (The call also needs a build of the head dim
+// that fits the device's shared memory: the caller's key_list_rows.)
+constexpr bool uses_key_list_path(bool has_mask, int64_t mask_cols, bool has_bias, int64_t bias_rows, int64_t Lk) {
+  return has_mask && mask_cols == Lk && (!has_bias || bias_rows == 1);
+}
+
 }  // namespace dmattn

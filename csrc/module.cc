@@ -84,6 +84,8 @@ NB_MODULE(_jax_dmattn_ext, m) {
         [](std::array<int64_t, 4> bias_dims, int64_t batch, int64_t heads, int64_t kv_heads) {
           return dmattn::dbias_tiles_get_several_flushes(bias_dims.data(), batch, heads, kv_heads);
         });
+  m.def("uses_key_list_path", &dmattn::uses_key_list_path, nb::arg("has_mask"), nb::arg("mask_cols"),
+        nb::arg("has_bias"), nb::arg("bias_rows"), nb::arg("kv_len"));
   m.def("cpu_targets", [] { return as_capsules(dmattn::cpu_targets()); });
   m.def("cuda_targets", [] {
     auto targets = dmattn::cuda_fwd_targets();

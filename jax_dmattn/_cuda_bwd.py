@@ -96,19 +96,20 @@ def key_list_rows_per_cta(head_dim: int, smem_limit: int | None = None) -> int:
 
 
 def uses_key_list_path(bias_shape, mask_shape, lk: int) -> bool:
-    """Mirror of the handler's uses_key_list_path: the key-list backward serves a mask with a full key dim and a bias
-    that is absent or broadcast over query rows (Mb == 1), in both modes (``deterministic`` only changes how it
-    accumulates: fp32 atomics or int64 fixed-point atomics). flash_bwd also needs one of its builds to fit the
-    device's shared memory (``key_list_rows_per_cta``)."""
-    if mask_shape is None or mask_shape[3] != lk:
-        return False
-    return bias_shape is None or bias_shape[2] == 1
+    """The handler's rule (csrc/kernel_facts.h: uses_key_list_path, exported by the extension): the key-list backward
+    serves a mask with a full key dim and a bias that is absent or broadcast over query rows (Mb == 1), in both modes
+    (``deterministic`` only changes how it accumulates: fp32 atomics or int64 fixed-point atomics). flash_bwd also
+    needs one of its builds to fit the device's shared memory (``key_list_rows_per_cta``)."""
+    return _ffi.extension().uses_key_list_path(
+        mask_shape is not None, 0 if mask_shape is None else int(mask_shape[3]), bias_shape is not None,
+        0 if bias_shape is None else int(bias_shape[2]), int(lk))
 
 
-def key_list_path_serves(head_dim: int, bias_shape) -> bool:
-    """Whether the key-list backward takes key lists given without a mask (a compact mask) on this device: a bias
-    absent or broadcast over query rows, and a build of the head dim that fits the device's shared memory."""
-    return key_list_rows_per_cta(head_dim) > 0 and (bias_shape is None or bias_shape[2] == 1)
+def key_list_path_serves(head_dim: int, bias_shape, kv_len: int) -> bool:
+    """Whether the key-list backward takes key lists given without a mask (a compact mask) on this device: the lists
+    stand in for a mask with a full key dim in ``uses_key_list_path``, and a build of the head dim fits the device's
+    shared memory."""
+    return key_list_rows_per_cta(head_dim) > 0 and uses_key_list_path(bias_shape, (1, 1, 1, kv_len), kv_len)
 
 
 # The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size rule for both calls.
@@ -135,7 +136,7 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     if compact_lists is not None:
         if mask is not None:
             raise ValueError("flash_bwd: give a mask or compact_lists, not both")
-        if not key_list_path_serves(q.shape[3], None if bias is None else bias.shape):
+        if not key_list_path_serves(q.shape[3], None if bias is None else bias.shape, k.shape[1]):
             raise ValueError("flash_bwd: compact_lists need the key-list backward (a bias broadcast over query rows "
                              "and a key-list build that fits the device)")
         if q.shape[1] == 0:  # no query row: nothing to list, and the handler sees no mask

@@ -127,7 +127,7 @@ def _bwd_lowering_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
     bias_arg = bias if has_bias else None
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
     bias_shape = None if bias_arg is None else bias_arg.shape
-    if lists is not None and not _cuda_bwd.key_list_path_serves(q.shape[3], bias_shape):
+    if lists is not None and not _cuda_bwd.key_list_path_serves(q.shape[3], bias_shape, k.shape[1]):
         # The key-tile backward reads a bool mask: a bias with a query dim (already O(Lq * Lk) itself), or a device
         # whose shared memory fits no key-list build (docs/compact_masks.md).
         mask_arg, lists = _compact.to_dense(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],

@@ -27,14 +27,6 @@ constexpr const char* kTarget = "dmattn_bwd_cuda";
 
 ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument(std::string(kTarget) + ": " + what); }
 
-// The key-list backward serves both modes when a mask with a full key dim is given and the bias (if
-// any) is broadcast over query rows, so that its gradient is a column sum (docs/cuda_backward.md). Its dk / dv /
-// dbias are added by fp32 atomics (deterministic=False) or by int64 fixed-point atomics (deterministic=True,
-// bitwise reproducible). Mirrored by jax_dmattn/_cuda_bwd.py: uses_key_list_path.
-bool uses_key_list_path(bool has_mask, int64_t mask_cols, bool has_bias, int64_t bias_rows, int64_t Lk) {
-  return has_mask && mask_cols == Lk && (!has_bias || bias_rows == 1);
-}
-
 // Inputs: q [B, Lq, H, D], k/v [B, Lk, Hkv, D], bias [Bb, Hb, Mb, Nb] or zero-size, mask (same rule, bool) or
 // zero-size, out [B, Lq, H, D], lse [B, H, Lq] f32, dout, dlse [B, H, Lq] f32, then on the key-list path the mask's
 // live-key lists from dmattn_key_lists_cuda: key_list_keys [units * (1 + C)] s32 and key_list_bits
@@ -84,7 +76,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   if (compact && (!dims_ok(list_batch, B) || !(list_heads == 1 || list_heads == Hkv || list_heads == H) ||
                   !dims_ok(list_rows, Lq)))
     return bad("list_batch / list_heads / list_rows do not fit the call");
-  if (compact && (key_list_rows == 0 || (has_bias && bias.dimensions()[2] != 1)))
+  if (compact && (key_list_rows == 0 ||
+                  !uses_key_list_path(true, Lk, has_bias, has_bias ? bias.dimensions()[2] : 0, Lk)))
     return bad("key lists of a compact mask need the key-list path (key_list_rows > 0, no bias with a query dim)");
   const bool key_list_path =
       key_list_rows != 0 && (compact || uses_key_list_path(has_mask, has_mask ? mask.dimensions()[3] : 0, has_bias,
