@@ -43,7 +43,7 @@ GPU_STYLES = {"NVIDIA H200": ("-", "o"), "NVIDIA H100 80GB HBM3": ("--", "s")}
 OTHER_GPU_STYLE = (":", "^")
 # The fields the results writer (benchmarks/common.py, bench_cpu.py) puts in a row; anything else marks a variant.
 ROW_FIELDS = {"gpu", "case", "impl", "pass", "L", "ms", "tflops", "gflops", "peak_bytes", "io_bytes",
-              "device_peak_bytes", "device_peak_increase", "jax", "commit", "date", "device", "cores"}
+              "device_peak_bytes", "device_peak_increase", "jax", "commit", "date", "device", "cores", "read_gbps"}
 LENGTH_CASES = ("standard", "topk_compact")
 PASSES = ("fwd", "fwd+bwd")
 SERIES_IMPLS = ("jax_dmattn", "cudnn_bias", "cudnn_nobias")
