@@ -9,23 +9,20 @@ kept key, dense units (a capacity below the unit's live keys: the kernel reads t
 Lq != Lk both ways, odd lengths, one query row, both dtypes, biases of every dtype and broadcast. The calls it
 leaves to the sm80 kernel (softcap, deterministic, other head dims) must not move the counter. Inputs with an inf
 or NaN in q, dout or k go through the scan to the sm80 key-list kernel; one in v stays on the Hopper kernel; either
-way the gradients are the forced sm80 route's, NaN for NaN. Last, gradients through the public API for the bool and
-the compact masks.
+way the gradients are the forced sm80 route's, NaN for NaN. Gradients through the public API for the bool and the
+compact masks: tests/test_cuda_fwd_key_list_sm90.py::test_gradients_through_the_api, which checks that both Hopper
+key-list kernels served.
 
 GPU only (skipped elsewhere).
 """
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from helpers import cuda_targets_on_gpu, hopper_kernels_available, sm90_launches
-from test_cuda_bwd import (BF16, F16, F32, TOL, check_key_list_path_against_oracle, key_list_inputs, oracle_fwd,
-                           rel_err, run_bwd)
+from test_cuda_bwd import (BF16, F16, check_key_list_path_against_oracle, key_list_inputs, oracle_fwd, rel_err,
+                           run_bwd)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_bwd_cuda"),
                                                   reason="needs a GPU and the CUDA kernels")]
@@ -106,6 +103,17 @@ def test_deterministic_stays_on_sm80_kernel():
     assert sm90_launches("bwd_key_list") == before
 
 
+def default_and_sm80_routes(call, monkeypatch):
+    """call() through the default route (which must reach the Hopper key-list backward where it is available) and
+    with the sm80 kernels forced."""
+    monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
+    before = sm90_launches("bwd_key_list")
+    got = call()
+    assert (sm90_launches("bwd_key_list") > before) == hopper_kernels_available()
+    monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", "sm80")
+    return got, call()
+
+
 def test_agrees_with_sm80_kernel_at_4k(monkeypatch):
     """A longer causal top-k case: the Hopper and sm80 key-list backwards agree closely with each other (the same
     P and dS arithmetic; only the order of the fp32 sums differs)."""
@@ -116,12 +124,7 @@ def test_agrees_with_sm80_kernel_at_4k(monkeypatch):
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     call = lambda: run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap,
                            is_causal=causal, deterministic=False)
-    monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
-    before = sm90_launches("bwd_key_list")
-    got = call()
-    assert (sm90_launches("bwd_key_list") > before) == hopper_kernels_available()
-    monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", "sm80")
-    want = call()
+    got, want = default_and_sm80_routes(call, monkeypatch)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
         assert rel_err(g, w) < 1e-2, name
 
@@ -141,12 +144,7 @@ def test_nonfinite_inputs_match_the_sm80_route(where, monkeypatch):
                           is_causal=causal, dtype=dtype)
     call = lambda: run_bwd(args["q"], args["k"], args["v"], bias, mask, out, lse, args["dout"], dlse, scale=scale,
                            softcap=softcap, is_causal=causal, deterministic=False)
-    monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
-    before = sm90_launches("bwd_key_list")
-    got = call()
-    assert (sm90_launches("bwd_key_list") > before) == hopper_kernels_available()
-    monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", "sm80")
-    want = call()
+    got, want = default_and_sm80_routes(call, monkeypatch)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert (np.isnan(g) == np.isnan(w)).all(), name
@@ -155,37 +153,3 @@ def test_nonfinite_inputs_match_the_sm80_route(where, monkeypatch):
         if fin.any():
             err = np.linalg.norm(g[fin] - w[fin]) / max(np.linalg.norm(w[fin]), 1e-30)
             assert err < 2e-2, f"{name}: rel err {err:.3e}"
-
-
-@pytest.mark.parametrize("form", ["bool", "topk", "key_indices"])
-def test_gradients_through_the_api(form, kernel_route, rng):
-    """Forward and backward through jax_dmattn.attention: the backward reads the forward's residuals and key lists;
-    the compact masks build their lists without a mask tensor."""
-    import jax_dmattn
-
-    b, lq, lk, h, hkv, d, dtype = 1, 384, 384, 4, 2, 128, BF16
-    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(dtype)
-    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
-    v = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(dtype)
-    bias = jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), F32).astype(dtype)
-    dout = jnp.asarray(rng.standard_normal(q.shape), F32).astype(dtype)
-    scores = jnp.asarray(rng.standard_normal((b, hkv, lk)), F32)
-    if form == "bool":
-        mask = jax_dmattn.topk_mask(scores[:, :, None, :], 50, is_causal=True, query_len=lq)
-    elif form == "topk":
-        mask = jax_dmattn.TopKMask(scores, 50)
-    else:
-        idx = np.stack([rng.choice(lk, 60, replace=False) for _ in range(b * hkv)]).reshape(b, hkv, 60)
-        mask = jax_dmattn.KeyIndices(jnp.asarray(idx, jnp.int32))
-
-    def loss(impl, q, k, v, bias):
-        up = (lambda x: x.astype(F32)) if impl == "xla" else (lambda x: x)
-        out = jax_dmattn.attention(up(q), up(k), up(v), up(bias), mask=mask, is_causal=True, implementation=impl)
-        return jnp.sum(out.astype(F32) * dout.astype(F32))
-
-    before = sm90_launches("bwd_key_list")
-    got = jax.jit(jax.grad(functools.partial(loss, "cuda"), argnums=(0, 1, 2, 3)))(q, k, v, bias)
-    assert (sm90_launches("bwd_key_list") > before) == (hopper_kernels_available() and kernel_route == "default")
-    ref = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2, 3)))(q, k, v, bias)
-    for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, ref):
-        assert rel_err(g, r) < TOL[dtype], name
