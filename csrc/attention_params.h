@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "row_bounds.h"
+
 namespace dmattn {
 
 enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -57,6 +59,8 @@ struct AttentionParams {
   MaskKind mask_kind = MaskKind::kBool;
   // kTopK only: f32 / s32 [Bs, Hs, Lq, 1], the batch and heads of the scores in `mask`.
   BroadcastOperand row_threshold, row_threshold_key;
+  // Segment ids, window, lengths (row_bounds.h); with them is_causal is false (the bounds hold causality).
+  RowBounds bounds;
 
   int64_t group() const { return heads / kv_heads; }
   // Bottom-right causal: key j is visible from query i iff j <= i + causal_offset().

@@ -63,7 +63,7 @@ def _derived_aval(aval, shape, dtype, spec_dims):
         return jax.core.ShapedArray(tuple(shape), dtype)
 
 
-def _fwd_abstract(q, k, v, bias, mask, *, config):
+def _fwd_abstract(q, k, v, bias, mask, rows, key_segments, *, config):
     b, lq, h, _ = q.shape
     return (_derived_aval(q, q.shape, q.dtype, (0, 1, 2, 3)), _derived_aval(q, (b, h, lq), jnp.float32, (0, 2, 1)))
 
@@ -84,21 +84,34 @@ def _check_platform(config: KernelConfig, platform: str):
                          f"use implementation=None to pick the kernels of the platform in use")
 
 
-def _fwd_lowering_cpu(q, k, v, bias, mask, *, config):
+def _bounds_args(rows, key_segments):
+    """The kernels' (rows, key_segments) of a call's row bounds (jax_dmattn/_bounds.py): None where absent."""
+    return (None if _is_absent(rows) else rows), (None if _is_absent(key_segments) else key_segments)
+
+
+def _kernel_causal(config: KernelConfig, rows) -> bool:
+    """Row bounds carry causality themselves (on each element's own lengths): the kernels then apply none."""
+    return config.is_causal and _is_absent(rows)
+
+
+def _fwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, *, config):
     _check_platform(config, "cpu")
     from jax_dmattn import _cpu
 
-    return _cpu.flash_fwd(q, k, v, bias, mask, scale=config.scale, softcap=config.softcap,
-                          is_causal=config.is_causal, mask_kind=config.mask_kind, mask_k=config.mask_k)
+    return _cpu.flash_fwd(q, k, v, bias, mask, *_bounds_args(rows, key_segments), scale=config.scale,
+                          softcap=config.softcap, is_causal=config.is_causal,
+                          kernel_causal=_kernel_causal(config, rows), mask_kind=config.mask_kind,
+                          mask_k=config.mask_k)
 
 
-def _fwd_lowering_cuda(q, k, v, bias, mask, *, config):
+def _fwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, *, config):
     _check_platform(config, "cuda")
     from jax_dmattn import _cuda_fwd
 
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
-    return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, compact_lists=lists,
-                               scale=config.scale, softcap=config.softcap, is_causal=config.is_causal)
+    return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, *_bounds_args(rows, key_segments),
+                               compact_lists=lists, scale=config.scale, softcap=config.softcap,
+                               is_causal=_kernel_causal(config, rows))
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -106,20 +119,21 @@ dmattn_bwd_p = Primitive("dmattn_bwd")
 dmattn_bwd_p.multiple_results = True
 
 
-def _bwd_abstract(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
+def _bwd_abstract(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, config):
     return tuple(_derived_aval(x, x.shape, x.dtype, tuple(range(x.ndim))) for x in (q, k, v, bias))
 
 
-def _bwd_lowering_cpu(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
+def _bwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, config):
     _check_platform(config, "cpu")
     from jax_dmattn import _cpu
 
-    return _cpu.flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=config.scale, softcap=config.softcap,
-                          is_causal=config.is_causal, deterministic=config.deterministic,
+    return _cpu.flash_bwd(q, k, v, bias, mask, *_bounds_args(rows, key_segments), out, lse, dout, dlse,
+                          scale=config.scale, softcap=config.softcap, is_causal=config.is_causal,
+                          kernel_causal=_kernel_causal(config, rows), deterministic=config.deterministic,
                           mask_kind=config.mask_kind, mask_k=config.mask_k)
 
 
-def _bwd_lowering_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
+def _bwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, config):
     _check_platform(config, "cuda")
     from jax_dmattn import _cuda_bwd
 
@@ -132,9 +146,10 @@ def _bwd_lowering_cuda(q, k, v, bias, mask, out, lse, dout, dlse, *, config):
         # whose shared memory fits no key-list build (docs/compact_masks.md).
         mask_arg, lists = _compact.to_dense(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],
                                             kv_len=k.shape[1], is_causal=config.is_causal), None
-    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, compact_lists=lists,
-                                            scale=config.scale, softcap=config.softcap,
-                                            is_causal=config.is_causal, deterministic=config.deterministic)
+    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, *_bounds_args(rows, key_segments), out,
+                                            lse, dout, dlse, compact_lists=lists, scale=config.scale,
+                                            softcap=config.softcap, is_causal=_kernel_causal(config, rows),
+                                            deterministic=config.deterministic)
     return dq, dk, dv, (dbias if has_bias else jnp.zeros_like(bias))
 
 
@@ -200,7 +215,7 @@ def _has_explicit_sharding(x) -> bool:
 
 def _heads_fold_applies(args, dims) -> bool:
     """Only q is vmapped, and folding the examples into the query heads keeps every other operand as it is."""
-    q, k, v, bias, mask = args
+    q, k, v, bias, mask = args[:5]
     if dims[0] is None or any(d is not None for d in dims[1:]):
         return False
     h, hkv = q.shape[2 if dims[0] > 2 else 3], k.shape[2]
@@ -215,13 +230,13 @@ def _heads_fold_applies(args, dims) -> bool:
 def _fwd_batcher_heads(args, dims, *, config):
     """vmap of q alone (k, v, bias, mask shared): the n examples become extra query heads, laid out
     [Hkv, n, G] so the query heads of one kv head stay contiguous (GQA); k and v are not copied n times."""
-    q, k, v, bias, mask = args
+    q, k, v, bias, mask, rows, key_segments = args
     q = jnp.moveaxis(q, dims[0], 0)
     n, b, lq, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
     qf = q.reshape(n, b, lq, hkv, g, d).transpose(1, 2, 3, 0, 4, 5).reshape(b, lq, hkv * n * g, d)
-    out, lse = dmattn_fwd_p.bind(qf, k, v, bias, mask, config=config)
+    out, lse = dmattn_fwd_p.bind(qf, k, v, bias, mask, rows, key_segments, config=config)
     out = out.reshape(b, lq, hkv, n, g, d).transpose(3, 0, 1, 2, 4, 5).reshape(n, b, lq, h, d)
     lse = lse.reshape(b, hkv, n, g, lq).transpose(2, 0, 1, 3, 4).reshape(n, b, h, lq)
     return (out, lse), (0, 0)
@@ -232,14 +247,14 @@ def _fwd_batcher(args, dims, *, config):
     examples are folded into the query heads instead, so the shared k / v are not broadcast."""
     if _heads_fold_applies(args, dims):
         return _fwd_batcher_heads(args, dims, config=config)
-    q, k, v, bias, mask = args
+    q, k, v = args[:3]
     n = _batch_size(args, dims)
     b = _unbatched_dim0(q, dims[0])
     em = _example_major(args, dims)
     q, k, v = (_fold(x, d, n, b, False, em) for x, d in zip((q, k, v), dims[:3]))
-    bias = _fold(bias, dims[3], n, b, True, em)
-    mask = _fold(mask, dims[4], n, b, True, em)
-    out, lse = dmattn_fwd_p.bind(q, k, v, bias, mask, config=config)
+    # bias, mask and the row bounds keep a batch-broadcast (size-1 batch) form
+    rest = (_fold(x, d, n, b, True, em) for x, d in zip(args[3:], dims[3:]))
+    out, lse = dmattn_fwd_p.bind(q, k, v, *rest, config=config)
     out_dim = 0 if em else 1
     return (_unfold(out, n, em), _unfold(lse, n, em)), (out_dim, out_dim)
 
@@ -251,17 +266,18 @@ def _bwd_batcher(args, dims, *, config):
     the primal was shared). dbias of a bias with a size-1 batch dim is therefore computed per folded batch
     entry (the bias is expanded over the batch) and summed over the original batch afterwards.
     """
-    q, k, v, bias, mask, out, lse, dout, dlse = args
+    q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse = args
     n = _batch_size(args, dims)
     b = _unbatched_dim0(q, dims[0])
     em = _example_major(args, dims)
     q, k, v, out, lse, dout, dlse = (_fold(x, d, n, b, False, em)
-                                     for x, d in zip((q, k, v, out, lse, dout, dlse), dims[:3] + dims[5:]))
+                                     for x, d in zip((q, k, v, out, lse, dout, dlse), dims[:3] + dims[7:]))
     has_bias = not (dims[3] is None and _is_absent(bias))
     bias_batch = _unbatched_dim0(bias, dims[3]) if has_bias else 0
     bias = _fold(bias, dims[3], n, b, False, em) if has_bias else bias
-    mask = _fold(mask, dims[4], n, b, True, em)
-    dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, out, lse, dout, dlse, config=config)
+    mask, rows, key_segments = (_fold(x, d, n, b, True, em) for x, d in zip(args[4:7], dims[4:7]))
+    dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse,
+                                          config=config)
     out_dim = 0 if em else 1
     if has_bias:
         dbias = _unfold(dbias, n, em)  # [B, n, ...] or [n, B, ...]
@@ -306,34 +322,37 @@ def _match_vma(*xs):
     return tuple(out)
 
 
-def flash_attention(q, k, v, bias, mask, config: KernelConfig):
-    """Canonical-layout attention through the kernels: returns (out, lse). bias / mask may be None."""
-    _sharding.check_input_shardings(q, k, v, bias, mask)
-    q, k, v, bias, mask = _match_vma(q, k, v, bias, mask)
-    return _attention(q, k, v, _operand(bias, jnp.float32), _operand(mask, jnp.bool_), config)
+def flash_attention(q, k, v, bias, mask, config: KernelConfig, rows=None, key_segments=None):
+    """Canonical-layout attention through the kernels: returns (out, lse). bias / mask may be None, and so may the
+    row bounds (rows, key_segments) of jax_dmattn/_bounds.py."""
+    _sharding.check_input_shardings(q, k, v, bias, mask, rows, key_segments)
+    q, k, v, bias, mask, rows, key_segments = _match_vma(q, k, v, bias, mask, rows, key_segments)
+    return _attention(q, k, v, _operand(bias, jnp.float32), _operand(mask, jnp.bool_), _operand(rows, jnp.int32),
+                      _operand(key_segments, jnp.int32), config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, bias, mask, config: KernelConfig):
-    return tuple(dmattn_fwd_p.bind(q, k, v, bias, mask, config=config))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, bias, mask, rows, key_segments, config: KernelConfig):
+    return tuple(dmattn_fwd_p.bind(q, k, v, bias, mask, rows, key_segments, config=config))
 
 
-def _attention_fwd(q, k, v, bias, mask, config):
-    out, lse = dmattn_fwd_p.bind(q, k, v, bias, mask, config=config)
-    return (out, lse), (q, k, v, bias, mask, out, lse)
+def _attention_fwd(q, k, v, bias, mask, rows, key_segments, config):
+    out, lse = dmattn_fwd_p.bind(q, k, v, bias, mask, rows, key_segments, config=config)
+    return (out, lse), (q, k, v, bias, mask, rows, key_segments, out, lse)
 
 
 def _attention_bwd(config, residuals, cotangents):
-    q, k, v, bias, mask, out, lse = residuals
+    q, k, v, bias, mask, rows, key_segments, out, lse = residuals
     dout, dlse = cotangents
     dout = jnp.asarray(dout, out.dtype)
     dlse = jnp.asarray(dlse, jnp.float32)
     # A cotangent may vary over fewer manual axes than the residuals (e.g. an invariant one in shard_map).
     *_, dout, dlse = _match_vma(q, dout, dlse)
-    dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, out, lse, dout, dlse, config=config)
+    dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse,
+                                          config=config)
     if not _is_absent(bias) and bias.shape[3] == 1 and k.shape[1] != 1:
         dbias = (dbias.astype(jnp.float32) + key_broadcast_dbias(bias.shape, lse, dlse)).astype(dbias.dtype)
-    return dq, dk, dv, dbias, None  # the mask (bool, scores or indices) gets no gradient
+    return dq, dk, dv, dbias, None, None, None  # masks and bounds get no gradient
 
 
 def key_broadcast_dbias(bias_shape, lse, dlse):

@@ -50,16 +50,19 @@ _Q = ("b", "lq", "h", "d")
 _KV = ("b", "lk", "hkv", "d")
 _LSE = ("b", "h", "lq")
 _BCAST = ("bcast_b", "bcast_h", "bcast_lq", "bcast_lk")
+# Row bounds (jax_dmattn/_bounds.py): rows [1|B, Lq, 3], key segment ids [1|B, Lk].
+_ROWS = ("bcast_b", "lq", "one")
+_KEY_SEGMENTS = ("bcast_b", "lk")
 
-# fwd: (q, k, v, bias, mask) -> (out, lse)
-# bwd: (q, k, v, bias, mask, out, lse, dout, dlse) -> (dq, dk, dv, dbias)
+# fwd: (q, k, v, bias, mask, rows, key_segments) -> (out, lse)
+# bwd: (q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse) -> (dq, dk, dv, dbias)
 _LAYOUTS = {
-    "fwd": ((_Q, _KV, _KV, _BCAST, _BCAST), (_Q, _LSE)),
-    "bwd": ((_Q, _KV, _KV, _BCAST, _BCAST, _Q, _LSE, _Q, _LSE), (_Q, _KV, _KV, _BCAST)),
+    "fwd": ((_Q, _KV, _KV, _BCAST, _BCAST, _ROWS, _KEY_SEGMENTS), (_Q, _LSE)),
+    "bwd": ((_Q, _KV, _KV, _BCAST, _BCAST, _ROWS, _KEY_SEGMENTS, _Q, _LSE, _Q, _LSE), (_Q, _KV, _KV, _BCAST)),
 }
 _OPERAND_NAMES = {
-    "fwd": ("query", "key", "value", "bias", "mask"),
-    "bwd": ("query", "key", "value", "bias", "mask", "out", "lse", "dout", "dlse"),
+    "fwd": ("query", "key", "value", "bias", "mask", "row bounds", "kv_segment_ids"),
+    "bwd": ("query", "key", "value", "bias", "mask", "row bounds", "kv_segment_ids", "out", "lse", "dout", "dlse"),
 }
 _DIM_NAMES = {"b": "batch", "lq": "query length", "lk": "key length", "h": "heads", "hkv": "kv heads",
               "d": "head_dim", "one": "broadcast", "empty": "placeholder"}
@@ -89,7 +92,13 @@ def _roles(kind, shapes):
     operand_layouts, result_layouts = _LAYOUTS[kind]
 
     def resolve(layout, shape):
-        return _bcast_roles(shape, dims) if layout is _BCAST else layout
+        if layout is _BCAST:
+            return _bcast_roles(shape, dims)
+        if layout in (_ROWS, _KEY_SEGMENTS):  # batch dim 1 or B; the (0,) placeholder when absent
+            if len(shape) == 1:
+                return ("empty",)
+            return ("b" if shape[0] == dims.batch else "one",) + layout[1:]
+        return layout
 
     operands = tuple(resolve(lay, s) for lay, s in zip(operand_layouts, shapes))
     bias_roles = operands[3]
@@ -194,11 +203,11 @@ def _check_unshardable_dims(name, roles, dim_axes, allowed=()):
                 f"call (XLA then reshards the output afterwards).")
 
 
-def check_input_shardings(q, k, v, bias, mask):
+def check_input_shardings(q, k, v, bias, mask, rows=None, key_segments=None):
     """Raises the sequence / head_dim sharding ValueError as early as the shardings are known: for concrete
     arrays (eager calls) and for explicit-sharding avals. Under jit with auto sharding the shardings only
     exist inside XLA's partitioner, where the same check runs (see partition())."""
-    xs = (q, k, v, bias, mask)
+    xs = (q, k, v, bias, mask, rows, key_segments)
     shapes = [(0,) if x is None else tuple(x.shape) for x in xs]
     _, roles, _ = _roles("fwd", shapes)
 
@@ -336,6 +345,9 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
                          "(a TopKMask is not taken under context parallelism: its top-k spans every key chunk)")
     from jax_dmattn._primitives import _is_absent  # (a module-level import would be circular)
 
+    if not _is_absent(args[5]):
+        raise ValueError("jax_dmattn.attention: segment ids, local_window_size and sequence lengths are not taken "
+                         "with a sequence split over devices (context parallelism); split the batch or heads instead")
     (axis,) = plan.seq_axes
     q, k, v, bias, mask = args[:5]
     bias = None if _is_absent(bias) else bias
@@ -344,7 +356,7 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
     layout = context_parallel.layout_for(config, axis, n, q.shape[1], chunk, bias, mask)
     if kind == "fwd":
         return context_parallel.forward(q, k, v, bias, mask, layout)
-    out, lse, dout, dlse = args[5:]
+    out, lse, dout, dlse = args[7:]
     dq, dk, dv, dbias = context_parallel.backward(q, k, v, bias, mask, out, lse, dout, dlse, layout,
                                                   lse_term=False)
     if bias is None:
@@ -427,11 +439,11 @@ def partitioned(kind: str, body: Callable) -> Callable:
     n_operands = len(_LAYOUTS[kind][0])
 
     if kind == "fwd":
-        def fun(q, k, v, bias, mask, config):
-            return tuple(body(q, k, v, bias, mask, config=config))
+        def fun(q, k, v, bias, mask, rows, key_segments, config):
+            return tuple(body(q, k, v, bias, mask, rows, key_segments, config=config))
     else:
-        def fun(q, k, v, bias, mask, out, lse, dout, dlse, config):
-            return tuple(body(q, k, v, bias, mask, out, lse, dout, dlse, config=config))
+        def fun(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config):
+            return tuple(body(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config=config))
 
     cp = custom_partitioning(fun, static_argnums=(n_operands,))
     cp.def_partition(partition=_partition(kind, body),

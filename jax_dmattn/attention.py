@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_dmattn import _compact, _ffi, _primitives, _validation, masks, reference
+from jax_dmattn import _bounds, _compact, _ffi, _primitives, _validation, masks, reference
 
 __all__ = ["attention", "default_implementation"]
 
@@ -100,8 +100,20 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
     return (out, lse) if return_lse else out
 
 
+def _cuda_compact_with_bounds(mask, mask_kind, bounds):
+    """(mask, bounds, is_causal) for the CUDA key-list kernels, which take no row bounds: KeyIndices with the keys
+    outside the bounds dropped (the bounds hold causality, so none is left to apply). A TopKMask with bounds is a
+    ValueError on CUDA (its key lists are built on the full causal range)."""
+    if mask_kind == "topk":
+        raise ValueError("implementation='cuda' does not take a TopKMask together with segment ids, "
+                         "local_window_size or sequence lengths; use implementation='cpu', KeyIndices, or a bool "
+                         "mask (docs/sequences.md)")
+    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), None, False
+
+
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, softcap=None,
-              return_lse=False, deterministic=False, implementation=None):
+              q_segment_ids=None, kv_segment_ids=None, local_window_size=None, query_seq_lengths=None,
+              key_value_seq_lengths=None, return_lse=False, deterministic=False, implementation=None):
     """Exact softmax attention with an additive broadcastable bias and a boolean mask.
 
     Args:
@@ -116,6 +128,15 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
       scale: logit scale, default D ** -0.5.
       is_causal: bottom-right causal: query i sees key j iff j <= i + Lk - Lq.
       softcap: if set (> 0), logits = softcap * tanh(scale * q.k / softcap), before the bias is added.
+      q_segment_ids, kv_segment_ids: optional integer [B, Lq] / [B, Lk], given together: query i sees key j only
+        where their ids are equal (packed sequences).
+      local_window_size: optional static int w or pair (left, right): query i sees keys j with
+        i + off - left <= j <= i + off + right, off the causal diagonal's offset (w means (w, w)).
+      query_seq_lengths, key_value_seq_lengths: optional integer [B]: keys at positions >= their element's length
+        are not seen; query rows at positions >= theirs keep no key (out 0, lse -inf, zero gradients). With
+        lengths, is_causal is bottom-right on each element's own lengths (docs/sequences.md).
+        These five are applied in-kernel from O(B * (Lq + Lk)) numbers, never as an [Lq, Lk] mask, and combine
+        with bias, mask and each other.
       return_lse: also return the float32 natural-log log-sum-exp [B, H, Lq] (-inf for rows with no key).
       deterministic: bitwise-reproducible backward.
       implementation: None (the kernels of the platform: ``default_implementation``), "cuda" (bf16/f16,
@@ -146,7 +167,14 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         raise ValueError(_validation.missing_kernels_message(implementation))
     if implementation == "cuda":
         _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
+    bounds = _bounds.make_row_bounds(batch=call.batch, q_len=call.q_len, kv_len=call.kv_len, is_causal=is_causal,
+                                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                     local_window_size=local_window_size, query_seq_lengths=query_seq_lengths,
+                                     key_value_seq_lengths=key_value_seq_lengths)
     seq_axis = _explicit_sequence_axis(query, key)
+    if seq_axis is not None and bounds is not None:
+        raise ValueError("jax_dmattn.attention: segment ids, local_window_size and sequence lengths are not taken "
+                         "with a sequence split over devices (context parallelism); split the batch or heads instead")
     if seq_axis is not None and implementation != "xla":
         return _context_parallel_call(query, key, value, bias, mask, seq_axis, scale=scale, is_causal=is_causal,
                                       softcap=softcap, return_lse=return_lse, deterministic=deterministic,
@@ -158,14 +186,20 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         _compact.check_reference_size(call.mask_kind, call.batch, call.heads, call.q_len, call.kv_len)
         mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
                                  is_causal=is_causal)
+        if bounds is not None:  # causality is in the bounds
+            mask, is_causal = _bounds.and_masks(mask, _bounds.dense_keep(bounds, call.kv_len)), False
         out, lse = reference.reference_core(query, key, value, call.bias, mask, scale=call.scale,
                                             is_causal=is_causal, softcap=call.softcap)
         return (out, lse.astype(jnp.float32)) if return_lse else out
 
     q, k, v, bias_arg = kernel_operands(query, key, value, call.bias, implementation)
+    mask, mask_kind = call.mask, call.mask_kind
+    if implementation == "cuda" and bounds is not None and mask_kind != "bool":
+        mask, bounds, is_causal = _cuda_compact_with_bounds(mask, mask_kind, bounds)
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
-                                      mask_kind=call.mask_kind, mask_k=call.mask_k)
-    out, lse = _primitives.flash_attention(q, k, v, bias_arg, call.mask, config)
+                                      mask_kind=mask_kind, mask_k=call.mask_k)
+    rows, key_segments = (None, None) if bounds is None else (bounds.rows, bounds.key_segments)
+    out, lse = _primitives.flash_attention(q, k, v, bias_arg, mask, config, rows, key_segments)
     out = out[..., :call.head_dim]
     return (out, lse) if return_lse else out

@@ -198,6 +198,11 @@ def _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout: _Layout):
     return jnp.concatenate(dq, axis=1), jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1), db
 
 
+# The primitives' absent row bounds (segment ids, windows and lengths are not taken under context parallelism).
+def _no_bounds():
+    return (_primitives._operand(None, jnp.int32),) * 2
+
+
 def _fwd_pair(q, k, v, bias, mask, kind, layout: _Layout):
     """(out [B, Lq, H, D], lse [B, H, Lq] f32) of one (query chunk, key chunk) pair."""
     b, lq, h, _ = q.shape
@@ -205,7 +210,7 @@ def _fwd_pair(q, k, v, bias, mask, kind, layout: _Layout):
 
     def run(causal):
         config = dataclasses.replace(layout.config, is_causal=causal)
-        return tuple(_primitives.dmattn_fwd_p.bind(q, k, v, bias_op, mask_op, config=config))
+        return tuple(_primitives.dmattn_fwd_p.bind(q, k, v, bias_op, mask_op, *_no_bounds(), config=config))
 
     def nothing():  # varying like the kernel's results, so that the branches agree under shard_map
         _, out, lse = _primitives._match_vma(q, jnp.zeros(q.shape, q.dtype), jnp.full((b, h, lq), -jnp.inf))
@@ -220,7 +225,8 @@ def _bwd_pair(q, k, v, bias, mask, out, lse, dout, dlse, kind, layout: _Layout):
 
     def run(causal):
         config = dataclasses.replace(layout.config, is_causal=causal)
-        return tuple(_primitives.dmattn_bwd_p.bind(q, k, v, bias_op, mask_op, out, lse, dout, dlse, config=config))
+        return tuple(_primitives.dmattn_bwd_p.bind(q, k, v, bias_op, mask_op, *_no_bounds(), out, lse, dout, dlse,
+                                                   config=config))
 
     def nothing():  # each zero varies like the operand it is the gradient of, as the kernel's results do
         return tuple(_primitives._match_vma(x, jnp.zeros(x.shape, x.dtype))[1] for x in (q, k, v, bias_op))

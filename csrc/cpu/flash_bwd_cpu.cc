@@ -121,11 +121,12 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
         transpose(kBlockN, Dp, V, Dp, Vt, kBlockN);
         std::fill(dK, dK + kBlockN * Dp, 0.f);
         std::fill(dV, dV + kBlockN * Dp, 0.f);
+        const Range rows = tile_row_range(p, b, n0, n0 + bn);
 
         for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
           const float* lse_h = lse + (b * p.heads + h) * p.q_len;
           const float* delta_h = delta.data() + (b * p.heads + h) * p.q_len;
-          for (int64_t mt = causal_row_begin(p, n0) / kBlockM; mt < m_tiles; ++mt) {
+          for (int64_t mt = rows.begin / kBlockM; mt < ceil_div(rows.end, kBlockM); ++mt) {
             const TileClass cls = classes.at(b, h, mt, nt);
             if (cls == kTileEmpty) continue;
             const int64_t m0 = mt * kBlockM, bm = std::min<int64_t>(kBlockM, p.q_len - m0);

@@ -40,8 +40,8 @@ void flash_fwd(const AttentionParams& p, const void* q, const void* k, const voi
     std::fill(row_max, row_max + kBlockM, kNegInf);
     std::fill(row_sum, row_sum + kBlockM, 0.f);
 
-    const int64_t n_tiles = ceil_div(causal_key_end(p, m0, bm), kBlockN);
-    for (int64_t nt = 0; nt < n_tiles; ++nt) {
+    const Range keys = tile_key_range(p, b, m0, bm);
+    for (int64_t nt = keys.begin / kBlockN; nt < ceil_div(keys.end, kBlockN); ++nt) {
       const TileClass cls = classes.at(b, h, mt, nt);
       if (cls == kTileEmpty) continue;
       const int64_t n0 = nt * kBlockN, bn = std::min<int64_t>(kBlockN, p.kv_len - n0);

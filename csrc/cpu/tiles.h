@@ -28,6 +28,18 @@ struct TileCoord {
   TileClass cls;
 };
 
+// Row i of batch b keeps keys [lo, hi) of its bounds, of its own segment: the keys n0 + c before lo get -inf here,
+// *limit drops to hi - n0 (its caller clears from there on).
+inline void drop_out_of_bounds(const RowBounds& bounds, int64_t b, int64_t i, int64_t n0, int64_t* limit, float* s) {
+  const int32_t* row = bounds.row(b, i);
+  *limit = std::min<int64_t>(*limit, std::max<int64_t>(0, row[1] - n0));
+  const int64_t first = std::clamp<int64_t>(row[0] - n0, 0, *limit);
+  std::fill(s, s + first, kNegInf);
+  if (const int32_t* seg = bounds.segments(b)) {
+    for (int64_t c = first; c < *limit; ++c) s[c] = seg[n0 + c] == row[2] ? s[c] : kNegInf;
+  }
+}
+
 // S (kBlockM x kBlockN, holding q.k) -> logits cap(scale * q.k) + bias, -inf where the key is not kept.
 // Keys past the tile's end, above the causal diagonal, dropped by the mask in a partial tile, or with a -inf bias
 // are not kept, whatever their q.k.
@@ -70,6 +82,7 @@ inline void logits_tile(const AttentionParams& p, const MaskSource& mask, const 
     // Keys visible from row i: [n0, limit) before the mask.
     int64_t limit = t.bn;
     if (p.is_causal) limit = std::min<int64_t>(limit, std::max<int64_t>(0, i + off + 1 - t.n0));
+    if (p.bounds.present() && i < p.q_len) drop_out_of_bounds(p.bounds, t.b, i, t.n0, &limit, s);
     for (int64_t c = limit; c < kBlockN; ++c) s[c] = kNegInf;
     if (t.cls == kTilePartial) mask.drop_row(t.b, t.h, i, t.n0, limit, s);
   }
@@ -115,16 +128,29 @@ inline void zero_dropped(float* X, const uint8_t* keep) {
   for (int64_t i = 0; i < kBlockM * kBlockN; ++i) X[i] = keep[i] ? X[i] : 0.f;
 }
 
-// The key range of query tile [m0, m0 + bm) under bottom-right causality: keys [0, end).
-inline int64_t causal_key_end(const AttentionParams& p, int64_t m0, int64_t bm) {
-  if (!p.is_causal) return p.kv_len;
-  return std::clamp<int64_t>(m0 + bm + p.causal_offset(), 0, p.kv_len);
+// Keys [begin, end) that query tile [m0, m0 + bm) of batch b may keep: bottom-right causality, or the row bounds.
+struct Range {
+  int64_t begin, end;
+};
+inline Range tile_key_range(const AttentionParams& p, int64_t b, int64_t m0, int64_t bm) {
+  Range r{0, p.kv_len};
+  if (p.is_causal) r.end = std::clamp<int64_t>(m0 + bm + p.causal_offset(), 0, p.kv_len);
+  if (p.bounds.present()) {
+    r.begin = std::max<int64_t>(r.begin, p.bounds.lo(b, m0));
+    r.end = std::min<int64_t>(r.end, p.bounds.hi(b, m0 + bm - 1));
+  }
+  return r;
 }
 
-// First query row that sees key n0 under causality (0 without it).
-inline int64_t causal_row_begin(const AttentionParams& p, int64_t n0) {
-  if (!p.is_causal) return 0;
-  return std::clamp<int64_t>(n0 - p.causal_offset(), 0, p.q_len);
+// Query rows [begin, end) of batch b that may keep a key of [n0, n1): causality, or the row bounds.
+inline Range tile_row_range(const AttentionParams& p, int64_t b, int64_t n0, int64_t n1) {
+  Range r{0, p.q_len};
+  if (p.is_causal) r.begin = std::clamp<int64_t>(n0 - p.causal_offset(), 0, p.q_len);
+  if (p.bounds.present()) {
+    r.begin = p.bounds.first_row_above(b, n0, r.begin, r.end);
+    r.end = p.bounds.first_row_from(b, n1, r.begin, r.end);
+  }
+  return r;
 }
 
 }  // namespace dmattn::cpu

@@ -6,6 +6,7 @@
 #include "attention_params.h"
 #include "cpu/flash_bwd_cpu.h"
 #include "cpu/flash_fwd_cpu.h"
+#include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
 
 namespace ffi = xla::ffi;
@@ -152,7 +153,8 @@ ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
 }
 
 ffi::Error fwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                    ffi::AnyBuffer row_threshold, ffi::AnyBuffer row_threshold_key, ffi::Result<ffi::AnyBuffer> out,
+                    ffi::AnyBuffer row_threshold, ffi::AnyBuffer row_threshold_key, ffi::AnyBuffer bound_rows,
+                    ffi::AnyBuffer key_segments, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap, bool is_causal,
                     int64_t mask_kind) {
   AttentionParams p;
@@ -160,13 +162,16 @@ ffi::Error fwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
                              mask_kind, &p);
       err.failure())
     return err;
+  if (auto err = decode_row_bounds(bound_rows, key_segments, p.batch, p.q_len, p.kv_len, &p.bounds); err.failure())
+    return err;
   cpu::flash_fwd(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out->untyped_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
-                    ffi::AnyBuffer row_threshold, ffi::AnyBuffer row_threshold_key, ffi::AnyBuffer out,
-                    ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
+                    ffi::AnyBuffer row_threshold, ffi::AnyBuffer row_threshold_key, ffi::AnyBuffer bound_rows,
+                    ffi::AnyBuffer key_segments, ffi::AnyBuffer out, ffi::Buffer<ffi::F32> lse,
+                    ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
                     ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                     ffi::Result<ffi::AnyBuffer> dbias, float scale, float softcap, bool is_causal,
                     bool /*deterministic: the CPU backward always is*/, int64_t mask_kind) {
@@ -174,6 +179,8 @@ ffi::Error bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
   if (auto err = make_params(q, k, v, bias, mask, row_threshold, row_threshold_key, scale, softcap, is_causal,
                              mask_kind, &p);
       err.failure())
+    return err;
+  if (auto err = decode_row_bounds(bound_rows, key_segments, p.batch, p.q_len, p.kv_len, &p.bounds); err.failure())
     return err;
   cpu::flash_bwd(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out.untyped_data(), lse.typed_data(),
                  dout.untyped_data(), dlse.typed_data(), dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
@@ -192,6 +199,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnFwdCpu, fwd_impl,
                                   .Arg<ffi::AnyBuffer>()  // mask
                                   .Arg<ffi::AnyBuffer>()  // row_threshold
                                   .Arg<ffi::AnyBuffer>()  // row_threshold_key
+                                  .Arg<ffi::AnyBuffer>()  // row bounds
+                                  .Arg<ffi::AnyBuffer>()  // key segment ids
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<float>("scale")
@@ -208,6 +217,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnBwdCpu, bwd_impl,
                                   .Arg<ffi::AnyBuffer>()  // mask
                                   .Arg<ffi::AnyBuffer>()  // row_threshold
                                   .Arg<ffi::AnyBuffer>()  // row_threshold_key
+                                  .Arg<ffi::AnyBuffer>()  // row bounds
+                                  .Arg<ffi::AnyBuffer>()  // key segment ids
                                   .Arg<ffi::AnyBuffer>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::AnyBuffer>()  // dout

@@ -1,0 +1,173 @@
+"""Segment ids, a local window and sequence lengths as per-row key bounds: O(B * (Lq + Lk)) numbers that every
+implementation applies in-kernel, never an [Lq, Lk] mask (docs/sequences.md).
+
+The bounds operand of the primitives is int32 ``rows`` [Bb, Lq, 3] (Bb = 1 or B): per query row i the key range
+[lo_i, hi_i) and its segment id. Row i keeps key j iff lo_i <= j < hi_i and, where ``key_segments`` [Bb, Lk] is
+given, its segment id equals key j's. lo and hi are non-decreasing in i: the kernels find the keys of a query
+tile and the query rows of a key tile from the first and last rows alone (or by bisection).
+
+What goes into them:
+- causality, bottom-right on each batch element's own lengths: row i sees key j iff
+  j <= i + kv_len_b - q_len_b. With no lengths that is the kernels' own rule (kv_len_b = Lk, q_len_b = Lq); with
+  key lengths alone q_len_b = min(Lq, kv_len_b), so that decoding (the query rows are the last ones) and padded
+  prefill (query and keys padded alike) both come out right.
+- the window (left, right) around that same diagonal: i + off_b - left <= j <= i + off_b + right;
+- key lengths: j < kv_len_b; query lengths: rows i >= q_len_b keep no key (output 0, lse -inf, zero gradients);
+- segment ids: only where both the query and the key ids of an element are sorted (packed sequences) does the
+  segment's key span narrow [lo, hi); otherwise the kernels' id comparison alone applies, so any ids are exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["RowBounds", "make_row_bounds", "dense_keep", "filter_key_indices"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBounds:
+    rows: jax.Array                  # int32 [Bb, Lq, 3]: lo, hi, query segment id (0 without segment ids)
+    key_segments: jax.Array | None   # int32 [Bb, Lk], or None without segment ids
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _int_array(name, x, shape_desc, shape):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an integer array {shape_desc}, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {shape_desc} = {_shape_str(shape)}, got {_shape_str(x.shape)}")
+    return jnp.asarray(x).astype(jnp.int32)
+
+
+def check_window(local_window_size):
+    """(left, right) static non-negative ints, or None. An int w is (w, w), as in jax.nn.dot_product_attention."""
+    if local_window_size is None:
+        return None
+    w = local_window_size
+    if isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_)):
+        w = (w, w)
+    if (not isinstance(w, (tuple, list)) or len(w) != 2
+            or any(isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) for x in w)):
+        raise TypeError(f"local_window_size must be a static int or a pair (left, right) of ints, got "
+                        f"{local_window_size!r}")
+    left, right = int(w[0]), int(w[1])
+    if left < 0 or right < 0:
+        raise ValueError(f"local_window_size must be >= 0 on both sides, got ({left}, {right})")
+    return left, right
+
+
+def any_given(*xs) -> bool:
+    return any(x is not None for x in xs)
+
+
+def _sorted_rows(x):
+    """[B, L] -> bool [B]: the row is non-decreasing."""
+    return jnp.all(x[:, 1:] >= x[:, :-1], axis=1) if x.shape[1] > 1 else jnp.ones(x.shape[:1], bool)
+
+
+def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_segment_ids=None,
+                    kv_segment_ids=None, local_window_size=None, query_seq_lengths=None,
+                    key_value_seq_lengths=None) -> RowBounds | None:
+    """The RowBounds of one call (validated), or None when none of the five arguments is given. Causality is
+    folded in, so the kernels of a call with bounds apply no causal rule of their own."""
+    window = check_window(local_window_size)
+    if not any_given(q_segment_ids, kv_segment_ids, window, query_seq_lengths, key_value_seq_lengths):
+        return None
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    b, lq, lk = batch, q_len, kv_len
+    q_seg = kv_seg = None
+    if q_segment_ids is not None:
+        q_seg = _int_array("q_segment_ids", q_segment_ids, "[batch, q_len]", (b, lq))
+        kv_seg = _int_array("kv_segment_ids", kv_segment_ids, "[batch, kv_len]", (b, lk))
+    q_lens = kv_lens = None
+    if query_seq_lengths is not None:
+        q_lens = jnp.clip(_int_array("query_seq_lengths", query_seq_lengths, "[batch]", (b,)), 0, lq)
+    if key_value_seq_lengths is not None:
+        kv_lens = jnp.clip(_int_array("key_value_seq_lengths", key_value_seq_lengths, "[batch]", (b,)), 0, lk)
+    per_batch = any_given(q_seg, q_lens, kv_lens)
+    bb = b if per_batch else 1
+
+    i = jnp.arange(lq, dtype=jnp.int32)[None, :]                     # [1, Lq]
+    kv_b = (jnp.full((bb,), lk, jnp.int32) if kv_lens is None else kv_lens)[:, None]
+    if q_lens is not None:
+        q_b = q_lens[:, None]
+    elif kv_lens is not None:
+        q_b = jnp.minimum(lq, kv_b)
+    else:
+        q_b = jnp.full((bb, 1), lq, jnp.int32)
+    off = kv_b - q_b                                                  # the diagonal of each element
+    lo = jnp.zeros((bb, lq), jnp.int32)
+    hi = jnp.broadcast_to(kv_b, (bb, lq))
+    if is_causal:
+        hi = jnp.minimum(hi, i + off + 1)
+    if window is not None:
+        left, right = window
+        lo = jnp.maximum(lo, i + off - left)
+        hi = jnp.minimum(hi, i + off + right + 1)
+    seg = jnp.zeros((bb, lq), jnp.int32)
+    if q_seg is not None:
+        seg = q_seg
+        span_lo = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(kv_seg, q_seg).astype(jnp.int32)
+        span_hi = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(kv_seg, q_seg).astype(jnp.int32)
+        narrow = (_sorted_rows(q_seg) & _sorted_rows(kv_seg))[:, None]
+        lo = jnp.where(narrow, jnp.maximum(lo, span_lo), lo)
+        hi = jnp.where(narrow, jnp.minimum(hi, span_hi), hi)
+    lo = jnp.clip(lo, 0, lk)
+    hi = jnp.clip(hi, 0, lk)
+    if q_lens is not None:
+        # Rows past the length keep no key. Their empty range sits at the last live row's upper end, so lo and hi
+        # stay non-decreasing.
+        last = jnp.clip(q_lens - 1, 0, max(lq - 1, 0))[:, None]
+        end = jnp.where(q_lens[:, None] > 0,
+                        jnp.maximum(jnp.take_along_axis(lo, last, 1), jnp.take_along_axis(hi, last, 1)), 0)
+        dead = i >= q_b
+        lo = jnp.where(dead, end, lo)
+        hi = jnp.where(dead, end, hi)
+    rows = jnp.stack([lo, hi, seg], axis=-1).astype(jnp.int32)
+    return RowBounds(rows=jax.lax.stop_gradient(rows),
+                     key_segments=None if kv_seg is None else jax.lax.stop_gradient(kv_seg))
+
+
+def dense_keep(bounds: RowBounds, kv_len: int):
+    """bool [Bb, 1, Lq, Lk]: the keys each row keeps (the reference's mask; O(Lq * Lk), nothing else builds it)."""
+    j = jnp.arange(kv_len, dtype=jnp.int32)
+    lo, hi, seg = (bounds.rows[..., t, None] for t in range(3))
+    keep = (j >= lo) & (j < hi)
+    if bounds.key_segments is not None:
+        keep = keep & (seg == bounds.key_segments[:, None, :])
+    return keep[:, None]
+
+
+def and_masks(a, b):
+    """The intersection of two rank-4 bool masks (None: keeps everything)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return jnp.logical_and(a, b)
+
+
+def filter_key_indices(indices, bounds: RowBounds, pad: int):
+    """A normal-form KeyIndices operand int32 [Bm, Hm, Mq, K] with every key outside the bounds replaced by ``pad``,
+    rows re-sorted: [max(Bm, Bb), Hm, Lq, K]. The CUDA key-list kernels, which take no bounds, read this."""
+    bm, hm, _, kk = indices.shape
+    bb, lq, _ = bounds.rows.shape
+    b = max(bm, bb)
+    idx = jnp.broadcast_to(indices, (b, hm, lq, kk))
+    rows = jnp.broadcast_to(bounds.rows, (b, lq, 3))
+    lo, hi, seg = (rows[:, None, :, t, None] for t in range(3))
+    keep = (idx >= lo) & (idx < hi)
+    if bounds.key_segments is not None:
+        ks = jnp.broadcast_to(bounds.key_segments, (b, bounds.key_segments.shape[1]))
+        key_seg = jax.vmap(lambda k, ix: k[ix])(ks, jnp.clip(idx, 0, ks.shape[1] - 1))
+        keep = keep & (key_seg == seg)
+    return jnp.sort(jnp.where(keep, idx, pad), axis=-1).astype(jnp.int32)

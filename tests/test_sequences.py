@@ -1,0 +1,300 @@
+"""Segment ids, local windows and sequence lengths on every implementation, against the float64 oracle.
+
+The oracle gets a dense bool mask that ``dense_sequences`` builds in numpy from the arguments' documented meaning
+(docs/sequences.md), independently of jax_dmattn/_bounds.py, and no causal flag (the mask holds causality).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, check_dtype_supported, seed_from
+
+import jax_dmattn
+from jax_dmattn import KeyIndices, TopKMask
+
+
+# ------------------------------------------------------------------------------------------ numpy semantics
+def dense_sequences(B, Lq, Lk, *, is_causal, q_seg=None, kv_seg=None, window=None, q_lens=None, kv_lens=None):
+    """bool [B, 1, Lq, Lk]: the keys each query row sees."""
+    out = np.zeros((B, 1, Lq, Lk), bool)
+    if isinstance(window, int):
+        window = (window, window)
+    for b in range(B):
+        kvl = Lk if kv_lens is None else min(max(int(kv_lens[b]), 0), Lk)
+        if q_lens is not None:
+            ql = min(max(int(q_lens[b]), 0), Lq)
+        elif kv_lens is not None:
+            ql = min(Lq, kvl)
+        else:
+            ql = Lq
+        off = kvl - ql
+        for i in range(Lq):
+            if q_lens is not None and i >= ql:
+                continue
+            for j in range(kvl):
+                if is_causal and j > i + off:
+                    continue
+                if window is not None and not (i + off - window[0] <= j <= i + off + window[1]):
+                    continue
+                if q_seg is not None and q_seg[b, i] != kv_seg[b, j]:
+                    continue
+                out[b, 0, i, j] = True
+    return out
+
+
+def packed_segments(rng, B, L, docs):
+    """Sorted ids of `docs` documents of random lengths per row, then padding (id -1) at the end."""
+    ids = np.zeros((B, L), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, L), docs, replace=False))
+        ids[b] = np.searchsorted(cuts, np.arange(L), side="right")
+        ids[b, cuts[-1]:] = -1
+    return ids
+
+
+# ------------------------------------------------------------------------------------------ cases
+@dataclasses.dataclass(frozen=True)
+class SeqCase:
+    B: int = 2
+    Lq: int = 150
+    Lk: int = 150
+    H: int = 4
+    Hkv: int = 2
+    D: int = 32
+    is_causal: bool = True
+    window: object = None          # None | int | (left, right)
+    segments: str | None = None    # None | packed (sorted) | random (unsorted) | packed_q (self-attention only)
+    q_lens: tuple | None = None
+    kv_lens: tuple | None = None
+    bias: str | None = "key"       # None | key [B, Hkv, 1, Lk] | full [B, H, Lq, Lk]
+    mask: str | None = None        # None | bool | indices | topk
+
+
+CASES = {
+    "window-causal": SeqCase(window=(40, 0)),
+    "window-symmetric": SeqCase(is_causal=False, window=23, Lq=100, Lk=170),
+    "window-lq-gt-lk": SeqCase(window=(30, 10), Lq=200, Lk=90, is_causal=False),
+    "window-zero": SeqCase(window=0, bias=None),
+    "packed-causal": SeqCase(segments="packed", bias="full"),
+    "packed-noncausal-gqa": SeqCase(segments="packed", is_causal=False, H=6, Hkv=2),
+    "segments-unsorted": SeqCase(segments="random", is_causal=False),
+    "segments-unsorted-causal-window": SeqCase(segments="random", window=(50, 0)),
+    "lengths-both": SeqCase(q_lens=(150, 63), kv_lens=(150, 63)),
+    "lengths-zero-and-full": SeqCase(q_lens=(0, 150), kv_lens=(150, 0), is_causal=False),
+    "lengths-kv-only-decode": SeqCase(Lq=1, Lk=300, kv_lens=(300, 129), H=8, Hkv=2),
+    "lengths-kv-only-chunk": SeqCase(Lq=40, Lk=260, kv_lens=(200, 77)),
+    "lengths-q-shorter": SeqCase(q_lens=(70, 10), kv_lens=(140, 150), Lq=90, Lk=150),
+    "lengths-window-packed": SeqCase(q_lens=(120, 150), kv_lens=(120, 150), window=(33, 0), segments="packed"),
+    "bool-mask-window": SeqCase(window=(60, 5), mask="bool", is_causal=False),
+    "bool-mask-packed": SeqCase(segments="packed", mask="bool"),
+    "indices-lengths": SeqCase(q_lens=(150, 90), kv_lens=(150, 90), mask="indices"),
+    "indices-packed": SeqCase(segments="packed", mask="indices", is_causal=False),
+    "topk-window": SeqCase(window=(70, 0), mask="topk"),
+}
+
+
+def make_inputs(case: SeqCase, rng, dtype):
+    dt = np.dtype(dtype)
+    r = lambda shape: rng.standard_normal(shape).astype(dt)
+    q = r((case.B, case.Lq, case.H, case.D))
+    k = r((case.B, case.Lk, case.Hkv, case.D))
+    v = r((case.B, case.Lk, case.Hkv, case.D))
+    bias = None
+    if case.bias == "key":
+        bias = r((case.B, case.Hkv, 1, case.Lk))
+    elif case.bias == "full":
+        bias = r((case.B, case.H, case.Lq, case.Lk))
+    kw, seq = {}, {}
+    if case.window is not None:
+        kw["local_window_size"] = seq["window"] = case.window
+    if case.segments is not None:
+        if case.segments == "packed":
+            assert case.Lq == case.Lk
+            q_seg = kv_seg = packed_segments(rng, case.B, case.Lq, 4)
+        else:
+            q_seg = rng.integers(0, 3, (case.B, case.Lq)).astype(np.int32)
+            kv_seg = rng.integers(0, 3, (case.B, case.Lk)).astype(np.int32)
+        kw.update(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+        seq.update(q_seg=q_seg, kv_seg=kv_seg)
+    if case.q_lens is not None:
+        kw["query_seq_lengths"] = jnp.asarray(case.q_lens, jnp.int32)
+        seq["q_lens"] = case.q_lens
+    if case.kv_lens is not None:
+        kw["key_value_seq_lengths"] = jnp.asarray(case.kv_lens, jnp.int32)
+        seq["kv_lens"] = case.kv_lens
+    dense = dense_sequences(case.B, case.Lq, case.Lk, is_causal=case.is_causal, **seq)
+    mask = None
+    if case.mask == "bool":
+        m = rng.random((case.B, case.Hkv, case.Lq, case.Lk)) < 0.6
+        mask, dense = jnp.asarray(m), dense & np.repeat(m, case.H // case.Hkv, axis=1)
+    elif case.mask == "indices":
+        idx = rng.integers(-1, case.Lk, (case.B, case.Hkv, case.Lq, 24)).astype(np.int32)
+        m = np.zeros((case.B, case.Hkv, case.Lq, case.Lk + 1), bool)
+        for ix in np.ndindex(idx.shape[:3]):
+            m[ix + (idx[ix],)] = True
+        m = m[..., :case.Lk]
+        if case.is_causal:  # the causal cut of the call applies to key indices too
+            m &= np.arange(case.Lk)[None, :] <= np.arange(case.Lq)[:, None] + case.Lk - case.Lq
+        mask, dense = KeyIndices(jnp.asarray(idx)), dense & np.repeat(m, case.H // case.Hkv, axis=1)
+    elif case.mask == "topk":
+        scores = rng.standard_normal((case.B, case.Hkv, case.Lk)).astype(np.float32)
+        m = np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], 20, is_causal=case.is_causal,
+                                            query_len=case.Lq if case.is_causal else None))
+        mask = TopKMask(jnp.asarray(scores), 20)
+        dense = dense & np.repeat(np.broadcast_to(m, (case.B, case.Hkv, case.Lq, case.Lk)), case.H // case.Hkv, 1)
+    return (q, k, v, bias, mask), kw, dense
+
+
+def _dtype(implementation):
+    return jnp.bfloat16 if implementation == "cuda" else jnp.float32
+
+
+def _skip_unsupported(implementation, case):
+    if implementation == "cuda" and case.mask == "topk":
+        pytest.skip("a TopKMask with row bounds is a ValueError on CUDA (test_topk_with_bounds_on_cuda_is_refused)")
+
+
+def _split_static(kw):
+    """(the traced array arguments, the static window argument)."""
+    static = {n: x for n, x in kw.items() if n == "local_window_size"}
+    return {n: x for n, x in kw.items() if n not in static}, static
+
+
+def _rng(name, what):
+    return np.random.default_rng(seed_from(f"test_sequences::{name}::{what}"))
+
+
+# ------------------------------------------------------------------------------------------ values and gradients
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward(implementation, name):
+    case = CASES[name]
+    _skip_unsupported(implementation, case)
+    dtype = _dtype(implementation)
+    (q, k, v, bias, mask), kw, dense = make_inputs(case, _rng(name, "fwd"), dtype)
+    arrays, window = _split_static(kw)
+    f = jax.jit(lambda q, k, v, b, m, arrays: jax_dmattn.attention(
+        q, k, v, b, m, is_causal=case.is_causal, return_lse=True, implementation=implementation, **window,
+        **arrays))
+    out, lse = f(q, k, v, bias, mask, arrays)
+    eo, el = oracle.oracle_attention(q, k, v, bias, dense)
+    assert_close(out, eo, dtype, "out", name="out")
+    assert_close(lse, el, dtype, "lse", name="lse")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_grads(implementation, name):
+    case = CASES[name]
+    _skip_unsupported(implementation, case)
+    dtype = _dtype(implementation)
+    rng = _rng(name, "bwd")
+    (q, k, v, bias, mask), kw, dense = make_inputs(case, rng, dtype)
+    dout = rng.standard_normal(q.shape).astype(q.dtype)
+    args = (q, k, v) if bias is None else (q, k, v, bias)
+
+    def f(*a):
+        return jax_dmattn.attention(*a[:3], a[3] if len(a) > 3 else None, mask, is_causal=case.is_causal,
+                                    implementation=implementation, **kw)
+
+    _, vjp = jax.vjp(jax.jit(f), *args)
+    grads = vjp(jnp.asarray(dout))
+    expected = oracle.oracle_grads(q, k, v, bias, dense, dout)
+    floors = oracle.oracle_grads(q, k, v, bias, dense, dout, magnitude=True)
+    for nm, g, e, fl in zip(("dq", "dk", "dv", "dbias"), grads, expected, floors):
+        floor = max(GRAD_FLOOR_FRAC * float(np.linalg.norm(fl)), DEFAULT_FLOOR_RMS * np.sqrt(e.size))
+        assert_close(g, e, dtype, "grad", floor=floor, name=nm)
+
+
+def test_rows_past_query_length_have_zero_output_and_gradient(implementation):
+    """Rows at positions >= query_seq_lengths: out 0, lse -inf, dq 0; keys past the key length get dk = dv = 0,
+    even where the inputs there are NaN (they are never read into a kept pair)."""
+    if implementation == "xla":
+        pytest.skip("the reference's dense products let a dropped pair's NaN reach its row (documented)")
+    dtype = _dtype(implementation)
+    rng = _rng("zero-rows", implementation)
+    B, L, H, D = 2, 130, 2, 32
+    q = rng.standard_normal((B, L, H, D)).astype(np.dtype(dtype))
+    k = rng.standard_normal((B, L, H, D)).astype(np.dtype(dtype))
+    v = rng.standard_normal((B, L, H, D)).astype(np.dtype(dtype))
+    lens = np.array([100, 37], np.int32)
+    for b in range(B):  # padding holds NaN: none of it may reach a result
+        q[b, lens[b]:] = np.nan
+        k[b, lens[b]:] = np.nan
+        v[b, lens[b]:] = np.nan
+    kw = dict(query_seq_lengths=jnp.asarray(lens), key_value_seq_lengths=jnp.asarray(lens), is_causal=True,
+              implementation=implementation)
+    out, lse = jax_dmattn.attention(q, k, v, return_lse=True, **kw)
+    dq, dk, dv = jax.grad(lambda q, k, v: jnp.sum(jnp.where(jnp.isnan(q), 0, 1) * jax_dmattn.attention(
+        q, k, v, **kw).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    for b in range(B):
+        n = lens[b]
+        assert np.all(np.asarray(out[b, n:], np.float32) == 0)
+        assert np.all(np.isneginf(np.asarray(lse[b, :, n:])))
+        assert np.all(np.isfinite(np.asarray(out[b, :n], np.float32)))
+        for g in (dq, dk, dv):
+            assert np.all(np.asarray(g[b, n:], np.float32) == 0)
+            assert np.all(np.isfinite(np.asarray(g[b, :n], np.float32)))
+
+
+def test_traced_lengths_and_ids_under_jit_and_vmap():
+    """Lengths and segment ids are ordinary traced arrays: one compiled function serves any values, and vmap over
+    them (with q / k / v) equals the per-example calls."""
+    rng = _rng("vmap", "cpu")
+    n, B, L, H, D = 3, 2, 70, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((n, B, L, H, D)).astype(np.float32)) for _ in range(3))
+    lens = jnp.asarray(rng.integers(0, L + 1, (n, B)).astype(np.int32))
+    seg = jnp.asarray(np.stack([packed_segments(rng, B, L, 3) for _ in range(n)]))
+
+    def one(q, k, v, lens, seg):
+        return jax_dmattn.attention(q, k, v, is_causal=True, key_value_seq_lengths=lens, query_seq_lengths=lens,
+                                    q_segment_ids=seg, kv_segment_ids=seg, local_window_size=(20, 0),
+                                    implementation="cpu")
+
+    got = jax.jit(jax.vmap(one))(q, k, v, lens, seg)
+    for e in range(n):
+        want = jax.jit(one)(q[e], k[e], v[e], lens[e], seg[e])
+        np.testing.assert_allclose(np.asarray(got[e]), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_window_matches_an_explicit_mask_bit_for_bit():
+    """A window is the same computation as the bool mask it stands for: the CPU kernels give equal bits."""
+    rng = _rng("window-bits", "cpu")
+    B, L, H, D = 1, 200, 2, 32
+    q, k, v = (jnp.asarray(rng.standard_normal((B, L, H, D)).astype(np.float32)) for _ in range(3))
+    mask = jnp.asarray(dense_sequences(B, L, L, is_causal=True, window=(64, 0)))
+    a = jax_dmattn.attention(q, k, v, is_causal=True, local_window_size=(64, 0), implementation="cpu")
+    b = jax_dmattn.attention(q, k, v, mask=mask, implementation="cpu")
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("kw, exc, text", [
+    (dict(q_segment_ids=np.zeros((2, 8), np.int32)), ValueError, "given together"),
+    (dict(q_segment_ids=np.zeros((2, 8), np.int32), kv_segment_ids=np.zeros((2, 9), np.int32)), ValueError,
+     "kv_segment_ids must have shape"),
+    (dict(q_segment_ids=np.zeros((2, 8), np.float32), kv_segment_ids=np.zeros((2, 8), np.int32)), TypeError,
+     "integer dtype"),
+    (dict(local_window_size=-1), ValueError, ">= 0"),
+    (dict(local_window_size=(3, 2, 1)), TypeError, "local_window_size"),
+    (dict(local_window_size=2.5), TypeError, "local_window_size"),
+    (dict(query_seq_lengths=np.zeros((3,), np.int32)), ValueError, "query_seq_lengths must have shape"),
+    (dict(key_value_seq_lengths=[4, 4]), TypeError, "key_value_seq_lengths must be an integer array"),
+])
+def test_invalid_arguments(kw, exc, text):
+    q = jnp.zeros((2, 8, 2, 16))
+    with pytest.raises(exc, match=text):
+        jax_dmattn.attention(q, q, q, implementation="cpu", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_topk_with_bounds_on_cuda_is_refused():
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    mask = TopKMask(jnp.zeros((1, 2, 64)), 8)
+    with pytest.raises(ValueError, match="TopKMask together with"):
+        jax_dmattn.attention(q, q, q, mask=mask, is_causal=True, local_window_size=8, implementation="cuda")
