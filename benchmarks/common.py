@@ -88,6 +88,10 @@ CASES = {
                         lengths=(8192, 65536, 524288)),
     "decode_topk_compact": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", window=2048, q_len=1, causal=False,
                                 lengths=(8192, 65536, 524288)),
+    # Row bounds: 8 packed documents of equal length (segment ids), and a causal sliding window of 4096 keys.
+    "packed_docs": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, segments=8, lengths=(16384,)),
+    "sliding_window": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, local_window=(4096, 0),
+                           lengths=(65536,)),
 }
 # What bench_attention.py runs by default: the GPU cases (cpu_standard is bench_cpu.py's).
 GPU_CASES = tuple(name for name in CASES if name != "cpu_standard")
@@ -169,16 +173,32 @@ def bool_mask(mask, case, l):
     return jax.block_until_ready(expand(mask.scores))
 
 
+def sequence_kwargs(case, l):
+    """attention()'s segment-id / window keywords of a case: "segments": n documents of l / n tokens packed in each
+    row; "local_window": (left, right)."""
+    c = CASES[case]
+    kw = {}
+    if "segments" in c:
+        ids = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32) // -(-l // c["segments"]), (c["b"], l))
+        kw.update(q_segment_ids=ids, kv_segment_ids=ids)
+    if "local_window" in c:
+        kw["local_window_size"] = c["local_window"]
+    return kw
+
+
 def impl_fn(impl, case, implementation="cuda"):
-    """The impl as f(q, k, v, bias, mask) -> out."""
+    """The impl as f(q, k, v, bias, mask) -> out. cuDNN gets a case's window; it has no segment ids in
+    jax.nn.dot_product_attention, so a packed case times its dense causal attention (what packing costs without them)."""
     c = CASES[case]
     g = c["h"] // c["hkv"]
     causal = is_causal(case)
+    cudnn_kw = {"local_window_size": c["local_window"]} if "local_window" in c else {}
 
     if impl in ("jax_dmattn", "jax_dmattn_det") + tuple(FORCED_KERNELS):
         def f(q, k, v, bias, mask):
             return jax_dmattn.attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
-                                        implementation=implementation, deterministic=impl == "jax_dmattn_det")
+                                        implementation=implementation, deterministic=impl == "jax_dmattn_det",
+                                        **sequence_kwargs(case, k.shape[1]))
     elif impl == "jax_dmattn_tiles":
         from jax_dmattn import _cuda_fwd
 
@@ -194,10 +214,11 @@ def impl_fn(impl, case, implementation="cuda"):
             # cuDNN wants the query-head count and a full [Lq, Lk] bias (it refuses a per-key bias [B, H, 1, L]).
             folded = jnp.broadcast_to(folded, folded.shape[:2] + (q.shape[1], k.shape[1]))
             folded = jnp.repeat(folded, g, axis=1)
-            return jax.nn.dot_product_attention(q, k, v, bias=folded, is_causal=causal, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, bias=folded, is_causal=causal, implementation="cudnn",
+                                                **cudnn_kw)
     elif impl == "cudnn_nobias":
         def f(q, k, v, bias, mask):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn", **cudnn_kw)
     else:
         raise ValueError(impl)
     return f

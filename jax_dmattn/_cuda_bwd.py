@@ -126,13 +126,15 @@ def _check(q, k, v, bias, mask, out, lse, dout, dlse):
 
 
 def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softcap: float, is_causal: bool,
-              deterministic: bool, key_list_capacity=None, compact_lists=None):
+              deterministic: bool, key_list_capacity=None, compact_lists=None, rows=None, key_segments=None):
     """Returns (dq, dk, dv, dbias); dbias has bias's shape and dtype, None when bias is None.
 
     ``key_list_capacity`` as in ``_cuda_fwd.flash_fwd`` (pass the forward's value: the two pre-pass calls are then
     identical and XLA's CSE makes one of them). ``compact_lists`` as in ``_cuda_fwd.flash_fwd``, instead of a mask;
-    only where ``key_list_path_serves``."""
+    only where ``key_list_path_serves``. ``rows`` / ``key_segments`` (row bounds) as in ``_cuda_fwd.flash_fwd``:
+    the key-tile path only."""
     _check(q, k, v, bias, mask, out, lse, dout, dlse)
+    bounds_rows = rows  # (`rows` below is the key-list rows per CTA)
     if compact_lists is not None:
         if mask is not None:
             raise ValueError("flash_bwd: give a mask or compact_lists, not both")
@@ -148,7 +150,9 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     bias_arg = jnp.zeros((0,), jnp.float32) if bias is None else bias
     mask_arg = jnp.zeros((0,), jnp.bool_) if mask is None else mask
     rows = key_list_rows_per_cta(q.shape[3])
-    key_list_path = rows > 0 and (compact_lists is not None or uses_key_list_path(
+    if bounds_rows is not None and compact_lists is not None:
+        raise ValueError("flash_bwd: row bounds are taken on the key-tile path only, not with compact_lists")
+    key_list_path = rows > 0 and bounds_rows is None and (compact_lists is not None or uses_key_list_path(
         None if bias is None else bias.shape, None if mask is None else mask.shape, lk))
     fixed = key_list_path and deterministic  # int64 fixed-point accumulators, declared as uint32 pairs (no x64 needed)
     dbias_computed = bias is not None and not (bias.shape[3] == 1 and lk != 1)
@@ -188,7 +192,7 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     )
     dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types)(
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),
-        keys, bits,
+        keys, bits, *_cuda_fwd.bounds_operands(bounds_rows, key_segments),
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
         deterministic=np.bool_(deterministic), key_list_rows=np.int64(rows if key_list_path else 0),
         **_cuda_fwd.list_geometry_attrs(compact_lists))

@@ -110,6 +110,13 @@ def build_topk_key_lists(scores, order, *, k: int, q_len: int, capacity: int):
         scores, order, k=np.int64(k), q_len=np.int64(q_len), capacity=np.int64(capacity))
 
 
+def bounds_operands(rows, key_segments):
+    """The row-bounds operands of the CUDA targets: int32 rows [1|B, Lq, 3] and key segment ids [1|B, Lk], each
+    zero-size when absent (csrc/row_bounds.h)."""
+    absent = jnp.zeros((0,), jnp.int32)
+    return (absent if rows is None else rows), (absent if key_segments is None else key_segments)
+
+
 def no_key_lists():
     """The zero-size key-list operands of a call that does not take the list path."""
     return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.uint32)
@@ -142,7 +149,7 @@ def list_geometry_attrs(compact_lists):
 
 def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
                          skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None,
-                         compact_lists=None):
+                         compact_lists=None, rows=None, key_segments=None):
     """Returns (out [B, Lq, H, D], lse [B, H, Lq] f32, tile classes uint8 or a zero-size array, key lists int32
     or zero-size, their bit words as uint32 pairs or zero-size).
 
@@ -150,10 +157,14 @@ def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, i
     partial: the bitwise reference of tile skipping). ``key_list_capacity``: keys listed per 128-row unit, a
     positive multiple of 64 (None: ``key_list_capacity(Lk)``; capped at Lk rounded up to 64).
     ``compact_lists``: (keys, bits, (Bm, Hm, Mm)) of a compact mask (jax_dmattn/_compact.py: cuda_key_lists),
-    given instead of a mask; they never hold a dense unit."""
+    given instead of a mask; they never hold a dense unit. ``rows`` / ``key_segments``: row bounds
+    (jax_dmattn/_bounds.py), which only the tile path takes: with them a mask goes through tile classes."""
     check_operands("flash_fwd", q, k, v, bias, mask)
     if compact_lists is not None and mask is not None:
         raise ValueError("flash_fwd: give a mask or compact_lists, not both")
+    if rows is not None and compact_lists is not None:
+        raise ValueError("flash_fwd: row bounds are taken on the tile path only, not with compact_lists")
+    key_lists = key_lists and rows is None
     _ffi.register_targets()
     b, lq, h, _ = q.shape
     lk = k.shape[1]
@@ -178,7 +189,7 @@ def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, i
         jax.ShapeDtypeStruct(cls_shape, jnp.uint8),
     )
     out, lse, classes = jax.ffi.ffi_call(TARGET, out_types)(
-        q, k, v, bias_arg, mask_arg, keys, bits,
+        q, k, v, bias_arg, mask_arg, keys, bits, *bounds_operands(rows, key_segments),
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
         skip_empty_tiles=np.bool_(skip_empty_tiles), key_lists=np.bool_(lists),
         **list_geometry_attrs(compact_lists if lists else None))
@@ -186,9 +197,11 @@ def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, i
 
 
 def flash_fwd(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
-              skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None, compact_lists=None):
+              skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None, compact_lists=None,
+              rows=None, key_segments=None):
     """out [B, Lq, H, D] (q dtype), lse [B, H, Lq] f32 (natural log; empty rows: out 0, lse -inf)."""
     out, lse, *_ = flash_fwd_with_tiles(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=is_causal,
                                         skip_empty_tiles=skip_empty_tiles, key_lists=key_lists,
-                                        key_list_capacity=key_list_capacity, compact_lists=compact_lists)
+                                        key_list_capacity=key_list_capacity, compact_lists=compact_lists,
+                                        rows=rows, key_segments=key_segments)
     return out, lse

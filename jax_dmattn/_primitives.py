@@ -109,9 +109,10 @@ def _fwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, *, config):
     from jax_dmattn import _cuda_fwd
 
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
-    return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, *_bounds_args(rows, key_segments),
-                               compact_lists=lists, scale=config.scale, softcap=config.softcap,
-                               is_causal=_kernel_causal(config, rows))
+    rows_arg, segments_arg = _bounds_args(rows, key_segments)
+    return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
+                               key_segments=segments_arg, compact_lists=lists, scale=config.scale,
+                               softcap=config.softcap, is_causal=_kernel_causal(config, rows))
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -146,8 +147,9 @@ def _bwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, out, lse, dout, 
         # whose shared memory fits no key-list build (docs/compact_masks.md).
         mask_arg, lists = _compact.to_dense(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],
                                             kv_len=k.shape[1], is_causal=config.is_causal), None
-    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, *_bounds_args(rows, key_segments), out,
-                                            lse, dout, dlse, compact_lists=lists, scale=config.scale,
+    rows_arg, segments_arg = _bounds_args(rows, key_segments)
+    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, rows=rows_arg,
+                                            key_segments=segments_arg, compact_lists=lists, scale=config.scale,
                                             softcap=config.softcap, is_causal=_kernel_causal(config, rows),
                                             deterministic=config.deterministic)
     return dq, dk, dv, (dbias if has_bias else jnp.zeros_like(bias))

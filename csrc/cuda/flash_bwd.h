@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "attention_params.h"
+#include "row_bounds.h"
 #include "kernel_facts.h"
 
 namespace dmattn {
@@ -43,6 +44,8 @@ struct BwdParams {
   float scale = 1.f;
   float softcap = 0.f;  // 0: off
   bool is_causal = false;
+  // Segment ids, window, lengths (row_bounds.h): tile path only; with them is_causal is false.
+  RowBounds bounds;
   bool deterministic = false;  // dq by a separate query-tile-parallel kernel instead of atomics
 
   // Broadcastable bias [Bb, Hb, Mb, Nb]: element strides (0 on broadcast dims); bias head of query head h is

@@ -136,11 +136,19 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
   const bool mask_pairs = load_mask && p.mask_col_stride == 1 && (p.mask_row_stride % 2 == 0) &&
                           (mask_base % 2 == 0) && ((reinterpret_cast<uintptr_t>(p.mask) & 1) == 0);
   static_assert(decltype(size<1>(s))::value <= 32, "kept bits fit a word per row");
+  const bool bounded = p.bounds.present();
+  const int32_t* key_seg = bounded ? p.bounds.segments(b) : nullptr;
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     const int row = m0 + get<0>(cS(r, 0));
     const int64_t mrow = mask_base + int64_t(row) * p.mask_row_stride;
     kept[r] = 0u;
+    // This row's keys [lo, hi) and segment (row_bounds.h); no bounds: every key.
+    int lo = 0, hi = INT_MAX, seg = 0;
+    if (bounded && row < p.q_len) {
+      const int32_t* br = p.bounds.row(b, row);
+      lo = br[0], hi = br[1], seg = br[2];
+    }
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); c += 2) {
       const int col0 = n0 + get<1>(cS(0, c));  // even; the pair's second key is col0 + 1
@@ -170,7 +178,9 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
         } else {
           x *= p.scale;
         }
-        bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off) && mk[e] != 0u;
+        bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off) && mk[e] != 0u &&
+                    col >= lo && col < hi;
+        if (key_seg != nullptr) keep = keep && __ldg(key_seg + col) == seg;
         if (keep && has_bias) {
           const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
                                                  int64_t(col) * p.bias_col_stride, p.bias_dtype);
@@ -363,7 +373,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
   constexpr int kRows = decltype(size<0>(cS))::value;
 
   // The visited (query tile, query head) pairs of a (batch, kv head) item, in order: t = (m - m_begin) * g + hi.
-  const int n_work = (m_tiles - m_begin) * g;
+  // With row bounds the query tiles [m_begin, m_end) that may keep a key of this tile depend on the batch (set below).
+  int m_end = m_tiles;
+  int n_work = (m_end - m_begin) * g;
   auto next_work = [&](int b, int kvh, int t) -> int {  // first t' >= t whose tile is not empty, or -1
     for (; t < n_work; ++t) {
       if (tile_class(p, b, kvh * g + t % g, m_begin + t / g, n_block) != kTileEmpty) return t;
@@ -441,6 +453,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_main_kernel(const 
 
   for (int bi = 0; bi < p.batches_per_item; ++bi) {
     const int b = b_begin + bi;
+    if (p.bounds.present()) {  // lo and hi are non-decreasing: two bisections (row_bounds.h)
+      const int r_begin = static_cast<int>(p.bounds.first_row_above(b, n0, 0, p.q_len));
+      const int r_end = static_cast<int>(p.bounds.first_row_from(b, n0 + kBlockN, r_begin, p.q_len));
+      m_begin = r_begin / kBlockM;
+      m_end = r_begin < r_end ? (r_end + kBlockM - 1) / kBlockM : m_begin;
+      n_work = (m_end - m_begin) * g;
+    }
     for (int ki = 0; ki < p.kv_heads_per_item; ++ki) {
       const int kvh = kvh_begin + ki;
       const Elem* k_ptr = static_cast<const Elem*>(p.k) + (int64_t(b) * p.kv_len + n0) * k_row_stride + kvh * kD;
@@ -705,7 +724,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
     copy_rows(gmem_copy, gthr.partition_S(gV), dV, tKc, p.kv_len - n0);
   };
 
-  int n = next_tile(0);
+  int n_begin = 0;
+  if (p.bounds.present()) {  // keys [lo(first row), hi(last row)) (row_bounds.h)
+    n_begin = p.bounds.lo(b, m0) / kBlockN;
+    n_end = min(n_end, (p.bounds.hi(b, min(m0 + kBlockM, p.q_len) - 1) + kBlockN - 1) / kBlockN);
+  }
+  int n = next_tile(n_begin);
   int buf = 0;
   if (n >= 0) load_kv(n, buf);
   cute::cp_async_fence();

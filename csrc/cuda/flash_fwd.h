@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "attention_params.h"
+#include "row_bounds.h"
 #include "kernel_facts.h"
 
 namespace dmattn {
@@ -27,6 +28,8 @@ struct FwdParams {
   float scale = 1.f;
   float softcap = 0.f;  // 0: off
   bool is_causal = false;
+  // Segment ids, window, lengths (row_bounds.h): tile path only; with them is_causal is false.
+  RowBounds bounds;
 
   // Broadcastable bias [Bb, Hb, Mb, Nb]: element strides, 0 on broadcast dims; bias head = h / bias_hdiv.
   const void* bias = nullptr;

@@ -287,6 +287,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
     n_end = last_key < 0 ? 0 : min(n_tiles, last_key / kBlockN + 1);
   }
 
+  // Row bounds: keys [lo(first row), hi(last row)) (row_bounds.h); each row's own bounds apply element-wise.
+  const bool bounded = p.bounds.present();
+  int n_begin = 0;
+  if (bounded) {
+    n_begin = p.bounds.lo(b, row0) / kBlockN;
+    n_end = min(n_end, (p.bounds.hi(b, min(row0 + kBlockM, q_len) - 1) + kBlockN - 1) / kBlockN);
+  }
+
   const bool has_mask = p.mask != nullptr;
   const bool has_bias = p.bias != nullptr;
   const uint8_t* cls_row = nullptr;
@@ -298,10 +306,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
     if (cls_row == nullptr) return kTilePartial;
     return cls_row[n * p.cls_n_stride];
   };
-  auto next_tile = [&](int n) -> int {  // largest non-empty tile index <= n, or -1
-    if (cls_row == nullptr) return n;
-    while (n >= 0 && cls_row[n * p.cls_n_stride] == kTileEmpty) --n;
-    return n;
+  auto next_tile = [&](int n) -> int {  // largest non-empty tile index in [n_begin, n], or -1
+    if (cls_row != nullptr) {
+      while (n >= n_begin && cls_row[n * p.cls_n_stride] == kTileEmpty) --n;
+    }
+    return n >= n_begin ? n : -1;
   };
 
   // Global tensors.
@@ -470,7 +479,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
 
     // Element-wise masking is needed on partial mask tiles, across the causal diagonal and at sequence ends.
     const bool load_mask = cls == kTilePartial;
-    const bool need_elem = load_mask || col0 + kBlockN > p.kv_len || row0 + kBlockM > p.q_len ||
+    const bool need_elem = load_mask || bounded || col0 + kBlockN > p.kv_len || row0 + kBlockM > p.q_len ||
                            (p.is_causal && col0 + kBlockN - 1 > row0 + causal_off);
 
     gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
@@ -524,16 +533,27 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
     if (need_elem) {
       const int row_lim = q_len - row0, col_lim = kv_len - col0;
       const int diag = is_causal ? row0 + causal_off - col0 : (1 << 30);  // key cl visible iff cl <= rl + diag
+      const int32_t* key_seg = bounded ? p.bounds.segments(b) : nullptr;
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int rl = get<0>(cS(r, 0));
+        const bool in_row = rl < row_lim;
+        // This row's keys [lo, hi) as tile columns, and its segment (no bounds: every column).
+        int lo = 0, hi = 1 << 30, seg = 0;
+        if (bounded && in_row) {
+          const int32_t* br = p.bounds.row(b, row0 + rl);
+          lo = br[0] - col0, hi = br[1] - col0, seg = br[2];
+        }
         CUTE_UNROLL
         for (int c = 0; c < kCols; c += 2) {
           const int cl = get<1>(cS(0, c));  // even; fragment column c + 1 is key cl + 1
           const uint32_t mpair = load_mask ? *reinterpret_cast<const uint16_t*>(mtile + rl * kBlockN + cl) : 0x0101u;
-          const bool in_row = rl < row_lim;
-          const bool k0 = in_row && cl < col_lim && cl <= rl + diag && (mpair & 0xffu);
-          const bool k1 = in_row && cl + 1 < col_lim && cl + 1 <= rl + diag && (mpair >> 8);
+          bool k0 = in_row && cl < col_lim && cl <= rl + diag && (mpair & 0xffu) && cl >= lo && cl < hi;
+          bool k1 = in_row && cl + 1 < col_lim && cl + 1 <= rl + diag && (mpair >> 8) && cl + 1 >= lo && cl + 1 < hi;
+          if (key_seg != nullptr) {
+            k0 = k0 && __ldg(key_seg + col0 + cl) == seg;
+            k1 = k1 && __ldg(key_seg + col0 + cl + 1) == seg;
+          }
           s(r, c) = k0 ? s(r, c) : -INFINITY;
           s(r, c + 1) = k1 ? s(r, c + 1) : -INFINITY;
         }

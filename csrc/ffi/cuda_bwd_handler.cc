@@ -16,6 +16,7 @@
 #include "cuda/key_lists.h"
 #include "cuda/tile_classes.h"
 #include "ffi/cuda_handler_common.h"
+#include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
 
 namespace ffi = xla::ffi;
@@ -45,7 +46,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
                           ffi::Buffer<ffi::S32> key_list_keys, ffi::Buffer<ffi::U32> key_list_bits,
-                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                          ffi::AnyBuffer bound_rows, ffi::AnyBuffer key_segments, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                           ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dbias,
                           ffi::ResultBuffer<ffi::F32> dq_accum, ffi::ResultBuffer<ffi::F32> delta,
                           ffi::ResultBuffer<ffi::U8> classes, ffi::Result<ffi::AnyBuffer> dbias_accum,
@@ -127,6 +128,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.softcap = softcap;
   p.is_causal = is_causal;
   p.deterministic = deterministic;
+  if (auto e = decode_row_bounds(bound_rows, key_segments, B, Lq, Lk, &p.bounds); e.failure()) return e;
+  if (p.bounds.present() && key_list_path) return bad("row bounds are taken on the key-tile path only");
 
   if (bias.element_count() > 0) {
     const auto bt = bias.element_type();
@@ -275,6 +278,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dlse
                                   .Arg<ffi::Buffer<ffi::S32>>()   // key-list keys (key-list path; else zero-size)
                                   .Arg<ffi::Buffer<ffi::U32>>()   // key-list bit words (key-list path; else zero-size)
+                                  .Arg<ffi::AnyBuffer>()          // row bounds (zero-size: none)
+                                  .Arg<ffi::AnyBuffer>()          // key segment ids (zero-size: none)
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk
                                   .Ret<ffi::AnyBuffer>()          // dv

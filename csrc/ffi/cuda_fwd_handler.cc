@@ -14,6 +14,7 @@
 #include "cuda/key_lists.h"
 #include "cuda/tile_classes.h"
 #include "ffi/cuda_handler_common.h"
+#include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
 
 namespace ffi = xla::ffi;
@@ -29,7 +30,8 @@ namespace {
 // tile classes [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (workspace; zero-size without a mask or with lists).
 ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> key_lists,
-                          ffi::Buffer<ffi::U32> key_bits, ffi::Result<ffi::AnyBuffer> out,
+                          ffi::Buffer<ffi::U32> key_bits, ffi::AnyBuffer bound_rows, ffi::AnyBuffer key_segments,
+                          ffi::Result<ffi::AnyBuffer> out,
                           ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes, float scale,
                           float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists,
                           int64_t list_batch, int64_t list_heads, int64_t list_rows) {
@@ -69,6 +71,10 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     p.bias_row_stride = op.row_stride, p.bias_col_stride = op.col_stride;
     p.bias_hdiv = static_cast<int>(op.heads_per_index);
   }
+
+  if (auto e = decode_row_bounds(bound_rows, key_segments, B, Lq, Lk, &p.bounds); e.failure()) return e;
+  if (p.bounds.present() && use_key_lists)
+    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: row bounds are taken on the tile path only");
 
   const bool has_mask = mask.element_count() > 0;
   // Lists given without a mask (a compact mask, jax_dmattn/_compact.py) describe their units by the list_*
@@ -156,6 +162,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask (zero-size: none)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // live-key lists (zero-size: tile path)
                                   .Arg<ffi::Buffer<ffi::U32>>()  // their mask bit words (zero-size: tile path)
+                                  .Arg<ffi::AnyBuffer>()  // row bounds (zero-size: none)
+                                  .Arg<ffi::AnyBuffer>()  // key segment ids (zero-size: none)
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Ret<ffi::Buffer<ffi::U8>>()  // mask tile classes (workspace / residual)
