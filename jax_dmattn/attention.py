@@ -100,14 +100,9 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
     return (out, lse) if return_lse else out
 
 
-def _cuda_compact_with_bounds(mask, mask_kind, bounds):
+def _cuda_compact_with_bounds(mask, bounds):
     """(mask, bounds, is_causal) for the CUDA key-list kernels, which take no row bounds: KeyIndices with the keys
-    outside the bounds dropped (the bounds hold causality, so none is left to apply). A TopKMask with bounds is a
-    ValueError on CUDA (its key lists are built on the full causal range)."""
-    if mask_kind == "topk":
-        raise ValueError("implementation='cuda' does not take a TopKMask together with segment ids, "
-                         "local_window_size or sequence lengths; use implementation='cpu', KeyIndices, or a bool "
-                         "mask (docs/sequences.md)")
+    outside the bounds dropped (the bounds hold causality, so none is left to apply)."""
     return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), None, False
 
 
@@ -136,7 +131,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         are not seen; query rows at positions >= theirs keep no key (out 0, lse -inf, zero gradients). With
         lengths, is_causal is bottom-right on each element's own lengths (docs/sequences.md).
         These five are applied in-kernel from O(B * (Lq + Lk)) numbers, never as an [Lq, Lk] mask, and combine
-        with bias, mask and each other.
+        with bias, a bool mask, KeyIndices and each other (a TopKMask with them is a ValueError).
       return_lse: also return the float32 natural-log log-sum-exp [B, H, Lq] (-inf for rows with no key).
       deterministic: bitwise-reproducible backward.
       implementation: None (the kernels of the platform: ``default_implementation``), "cuda" (bf16/f16,
@@ -171,6 +166,11 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
                                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                      local_window_size=local_window_size, query_seq_lengths=query_seq_lengths,
                                      key_value_seq_lengths=key_value_seq_lengths)
+    if bounds is not None and call.mask_kind == "topk":
+        # Its k keys would be chosen among the keys causality leaves a row, not among those the bounds leave.
+        raise ValueError("jax_dmattn.attention: a TopKMask does not combine with segment ids, local_window_size or "
+                         "sequence lengths (its top k would be chosen outside them); pass KeyIndices or a bool mask "
+                         "with them (docs/sequences.md)")
     seq_axis = _explicit_sequence_axis(query, key)
     if seq_axis is not None and bounds is not None:
         raise ValueError("jax_dmattn.attention: segment ids, local_window_size and sequence lengths are not taken "
@@ -195,7 +195,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     q, k, v, bias_arg = kernel_operands(query, key, value, call.bias, implementation)
     mask, mask_kind = call.mask, call.mask_kind
     if implementation == "cuda" and bounds is not None and mask_kind != "bool":
-        mask, bounds, is_causal = _cuda_compact_with_bounds(mask, mask_kind, bounds)
+        mask, bounds, is_causal = _cuda_compact_with_bounds(mask, bounds)
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
                                       mask_kind=mask_kind, mask_k=call.mask_k)

@@ -73,7 +73,7 @@ class SeqCase:
     q_lens: tuple | None = None
     kv_lens: tuple | None = None
     bias: str | None = "key"       # None | key [B, Hkv, 1, Lk] | full [B, H, Lq, Lk]
-    mask: str | None = None        # None | bool | indices | topk
+    mask: str | None = None        # None | bool | indices
 
 
 CASES = {
@@ -95,7 +95,6 @@ CASES = {
     "bool-mask-packed": SeqCase(segments="packed", mask="bool"),
     "indices-lengths": SeqCase(q_lens=(150, 90), kv_lens=(150, 90), mask="indices"),
     "indices-packed": SeqCase(segments="packed", mask="indices", is_causal=False),
-    "topk-window": SeqCase(window=(70, 0), mask="topk"),
 }
 
 
@@ -142,22 +141,11 @@ def make_inputs(case: SeqCase, rng, dtype):
         if case.is_causal:  # the causal cut of the call applies to key indices too
             m &= np.arange(case.Lk)[None, :] <= np.arange(case.Lq)[:, None] + case.Lk - case.Lq
         mask, dense = KeyIndices(jnp.asarray(idx)), dense & np.repeat(m, case.H // case.Hkv, axis=1)
-    elif case.mask == "topk":
-        scores = rng.standard_normal((case.B, case.Hkv, case.Lk)).astype(np.float32)
-        m = np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], 20, is_causal=case.is_causal,
-                                            query_len=case.Lq if case.is_causal else None))
-        mask = TopKMask(jnp.asarray(scores), 20)
-        dense = dense & np.repeat(np.broadcast_to(m, (case.B, case.Hkv, case.Lq, case.Lk)), case.H // case.Hkv, 1)
     return (q, k, v, bias, mask), kw, dense
 
 
 def _dtype(implementation):
     return jnp.bfloat16 if implementation == "cuda" else jnp.float32
-
-
-def _skip_unsupported(implementation, case):
-    if implementation == "cuda" and case.mask == "topk":
-        pytest.skip("a TopKMask with row bounds is a ValueError on CUDA (test_topk_with_bounds_on_cuda_is_refused)")
 
 
 def _split_static(kw):
@@ -174,7 +162,6 @@ def _rng(name, what):
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward(implementation, name):
     case = CASES[name]
-    _skip_unsupported(implementation, case)
     dtype = _dtype(implementation)
     (q, k, v, bias, mask), kw, dense = make_inputs(case, _rng(name, "fwd"), dtype)
     arrays, window = _split_static(kw)
@@ -190,7 +177,6 @@ def test_forward(implementation, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_grads(implementation, name):
     case = CASES[name]
-    _skip_unsupported(implementation, case)
     dtype = _dtype(implementation)
     rng = _rng(name, "bwd")
     (q, k, v, bias, mask), kw, dense = make_inputs(case, rng, dtype)
@@ -206,6 +192,27 @@ def test_grads(implementation, name):
     expected = oracle.oracle_grads(q, k, v, bias, dense, dout)
     floors = oracle.oracle_grads(q, k, v, bias, dense, dout, magnitude=True)
     for nm, g, e, fl in zip(("dq", "dk", "dv", "dbias"), grads, expected, floors):
+        floor = max(GRAD_FLOOR_FRAC * float(np.linalg.norm(fl)), DEFAULT_FLOOR_RMS * np.sqrt(e.size))
+        assert_close(g, e, dtype, "grad", floor=floor, name=nm)
+
+
+@pytest.mark.parametrize("name", ["packed-causal", "lengths-window-packed", "bool-mask-window"])
+def test_deterministic_grads(implementation, name):
+    """deterministic=True (on CUDA its own dQ kernel) with row bounds, against the oracle; twice, bit for bit."""
+    case = CASES[name]
+    dtype = _dtype(implementation)
+    rng = _rng(name, "det")
+    (q, k, v, bias, mask), kw, dense = make_inputs(case, rng, dtype)
+    dout = jnp.asarray(rng.standard_normal(q.shape).astype(q.dtype))
+    f = jax.jit(lambda q, k, v, b: jax.vjp(lambda *a: jax_dmattn.attention(
+        *a, mask=mask, is_causal=case.is_causal, deterministic=True, implementation=implementation, **kw),
+        q, k, v, b)[1](dout))
+    grads = f(q, k, v, bias)
+    again = f(q, k, v, bias)
+    expected = oracle.oracle_grads(q, k, v, bias, dense, dout)
+    floors = oracle.oracle_grads(q, k, v, bias, dense, dout, magnitude=True)
+    for nm, g, g2, e, fl in zip(("dq", "dk", "dv", "dbias"), grads, again, expected, floors):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g2, np.float32))
         floor = max(GRAD_FLOOR_FRAC * float(np.linalg.norm(fl)), DEFAULT_FLOOR_RMS * np.sqrt(e.size))
         assert_close(g, e, dtype, "grad", floor=floor, name=nm)
 
@@ -291,10 +298,11 @@ def test_invalid_arguments(kw, exc, text):
         jax_dmattn.attention(q, q, q, implementation="cpu", **kw)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_topk_with_bounds_on_cuda_is_refused():
-    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+def test_topk_mask_with_bounds_is_refused(implementation):
+    """A TopKMask picks its k keys among those causality leaves a row: with bounds that choice would reach outside
+    them, so the combination is a ValueError on every implementation."""
+    dtype = _dtype(implementation)
+    q = jnp.zeros((1, 64, 2, 64), dtype)
     mask = TopKMask(jnp.zeros((1, 2, 64)), 8)
-    with pytest.raises(ValueError, match="TopKMask together with"):
-        jax_dmattn.attention(q, q, q, mask=mask, is_causal=True, local_window_size=8, implementation="cuda")
+    with pytest.raises(ValueError, match="TopKMask does not combine"):
+        jax_dmattn.attention(q, q, q, mask=mask, is_causal=True, local_window_size=8, implementation=implementation)
