@@ -26,16 +26,18 @@ def _pretend_cuda_kernels(monkeypatch):
     monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
 
 
-def lowered_calls(bias_shape, mask_shape, *, deterministic=False, grad=True):
-    """{target: [the custom call's full StableHLO line, ...]} for fwd (+ bwd) of one attention call."""
+def lowered_calls(bias_shape, mask_shape, *, deterministic=False, grad=True, mask=None, **extra):
+    """{target: [the custom call's full StableHLO line, ...]} for fwd (+ bwd) of one attention call; ``extra``:
+    attention()'s segment-id / window / length keywords."""
     q = jnp.zeros((B, L, H, D), jnp.bfloat16)
     k = jnp.zeros((B, L, HKV, D), jnp.bfloat16)
     bias = None if bias_shape is None else jnp.zeros(bias_shape, jnp.bfloat16)
-    mask = None if mask_shape is None else jnp.ones(mask_shape, jnp.bool_)
+    if mask_shape is not None:
+        mask = jnp.ones(mask_shape, jnp.bool_)
 
     def out(q, k, v, b):
         return jax_dmattn.attention(q, k, v, bias=b, mask=mask, is_causal=True, deterministic=deterministic,
-                                    implementation="cuda")
+                                    implementation="cuda", **extra)
 
     if grad:
         fn = jax.grad(lambda *a: out(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2) + ((3,) if bias_shape else ()))
@@ -84,10 +86,11 @@ def test_forward_takes_key_lists_for_a_full_key_mask():
     n_keys, n_words = _cuda_fwd.key_list_sizes((B, HKV, L, L), CAP)
     assert (n_keys, n_words) == _cuda_fwd.key_list_sizes((B, HKV, L, L))  # default capacity
     assert n_keys == 2 * 3 * (1 + CAP) and n_words == 2 * 3 * 5 * 128
-    # Args: q, k, v, bias, mask, key lists, bit words; results: out, lse, tile classes.
+    # Args: q, k, v, bias, mask, key lists, bit words, row bounds, key segment ids; results: out, lse, tile classes.
     ops = operand_types(line)
-    assert len(ops) == 7
+    assert len(ops) == 9
     assert ops[5] == f"tensor<{n_keys}xi32>" and ops[6] == f"tensor<{2 * n_words}xui32>"
+    assert ops[7:] == ["tensor<0xi32>", "tensor<0xi32>"]  # no row bounds
     types = result_types(line)
     assert len(types) == 3 and types[2] == "tensor<0xui8>"  # no tile map
     # The lists come from their own pre-pass call, on the mask, with the attention call's query length.
@@ -117,6 +120,35 @@ def test_forward_without_mask_has_no_pre_pass_outputs():
     assert "dmattn_key_lists_cuda" not in calls
 
 
+def test_row_bounds_take_the_tile_path():
+    """Segment ids with a full-key bool mask: no key lists; the row bounds and key segment ids reach the forward
+    and the key-tile backward as int32 [B, L, 3] / [B, L], with the bounds holding causality."""
+    seg = jnp.zeros((B, L), jnp.int32)
+    calls = lowered_calls((B, HKV, 1, L), (B, HKV, L, L), q_segment_ids=seg, kv_segment_ids=seg)
+    assert "dmattn_key_lists_cuda" not in calls
+    (fwd,) = calls["dmattn_fwd_cuda"]
+    (bwd,) = calls["dmattn_bwd_cuda"]
+    for line, first in ((fwd, 5), (bwd, 9)):
+        assert "is_causal = false" in line
+        ops = operand_types(line)
+        assert ops[first:first + 2] == ["tensor<0xi32>", "tensor<0xui32>"]  # no key lists
+        assert ops[first + 2:] == [f"tensor<{B}x{L}x3xi32>", f"tensor<{B}x{L}xi32>"]
+    assert "key_lists = false" in fwd and result_types(fwd)[2] == f"tensor<{B}x{HKV}x3x5xui8>"
+    assert "key_list_rows = 0" in bwd
+
+
+def test_key_indices_with_lengths_take_filtered_key_lists():
+    """KeyIndices with sequence lengths: the indices outside the bounds are dropped before the lists are built, so
+    the key-list kernels run without row bounds."""
+    lens = jnp.full((B,), L - 7, jnp.int32)
+    idx = jnp.zeros((B, HKV, 1, 16), jnp.int32)
+    calls = lowered_calls((B, HKV, 1, L), None, mask=jax_dmattn.KeyIndices(idx), key_value_seq_lengths=lens)
+    (fwd,) = calls["dmattn_fwd_cuda"]
+    assert "key_lists = true" in fwd and operand_types(fwd)[7:] == ["tensor<0xi32>", "tensor<0xi32>"]
+    (bwd,) = calls["dmattn_bwd_cuda"]
+    assert operand_types(bwd)[11:] == ["tensor<0xi32>", "tensor<0xi32>"]
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_path_choice(deterministic):
     calls = lowered_calls((B, HKV, 1, L), (B, HKV, L, L), deterministic=deterministic)
@@ -124,13 +156,15 @@ def test_backward_path_choice(deterministic):
     assert f"deterministic = {str(deterministic).lower()}" in line
     types = result_types(line)
     n_keys, n_words = _cuda_fwd.key_list_sizes((B, HKV, L, L), CAP)
-    # Args: q, k, v, bias, mask, out, lse, dout, dlse, key lists, bit words. Results: dq, dk, dv, dbias,
+    # Args: q, k, v, bias, mask, out, lse, dout, dlse, key lists, bit words, row bounds, key segment ids.
+    # Results: dq, dk, dv, dbias,
     # dq_accum, delta, tile classes, dbias_accum, dkv_accum, nonfinite. Both modes take the key-list path here; deterministic
     # mode accumulates int64 fixed-point counts (as uint32 pairs) with the stats words after them, the atomic
     # mode fp32.
     ops = operand_types(line)
-    assert len(ops) == 11
+    assert len(ops) == 13
     assert ops[9] == f"tensor<{n_keys}xi32>" and ops[10] == f"tensor<{2 * n_words}xui32>"
+    assert ops[11:] == ["tensor<0xi32>", "tensor<0xi32>"]
     assert len(types) == 10
     assert types[4] == "tensor<0xf32>" and types[6] == "tensor<0xui8>"
     if deterministic:
@@ -144,7 +178,7 @@ def test_backward_full_bias_takes_the_key_tile_path():
     """A bias that varies over query rows needs per-element dbias: the key-list path does not take it."""
     calls = lowered_calls((B, HKV, L, L), (B, HKV, L, L))
     (line,) = calls["dmattn_bwd_cuda"]
-    assert operand_types(line)[9:] == ["tensor<0xi32>", "tensor<0xui32>"]
+    assert operand_types(line)[9:11] == ["tensor<0xi32>", "tensor<0xui32>"]
     assert result_types(line)[6] == f"tensor<{B}x{HKV}x5x5xui8>"
     # Only the forward builds lists then.
     assert len(calls["dmattn_key_lists_cuda"]) == 1
@@ -299,9 +333,9 @@ def test_backward_build_follows_the_device_smem(monkeypatch, limit, d, rows):
     ops = operand_types(line)
     res = result_types(line)
     if rows:
-        assert ops[-2] != "tensor<0xi32>" and res[4] == "tensor<0xf32>"  # key lists in, no dq accumulator
+        assert ops[9] != "tensor<0xi32>" and res[4] == "tensor<0xf32>"  # key lists in, no dq accumulator
     else:
-        assert ops[-2] == "tensor<0xi32>" and ops[-1] == "tensor<0xui32>"
+        assert ops[9] == "tensor<0xi32>" and ops[10] == "tensor<0xui32>"
         assert res[4] == f"tensor<{B}x{L}x{H}x{d}xf32>"  # the key-tile path's fp32 dq accumulator
 
 

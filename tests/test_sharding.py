@@ -460,3 +460,33 @@ def test_compact_masks_batch_and_head_sharding(form):
     qspec = P("dp", None, "tp")
     _check_sharded_vjp(mesh, q, k, v, bias, mask, ct, qspec, qspec, P("dp", "tp"), mspec=P("dp", "tp"),
                        expect_allreduce=False, is_causal=True)
+
+
+@multi_device
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_row_bounds_batch_and_head_sharding(axis_type):
+    """Segment ids and lengths sharded with the batch, a window, batch + head sharded q / k / v: the values and
+    gradients of one device, and no gather (the row bounds stay with their batch shard)."""
+    mesh = _mesh(axis_type=axis_type)
+    q, k, v, bias, _, ct = _inputs(b=4, lq=40, lk=40, bias_shape=(4, 8, 1, 40))
+    rng = np.random.default_rng(7)
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (4, 40)), axis=1).astype(np.int32))
+    lens = jnp.asarray(rng.integers(0, 41, (4,)).astype(np.int32))
+
+    def f(q, k, v, bias, seg, lens, ct):
+        out, vjp = jax.vjp(lambda q, k, v, b: _attn(q, k, v, b, None, is_causal=True, q_segment_ids=seg,
+                                                    kv_segment_ids=seg, local_window_size=(9, 0),
+                                                    query_seq_lengths=lens, key_value_seq_lengths=lens),
+                           q, k, v, bias)
+        return (out,) + tuple(vjp(ct))
+
+    f = jax.jit(f)
+    ref = f(q, k, v, bias, seg, lens, ct)
+    qspec = P("dp", None, "tp")
+    args = (_put(mesh, q, qspec), _put(mesh, k, qspec), _put(mesh, v, qspec), _put(mesh, bias, P("dp", "tp")),
+            _put(mesh, seg, P("dp")), _put(mesh, lens, P("dp")), _put(mesh, ct, qspec))
+    got = f(*args)
+    for name, g, r in zip(("out", "dq", "dk", "dv", "dbias"), got, ref):
+        _assert_close(g, r, 1e-5, name)
+    assert "all-gather" not in _collectives(f.lower(*args).compile().as_text())
+    assert _spec4(got[0].sharding.spec) == _spec4(qspec)
