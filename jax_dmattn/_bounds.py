@@ -116,8 +116,10 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
     seg = jnp.zeros((bb, lq), jnp.int32)
     if q_seg is not None:
         seg = q_seg
-        span_lo = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="left"))(kv_seg, q_seg).astype(jnp.int32)
-        span_hi = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(kv_seg, q_seg).astype(jnp.int32)
+        # method="sort": the default's scan does not trace under an Explicit-axes mesh
+        span = lambda side: jax.vmap(lambda s, x: jnp.searchsorted(s, x, side=side, method="sort"))  # noqa: E731
+        span_lo = span("left")(kv_seg, q_seg).astype(jnp.int32)
+        span_hi = span("right")(kv_seg, q_seg).astype(jnp.int32)
         narrow = (_sorted_rows(q_seg) & _sorted_rows(kv_seg))[:, None]
         lo = jnp.where(narrow, jnp.maximum(lo, span_lo), lo)
         hi = jnp.where(narrow, jnp.minimum(hi, span_hi), hi)
