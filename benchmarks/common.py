@@ -252,11 +252,22 @@ def pass_fn(impl, case, pas, inputs, implementation="cuda"):
     return jax.jit(lambda pullback, dout: pullback(dout)), jax.block_until_ready((pullback, dout))
 
 
-def flops(case, pas, l):
+def mean_keys(case, l):
+    """The mean number of keys a query row sees (before any mask): all, half under causality, a causal window's
+    left + 1 less its ramp at the start, half a packed document's length."""
     c = CASES[case]
-    if not is_causal(case):
-        return 4.0 * c["b"] * c["h"] * q_len(case, l) * l * c["d"] * PASS_FLOPS[pas]
-    return 2.0 * c["b"] * c["h"] * l * l * c["d"] * PASS_FLOPS[pas]
+    if "segments" in c:
+        return l / c["segments"] / 2
+    if "local_window" in c:
+        w = c["local_window"][0] + 1
+        return w - w * w / (2.0 * l)
+    return l / 2 if is_causal(case) else l
+
+
+def flops(case, pas, l):
+    """The matmul flops of the attention a case asks for (the mask's sparsity not counted)."""
+    c = CASES[case]
+    return 4.0 * c["b"] * c["h"] * q_len(case, l) * mean_keys(case, l) * c["d"] * PASS_FLOPS[pas]
 
 
 def read_bytes(case, l):

@@ -12,22 +12,32 @@
 
 namespace dmattn {
 
-// rows: int32 [Bb, Lq, 3] = (lo, hi, segment) per query row; key_segments: int32 [Bb, Lk] or null (no segment ids).
-// Row i of batch b keeps key j iff lo <= j < hi and, with key segments, segment == key_segments[j]. lo and hi are
-// non-decreasing in i, so the keys a query tile may keep are [lo(first row), hi(last row)), and the rows that may
-// keep a key tile are found by bisection. Bb is 1 (strides 0) or B.
+// rows: int32 [Bb, Lq, 4] = (lo, hi, segment, compare) per query row; key_segments: int32 [Bb, Lk] or null (no
+// segment ids). Row i of batch b keeps key j iff lo <= j < hi and, where compare is set, segment ==
+// key_segments[j] (compare is clear where [lo, hi) already is the row's segment exactly, i.e. sorted ids; it is
+// the same for every row of a batch element). lo and hi are non-decreasing in i, so the keys a query tile may keep
+// are [lo(first row), hi(last row)), and the rows that may keep a key tile are found by bisection. Bb is 1
+// (strides 0) or B.
 struct RowBounds {
   const int32_t* rows = nullptr;  // nullptr: no bounds
   const int32_t* key_segments = nullptr;
-  int64_t rows_batch_stride = 0;      // 3 * Lq, or 0 for Bb = 1
+  static constexpr int kColumns = 4;
+  int64_t rows_batch_stride = 0;      // 4 * Lq, or 0 for Bb = 1
   int64_t segments_batch_stride = 0;  // Lk, or 0 for Bb = 1
 
   DMATTN_HOST_DEVICE bool present() const { return rows != nullptr; }
-  DMATTN_HOST_DEVICE const int32_t* row(int64_t b, int64_t i) const { return rows + b * rows_batch_stride + 3 * i; }
+  DMATTN_HOST_DEVICE const int32_t* row(int64_t b, int64_t i) const {
+    return rows + b * rows_batch_stride + kColumns * i;
+  }
   DMATTN_HOST_DEVICE int32_t lo(int64_t b, int64_t i) const { return row(b, i)[0]; }
   DMATTN_HOST_DEVICE int32_t hi(int64_t b, int64_t i) const { return row(b, i)[1]; }
   DMATTN_HOST_DEVICE const int32_t* segments(int64_t b) const {
     return key_segments == nullptr ? nullptr : key_segments + b * segments_batch_stride;
+  }
+  // Whether query rows [r0, r1) of batch b keep every key of [n0, n1) (n1 <= Lk): inside every row's range, with no
+  // ids to compare. Then a tile needs no per-element test of the bounds.
+  DMATTN_HOST_DEVICE bool keeps_all(int64_t b, int64_t r0, int64_t r1, int64_t n0, int64_t n1) const {
+    return lo(b, r1 - 1) <= n0 && hi(b, r0) >= n1 && (key_segments == nullptr || row(b, r0)[3] == 0);
   }
 
   // First row in [r0, r1) whose hi exceeds key n (r1 if none): rows before it keep no key >= n.

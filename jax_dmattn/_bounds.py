@@ -1,9 +1,10 @@
 """Segment ids, a local window and sequence lengths as per-row key bounds: O(B * (Lq + Lk)) numbers that every
 implementation applies in-kernel, never an [Lq, Lk] mask (docs/sequences.md).
 
-The bounds operand of the primitives is int32 ``rows`` [Bb, Lq, 3] (Bb = 1 or B): per query row i the key range
-[lo_i, hi_i) and its segment id. Row i keeps key j iff lo_i <= j < hi_i and, where ``key_segments`` [Bb, Lk] is
-given, its segment id equals key j's. lo and hi are non-decreasing in i: the kernels find the keys of a query
+The bounds operand of the primitives is int32 ``rows`` [Bb, Lq, 4] (Bb = 1 or B): per query row i the key range
+[lo_i, hi_i), its segment id and whether that id must be compared. Row i keeps key j iff lo_i <= j < hi_i and,
+where it compares, its segment id equals key j's (``key_segments`` [Bb, Lk]). A row compares only where its range
+does not already hold its segment exactly (ids not sorted), so the kernels load no key ids for packed sequences. lo and hi are non-decreasing in i: the kernels find the keys of a query
 tile and the query rows of a key tile from the first and last rows alone (or by bisection).
 
 What goes into them:
@@ -29,7 +30,7 @@ __all__ = ["RowBounds", "make_row_bounds", "dense_keep", "filter_key_indices"]
 
 @dataclasses.dataclass(frozen=True)
 class RowBounds:
-    rows: jax.Array                  # int32 [Bb, Lq, 3]: lo, hi, query segment id (0 without segment ids)
+    rows: jax.Array                  # int32 [Bb, Lq, 4]: lo, hi, query segment id, compare (0 / 1)
     key_segments: jax.Array | None   # int32 [Bb, Lk], or None without segment ids
 
 
@@ -113,7 +114,7 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
         left, right = window
         lo = jnp.maximum(lo, i + off - left)
         hi = jnp.minimum(hi, i + off + right + 1)
-    seg = jnp.zeros((bb, lq), jnp.int32)
+    seg = compare = jnp.zeros((bb, lq), jnp.int32)
     if q_seg is not None:
         seg = q_seg
         # method="sort": the default's scan does not trace under an Explicit-axes mesh
@@ -123,6 +124,7 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
         narrow = (_sorted_rows(q_seg) & _sorted_rows(kv_seg))[:, None]
         lo = jnp.where(narrow, jnp.maximum(lo, span_lo), lo)
         hi = jnp.where(narrow, jnp.minimum(hi, span_hi), hi)
+        compare = jnp.broadcast_to(jnp.where(narrow, 0, 1), (bb, lq)).astype(jnp.int32)
     lo = jnp.clip(lo, 0, lk)
     hi = jnp.clip(hi, 0, lk)
     if q_lens is not None:
@@ -134,7 +136,7 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
         dead = i >= q_b
         lo = jnp.where(dead, end, lo)
         hi = jnp.where(dead, end, hi)
-    rows = jnp.stack([lo, hi, seg], axis=-1).astype(jnp.int32)
+    rows = jnp.stack([lo, hi, seg, compare], axis=-1).astype(jnp.int32)
     return RowBounds(rows=jax.lax.stop_gradient(rows),
                      key_segments=None if kv_seg is None else jax.lax.stop_gradient(kv_seg))
 
@@ -142,10 +144,10 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
 def dense_keep(bounds: RowBounds, kv_len: int):
     """bool [Bb, 1, Lq, Lk]: the keys each row keeps (the reference's mask; O(Lq * Lk), nothing else builds it)."""
     j = jnp.arange(kv_len, dtype=jnp.int32)
-    lo, hi, seg = (bounds.rows[..., t, None] for t in range(3))
+    lo, hi, seg, compare = (bounds.rows[..., t, None] for t in range(4))
     keep = (j >= lo) & (j < hi)
     if bounds.key_segments is not None:
-        keep = keep & (seg == bounds.key_segments[:, None, :])
+        keep = keep & ((compare == 0) | (seg == bounds.key_segments[:, None, :]))
     return keep[:, None]
 
 
@@ -165,11 +167,11 @@ def filter_key_indices(indices, bounds: RowBounds, pad: int):
     bb, lq, _ = bounds.rows.shape
     b = max(bm, bb)
     idx = jnp.broadcast_to(indices, (b, hm, lq, kk))
-    rows = jnp.broadcast_to(bounds.rows, (b, lq, 3))
-    lo, hi, seg = (rows[:, None, :, t, None] for t in range(3))
+    rows = jnp.broadcast_to(bounds.rows, (b, lq, 4))
+    lo, hi, seg, compare = (rows[:, None, :, t, None] for t in range(4))
     keep = (idx >= lo) & (idx < hi)
     if bounds.key_segments is not None:
         ks = jnp.broadcast_to(bounds.key_segments, (b, bounds.key_segments.shape[1]))
         key_seg = jax.vmap(lambda k, ix: k[ix])(ks, jnp.clip(idx, 0, ks.shape[1] - 1))
-        keep = keep & (key_seg == seg)
+        keep = keep & ((compare == 0) | (key_seg == seg))
     return jnp.sort(jnp.where(keep, idx, pad), axis=-1).astype(jnp.int32)

@@ -122,7 +122,7 @@ def test_forward_without_mask_has_no_pre_pass_outputs():
 
 def test_row_bounds_take_the_tile_path():
     """Segment ids with a full-key bool mask: no key lists; the row bounds and key segment ids reach the forward
-    and the key-tile backward as int32 [B, L, 3] / [B, L], with the bounds holding causality."""
+    and the key-tile backward as int32 [B, L, 4] / [B, L], with the bounds holding causality."""
     seg = jnp.zeros((B, L), jnp.int32)
     calls = lowered_calls((B, HKV, 1, L), (B, HKV, L, L), q_segment_ids=seg, kv_segment_ids=seg)
     assert "dmattn_key_lists_cuda" not in calls
@@ -132,7 +132,7 @@ def test_row_bounds_take_the_tile_path():
         assert "is_causal = false" in line
         ops = operand_types(line)
         assert ops[first:first + 2] == ["tensor<0xi32>", "tensor<0xui32>"]  # no key lists
-        assert ops[first + 2:] == [f"tensor<{B}x{L}x3xi32>", f"tensor<{B}x{L}xi32>"]
+        assert ops[first + 2:] == [f"tensor<{B}x{L}x4xi32>", f"tensor<{B}x{L}xi32>"]
     assert "key_lists = false" in fwd and result_types(fwd)[2] == f"tensor<{B}x{HKV}x3x5xui8>"
     assert "key_list_rows = 0" in bwd
 

@@ -35,7 +35,8 @@ inline void drop_out_of_bounds(const RowBounds& bounds, int64_t b, int64_t i, in
   *limit = std::min<int64_t>(*limit, std::max<int64_t>(0, row[1] - n0));
   const int64_t first = std::clamp<int64_t>(row[0] - n0, 0, *limit);
   std::fill(s, s + first, kNegInf);
-  if (const int32_t* seg = bounds.segments(b)) {
+  const int32_t* seg = bounds.segments(b);
+  if (seg != nullptr && row[3] != 0) {
     for (int64_t c = first; c < *limit; ++c) s[c] = seg[n0 + c] == row[2] ? s[c] : kNegInf;
   }
 }

@@ -145,9 +145,10 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
     kept[r] = 0u;
     // This row's keys [lo, hi) and segment (row_bounds.h); no bounds: every key.
     int lo = 0, hi = INT_MAX, seg = 0;
+    bool compare = false;
     if (bounded && row < p.q_len) {
       const int32_t* br = p.bounds.row(b, row);
-      lo = br[0], hi = br[1], seg = br[2];
+      lo = br[0], hi = br[1], seg = br[2], compare = key_seg != nullptr && br[3] != 0;
     }
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); c += 2) {
@@ -180,7 +181,7 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
         }
         bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off) && mk[e] != 0u &&
                     col >= lo && col < hi;
-        if (key_seg != nullptr) keep = keep && __ldg(key_seg + col) == seg;
+        if (compare) keep = keep && __ldg(key_seg + col) == seg;
         if (keep && has_bias) {
           const float bv = load_bias(p.bias, bias_base + int64_t(row) * p.bias_row_stride +
                                                  int64_t(col) * p.bias_col_stride, p.bias_dtype);

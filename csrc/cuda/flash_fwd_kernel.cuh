@@ -479,8 +479,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
 
     // Element-wise masking is needed on partial mask tiles, across the causal diagonal and at sequence ends.
     const bool load_mask = cls == kTilePartial;
-    const bool need_elem = load_mask || bounded || col0 + kBlockN > p.kv_len || row0 + kBlockM > p.q_len ||
-                           (p.is_causal && col0 + kBlockN - 1 > row0 + causal_off);
+    const bool need_elem = load_mask || col0 + kBlockN > p.kv_len || row0 + kBlockM > p.q_len ||
+                           (p.is_causal && col0 + kBlockN - 1 > row0 + causal_off) ||
+                           (bounded && !p.bounds.keeps_all(b, row0, row0 + kBlockM, col0, col0 + kBlockN));
 
     gemm_ss(acc_s, rQ, rK, tSsQ, tSsK, mma, cpQ, cpQ_t, cpK, cpK_t);
 
@@ -540,9 +541,10 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
         const bool in_row = rl < row_lim;
         // This row's keys [lo, hi) as tile columns, and its segment (no bounds: every column).
         int lo = 0, hi = 1 << 30, seg = 0;
+        bool compare = false;
         if (bounded && in_row) {
           const int32_t* br = p.bounds.row(b, row0 + rl);
-          lo = br[0] - col0, hi = br[1] - col0, seg = br[2];
+          lo = br[0] - col0, hi = br[1] - col0, seg = br[2], compare = key_seg != nullptr && br[3] != 0;
         }
         CUTE_UNROLL
         for (int c = 0; c < kCols; c += 2) {
@@ -550,7 +552,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
           const uint32_t mpair = load_mask ? *reinterpret_cast<const uint16_t*>(mtile + rl * kBlockN + cl) : 0x0101u;
           bool k0 = in_row && cl < col_lim && cl <= rl + diag && (mpair & 0xffu) && cl >= lo && cl < hi;
           bool k1 = in_row && cl + 1 < col_lim && cl + 1 <= rl + diag && (mpair >> 8) && cl + 1 >= lo && cl + 1 < hi;
-          if (key_seg != nullptr) {
+          if (compare) {
             k0 = k0 && __ldg(key_seg + col0 + cl) == seg;
             k1 = k1 && __ldg(key_seg + col0 + cl + 1) == seg;
           }
