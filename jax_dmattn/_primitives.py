@@ -21,7 +21,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from jax_dmattn import _compact, _sharding
+from jax_dmattn import _compact, _decode, _sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +94,7 @@ def _kernel_causal(config: KernelConfig, rows) -> bool:
     return config.is_causal and _is_absent(rows)
 
 
-def _fwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, *, config):
-    _check_platform(config, "cpu")
+def _fwd_cpu(q, k, v, bias, mask, rows, key_segments, config):
     from jax_dmattn import _cpu
 
     return _cpu.flash_fwd(q, k, v, bias, mask, *_bounds_args(rows, key_segments), scale=config.scale,
@@ -104,8 +103,7 @@ def _fwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, *, config):
                           mask_k=config.mask_k)
 
 
-def _fwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, *, config):
-    _check_platform(config, "cuda")
+def _fwd_cuda(q, k, v, bias, mask, rows, key_segments, config):
     from jax_dmattn import _cuda_fwd
 
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
@@ -113,6 +111,17 @@ def _fwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, *, config):
     return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
                                key_segments=segments_arg, compact_lists=lists, scale=config.scale,
                                softcap=config.softcap, is_causal=_kernel_causal(config, rows))
+
+
+# The lowerings: one-row calls run GQA-packed (and split over the keys on CUDA) inside them (jax_dmattn/_decode.py).
+def _fwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, *, config):
+    _check_platform(config, "cpu")
+    return _decode.forward(_fwd_cpu, q, k, v, bias, mask, rows, key_segments, config)
+
+
+def _fwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, *, config):
+    _check_platform(config, "cuda")
+    return _decode.forward(_fwd_cuda, q, k, v, bias, mask, rows, key_segments, config)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -124,8 +133,7 @@ def _bwd_abstract(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse,
     return tuple(_derived_aval(x, x.shape, x.dtype, tuple(range(x.ndim))) for x in (q, k, v, bias))
 
 
-def _bwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, config):
-    _check_platform(config, "cpu")
+def _bwd_cpu(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config):
     from jax_dmattn import _cpu
 
     return _cpu.flash_bwd(q, k, v, bias, mask, *_bounds_args(rows, key_segments), out, lse, dout, dlse,
@@ -134,8 +142,7 @@ def _bwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, out, lse, dout, d
                           mask_kind=config.mask_kind, mask_k=config.mask_k)
 
 
-def _bwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, config):
-    _check_platform(config, "cuda")
+def _bwd_cuda(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config):
     from jax_dmattn import _cuda_bwd
 
     has_bias = not _is_absent(bias)
@@ -153,6 +160,16 @@ def _bwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, out, lse, dout, 
                                             softcap=config.softcap, is_causal=_kernel_causal(config, rows),
                                             deterministic=config.deterministic)
     return dq, dk, dv, (dbias if has_bias else jnp.zeros_like(bias))
+
+
+def _bwd_lowering_cpu(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, config):
+    _check_platform(config, "cpu")
+    return _decode.backward(_bwd_cpu, q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config)
+
+
+def _bwd_lowering_cuda(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, config):
+    _check_platform(config, "cuda")
+    return _decode.backward(_bwd_cuda, q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config)
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_dmattn import _compact, _primitives, _validation, masks
+from jax_dmattn import _compact, _partials, _primitives, _validation, masks
 from jax_dmattn.attention import default_implementation, kernel_operands
 
 __all__ = ["attention", "from_zigzag", "to_zigzag"]
@@ -168,7 +168,7 @@ def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
             if out is None:
                 out, lse = o.astype(jnp.float32), l_
             else:
-                out, lse = _combine(out, lse, o, l_)
+                out, lse = _partials.combine(out, lse, o, l_)
         outs.append(out)
         lses.append(lse)
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
@@ -234,16 +234,6 @@ def _bwd_pair(q, k, v, bias, mask, out, lse, dout, dlse, kind, layout: _Layout):
     return lax.switch(kind, (lambda: run(False), lambda: run(True), nothing))
 
 
-def _combine(out, lse, out_s, lse_s):
-    """Merges a pair's (out_s, lse_s) into the running (out f32, lse): exact, -inf rows stay empty."""
-    new = jnp.logaddexp(lse, lse_s)
-    safe = jnp.where(jnp.isneginf(new), 0.0, new)
-    w_old = jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(lse - safe))
-    w_new = jnp.where(jnp.isneginf(lse_s), 0.0, jnp.exp(lse_s - safe))
-    to_rows = lambda w: jnp.transpose(w, (0, 2, 1))[..., None]  # noqa: E731  [B, H, Lq] -> [B, Lq, H, 1]
-    return out * to_rows(w_old) + out_s.astype(jnp.float32) * to_rows(w_new), new
-
-
 def _axis_size(axis_name) -> int:
     size = getattr(lax, "axis_size", None)
     return int(size(axis_name)) if size is not None else int(lax.psum(1, axis_name))
@@ -300,7 +290,7 @@ def _forward(q, k, v, bias, mask, layout: _Layout):
         j = (i - s) % n
         kj, vj, tb, tm, bj, mj = _chunk_operands(layout, fetch, j, kj, vj, tb, tm, bias, mask)
         out_s, lse_s = _step_fwd(q, kj, vj, bj, mj, i, j, layout)
-        return _combine(out, lse, out_s, lse_s)
+        return _partials.combine(out, lse, out_s, lse_s)
 
     def step(s, carry):
         out, lse, kj, vj, tb, tm = carry

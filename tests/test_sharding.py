@@ -493,3 +493,14 @@ def test_row_bounds_batch_and_head_sharding(axis_type):
         _assert_close(g, r, 1e-5, name)
     assert "all-gather" not in _collectives(compiled)
     assert _spec4(got[0].sharding.spec) == _spec4(qspec)
+
+
+@multi_device
+@pytest.mark.parametrize("hkv", [2, 8])
+def test_decode_step_head_sharding(hkv):
+    """A one-row GQA call (packed: the query heads of a kv head become rows) with batch and head sharding: the values
+    and gradients of one device, without gathers."""
+    mesh = _mesh()
+    q, k, v, bias, _, ct = _inputs(b=4, lq=1, lk=64, h=16, hkv=hkv, bias_shape=(4, hkv, 1, 64))
+    _check_sharded_vjp(mesh, q, k, v, bias, None, ct, P("dp", None, "tp"), P("dp", None, "tp" if hkv == 8 else None),
+                       P("dp", "tp" if hkv == 8 else None), is_causal=True)

@@ -1,0 +1,170 @@
+"""One-row calls (a decoding step: Lq = 1) in the shape the kernels run fastest, inside the primitives' lowerings.
+
+- GQA packing: the G = H / Hkv query heads that share a kv head become G query rows of one head, so each kv head's
+  keys and values are read once per step instead of G times. Per-query-head biases and masks move to the rows;
+  the packed call is not causal (the one query row sees every key under bottom-right causality; row bounds, which
+  hold causality themselves, are the same for every packed row).
+- Split over the keys (CUDA forward): with few (batch, kv head) pairs the kernels would leave most multiprocessors
+  idle, so the keys are cut into S equal parts stacked along the batch (one kernel call) and the parts' (out, lse)
+  are merged exactly (jax_dmattn/_partials.py): flash-decoding without a kernel of its own. S comes from the
+  device's multiprocessor count and Lk (a divisor of Lk, at least MIN_SPLIT_KEYS keys a part). Masks whose keys are
+  not positions of the part (TopKMask: one top-k over all keys; KeyIndices: global indices) are not split. The
+  backward of a decoding step runs packed, not split: it gets the merged out and lse, so it is exact as it is.
+
+The lowerings run per device (after custom_partitioning), so this is invisible to sharding, vmap and autodiff: the
+primitives keep their shapes and contract. Absent operands are the primitives' zero-size placeholders here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax_dmattn import _partials
+
+# Fewer keys than this per part and the merge costs more than the parallelism it buys.
+MIN_SPLIT_KEYS = 1024
+# Work items (batch x kv heads x parts) per multiprocessor the split aims at.
+ITEMS_PER_CORE = 2
+
+
+def _present(x) -> bool:
+    return not (x.ndim == 1 and x.shape[0] == 0)
+
+
+def packs(q, k, mask, config) -> bool:
+    """Whether a call runs GQA-packed: one query row and several query heads per kv head, unless a TopKMask ranks
+    keys per query head (its scores cannot move to the rows)."""
+    if q.shape[1] != 1 or q.shape[2] == k.shape[2]:
+        return False
+    return not (config.mask_kind == "topk" and mask.shape[1] == q.shape[2])
+
+
+def split_count(*, batch: int, kv_heads: int, kv_len: int, implementation: str) -> int:
+    """S, the parts the keys of a packed one-row call are split into (1: no split)."""
+    if implementation != "cuda":
+        return 1
+    cores = getattr(jax.devices()[0], "core_count", None) or 0
+    want = math.ceil(ITEMS_PER_CORE * cores / max(batch * kv_heads, 1))
+    best = 1
+    for s in range(2, min(want, kv_len // MIN_SPLIT_KEYS) + 1):
+        if kv_len % s == 0:
+            best = s
+    return best
+
+
+# ------------------------------------------------------------------------------------------ packing
+def _heads_to_rows(x, heads: int, kv_heads: int):
+    """A rank-4 [Bx, Hx, 1, N] bias / mask / key-index operand of the one-row call -> the packed call's: one entry
+    per query head becomes [Bx, Hkv, G, N] (the G heads of a kv head as rows); 1 or Hkv heads stay (broadcast over
+    the rows)."""
+    if not _present(x) or x.shape[1] != heads:
+        return x
+    return x.reshape(x.shape[0], kv_heads, heads // kv_heads, x.shape[3])
+
+
+def _rows_to_heads(x, heads: int):
+    """Inverse of _heads_to_rows for dbias: [Bx, Hkv, G, N] -> [Bx, H, 1, N]."""
+    return x.reshape(x.shape[0], heads, 1, x.shape[3])
+
+
+def _pack_rows(x, kv_heads: int):
+    """q-like [B, 1, H, D] -> [B, G, Hkv, D] (query head kvh * G + gi is row gi of head kvh)."""
+    b, _, h, d = x.shape
+    return x.reshape(b, kv_heads, h // kv_heads, d).transpose(0, 2, 1, 3)
+
+
+def _unpack_rows(x):
+    """[B, G, Hkv, D] -> [B, 1, H, D]."""
+    b, g, hkv, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, 1, hkv * g, d)
+
+
+def _pack_stats(x, kv_heads: int):
+    """lse-like [B, H, 1] -> [B, Hkv, G]."""
+    return x.reshape(x.shape[0], kv_heads, -1)
+
+
+def _packed_operands(q, k, bias, mask, rows):
+    h, hkv = q.shape[2], k.shape[2]
+    if _present(rows):
+        rows = jnp.broadcast_to(rows, (rows.shape[0], h // hkv, rows.shape[2]))
+    return _pack_rows(q, hkv), _heads_to_rows(bias, h, hkv), _heads_to_rows(mask, h, hkv), rows
+
+
+def _packed_config(config):
+    # One row sees every key under bottom-right causality; row bounds hold the call's causality themselves.
+    return dataclasses.replace(config, is_causal=False)
+
+
+# ------------------------------------------------------------------------------------------ split over keys
+def _parts_along_batch(x, key_axis: int, s: int, batch: int):
+    """x with its key dim `key_axis` cut into s equal parts moved next to the batch dim: [Bx, ..., Lk, ...] ->
+    [B * s, ..., Lk / s, ...], part p of batch entry b at b * s + p. A batch-broadcast x (Bx = 1) is expanded: its
+    parts differ, the batch entries do not."""
+    lk = x.shape[key_axis]
+    x = jnp.moveaxis(x.reshape(x.shape[:key_axis] + (s, lk // s) + x.shape[key_axis + 1:]), key_axis, 1)
+    x = jnp.broadcast_to(x, (batch,) + x.shape[1:])
+    return x.reshape((batch * s,) + x.shape[2:])
+
+
+def _split_bcast(x, s: int, batch: int):
+    """A bias / mask [Bx, Hx, M, N] for the parts: its keys cut into them; one constant along keys (N = 1) follows
+    the batch only."""
+    if not _present(x):
+        return x
+    if x.shape[3] != 1:
+        return _parts_along_batch(x, 3, s, batch)
+    return x if x.shape[0] == 1 else jnp.repeat(x, s, axis=0)
+
+
+def _split_rows(rows, s: int, part: int, batch: int):
+    """Row bounds [Bb, Lq, 4] of the whole key range -> [B * s, Lq, 4]: each part's range in its own key positions,
+    clipped to the part (still non-decreasing along the rows)."""
+    offsets = jnp.arange(s, dtype=jnp.int32)[:, None] * part                        # [s, 1]
+    lo = jnp.clip(rows[:, None, :, 0] - offsets, 0, part)                           # [Bb, s, Lq]
+    hi = jnp.clip(rows[:, None, :, 1] - offsets, 0, part)
+    rest = jnp.broadcast_to(rows[:, None, :, 2:], lo.shape + (2,))
+    split = jnp.concatenate([lo[..., None], hi[..., None], rest], axis=-1)          # [Bb, s, Lq, 4]
+    split = jnp.broadcast_to(split, (batch,) + split.shape[1:])
+    return split.reshape((batch * s,) + split.shape[2:])
+
+
+# ------------------------------------------------------------------------------------------ the two passes
+def forward(body, q, k, v, bias, mask, rows, key_segments, config):
+    """``body(q, k, v, bias, mask, rows, key_segments, config) -> (out, lse)``, the platform's forward lowering, run
+    packed (and on CUDA split over the keys) for a call that ``packs``."""
+    if not packs(q, k, mask, config):
+        return body(q, k, v, bias, mask, rows, key_segments, config)
+    b, h, hkv, d, lk = q.shape[0], q.shape[2], k.shape[2], q.shape[3], k.shape[1]
+    qp, bias, mask, rows = _packed_operands(q, k, bias, mask, rows)
+    config = _packed_config(config)
+    s = split_count(batch=b, kv_heads=hkv, kv_len=lk, implementation=config.implementation)
+    if s > 1 and config.mask_kind == "bool":
+        part = lk // s
+        ks, vs = (x.reshape(b * s, part, hkv, d) for x in (k, v))
+        out, lse = body(jnp.repeat(qp, s, axis=0), ks, vs, _split_bcast(bias, s, b), _split_bcast(mask, s, b),
+                        _split_rows(rows, s, part, b) if _present(rows) else rows,
+                        _parts_along_batch(key_segments, 1, s, b) if _present(key_segments) else key_segments,
+                        config)
+        out, lse = _partials.merge(jnp.moveaxis(out.reshape((b, s) + out.shape[1:]), 1, 0),
+                                   jnp.moveaxis(lse.reshape((b, s) + lse.shape[1:]), 1, 0))
+    else:
+        out, lse = body(qp, k, v, bias, mask, rows, key_segments, config)
+    return _unpack_rows(out), lse.reshape(b, h, 1)
+
+
+def backward(body, q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config):
+    """``body(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config) -> (dq, dk, dv, dbias)``, the
+    platform's backward lowering, run packed for a call that ``packs`` (never split: out and lse are the merged
+    ones, so the packed backward over every key is exact)."""
+    if not packs(q, k, mask, config):
+        return body(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config)
+    h, hkv = q.shape[2], k.shape[2]
+    per_head_bias = _present(bias) and bias.shape[1] == h
+    qp, bias_p, mask, rows = _packed_operands(q, k, bias, mask, rows)
+    dq, dk, dv, dbias = body(qp, k, v, bias_p, mask, rows, key_segments, _pack_rows(out, hkv), _pack_stats(lse, hkv),
+                             _pack_rows(dout, hkv), _pack_stats(dlse, hkv), _packed_config(config))
+    return _unpack_rows(dq), dk, dv, (_rows_to_heads(dbias, h) if per_head_bias else dbias)
