@@ -450,3 +450,13 @@ def check_grads(implementation, case: Case, rng, *, inputs=None, dout=None):
 
 def suppress_donation_warnings():
     warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
+
+
+def random_qkv_bias(rng, *, B, Lq, Lk, H, Hkv, D, bias, dtype):
+    """Standard-normal q [B, Lq, H, D], k / v [B, Lk, Hkv, D] and a bias: None, "key" ([B, Hkv, 1, Lk], one score
+    per key and kv head) or "full" ([B, H, Lq, Lk]), as numpy arrays of ``dtype``."""
+    dt = np.dtype(dtype)
+    r = lambda shape: rng.standard_normal(shape).astype(dt)  # noqa: E731
+    q, k, v = r((B, Lq, H, D)), r((B, Lk, Hkv, D)), r((B, Lk, Hkv, D))
+    shapes = {None: None, "key": (B, Hkv, 1, Lk), "full": (B, H, Lq, Lk)}
+    return q, k, v, (None if shapes[bias] is None else r(shapes[bias]))

@@ -19,6 +19,7 @@ from helpers import (
     assert_close,
     check_dtype_supported,
     poison,
+    random_qkv_bias,
     seed_from,
     tolerance,
 )
@@ -112,16 +113,8 @@ CASES = {
 
 
 def make_case_inputs(case: CompactCase, rng):
-    dt = np.dtype(case.jdtype)
-    r = lambda shape: rng.standard_normal(shape).astype(dt)
-    q = r((case.B, case.Lq, case.H, case.D))
-    k = r((case.B, case.Lk, case.Hkv, case.D))
-    v = r((case.B, case.Lk, case.Hkv, case.D))
-    bias = None
-    if case.bias == "key":
-        bias = r((case.B, case.Hkv, 1, case.Lk))
-    elif case.bias == "full":
-        bias = r((case.B, case.H, case.Lq, case.Lk))
+    q, k, v, bias = random_qkv_bias(rng, B=case.B, Lq=case.Lq, Lk=case.Lk, H=case.H, Hkv=case.Hkv, D=case.D,
+                                    bias=case.bias, dtype=case.jdtype)
     hm, bm = case.heads(case.mask_heads), case.mask_batch
     if case.form == "topk":
         if case.ties:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import oracle
-from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, check_dtype_supported, seed_from
+from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, random_qkv_bias, seed_from
 
 import jax_dmattn
 from jax_dmattn import KeyIndices, TopKMask
@@ -99,16 +99,8 @@ CASES = {
 
 
 def make_inputs(case: SeqCase, rng, dtype):
-    dt = np.dtype(dtype)
-    r = lambda shape: rng.standard_normal(shape).astype(dt)
-    q = r((case.B, case.Lq, case.H, case.D))
-    k = r((case.B, case.Lk, case.Hkv, case.D))
-    v = r((case.B, case.Lk, case.Hkv, case.D))
-    bias = None
-    if case.bias == "key":
-        bias = r((case.B, case.Hkv, 1, case.Lk))
-    elif case.bias == "full":
-        bias = r((case.B, case.H, case.Lq, case.Lk))
+    q, k, v, bias = random_qkv_bias(rng, B=case.B, Lq=case.Lq, Lk=case.Lk, H=case.H, Hkv=case.Hkv, D=case.D,
+                                    bias=case.bias, dtype=dtype)
     kw, seq = {}, {}
     if case.window is not None:
         kw["local_window_size"] = seq["window"] = case.window
