@@ -88,6 +88,9 @@ CASES = {
                         lengths=(8192, 65536, 524288)),
     "decode_topk_compact": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", window=2048, q_len=1, causal=False,
                                 lengths=(8192, 65536, 524288)),
+    # A decoding step over a ragged batch: element b's cache holds (b + 1) / B of the L slots (key_value_seq_lengths).
+    "decode_ragged": dict(b=8, h=32, hkv=8, d=128, mask=None, bias=None, q_len=1, causal=False, ragged=True,
+                          lengths=(65536, 524288)),
     # Row bounds: 8 packed documents of equal length (segment ids), and a causal sliding window of 4096 keys.
     "packed_docs": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, segments=8, lengths=(16384,)),
     "sliding_window": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, local_window=(4096, 0),
@@ -183,7 +186,15 @@ def sequence_kwargs(case, l):
         kw.update(q_segment_ids=ids, kv_segment_ids=ids)
     if "local_window" in c:
         kw["local_window_size"] = c["local_window"]
+    if c.get("ragged"):
+        kw["key_value_seq_lengths"] = ragged_lengths(case, l)
     return kw
+
+
+def ragged_lengths(case, l):
+    """A ragged case's key lengths: element b holds (b + 1) / B of the l keys."""
+    b = CASES[case]["b"]
+    return jnp.asarray([l * (i + 1) // b for i in range(b)], jnp.int32)
 
 
 def impl_fn(impl, case, implementation="cuda"):
@@ -218,7 +229,9 @@ def impl_fn(impl, case, implementation="cuda"):
                                                 **cudnn_kw)
     elif impl == "cudnn_nobias":
         def f(q, k, v, bias, mask):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn", **cudnn_kw)
+            lengths = {"key_value_seq_lengths": ragged_lengths(case, k.shape[1])} if c.get("ragged") else {}
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn", **cudnn_kw,
+                                                **lengths)
     else:
         raise ValueError(impl)
     return f
@@ -278,6 +291,8 @@ def read_bytes(case, l):
         return None
     item = jnp.dtype(c.get("dtype", jnp.bfloat16)).itemsize
     keys = l if c["mask"] is None else min(window(case), l)
+    if c.get("ragged"):
+        keys = sum(l * (i + 1) // c["b"] for i in range(c["b"])) / c["b"]
     per_key = 2 * c["d"] * item + (0 if c.get("bias", "per_key") is None else item)
     return c["b"] * c["hkv"] * keys * per_key
 

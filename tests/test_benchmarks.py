@@ -69,3 +69,24 @@ def test_decode_cases_time_one_query_row(bench_attention, tmp_path, monkeypatch)
         assert "error" not in r, r
         rate = common.read_bytes(r["case"], 512) / (r["ms"] * 1e-3) / 1e9
         assert abs(r["read_gbps"] - rate) <= 0.05 + 1e-3 * rate, (r["read_gbps"], rate)
+
+
+def test_sequence_cases(bench_attention, tmp_path, monkeypatch):
+    """packed_docs, sliding_window and decode_ragged pass their segment ids, window and key lengths to attention()
+    (the flop and byte counts follow what they keep) and time on the CPU kernels."""
+    import common
+
+    monkeypatch.setenv("DMATTN_BENCH_COMMIT", "abc1234")
+    kw = common.sequence_kwargs("packed_docs", 1024)
+    assert kw["q_segment_ids"].shape == (1, 1024) and int(kw["q_segment_ids"].max()) == 7
+    assert common.sequence_kwargs("sliding_window", 1024) == {"local_window_size": (4096, 0)}
+    assert common.ragged_lengths("decode_ragged", 800).tolist() == [100, 200, 300, 400, 500, 600, 700, 800]
+    assert common.read_bytes("decode_ragged", 800) == 8 * 8 * 450 * 2 * 128 * 2
+    assert common.flops("packed_docs", "fwd", 1024) == 4.0 * 16 * 1024 * 64 * 128
+    out = tmp_path / "results.json"
+    with jax.default_device(jax.devices("cpu")[0]):
+        bench_attention.main(["--cases", "packed_docs,decode_ragged", "--lengths", "512", "--impls", "jax_dmattn",
+                              "--passes", "fwd", "--implementation", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["case"] for r in rows} == {"packed_docs", "decode_ragged"}
+    assert all("error" not in r and r["ms"] > 0 for r in rows), rows
