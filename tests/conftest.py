@@ -34,11 +34,6 @@ from helpers import (  # noqa: E402,F401
 )
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (implementation='cuda')")
-    config.addinivalue_line("markers", "slow: longer-running case (still CPU-friendly)")
-
-
 @pytest.fixture(params=implementation_params())
 def implementation(request):
     return request.param
@@ -69,10 +64,13 @@ def jax_dmattn():
 
 @pytest.fixture(autouse=True)
 def _device_for_implementation(request):
-    """implementation="cpu" on a machine whose default backend is not CPU (a GPU host) runs on the CPU device."""
+    """implementation="cpu" on a machine whose default backend is not CPU (a GPU host) runs on the CPU device.
+
+    A test says so by its "implementation" parameter or by the cpu_kernels marker (a gpu marker wins)."""
     callspec = getattr(request.node, "callspec", None)
     impl = callspec.params.get("implementation") if callspec is not None else None
-    if impl == "cpu" and jax.default_backend() != "cpu":
+    marked = request.node.get_closest_marker("cpu_kernels") is not None and request.node.get_closest_marker("gpu") is None
+    if (impl == "cpu" or marked) and jax.default_backend() != "cpu":
         with jax.default_device(jax.devices("cpu")[0]):
             yield
     else:

@@ -17,6 +17,8 @@ from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, seed_from
 import jax_dmattn
 from jax_dmattn import KeyIndices, TopKMask, _decode, _primitives
 
+pytestmark = pytest.mark.cpu_kernels
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeCase:

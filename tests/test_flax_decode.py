@@ -13,6 +13,8 @@ from flax import nnx  # noqa: E402
 import jax_dmattn.nnx as jnnx  # noqa: E402
 from jax_dmattn.flax import DynamicMaskAttention  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels
+
 B, T, E = 2, 20, 32
 
 
