@@ -111,7 +111,7 @@ def build_topk_key_lists(scores, order, *, k: int, q_len: int, capacity: int):
 
 
 def bounds_operands(rows, key_segments):
-    """The row-bounds operands of the CUDA targets: int32 rows [1|B, Lq, 3] and key segment ids [1|B, Lk], each
+    """The row-bounds operands of the CUDA targets: int32 rows [1|B, Lq, 4] and key segment ids [1|B, Lk], each
     zero-size when absent (csrc/row_bounds.h)."""
     absent = jnp.zeros((0,), jnp.int32)
     return (absent if rows is None else rows), (absent if key_segments is None else key_segments)

@@ -460,3 +460,42 @@ def random_qkv_bias(rng, *, B, Lq, Lk, H, Hkv, D, bias, dtype):
     q, k, v = r((B, Lq, H, D)), r((B, Lk, Hkv, D)), r((B, Lk, Hkv, D))
     shapes = {None: None, "key": (B, Hkv, 1, Lk), "full": (B, H, Lq, Lk)}
     return q, k, v, (None if shapes[bias] is None else r(shapes[bias]))
+
+
+# ------------------------------------------------------------------------------------------ row bounds (numpy)
+def dense_sequences(B, Lq, Lk, *, is_causal, q_seg=None, kv_seg=None, window=None, q_lens=None, kv_lens=None):
+    """bool [B, 1, Lq, Lk]: the keys each query row sees under segment ids, a window and sequence lengths, from
+    their documented meaning (docs/sequences.md): causality and the window align bottom-right to each element's own
+    lengths; without query lengths an element's query length is min(Lq, its key length)."""
+    out = np.zeros((B, 1, Lq, Lk), bool)
+    if isinstance(window, int):
+        window = (window, window)
+    i, j = np.arange(Lq)[:, None], np.arange(Lk)[None, :]
+    for b in range(B):
+        kvl = Lk if kv_lens is None else min(max(int(kv_lens[b]), 0), Lk)
+        if q_lens is not None:
+            ql = min(max(int(q_lens[b]), 0), Lq)
+        else:
+            ql = Lq if kv_lens is None else min(Lq, kvl)
+        off = kvl - ql
+        seen = (j < kvl) & (i >= 0)
+        if q_lens is not None:
+            seen &= i < ql
+        if is_causal:
+            seen &= j <= i + off
+        if window is not None:
+            seen &= (i + off - window[0] <= j) & (j <= i + off + window[1])
+        if q_seg is not None:
+            seen &= np.asarray(q_seg)[b][:, None] == np.asarray(kv_seg)[b][None, :]
+        out[b, 0] = seen
+    return out
+
+
+def packed_segments(rng, B, L, docs):
+    """Sorted ids of `docs` documents of random lengths per row, then padding (id -1) at the end."""
+    ids = np.zeros((B, L), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, L), docs, replace=False))
+        ids[b] = np.searchsorted(cuts, np.arange(L), side="right")
+        ids[b, cuts[-1]:] = -1
+    return ids

@@ -108,3 +108,91 @@ def test_gradients_through_the_api(case, kernel_route):
     for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, ref):
         assert g.dtype == {"dbias": bias.dtype}.get(name, dtype)
         assert rel_err(g, r) < 3 * TOL[dtype], name
+
+
+# Row bounds (segment ids, windows, lengths) on the Hopper forward: spans that start past key tile 0, tiles inside
+# every row's range (no per-element test) and partly inside, CTAs whose rows see no key, unsorted ids (compared per
+# element), the decode path (one query row, GQA packing, split over keys). (B, Lq, Lk, H, Hkv, D, dtype, causal,
+# keywords: window, segments "packed" | "random", q_lens, kv_lens)
+BOUNDS_CASES = {
+    "window-causal": (1, 1000, 1000, 4, 2, 128, jnp.bfloat16, True, dict(window=(300, 0))),
+    "window-symmetric-lq-lt-lk": (2, 700, 900, 2, 1, 64, jnp.float16, False, dict(window=150)),
+    "packed-causal-d256": (2, 777, 777, 4, 4, 256, jnp.bfloat16, True, dict(segments="packed")),
+    "segments-unsorted-window": (1, 520, 520, 2, 1, 128, jnp.float16, True, dict(segments="random", window=(200, 0))),
+    "lengths-zero-and-partial": (3, 600, 800, 4, 2, 64, jnp.bfloat16, True,
+                                 dict(q_lens=(600, 0, 250), kv_lens=(800, 300, 0))),
+    "decode-kv-lengths": (4, 1, 5000, 8, 2, 128, jnp.bfloat16, False, dict(kv_lens=(5000, 1, 2600, 4097))),
+}
+
+
+@pytest.mark.parametrize("name", list(BOUNDS_CASES))
+def test_row_bounds_forward(name, kernel_route):
+    import jax_dmattn
+    from helpers import dense_sequences, packed_segments
+    from oracle import oracle_attention
+
+    b, lq, lk, h, hkv, d, dtype, causal, seq = BOUNDS_CASES[name]
+    rng = np.random.default_rng(abs(hash(name)) % 2**31)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, n, heads, d)), dtype)
+               for n, heads in ((lq, h), (lk, hkv), (lk, hkv)))
+    bias = jnp.asarray(2.0 * rng.standard_normal((b, hkv, 1, lk)), jnp.bfloat16)
+    kw, dense_kw = {}, {}
+    if "window" in seq:
+        kw["local_window_size"] = dense_kw["window"] = seq["window"]
+    if seq.get("segments") == "packed":
+        dense_kw["q_seg"] = dense_kw["kv_seg"] = packed_segments(rng, b, lq, 5)
+    elif seq.get("segments") == "random":
+        dense_kw["q_seg"] = rng.integers(0, 3, (b, lq)).astype(np.int32)
+        dense_kw["kv_seg"] = rng.integers(0, 3, (b, lk)).astype(np.int32)
+    if "q_seg" in dense_kw:
+        kw.update(q_segment_ids=jnp.asarray(dense_kw["q_seg"]), kv_segment_ids=jnp.asarray(dense_kw["kv_seg"]))
+    for key, arg in (("q_lens", "query_seq_lengths"), ("kv_lens", "key_value_seq_lengths")):
+        if key in seq:
+            kw[arg] = jnp.asarray(seq[key], jnp.int32)
+            dense_kw[key] = seq[key]
+    window = {n: kw.pop(n) for n in list(kw) if n == "local_window_size"}
+
+    before = sm90_launches("fwd")
+    out, lse = jax.jit(lambda q, k, v, bias, kw: jax_dmattn.attention(
+        q, k, v, bias, is_causal=causal, return_lse=True, implementation="cuda", **window, **kw))(q, k, v, bias, kw)
+    jax.block_until_ready(out)
+    served = sm90_launches("fwd") > before
+    hopper = hopper_kernels_available() and kernel_route == "default"
+    assert served == hopper, (f"route {kernel_route}: the Hopper forward "
+                              f"{'did not serve' if hopper else 'served'} the call")
+
+    dense = dense_sequences(b, lq, lk, is_causal=causal, **dense_kw)
+    ref_out, ref_lse = oracle_attention(q, k, v, bias, dense)
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(lse, ref_lse) < 1e-4
+    empty = ~dense.any(axis=-1)[:, 0]  # [B, Lq]: rows that see no key give 0 and -inf
+    assert (np.asarray(out, np.float32)[empty] == 0).all()
+    assert np.isneginf(np.asarray(lse).transpose(0, 2, 1)[empty]).all()
+
+
+def test_row_bounds_gradients_through_the_api(kernel_route):
+    """The sm80 backward with bounds consumes the Hopper forward's lse."""
+    import jax_dmattn
+    from helpers import dense_sequences, packed_segments
+
+    b, l, h, hkv, d = 2, 400, 4, 2, 128
+    rng = np.random.default_rng(11)
+    q, k, v, dout = (jnp.asarray(rng.standard_normal((b, l, heads, d)), jnp.bfloat16)
+                     for heads in (h, hkv, hkv, h))
+    bias = jnp.asarray(rng.standard_normal((b, hkv, 1, l)), jnp.float32)
+    seg = packed_segments(rng, b, l, 3)
+    kw = dict(q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))
+
+    def loss(q, k, v, bias):
+        out = jax_dmattn.attention(q, k, v, bias, is_causal=True, local_window_size=(90, 0), implementation="cuda",
+                                   **kw)
+        return jnp.sum(out.astype(F32) * dout.astype(F32))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    dense = jnp.asarray(dense_sequences(b, l, l, is_causal=True, window=(90, 0), q_seg=seg, kv_seg=seg))
+    up = lambda x: x.astype(F32)
+    ref = jax.grad(lambda q, k, v, bias: jnp.sum(jax_dmattn.reference.reference_core(
+        q, k, v, bias, dense, scale=d ** -0.5, is_causal=False, softcap=None)[0] * up(dout)), argnums=(0, 1, 2, 3))(
+        up(q), up(k), up(v), bias)
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, ref):
+        assert rel_err(g, r) < 3 * TOL[jnp.bfloat16], name

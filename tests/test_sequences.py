@@ -1,7 +1,7 @@
 """Segment ids, local windows and sequence lengths on every implementation, against the float64 oracle.
 
-The oracle gets a dense bool mask that ``dense_sequences`` builds in numpy from the arguments' documented meaning
-(docs/sequences.md), independently of jax_dmattn/_bounds.py, and no causal flag (the mask holds causality).
+The oracle gets a dense bool mask that ``helpers.dense_sequences`` builds in numpy from the arguments' documented
+meaning (docs/sequences.md), independently of jax_dmattn/_bounds.py, and no causal flag (the mask holds causality).
 """
 from __future__ import annotations
 
@@ -13,49 +13,11 @@ import numpy as np
 import pytest
 
 import oracle
-from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, random_qkv_bias, seed_from
+from helpers import (GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, dense_sequences, packed_segments,
+                     random_qkv_bias, seed_from)
 
 import jax_dmattn
 from jax_dmattn import KeyIndices, TopKMask
-
-
-# ------------------------------------------------------------------------------------------ numpy semantics
-def dense_sequences(B, Lq, Lk, *, is_causal, q_seg=None, kv_seg=None, window=None, q_lens=None, kv_lens=None):
-    """bool [B, 1, Lq, Lk]: the keys each query row sees."""
-    out = np.zeros((B, 1, Lq, Lk), bool)
-    if isinstance(window, int):
-        window = (window, window)
-    for b in range(B):
-        kvl = Lk if kv_lens is None else min(max(int(kv_lens[b]), 0), Lk)
-        if q_lens is not None:
-            ql = min(max(int(q_lens[b]), 0), Lq)
-        elif kv_lens is not None:
-            ql = min(Lq, kvl)
-        else:
-            ql = Lq
-        off = kvl - ql
-        for i in range(Lq):
-            if q_lens is not None and i >= ql:
-                continue
-            for j in range(kvl):
-                if is_causal and j > i + off:
-                    continue
-                if window is not None and not (i + off - window[0] <= j <= i + off + window[1]):
-                    continue
-                if q_seg is not None and q_seg[b, i] != kv_seg[b, j]:
-                    continue
-                out[b, 0, i, j] = True
-    return out
-
-
-def packed_segments(rng, B, L, docs):
-    """Sorted ids of `docs` documents of random lengths per row, then padding (id -1) at the end."""
-    ids = np.zeros((B, L), np.int32)
-    for b in range(B):
-        cuts = np.sort(rng.choice(np.arange(1, L), docs, replace=False))
-        ids[b] = np.searchsorted(cuts, np.arange(L), side="right")
-        ids[b, cuts[-1]:] = -1
-    return ids
 
 
 # ------------------------------------------------------------------------------------------ cases

@@ -28,7 +28,7 @@ struct FwdParams {
   float scale = 1.f;
   float softcap = 0.f;  // 0: off
   bool is_causal = false;
-  // Segment ids, window, lengths (row_bounds.h): tile path only; with them is_causal is false.
+  // Segment ids, window, lengths (row_bounds.h): the tile path and the Hopper forward; with them is_causal is false.
   RowBounds bounds;
 
   // Broadcastable bias [Bb, Hb, Mb, Nb]: element strides, 0 on broadcast dims; bias head = h / bias_hdiv.

@@ -60,10 +60,17 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
         qv[e] = d < p.head_dim ? to_float(qr[d]) : 0.f;
         acc[e] = 0.f;
       }
-      int last = p.kv_len - 1;
+      int first = 0, last = p.kv_len - 1;
       if (p.is_causal) last = min(last, i + p.kv_len - p.q_len);
+      const int32_t* key_segments = nullptr;
+      int segment = 0;
+      if (p.bounds.present()) {  // row bounds fold causality in (is_causal is false with them)
+        first = p.bounds.lo(b, i), last = p.bounds.hi(b, i) - 1, segment = p.bounds.row(b, i)[2];
+        if (p.bounds.row(b, i)[3] != 0) key_segments = p.bounds.segments(b);
+      }
       float m = -INFINITY, sum = 0.f;
-      for (int j = 0; j <= last; ++j) {
+      for (int j = first; j <= last; ++j) {
+        if (key_segments != nullptr && key_segments[j] != segment) continue;
         float x = 0.f;
 #pragma unroll
         for (int e = 0; e < kMaxPerLane; ++e) {

@@ -9,7 +9,7 @@
 namespace dmattn {
 
 // Whether the Hopper forward serves this call on this device: built for sm_90a, a compute-capability-9.0 device, no
-// mask (bool, key lists or tile classes), any bias, head dim in
+// mask (bool, key lists or tile classes), any bias, row bounds or none, head dim in
 // DMATTN_FOR_EACH_SM90_HEAD_DIM (kernel_facts.h), TMA-compatible strides (unit stride along D, the others 16-byte
 // multiples that fit in 32 bits), and JAX_DMATTN_CUDA_KERNELS not "sm80" (tests and benchmarks force the sm80
 // kernels with it).

@@ -21,7 +21,6 @@ std::atomic<int64_t> g_key_list_launches{0};
 }  // namespace
 
 bool flash_fwd_sm90_serves(const FwdParams& p) {
-  if (p.bounds.present()) return false;  // row bounds: the sm80 tile kernels
   if (p.mask != nullptr || p.key_lists != nullptr || p.classes != nullptr ||
       !has_head_dim(kSm90FwdHeadDims, p.head_dim))
     return false;

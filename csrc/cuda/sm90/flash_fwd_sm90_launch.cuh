@@ -70,11 +70,11 @@ struct ReverseQueryTiles {
   }
 };
 
-template <int kHeadDim, bool kIsBF16, bool kCausal>
+template <int kHeadDim, bool kIsBF16, KeyRule kRule>
 struct FwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   using Tile = FwdTile<kHeadDim>;
-  using Mainloop = FwdMainloop<Element, typename Tile::Shape, kCausal,
+  using Mainloop = FwdMainloop<Element, typename Tile::Shape, kRule,
                                cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kStagesKV,
                                                              cute::Int<Tile::kStages>>>;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<Element, float, typename Mainloop::TileShapePV>;
@@ -105,6 +105,7 @@ struct FwdKernel {
       lg.bias_row_stride = p.bias_row_stride, lg.bias_col_stride = p.bias_col_stride;
       lg.bias_hdiv = p.bias_hdiv;
       lg.group = g, lg.group_index = gi;
+      lg.bounds = p.bounds;
       typename Kernel::Arguments args{
           problem,
           {{q, Stride{int(p.q_row_stride), _1{}, {int(p.q_batch_stride), int(p.q_head_stride * g)}},
@@ -129,8 +130,10 @@ namespace dmattn {
 
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
-  return p.is_causal ? sm90::FwdKernel<kHeadDim, kIsBF16, true>::run(p, stream)
-                     : sm90::FwdKernel<kHeadDim, kIsBF16, false>::run(p, stream);
+  using sm90::KeyRule;
+  if (p.bounds.present()) return sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kBounded>::run(p, stream);
+  return p.is_causal ? sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kCausal>::run(p, stream)
+                     : sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kAll>::run(p, stream);
 }
 
 }  // namespace dmattn

@@ -1,12 +1,13 @@
 // Hopper (sm_90a) forward mainloop for the calls without a mask: plain, causal (bottom-right), any broadcast bias,
-// softcap, GQA, Lq != Lk. It builds on CUTLASS's Hopper FMHA collectives, included from the nvidia-cutlass wheel's
+// softcap, GQA, Lq != Lk, and row bounds (segment ids, a window, sequence lengths: row_bounds.h). It builds on CUTLASS's Hopper FMHA collectives, included from the nvidia-cutlass wheel's
 // examples/88_hopper_fmha (never copied here): their TMA loads of Q once and of K / V tiles into a 5-stage shared
 // memory ring (one producer warp), their warp-specialised kernel (two consumer warpgroups of 64 query rows each, with
 // register reallocation) and their epilogue (O through shared memory and a TMA store, the LSE per row). What this
 // file adds is the consumer's compute step, because the logits are ours: scale and softcap as the other kernels do,
 // the bias (any broadcast: strides; a bias constant along query rows, the paper's per-key bias, staged per key tile
 // in shared memory, any other read per element), bottom-right causal, rows with no key (out 0, lse -inf) and the
-// natural-log LSE the backward reads. docs/cuda_kernels.md describes the pipeline.
+// natural-log LSE the backward reads; with row bounds also the K / V load, which starts at the CTA's first visible
+// key tile instead of tile 0. docs/cuda_kernels.md describes the pipeline.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -16,12 +17,17 @@
 #include "collective/fmha_collective_tma_warpspecialized.hpp"
 #include "collective/fmha_common.hpp"
 #include "cuda/bias_element.cuh"
+#include "row_bounds.h"
 
 namespace dmattn::sm90 {
 
 using namespace cute;
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Which keys a query row may see: all of them, the bottom-right causal prefix, or the row's bounds (row_bounds.h;
+// causality is folded into them).
+enum class KeyRule { kAll, kCausal, kBounded };
 
 // Which key tiles a CTA of BlockM query rows visits, in order 0 .. trips - 1: all keys, or with bottom-right causality
 // (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The trips from the unmasked count on need
@@ -30,8 +36,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 // least one trip, so that the pipelines run even for a CTA whose rows see no key (all of it masked). The CUTLASS
 // producer reads get_trip_count through a default-constructed object, so everything comes from the tile coordinate
 // and the problem shape (B, H, Lq, Lk, D).
-template <bool kCausal>
+template <KeyRule kRule>
 struct KeyTiles {
+  static constexpr bool kCausal = kRule == KeyRule::kCausal;
   template <class BlkCoord, class TileShape, class ProblemShape>
   CUTLASS_DEVICE int get_trip_count(BlkCoord const& blk, TileShape const&, ProblemShape const& problem) const {
     constexpr int kBlockM = get<0>(TileShape{}), kBlockN = get<1>(TileShape{});
@@ -44,6 +51,7 @@ struct KeyTiles {
   template <class BlkCoord, class TileShape, class ProblemShape>
   CUTLASS_DEVICE int get_unmasked_trip_count(BlkCoord const& blk, TileShape const& tile,
                                              ProblemShape const& problem) const {
+    static_assert(kRule != KeyRule::kBounded, "bounded CTAs test each tile (BoundedSpan)");
     constexpr int kBlockM = get<0>(TileShape{}), kBlockN = get<1>(TileShape{});
     const int lq = get<2>(problem), lk = get<3>(problem);
     int full = lk / kBlockN;
@@ -52,6 +60,22 @@ struct KeyTiles {
       full = min(full, seen_by_all > 0 ? seen_by_all / kBlockN : 0);
     }
     return min(full, get_trip_count(blk, tile, problem));
+  }
+};
+
+// The key tiles [first, first + trips) a CTA of kBlockM query rows starting at row0 visits under row bounds: the keys
+// its rows may keep lie in [lo(first row), hi(last row)) since both are non-decreasing. A CTA whose rows keep no key
+// still makes one trip (over a tile the per-element test masks whole), so that the pipelines run.
+struct BoundedSpan {
+  int first = 0, trips = 1;
+
+  template <int kBlockM, int kBlockN>
+  CUTLASS_DEVICE static BoundedSpan of(RowBounds const& bounds, int b, int row0, int lq, int lk) {
+    const int lo = bounds.lo(b, row0), hi = bounds.hi(b, min(row0 + kBlockM, lq) - 1);
+    const int tiles = (lk + kBlockN - 1) / kBlockN;
+    if (hi <= lo) return BoundedSpan{min(lo / kBlockN, tiles - 1), 1};
+    const int first = lo / kBlockN;
+    return BoundedSpan{first, (hi + kBlockN - 1) / kBlockN - first};
   }
 };
 
@@ -66,20 +90,23 @@ struct Consumer {
   int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
   int bias_hdiv = 1;
   int group = 1, group_index = 0;
+  RowBounds bounds;  // read with KeyRule::kBounded only
 };
 
 // The CUTLASS mainloop with our consumer step. Producer side (TMA loads of Q, K, V), shared storage, pipelines and
 // tiled MMAs are the base's; its Params travel inside ours.
-template <class Element, class TileShape_, bool kCausal, class... Options>
+template <class Element, class TileShape_, KeyRule kRule, class... Options>
 struct FwdMainloop
     : cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
           Element, float, float, TileShape_, cute::tuple<int, _1, cute::tuple<int, int>>,
-          cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kCausal>,
+          cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kRule>,
           Options...> {
   using Base = cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
       Element, float, float, TileShape_, cute::tuple<int, _1, cute::tuple<int, int>>,
-      cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kCausal>,
+      cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kRule>,
       Options...>;
+  static constexpr bool kCausal = kRule == KeyRule::kCausal;
+  static constexpr bool kBounded = kRule == KeyRule::kBounded;
   using typename Base::MainloopPipeline;
   using typename Base::MainloopPipelineQ;
   using typename Base::PipelineState;
@@ -93,6 +120,7 @@ struct FwdMainloop
   using typename Base::TileShapePV;
   using typename Base::TileShapeQK;
 
+  static constexpr int kBlockM = get<0>(TileShape{});
   static constexpr int kBlockN = get<1>(TileShape{});
   static constexpr int kWarpGroupThreads = cutlass::NumThreadsPerWarpGroup;
   static_assert(kBlockN <= kWarpGroupThreads, "one staged bias value per consumer thread and key tile");
@@ -133,9 +161,50 @@ struct FwdMainloop
                                       PipelineState& smem_pipe_write, MainloopPipelineQ& pipeline_q,
                                       PipelineStateQ& smem_pipe_write_q, SharedStorage& storage,
                                       LoadWarpBarrier& load_warp_barrier, bool do_barrier) {
-    Base::template load_kv_maybe_q<kLoadQ>(block_rank_in_cluster, blk_coord, params.base, problem, pipeline,
-                                           smem_pipe_write, pipeline_q, smem_pipe_write_q, storage,
-                                           load_warp_barrier, do_barrier);
+    if constexpr (!kBounded) {
+      Base::template load_kv_maybe_q<kLoadQ>(block_rank_in_cluster, blk_coord, params.base, problem, pipeline,
+                                             smem_pipe_write, pipeline_q, smem_pipe_write_q, storage,
+                                             load_warp_barrier, do_barrier);
+    } else {
+      load_bounded_kv_and_q(block_rank_in_cluster, blk_coord, params, problem, pipeline, smem_pipe_write, pipeline_q,
+                            smem_pipe_write_q, storage);
+      static_assert(kLoadQ, "the bounded load also loads Q (our kernels keep the one-warp K / V / Q load)");
+    }
+  }
+
+  // The producer of a bounded CTA: the base's TMA loads in the base's order (Q of the first warpgroup, K of the first
+  // tile, the other warpgroups' Q, V of the first tile, then K and V tile by tile), over the CTA's span of key tiles
+  // instead of tiles 0 .. trips - 1. The collectives' loads address a tile by the iterator's value.
+  template <class BlkCoord, class ProblemShape>
+  CUTLASS_DEVICE void load_bounded_kv_and_q(int block_rank_in_cluster, BlkCoord const& blk_coord,
+                                            Params const& params, ProblemShape const& problem,
+                                            MainloopPipeline& pipeline, PipelineState& smem_pipe_write,
+                                            MainloopPipelineQ& pipeline_q, PipelineStateQ& smem_pipe_write_q,
+                                            SharedStorage& storage) {
+    static_assert(size(typename Base::ClusterShape{}) == 1, "no TMA multicast");
+    const BoundedSpan span = BoundedSpan::of<kBlockM, kBlockN>(
+        params.consumer.bounds, int(get<0>(get<2>(blk_coord))), int(get<0>(blk_coord)) * kBlockM,
+        get<2>(problem), get<3>(problem));
+    const int lane_predicate = cute::elect_one_sync();
+    auto q_tiles = cute::make_coord_iterator(Int<Base::NumMmaWarpGroups>{});
+    int q_count = Base::NumMmaWarpGroups;
+    auto kv_tiles = cute::make_coord_iterator(span.first, span.first + span.trips);
+    int kv_count = 2 * span.trips;  // K and V loads count down one counter; the V load advances the iterator
+    typename Base::LoadQ load_q{params.base.tma_load_q, pipeline_q, storage.smem_q};
+    auto q_state = load_q.init_state(_0{}, problem, TileShapeQK{}, blk_coord, Base::NumMmaWarpGroups);
+    typename Base::LoadK load_k{params.base.tma_load_k, pipeline, storage.smem_k};
+    auto k_state = load_k.init_state(block_rank_in_cluster, problem, TileShapeQK{}, blk_coord, span.trips);
+    typename Base::LoadV load_v{params.base.tma_load_v, pipeline, storage.smem_v};
+    auto v_state = load_v.init_state(block_rank_in_cluster, problem, TileShapePV{}, blk_coord, span.trips);
+    load_q.step(q_tiles, q_state, smem_pipe_write_q, lane_predicate, q_count);
+    load_k.template step<false>(kv_tiles, k_state, smem_pipe_write, lane_predicate, kv_count);
+    while (q_count > 0) load_q.step(q_tiles, q_state, smem_pipe_write_q, lane_predicate, q_count);
+    load_v.template step<true>(kv_tiles, v_state, smem_pipe_write, lane_predicate, kv_count);
+    CUTLASS_PRAGMA_NO_UNROLL
+    while (kv_count > 0) {
+      load_k.template step<false>(kv_tiles, k_state, smem_pipe_write, lane_predicate, kv_count);
+      load_v.template step<true>(kv_tiles, v_state, smem_pipe_write, lane_predicate, kv_count);
+    }
   }
 
   template <class BlkCoord, class ProblemShape, class LoadWarpBarrier>
@@ -151,14 +220,14 @@ struct FwdMainloop
                              PipelineStateReducer&, SharedStorage&) {}
 
   // Logits of one QK^T tile in place, in natural units as the backward recomputes them: scale or softcap, bias,
-  // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk or (causal) after the
-  // row's limit. `cS` gives each accumulator element's (row, key) in the CTA's problem, `cT` its (row, key) in the
+  // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk, (causal) after the
+  // row's limit or (bounded) outside the row's bounds of batch element b. `cS` gives each accumulator element's (row, key) in the CTA's problem, `cT` its (row, key) in the
   // tile. `staged`: this tile's per-key bias in shared memory when the bias is constant along rows, else null and a
   // bias is read per element from global memory at `bias_base` (the batch and head offset) plus row and key strides.
   template <class Acc, class Coords, class TileCoords, class ProblemShape>
   CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, TileCoords const& cT, const float* staged,
                                        int64_t bias_base, Consumer const& lg, ProblemShape const& problem,
-                                       bool check_bounds) {
+                                       bool check_bounds, int b) {
     const int lq = get<2>(problem), lk = get<3>(problem);
     if (lg.softcap > 0.f) {
       CUTLASS_PRAGMA_UNROLL
@@ -186,7 +255,26 @@ struct FwdMainloop
       else if (lg.bias_dtype == DType::kF16) add_tile(std::integral_constant<DType, DType::kF16>{});
       else add_tile(std::integral_constant<DType, DType::kF32>{});
     }
-    if (check_bounds) {
+    if (check_bounds && kBounded) {
+      // Row by row: each thread's accumulator holds a few rows, whose bounds it reads once per tile. Rows past Lq
+      // read the last row's (never stored).
+      using cutlass::fmha::collective::layout_acc_mn;
+      Tensor s_mn = make_tensor(acc.data(), layout_acc_mn(TiledMmaQK{}, acc.layout()));
+      Tensor c_mn = make_tensor(cS.data(), layout_acc_mn(TiledMmaQK{}, cS.layout()));
+      const int32_t* key_segments = lg.bounds.segments(b);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size<0>(s_mn); ++i) {
+        const int32_t* row = lg.bounds.row(b, min(int(get<0>(c_mn(i, 0))), lq - 1));
+        const int lo = row[0], hi = row[1], segment = row[2];
+        const bool compare = key_segments != nullptr && row[3] != 0;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(s_mn); ++j) {
+          const int c = int(get<1>(c_mn(i, j)));
+          const bool kept = lo <= c && c < hi && (!compare || key_segments[c] == segment);
+          if (!kept) s_mn(i, j) = -INFINITY;
+        }
+      }
+    } else if (check_bounds) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) {
         const auto pos = cS(i);
@@ -224,18 +312,46 @@ struct FwdMainloop
     Tensor sV = make_tensor(make_smem_ptr(storage.smem_v.data()), SmemLayoutV{});
     Tensor tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sV));
 
-    const KeyTiles<kCausal> key_tiles;
-    const int trips = key_tiles.get_trip_count(blk_coord, TileShape{}, problem);
-    const int unmasked = key_tiles.get_unmasked_trip_count(blk_coord, TileShape{}, problem);
     const int b = get<0>(get<2>(blk_coord)), h = get<1>(get<2>(blk_coord));
+    const int lq = get<2>(problem), lk = get<3>(problem);
     // The kernel numbers the warpgroups' 64-row tiles across the problem: tile NumMmaWarpGroups * (CTA tile) + wg.
     const int wg_tile = int(get<0>(wg_coord)), wg = wg_tile % Base::NumMmaWarpGroups;
+    constexpr int kWgRows = get<0>(TileShapeQK{});
+
+    // The key tiles [first, first + trips) and which of them need the per-element test: without bounds those from
+    // trip `unmasked` on; with bounds those not inside every row's range of this warpgroup (keys [kept_from,
+    // kept_to) are kept by all its rows unless ids are compared).
+    int first = 0, trips = 0, unmasked = 0, kept_from = 0, kept_to = 0;
+    if constexpr (kBounded) {
+      const BoundedSpan span =
+          BoundedSpan::of<kBlockM, kBlockN>(params.consumer.bounds, b, int(get<0>(blk_coord)) * kBlockM, lq, lk);
+      first = span.first, trips = span.trips;
+      const int r0 = wg_tile * kWgRows;
+      if (r0 < lq) {
+        RowBounds const& rb = params.consumer.bounds;
+        const bool compare = rb.segments(b) != nullptr && rb.row(b, r0)[3] != 0;
+        kept_from = rb.lo(b, min(r0 + kWgRows, lq) - 1);
+        kept_to = compare ? kept_from : rb.hi(b, r0);
+      }
+    } else {
+      const KeyTiles<kRule> key_tiles;
+      trips = key_tiles.get_trip_count(blk_coord, TileShape{}, problem);
+      unmasked = key_tiles.get_unmasked_trip_count(blk_coord, TileShape{}, problem);
+    }
+    auto needs_test = [&](int trip) {
+      if constexpr (kBounded) {
+        const int n0 = (first + trip) * kBlockN;
+        return !(kept_from <= n0 && n0 + kBlockN <= kept_to);  // a tile past Lk is never inside: hi <= Lk
+      } else {
+        return trip >= unmasked;
+      }
+    };
 
     // (row, key) of each accumulator element within the tile, and in the problem: this warpgroup's 64 rows,
     // advanced by BlockN keys per trip.
     Tensor cT = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
     Tensor cS = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
-    cS.data() = cS.data() + E<0>{} * (wg_tile * get<0>(TileShapeQK{}));
+    cS.data() = cS.data() + E<0>{} * (wg_tile * kWgRows) + E<1>{} * (first * kBlockN);
 
     // The bias's batch and head offset. A bias constant along rows (row stride 0: one value per key) is staged per
     // key tile: thread t of the warpgroup loads key t of the next tile one trip ahead (its latency hides behind this
@@ -250,9 +366,8 @@ struct FwdMainloop
     const bool key_bias = lg.bias != nullptr && lg.bias_row_stride == 0;
     const int stage_key = thread_idx % kWarpGroupThreads;
     const bool stages = key_bias && stage_key < kBlockN;
-    const int lk = get<3>(problem);
     auto load_key_bias = [&](int trip) {
-      const int key = min(trip * kBlockN + stage_key, lk - 1);  // keys past Lk are masked in to_logits
+      const int key = min((first + trip) * kBlockN + stage_key, lk - 1);  // keys past Lk are masked in to_logits
       return load_bias(lg.bias, bias_base + int64_t(key) * lg.bias_col_stride, lg.bias_dtype);
     };
     float next_key_bias = stages ? load_key_bias(0) : 0.f;
@@ -293,7 +408,7 @@ struct FwdMainloop
       warpgroup_fence_operand(acc_pv);
       if (key_bias) cutlass::arch::NamedBarrier::arrive_and_wait(kWarpGroupThreads, wg);
 
-      to_logits(acc_qk, cS, cT, staged, bias_base, lg, problem, trip >= unmasked);
+      to_logits(acc_qk, cS, cT, staged, bias_base, lg, problem, needs_test(trip), b);
 
       // Online softmax, exp2((s - max) * log2 e): subtracting before scaling makes the largest weight exactly 1 at
       // any logit size (the lse then equals the max there, as the backward needs). A row whose logits so far are
