@@ -1,6 +1,7 @@
 // Hopper (sm_90a) forward mainloop for the calls without a mask: plain, causal (bottom-right), any broadcast bias,
-// softcap, GQA, Lq != Lk, and row bounds (segment ids, a window, sequence lengths: row_bounds.h). It builds on CUTLASS's Hopper FMHA collectives, included from the nvidia-cutlass wheel's
-// examples/88_hopper_fmha (never copied here): their TMA loads of Q once and of K / V tiles into a 5-stage shared
+// softcap, GQA, Lq != Lk, and row bounds (segment ids, a window, sequence lengths: row_bounds.h). It builds on
+// CUTLASS's Hopper FMHA collectives, included from the nvidia-cutlass wheel's examples/88_hopper_fmha (never copied
+// here): their TMA loads of Q once and of K / V tiles into a 5-stage shared
 // memory ring (one producer warp), their warp-specialised kernel (two consumer warpgroups of 64 query rows each, with
 // register reallocation) and their epilogue (O through shared memory and a TMA store, the LSE per row). What this
 // file adds is the consumer's compute step, because the logits are ours: scale and softcap as the other kernels do,
