@@ -16,12 +16,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax._src import dispatch
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
-from jax_dmattn import _compact, _decode, _sharding
+from jax_dmattn import _compact, _decode, _jax_compat, _sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +200,7 @@ def _unfold(x, n, example_major=False):
 
 
 def _dim_is_sharded(x, dim) -> bool:
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    spec = getattr(_jax_compat.sharding_of(x), "spec", None)
     return spec is not None and dim < len(spec) and spec[dim] is not None
 
 
@@ -319,12 +318,6 @@ def _vma(x) -> frozenset:
     return frozenset(vma or ())
 
 
-def _to_varying(x, axes):
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, axes, to="varying")
-    return jax.lax.pvary(x, axes)  # pragma: no cover - jax before pcast
-
-
 def _match_vma(*xs):
     """Inside shard_map (check_vma), casts every operand to vary over the union of their manual axes: the
     primitives' outputs vary like the inputs, and the transpose of the cast psums the gradient of an operand
@@ -337,7 +330,7 @@ def _match_vma(*xs):
     out = []
     for x in xs:
         missing = () if x is None else tuple(sorted(union - _vma(x), key=str))
-        out.append(_to_varying(x, missing) if missing else x)
+        out.append(_jax_compat.to_varying(x, missing) if missing else x)
     return tuple(out)
 
 
@@ -397,15 +390,14 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 # ---------------------------------------------------------------------------------------------- registration
 def _register(prim, role, abstract, lowerings, batcher):
-    prim.def_impl(functools.partial(dispatch.apply_primitive, prim))
+    prim.def_impl(functools.partial(_jax_compat.apply_primitive, prim))
     prim.def_abstract_eval(abstract)
     # Lowered through custom_partitioning (_sharding.py): under jit with sharded inputs the call runs per shard.
     for platform, lowering in lowerings.items():
         mlir.register_lowering(prim, mlir.lower_fun(_sharding.partitioned(role, lowering), multiple_results=True),
                                platform=platform)
     batching.primitive_batchers[prim] = batcher
-    # custom_partitioning needs the device assignment while lowering.
-    getattr(dispatch, "prim_requires_devices_during_lowering", set()).add(prim)
+    _jax_compat.require_devices_during_lowering(prim)
 
 
 _register(dmattn_fwd_p, "fwd", _fwd_abstract, {"cpu": _fwd_lowering_cpu, "cuda": _fwd_lowering_cuda}, _fwd_batcher)

@@ -43,7 +43,7 @@ from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, 
                                                   custom_partitioning)
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_dmattn import _validation
+from jax_dmattn import _jax_compat, _validation
 
 # Operand / result layouts, one role per dim. "bcast" dims (bias / mask) are resolved from the shapes.
 _Q = ("b", "lq", "h", "d")
@@ -112,8 +112,7 @@ def _sharding_rule(kind):
 
     def rule(config, mesh, operand_types, result_types):
         del config
-        from jax._src.lib.mlir import ir
-
+        ir = _jax_compat.mlir_ir()
         shapes = [tuple(ir.RankedTensorType(t).shape) for t in operand_types]
         dims, operand_roles, result_roles = _roles(kind, shapes)
         h, hkv = dims.heads, dims.kv_heads
@@ -215,7 +214,7 @@ def check_input_shardings(q, k, v, bias, mask, rows=None, key_segments=None):
         """The mesh axes of each dim where they are known now, else None: a concrete array's, or a tracer's
         under Explicit axes (under Auto axes a tracer's type says nothing about its sharding)."""
         if isinstance(x, jax.core.Tracer):
-            sharding = getattr(jax.typeof(x), "sharding", None)
+            sharding = _jax_compat.sharding_of(x)
             axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
             if not any(t == jax.sharding.AxisType.Explicit for t in axis_types):
                 return None
@@ -303,9 +302,7 @@ def _no_ambient_mesh():
     """The partitioned body is per-device (manual) code. Traced under the user's Explicit-axes mesh context
     (jax.set_mesh), jax 0.11 gives its values mesh shardings, and XLA then rejects the psum reducer
     ("Unsupported reduction computation") or finds unpartitioned Sharding custom calls. So trace it without one."""
-    from jax._src import mesh as mesh_lib  # no public spelling of "no abstract mesh" in jax 0.10 / 0.11
-
-    return mesh_lib.use_abstract_mesh(mesh_lib.empty_abstract_mesh)
+    return _jax_compat.no_abstract_mesh()
 
 
 def _psum(x, axes):

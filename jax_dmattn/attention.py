@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_dmattn import _bounds, _compact, _ffi, _primitives, _validation, masks, reference
+from jax_dmattn import _bounds, _compact, _ffi, _jax_compat, _primitives, _validation, masks, reference
 
 __all__ = ["attention", "default_implementation"]
 
@@ -48,7 +48,7 @@ def kernel_operands(query, key, value, bias, implementation: str):
 
 def _explicit_spec(x):
     """The PartitionSpec in x's type under an Explicit-axes mesh (None otherwise), padded to x's rank."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
+    sharding = _jax_compat.sharding_of(x)
     mesh = getattr(sharding, "mesh", None)
     axis_types = getattr(mesh, "axis_types", ())
     if not isinstance(sharding, jax.sharding.NamedSharding) or not any(
@@ -91,9 +91,7 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
     def local(q, k, v, b, m):
         return context_parallel.attention(q, k, v, b, rebuild(m), axis_name=axis, return_lse=True, **kwargs)
 
-    shard_map = getattr(jax, "shard_map", None)
-    if shard_map is None:  # pragma: no cover - older jax
-        from jax.experimental.shard_map import shard_map
+    shard_map = _jax_compat.shard_map()
     mesh = jax.typeof(query).sharding.mesh
     out, lse = shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(qspec, lse_spec))(
         query, key, value, bias, mask)
