@@ -38,8 +38,8 @@ if(DMATTN_WITH_CUDA)
   dmattn_head_dims(DMATTN_FOR_EACH_CUDA_HEAD_DIM DMATTN_CUDA_HEAD_DIMS)
   set(_kernels
     "fwd|Forward|cuda/flash_fwd_launch.cuh|DMATTN_INSTANTIATE_FWD"
-    "bwd|Backward|cuda/flash_bwd_kernel.cuh|DMATTN_INSTANTIATE_BWD"
-    "bwd_key_list|Key-list backward|cuda/flash_bwd_key_list_kernel.cuh|DMATTN_INSTANTIATE_BWD_KEY_LIST")
+    "bwd|Backward|cuda/flash_bwd_launch.cuh|DMATTN_INSTANTIATE_BWD"
+    "bwd_key_list|Key-list backward|cuda/flash_bwd_key_list_launch.cuh|DMATTN_INSTANTIATE_BWD_KEY_LIST")
   foreach(_kernel IN LISTS _kernels)
     string(REPLACE "|" ";" _fields "${_kernel}")
     list(GET _fields 0 _name)
