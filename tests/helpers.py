@@ -491,6 +491,39 @@ def dense_sequences(B, Lq, Lk, *, is_causal, q_seg=None, kv_seg=None, window=Non
     return out
 
 
+def sequence_keywords(rng, B, Lq, Lk, *, is_causal, window=None, segments=None, q_lens=None, kv_lens=None,
+                      docs=4):
+    """attention()'s sequence keywords for a case and the bool mask [B, 1, Lq, Lk] they stand for
+    (dense_sequences): ``window`` as local_window_size; ``segments`` "packed" (sorted ids of ``docs`` documents,
+    Lq == Lk, the same ids for queries and keys, packed_segments) or "random" (unsorted ids in 0..2 drawn for the
+    queries, then for the keys); the lengths as int32 arrays. Returns (keywords, dense)."""
+    kw, seq = {}, {}
+    if window is not None:
+        kw["local_window_size"] = seq["window"] = window
+    if segments is not None:
+        if segments == "packed":
+            assert Lq == Lk
+            q_seg = kv_seg = packed_segments(rng, B, Lq, docs)
+        else:
+            q_seg = rng.integers(0, 3, (B, Lq)).astype(np.int32)
+            kv_seg = rng.integers(0, 3, (B, Lk)).astype(np.int32)
+        kw.update(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+        seq.update(q_seg=q_seg, kv_seg=kv_seg)
+    if q_lens is not None:
+        kw["query_seq_lengths"] = jnp.asarray(q_lens, jnp.int32)
+        seq["q_lens"] = q_lens
+    if kv_lens is not None:
+        kw["key_value_seq_lengths"] = jnp.asarray(kv_lens, jnp.int32)
+        seq["kv_lens"] = kv_lens
+    return kw, dense_sequences(B, Lq, Lk, is_causal=is_causal, **seq)
+
+
+def split_static(kw):
+    """attention() keywords -> (the traced array arguments, the static window argument)."""
+    static = {n: x for n, x in kw.items() if n == "local_window_size"}
+    return {n: x for n, x in kw.items() if n not in static}, static
+
+
 def packed_segments(rng, B, L, docs):
     """Sorted ids of `docs` documents of random lengths per row, then padding (id -1) at the end."""
     ids = np.zeros((B, L), np.int32)

@@ -128,29 +128,16 @@ BOUNDS_CASES = {
 @pytest.mark.parametrize("name", list(BOUNDS_CASES))
 def test_row_bounds_forward(name, kernel_route):
     import jax_dmattn
-    from helpers import dense_sequences, packed_segments
+    from helpers import seed_from, sequence_keywords, split_static
     from oracle import oracle_attention
 
     b, lq, lk, h, hkv, d, dtype, causal, seq = BOUNDS_CASES[name]
-    rng = np.random.default_rng(abs(hash(name)) % 2**31)
+    rng = np.random.default_rng(seed_from(f"test_cuda_fwd_sm90::bounds::{name}"))
     q, k, v = (jnp.asarray(rng.standard_normal((b, n, heads, d)), dtype)
                for n, heads in ((lq, h), (lk, hkv), (lk, hkv)))
     bias = jnp.asarray(2.0 * rng.standard_normal((b, hkv, 1, lk)), jnp.bfloat16)
-    kw, dense_kw = {}, {}
-    if "window" in seq:
-        kw["local_window_size"] = dense_kw["window"] = seq["window"]
-    if seq.get("segments") == "packed":
-        dense_kw["q_seg"] = dense_kw["kv_seg"] = packed_segments(rng, b, lq, 5)
-    elif seq.get("segments") == "random":
-        dense_kw["q_seg"] = rng.integers(0, 3, (b, lq)).astype(np.int32)
-        dense_kw["kv_seg"] = rng.integers(0, 3, (b, lk)).astype(np.int32)
-    if "q_seg" in dense_kw:
-        kw.update(q_segment_ids=jnp.asarray(dense_kw["q_seg"]), kv_segment_ids=jnp.asarray(dense_kw["kv_seg"]))
-    for key, arg in (("q_lens", "query_seq_lengths"), ("kv_lens", "key_value_seq_lengths")):
-        if key in seq:
-            kw[arg] = jnp.asarray(seq[key], jnp.int32)
-            dense_kw[key] = seq[key]
-    window = {n: kw.pop(n) for n in list(kw) if n == "local_window_size"}
+    kw, dense = sequence_keywords(rng, b, lq, lk, is_causal=causal, docs=5, **seq)
+    kw, window = split_static(kw)
 
     before = sm90_launches("fwd")
     out, lse = jax.jit(lambda q, k, v, bias, kw: jax_dmattn.attention(
@@ -161,7 +148,6 @@ def test_row_bounds_forward(name, kernel_route):
     assert served == hopper, (f"route {kernel_route}: the Hopper forward "
                               f"{'did not serve' if hopper else 'served'} the call")
 
-    dense = dense_sequences(b, lq, lk, is_causal=causal, **dense_kw)
     ref_out, ref_lse = oracle_attention(q, k, v, bias, dense)
     assert rel_err(out, ref_out) < TOL[dtype]
     assert rel_err(lse, ref_lse) < 1e-4

@@ -14,7 +14,7 @@ import pytest
 
 import oracle
 from helpers import (GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, dense_sequences, packed_segments,
-                     random_qkv_bias, seed_from)
+                     random_qkv_bias, seed_from, sequence_keywords, split_static)
 
 import jax_dmattn
 from jax_dmattn import KeyIndices, TopKMask
@@ -63,25 +63,8 @@ CASES = {
 def make_inputs(case: SeqCase, rng, dtype):
     q, k, v, bias = random_qkv_bias(rng, B=case.B, Lq=case.Lq, Lk=case.Lk, H=case.H, Hkv=case.Hkv, D=case.D,
                                     bias=case.bias, dtype=dtype)
-    kw, seq = {}, {}
-    if case.window is not None:
-        kw["local_window_size"] = seq["window"] = case.window
-    if case.segments is not None:
-        if case.segments == "packed":
-            assert case.Lq == case.Lk
-            q_seg = kv_seg = packed_segments(rng, case.B, case.Lq, 4)
-        else:
-            q_seg = rng.integers(0, 3, (case.B, case.Lq)).astype(np.int32)
-            kv_seg = rng.integers(0, 3, (case.B, case.Lk)).astype(np.int32)
-        kw.update(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
-        seq.update(q_seg=q_seg, kv_seg=kv_seg)
-    if case.q_lens is not None:
-        kw["query_seq_lengths"] = jnp.asarray(case.q_lens, jnp.int32)
-        seq["q_lens"] = case.q_lens
-    if case.kv_lens is not None:
-        kw["key_value_seq_lengths"] = jnp.asarray(case.kv_lens, jnp.int32)
-        seq["kv_lens"] = case.kv_lens
-    dense = dense_sequences(case.B, case.Lq, case.Lk, is_causal=case.is_causal, **seq)
+    kw, dense = sequence_keywords(rng, case.B, case.Lq, case.Lk, is_causal=case.is_causal, window=case.window,
+                                  segments=case.segments, q_lens=case.q_lens, kv_lens=case.kv_lens)
     mask = None
     if case.mask == "bool":
         m = rng.random((case.B, case.Hkv, case.Lq, case.Lk)) < 0.6
@@ -102,12 +85,6 @@ def _dtype(implementation):
     return jnp.bfloat16 if implementation == "cuda" else jnp.float32
 
 
-def _split_static(kw):
-    """(the traced array arguments, the static window argument)."""
-    static = {n: x for n, x in kw.items() if n == "local_window_size"}
-    return {n: x for n, x in kw.items() if n not in static}, static
-
-
 def _rng(name, what):
     return np.random.default_rng(seed_from(f"test_sequences::{name}::{what}"))
 
@@ -118,7 +95,7 @@ def test_forward(implementation, name):
     case = CASES[name]
     dtype = _dtype(implementation)
     (q, k, v, bias, mask), kw, dense = make_inputs(case, _rng(name, "fwd"), dtype)
-    arrays, window = _split_static(kw)
+    arrays, window = split_static(kw)
     f = jax.jit(lambda q, k, v, b, m, arrays: jax_dmattn.attention(
         q, k, v, b, m, is_causal=case.is_causal, return_lse=True, implementation=implementation, **window,
         **arrays))
