@@ -222,9 +222,10 @@ struct FwdMainloop
 
   // Logits of one QK^T tile in place, in natural units as the backward recomputes them: scale or softcap, bias,
   // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk, (causal) after the
-  // row's limit or (bounded) outside the row's bounds of batch element b. `cS` gives each accumulator element's (row, key) in the CTA's problem, `cT` its (row, key) in the
-  // tile. `staged`: this tile's per-key bias in shared memory when the bias is constant along rows, else null and a
-  // bias is read per element from global memory at `bias_base` (the batch and head offset) plus row and key strides.
+  // row's limit or (bounded) outside the row's bounds of batch element b. `cS` gives each accumulator element's
+  // (row, key) in the CTA's problem, `cT` its (row, key) in the tile. `staged`: this tile's per-key bias in shared
+  // memory when the bias is constant along rows, else null and a bias is read per element from global memory at
+  // `bias_base` (the batch and head offset) plus row and key strides.
   template <class Acc, class Coords, class TileCoords, class ProblemShape>
   CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, TileCoords const& cT, const float* staged,
                                        int64_t bias_base, Consumer const& lg, ProblemShape const& problem,
