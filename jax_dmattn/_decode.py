@@ -26,8 +26,10 @@ from jax_dmattn import _partials
 
 # Fewer keys than this per part and the merge costs more than the parallelism it buys.
 MIN_SPLIT_KEYS = 1024
-# Work items (batch x kv heads x parts) per multiprocessor the split aims at.
+# Work items (batch x kv heads x parts) per multiprocessor the split aims at; with row bounds (a ragged batch) more,
+# smaller parts, since a part past its rows' bounds costs almost nothing and the long elements' parts set the time.
 ITEMS_PER_CORE = 2
+ITEMS_PER_CORE_BOUNDED = 8
 
 
 def _present(x) -> bool:
@@ -44,12 +46,13 @@ def packs(q, k, mask, config) -> bool:
     return not (config.mask_kind == "topk" and mask.shape[1] == q.shape[2])
 
 
-def split_count(*, batch: int, kv_heads: int, kv_len: int, implementation: str) -> int:
-    """S, the parts the keys of a packed one-row call are split into (1: no split)."""
+def split_count(*, batch: int, kv_heads: int, kv_len: int, implementation: str, bounded: bool = False) -> int:
+    """S, the parts the keys of a packed one-row call (with row bounds: ``bounded``) are split into (1: no split)."""
     if implementation != "cuda":
         return 1
     cores = getattr(jax.devices()[0], "core_count", None) or 0
-    want = math.ceil(ITEMS_PER_CORE * cores / max(batch * kv_heads, 1))
+    items = ITEMS_PER_CORE_BOUNDED if bounded else ITEMS_PER_CORE
+    want = math.ceil(items * cores / max(batch * kv_heads, 1))
     best = 1
     for s in range(2, min(want, kv_len // MIN_SPLIT_KEYS) + 1):
         if kv_len % s == 0:
@@ -143,7 +146,7 @@ def forward(body, q, k, v, bias, mask, rows, key_segments, config):
     b, h, hkv, d, lk = q.shape[0], q.shape[2], k.shape[2], q.shape[3], k.shape[1]
     qp, bias, mask, rows = _packed_operands(q, k, bias, mask, rows)
     config = _packed_config(config)
-    s = split_count(batch=b, kv_heads=hkv, kv_len=lk, implementation=config.implementation)
+    s = split_count(batch=b, kv_heads=hkv, kv_len=lk, implementation=config.implementation, bounded=_present(rows))
     if s > 1 and config.mask_kind == "bool":
         part = lk // s
         ks, vs = (x.reshape(b * s, part, hkv, d) for x in (k, v))

@@ -166,6 +166,8 @@ def test_split_count_follows_the_device(monkeypatch):
     assert _decode.split_count(batch=1, kv_heads=8, kv_len=1500, implementation="cuda") == 1
     assert _decode.split_count(batch=64, kv_heads=8, kv_len=65536, implementation="cuda") == 1
     assert _decode.split_count(batch=1, kv_heads=8, kv_len=65536, implementation="cpu") == 1
+    # a ragged batch (row bounds): 8 items per multiprocessor, 1056 wanted of 64: 16 parts
+    assert _decode.split_count(batch=8, kv_heads=8, kv_len=65536, implementation="cuda", bounded=True) == 16
 
 
 @pytest.mark.gpu

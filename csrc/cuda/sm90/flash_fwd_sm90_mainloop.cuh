@@ -11,6 +11,8 @@
 // key tile instead of tile 0. docs/cuda_kernels.md describes the pipeline.
 #pragma once
 
+#include <climits>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
@@ -334,6 +336,8 @@ struct FwdMainloop
         const bool compare = rb.segments(b) != nullptr && rb.row(b, r0)[3] != 0;
         kept_from = rb.lo(b, min(r0 + kWgRows, lq) - 1);
         kept_to = compare ? kept_from : rb.hi(b, r0);
+      } else {
+        kept_to = INT_MAX;  // rows past Lq (a decoding step's few rows): never stored, so never tested
       }
     } else {
       const KeyTiles<kRule> key_tiles;
