@@ -1,6 +1,6 @@
 """The Hopper backward (csrc/cuda/sm90/): calls without a mask or softcap, with no bias or one constant along query
 rows (the paper's per-key bias and its broadcasts, dbias included), deterministic=False, D in 64 / 128, on a
-compute-capability-9.0 GPU.
+compute-capability-9.0 GPU, and row bounds (segment ids, windows, lengths).
 
 Every case runs twice, through the default route and with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80),
 against the float64 oracle (all three gradients, dlse folded); each route must really reach the kernels it names on
@@ -136,3 +136,66 @@ def test_nonfinite_inputs_match_the_sm80_route(where, monkeypatch):
         if fin.any():
             err = np.linalg.norm(g[fin] - w[fin]) / max(np.linalg.norm(w[fin]), 1e-30)
             assert err < 2e-2, f"{name}: rel err {err:.3e}"
+
+
+# Row bounds (segment ids, windows, lengths) on the Hopper backward, through the public API: query tiles found by
+# bisection, key tiles no row keeps (dK = dV = 0), tiles inside every row's range (no per-element test) and partly
+# inside, unsorted ids (compared per element), a per-key bias and its dbias. (B, Lq, Lk, H, Hkv, D, dtype, causal,
+# keywords: window, segments "packed" | "random", q_lens, kv_lens)
+BOUNDS_CASES = {
+    "window-causal": (1, 700, 700, 4, 2, 128, BF16, True, dict(window=(200, 0))),
+    "window-lq-lt-lk": (2, 300, 650, 2, 1, 64, F16, False, dict(window=(100, 40))),
+    "packed-causal-gqa": (2, 520, 520, 8, 2, 128, BF16, True, dict(segments="packed")),
+    "segments-unsorted-window": (1, 390, 390, 2, 2, 64, F16, True, dict(segments="random", window=(150, 0))),
+    "lengths-zero-and-partial": (3, 333, 500, 4, 2, 128, BF16, True,
+                                 dict(q_lens=(333, 0, 120), kv_lens=(500, 260, 0))),
+}
+
+
+@pytest.mark.parametrize("name", list(BOUNDS_CASES))
+def test_row_bounds_backward(name, kernel_route):
+    import jax.numpy as jnp
+    import jax_dmattn
+    from helpers import DEFAULT_FLOOR_RMS, GRAD_FLOOR_FRAC, assert_close, dense_sequences, packed_segments
+
+    b, lq, lk, h, hkv, d, dtype, causal, seq = BOUNDS_CASES[name]
+    rng = np.random.default_rng(abs(hash(name)) % 2**31)
+    q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, heads, d)), dtype)
+                     for n, heads in ((lq, h), (lk, hkv), (lk, hkv), (lq, h)))
+    bias = jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), jnp.float32)
+    kw, dense_kw = {}, {}
+    if "window" in seq:
+        dense_kw["window"] = seq["window"]
+    if seq.get("segments") == "packed":
+        dense_kw["q_seg"] = dense_kw["kv_seg"] = packed_segments(rng, b, lq, 4)
+    elif seq.get("segments") == "random":
+        dense_kw["q_seg"] = rng.integers(0, 3, (b, lq)).astype(np.int32)
+        dense_kw["kv_seg"] = rng.integers(0, 3, (b, lk)).astype(np.int32)
+    if "q_seg" in dense_kw:
+        kw.update(q_segment_ids=jnp.asarray(dense_kw["q_seg"]), kv_segment_ids=jnp.asarray(dense_kw["kv_seg"]))
+    for key, arg in (("q_lens", "query_seq_lengths"), ("kv_lens", "key_value_seq_lengths")):
+        if key in seq:
+            kw[arg] = jnp.asarray(seq[key], jnp.int32)
+            dense_kw[key] = seq[key]
+
+    def loss(q, k, v, bias, kw):
+        out = jax_dmattn.attention(q, k, v, bias, is_causal=causal, implementation="cuda",
+                                   local_window_size=seq.get("window"), **kw)
+        return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
+
+    before = sm90_launches("bwd")
+    got = jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias, kw))
+    served = sm90_launches("bwd") > before
+    hopper = hopper_kernels_available() and d in hopper_head_dims() and kernel_route == "default"
+    assert served == hopper, (f"route {kernel_route}: the Hopper backward "
+                              f"{'did not serve' if hopper else 'served'} the call")
+
+    dense = dense_sequences(b, lq, lk, is_causal=causal, **dense_kw)
+    expected = oracle.oracle_grads(q, k, v, bias, dense, dout)
+    floors = oracle.oracle_grads(q, k, v, bias, dense, dout, magnitude=True)
+    for nm, g, e, fl in zip(("dq", "dk", "dv", "dbias"), got, expected, floors):
+        floor = max(GRAD_FLOOR_FRAC * float(np.linalg.norm(fl)), DEFAULT_FLOOR_RMS * np.sqrt(e.size))
+        assert_close(g, e, dtype, "grad", floor=floor, name=nm)
+    seen_keys = dense.any(axis=2)[:, 0]  # [B, Lk]: keys no row keeps get exactly zero dk and dv
+    assert (np.asarray(got[1], np.float32)[~seen_keys] == 0).all()
+    assert (np.asarray(got[2], np.float32)[~seen_keys] == 0).all()

@@ -44,7 +44,7 @@ struct BwdParams {
   float scale = 1.f;
   float softcap = 0.f;  // 0: off
   bool is_causal = false;
-  // Segment ids, window, lengths (row_bounds.h): tile path only; with them is_causal is false.
+  // Segment ids, window, lengths (row_bounds.h): the tile path and the Hopper backward; with them is_causal is false.
   RowBounds bounds;
   bool deterministic = false;  // dq by a separate query-tile-parallel kernel instead of atomics
 

@@ -16,7 +16,6 @@ std::atomic<int64_t> g_key_list_launches{0};
 }  // namespace
 
 bool flash_bwd_sm90_serves(const BwdParams& p) {
-  if (p.bounds.present()) return false;  // row bounds: the sm80 tile kernels
   if (p.mask != nullptr || p.classes != nullptr || p.softcap > 0.f || p.deterministic) return false;
   if (p.bias != nullptr && p.bias_row_stride != 0) return false;  // a bias with query rows: per-element dbias
   if (!has_head_dim(kSm90BwdHeadDims, p.head_dim) || p.q_len == 0 || p.kv_len == 0 || p.dq_accum == nullptr)

@@ -35,10 +35,10 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
   op(params, smem);
 }
 
-template <int kHeadDim, bool kIsBF16, bool kCausal, bool kBias>
+template <int kHeadDim, bool kIsBF16, KeyRule kRule, bool kBias>
 struct BwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
-  using Mainloop = BwdMainloop<Element, BwdTileShape<kHeadDim>, kCausal, kBias>;
+  using Mainloop = BwdMainloop<Element, BwdTileShape<kHeadDim>, kRule, kBias>;
   using Epilogue = cutlass::fmha::collective::FmhaBwdEpilogueKV<Element, float, typename Mainloop::TileShapePV>;
   // Grid (key tiles, B, Hkv); key tile 0 first, the one that most query tiles see under causality.
   using Scheduler = cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>;
@@ -71,6 +71,7 @@ struct BwdKernel {
     consumer.dbias = p.dbias;
     consumer.dbias_accum = p.dbias_accum;
     consumer.dbias_mode = p.dbias_mode;
+    consumer.bounds = p.bounds;
     typename Kernel::Arguments args{
         problem,
         {static_cast<const Element*>(p.q), q_strides, static_cast<const Element*>(p.k), k_strides,
@@ -89,13 +90,18 @@ struct BwdKernel {
 
 namespace dmattn {
 
+template <int kHeadDim, bool kIsBF16, bool kBias>
+cudaError_t run_flash_bwd_sm90_rule(const BwdParams& p, cudaStream_t stream) {
+  using sm90::KeyRule;
+  if (p.bounds.present()) return sm90::BwdKernel<kHeadDim, kIsBF16, KeyRule::kBounded, kBias>::run(p, stream);
+  return p.is_causal ? sm90::BwdKernel<kHeadDim, kIsBF16, KeyRule::kCausal, kBias>::run(p, stream)
+                     : sm90::BwdKernel<kHeadDim, kIsBF16, KeyRule::kAll, kBias>::run(p, stream);
+}
+
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
-  if (p.bias != nullptr)
-    return p.is_causal ? sm90::BwdKernel<kHeadDim, kIsBF16, true, true>::run(p, stream)
-                       : sm90::BwdKernel<kHeadDim, kIsBF16, false, true>::run(p, stream);
-  return p.is_causal ? sm90::BwdKernel<kHeadDim, kIsBF16, true, false>::run(p, stream)
-                     : sm90::BwdKernel<kHeadDim, kIsBF16, false, false>::run(p, stream);
+  return p.bias != nullptr ? run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, true>(p, stream)
+                           : run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, false>(p, stream);
 }
 
 }  // namespace dmattn

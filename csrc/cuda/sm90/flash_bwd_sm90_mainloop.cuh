@@ -1,6 +1,6 @@
-// Hopper (sm_90a) backward mainloop for the calls without a mask: plain and bottom-right causal attention, a bias
-// constant along query rows (the paper's per-key bias [B, Hkv, 1, Lk] and its broadcasts) with its dbias, GQA,
-// Lq != Lk, odd lengths. It builds on CUTLASS's Hopper FMHA backward collective, included from the
+// Hopper (sm_90a) backward mainloop for the calls without a mask: plain and bottom-right causal attention, row bounds
+// (segment ids, a window, sequence lengths: row_bounds.h), a bias constant along query rows (the paper's per-key
+// bias [B, Hkv, 1, Lk] and its broadcasts) with its dbias, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's Hopper FMHA backward collective, included from the
 // nvidia-cutlass wheel's examples/88_hopper_fmha (never copied here): its shared-memory layouts, pipelines and tiled
 // MMAs, and its kernel (a producer warpgroup whose warps load by TMA and reduce dQ, two consumer warpgroups of 64
 // keys each, register reallocation, and the dK / dV epilogue by TMA store). What this file adds is the schedule of
@@ -19,6 +19,8 @@
 #include "collective/fmha_fusion.hpp"
 #include "cuda/bias_element.cuh"
 #include "cuda/flash_bwd.h"
+#include "cuda/sm90/key_rule.h"
+#include "row_bounds.h"
 
 namespace dmattn::sm90 {
 
@@ -26,21 +28,32 @@ using namespace cute;
 
 constexpr float kBwdLog2e = 1.4426950408889634f;
 
-// The work of a CTA of kBlockN keys starting at key n0: trips t = 0 .. count - 1 over (query tile m, query head of
-// the group gi) with m = m_begin + t / group, gi = t % group. Bottom-right causal (row i sees key j iff
-// j <= i + Lk - Lq): tiles before the first row that sees key n0 are skipped. Every CTA has at least one trip when
-// Lq > 0: the last row sees every key.
-template <bool kCausal, int kBlockM, int kBlockN>
+// The work of a CTA of kBlockN keys starting at key n0 (batch element b): trips t = 0 .. count - 1 over (query tile
+// m, query head of the group gi) with m = m_begin + t / group, gi = t % group. Bottom-right causal (row i sees key j
+// iff j <= i + Lk - Lq): tiles before the first row that sees key n0 are skipped; every CTA has at least one trip
+// when Lq > 0 (the last row sees every key). Row bounds: the rows that may keep a key of [n0, n0 + kBlockN) are
+// those from the first whose hi passes n0 to the last whose lo is below the tile's end (two bisections: lo and hi
+// never decrease); a CTA whose keys no row keeps makes one trip, masked whole, so that its dK and dV are zeros.
+template <KeyRule kRule, int kBlockM, int kBlockN>
 struct BwdTrips {
   int m_begin = 0, count = 0, group = 1;
 
-  CUTLASS_HOST_DEVICE BwdTrips(int n0, int lq, int lk, int group_) : group(group_) {
+  CUTLASS_HOST_DEVICE BwdTrips(int n0, int lq, int lk, int group_, RowBounds const& bounds, int b) : group(group_) {
     const int m_tiles = (lq + kBlockM - 1) / kBlockM;
-    if constexpr (kCausal) {
+    int m_end = m_tiles;
+    if constexpr (kRule == KeyRule::kCausal) {
       const int first_row = n0 - (lk - lq);
       m_begin = first_row <= 0 ? 0 : min(first_row / kBlockM, m_tiles);
+    } else if constexpr (kRule == KeyRule::kBounded) {
+      const int row_begin = int(bounds.first_row_above(b, n0, 0, lq));
+      const int row_end = int(bounds.first_row_from(b, min(n0 + kBlockN, lk), row_begin, lq));
+      if (row_end > row_begin) {
+        m_begin = row_begin / kBlockM, m_end = (row_end + kBlockM - 1) / kBlockM;
+      } else {
+        m_begin = min(row_begin / kBlockM, m_tiles - 1), m_end = m_begin + 1;
+      }
     }
-    count = (m_tiles - m_begin) * group;
+    count = (m_end - m_begin) * group;
   }
   CUTLASS_HOST_DEVICE int m(int t) const { return m_begin + t / group; }
   CUTLASS_HOST_DEVICE int head(int kv_head, int t) const { return kv_head * group + t % group; }
@@ -66,12 +79,13 @@ struct BwdConsumer {
   // Set by the non-finite scan (flash_bwd_dispatch.cu) when q, dout or k holds an inf or NaN: the kernel then does
   // nothing and the sm80 main kernel, which handles those, runs instead.
   const uint32_t* nonfinite = nullptr;
+  RowBounds bounds;  // read with KeyRule::kBounded only
 };
 
 // kBias: a bias constant along rows is read (and its dbias summed). A template flag, since its registers would
 // otherwise cost the calls without one (ptxas sm_90a, D = 128, non-causal / causal: 0 / 36 bytes of spills without
 // a bias, 84 / 92 with one; 128 / 152 for both with the bias as a run-time branch).
-template <class Element, class TileShape_, bool kCausal, bool kBias>
+template <class Element, class TileShape_, KeyRule kRule, bool kBias>
 struct BwdMainloop
     : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<
           Element, float, TileShape_,
@@ -113,7 +127,9 @@ struct BwdMainloop
   static constexpr int kBlockM = get<0>(TileShape{});  // query rows per trip
   static constexpr int kBlockN = get<1>(TileShape{});  // keys per CTA
   static constexpr int kWgKeys = get<0>(TileShapeNM{});  // keys per consumer warpgroup
-  using Trips = BwdTrips<kCausal, kBlockM, kBlockN>;
+  static constexpr bool kCausal = kRule == KeyRule::kCausal;
+  static constexpr bool kBounded = kRule == KeyRule::kBounded;
+  using Trips = BwdTrips<kRule, kBlockM, kBlockN>;
 
   // A pipeline stage holds one Q or one dO tile: lse and delta are read by the consumers from global memory (L2)
   // instead of staged, so the base's per-stage row-statistics bytes are not expected.
@@ -182,7 +198,8 @@ struct BwdMainloop
 
   template <class BlkCoord, class ProblemShape>
   CUTLASS_DEVICE static Trips trips_of(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem) {
-    return Trips(int(get<1>(blk_coord)) * kBlockN, get<2>(problem), get<3>(problem), params.consumer.group);
+    return Trips(int(get<1>(blk_coord)) * kBlockN, get<2>(problem), get<3>(problem), params.consumer.group,
+                 params.consumer.bounds, int(get<2, 0>(blk_coord)));
   }
 
   // Q and dO tiles of every trip, in a (rows, D, query tile, (batch, head)) view for the TMA.
@@ -360,6 +377,9 @@ struct BwdMainloop
     constexpr int kCols = decltype(size<1>(cS_mn))::value;  // query rows per thread
     static_assert(kKeys * kCols <= 32 && kCols < 32, "kept bits fit one word");
     const int causal_off = lk - lq;
+    // Row bounds: whether key ids are compared (the same for every row of a batch element) and this element's ids.
+    const int32_t* key_segments = kBounded ? lg.bounds.segments(b) : nullptr;
+    const bool compare_ids = kBounded && key_segments != nullptr && lg.bounds.row(b, 0)[3] != 0;
 
     // The bias of this thread's keys (one value per key: the bias is constant along rows), and its gradient's
     // partial column sums, added over trips while the bias head stays the same and flushed when it changes.
@@ -435,16 +455,36 @@ struct BwdMainloop
       gemm_zero_acc(mma_nm, tDPrV(_, _, _, smem_pipe_read_v.index()), tDPrDO(_, _, _, do_stage), acc_dp);
       warpgroup_commit_batch();
 
-      // Pairs are tested one by one only where some may be dropped: the sequence ends or the causal diagonal.
+      // Pairs are tested one by one only where some may be dropped: the sequence ends, the causal diagonal, or (row
+      // bounds) keys outside the range of some row of the tile.
       bool check = row0 + kBlockM > lq || key0 + kWgKeys > lk;
       if constexpr (kCausal) check = check || key0 + kWgKeys - 1 > row0 + causal_off;
+      if constexpr (kBounded) {
+        check = check || compare_ids || lg.bounds.lo(b, min(row0 + kBlockM, lq) - 1) > key0 ||
+                lg.bounds.hi(b, min(row0, lq - 1)) < key0 + kWgKeys;
+      }
       uint32_t kept = 0xffffffffu;
 
       warpgroup_wait<1>();  // this trip's S
       warpgroup_fence_operand(acc_s);
       math_wg_order_barrier.wait();
       Tensor s_mn = make_tensor(acc_s.data(), layout_acc_mn(mma_nm, acc_s.layout()));
-      if (check) {
+      if (check && kBounded) {
+        // Row by row: each of this thread's rows reads its bounds once per trip.
+        kept = 0u;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kCols; ++j) {
+          const int row = row0 + int(get<1>(cS_mn(0, j)));
+          const int32_t* bounds = lg.bounds.row(b, min(row, lq - 1));
+          const int lo = row < lq ? bounds[0] : lk, hi = bounds[1], segment = bounds[2];
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kKeys; ++i) {
+            const int key = key0 + int(get<0>(cS_mn(i, j)));
+            const bool keep = lo <= key && key < hi && (!compare_ids || key_segments[key] == segment);
+            kept |= uint32_t(keep) << (i * kCols + j);
+          }
+        }
+      } else if (check) {
         kept = 0u;
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kKeys; ++i) {

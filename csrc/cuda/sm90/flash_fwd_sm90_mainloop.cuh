@@ -20,6 +20,7 @@
 #include "collective/fmha_collective_tma_warpspecialized.hpp"
 #include "collective/fmha_common.hpp"
 #include "cuda/bias_element.cuh"
+#include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
 
 namespace dmattn::sm90 {
@@ -27,10 +28,6 @@ namespace dmattn::sm90 {
 using namespace cute;
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-// Which keys a query row may see: all of them, the bottom-right causal prefix, or the row's bounds (row_bounds.h;
-// causality is folded into them).
-enum class KeyRule { kAll, kCausal, kBounded };
 
 // Which key tiles a CTA of BlockM query rows visits, in order 0 .. trips - 1: all keys, or with bottom-right causality
 // (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The trips from the unmasked count on need
