@@ -4,8 +4,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-#include "attention_params.h"
-#include "row_bounds.h"
+#include "cuda/flash_params.h"
 #include "kernel_facts.h"
 
 namespace dmattn {
@@ -17,12 +16,9 @@ enum DbiasMode : int {
   kDbiasAccum = 2,   // a tile gets several flushes (batch / head broadcast): read-modify-write an fp32 buffer
 };
 
-struct BwdParams {
+struct BwdParams : CallParams {
   // Canonical contiguous layouts: q, out, dout, dq [B, Lq, H, D]; k, v, dk, dv [B, Lk, Hkv, D];
   // lse, dlse, delta [B, H, Lq] f32; dq_accum [B, Lq, H, D] f32.
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
   const void* out = nullptr;
   const void* dout = nullptr;
   const float* lse = nullptr;
@@ -38,40 +34,17 @@ struct BwdParams {
   // word is 0.
   uint32_t* nonfinite = nullptr;
 
-  int batch = 0, heads = 0, kv_heads = 0, q_len = 0, kv_len = 0, head_dim = 0;
-  int group = 1;  // H / Hkv
-  bool is_bf16 = true;
-  float scale = 1.f;
-  float softcap = 0.f;  // 0: off
-  bool is_causal = false;
-  // Segment ids, window, lengths (row_bounds.h): the tile path and the Hopper backward; with them is_causal is false.
-  RowBounds bounds;
   bool deterministic = false;  // dq by a separate query-tile-parallel kernel instead of atomics
 
-  // Broadcastable bias [Bb, Hb, Mb, Nb]: element strides (0 on broadcast dims); bias head of query head h is
-  // h / bias_hdiv. nullptr: none.
-  const void* bias = nullptr;
-  DType bias_dtype = DType::kF32;
-  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
-  int bias_hdiv = 1;
-  int64_t bias_size = 0;  // Bb * Hb * Mb * Nb
-
-  // dbias (bias's shape and dtype), and the fp32 accumulation target of kDbiasAccum (the dbias buffer itself
-  // for an f32 bias, else an fp32 workspace of bias's shape converted at the end).
+  // dbias (bias's shape and dtype: bias_size = Bb * Hb * Mb * Nb elements), and the fp32 accumulation target of
+  // kDbiasAccum (the dbias buffer itself for an f32 bias, else an fp32 workspace of bias's shape converted at the
+  // end).
+  int64_t bias_size = 0;
   void* dbias = nullptr;
   float* dbias_accum = nullptr;
   int dbias_mode = kDbiasNone;
   // A CTA covers this many batches / kv heads so that it owns whole dbias columns (no atomics).
   int batches_per_item = 1, kv_heads_per_item = 1;
-
-  // Broadcastable bool mask (same rule).
-  const uint8_t* mask = nullptr;
-  int64_t mask_batch_stride = 0, mask_head_stride = 0, mask_row_stride = 0, mask_col_stride = 0;
-  int mask_hdiv = 1;
-
-  // Tile classes at kBwdBlockM x kBwdBlockN (strides 0 on broadcast dims); nullptr: every tile full.
-  const uint8_t* classes = nullptr;
-  int64_t cls_batch_stride = 0, cls_head_stride = 0, cls_m_stride = 0, cls_n_stride = 0;
 };
 
 // Runs the whole backward on `stream` (the preprocess, the main kernel, the deterministic dq kernel or the dq

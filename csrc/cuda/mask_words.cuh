@@ -48,7 +48,7 @@ __device__ __forceinline__ uint4 row_bytes_global(const uint8_t* row, int k0, in
 }
 
 // A dense unit's mask rows of one (batch, head) (nullptr when the unit is not dense), and whether they allow the
-// 16-byte loads: unit column stride and 16-byte aligned rows. Params: FwdParams or BwdParams (same mask fields).
+// 16-byte loads: unit column stride and 16-byte aligned rows. Params: FwdParams or BwdParams (CallParams's mask fields).
 struct DenseMaskRows {
   const uint8_t* rows;  // row r at rows + r * mask_row_stride
   bool vec;

@@ -55,7 +55,12 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           int64_t list_batch, int64_t list_heads, int64_t list_rows) {
   count_cuda_handler_run(stream);
   QkvDims s;
-  if (auto e = decode_qkv(kTarget, q, k, v, s); e.failure()) return e;
+  BwdParams p;
+  BroadcastOperand bias_op;
+  if (auto e = set_call_params(kTarget, q, k, v, bias, bound_rows, key_segments, scale, softcap, is_causal, s, p,
+                               bias_op);
+      e.failure())
+    return e;
   const int64_t B = s.B, Lq = s.Lq, H = s.H, D = s.D, Lk = s.Lk, Hkv = s.Hkv;
   const auto dt = q.element_type();
   if (out.element_type() != dt || dout.element_type() != dt || dq->element_type() != dt ||
@@ -105,10 +110,6 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   if (!deterministic && !key_list_path && dq_accum->element_count() != q.element_count())
     return bad("dq_accum must have q's element count unless deterministic or on the key-list path");
 
-  BwdParams p;
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
   p.out = out.untyped_data();
   p.dout = dout.untyped_data();
   p.lse = lse.typed_data();
@@ -120,29 +121,14 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.delta = delta->typed_data();
   if (nonfinite->element_count() != 1) return bad("nonfinite must be one u32 word");
   p.nonfinite = nonfinite->typed_data();  // read by the Hopper route only (flash_bwd.h)
-  p.batch = static_cast<int>(B), p.heads = static_cast<int>(H), p.kv_heads = static_cast<int>(Hkv);
-  p.q_len = static_cast<int>(Lq), p.kv_len = static_cast<int>(Lk), p.head_dim = static_cast<int>(D);
-  p.group = static_cast<int>(H / Hkv);
-  p.is_bf16 = s.is_bf16;
-  p.scale = scale;
-  p.softcap = softcap;
-  p.is_causal = is_causal;
   p.deterministic = deterministic;
-  if (auto e = decode_row_bounds(bound_rows, key_segments, B, Lq, Lk, &p.bounds); e.failure()) return e;
   if (p.bounds.present() && key_list_path) return bad("row bounds are taken on the key-tile path only");
 
   if (bias.element_count() > 0) {
     const auto bt = bias.element_type();
-    if (auto e = bias_dtype(kTarget, bt, p.bias_dtype); e.failure()) return e;
     if (dbias->element_type() != bt || dbias->element_count() != bias.element_count())
       return bad("dbias must have bias's shape and dtype");
-    BroadcastOperand op;
-    if (auto e = decode_broadcast(kTarget, "bias", bias, p.bias_dtype, s, op); e.failure()) return e;
-    const int64_t dims[4] = {op.batch, op.heads, op.rows, op.cols};
-    p.bias = op.data;
-    p.bias_batch_stride = op.batch_stride, p.bias_head_stride = op.head_stride;
-    p.bias_row_stride = op.row_stride, p.bias_col_stride = op.col_stride;
-    p.bias_hdiv = static_cast<int>(op.heads_per_index);
+    const int64_t dims[4] = {bias_op.batch, bias_op.heads, bias_op.rows, bias_op.cols};
     p.bias_size = bias.element_count();
     p.dbias = dbias->untyped_data();
     // dbias partial sums added in fp32: into dbias itself for an f32 bias, else into the f32 workspace of bias's
@@ -190,12 +176,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     int64_t dims[4] = {list_batch, list_heads, list_rows, Lk};  // a compact mask's list geometry
     if (!compact) {
       BroadcastOperand op;
-      if (auto e = decode_broadcast(kTarget, "mask", mask, DType::kF32, s, op); e.failure()) return e;
+      if (auto e = set_mask_params(kTarget, mask, s, p, op); e.failure()) return e;
       dims[0] = op.batch, dims[1] = op.heads, dims[2] = op.rows, dims[3] = op.cols;
-      p.mask = reinterpret_cast<const uint8_t*>(op.data);
-      p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
-      p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
-      p.mask_hdiv = static_cast<int>(op.heads_per_index);
     } else {
       p.mask_hdiv = static_cast<int>(H / dims[1]);
     }

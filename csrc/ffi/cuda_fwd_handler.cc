@@ -38,41 +38,24 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   count_cuda_handler_run(stream);
   constexpr const char* kTarget = "dmattn_fwd_cuda";
   QkvDims s;
-  if (auto e = decode_qkv(kTarget, q, k, v, s); e.failure()) return e;
+  FwdParams p;
+  BroadcastOperand bias_op;
+  if (auto e = set_call_params(kTarget, q, k, v, bias, bound_rows, key_segments, scale, softcap, is_causal, s, p,
+                               bias_op);
+      e.failure())
+    return e;
   if (out->element_type() != q.element_type())
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: out must have q's dtype");
-  const int64_t B = s.B, Lq = s.Lq, H = s.H, D = s.D, Lk = s.Lk, Hkv = s.Hkv;
+  const int64_t Lq = s.Lq, H = s.H, D = s.D, Lk = s.Lk, Hkv = s.Hkv;
 
-  FwdParams p;
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
   p.out = out->untyped_data();
   p.lse = lse->typed_data();
   p.q_row_stride = H * D, p.q_head_stride = D, p.q_batch_stride = Lq * H * D;
   p.k_row_stride = Hkv * D, p.k_head_stride = D, p.k_batch_stride = Lk * Hkv * D;
   p.v_row_stride = Hkv * D, p.v_head_stride = D, p.v_batch_stride = Lk * Hkv * D;
   p.o_row_stride = H * D, p.o_head_stride = D, p.o_batch_stride = Lq * H * D;
-  p.batch = static_cast<int>(B), p.heads = static_cast<int>(H), p.kv_heads = static_cast<int>(Hkv);
-  p.q_len = static_cast<int>(Lq), p.kv_len = static_cast<int>(Lk), p.head_dim = static_cast<int>(D);
-  p.group = static_cast<int>(H / Hkv);
-  p.is_bf16 = s.is_bf16;
-  p.scale = scale;
-  p.softcap = softcap;
-  p.is_causal = is_causal;
   p.skip_empty_tiles = skip_empty_tiles;
 
-  if (bias.element_count() > 0) {
-    if (auto e = bias_dtype(kTarget, bias.element_type(), p.bias_dtype); e.failure()) return e;
-    BroadcastOperand op;
-    if (auto e = decode_broadcast(kTarget, "bias", bias, p.bias_dtype, s, op); e.failure()) return e;
-    p.bias = op.data;
-    p.bias_batch_stride = op.batch_stride, p.bias_head_stride = op.head_stride;
-    p.bias_row_stride = op.row_stride, p.bias_col_stride = op.col_stride;
-    p.bias_hdiv = static_cast<int>(op.heads_per_index);
-  }
-
-  if (auto e = decode_row_bounds(bound_rows, key_segments, B, Lq, Lk, &p.bounds); e.failure()) return e;
   if (p.bounds.present() && use_key_lists)
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: row bounds are taken on the tile path only");
 
@@ -88,12 +71,7 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key list inputs must be zero-size unless key_lists");
   if (has_mask) {
     BroadcastOperand op;
-    if (auto e = decode_broadcast(kTarget, "mask", mask, DType::kF32, s, op); e.failure()) return e;
-    p.mask = reinterpret_cast<const uint8_t*>(op.data);
-    p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
-    p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
-    p.mask_hdiv = static_cast<int>(op.heads_per_index);
-
+    if (auto e = set_mask_params(kTarget, mask, s, p, op); e.failure()) return e;
     if (use_key_lists && op.cols != Lk)
       return ffi::Error::InvalidArgument("dmattn_fwd_cuda: key lists need a full key dim");
   }

@@ -10,7 +10,9 @@
 #include "xla/ffi/api/ffi.h"
 
 #include "attention_params.h"
+#include "cuda/flash_params.h"
 #include "cuda/key_lists.h"
+#include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
 #include "kernel_facts.h"
 
@@ -127,6 +129,47 @@ inline xla::ffi::Error key_list_capacity_from_sizes(const char* target, const in
   if (static_cast<int64_t>(n_bits_u32) != 2 * args.bits_size())
     return bad("key bit words have " + std::to_string(n_bits_u32) + " u32 elements, expected " +
                std::to_string(2 * args.bits_size()) + " for capacity " + std::to_string(args.capacity));
+  return xla::ffi::Error::Success();
+}
+
+// The part of a forward's or a backward's parameters that both handlers fill alike (CallParams, flash_params.h): q,
+// k, v and their sizes (also into `s`), the logit rule, the bias (pointer, dtype, broadcast strides; `bias_op` gets
+// its shape) and the row bounds. The mask is set_mask_params's, since the handlers decide when they read it.
+inline xla::ffi::Error set_call_params(const char* target, const xla::ffi::AnyBuffer& q,
+                                       const xla::ffi::AnyBuffer& k, const xla::ffi::AnyBuffer& v,
+                                       const xla::ffi::AnyBuffer& bias, const xla::ffi::AnyBuffer& bound_rows,
+                                       const xla::ffi::AnyBuffer& key_segments, float scale, float softcap,
+                                       bool is_causal, QkvDims& s, CallParams& p, BroadcastOperand& bias_op) {
+  if (auto e = decode_qkv(target, q, k, v, s); e.failure()) return e;
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.batch = static_cast<int>(s.B), p.heads = static_cast<int>(s.H), p.kv_heads = static_cast<int>(s.Hkv);
+  p.q_len = static_cast<int>(s.Lq), p.kv_len = static_cast<int>(s.Lk), p.head_dim = static_cast<int>(s.D);
+  p.group = static_cast<int>(s.H / s.Hkv);
+  p.is_bf16 = s.is_bf16;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.is_causal = is_causal;
+  if (bias.element_count() > 0) {
+    if (auto e = bias_dtype(target, bias.element_type(), p.bias_dtype); e.failure()) return e;
+    if (auto e = decode_broadcast(target, "bias", bias, p.bias_dtype, s, bias_op); e.failure()) return e;
+    p.bias = bias_op.data;
+    p.bias_batch_stride = bias_op.batch_stride, p.bias_head_stride = bias_op.head_stride;
+    p.bias_row_stride = bias_op.row_stride, p.bias_col_stride = bias_op.col_stride;
+    p.bias_hdiv = static_cast<int>(bias_op.heads_per_index);
+  }
+  return decode_row_bounds(bound_rows, key_segments, s.B, s.Lq, s.Lk, &p.bounds);
+}
+
+// The bool mask of the call `s` into `p` (pointer, broadcast strides); `op` gets its shape.
+inline xla::ffi::Error set_mask_params(const char* target, const xla::ffi::Buffer<xla::ffi::PRED>& mask,
+                                       const QkvDims& s, CallParams& p, BroadcastOperand& op) {
+  if (auto e = decode_broadcast(target, "mask", mask, DType::kF32, s, op); e.failure()) return e;
+  p.mask = reinterpret_cast<const uint8_t*>(op.data);
+  p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
+  p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
+  p.mask_hdiv = static_cast<int>(op.heads_per_index);
   return xla::ffi::Error::Success();
 }
 
