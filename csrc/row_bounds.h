@@ -18,6 +18,16 @@ namespace dmattn {
 // the same for every row of a batch element). lo and hi are non-decreasing in i, so the keys a query tile may keep
 // are [lo(first row), hi(last row)), and the rows that may keep a key tile are found by bisection. Bb is 1
 // (strides 0) or B.
+// One row's bounds, read once and tested per key (RowBounds::range).
+struct RowRange {
+  int32_t lo = 0, hi = 0, segment = 0;
+  const int32_t* key_segments = nullptr;  // the element's key ids where the row compares them, else null
+
+  DMATTN_HOST_DEVICE bool keeps(int64_t j) const {
+    return lo <= j && j < hi && (key_segments == nullptr || key_segments[j] == segment);
+  }
+};
+
 struct RowBounds {
   const int32_t* rows = nullptr;  // nullptr: no bounds
   const int32_t* key_segments = nullptr;
@@ -33,6 +43,10 @@ struct RowBounds {
   DMATTN_HOST_DEVICE int32_t hi(int64_t b, int64_t i) const { return row(b, i)[1]; }
   DMATTN_HOST_DEVICE const int32_t* segments(int64_t b) const {
     return key_segments == nullptr ? nullptr : key_segments + b * segments_batch_stride;
+  }
+  DMATTN_HOST_DEVICE RowRange range(int64_t b, int64_t i) const {
+    const int32_t* r = row(b, i);
+    return RowRange{r[0], r[1], r[2], key_segments != nullptr && r[3] != 0 ? segments(b) : nullptr};
   }
   // Whether query rows [r0, r1) of batch b keep every key of [n0, n1) (n1 <= Lk): inside every row's range, with no
   // ids to compare. Then a tile needs no per-element test of the bounds.

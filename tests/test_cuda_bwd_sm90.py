@@ -156,31 +156,18 @@ BOUNDS_CASES = {
 def test_row_bounds_backward(name, kernel_route):
     import jax.numpy as jnp
     import jax_dmattn
-    from helpers import DEFAULT_FLOOR_RMS, GRAD_FLOOR_FRAC, assert_close, dense_sequences, packed_segments
+    from helpers import DEFAULT_FLOOR_RMS, GRAD_FLOOR_FRAC, assert_close, seed_from, sequence_keywords, split_static
 
     b, lq, lk, h, hkv, d, dtype, causal, seq = BOUNDS_CASES[name]
-    rng = np.random.default_rng(abs(hash(name)) % 2**31)
+    rng = np.random.default_rng(seed_from(f"test_cuda_bwd_sm90::bounds::{name}"))
     q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, heads, d)), dtype)
                      for n, heads in ((lq, h), (lk, hkv), (lk, hkv), (lq, h)))
     bias = jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), jnp.float32)
-    kw, dense_kw = {}, {}
-    if "window" in seq:
-        dense_kw["window"] = seq["window"]
-    if seq.get("segments") == "packed":
-        dense_kw["q_seg"] = dense_kw["kv_seg"] = packed_segments(rng, b, lq, 4)
-    elif seq.get("segments") == "random":
-        dense_kw["q_seg"] = rng.integers(0, 3, (b, lq)).astype(np.int32)
-        dense_kw["kv_seg"] = rng.integers(0, 3, (b, lk)).astype(np.int32)
-    if "q_seg" in dense_kw:
-        kw.update(q_segment_ids=jnp.asarray(dense_kw["q_seg"]), kv_segment_ids=jnp.asarray(dense_kw["kv_seg"]))
-    for key, arg in (("q_lens", "query_seq_lengths"), ("kv_lens", "key_value_seq_lengths")):
-        if key in seq:
-            kw[arg] = jnp.asarray(seq[key], jnp.int32)
-            dense_kw[key] = seq[key]
+    kw, dense = sequence_keywords(rng, b, lq, lk, is_causal=causal, **seq)
+    kw, window = split_static(kw)
 
     def loss(q, k, v, bias, kw):
-        out = jax_dmattn.attention(q, k, v, bias, is_causal=causal, implementation="cuda",
-                                   local_window_size=seq.get("window"), **kw)
+        out = jax_dmattn.attention(q, k, v, bias, is_causal=causal, implementation="cuda", **window, **kw)
         return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
 
     before = sm90_launches("bwd")
@@ -190,7 +177,6 @@ def test_row_bounds_backward(name, kernel_route):
     assert served == hopper, (f"route {kernel_route}: the Hopper backward "
                               f"{'did not serve' if hopper else 'served'} the call")
 
-    dense = dense_sequences(b, lq, lk, is_causal=causal, **dense_kw)
     expected = oracle.oracle_grads(q, k, v, bias, dense, dout)
     floors = oracle.oracle_grads(q, k, v, bias, dense, dout, magnitude=True)
     for nm, g, e, fl in zip(("dq", "dk", "dv", "dbias"), got, expected, floors):

@@ -1,8 +1,8 @@
 // Hopper (sm_90a) backward mainloop for the calls without a mask: plain and bottom-right causal attention, row bounds
 // (segment ids, a window, sequence lengths: row_bounds.h), a bias constant along query rows (the paper's per-key
-// bias [B, Hkv, 1, Lk] and its broadcasts) with its dbias, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's Hopper FMHA backward collective, included from the
-// nvidia-cutlass wheel's examples/88_hopper_fmha (never copied here): its shared-memory layouts, pipelines and tiled
-// MMAs, and its kernel (a producer warpgroup whose warps load by TMA and reduce dQ, two consumer warpgroups of 64
+// bias [B, Hkv, 1, Lk] and its broadcasts) with its dbias, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's
+// Hopper FMHA backward collective, included from the nvidia-cutlass wheel's examples/88_hopper_fmha (never copied
+// here): its shared-memory layouts, pipelines and tiled MMAs, and its kernel (a producer warpgroup whose warps load by TMA and reduce dQ, two consumer warpgroups of 64
 // keys each, register reallocation, and the dK / dV epilogue by TMA store). What this file adds is the schedule of
 // the work and the consumer's compute step, because both are ours: a CTA of 128 keys of one kv head walks the query
 // tiles that see them and, inside each, the query heads of its GQA group (so dK and dV of the whole group sum in
@@ -377,9 +377,6 @@ struct BwdMainloop
     constexpr int kCols = decltype(size<1>(cS_mn))::value;  // query rows per thread
     static_assert(kKeys * kCols <= 32 && kCols < 32, "kept bits fit one word");
     const int causal_off = lk - lq;
-    // Row bounds: whether key ids are compared (the same for every row of a batch element) and this element's ids.
-    const int32_t* key_segments = kBounded ? lg.bounds.segments(b) : nullptr;
-    const bool compare_ids = kBounded && key_segments != nullptr && lg.bounds.row(b, 0)[3] != 0;
 
     // The bias of this thread's keys (one value per key: the bias is constant along rows), and its gradient's
     // partial column sums, added over trips while the bias head stays the same and flushed when it changes.
@@ -459,10 +456,8 @@ struct BwdMainloop
       // bounds) keys outside the range of some row of the tile.
       bool check = row0 + kBlockM > lq || key0 + kWgKeys > lk;
       if constexpr (kCausal) check = check || key0 + kWgKeys - 1 > row0 + causal_off;
-      if constexpr (kBounded) {
-        check = check || compare_ids || lg.bounds.lo(b, min(row0 + kBlockM, lq) - 1) > key0 ||
-                lg.bounds.hi(b, min(row0, lq - 1)) < key0 + kWgKeys;
-      }
+      if constexpr (kBounded)
+        check = check || !lg.bounds.keeps_all(b, row0, min(row0 + kBlockM, lq), key0, key0 + kWgKeys);
       uint32_t kept = 0xffffffffu;
 
       warpgroup_wait<1>();  // this trip's S
@@ -475,14 +470,11 @@ struct BwdMainloop
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kCols; ++j) {
           const int row = row0 + int(get<1>(cS_mn(0, j)));
-          const int32_t* bounds = lg.bounds.row(b, min(row, lq - 1));
-          const int lo = row < lq ? bounds[0] : lk, hi = bounds[1], segment = bounds[2];
+          if (row >= lq) continue;  // rows past Lq keep nothing
+          const RowRange range = lg.bounds.range(b, row);
           CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kKeys; ++i) {
-            const int key = key0 + int(get<0>(cS_mn(i, j)));
-            const bool keep = lo <= key && key < hi && (!compare_ids || key_segments[key] == segment);
-            kept |= uint32_t(keep) << (i * kCols + j);
-          }
+          for (int i = 0; i < kKeys; ++i)
+            kept |= uint32_t(range.keeps(key0 + int(get<0>(cS_mn(i, j))))) << (i * kCols + j);
         }
       } else if (check) {
         kept = 0u;

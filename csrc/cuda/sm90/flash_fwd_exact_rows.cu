@@ -60,17 +60,14 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
         qv[e] = d < p.head_dim ? to_float(qr[d]) : 0.f;
         acc[e] = 0.f;
       }
-      int first = 0, last = p.kv_len - 1;
-      if (p.is_causal) last = min(last, i + p.kv_len - p.q_len);
-      const int32_t* key_segments = nullptr;
-      int segment = 0;
-      if (p.bounds.present()) {  // row bounds fold causality in (is_causal is false with them)
-        first = p.bounds.lo(b, i), last = p.bounds.hi(b, i) - 1, segment = p.bounds.row(b, i)[2];
-        if (p.bounds.row(b, i)[3] != 0) key_segments = p.bounds.segments(b);
-      }
+      // The row's keys: its bounds (which fold causality in: is_causal is false with them), or 0 .. Lk - 1 up to the
+      // causal limit.
+      RowRange range{0, p.kv_len, 0, nullptr};
+      if (p.bounds.present()) range = p.bounds.range(b, i);
+      else if (p.is_causal) range.hi = min(p.kv_len, i + p.kv_len - p.q_len + 1);
       float m = -INFINITY, sum = 0.f;
-      for (int j = first; j <= last; ++j) {
-        if (key_segments != nullptr && key_segments[j] != segment) continue;
+      for (int j = range.lo; j < range.hi; ++j) {
+        if (!range.keeps(j)) continue;
         float x = 0.f;
 #pragma unroll
         for (int e = 0; e < kMaxPerLane; ++e) {
