@@ -179,6 +179,7 @@ def test_rows_past_query_length_have_zero_output_and_gradient(implementation):
             assert np.all(np.isfinite(np.asarray(g[b, :n], np.float32)))
 
 
+@pytest.mark.cpu_kernels
 def test_traced_lengths_and_ids_under_jit_and_vmap():
     """Lengths and segment ids are ordinary traced arrays: one compiled function serves any values, and vmap over
     them (with q / k / v) equals the per-example calls."""
@@ -199,6 +200,7 @@ def test_traced_lengths_and_ids_under_jit_and_vmap():
         np.testing.assert_allclose(np.asarray(got[e]), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.cpu_kernels
 def test_window_matches_an_explicit_mask_bit_for_bit():
     """A window is the same computation as the bool mask it stands for: the CPU kernels give equal bits."""
     rng = _rng("window-bits", "cpu")
