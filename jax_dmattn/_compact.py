@@ -32,6 +32,8 @@ INDEX_PAD = np.iinfo(np.int32).max
 # The pure-jnp reference materialises [B, H, Lq, Lk] float32 logits; past this many scores a compact mask is
 # refused there (the kernels never need that array).
 REFERENCE_MAX_SCORES = 1 << 31
+# A TopKMask under row bounds ranks each row's visible keys in chunks of rows of at most this many scores (64 MiB).
+BOUNDED_TOPK_SCORES = 1 << 24
 
 
 def _shape_str(shape) -> str:
@@ -166,8 +168,60 @@ def topk_row_thresholds(scores, k: int, *, q_len: int, is_causal: bool):
     return t.reshape(bs, hs, q_len).astype(jnp.float32), jt.reshape(bs, hs, q_len).astype(jnp.int32)
 
 
-def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool):
-    """(mask, row_threshold, row_threshold_key) operands of the CPU targets for a normal-form mask."""
+def bounded_topk_rows(scores, k: int, rows, key_segments, *, last_only: bool):
+    """Per query row, its k best (score, index) among the keys its row bounds leave it (jax_dmattn/_bounds.py):
+    (vals float32, idx int32), each [B', Hs, Lq, k] (B' = max(Bs, Bb)), best first, ties to the lower index; a
+    slot past the row's visible keys holds (-inf, some index). ``last_only``: only the k-th, [B', Hs, Lq].
+    scores: normal form [Bs, Hs, 1, Lk]; rows int32 [Bb, Lq, 4]; key_segments int32 [Bb, Lk] or None.
+
+    The rows go in chunks of at most BOUNDED_TOPK_SCORES scores, so the [Lq, Lk] visibility never exists whole;
+    the work is O(Lq * Lk) per head (a bounded row's keys are not a prefix, which the causal prefix pass needs)."""
+    bs, hs, _, lk = scores.shape
+    bb, lq, _ = rows.shape
+    b = max(bs, bb)
+    s = jnp.broadcast_to(scores[:, :, 0, :], (b, hs, lk))
+    rows = jnp.broadcast_to(rows, (b, lq, 4))
+    ks = None if key_segments is None else jnp.broadcast_to(key_segments, (b, lk))
+    chunk = max(1, min(lq, BOUNDED_TOPK_SCORES // (b * hs * lk)))
+    n = -(-lq // chunk)
+    # padded rows see no key (lo = hi = 0)
+    rows = jnp.pad(rows, [(0, 0), (0, n * chunk - lq), (0, 0)])
+    keys = jnp.arange(lk, dtype=jnp.int32)
+
+    def one(r):  # r [b, chunk, 4] -> the chunk's k best of each row
+        lo, hi, seg, compare = (r[..., t, None] for t in range(4))
+        visible = (keys >= lo) & (keys < hi)
+        if ks is not None:
+            visible = visible & ((compare == 0) | (seg == ks[:, None, :]))
+        # canonical scores are finite, so -inf ranks below every visible key
+        vals, idx = masks.top_k_unfused(jnp.where(visible[:, None], s[:, :, None, :], -jnp.inf), k)
+        return (vals[..., k - 1], idx[..., k - 1]) if last_only else (vals, idx)
+
+    vals, idx = lax.map(one, rows.reshape(b, n, chunk, 4).transpose(1, 0, 2, 3))
+    # [n, b, hs, chunk, ...] -> [b, hs, n * chunk, ...]
+    vals, idx = (jnp.moveaxis(x, 0, 2).reshape((b, hs, n * chunk) + x.shape[4:])[:, :, :lq] for x in (vals, idx))
+    return vals, idx.astype(jnp.int32)
+
+
+def bounded_topk_indices(scores, k: int, rows, key_segments):
+    """A normal-form KeyIndices operand [B', Hs, Lq, k] of a TopKMask under row bounds: each row's own top k."""
+    vals, idx = bounded_topk_rows(scores, k, rows, key_segments, last_only=False)
+    return jnp.sort(jnp.where(vals == -jnp.inf, INDEX_PAD, idx), axis=-1)
+
+
+def bounded_topk_dense(scores, k: int, bounds_keep):
+    """The bool mask [B', Hs, Lq, Lk] of a TopKMask under row bounds (the reference): each row's top k among the
+    keys ``bounds_keep`` [Bb, 1, Lq, Lk] leaves it, by masks.topk_mask, not by the kernels' chunked pass."""
+    return masks.topk_mask(scores, k, mask=bounds_keep)
+
+
+def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool, rows=None, key_segments=None):
+    """(mask, row_threshold, row_threshold_key) operands of the CPU targets for a normal-form mask. With row
+    bounds (``rows``) a top-k row's threshold is its k-th best among the keys the bounds leave it."""
+    if kind == "topk" and rows is not None:
+        t, jt = bounded_topk_rows(mask, k, rows, key_segments, last_only=True)
+        # the scores' batch grows to the thresholds': the kernels' tile classes read both on one grid
+        return jnp.broadcast_to(mask, (t.shape[0],) + mask.shape[1:]), t, jt
     if kind == "topk":
         t, jt = topk_row_thresholds(mask, k, q_len=q_len, is_causal=is_causal)
         return mask, t, jt

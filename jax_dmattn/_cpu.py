@@ -21,9 +21,10 @@ FWD_TARGET = "dmattn_fwd_cpu"
 BWD_TARGET = "dmattn_bwd_cpu"
 
 
-def _mask_operands(mask, *, q_len: int, is_causal: bool, mask_kind: str, mask_k: int):
+def _mask_operands(mask, rows, key_segments, *, q_len: int, is_causal: bool, mask_kind: str, mask_k: int):
     """(mask, row_threshold, row_threshold_key) operands and the mask_kind attribute."""
-    operands = _compact.cpu_operands(mask, mask_kind, mask_k, q_len=q_len, is_causal=is_causal)
+    operands = _compact.cpu_operands(mask, mask_kind, mask_k, q_len=q_len, is_causal=is_causal, rows=rows,
+                                     key_segments=key_segments)
     return operands, np.int64(_ffi.kernel_facts()["mask_kinds"][mask_kind])
 
 
@@ -43,7 +44,8 @@ def flash_fwd(q, k, v, bias, mask, rows=None, key_segments=None, *, scale: float
     _ffi.register_targets()
     b, lq, h, _ = q.shape
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
-    mask_operands, kind = _mask_operands(mask, q_len=lq, is_causal=is_causal, mask_kind=mask_kind, mask_k=mask_k)
+    mask_operands, kind = _mask_operands(mask, rows, key_segments, q_len=lq, is_causal=is_causal, mask_kind=mask_kind,
+                                         mask_k=mask_k)
     kernel_causal = is_causal if kernel_causal is None else kernel_causal
     return jax.ffi.ffi_call(FWD_TARGET, out_types)(q, k, v, bias, *mask_operands,
                                                    *_bounds_operands(rows, key_segments), mask_kind=kind,
@@ -56,8 +58,8 @@ def flash_bwd(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, *, 
     """(dq, dk, dv, dbias), each in its operand's shape and dtype (dbias zero-size when bias is)."""
     _ffi.register_targets()
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, bias))
-    mask_operands, kind = _mask_operands(mask, q_len=q.shape[1], is_causal=is_causal, mask_kind=mask_kind,
-                                         mask_k=mask_k)
+    mask_operands, kind = _mask_operands(mask, rows, key_segments, q_len=q.shape[1], is_causal=is_causal,
+                                         mask_kind=mask_kind, mask_k=mask_k)
     kernel_causal = is_causal if kernel_causal is None else kernel_causal
     return jax.ffi.ffi_call(BWD_TARGET, out_types)(q, k, v, bias, *mask_operands,
                                                    *_bounds_operands(rows, key_segments), out, lse, dout, dlse,

@@ -98,10 +98,13 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
     return (out, lse) if return_lse else out
 
 
-def _cuda_compact_with_bounds(mask, bounds):
-    """(mask, bounds, is_causal) for the CUDA key-list kernels, which take no row bounds: KeyIndices with the keys
-    outside the bounds dropped (the bounds hold causality, so none is left to apply)."""
-    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), None, False
+def _cuda_compact_with_bounds(mask, mask_kind: str, mask_k: int, bounds):
+    """(mask, mask_kind, bounds, is_causal) for the CUDA key-list kernels, which take no row bounds: KeyIndices
+    with the keys outside the bounds dropped (the bounds hold causality, so none is left to apply); a TopKMask
+    becomes each row's own top k among the keys its bounds leave it."""
+    if mask_kind == "topk":
+        return _compact.bounded_topk_indices(mask, mask_k, bounds.rows, bounds.key_segments), "indices", None, False
+    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), mask_kind, None, False
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, softcap=None,
@@ -116,8 +119,8 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         of its own shape and dtype.
       mask: optional bool array, same broadcast rule; True = attend. Tiles that are all False are skipped.
         Or a compact mask that never becomes an [Lq, Lk] array: ``TopKMask(scores, k)`` (per row, the k keys of
-        largest per-key score it sees) or ``KeyIndices(indices)`` (the keys each row keeps); see
-        docs/compact_masks.md.
+        largest per-key score among those it sees: causality, segment ids, window and lengths all narrow that)
+        or ``KeyIndices(indices)`` (the keys each row keeps); see docs/compact_masks.md.
       scale: logit scale, default D ** -0.5.
       is_causal: bottom-right causal: query i sees key j iff j <= i + Lk - Lq.
       softcap: if set (> 0), logits = softcap * tanh(scale * q.k / softcap), before the bias is added.
@@ -158,17 +161,12 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         implementation = default_implementation(query.dtype, call.head_dim)
     elif implementation != "xla" and not _kernels_built(implementation):
         raise ValueError(_validation.missing_kernels_message(implementation))
-    if implementation == "cuda":
-        _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
     bounds = _bounds.make_row_bounds(batch=call.batch, q_len=call.q_len, kv_len=call.kv_len, is_causal=is_causal,
                                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                      local_window_size=local_window_size, query_seq_lengths=query_seq_lengths,
                                      key_value_seq_lengths=key_value_seq_lengths)
-    if bounds is not None and call.mask_kind == "topk":
-        # Its k keys would be chosen among the keys causality leaves a row, not among those the bounds leave.
-        raise ValueError("jax_dmattn.attention: a TopKMask does not combine with segment ids, local_window_size or "
-                         "sequence lengths (its top k would be chosen outside them); pass KeyIndices or a bool mask "
-                         "with them (docs/sequences.md)")
+    if implementation == "cuda" and bounds is None:
+        _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
     seq_axis = _explicit_sequence_axis(query, key)
     if seq_axis is not None and bounds is not None:
         raise ValueError("jax_dmattn.attention: segment ids, local_window_size and sequence lengths are not taken "
@@ -182,21 +180,29 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     empty = call.kv_len == 0 or call.batch * call.heads * call.q_len == 0
     if implementation == "xla" or empty:
         _compact.check_reference_size(call.mask_kind, call.batch, call.heads, call.q_len, call.kv_len)
-        mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
-                                 is_causal=is_causal)
         if bounds is not None:  # causality is in the bounds
-            mask, is_causal = _bounds.and_masks(mask, _bounds.dense_keep(bounds, call.kv_len)), False
+            keep = _bounds.dense_keep(bounds, call.kv_len)
+            if call.mask_kind == "topk":  # each row's top k among the keys the bounds leave it
+                mask = _compact.bounded_topk_dense(call.mask, call.mask_k, keep)
+            else:
+                mask = _bounds.and_masks(_compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len,
+                                                           kv_len=call.kv_len, is_causal=False), keep)
+            is_causal = False
+        else:
+            mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
+                                     is_causal=is_causal)
         out, lse = reference.reference_core(query, key, value, call.bias, mask, scale=call.scale,
                                             is_causal=is_causal, softcap=call.softcap)
         return (out, lse.astype(jnp.float32)) if return_lse else out
 
     q, k, v, bias_arg = kernel_operands(query, key, value, call.bias, implementation)
-    mask, mask_kind = call.mask, call.mask_kind
+    mask, mask_kind, mask_k = call.mask, call.mask_kind, call.mask_k
     if implementation == "cuda" and bounds is not None and mask_kind != "bool":
-        mask, bounds, is_causal = _cuda_compact_with_bounds(mask, bounds)
+        mask, mask_kind, bounds, is_causal = _cuda_compact_with_bounds(mask, mask_kind, mask_k, bounds)
+        mask_k = 0
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
-                                      mask_kind=mask_kind, mask_k=call.mask_k)
+                                      mask_kind=mask_kind, mask_k=mask_k)
     rows, key_segments = (None, None) if bounds is None else (bounds.rows, bounds.key_segments)
     out, lse = _primitives.flash_attention(q, k, v, bias_arg, mask, config, rows, key_segments)
     out = out[..., :call.head_dim]

@@ -151,18 +151,27 @@ def rope_qk(q: Array, k: Array, positions: Array | None, theta: float | None) ->
 
 
 def module_attention(module, q: Array, k: Array, v: Array, bias: Array | None, mask: Array | None,
-                     *, is_causal: bool | None = None) -> Array:
+                     *, is_causal: bool | None = None, segment_ids: Array | None = None) -> Array:
     """The attention call of a DynamicMaskAttention module (linen or nnx: the same option names): with a dynamic
     ``bias``, its top-k selection (:func:`dynamic_attention_inputs`) combined with ``mask``; else ``mask`` alone.
-    ``is_causal``: None for the module's own flag (a decoding step passes False: its mask says what is visible)."""
+    ``is_causal``: None for the module's own flag (a decoding step passes False: its mask says what is visible).
+    ``segment_ids`` [B, L]: packed sequences; each token sees, and picks its top k among, its own document's keys."""
     causal = module.is_causal if is_causal is None else is_causal
     if bias is not None:
         bias, mask = dynamic_attention_inputs(
             bias, module.window_size, mask=mask, is_causal=causal, query_len=q.shape[1],
             use_block_topk=module.use_block_topk, block_q=module.block_q, block_k=module.block_k,
+            segment_ids=segment_ids,
         )
     return _attention(q, k, v, bias, mask, scale=module.scale, is_causal=causal, softcap=module.softcap,
+                      q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                       deterministic=module.deterministic_backward, implementation=module.implementation)
+
+
+def check_decode_segments(segment_ids):
+    if segment_ids is not None:
+        raise ValueError("decode: segment_ids are for whole packed sequences; a decoding step continues one "
+                         "sequence per batch row (pass segment_ids only without decode)")
 
 
 def decode_step(
@@ -230,6 +239,7 @@ def dynamic_attention_inputs(
     use_block_topk: bool = False,
     block_q: int = 128,
     block_k: int = 128,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, Any]:
     """The ``(bias, mask)`` pair that the modules pass to :func:`jax_dmattn.attention`.
 
@@ -248,14 +258,24 @@ def dynamic_attention_inputs(
       query dim): the dense ``dynamic_mask``, with the bias unchanged.
 
     ``window_size`` None or >= the key length: ``(bias, mask)`` unchanged.
+
+    ``segment_ids`` [B, L] (self-attention over packed sequences): the caller passes them to attention as
+    ``q_segment_ids`` and ``kv_segment_ids``, under which a TopKMask picks each row's keys among its own
+    document's; the dense selection gets the same restriction as a mask.
     """
     lk = bias.shape[-1]
     if window_size is None or window_size >= lk:
         return bias, mask
-    dense = functools.partial(
-        dynamic_mask, bias, window_size, mask=mask, is_causal=is_causal, query_len=query_len,
-        use_block_topk=use_block_topk, block_q=block_q, block_k=block_k,
-    )
+
+    def dense():
+        allowed = mask
+        if segment_ids is not None:
+            seg = jnp.asarray(segment_ids)
+            same = (seg[:, :, None] == seg[:, None, :])[:, None]
+            allowed = same if mask is None else jnp.logical_and(mask, same)
+        return dynamic_mask(bias, window_size, mask=allowed, is_causal=is_causal, query_len=query_len,
+                            use_block_topk=use_block_topk, block_q=block_q, block_k=block_k)
+
     if use_block_topk or bias.ndim != 4 or bias.shape[2] != 1:
         return bias, dense()
     scores = jax.lax.stop_gradient(bias)[:, :, 0, :]
@@ -365,10 +385,13 @@ class DynamicMaskAttention(nn.Module):
         parameter dtype.  The bias is always computed and passed in float32.
       a_init, dt_kernel_init, dt_bias_init: initialisers of A and dt_proj.
 
-    ``__call__(x, mask=None, *, positions=None)``: ``mask`` is an optional bool
-    array broadcastable to [B, 1|Hkv|H, L, L] (e.g. a padding mask [B, 1, 1, L],
-    the form that keeps the mask compact), True = attend; ``positions`` ([L] or
-    [B, L], default ``arange(L)``) feed RoPE.
+    ``__call__(x, mask=None, *, positions=None, segment_ids=None)``: ``mask`` is an
+    optional bool array broadcastable to [B, 1|Hkv|H, L, L] (e.g. a padding mask
+    [B, 1, 1, L], the form that keeps the mask compact), True = attend;
+    ``positions`` ([L] or [B, L], default ``arange(L)``) feed RoPE;
+    ``segment_ids`` (int [B, L]) pack several documents in one row: a token
+    attends only within its document and its top-k is chosen among that
+    document's keys, as if each document ran alone (not with ``decode`` steps).
     The bias is sown as ``intermediates/dynamic_bias``.
     """
 
@@ -398,7 +421,8 @@ class DynamicMaskAttention(nn.Module):
     dt_bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None,
+                 segment_ids: Array | None = None) -> Array:
         if x.ndim != 3:
             raise ValueError(f"x must be [batch, length, features], got shape {tuple(x.shape)}")
         features = x.shape[-1]
@@ -434,6 +458,7 @@ class DynamicMaskAttention(nn.Module):
                           if bias is not None else None)
             index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
             if stepping:
+                check_decode_segments(segment_ids)
                 out, (key_cache.value, value_cache.value, new_bias, index.value) = decode_step(
                     self, q, k, v, bias, mask, positions,
                     (key_cache.value, value_cache.value, None if bias_cache is None else bias_cache.value,
@@ -444,7 +469,7 @@ class DynamicMaskAttention(nn.Module):
         q, k = rope_qk(q, k, positions, self.rope_theta)
         if bias is not None:
             self.sow("intermediates", "dynamic_bias", bias)
-        return o_proj(module_attention(self, q, k, v, bias, mask))
+        return o_proj(module_attention(self, q, k, v, bias, mask, segment_ids=segment_ids))
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,8 @@ except ImportError as e:  # pragma: no cover - exercised only without flax
         "(or `pip install jax_dmattn[flax]`)"
     ) from e
 
-from jax_dmattn.flax import decode_step, dynamic_bias, module_attention, resolve_heads, rope_qk
+from jax_dmattn.flax import (check_decode_segments, decode_step, dynamic_bias, module_attention, resolve_heads,
+                             rope_qk)
 
 __all__ = ["DynamicMaskAttention", "HeadwiseLinear"]
 
@@ -158,9 +159,10 @@ class DynamicMaskAttention(nnx.Module):
         self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
 
     def __call__(self, x: Array, mask: Array | None = None, *, positions: Array | None = None,
-                 decode: bool | None = None) -> Array:
+                 segment_ids: Array | None = None, decode: bool | None = None) -> Array:
         """``decode`` (default: the constructor's): one decoding step of one token ``x`` [B, 1, E] over the cache
-        of :meth:`init_cache` (see :func:`jax_dmattn.flax.decode_step`)."""
+        of :meth:`init_cache` (see :func:`jax_dmattn.flax.decode_step`). ``segment_ids`` (int [B, L]): packed
+        documents, as in the linen module (not with decode)."""
         if x.ndim != 3 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must be [batch, length, {self.in_features}], got shape {tuple(x.shape)}"
@@ -178,6 +180,7 @@ class DynamicMaskAttention(nnx.Module):
                 v, dt.kernel[...], None if dt.bias is None else dt.bias[...], self.A[...]
             )
         if decode:
+            check_decode_segments(segment_ids)
             cache = (self.cached_key[...], self.cached_value[...],
                      self.cached_bias[...] if bias is not None else None, self.cache_index[...])
             out, (key, value, bias_cache, index) = decode_step(self, q, k, v, bias, mask, positions, cache)
@@ -190,4 +193,4 @@ class DynamicMaskAttention(nnx.Module):
         q, k = rope_qk(q, k, positions, self.rope_theta)
         if bias is not None and self.sow_bias:
             self.sow(nnx.Intermediate, "dynamic_bias", bias)
-        return self.o_proj(module_attention(self, q, k, v, bias, mask))
+        return self.o_proj(module_attention(self, q, k, v, bias, mask, segment_ids=segment_ids))

@@ -208,8 +208,10 @@ def test_module_errors():
 # --------------------------------------------------------------------------
 
 
-def dense_attention_inputs(bias, window_size, *, mask, **kw):
-    """What the modules passed to attention before the compact path: the bias and the dense bool mask."""
+def dense_attention_inputs(bias, window_size, *, mask, segment_ids=None, **kw):
+    """What the modules passed to attention before the compact path: the bias and the dense bool mask (the tests
+    that swap it in pass no segment ids)."""
+    assert segment_ids is None
     return bias, dynamic_mask(bias, window_size, mask=mask, **kw)
 
 
@@ -322,6 +324,45 @@ def test_compact_path_builds_no_square_array(monkeypatch):
     assert has_square(jaxpr(use_block_topk=True, block_q=64, block_k=64), n)
     monkeypatch.setattr(jflax, "dynamic_attention_inputs", dense_attention_inputs)
     assert has_square(jaxpr(pad), n)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=False)])
+def test_segment_ids_equal_separate_documents(kw):
+    """Packed documents (segment_ids) give each document's tokens what the module gives that document alone:
+    attention and the top-k both stay inside the document. (Block top-k is not in this list: its blocks pool
+    scores across a document boundary, so packing changes which blocks win.)"""
+    docs = (20, 9, 35)
+    n = sum(docs)
+    m = DynamicMaskAttention(4, 2, 8, 6, dt_kernel_init=nn.initializers.normal(1.0), implementation="xla", **kw)
+    x = _x(40, (2, n, E))
+    params = jax.jit(m.init)(jax.random.key(0), x)["params"]
+    seg = jnp.asarray(np.repeat(np.arange(len(docs)), docs)[None].repeat(2, 0), jnp.int32)
+    packed = jax.jit(lambda p, x, s: m.apply({"params": p}, x, segment_ids=s))(params, x, seg)
+    start = 0
+    for d in docs:
+        alone = m.apply({"params": params}, x[:, start:start + d])
+        np.testing.assert_allclose(packed[:, start:start + d], alone, rtol=1e-5, atol=1e-5)
+        start += d
+    # without the ids the documents mix: the test can fail
+    assert not np.allclose(m.apply({"params": params}, x)[:, docs[0]:], packed[:, docs[0]:], atol=1e-3)
+
+
+@pytest.mark.cpu_kernels
+def test_segment_ids_on_the_cpu_kernels_match_xla():
+    docs = (50, 14, 64)
+    n = sum(docs)
+    seg = jnp.asarray(np.repeat(np.arange(len(docs)), docs)[None].repeat(2, 0), jnp.int32)
+    x = _x(41, (2, n, E))
+    outs = []
+    for impl in ("xla", "cpu"):
+        m = DynamicMaskAttention(4, 2, 8, 8, dt_kernel_init=nn.initializers.normal(1.0), implementation=impl)
+        params = jax.jit(m.init)(jax.random.key(0), x)["params"]
+        f = jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply({"params": p}, x, segment_ids=seg) ** 2)))
+        outs.append(f(params))
+    (v0, g0), (v1, g1) = outs
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # norm-wise: fp32 sums in another order
+        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 1e-5 * np.linalg.norm(np.asarray(b))
 
 
 # --------------------------------------------------------------------------

@@ -77,6 +77,8 @@ def test_linen_decode_errors():
         model.apply(variables, x[:, :2], mutable=["cache"])
     with pytest.raises(ValueError, match="broadcast over the query dim"):
         model.apply(variables, x[:, :1], jnp.ones((B, 1, T, T), bool), mutable=["cache"])
+    with pytest.raises(ValueError, match="segment_ids"):
+        model.apply(variables, x[:, :1], segment_ids=jnp.zeros((B, 1), jnp.int32), mutable=["cache"])
     block = DynamicMaskAttention(num_heads=4, window_size=4, use_block_topk=True, block_q=4, block_k=4, decode=True,
                                  implementation="cpu")
     block_vars = block.init(jax.random.PRNGKey(0), x)
@@ -102,6 +104,9 @@ def test_nnx_decode_needs_a_cache():
     model = jnnx.DynamicMaskAttention(E, 4, window_size=4, decode=True, implementation="cpu", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="init_cache"):
         model(_x(6)[:, :1])
+    model.init_cache(_x(6).shape)
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(_x(6)[:, :1], segment_ids=jnp.zeros((B, 1), jnp.int32))
 
 
 def test_generate_example_matches_full_recomputation():

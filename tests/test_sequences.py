@@ -35,7 +35,7 @@ class SeqCase:
     q_lens: tuple | None = None
     kv_lens: tuple | None = None
     bias: str | None = "key"       # None | key [B, Hkv, 1, Lk] | full [B, H, Lq, Lk]
-    mask: str | None = None        # None | bool | indices
+    mask: str | None = None        # None | bool | indices | topk (TopKMask of per-key scores [B, Hkv, Lk], k = 12)
 
 
 CASES = {
@@ -57,7 +57,24 @@ CASES = {
     "bool-mask-packed": SeqCase(segments="packed", mask="bool"),
     "indices-lengths": SeqCase(q_lens=(150, 90), kv_lens=(150, 90), mask="indices"),
     "indices-packed": SeqCase(segments="packed", mask="indices", is_causal=False),
+    "topk-packed-causal": SeqCase(segments="packed", mask="topk"),
+    "topk-unsorted-noncausal": SeqCase(segments="random", mask="topk", is_causal=False, bias=None),
+    "topk-window-lengths": SeqCase(window=(40, 0), q_lens=(150, 70), kv_lens=(150, 70), mask="topk"),
+    "topk-decode-lengths": SeqCase(Lq=1, Lk=300, kv_lens=(300, 9), H=8, Hkv=2, mask="topk"),
 }
+TOPK_K = 12
+
+
+def topk_dense(scores, visible, k):
+    """bool [B, Hkv, Lq, Lk]: per row, its k best keys by (score desc, index asc) among ``visible`` [B, 1, Lq, Lk]."""
+    b_, hkv, lk = scores.shape
+    lq = visible.shape[2]
+    out = np.zeros((b_, hkv, lq, lk), bool)
+    for b, h, i in np.ndindex(b_, hkv, lq):
+        seen = np.nonzero(visible[b, 0, i])[0]
+        order = seen[np.lexsort((seen, -scores[b, h, seen]))]
+        out[b, h, i, order[:k]] = True
+    return out
 
 
 def make_inputs(case: SeqCase, rng, dtype):
@@ -78,6 +95,11 @@ def make_inputs(case: SeqCase, rng, dtype):
         if case.is_causal:  # the causal cut of the call applies to key indices too
             m &= np.arange(case.Lk)[None, :] <= np.arange(case.Lq)[:, None] + case.Lk - case.Lq
         mask, dense = KeyIndices(jnp.asarray(idx)), dense & np.repeat(m, case.H // case.Hkv, axis=1)
+    elif case.mask == "topk":
+        # a coarse grid of values, so that ties (broken towards the lower key) are common
+        scores = np.round(rng.standard_normal((case.B, case.Hkv, case.Lk)) * 2).astype(np.float32)
+        m = topk_dense(scores, dense, TOPK_K)
+        mask, dense = TopKMask(jnp.asarray(scores), TOPK_K), np.repeat(m, case.H // case.Hkv, axis=1)
     return (q, k, v, bias, mask), kw, dense
 
 
@@ -231,11 +253,21 @@ def test_invalid_arguments(kw, exc, text):
         jax_dmattn.attention(q, q, q, implementation="cpu", **kw)
 
 
-def test_topk_mask_with_bounds_is_refused(implementation):
-    """A TopKMask picks its k keys among those causality leaves a row: with bounds that choice would reach outside
-    them, so the combination is a ValueError on every implementation."""
+def test_topk_mask_keeps_k_keys_of_each_document(implementation):
+    """A TopKMask with packed segment ids: every row keeps min(k, its visible keys) keys, all of its own document,
+    as if each document ran alone (its top k chosen among its own keys, not among all earlier keys). With v the
+    identity, row i's output is its attention weights, nonzero exactly on the keys it keeps."""
     dtype = _dtype(implementation)
-    q = jnp.zeros((1, 64, 2, 64), dtype)
-    mask = TopKMask(jnp.zeros((1, 2, 64)), 8)
-    with pytest.raises(ValueError, match="TopKMask does not combine"):
-        jax_dmattn.attention(q, q, q, mask=mask, is_causal=True, local_window_size=8, implementation=implementation)
+    rng = _rng("topk-documents", implementation)
+    B, L, H, k, docs = 1, 96, 2, 5, 4
+    seg = jnp.asarray(np.repeat(np.arange(docs, dtype=np.int32), L // docs)[None])
+    scores = jnp.asarray(rng.standard_normal((B, H, L)).astype(np.float32))
+    q, kk = (jnp.asarray(rng.standard_normal((B, L, H, L)) * 0.1, dtype) for _ in range(2))
+    v = jnp.broadcast_to(jnp.eye(L, dtype=dtype)[None, :, None, :], (B, L, H, L))
+    w = np.asarray(jax_dmattn.attention(q, kk, v, mask=TopKMask(scores, k), is_causal=True, q_segment_ids=seg,
+                                        kv_segment_ids=seg, implementation=implementation), np.float32)
+    for i, h in np.ndindex(L, H):
+        kept = np.nonzero(w[0, i, h] > 0)[0]
+        start = (i // (L // docs)) * (L // docs)
+        assert len(kept) == min(k, i - start + 1), (i, h, kept)
+        assert np.all((kept >= start) & (kept <= i)), (i, h, kept)
