@@ -21,6 +21,10 @@ Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L
   decode_topk        the same with a per-key bias and a top-2048 mask (jax_dmattn.topk_mask of the bias) as a
                      bool [B, Hkv, 1, L] mask
   decode_topk_compact the same mask as jax_dmattn.TopKMask(scores = the bias's values, k=2048)
+  decode_ragged      decode with ragged lengths: element b's cache holds (b + 1) / B of the L slots
+  packed_docs        8 documents of L / 8 tokens packed by segment ids, no bias, no mask; L = 16K
+  sliding_window     a causal window of 4096 keys (local_window_size), no bias, no mask; L = 64K
+  packed_docs_topk   packed_docs with the per-key bias and TopKMask(k=1024) chosen within each document
 A case's default lengths are its "lengths" entry (1K, 4K, 16K, 32K when it has none). L is the key length; the
 query length is L too, except for the decode cases (one row).
 
@@ -95,6 +99,8 @@ CASES = {
     "packed_docs": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, segments=8, lengths=(16384,)),
     "sliding_window": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, local_window=(4096, 0),
                            lengths=(65536,)),
+    # The dynamic mask over packed documents: each row's top 1024 among its own document's keys.
+    "packed_docs_topk": dict(b=1, h=16, hkv=4, d=128, mask="topk_compact", segments=8, lengths=(16384,)),
 }
 # What bench_attention.py runs by default: the GPU cases (cpu_standard is bench_cpu.py's).
 GPU_CASES = tuple(name for name in CASES if name != "cpu_standard")
