@@ -4,7 +4,8 @@ implementation applies in-kernel, never an [Lq, Lk] mask (docs/sequences.md).
 The bounds operand of the primitives is int32 ``rows`` [Bb, Lq, 4] (Bb = 1 or B): per query row i the key range
 [lo_i, hi_i), its segment id and whether that id must be compared. Row i keeps key j iff lo_i <= j < hi_i and,
 where it compares, its segment id equals key j's (``key_segments`` [Bb, Lk]). A row compares only where its range
-does not already hold its segment exactly (ids not sorted), so the kernels load no key ids for packed sequences. lo and hi are non-decreasing in i: the kernels find the keys of a query
+does not already hold its segment exactly (ids not in contiguous runs), so the kernels load no key ids for packed
+sequences. lo and hi are non-decreasing in i: the kernels find the keys of a query
 tile and the query rows of a key tile from the first and last rows alone (or by bisection).
 
 What goes into them:
@@ -14,8 +15,9 @@ What goes into them:
   prefill (query and keys padded alike) both come out right.
 - the window (left, right) around that same diagonal: i + off_b - left <= j <= i + off_b + right;
 - key lengths: j < kv_len_b; query lengths: rows i >= q_len_b keep no key (output 0, lse -inf, zero gradients);
-- segment ids: only where both the query and the key ids of an element are sorted (packed sequences) does the
-  segment's key span narrow [lo, hi); otherwise the kernels' id comparison alone applies, so any ids are exact.
+- segment ids: where each key id of an element forms one contiguous run (packed documents, a padding id at the
+  end included) and the runs come in the query rows' order, the segment's key span narrows [lo, hi) and no id is
+  compared; otherwise the kernels' id comparison alone applies, so any ids are exact.
 """
 from __future__ import annotations
 
@@ -69,9 +71,35 @@ def any_given(*xs) -> bool:
     return any(x is not None for x in xs)
 
 
-def _sorted_rows(x):
+def _non_decreasing(x):
     """[B, L] -> bool [B]: the row is non-decreasing."""
     return jnp.all(x[:, 1:] >= x[:, :-1], axis=1) if x.shape[1] > 1 else jnp.ones(x.shape[:1], bool)
+
+
+def _segment_spans(q_seg, kv_seg):
+    """Per query row, the key span [lo, hi) of its segment id (int32 [B, Lq] each) and whether the spans are exact
+    and usable as row bounds (bool [B, 1]): each key id forms one contiguous run (packed documents, padding ids
+    included, in any order) and the spans are non-decreasing over the rows. A row whose id no key has gets an
+    empty span at the end of the previous row's."""
+    b, lk = kv_seg.shape
+    iota = jax.lax.broadcasted_iota(jnp.int32, kv_seg.shape, 1)
+    # stable: within one id the positions stay ascending, so the first and last of a run are its ends
+    ids, pos = jax.lax.sort((kv_seg, iota), dimension=1, num_keys=1, is_stable=True)
+    runs = jnp.sum(kv_seg[:, 1:] != kv_seg[:, :-1], axis=1)
+    distinct = jnp.sum(ids[:, 1:] != ids[:, :-1], axis=1)
+    contiguous = runs == distinct
+    # method="sort": the default's scan does not trace under an Explicit-axes mesh
+    find = lambda side: jax.vmap(lambda s, x: jnp.searchsorted(s, x, side=side, method="sort"))  # noqa: E731
+    first = find("left")(ids, q_seg).astype(jnp.int32)
+    end = find("right")(ids, q_seg).astype(jnp.int32)
+    present = end > first
+    take = lambda at: jnp.take_along_axis(pos, jnp.clip(at, 0, lk - 1), axis=1)  # noqa: E731
+    run_lo, run_hi = take(first), take(end - 1) + 1
+    fill = jax.lax.cummax(jnp.where(present, run_hi, 0), axis=1)
+    span_lo = jnp.where(present, run_lo, fill)
+    span_hi = jnp.where(present, run_hi, fill)
+    exact = contiguous & _non_decreasing(span_lo) & _non_decreasing(span_hi)
+    return span_lo, span_hi, exact[:, None]
 
 
 def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_segment_ids=None,
@@ -117,11 +145,7 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
     seg = compare = jnp.zeros((bb, lq), jnp.int32)
     if q_seg is not None:
         seg = q_seg
-        # method="sort": the default's scan does not trace under an Explicit-axes mesh
-        span = lambda side: jax.vmap(lambda s, x: jnp.searchsorted(s, x, side=side, method="sort"))  # noqa: E731
-        span_lo = span("left")(kv_seg, q_seg).astype(jnp.int32)
-        span_hi = span("right")(kv_seg, q_seg).astype(jnp.int32)
-        narrow = (_sorted_rows(q_seg) & _sorted_rows(kv_seg))[:, None]
+        span_lo, span_hi, narrow = _segment_spans(q_seg, kv_seg)
         lo = jnp.where(narrow, jnp.maximum(lo, span_lo), lo)
         hi = jnp.where(narrow, jnp.minimum(hi, span_hi), hi)
         compare = jnp.broadcast_to(jnp.where(narrow, 0, 1), (bb, lq)).astype(jnp.int32)

@@ -32,8 +32,10 @@ INDEX_PAD = np.iinfo(np.int32).max
 # The pure-jnp reference materialises [B, H, Lq, Lk] float32 logits; past this many scores a compact mask is
 # refused there (the kernels never need that array).
 REFERENCE_MAX_SCORES = 1 << 31
-# A TopKMask under row bounds ranks each row's visible keys in chunks of rows of at most this many scores (64 MiB).
+# A TopKMask under row bounds ranks each row's visible keys in chunks of rows of at most this many scores (64 MiB),
+# with candidates gathered per unit of SELECT_ROWS query rows where the bounds allow (bounded_topk_rows).
 BOUNDED_TOPK_SCORES = 1 << 24
+SELECT_ROWS = 128
 
 
 def _shape_str(shape) -> str:
@@ -174,33 +176,120 @@ def bounded_topk_rows(scores, k: int, rows, key_segments, *, last_only: bool):
     slot past the row's visible keys holds (-inf, some index). ``last_only``: only the k-th, [B', Hs, Lq].
     scores: normal form [Bs, Hs, 1, Lk]; rows int32 [Bb, Lq, 4]; key_segments int32 [Bb, Lk] or None.
 
-    The rows go in chunks of at most BOUNDED_TOPK_SCORES scores, so the [Lq, Lk] visibility never exists whole;
-    the work is O(Lq * Lk) per head (a bounded row's keys are not a prefix, which the causal prefix pass needs)."""
+    A bounded row's keys are not a prefix of the keys, which the unbounded causal pass relies on. Where every
+    unit of SELECT_ROWS rows has bounds that move by at most SELECT_ROWS keys at either end (causality, windows,
+    lengths, packed segments; ``_units_cover``), each row ranks only k + 2 * SELECT_ROWS candidates: the top k of
+    the range every wide row of its unit sees, and the keys at the unit's two ends (``_by_unit_candidates``).
+    Otherwise (unsorted segment ids, a segment boundary in a non-causal unit) every row ranks all Lk keys
+    (``_by_all_keys``). Both go in chunks of at most BOUNDED_TOPK_SCORES scores: no [Lq, Lk] array exists whole."""
     bs, hs, _, lk = scores.shape
     bb, lq, _ = rows.shape
     b = max(bs, bb)
     s = jnp.broadcast_to(scores[:, :, 0, :], (b, hs, lk))
     rows = jnp.broadcast_to(rows, (b, lq, 4))
     ks = None if key_segments is None else jnp.broadcast_to(key_segments, (b, lk))
-    chunk = max(1, min(lq, BOUNDED_TOPK_SCORES // (b * hs * lk)))
-    n = -(-lq // chunk)
+    units = -(-lq // SELECT_ROWS)
     # padded rows see no key (lo = hi = 0)
-    rows = jnp.pad(rows, [(0, 0), (0, n * chunk - lq), (0, 0)])
+    unit_rows = jnp.pad(rows, [(0, 0), (0, units * SELECT_ROWS - lq), (0, 0)]).reshape(b, units, SELECT_ROWS, 4)
+    geometry, covered = _units_cover(unit_rows)
+    vals, idx = lax.cond(jnp.all(covered),
+                         lambda: tuple(x[:, :, :lq] for x in _by_unit_candidates(s, unit_rows, ks, k, geometry)),
+                         lambda: _by_all_keys(s, rows, ks, k))
+    return (vals[..., k - 1], idx[..., k - 1]) if last_only else (vals, idx)
+
+
+def _visible(keys, r, ks):
+    """bool [..., rows, keys]: row r = (lo, hi, segment, compare) [..., rows, 4] sees key ``keys``."""
+    lo, hi, seg, compare = (r[..., t, None] for t in range(4))
+    visible = (keys >= lo) & (keys < hi)
+    if ks is not None:
+        visible = visible & ((compare == 0) | (seg == ks))
+    return visible
+
+
+def _in_chunks(fn, operands, per_item: int):
+    """lax.map of ``fn`` over chunks of dim 1 of each operand ([b, n, ...]), at most BOUNDED_TOPK_SCORES scores
+    (``per_item`` per element of dim 1) at a time; results [b, hs, n, ...] (fn returns [b, hs, chunk, ...])."""
+    n = operands[0].shape[1]
+    chunk = max(1, min(n, BOUNDED_TOPK_SCORES // per_item))
+    m = -(-n // chunk)
+    split = [jnp.moveaxis(jnp.pad(x, [(0, 0), (0, m * chunk - n)] + [(0, 0)] * (x.ndim - 2))
+                          .reshape((x.shape[0], m, chunk) + x.shape[2:]), 1, 0) for x in operands]
+    out = lax.map(lambda xs: fn(*xs), split)
+    # [m, b, hs, chunk, ...] -> [b, hs, m * chunk, ...]
+    return tuple(jnp.moveaxis(y, 0, 2).reshape(y.shape[1:3] + (m * chunk,) + y.shape[4:])[:, :, :n] for y in out)
+
+
+def _by_all_keys(s, rows, ks, k):
+    b, hs, lk = s.shape
     keys = jnp.arange(lk, dtype=jnp.int32)
 
     def one(r):  # r [b, chunk, 4] -> the chunk's k best of each row
-        lo, hi, seg, compare = (r[..., t, None] for t in range(4))
-        visible = (keys >= lo) & (keys < hi)
-        if ks is not None:
-            visible = visible & ((compare == 0) | (seg == ks[:, None, :]))
+        visible = _visible(keys, r, None if ks is None else ks[:, None, :])
         # canonical scores are finite, so -inf ranks below every visible key
-        vals, idx = masks.top_k_unfused(jnp.where(visible[:, None], s[:, :, None, :], -jnp.inf), k)
-        return (vals[..., k - 1], idx[..., k - 1]) if last_only else (vals, idx)
+        return masks.top_k_unfused(jnp.where(visible[:, None], s[:, :, None, :], -jnp.inf), k)
 
-    vals, idx = lax.map(one, rows.reshape(b, n, chunk, 4).transpose(1, 0, 2, 3))
-    # [n, b, hs, chunk, ...] -> [b, hs, n * chunk, ...]
-    vals, idx = (jnp.moveaxis(x, 0, 2).reshape((b, hs, n * chunk) + x.shape[4:])[:, :, :lq] for x in (vals, idx))
-    return vals, idx.astype(jnp.int32)
+    return _in_chunks(one, (rows,), b * hs * lk)
+
+
+def _units_cover(unit_rows):
+    """Per unit of SELECT_ROWS rows ([b, U, R, 4]): its candidate geometry (q_lo, q_hi, left, right, each [b, U]:
+    the range Q = [q_lo, q_hi) inside every wide row's range, the first keys of the two end windows of
+    SELECT_ROWS keys, left < 0 for none) and whether those candidates hold every row's top k.
+
+    A narrow row (lo >= the unit's largest hi - R) sees only keys of the right window. A wide row sees Q, the keys
+    of the left window before it and the keys of the right window after it, provided the wide rows' lo and hi
+    each spread over at most R keys and their visible keys are their whole range (no segment test): then a key
+    of Q in the row's top k is in Q's top k (Q is a subset of what the row sees), and every other key it sees is
+    a window key."""
+    r_ = SELECT_ROWS
+    lo, hi, compare = unit_rows[..., 0], unit_rows[..., 1], unit_rows[..., 3]
+    seen = lo < hi
+    big_i = np.iinfo(np.int32).max
+    hi_max = jnp.max(jnp.where(seen, hi, 0), axis=-1)
+    wide = seen & (lo < hi_max[..., None] - r_)
+    any_wide = jnp.any(wide, axis=-1)
+    lo_min = jnp.min(jnp.where(wide, lo, big_i), axis=-1)
+    lo_max = jnp.max(jnp.where(wide, lo, -1), axis=-1)
+    hi_min = jnp.min(jnp.where(wide, hi, big_i), axis=-1)
+    covered = ~any_wide | ((lo_max - lo_min <= r_) & (hi_max - hi_min <= r_)
+                           & jnp.all(~wide | (compare == 0), axis=-1))
+    q_lo, q_hi = jnp.where(any_wide, lo_max, 0), jnp.where(any_wide, hi_min, 0)
+    left = jnp.where(any_wide, lo_min, -1)
+    return (q_lo, q_hi, left, hi_max - r_), covered
+
+
+def _by_unit_candidates(s, unit_rows, ks, k, geometry):
+    b, hs, lk = s.shape
+    r_ = SELECT_ROWS
+    keys = jnp.arange(lk, dtype=jnp.int32)
+    window = jnp.arange(r_, dtype=jnp.int32)
+
+    def one(r, q_lo, q_hi, left, right):  # r [b, u, R, 4]; the others [b, u]
+        in_q = (keys >= q_lo[..., None]) & (keys < q_hi[..., None])
+        q_vals, q_idx = masks.top_k_unfused(jnp.where(in_q[:, None], s[:, :, None, :], -jnp.inf), k)
+        lw = left[..., None] + window
+        lw = jnp.where((left[..., None] >= 0) & (lw < lk), lw, lk)
+        rw = right[..., None] + window
+        rw = jnp.where((rw >= 0) & (rw < lk), rw, lk)
+        u = r.shape[1]
+        cand = jnp.concatenate([jnp.where(q_vals == -jnp.inf, lk, q_idx),
+                                jnp.broadcast_to(lw[:, None], (b, hs, u, r_)),
+                                jnp.broadcast_to(rw[:, None], (b, hs, u, r_))], axis=-1)
+        # sorted by key, so that top_k's ties (lower position first) go to the lower key; lk marks no key
+        cand = jnp.sort(cand, axis=-1)
+        dup = jnp.pad(cand[..., 1:] == cand[..., :-1], [(0, 0)] * 3 + [(1, 0)], constant_values=False)
+        cand = jnp.where(dup, lk, cand)
+        safe = jnp.minimum(cand, lk - 1)
+        cand_scores = jnp.take_along_axis(s[:, :, None, :], safe, axis=-1)  # [b, hs, u, C]
+        cand_ks = None if ks is None else jax.vmap(lambda x, i: x[i])(ks, safe)[..., None, :]
+        visible = _visible(cand[:, :, :, None, :], r[:, None], cand_ks) & (cand < lk)[:, :, :, None, :]
+        vals, pos = masks.top_k_unfused(jnp.where(visible, cand_scores[:, :, :, None, :], -jnp.inf), k)
+        return vals, jnp.take_along_axis(jnp.broadcast_to(safe[:, :, :, None, :], visible.shape), pos, axis=-1)
+
+    vals, idx = _in_chunks(one, (unit_rows,) + tuple(geometry), b * hs * max(lk, r_ * (k + 2 * r_)))
+    # [b, hs, U, R, k] -> [b, hs, U * R, k]
+    return tuple(x.reshape(b, hs, -1, k) for x in (vals, idx))
 
 
 def bounded_topk_indices(scores, k: int, rows, key_segments):

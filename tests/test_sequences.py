@@ -271,3 +271,65 @@ def test_topk_mask_keeps_k_keys_of_each_document(implementation):
         start = (i // (L // docs)) * (L // docs)
         assert len(kept) == min(k, i - start + 1), (i, h, kept)
         assert np.all((kept >= start) & (kept <= i)), (i, h, kept)
+
+
+@pytest.mark.parametrize("name, causal, kw, covered", [
+    ("packed-causal", True, dict(segments="packed"), True),
+    ("packed-noncausal", False, dict(segments="packed"), False),
+    ("unsorted-causal", True, dict(segments="random"), False),
+    ("window-causal", True, dict(window=(150, 0)), True),
+    ("window-both-sides", False, dict(window=(150, 30)), True),
+    ("lengths", True, dict(q_lens=(700, 333), kv_lens=(700, 333)), True),
+    ("everything", True, dict(segments="packed", window=(60, 0), q_lens=(700, 333), kv_lens=(700, 333)), True),
+])
+def test_topk_selection_by_unit_candidates_equals_all_keys(name, causal, kw, covered):
+    """The TopKMask selection under bounds: where a unit's candidates cover its rows (_units_cover), ranking
+    k + 2 * SELECT_ROWS candidates per row gives the same k best as ranking every key; where they do not, the
+    call must take the all-keys route (the cases say which)."""
+    from jax_dmattn import _bounds, _compact
+
+    rng = _rng(name, "selection")
+    B, L, H, k = 2, 700, 2, 20
+    arrays, window = split_static(sequence_keywords(rng, B, L, L, is_causal=causal, **kw)[0])
+    bounds = _bounds.make_row_bounds(batch=B, q_len=L, kv_len=L, is_causal=causal,
+                                     **{n: jnp.asarray(x) for n, x in arrays.items()}, **window)
+    s = jnp.asarray(np.round(rng.standard_normal((B, H, L)) * 2).astype(np.float32))  # coarse: many ties
+    rows = jnp.broadcast_to(bounds.rows, (B, L, 4))
+    ks = None if bounds.key_segments is None else jnp.broadcast_to(bounds.key_segments, (B, L))
+    units = -(-L // _compact.SELECT_ROWS)
+    unit_rows = jnp.pad(rows, [(0, 0), (0, units * _compact.SELECT_ROWS - L), (0, 0)]).reshape(
+        B, units, _compact.SELECT_ROWS, 4)
+    geometry, cover = _compact._units_cover(unit_rows)
+    assert bool(jnp.all(cover)) == covered
+    want_vals, want_idx = _compact._by_all_keys(s, rows, ks, k)
+    if covered:
+        vals, idx = (x[:, :, :L] for x in _compact._by_unit_candidates(s, unit_rows, ks, k, geometry))
+        np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
+        seen = np.asarray(want_vals) > -np.inf
+        np.testing.assert_array_equal(np.asarray(idx)[seen], np.asarray(want_idx)[seen])
+    # the public entry takes whichever route applies and agrees with the all-keys ranking
+    got_vals, _ = _compact.bounded_topk_rows(s[:, :, None], k, bounds.rows, bounds.key_segments, last_only=False)
+    np.testing.assert_array_equal(np.asarray(got_vals), np.asarray(want_vals))
+
+
+@pytest.mark.parametrize("name, q_ids, kv_ids, narrowed", [
+    ("sorted", [0, 0, 1, 1, 1, 2], [0, 0, 1, 1, 1, 2], True),
+    ("padding-after", [3, 3, 5, 5, -1, -1], [3, 3, 5, 5, -1, -1], True),
+    ("cross-shorter-queries", [7, 9, 9], [7, 7, 9, 9, 9, -1], True),
+    ("query-id-without-keys", [1, 4, 4, 2], [1, 1, 2, 2, 2, 2], True),
+    ("runs-reordered", [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], False),
+    ("id-in-two-runs", [0, 1, 1, 0, 0, 0], [0, 1, 1, 0, 0, 0], False),
+])
+def test_segment_spans_narrow_contiguous_runs(name, q_ids, kv_ids, narrowed):
+    """Segment ids whose key runs are contiguous and in the query rows' order become exact key spans (no id
+    comparison); others keep the comparison. Either way each row keeps exactly its own segment's keys."""
+    from jax_dmattn import _bounds
+
+    q_seg, kv_seg = jnp.asarray([q_ids], jnp.int32), jnp.asarray([kv_ids], jnp.int32)
+    bounds = _bounds.make_row_bounds(batch=1, q_len=len(q_ids), kv_len=len(kv_ids), is_causal=False,
+                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    rows = np.asarray(bounds.rows[0])
+    assert np.all(rows[:, 3] == (0 if narrowed else 1))
+    assert np.all(np.diff(rows[:, 0]) >= 0) and np.all(np.diff(rows[:, 1]) >= 0)
+    want = np.asarray(q_ids)[:, None] == np.asarray(kv_ids)[None, :]
+    np.testing.assert_array_equal(np.asarray(_bounds.dense_keep(bounds, len(kv_ids)))[0, 0], want)
