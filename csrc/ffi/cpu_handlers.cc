@@ -93,11 +93,12 @@ ffi::Error compact_mask(const ffi::AnyBuffer& mask, const ffi::AnyBuffer& row_th
   return ffi::Error::Success();
 }
 
-// Fills params from q, k, v, the optional (zero-size = absent) bias and the mask in the form mask_kind says
-// (attention_params.h, MaskKind); checks what Python promised.
+// Fills params from q, k, v, the optional (zero-size = absent) bias, the mask in the form mask_kind says
+// (attention_params.h, MaskKind) and the optional row bounds; checks what Python promised.
 ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
                        const ffi::AnyBuffer& bias, const ffi::AnyBuffer& mask, const ffi::AnyBuffer& row_threshold,
-                       const ffi::AnyBuffer& row_threshold_key, float scale, float softcap, bool is_causal,
+                       const ffi::AnyBuffer& row_threshold_key, const ffi::AnyBuffer& bound_rows,
+                       const ffi::AnyBuffer& key_segments, float scale, float softcap, bool is_causal,
                        int64_t mask_kind, AttentionParams* p) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
@@ -137,19 +138,38 @@ ffi::Error make_params(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const f
     return ffi::Error::Success();
   };
   if (auto err = broadcast(bias, false, &p->bias); err.failure()) return err;
+  ffi::Error err;
   switch (mask_kind) {
     case static_cast<int64_t>(MaskKind::kBool):
       if (row_threshold.element_count() != 0 || row_threshold_key.element_count() != 0)
         return ffi::Error::InvalidArgument("dmattn: row_threshold and row_threshold_key must be zero-size unless "
                                            "mask_kind == 1");
-      return broadcast(mask, true, &p->mask);
+      err = broadcast(mask, true, &p->mask);
+      break;
     case static_cast<int64_t>(MaskKind::kTopK):
     case static_cast<int64_t>(MaskKind::kKeyIndices):
-      return compact_mask(mask, row_threshold, row_threshold_key, static_cast<MaskKind>(mask_kind), p);
+      err = compact_mask(mask, row_threshold, row_threshold_key, static_cast<MaskKind>(mask_kind), p);
+      break;
     default:
       return ffi::Error::InvalidArgument("dmattn: mask_kind must be 0 (bool), 1 (top-k) or 2 (key indices); got " +
                                          std::to_string(mask_kind));
   }
+  if (err.failure()) return err;
+  return decode_row_bounds(bound_rows, key_segments, p->batch, p->q_len, p->kv_len, &p->bounds);
+}
+
+// The operands both targets start with, in make_params's order: one list, so that the two cannot drift apart.
+auto bind_attention_operands() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()  // q
+      .Arg<ffi::AnyBuffer>()  // k
+      .Arg<ffi::AnyBuffer>()  // v
+      .Arg<ffi::AnyBuffer>()  // bias
+      .Arg<ffi::AnyBuffer>()  // mask
+      .Arg<ffi::AnyBuffer>()  // row_threshold
+      .Arg<ffi::AnyBuffer>()  // row_threshold_key
+      .Arg<ffi::AnyBuffer>()  // row bounds
+      .Arg<ffi::AnyBuffer>();  // key segment ids
 }
 
 ffi::Error fwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer bias, ffi::AnyBuffer mask,
@@ -158,11 +178,9 @@ ffi::Error fwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
                     ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, float softcap, bool is_causal,
                     int64_t mask_kind) {
   AttentionParams p;
-  if (auto err = make_params(q, k, v, bias, mask, row_threshold, row_threshold_key, scale, softcap, is_causal,
-                             mask_kind, &p);
+  if (auto err = make_params(q, k, v, bias, mask, row_threshold, row_threshold_key, bound_rows, key_segments, scale,
+                             softcap, is_causal, mask_kind, &p);
       err.failure())
-    return err;
-  if (auto err = decode_row_bounds(bound_rows, key_segments, p.batch, p.q_len, p.kv_len, &p.bounds); err.failure())
     return err;
   cpu::flash_fwd(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out->untyped_data(), lse->typed_data());
   return ffi::Error::Success();
@@ -176,11 +194,9 @@ ffi::Error bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
                     ffi::Result<ffi::AnyBuffer> dbias, float scale, float softcap, bool is_causal,
                     bool /*deterministic: the CPU backward always is*/, int64_t mask_kind) {
   AttentionParams p;
-  if (auto err = make_params(q, k, v, bias, mask, row_threshold, row_threshold_key, scale, softcap, is_causal,
-                             mask_kind, &p);
+  if (auto err = make_params(q, k, v, bias, mask, row_threshold, row_threshold_key, bound_rows, key_segments, scale,
+                             softcap, is_causal, mask_kind, &p);
       err.failure())
-    return err;
-  if (auto err = decode_row_bounds(bound_rows, key_segments, p.batch, p.q_len, p.kv_len, &p.bounds); err.failure())
     return err;
   cpu::flash_bwd(p, q.untyped_data(), k.untyped_data(), v.untyped_data(), out.untyped_data(), lse.typed_data(),
                  dout.untyped_data(), dlse.typed_data(), dq->untyped_data(), dk->untyped_data(), dv->untyped_data(),
@@ -191,16 +207,7 @@ ffi::Error bwd_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnFwdCpu, fwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // bias
-                                  .Arg<ffi::AnyBuffer>()  // mask
-                                  .Arg<ffi::AnyBuffer>()  // row_threshold
-                                  .Arg<ffi::AnyBuffer>()  // row_threshold_key
-                                  .Arg<ffi::AnyBuffer>()  // row bounds
-                                  .Arg<ffi::AnyBuffer>()  // key segment ids
+                              bind_attention_operands()
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<float>("scale")
@@ -209,16 +216,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnFwdCpu, fwd_impl,
                                   .Attr<int64_t>("mask_kind"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kDmattnBwdCpu, bwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // bias
-                                  .Arg<ffi::AnyBuffer>()  // mask
-                                  .Arg<ffi::AnyBuffer>()  // row_threshold
-                                  .Arg<ffi::AnyBuffer>()  // row_threshold_key
-                                  .Arg<ffi::AnyBuffer>()  // row bounds
-                                  .Arg<ffi::AnyBuffer>()  // key segment ids
+                              bind_attention_operands()
                                   .Arg<ffi::AnyBuffer>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::AnyBuffer>()  // dout
