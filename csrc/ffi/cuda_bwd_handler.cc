@@ -14,7 +14,6 @@
 #include "cuda/flash_bwd.h"
 #include "cuda/flash_bwd_key_list.h"
 #include "cuda/key_lists.h"
-#include "cuda/tile_classes.h"
 #include "ffi/cuda_handler_common.h"
 #include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
@@ -91,12 +90,8 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   if (key_list_path) {
     if (!key_list_bwd_has_rows(static_cast<int>(D), static_cast<int>(key_list_rows)))
       return bad("key_list_rows " + std::to_string(key_list_rows) + " is not built for head dim " + std::to_string(D));
-    int device = 0, limit = 0;
-    if (auto e = cuda_error(cudaGetDevice(&device), "cudaGetDevice"); e.failure()) return e;
-    if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                            "cudaDeviceGetAttribute");
-        e.failure())
-      return e;
+    int limit = 0;
+    if (auto e = max_shared_memory_optin(limit); e.failure()) return e;
     const int need = key_list_bwd_smem_bytes(static_cast<int>(D), static_cast<int>(key_list_rows));
     if (need > limit)
       return bad("the key-list backward with " + std::to_string(key_list_rows) + " rows per CTA needs " +
@@ -227,19 +222,9 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       return cuda_error(launch_flash_bwd_key_list(sp, stream), "flash_bwd_key_list");
     }
 
-    MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kBwdBlockM, kBwdBlockN,
-                       classes->typed_data()};
-    const int64_t mt = targs.m_tiles(), nt = targs.n_tiles();
-    const auto cd = classes->dimensions();
-    if (cd.size() != 4 || cd[0] != dims[0] || cd[1] != dims[1] || cd[2] != mt || cd[3] != nt)
-      return bad("tile class output has the wrong shape");
-    if (auto e = cuda_error(launch_classify_mask_tiles(targs, stream), "classify_mask_tiles"); e.failure())
+    if (auto e = set_tile_class_params(kTarget, mask, dims, kBwdBlockM, kBwdBlockN, *classes, stream, p);
+        e.failure())
       return e;
-    p.classes = classes->typed_data();
-    p.cls_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt * nt;
-    p.cls_head_stride = dims[1] == 1 ? 0 : mt * nt;
-    p.cls_m_stride = dims[2] == 1 ? 0 : nt;
-    p.cls_n_stride = dims[3] == 1 ? 0 : 1;
   }
   return cuda_error(launch_flash_bwd(p, stream), "flash_bwd");
 }
@@ -247,13 +232,7 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashBwdCuda, flash_bwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // q
-                                  .Arg<ffi::AnyBuffer>()          // k
-                                  .Arg<ffi::AnyBuffer>()          // v
-                                  .Arg<ffi::AnyBuffer>()          // bias (zero-size: none)
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (zero-size: none)
+                              bind_attention_operands()
                                   .Arg<ffi::AnyBuffer>()          // out
                                   .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                   .Arg<ffi::AnyBuffer>()          // dout

@@ -12,7 +12,6 @@
 #include "attention_params.h"
 #include "cuda/flash_fwd.h"
 #include "cuda/key_lists.h"
-#include "cuda/tile_classes.h"
 #include "ffi/cuda_handler_common.h"
 #include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
@@ -110,19 +109,9 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   if (has_mask) {
     const auto md = mask.dimensions();
     const int64_t dims[4] = {md[0], md[1], md[2], md[3]};
-    MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], kFwdBlockM, kFwdBlockN,
-                       classes->typed_data()};
-    const int64_t mt = targs.m_tiles(), nt = targs.n_tiles();
-    const auto cd = classes->dimensions();
-    if (cd.size() != 4 || cd[0] != dims[0] || cd[1] != dims[1] || cd[2] != mt || cd[3] != nt)
-      return ffi::Error::InvalidArgument("dmattn_fwd_cuda: tile class output has the wrong shape");
-    if (auto e = cuda_error(launch_classify_mask_tiles(targs, stream), "classify_mask_tiles"); e.failure())
+    if (auto e = set_tile_class_params(kTarget, mask, dims, kFwdBlockM, kFwdBlockN, *classes, stream, p);
+        e.failure())
       return e;
-    p.classes = classes->typed_data();
-    p.cls_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt * nt;
-    p.cls_head_stride = dims[1] == 1 ? 0 : mt * nt;
-    p.cls_m_stride = dims[2] == 1 ? 0 : nt;
-    p.cls_n_stride = dims[3] == 1 ? 0 : 1;
   }
   if (Lq == 0) return ffi::Error::Success();
   return cuda_error(launch_flash_fwd(p, stream), "flash_fwd");
@@ -131,13 +120,7 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // bias (zero-size: none)
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (zero-size: none)
+                              bind_attention_operands()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // live-key lists (zero-size: tile path)
                                   .Arg<ffi::Buffer<ffi::U32>>()  // their mask bit words (zero-size: tile path)
                                   .Arg<ffi::AnyBuffer>()  // row bounds (zero-size: none)

@@ -1,5 +1,5 @@
-// Pieces the CUDA FFI handlers share (csrc/ffi/cuda_fwd_handler.cc, cuda_bwd_handler.cc,
-// cuda_key_lists_handler.cc). Like them, no CuTe here: its headers break the FFI headers' warnings setup.
+// Pieces the CUDA FFI handlers share (csrc/ffi/cuda_fwd_handler.cc, cuda_bwd_handler.cc, cuda_key_lists_handler.cc,
+// cuda_topk_key_lists_handler.cc). Like them, no CuTe here: its headers break the FFI headers' warnings setup.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -12,6 +12,7 @@
 #include "attention_params.h"
 #include "cuda/flash_params.h"
 #include "cuda/key_lists.h"
+#include "cuda/tile_classes.h"
 #include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
 #include "kernel_facts.h"
@@ -31,6 +32,15 @@ void count_cuda_handler_run(cudaStream_t stream);
 inline xla::ffi::Error cuda_error(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return xla::ffi::Error::Success();
   return xla::ffi::Error(xla::ffi::ErrorCode::kInternal, std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// The most shared memory a block may opt in to on the current device: the handlers check a kernel's need against
+// it, so that a call the caller sized for another device fails with a message instead of a launch error.
+inline xla::ffi::Error max_shared_memory_optin(int& limit) {
+  int device = 0;
+  if (auto e = cuda_error(cudaGetDevice(&device), "cudaGetDevice"); e.failure()) return e;
+  return cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                    "cudaDeviceGetAttribute");
 }
 
 // A broadcastable operand dim: 1 or the full size.
@@ -162,6 +172,18 @@ inline xla::ffi::Error set_call_params(const char* target, const xla::ffi::AnyBu
   return decode_row_bounds(bound_rows, key_segments, s.B, s.Lq, s.Lk, &p.bounds);
 }
 
+// The binding of the stream and the operands both attention targets start with, in set_call_params's order: q, k,
+// v, bias (zero-size: none), mask (bool, zero-size: none). The targets add the rest.
+inline auto bind_attention_operands() {
+  return xla::ffi::Ffi::Bind()
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+      .Arg<xla::ffi::AnyBuffer>()                 // q
+      .Arg<xla::ffi::AnyBuffer>()                 // k
+      .Arg<xla::ffi::AnyBuffer>()                 // v
+      .Arg<xla::ffi::AnyBuffer>()                 // bias
+      .Arg<xla::ffi::Buffer<xla::ffi::PRED>>();  // mask
+}
+
 // The bool mask of the call `s` into `p` (pointer, broadcast strides); `op` gets its shape.
 inline xla::ffi::Error set_mask_params(const char* target, const xla::ffi::Buffer<xla::ffi::PRED>& mask,
                                        const QkvDims& s, CallParams& p, BroadcastOperand& op) {
@@ -170,6 +192,27 @@ inline xla::ffi::Error set_mask_params(const char* target, const xla::ffi::Buffe
   p.mask_batch_stride = op.batch_stride, p.mask_head_stride = op.head_stride;
   p.mask_row_stride = op.row_stride, p.mask_col_stride = op.col_stride;
   p.mask_hdiv = static_cast<int>(op.heads_per_index);
+  return xla::ffi::Error::Success();
+}
+
+// The tile classes of the bool mask [Bm, Hm, Mm, Nm] = dims at the kernel's block_m x block_n tiles: checks that
+// `classes` has the map's shape, enqueues the classification and points `p` at the map (a broadcast dim at
+// stride 0).
+inline xla::ffi::Error set_tile_class_params(const char* target, const xla::ffi::Buffer<xla::ffi::PRED>& mask,
+                                             const int64_t dims[4], int block_m, int block_n,
+                                             xla::ffi::Buffer<xla::ffi::U8>& classes, cudaStream_t stream,
+                                             CallParams& p) {
+  MaskTileArgs targs{mask.typed_data(), dims[0], dims[1], dims[2], dims[3], block_m, block_n, classes.typed_data()};
+  const int64_t mt = targs.m_tiles(), nt = targs.n_tiles();
+  const auto cd = classes.dimensions();
+  if (cd.size() != 4 || cd[0] != dims[0] || cd[1] != dims[1] || cd[2] != mt || cd[3] != nt)
+    return xla::ffi::Error::InvalidArgument(std::string(target) + ": tile class output has the wrong shape");
+  if (auto e = cuda_error(launch_classify_mask_tiles(targs, stream), "classify_mask_tiles"); e.failure()) return e;
+  p.classes = classes.typed_data();
+  p.cls_batch_stride = dims[0] == 1 ? 0 : dims[1] * mt * nt;
+  p.cls_head_stride = dims[1] == 1 ? 0 : mt * nt;
+  p.cls_m_stride = dims[2] == 1 ? 0 : nt;
+  p.cls_n_stride = dims[3] == 1 ? 0 : 1;
   return xla::ffi::Error::Success();
 }
 

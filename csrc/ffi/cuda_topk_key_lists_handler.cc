@@ -72,12 +72,8 @@ ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores
   // Zero units (q_len = 0 or an empty batch): nothing to list, and the launcher must not see an empty grid.
   if (L.units() == 0) return ffi::Error::Success();
 
-  int device = 0, limit = 0;
-  if (auto e = cuda_error(cudaGetDevice(&device), "cudaGetDevice"); e.failure()) return e;
-  if (auto e = cuda_error(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                          "cudaDeviceGetAttribute");
-      e.failure())
-    return e;
+  int limit = 0;
+  if (auto e = max_shared_memory_optin(limit); e.failure()) return e;
   size_t smem = 0;
   if (auto e = cuda_error(topk_key_lists_smem_bytes(k, &smem), "cudaFuncGetAttributes"); e.failure()) return e;
   if (smem > static_cast<size_t>(limit))
