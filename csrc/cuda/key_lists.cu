@@ -2,6 +2,8 @@
 
 #include <cstdint>
 
+#include "cuda/cta_scan.cuh"
+
 namespace dmattn {
 namespace {
 
@@ -9,33 +11,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kKeysPerThread = 16;                      // one 16-byte mask word per row
 constexpr int kSegment = kThreads * kKeysPerThread;     // keys examined per pass of the CTA
-
-// Exclusive prefix sum of `x` over the CTA; `total` gets the CTA sum. `scratch` holds kWarps + 1 ints.
-__device__ __forceinline__ int cta_exclusive_scan(int x, int* scratch, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = x;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += y;
-  }
-  if (lane == 31) scratch[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < kWarps ? scratch[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < kWarps; d <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, w, d);
-      if (lane >= d) w += y;
-    }
-    if (lane < kWarps) scratch[lane] = w;  // inclusive warp totals
-  }
-  __syncthreads();
-  const int warp_base = warp == 0 ? 0 : scratch[warp - 1];
-  total = scratch[kWarps - 1];
-  __syncthreads();  // scratch is reused by the next call
-  return warp_base + incl - x;
-}
 
 // One CTA per unit (mask batch, mask head, 128-row query tile).
 // Phase 1: OR the unit's rows over each 16-key word, then list the live keys in order (CTA prefix sums). A unit
@@ -91,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
       }
     }
     int total = 0;
-    const int offset = cta_exclusive_scan(__popc(live), scratch, total);
+    const int offset = cta_exclusive_scan<kWarps>(__popc(live), scratch, total);
     int pos = count + offset;
     while (live && pos < capacity) {
       const int i = __ffs(live) - 1;

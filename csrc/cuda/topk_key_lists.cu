@@ -4,6 +4,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "cuda/cta_scan.cuh"
 #include "cuda/smem_limit.cuh"
 
 namespace dmattn {
@@ -46,33 +47,6 @@ __host__ __device__ constexpr int64_t dynamic_smem_bytes(int64_t k) {
 // (s1, j1) ranks before (s2, j2): higher score, then lower index. A strict total order over distinct keys.
 __device__ __forceinline__ bool better(float s1, int j1, float s2, int j2) {
   return s1 > s2 || (s1 == s2 && j1 < j2);
-}
-
-// Exclusive prefix sum of `x` over the CTA; `total` gets the CTA sum. `scratch` holds kWarps + 1 ints.
-__device__ __forceinline__ int cta_exclusive_scan(int x, int* scratch, int& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = x;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += y;
-  }
-  if (lane == 31) scratch[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < kWarps ? scratch[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < kWarps; d <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, w, d);
-      if (lane >= d) w += y;
-    }
-    if (lane < kWarps) scratch[lane] = w;
-  }
-  __syncthreads();
-  const int warp_base = warp == 0 ? 0 : scratch[warp - 1];
-  total = scratch[kWarps - 1];
-  __syncthreads();  // scratch is reused by the next call
-  return warp_base + incl - x;
 }
 
 // Ascending bitonic sort of a[0, n) over the CTA; a has room for pow2_at_least(n) ints.
@@ -118,7 +92,7 @@ __device__ void cta_sort_by_bitmap(int* a, int n, uint32_t* bitmap, int words, i
   int mine = 0;
   for (int w = w0; w < w1; ++w) mine += __popc(bitmap[w]);
   int total = 0;
-  int pos = cta_exclusive_scan(mine, scratch, total);
+  int pos = cta_exclusive_scan<kWarps>(mine, scratch, total);
   for (int w = w0; w < w1; ++w) {
     for (uint32_t b = bitmap[w]; b; b &= b - 1) a[pos++] = w * 32 + __ffs(b) - 1;
   }
@@ -179,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) build_topk_key_lists_kernel(TopKKeyL
 #pragma unroll
       for (int i = 0; i < kOrderPerThread; ++i) hit |= (idx[i] >= 0 && idx[i] <= p) ? (1u << i) : 0u;
       int total = 0;
-      int pos = found + cta_exclusive_scan(__popc(hit), sm.scratch, total);
+      int pos = found + cta_exclusive_scan<kWarps>(__popc(hit), sm.scratch, total);
 #pragma unroll
       for (int i = 0; i < kOrderPerThread; ++i) {
         if ((hit >> i) & 1u) {
@@ -248,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) build_topk_key_lists_kernel(TopKKeyL
     d_keep = rows_reaching(sm, rows, sm.d_score[tid], d_key) > d_key - p;
   }
   int n_kept = 0;
-  const int d_pos = cta_exclusive_scan(d_keep ? 1 : 0, sm.scratch, n_kept);
+  const int d_pos = cta_exclusive_scan<kWarps>(d_keep ? 1 : 0, sm.scratch, n_kept);
   if (d_keep) sm.d_kept[d_pos] = d_key;
 
   const int count = a + n_kept;
