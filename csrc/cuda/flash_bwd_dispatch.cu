@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "cuda/flash_bwd.h"
+#include "cuda/half_float.cuh"
 #if defined(DMATTN_WITH_SM90)
 #include "cuda/sm90/flash_bwd_sm90.h"
 #endif
@@ -17,13 +18,6 @@ namespace dmattn {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <class T>
-__device__ __forceinline__ float to_f32(T x);
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
 
 // delta[b, h, i] = sum_d dout * out - dlse: one warp per (b, i, h) row of the [B, Lq, H, D] tensors.
 template <class T>
@@ -75,13 +69,6 @@ cudaError_t flag_nonfinite(const void* x, int64_t n, bool bf16, uint32_t* flag, 
                                                        flag);
   return cudaGetLastError();
 }
-
-template <class T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) convert_kernel(const float* __restrict__ src, T* __restrict__ dst,

@@ -7,9 +7,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/bias_element.cuh"
+#include "cuda/half_float.cuh"
 #include "cuda/sm90/flash_fwd_sm90.h"
 
 namespace dmattn {
@@ -18,18 +18,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxPerLane = 256 / 32;  // head dims up to 256
-
-template <class T>
-__device__ float to_float(T x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else return __half2float(x);
-}
-
-template <class T>
-__device__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
-  else return __float2half_rn(x);
-}
 
 template <class T>
 __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
@@ -57,7 +45,7 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
 #pragma unroll
       for (int e = 0; e < kMaxPerLane; ++e) {
         const int d = lane + 32 * e;
-        qv[e] = d < p.head_dim ? to_float(qr[d]) : 0.f;
+        qv[e] = d < p.head_dim ? to_f32(qr[d]) : 0.f;
         acc[e] = 0.f;
       }
       // The row's keys: its bounds (which fold causality in: is_causal is false with them), or 0 .. Lk - 1 up to the
@@ -72,7 +60,7 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
 #pragma unroll
         for (int e = 0; e < kMaxPerLane; ++e) {
           const int d = lane + 32 * e;
-          if (d < p.head_dim) x = fmaf(qv[e], to_float(kb[int64_t(j) * p.k_row_stride + d]), x);
+          if (d < p.head_dim) x = fmaf(qv[e], to_f32(kb[int64_t(j) * p.k_row_stride + d]), x);
         }
 #pragma unroll
         for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -92,7 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
 #pragma unroll
         for (int e = 0; e < kMaxPerLane; ++e) {
           const int d = lane + 32 * e;
-          if (d < p.head_dim) acc[e] = fmaf(w, to_float(vb[int64_t(j) * p.v_row_stride + d]), acc[e] * corr);
+          if (d < p.head_dim) acc[e] = fmaf(w, to_f32(vb[int64_t(j) * p.v_row_stride + d]), acc[e] * corr);
         }
       }
       T* orow = out + b * p.o_batch_stride + int64_t(i) * p.o_row_stride + int64_t(h) * p.o_head_stride;
@@ -100,7 +88,7 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
 #pragma unroll
       for (int e = 0; e < kMaxPerLane; ++e) {
         const int d = lane + 32 * e;
-        if (d < p.head_dim) orow[d] = from_float<T>(empty ? 0.f : acc[e] / sum);
+        if (d < p.head_dim) orow[d] = from_f32<T>(empty ? 0.f : acc[e] / sum);
       }
       if (lane == 0) p.lse[row] = empty ? -INFINITY : m + logf(sum);
     }

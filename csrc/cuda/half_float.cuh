@@ -1,0 +1,25 @@
+// fp32 to and from the kernels' 2-byte float types, for device code templated on the type (flash_bwd_dispatch.cu,
+// sm90/flash_fwd_exact_rows.cu). Rounding to nearest even, as the kernels store their outputs.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+namespace dmattn {
+
+template <class T>
+__device__ __forceinline__ float to_f32(T x) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
+  else return __half2float(x);
+}
+
+template <class T>
+__device__ __forceinline__ T from_f32(float x) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
+  else return __float2half_rn(x);
+}
+
+}  // namespace dmattn
