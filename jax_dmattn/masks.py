@@ -146,6 +146,16 @@ def _output_shape(bias_shape, mask_shape, is_causal: bool, query_len: int | None
     return shape
 
 
+def _selection_operands(bias, mask, is_causal: bool, query_len: int | None):
+    """``(bias, mask, shape)`` as the jitted selections take them: jnp arrays whose head dims are repeated to a
+    common count (so that one broadcast covers both), and the selection's output shape (:func:`_output_shape`)."""
+    mask_shape = None if mask is None else tuple(mask.shape)
+    shape = _output_shape(tuple(bias.shape), mask_shape, is_causal, query_len)
+    rb, rm = _head_repeats(tuple(bias.shape), mask_shape)
+    bias, mask = _repeat_heads(jnp.asarray(bias), rb), _repeat_heads(mask, rm)
+    return jnp.asarray(bias), None if mask is None else jnp.asarray(mask), shape
+
+
 # --------------------------------------------------------------------------
 # shared pieces (traced)
 # --------------------------------------------------------------------------
@@ -347,14 +357,8 @@ def topk_mask(
     k = _check_positive_int("window_size", window_size)
     query_len = _check_positive_int("query_len", query_len, allow_none=True)
     is_causal = bool(is_causal)
-    shape = _output_shape(tuple(bias.shape), None if mask is None else tuple(mask.shape),
-                          is_causal, query_len)
-    rb, rm = _head_repeats(tuple(bias.shape), None if mask is None else tuple(mask.shape))
-    bias, mask = _repeat_heads(jnp.asarray(bias), rb), _repeat_heads(mask, rm)
-    return _topk_mask_impl(
-        jnp.asarray(bias), None if mask is None else jnp.asarray(mask),
-        k=min(k, shape[-1]), is_causal=is_causal, shape=shape,
-    )
+    bias, mask, shape = _selection_operands(bias, mask, is_causal, query_len)
+    return _topk_mask_impl(bias, mask, k=min(k, shape[-1]), is_causal=is_causal, shape=shape)
 
 
 # --------------------------------------------------------------------------
@@ -494,22 +498,17 @@ def block_topk_mask(
     if pool not in ("max", "mean"):
         raise ValueError(f"pool must be 'max' or 'mean', got {pool!r}")
     is_causal = bool(is_causal)
-    shape = _output_shape(tuple(bias.shape), None if mask is None else tuple(mask.shape),
-                          is_causal, query_len)
-    rb, rm = _head_repeats(tuple(bias.shape), None if mask is None else tuple(mask.shape))
-    bias, mask = _repeat_heads(jnp.asarray(bias), rb), _repeat_heads(mask, rm)
+    bias, mask, shape = _selection_operands(bias, mask, is_causal, query_len)
     if len(shape) < 2:  # a rank-1 selection has a single query row
         shape2 = (1,) + shape
         out = _block_topk_mask_impl(
-            jnp.asarray(bias), None if mask is None else jnp.asarray(mask),
-            kb=math.ceil(window_size / block_k), bq=1, bk=block_k,
+            bias, mask, kb=math.ceil(window_size / block_k), bq=1, bk=block_k,
             is_causal=False, shape=shape2, pool=pool,
         )
         return out.reshape(shape)
     bq = 1 if shape[-2] == 1 else block_q
     return _block_topk_mask_impl(
-        jnp.asarray(bias), None if mask is None else jnp.asarray(mask),
-        kb=math.ceil(window_size / block_k), bq=bq, bk=block_k,
+        bias, mask, kb=math.ceil(window_size / block_k), bq=bq, bk=block_k,
         is_causal=is_causal, shape=shape, pool=pool,
     )
 
