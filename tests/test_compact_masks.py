@@ -14,6 +14,7 @@ import pytest
 
 import oracle
 from helpers import (
+    DTYPES,
     GRAD_FLOOR_FRAC,
     DEFAULT_FLOOR_RMS,
     assert_close,
@@ -89,7 +90,7 @@ class CompactCase:
 
     @property
     def jdtype(self):
-        return {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[self.dtype]
+        return DTYPES[self.dtype]
 
     def heads(self, which):
         return {"1": 1, "hkv": self.Hkv, "h": self.H}[which]
@@ -161,13 +162,19 @@ def make_rng_for(name):
     return np.random.default_rng(seed_from(f"test_compact_masks::{name}"))
 
 
-# ------------------------------------------------------------------------------------------ values and gradients
-@pytest.mark.parametrize("name", list(CASES))
-def test_forward(implementation, name):
-    case = CASES[name]
+def case_on(implementation, case):
+    """``case`` as ``implementation`` runs it: the CUDA kernels take bf16 / f16, so there it runs in bf16. Skips the
+    test where the implementation lacks the dtype."""
     if implementation == "cuda":
         case = dataclasses.replace(case, dtype="bf16")
     check_dtype_supported(implementation, case.jdtype)
+    return case
+
+
+# ------------------------------------------------------------------------------------------ values and gradients
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward(implementation, name):
+    case = case_on(implementation, CASES[name])
     rng = make_rng_for(name)
     q, k, v, bias, mask, dense = make_case_inputs(case, rng)
     f = jax.jit(lambda q, k, v, b, m: jax_dmattn.attention(q, k, v, b, m, return_lse=True,
@@ -180,10 +187,7 @@ def test_forward(implementation, name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_grads(implementation, name):
-    case = CASES[name]
-    if implementation == "cuda":
-        case = dataclasses.replace(case, dtype="bf16")
-    check_dtype_supported(implementation, case.jdtype)
+    case = case_on(implementation, CASES[name])
     rng = make_rng_for(name)
     q, k, v, bias, mask, dense = make_case_inputs(case, rng)
     dout = rng.standard_normal(q.shape).astype(q.dtype)
@@ -209,10 +213,7 @@ def test_nan_in_masked_out_key_does_not_leak(implementation):
     """A key no row keeps may hold NaN in k / v: it must not reach any output (it is never read as kept)."""
     if implementation == "xla":
         pytest.skip("the dense reference multiplies a masked value row by weight 0 (NaN * 0 = NaN)")
-    case = CASES["idx-shared"]
-    if implementation == "cuda":
-        case = dataclasses.replace(case, dtype="bf16")
-    check_dtype_supported(implementation, case.jdtype)
+    case = case_on(implementation, CASES["idx-shared"])
     rng = make_rng_for("nan")
     q, k, v, bias, mask, dense = make_case_inputs(case, rng)
     never = ~dense.any(axis=(0, 1, 2))  # keys no row of any (batch, head) keeps
@@ -240,10 +241,7 @@ def test_scores_get_no_gradient():
 
 def test_vmap_over_mask(implementation):
     """vmap over a batch of TopKMask / KeyIndices pytrees equals a loop over the examples."""
-    case = dataclasses.replace(CASES["topk-causal"], B=1, mask_batch=1)
-    if implementation == "cuda":
-        case = dataclasses.replace(case, dtype="bf16")
-    check_dtype_supported(implementation, case.jdtype)
+    case = case_on(implementation, dataclasses.replace(CASES["topk-causal"], B=1, mask_batch=1))
     rng = make_rng_for("vmap")
     ex = [make_case_inputs(case, rng) for _ in range(3)]
     stack = lambda i: jnp.stack([jnp.asarray(e[i]) for e in ex])
