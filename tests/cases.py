@@ -16,6 +16,13 @@ B, LQ, LK, H, HKV, D = 2, 65, 100, 4, 2, 64
 BASE = Case(B=B, Lq=LQ, Lk=LK, H=H, Hkv=HKV, D=D, dtype="f32")
 
 
+def masked_bias_case(dtype, Lq, Lk, mask_kind):
+    """BASE with an f32 bias and a mask of one full shape [2, 2, Lq, Lk]: the cases of the tests that the bias under
+    the mask's False entries never matters (skipped tiles, poisoned values), forward and backward alike."""
+    return BASE.replace(dtype=dtype, Lq=Lq, Lk=Lk, bias=(2, 2, Lq, Lk), bias_dtype="f32", mask=(2, 2, Lq, Lk),
+                        mask_kind=mask_kind)
+
+
 def _shape_id(shape):
     return "none" if shape is None else "x".join(str(s) for s in shape) or "scalar"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import oracle
-from cases import BASE, CASES
+from cases import BASE, CASES, masked_bias_case
 from helpers import (
     assert_close,
     check_dtype_supported,
@@ -159,8 +159,7 @@ def test_skipping_changes_nothing_grads(implementation, dtype, rng):
     """Block-structured mask vs the same mask as an additive 0/-inf bias: both backward passes match the
     oracle, and dbias is 0 wherever the mask is False."""
     Lq, Lk = 192, 320
-    case = BASE.replace(dtype=dtype, Lq=Lq, Lk=Lk, bias=(2, 2, Lq, Lk), bias_dtype="f32", mask=(2, 2, Lq, Lk),
-                        mask_kind="block")
+    case = masked_bias_case(dtype, Lq, Lk, "block")
     check_dtype_supported(implementation, case.jdtype)
     q, k, v, bias, mask = make_inputs(case, rng)
     dout = make_cotangent(case, rng)
@@ -178,8 +177,7 @@ def test_skipping_changes_nothing_grads(implementation, dtype, rng):
 def test_masked_bias_values_are_ignored_grads(implementation, dtype, rng):
     """Poison: NaN / inf / huge bias under a False mask changes no gradient, and dbias there is exactly 0."""
     Lq, Lk = 130, 200
-    case = BASE.replace(dtype=dtype, Lq=Lq, Lk=Lk, bias=(2, 2, Lq, Lk), bias_dtype="f32", mask=(2, 2, Lq, Lk),
-                        mask_kind="block_random")
+    case = masked_bias_case(dtype, Lq, Lk, "block_random")
     check_dtype_supported(implementation, case.jdtype)
     q, k, v, bias, mask = make_inputs(case, rng)
     dout = make_cotangent(case, rng)

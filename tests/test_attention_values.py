@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cases import BASE, CASES
+from cases import BASE, CASES, masked_bias_case
 from helpers import (
     DTYPES,
     assert_close,
@@ -100,8 +100,7 @@ def test_skipping_changes_nothing(implementation, dtype, rng):
     """A block-structured mask gives the same result as the equivalent additive 0/-inf bias (no skipping
     possible there), and both match the oracle."""
     Lq, Lk = 192, 320
-    case = BASE.replace(dtype=dtype, Lq=Lq, Lk=Lk, bias=(2, 2, Lq, Lk), bias_dtype="f32", mask=(2, 2, Lq, Lk),
-                        mask_kind="block")
+    case = masked_bias_case(dtype, Lq, Lk, "block")
     check_dtype_supported(implementation, case.jdtype)
     q, k, v, bias, mask = make_inputs(case, rng)
     out_m, lse_m = run_forward(implementation, case, q, k, v, bias, mask)
@@ -120,8 +119,7 @@ def test_masked_bias_values_are_ignored(implementation, dtype, rng):
     """Poison: bias entries under a False mask (NaN there, huge elsewhere in excluded tiles) never
     influence the output."""
     Lq, Lk = 130, 200
-    case = BASE.replace(dtype=dtype, Lq=Lq, Lk=Lk, bias=(2, 2, Lq, Lk), bias_dtype="f32", mask=(2, 2, Lq, Lk),
-                        mask_kind="block_random")
+    case = masked_bias_case(dtype, Lq, Lk, "block_random")
     check_dtype_supported(implementation, case.jdtype)
     q, k, v, bias, mask = make_inputs(case, rng)
     eo, el = oracle_fwd(case, q, k, v, bias, mask)
