@@ -23,11 +23,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle  # noqa: E402
-from helpers import cuda_targets_on_gpu  # noqa: E402
+from helpers import cuda_kernel_marks  # noqa: E402
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_bwd_cuda"),
-                                                  reason="needs a GPU and the CUDA kernels")]
+pytestmark = cuda_kernel_marks("dmattn_bwd_cuda")
 
 F32 = jnp.float32
 BF16, F16 = jnp.bfloat16, jnp.float16
@@ -110,14 +109,10 @@ def with_lse_term(grads, bias, lse, dlse):
     return dq, dk, dv, (dbias.astype(F32) + term).astype(dbias.dtype)
 
 
-def check_against_oracle(case, deterministic=False, empty_rows=False):
-    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_code = case
-    q, k, v, bias, mask, dout, dlse = make_case(hash(case) % 2**31, b, lq, lk, h, hkv, d, dtype, bias_spec,
-                                                mask_code, empty_rows)
-    scale = d ** -0.5
-    out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
-    grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
-                    deterministic=deterministic)
+def assert_grads_match_oracle(grads, q, k, v, bias, mask, lse, dout, dlse, *, scale, causal, softcap, dtype):
+    """The kernels' dq, dk, dv, dbias (lse-cotangent term added: with_lse_term) against the float64 oracle: None
+    exactly where the input is, the input's shape and dtype, and a relative error below TOL[dtype] with a floor of
+    2% of the gradient's magnitude."""
     kw = dict(scale=scale, is_causal=causal, softcap=softcap or None, dlse=np.asarray(dlse))
     ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
     mag = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
@@ -129,6 +124,18 @@ def check_against_oracle(case, deterministic=False, empty_rows=False):
         assert got.shape == x.shape and got.dtype == x.dtype, (name, got.shape, got.dtype)
         err = rel_err(got, exp, floor=0.02 * np.linalg.norm(m))
         assert err < TOL[dtype], f"{name}: rel err {err:.3e}"
+
+
+def check_against_oracle(case, deterministic=False, empty_rows=False):
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_code = case
+    q, k, v, bias, mask, dout, dlse = make_case(hash(case) % 2**31, b, lq, lk, h, hkv, d, dtype, bias_spec,
+                                                mask_code, empty_rows)
+    scale = d ** -0.5
+    out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
+    grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
+                    deterministic=deterministic)
+    assert_grads_match_oracle(grads, q, k, v, bias, mask, lse, dout, dlse, scale=scale, causal=causal,
+                              softcap=softcap, dtype=dtype)
     if bias is not None and bias.shape[-1] == 1 and lk != 1:
         assert (np.asarray(grads[3], np.float32) == 0).all(), "key-broadcast bias must get exact-zero dbias"
     return (q, k, v, bias, mask, out, lse, dout, dlse), grads
@@ -315,17 +322,8 @@ def check_key_list_path_against_oracle(case, seed=0, empty_rows=None, determinis
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
                     deterministic=deterministic, capacity=capacity)
-    kw = dict(scale=scale, is_causal=causal, softcap=softcap or None, dlse=np.asarray(dlse))
-    ref = oracle.oracle_grads(q, k, v, bias, mask, dout, **kw)
-    mag = oracle.oracle_grads(q, k, v, bias, mask, dout, magnitude=True, **kw)
-    for name, got, exp, m, x in zip(("dq", "dk", "dv", "dbias"), with_lse_term(grads, bias, lse, dlse), ref, mag,
-                                    (q, k, v, bias)):
-        if x is None:
-            assert got is None
-            continue
-        assert got.shape == x.shape and got.dtype == x.dtype, (name, got.shape, got.dtype)
-        err = rel_err(got, exp, floor=0.02 * np.linalg.norm(m))
-        assert err < TOL[dtype], f"{name}: rel err {err:.3e}"
+    assert_grads_match_oracle(grads, q, k, v, bias, mask, lse, dout, dlse, scale=scale, causal=causal,
+                              softcap=softcap, dtype=dtype)
 
     keep = oracle.keep_matrix(mask, b, h, hkv, lq, lk, causal)                # [B, H, Lq, Lk]
     row_has_key = keep.any(axis=3).transpose(0, 2, 1)                           # [B, Lq, H]
