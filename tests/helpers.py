@@ -167,6 +167,20 @@ def cuda_targets_on_gpu(*targets: str) -> bool:
         return False
 
 
+def cuda_kernel_marks(*targets: str) -> list:
+    """pytestmark of a module that calls these CUDA FFI targets directly: a GPU test, skipped where
+    cuda_targets_on_gpu is False."""
+    return [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu(*targets),
+                                                reason="needs a GPU and the CUDA kernels")]
+
+
+def sm90_bwd_head_dims():
+    """The head dims the Hopper backwards are built for (DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM, kernel_facts.h)."""
+    from jax_dmattn import _ffi
+
+    return _ffi.kernel_facts()["sm90_bwd_head_dims"]
+
+
 def hopper_kernels_available() -> bool:
     """The Hopper kernels (csrc/cuda/sm90/) are in this build and the default device has compute capability 9.0."""
     from jax_dmattn import _ffi

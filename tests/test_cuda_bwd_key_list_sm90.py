@@ -20,18 +20,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import cuda_targets_on_gpu, hopper_kernels_available, sm90_launches
+from helpers import cuda_kernel_marks, hopper_kernels_available, sm90_bwd_head_dims, sm90_launches
 from test_cuda_bwd import (BF16, F16, check_key_list_path_against_oracle, key_list_inputs, oracle_fwd, rel_err,
                            run_bwd)
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_bwd_cuda"),
-                                                  reason="needs a GPU and the CUDA kernels")]
-
-
-def hopper_head_dims():
-    from jax_dmattn import _ffi
-
-    return _ffi.kernel_facts()["sm90_bwd_head_dims"]
+pytestmark = cuda_kernel_marks("dmattn_bwd_cuda")
 
 
 # (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (code, dtype) or None, mask kind, mask shape code)
@@ -70,7 +63,7 @@ def check_route(case, kernel_route, served_case, **kw):
     result = check_key_list_path_against_oracle(case, **kw)
     served = sm90_launches("bwd_key_list") > before
     hopper = (hopper_kernels_available() and kernel_route == "default" and served_case and
-              case[5] in hopper_head_dims())
+              case[5] in sm90_bwd_head_dims())
     assert served == hopper, (f"route {kernel_route}: the Hopper key-list backward "
                               f"{'did not serve' if hopper else 'served'} the call")
     return result

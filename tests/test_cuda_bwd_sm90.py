@@ -22,19 +22,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import cuda_targets_on_gpu, hopper_kernels_available, sm90_launches  # noqa: E402
+from helpers import cuda_kernel_marks, hopper_kernels_available, sm90_bwd_head_dims, sm90_launches  # noqa: E402
 import oracle  # noqa: E402
 from test_cuda_bwd import (BF16, F16, TOL, check_against_oracle, make_case, oracle_fwd, rel_err,  # noqa: E402
                            run_bwd)
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_bwd_cuda"),
-                                                  reason="needs a GPU and the CUDA kernels")]
-
-
-def hopper_head_dims():
-    from jax_dmattn import _ffi
-
-    return _ffi.kernel_facts()["sm90_bwd_head_dims"]
+pytestmark = cuda_kernel_marks("dmattn_bwd_cuda")
 
 
 # (B, Lq, Lk, H, Hkv, D, dtype, causal, softcap, bias (shape code, dtype name) or None, mask code or None)
@@ -70,7 +63,7 @@ def test_backward_matches_oracle(case, kernel_route):
     check_against_oracle(case)
     served = sm90_launches("bwd") > before
     d = case[5]
-    hopper = hopper_kernels_available() and kernel_route == "default" and case in SERVED and d in hopper_head_dims()
+    hopper = hopper_kernels_available() and kernel_route == "default" and case in SERVED and d in sm90_bwd_head_dims()
     assert served == hopper, (f"route {kernel_route}: the Hopper backward "
                               f"{'did not serve' if hopper else 'served'} the call")
 
@@ -173,7 +166,7 @@ def test_row_bounds_backward(name, kernel_route):
     before = sm90_launches("bwd")
     got = jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias, kw))
     served = sm90_launches("bwd") > before
-    hopper = hopper_kernels_available() and d in hopper_head_dims() and kernel_route == "default"
+    hopper = hopper_kernels_available() and d in sm90_bwd_head_dims() and kernel_route == "default"
     assert served == hopper, (f"route {kernel_route}: the Hopper backward "
                               f"{'did not serve' if hopper else 'served'} the call")
 

@@ -23,11 +23,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import cuda_targets_on_gpu  # noqa: E402
+from helpers import cuda_kernel_marks  # noqa: E402
 
 TARGETS = ("dmattn_key_lists_cuda", "dmattn_fwd_cuda", "dmattn_bwd_cuda")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu(*TARGETS),
-                                                  reason="needs a GPU and the CUDA kernels")]
+pytestmark = cuda_kernel_marks(*TARGETS)
 
 FORCED = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 OFF = "--xla_gpu_enable_command_buffer="

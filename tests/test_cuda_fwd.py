@@ -17,12 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import cuda_targets_on_gpu, rel_err_same_infinities as rel_err
+from helpers import cuda_kernel_marks, rel_err_same_infinities as rel_err
 from jax_dmattn import reference
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_fwd_cuda"),
-                                                  reason="needs a GPU and the CUDA kernels")]
+pytestmark = cuda_kernel_marks("dmattn_fwd_cuda")
 
 F32 = jnp.float32
 

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import cuda_targets_on_gpu, hopper_kernels_available, rel_err_same_infinities as rel_err, sm90_launches
+from helpers import cuda_kernel_marks, hopper_kernels_available, rel_err_same_infinities as rel_err, sm90_launches
 from jax_dmattn import reference
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu("dmattn_fwd_cuda"),
-                                                  reason="needs a GPU and the CUDA kernels")]
+pytestmark = cuda_kernel_marks("dmattn_fwd_cuda")
 
 F32 = jnp.float32
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}

@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import cuda_targets_on_gpu, random_topk_mask  # noqa: E402
+from helpers import cuda_kernel_marks, random_topk_mask  # noqa: E402
 
 import jax_dmattn  # noqa: E402
 
 TARGETS = ("dmattn_key_lists_cuda", "dmattn_fwd_cuda", "dmattn_bwd_cuda")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu(*TARGETS),
-                                                  reason="needs a GPU and the CUDA kernels")]
+pytestmark = cuda_kernel_marks(*TARGETS)
 
 B, L, H, HKV, D, TOPK = 2, 512, 4, 2, 64, 32
 

@@ -21,14 +21,13 @@ import pytest
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import cuda_targets_on_gpu  # noqa: E402
+from helpers import cuda_kernel_marks  # noqa: E402
 
 import jax_dmattn  # noqa: E402
 from jax_dmattn import _ffi  # noqa: E402
 
 TARGET = "dmattn_topk_key_lists_cuda"
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_targets_on_gpu(TARGET),
-                                                  reason="needs a GPU and the CUDA kernels")]
+pytestmark = cuda_kernel_marks(TARGET)
 
 BLOCK_M, CHUNK = _ffi.kernel_facts()["key_list_block_m"], _ffi.kernel_facts()["key_list_chunk"]
 
