@@ -272,17 +272,20 @@ def _by_unit_candidates(s, unit_rows, ks, k, geometry):
         lw = jnp.where((left[..., None] >= 0) & (lw < lk), lw, lk)
         rw = right[..., None] + window
         rw = jnp.where((rw >= 0) & (rw < lk), rw, lk)
-        u = r.shape[1]
-        cand = jnp.concatenate([jnp.where(q_vals == -jnp.inf, lk, q_idx),
-                                jnp.broadcast_to(lw[:, None], (b, hs, u, r_)),
-                                jnp.broadcast_to(rw[:, None], (b, hs, u, r_))], axis=-1)
+        # the windows take the heads' dim by a sum, not broadcast_to, so that they carry q_idx's sharding
+        # (concatenate wants equal ones under Explicit axes)
+        heads = jnp.zeros_like(q_idx[..., :1])
+        cand = jnp.concatenate([jnp.where(q_vals == -jnp.inf, lk, q_idx), lw[:, None] + heads, rw[:, None] + heads],
+                               axis=-1)
         # sorted by key, so that top_k's ties (lower position first) go to the lower key; lk marks no key
         cand = jnp.sort(cand, axis=-1)
         dup = jnp.pad(cand[..., 1:] == cand[..., :-1], [(0, 0)] * 3 + [(1, 0)], constant_values=False)
         cand = jnp.where(dup, lk, cand)
         safe = jnp.minimum(cand, lk - 1)
         cand_scores = jnp.take_along_axis(s[:, :, None, :], safe, axis=-1)  # [b, hs, u, C]
-        cand_ks = None if ks is None else jax.vmap(lambda x, i: x[i])(ks, safe)[..., None, :]
+        # ks spread over the heads' dim first: a gather whose operand and indices share their sharding
+        cand_ks = None if ks is None else jnp.take_along_axis(ks[:, None, None, :] + heads, safe, axis=-1)[
+            ..., None, :]
         visible = _visible(cand[:, :, :, None, :], r[:, None], cand_ks) & (cand < lk)[:, :, :, None, :]
         vals, pos = masks.top_k_unfused(jnp.where(visible, cand_scores[:, :, :, None, :], -jnp.inf), k)
         return vals, jnp.take_along_axis(jnp.broadcast_to(safe[:, :, :, None, :], visible.shape), pos, axis=-1)

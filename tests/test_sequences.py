@@ -223,6 +223,27 @@ def test_traced_lengths_and_ids_under_jit_and_vmap():
 
 
 @pytest.mark.cpu_kernels
+def test_topk_mask_with_ids_under_vmap():
+    """vmap over q / k / v, TopKMask scores and segment ids equals the per-example calls (the selection under the
+    bounds runs batched: lax.cond becomes a select of both routes)."""
+    rng = _rng("vmap-topk", "cpu")
+    n, B, L, H, D = 3, 2, 150, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((n, B, L, H, D)).astype(np.float32)) for _ in range(3))
+    scores = jnp.asarray(rng.standard_normal((n, B, H, L)).astype(np.float32))
+    seg = jnp.asarray(np.stack([packed_segments(rng, B, L, 3) for _ in range(n)]))
+    seg = seg.at[0, 0, :10].set(-1)  # the padding id in two runs (here and at the end): that example ranks all keys
+
+    def one(q, k, v, s, seg):
+        return jax_dmattn.attention(q, k, v, mask=TopKMask(s, 7), is_causal=True, q_segment_ids=seg,
+                                    kv_segment_ids=seg, implementation="cpu")
+
+    got = jax.jit(jax.vmap(one))(q, k, v, scores, seg)
+    for e in range(n):
+        want = jax.jit(one)(q[e], k[e], v[e], scores[e], seg[e])
+        np.testing.assert_allclose(np.asarray(got[e]), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cpu_kernels
 def test_window_matches_an_explicit_mask_bit_for_bit():
     """A window is the same computation as the bool mask it stands for: the CPU kernels give equal bits."""
     rng = _rng("window-bits", "cpu")

@@ -463,30 +463,35 @@ def test_compact_masks_batch_and_head_sharding(form):
 
 
 @multi_device
+@pytest.mark.parametrize("topk", [False, True], ids=["no-mask", "topk"])
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
-def test_row_bounds_batch_and_head_sharding(axis_type):
-    """Segment ids and lengths sharded with the batch, a window, batch + head sharded q / k / v: the values and
-    gradients of one device, and no gather (the row bounds stay with their batch shard)."""
+def test_row_bounds_batch_and_head_sharding(axis_type, topk):
+    """Segment ids and lengths sharded with the batch, a window, batch + head sharded q / k / v (and a TopKMask,
+    chosen within the bounds, sharded like them): the values and gradients of one device, and no gather (the row
+    bounds stay with their batch shard)."""
     mesh = _mesh(axis_type=axis_type)
     q, k, v, bias, _, ct = _inputs(b=4, lq=40, lk=40, bias_shape=(4, 8, 1, 40))
     rng = np.random.default_rng(7)
     seg = jnp.asarray(np.sort(rng.integers(0, 3, (4, 40)), axis=1).astype(np.int32))
     lens = jnp.asarray(rng.integers(0, 41, (4,)).astype(np.int32))
+    scores = jnp.asarray(rng.standard_normal((4, 8, 40)), jnp.float32)
 
-    def f(q, k, v, bias, seg, lens, ct):
-        out, vjp = jax.vjp(lambda q, k, v, b: _attn(q, k, v, b, None, is_causal=True, q_segment_ids=seg,
+    def f(q, k, v, bias, seg, lens, scores, ct):
+        mask = jax_dmattn.TopKMask(scores, 6) if topk else None
+        out, vjp = jax.vjp(lambda q, k, v, b: _attn(q, k, v, b, mask, is_causal=True, q_segment_ids=seg,
                                                     kv_segment_ids=seg, local_window_size=(9, 0),
                                                     query_seq_lengths=lens, key_value_seq_lengths=lens),
                            q, k, v, bias)
         return (out,) + tuple(vjp(ct))
 
     f = jax.jit(f)
-    ref = f(q, k, v, bias, seg, lens, ct)
+    ref = f(q, k, v, bias, seg, lens, scores, ct)
     qspec = P("dp", None, "tp")
     set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
     with set_mesh(mesh):
         args = (_put(mesh, q, qspec), _put(mesh, k, qspec), _put(mesh, v, qspec), _put(mesh, bias, P("dp", "tp")),
-                _put(mesh, seg, P("dp")), _put(mesh, lens, P("dp")), _put(mesh, ct, qspec))
+                _put(mesh, seg, P("dp")), _put(mesh, lens, P("dp")), _put(mesh, scores, P("dp", "tp")),
+                _put(mesh, ct, qspec))
         got = f(*args)
         compiled = f.lower(*args).compile().as_text()
     for name, g, r in zip(("out", "dq", "dk", "dv", "dbias"), got, ref):
@@ -504,3 +509,30 @@ def test_decode_step_head_sharding(hkv):
     q, k, v, bias, _, ct = _inputs(b=4, lq=1, lk=64, h=16, hkv=hkv, bias_shape=(4, hkv, 1, 64))
     _check_sharded_vjp(mesh, q, k, v, bias, None, ct, P("dp", None, "tp"), P("dp", None, "tp" if hkv == 8 else None),
                        P("dp", "tp" if hkv == 8 else None), is_causal=True)
+
+
+@multi_device
+def test_topk_under_bounds_cuda_operands_keep_explicit_sharding():
+    """What a CUDA call builds in front of its kernels from a TopKMask under row bounds (each row's own top k as
+    key indices) traces under an Explicit-axes mesh with batch- and head-sharded scores and gives the values of
+    one device (the CPU kernels build theirs inside the lowering, the test above)."""
+    from jax_dmattn import _bounds, _compact
+    from jax_dmattn.attention import _cuda_compact_with_bounds
+
+    mesh = _mesh(axis_type="explicit")
+    rng = np.random.default_rng(11)
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (4, 40)), axis=1).astype(np.int32))
+    lens = jnp.asarray(rng.integers(0, 41, (4,)).astype(np.int32))
+    scores = jnp.asarray(rng.standard_normal((4, 8, 1, 40)), jnp.float32)
+
+    def f(scores, seg, lens):
+        bounds = _bounds.make_row_bounds(batch=4, q_len=40, kv_len=40, is_causal=True, q_segment_ids=seg,
+                                         kv_segment_ids=seg, local_window_size=(9, 0), query_seq_lengths=lens,
+                                         key_value_seq_lengths=lens)
+        return _cuda_compact_with_bounds(_compact.canonical_scores(scores), "topk", 6, bounds)[0]
+
+    ref = jax.jit(f)(scores, seg, lens)
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        got = jax.jit(f)(_put(mesh, scores, P("dp", "tp")), _put(mesh, seg, P("dp")), _put(mesh, lens, P("dp")))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
