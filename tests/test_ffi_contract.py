@@ -21,17 +21,34 @@ FFI_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ATTR_TYPES = {"float": "f32", "bool": "i1", "int64_t": "i64"}  # C++ attribute type -> MLIR attribute type
 
 
+# a helper returning a partial binding chain, and a handler's binding (from Bind() or from such a helper)
+BIND_HELPER = re.compile(r"(?:inline\s+)?auto\s+(\w+)\(\)\s*\{\s*return\s+(?:xla::)?ffi::Ffi::Bind\(\)(.*?);\s*\}",
+                         re.S)
+HANDLER = re.compile(r"XLA_FFI_DEFINE_HANDLER_SYMBOL\(\s*(\w+),\s*\w+,\s*(?:ffi::Ffi::Bind\(\)|(\w+)\(\))(.*?)\);",
+                     re.S)
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"//[^\n]*", "", text)
+
+
 def handler_bindings() -> dict[str, dict]:
-    """{target name: {"args": n, "rets": n, "attrs": {name: mlir type}}} from the handler sources."""
+    """{target name: {"args": n, "rets": n, "attrs": {name: mlir type}}} from the handler sources. A binding may
+    start from a helper that returns a partial ``Ffi::Bind()`` chain (the operands handlers share), defined in the
+    handler's own file or in a header of csrc/ffi; the file's own definition wins."""
+    headers = {}
+    for name in sorted(os.listdir(FFI_DIR)):
+        if name.endswith(".h"):
+            headers.update(BIND_HELPER.findall(_strip_comments(open(os.path.join(FFI_DIR, name)).read())))
     symbols, targets = {}, {}
     for name in sorted(os.listdir(FFI_DIR)):
         if not name.endswith(".cc"):
             continue
-        text = open(os.path.join(FFI_DIR, name)).read()
-        for m in re.finditer(r"XLA_FFI_DEFINE_HANDLER_SYMBOL\(\s*(\w+),\s*\w+,\s*ffi::Ffi::Bind\(\)(.*?)\);",
-                             text, re.S):
-            body = re.sub(r"//[^\n]*", "", m.group(2))
-            symbols[m.group(1)] = {
+        text = _strip_comments(open(os.path.join(FFI_DIR, name)).read())
+        helpers = dict(headers, **dict(BIND_HELPER.findall(text)))
+        for symbol, helper, chain in HANDLER.findall(text):
+            body = (helpers[helper] if helper else "") + chain
+            symbols[symbol] = {
                 "args": len(re.findall(r"\.Arg<", body)),
                 "rets": len(re.findall(r"\.Ret<", body)),
                 "attrs": {a: ATTR_TYPES[t] for t, a in re.findall(r'\.Attr<(\w+)>\("(\w+)"\)', body)},
