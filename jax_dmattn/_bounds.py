@@ -81,7 +81,7 @@ def _segment_spans(q_seg, kv_seg):
     and usable as row bounds (bool [B, 1]): each key id forms one contiguous run (packed documents, padding ids
     included, in any order) and the spans are non-decreasing over the rows. A row whose id no key has gets an
     empty span at the end of the previous row's."""
-    b, lk = kv_seg.shape
+    lk = kv_seg.shape[1]
     # positions built from kv_seg itself, so that they carry its sharding (sort wants equal ones)
     iota = jnp.cumsum(jnp.ones_like(kv_seg), axis=1) - 1
     # stable: within one id the positions stay ascending, so the first and last of a run are its ends

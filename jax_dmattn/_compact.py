@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_dmattn import _ffi, masks
+from jax_dmattn import _bounds, _ffi, masks
 
 INDEX_PAD = np.iinfo(np.int32).max
 # The pure-jnp reference materialises [B, H, Lq, Lk] float32 logits; past this many scores a compact mask is
@@ -44,6 +44,12 @@ def _shape_str(shape) -> str:
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def _repeats(x):
+    """bool, x's shape: the entry equals the one before it along the last axis (x sorted: a later copy). A pad,
+    not a concatenate with a fresh array: under Explicit sharding that array would be unsharded."""
+    return jnp.pad(x[..., 1:] == x[..., :-1], [(0, 0)] * (x.ndim - 1) + [(1, 0)], constant_values=False)
 
 
 def _check_dims(name, shape, dims, with_rows: bool):
@@ -110,9 +116,7 @@ def _normalize_indices(m: masks.KeyIndices, dims):
     x = x.astype(jnp.int32)
     x = jnp.where((x >= 0) & (x < lk), x, INDEX_PAD)
     x = jnp.sort(x, axis=-1)
-    # a pad, not a concatenate with a fresh array: under Explicit sharding that array would be unsharded
-    dup = jnp.pad(x[..., 1:] == x[..., :-1], [(0, 0)] * 3 + [(1, 0)], constant_values=False)
-    x = jnp.sort(jnp.where(dup, INDEX_PAD, x), axis=-1)
+    x = jnp.sort(jnp.where(_repeats(x), INDEX_PAD, x), axis=-1)
     return x, "indices", 0
 
 
@@ -138,8 +142,14 @@ def check_reference_size(kind: str, b: int, h: int, lq: int, lk: int):
                          f"'cpu', whose kernels never build that array")
 
 
-def to_dense(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool):
-    """The bool mask [Bm, Hm, Mm, Lk] that a normal-form compact mask stands for (reference and fallbacks)."""
+def to_dense(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool, visible=None):
+    """The bool mask [Bm, Hm, Mm, Lk] that a normal-form compact mask stands for (reference and fallbacks).
+    ``visible``: the row bounds' bool [Bb, 1, Lq, Lk] (which hold causality): the result keeps only keys inside
+    them, and a top-k row picks its k among them."""
+    if visible is not None:
+        if kind == "topk":
+            return masks.topk_mask(mask, k, mask=visible)
+        return _bounds.and_masks(to_dense(mask, kind, k, q_len=q_len, kv_len=kv_len, is_causal=False), visible)
     if kind == "bool":
         return mask
     if kind == "topk":
@@ -279,8 +289,7 @@ def _by_unit_candidates(s, unit_rows, ks, k, geometry):
                                axis=-1)
         # sorted by key, so that top_k's ties (lower position first) go to the lower key; lk marks no key
         cand = jnp.sort(cand, axis=-1)
-        dup = jnp.pad(cand[..., 1:] == cand[..., :-1], [(0, 0)] * 3 + [(1, 0)], constant_values=False)
-        cand = jnp.where(dup, lk, cand)
+        cand = jnp.where(_repeats(cand), lk, cand)
         safe = jnp.minimum(cand, lk - 1)
         cand_scores = jnp.take_along_axis(s[:, :, None, :], safe, axis=-1)  # [b, hs, u, C]
         # ks spread over the heads' dim first: a gather whose operand and indices share their sharding
@@ -299,12 +308,6 @@ def bounded_topk_indices(scores, k: int, rows, key_segments):
     """A normal-form KeyIndices operand [B', Hs, Lq, k] of a TopKMask under row bounds: each row's own top k."""
     vals, idx = bounded_topk_rows(scores, k, rows, key_segments, last_only=False)
     return jnp.sort(jnp.where(vals == -jnp.inf, INDEX_PAD, idx), axis=-1)
-
-
-def bounded_topk_dense(scores, k: int, bounds_keep):
-    """The bool mask [B', Hs, Lq, Lk] of a TopKMask under row bounds (the reference): each row's top k among the
-    keys ``bounds_keep`` [Bb, 1, Lq, Lk] leaves it, by masks.topk_mask, not by the kernels' chunked pass."""
-    return masks.topk_mask(scores, k, mask=bounds_keep)
 
 
 def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool, rows=None, key_segments=None):
@@ -361,8 +364,7 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int):
     x = jnp.pad(idx, [(0, 0), (0, 0), (0, t * rows - lq), (0, 0)], constant_values=INDEX_PAD)
     x = x.reshape(bm * hm * t, rows, kk)
     union = jnp.sort(x.reshape(bm * hm * t, rows * kk), axis=-1)
-    dup = jnp.concatenate([jnp.zeros((union.shape[0], 1), jnp.bool_), union[:, 1:] == union[:, :-1]], axis=-1)
-    union = jnp.sort(jnp.where(dup, INDEX_PAD, union), axis=-1)
+    union = jnp.sort(jnp.where(_repeats(union), INDEX_PAD, union), axis=-1)
     union = _pad_keys(union, capacity)[:, :capacity]
     count = jnp.sum(union != INDEX_PAD, axis=-1, dtype=jnp.int32)
     keys = jnp.concatenate([count[:, None], jnp.where(union != INDEX_PAD, union, 0)], axis=1)

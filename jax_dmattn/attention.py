@@ -99,12 +99,12 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
 
 
 def _cuda_compact_with_bounds(mask, mask_kind: str, mask_k: int, bounds):
-    """(mask, mask_kind, bounds, is_causal) for the CUDA key-list kernels, which take no row bounds: KeyIndices
-    with the keys outside the bounds dropped (the bounds hold causality, so none is left to apply); a TopKMask
+    """(mask, mask_kind, mask_k) for the CUDA key-list kernels, which take no row bounds: per-row KeyIndices that
+    hold the bounds (and their causality) themselves. KeyIndices drop their keys outside the bounds; a TopKMask
     becomes each row's own top k among the keys its bounds leave it."""
     if mask_kind == "topk":
-        return _compact.bounded_topk_indices(mask, mask_k, bounds.rows, bounds.key_segments), "indices", None, False
-    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), mask_kind, None, False
+        return _compact.bounded_topk_indices(mask, mask_k, bounds.rows, bounds.key_segments), "indices", 0
+    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), mask_kind, mask_k
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, softcap=None,
@@ -180,17 +180,10 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     empty = call.kv_len == 0 or call.batch * call.heads * call.q_len == 0
     if implementation == "xla" or empty:
         _compact.check_reference_size(call.mask_kind, call.batch, call.heads, call.q_len, call.kv_len)
-        if bounds is not None:  # causality is in the bounds
-            keep = _bounds.dense_keep(bounds, call.kv_len)
-            if call.mask_kind == "topk":  # each row's top k among the keys the bounds leave it
-                mask = _compact.bounded_topk_dense(call.mask, call.mask_k, keep)
-            else:
-                mask = _bounds.and_masks(_compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len,
-                                                           kv_len=call.kv_len, is_causal=False), keep)
-            is_causal = False
-        else:
-            mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
-                                     is_causal=is_causal)
+        visible = None if bounds is None else _bounds.dense_keep(bounds, call.kv_len)
+        mask = _compact.to_dense(call.mask, call.mask_kind, call.mask_k, q_len=call.q_len, kv_len=call.kv_len,
+                                 is_causal=is_causal, visible=visible)
+        is_causal = is_causal and bounds is None  # the bounds hold causality
         out, lse = reference.reference_core(query, key, value, call.bias, mask, scale=call.scale,
                                             is_causal=is_causal, softcap=call.softcap)
         return (out, lse.astype(jnp.float32)) if return_lse else out
@@ -198,8 +191,8 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     q, k, v, bias_arg = kernel_operands(query, key, value, call.bias, implementation)
     mask, mask_kind, mask_k = call.mask, call.mask_kind, call.mask_k
     if implementation == "cuda" and bounds is not None and mask_kind != "bool":
-        mask, mask_kind, bounds, is_causal = _cuda_compact_with_bounds(mask, mask_kind, mask_k, bounds)
-        mask_k = 0
+        mask, mask_kind, mask_k = _cuda_compact_with_bounds(mask, mask_kind, mask_k, bounds)
+        bounds, is_causal = None, False  # now held by the per-row indices
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
                                       mask_kind=mask_kind, mask_k=mask_k)
