@@ -33,7 +33,7 @@ INDEX_PAD = np.iinfo(np.int32).max
 # refused there (the kernels never need that array).
 REFERENCE_MAX_SCORES = 1 << 31
 # A TopKMask under row bounds ranks each row's visible keys in chunks of rows of at most this many scores (64 MiB),
-# with candidates gathered per unit of SELECT_ROWS query rows where the bounds allow (bounded_topk_rows).
+# with candidates gathered per unit of SELECT_ROWS query rows where the bounds allow (bounded_topk).
 BOUNDED_TOPK_SCORES = 1 << 24
 SELECT_ROWS = 128
 
@@ -180,18 +180,20 @@ def topk_row_thresholds(scores, k: int, *, q_len: int, is_causal: bool):
     return t.reshape(bs, hs, q_len).astype(jnp.float32), jt.reshape(bs, hs, q_len).astype(jnp.int32)
 
 
-def bounded_topk_rows(scores, k: int, rows, key_segments, *, last_only: bool):
-    """Per query row, its k best (score, index) among the keys its row bounds leave it (jax_dmattn/_bounds.py):
-    (vals float32, idx int32), each [B', Hs, Lq, k] (B' = max(Bs, Bb)), best first, ties to the lower index; a
-    slot past the row's visible keys holds (-inf, some index). ``last_only``: only the k-th, [B', Hs, Lq].
+def bounded_topk(scores, k: int, rows, key_segments, *, form: str):
+    """Per query row, its k best keys by (score, lower index) among the keys its row bounds leave it
+    (jax_dmattn/_bounds.py), all of them where it sees at most k. ``form`` "thresholds": the k-th best (t float32,
+    jt int32), each [B', Hs, Lq] (B' = max(Bs, Bb)), t = -inf where the row sees at most k keys (it keeps them
+    all); "indices": the keys, int32 [B', Hs, Lq, k] ascending, INDEX_PAD after the last.
     scores: normal form [Bs, Hs, 1, Lk]; rows int32 [Bb, Lq, 4]; key_segments int32 [Bb, Lk] or None.
 
     A bounded row's keys are not a prefix of the keys, which the unbounded causal pass relies on. Where every
     unit of SELECT_ROWS rows has bounds that move by at most SELECT_ROWS keys at either end (causality, windows,
-    lengths, packed segments; ``_units_cover``), each row ranks only k + 2 * SELECT_ROWS candidates: the top k of
-    the range every wide row of its unit sees, and the keys at the unit's two ends (``_by_unit_candidates``).
-    Otherwise (unsorted segment ids, a segment boundary in a non-causal unit) every row ranks all Lk keys
-    (``_by_all_keys``). Both go in chunks of at most BOUNDED_TOPK_SCORES scores: no [Lq, Lk] array exists whole."""
+    lengths, packed segments; ``_units_cover``), each row chooses among k + 2 * SELECT_ROWS candidates: the top k
+    of the range every wide row of its unit sees, and the keys at the unit's two ends (``_by_unit_candidates``).
+    Otherwise (segment ids not in contiguous runs, a segment boundary in a non-causal unit) every row ranks all
+    Lk keys (``_by_all_keys``). Both go in chunks of at most BOUNDED_TOPK_SCORES scores: no [Lq, Lk] array exists
+    whole."""
     bs, hs, _, lk = scores.shape
     bb, lq, _ = rows.shape
     b = max(bs, bb)
@@ -202,10 +204,9 @@ def bounded_topk_rows(scores, k: int, rows, key_segments, *, last_only: bool):
     # padded rows see no key (lo = hi = 0)
     unit_rows = jnp.pad(rows, [(0, 0), (0, units * SELECT_ROWS - lq), (0, 0)]).reshape(b, units, SELECT_ROWS, 4)
     geometry, covered = _units_cover(unit_rows)
-    vals, idx = lax.cond(jnp.all(covered),
-                         lambda: tuple(x[:, :, :lq] for x in _by_unit_candidates(s, unit_rows, ks, k, geometry)),
-                         lambda: _by_all_keys(s, rows, ks, k))
-    return (vals[..., k - 1], idx[..., k - 1]) if last_only else (vals, idx)
+    return lax.cond(jnp.all(covered),
+                    lambda: tuple(x[:, :, :lq] for x in _by_unit_candidates(s, unit_rows, ks, k, geometry, form)),
+                    lambda: _by_all_keys(s, rows, ks, k, form))
 
 
 def _visible(keys, r, ks):
@@ -230,14 +231,17 @@ def _in_chunks(fn, operands, per_item: int):
     return tuple(jnp.moveaxis(y, 0, 2).reshape(y.shape[1:3] + (m * chunk,) + y.shape[4:])[:, :, :n] for y in out)
 
 
-def _by_all_keys(s, rows, ks, k):
+def _by_all_keys(s, rows, ks, k, form):
     b, hs, lk = s.shape
     keys = jnp.arange(lk, dtype=jnp.int32)
 
-    def one(r):  # r [b, chunk, 4] -> the chunk's k best of each row
+    def one(r):  # r [b, chunk, 4] -> the chunk's selection
         visible = _visible(keys, r, None if ks is None else ks[:, None, :])
         # canonical scores are finite, so -inf ranks below every visible key
-        return masks.top_k_unfused(jnp.where(visible[:, None], s[:, :, None, :], -jnp.inf), k)
+        vals, idx = masks.top_k_unfused(jnp.where(visible[:, None], s[:, :, None, :], -jnp.inf), k)
+        if form == "thresholds":  # jt 0 where t = -inf (any key passes), as the other route gives
+            return vals[..., k - 1], jnp.where(vals[..., k - 1] == -jnp.inf, 0, idx[..., k - 1])
+        return (jnp.sort(jnp.where(vals == -jnp.inf, INDEX_PAD, idx), axis=-1),)
 
     return _in_chunks(one, (rows,), b * hs * lk)
 
@@ -269,7 +273,7 @@ def _units_cover(unit_rows):
     return (q_lo, q_hi, left, hi_max - r_), covered
 
 
-def _by_unit_candidates(s, unit_rows, ks, k, geometry):
+def _by_unit_candidates(s, unit_rows, ks, k, geometry, form):
     b, hs, lk = s.shape
     r_ = SELECT_ROWS
     keys = jnp.arange(lk, dtype=jnp.int32)
@@ -287,34 +291,54 @@ def _by_unit_candidates(s, unit_rows, ks, k, geometry):
         heads = jnp.zeros_like(q_idx[..., :1])
         cand = jnp.concatenate([jnp.where(q_vals == -jnp.inf, lk, q_idx), lw[:, None] + heads, rw[:, None] + heads],
                                axis=-1)
-        # sorted by key, so that top_k's ties (lower position first) go to the lower key; lk marks no key
+        # by key, each key once; lk marks no key
         cand = jnp.sort(cand, axis=-1)
         cand = jnp.where(_repeats(cand), lk, cand)
         safe = jnp.minimum(cand, lk - 1)
-        cand_scores = jnp.take_along_axis(s[:, :, None, :], safe, axis=-1)  # [b, hs, u, C]
+        score = jnp.where(cand < lk, jnp.take_along_axis(s[:, :, None, :], safe, axis=-1), -jnp.inf)
         # ks spread over the heads' dim first: a gather whose operand and indices share their sharding
         cand_ks = None if ks is None else jnp.take_along_axis(ks[:, None, None, :] + heads, safe, axis=-1)[
             ..., None, :]
         visible = _visible(cand[:, :, :, None, :], r[:, None], cand_ks) & (cand < lk)[:, :, :, None, :]
-        vals, pos = masks.top_k_unfused(jnp.where(visible, cand_scores[:, :, :, None, :], -jnp.inf), k)
-        return vals, jnp.take_along_axis(jnp.broadcast_to(safe[:, :, :, None, :], visible.shape), pos, axis=-1)
+        # One ranking per unit, (score desc, key asc); a row keeps its first k visible candidates in that order:
+        # a running count, no ranking per row.
+        slot = lax.broadcasted_iota(jnp.int32, cand.shape, 3) + heads
+        neg, by_rank, perm = lax.sort((-score, cand, slot), dimension=3, num_keys=2)
+        seen_by_rank = jnp.take_along_axis(visible, perm[:, :, :, None, :], axis=-1)
+        count = jnp.cumsum(seen_by_rank, axis=-1, dtype=jnp.int32)
+        if form == "thresholds":
+            kth = seen_by_rank & (count == k)
+            has = jnp.any(kth, axis=-1)
+            at = jnp.argmax(kth, axis=-1)[..., None]
+            t = jnp.take_along_axis(jnp.broadcast_to(-neg[:, :, :, None, :], kth.shape), at, axis=-1)[..., 0]
+            jt = jnp.take_along_axis(jnp.broadcast_to(by_rank[:, :, :, None, :], kth.shape), at, axis=-1)[..., 0]
+            return jnp.where(has, t, -jnp.inf), jnp.where(has, jt, 0)
+        kept_by_rank = seen_by_rank & (count <= k)
+        # back to key order (perm's inverse), where the kept keys fill the row's k slots in ascending order
+        _, inverse = lax.sort((perm, slot), dimension=3, num_keys=1)
+        kept = jnp.take_along_axis(kept_by_rank, inverse[:, :, :, None, :], axis=-1)
+        at = jnp.where(kept, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - 1, k)
+        fill = lambda a, v: jnp.full((k + 1,), INDEX_PAD, jnp.int32).at[a].set(v)[:k]  # noqa: E731
+        for _ in range(4):
+            fill = jax.vmap(fill)
+        return (fill(at, jnp.broadcast_to(cand[:, :, :, None, :], kept.shape)),)
 
-    vals, idx = _in_chunks(one, (unit_rows,) + tuple(geometry), b * hs * max(lk, r_ * (k + 2 * r_)))
-    # [b, hs, U, R, k] -> [b, hs, U * R, k]
-    return tuple(x.reshape(b, hs, -1, k) for x in (vals, idx))
+    per_item = b * hs * max(lk, r_ * (k + 2 * r_))
+    out = _in_chunks(one, (unit_rows,) + tuple(geometry), per_item)
+    # [b, hs, U, R, ...] -> [b, hs, U * R, ...]
+    return tuple(x.reshape((b, hs, -1) + x.shape[4:]) for x in out)
 
 
 def bounded_topk_indices(scores, k: int, rows, key_segments):
     """A normal-form KeyIndices operand [B', Hs, Lq, k] of a TopKMask under row bounds: each row's own top k."""
-    vals, idx = bounded_topk_rows(scores, k, rows, key_segments, last_only=False)
-    return jnp.sort(jnp.where(vals == -jnp.inf, INDEX_PAD, idx), axis=-1)
+    return bounded_topk(scores, k, rows, key_segments, form="indices")[0]
 
 
 def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool, rows=None, key_segments=None):
     """(mask, row_threshold, row_threshold_key) operands of the CPU targets for a normal-form mask. With row
     bounds (``rows``) a top-k row's threshold is its k-th best among the keys the bounds leave it."""
     if kind == "topk" and rows is not None:
-        t, jt = bounded_topk_rows(mask, k, rows, key_segments, last_only=True)
+        t, jt = bounded_topk(mask, k, rows, key_segments, form="thresholds")
         # the scores' batch grows to the thresholds': the kernels' tile classes read both on one grid
         return jnp.broadcast_to(mask, (t.shape[0],) + mask.shape[1:]), t, jt
     if kind == "topk":

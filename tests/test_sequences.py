@@ -314,7 +314,8 @@ def test_topk_selection_by_unit_candidates_equals_all_keys(name, causal, kw, cov
     arrays, window = split_static(sequence_keywords(rng, B, L, L, is_causal=causal, **kw)[0])
     bounds = _bounds.make_row_bounds(batch=B, q_len=L, kv_len=L, is_causal=causal,
                                      **{n: jnp.asarray(x) for n, x in arrays.items()}, **window)
-    s = jnp.asarray(np.round(rng.standard_normal((B, H, L)) * 2).astype(np.float32))  # coarse: many ties
+    # coarse: many ties; canonical, as the selection gets them (-0.0 ranks equal to 0.0)
+    s = _compact.canonical_scores(jnp.asarray(np.round(rng.standard_normal((B, H, L)) * 2).astype(np.float32)))
     rows = jnp.broadcast_to(bounds.rows, (B, L, 4))
     ks = None if bounds.key_segments is None else jnp.broadcast_to(bounds.key_segments, (B, L))
     units = -(-L // _compact.SELECT_ROWS)
@@ -322,15 +323,16 @@ def test_topk_selection_by_unit_candidates_equals_all_keys(name, causal, kw, cov
         B, units, _compact.SELECT_ROWS, 4)
     geometry, cover = _compact._units_cover(unit_rows)
     assert bool(jnp.all(cover)) == covered
-    want_vals, want_idx = _compact._by_all_keys(s, rows, ks, k)
-    if covered:
-        vals, idx = (x[:, :, :L] for x in _compact._by_unit_candidates(s, unit_rows, ks, k, geometry))
-        np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
-        seen = np.asarray(want_vals) > -np.inf
-        np.testing.assert_array_equal(np.asarray(idx)[seen], np.asarray(want_idx)[seen])
-    # the public entry takes whichever route applies and agrees with the all-keys ranking
-    got_vals, _ = _compact.bounded_topk_rows(s[:, :, None], k, bounds.rows, bounds.key_segments, last_only=False)
-    np.testing.assert_array_equal(np.asarray(got_vals), np.asarray(want_vals))
+    for form in ("thresholds", "indices"):
+        want = _compact._by_all_keys(s, rows, ks, k, form)
+        if covered:
+            got = tuple(x[:, :, :L] for x in _compact._by_unit_candidates(s, unit_rows, ks, k, geometry, form))
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        # the public entry takes whichever route applies and agrees with the all-keys ranking
+        got = _compact.bounded_topk(s[:, :, None], k, bounds.rows, bounds.key_segments, form=form)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 @pytest.mark.parametrize("name, q_ids, kv_ids, narrowed", [
