@@ -164,15 +164,64 @@ def to_dense(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: boo
 
 
 # ------------------------------------------------------------------------------------------------ CPU
+def _order_key(x):
+    """uint32 keys of float32 x whose unsigned order is x's order (-inf lowest; x holds no NaN and no -0.0)."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def kth_best(x, k: int):
+    """Per row of x [..., N] (float32, canonical or -inf, 1 <= k <= N), its k-th best entry in (value desc,
+    index asc) order: (t [...] float32, jt [...] int32), so that x_j > t or (x_j == t and j <= jt) holds for
+    exactly the k best. A radix select over the value's bits (four 8-bit digits from the top, each a histogram
+    of the rows' entries that still tie), O(N) per row, where lax.top_k sorts: the k-th is all a threshold
+    needs, and keep_best builds the k best from it."""
+    lead = x.shape[:-1]
+    key = _order_key(x)
+    prefix = jnp.zeros(lead, jnp.uint32)
+    need = jnp.full(lead, k, jnp.int32)  # how many of the still-tied entries the k best take
+    count = lambda d, m: jnp.zeros((256,), jnp.int32).at[d].add(m)  # noqa: E731
+    for _ in lead:  # one histogram per row, batched (no reshape: the rows keep their operand's sharding)
+        count = jax.vmap(count)
+    for shift in (24, 16, 8, 0):
+        top = shift + 8
+        tied = (key >> top) == (prefix[..., None] >> top) if top < 32 else jnp.ones_like(key, dtype=bool)
+        hist = count(((key >> shift) & 0xFF).astype(jnp.int32), tied.astype(jnp.int32))
+        at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)  # tied entries with a digit >= d
+        d = jnp.sum(at_least >= need[..., None], axis=-1) - 1
+        pick = lambda a: jnp.take_along_axis(a, d[..., None], axis=-1)[..., 0]  # noqa: E731
+        need = need - (pick(at_least) - pick(hist))
+        prefix = prefix | (d.astype(jnp.uint32) << shift)
+    # the need-th (by index) of the entries equal to the k-th value
+    equal = key == prefix[..., None]
+    last = equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) == need[..., None])
+    jt = jnp.argmax(last, axis=-1).astype(jnp.int32)
+    t = jnp.take_along_axis(x, jt[..., None], axis=-1)[..., 0]
+    return t, jt
+
+
+def keep_best(x, k: int, t, jt):
+    """The k best entries' indices of each row of x [..., N], ascending, from kth_best's (t, jt): int32 [..., k],
+    INDEX_PAD where fewer than k entries are above -inf."""
+    # positions built from x, so that they carry its sharding (the batched fill wants equal ones)
+    j = jnp.cumsum(jnp.ones_like(x, dtype=jnp.int32), axis=-1) - 1
+    kept = ((x > t[..., None]) | ((x == t[..., None]) & (j <= jt[..., None]))) & (x > -jnp.inf)
+    at = jnp.where(kept, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - 1, k)
+    fill = lambda a, v: jnp.full((k + 1,), INDEX_PAD, jnp.int32).at[a].set(v)[:k]  # noqa: E731
+    for _ in range(x.ndim - 1):
+        fill = jax.vmap(fill)
+    return fill(at, j)
+
+
 def topk_row_thresholds(scores, k: int, *, q_len: int, is_causal: bool):
     """Per query row, the k-th best (score, index) of the keys it sees: (t float32 [Bs, Hs, Lq], jt int32
     [Bs, Hs, Lq]); t = -inf where the row sees <= k keys (it keeps them all). scores: normal form [Bs, Hs, 1, Lk]."""
     bs, hs, _, lk = scores.shape
     s = scores.reshape(bs * hs, lk)
     if not is_causal:
-        vals, idx = masks.top_k_unfused(s, k)
-        t = jnp.broadcast_to(vals[:, k - 1:k], (bs * hs, q_len))
-        jt = jnp.broadcast_to(idx[:, k - 1:k], (bs * hs, q_len))
+        t, jt = kth_best(s, k)
+        t = jnp.broadcast_to(t[:, None], (bs * hs, q_len))
+        jt = jnp.broadcast_to(jt[:, None], (bs * hs, q_len))
     else:
         t_prefix, jt_prefix = masks._prefix_kth(s, k, chunk=max(k, 64))
         rows = jnp.clip(jnp.arange(q_len) + (lk - q_len), 0, lk - 1)
@@ -238,10 +287,11 @@ def _by_all_keys(s, rows, ks, k, form):
     def one(r):  # r [b, chunk, 4] -> the chunk's selection
         visible = _visible(keys, r, None if ks is None else ks[:, None, :])
         # canonical scores are finite, so -inf ranks below every visible key
-        vals, idx = masks.top_k_unfused(jnp.where(visible[:, None], s[:, :, None, :], -jnp.inf), k)
+        x = jnp.where(visible[:, None], s[:, :, None, :], -jnp.inf)
+        t, jt = kth_best(x, k)
         if form == "thresholds":  # jt 0 where t = -inf (any key passes), as the other route gives
-            return vals[..., k - 1], jnp.where(vals[..., k - 1] == -jnp.inf, 0, idx[..., k - 1])
-        return (jnp.sort(jnp.where(vals == -jnp.inf, INDEX_PAD, idx), axis=-1),)
+            return t, jnp.where(t == -jnp.inf, 0, jt)
+        return (keep_best(x, k, t, jt),)
 
     return _in_chunks(one, (rows,), b * hs * lk)
 
@@ -281,7 +331,8 @@ def _by_unit_candidates(s, unit_rows, ks, k, geometry, form):
 
     def one(r, q_lo, q_hi, left, right):  # r [b, u, R, 4]; the others [b, u]
         in_q = (keys >= q_lo[..., None]) & (keys < q_hi[..., None])
-        q_vals, q_idx = masks.top_k_unfused(jnp.where(in_q[:, None], s[:, :, None, :], -jnp.inf), k)
+        in_q_scores = jnp.where(in_q[:, None], s[:, :, None, :], -jnp.inf)
+        q_idx = keep_best(in_q_scores, k, *kth_best(in_q_scores, k))  # Q's top k, ascending, INDEX_PAD after
         lw = left[..., None] + window
         lw = jnp.where((left[..., None] >= 0) & (lw < lk), lw, lk)
         rw = right[..., None] + window
@@ -289,8 +340,7 @@ def _by_unit_candidates(s, unit_rows, ks, k, geometry, form):
         # the windows take the heads' dim by a sum, not broadcast_to, so that they carry q_idx's sharding
         # (concatenate wants equal ones under Explicit axes)
         heads = jnp.zeros_like(q_idx[..., :1])
-        cand = jnp.concatenate([jnp.where(q_vals == -jnp.inf, lk, q_idx), lw[:, None] + heads, rw[:, None] + heads],
-                               axis=-1)
+        cand = jnp.concatenate([jnp.minimum(q_idx, lk), lw[:, None] + heads, rw[:, None] + heads], axis=-1)
         # by key, each key once; lk marks no key
         cand = jnp.sort(cand, axis=-1)
         cand = jnp.where(_repeats(cand), lk, cand)
@@ -424,9 +474,9 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
             capacity = min(_round_up(k + BLOCK - 1, CHUNK), _round_up(kv_len, CHUNK))
             keys, bits = _cuda_fwd.build_topk_key_lists(s, order, k=k, q_len=q_len, capacity=capacity)
             return keys, bits, (bm, hm, q_len)
-        _, idx = lax.top_k(s.reshape(bm * hm, kv_len), k)
+        flat = s.reshape(bm * hm, kv_len)
         capacity = _round_up(k, CHUNK)
-        listed = _pad_keys(jnp.sort(idx, axis=-1), capacity)
+        listed = _pad_keys(keep_best(flat, k, *kth_best(flat, k)), capacity)
         keys, bits = _shared_lists(listed, jnp.full((bm * hm,), k, jnp.int32), capacity)
         return keys, bits, (bm, hm, 1)
     mq, kk = mask.shape[2:]
