@@ -437,14 +437,18 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int):
     capacity = min(_round_up(rows * kk, CHUNK), _round_up(kv_len, CHUNK))
     x = jnp.pad(idx, [(0, 0), (0, 0), (0, t * rows - lq), (0, 0)], constant_values=INDEX_PAD)
     x = x.reshape(bm * hm * t, rows, kk)
-    union = jnp.sort(x.reshape(bm * hm * t, rows * kk), axis=-1)
-    union = jnp.sort(jnp.where(_repeats(union), INDEX_PAD, union), axis=-1)
-    union = _pad_keys(union, capacity)[:, :capacity]
-    count = jnp.sum(union != INDEX_PAD, axis=-1, dtype=jnp.int32)
-    keys = jnp.concatenate([count[:, None], jnp.where(union != INDEX_PAD, union, 0)], axis=1)
-    # Each row's keys are in its unit's union: its position there gives the bit.
-    pos = jax.vmap(lambda u, r: jnp.searchsorted(u, r))(union, x.reshape(bm * hm * t, rows * kk))
-    pos = pos.reshape(bm * hm * t, rows, kk)
+    # One sort of each unit's entries, carrying where each came from: a key's first copy opens its slot in the
+    # union (a running count), and every copy takes that slot back to its row as the bit's position.
+    n, m = bm * hm * t, rows * kk
+    origin = lax.broadcasted_iota(jnp.int32, (n, m), 1)
+    sorted_keys, came_from = lax.sort((x.reshape(n, m), origin), dimension=1, num_keys=1)
+    opens = ~_repeats(sorted_keys) & (sorted_keys != INDEX_PAD)
+    slot = jnp.cumsum(opens, axis=1, dtype=jnp.int32) - 1
+    count = jnp.sum(opens, axis=1, dtype=jnp.int32)
+    put = jax.vmap(lambda at, v: jnp.zeros((capacity,), jnp.int32).at[at].set(v, mode="drop"))
+    union = put(jnp.where(opens, slot, capacity), sorted_keys)  # ascending; 0 past the count
+    keys = jnp.concatenate([count[:, None], union], axis=1)
+    pos = jax.vmap(lambda at, v: jnp.zeros((m,), jnp.int32).at[at].set(v))(came_from, slot).reshape(n, rows, kk)
     valid = x != INDEX_PAD
     chunks = capacity // CHUNK
     unit = jnp.arange(bm * hm * t)[:, None, None]
