@@ -112,6 +112,21 @@ __device__ __forceinline__ int tile_class(const BwdParams& p, int b, int h, int 
                    n * p.cls_n_stride];
 }
 
+// The logit of a raw score x = q.k as the forward computes it: softcap tanh(x scale / softcap) with a softcap
+// (use_cap; cap_in = scale / softcap), else scale x. d receives the softcap's chain factor 1 - tanh^2 (1 without
+// one), which dS takes on. Shared by both sm80 backwards, so that they recompute the forward's logits alike.
+__device__ __forceinline__ float capped_logit(const BwdParams& p, float x, bool use_cap, float cap_in, float& d) {
+  d = 1.f;
+  if (use_cap) {
+    const float t = tanhf(x * cap_in);
+    x = p.softcap * t;
+    d = 1.f - t * t;
+  } else {
+    x *= p.scale;
+  }
+  return x;
+}
+
 // Turns the raw score tile acc_s = q.k (rows m0.., keys n0..) into P = exp(s - lse) in place, with
 // s = cap(scale * q.k) + bias computed exactly as the forward does (so s - lse is exact at the max, whatever the
 // magnitude) and P = 0 for pairs that are not kept: sequence ends, causality, mask, a -inf bias or logit, rows with
@@ -169,15 +184,8 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
       CUTE_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = col0 + e;
-        float x = s(r, c + e);
-        float d = 1.f;
-        if (use_cap) {
-          const float t = tanhf(x * cap_in);
-          x = p.softcap * t;
-          d = 1.f - t * t;
-        } else {
-          x *= p.scale;
-        }
+        float d;
+        float x = capped_logit(p, s(r, c + e), use_cap, cap_in, d);
         bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off) && mk[e] != 0u &&
                     col >= lo && col < hi;
         if (compare) keep = keep && __ldg(key_seg + col) == seg;

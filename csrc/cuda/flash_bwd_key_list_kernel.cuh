@@ -165,16 +165,8 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
     const float bias = has_bias ? sbias[lcol] : 0.f;
     CUTE_UNROLL
     for (int r = 0; r < size<0>(s); ++r) {
-      float x = s(r, c);
-      float d = 1.f;
-      if (use_cap) {
-        const float t = tanhf(x * cap_in);
-        x = p.softcap * t;
-        d = 1.f - t * t;
-      } else {
-        x *= p.scale;
-      }
-      x = add_bias(x, bias);
+      float d;
+      const float x = add_bias(bwd::capped_logit(p, s(r, c), use_cap, cap_in, d), bias);
       const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r] &&
                         x != -INFINITY && lse[r] != -INFINITY;
       s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
