@@ -31,22 +31,13 @@ namespace bwd {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBF16>
-struct Traits {
-  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBwdBlockM;
-  static constexpr int kBlockN = kBwdBlockN;
-  static constexpr int kNWarps = 8;
-  static constexpr int kNThreads = kNWarps * 32;
+// The shared-memory tiles of the sm80 backwards (this one and the key-list backward, flash_bwd_key_list_kernel.cuh:
+// [kBlockM, D] query-side, [kBlockN, D] key-side, [kBlockM, kBlockN] P / dS) and the copies that fill and read them.
+// One definition, so that both lay out and move their operands alike; their traits derive from it.
+template <class Elem, int kHeadDim, int kBlockM, int kBlockN, int kNThreads>
+struct SmemTiles {
   static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
   static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
-  static_assert(kBlockM == 64 && kBlockN == 64, "the warp tiling below assumes 64 x 64 tiles");
-
-  using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
-  // 4 warps along M x 2 along N; the 32-wide N tile gives each warp two adjacent n8 atoms (ldmatrix.x4 for B).
-  // One tiling serves all five products: S, dP (64 x 64), dV, dK (64 keys x D) and dQ (64 rows x D).
-  using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
 
   using SmemLayoutAtom = decltype(composition(
       Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
@@ -73,6 +64,24 @@ struct Traits {
                                 Stride<Int<kGmemThreadsPerRow>, _1>>;
   using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Elem>{},
                                                  GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+};
+
+// SmemTiles is given the 256 threads of kNWarps below: a base cannot read the members of the class it starts.
+template <int kHeadDim_, bool kIsBF16>
+struct Traits : SmemTiles<std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>, kHeadDim_, kBwdBlockM,
+                          kBwdBlockN, 256> {
+  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBwdBlockM;
+  static constexpr int kBlockN = kBwdBlockN;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  static_assert(kBlockM == 64 && kBlockN == 64, "the warp tiling below assumes 64 x 64 tiles");
+
+  using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
+  // 4 warps along M x 2 along N; the 32-wide N tile gives each warp two adjacent n8 atoms (ldmatrix.x4 for B).
+  // One tiling serves all five products: S, dP (64 x 64), dV, dK (64 keys x D) and dQ (64 rows x D).
+  using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
 
   static constexpr int kQElems = kBlockM * kHeadDim;
   static constexpr int kKVElems = kBlockN * kHeadDim;

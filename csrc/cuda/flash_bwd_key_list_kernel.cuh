@@ -32,8 +32,10 @@ namespace bwd_key_list {
 
 using namespace cute;
 
+// SmemTiles is given the 256 threads of kNWarps below: a base cannot read the members of the class it starts.
 template <int kHeadDim_, bool kIsBF16, int kBlockM_>
-struct BwdKeyListTraits {
+struct BwdKeyListTraits : bwd::SmemTiles<std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>, kHeadDim_,
+                                         kBlockM_, kKeyListChunk, 256> {
   using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;       // query rows per CTA
@@ -43,8 +45,6 @@ struct BwdKeyListTraits {
   static_assert(kBlockM == 64 || kBlockM == 128, "a CTA covers a whole unit (128 rows) or one half of it");
   static_assert(kKeyListBlockM % kBlockM == 0, "a CTA's rows lie in one unit");
   static_assert(kBlockN == 64, "the bit words are 64 keys wide");
-  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
-  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
 
   using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
   // S, dP [M, 64] and dQ [M, D]: warps stacked along the query rows (8 x 1 at M = 128, 4 x 2 at M = 64), so a
@@ -56,30 +56,8 @@ struct BwdKeyListTraits {
   // dV, dK partials [64 keys, D] (contraction over the M query rows).
   using MmaKeys = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
 
-  using SmemLayoutAtom = decltype(composition(
-      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));   // Q, dO
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // K, V
-  using SmemLayoutQt =
-      decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
-  using SmemLayoutKt =
-      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
-  using SmemLayoutAtomP =
-      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, Int<kBlockN>>, Stride<Int<kBlockN>, _1>>{}));
-  using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomP{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  using SmemLayoutPt =
-      decltype(composition(SmemLayoutP{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
-
-  using S2RAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
-  using S2RAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
-  using R2SAtom = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Elem>;
-
-  // Q / dO rows are contiguous: CuTe's tiled cp.async. K / V rows are gathered: one 16-byte piece per cp.async.
-  static constexpr int kGmemThreadsPerRow = kBlockKSmem / 8;
-  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
-                                Stride<Int<kGmemThreadsPerRow>, _1>>;
-  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Elem>{},
-                                                 GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+  // Q / dO rows are contiguous: CuTe's tiled cp.async (GmemTiledCopy). K / V rows are gathered: one 16-byte piece
+  // per cp.async.
   static constexpr int kPieces = kHeadDim / 8;                      // 16-byte pieces of a K / V row
   static constexpr int kGatherSlots = kBlockN * kPieces / kNThreads;  // pieces per thread per operand
   static_assert(kBlockN * kPieces % kNThreads == 0, "every thread gathers the same number of pieces");
