@@ -104,6 +104,27 @@ __device__ __forceinline__ void store_pair(Elem* dst, float a, float b) {
   *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(two);
 }
 
+// dQ of the query tile at m0 of (b, h), scaled, in the input dtype, written once: dq is the accumulator and cQ its
+// coordinates, both as (rows, cols); q_len = Lq, q_row_stride = heads * D. Shared by the backwards that keep dQ in
+// registers (the dq kernel below, the sm80 and Hopper key-list backwards). Rows with no kept key have P = 0
+// everywhere: exact zeros.
+template <class Elem, int kD, class DQ, class CQ>
+__device__ __forceinline__ void store_dq(const BwdParams& p, DQ const& dq, CQ const& cQ, int q_len,
+                                         int64_t q_row_stride, int b, int h, int m0) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(dq); ++r) {
+    const int row = m0 + get<0>(cQ(r, 0));
+    if (row < q_len) {
+      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * q_len + row) * q_row_stride + int64_t(h) * kD;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dq); c += 2) {
+        const int d = get<1>(cQ(0, c));
+        store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
+      }
+    }
+  }
+}
+
 // An fp32 accumulator tile in the element type, stored to its shared-memory tile (P, dS: operands of the products
 // that follow).
 template <class Elem, class Acc, class R2S, class R2SThr, class Dst>
@@ -801,19 +822,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   }
   cute::cp_async_wait<0>();
 
-  Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dq); ++r) {
-    const int row = m0 + get<0>(cQD(r, 0));
-    if (row < p.q_len) {
-      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(dq); c += 2) {
-        const int d = get<1>(cQD(0, c));
-        store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
-      }
-    }
-  }
+  store_dq<Elem, kD>(p, make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout())), cQD, p.q_len, q_row_stride, b, h,
+                     m0);
 }
 
 }  // namespace bwd

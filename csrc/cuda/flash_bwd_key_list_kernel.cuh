@@ -568,20 +568,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   }
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
 
-  // dQ (scaled), written once. Rows with no kept key have P = 0 everywhere: exact zeros.
-  Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dq); ++r) {
-    const int row = m0 + get<0>(cQD(r, 0));
-    if (row < p.q_len) {
-      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(dq); c += 2) {
-        const int d = get<1>(cQD(0, c));
-        bwd::store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
-      }
-    }
-  }
+  bwd::store_dq<Elem, kD>(p, make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout())), cQD, p.q_len, q_row_stride,
+                          b, h, m0);
 }
 
 }  // namespace bwd_key_list

@@ -407,19 +407,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
   }
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
 
-  // dQ (scaled), written once. Rows with no kept key have P = 0 everywhere: exact zeros.
-  Tensor dq = make_tensor(acc_dq.data(), gmma_rowcol_layout(acc_dq.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dq); ++r) {
-    const int row = row0 + get<0>(cQ(r, 0));
-    if (row < q_len) {
-      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * q_len + row) * q_row_stride + int64_t(h) * kD;
-      CUTE_UNROLL
-      for (int cc = 0; cc < size<1>(dq); cc += 2) {
-        bwd::store_pair(dst + get<1>(cQ(0, cc)), dq(r, cc) * p.scale, dq(r, cc + 1) * p.scale);
-      }
-    }
-  }
+  bwd::store_dq<Elem, kD>(p, make_tensor(acc_dq.data(), gmma_rowcol_layout(acc_dq.layout())), cQ, q_len,
+                          q_row_stride, b, h, row0);
 }
 
 template <int kHeadDim, bool kIsBF16>
