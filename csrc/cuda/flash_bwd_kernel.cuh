@@ -31,22 +31,13 @@ namespace bwd {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBF16>
-struct Traits {
-  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBwdBlockM;
-  static constexpr int kBlockN = kBwdBlockN;
-  static constexpr int kNWarps = 8;
-  static constexpr int kNThreads = kNWarps * 32;
+// The shared-memory tiles of the sm80 backwards (this one and the key-list backward, flash_bwd_key_list_kernel.cuh:
+// [kBlockM, D] query-side, [kBlockN, D] key-side, [kBlockM, kBlockN] P / dS) and the copies that fill and read them.
+// One definition, so that both lay out and move their operands alike; their traits derive from it.
+template <class Elem, int kHeadDim, int kBlockM, int kBlockN, int kNThreads>
+struct SmemTiles {
   static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
   static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
-  static_assert(kBlockM == 64 && kBlockN == 64, "the warp tiling below assumes 64 x 64 tiles");
-
-  using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
-  // 4 warps along M x 2 along N; the 32-wide N tile gives each warp two adjacent n8 atoms (ldmatrix.x4 for B).
-  // One tiling serves all five products: S, dP (64 x 64), dV, dK (64 keys x D) and dQ (64 rows x D).
-  using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
 
   using SmemLayoutAtom = decltype(composition(
       Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
@@ -73,6 +64,24 @@ struct Traits {
                                 Stride<Int<kGmemThreadsPerRow>, _1>>;
   using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Elem>{},
                                                  GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+};
+
+// SmemTiles is given the 256 threads of kNWarps below: a base cannot read the members of the class it starts.
+template <int kHeadDim_, bool kIsBF16>
+struct Traits : SmemTiles<std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>, kHeadDim_, kBwdBlockM,
+                          kBwdBlockN, 256> {
+  using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBwdBlockM;
+  static constexpr int kBlockN = kBwdBlockN;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  static_assert(kBlockM == 64 && kBlockN == 64, "the warp tiling below assumes 64 x 64 tiles");
+
+  using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
+  // 4 warps along M x 2 along N; the 32-wide N tile gives each warp two adjacent n8 atoms (ldmatrix.x4 for B).
+  // One tiling serves all five products: S, dP (64 x 64), dV, dK (64 keys x D) and dQ (64 rows x D).
+  using TiledMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
 
   static constexpr int kQElems = kBlockM * kHeadDim;
   static constexpr int kKVElems = kBlockN * kHeadDim;
@@ -95,6 +104,27 @@ __device__ __forceinline__ void store_pair(Elem* dst, float a, float b) {
   *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(two);
 }
 
+// dQ of the query tile at m0 of (b, h), scaled, in the input dtype, written once: dq is the accumulator and cQ its
+// coordinates, both as (rows, cols); q_len = Lq, q_row_stride = heads * D. Shared by the backwards that keep dQ in
+// registers (the dq kernel below, the sm80 and Hopper key-list backwards). Rows with no kept key have P = 0
+// everywhere: exact zeros.
+template <class Elem, int kD, class DQ, class CQ>
+__device__ __forceinline__ void store_dq(const BwdParams& p, DQ const& dq, CQ const& cQ, int q_len,
+                                         int64_t q_row_stride, int b, int h, int m0) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(dq); ++r) {
+    const int row = m0 + get<0>(cQ(r, 0));
+    if (row < q_len) {
+      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * q_len + row) * q_row_stride + int64_t(h) * kD;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dq); c += 2) {
+        const int d = get<1>(cQ(0, c));
+        store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
+      }
+    }
+  }
+}
+
 // An fp32 accumulator tile in the element type, stored to its shared-memory tile (P, dS: operands of the products
 // that follow).
 template <class Elem, class Acc, class R2S, class R2SThr, class Dst>
@@ -110,6 +140,21 @@ __device__ __forceinline__ int tile_class(const BwdParams& p, int b, int h, int 
   if (p.classes == nullptr) return kTilePartial;
   return p.classes[b * p.cls_batch_stride + (h / p.mask_hdiv) * p.cls_head_stride + m * p.cls_m_stride +
                    n * p.cls_n_stride];
+}
+
+// The logit of a raw score x = q.k as the forward computes it: softcap tanh(x scale / softcap) with a softcap
+// (use_cap; cap_in = scale / softcap), else scale x. d receives the softcap's chain factor 1 - tanh^2 (1 without
+// one), which dS takes on. Shared by both sm80 backwards, so that they recompute the forward's logits alike.
+__device__ __forceinline__ float capped_logit(const BwdParams& p, float x, bool use_cap, float cap_in, float& d) {
+  d = 1.f;
+  if (use_cap) {
+    const float t = tanhf(x * cap_in);
+    x = p.softcap * t;
+    d = 1.f - t * t;
+  } else {
+    x *= p.scale;
+  }
+  return x;
 }
 
 // Turns the raw score tile acc_s = q.k (rows m0.., keys n0..) into P = exp(s - lse) in place, with
@@ -169,15 +214,8 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
       CUTE_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = col0 + e;
-        float x = s(r, c + e);
-        float d = 1.f;
-        if (use_cap) {
-          const float t = tanhf(x * cap_in);
-          x = p.softcap * t;
-          d = 1.f - t * t;
-        } else {
-          x *= p.scale;
-        }
+        float d;
+        float x = capped_logit(p, s(r, c + e), use_cap, cap_in, d);
         bool keep = row < p.q_len && col < p.kv_len && (!p.is_causal || col <= row + causal_off) && mk[e] != 0u &&
                     col >= lo && col < hi;
         if (compare) keep = keep && __ldg(key_seg + col) == seg;
@@ -784,19 +822,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1) flash_bwd_dq_kernel(const __
   }
   cute::cp_async_wait<0>();
 
-  Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dq); ++r) {
-    const int row = m0 + get<0>(cQD(r, 0));
-    if (row < p.q_len) {
-      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(dq); c += 2) {
-        const int d = get<1>(cQD(0, c));
-        store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
-      }
-    }
-  }
+  store_dq<Elem, kD>(p, make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout())), cQD, p.q_len, q_row_stride, b, h,
+                     m0);
 }
 
 }  // namespace bwd

@@ -32,8 +32,10 @@ namespace bwd_key_list {
 
 using namespace cute;
 
+// SmemTiles is given the 256 threads of kNWarps below: a base cannot read the members of the class it starts.
 template <int kHeadDim_, bool kIsBF16, int kBlockM_>
-struct BwdKeyListTraits {
+struct BwdKeyListTraits : bwd::SmemTiles<std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>, kHeadDim_,
+                                         kBlockM_, kKeyListChunk, 256> {
   using Elem = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;       // query rows per CTA
@@ -43,8 +45,6 @@ struct BwdKeyListTraits {
   static_assert(kBlockM == 64 || kBlockM == 128, "a CTA covers a whole unit (128 rows) or one half of it");
   static_assert(kKeyListBlockM % kBlockM == 0, "a CTA's rows lie in one unit");
   static_assert(kBlockN == 64, "the bit words are 64 keys wide");
-  static constexpr int kBlockKSmem = kHeadDim % 64 == 0 ? 64 : 32;
-  static constexpr int kSwizzleBits = kBlockKSmem == 32 ? 2 : 3;
 
   using MmaOp = std::conditional_t<kIsBF16, SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
   // S, dP [M, 64] and dQ [M, D]: warps stacked along the query rows (8 x 1 at M = 128, 4 x 2 at M = 64), so a
@@ -56,30 +56,8 @@ struct BwdKeyListTraits {
   // dV, dK partials [64 keys, D] (contraction over the M query rows).
   using MmaKeys = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
 
-  using SmemLayoutAtom = decltype(composition(
-      Swizzle<kSwizzleBits, 3, 3>{}, Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));   // Q, dO
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // K, V
-  using SmemLayoutQt =
-      decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
-  using SmemLayoutKt =
-      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
-  using SmemLayoutAtomP =
-      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, Int<kBlockN>>, Stride<Int<kBlockN>, _1>>{}));
-  using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomP{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  using SmemLayoutPt =
-      decltype(composition(SmemLayoutP{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, GenRowMajor{})));
-
-  using S2RAtom = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
-  using S2RAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
-  using R2SAtom = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Elem>;
-
-  // Q / dO rows are contiguous: CuTe's tiled cp.async. K / V rows are gathered: one 16-byte piece per cp.async.
-  static constexpr int kGmemThreadsPerRow = kBlockKSmem / 8;
-  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / kGmemThreadsPerRow>, Int<kGmemThreadsPerRow>>,
-                                Stride<Int<kGmemThreadsPerRow>, _1>>;
-  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Elem>{},
-                                                 GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+  // Q / dO rows are contiguous: CuTe's tiled cp.async (GmemTiledCopy). K / V rows are gathered: one 16-byte piece
+  // per cp.async.
   static constexpr int kPieces = kHeadDim / 8;                      // 16-byte pieces of a K / V row
   static constexpr int kGatherSlots = kBlockN * kPieces / kNThreads;  // pieces per thread per operand
   static_assert(kBlockN * kPieces % kNThreads == 0, "every thread gathers the same number of pieces");
@@ -165,16 +143,8 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
     const float bias = has_bias ? sbias[lcol] : 0.f;
     CUTE_UNROLL
     for (int r = 0; r < size<0>(s); ++r) {
-      float x = s(r, c);
-      float d = 1.f;
-      if (use_cap) {
-        const float t = tanhf(x * cap_in);
-        x = p.softcap * t;
-        d = 1.f - t * t;
-      } else {
-        x *= p.scale;
-      }
-      x = add_bias(x, bias);
+      float d;
+      const float x = add_bias(bwd::capped_logit(p, s(r, c), use_cap, cap_in, d), bias);
       const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r] &&
                         x != -INFINITY && lse[r] != -INFINITY;
       s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
@@ -598,20 +568,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   }
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
 
-  // dQ (scaled), written once. Rows with no kept key have P = 0 everywhere: exact zeros.
-  Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dq); ++r) {
-    const int row = m0 + get<0>(cQD(r, 0));
-    if (row < p.q_len) {
-      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * p.q_len + row) * q_row_stride + int64_t(h) * kD;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(dq); c += 2) {
-        const int d = get<1>(cQD(0, c));
-        bwd::store_pair(dst + d, dq(r, c) * p.scale, dq(r, c + 1) * p.scale);
-      }
-    }
-  }
+  bwd::store_dq<Elem, kD>(p, make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout())), cQD, p.q_len, q_row_stride,
+                          b, h, m0);
 }
 
 }  // namespace bwd_key_list

@@ -100,6 +100,16 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The running max and sum of each row before the first tile: no key seen yet.
+template <int kRows>
+__device__ __forceinline__ void start_softmax_rows(float (&row_max)[kRows], float (&row_sum)[kRows]) {
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
+}
+
 // One online-softmax step on a tile of natural-unit scores (dropped entries -inf): rescales the running sums and
 // the output accumulator, and leaves exp(s - running max) in acc_s. The max propagates NaN: a NaN logit of a kept
 // key makes the row's max, sum and accumulator NaN for good (as does a +inf one, through inf - inf), while a
@@ -371,11 +381,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
   constexpr int kCols = decltype(size<1>(cS))::value;  // 2 * MMA_N
 
   float row_max[kRows], row_sum[kRows];
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.f;
-  }
+  start_softmax_rows(row_max, row_sum);
 
   // Bias / mask bases for this (batch, head).
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;

@@ -160,11 +160,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   constexpr int kRows = decltype(size<0>(cS))::value;
 
   float row_max[kRows], row_sum[kRows];
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.f;
-  }
+  start_softmax_rows(row_max, row_sum);
 
   const bool has_bias = p.bias != nullptr;
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
@@ -182,9 +178,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       const int piece = gather_piece(i);
       Elem* dst = dst_base + sk_layout(gather_row(i), piece * 8);
       if (rows[i] >= 0) {
-        cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
-            *reinterpret_cast<const cute::uint128_t*>(src_base + int64_t(rows[i]) * row_stride + piece * 8),
-            *reinterpret_cast<cute::uint128_t*>(dst));
+        copy_piece(src_base + int64_t(rows[i]) * row_stride + piece * 8, dst);
       } else {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);  // finite zeros: P is 0 there
       }
@@ -210,10 +204,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   Tensor tOcO = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
   Tensor cO = make_tensor(tOcO.data(), rowcol_layout(tOcO.layout()));
   auto stage_tables = [&](int buf, int key, float key_bias) {
-    if (tid < kChunk) {
-      smem_idx[buf * kChunk + tid] = key;
-      smem_kbias[buf * kChunk + tid] = key_bias;
-    }
+    stage_chunk_tables<kChunk>(smem_idx, smem_kbias, buf, tid, key, key_bias);
   };
 
 

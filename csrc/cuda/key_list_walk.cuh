@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include <cute/arch/copy_sm80.hpp>
+
 #include "cuda/flash_bwd_key_list.h"
 #include "cuda/flash_fwd.h"
 #include "cuda/key_lists.h"
@@ -87,6 +89,25 @@ __device__ __forceinline__ KeyListWalk key_list_walk(const BwdKeyListParams& sp,
                                                  kl.bits + unit * kl.chunks * kl.rows_per_unit,
                                                  static_cast<int>(kl.rows_per_unit), sp.base.is_causal,
                                                  min(row0 + kBlockM, sp.base.q_len), sp.base.q_len, sp.base.kv_len);
+}
+
+// One 16-byte piece of a gathered K / V (or Q / dO) row, global -> shared by cp.async: a list's keys are scattered
+// rows, and a piece per instruction gathers them in any order.
+template <class Elem>
+__device__ __forceinline__ void copy_piece(const Elem* src, Elem* dst) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+                                                           *reinterpret_cast<cute::uint128_t*>(dst));
+}
+
+// Chunk position tid's entries (threads tid < kChunk) of the chunk tables at ring stage `stage`: the key index and
+// its per-key bias, which the whole CTA reads after the next barrier.
+template <int kChunk>
+__device__ __forceinline__ void stage_chunk_tables(int32_t* idx, float* kbias, int stage, int tid, int key,
+                                                   float key_bias) {
+  if (tid < kChunk) {
+    idx[stage * kChunk + tid] = key;
+    kbias[stage * kChunk + tid] = key_bias;
+  }
 }
 
 }  // namespace dmattn

@@ -202,10 +202,6 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
 
   auto gather_row = [&](int i) { return (tid + i * kThreads) / kPieces; };
   auto gather_piece = [&](int i) { return (tid + i * kThreads) % kPieces; };
-  auto copy_piece = [](const Elem* src, Elem* dst) {
-    cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
-                                                             *reinterpret_cast<cute::uint128_t*>(dst));
-  };
   // K and V rows of one chunk into ring stage `stage`; rows[i] < 0: past the walked keys, finite zeros (P is 0 there).
   auto gather = [&](int stage, const int (&rows)[kRowsPerThread]) {
     CUTE_UNROLL
@@ -227,10 +223,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
     return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype);
   };
   auto stage_tables = [&](int stage, int key, float key_bias) {
-    if (tid < kChunk) {
-      smem_idx[stage * kChunk + tid] = key;
-      smem_kbias[stage * kChunk + tid] = key_bias;
-    }
+    stage_chunk_tables<kChunk>(smem_idx, smem_kbias, stage, tid, key, key_bias);
   };
   auto key_at = [&](int c, int j) { return walk.key_at(c, j, kChunk); };
 
@@ -414,19 +407,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
   }
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
 
-  // dQ (scaled), written once. Rows with no kept key have P = 0 everywhere: exact zeros.
-  Tensor dq = make_tensor(acc_dq.data(), gmma_rowcol_layout(acc_dq.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dq); ++r) {
-    const int row = row0 + get<0>(cQ(r, 0));
-    if (row < q_len) {
-      Elem* dst = static_cast<Elem*>(p.dq) + (int64_t(b) * q_len + row) * q_row_stride + int64_t(h) * kD;
-      CUTE_UNROLL
-      for (int cc = 0; cc < size<1>(dq); cc += 2) {
-        bwd::store_pair(dst + get<1>(cQ(0, cc)), dq(r, cc) * p.scale, dq(r, cc + 1) * p.scale);
-      }
-    }
-  }
+  bwd::store_dq<Elem, kD>(p, make_tensor(acc_dq.data(), gmma_rowcol_layout(acc_dq.layout())), cQ, q_len,
+                          q_row_stride, b, h, row0);
 }
 
 template <int kHeadDim, bool kIsBF16>

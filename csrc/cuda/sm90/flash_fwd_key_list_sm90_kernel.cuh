@@ -139,11 +139,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   constexpr int kRows = decltype(size<0>(cS))::value;
 
   float row_max[kRows], row_sum[kRows];
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.f;
-  }
+  fwd::start_softmax_rows(row_max, row_sum);
 
   const bool has_bias = p.bias != nullptr;
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
@@ -151,10 +147,6 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
 
   auto gather_row = [&](int i) { return (tid + i * kThreads) / kPieces; };
   auto gather_piece = [&](int i) { return (tid + i * kThreads) % kPieces; };
-  auto copy_piece = [](const Elem* src, Elem* dst) {
-    cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
-                                                             *reinterpret_cast<cute::uint128_t*>(dst));
-  };
   // K and V rows of one chunk into ring stage `stage`; rows[i] < 0: past the walked keys, finite zeros (P is 0 there).
   auto gather = [&](int stage, const int (&rows)[kRowsPerThread]) {
     CUTE_UNROLL
@@ -183,10 +175,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype);
   };
   auto stage_tables = [&](int stage, int key, float key_bias) {
-    if (tid < kChunk) {
-      smem_idx[stage * kChunk + tid] = key;
-      smem_kbias[stage * kChunk + tid] = key_bias;
-    }
+    stage_chunk_tables<kChunk>(smem_idx, smem_kbias, stage, tid, key, key_bias);
   };
   // Chunk columns whose V holds an inf or NaN, per ring stage (see the sm80 tile kernel).
   __shared__ unsigned long long bad_v_keys[kStages];
