@@ -203,8 +203,9 @@ def kth_best(x, k: int):
 def keep_best(x, k: int, t, jt):
     """The k best entries' indices of each row of x [..., N], ascending, from kth_best's (t, jt): int32 [..., k],
     INDEX_PAD where fewer than k entries are above -inf."""
-    # positions built from x, so that they carry its sharding (the batched fill wants equal ones)
-    j = jnp.cumsum(jnp.ones_like(x, dtype=jnp.int32), axis=-1) - 1
+    # positions with x's sharding (the batched fill wants equal ones); an iota, which XLA does not fold into a
+    # constant of x's size as it does a cumsum of ones
+    j = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1, out_sharding=jax.typeof(x).sharding)
     kept = ((x > t[..., None]) | ((x == t[..., None]) & (j <= jt[..., None]))) & (x > -jnp.inf)
     at = jnp.where(kept, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - 1, k)
     fill = lambda a, v: jnp.full((k + 1,), INDEX_PAD, jnp.int32).at[a].set(v)[:k]  # noqa: E731
