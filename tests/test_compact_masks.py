@@ -410,10 +410,12 @@ def test_cuda_full_bias_backward_lowers(form, monkeypatch):
     assert "dmattn_bwd_cuda" in text
 
 
+@pytest.mark.parametrize("select", ["kth_best", "kth_best_radix", "kth_best_sorted"])
 @pytest.mark.parametrize("values", ["normal", "ties", "minus_inf"])
-def test_kth_best_and_keep_best_match_lax_top_k(values):
-    """The radix select behind the TopKMask thresholds and lists: the k-th best (value desc, index asc) and the
-    k best indices, equal to lax.top_k's, for any k, with ties and rows of fewer than k finite entries."""
+def test_kth_best_and_keep_best_match_lax_top_k(values, select):
+    """Both selections behind the TopKMask thresholds and lists (the radix select CPU runs, lax.top_k's other
+    platforms run) and the per-platform choice: the k-th best (value desc, index asc) and the k best indices,
+    equal to lax.top_k's, for any k, with ties and rows of fewer than k finite entries."""
     rng = np.random.default_rng(seed_from(f"kth_best::{values}"))
     for n, k in ((2, 1), (7, 7), (300, 1), (300, 299), (2500, 1024), (4096, 37)):
         x = rng.standard_normal((3, 2, n)).astype(np.float32)
@@ -422,7 +424,7 @@ def test_kth_best_and_keep_best_match_lax_top_k(values):
         elif values == "minus_inf":
             x[rng.random(x.shape) < 0.6] = -np.inf
         x = jnp.asarray(np.where(x == 0, np.float32(0), x))  # no -0.0 (canonical); -inf stays (not visible)
-        t, jt = _compact.kth_best(x, k)
+        t, jt = getattr(_compact, select)(x, k)
         vals, idx = jax.lax.top_k(x, k)
         np.testing.assert_array_equal(np.asarray(t), np.asarray(vals[..., k - 1]))
         finite = np.asarray(vals[..., k - 1]) > -np.inf
