@@ -15,6 +15,12 @@
 # registry), or an installed nvidia-cutlass. A machine that gets a copy of the tree without its own git history
 # must be told the commit for the benchmark rows: DMATTN_BENCH_COMMIT=<sha>. Logs, junit XML and benchmark JSON
 # go to $OUT (default ./gpu_check_out).
+#
+# A fresh machine need not compile again what an earlier one built from the same sources. SAVE_PREBUILT=1 writes the
+# built wheel to $OUT/prebuilt/ (in parts of at most 15 MiB, beside the key it was built for: a hash of csrc/,
+# CMakeLists.txt, pyproject.toml, the archs and the installed jaxlib's version). Put those files in
+# build/prebuilt/ of the tree that travels (it is git-ignored: carry it) and the build step installs that wheel
+# when its key matches, then lays the tree's own jax_dmattn/*.py over it, so Python changes need no rebuild.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_check_out}
@@ -35,12 +41,39 @@ if has_step build; then
   export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=${DMATTN_CUDA_ARCHS}"
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   t0=$(date +%s)
-  if python3 -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1; then
-    echo "build: ok in $(( $(date +%s) - t0 )) s"
-    grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -30 || true
+  key=$( (find csrc CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
+          echo "archs=$DMATTN_CUDA_ARCHS"; python3 -c "import jaxlib; print('jaxlib', jaxlib.__version__)") | sha256sum | cut -c1-16)
+  prebuilt=$REPO/build/prebuilt
+  if [ -f "$prebuilt/key" ] && [ "$(cat "$prebuilt/key")" = "$key" ] && [ -f "$prebuilt/wheel_name" ]; then
+    wheel=/tmp/$(cat "$prebuilt/wheel_name")
+    cat "$prebuilt"/wheel.part* > "$wheel"
+    site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    if python3 -m pip install -q --no-deps --force-reinstall "$wheel" >"$OUT/build.log" 2>&1 \
+        && cp "$REPO"/jax_dmattn/*.py "$site/jax_dmattn/"; then
+      echo "build: installed the prebuilt wheel (key $key) in $(( $(date +%s) - t0 )) s"
+    else
+      echo "build: the prebuilt wheel did not install"; tail -20 "$OUT/build.log"; exit 1
+    fi
   else
-    echo "build: FAILED (tail of $OUT/build.log)"; grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"
-    exit 1
+    [ -d "$prebuilt" ] && echo "build: build/prebuilt/ is for other sources (key $(cat "$prebuilt/key" 2>/dev/null)," \
+      "these are $key): compiling"
+    rm -rf /tmp/dmattn_wheel
+    if python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_wheel . >"$OUT/build.log" 2>&1 \
+        && python3 -m pip install -q --no-deps --force-reinstall /tmp/dmattn_wheel/jax_dmattn-*.whl >>"$OUT/build.log" 2>&1; then
+      echo "build: ok in $(( $(date +%s) - t0 )) s"
+      grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -30 || true
+      if [ "${SAVE_PREBUILT:-0}" = 1 ]; then
+        mkdir -p "$OUT/prebuilt"
+        wheel=$(ls /tmp/dmattn_wheel/jax_dmattn-*.whl)
+        basename "$wheel" > "$OUT/prebuilt/wheel_name"
+        echo "$key" > "$OUT/prebuilt/key"
+        split -b 15M -d "$wheel" "$OUT/prebuilt/wheel.part"
+        echo "build: saved the wheel to $OUT/prebuilt/ (key $key, $(ls "$OUT/prebuilt" | grep -c part) parts)"
+      fi
+    else
+      echo "build: FAILED (tail of $OUT/build.log)"; grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"
+      exit 1
+    fi
   fi
 fi
 
