@@ -21,6 +21,7 @@ Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L
   decode_topk        the same with a per-key bias and a top-2048 mask (jax_dmattn.topk_mask of the bias) as a
                      bool [B, Hkv, 1, L] mask
   decode_topk_compact the same mask as jax_dmattn.TopKMask(scores = the bias's values, k=2048)
+  decode_topk_compact_1m the same at B=1 against L = 1M keys
   decode_ragged      decode with ragged lengths: element b's cache holds (b + 1) / B of the L slots
   packed_docs        8 documents of L / 8 tokens packed by segment ids, no bias, no mask; L = 16K
   sliding_window     a causal window of 4096 keys (local_window_size), no bias, no mask; L = 64K
@@ -92,6 +93,8 @@ CASES = {
                         lengths=(8192, 65536, 524288)),
     "decode_topk_compact": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", window=2048, q_len=1, causal=False,
                                 lengths=(8192, 65536, 524288)),
+    "decode_topk_compact_1m": dict(b=1, h=32, hkv=8, d=128, mask="topk_compact", window=2048, q_len=1,
+                                   causal=False, lengths=(1048576,)),
     # A decoding step over a ragged batch: element b's cache holds (b + 1) / B of the L slots (key_value_seq_lengths).
     "decode_ragged": dict(b=8, h=32, hkv=8, d=128, mask=None, bias=None, q_len=1, causal=False, ragged=True,
                           lengths=(65536, 524288)),

@@ -55,6 +55,8 @@ def test_decode_cases_time_one_query_row(bench_attention, tmp_path, monkeypatch)
     assert (common.bool_mask(compact, "decode_topk_compact", 4096) == inputs[4]).all()
     assert common.read_bytes("decode", 4096) == 8 * 8 * 4096 * 2 * 128 * 2
     assert common.read_bytes("decode_topk", 4096) == 8 * 8 * 2048 * (2 * 128 + 1) * 2
+    assert common.read_bytes("decode_topk_compact_1m", 1 << 20) == 8 * 2048 * (2 * 128 + 1) * 2
+    assert common.input_shapes("decode_topk_compact_1m", 1 << 20)[1].shape == (1, 1 << 20, 8, 128)
     assert common.read_bytes("standard", 4096) is None
 
     out = tmp_path / "results.json"
