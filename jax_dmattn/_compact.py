@@ -212,6 +212,16 @@ def kth_best_radix(x, k: int):
     return t, jt
 
 
+def _gather_kept(kept, values, k: int):
+    """Per row of kept (bool [..., N], at most k True), the values [..., N] of its kept entries in row order, in k
+    slots: int32 [..., k], INDEX_PAD after the last."""
+    at = jnp.where(kept, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - 1, k)
+    fill = lambda a, v: jnp.full((k + 1,), INDEX_PAD, jnp.int32).at[a].set(v)[:k]  # noqa: E731
+    for _ in range(kept.ndim - 1):
+        fill = jax.vmap(fill)
+    return fill(at, values)
+
+
 def keep_best(x, k: int, t, jt):
     """The k best entries' indices of each row of x [..., N], ascending, from kth_best's (t, jt): int32 [..., k],
     INDEX_PAD where fewer than k entries are above -inf."""
@@ -219,11 +229,7 @@ def keep_best(x, k: int, t, jt):
     # constant of x's size as it does a cumsum of ones
     j = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1, out_sharding=jax.typeof(x).sharding)
     kept = ((x > t[..., None]) | ((x == t[..., None]) & (j <= jt[..., None]))) & (x > -jnp.inf)
-    at = jnp.where(kept, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - 1, k)
-    fill = lambda a, v: jnp.full((k + 1,), INDEX_PAD, jnp.int32).at[a].set(v)[:k]  # noqa: E731
-    for _ in range(x.ndim - 1):
-        fill = jax.vmap(fill)
-    return fill(at, j)
+    return _gather_kept(kept, j, k)
 
 
 def topk_row_thresholds(scores, k: int, *, q_len: int, is_causal: bool):
@@ -380,11 +386,7 @@ def _by_unit_candidates(s, unit_rows, ks, k, geometry, form):
         # back to key order (perm's inverse), where the kept keys fill the row's k slots in ascending order
         _, inverse = lax.sort((perm, slot), dimension=3, num_keys=1)
         kept = jnp.take_along_axis(kept_by_rank, inverse[:, :, :, None, :], axis=-1)
-        at = jnp.where(kept, jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - 1, k)
-        fill = lambda a, v: jnp.full((k + 1,), INDEX_PAD, jnp.int32).at[a].set(v)[:k]  # noqa: E731
-        for _ in range(4):
-            fill = jax.vmap(fill)
-        return (fill(at, jnp.broadcast_to(cand[:, :, :, None, :], kept.shape)),)
+        return (_gather_kept(kept, jnp.broadcast_to(cand[:, :, :, None, :], kept.shape), k),)
 
     per_item = b * hs * max(lk, r_ * (k + 2 * r_))
     out = _in_chunks(one, (unit_rows,) + tuple(geometry), per_item)
