@@ -82,8 +82,9 @@ def _segment_spans(q_seg, kv_seg):
     included, in any order) and the spans are non-decreasing over the rows. A row whose id no key has gets an
     empty span at the end of the previous row's."""
     lk = kv_seg.shape[1]
-    # positions built from kv_seg itself, so that they carry its sharding (sort wants equal ones)
-    iota = jnp.cumsum(jnp.ones_like(kv_seg), axis=1) - 1
+    # positions with kv_seg's sharding (sort wants equal ones); an iota, which XLA does not constant-fold as it
+    # does a cumsum of ones
+    iota = jax.lax.broadcasted_iota(kv_seg.dtype, kv_seg.shape, 1, out_sharding=jax.typeof(kv_seg).sharding)
     # stable: within one id the positions stay ascending, so the first and last of a run are its ends
     ids, pos = jax.lax.sort((kv_seg, iota), dimension=1, num_keys=1, is_stable=True)
     runs = jnp.sum(kv_seg[:, 1:] != kv_seg[:, :-1], axis=1)
