@@ -16,7 +16,8 @@ What each kernel reads:
 - CPU kernels: "topk" gets per-row thresholds (``topk_row_thresholds``): row i keeps key j iff
   (s_j, -j) >= (t_i, -jt_i) lexicographically, t_i = -inf keeping every key; "indices" reads the sorted rows.
 - CUDA kernels: the live-key lists of csrc/cuda/key_lists.h (``cuda_key_lists``), built without any mask: by the
-  ``dmattn_topk_key_lists_cuda`` pre-pass for a causal TopKMask, by XLA sorts for the other forms.
+  ``dmattn_topk_key_lists_cuda`` pre-pass for a TopKMask (lists per 128-row query tile under causality, else one
+  list per (b, h) that every row shares), by XLA sorts for KeyIndices.
 """
 from __future__ import annotations
 
@@ -487,16 +488,14 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
     bm, hm = mask.shape[:2]
     if kind == "topk":
         s = mask[:, :, 0, :]
-        if is_causal:
+        # One query row under bottom-right causality sees every key: its list is the shared one.
+        if is_causal and q_len > 1:
             iota = lax.broadcasted_iota(jnp.int32, s.shape, 2)
             _, order = lax.sort((-s, iota), dimension=2, num_keys=1, is_stable=True)
             capacity = min(_round_up(k + BLOCK - 1, CHUNK), _round_up(kv_len, CHUNK))
             keys, bits = _cuda_fwd.build_topk_key_lists(s, order, k=k, q_len=q_len, capacity=capacity)
             return keys, bits, (bm, hm, q_len)
-        flat = s.reshape(bm * hm, kv_len)
-        capacity = _round_up(k, CHUNK)
-        listed = _pad_keys(keep_best(flat, k, *kth_best(flat, k)), capacity)
-        keys, bits = _shared_lists(listed, jnp.full((bm * hm,), k, jnp.int32), capacity)
+        keys, bits = _cuda_fwd.build_topk_key_lists(s, None, k=k, q_len=q_len, capacity=_round_up(k, CHUNK))
         return keys, bits, (bm, hm, 1)
     mq, kk = mask.shape[2:]
     if mq == 1:

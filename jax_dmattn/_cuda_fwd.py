@@ -99,15 +99,19 @@ TOPK_KEY_LISTS_TARGET = "dmattn_topk_key_lists_cuda"
 
 
 def build_topk_key_lists(scores, order, *, k: int, q_len: int, capacity: int):
-    """The live-key lists of a causal TopKMask (one ``dmattn_topk_key_lists_cuda`` call, csrc/cuda/topk_key_lists.h):
-    scores float32 [Bs, Hs, Lk] (canonical), order int32 [Bs, Hs, Lk] (keys by score desc, index asc); lists over
-    the unit geometry (Bs, Hs, Lq). Deterministic and side-effect free: the forward's and the backward's calls merge."""
+    """The live-key lists of a TopKMask (one ``dmattn_topk_key_lists_cuda`` call) from scores float32 [Bs, Hs, Lk]
+    (canonical). Causal: order int32 [Bs, Hs, Lk] (keys by score desc, index asc), lists per 128-row query tile
+    over the unit geometry (Bs, Hs, Lq) (csrc/cuda/topk_key_lists.h). order None: every row keeps the k best keys,
+    one list per (b, h) over (Bs, Hs, 1) (csrc/cuda/topk_shared_key_lists.h). Deterministic and side-effect free:
+    the forward's and the backward's calls merge."""
     _ffi.register_targets()
     bs, hs, lk = scores.shape
-    n_keys, n_words = key_list_sizes((bs, hs, q_len, lk), capacity)
+    is_causal = order is not None
+    n_keys, n_words = key_list_sizes((bs, hs, q_len if is_causal else 1, lk), capacity)
     out_types = (jax.ShapeDtypeStruct((n_keys,), jnp.int32), jax.ShapeDtypeStruct((2 * n_words,), jnp.uint32))
     return jax.ffi.ffi_call(TOPK_KEY_LISTS_TARGET, out_types)(
-        scores, order, k=np.int64(k), q_len=np.int64(q_len), capacity=np.int64(capacity))
+        scores, jnp.zeros((0,), jnp.int32) if order is None else order, k=np.int64(k),
+        is_causal=np.bool_(is_causal), q_len=np.int64(q_len), capacity=np.int64(capacity))
 
 
 def bounds_operands(rows, key_segments):

@@ -8,8 +8,11 @@
   idle, so the keys are cut into S equal parts stacked along the batch (one kernel call) and the parts' (out, lse)
   are merged exactly (jax_dmattn/_partials.py): flash-decoding without a kernel of its own. S comes from the
   device's multiprocessor count and Lk (a divisor of Lk, at least MIN_SPLIT_KEYS keys a part). Masks whose keys are
-  not positions of the part (TopKMask: one top-k over all keys; KeyIndices: global indices) are not split. The
-  backward of a decoding step runs packed, not split: it gets the merged out and lse, so it is exact as it is.
+  not positions of the part (TopKMask: one top-k over all keys; KeyIndices: global indices) are not cut by key
+  range: their live-key list, one per (batch, mask head) that every row shares, is cut instead (``split_lists``):
+  part p of kv head h runs as query head h * S + p, whose GQA kv head is h, with the p-th slice of the list, so
+  each part reads only its slice of the kept keys. The backward of a decoding step runs packed, not split: it gets
+  the merged out and lse, so it is exact as it is.
 
 The lowerings run per device (after custom_partitioning), so this is invisible to sharding, vmap and autodiff: the
 primitives keep their shapes and contract. Absent operands are the primitives' zero-size placeholders here.
@@ -26,6 +29,9 @@ from jax_dmattn import _partials
 
 # Fewer keys than this per part and the merge costs more than the parallelism it buys.
 MIN_SPLIT_KEYS = 1024
+# A list part holds at least this many 64-key chunks (a part's fixed cost, loading Q and writing out, is about that
+# of walking a few chunks).
+MIN_SPLIT_CHUNKS = 4
 # Work items (batch x kv heads x parts) per multiprocessor the split aims at; with row bounds (a ragged batch) more,
 # smaller parts, since a part past its rows' bounds costs almost nothing and the long elements' parts set the time.
 ITEMS_PER_CORE = 2
@@ -46,18 +52,56 @@ def packs(q, k, mask, config) -> bool:
     return not (config.mask_kind == "topk" and mask.shape[1] == q.shape[2])
 
 
+def _wanted_parts(batch: int, kv_heads: int, items_per_core: int) -> int:
+    cores = getattr(jax.devices()[0], "core_count", None) or 0
+    return math.ceil(items_per_core * cores / max(batch * kv_heads, 1))
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max([1] + [s for s in range(2, at_most + 1) if n % s == 0])
+
+
 def split_count(*, batch: int, kv_heads: int, kv_len: int, implementation: str, bounded: bool = False) -> int:
     """S, the parts the keys of a packed one-row call (with row bounds: ``bounded``) are split into (1: no split)."""
     if implementation != "cuda":
         return 1
-    cores = getattr(jax.devices()[0], "core_count", None) or 0
-    items = ITEMS_PER_CORE_BOUNDED if bounded else ITEMS_PER_CORE
-    want = math.ceil(items * cores / max(batch * kv_heads, 1))
-    best = 1
-    for s in range(2, min(want, kv_len // MIN_SPLIT_KEYS) + 1):
-        if kv_len % s == 0:
-            best = s
-    return best
+    want = _wanted_parts(batch, kv_heads, ITEMS_PER_CORE_BOUNDED if bounded else ITEMS_PER_CORE)
+    return _largest_divisor(kv_len, min(want, kv_len // MIN_SPLIT_KEYS))
+
+
+def list_split_count(*, batch: int, kv_heads: int, chunks: int) -> int:
+    """S, the parts a packed one-row call's shared key lists of ``chunks`` 64-key chunks are cut into (CUDA)."""
+    want = _wanted_parts(batch, kv_heads, ITEMS_PER_CORE)
+    return _largest_divisor(chunks, min(want, chunks // MIN_SPLIT_CHUNKS))
+
+
+def split_lists(run, q, lists):
+    """``run(q, lists) -> (out, lse)``, the CUDA forward of a packed one-row call (q [B, G, Hkv, D], no row bounds)
+    with compact key lists ``(keys, bits, (Bm, Hm, Mm))``, run as S list parts when the lists are shared by every
+    row (Mm = 1, Hm in {1, Hkv}); the parts' (out, lse) merged. Other lists run as they are."""
+    keys, bits, (bm, hm, mm) = lists
+    b, g, hkv, d = q.shape
+    n = bm * hm
+    if mm != 1 or n == 0 or hm not in (1, hkv):
+        return run(q, lists)
+    capacity = keys.shape[0] // n - 1
+    chunk = 64
+    s = list_split_count(batch=b, kv_heads=hkv, chunks=capacity // chunk)
+    if s == 1:
+        return run(q, lists)
+    part = capacity // s
+    listed = keys.reshape(n, 1 + capacity)
+    starts = jnp.arange(s, dtype=jnp.int32) * part
+    counts = jnp.clip(listed[:, :1] - starts[None, :], 0, part)                       # [n, s]
+    part_keys = jnp.concatenate([counts[..., None], listed[:, 1:].reshape(n, s, part)], axis=2)
+    part_bits = bits.reshape(n, s, part // chunk * 2)  # one row per unit: [n, chunks, 1, 2] words in chunk order
+    # Heads (bm, hm, s) -> (bm, Hkv * s): part p of kv head h is query head h * s + p.
+    part_keys = jnp.broadcast_to(part_keys.reshape(bm, hm, s, 1 + part), (bm, hkv, s, 1 + part)).reshape(-1)
+    part_bits = jnp.broadcast_to(part_bits.reshape(bm, hm, s, -1), (bm, hkv, s, part // chunk * 2)).reshape(-1)
+    out, lse = run(jnp.repeat(q, s, axis=2), (part_keys, part_bits, (bm, hkv * s, 1)))
+    out, lse = _partials.merge(jnp.moveaxis(out.reshape(b, g, hkv, s, d), 3, 0),
+                               jnp.moveaxis(lse.reshape(b, hkv, s, g), 2, 0))
+    return out, lse
 
 
 # ------------------------------------------------------------------------------------------ packing
@@ -157,6 +201,8 @@ def forward(body, q, k, v, bias, mask, rows, key_segments, config):
         out, lse = _partials.merge(jnp.moveaxis(out.reshape((b, s) + out.shape[1:]), 1, 0),
                                    jnp.moveaxis(lse.reshape((b, s) + lse.shape[1:]), 1, 0))
     else:
+        if config.mask_kind != "bool" and not _present(rows):
+            config = dataclasses.replace(config, split_lists=True)
         out, lse = body(qp, k, v, bias, mask, rows, key_segments, config)
     return _unpack_rows(out), lse.reshape(b, h, 1)
 

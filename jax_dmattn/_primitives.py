@@ -32,6 +32,9 @@ class KernelConfig:
     implementation: str  # "cpu" | "cuda"
     mask_kind: str = "bool"  # what the mask operand is: "bool" | "topk" | "indices" (jax_dmattn/_compact.py)
     mask_k: int = 0          # k of a "topk" mask
+    # Set inside the CUDA forward lowering only (jax_dmattn/_decode.py): a packed one-row call whose shared key
+    # lists may be cut into parts along the heads.
+    split_lists: bool = False
 
 
 def _operand(x, dtype):
@@ -107,9 +110,15 @@ def _fwd_cuda(q, k, v, bias, mask, rows, key_segments, config):
 
     mask_arg, lists = _cuda_mask_args(q, k, mask, config)
     rows_arg, segments_arg = _bounds_args(rows, key_segments)
-    return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
-                               key_segments=segments_arg, compact_lists=lists, scale=config.scale,
-                               softcap=config.softcap, is_causal=_kernel_causal(config, rows))
+
+    def run(q, lists):
+        return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
+                                   key_segments=segments_arg, compact_lists=lists, scale=config.scale,
+                                   softcap=config.softcap, is_causal=_kernel_causal(config, rows))
+
+    if config.split_lists and lists is not None:
+        return _decode.split_lists(run, q, lists)
+    return run(q, lists)
 
 
 # The lowerings: one-row calls run GQA-packed (and split over the keys on CUDA) inside them (jax_dmattn/_decode.py).

@@ -100,6 +100,7 @@ CASES = {
     "topk-causal": CompactCase(),
     "topk-causal-ties-h": CompactCase(ties=True, mask_heads="h", mask_batch=1),
     "topk-noncausal": CompactCase(is_causal=False, mask_heads="1"),
+    "topk-decode-causal": CompactCase(Lq=1, Lk=300, k=40),
     "topk-k1": CompactCase(k=1, Lq=130, Lk=130, bias=None),
     "topk-k-ge-visible": CompactCase(k=90, Lq=100, Lk=100),
     "topk-lq-gt-lk": CompactCase(Lq=150, Lk=64, k=20),
@@ -280,11 +281,11 @@ def decode_lists(keys, bits, geometry, lq, lk):
     return out[:, :mm].reshape(bm, hm, mm, lk)
 
 
-@pytest.mark.parametrize("name", ["topk-noncausal", "idx-per-row", "idx-per-row-empty", "idx-shared",
+@pytest.mark.parametrize("name", ["idx-per-row", "idx-per-row-empty", "idx-shared",
                                   "idx-shared3-causal", "idx-dups-gqa"])
 def test_cuda_key_lists_built_by_xla(name):
-    """The lists that XLA builds for the CUDA kernels (every form but the causal TopKMask, which has its own
-    pre-pass kernel) decode to the mask they stand for; this runs on any backend."""
+    """The lists that XLA builds for the CUDA kernels (KeyIndices; a TopKMask has pre-pass kernels of its own)
+    decode to the mask they stand for; this runs on any backend."""
     case = CASES[name]
     rng = make_rng_for(name)
     q, k, v, bias, mask, dense = make_case_inputs(case, rng)

@@ -1,5 +1,6 @@
-"""dmattn_topk_key_lists_cuda: the live-key lists (csrc/cuda/key_lists.h layout) of a causal top-k mask given by
-per-key scores, built without any [Lq, Lk] array (csrc/cuda/topk_key_lists.h).
+"""dmattn_topk_key_lists_cuda: the live-key lists (csrc/cuda/key_lists.h layout) of a top-k mask given by per-key
+scores, built without any [Lq, Lk] array: causal (csrc/cuda/topk_key_lists.h, per 128-row query tile) and shared by
+every row (csrc/cuda/topk_shared_key_lists.h, one list per (b, h), the radix select).
 
 The lists and bit words are decoded into a dense [Bs, Hs, Lq, Lk] mask in numpy and compared, bit for bit, with
 jax_dmattn.topk_mask of the scores broadcast over the query rows; each list must also be strictly ascending, fit
@@ -48,14 +49,14 @@ def key_order(scores):
     return lax.sort((-scores, iota), dimension=2, is_stable=True, num_keys=1)[1]
 
 
-def call(scores, order, *, k: int, q_len: int, capacity: int):
+def call(scores, order, *, k: int, q_len: int, capacity: int, is_causal: bool = True):
     bs, hs, _ = scores.shape
-    units = bs * hs * -(-q_len // BLOCK_M)
-    rows = min(q_len, BLOCK_M)
+    rows = q_len if is_causal else 1
+    units = bs * hs * -(-rows // BLOCK_M)
     out_types = (jax.ShapeDtypeStruct((units * (1 + capacity),), jnp.int32),
-                 jax.ShapeDtypeStruct((2 * units * (capacity // CHUNK) * rows,), jnp.uint32))
-    return jax.ffi.ffi_call(TARGET, out_types)(scores, order, k=np.int64(k), q_len=np.int64(q_len),
-                                               capacity=np.int64(capacity))
+                 jax.ShapeDtypeStruct((2 * units * (capacity // CHUNK) * min(rows, BLOCK_M),), jnp.uint32))
+    return jax.ffi.ffi_call(TARGET, out_types)(scores, order, k=np.int64(k), is_causal=np.bool_(is_causal),
+                                               q_len=np.int64(q_len), capacity=np.int64(capacity))
 
 
 def decode(keys, bits, *, bs: int, hs: int, q_len: int, kv_len: int, capacity: int, k: int):
@@ -96,6 +97,9 @@ def make_scores(rng, shape, kind: str) -> np.ndarray:
         s = rng.choice(np.array([-1.5, 0.0, 0.25, 2.0], np.float32), size=shape)
     elif kind == "bf16":
         s = np.asarray(jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+    elif kind == "lowest":  # canonical NaN / -inf (the lowest finite float32) beside negatives and positives
+        s = rng.standard_normal(shape).astype(np.float32)
+        s[..., ::3] = np.finfo(np.float32).min
     else:
         raise ValueError(kind)
     return np.where(s == 0, np.float32(0), s).astype(np.float32)  # canonical: no -0.0
@@ -169,3 +173,43 @@ def test_bad_sizes_are_rejected(k, capacity, match):
     scores = jnp.zeros((1, 1, 100), jnp.float32)
     with pytest.raises(Exception, match=match):
         jax.block_until_ready(call(scores, key_order(scores), k=k, q_len=50, capacity=capacity))
+
+
+# ------------------------------------------------------------------------------------------ shared lists
+def check_shared(rng, bs, hs, kv_len, k, kind, scores=None):
+    """The non-causal call: one list per (b, h) holding exactly the k best keys, ascending, the first k bits set."""
+    if scores is None:
+        scores = make_scores(rng, (bs, hs, kv_len), kind)
+    capacity = roundup64(k)
+    keys, bits = call(jnp.asarray(scores), jnp.zeros((0,), jnp.int32), k=k, q_len=1, capacity=capacity,
+                      is_causal=False)
+    got = decode(keys, bits, bs=bs, hs=hs, q_len=1, kv_len=kv_len, capacity=capacity, k=k)
+    want = np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], k))
+    if not np.array_equal(got, want):
+        diff = np.argwhere(got != want)
+        raise AssertionError(f"{len(diff)} entries differ, first [b, h, i, j] = {diff[:5].tolist()}")
+    listed = np.asarray(keys).reshape(bs * hs, 1 + capacity)
+    assert np.all(listed[:, 0] == k)
+    assert np.all(listed[:, 1 + k:] == 0), "list entries past k must be zero"
+
+
+# Lk: below one step of the kernel (8192 keys), not a multiple of 4 (scalar loads), several steps, 64K (decoding).
+SHARED = [(2, 3, 100, 1), (1, 2, 257, 64), (3, 1, 1001, 200), (2, 2, 8192, 2048), (1, 3, 20001, 777),
+          (2, 2, 65536, 2048), (1, 1, 65536, 65535)]
+
+
+@pytest.mark.parametrize("kind", KINDS + ["lowest"])
+@pytest.mark.parametrize("bs,hs,kv_len,k", SHARED, ids=[f"b{b}h{h}-k{lk}-top{k}" for b, h, lk, k in SHARED])
+def test_shared_lists_match_topk_mask(rng, bs, hs, kv_len, k, kind):
+    check_shared(rng, bs, hs, kv_len, k, kind)
+
+
+def test_shared_lists_all_tied(rng):
+    # One value everywhere: the k lowest indices, decided by the tie-break alone.
+    check_shared(rng, 2, 1, 3000, 1000, "normal", scores=np.full((2, 1, 3000), 0.5, np.float32))
+
+
+def test_shared_lists_reject_an_order():
+    scores = jnp.zeros((1, 1, 100), jnp.float32)
+    with pytest.raises(Exception, match="zero-size"):
+        jax.block_until_ready(call(scores, key_order(scores), k=5, q_len=1, capacity=64, is_causal=False))

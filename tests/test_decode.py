@@ -30,6 +30,8 @@ class DecodeCase:
     is_causal: bool = True
     bias: str | None = "key"     # None | key [B, Hkv, 1, Lk] | head [B, H, 1, Lk] | one [1, 1, 1, Lk]
     mask: str | None = None      # None | bool_head [B, H, 1, Lk] | bool_kv [1, Hkv, 1, Lk] | indices_head | topk_kv
+    #                              | indices_kv (KeyIndices [B, Hkv, K], shared by every row)
+    k: int = 30                  # topk_kv: k; indices_*: K
     lengths: bool = False        # key_value_seq_lengths (ragged cache fill)
     segments: bool = False       # unsorted segment ids (the id comparison, not the span)
 
@@ -41,7 +43,8 @@ CASES = {
     "one-bias-noncausal": DecodeCase(bias="one", is_causal=False),
     "bool-head": DecodeCase(mask="bool_head"),
     "bool-kv-lengths": DecodeCase(mask="bool_kv", lengths=True),
-    "indices-head": DecodeCase(mask="indices_head", bias="head"),
+    "indices-head": DecodeCase(mask="indices_head", bias="head", k=40),
+    "indices-kv": DecodeCase(mask="indices_kv", k=70),
     "topk-kv": DecodeCase(mask="topk_kv"),
     "lengths": DecodeCase(lengths=True, H=12, Hkv=3, Lk=512),
     "segments-lengths": DecodeCase(lengths=True, segments=True),
@@ -64,18 +67,19 @@ def make(case: DecodeCase, rng):
     elif case.mask == "bool_kv":
         mask = rng.random((1, case.Hkv, 1, case.Lk)) < 0.5
         keep &= np.repeat(mask, g, axis=1)
-    elif case.mask == "indices_head":
-        idx = rng.integers(-1, case.Lk, (case.B, case.H, 1, 40)).astype(np.int32)
-        dense = np.zeros((case.B, case.H, 1, case.Lk + 1), bool)
+    elif case.mask in ("indices_head", "indices_kv"):
+        heads = case.H if case.mask == "indices_head" else case.Hkv
+        idx = rng.integers(-1, case.Lk, (case.B, heads, 1, case.k)).astype(np.int32)
+        dense = np.zeros((case.B, heads, 1, case.Lk + 1), bool)
         for ix in np.ndindex(idx.shape[:3]):
             dense[ix + (idx[ix],)] = True
-        keep &= dense[..., :case.Lk]
-        mask = KeyIndices(jnp.asarray(idx))
+        keep &= np.repeat(dense[..., :case.Lk], case.H // heads, axis=1)
+        mask = KeyIndices(jnp.asarray(idx if heads == case.H else idx[:, :, 0]))
     elif case.mask == "topk_kv":
         scores = r((case.B, case.Hkv, case.Lk))
-        top = np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], 30))
+        top = np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], case.k))
         keep &= np.repeat(top, g, axis=1)
-        mask = TopKMask(jnp.asarray(scores), 30)
+        mask = TopKMask(jnp.asarray(scores), case.k)
     if case.lengths:
         lens = rng.integers(1, case.Lk + 1, (case.B,)).astype(np.int32)
         lens[0] = case.Lk
@@ -170,6 +174,63 @@ def test_split_count_follows_the_device(monkeypatch):
     assert _decode.split_count(batch=8, kv_heads=8, kv_len=65536, implementation="cuda", bounded=True) == 16
 
 
+def test_list_split_count_follows_the_device(monkeypatch):
+    class Dev:
+        core_count = 132
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Dev()])
+    # 64 items, 264 wanted: a divisor of the 32 chunks of a top-2048 list, each part >= MIN_SPLIT_CHUNKS chunks
+    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32) == 4
+    assert _decode.list_split_count(batch=1, kv_heads=8, chunks=32) == 8
+    assert _decode.list_split_count(batch=1, kv_heads=8, chunks=7) == 1
+    assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32) == 1
+
+
+def _lists_reference(k, v, bias):
+    """A stand-in for the CUDA forward with compact lists: decodes the lists to a dense mask, runs the oracle."""
+    from test_compact_masks import decode_lists
+
+    def run(q, lists):
+        keys, bits, geometry = lists
+        dense = decode_lists(keys, bits, geometry, q.shape[1], k.shape[1])  # [Bm, Hm, 1, Lk]
+        keep = np.repeat(dense, q.shape[2] // dense.shape[1], axis=1)
+        qh = q.shape[2]
+        kk, vv = (np.repeat(np.asarray(x), qh // x.shape[2], axis=2) for x in (k, v))
+        b = None if bias is None else np.repeat(np.asarray(bias), qh // bias.shape[1], axis=1)
+        out, lse = oracle.oracle_attention(np.asarray(q), kk, vv, b, keep)
+        run.calls.append(q.shape)
+        return jnp.asarray(out, jnp.float32), jnp.asarray(lse, jnp.float32)
+
+    run.calls = []
+    return run
+
+
+@pytest.mark.parametrize("mask_heads", [1, 2])
+def test_split_lists_merge_to_the_whole_list(monkeypatch, mask_heads):
+    """Shared key lists cut into parts along the heads (some parts short or empty: the lists have pads and repeats)
+    give the whole list's out and lse; each part is one query head per (kv head, part)."""
+    from jax_dmattn import _compact
+
+    monkeypatch.setattr(_decode, "_wanted_parts", lambda *a: 64)
+    rng = np.random.default_rng(seed_from(f"test_decode::split_lists::{mask_heads}"))
+    b, g, hkv, d, lk, kk = 2, 3, 2, 16, 700, 512
+    q = jnp.asarray(rng.standard_normal((b, g, hkv, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, lk, hkv, d)), jnp.float32) for _ in range(2))
+    bias = jnp.asarray(rng.standard_normal((b, hkv, g, lk)), jnp.float32)
+    idx = rng.integers(-1, lk, (b, mask_heads, 1, kk)).astype(np.int32)
+    idx[0, 0, 0, :300] = -1  # a short list: its last parts are empty
+    norm, kind, _ = _compact.normalize(KeyIndices(jnp.asarray(idx)), (b, hkv * g, hkv, 1, lk))
+    lists = _compact.cuda_key_lists(norm, kind, 0, q_len=1, kv_len=lk, is_causal=False)
+    assert lists[2] == (b, mask_heads, 1)
+    whole = _lists_reference(k, v, bias)
+    want = whole(q, lists)
+    parts = _lists_reference(k, v, bias)
+    got = _decode.split_lists(parts, q, lists)
+    assert parts.calls == [(b, g, hkv * 2, d)], parts.calls  # 512 keys: 8 chunks, 2 parts of >= 4 chunks
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize("name", ["key-bias", "bool-kv-lengths", "segments-lengths", "head-bias"])
@@ -185,5 +246,25 @@ def test_cuda_split_decode(name):
         q, k, v, b, mask, is_causal=case.is_causal, return_lse=True, implementation="cuda", **kw))(
         cast(q), cast(k), cast(v), bias)
     eo, el = oracle.oracle_attention(q, k, v, bias, keep)
+    assert_close(out, eo, jnp.bfloat16, "out", name="out")
+    assert_close(lse, el, jnp.bfloat16, "lse", name="lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("name,k", [("topk-kv", 1024), ("topk-kv", 2047), ("indices-kv", 1500)])
+def test_cuda_list_split_decode(name, k):
+    """A decoding step whose compact mask's shared key list the device cuts into parts, against the oracle."""
+    case = dataclasses.replace(CASES[name], Lk=8192, B=2, k=k)
+    rng = np.random.default_rng(seed_from(f"test_decode::cuda::{name}::{k}"))
+    (q, k_, v, bias, mask), kw, keep = make(case, rng)
+    cast = lambda x: None if x is None else jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    q, k_, v = (np.asarray(cast(x)).astype(np.float32) for x in (q, k_, v))
+    chunks = -(-min(k, case.Lk) // 64)
+    assert _decode.list_split_count(batch=case.B, kv_heads=case.Hkv, chunks=chunks) > 1
+    out, lse = jax.jit(lambda q, k, v, b: jax_dmattn.attention(
+        q, k, v, b, mask, is_causal=case.is_causal, return_lse=True, implementation="cuda", **kw))(
+        cast(q), cast(k_), cast(v), bias)
+    eo, el = oracle.oracle_attention(q, k_, v, bias, keep)
     assert_close(out, eo, jnp.bfloat16, "out", name="out")
     assert_close(lse, el, jnp.bfloat16, "lse", name="lse")

@@ -1,5 +1,6 @@
-// The key-list pre-pass of a causal top-k mask given by per-key scores (csrc/cuda/topk_key_lists.h) as its own
-// FFI call, "dmattn_topk_key_lists_cuda": the same keys / bits layout as dmattn_key_lists_cuda, so the forward
+// The key-list pre-pass of a top-k mask given by per-key scores as its own FFI call, "dmattn_topk_key_lists_cuda":
+// causal (csrc/cuda/topk_key_lists.h, lists per 128-row query tile) or shared by every row
+// (csrc/cuda/topk_shared_key_lists.h, one list per (b, h)). The same keys / bits layout as dmattn_key_lists_cuda, so the forward
 // and the key-list backward take either, and like that call it is side-effect free, so XLA's CSE lets a forward
 // and its backward share one.
 //
@@ -14,6 +15,7 @@
 
 #include "cuda/key_lists.h"
 #include "cuda/topk_key_lists.h"
+#include "cuda/topk_shared_key_lists.h"
 #include "ffi/cuda_handler_common.h"
 #include "ffi/targets.h"
 
@@ -26,41 +28,44 @@ ffi::Error bad(const std::string& what) {
   return ffi::Error::InvalidArgument("dmattn_topk_key_lists_cuda: " + what);
 }
 
-// scores f32 [Bs, Hs, Lk] (canonical: finite, no -0.0); order s32 [Bs, Hs, Lk], per (b, h) the key indices by
-// (score desc, index asc). Query row i of q_len = Lq rows keeps the k best keys j <= i + Lk - Lq. keys:
-// KeyListArgs::keys_size() int32; bits: 2 * KeyListArgs::bits_size() uint32 (uint64 words as uint32 pairs), for
-// the layout batch = Bs, heads = Hs, rows = Lq, cols = Lk.
+// scores f32 [Bs, Hs, Lk] (canonical: finite, no -0.0). Causal: order s32 [Bs, Hs, Lk], per (b, h) the key indices
+// by (score desc, index asc), and query row i of q_len = Lq rows keeps the k best keys j <= i + Lk - Lq; the lists
+// are over the layout batch = Bs, heads = Hs, rows = Lq, cols = Lk. Not causal: order is zero-size, every row keeps
+// the k best keys, and the lists are over rows = 1 (q_len is not used). keys: KeyListArgs::keys_size() int32;
+// bits: 2 * KeyListArgs::bits_size() uint32 (uint64 words as uint32 pairs).
 ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> order,
                                ffi::ResultBuffer<ffi::S32> keys, ffi::ResultBuffer<ffi::U32> bits, int64_t k,
-                               int64_t q_len, int64_t capacity) {
+                               bool is_causal, int64_t q_len, int64_t capacity) {
   count_cuda_handler_run(stream);
   const auto sd = scores.dimensions(), od = order.dimensions();
   if (sd.size() != 3) return bad("scores must be rank 3 [Bs, Hs, Lk]");
-  if (od.size() != 3 || od[0] != sd[0] || od[1] != sd[1] || od[2] != sd[2])
+  if (is_causal && (od.size() != 3 || od[0] != sd[0] || od[1] != sd[1] || od[2] != sd[2]))
     return bad("order must have the shape of scores [Bs, Hs, Lk]");
+  if (!is_causal && order.element_count() != 0) return bad("order must be zero-size without is_causal");
   if (q_len < 0) return bad("q_len must be >= 0");
   if (q_len > INT_MAX || sd[2] > INT_MAX) return bad("q_len and the key length must be below 2^31");
   if (k < 1 || k >= sd[2])
     return bad("k = " + std::to_string(k) + " must be in [1, Lk) with Lk = " + std::to_string(sd[2]) +
                " (a k >= Lk keeps every visible key: no ranking needed)");
-  TopKKeyListArgs args;
-  args.k = k;
-  KeyListArgs& L = args.lists;
-  L.batch = sd[0], L.heads = sd[1], L.rows = q_len, L.cols = sd[2];
-  L.is_causal = true;
-  L.q_len = q_len;
-  L.causal_offset = L.cols - q_len;
+  KeyListArgs L;
+  L.batch = sd[0], L.heads = sd[1], L.cols = sd[2];
+  L.rows = is_causal ? q_len : 1;
+  L.is_causal = is_causal;
+  L.q_len = is_causal ? q_len : 1;
+  L.causal_offset = is_causal ? L.cols - q_len : 0;
   L.capacity = capacity;
   if (!L.capacity_ok())
     return bad("capacity " + std::to_string(capacity) + " must be a positive multiple of 64 and at most " +
                std::to_string((L.cols + kKeyListChunk - 1) / kKeyListChunk * kKeyListChunk) +
                " (the key dim rounded up to 64)");
-  // A unit lists at most k keys below its diagonal plus the rows_per_unit - 1 keys on it, and at most Lk keys.
-  const int64_t need = k + L.rows_per_unit() - 1 < L.cols ? k + L.rows_per_unit() - 1 : L.cols;
+  // A causal unit lists at most k keys below its diagonal plus the rows_per_unit - 1 keys on it, and at most Lk
+  // keys; a shared list exactly k.
+  const int64_t on_diagonal = is_causal ? L.rows_per_unit() - 1 : 0;
+  const int64_t need = k + on_diagonal < L.cols ? k + on_diagonal : L.cols;
   if (capacity < need)
-    return bad("capacity " + std::to_string(capacity) + " cannot hold a unit's keys: k + min(q_len, 128) - 1 = " +
-               std::to_string(k + L.rows_per_unit() - 1) + " (or Lk = " + std::to_string(L.cols) +
-               " if fewer) are possible");
+    return bad("capacity " + std::to_string(capacity) + " cannot hold a unit's keys: " +
+               (is_causal ? "k + min(q_len, 128) - 1 = " : "k = ") + std::to_string(k + on_diagonal) +
+               (is_causal ? " (or Lk = " + std::to_string(L.cols) + " if fewer)" : std::string()) + " are possible");
   if (L.units() > INT_MAX) return bad("too many units (Bs * Hs * ceil(q_len / 128) must be below 2^31)");
   if (static_cast<int64_t>(keys->element_count()) != L.keys_size())
     return bad("keys must have " + std::to_string(L.keys_size()) + " elements (units x (1 + capacity)), got " +
@@ -71,7 +76,16 @@ ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores
                std::to_string(bits->element_count()));
   // Zero units (q_len = 0 or an empty batch): nothing to list, and the launcher must not see an empty grid.
   if (L.units() == 0) return ffi::Error::Success();
+  L.keys = keys->typed_data();
+  L.bits = reinterpret_cast<uint64_t*>(bits->typed_data());
 
+  if (!is_causal) {
+    TopKSharedKeyListArgs args;
+    args.scores = scores.typed_data();
+    args.k = k;
+    args.lists = L;
+    return cuda_error(launch_build_topk_shared_key_lists(args, stream), "build_topk_shared_key_lists");
+  }
   int limit = 0;
   if (auto e = max_shared_memory_optin(limit); e.failure()) return e;
   size_t smem = 0;
@@ -79,11 +93,11 @@ ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores
   if (smem > static_cast<size_t>(limit))
     return bad("k = " + std::to_string(k) + " needs " + std::to_string(smem) +
                " bytes of shared memory per block, this device allows " + std::to_string(limit));
-
+  TopKKeyListArgs args;
   args.scores = scores.typed_data();
   args.order = order.typed_data();
-  L.keys = keys->typed_data();
-  L.bits = reinterpret_cast<uint64_t*>(bits->typed_data());
+  args.k = k;
+  args.lists = L;
   return cuda_error(launch_build_topk_key_lists(args, stream), "build_topk_key_lists");
 }
 
@@ -93,10 +107,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopKKeyListsCuda, topk_key_lists_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scores [Bs, Hs, Lk]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // order [Bs, Hs, Lk]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // order [Bs, Hs, Lk] (causal), else zero-size
                                   .Ret<ffi::Buffer<ffi::S32>>()  // keys [units * (1 + capacity)]
                                   .Ret<ffi::Buffer<ffi::U32>>()  // bits [2 * units * capacity / 64 * rows]
                                   .Attr<int64_t>("k")
+                                  .Attr<bool>("is_causal")
                                   .Attr<int64_t>("q_len")
                                   .Attr<int64_t>("capacity"),
                               {ffi::Traits::kCmdBufferCompatible});
