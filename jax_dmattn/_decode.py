@@ -36,6 +36,8 @@ MIN_SPLIT_CHUNKS = 4
 # smaller parts, since a part past its rows' bounds costs almost nothing and the long elements' parts set the time.
 ITEMS_PER_CORE = 2
 ITEMS_PER_CORE_BOUNDED = 8
+# The key-list forward holds one CTA per multiprocessor (its registers and shared memory): list parts aim at one wave.
+ITEMS_PER_CORE_LISTS = 1
 
 
 def _present(x) -> bool:
@@ -71,7 +73,7 @@ def split_count(*, batch: int, kv_heads: int, kv_len: int, implementation: str, 
 
 def list_split_count(*, batch: int, kv_heads: int, chunks: int) -> int:
     """S, the parts a packed one-row call's shared key lists of ``chunks`` 64-key chunks are cut into (CUDA)."""
-    want = _wanted_parts(batch, kv_heads, ITEMS_PER_CORE)
+    want = _wanted_parts(batch, kv_heads, ITEMS_PER_CORE_LISTS)
     return _largest_divisor(chunks, min(want, chunks // MIN_SPLIT_CHUNKS))
 
 

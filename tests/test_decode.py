@@ -179,8 +179,8 @@ def test_list_split_count_follows_the_device(monkeypatch):
         core_count = 132
 
     monkeypatch.setattr(jax, "devices", lambda *a: [Dev()])
-    # 64 items, 264 wanted: a divisor of the 32 chunks of a top-2048 list, each part >= MIN_SPLIT_CHUNKS chunks
-    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32) == 4
+    # 64 items, 132 wanted (one wave): a divisor of the 32 chunks of a top-2048 list, each >= MIN_SPLIT_CHUNKS chunks
+    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32) == 2
     assert _decode.list_split_count(batch=1, kv_heads=8, chunks=32) == 8
     assert _decode.list_split_count(batch=1, kv_heads=8, chunks=7) == 1
     assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32) == 1

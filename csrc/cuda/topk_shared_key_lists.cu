@@ -31,31 +31,43 @@ __device__ __forceinline__ uint32_t order_key(float s) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// This thread's kPerThread keys of the step starting at `base` (key indices base + tid * kPerThread + i) as order
-// keys, with a bit per valid entry. Vector loads when the row allows them.
+// This thread's kPerThread scores of the step starting at `base` (key indices base + tid * kPerThread + i), raw,
+// with a bit per valid entry. Vector loads when the row allows them. Nothing here uses the loaded values, so the
+// loads stay in flight until the caller reads them.
 __device__ __forceinline__ uint32_t load_step(const float* row, int lk, bool vec, int64_t base,
-                                              uint32_t (&key)[kPerThread]) {
+                                              float (&x)[kPerThread]) {
   const int64_t j0 = base + int64_t(threadIdx.x) * kPerThread;
-  uint32_t valid = 0;
   if (vec && j0 + kPerThread <= lk) {
-    float4 v[kVectors];
-#pragma unroll
-    for (int i = 0; i < kVectors; ++i) v[i] = __ldg(reinterpret_cast<const float4*>(row + j0) + i);
 #pragma unroll
     for (int i = 0; i < kVectors; ++i) {
-      key[4 * i] = order_key(v[i].x), key[4 * i + 1] = order_key(v[i].y);
-      key[4 * i + 2] = order_key(v[i].z), key[4 * i + 3] = order_key(v[i].w);
+      const float4 v = __ldg(reinterpret_cast<const float4*>(row + j0) + i);
+      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
     }
-    valid = (1u << kPerThread) - 1;
-  } else {
+    return (1u << kPerThread) - 1;
+  }
+  uint32_t valid = 0;
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const bool in = j0 + i < lk;
-      key[i] = in ? order_key(__ldg(row + j0 + i)) : 0u;
-      valid |= in ? (1u << i) : 0u;
-    }
+  for (int i = 0; i < kPerThread; ++i) {
+    const bool in = j0 + i < lk;
+    x[i] = in ? __ldg(row + j0 + i) : 0.f;
+    valid |= in ? (1u << i) : 0u;
   }
   return valid;
+}
+
+// f(base, valid, scores) over the row's steps in order, while the next step's loads are in flight (two register
+// buffers in turn: a copy from one to the other would wait for the loads). f returns false to stop; it must return
+// the same on every thread of the CTA.
+template <class F>
+__device__ __forceinline__ void for_each_step(const float* row, int lk, bool vec, F&& f) {
+  float a[kPerThread], b[kPerThread];
+  uint32_t valid_a = load_step(row, lk, vec, 0, a), valid_b = 0;
+  for (int64_t base = 0;;) {
+    if (base + kStep < lk) valid_b = load_step(row, lk, vec, base + kStep, b);
+    if (!f(base, valid_a, a) || (base += kStep) >= lk) return;
+    if (base + kStep < lk) valid_a = load_step(row, lk, vec, base + kStep, a);
+    if (!f(base, valid_b, b) || (base += kStep) >= lk) return;
+  }
 }
 
 struct Smem {
@@ -74,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
   const int64_t bh = blockIdx.x;
   const float* row = args.scores + bh * lk;
   const bool vec = lk % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0;
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
 
   if (tid == 0) sm.prefix = 0, sm.rem = k;
   uint32_t high_mask = 0;  // the bits of the digits chosen so far
@@ -84,18 +96,15 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
     for (int i = tid; i < bins; i += kThreads) sm.hist[i] = 0;
     __syncthreads();
     const uint32_t prefix = sm.prefix;
-    for (int64_t base = 0; base < lk; base += kStep) {
-      uint32_t key[kPerThread];
-      const uint32_t valid = load_step(row, lk, vec, base, key);
+    for_each_step(row, lk, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        const bool match = ((valid >> i) & 1u) && (key[i] & high_mask) == prefix;
-        const uint32_t digit = match ? (key[i] >> shift) & uint32_t(bins - 1) : uint32_t(kMaxBins);
-        // Scores often share their leading bits: one shared-memory atomic per distinct digit of the warp.
-        const uint32_t peers = __match_any_sync(0xffffffffu, digit);
-        if (match && lane == __ffs(peers) - 1) atomicAdd(sm.hist + digit, __popc(peers));
+        const uint32_t key = order_key(x[i]);
+        if (((valid >> i) & 1u) && (key & high_mask) == prefix)
+          atomicAdd(sm.hist + ((key >> shift) & uint32_t(bins - 1)), 1);
       }
-    }
+      return true;
+    });
     __syncthreads();
     // Walk the bins from the top: thread t sums bins bins-1-4t .. bins-4-4t; the bin where the running count
     // reaches rem holds the k-th largest key.
@@ -127,15 +136,13 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
   const int take = sm.rem;
   int32_t* keys = L.keys + bh * L.keys_stride();
   int placed_above = 0, placed_equal = 0;  // uniform: the kept keys before this step, by kind
-#pragma unroll 1
-  for (int64_t base = 0; base < lk; base += kStep) {
-    uint32_t key[kPerThread];
-    const uint32_t valid = load_step(row, lk, vec, base, key);
+  for_each_step(row, lk, vec, [&](int64_t base, uint32_t valid, const float (&x)[kPerThread]) {
     uint32_t above = 0, equal = 0;
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      above |= ((valid >> i) & 1u) && key[i] > t ? (1u << i) : 0u;
-      equal |= ((valid >> i) & 1u) && key[i] == t ? (1u << i) : 0u;
+      const uint32_t key = order_key(x[i]);
+      above |= ((valid >> i) & 1u) && key > t ? (1u << i) : 0u;
+      equal |= ((valid >> i) & 1u) && key == t ? (1u << i) : 0u;
     }
     int step_total = 0;
     const int excl = cta_exclusive_scan<kWarps>(__popc(above) | (__popc(equal) << 16), sm.scratch, step_total);
@@ -153,8 +160,8 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
       }
     }
     placed_above += step_total & 0xffff, placed_equal += step_total >> 16;
-    if (placed_above + (placed_equal < take ? placed_equal : take) >= k) break;
-  }
+    return placed_above + (placed_equal < take ? placed_equal : take) < k;
+  });
 
   if (tid == 0) keys[0] = k;
   for (int64_t i = k + tid; i < L.capacity; i += kThreads) keys[1 + i] = 0;

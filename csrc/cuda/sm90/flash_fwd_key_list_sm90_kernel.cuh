@@ -8,11 +8,14 @@
 //
 // A CTA of 256 threads (two warpgroups of 64 query rows each) serves one (batch, query head, 128-row query tile);
 // the grid runs query heads fastest, so the CTAs of one GQA group and query tile share the gathered K/V rows in L2.
-// K and V chunks of 64 keys live in a two-stage ring: chunk c + 1 is gathered while chunk c is computed.
-// Per chunk c:
-//   [K(c), V(c) landed: cp.async wait, proxy fence, CTA barrier] -> gather chunk c + 1, stage its key / bias table
-//   -> S = Q K^T (wgmma, Q and K from shared memory) -> logits, masks -> online softmax -> O += P V (wgmma, P from
-//   registers).
+// K and V chunks of 64 keys live in a ring of kStages stages: chunks c + 1 .. c + kStages - 1 are in flight while
+// chunk c is computed. A chunk's products are short next to a gather's latency from HBM (scattered rows), so with two
+// stages each chunk waited for nearly a full gather (a decoding step's walk of 8 chunks ran at ~5 us per chunk on an
+// H200); the deeper ring keeps several gathers in flight. Per chunk c:
+//   [K(c), V(c) landed: cp.async wait, proxy fence, CTA barrier] -> gather chunk c + kStages - 1, stage its key /
+//   bias table -> S = Q K^T (wgmma, Q and K from shared memory) -> logits, masks -> online softmax -> O += P V
+//   (wgmma, P from registers).
+// The list entries, per-key bias and mask words a chunk needs are loaded one chunk before they are used.
 // The proxy fence: wgmma reads shared memory through the async proxy, while cp.async and plain stores write it
 // through the generic one; each thread fences its own writes once they landed, and the barrier publishes them.
 #pragma once
@@ -46,7 +49,8 @@ struct KeyListFwdTraits {
   static constexpr int kD = kHeadDim;
   static constexpr int kBlockM = kKeyListBlockM;  // 128 query rows: one key-list unit
   static constexpr int kChunk = kKeyListChunk;    // 64 keys: one bit word
-  static constexpr int kStages = 2;
+  // As deep as shared memory allows next to Q: 4 stages (128 KiB of K/V) up to D = 128, 3 at 192, 2 at 256.
+  static constexpr int kStages = kHeadDim <= 128 ? 4 : (kHeadDim <= 192 ? 3 : 2);
   static constexpr int kThreads = 256;  // two warpgroups, 64 rows each
   static_assert(kD % 64 == 0, "128-byte swizzled rows of D");
 
@@ -137,6 +141,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
   Tensor cO = make_tensor(tOcO.data(), gmma_rowcol_layout(tOcO.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
+  uint64_t next_bits[kRows];  // the mask words of the next chunk (list units)
 
   float row_max[kRows], row_sum[kRows];
   fwd::start_softmax_rows(row_max, row_sum);
@@ -182,7 +187,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   if (tid < kStages) bad_v_keys[tid] = 0ull;
 
 
-  // Prologue: Q (rows past Lq are zeros), chunk 0 and its tables, then the indices of chunk 1.
+  // Prologue: Q (rows past Lq are zeros), chunks 0 .. kStages - 2 and their tables (one cp.async group each, empty
+  // past the walk, so that group counts stay uniform), then the indices of chunk kStages - 1.
   CUTE_UNROLL
   for (int i = 0; i < kBlockM * kPieces / kThreads; ++i) {
     const int e = tid + i * kThreads, r = e / kPieces, d0 = (e % kPieces) * 8;
@@ -197,45 +203,60 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   int next_rows[kRowsPerThread];
   int next_key = -1;
   float next_key_bias = 0.f;
-  if (n_chunks > 0) {
+  // The indices (and per-key bias) of chunk c, for its gather at the next call of issue_chunk.
+  auto prefetch_indices = [&](int c) {
     CUTE_UNROLL
-    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(0, gather_row(i));
-    gather(0, next_rows);
-    const int key0 = tid < kChunk ? key_at(0, tid) : -1;
-    stage_tables(0, key0, load_key_bias(key0));
-    if (n_chunks > 1) {
+    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(c, gather_row(i));
+    next_key = tid < kChunk ? key_at(c, tid) : -1;
+    next_key_bias = load_key_bias(next_key);
+  };
+  {
+    // All of the prologue's indices first, then its gathers: one index latency, not one per chunk.
+    int rows[kStages - 1][kRowsPerThread], key[kStages - 1];
+    float key_bias[kStages - 1];
+    CUTE_UNROLL
+    for (int c = 0; c < kStages - 1; ++c) {
       CUTE_UNROLL
-      for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(1, gather_row(i));
-      if (tid < kChunk) next_key = key_at(1, tid);
-      next_key_bias = load_key_bias(next_key);
+      for (int i = 0; i < kRowsPerThread; ++i) rows[c][i] = key_at(c, gather_row(i));
+      key[c] = tid < kChunk ? key_at(c, tid) : -1;
+    }
+    CUTE_UNROLL
+    for (int c = 0; c < kStages - 1; ++c) key_bias[c] = load_key_bias(key[c]);
+    CUTE_UNROLL
+    for (int c = 0; c < kStages - 1; ++c) {
+      if (c < n_chunks) {
+        gather(c, rows[c]);
+        stage_tables(c, key[c], key_bias[c]);
+      }
+      cute::cp_async_fence();
     }
   }
-  cute::cp_async_fence();
+  if (kStages - 1 < n_chunks) prefetch_indices(kStages - 1);
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) next_bits[r] = 0;
+  if (!dense && n_chunks > 0) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) next_bits[r] = walk.word(0, get<0>(cS(r, 0)));
+  }
 
   for (int c = 0; c < n_chunks; ++c) {
     const int stage = c % kStages;
-    const int next_stage = (c + 1) % kStages;
-    cute::cp_async_wait<0>();
+    const int fill_stage = (c + kStages - 1) % kStages;  // chunk c + kStages - 1's: chunk c - 1 read it last
+    cute::cp_async_wait<kStages - 2>();  // chunk c's group; the kStages - 2 after it may still fly
     const bool own_bad = own_v_nonfinite(stage);
     cutlass::arch::fence_view_async_shared();
-    // Chunk c landed in every thread's pieces; every warpgroup finished chunk c - 1, whose stage chunk c + 1 reuses.
+    // Chunk c landed in every thread's pieces; every warpgroup finished chunk c - 1, whose stage is refilled now.
     const bool v_bad = __syncthreads_or(own_bad);
-    if (tid == 0) bad_v_keys[next_stage] = 0ull;  // last read by chunk c - 1
+    if (tid == 0) bad_v_keys[fill_stage] = 0ull;
 
-    const bool has_next = c + 1 < n_chunks;
-    if (has_next) {
-      gather(next_stage, next_rows);
-      stage_tables(next_stage, next_key, next_key_bias);
-      if (c + 2 < n_chunks) {  // consumed at the next iteration: a whole chunk hides their latency
-        CUTE_UNROLL
-        for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(c + 2, gather_row(i));
-        if (tid < kChunk) next_key = key_at(c + 2, tid);
-        next_key_bias = load_key_bias(next_key);
-      }
+    if (c + kStages - 1 < n_chunks) {
+      gather(fill_stage, next_rows);
+      stage_tables(fill_stage, next_key, next_key_bias);
+      if (c + kStages < n_chunks) prefetch_indices(c + kStages);  // used at the next iteration
     }
     cute::cp_async_fence();
 
-    // Mask words of this chunk, loaded while Q K^T runs.
+    // Mask words of this chunk (loaded at the previous iteration), and those of the next.
     uint64_t row_bits[kRows];
     uint4 row_bytes[kRows];  // dense unit: this lane's 16 mask bytes of each row, packed after the product
     if (dense) {
@@ -248,8 +269,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     } else {
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        const int rl = get<0>(cS(r, 0));
-        row_bits[r] = walk.word(c, rl);
+        row_bits[r] = next_bits[r];
+        if (c + 1 < n_chunks) next_bits[r] = walk.word(c + 1, get<0>(cS(r, 0)));
       }
     }
 
