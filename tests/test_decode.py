@@ -231,17 +231,12 @@ def test_split_lists_merge_to_the_whole_list(monkeypatch, mask_heads):
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("name", ["key-bias", "bool-kv-lengths", "segments-lengths", "head-bias"])
-def test_cuda_split_decode(name):
-    """The CUDA route of a decoding step at a length the device splits, against the oracle."""
-    case = dataclasses.replace(CASES[name], Lk=8192, B=2)
-    rng = np.random.default_rng(seed_from(f"test_decode::cuda::{name}"))
+def _check_cuda_step(case, seed: str):
+    """A decoding step of ``case`` on the CUDA route in bf16, against the oracle on the bf16-rounded inputs."""
+    rng = np.random.default_rng(seed_from(seed))
     (q, k, v, bias, mask), kw, keep = make(case, rng)
     cast = lambda x: None if x is None else jnp.asarray(x, jnp.bfloat16)  # noqa: E731
     q, k, v = (np.asarray(cast(x)).astype(np.float32) for x in (q, k, v))
-    assert _decode.split_count(batch=case.B, kv_heads=case.Hkv, kv_len=case.Lk, implementation="cuda") > 1
     out, lse = jax.jit(lambda q, k, v, b: jax_dmattn.attention(
         q, k, v, b, mask, is_causal=case.is_causal, return_lse=True, implementation="cuda", **kw))(
         cast(q), cast(k), cast(v), bias)
@@ -252,19 +247,20 @@ def test_cuda_split_decode(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("name", ["key-bias", "bool-kv-lengths", "segments-lengths", "head-bias"])
+def test_cuda_split_decode(name):
+    """The CUDA route of a decoding step at a length the device splits, against the oracle."""
+    case = dataclasses.replace(CASES[name], Lk=8192, B=2)
+    assert _decode.split_count(batch=case.B, kv_heads=case.Hkv, kv_len=case.Lk, implementation="cuda") > 1
+    _check_cuda_step(case, f"test_decode::cuda::{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize("name,k", [("topk-kv", 1024), ("topk-kv", 2047), ("indices-kv", 1500)])
 def test_cuda_list_split_decode(name, k):
     """A decoding step whose compact mask's shared key list the device cuts into parts, against the oracle."""
     case = dataclasses.replace(CASES[name], Lk=8192, B=2, k=k)
-    rng = np.random.default_rng(seed_from(f"test_decode::cuda::{name}::{k}"))
-    (q, k_, v, bias, mask), kw, keep = make(case, rng)
-    cast = lambda x: None if x is None else jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    q, k_, v = (np.asarray(cast(x)).astype(np.float32) for x in (q, k_, v))
     chunks = -(-min(k, case.Lk) // 64)
     assert _decode.list_split_count(batch=case.B, kv_heads=case.Hkv, chunks=chunks) > 1
-    out, lse = jax.jit(lambda q, k, v, b: jax_dmattn.attention(
-        q, k, v, b, mask, is_causal=case.is_causal, return_lse=True, implementation="cuda", **kw))(
-        cast(q), cast(k_), cast(v), bias)
-    eo, el = oracle.oracle_attention(q, k_, v, bias, keep)
-    assert_close(out, eo, jnp.bfloat16, "out", name="out")
-    assert_close(lse, el, jnp.bfloat16, "lse", name="lse")
+    _check_cuda_step(case, f"test_decode::cuda::{name}::{k}")
