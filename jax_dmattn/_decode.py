@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_dmattn import _partials
+from jax_dmattn import _ffi, _partials
 
 # Fewer keys than this per part and the merge costs more than the parallelism it buys.
 MIN_SPLIT_KEYS = 1024
@@ -87,7 +87,7 @@ def split_lists(run, q, lists):
     if mm != 1 or n == 0 or hm not in (1, hkv):
         return run(q, lists)
     capacity = keys.shape[0] // n - 1
-    chunk = 64
+    chunk = _ffi.kernel_facts()["key_list_chunk"]
     s = list_split_count(batch=b, kv_heads=hkv, chunks=capacity // chunk)
     if s == 1:
         return run(q, lists)

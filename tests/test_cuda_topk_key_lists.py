@@ -111,7 +111,10 @@ def check(rng, bs, hs, q_len, kv_len, k, kind):
     capacity = capacity_for(k, kv_len)
     keys, bits = call(scores, order, k=k, q_len=q_len, capacity=capacity)
     got = decode(keys, bits, bs=bs, hs=hs, q_len=q_len, kv_len=kv_len, capacity=capacity, k=k)
-    want = np.asarray(jax_dmattn.topk_mask(scores[:, :, None, :], k, is_causal=True, query_len=q_len))
+    assert_same_mask(got, np.asarray(jax_dmattn.topk_mask(scores[:, :, None, :], k, is_causal=True, query_len=q_len)))
+
+
+def assert_same_mask(got, want):
     assert want.shape == got.shape
     if not np.array_equal(got, want):
         diff = np.argwhere(got != want)
@@ -184,10 +187,7 @@ def check_shared(rng, bs, hs, kv_len, k, kind, scores=None):
     keys, bits = call(jnp.asarray(scores), jnp.zeros((0,), jnp.int32), k=k, q_len=1, capacity=capacity,
                       is_causal=False)
     got = decode(keys, bits, bs=bs, hs=hs, q_len=1, kv_len=kv_len, capacity=capacity, k=k)
-    want = np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], k))
-    if not np.array_equal(got, want):
-        diff = np.argwhere(got != want)
-        raise AssertionError(f"{len(diff)} entries differ, first [b, h, i, j] = {diff[:5].tolist()}")
+    assert_same_mask(got, np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], k)))
     listed = np.asarray(keys).reshape(bs * hs, 1 + capacity)
     assert np.all(listed[:, 0] == k)
     assert np.all(listed[:, 1 + k:] == 0), "list entries past k must be zero"

@@ -1,8 +1,8 @@
 // The key-list pre-pass of a top-k mask given by per-key scores as its own FFI call, "dmattn_topk_key_lists_cuda":
 // causal (csrc/cuda/topk_key_lists.h, lists per 128-row query tile) or shared by every row
-// (csrc/cuda/topk_shared_key_lists.h, one list per (b, h)). The same keys / bits layout as dmattn_key_lists_cuda, so the forward
-// and the key-list backward take either, and like that call it is side-effect free, so XLA's CSE lets a forward
-// and its backward share one.
+// (csrc/cuda/topk_shared_key_lists.h, one list per (b, h)). The same keys / bits layout as dmattn_key_lists_cuda,
+// so the forward and the key-list backward take either, and like that call it is side-effect free, so XLA's CSE
+// lets a forward and its backward share one.
 //
 // No CuTe includes here (see csrc/ffi/cuda_fwd_handler.cc). The handler never allocates and never synchronises.
 #include <cuda_runtime.h>
