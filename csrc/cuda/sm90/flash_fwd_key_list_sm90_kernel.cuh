@@ -142,6 +142,13 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   Tensor cO = make_tensor(tOcO.data(), gmma_rowcol_layout(tOcO.layout()));
   constexpr int kRows = decltype(size<0>(cS))::value;
   uint64_t next_bits[kRows];  // the mask words of the next chunk (list units)
+  // Whether any row of this warp is a query row. A decoding step fills few of the tile's 128 rows (its G packed
+  // query heads): the warps holding only rows past Lq skip the per-element work (logits, softmax), whose results
+  // only reach rows that are never stored, and take part in the gathers, barriers and products alone.
+  bool own_live = false;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) own_live |= row0 + get<0>(cS(r, 0)) < q_len;
+  const bool warp_live = __any_sync(0xffffffffu, own_live);
 
   float row_max[kRows], row_sum[kRows];
   fwd::start_softmax_rows(row_max, row_sum);
@@ -288,22 +295,25 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
 
     const int32_t* idx = smem_idx + stage * kChunk;
     Tensor s = make_tensor(acc_s.data(), gmma_rowcol_layout(acc_s.layout()));
-    fwd::key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + stage * kChunk : nullptr, bias_base,
-                         row_bits, row0);
+    if (warp_live)
+      fwd::key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + stage * kChunk : nullptr, bias_base,
+                           row_bits, row0);
 
     if (v_bad) {  // rare (CTA-uniform): V of this chunk holds an inf or NaN; see correct_nonfinite_v_rows
       uint64_t kept[kRows];
-      fwd::kept_words_rows(s, cS, kept);
+      if (warp_live) fwd::kept_words_rows(s, cS, kept);
       CUTE_UNROLL
       for (int i = 0; i < kRowsPerThread; ++i) {
         if (zero_nonfinite_piece<Elem>(v_piece(stage, i))) atomicOr(&bad_v_keys[stage], 1ull << gather_row(i));
       }
       cutlass::arch::fence_view_async_shared();
       __syncthreads();  // V cleaned, the bad columns known
-      fwd::online_softmax_rows(s, o, row_max, row_sum);
-      fwd::correct_nonfinite_v_rows<Elem>(o, cO, kept, bad_v_keys[stage],
-                                     [&](int j) { return v_ptr + int64_t(idx[j]) * p.v_row_stride; });
-    } else {
+      if (warp_live) {
+        fwd::online_softmax_rows(s, o, row_max, row_sum);
+        fwd::correct_nonfinite_v_rows<Elem>(o, cO, kept, bad_v_keys[stage],
+                                       [&](int j) { return v_ptr + int64_t(idx[j]) * p.v_row_stride; });
+      }
+    } else if (warp_live) {
       fwd::online_softmax_rows(s, o, row_max, row_sum);
     }
 
