@@ -207,15 +207,25 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     }
   }
   auto key_at = [&](int c, int j) { return walk.key_at(c, j, kChunk); };
-  int next_rows[kRowsPerThread];
-  int next_key = -1;
+  // The gathers' indices run two chunks ahead of their gather: `next_*` are those of the chunk gathered at this
+  // iteration (its per-key bias loaded one iteration ago), `later_*` those of the chunk after it (loaded one
+  // iteration ago; its bias is loaded at this one). So no global load of the walk waits at the gather that uses it:
+  // the list entry and the bias that depends on it each get a whole chunk's time.
+  int next_rows[kRowsPerThread], later_rows[kRowsPerThread];
+  int next_key = -1, later_key = -1;
   float next_key_bias = 0.f;
-  // The indices (and per-key bias) of chunk c, for its gather at the next call of issue_chunk.
-  auto prefetch_indices = [&](int c) {
+  auto load_indices = [&](int c, int (&rows)[kRowsPerThread], int& key) {
     CUTE_UNROLL
-    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(c, gather_row(i));
-    next_key = tid < kChunk ? key_at(c, tid) : -1;
+    for (int i = 0; i < kRowsPerThread; ++i) rows[i] = key_at(c, gather_row(i));
+    key = tid < kChunk ? key_at(c, tid) : -1;
+  };
+  // Moves the later chunk's indices up to next (loading its bias) and loads those of chunk c as the later ones.
+  auto advance_indices = [&](int c) {
+    CUTE_UNROLL
+    for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = later_rows[i];
+    next_key = later_key;
     next_key_bias = load_key_bias(next_key);
+    load_indices(c, later_rows, later_key);
   };
   {
     // All of the prologue's indices first, then its gathers: one index latency, not one per chunk.
@@ -238,7 +248,10 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
       cute::cp_async_fence();
     }
   }
-  if (kStages - 1 < n_chunks) prefetch_indices(kStages - 1);
+  // key_at gives -1 past the walk, so chunks past it load nothing and gather nothing.
+  load_indices(kStages - 1, next_rows, next_key);
+  next_key_bias = load_key_bias(next_key);
+  load_indices(kStages, later_rows, later_key);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) next_bits[r] = 0;
   if (!dense && n_chunks > 0) {
@@ -259,7 +272,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     if (c + kStages - 1 < n_chunks) {
       gather(fill_stage, next_rows);
       stage_tables(fill_stage, next_key, next_key_bias);
-      if (c + kStages < n_chunks) prefetch_indices(c + kStages);  // used at the next iteration
+      advance_indices(c + kStages + 1);
     }
     cute::cp_async_fence();
 
