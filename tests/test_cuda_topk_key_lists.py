@@ -193,9 +193,10 @@ def check_shared(rng, bs, hs, kv_len, k, kind, scores=None):
     assert np.all(listed[:, 1 + k:] == 0), "list entries past k must be zero"
 
 
-# Lk: below one step of the kernel (8192 keys), not a multiple of 4 (scalar loads), several steps, 64K (decoding).
+# Lk: below one step of the kernel (4096 keys), not a multiple of 4 (scalar loads), several steps, and long rows that
+# sm_90 reads with a cluster of 2 (20001), 8 (64K, 1M) CTAs.
 SHARED = [(2, 3, 100, 1), (1, 2, 257, 64), (3, 1, 1001, 200), (2, 2, 8192, 2048), (1, 3, 20001, 777),
-          (2, 2, 65536, 2048), (1, 1, 65536, 65535)]
+          (2, 2, 65536, 2048), (1, 1, 65536, 65535), (1, 2, 1 << 20, 2048)]
 
 
 @pytest.mark.parametrize("kind", KINDS + ["lowest"])

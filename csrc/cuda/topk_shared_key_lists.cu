@@ -1,7 +1,10 @@
 #include "cuda/topk_shared_key_lists.h"
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
+
+#include <cooperative_groups.h>
 
 #include "cuda/cta_scan.cuh"
 
@@ -10,9 +13,9 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-// Four 16-byte loads in flight per thread and step: one step covers 8192 keys, so a pass over 64K keys is eight
-// steps of overlapped loads rather than 32 dependent ones.
-constexpr int kVectors = 4;
+// Two 16-byte loads per thread and step (4096 keys a step), with the next step's loads in flight while one is
+// processed (for_each_step); 64 registers a thread, two CTAs of 512 threads per multiprocessor.
+constexpr int kVectors = 2;
 constexpr int kPerThread = 4 * kVectors;
 constexpr int kStep = kThreads * kPerThread;
 // Three digits, most significant first: bits [21, 32), [10, 21), [0, 10).
@@ -55,18 +58,19 @@ __device__ __forceinline__ uint32_t load_step(const float* row, int lk, bool vec
   return valid;
 }
 
-// f(base, valid, scores) over the row's steps in order, while the next step's loads are in flight (two register
-// buffers in turn: a copy from one to the other would wait for the loads). f returns false to stop; it must return
-// the same on every thread of the CTA.
+// f(base, valid, scores) over the steps of [begin, end) (begin a multiple of kStep) in order, while the next step's
+// loads are in flight (two register buffers in turn: a copy from one to the other would wait for the loads). f
+// returns false to stop; it must return the same on every thread of the CTA.
 template <class F>
-__device__ __forceinline__ void for_each_step(const float* row, int lk, bool vec, F&& f) {
+__device__ __forceinline__ void for_each_step(const float* row, int64_t begin, int end, bool vec, F&& f) {
+  if (begin >= end) return;
   float a[kPerThread], b[kPerThread];
-  uint32_t valid_a = load_step(row, lk, vec, 0, a), valid_b = 0;
-  for (int64_t base = 0;;) {
-    if (base + kStep < lk) valid_b = load_step(row, lk, vec, base + kStep, b);
-    if (!f(base, valid_a, a) || (base += kStep) >= lk) return;
-    if (base + kStep < lk) valid_a = load_step(row, lk, vec, base + kStep, a);
-    if (!f(base, valid_b, b) || (base += kStep) >= lk) return;
+  uint32_t valid_a = load_step(row, end, vec, begin, a), valid_b = 0;
+  for (int64_t base = begin;;) {
+    if (base + kStep < end) valid_b = load_step(row, end, vec, base + kStep, b);
+    if (!f(base, valid_a, a) || (base += kStep) >= end) return;
+    if (base + kStep < end) valid_a = load_step(row, end, vec, base + kStep, a);
+    if (!f(base, valid_b, b) || (base += kStep) >= end) return;
   }
 }
 
@@ -75,18 +79,61 @@ struct Smem {
   int scratch[kWarps + 1];
   uint32_t prefix;  // the digits chosen so far, in place
   int rem;          // how many of the keys matching `prefix` are still to be taken
+  int above, equal;  // this CTA's keys above and equal to T (its slice), for the other CTAs of the cluster
 };
 
-// One CTA per (b, h); the header gives the algorithm.
-__global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kernel(TopKSharedKeyListArgs args) {
+// The CTAs of one (b, h): a thread-block cluster of kCluster CTAs on sm_90 (each takes a slice of the row and reads
+// the others' histograms and counts through distributed shared memory), a single CTA elsewhere.
+template <int kCluster>
+struct RowTeam {
+  __device__ __forceinline__ static int rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kCluster > 1) return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#endif
+    return 0;
+  }
+  // A barrier over the team, which also orders its shared-memory accesses.
+  __device__ __forceinline__ static void sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kCluster > 1) {
+      cooperative_groups::this_cluster().sync();
+      return;
+    }
+#endif
+    __syncthreads();
+  }
+  // `p` (in this CTA's shared memory) in the shared memory of team member r.
+  template <class T>
+  __device__ __forceinline__ static T* member(T* p, int r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kCluster > 1) return cooperative_groups::this_cluster().map_shared_rank(p, r);
+#endif
+    return p;
+  }
+};
+
+// One team per (b, h); the header gives the algorithm. Member r of the team reads the r-th slice of the row (whole
+// steps); the histograms and the above / equal counts are summed over the team, so every member selects the same
+// T and places its slice's kept keys at their places in the whole row's list.
+template <int kCluster>
+__global__ void __launch_bounds__(kThreads, 2) build_topk_shared_key_lists_kernel(TopKSharedKeyListArgs args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
+#endif
+  using Team = RowTeam<kCluster>;
   __shared__ Smem sm;
   const KeyListArgs& L = args.lists;
   const int k = static_cast<int>(args.k);
   const int lk = static_cast<int>(L.cols);
-  const int64_t bh = blockIdx.x;
+  const int64_t bh = blockIdx.x / kCluster;
+  const int rank = Team::rank();
   const float* row = args.scores + bh * lk;
   const bool vec = lk % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0;
   const int tid = threadIdx.x;
+  const int64_t steps = (int64_t(lk) + kStep - 1) / kStep;
+  const int64_t per_member = (steps + kCluster - 1) / kCluster;
+  const int64_t begin = rank * per_member * kStep;
+  const int end = static_cast<int>(begin + per_member * kStep < lk ? begin + per_member * kStep : lk);
 
   if (tid == 0) sm.prefix = 0, sm.rem = k;
   uint32_t high_mask = 0;  // the bits of the digits chosen so far
@@ -96,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
     for (int i = tid; i < bins; i += kThreads) sm.hist[i] = 0;
     __syncthreads();
     const uint32_t prefix = sm.prefix;
-    for_each_step(row, lk, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
+    for_each_step(row, begin, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const uint32_t key = order_key(x[i]);
@@ -105,15 +152,19 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
       }
       return true;
     });
-    __syncthreads();
-    // Walk the bins from the top: thread t sums bins bins-1-4t .. bins-4-4t; the bin where the running count
-    // reaches rem holds the k-th largest key.
+    Team::sync();  // every member's histogram is complete
+    // Walk the bins from the top: thread t sums bins bins-1-4t .. bins-4-4t over the team; the bin where the
+    // running count reaches rem holds the k-th largest key.
     const int rem = sm.rem;
     int c[kBinsPerThread], mine = 0;
 #pragma unroll
     for (int q = 0; q < kBinsPerThread; ++q) {
       const int b = bins - 1 - kBinsPerThread * tid - q;
-      c[q] = b >= 0 ? sm.hist[b] : 0;
+      c[q] = 0;
+      if (b >= 0) {
+#pragma unroll
+        for (int r = 0; r < kCluster; ++r) c[q] += *Team::member(sm.hist + b, r);
+      }
       mine += c[q];
     }
     int total = 0;
@@ -128,15 +179,39 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
       before += c[q];
     }
     high_mask |= uint32_t(bins - 1) << shift;
-    __syncthreads();
+    Team::sync();  // the members are done reading the histograms (the next digit clears them), and sm is set
   }
 
   // T = sm.prefix, the k-th largest key; take = how many keys equal to T are kept (the lowest indices).
   const uint32_t t = sm.prefix;
   const int take = sm.rem;
-  int32_t* keys = L.keys + bh * L.keys_stride();
+  // The keys before this member's slice: its place in the list (a single CTA starts at 0).
   int placed_above = 0, placed_equal = 0;  // uniform: the kept keys before this step, by kind
-  for_each_step(row, lk, vec, [&](int64_t base, uint32_t valid, const float (&x)[kPerThread]) {
+  if (kCluster > 1) {
+    int above = 0, equal = 0;
+    for_each_step(row, begin, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const uint32_t key = order_key(x[i]);
+        above += ((valid >> i) & 1u) && key > t;
+        equal += ((valid >> i) & 1u) && key == t;
+      }
+      return true;
+    });
+    int total = 0;
+    cta_exclusive_scan<kWarps>(above, sm.scratch, total);
+    if (tid == 0) sm.above = total;
+    cta_exclusive_scan<kWarps>(equal, sm.scratch, total);
+    if (tid == 0) sm.equal = total;
+    Team::sync();  // every member's counts are set
+    for (int r = 0; r < rank; ++r) {
+      placed_above += *Team::member(&sm.above, r);
+      placed_equal += *Team::member(&sm.equal, r);
+    }
+    Team::sync();  // no member leaves while another reads its counts
+  }
+  int32_t* keys = L.keys + bh * L.keys_stride();
+  for_each_step(row, begin, end, vec, [&](int64_t base, uint32_t valid, const float (&x)[kPerThread]) {
     uint32_t above = 0, equal = 0;
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
@@ -163,14 +238,49 @@ __global__ void __launch_bounds__(kThreads, 1) build_topk_shared_key_lists_kerne
     return placed_above + (placed_equal < take ? placed_equal : take) < k;
   });
 
-  if (tid == 0) keys[0] = k;
-  for (int64_t i = k + tid; i < L.capacity; i += kThreads) keys[1 + i] = 0;
-  // One row per unit: the first k bits of the words.
+  // The rest of the list and the words (one row per unit: the first k bits), split over the team.
+  const int worker = rank * kThreads + tid;
+  if (worker == 0) keys[0] = k;
+  for (int64_t i = k + worker; i < L.capacity; i += kThreads * kCluster) keys[1 + i] = 0;
   uint64_t* bits = L.bits + bh * L.chunks();
-  for (int64_t c = tid; c < L.chunks(); c += kThreads) {
+  for (int64_t c = worker; c < L.chunks(); c += kThreads * kCluster) {
     const int64_t n = k - c * kKeyListChunk;
     bits[c] = n >= kKeyListChunk ? ~uint64_t(0) : (n > 0 ? (uint64_t(1) << n) - 1 : uint64_t(0));
   }
+}
+
+template <int kCluster>
+cudaError_t launch_with_team(const TopKSharedKeyListArgs& args, int64_t units, cudaStream_t stream) {
+  auto kernel = build_topk_shared_key_lists_kernel<kCluster>;
+  if constexpr (kCluster == 1) {
+    kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  } else {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(units * kCluster));
+    config.blockDim = dim3(kThreads);
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kCluster, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, args);
+  }
+}
+
+// Whether this device runs the kernel's sm_90 code (thread-block clusters): its compute capability and the binary
+// the runtime picked for it. Asked once per device.
+bool team_clusters_supported() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  if (device < 64 && known[device].load() != 0) return known[device].load() == 2;
+  cudaFuncAttributes attr;
+  const bool yes = cudaFuncGetAttributes(&attr, build_topk_shared_key_lists_kernel<8>) == cudaSuccess &&
+                   attr.binaryVersion >= 90;
+  if (device < 64) known[device].store(yes ? 2 : 1);
+  return yes;
 }
 
 }  // namespace
@@ -182,8 +292,13 @@ cudaError_t launch_build_topk_shared_key_lists(const TopKSharedKeyListArgs& args
     return cudaErrorInvalidValue;
   const int64_t units = L.units();
   if (units == 0) return cudaSuccess;
-  build_topk_shared_key_lists_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+  // Members per row: as many as give each at least two steps of keys (the rest of its time is the team's barriers),
+  // at most 8 (the portable cluster size).
+  const int64_t steps = (L.cols + kStep - 1) / kStep;
+  if (steps >= 16 && team_clusters_supported()) return launch_with_team<8>(args, units, stream);
+  if (steps >= 8 && team_clusters_supported()) return launch_with_team<4>(args, units, stream);
+  if (steps >= 4 && team_clusters_supported()) return launch_with_team<2>(args, units, stream);
+  return launch_with_team<1>(args, units, stream);
 }
 
 }  // namespace dmattn

@@ -13,6 +13,11 @@
 // take = k - #{keys above T}: the index tie-break. A last pass in index order places them with a CTA prefix sum
 // and stops as soon as k are placed. Every pass reads the row's scores (Lk * 4 bytes; from L2 after the first), so
 // the work is O(Lk), and no workspace but the outputs.
+//
+// A long row is read by a team of 2, 4 or 8 CTAs on sm_90 (a thread-block cluster; one CTA elsewhere), each taking
+// a slice of whole steps: the members build their histograms over their slices, and each sums all of them through
+// distributed shared memory, so every member picks the same digits; before placing, a count pass gives each member
+// the numbers of kept keys (above T, equal to T) in the slices before its own, its place in the list.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -28,7 +33,7 @@ struct TopKSharedKeyListArgs {
   KeyListArgs lists;
 };
 
-// One kernel on `stream`, one CTA per (b, h). No allocation, no sync. Expects sizes the handler validated:
+// One kernel on `stream`, one CTA or cluster per (b, h). No allocation, no sync. Expects sizes the handler validated:
 // capacity_ok(), capacity >= k, 1 <= k < Lk < 2^31, rows == 1.
 cudaError_t launch_build_topk_shared_key_lists(const TopKSharedKeyListArgs& args, cudaStream_t stream);
 
