@@ -52,6 +52,9 @@ constexpr int kKeyListBlockM = kFwdBlockM;
 constexpr int kKeyListChunk = 64;
 constexpr int32_t kKeyListDense = -1;
 constexpr int64_t kKeyListMaxKeys = 4096;
+// Most query rows the key-list forward for few rows (csrc/cuda/flash_fwd_key_list_rows.h) takes; decoding steps
+// split their shared lists into more parts when it serves them (jax_dmattn/_decode.py).
+constexpr int kKeyListRowsMax = 8;
 
 // Largest k of the causal TopKMask pre-pass (csrc/cuda/topk_key_lists.h keeps topk(prefix) in shared memory):
 // it fits every supported GPU's shared memory per block (sm_80: 163 KB); the handler checks the device it runs on.

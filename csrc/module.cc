@@ -7,6 +7,9 @@
 #include "attention_params.h"
 #include "ffi/targets.h"
 #include "kernel_facts.h"
+#if defined(DMATTN_WITH_CUDA)
+#include "cuda/flash_fwd_key_list_rows.h"
+#endif
 #if defined(DMATTN_WITH_SM90)
 #include "cuda/sm90/flash_bwd_sm90.h"
 #include "cuda/sm90/flash_fwd_sm90.h"
@@ -64,6 +67,7 @@ nb::dict kernel_facts() {
   f["key_list_chunk"] = kKeyListChunk;
   f["key_list_dense"] = kKeyListDense;
   f["key_list_max_keys"] = kKeyListMaxKeys;
+  f["key_list_rows_max"] = kKeyListRowsMax;
   f["topk_lists_max_k"] = kTopKListsMaxK;
   f["fixed_stats_words"] = kFixedStatsWords;
   f["key_list_bwd_rows"] = nb::tuple(key_list_bwd_rows);
@@ -97,6 +101,13 @@ NB_MODULE(_jax_dmattn_ext, m) {
   m.def("sm90_fwd_launches", [] {  // calls the Hopper forward has served (0 where it is not built)
 #if defined(DMATTN_WITH_SM90)
     return dmattn::flash_fwd_sm90_launches();
+#else
+    return int64_t{0};
+#endif
+  });
+  m.def("fwd_key_list_rows_launches", [] {  // calls the few-rows key-list forward has served
+#if defined(DMATTN_WITH_CUDA)
+    return dmattn::flash_fwd_key_list_rows_launches();
 #else
     return int64_t{0};
 #endif

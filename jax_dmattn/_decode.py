@@ -36,8 +36,11 @@ MIN_SPLIT_CHUNKS = 4
 # smaller parts, since a part past its rows' bounds costs almost nothing and the long elements' parts set the time.
 ITEMS_PER_CORE = 2
 ITEMS_PER_CORE_BOUNDED = 8
-# The key-list forward holds one CTA per multiprocessor (its registers and shared memory): list parts aim at one wave.
+# List parts per multiprocessor: the key-list tile forward holds one CTA per multiprocessor (its registers and shared
+# memory), so its parts aim at one wave; the few-rows forward (csrc/cuda/flash_fwd_key_list_rows.h, up to
+# kernel_facts()["key_list_rows_max"] rows) holds one or two and hides the gathers' latency with more of them.
 ITEMS_PER_CORE_LISTS = 1
+ITEMS_PER_CORE_LIST_ROWS = 4
 
 
 def _present(x) -> bool:
@@ -71,9 +74,11 @@ def split_count(*, batch: int, kv_heads: int, kv_len: int, implementation: str, 
     return _largest_divisor(kv_len, min(want, kv_len // MIN_SPLIT_KEYS))
 
 
-def list_split_count(*, batch: int, kv_heads: int, chunks: int) -> int:
-    """S, the parts a packed one-row call's shared key lists of ``chunks`` 64-key chunks are cut into (CUDA)."""
-    want = _wanted_parts(batch, kv_heads, ITEMS_PER_CORE_LISTS)
+def list_split_count(*, batch: int, kv_heads: int, chunks: int, rows: int) -> int:
+    """S, the parts a packed one-row call's shared key lists of ``chunks`` 64-key chunks are cut into (CUDA), for a
+    packed call of ``rows`` query rows."""
+    few_rows = rows <= _ffi.kernel_facts()["key_list_rows_max"]
+    want = _wanted_parts(batch, kv_heads, ITEMS_PER_CORE_LIST_ROWS if few_rows else ITEMS_PER_CORE_LISTS)
     return _largest_divisor(chunks, min(want, chunks // MIN_SPLIT_CHUNKS))
 
 
@@ -88,7 +93,7 @@ def split_lists(run, q, lists):
         return run(q, lists)
     capacity = keys.shape[0] // n - 1
     chunk = _ffi.kernel_facts()["key_list_chunk"]
-    s = list_split_count(batch=b, kv_heads=hkv, chunks=capacity // chunk)
+    s = list_split_count(batch=b, kv_heads=hkv, chunks=capacity // chunk, rows=g)
     if s == 1:
         return run(q, lists)
     part = capacity // s

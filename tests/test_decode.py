@@ -15,7 +15,7 @@ import oracle
 from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, seed_from
 
 import jax_dmattn
-from jax_dmattn import KeyIndices, TopKMask, _decode, _primitives
+from jax_dmattn import KeyIndices, TopKMask, _decode, _ffi, _primitives
 
 pytestmark = pytest.mark.cpu_kernels
 
@@ -179,11 +179,17 @@ def test_list_split_count_follows_the_device(monkeypatch):
         core_count = 132
 
     monkeypatch.setattr(jax, "devices", lambda *a: [Dev()])
-    # 64 items, 132 wanted (one wave): a divisor of the 32 chunks of a top-2048 list, each >= MIN_SPLIT_CHUNKS chunks
-    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32) == 2
-    assert _decode.list_split_count(batch=1, kv_heads=8, chunks=32) == 8
-    assert _decode.list_split_count(batch=1, kv_heads=8, chunks=7) == 1
-    assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32) == 1
+    rows_max = _ffi.kernel_facts()["key_list_rows_max"]
+    # 64 items; a divisor of the 32 chunks of a top-2048 list, each >= MIN_SPLIT_CHUNKS chunks. The tile forward
+    # (more rows than the few-rows forward takes): 132 wanted, one wave.
+    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32, rows=rows_max + 1) == 2
+    assert _decode.list_split_count(batch=1, kv_heads=8, chunks=32, rows=rows_max + 1) == 8
+    assert _decode.list_split_count(batch=1, kv_heads=8, chunks=7, rows=rows_max + 1) == 1
+    assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32, rows=rows_max + 1) == 1
+    # the few-rows forward: 528 wanted
+    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32, rows=4) == 8
+    assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32, rows=4) == 2
+    assert _decode.list_split_count(batch=256, kv_heads=8, chunks=32, rows=4) == 1
 
 
 def _lists_reference(k, v, bias):
@@ -262,5 +268,5 @@ def test_cuda_list_split_decode(name, k):
     """A decoding step whose compact mask's shared key list the device cuts into parts, against the oracle."""
     case = dataclasses.replace(CASES[name], Lk=8192, B=2, k=k)
     chunks = -(-min(k, case.Lk) // 64)
-    assert _decode.list_split_count(batch=case.B, kv_heads=case.Hkv, chunks=chunks) > 1
+    assert _decode.list_split_count(batch=case.B, kv_heads=case.Hkv, chunks=chunks, rows=case.H // case.Hkv) > 1
     _check_cuda_step(case, f"test_decode::cuda::{name}::{k}")
