@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from helpers import cuda_kernel_marks, rel_err_same_infinities as rel_err
-from test_cuda_fwd_key_list_sm90 import TOL, bias_of, mask_of
+from test_cuda_fwd_key_list_sm90 import TOL, assert_matches_reference, bias_of, check_nonfinite_v, mask_of
 
 import jax_dmattn
-from jax_dmattn import _ffi, reference
+from jax_dmattn import _ffi
 
 pytestmark = cuda_kernel_marks("dmattn_fwd_cuda")
 
@@ -71,42 +71,14 @@ def test_forward_matches_reference(case, rng):
     out, lse = jax.block_until_ready(jax.jit(fn)(q, k, v, bias, mask))
     assert rows_launches() > before, "the few-rows key-list forward did not serve the call"
 
-    up = lambda x: None if x is None else x.astype(F32)  # noqa: E731
-    ref_out, ref_lse = reference.reference_core(up(q), up(k), up(v), up(bias), mask, scale=scale,
-                                                is_causal=causal, softcap=softcap or None)
-    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (b, h, lq) and lse.dtype == F32
-    assert rel_err(out, ref_out) < TOL[dtype]
-    assert rel_err(lse, ref_lse) < 1e-4
-    empty = np.isneginf(np.asarray(ref_lse))  # rows with no kept key: exact zeros and -inf
-    assert np.isneginf(np.asarray(lse)[empty]).all()
-    out_rows = np.moveaxis(np.asarray(out, np.float32), 2, 1)  # [B, H, Lq, D]
-    assert (out_rows[empty] == 0).all()
+    assert_matches_reference(q, k, v, bias, mask, out, lse, scale=scale, causal=causal, softcap=softcap)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_nonfinite_v_reaches_exactly_the_rows_that_keep_it(value, rng):
-    from jax_dmattn import _cuda_fwd
-
-    b, lq, lk, h, hkv, d = 1, 6, 320, 4, 2, 128
-    q = jnp.asarray(rng.standard_normal((b, lq, h, d)), F32).astype(jnp.bfloat16)
-    k = jnp.asarray(rng.standard_normal((b, lk, hkv, d)), F32).astype(jnp.bfloat16)
-    v_np = rng.standard_normal((b, lk, hkv, d)).astype(np.float32)
-    v_np[0, 100, 1, 7] = value
-    v = jnp.asarray(v_np).astype(jnp.bfloat16)
-    mask_np = rng.random((b, hkv, lq, lk)) < 0.3
-    mask_np[0, 1, :, 100] = np.arange(lq) % 2 == 0  # even rows keep key 100 of kv head 1
     before = rows_launches()
-    out, _ = jax.jit(functools.partial(_cuda_fwd.flash_fwd, scale=d ** -0.5, softcap=0.0, is_causal=False))(
-        q, k, v, None, jnp.asarray(mask_np))
+    check_nonfinite_v(value, rng, lq=6)
     assert rows_launches() > before
-    out = np.asarray(out, np.float32)
-    hit = np.zeros(out.shape, bool)
-    hit[0, 0::2, 2:4, 7] = True  # query heads 2, 3 read kv head 1
-    assert np.array_equal(~np.isfinite(out), hit)
-    if np.isnan(value):
-        assert np.isnan(out[hit]).all()
-    else:
-        assert (out[hit] == np.inf).all()
 
 
 def test_nan_logit_of_a_kept_key_reaches_its_row(rng):
