@@ -123,4 +123,4 @@ def test_decoding_step_through_the_api(form, rng):
     assert rows_launches() > before
     up = lambda x: x.astype(F32)  # noqa: E731
     ref = jax_dmattn.attention(up(q), up(k), up(v), up(bias), mask, is_causal=True, implementation="xla")
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[jnp.dtype(dtype)]

@@ -194,9 +194,11 @@ def check_shared(rng, bs, hs, kv_len, k, kind, scores=None):
 
 
 # Lk: below one step of the kernel (4096 keys), not a multiple of 4 (scalar loads), several steps, and long rows that
-# sm_90 reads with a cluster of 2 (20001), 8 (64K, 1M) CTAs.
+# sm_90 reads with a cluster of 2 (20001), 4 (40000), 8 (64K, 1M) CTAs, and 136 rows, more than an H100 / H200 has
+# multiprocessors (one CTA each).
 SHARED = [(2, 3, 100, 1), (1, 2, 257, 64), (3, 1, 1001, 200), (2, 2, 8192, 2048), (1, 3, 20001, 777),
-          (2, 2, 65536, 2048), (1, 1, 65536, 65535), (1, 2, 1 << 20, 2048)]
+          (2, 2, 65536, 2048), (1, 1, 65536, 65535), (1, 2, 1 << 20, 2048), (1, 2, 40000, 3000),
+          (17, 8, 16384, 1000)]
 
 
 @pytest.mark.parametrize("kind", KINDS + ["lowest"])

@@ -269,18 +269,22 @@ cudaError_t launch_with_team(const TopKSharedKeyListArgs& args, int64_t units, c
   }
 }
 
-// Whether this device runs the kernel's sm_90 code (thread-block clusters): its compute capability and the binary
-// the runtime picked for it. Asked once per device.
-bool team_clusters_supported() {
+// How many CTAs a row's team may have on this device: 1 where it does not run the kernel's sm_90 code (thread-block
+// clusters; its compute capability and the binary the runtime picked), else its multiprocessor count (the launcher
+// fills them once). Asked once per device.
+int team_capacity() {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
-  if (device < 64 && known[device].load() != 0) return known[device].load() == 2;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  static std::atomic<int> known[64];  // 0 unknown
+  if (device < 64 && known[device].load() != 0) return known[device].load();
   cudaFuncAttributes attr;
-  const bool yes = cudaFuncGetAttributes(&attr, build_topk_shared_key_lists_kernel<8>) == cudaSuccess &&
-                   attr.binaryVersion >= 90;
-  if (device < 64) known[device].store(yes ? 2 : 1);
-  return yes;
+  int sms = 1;
+  const bool clusters = cudaFuncGetAttributes(&attr, build_topk_shared_key_lists_kernel<8>) == cudaSuccess &&
+                        attr.binaryVersion >= 90 &&
+                        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess;
+  const int capacity = clusters && sms > 1 ? sms : 1;
+  if (device < 64) known[device].store(capacity);
+  return capacity;
 }
 
 }  // namespace
@@ -292,12 +296,15 @@ cudaError_t launch_build_topk_shared_key_lists(const TopKSharedKeyListArgs& args
     return cudaErrorInvalidValue;
   const int64_t units = L.units();
   if (units == 0) return cudaSuccess;
-  // Members per row: as many as give each at least two steps of keys (the rest of its time is the team's barriers),
-  // at most 8 (the portable cluster size).
+  // Members per row: a team's barriers and shared-memory sums cost about as much as a few steps of keys, so a row
+  // gets more members only while the teams still fit on the multiprocessors at once and each member keeps at least
+  // two steps; at most 8 (the portable cluster size).
   const int64_t steps = (L.cols + kStep - 1) / kStep;
-  if (steps >= 16 && team_clusters_supported()) return launch_with_team<8>(args, units, stream);
-  if (steps >= 8 && team_clusters_supported()) return launch_with_team<4>(args, units, stream);
-  if (steps >= 4 && team_clusters_supported()) return launch_with_team<2>(args, units, stream);
+  const int64_t sms = units < INT_MAX / 8 ? team_capacity() : 1;
+  const auto fits = [&](int team) { return steps >= 2 * team && units * team <= sms; };
+  if (fits(8)) return launch_with_team<8>(args, units, stream);
+  if (fits(4)) return launch_with_team<4>(args, units, stream);
+  if (fits(2)) return launch_with_team<2>(args, units, stream);
   return launch_with_team<1>(args, units, stream);
 }
 
