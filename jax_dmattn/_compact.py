@@ -273,9 +273,28 @@ def bounded_topk(scores, k: int, rows, key_segments, *, form: str):
     # padded rows see no key (lo = hi = 0)
     unit_rows = jnp.pad(rows, [(0, 0), (0, units * SELECT_ROWS - lq), (0, 0)]).reshape(b, units, SELECT_ROWS, 4)
     geometry, covered = _units_cover(unit_rows)
-    return lax.cond(jnp.all(covered),
-                    lambda: tuple(x[:, :, :lq] for x in _by_unit_candidates(s, unit_rows, ks, k, geometry, form)),
-                    lambda: _by_all_keys(s, rows, ks, k, form))
+
+    def by_units():
+        return tuple(x[:, :, :lq] for x in _by_unit_candidates(s, unit_rows, ks, k, geometry, form))
+
+    if ks is None:  # every unit is covered (bounded_topk_unit_keys says why)
+        return by_units()
+    return lax.cond(jnp.all(covered), by_units, lambda: _by_all_keys(s, rows, ks, k, form))
+
+
+def bounded_topk_unit_keys(k: int, key_segments) -> int:
+    """A bound on the distinct keys that the rows of one key-list unit keep under bounded_topk, or 0 where there is
+    none short of the rows' own k each: with segment ids a unit may need the all-keys route.
+
+    Without segment ids, a row's lo and hi (jax_dmattn/_bounds.py: causality, windows, lengths, each a clipped
+    i + constant) grow by at most 1 per row within a batch element, and rows past the query length see no key, so
+    the wide rows of a unit of SELECT_ROWS rows spread their lo and hi over fewer than SELECT_ROWS keys and need no
+    segment test: every unit is covered (_units_cover), and its rows keep only its k + 2 * SELECT_ROWS candidates.
+    A key-list unit of the kernels is a whole number of selection units from row 0."""
+    block, _ = _list_geometry()
+    if key_segments is not None or block % SELECT_ROWS:
+        return 0
+    return block // SELECT_ROWS * (k + 2 * SELECT_ROWS)
 
 
 def _visible(keys, r, ks):
@@ -444,13 +463,16 @@ def _pad_keys(x, width: int):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=INDEX_PAD)
 
 
-def _per_row_index_lists(idx, q_len: int, kv_len: int):
-    """Lists of per-row indices [Bm, Hm, Lq, K] (normal form): per 128-row unit, the union of its rows' keys."""
+def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
+    """Lists of per-row indices [Bm, Hm, Lq, K] (normal form): per 128-row unit, the union of its rows' keys, of at
+    most unit_keys keys where that is known (> 0)."""
     bm, hm, lq, kk = idx.shape
     BLOCK, CHUNK = _list_geometry()
     rows = min(lq, BLOCK)
     t = -(-lq // BLOCK)
     capacity = min(_round_up(rows * kk, CHUNK), _round_up(kv_len, CHUNK))
+    if unit_keys > 0:
+        capacity = min(capacity, _round_up(unit_keys, CHUNK))
     x = jnp.pad(idx, [(0, 0), (0, 0), (0, t * rows - lq), (0, 0)], constant_values=INDEX_PAD)
     x = x.reshape(bm * hm * t, rows, kk)
     # One sort of each unit's entries, carrying where each came from: a key's first copy opens its slot in the
@@ -479,9 +501,10 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int):
     return keys.reshape(-1), bits
 
 
-def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool):
+def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool, unit_keys: int = 0):
     """Live-key lists (csrc/cuda/key_lists.h layout) of a normal-form compact mask, built without any mask:
-    (keys int32, bits uint32 pairs, (Bm, Hm, Mm) the unit geometry, Mm = Lq or 1 for a row-broadcast list)."""
+    (keys int32, bits uint32 pairs, (Bm, Hm, Mm) the unit geometry, Mm = Lq or 1 for a row-broadcast list).
+    unit_keys: KernelConfig.unit_keys."""
     from jax_dmattn import _cuda_fwd
 
     BLOCK, CHUNK = _list_geometry()
@@ -504,5 +527,5 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
         count = jnp.sum(x != INDEX_PAD, axis=-1, dtype=jnp.int32)
         keys, bits = _shared_lists(x, count, capacity)
         return keys, bits, (bm, hm, 1)
-    keys, bits = _per_row_index_lists(mask, q_len, kv_len)
+    keys, bits = _per_row_index_lists(mask, q_len, kv_len, unit_keys)
     return keys, bits, (bm, hm, q_len)

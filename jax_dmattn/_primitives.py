@@ -32,6 +32,9 @@ class KernelConfig:
     implementation: str  # "cpu" | "cuda"
     mask_kind: str = "bool"  # what the mask operand is: "bool" | "topk" | "indices" (jax_dmattn/_compact.py)
     mask_k: int = 0          # k of a "topk" mask
+    # "indices" only: a bound on the distinct keys that the rows of one key-list unit keep, which sizes their CUDA
+    # lists (0: none known; the lists then hold up to min(rows * K, Lk) keys). _compact.bounded_topk_unit_keys.
+    unit_keys: int = 0
     # Set inside the CUDA forward lowering only (jax_dmattn/_decode.py): a packed one-row call whose shared key
     # lists may be cut into parts along the heads.
     split_lists: bool = False
@@ -76,7 +79,7 @@ def _cuda_mask_args(q, k, mask, config: KernelConfig):
     if config.mask_kind == "bool":
         return (None if _is_absent(mask) else mask), None
     lists = _compact.cuda_key_lists(mask, config.mask_kind, config.mask_k, q_len=q.shape[1], kv_len=k.shape[1],
-                                    is_causal=config.is_causal)
+                                    is_causal=config.is_causal, unit_keys=config.unit_keys)
     return None, lists
 
 

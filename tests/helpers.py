@@ -546,3 +546,28 @@ def packed_segments(rng, B, L, docs):
         ids[b] = np.searchsorted(cuts, np.arange(L), side="right")
         ids[b, cuts[-1]:] = -1
     return ids
+
+
+def decode_lists(keys, bits, geometry, lq, lk):
+    """Dense [Bm, Hm, Mm, Lk] bool of key lists (csrc/cuda/key_lists.h layout: per unit of 128 rows its count, its
+    ascending keys, and per chunk of 64 list positions a bit word per row)."""
+    bm, hm, mm = geometry
+    keys, bits = np.asarray(keys), np.asarray(bits).view(np.uint64)
+    t = -(-mm // 128)
+    units = bm * hm * t
+    cap = keys.size // units - 1
+    rows = min(mm, 128)
+    keys = keys.reshape(units, 1 + cap)
+    bits = bits.reshape(units, cap // 64, rows)
+    out = np.zeros((bm * hm, t * 128 if mm > 1 else 1, lk), bool)
+    shifts = np.arange(64, dtype=np.uint64)[None, :, None]
+    for u in range(units):
+        bh, ti = divmod(u, t)
+        count = keys[u, 0]
+        assert 0 <= count <= cap, f"unit {u}: count {count} (dense units must not occur)"
+        listed = keys[u, 1:1 + count]
+        assert np.all(np.diff(listed) > 0), f"unit {u}: list not strictly ascending"
+        # [chunks, 64, rows] -> list position x row
+        kept = ((bits[u][:, None, :] >> shifts) & np.uint64(1)).astype(bool).reshape(cap, rows)[:count]
+        out[bh, ti * 128:ti * 128 + rows][:, listed] = kept.T
+    return out[:, :mm].reshape(bm, hm, mm, lk)

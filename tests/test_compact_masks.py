@@ -19,6 +19,7 @@ from helpers import (
     DEFAULT_FLOOR_RMS,
     assert_close,
     check_dtype_supported,
+    decode_lists,
     poison,
     random_qkv_bias,
     seed_from,
@@ -256,31 +257,6 @@ def test_vmap_over_mask(implementation):
 
 
 # ------------------------------------------------------------------------------------------ the CUDA key lists
-def decode_lists(keys, bits, geometry, lq, lk):
-    """Dense [Bm, Hm, Mm, Lk] bool of key lists (csrc/cuda/key_lists.h layout)."""
-    bm, hm, mm = geometry
-    keys, bits = np.asarray(keys), np.asarray(bits).view(np.uint64)
-    t = -(-mm // 128)
-    units = bm * hm * t
-    cap = keys.size // units - 1
-    rows = min(mm, 128)
-    keys = keys.reshape(units, 1 + cap)
-    bits = bits.reshape(units, cap // 64, rows)
-    out = np.zeros((bm * hm, t * 128 if mm > 1 else 1, lk), bool)
-    for u in range(units):
-        bh, ti = divmod(u, t)
-        count = keys[u, 0]
-        assert 0 <= count <= cap, f"unit {u}: count {count} (dense units must not occur)"
-        listed = keys[u, 1:1 + count]
-        assert np.all(np.diff(listed) > 0), f"unit {u}: list not strictly ascending"
-        for r in range(rows):
-            row = ti * 128 + r
-            for c in range(count):
-                if (int(bits[u, c // 64, r]) >> (c % 64)) & 1:
-                    out[bh, row, listed[c]] = True
-    return out[:, :mm].reshape(bm, hm, mm, lk)
-
-
 @pytest.mark.parametrize("name", ["idx-per-row", "idx-per-row-empty", "idx-shared",
                                   "idx-shared3-causal", "idx-dups-gqa"])
 def test_cuda_key_lists_built_by_xla(name):
@@ -302,36 +278,57 @@ def test_cuda_key_lists_built_by_xla(name):
 
 
 # ------------------------------------------------------------------------------------------ no [Lq, Lk] array
-@pytest.mark.parametrize("form", ["topk", "indices"])
-@pytest.mark.parametrize("platform", ["cpu", "cuda"])
-def test_lowering_has_no_lq_by_lk_array(form, platform, monkeypatch):
-    """The kernel paths never build an array with Lq * Lk elements (fwd + bwd, lowered without running; lowering
-    for cuda needs no GPU and no CUDA build: the custom calls are emitted by name)."""
-    monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
-    lq = lk = 1024
+def _largest_lowered_array(platform, lq, lk, mask, arrays=None, **kw):
+    """Elements of the largest array in the lowering of jax.grad of a causal call with ``mask``, the traced keyword
+    ``arrays`` and the static ``kw`` (fwd + bwd, lowered without running; lowering for cuda needs no GPU and no
+    CUDA build: the custom calls are emitted by name)."""
+    import re
+
     b, h, hkv, d = 1, 2, 1, 64
     dt = jnp.bfloat16
     q = jax.ShapeDtypeStruct((b, lq, h, d), dt)
     kv = jax.ShapeDtypeStruct((b, lk, hkv, d), dt)
     bias = jax.ShapeDtypeStruct((b, hkv, 1, lk), jnp.float32)
+
+    def loss(q, k, v, bias, mask, arrays):
+        return jnp.sum(jax_dmattn.attention(q, k, v, bias, mask, is_causal=True, implementation=platform,
+                                            **arrays, **kw).astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, kv, kv, bias, mask, arrays or {}).lower(
+        lowering_platforms=(platform,)).as_text()
+    return max(int(np.prod([int(x) for x in m.group(1).split("x")]))
+               for m in re.finditer(r"tensor<([0-9x]+)x[a-z]+[0-9]*>", text))
+
+
+@pytest.mark.parametrize("form", ["topk", "indices"])
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_lowering_has_no_lq_by_lk_array(form, platform, monkeypatch):
+    """The kernel paths never build an array with Lq * Lk elements."""
+    monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
+    lq = lk = 1024
     if form == "topk":
-        mask = TopKMask(jax.ShapeDtypeStruct((b, hkv, lk), jnp.float32), 64)
+        mask = TopKMask(jax.ShapeDtypeStruct((1, 1, lk), jnp.float32), 64)
     else:
-        mask = KeyIndices(jax.ShapeDtypeStruct((b, hkv, lq, 16), jnp.int32))
-
-    def loss(q, k, v, bias, mask):
-        return jnp.sum(jax_dmattn.attention(q, k, v, bias, mask, is_causal=True, implementation=platform)
-                       .astype(jnp.float32))
-
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, kv, kv, bias, mask).lower(
-        lowering_platforms=(platform,))
-    text = lowered.as_text()
-    import re
-
-    biggest = 0
-    for m in re.finditer(r"tensor<([0-9x]+)x[a-z]+[0-9]*>", text):
-        biggest = max(biggest, int(np.prod([int(x) for x in m.group(1).split("x")])))
+        mask = KeyIndices(jax.ShapeDtypeStruct((1, 1, lq, 16), jnp.int32))
+    biggest = _largest_lowered_array(platform, lq, lk, mask)
     assert biggest < lq * lk // 4, f"an array of {biggest} elements (Lq * Lk = {lq * lk}) in the {platform} lowering"
+
+
+@pytest.mark.parametrize("bounds", ["lengths", "window"])
+def test_bounded_topk_lowering_grows_linearly(bounds, monkeypatch):
+    """A TopKMask under row bounds on CUDA (each row's own top k, as per-row key lists): its largest array grows
+    linearly in L at a fixed k, as the lists hold at most k + 2 * 128 keys per unit (bounded_topk_unit_keys)."""
+    monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
+
+    def largest(n):
+        mask = TopKMask(jax.ShapeDtypeStruct((1, 1, n), jnp.float32), 32)
+        if bounds == "lengths":
+            return _largest_lowered_array("cuda", n, n, mask,
+                                          dict(key_value_seq_lengths=jax.ShapeDtypeStruct((1,), jnp.int32)))
+        return _largest_lowered_array("cuda", n, n, mask, local_window_size=(n // 2, 0))
+
+    small, large = largest(1024), largest(4096)
+    assert large <= 4.5 * small, f"largest array {small} elements at L = 1024, {large} at L = 4096"
 
 
 # ------------------------------------------------------------------------------------------ errors

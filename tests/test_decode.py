@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import oracle
-from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, seed_from
+from helpers import GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, decode_lists, seed_from
 
 import jax_dmattn
 from jax_dmattn import KeyIndices, TopKMask, _decode, _ffi, _primitives
@@ -194,7 +194,6 @@ def test_list_split_count_follows_the_device(monkeypatch):
 
 def _lists_reference(k, v, bias):
     """A stand-in for the CUDA forward with compact lists: decodes the lists to a dense mask, runs the oracle."""
-    from test_compact_masks import decode_lists
 
     def run(q, lists):
         keys, bits, geometry = lists

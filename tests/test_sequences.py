@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import oracle
-from helpers import (GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, dense_sequences, packed_segments,
-                     random_qkv_bias, seed_from, sequence_keywords, split_static)
+from helpers import (GRAD_FLOOR_FRAC, DEFAULT_FLOOR_RMS, assert_close, decode_lists, dense_sequences,
+                     packed_segments, random_qkv_bias, seed_from, sequence_keywords, split_static)
 
 import jax_dmattn
 from jax_dmattn import KeyIndices, TopKMask
@@ -333,6 +333,45 @@ def test_topk_selection_by_unit_candidates_equals_all_keys(name, causal, kw, cov
         got = _compact.bounded_topk(s[:, :, None], k, bounds.rows, bounds.key_segments, form=form)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_units_covered_and_lists_bounded_without_segments(seed):
+    """Without segment ids every unit of SELECT_ROWS rows is covered by its candidates, whatever the causality,
+    window and lengths (bounded_topk takes that route without a test), so the CUDA lists of a bounded TopKMask hold
+    at most bounded_topk_unit_keys keys per unit: built at that capacity they decode to the same rows as at the
+    full one."""
+    from jax_dmattn import _bounds, _compact
+
+    rng = np.random.default_rng(seed_from(f"test_sequences::units_covered::{seed}"))
+    B, H, k = 2, 2, int(rng.integers(1, 40))
+    lq, lk = int(rng.integers(130, 700)), int(rng.integers(130, 700))
+    causal = bool(rng.integers(0, 2))
+    kw = {}
+    if rng.integers(0, 2):
+        kw["local_window_size"] = (int(rng.integers(0, 300)), int(rng.integers(0, 300)))
+    if rng.integers(0, 2):
+        kw["query_seq_lengths"] = jnp.asarray(rng.integers(0, lq + 1, B), jnp.int32)
+    if rng.integers(0, 2) or not kw:
+        kw["key_value_seq_lengths"] = jnp.asarray(rng.integers(0, lk + 1, B), jnp.int32)
+    bounds = _bounds.make_row_bounds(batch=B, q_len=lq, kv_len=lk, is_causal=causal, **kw)
+    rows = jnp.broadcast_to(bounds.rows, (B, lq, 4))
+    units = -(-lq // _compact.SELECT_ROWS)
+    unit_rows = jnp.pad(rows, [(0, 0), (0, units * _compact.SELECT_ROWS - lq), (0, 0)]).reshape(
+        B, units, _compact.SELECT_ROWS, 4)
+    assert bool(jnp.all(_compact._units_cover(unit_rows)[1])), kw
+
+    s = _compact.canonical_scores(jnp.asarray(np.round(rng.standard_normal((B, H, lk)) * 2).astype(np.float32)))
+    idx = _compact.bounded_topk_indices(s[:, :, None], k, bounds.rows, None)
+    bound = _compact.bounded_topk_unit_keys(k, None)
+    assert bound == k + 2 * _compact.SELECT_ROWS
+    full = _compact.cuda_key_lists(idx, "indices", 0, q_len=lq, kv_len=lk, is_causal=False)
+    short = _compact.cuda_key_lists(idx, "indices", 0, q_len=lq, kv_len=lk, is_causal=False, unit_keys=bound)
+    chunk = _compact._list_geometry()[1]
+    capacity = min(-(-bound // chunk) * chunk, -(-lk // chunk) * chunk, -(-128 * k // chunk) * chunk)
+    assert short[0].size == B * H * -(-lq // 128) * (capacity + 1)
+    np.testing.assert_array_equal(decode_lists(*short, lq, lk), decode_lists(*full, lq, lk))
+    assert _compact.bounded_topk_unit_keys(k, jnp.zeros((B, lk), jnp.int32)) == 0
 
 
 @pytest.mark.parametrize("name, q_ids, kv_ids, narrowed", [
