@@ -2,7 +2,7 @@
 
     python benchmarks/plots.py [--results benchmarks/results] [--out docs/images]
 
-Writes four PNGs into --out:
+Writes five PNGs into --out:
   time_vs_length.png    median time against L (log-log) for the cases standard (bool top-k mask) and topk_compact
                         (the same mask as a TopKMask): jax_dmattn, cudnn_bias, cudnn_nobias; fwd and fwd+bwd panels
   cases_16k.png         every GPU case of BAR_CASES at L = 16K: jax_dmattn (and its deterministic backward) against
@@ -10,6 +10,8 @@ Writes four PNGs into --out:
   memory_vs_length.png  XLA's compiled peak memory (peak_bytes) against L, same series as the time plot, with the
                         inputs + outputs every implementation holds (io_bytes) where the rows record it
   cpu.png               the CPU kernels against the pure-jnp reference (cpu.json): time and peak memory against L
+  decoding.png          the decoding steps (DECODE_BARS: one query row, forward): jax_dmattn against cuDNN without
+                        bias or mask, each bar labelled with the bytes the step must read over its time (read_gbps)
 
 Rows: a row is plotted when it has a time (ms) and no field beyond the results writer's own (a row with e.g.
 command_buffers or peak_ratio belongs to a side experiment). Where a results file holds several rows of one
@@ -51,6 +53,10 @@ SERIES_IMPLS = ("jax_dmattn", "cudnn_bias", "cudnn_nobias")
 BAR_CASES = ("standard", "paper", "block_sparse_1/16", "dense_mask", "topk_compact", "plain", "bias_only")
 BAR_IMPLS = ("jax_dmattn", "jax_dmattn_det", "cudnn_bias", "cudnn_nobias")
 BAR_L = 16384
+# (case, L) of the decoding plot, in its order.
+DECODE_BARS = (("decode", 65536), ("decode", 524288), ("decode_ragged", 65536), ("decode_ragged", 524288),
+               ("decode_topk", 65536), ("decode_topk_compact", 65536), ("decode_topk_compact_1m", 1048576))
+DECODE_IMPLS = ("jax_dmattn", "cudnn_nobias")
 LABELS = {
     "jax_dmattn": "jax_dmattn",
     "jax_dmattn_det": "jax_dmattn, deterministic=True",
@@ -134,6 +140,8 @@ def provenance(rows) -> str:
 
 
 def _length_label(length: int) -> str:
+    if length >= 1 << 20 and length % (1 << 20) == 0:
+        return f"{length >> 20}M"
     return f"{length // 1024}K" if length >= 1024 and length % 1024 == 0 else str(length)
 
 
@@ -267,6 +275,42 @@ def plot_cpu(table, path):
     plt.close(fig)
 
 
+def plot_decoding(table, path):
+    gpus = gpu_order({gpu for (gpu, case, impl, pas, length) in table
+                      if (case, length) in DECODE_BARS and impl in DECODE_IMPLS and pas == "fwd"})
+    fig, ax = plt.subplots(figsize=(12, 5))
+    plotted = []
+    bars = [(case, length) for case, length in DECODE_BARS
+            if gpus and (gpus[0], case, "jax_dmattn", "fwd", length) in table]
+    width = 0.8 / len(DECODE_IMPLS)
+    for j, impl in enumerate(DECODE_IMPLS):
+        xs, ys, labels = [], [], []
+        for i, (case, length) in enumerate(bars):
+            r = table.get((gpus[0], case, impl, "fwd", length))
+            if r is not None:
+                xs.append(i + (j - (len(DECODE_IMPLS) - 1) / 2) * width)
+                ys.append(r["ms"])
+                rate = f"\n{r['read_gbps'] / 1000:.2f} TB/s" if r.get("read_gbps") else ""
+                labels.append(f"{r['ms']:#.3g}".rstrip(".") + rate)
+                plotted.append(r)
+        drawn = ax.bar(xs, ys, width=width, color=COLORS[impl], label=LABELS[impl])
+        ax.bar_label(drawn, labels=labels, fontsize=7, padding=2)
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([f"{case}\nL = {_length_label(length)}" for case, length in bars], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (ms)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 3)  # room for the value labels
+    fig.suptitle("Decoding steps, forward (bf16, one query row, B=8, H=32, Hkv=8, D=128; _1m: B=1; shapes and "
+                 "masks: benchmarks/common.py)\nlabels: ms, and the bytes the step must read (kept K / V rows, bias "
+                 "entries) over that time\n" + provenance(plotted), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default=RESULTS_DIR, help="folder of results JSON files")
@@ -276,7 +320,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     written = []
     for name, plot in (("time_vs_length.png", plot_time_vs_length), ("cases_16k.png", plot_cases_16k),
-                       ("memory_vs_length.png", plot_memory_vs_length), ("cpu.png", plot_cpu)):
+                       ("memory_vs_length.png", plot_memory_vs_length), ("cpu.png", plot_cpu),
+                       ("decoding.png", plot_decoding)):
         path = os.path.join(args.out, name)
         plot(table, path)
         written.append(path)
