@@ -23,7 +23,7 @@ def plots(monkeypatch):
 def test_plots_from_committed_results(plots, tmp_path):
     written = plots.main(["--results", os.path.join(BENCHMARKS, "results"), "--out", str(tmp_path)])
     names = {os.path.basename(p) for p in written}
-    assert names == {"time_vs_length.png", "cases_16k.png", "memory_vs_length.png", "cpu.png"}
+    assert names == {"time_vs_length.png", "cases_16k.png", "memory_vs_length.png", "cpu.png", "decoding.png"}
     for path in written:
         with open(path, "rb") as f:
             data = f.read()
