@@ -136,15 +136,16 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
     else:
         q_b = jnp.full((bb, 1), lq, jnp.int32)
     off = kv_b - q_b                                                  # the diagonal of each element
-    lo = jnp.zeros((bb, lq), jnp.int32)
-    hi = jnp.broadcast_to(kv_b, (bb, lq))
+    # zeros_like: every field carries the lengths' sharding (stack wants equal ones under Explicit axes)
+    hi = jnp.broadcast_to(kv_b, (bb, lq)) + jnp.zeros_like(i)
+    lo = jnp.zeros_like(hi)
     if is_causal:
         hi = jnp.minimum(hi, i + off + 1)
     if window is not None:
         left, right = window
         lo = jnp.maximum(lo, i + off - left)
         hi = jnp.minimum(hi, i + off + right + 1)
-    seg = compare = jnp.zeros((bb, lq), jnp.int32)
+    seg = compare = jnp.zeros_like(hi)
     if q_seg is not None:
         seg = q_seg
         span_lo, span_hi, narrow = _segment_spans(q_seg, kv_seg)

@@ -463,6 +463,25 @@ def _pad_keys(x, width: int):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=INDEX_PAD)
 
 
+def _unit_bits(pos, kept, chunks: int):
+    """One unit's bit words [chunks, rows, 2] uint32 (csrc/cuda/key_lists.h): row r's bit of list position pos[r, e]
+    where kept[r, e] (pos, kept: [rows, E]; several entries may name one position)."""
+    rows = kept.shape[0]
+    size = chunks * rows * 2
+    r = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    at = jnp.where(kept, ((pos // 64) * rows + r) * 2 + (pos % 64) // 32, size)  # past the end: dropped
+    vals = jnp.where(kept, jnp.uint32(1) << (pos % 32).astype(jnp.uint32), jnp.uint32(0))
+    return jnp.zeros((size,), jnp.uint32).at[at.reshape(-1)].add(vals.reshape(-1), mode="drop").reshape(
+        chunks, rows, 2)
+
+
+def _per_unit(fn, ndim: int):
+    """fn vmapped over ``ndim`` leading dims: one scatter per unit, so that the units' dims keep their sharding."""
+    for _ in range(ndim):
+        fn = jax.vmap(fn)
+    return fn
+
+
 def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
     """Lists of per-row indices [Bm, Hm, Lq, K] (normal form): per 128-row unit, the union of its rows' keys, of at
     most unit_keys keys where that is known (> 0)."""
@@ -478,8 +497,10 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
     # One sort of each unit's entries, carrying where each came from: a key's first copy opens its slot in the
     # union (a running count), and every copy takes that slot back to its row as the bit's position.
     n, m = bm * hm * t, rows * kk
-    origin = lax.broadcasted_iota(jnp.int32, (n, m), 1)
-    sorted_keys, came_from = lax.sort((x.reshape(n, m), origin), dimension=1, num_keys=1)
+    x = x.reshape(n, m)
+    # the origins take x's sharding by a sum (sort wants equal ones under Explicit axes)
+    origin = lax.broadcasted_iota(jnp.int32, (n, m), 1) + jnp.zeros_like(x)
+    sorted_keys, came_from = lax.sort((x, origin), dimension=1, num_keys=1)
     opens = ~_repeats(sorted_keys) & (sorted_keys != INDEX_PAD)
     slot = jnp.cumsum(opens, axis=1, dtype=jnp.int32) - 1
     count = jnp.sum(opens, axis=1, dtype=jnp.int32)
@@ -487,18 +508,9 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
     union = put(jnp.where(opens, slot, capacity), sorted_keys)  # ascending; 0 past the count
     keys = jnp.concatenate([count[:, None], union], axis=1)
     pos = jax.vmap(lambda at, v: jnp.zeros((m,), jnp.int32).at[at].set(v))(came_from, slot).reshape(n, rows, kk)
-    valid = x != INDEX_PAD
-    chunks = capacity // CHUNK
-    unit = jnp.arange(bm * hm * t)[:, None, None]
-    r = jnp.arange(rows)[None, :, None]
-    word = pos // 64
-    flat = (((unit * chunks + word) * rows + r) * 2 + (pos % 64) // 32)
-    size = bm * hm * t * chunks * rows * 2
-    flat = jnp.where(valid, flat, size)  # out of bounds: dropped (a negative index would wrap around)
-    vals = jnp.where(valid, jnp.uint32(1) << (pos % 32).astype(jnp.uint32), jnp.uint32(0))
-    bits = jnp.zeros((size,), jnp.uint32)
-    bits = bits.at[flat.reshape(-1)].add(vals.reshape(-1), mode="drop")
-    return keys.reshape(-1), bits
+    bits = _per_unit(lambda p, valid: _unit_bits(p, valid, capacity // CHUNK), 1)(pos, x.reshape(n, rows, kk)
+                                                                                   != INDEX_PAD)
+    return keys.reshape(-1), bits.reshape(-1)
 
 
 def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool, unit_keys: int = 0):
@@ -513,7 +525,8 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
         s = mask[:, :, 0, :]
         # One query row under bottom-right causality sees every key: its list is the shared one.
         if is_causal and q_len > 1:
-            iota = lax.broadcasted_iota(jnp.int32, s.shape, 2)
+            # the iota takes the scores' sharding by a sum (sort wants equal ones under Explicit axes)
+            iota = lax.broadcasted_iota(jnp.int32, s.shape, 2) + jnp.zeros_like(s, jnp.int32)
             _, order = lax.sort((-s, iota), dimension=2, num_keys=1, is_stable=True)
             capacity = min(_round_up(k + BLOCK - 1, CHUNK), _round_up(kv_len, CHUNK))
             keys, bits = _cuda_fwd.build_topk_key_lists(s, order, k=k, q_len=q_len, capacity=capacity)

@@ -536,3 +536,67 @@ def test_topk_under_bounds_cuda_operands_keep_explicit_sharding():
     with set_mesh(mesh):
         got = jax.jit(f)(_put(mesh, scores, P("dp", "tp")), _put(mesh, seg, P("dp")), _put(mesh, lens, P("dp")))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@multi_device
+@pytest.mark.parametrize("form", ["indices-per-row", "indices-shared", "topk", "topk-noncausal", "topk-lengths",
+                                  "topk-segments"])
+def test_compact_masks_cuda_lower_under_explicit_sharding(form, monkeypatch):
+    """A CUDA call with a compact mask builds its key lists in its lowering: fwd + bwd trace and lower under an
+    Explicit-axes mesh with batch- and head-sharded operands (one sort and scatter per unit, with the units'
+    sharding; lowering needs no GPU, and the attention is partitioned at compile time)."""
+    from jax_dmattn import _ffi
+
+    monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
+    mesh = _mesh(axis_type="explicit")
+    q, k, v, bias, _, _ = _inputs(b=4, lq=40, lk=40, bias_shape=(4, 8, 1, 40), dtype=jnp.bfloat16)
+    rng = np.random.default_rng(13)
+    kw, causal = {}, form != "topk-noncausal"
+    if form.startswith("indices"):
+        shape = (4, 8, 40, 5) if form == "indices-per-row" else (4, 8, 5)
+        mask = jax_dmattn.KeyIndices(jnp.asarray(rng.integers(-1, 40, shape), jnp.int32))
+        mspec = P("dp", "tp")
+    else:
+        mask = jax_dmattn.TopKMask(jnp.asarray(rng.standard_normal((4, 8, 40)), jnp.float32), 6)
+        mspec = P("dp", "tp")
+    if form == "topk-lengths":
+        kw["key_value_seq_lengths"] = jnp.asarray(rng.integers(0, 41, (4,)), jnp.int32)
+    if form == "topk-segments":
+        kw["q_segment_ids"] = kw["kv_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (4, 40)), axis=1),
+                                                                 jnp.int32)
+
+    def f(q, k, v, bias, mask, kw):
+        def loss(q, k, v, b):
+            out = jax_dmattn.attention(q, k, v, b, mask, is_causal=causal, implementation="cuda", **kw)
+            return jnp.sum(out.astype(jnp.float32))
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+    qspec = P("dp", None, "tp")
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        mask = jax.tree_util.tree_map(lambda x: _put(mesh, x, mspec), mask)
+        args = (_put(mesh, q, qspec), _put(mesh, k, qspec), _put(mesh, v, qspec), _put(mesh, bias, P("dp", "tp")),
+                mask, {n: _put(mesh, x, P("dp")) for n, x in kw.items()})
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "CustomSPMDPartitioning" in text
+
+
+@multi_device
+@pytest.mark.parametrize("given", ["key_value_seq_lengths", "query_seq_lengths"])
+def test_row_bounds_of_lengths_alone_under_explicit_sharding(given):
+    """Row bounds from one batch-sharded lengths argument alone (no segment ids, no window): every field takes the
+    lengths' sharding, and the values are those of one device."""
+    from jax_dmattn import _bounds
+
+    mesh = _mesh(axis_type="explicit")
+    lens = jnp.asarray(np.random.default_rng(17).integers(0, 41, (4,)), jnp.int32)
+
+    def f(lens):
+        return _bounds.make_row_bounds(batch=4, q_len=40, kv_len=40, is_causal=True, **{given: lens}).rows
+
+    ref = jax.jit(f)(lens)
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    with set_mesh(mesh):
+        got = jax.jit(f)(_put(mesh, lens, P("dp")))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
