@@ -263,16 +263,8 @@ def bounded_topk(scores, k: int, rows, key_segments, *, form: str):
     Otherwise (segment ids not in contiguous runs, a segment boundary in a non-causal unit) every row ranks all
     Lk keys (``_by_all_keys``). Both go in chunks of at most BOUNDED_TOPK_SCORES scores: no [Lq, Lk] array exists
     whole."""
-    bs, hs, _, lk = scores.shape
-    bb, lq, _ = rows.shape
-    b = max(bs, bb)
-    s = jnp.broadcast_to(scores[:, :, 0, :], (b, hs, lk))
-    rows = jnp.broadcast_to(rows, (b, lq, 4))
-    ks = None if key_segments is None else jnp.broadcast_to(key_segments, (b, lk))
-    units = -(-lq // SELECT_ROWS)
-    # padded rows see no key (lo = hi = 0)
-    unit_rows = jnp.pad(rows, [(0, 0), (0, units * SELECT_ROWS - lq), (0, 0)]).reshape(b, units, SELECT_ROWS, 4)
-    geometry, covered = _units_cover(unit_rows)
+    s, rows, ks, unit_rows, geometry, covered = _selection_units(scores, rows, key_segments)
+    lq = rows.shape[1]
 
     def by_units():
         return tuple(x[:, :, :lq] for x in _by_unit_candidates(s, unit_rows, ks, k, geometry, form))
@@ -280,6 +272,22 @@ def bounded_topk(scores, k: int, rows, key_segments, *, form: str):
     if ks is None:  # every unit is covered (bounded_topk_unit_keys says why)
         return by_units()
     return lax.cond(jnp.all(covered), by_units, lambda: _by_all_keys(s, rows, ks, k, form))
+
+
+def _selection_units(scores, rows, key_segments):
+    """bounded_topk's operands broadcast to one batch B' = max(Bs, Bb): (s [B', Hs, Lk], rows [B', Lq, 4], ks
+    [B', Lk] or None, unit_rows [B', U, SELECT_ROWS, 4] (padded rows see no key: lo = hi = 0), the units' candidate
+    geometry and whether their candidates cover them (_units_cover))."""
+    bs, hs, _, lk = scores.shape
+    bb, lq, _ = rows.shape
+    b = max(bs, bb)
+    s = jnp.broadcast_to(scores[:, :, 0, :], (b, hs, lk))
+    rows = jnp.broadcast_to(rows, (b, lq, 4))
+    ks = None if key_segments is None else jnp.broadcast_to(key_segments, (b, lk))
+    units = -(-lq // SELECT_ROWS)
+    unit_rows = jnp.pad(rows, [(0, 0), (0, units * SELECT_ROWS - lq), (0, 0)]).reshape(b, units, SELECT_ROWS, 4)
+    geometry, covered = _units_cover(unit_rows)
+    return s, rows, ks, unit_rows, geometry, covered
 
 
 def bounded_topk_unit_keys(k: int, key_segments) -> int:
@@ -475,13 +483,6 @@ def _unit_bits(pos, kept, chunks: int):
         chunks, rows, 2)
 
 
-def _per_unit(fn, ndim: int):
-    """fn vmapped over ``ndim`` leading dims: one scatter per unit, so that the units' dims keep their sharding."""
-    for _ in range(ndim):
-        fn = jax.vmap(fn)
-    return fn
-
-
 def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
     """Lists of per-row indices [Bm, Hm, Lq, K] (normal form): per 128-row unit, the union of its rows' keys, of at
     most unit_keys keys where that is known (> 0)."""
@@ -492,13 +493,13 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
     capacity = min(_round_up(rows * kk, CHUNK), _round_up(kv_len, CHUNK))
     if unit_keys > 0:
         capacity = min(capacity, _round_up(unit_keys, CHUNK))
-    x = jnp.pad(idx, [(0, 0), (0, 0), (0, t * rows - lq), (0, 0)], constant_values=INDEX_PAD)
-    x = x.reshape(bm * hm * t, rows, kk)
-    # One sort of each unit's entries, carrying where each came from: a key's first copy opens its slot in the
-    # union (a running count), and every copy takes that slot back to its row as the bit's position.
     n, m = bm * hm * t, rows * kk
-    x = x.reshape(n, m)
-    # the origins take x's sharding by a sum (sort wants equal ones under Explicit axes)
+    # units first, then each unit's entries: one reshape that splits the rows' dim would lose the units' sharding
+    x = jnp.pad(idx, [(0, 0), (0, 0), (0, t * rows - lq), (0, 0)], constant_values=INDEX_PAD)
+    x = x.reshape(n, rows, kk).reshape(n, m)
+    # One sort of each unit's entries, carrying where each came from: a key's first copy opens its slot in the
+    # union (a running count), and every copy takes that slot back to its row as the bit's position. The origins
+    # take x's sharding by a sum (sort wants equal ones under Explicit axes).
     origin = lax.broadcasted_iota(jnp.int32, (n, m), 1) + jnp.zeros_like(x)
     sorted_keys, came_from = lax.sort((x, origin), dimension=1, num_keys=1)
     opens = ~_repeats(sorted_keys) & (sorted_keys != INDEX_PAD)
@@ -508,8 +509,9 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
     union = put(jnp.where(opens, slot, capacity), sorted_keys)  # ascending; 0 past the count
     keys = jnp.concatenate([count[:, None], union], axis=1)
     pos = jax.vmap(lambda at, v: jnp.zeros((m,), jnp.int32).at[at].set(v))(came_from, slot).reshape(n, rows, kk)
-    bits = _per_unit(lambda p, valid: _unit_bits(p, valid, capacity // CHUNK), 1)(pos, x.reshape(n, rows, kk)
-                                                                                   != INDEX_PAD)
+    # one scatter per unit, so that the units' dim keeps its sharding
+    bits = jax.vmap(lambda p, valid: _unit_bits(p, valid, capacity // CHUNK))(pos, (x != INDEX_PAD).reshape(
+        n, rows, kk))
     return keys.reshape(-1), bits.reshape(-1)
 
 

@@ -316,12 +316,8 @@ def test_topk_selection_by_unit_candidates_equals_all_keys(name, causal, kw, cov
                                      **{n: jnp.asarray(x) for n, x in arrays.items()}, **window)
     # coarse: many ties; canonical, as the selection gets them (-0.0 ranks equal to 0.0)
     s = _compact.canonical_scores(jnp.asarray(np.round(rng.standard_normal((B, H, L)) * 2).astype(np.float32)))
-    rows = jnp.broadcast_to(bounds.rows, (B, L, 4))
-    ks = None if bounds.key_segments is None else jnp.broadcast_to(bounds.key_segments, (B, L))
-    units = -(-L // _compact.SELECT_ROWS)
-    unit_rows = jnp.pad(rows, [(0, 0), (0, units * _compact.SELECT_ROWS - L), (0, 0)]).reshape(
-        B, units, _compact.SELECT_ROWS, 4)
-    geometry, cover = _compact._units_cover(unit_rows)
+    _, rows, ks, unit_rows, geometry, cover = _compact._selection_units(s[:, :, None], bounds.rows,
+                                                                        bounds.key_segments)
     assert bool(jnp.all(cover)) == covered
     for form in ("thresholds", "indices"):
         want = _compact._by_all_keys(s, rows, ks, k, form)
@@ -355,13 +351,9 @@ def test_units_covered_and_lists_bounded_without_segments(seed):
     if rng.integers(0, 2) or not kw:
         kw["key_value_seq_lengths"] = jnp.asarray(rng.integers(0, lk + 1, B), jnp.int32)
     bounds = _bounds.make_row_bounds(batch=B, q_len=lq, kv_len=lk, is_causal=causal, **kw)
-    rows = jnp.broadcast_to(bounds.rows, (B, lq, 4))
-    units = -(-lq // _compact.SELECT_ROWS)
-    unit_rows = jnp.pad(rows, [(0, 0), (0, units * _compact.SELECT_ROWS - lq), (0, 0)]).reshape(
-        B, units, _compact.SELECT_ROWS, 4)
-    assert bool(jnp.all(_compact._units_cover(unit_rows)[1])), kw
-
     s = _compact.canonical_scores(jnp.asarray(np.round(rng.standard_normal((B, H, lk)) * 2).astype(np.float32)))
+    assert bool(jnp.all(_compact._selection_units(s[:, :, None], bounds.rows, None)[5])), kw
+
     idx = _compact.bounded_topk_indices(s[:, :, None], k, bounds.rows, None)
     bound = _compact.bounded_topk_unit_keys(k, None)
     assert bound == k + 2 * _compact.SELECT_ROWS
