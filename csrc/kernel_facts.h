@@ -60,6 +60,12 @@ constexpr int kKeyListRowsMax = 8;
 // it fits every supported GPU's shared memory per block (sm_80: 163 KB); the handler checks the device it runs on.
 constexpr int64_t kTopKListsMaxK = 16384;
 
+// The TopKMask pre-pass under row bounds (csrc/cuda/topk_bounded_key_lists.h): the most keys a group's rows' lo and
+// hi may each spread over (a group's candidates are the k best of its common range and at most twice this many
+// keys at its ends), and the largest k, whose candidates and union fit an A100's shared memory per block.
+constexpr int kTopKBoundedGroupSpread = kKeyListBlockM;
+constexpr int64_t kTopKBoundedListsMaxK = 8192 - 2 * kTopKBoundedGroupSpread;
+
 // uint32 words after the int64 dK / dV counts of the deterministic key-list backward (its statistics).
 constexpr int kFixedStatsWords = 8;
 

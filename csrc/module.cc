@@ -69,6 +69,8 @@ nb::dict kernel_facts() {
   f["key_list_max_keys"] = kKeyListMaxKeys;
   f["key_list_rows_max"] = kKeyListRowsMax;
   f["topk_lists_max_k"] = kTopKListsMaxK;
+  f["topk_bounded_group_spread"] = kTopKBoundedGroupSpread;
+  f["topk_bounded_lists_max_k"] = kTopKBoundedListsMaxK;
   f["fixed_stats_words"] = kFixedStatsWords;
   f["key_list_bwd_rows"] = nb::tuple(key_list_bwd_rows);
   nb::dict mask_kinds;  // the CPU targets' mask_kind attribute

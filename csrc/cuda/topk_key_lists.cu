@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cuda/cta_scan.cuh"
+#include "cuda/cta_sort.cuh"
 #include "cuda/smem_limit.cuh"
 
 namespace dmattn {
@@ -33,12 +34,6 @@ struct StaticSmem {
   alignas(16) uint32_t words[kWarps][2][kRows];
 };
 
-__host__ __device__ constexpr int64_t pow2_at_least(int64_t n) {
-  int64_t p = 1;
-  while (p < n) p <<= 1;
-  return p;
-}
-
 // Dynamic shared memory: A's indices (room for the bitonic sort's power-of-two padding), then A's scores.
 __host__ __device__ constexpr int64_t dynamic_smem_bytes(int64_t k) {
   return pow2_at_least(k) * int64_t(sizeof(int)) + k * int64_t(sizeof(float));
@@ -47,24 +42,6 @@ __host__ __device__ constexpr int64_t dynamic_smem_bytes(int64_t k) {
 // (s1, j1) ranks before (s2, j2): higher score, then lower index. A strict total order over distinct keys.
 __device__ __forceinline__ bool better(float s1, int j1, float s2, int j2) {
   return s1 > s2 || (s1 == s2 && j1 < j2);
-}
-
-// Ascending bitonic sort of a[0, n) over the CTA; a has room for pow2_at_least(n) ints.
-__device__ void cta_bitonic_sort(int* a, int n) {
-  const int padded = static_cast<int>(pow2_at_least(n));
-  for (int i = n + threadIdx.x; i < padded; i += kThreads) a[i] = INT_MAX;
-  __syncthreads();
-  for (int size = 2; size <= padded; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < padded / 2; i += kThreads) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const bool up = (lo & size) == 0;
-        const int x = a[lo], y = a[hi];
-        if ((x > y) == up) a[lo] = y, a[hi] = x;
-      }
-      __syncthreads();
-    }
-  }
 }
 
 // How many of the unit's first rows keep key (s, j) if they see it. Row r + 1 sees the keys of row r and one more,
@@ -236,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) build_topk_key_lists_kernel(TopKKeyL
   } else if (bitmap_words <= k) {
     cta_sort_by_bitmap(a_index, a, reinterpret_cast<uint32_t*>(a_score), bitmap_words, sm.scratch);
   } else {
-    cta_bitonic_sort(a_index, a);
+    cta_bitonic_sort<kThreads>(a_index, a, INT_MAX);
   }
 
   int32_t* keys = L.keys + unit * L.keys_stride();

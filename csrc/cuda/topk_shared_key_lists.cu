@@ -7,6 +7,7 @@
 #include <cooperative_groups.h>
 
 #include "cuda/cta_scan.cuh"
+#include "cuda/score_order.cuh"
 
 namespace dmattn {
 namespace {
@@ -18,21 +19,11 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kVectors = 2;
 constexpr int kPerThread = 4 * kVectors;
 constexpr int kStep = kThreads * kPerThread;
-// Three digits, most significant first: bits [21, 32), [10, 21), [0, 10).
-constexpr int kDigits = 3;
-constexpr int kMaxBins = 2048;
+constexpr int kDigits = kSelectDigits;
+constexpr int kMaxBins = kSelectMaxBins;
 constexpr int kBinsPerThread = kMaxBins / kThreads;
 static_assert(kBinsPerThread * kThreads == kMaxBins, "each thread scans whole bins");
 static_assert(kStep < (1 << 16), "a step's counts are packed as two 16-bit halves");
-
-__device__ __forceinline__ int digit_shift(int d) { return d == 0 ? 21 : (d == 1 ? 10 : 0); }
-__device__ __forceinline__ int digit_bins(int d) { return d == 2 ? 1024 : 2048; }
-
-// The order-preserving image of a score: a larger key is a better score (canonical scores hold no NaN or -0.0).
-__device__ __forceinline__ uint32_t order_key(float s) {
-  const uint32_t u = __float_as_uint(s);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 // This thread's kPerThread scores of the step starting at `base` (key indices base + tid * kPerThread + i), raw,
 // with a bit per valid entry. Vector loads when the row allows them. Nothing here uses the loaded values, so the

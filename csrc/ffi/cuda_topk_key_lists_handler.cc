@@ -1,8 +1,9 @@
-// The key-list pre-pass of a top-k mask given by per-key scores as its own FFI call, "dmattn_topk_key_lists_cuda":
+// The key-list pre-passes of a top-k mask given by per-key scores, as FFI calls: "dmattn_topk_key_lists_cuda",
 // causal (csrc/cuda/topk_key_lists.h, lists per 128-row query tile) or shared by every row
-// (csrc/cuda/topk_shared_key_lists.h, one list per (b, h)). The same keys / bits layout as dmattn_key_lists_cuda,
-// so the forward and the key-list backward take either, and like that call it is side-effect free, so XLA's CSE
-// lets a forward and its backward share one.
+// (csrc/cuda/topk_shared_key_lists.h, one list per (b, h)), and "dmattn_topk_bounded_key_lists_cuda", under row
+// bounds (csrc/cuda/topk_bounded_key_lists.h). The same keys / bits layout as dmattn_key_lists_cuda, so the forward
+// and the key-list backward take any of them, and like that call they are side-effect free, so XLA's CSE lets a
+// forward and its backward share one.
 //
 // No CuTe includes here (see csrc/ffi/cuda_fwd_handler.cc). The handler never allocates and never synchronises.
 #include <cuda_runtime.h>
@@ -14,9 +15,11 @@
 #include "xla/ffi/api/ffi.h"
 
 #include "cuda/key_lists.h"
+#include "cuda/topk_bounded_key_lists.h"
 #include "cuda/topk_key_lists.h"
 #include "cuda/topk_shared_key_lists.h"
 #include "ffi/cuda_handler_common.h"
+#include "ffi/row_bounds_operands.h"
 #include "ffi/targets.h"
 
 namespace ffi = xla::ffi;
@@ -101,6 +104,66 @@ ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores
   return cuda_error(launch_build_topk_key_lists(args, stream), "build_topk_key_lists");
 }
 
+ffi::Error bad_bounded(const std::string& what) {
+  return ffi::Error::InvalidArgument("dmattn_topk_bounded_key_lists_cuda: " + what);
+}
+
+// scores f32 [Bs, Hs, Lk] (canonical), rows s32 [Bb, Lq, 4] and key segment ids s32 [Bb, Lk] or zero-size
+// (csrc/row_bounds.h), Bs and Bb in {1, B'}, B' = max(Bs, Bb): query row i keeps the k best keys its bounds leave
+// it. The lists are over batch = B', heads = Hs, rows = Lq, cols = Lk. may_overflow: a unit whose keys exceed the
+// capacity is marked with count kKeyListDense (else the kernel traps).
+ffi::Error topk_bounded_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores, ffi::AnyBuffer rows,
+                                       ffi::AnyBuffer key_segments, ffi::ResultBuffer<ffi::S32> keys,
+                                       ffi::ResultBuffer<ffi::U32> bits, int64_t k, int64_t capacity,
+                                       bool may_overflow) {
+  count_cuda_handler_run(stream);
+  const auto sd = scores.dimensions(), rd = rows.dimensions();
+  if (sd.size() != 3) return bad_bounded("scores must be rank 3 [Bs, Hs, Lk]");
+  if (rd.size() != 3) return bad_bounded("rows must be rank 3 [Bb, Lq, 4]");
+  const int64_t batch = sd[0] > rd[0] ? sd[0] : rd[0];
+  if (sd[0] != 1 && sd[0] != batch) return bad_bounded("the scores' batch must be 1 or the rows' batch");
+  TopKBoundedKeyListArgs args;
+  if (auto e = decode_row_bounds(rows, key_segments, batch, rd[1], sd[2], &args.bounds); e.failure()) return e;
+  if (rd[1] > INT_MAX || sd[2] > INT_MAX) return bad_bounded("q_len and the key length must be below 2^31");
+  if (k < 1 || k >= sd[2])
+    return bad_bounded("k = " + std::to_string(k) + " must be in [1, Lk) with Lk = " + std::to_string(sd[2]));
+  if (k > kTopKBoundedListsMaxK)
+    return bad_bounded("k = " + std::to_string(k) + " is above the largest k of this pre-pass, " +
+                       std::to_string(kTopKBoundedListsMaxK));
+  KeyListArgs L;
+  L.batch = batch, L.heads = sd[1], L.rows = rd[1], L.cols = sd[2];
+  L.q_len = rd[1];
+  L.capacity = capacity;
+  if (!L.capacity_ok())
+    return bad_bounded("capacity " + std::to_string(capacity) + " must be a positive multiple of 64 and at most " +
+                       std::to_string((L.cols + kKeyListChunk - 1) / kKeyListChunk * kKeyListChunk) +
+                       " (the key dim rounded up to 64)");
+  if (L.units() > INT_MAX) return bad_bounded("too many units (B * Hs * ceil(Lq / 128) must be below 2^31)");
+  if (static_cast<int64_t>(keys->element_count()) != L.keys_size())
+    return bad_bounded("keys must have " + std::to_string(L.keys_size()) + " elements (units x (1 + capacity)), got " +
+                       std::to_string(keys->element_count()));
+  if (static_cast<int64_t>(bits->element_count()) != 2 * L.bits_size())
+    return bad_bounded("bits must have " + std::to_string(2 * L.bits_size()) +
+                       " uint32 elements (2 x units x capacity / 64 x rows per unit), got " +
+                       std::to_string(bits->element_count()));
+  if (L.units() == 0) return ffi::Error::Success();
+  int limit = 0;
+  if (auto e = max_shared_memory_optin(limit); e.failure()) return e;
+  const int64_t smem = topk_bounded_key_lists_smem_bytes(k, capacity);
+  if (smem > limit)
+    return bad_bounded("k = " + std::to_string(k) + " and capacity " + std::to_string(capacity) + " need " +
+                       std::to_string(smem) + " bytes of shared memory per block, this device allows " +
+                       std::to_string(limit));
+  L.keys = keys->typed_data();
+  L.bits = reinterpret_cast<uint64_t*>(bits->typed_data());
+  args.scores = scores.typed_data();
+  args.scores_batch = sd[0];
+  args.k = k;
+  args.may_overflow = may_overflow;
+  args.lists = L;
+  return cuda_error(launch_build_topk_bounded_key_lists(args, stream), "build_topk_bounded_key_lists");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopKKeyListsCuda, topk_key_lists_impl,
@@ -116,9 +179,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopKKeyListsCuda, topk_key_lists_impl,
                                   .Attr<int64_t>("capacity"),
                               {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopKBoundedKeyListsCuda, topk_bounded_key_lists_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scores [Bs, Hs, Lk]
+                                  .Arg<ffi::AnyBuffer>()         // rows [Bb, Lq, 4]
+                                  .Arg<ffi::AnyBuffer>()         // key segment ids [Bb, Lk] or zero-size
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // keys [units * (1 + capacity)]
+                                  .Ret<ffi::Buffer<ffi::U32>>()  // bits [2 * units * capacity / 64 * rows]
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("capacity")
+                                  .Attr<bool>("may_overflow"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
 std::vector<FfiTarget> cuda_topk_key_lists_targets() {
   return {
       {"dmattn_topk_key_lists_cuda", reinterpret_cast<void*>(kTopKKeyListsCuda)},
+      {"dmattn_topk_bounded_key_lists_cuda", reinterpret_cast<void*>(kTopKBoundedKeyListsCuda)},
   };
 }
 
