@@ -515,10 +515,45 @@ def _per_row_index_lists(idx, q_len: int, kv_len: int, unit_keys: int = 0):
     return keys.reshape(-1), bits.reshape(-1)
 
 
-def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool, unit_keys: int = 0):
-    """Live-key lists (csrc/cuda/key_lists.h layout) of a normal-form compact mask, built without any mask:
-    (keys int32, bits uint32 pairs, (Bm, Hm, Mm) the unit geometry, Mm = Lq or 1 for a row-broadcast list).
-    unit_keys: KernelConfig.unit_keys."""
+def cuda_bounded_topk_lists(scores, k: int, rows, key_segments, *, kv_len: int):
+    """Live-key lists of a normal-form TopKMask [Bs, Hs, 1, Lk] under row bounds (rows [Bb, Lq, 4], key_segments
+    [Bb, Lk] or None), as cuda_key_lists gives them, and whether they failed: a traced bool, or None where they
+    cannot. One dmattn_topk_bounded_key_lists_cuda call (csrc/cuda/topk_bounded_key_lists.h): without segment ids
+    a unit holds at most k + 2 * spread keys; with them the capacity is 2 k + 4 * spread, which packed sequences
+    never outgrow (a unit meets at most two long segments), and True says some unit did: per_row_topk_lists
+    then serves the call. A k above the pre-pass's largest takes per_row_topk_lists (and None)."""
+    from jax_dmattn import _cuda_fwd
+
+    facts = _ffi.kernel_facts()
+    if k > facts["topk_bounded_lists_max_k"]:
+        return per_row_topk_lists(scores, k, rows, key_segments, kv_len=kv_len), None
+    _, chunk = _list_geometry()
+    spread = facts["topk_bounded_group_spread"]
+    segments = key_segments is not None
+    need = 2 * k + 4 * spread if segments else k + 2 * spread
+    capacity = min(_round_up(need, chunk), _round_up(kv_len, chunk))
+    s = scores[:, :, 0, :]
+    keys, bits = _cuda_fwd.build_topk_bounded_key_lists(s, rows, key_segments, k=k, capacity=capacity,
+                                                        may_overflow=segments)
+    lists = keys, bits, (max(s.shape[0], rows.shape[0]), s.shape[1], rows.shape[1])
+    if not segments:
+        return lists, None
+    return lists, jnp.any(keys.reshape(-1, 1 + capacity)[:, 0] == _cuda_fwd.KEY_LIST_DENSE)
+
+
+def per_row_topk_lists(scores, k: int, rows, key_segments, *, kv_len: int):
+    """Live-key lists of a TopKMask under row bounds from each row's own k keys (bounded_topk_indices, in XLA):
+    O(Lq * k) numbers and lists of up to min(128 k, Lk) keys per unit with segment ids (bounded_topk_unit_keys
+    otherwise). The route of a k above the bounded pre-pass's largest, and of a call whose units outgrow it."""
+    idx = bounded_topk_indices(scores, k, rows, key_segments)
+    keys, bits = _per_row_index_lists(idx, rows.shape[1], kv_len, bounded_topk_unit_keys(k, key_segments))
+    return keys, bits, idx.shape[:3]
+
+
+def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causal: bool):
+    """Live-key lists (csrc/cuda/key_lists.h layout) of a normal-form compact mask without row bounds, built
+    without any mask: (keys int32, bits uint32 pairs, (Bm, Hm, Mm) the unit geometry, Mm = Lq or 1 for a
+    row-broadcast list)."""
     from jax_dmattn import _cuda_fwd
 
     BLOCK, CHUNK = _list_geometry()
@@ -542,5 +577,5 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
         count = jnp.sum(x != INDEX_PAD, axis=-1, dtype=jnp.int32)
         keys, bits = _shared_lists(x, count, capacity)
         return keys, bits, (bm, hm, 1)
-    keys, bits = _per_row_index_lists(mask, q_len, kv_len, unit_keys)
+    keys, bits = _per_row_index_lists(mask, q_len, kv_len)
     return keys, bits, (bm, hm, q_len)

@@ -48,6 +48,7 @@ KEY_LIST_CHUNK = _FACTS["key_list_chunk"]      # keys per bit word
 # A unit whose live keys exceed the capacity is "dense": the kernels walk all of its keys and read the mask
 # itself, which is what such a unit costs anyway (lists only pay off when few keys are live).
 KEY_LIST_MAX_KEYS = _FACTS["key_list_max_keys"]
+KEY_LIST_DENSE = _FACTS["key_list_dense"]  # the count of a unit that is not listed
 
 
 def key_list_capacity(kv_len: int, max_keys: int | None = None) -> int:
@@ -112,6 +113,25 @@ def build_topk_key_lists(scores, order, *, k: int, q_len: int, capacity: int):
     return jax.ffi.ffi_call(TOPK_KEY_LISTS_TARGET, out_types)(
         scores, jnp.zeros((0,), jnp.int32) if order is None else order, k=np.int64(k),
         is_causal=np.bool_(is_causal), q_len=np.int64(q_len), capacity=np.int64(capacity))
+
+
+TOPK_BOUNDED_KEY_LISTS_TARGET = "dmattn_topk_bounded_key_lists_cuda"
+
+
+def build_topk_bounded_key_lists(scores, rows, key_segments, *, k: int, capacity: int, may_overflow: bool):
+    """The live-key lists of a TopKMask under row bounds (one ``dmattn_topk_bounded_key_lists_cuda`` call,
+    csrc/cuda/topk_bounded_key_lists.h): scores float32 [Bs, Hs, Lk] (canonical), rows int32 [Bb, Lq, 4], key
+    segment ids int32 [Bb, Lk] or None; lists over the unit geometry (max(Bs, Bb), Hs, Lq). With ``may_overflow``
+    a unit whose keys exceed the capacity has count ``KEY_LIST_DENSE`` (not a list the kernels can take).
+    Deterministic and side-effect free: the forward's and the backward's calls merge."""
+    _ffi.register_targets()
+    bs, hs, lk = scores.shape
+    bb, lq, _ = rows.shape
+    n_keys, n_words = key_list_sizes((max(bs, bb), hs, lq, lk), capacity)
+    out_types = (jax.ShapeDtypeStruct((n_keys,), jnp.int32), jax.ShapeDtypeStruct((2 * n_words,), jnp.uint32))
+    return jax.ffi.ffi_call(TOPK_BOUNDED_KEY_LISTS_TARGET, out_types)(
+        scores, *bounds_operands(rows, key_segments), k=np.int64(k), capacity=np.int64(capacity),
+        may_overflow=np.bool_(may_overflow))
 
 
 def bounds_operands(rows, key_segments):

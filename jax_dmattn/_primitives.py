@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
+from jax import lax
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec as P
 
@@ -32,9 +33,6 @@ class KernelConfig:
     implementation: str  # "cpu" | "cuda"
     mask_kind: str = "bool"  # what the mask operand is: "bool" | "topk" | "indices" (jax_dmattn/_compact.py)
     mask_k: int = 0          # k of a "topk" mask
-    # "indices" only: a bound on the distinct keys that the rows of one key-list unit keep, which sizes their CUDA
-    # lists (0: none known; the lists then hold up to min(rows * K, Lk) keys). _compact.bounded_topk_unit_keys.
-    unit_keys: int = 0
     # Set inside the CUDA forward lowering only (jax_dmattn/_decode.py): a packed one-row call whose shared key
     # lists may be cut into parts along the heads.
     split_lists: bool = False
@@ -73,14 +71,28 @@ def _fwd_abstract(q, k, v, bias, mask, rows, key_segments, *, config):
     return (_derived_aval(q, q.shape, q.dtype, (0, 1, 2, 3)), _derived_aval(q, (b, h, lq), jnp.float32, (0, 2, 1)))
 
 
-def _cuda_mask_args(q, k, mask, config: KernelConfig):
-    """The CUDA wrappers' (mask, compact key lists) for the mask operand: a bool mask goes as it is; a compact
-    one as its live-key lists (no mask)."""
+def _with_cuda_mask(run, q, k, mask, rows, key_segments, config: KernelConfig):
+    """``run(mask, lists, rows, key_segments, is_causal)`` on what the CUDA wrappers take for the call's mask and row
+    bounds: a bool mask goes as it is, with the bounds; a compact one as its live-key lists (no mask), which hold the
+    bounds. A TopKMask under bounds whose lists can fail (segment ids: _compact.cuda_bounded_topk_lists) runs in a
+    lax.cond on their failure, the other branch on the per-row lists."""
+    rows_arg, segments_arg = _bounds_args(rows, key_segments)
     if config.mask_kind == "bool":
-        return (None if _is_absent(mask) else mask), None
-    lists = _compact.cuda_key_lists(mask, config.mask_kind, config.mask_k, q_len=q.shape[1], kv_len=k.shape[1],
-                                    is_causal=config.is_causal, unit_keys=config.unit_keys)
-    return None, lists
+        return run(None if _is_absent(mask) else mask, None, rows_arg, segments_arg, _kernel_causal(config, rows))
+    if rows_arg is None:
+        lists = _compact.cuda_key_lists(mask, config.mask_kind, config.mask_k, q_len=q.shape[1], kv_len=k.shape[1],
+                                        is_causal=config.is_causal)
+        return run(None, lists, None, None, config.is_causal)
+    if config.mask_kind != "topk":
+        raise ValueError("KeyIndices reach the CUDA kernels with their bounds applied (attention: "
+                         "_cuda_compact_with_bounds)")
+    lists, failed = _compact.cuda_bounded_topk_lists(mask, config.mask_k, rows_arg, segments_arg, kv_len=k.shape[1])
+    if failed is None:
+        return run(None, lists, None, None, False)
+    return lax.cond(failed,
+                    lambda: run(None, _compact.per_row_topk_lists(mask, config.mask_k, rows_arg, segments_arg,
+                                                                   kv_len=k.shape[1]), None, None, False),
+                    lambda: run(None, lists, None, None, False))
 
 
 def _check_platform(config: KernelConfig, platform: str):
@@ -111,17 +123,17 @@ def _fwd_cpu(q, k, v, bias, mask, rows, key_segments, config):
 def _fwd_cuda(q, k, v, bias, mask, rows, key_segments, config):
     from jax_dmattn import _cuda_fwd
 
-    mask_arg, lists = _cuda_mask_args(q, k, mask, config)
-    rows_arg, segments_arg = _bounds_args(rows, key_segments)
+    def run(mask_arg, lists, rows_arg, segments_arg, is_causal):
+        def call(q, lists):
+            return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
+                                       key_segments=segments_arg, compact_lists=lists, scale=config.scale,
+                                       softcap=config.softcap, is_causal=is_causal)
 
-    def run(q, lists):
-        return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
-                                   key_segments=segments_arg, compact_lists=lists, scale=config.scale,
-                                   softcap=config.softcap, is_causal=_kernel_causal(config, rows))
+        if config.split_lists and lists is not None:
+            return _decode.split_lists(call, q, lists)
+        return call(q, lists)
 
-    if config.split_lists and lists is not None:
-        return _decode.split_lists(run, q, lists)
-    return run(q, lists)
+    return _with_cuda_mask(run, q, k, mask, rows, key_segments, config)
 
 
 # The lowerings: one-row calls run GQA-packed (and split over the keys on CUDA) inside them (jax_dmattn/_decode.py).
@@ -154,22 +166,28 @@ def _bwd_cpu(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, conf
 
 
 def _bwd_cuda(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config):
-    from jax_dmattn import _cuda_bwd
+    from jax_dmattn import _bounds, _cuda_bwd
 
     has_bias = not _is_absent(bias)
     bias_arg = bias if has_bias else None
-    mask_arg, lists = _cuda_mask_args(q, k, mask, config)
+
+    def run(mask_arg, lists, rows_arg, segments_arg, is_causal):
+        return _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, rows=rows_arg,
+                                   key_segments=segments_arg, compact_lists=lists, scale=config.scale,
+                                   softcap=config.softcap, is_causal=is_causal, deterministic=config.deterministic)
+
     bias_shape = None if bias_arg is None else bias_arg.shape
-    if lists is not None and not _cuda_bwd.key_list_path_serves(q.shape[3], bias_shape, k.shape[1]):
+    if config.mask_kind != "bool" and not _cuda_bwd.key_list_path_serves(q.shape[3], bias_shape, k.shape[1]):
         # The key-tile backward reads a bool mask: a bias with a query dim (already O(Lq * Lk) itself), or a device
         # whose shared memory fits no key-list build (docs/compact_masks.md).
-        mask_arg, lists = _compact.to_dense(mask, config.mask_kind, config.mask_k, q_len=q.shape[1],
-                                            kv_len=k.shape[1], is_causal=config.is_causal), None
-    rows_arg, segments_arg = _bounds_args(rows, key_segments)
-    dq, dk, dv, dbias = _cuda_bwd.flash_bwd(q, k, v, bias_arg, mask_arg, out, lse, dout, dlse, rows=rows_arg,
-                                            key_segments=segments_arg, compact_lists=lists, scale=config.scale,
-                                            softcap=config.softcap, is_causal=_kernel_causal(config, rows),
-                                            deterministic=config.deterministic)
+        rows_arg, segments_arg = _bounds_args(rows, key_segments)
+        visible = None if rows_arg is None else _bounds.dense_keep(_bounds.RowBounds(rows_arg, segments_arg),
+                                                                   k.shape[1])
+        dense = _compact.to_dense(mask, config.mask_kind, config.mask_k, q_len=q.shape[1], kv_len=k.shape[1],
+                                  is_causal=config.is_causal, visible=visible)
+        dq, dk, dv, dbias = run(dense, None, rows_arg, segments_arg, _kernel_causal(config, rows))
+    else:
+        dq, dk, dv, dbias = _with_cuda_mask(run, q, k, mask, rows, key_segments, config)
     return dq, dk, dv, (dbias if has_bias else jnp.zeros_like(bias))
 
 

@@ -99,14 +99,13 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
 
 
 def _cuda_compact_with_bounds(mask, mask_kind: str, mask_k: int, bounds):
-    """(mask, mask_kind, mask_k, unit_keys) for the CUDA key-list kernels, which take no row bounds: per-row
-    KeyIndices that hold the bounds (and their causality) themselves. KeyIndices drop their keys outside the
-    bounds; a TopKMask becomes each row's own top k among the keys its bounds leave it, whose lists are as short
-    as bounded_topk_unit_keys allows."""
+    """(mask, mask_kind, mask_k, bounds) for the CUDA kernels of a compact mask under row bounds. KeyIndices become
+    per-row KeyIndices without their keys outside the bounds, which then hold the bounds (and their causality)
+    themselves; a TopKMask keeps its bounds, from which its pre-pass builds the key lists
+    (_compact.cuda_bounded_topk_lists)."""
     if mask_kind == "topk":
-        return (_compact.bounded_topk_indices(mask, mask_k, bounds.rows, bounds.key_segments), "indices", 0,
-                _compact.bounded_topk_unit_keys(mask_k, bounds.key_segments))
-    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), mask_kind, mask_k, 0
+        return mask, mask_kind, mask_k, bounds
+    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), mask_kind, mask_k, None
 
 
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, softcap=None,
@@ -191,13 +190,13 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         return (out, lse.astype(jnp.float32)) if return_lse else out
 
     q, k, v, bias_arg = kernel_operands(query, key, value, call.bias, implementation)
-    mask, mask_kind, mask_k, unit_keys = call.mask, call.mask_kind, call.mask_k, 0
+    mask, mask_kind, mask_k = call.mask, call.mask_kind, call.mask_k
     if implementation == "cuda" and bounds is not None and mask_kind != "bool":
-        mask, mask_kind, mask_k, unit_keys = _cuda_compact_with_bounds(mask, mask_kind, mask_k, bounds)
-        bounds, is_causal = None, False  # now held by the per-row indices
+        mask, mask_kind, mask_k, bounds = _cuda_compact_with_bounds(mask, mask_kind, mask_k, bounds)
+        is_causal = is_causal and bounds is not None  # per-row indices hold causality themselves
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
-                                      mask_kind=mask_kind, mask_k=mask_k, unit_keys=unit_keys)
+                                      mask_kind=mask_kind, mask_k=mask_k)
     rows, key_segments = (None, None) if bounds is None else (bounds.rows, bounds.key_segments)
     out, lse = _primitives.flash_attention(q, k, v, bias_arg, mask, config, rows, key_segments)
     out = out[..., :call.head_dim]

@@ -316,8 +316,8 @@ def test_lowering_has_no_lq_by_lk_array(form, platform, monkeypatch):
 
 @pytest.mark.parametrize("bounds", ["lengths", "window"])
 def test_bounded_topk_lowering_grows_linearly(bounds, monkeypatch):
-    """A TopKMask under row bounds on CUDA (each row's own top k, as per-row key lists): its largest array grows
-    linearly in L at a fixed k, as the lists hold at most k + 2 * 128 keys per unit (bounded_topk_unit_keys)."""
+    """A TopKMask under row bounds on CUDA (key lists from the scores and the bounds): its largest array grows
+    linearly in L at a fixed k, as the lists hold at most k + 2 * 128 keys per unit without segment ids."""
     monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
 
     def largest(n):

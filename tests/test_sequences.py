@@ -358,7 +358,7 @@ def test_units_covered_and_lists_bounded_without_segments(seed):
     bound = _compact.bounded_topk_unit_keys(k, None)
     assert bound == k + 2 * _compact.SELECT_ROWS
     full = _compact.cuda_key_lists(idx, "indices", 0, q_len=lq, kv_len=lk, is_causal=False)
-    short = _compact.cuda_key_lists(idx, "indices", 0, q_len=lq, kv_len=lk, is_causal=False, unit_keys=bound)
+    short = (*_compact._per_row_index_lists(idx, lq, lk, bound), full[2])
     chunk = _compact._list_geometry()[1]
     capacity = min(-(-bound // chunk) * chunk, -(-lk // chunk) * chunk, -(-128 * k // chunk) * chunk)
     assert short[0].size == B * H * -(-lq // 128) * (capacity + 1)
