@@ -217,6 +217,26 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
           raw[jj].clear();
         }
       }
+      // V rows without an inf or NaN (the batch's raw words, warp-wide): a dropped key's P is 0 and adds nothing, so
+      // every row takes P v without a test.
+      uint32_t halves = 0;
+#pragma unroll
+      for (int jj = 0; jj < kVBatch; ++jj) {
+#pragma unroll
+        for (int i = 0; i < RawElems<Elem, kDL>::kWords; ++i) halves |= nonfinite_halves<Elem>(raw[jj].w[i]);
+      }
+      if (!__any_sync(0xffffffffu, (halves & kNonfiniteBits) != 0)) {
+#pragma unroll
+        for (int jj = 0; jj < kVBatch; ++jj) {
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            const float pj = __shfl_sync(0xffffffffu, s[r], j0 + jj);
+#pragma unroll
+            for (int d = 0; d < kDL; ++d) acc[r][d] = fmaf(pj, raw[jj][d], acc[r][d]);
+          }
+        }
+        continue;
+      }
 #pragma unroll
       for (int jj = 0; jj < kVBatch; ++jj) {
         const int j = j0 + jj;

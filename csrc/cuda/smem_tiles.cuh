@@ -34,7 +34,7 @@ __device__ __forceinline__ bool is_nonfinite(float x) { return (__float_as_uint(
 // kernels can afford to scan every tile they load.
 template <class Elem>
 __device__ __forceinline__ uint32_t nonfinite_halves(uint32_t w) {
-  constexpr bool kBF16 = std::is_same_v<Elem, cutlass::bfloat16_t>;
+  constexpr bool kBF16 = std::is_same_v<Elem, cutlass::bfloat16_t> || std::is_same_v<Elem, __nv_bfloat16>;
   constexpr uint32_t kExp = kBF16 ? 0x7f807f80u : 0x7c007c00u;
   constexpr uint32_t kOne = kBF16 ? 0x00800080u : 0x04000400u;
   return (w & kExp) + kOne;
