@@ -38,6 +38,7 @@ import numpy as np
 import optax
 import flax.linen as nn
 
+import jax_dmattn
 from jax_dmattn.flax import DynamicMaskAttention
 
 
@@ -428,10 +429,13 @@ def main(argv=None) -> list[dict]:
     task = task_config(args)
     if args.d_model % args.heads or args.heads % args.kv_heads:
         raise SystemExit("--d-model must be divisible by --heads, and --heads by --kv-heads")
-    if jax.default_backend() == "gpu" and not args.bf16 and args.implementation is None:
+    if not args.bf16 and args.implementation is None:
         # jax_dmattn.attention would raise the same thing at the first step: say it before building anything.
-        raise SystemExit("float32 on GPU: the CUDA kernels take bf16/f16; pass --bf16, or --implementation xla "
-                         "for the pure-jnp reference (O(L^2) memory)")
+        try:
+            jax_dmattn.default_implementation(jnp.float32, args.d_model // args.heads)
+        except ValueError:
+            raise SystemExit("float32 on GPU: the CUDA kernels take bf16/f16; pass --bf16, or --implementation xla "
+                             "for the pure-jnp reference (O(L^2) memory)") from None
     os.makedirs(args.out_dir, exist_ok=True)
     modes = ["dense", "dynamic"] if args.attention == "both" else [args.attention]
     print(

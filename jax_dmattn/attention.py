@@ -10,14 +10,15 @@ __all__ = ["attention", "default_implementation"]
 
 
 def default_implementation(dtype, head_dim: int, platform: str | None = None) -> str:
-    """The implementation ``implementation=None`` runs: the kernels of the platform, never the reference.
+    """The implementation ``implementation=None`` runs: the kernels of the platform (by default the default device's,
+    ``jax.default_device``, else the default backend's), never the reference.
 
     "cpu" on CPU (float32, bfloat16, float16; any head dim), "cuda" on GPU (bfloat16, float16; head_dim <= 256).
     Raises ValueError when those kernels cannot serve the call (dtype, head dim, not built in this install, or a
     platform without kernels), saying what they support: implementation="xla" then has to be asked for by name,
     since the reference materialises the [B, H, Lq, Lk] scores.
     """
-    platform = platform or jax.default_backend()
+    platform = platform or _default_platform()
     implementation = _validation.PLATFORM_KERNELS.get(platform)
     if implementation is None:
         raise ValueError(f"jax_dmattn has kernels for the {' and '.join(_validation.PLATFORM_KERNELS)} platforms, "
@@ -26,6 +27,15 @@ def default_implementation(dtype, head_dim: int, platform: str | None = None) ->
         raise ValueError(_validation.missing_kernels_message(implementation, platform))
     _validation.check_backend_support(implementation, dtype, head_dim, platform=platform)
     return implementation
+
+
+def _default_platform() -> str:
+    """The platform a call runs on when its inputs do not say: the default device's (``jax.default_device``, so that
+    a CPU device on a GPU host runs the CPU kernels), else the default backend's."""
+    device = jax.config.jax_default_device
+    if isinstance(device, str):
+        return jax.devices(device)[0].platform
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _kernels_built(implementation: str) -> bool:

@@ -16,6 +16,9 @@ import pytest
 
 import jax_dmattn
 
+# float32 modules and calls with float32 tolerances: on a GPU host they run on the CPU device (tests/conftest.py)
+pytestmark = pytest.mark.cpu_kernels
+
 IMPL = "cpu"
 N = 2  # vmapped size
 B, LQ, LK, H, HKV, D = 2, 16, 24, 4, 2, 8
