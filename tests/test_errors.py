@@ -226,6 +226,18 @@ def test_none_on_gpu_never_picks_the_reference(on_platform, dtype):
     assert out.shape == a["query"].shape
 
 
+def test_none_follows_the_default_device(on_platform):
+    """On a GPU host, jax.default_device(a CPU device) makes implementation=None run the CPU kernels (float32
+    included), as the arrays of such a call live on the CPU; without it the CUDA kernels are chosen."""
+    jax_dmattn = on_platform("gpu")
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert jax_dmattn.default_implementation(jnp.float32, 64) == "cpu"
+        assert _none_call(jax_dmattn, jnp.float32).shape == (B, LQ, H, D)
+    with jax.default_device("cpu"):
+        assert jax_dmattn.default_implementation(jnp.float32, 64) == "cpu"
+    assert jax_dmattn.default_implementation(jnp.bfloat16, 64) == "cuda"
+
+
 def test_none_on_gpu_without_cuda_kernels(on_platform):
     jax_dmattn = on_platform("gpu", cuda_kernels=False)
     with pytest.raises(ValueError, match=r"(?s)CUDA kernels.*implementation='xla'"):
