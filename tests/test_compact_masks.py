@@ -278,12 +278,10 @@ def test_cuda_key_lists_built_by_xla(name):
 
 
 # ------------------------------------------------------------------------------------------ no [Lq, Lk] array
-def _largest_lowered_array(platform, lq, lk, mask, arrays=None, **kw):
-    """Elements of the largest array in the lowering of jax.grad of a causal call with ``mask``, the traced keyword
-    ``arrays`` and the static ``kw`` (fwd + bwd, lowered without running; lowering for cuda needs no GPU and no
-    CUDA build: the custom calls are emitted by name)."""
-    import re
-
+def _lowered_text(platform, lq, lk, mask, arrays=None, **kw):
+    """The lowering of jax.grad of a causal call with ``mask``, the traced keyword ``arrays`` and the static ``kw``
+    (fwd + bwd, lowered without running; lowering for cuda needs no GPU and no CUDA build: the custom calls are
+    emitted by name)."""
     b, h, hkv, d = 1, 2, 1, 64
     dt = jnp.bfloat16
     q = jax.ShapeDtypeStruct((b, lq, h, d), dt)
@@ -294,8 +292,15 @@ def _largest_lowered_array(platform, lq, lk, mask, arrays=None, **kw):
         return jnp.sum(jax_dmattn.attention(q, k, v, bias, mask, is_causal=True, implementation=platform,
                                             **arrays, **kw).astype(jnp.float32))
 
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, kv, kv, bias, mask, arrays or {}).lower(
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, kv, kv, bias, mask, arrays or {}).lower(
         lowering_platforms=(platform,)).as_text()
+
+
+def _largest_lowered_array(platform, lq, lk, mask, arrays=None, **kw):
+    """Elements of the largest array in _lowered_text's lowering."""
+    import re
+
+    text = _lowered_text(platform, lq, lk, mask, arrays, **kw)
     return max(int(np.prod([int(x) for x in m.group(1).split("x")]))
                for m in re.finditer(r"tensor<([0-9x]+)x[a-z]+[0-9]*>", text))
 
@@ -329,6 +334,22 @@ def test_bounded_topk_lowering_grows_linearly(bounds, monkeypatch):
 
     small, large = largest(1024), largest(4096)
     assert large <= 4.5 * small, f"largest array {small} elements at L = 1024, {large} at L = 4096"
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_bounded_topk_lowers_to_its_cuda_pre_pass(segments, monkeypatch):
+    """A TopKMask under row bounds lowers for CUDA to its own list pre-pass (dmattn_topk_bounded_key_lists_cuda) in
+    forward and backward. With segment ids a conditional runs the per-row route should a unit outgrow the lists;
+    without them no unit can, and the lowering has no conditional."""
+    monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
+    n = 1024
+    mask = TopKMask(jax.ShapeDtypeStruct((1, 1, n), jnp.float32), 32)
+    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+    arrays = (dict(q_segment_ids=ids, kv_segment_ids=ids) if segments else
+              dict(key_value_seq_lengths=jax.ShapeDtypeStruct((1,), jnp.int32)))
+    text = _lowered_text("cuda", n, n, mask, arrays)
+    assert text.count("@dmattn_topk_bounded_key_lists_cuda(") == 2, "one pre-pass call in each of fwd and bwd"
+    assert ("stablehlo.case" in text or "stablehlo.if" in text) == segments
 
 
 # ------------------------------------------------------------------------------------------ errors
