@@ -331,15 +331,15 @@ def _unslice(x, idx, axis, size):
 
 def _lower_context_parallel(kind, plan, mesh, config, args):
     """The per-device body of a call whose sequence is split over plan.seq_axes: jax_dmattn.context_parallel's
-    ring over that axis (bool masks only: KeyIndices go through shard_map), then the same dbias sums over broadcast
+    ring over that axis (bool masks only: compact masks go through shard_map), then the same dbias sums over broadcast
     batch / head axes."""
     from jax_dmattn import context_parallel
 
     if config.mask_kind != "bool":
         raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) under jit with "
-                         f"Auto mesh axes takes a bool mask, not a {config.mask_kind!r} compact mask; pass KeyIndices "
-                         "to jax_dmattn.context_parallel.attention inside shard_map, or use an Explicit-axes mesh "
-                         "(a TopKMask is not taken under context parallelism: its top-k spans every key chunk)")
+                         f"Auto mesh axes takes a bool mask, not a {config.mask_kind!r} compact mask; pass the "
+                         "KeyIndices or TopKMask to jax_dmattn.context_parallel.attention inside shard_map, or use an "
+                         "Explicit-axes mesh")
     from jax_dmattn._primitives import _is_absent  # (a module-level import would be circular)
 
     if not _is_absent(args[5]):

@@ -423,6 +423,40 @@ def _cp_bwd(layout, residuals, cotangents):
 _cp_attention.defvjp(_cp_fwd, _cp_bwd)
 
 
+def _topk_key_indices(mask: masks.TopKMask, axis_name, n: int, dims, *, is_causal: bool, zigzag: bool):
+    """A TopKMask whose scores are this device's key chunk's, as the normal-form KeyIndices of the GLOBAL keys each
+    local query row keeps ([Bs, Hs, 1, k] shared by the rows without causality, [Bs, Hs, Lq / n, k] with it), or
+    None where k keeps every key. The scores of all chunks are gathered (O(Lk) numbers per score head, no K / V);
+    each row then ranks the keys it sees (causal: the global prefix up to its own position) as one device would."""
+    b, h, hkv, lq, chunk = dims
+    scores = mask.scores
+    if not hasattr(scores, "shape") or getattr(scores, "ndim", 0) != 3 or scores.shape[2] != chunk:
+        raise ValueError(f"context_parallel.attention: TopKMask.scores must be this device's key chunk's scores "
+                         f"[B|1, 1|Hkv|H, Lk / n] with Lk / n = {chunk}, got shape "
+                         f"{getattr(scores, 'shape', type(scores).__name__)}")
+    gathered = lax.all_gather(lax.stop_gradient(scores), axis_name, axis=2, tiled=True)
+    if zigzag:
+        gathered = from_zigzag(gathered, n, axis=2)
+    norm, kind, k = _compact.normalize(masks.TopKMask(gathered, mask.k), (b, h, hkv, lq, n * chunk))
+    if kind != "topk":
+        return None
+    if not is_causal:
+        s = norm[:, :, 0, :]
+        return _compact.keep_best(s, k, *_compact.kth_best(s, k))[:, :, None, :]
+    # causal (equal global lengths): local row r is at global position `start + r` of each contiguous part
+    device = lax.axis_index(axis_name)
+    parts = ([(device * (lq // 2), lq // 2), ((2 * n - 1 - device) * (lq // 2), lq // 2)] if zigzag
+             else [(device * lq, lq)])
+
+    def part_indices(start, length):
+        pos = start + jnp.arange(length, dtype=jnp.int32)
+        zero = jnp.zeros_like(pos)
+        rows = jnp.stack([zero, pos + 1, zero, zero], axis=-1)[None]  # keys [0, pos] (jax_dmattn/_bounds.py)
+        return _compact.bounded_topk_indices(norm, k, rows, None)
+
+    return jnp.concatenate([part_indices(*part) for part in parts], axis=2)
+
+
 def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: str = "ring",
               chunk_order: str = "contiguous", scale=None, is_causal=False, softcap=None, return_lse=False,
               deterministic=False, implementation=None):
@@ -440,8 +474,13 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     causality applies on top, no gradient. The indices stay on their device; each (query chunk, key chunk) pair
     keeps the ones that fall in its key chunk. Under ``chunk_order="zigzag"`` the rows are the zigzag-ordered
     local rows (like a bias's rows) while the indices still name positions of the original, un-reordered
-    sequence. Concrete indices outside [-1, Lk) raise a ValueError. A ``TopKMask`` is a TypeError: its top-k
-    ranks the keys of every chunk together, which no pair sees (select the keys first and pass KeyIndices).
+    sequence. Concrete indices outside [-1, Lk) raise a ValueError.
+
+    ``mask`` may also be a :class:`jax_dmattn.TopKMask` whose scores [B|1, 1|Hkv|H, Lk / n] are this device's key
+    chunk's (sharded like the keys, in the same chunk order): each query row keeps the k keys of largest score among
+    all the keys it sees, exactly as on one device. The scores of every chunk are gathered (O(Lk) numbers per score
+    head; K / V are not), each device selects its rows' keys and runs them as KeyIndices (O(Lq / n * k) numbers per
+    score head with causality, k without).
 
     ``is_causal`` needs equal global query and key lengths (and so equal chunks): bottom-right and top-left
     alignment coincide then. ``strategy``: "ring" (K/V chunks passed around with ppermute; no device holds more
@@ -457,14 +496,10 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if chunk_order not in CHUNK_ORDERS:
         raise ValueError(f"chunk_order must be one of {CHUNK_ORDERS}, got {chunk_order!r}")
-    if isinstance(mask, masks.TopKMask):
-        raise TypeError("context_parallel.attention does not take a TopKMask: its top-k ranks the keys of every "
-                        "chunk together, which no (query chunk, key chunk) pair sees; pass the selected keys as "
-                        "KeyIndices (global key positions), or call jax_dmattn.attention on the whole sequence")
-    if mask is not None and not isinstance(mask, masks.KeyIndices) and not (
+    if mask is not None and not isinstance(mask, masks.COMPACT_MASKS) and not (
             hasattr(mask, "dtype") and mask.dtype == jnp.bool_):
-        raise TypeError(f"context_parallel.attention takes a bool mask (True = attend) or a KeyIndices, got "
-                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        raise TypeError(f"context_parallel.attention takes a bool mask (True = attend), a KeyIndices or a TopKMask, "
+                        f"got {getattr(mask, 'dtype', type(mask).__name__)}")
     n = _axis_size(axis_name)
     call = _validation.normalize_call(query, key, value, None, None, scale=scale, softcap=softcap,
                                       implementation=implementation)
@@ -475,7 +510,11 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
                          f"lengths must be even, got {lq} and {chunk}")
     bias = _rank4("bias", bias, (b, h, hkv, lq))
     mask_kind = "bool"
-    if isinstance(mask, masks.KeyIndices):
+    if isinstance(mask, masks.TopKMask):
+        mask = _topk_key_indices(mask, axis_name, int(n), (b, h, hkv, lq, chunk), is_causal=is_causal,
+                                 zigzag=chunk_order == "zigzag")
+        mask_kind = "bool" if mask is None else "indices"
+    elif isinstance(mask, masks.KeyIndices):
         # checked and normalised once against the local rows and the global key length; each pair localises it
         mask, mask_kind, _ = _compact.normalize(mask, (b, h, hkv, lq, int(n) * chunk))
     else:

@@ -63,7 +63,7 @@ def _reorder(x, n, fn, seq_dims):
 
 
 def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec, mesh=None, seq_axis="sp",
-         qspec=P(None, "sp"), chunk_order="contiguous", indices=None):
+         qspec=P(None, "sp"), chunk_order="contiguous", indices=None, topk=None):
     """Values and gradients (q, k, v, bias) of context-parallel attention against one device, with an lse
     cotangent as well (the loss uses out and lse). With chunk_order="zigzag" the sequence is laid out by
     context_parallel.to_zigzag before sharding and the results are put back in order for the comparison.
@@ -74,6 +74,8 @@ def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec,
     wrap = lambda m: m  # noqa: E731
     if indices is not None:
         mask, wrap = indices, jax_dmattn.KeyIndices
+    if topk is not None:  # (scores [B|1, Hs, L], k): sharded and reordered like the keys
+        mask, wrap = topk[0], lambda m: jax_dmattn.TopKMask(m, topk[1])  # noqa: E731
     n = dict(zip(mesh.axis_names, mesh.devices.shape))[seq_axis]
     if chunk_order == "zigzag":
         order = lambda x, dims: _reorder(x, n, context_parallel.to_zigzag, dims)  # noqa: E731
@@ -205,6 +207,24 @@ def test_key_indices_with_per_key_bias(indices, strategy, is_causal, chunk_order
 
 
 @multi_device
+@pytest.mark.parametrize("strategy, is_causal, chunk_order, k, score_shape", [
+    ("ring", True, "contiguous", 5, (B, 2, L)),
+    ("all_gather", True, "zigzag", 5, (1, 1, L)),
+    ("ring", True, "zigzag", 1, (B, 4, L)),
+    ("ring", False, "zigzag", 7, (B, 2, L)),
+    ("all_gather", False, "contiguous", 20, (1, 2, L)),
+    ("ring", True, "contiguous", L, (B, 2, L)),  # k >= Lk: every key it sees, no mask
+])
+def test_topk_mask_with_per_key_bias(strategy, is_causal, chunk_order, k, score_shape):
+    """A TopKMask whose scores are sharded like the keys: each row keeps the k best of all the keys it sees, as on
+    one device over the whole sequence (coarse scores: ties go to the lower global key). out, lse and dq / dk / dv /
+    dbias."""
+    scores = jnp.asarray(np.round(np.random.default_rng(7).standard_normal(score_shape) * 2), jnp.float32)
+    _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, None, P(None, None, "sp"), chunk_order=chunk_order,
+         topk=(scores, k))
+
+
+@multi_device
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_batch_and_sequence_mesh(strategy):
     """dp x sp mesh: the batch over dp, the sequence over sp; the ring runs within each dp group."""
@@ -265,34 +285,32 @@ def test_explicit_mesh_routes_to_context_parallel():
 
 
 @multi_device
-def test_explicit_mesh_key_indices():
-    """Under an Explicit-axes mesh jax_dmattn.attention with KeyIndices (rows sharded like q) runs context-parallel
-    and equals one device; a TopKMask there gets context_parallel's error."""
+def test_explicit_mesh_compact_masks():
+    """Under an Explicit-axes mesh jax_dmattn.attention with KeyIndices (rows sharded like q) or a TopKMask (scores
+    sharded like the keys) runs context-parallel and equals one device."""
     q, k, v, bias, _, ct, _ = _inputs(2, (B, 2, 1, L), None)
     idx = _key_indices((B, 2, L, K_IDX))
+    scores = jnp.asarray(np.round(np.random.default_rng(3).standard_normal((B, 2, L)) * 2), jnp.float32)
+    forms = [(jax_dmattn.KeyIndices, idx, P(None, None, "sp")),
+             (lambda s: jax_dmattn.TopKMask(s, 6), scores, P(None, None, "sp"))]
+    for form, operand, spec in forms:
+        def loss_of(ct, operand):
+            def loss(q, k, v, bias):
+                out = jax_dmattn.attention(q, k, v, bias, form(operand), is_causal=True, implementation=IMPL)
+                return jnp.sum(out * ct)
+            return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
 
-    def loss_of(ct, idx):
-        def loss(q, k, v, bias):
-            out = jax_dmattn.attention(q, k, v, bias, jax_dmattn.KeyIndices(idx), is_causal=True,
-                                       implementation=IMPL)
-            return jnp.sum(out * ct)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-
-    want_loss, want_grads = jax.jit(loss_of(ct, idx))(q, k, v, bias)
-    mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
-    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-    with set_mesh(mesh):
-        put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
-        seq = P(None, "sp")
-        args = (put(q, seq), put(k, seq), put(v, seq), put(bias, KEYS))
-        got_loss, got_grads = jax.jit(loss_of(put(ct, seq), put(idx, P(None, None, "sp"))))(*args)
-        scores = jnp.zeros((B, 2, L))
-        with pytest.raises(TypeError, match="does not take a TopKMask"):
-            jax.jit(lambda q, k, v: jax_dmattn.attention(q, k, v, mask=jax_dmattn.TopKMask(scores, 4),
-                                                         implementation=IMPL))(*args[:3])
-    _close(got_loss, want_loss, "loss")
-    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
-        _close(g, w, name)
+        want_loss, want_grads = jax.jit(loss_of(ct, operand))(q, k, v, bias)
+        mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
+        set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+        with set_mesh(mesh):
+            put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+            seq = P(None, "sp")
+            args = (put(q, seq), put(k, seq), put(v, seq), put(bias, KEYS))
+            got_loss, got_grads = jax.jit(loss_of(put(ct, seq), put(operand, spec)))(*args)
+        _close(got_loss, want_loss, "loss")
+        for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+            _close(g, w, name)
 
 
 @multi_device
@@ -311,13 +329,13 @@ def test_errors():
     with pytest.raises(TypeError, match="is_causal"):
         call(is_causal="yes")
 
-    def local_compact(q, k, v):
-        scores = jnp.zeros((B, 2, k.shape[1]))
+    def local_topk(q, k, v):  # the scores of every key, where this device's key chunk's are expected
+        scores = jnp.zeros((B, 2, L))
         return context_parallel.attention(q, k, v, mask=jax_dmattn.TopKMask(scores, 4), axis_name="sp",
                                           implementation=IMPL)
     spec = P(None, "sp")
-    with pytest.raises(TypeError, match="does not take a TopKMask"):
-        jax.jit(_shard_map(local_compact, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
+    with pytest.raises(ValueError, match=rf"key chunk's scores .* Lk / n = {L // N_DEVICES}"):
+        jax.jit(_shard_map(local_topk, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))(q, k, v)
 
     def local_indices(indices):
         def local(q, k, v):
