@@ -294,6 +294,38 @@ def test_topk_mask_keeps_k_keys_of_each_document(implementation):
         assert np.all((kept >= start) & (kept <= i)), (i, h, kept)
 
 
+def test_topk_mask_whose_key_lists_overflow(implementation):
+    """One query row per document against documents of 20 keys each (packed cross-attention, ids in contiguous
+    runs): the 128 rows of a unit keep 12 keys each, all different, more than a unit's CUDA lists hold with segment
+    ids (2 k + 512), so the call takes the per-row route (the lax.cond of _compact.cuda_bounded_topk_lists); out and
+    lse equal the oracle's on the selection, as every other route."""
+    dtype = _dtype(implementation)
+    rng = _rng("topk-overflow", implementation)
+    B, H, Hkv, D, k, per_doc = 1, 2, 1, 32, 12, 20
+    lq = 140
+    lk = lq * per_doc
+    q_ids = np.arange(lq, dtype=np.int32)[None]
+    kv_ids = np.repeat(np.arange(lq, dtype=np.int32), per_doc)[None]
+    q, kk, v, _ = random_qkv_bias(rng, B=B, Lq=lq, Lk=lk, H=H, Hkv=Hkv, D=D, bias=None, dtype=dtype)
+    scores = np.round(rng.standard_normal((B, Hkv, lk)) * 2).astype(np.float32)
+    visible = (q_ids[0][:, None] == kv_ids[0][None, :])[None, None]
+    dense = np.repeat(topk_dense(scores, visible, k), H // Hkv, axis=1)
+    if implementation == "cuda":
+        from jax_dmattn import _bounds, _compact
+
+        bounds = _bounds.make_row_bounds(batch=B, q_len=lq, kv_len=lk, is_causal=False,
+                                         q_segment_ids=jnp.asarray(q_ids), kv_segment_ids=jnp.asarray(kv_ids))
+        s = _compact.canonical_scores(jnp.asarray(scores))[:, :, None]
+        _, failed = _compact.cuda_bounded_topk_lists(s, k, bounds.rows, bounds.key_segments, kv_len=lk)
+        assert bool(failed), "the lists were expected to overflow"
+    out, lse = jax.jit(lambda q, kx, v, s, qi, ki: jax_dmattn.attention(
+        q, kx, v, mask=TopKMask(s, k), q_segment_ids=qi, kv_segment_ids=ki, return_lse=True,
+        implementation=implementation))(q, kk, v, jnp.asarray(scores), jnp.asarray(q_ids), jnp.asarray(kv_ids))
+    eo, el = oracle.oracle_attention(q, kk, v, None, dense)
+    assert_close(out, eo, dtype, "out", name="out")
+    assert_close(lse, el, dtype, "lse", name="lse")
+
+
 @pytest.mark.parametrize("name, causal, kw, covered", [
     ("packed-causal", True, dict(segments="packed"), True),
     ("packed-noncausal", False, dict(segments="packed"), False),
