@@ -58,6 +58,7 @@ CASES = {
     "indices-lengths": SeqCase(q_lens=(150, 90), kv_lens=(150, 90), mask="indices"),
     "indices-packed": SeqCase(segments="packed", mask="indices", is_causal=False),
     "topk-packed-causal": SeqCase(segments="packed", mask="topk"),
+    "topk-packed-full-bias": SeqCase(segments="packed", mask="topk", bias="full", is_causal=False),
     "topk-unsorted-noncausal": SeqCase(segments="random", mask="topk", is_causal=False, bias=None),
     "topk-window-lengths": SeqCase(window=(40, 0), q_lens=(150, 70), kv_lens=(150, 70), mask="topk"),
     "topk-decode-lengths": SeqCase(Lq=1, Lk=300, kv_lens=(300, 9), H=8, Hkv=2, mask="topk"),
