@@ -23,6 +23,7 @@ Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L
   decode_topk_compact the same mask as jax_dmattn.TopKMask(scores = the bias's values, k=2048)
   decode_topk_compact_1m the same at B=1 against L = 1M keys
   decode_ragged      decode with ragged lengths: element b's cache holds (b + 1) / B of the L slots
+  decode_topk_compact_ragged decode_topk_compact over the ragged lengths of decode_ragged
   packed_docs        8 documents of L / 8 tokens packed by segment ids, no bias, no mask; L = 16K
   sliding_window     a causal window of 4096 keys (local_window_size), no bias, no mask; L = 64K
   packed_docs_topk   packed_docs with the per-key bias and TopKMask(k=1024) chosen within each document
@@ -98,6 +99,8 @@ CASES = {
     # A decoding step over a ragged batch: element b's cache holds (b + 1) / B of the L slots (key_value_seq_lengths).
     "decode_ragged": dict(b=8, h=32, hkv=8, d=128, mask=None, bias=None, q_len=1, causal=False, ragged=True,
                           lengths=(65536, 524288)),
+    "decode_topk_compact_ragged": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", window=2048, q_len=1,
+                                       causal=False, ragged=True, lengths=(65536,)),
     # Row bounds: 8 packed documents of equal length (segment ids), and a causal sliding window of 4096 keys.
     "packed_docs": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, segments=8, lengths=(16384,)),
     "sliding_window": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, local_window=(4096, 0),
@@ -299,9 +302,8 @@ def read_bytes(case, l):
     if "q_len" not in c:
         return None
     item = jnp.dtype(c.get("dtype", jnp.bfloat16)).itemsize
-    keys = l if c["mask"] is None else min(window(case), l)
-    if c.get("ragged"):
-        keys = sum(l * (i + 1) // c["b"] for i in range(c["b"])) / c["b"]
+    lens = [l * (i + 1) // c["b"] for i in range(c["b"])] if c.get("ragged") else [l]
+    keys = sum(x if c["mask"] is None else min(window(case), x) for x in lens) / len(lens)
     per_key = 2 * c["d"] * item + (0 if c.get("bias", "per_key") is None else item)
     return c["b"] * c["hkv"] * keys * per_key
 

@@ -84,11 +84,14 @@ def test_sequence_cases(bench_attention, tmp_path, monkeypatch):
     assert common.sequence_kwargs("sliding_window", 1024) == {"local_window_size": (4096, 0)}
     assert common.ragged_lengths("decode_ragged", 800).tolist() == [100, 200, 300, 400, 500, 600, 700, 800]
     assert common.read_bytes("decode_ragged", 800) == 8 * 8 * 450 * 2 * 128 * 2
+    # the ragged top-2048 step reads min(2048, its length) keys of each element, and their bias entries
+    kept = sum(min(2048, x) for x in common.ragged_lengths("decode_topk_compact_ragged", 8000).tolist()) / 8
+    assert common.read_bytes("decode_topk_compact_ragged", 8000) == 8 * 8 * kept * (2 * 128 * 2 + 2)
     assert common.flops("packed_docs", "fwd", 1024) == 4.0 * 16 * 1024 * 64 * 128
     out = tmp_path / "results.json"
     with jax.default_device(jax.devices("cpu")[0]):
-        bench_attention.main(["--cases", "packed_docs,decode_ragged", "--lengths", "512", "--impls", "jax_dmattn",
-                              "--passes", "fwd", "--implementation", "cpu", "--out", str(out)])
+        bench_attention.main(["--cases", "packed_docs,decode_ragged,decode_topk_compact_ragged", "--lengths", "512",
+                              "--impls", "jax_dmattn", "--passes", "fwd", "--implementation", "cpu", "--out", str(out)])
     rows = json.loads(out.read_text())
-    assert {r["case"] for r in rows} == {"packed_docs", "decode_ragged"}
+    assert {r["case"] for r in rows} == {"packed_docs", "decode_ragged", "decode_topk_compact_ragged"}
     assert all("error" not in r and r["ms"] > 0 for r in rows), rows
