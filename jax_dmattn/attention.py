@@ -143,7 +143,7 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         are not seen; query rows at positions >= theirs keep no key (out 0, lse -inf, zero gradients). With
         lengths, is_causal is bottom-right on each element's own lengths (docs/sequences.md).
         These five are applied in-kernel from O(B * (Lq + Lk)) numbers, never as an [Lq, Lk] mask, and combine
-        with bias, a bool mask, KeyIndices and each other (a TopKMask with them is a ValueError).
+        with bias, every mask form and each other (a TopKMask row picks its k among the keys they leave it).
       return_lse: also return the float32 natural-log log-sum-exp [B, H, Lq] (-inf for rows with no key).
       deterministic: bitwise-reproducible backward.
       implementation: None (the kernels of the platform: ``default_implementation``), "cuda" (bf16/f16,
