@@ -513,11 +513,11 @@ def test_decode_step_head_sharding(hkv):
 
 @multi_device
 def test_topk_under_bounds_cuda_operands_keep_explicit_sharding():
-    """What a CUDA call builds in front of its kernels from a TopKMask under row bounds (each row's own top k as
-    key indices) traces under an Explicit-axes mesh with batch- and head-sharded scores and gives the values of
-    one device (the CPU kernels build theirs inside the lowering, the test above)."""
+    """What the per-row route of a CUDA call builds from a TopKMask under row bounds (each row's own top k as key
+    indices: _compact.per_row_topk_lists, the route of segment ids whose units outgrow the pre-pass's lists) traces
+    under an Explicit-axes mesh with batch- and head-sharded scores and gives the values of one device (the CPU
+    kernels build theirs inside the lowering, the test above)."""
     from jax_dmattn import _bounds, _compact
-    from jax_dmattn.attention import _cuda_compact_with_bounds
 
     mesh = _mesh(axis_type="explicit")
     rng = np.random.default_rng(11)
@@ -529,7 +529,7 @@ def test_topk_under_bounds_cuda_operands_keep_explicit_sharding():
         bounds = _bounds.make_row_bounds(batch=4, q_len=40, kv_len=40, is_causal=True, q_segment_ids=seg,
                                          kv_segment_ids=seg, local_window_size=(9, 0), query_seq_lengths=lens,
                                          key_value_seq_lengths=lens)
-        return _cuda_compact_with_bounds(_compact.canonical_scores(scores), "topk", 6, bounds)[0]
+        return _compact.bounded_topk_indices(_compact.canonical_scores(scores), 6, bounds.rows, bounds.key_segments)
 
     ref = jax.jit(f)(scores, seg, lens)
     set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
