@@ -84,8 +84,8 @@ def _with_cuda_mask(run, q, k, mask, rows, key_segments, config: KernelConfig):
                                         is_causal=config.is_causal)
         return run(None, lists, None, None, config.is_causal)
     if config.mask_kind != "topk":
-        raise ValueError("KeyIndices reach the CUDA kernels with their bounds applied (attention: "
-                         "_cuda_compact_with_bounds)")
+        raise ValueError("KeyIndices reach the CUDA kernels with their bounds applied (jax_dmattn.attention: "
+                         "_bounds.filter_key_indices)")
     lists, failed = _compact.cuda_bounded_topk_lists(mask, config.mask_k, rows_arg, segments_arg, kv_len=k.shape[1])
     if failed is None:
         return run(None, lists, None, None, False)

@@ -108,16 +108,6 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
     return (out, lse) if return_lse else out
 
 
-def _cuda_compact_with_bounds(mask, mask_kind: str, mask_k: int, bounds):
-    """(mask, mask_kind, mask_k, bounds) for the CUDA kernels of a compact mask under row bounds. KeyIndices become
-    per-row KeyIndices without their keys outside the bounds, which then hold the bounds (and their causality)
-    themselves; a TopKMask keeps its bounds, from which its pre-pass builds the key lists
-    (_compact.cuda_bounded_topk_lists)."""
-    if mask_kind == "topk":
-        return mask, mask_kind, mask_k, bounds
-    return _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), mask_kind, mask_k, None
-
-
 def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, softcap=None,
               q_segment_ids=None, kv_segment_ids=None, local_window_size=None, query_seq_lengths=None,
               key_value_seq_lengths=None, return_lse=False, deterministic=False, implementation=None):
@@ -200,13 +190,15 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
         return (out, lse.astype(jnp.float32)) if return_lse else out
 
     q, k, v, bias_arg = kernel_operands(query, key, value, call.bias, implementation)
-    mask, mask_kind, mask_k = call.mask, call.mask_kind, call.mask_k
-    if implementation == "cuda" and bounds is not None and mask_kind != "bool":
-        mask, mask_kind, mask_k, bounds = _cuda_compact_with_bounds(mask, mask_kind, mask_k, bounds)
-        is_causal = is_causal and bounds is not None  # per-row indices hold causality themselves
+    mask = call.mask
+    if implementation == "cuda" and bounds is not None and call.mask_kind == "indices":
+        # The CUDA key-list kernels take no row bounds: KeyIndices without their keys outside the bounds become
+        # per-row KeyIndices that hold the bounds (and their causality) themselves. A TopKMask keeps its bounds, from
+        # which its pre-pass builds the key lists (_compact.cuda_bounded_topk_lists).
+        mask, bounds, is_causal = _bounds.filter_key_indices(mask, bounds, _compact.INDEX_PAD), None, False
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
-                                      mask_kind=mask_kind, mask_k=mask_k)
+                                      mask_kind=call.mask_kind, mask_k=call.mask_k)
     rows, key_segments = (None, None) if bounds is None else (bounds.rows, bounds.key_segments)
     out, lse = _primitives.flash_attention(q, k, v, bias_arg, mask, config, rows, key_segments)
     out = out[..., :call.head_dim]
