@@ -225,7 +225,9 @@ def train_one(mode: str, args, task: TaskConfig) -> dict:
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     init = state_initializer(model, tx, task)
     state = jax.jit(init)(jax.random.key(args.seed))
-    abstract_state = jax.eval_shape(init, jax.random.key(args.seed))
+    # The restore target: shapes, dtypes and the live state's shardings, so a checkpoint comes back onto the devices
+    # the state lives on (orbax would otherwise pick the default backend's: the GPU even under jax.default_device).
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     ckpt_dir = os.path.abspath(os.path.join(args.out_dir, f"ckpt_{mode}"))
@@ -281,7 +283,7 @@ def train_one(mode: str, args, task: TaskConfig) -> dict:
     if ckptr is not None:
         ckptr.save(ckpt_dir, state, force=True)
         ckptr.wait_until_finished()
-        restored = ckptr.restore(ckpt_dir, abstract_state)  # from shapes only, then re-evaluate
+        restored = ckptr.restore(ckpt_dir, abstract_state)  # a fresh read, then re-evaluated
         r_loss, r_acc = evaluate(restored["params"])
         restored_ok = bool(np.isclose(r_loss, eval_loss, rtol=1e-6, atol=1e-6) and r_acc == eval_acc)
 
