@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cuda/cta_scan.cuh"
+
 namespace dmattn {
 
 // The order-preserving image of a score: a larger key is a better score (canonical scores hold no NaN or -0.0).
@@ -16,5 +18,35 @@ constexpr int kSelectDigits = 3;
 constexpr int kSelectMaxBins = 2048;
 __device__ __forceinline__ int digit_shift(int d) { return d == 0 ? 21 : (d == 1 ? 10 : 0); }
 __device__ __forceinline__ int digit_bins(int d) { return d == 2 ? 1024 : 2048; }
+
+// One digit of the radix select over a CTA of kThreads threads: count(b) is how many of the keys that match the
+// digits chosen so far (`prefix`) fall in bin b of this digit (bits from `shift`), and `rem` of them are still to be
+// taken. Walking the bins from the top, the bin where the running count reaches rem holds the k-th largest key: the
+// one thread that finds it writes the extended prefix and what is left to take to *prefix_out and *rem_out. Returns
+// the matching keys' total (the same on every thread). `scratch` holds kThreads / 32 + 1 ints.
+template <int kThreads, class Count>
+__device__ __forceinline__ int select_digit(int bins, int shift, uint32_t prefix, int rem, Count&& count, int* scratch,
+                                            uint32_t* prefix_out, int* rem_out) {
+  constexpr int kPer = kSelectMaxBins / kThreads;
+  static_assert(kPer * kThreads == kSelectMaxBins, "each thread scans whole bins");
+  int c[kPer], mine = 0;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int b = bins - 1 - kPer * int(threadIdx.x) - q;
+    c[q] = b >= 0 ? count(b) : 0;
+    mine += c[q];
+  }
+  int total = 0;
+  int before = cta_exclusive_scan<kThreads / 32>(mine, scratch, total);
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    if (before < rem && before + c[q] >= rem) {
+      *prefix_out = prefix | (uint32_t(bins - 1 - kPer * int(threadIdx.x) - q) << shift);
+      *rem_out = rem - before;
+    }
+    before += c[q];
+  }
+  return total;
+}
 
 }  // namespace dmattn

@@ -16,8 +16,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = kKeyListBlockM;
 constexpr int kSpread = kTopKBoundedGroupSpread;
-constexpr int kBinsPerThread = kSelectMaxBins / kThreads;
-static_assert(kBinsPerThread * kThreads == kSelectMaxBins, "each thread scans whole bins");
 static_assert(kRows == 4 * 32 && kWarps == 8, "the bit words: four warps of 32 rows, two chunk parities");
 
 struct StaticSmem {
@@ -107,27 +105,11 @@ __device__ void select_kth(StaticSmem& sm, const float* s, int q0, int q1, int k
       if ((key & high_mask) == prefix) atomicAdd(sm.hist + ((key >> shift) & uint32_t(bins - 1)), 1);
     }
     __syncthreads();
-    int c[kBinsPerThread], mine = 0;
-#pragma unroll
-    for (int q = 0; q < kBinsPerThread; ++q) {
-      const int b = bins - 1 - kBinsPerThread * tid - q;
-      c[q] = b >= 0 ? sm.hist[b] : 0;
-      mine += c[q];
-    }
-    int total = 0;
-    int before = cta_exclusive_scan<kWarps>(mine, sm.scratch, total);
+    const int total = select_digit<kThreads>(bins, shift, prefix, rem, [&](int b) { return sm.hist[b]; }, sm.scratch,
+                                             &sm.prefix, &sm.rem);
     if (d == 0 && total <= k) {  // total is the same on every thread
       all = true;
       break;
-    }
-#pragma unroll
-    for (int q = 0; q < kBinsPerThread; ++q) {
-      if (before < rem && before + c[q] >= rem) {
-        const uint32_t b = uint32_t(bins - 1 - kBinsPerThread * tid - q);
-        sm.prefix = prefix | (b << shift);
-        sm.rem = rem - before;
-      }
-      before += c[q];
     }
     high_mask |= uint32_t(bins - 1) << shift;
     __syncthreads();

@@ -21,8 +21,6 @@ constexpr int kPerThread = 4 * kVectors;
 constexpr int kStep = kThreads * kPerThread;
 constexpr int kDigits = kSelectDigits;
 constexpr int kMaxBins = kSelectMaxBins;
-constexpr int kBinsPerThread = kMaxBins / kThreads;
-static_assert(kBinsPerThread * kThreads == kMaxBins, "each thread scans whole bins");
 static_assert(kStep < (1 << 16), "a step's counts are packed as two 16-bit halves");
 
 // This thread's kPerThread scores of the step starting at `base` (key indices base + tid * kPerThread + i), raw,
@@ -144,31 +142,13 @@ __global__ void __launch_bounds__(kThreads, 2) build_topk_shared_key_lists_kerne
       return true;
     });
     Team::sync();  // every member's histogram is complete
-    // Walk the bins from the top: thread t sums bins bins-1-4t .. bins-4-4t over the team; the bin where the
-    // running count reaches rem holds the k-th largest key.
-    const int rem = sm.rem;
-    int c[kBinsPerThread], mine = 0;
+    // The bin counts summed over the team.
+    select_digit<kThreads>(bins, shift, prefix, sm.rem, [&](int b) {
+      int n = 0;
 #pragma unroll
-    for (int q = 0; q < kBinsPerThread; ++q) {
-      const int b = bins - 1 - kBinsPerThread * tid - q;
-      c[q] = 0;
-      if (b >= 0) {
-#pragma unroll
-        for (int r = 0; r < kCluster; ++r) c[q] += *Team::member(sm.hist + b, r);
-      }
-      mine += c[q];
-    }
-    int total = 0;
-    int before = cta_exclusive_scan<kWarps>(mine, sm.scratch, total);
-#pragma unroll
-    for (int q = 0; q < kBinsPerThread; ++q) {
-      if (before < rem && before + c[q] >= rem) {
-        const uint32_t b = uint32_t(bins - 1 - kBinsPerThread * tid - q);
-        sm.prefix = prefix | (b << shift);
-        sm.rem = rem - before;
-      }
-      before += c[q];
-    }
+      for (int r = 0; r < kCluster; ++r) n += *Team::member(sm.hist + b, r);
+      return n;
+    }, sm.scratch, &sm.prefix, &sm.rem);
     high_mask |= uint32_t(bins - 1) << shift;
     Team::sync();  // the members are done reading the histograms (the next digit clears them), and sm is set
   }
