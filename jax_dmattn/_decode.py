@@ -84,13 +84,14 @@ def list_split_count(*, batch: int, kv_heads: int, chunks: int, rows: int) -> in
 
 
 def split_lists(run, q, lists):
-    """``run(q, lists) -> (out, lse)``, the CUDA forward of a packed one-row call (q [B, G, Hkv, D], no row bounds)
-    with compact key lists ``(keys, bits, (Bm, Hm, Mm))``, run as S list parts when the lists are shared by every
-    row (Mm = 1, Hm in {1, Hkv}); the parts' (out, lse) merged. Other lists run as they are."""
+    """``run(q, lists) -> (out, lse)``, the CUDA forward of a packed one-row call (q [B, G, Hkv, D]) with compact key
+    lists ``(keys, bits, (Bm, Hm, Mm))``, run as S list parts when each (batch, head) has one list unit: shared by
+    every row (Mm = 1) or one per packed row set (Mm = G: a TopKMask under row bounds, whose G packed rows share
+    their bounds), with Hm in {1, Hkv}; the parts' (out, lse) merged. Other lists run as they are."""
     keys, bits, (bm, hm, mm) = lists
     b, g, hkv, d = q.shape
     n = bm * hm
-    if mm != 1 or n == 0 or hm not in (1, hkv):
+    if mm not in (1, g) or n == 0 or hm not in (1, hkv):
         return run(q, lists)
     capacity = keys.shape[0] // n - 1
     chunk = _ffi.kernel_facts()["key_list_chunk"]
@@ -102,11 +103,12 @@ def split_lists(run, q, lists):
     starts = jnp.arange(s, dtype=jnp.int32) * part
     counts = jnp.clip(listed[:, :1] - starts[None, :], 0, part)                       # [n, s]
     part_keys = jnp.concatenate([counts[..., None], listed[:, 1:].reshape(n, s, part)], axis=2)
-    part_bits = bits.reshape(n, s, part // chunk * 2)  # one row per unit: [n, chunks, 1, 2] words in chunk order
+    words = part // chunk * mm * 2  # a part's words: [chunks, Mm rows, 2] in chunk order
+    part_bits = bits.reshape(n, s, words)
     # Heads (bm, hm, s) -> (bm, Hkv * s): part p of kv head h is query head h * s + p.
     part_keys = jnp.broadcast_to(part_keys.reshape(bm, hm, s, 1 + part), (bm, hkv, s, 1 + part)).reshape(-1)
-    part_bits = jnp.broadcast_to(part_bits.reshape(bm, hm, s, -1), (bm, hkv, s, part // chunk * 2)).reshape(-1)
-    out, lse = run(jnp.repeat(q, s, axis=2), (part_keys, part_bits, (bm, hkv * s, 1)))
+    part_bits = jnp.broadcast_to(part_bits.reshape(bm, hm, s, -1), (bm, hkv, s, words)).reshape(-1)
+    out, lse = run(jnp.repeat(q, s, axis=2), (part_keys, part_bits, (bm, hkv * s, mm)))
     out, lse = _partials.merge(jnp.moveaxis(out.reshape(b, g, hkv, s, d), 3, 0),
                                jnp.moveaxis(lse.reshape(b, hkv, s, g), 2, 0))
     return out, lse
@@ -209,7 +211,7 @@ def forward(body, q, k, v, bias, mask, rows, key_segments, config):
         out, lse = _partials.merge(jnp.moveaxis(out.reshape((b, s) + out.shape[1:]), 1, 0),
                                    jnp.moveaxis(lse.reshape((b, s) + lse.shape[1:]), 1, 0))
     else:
-        if config.mask_kind != "bool" and not _present(rows):
+        if config.mask_kind == "topk" or (config.mask_kind != "bool" and not _present(rows)):
             config = dataclasses.replace(config, split_lists=True)
         out, lse = body(qp, k, v, bias, mask, rows, key_segments, config)
     return _unpack_rows(out), lse.reshape(b, h, 1)

@@ -211,22 +211,26 @@ def _lists_reference(k, v, bias):
 
 
 @pytest.mark.parametrize("mask_heads", [1, 2])
-def test_split_lists_merge_to_the_whole_list(monkeypatch, mask_heads):
-    """Shared key lists cut into parts along the heads (some parts short or empty: the lists have pads and repeats)
-    give the whole list's out and lse; each part is one query head per (kv head, part)."""
+@pytest.mark.parametrize("per_row", [False, True])
+def test_split_lists_merge_to_the_whole_list(monkeypatch, mask_heads, per_row):
+    """Key lists with one unit per (batch, head), shared by the packed rows or with a row word each (per_row: what
+    a TopKMask under row bounds gives a packed step), cut into parts along the heads (some parts short or empty: the
+    lists have pads and repeats) give the whole list's out and lse; each part is one query head per (kv head,
+    part)."""
     from jax_dmattn import _compact
 
     monkeypatch.setattr(_decode, "_wanted_parts", lambda *a: 64)
-    rng = np.random.default_rng(seed_from(f"test_decode::split_lists::{mask_heads}"))
+    rng = np.random.default_rng(seed_from(f"test_decode::split_lists::{mask_heads}::{per_row}"))
     b, g, hkv, d, lk, kk = 2, 3, 2, 16, 700, 512
+    rows = g if per_row else 1
     q = jnp.asarray(rng.standard_normal((b, g, hkv, d)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((b, lk, hkv, d)), jnp.float32) for _ in range(2))
     bias = jnp.asarray(rng.standard_normal((b, hkv, g, lk)), jnp.float32)
-    idx = rng.integers(-1, lk, (b, mask_heads, 1, kk)).astype(np.int32)
-    idx[0, 0, 0, :300] = -1  # a short list: its last parts are empty
-    norm, kind, _ = _compact.normalize(KeyIndices(jnp.asarray(idx)), (b, hkv * g, hkv, 1, lk))
-    lists = _compact.cuda_key_lists(norm, kind, 0, q_len=1, kv_len=lk, is_causal=False)
-    assert lists[2] == (b, mask_heads, 1)
+    idx = rng.integers(-1, lk, (b, mask_heads, rows, kk // rows if per_row else kk)).astype(np.int32)
+    idx[0, 0, 0, :100] = -1  # a short list: its last parts are empty
+    norm, kind, _ = _compact.normalize(KeyIndices(jnp.asarray(idx)), (b, hkv * g, hkv, rows, lk))
+    lists = _compact.cuda_key_lists(norm, kind, 0, q_len=rows, kv_len=lk, is_causal=False)
+    assert lists[2] == (b, mask_heads, rows)
     whole = _lists_reference(k, v, bias)
     want = whole(q, lists)
     parts = _lists_reference(k, v, bias)
