@@ -519,9 +519,9 @@ def cuda_bounded_topk_lists(scores, k: int, rows, key_segments, *, kv_len: int):
     """Live-key lists of a normal-form TopKMask [Bs, Hs, 1, Lk] under row bounds (rows [Bb, Lq, 4], key_segments
     [Bb, Lk] or None), as cuda_key_lists gives them, and whether they failed: a traced bool, or None where they
     cannot. One dmattn_topk_bounded_key_lists_cuda call (csrc/cuda/topk_bounded_key_lists.h): without segment ids
-    a unit holds at most k + 2 * spread keys; with them the capacity is 2 k + 4 * spread, which packed sequences
-    never outgrow (a unit meets at most two long segments), and True says some unit did: per_row_topk_lists
-    then serves the call. A k above the pre-pass's largest takes per_row_topk_lists (and None)."""
+    a unit holds at most k + 2 * spread keys (k with one query row: each element's list is the top k of its key
+    range); with them the capacity is 2 k + 4 * spread, which packed sequences never outgrow (a unit meets at most
+    two long segments), and True says some unit did: per_row_topk_lists then serves the call. A k above the pre-pass's largest takes per_row_topk_lists (and None)."""
     from jax_dmattn import _cuda_fwd
 
     facts = _ffi.kernel_facts()
@@ -530,7 +530,10 @@ def cuda_bounded_topk_lists(scores, k: int, rows, key_segments, *, kv_len: int):
     _, chunk = _list_geometry()
     spread = facts["topk_bounded_group_spread"]
     segments = key_segments is not None
-    need = 2 * k + 4 * spread if segments else k + 2 * spread
+    if rows.shape[1] == 1 and not segments:
+        need = k  # one query row (a decoding step): the shared-list pre-pass over its key range
+    else:
+        need = 2 * k + 4 * spread if segments else k + 2 * spread
     capacity = min(_round_up(need, chunk), _round_up(kv_len, chunk))
     s = scores[:, :, 0, :]
     keys, bits = _cuda_fwd.build_topk_bounded_key_lists(s, rows, key_segments, k=k, capacity=capacity,

@@ -155,7 +155,7 @@ def _packed_operands(q, k, bias, mask, rows):
 
 def _packed_config(config):
     # One row sees every key under bottom-right causality; row bounds hold the call's causality themselves.
-    return dataclasses.replace(config, is_causal=False)
+    return dataclasses.replace(config, is_causal=False, packed_rows=True)
 
 
 # ------------------------------------------------------------------------------------------ split over keys

@@ -36,6 +36,9 @@ class KernelConfig:
     # Set inside the CUDA forward lowering only (jax_dmattn/_decode.py): a packed one-row call whose shared key
     # lists may be cut into parts along the heads.
     split_lists: bool = False
+    # Set inside the lowerings only (jax_dmattn/_decode.py): a packed one-row call, whose query rows are the query
+    # heads of one row and so share its row bounds.
+    packed_rows: bool = False
 
 
 def _operand(x, dtype):
@@ -86,6 +89,8 @@ def _with_cuda_mask(run, q, k, mask, rows, key_segments, config: KernelConfig):
     if config.mask_kind != "topk":
         raise ValueError("KeyIndices reach the CUDA kernels with their bounds applied (jax_dmattn.attention: "
                          "_bounds.filter_key_indices)")
+    if config.packed_rows:
+        rows_arg = rows_arg[:, :1]  # one row's bounds: its lists are shared by the packed rows
     lists, failed = _compact.cuda_bounded_topk_lists(mask, config.mask_k, rows_arg, segments_arg, kv_len=k.shape[1])
     if failed is None:
         return run(None, lists, None, None, False)

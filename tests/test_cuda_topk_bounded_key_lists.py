@@ -166,3 +166,20 @@ def test_large_k_and_scores_shared_over_the_batch():
     lq = lk = 2100
     check("bounded::large-k", b=2, hs=1, lq=lq, lk=lk, k=1500, score_batch=1, kind="coarse",
           segments=lambda rng: packed(2)(rng, 2, lq, lk))
+
+
+@pytest.mark.parametrize("lk, k, kind, score_batch, window", [
+    (70001, 2048, "continuous", None, None),   # several steps a member, teams of CTAs, an unaligned length
+    (70000, 300, "coarse", 1, None),           # scores shared over the batch, the index tie-break
+    (9000, 700, "continuous", None, (3000, 0)),  # a causal window: the range starts past 0
+    (4097, 4096, "coarse", None, None),        # k just below Lk
+])
+def test_one_query_row_over_ragged_lengths(lk, k, kind, score_batch, window):
+    """One query row per unit without segment ids (a decoding step over a ragged batch): the shared-list pre-pass
+    over each element's key range. Lengths 0, below k, at k, above k and full."""
+    lens = [0, 1, k - 1, k, k + 1, lk // 2 + 3, lk - 5, lk]
+    kw = {"key_value_seq_lengths": jnp.asarray(lens, jnp.int32)}
+    if window is not None:
+        kw["local_window_size"] = window
+    check(f"bounded::one-row::{lk}::{k}::{kind}", b=len(lens), hs=3, lq=1, lk=lk, k=k, kind=kind,
+          score_batch=score_batch, **kw)

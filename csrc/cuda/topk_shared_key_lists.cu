@@ -15,7 +15,10 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 // Two 16-byte loads per thread and step (4096 keys a step), with the next step's loads in flight while one is
-// processed (for_each_step); 64 registers a thread, two CTAs of 512 threads per multiprocessor.
+// processed (for_each_step); 64 registers a thread, two CTAs of 512 threads per multiprocessor. Load i of a step
+// covers its keys [i * 4 * kThreads, (i + 1) * 4 * kThreads), four per thread in thread order, so each warp-wide load
+// reads whole 32-byte sectors.
+constexpr int kCtasPerSm = 2;
 constexpr int kVectors = 2;
 constexpr int kPerThread = 4 * kVectors;
 constexpr int kStep = kThreads * kPerThread;
@@ -23,42 +26,49 @@ constexpr int kDigits = kSelectDigits;
 constexpr int kMaxBins = kSelectMaxBins;
 static_assert(kStep < (1 << 16), "a step's counts are packed as two 16-bit halves");
 
-// This thread's kPerThread scores of the step starting at `base` (key indices base + tid * kPerThread + i), raw,
-// with a bit per valid entry. Vector loads when the row allows them. Nothing here uses the loaded values, so the
-// loads stay in flight until the caller reads them.
-__device__ __forceinline__ uint32_t load_step(const float* row, int lk, bool vec, int64_t base,
+// The key of entry e of this thread's scores in the step starting at `base`: entry 4 i + c is key
+// base + (i * kThreads + tid) * 4 + c.
+__device__ __forceinline__ int64_t key_of(int64_t base, int e) {
+  return base + (int64_t(e / 4) * kThreads + threadIdx.x) * 4 + e % 4;
+}
+
+// This thread's kPerThread scores of the step starting at `base`, raw, with a bit per entry whose key lies in
+// [lo, end). Vector loads where a whole 16-byte piece lies in the range and the row allows them. Nothing here uses
+// the loaded values, so the loads stay in flight until the caller reads them.
+__device__ __forceinline__ uint32_t load_step(const float* row, int lo, int end, bool vec, int64_t base,
                                               float (&x)[kPerThread]) {
-  const int64_t j0 = base + int64_t(threadIdx.x) * kPerThread;
-  if (vec && j0 + kPerThread <= lk) {
-#pragma unroll
-    for (int i = 0; i < kVectors; ++i) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(row + j0) + i);
-      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
-    }
-    return (1u << kPerThread) - 1;
-  }
   uint32_t valid = 0;
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const bool in = j0 + i < lk;
-    x[i] = in ? __ldg(row + j0 + i) : 0.f;
-    valid |= in ? (1u << i) : 0u;
+  for (int i = 0; i < kVectors; ++i) {
+    const int64_t j0 = key_of(base, 4 * i);
+    if (vec && j0 >= lo && j0 + 4 <= end) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(row + j0));
+      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+      valid |= 0xfu << (4 * i);
+    } else {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const bool in = j0 + c >= lo && j0 + c < end;
+        x[4 * i + c] = in ? __ldg(row + j0 + c) : 0.f;
+        valid |= in ? (1u << (4 * i + c)) : 0u;
+      }
+    }
   }
   return valid;
 }
 
-// f(base, valid, scores) over the steps of [begin, end) (begin a multiple of kStep) in order, while the next step's
-// loads are in flight (two register buffers in turn: a copy from one to the other would wait for the loads). f
-// returns false to stop; it must return the same on every thread of the CTA.
+// f(base, valid, scores) over the steps from `begin` (a multiple of 4) below `end`, the keys of [lo, end) valid, in
+// order, while the next step's loads are in flight (two register buffers in turn: a copy from one to the other
+// would wait for the loads). f returns false to stop; it must return the same on every thread of the CTA.
 template <class F>
-__device__ __forceinline__ void for_each_step(const float* row, int64_t begin, int end, bool vec, F&& f) {
+__device__ __forceinline__ void for_each_step(const float* row, int64_t begin, int lo, int end, bool vec, F&& f) {
   if (begin >= end) return;
   float a[kPerThread], b[kPerThread];
-  uint32_t valid_a = load_step(row, end, vec, begin, a), valid_b = 0;
+  uint32_t valid_a = load_step(row, lo, end, vec, begin, a), valid_b = 0;
   for (int64_t base = begin;;) {
-    if (base + kStep < end) valid_b = load_step(row, end, vec, base + kStep, b);
+    if (base + kStep < end) valid_b = load_step(row, lo, end, vec, base + kStep, b);
     if (!f(base, valid_a, a) || (base += kStep) >= end) return;
-    if (base + kStep < end) valid_a = load_step(row, end, vec, base + kStep, a);
+    if (base + kStep < end) valid_a = load_step(row, lo, end, vec, base + kStep, a);
     if (!f(base, valid_b, b) || (base += kStep) >= end) return;
   }
 }
@@ -105,24 +115,50 @@ struct RowTeam {
 // steps); the histograms and the above / equal counts are summed over the team, so every member selects the same
 // T and places its slice's kept keys at their places in the whole row's list.
 template <int kCluster>
-__global__ void __launch_bounds__(kThreads, 2) build_topk_shared_key_lists_kernel(TopKSharedKeyListArgs args) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_lists_kernel(TopKSharedKeyListArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
 #endif
   using Team = RowTeam<kCluster>;
   __shared__ Smem sm;
   const KeyListArgs& L = args.lists;
-  const int k = static_cast<int>(args.k);
   const int lk = static_cast<int>(L.cols);
   const int64_t bh = blockIdx.x / kCluster;
+  const int64_t b = bh / L.heads;
   const int rank = Team::rank();
-  const float* row = args.scores + bh * lk;
+  const float* row = args.scores + b * args.scores_batch_stride + (bh % L.heads) * lk;
   const bool vec = lk % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0;
   const int tid = threadIdx.x;
-  const int64_t steps = (int64_t(lk) + kStep - 1) / kStep;
+  // The keys the row may keep: [lo, hi) of its batch element's bounds, else all.
+  int lo = 0, hi = lk;
+  if (args.bounds.present()) {
+    hi = min(max(args.bounds.hi(b, 0), 0), lk);
+    lo = min(max(args.bounds.lo(b, 0), 0), hi);
+  }
+  const int k = static_cast<int>(args.k < hi - lo ? args.k : hi - lo);  // the list's count
+  int32_t* keys = L.keys + bh * L.keys_stride();
+  const int worker = rank * kThreads + tid;
+  // The count, zeros past it, and the words (one row per unit: the first `k` bits), split over the team.
+  auto finish = [&] {
+    if (worker == 0) keys[0] = k;
+    for (int64_t i = k + worker; i < L.capacity; i += kThreads * kCluster) keys[1 + i] = 0;
+    uint64_t* bits = L.bits + bh * L.chunks();
+    for (int64_t c = worker; c < L.chunks(); c += kThreads * kCluster) {
+      const int64_t n = k - c * kKeyListChunk;
+      bits[c] = n >= kKeyListChunk ? ~uint64_t(0) : (n > 0 ? (uint64_t(1) << n) - 1 : uint64_t(0));
+    }
+  };
+  if (k == hi - lo) {  // the row keeps every key it sees (uniform over the team)
+    for (int i = worker; i < k; i += kThreads * kCluster) keys[1 + i] = lo + i;
+    finish();
+    return;
+  }
+  // Member r reads the r-th slice of whole steps from lo rounded down to a 16-byte piece.
+  const int64_t first = lo & ~3;
+  const int64_t steps = (int64_t(hi) - first + kStep - 1) / kStep;
   const int64_t per_member = (steps + kCluster - 1) / kCluster;
-  const int64_t begin = rank * per_member * kStep;
-  const int end = static_cast<int>(begin + per_member * kStep < lk ? begin + per_member * kStep : lk);
+  const int64_t begin = first + rank * per_member * kStep;
+  const int end = static_cast<int>(begin + per_member * kStep < hi ? begin + per_member * kStep : hi);
 
   if (tid == 0) sm.prefix = 0, sm.rem = k;
   uint32_t high_mask = 0;  // the bits of the digits chosen so far
@@ -132,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 2) build_topk_shared_key_lists_kerne
     for (int i = tid; i < bins; i += kThreads) sm.hist[i] = 0;
     __syncthreads();
     const uint32_t prefix = sm.prefix;
-    for_each_step(row, begin, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
+    for_each_step(row, begin, lo, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const uint32_t key = order_key(x[i]);
@@ -143,10 +179,10 @@ __global__ void __launch_bounds__(kThreads, 2) build_topk_shared_key_lists_kerne
     });
     Team::sync();  // every member's histogram is complete
     // The bin counts summed over the team.
-    select_digit<kThreads>(bins, shift, prefix, sm.rem, [&](int b) {
+    select_digit<kThreads>(bins, shift, prefix, sm.rem, [&](int bin) {
       int n = 0;
 #pragma unroll
-      for (int r = 0; r < kCluster; ++r) n += *Team::member(sm.hist + b, r);
+      for (int r = 0; r < kCluster; ++r) n += *Team::member(sm.hist + bin, r);
       return n;
     }, sm.scratch, &sm.prefix, &sm.rem);
     high_mask |= uint32_t(bins - 1) << shift;
@@ -157,10 +193,10 @@ __global__ void __launch_bounds__(kThreads, 2) build_topk_shared_key_lists_kerne
   const uint32_t t = sm.prefix;
   const int take = sm.rem;
   // The keys before this member's slice: its place in the list (a single CTA starts at 0).
-  int placed_above = 0, placed_equal = 0;  // uniform: the kept keys before this step, by kind
+  int placed_above = 0, placed_equal = 0;  // uniform: the kept keys before this piece, by kind
   if (kCluster > 1) {
     int above = 0, equal = 0;
-    for_each_step(row, begin, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
+    for_each_step(row, begin, lo, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const uint32_t key = order_key(x[i]);
@@ -181,43 +217,38 @@ __global__ void __launch_bounds__(kThreads, 2) build_topk_shared_key_lists_kerne
     }
     Team::sync();  // no member leaves while another reads its counts
   }
-  int32_t* keys = L.keys + bh * L.keys_stride();
-  for_each_step(row, begin, end, vec, [&](int64_t base, uint32_t valid, const float (&x)[kPerThread]) {
-    uint32_t above = 0, equal = 0;
+  // Placement in index order: one CTA prefix sum per 16-byte load of the step (the loads' keys are in thread order).
+  for_each_step(row, begin, lo, end, vec, [&](int64_t base, uint32_t valid, const float (&x)[kPerThread]) {
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const uint32_t key = order_key(x[i]);
-      above |= ((valid >> i) & 1u) && key > t ? (1u << i) : 0u;
-      equal |= ((valid >> i) & 1u) && key == t ? (1u << i) : 0u;
-    }
-    int step_total = 0;
-    const int excl = cta_exclusive_scan<kWarps>(__popc(above) | (__popc(equal) << 16), sm.scratch, step_total);
-    int n_above = placed_above + (excl & 0xffff), n_equal = placed_equal + (excl >> 16);
-    const int64_t j0 = base + int64_t(tid) * kPerThread;
+    for (int v = 0; v < kVectors; ++v) {
+      uint32_t above = 0, equal = 0;
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      // A key's place in the list: the kept keys before it, i.e. all keys above T and the first `take` equal.
-      if ((above >> i) & 1u) {
-        keys[1 + n_above + (n_equal < take ? n_equal : take)] = static_cast<int32_t>(j0 + i);
-        ++n_above;
-      } else if ((equal >> i) & 1u) {
-        if (n_equal < take) keys[1 + n_above + n_equal] = static_cast<int32_t>(j0 + i);
-        ++n_equal;
+      for (int c = 0; c < 4; ++c) {
+        const int i = 4 * v + c;
+        const uint32_t key = order_key(x[i]);
+        above |= ((valid >> i) & 1u) && key > t ? (1u << c) : 0u;
+        equal |= ((valid >> i) & 1u) && key == t ? (1u << c) : 0u;
       }
+      int piece_total = 0;
+      const int excl = cta_exclusive_scan<kWarps>(__popc(above) | (__popc(equal) << 16), sm.scratch, piece_total);
+      int n_above = placed_above + (excl & 0xffff), n_equal = placed_equal + (excl >> 16);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        // A key's place in the list: the kept keys before it, i.e. all keys above T and the first `take` equal.
+        const int32_t j = static_cast<int32_t>(key_of(base, 4 * v + c));
+        if ((above >> c) & 1u) {
+          keys[1 + n_above + (n_equal < take ? n_equal : take)] = j;
+          ++n_above;
+        } else if ((equal >> c) & 1u) {
+          if (n_equal < take) keys[1 + n_above + n_equal] = j;
+          ++n_equal;
+        }
+      }
+      placed_above += piece_total & 0xffff, placed_equal += piece_total >> 16;
     }
-    placed_above += step_total & 0xffff, placed_equal += step_total >> 16;
     return placed_above + (placed_equal < take ? placed_equal : take) < k;
   });
-
-  // The rest of the list and the words (one row per unit: the first k bits), split over the team.
-  const int worker = rank * kThreads + tid;
-  if (worker == 0) keys[0] = k;
-  for (int64_t i = k + worker; i < L.capacity; i += kThreads * kCluster) keys[1 + i] = 0;
-  uint64_t* bits = L.bits + bh * L.chunks();
-  for (int64_t c = worker; c < L.chunks(); c += kThreads * kCluster) {
-    const int64_t n = k - c * kKeyListChunk;
-    bits[c] = n >= kKeyListChunk ? ~uint64_t(0) : (n > 0 ? (uint64_t(1) << n) - 1 : uint64_t(0));
-  }
+  finish();
 }
 
 template <int kCluster>
@@ -263,16 +294,16 @@ int team_capacity() {
 cudaError_t launch_build_topk_shared_key_lists(const TopKSharedKeyListArgs& args, cudaStream_t stream) {
   const KeyListArgs& L = args.lists;
   if (!L.capacity_ok() || L.rows != 1 || args.k < 1 || args.k >= L.cols || L.capacity < args.k ||
-      L.cols > INT_MAX || L.units() > INT_MAX)
+      L.cols > INT_MAX || L.units() > INT_MAX || args.bounds.key_segments != nullptr)
     return cudaErrorInvalidValue;
   const int64_t units = L.units();
   if (units == 0) return cudaSuccess;
   // Members per row: a team's barriers and shared-memory sums cost about as much as a few steps of keys, so a row
-  // gets more members only while the teams still fit on the multiprocessors at once and each member keeps at least
-  // two steps; at most 8 (the portable cluster size).
+  // gets more members only while the teams still fit on the multiprocessors at once (kCtasPerSm each) and each
+  // member keeps at least two steps; at most 8 (the portable cluster size).
   const int64_t steps = (L.cols + kStep - 1) / kStep;
   const int64_t sms = units < INT_MAX / 8 ? team_capacity() : 1;
-  const auto fits = [&](int team) { return steps >= 2 * team && units * team <= sms; };
+  const auto fits = [&](int team) { return steps >= 2 * team && units * team <= kCtasPerSm * sms; };
   if (fits(8)) return launch_with_team<8>(args, units, stream);
   if (fits(4)) return launch_with_team<4>(args, units, stream);
   if (fits(2)) return launch_with_team<2>(args, units, stream);

@@ -85,6 +85,7 @@ ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores
   if (!is_causal) {
     TopKSharedKeyListArgs args;
     args.scores = scores.typed_data();
+    args.scores_batch_stride = L.heads * L.cols;
     args.k = k;
     args.lists = L;
     return cuda_error(launch_build_topk_shared_key_lists(args, stream), "build_topk_shared_key_lists");
@@ -111,7 +112,8 @@ ffi::Error bad_bounded(const std::string& what) {
 // scores f32 [Bs, Hs, Lk] (canonical), rows s32 [Bb, Lq, 4] and key segment ids s32 [Bb, Lk] or zero-size
 // (csrc/row_bounds.h), Bs and Bb in {1, B'}, B' = max(Bs, Bb): query row i keeps the k best keys its bounds leave
 // it. The lists are over batch = B', heads = Hs, rows = Lq, cols = Lk. may_overflow: a unit whose keys exceed the
-// capacity is marked with count kKeyListDense (else the kernel traps).
+// capacity is marked with count kKeyListDense (else the kernel traps). Lq = 1 without segment ids runs the
+// shared-list pre-pass over each element's key range (csrc/cuda/topk_shared_key_lists.h; capacity >= k).
 ffi::Error topk_bounded_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores, ffi::AnyBuffer rows,
                                        ffi::AnyBuffer key_segments, ffi::ResultBuffer<ffi::S32> keys,
                                        ffi::ResultBuffer<ffi::U32> bits, int64_t k, int64_t capacity,
@@ -147,6 +149,22 @@ ffi::Error topk_bounded_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32
                        " uint32 elements (2 x units x capacity / 64 x rows per unit), got " +
                        std::to_string(bits->element_count()));
   if (L.units() == 0) return ffi::Error::Success();
+  L.keys = keys->typed_data();
+  L.bits = reinterpret_cast<uint64_t*>(bits->typed_data());
+  if (L.rows == 1 && args.bounds.key_segments == nullptr) {
+    // One query row per unit without segment ids (a decoding step over a ragged batch): its list is the top k of
+    // one key range, which the shared-list pre-pass selects with a team of CTAs per row.
+    if (capacity < k)
+      return bad_bounded("capacity " + std::to_string(capacity) + " cannot hold the k = " + std::to_string(k) +
+                         " keys of a one-row unit");
+    TopKSharedKeyListArgs shared;
+    shared.scores = scores.typed_data();
+    shared.scores_batch_stride = sd[0] == 1 ? 0 : sd[1] * sd[2];
+    shared.k = k;
+    shared.bounds = args.bounds;
+    shared.lists = L;
+    return cuda_error(launch_build_topk_shared_key_lists(shared, stream), "build_topk_shared_key_lists");
+  }
   int limit = 0;
   if (auto e = max_shared_memory_optin(limit); e.failure()) return e;
   const int64_t smem = topk_bounded_key_lists_smem_bytes(k, capacity);
@@ -154,8 +172,6 @@ ffi::Error topk_bounded_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32
     return bad_bounded("k = " + std::to_string(k) + " and capacity " + std::to_string(capacity) + " need " +
                        std::to_string(smem) + " bytes of shared memory per block, this device allows " +
                        std::to_string(limit));
-  L.keys = keys->typed_data();
-  L.bits = reinterpret_cast<uint64_t*>(bits->typed_data());
   args.scores = scores.typed_data();
   args.scores_batch = sd[0];
   args.k = k;
