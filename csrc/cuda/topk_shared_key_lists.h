@@ -18,7 +18,7 @@
 // so the work is O(range), and no workspace but the outputs.
 //
 // A long row is read by a team of 2, 4 or 8 CTAs on sm_90 (a thread-block cluster; one CTA elsewhere) when the teams
-// of all rows still fit on the multiprocessors at once (two CTAs each), each member taking a slice of whole steps:
+// of all rows still fit on the multiprocessors at once (one CTA each), each member taking a slice of whole steps:
 // the members build their histograms over their slices, and each sums all of them through distributed shared
 // memory, so every member picks the same digits; before placing, a count pass gives each member the numbers of
 // kept keys (above T, equal to T) in the slices before its own, its place in the list.
