@@ -26,7 +26,9 @@ axes ``hA`` (those sharding q's head dim, n devices in all):
   follows hA (H heads) or the kv layout (Hkv heads), or is replicated (1 head). dbias of a dim that is
   replicated while the matching dim of q is sharded is a partial sum per device and is ``psum``-ed over those
   axes, so dbias always equals the single-device result.
-* Sequence (Lq, Lk) or head-dim (D) sharding of any operand raises a ValueError (no context parallelism yet).
+* Query and key lengths split over one and the same mesh axis: the call runs context-parallel on each device
+  (``_lower_context_parallel``, jax_dmattn/context_parallel.py). Other sequence splits and head-dim (D) sharding
+  raise a ValueError.
 
 Under ``shard_map`` / ``pmap`` (all mesh axes manual) ``custom_partitioning`` lowers the plain FFI call on the
 per-device blocks, so none of this runs.
@@ -86,8 +88,9 @@ def _bcast_roles(shape, dims: _validation.CallDims):
     return (rb, rh, rm, rn)
 
 
-def _roles(kind, shapes):
-    """Per-operand and per-result dim roles for concrete (global or local) shapes."""
+def _roles(kind, shapes, mask_kind: str = "bool"):
+    """Per-operand and per-result dim roles for concrete (global or local) shapes. A KeyIndices mask
+    (``mask_kind`` "indices": [1|B, 1|Hkv|H, 1|Lq, K]) has no key dim: its last dim is a list of key positions."""
     dims = _dims_from_shapes(shapes)
     operand_layouts, result_layouts = _LAYOUTS[kind]
 
@@ -101,6 +104,8 @@ def _roles(kind, shapes):
         return layout
 
     operands = tuple(resolve(lay, s) for lay, s in zip(operand_layouts, shapes))
+    if mask_kind == "indices" and len(operands[4]) == 4:
+        operands = operands[:4] + (operands[4][:3] + ("one",),) + operands[5:]
     bias_roles = operands[3]
     results = tuple(bias_roles if lay is _BCAST else lay for lay in result_layouts)
     return dims, operands, results
@@ -111,10 +116,9 @@ def _sharding_rule(kind):
     """The Shardy rule as a callable of the concrete operand types (factors depend on GQA and broadcasts)."""
 
     def rule(config, mesh, operand_types, result_types):
-        del config
         ir = _jax_compat.mlir_ir()
         shapes = [tuple(ir.RankedTensorType(t).shape) for t in operand_types]
-        dims, operand_roles, result_roles = _roles(kind, shapes)
+        dims, operand_roles, result_roles = _roles(kind, shapes, config.mask_kind)
         h, hkv = dims.heads, dims.kv_heads
         factor_sizes = {}
         n_devices = math.prod(dict(getattr(mesh, "shape", {}) or {}).values())
@@ -267,9 +271,9 @@ class _Plan:
         return P(*entries)
 
 
-def _plan(kind, mesh, arg_shapes) -> _Plan:
+def _plan(kind, mesh, arg_shapes, mask_kind: str = "bool") -> _Plan:
     shapes = [tuple(a.shape) for a in arg_shapes]
-    dims, operand_roles, result_roles = _roles(kind, shapes)
+    dims, operand_roles, result_roles = _roles(kind, shapes, mask_kind)
     axes = [_spec_axes(a.sharding, len(a.shape)) for a in arg_shapes]
     names = _OPERAND_NAMES[kind]
     seq_axes = tuple(axes[0][1])
@@ -331,15 +335,11 @@ def _unslice(x, idx, axis, size):
 
 def _lower_context_parallel(kind, plan, mesh, config, args):
     """The per-device body of a call whose sequence is split over plan.seq_axes: jax_dmattn.context_parallel's
-    ring over that axis (bool masks only: compact masks go through shard_map), then the same dbias sums over broadcast
-    batch / head axes."""
-    from jax_dmattn import context_parallel
-
-    if config.mask_kind != "bool":
-        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) under jit with "
-                         f"Auto mesh axes takes a bool mask, not a {config.mask_kind!r} compact mask; pass the "
-                         "KeyIndices or TopKMask to jax_dmattn.context_parallel.attention inside shard_map, or use an "
-                         "Explicit-axes mesh")
+    ring over that axis, then the same dbias sums over broadcast batch / head axes. KeyIndices arrive with their
+    rows sharded like the query's (global key positions, as context_parallel takes them); a TopKMask's scores
+    sharded like the keys, and each device ranks its rows' keys over the gathered scores (as
+    context_parallel.attention does)."""
+    from jax_dmattn import context_parallel, masks
     from jax_dmattn._primitives import _is_absent  # (a module-level import would be circular)
 
     if not _is_absent(args[5]):
@@ -350,6 +350,12 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
     bias = None if _is_absent(bias) else bias
     mask = None if _is_absent(mask) else mask
     n, chunk = mesh.shape[axis], k.shape[1]
+    if config.mask_kind == "topk":
+        mask = context_parallel._topk_key_indices(
+            masks.TopKMask(mask[:, :, 0, :], config.mask_k), axis, n, (q.shape[0], q.shape[2], k.shape[2],
+                                                                       q.shape[1], chunk),
+            is_causal=config.is_causal, zigzag=False)
+        config = dataclasses.replace(config, mask_kind="bool" if mask is None else "indices", mask_k=0)
     layout = context_parallel.layout_for(config, axis, n, q.shape[1], chunk, bias, mask)
     if kind == "fwd":
         return context_parallel.forward(q, k, v, bias, mask, layout)
@@ -373,7 +379,7 @@ def _dbias_sum_axes(plan) -> tuple:
 
 def _partition(kind, body):
     def partition(config, mesh, arg_shapes, result_shape):
-        plan = _plan(kind, mesh, arg_shapes)
+        plan = _plan(kind, mesh, arg_shapes, config.mask_kind)
         n_heads = _axes_size(mesh, plan.head_axes)
         arg_shardings = tuple(NamedSharding(mesh, plan.spec(r)) for r in plan.operand_roles)
         result_shardings = tuple(NamedSharding(mesh, plan.spec(r)) for r in plan.result_roles)
@@ -419,10 +425,9 @@ def _infer_sharding_from_operands(kind):
     """GSPMD (``jax_use_shardy_partitioner=False``) propagation: results follow the plan."""
 
     def infer(config, mesh, arg_shapes, result_shape):
-        del config
         # An exception here aborts the process (XLA CHECK), so never raise: errors are reported by partition().
         try:
-            plan = _plan(kind, mesh, arg_shapes)
+            plan = _plan(kind, mesh, arg_shapes, config.mask_kind)
             return tuple(NamedSharding(mesh, plan.spec(r)) for r in plan.result_roles)
         except Exception:  # noqa: BLE001
             return tuple(NamedSharding(mesh, P()) for _ in jax.tree.leaves(result_shape))

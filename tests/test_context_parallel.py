@@ -418,15 +418,35 @@ def test_jit_auto_sequence_sharding(bias, mask):
 
 
 @multi_device
-def test_jit_auto_sequence_sharding_refuses_compact_masks():
-    mesh = _mesh()
-    q, k, v, *_ = _inputs(2, None, None)
-    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "sp")))  # noqa: E731
-    scores = jnp.zeros((B, 2, L))
-    f = jax.jit(lambda q, k, v: jax_dmattn.attention(q, k, v, mask=jax_dmattn.TopKMask(scores, 4),
-                                                     implementation=IMPL))
-    with pytest.raises(Exception, match="compact mask"):
-        f(put(q), put(k), put(v))
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_jit_auto_sequence_sharding_compact_masks(is_causal):
+    """Under jit with Auto axes a sequence-split call with KeyIndices (per row, rows sharded like q; and shared by
+    every row) or a TopKMask (scores sharded like the keys) runs context-parallel: values and gradients equal one
+    device, and K/V move by collective-permute, never by all-gather."""
+    mesh = _mesh((2, 4), ("dp", "sp"))
+    q, k, v, bias, _, ct, _ = _inputs(2, (B, 2, 1, L), None)
+    scores = jnp.asarray(np.round(np.random.default_rng(4).standard_normal((B, 2, L)) * 2), jnp.float32)
+    forms = [("per-row KeyIndices", jax_dmattn.KeyIndices, _key_indices((B, 2, L, K_IDX)), P("dp", None, "sp")),
+             ("shared KeyIndices", jax_dmattn.KeyIndices, _key_indices((B, 2, K_IDX)), P("dp")),
+             ("TopKMask", lambda s: jax_dmattn.TopKMask(s, 6), scores, P("dp", None, "sp"))]
+    seq = P("dp", "sp")
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    for what, form, operand, spec in forms:
+        def grads(ct, operand):
+            def loss(q, k, v, bias):
+                out = jax_dmattn.attention(q, k, v, bias, form(operand), is_causal=is_causal, implementation=IMPL)
+                return jnp.sum(out * ct)
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+        want_loss, want_grads = grads(ct, operand)(q, k, v, bias)
+        args = (put(q, seq), put(k, seq), put(v, seq), put(bias, P("dp", None, None, "sp")))
+        f = grads(put(ct, seq), put(operand, spec))
+        got_loss, got_grads = f(*args)
+        _close(got_loss, want_loss, f"{what}: loss")
+        for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+            _close(g, w, f"{what}: {name}")
+        kv_moves = _collectives(f.lower(*args).compile().as_text())
+        assert "collective-permute" in kv_moves, (what, kv_moves)
 
 
 @multi_device
