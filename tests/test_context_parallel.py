@@ -314,9 +314,11 @@ def test_explicit_mesh_compact_masks():
 
 
 @multi_device
-def test_flax_layer_on_a_sequence_split():
-    """The paper's Flax layer (its TopKMask of the learned per-key bias) on input split along the sequence under an
-    Explicit-axes mesh runs context-parallel and gives one device's output and parameter gradients."""
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_flax_layer_on_a_sequence_split(axis_type):
+    """The paper's Flax layer (its TopKMask of the learned per-key bias) on input split along the sequence, under an
+    Explicit-axes mesh (a shard_map) or Auto axes (the partitioning rule), runs context-parallel and gives one
+    device's output and parameter gradients."""
     pytest.importorskip("flax")
     from jax_dmattn.flax import DynamicMaskAttention
 
@@ -326,12 +328,17 @@ def test_flax_layer_on_a_sequence_split():
     params = layer.init(jax.random.key(1), x)
     loss = jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x))))
     want_loss, want_grads = jax.jit(loss)(params, x)
-    mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
-    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-    with set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, P(None, "sp")))
-        assert tuple(jax.typeof(jax.jit(layer.apply)(params, xs)).sharding.spec)[:2] == (None, "sp")
-        got_loss, got_grads = jax.jit(loss)(params, xs)
+    mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, "sp")))
+    if axis_type == "Explicit":
+        set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+        with set_mesh(mesh):
+            assert tuple(jax.typeof(jax.jit(layer.apply)(params, xs)).sharding.spec)[:2] == (None, "sp")
+            got_loss, got_grads = jax.jit(loss)(params, xs)
+    else:
+        f = jax.jit(loss)
+        got_loss, got_grads = f(params, xs)
+        assert "collective-permute" in _collectives(f.lower(params, xs).compile().as_text())  # the ring ran
     _close(got_loss, want_loss, "loss")
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
         _close(g, w, jax.tree_util.keystr(path), rtol=1e-4)
