@@ -76,6 +76,21 @@ def _non_decreasing(x):
     return jnp.all(x[:, 1:] >= x[:, :-1], axis=1) if x.shape[1] > 1 else jnp.ones(x.shape[:1], bool)
 
 
+def _whole_positions(ids):
+    """Segment ids [B, L] with their position dim whole on every device where an Explicit-axes mesh splits it (a
+    sequence split: context parallelism): the spans sort the key ids and compare them with the query ids, which
+    wants every position in one sharding; O(B * L) ints."""
+    sharding = jax.typeof(ids).sharding
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or len(spec) < 2 or spec[1] is None:
+        return ids
+    split = spec[1] if isinstance(spec[1], tuple) else (spec[1],)
+    explicit = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
+    if not all(explicit.get(a) == jax.sharding.AxisType.Explicit for a in split):
+        return ids
+    return jax.sharding.reshard(ids, jax.sharding.PartitionSpec(spec[0], None))
+
+
 def _segment_spans(q_seg, kv_seg):
     """Per query row, the key span [lo, hi) of its segment id (int32 [B, Lq] each) and whether the spans are exact
     and usable as row bounds (bool [B, 1]): each key id forms one contiguous run (packed documents, padding ids
@@ -119,6 +134,7 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
     if q_segment_ids is not None:
         q_seg = _int_array("q_segment_ids", q_segment_ids, "[batch, q_len]", (b, lq))
         kv_seg = _int_array("kv_segment_ids", kv_segment_ids, "[batch, kv_len]", (b, lk))
+        q_seg, kv_seg = _whole_positions(q_seg), _whole_positions(kv_seg)
     q_lens = kv_lens = None
     if query_seq_lengths is not None:
         q_lens = jnp.clip(_int_array("query_seq_lengths", query_seq_lengths, "[batch]", (b,)), 0, lq)

@@ -342,13 +342,12 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
     from jax_dmattn import context_parallel, masks
     from jax_dmattn._primitives import _is_absent  # (a module-level import would be circular)
 
-    if not _is_absent(args[5]):
-        raise ValueError("jax_dmattn.attention: segment ids, local_window_size and sequence lengths are not taken "
-                         "with a sequence split over devices (context parallelism); split the batch or heads instead")
     (axis,) = plan.seq_axes
-    q, k, v, bias, mask = args[:5]
-    bias = None if _is_absent(bias) else bias
-    mask = None if _is_absent(mask) else mask
+    q, k, v, bias, mask, rows, key_segments = (None if _is_absent(x) else x for x in args[:7])
+    if rows is not None and config.mask_kind != "bool":
+        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) with segment "
+                         "ids, a window or sequence lengths takes a bool mask or none, not a "
+                         f"{config.mask_kind!r} compact mask")
     n, chunk = mesh.shape[axis], k.shape[1]
     if config.mask_kind == "topk":
         mask = context_parallel._topk_key_indices(
@@ -358,10 +357,10 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
         config = dataclasses.replace(config, mask_kind="bool" if mask is None else "indices", mask_k=0)
     layout = context_parallel.layout_for(config, axis, n, q.shape[1], chunk, bias, mask)
     if kind == "fwd":
-        return context_parallel.forward(q, k, v, bias, mask, layout)
+        return context_parallel.forward(q, k, v, bias, mask, layout, rows, key_segments)
     out, lse, dout, dlse = args[7:]
-    dq, dk, dv, dbias = context_parallel.backward(q, k, v, bias, mask, out, lse, dout, dlse, layout,
-                                                  lse_term=False)
+    dq, dk, dv, dbias = context_parallel.backward(q, k, v, bias, mask, out, lse, dout, dlse, layout, rows,
+                                                  key_segments, lse_term=False)
     if bias is None:
         return dq, dk, dv, jnp.zeros_like(args[3])
     return dq, dk, dv, _psum(dbias, _dbias_sum_axes(plan))

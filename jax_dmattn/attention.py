@@ -83,9 +83,10 @@ def _explicit_sequence_axis(query, key):
     return qs[1]
 
 
-def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, **kwargs):
+def _context_parallel_call(query, key, value, bias, mask, rows, key_segments, axis, *, return_lse, **kwargs):
     """attention() on a sequence split over Explicit mesh axis ``axis``: context_parallel.attention in a
-    shard_map over the operands' own shardings."""
+    shard_map over the operands' own shardings; row bounds (rows [1|B, Lq, 4], key_segments [1|B, Lk] or None)
+    follow the query's rows and the keys."""
     from jax_dmattn import context_parallel
 
     rebuild = lambda m: m  # noqa: E731
@@ -93,18 +94,24 @@ def _context_parallel_call(query, key, value, bias, mask, axis, *, return_lse, *
         # a TopKMask / KeyIndices is no JAX type: it crosses shard_map as its one array, in that array's sharding
         (mask,), tree = jax.tree_util.tree_flatten(mask)
         rebuild = lambda m: jax.tree_util.tree_unflatten(tree, [m])  # noqa: E731
-    qspec = _explicit_spec(query)
-    specs = [None if x is None else (_explicit_spec(x) or jax.sharding.PartitionSpec())
-             for x in (query, key, value, bias, mask)]
-    lse_spec = jax.sharding.PartitionSpec(qspec[0], qspec[2], qspec[1])
+    P = jax.sharding.PartitionSpec
+    qspec, kspec = _explicit_spec(query), _explicit_spec(key)
+    specs = [None if x is None else (_explicit_spec(x) or P()) for x in (query, key, value, bias, mask)]
+    specs.append(None if rows is None else P(qspec[0] if rows.shape[0] > 1 else None, qspec[1], None))
+    specs.append(None if key_segments is None else P(kspec[0] if key_segments.shape[0] > 1 else None, kspec[1]))
+    # the bounds are built over the whole sequence: split them like the rows and keys they belong to
+    rows, key_segments = (None if x is None else jax.sharding.reshard(x, spec)
+                          for x, spec in zip((rows, key_segments), specs[5:]))
+    lse_spec = P(qspec[0], qspec[2], qspec[1])
 
-    def local(q, k, v, b, m):
-        return context_parallel.attention(q, k, v, b, rebuild(m), axis_name=axis, return_lse=True, **kwargs)
+    def local(q, k, v, b, m, r, s):
+        return context_parallel._attention(q, k, v, b, rebuild(m), r, s, axis_name=axis, strategy="ring",
+                                           chunk_order="contiguous", return_lse=True, **kwargs)
 
     shard_map = _jax_compat.shard_map()
     mesh = jax.typeof(query).sharding.mesh
     out, lse = shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(qspec, lse_spec))(
-        query, key, value, bias, mask)
+        query, key, value, bias, mask, rows, key_segments)
     return (out, lse) if return_lse else out
 
 
@@ -169,13 +176,15 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     if implementation == "cuda" and bounds is None:
         _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
     seq_axis = _explicit_sequence_axis(query, key)
-    if seq_axis is not None and bounds is not None:
-        raise ValueError("jax_dmattn.attention: segment ids, local_window_size and sequence lengths are not taken "
-                         "with a sequence split over devices (context parallelism); split the batch or heads instead")
+    if seq_axis is not None and bounds is not None and call.mask_kind != "bool":
+        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) with segment "
+                         "ids, local_window_size or sequence lengths takes a bool mask or none, not a KeyIndices or "
+                         "TopKMask")
     if seq_axis is not None and implementation != "xla":
-        return _context_parallel_call(query, key, value, bias, mask, seq_axis, scale=scale, is_causal=is_causal,
-                                      softcap=softcap, return_lse=return_lse, deterministic=deterministic,
-                                      implementation=implementation)
+        rows, key_segments = (None, None) if bounds is None else (bounds.rows, bounds.key_segments)
+        return _context_parallel_call(query, key, value, bias, mask, rows, key_segments, seq_axis, scale=scale,
+                                      is_causal=is_causal, softcap=softcap, return_lse=return_lse,
+                                      deterministic=deterministic, implementation=implementation)
     # Nothing to compute (no key, or an empty output): the reference's closed form (out 0, lse -inf, zero
     # gradients) on every implementation, whose cost is nil here, instead of kernel launches over empty grids.
     empty = call.kv_len == 0 or call.batch * call.heads * call.q_len == 0

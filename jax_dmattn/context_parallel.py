@@ -11,7 +11,9 @@ sequence (``[B, L / n, ...]`` each). Two strategies compute its rows' attention 
 Each step is one call of the kernels on a (query chunk, key chunk) pair, combined exactly through the log-sum-exp.
 With ``is_causal`` (self-attention: equal global query and key lengths, equal chunks) a pair above the diagonal
 is skipped, the diagonal pair is causal and a pair below it has no mask. KeyIndices (global key positions) stay
-with their query rows; each pair keeps the indices inside its key part, renumbered from the part's start. The
+with their query rows; each pair keeps the indices inside its key part, renumbered from the part's start. Row
+bounds (segment ids, a window, sequence lengths, from jax_dmattn.attention) likewise: each row's key range stays
+with it, the key segment ids travel with their chunk, and each pair clips the ranges to its keys. The
 backward walks the ring again: dq stays, dk / dv (and the gradient of a travelling bias) travel with their chunk
 and end on the device that owns it; each step calls the backward kernel with the rows' global output and
 log-sum-exp, which makes its partial gradients exact (docs/distributed.md, "Context parallelism").
@@ -156,7 +158,22 @@ def _pair_mask(layout: _Layout, x, qpart: slice, kpart: slice, k_index):
     return _local_indices(_sub(x, 2, qpart), k_index * length, length)
 
 
-def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
+def _pair_bounds(rows, sj, qpart: slice, kpart: slice, k_index):
+    """Row bounds of one (query part, key part): each row's key range (global positions) clipped to the key part
+    [start, start + length) and renumbered from its start, so lo and hi stay non-decreasing; the part's key
+    segment ids. (None, None) without bounds."""
+    if rows is None:
+        return None, None
+    length = kpart.stop - kpart.start
+    start = k_index * length
+    r = _sub(rows, 1, qpart)
+    lo = jnp.clip(r[..., 0] - start, 0, length)
+    hi = jnp.clip(r[..., 1] - start, 0, length)
+    pair_rows = jnp.concatenate([lo[..., None], hi[..., None], r[..., 2:]], axis=-1).astype(jnp.int32)
+    return pair_rows, (None if sj is None else sj[:, kpart])
+
+
+def _step_fwd(q, kj, vj, bj, mj, sj, rows, i, j, layout: _Layout):
     """(out, lse) of this device's rows against key chunk j, over the pairs of parts."""
     outs, lses = [], []
     for qpart, qi in _parts(layout, i, q.shape[1]):
@@ -164,6 +181,7 @@ def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
         for kpart, kj_i in _parts(layout, j, kj.shape[1]):
             o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
                               _pair_mask(layout, mj, qpart, kpart, kj_i),
+                              _pair_bounds(rows, sj, qpart, kpart, kj_i),
                               _pair_kind(qi, kj_i, layout.config.is_causal), layout)
             if out is None:
                 out, lse = o.astype(jnp.float32), l_
@@ -174,7 +192,7 @@ def _step_fwd(q, kj, vj, bj, mj, i, j, layout: _Layout):
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
-def _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout: _Layout):
+def _step_bwd(q, kj, vj, bj, mj, sj, rows, out, lse, dout, dlse, i, j, layout: _Layout):
     """(dq, dk, dv, dbias) of this device's rows against key chunk j, over the pairs of parts; dbias in bj's shape."""
     dq = []
     dk = [jnp.zeros(kj[:, p].shape, jnp.float32) for p, _ in _parts(layout, j, kj.shape[1])]
@@ -184,33 +202,36 @@ def _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout: _Layout):
         gq = jnp.zeros(q[:, qpart].shape, jnp.float32)
         for n_k, (kpart, kj_i) in enumerate(_parts(layout, j, kj.shape[1])):
             g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
-                          _pair_mask(layout, mj, qpart, kpart, kj_i),
+                          _pair_mask(layout, mj, qpart, kpart, kj_i), _pair_bounds(rows, sj, qpart, kpart, kj_i),
                           out[:, qpart], lse[:, :, qpart], dout[:, qpart], dlse[:, :, qpart],
                           _pair_kind(qi, kj_i, layout.config.is_causal), layout)
             gq = gq + g[0].astype(jnp.float32)
             dk[n_k] = dk[n_k] + g[1].astype(jnp.float32)
             dv[n_k] = dv[n_k] + g[2].astype(jnp.float32)
             if db is not None:
-                rows = qpart if bj.shape[2] != 1 else slice(None)
-                cols = kpart if bj.shape[3] != 1 else slice(None)
-                db = db.at[:, :, rows, cols].add(g[3].astype(jnp.float32))
+                brows = qpart if bj.shape[2] != 1 else slice(None)
+                bcols = kpart if bj.shape[3] != 1 else slice(None)
+                db = db.at[:, :, brows, bcols].add(g[3].astype(jnp.float32))
         dq.append(gq)
     return jnp.concatenate(dq, axis=1), jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1), db
 
 
-# The primitives' absent row bounds (segment ids, windows and lengths are not taken under context parallelism).
-def _no_bounds():
-    return (_primitives._operand(None, jnp.int32),) * 2
+def _bounds_operands(bounds):
+    """The primitives' (rows, key_segments) operands of a pair's bounds (absent: the placeholders)."""
+    rows, segments = bounds
+    return _primitives._operand(rows, jnp.int32), _primitives._operand(segments, jnp.int32)
 
 
-def _fwd_pair(q, k, v, bias, mask, kind, layout: _Layout):
-    """(out [B, Lq, H, D], lse [B, H, Lq] f32) of one (query chunk, key chunk) pair."""
+def _fwd_pair(q, k, v, bias, mask, bounds, kind, layout: _Layout):
+    """(out [B, Lq, H, D], lse [B, H, Lq] f32) of one (query chunk, key chunk) pair. With row bounds the kernels
+    take causality from them (the pair kind still skips the pairs above the diagonal)."""
     b, lq, h, _ = q.shape
     bias_op, mask_op = _primitives._operand(bias, jnp.float32), _primitives._operand(mask, jnp.bool_)
 
     def run(causal):
         config = dataclasses.replace(layout.config, is_causal=causal)
-        return tuple(_primitives.dmattn_fwd_p.bind(q, k, v, bias_op, mask_op, *_no_bounds(), config=config))
+        return tuple(_primitives.dmattn_fwd_p.bind(q, k, v, bias_op, mask_op, *_bounds_operands(bounds),
+                                                   config=config))
 
     def nothing():  # varying like the kernel's results, so that the branches agree under shard_map
         _, out, lse = _primitives._match_vma(q, jnp.zeros(q.shape, q.dtype), jnp.full((b, h, lq), -jnp.inf))
@@ -219,14 +240,14 @@ def _fwd_pair(q, k, v, bias, mask, kind, layout: _Layout):
     return lax.switch(kind, (lambda: run(False), lambda: run(True), nothing))
 
 
-def _bwd_pair(q, k, v, bias, mask, out, lse, dout, dlse, kind, layout: _Layout):
+def _bwd_pair(q, k, v, bias, mask, bounds, out, lse, dout, dlse, kind, layout: _Layout):
     """(dq, dk, dv, dbias) of one pair, given the rows' global out and lse (exact partial gradients)."""
     bias_op, mask_op = _primitives._operand(bias, jnp.float32), _primitives._operand(mask, jnp.bool_)
 
     def run(causal):
         config = dataclasses.replace(layout.config, is_causal=causal)
-        return tuple(_primitives.dmattn_bwd_p.bind(q, k, v, bias_op, mask_op, *_no_bounds(), out, lse, dout, dlse,
-                                                   config=config))
+        return tuple(_primitives.dmattn_bwd_p.bind(q, k, v, bias_op, mask_op, *_bounds_operands(bounds), out, lse,
+                                                   dout, dlse, config=config))
 
     def nothing():  # each zero varies like the operand it is the gradient of, as the kernel's results do
         return tuple(_primitives._match_vma(x, jnp.zeros(x.shape, x.dtype))[1] for x in (q, k, v, bias_op))
@@ -243,9 +264,9 @@ def _ring_perm(n: int):
     return [(d, (d + 1) % n) for d in range(n)]
 
 
-def _kv_source(layout: _Layout, k, v, bias, mask):
-    """For strategy "all_gather": the gathered K/V and travelling operands, and a fetch(j) of chunk j. For "ring":
-    None (the chunks arrive by ppermute)."""
+def _kv_source(layout: _Layout, k, v, bias, mask, key_segments):
+    """For strategy "all_gather": the gathered K/V and travelling operands (key segment ids among them), and a
+    fetch(j) of chunk j. For "ring": None (the chunks arrive by ppermute)."""
     if layout.strategy != "all_gather":
         return None
     gather = functools.partial(lax.all_gather, axis_name=layout.axis_name, axis=1, tiled=True)
@@ -253,6 +274,7 @@ def _kv_source(layout: _Layout, k, v, bias, mask):
     gather_keys = functools.partial(lax.all_gather, axis_name=layout.axis_name, axis=3, tiled=True)
     full_bias = gather_keys(bias) if layout.bias_keys == "chunk" else None
     full_mask = gather_keys(mask) if layout.mask_keys == "chunk" else None
+    full_segments = gather(key_segments) if key_segments is not None else None
     c = layout.chunk
 
     def fetch(j):
@@ -260,49 +282,51 @@ def _kv_source(layout: _Layout, k, v, bias, mask):
         vj = lax.dynamic_slice_in_dim(full_v, j * c, c, axis=1)
         bj = lax.dynamic_slice_in_dim(full_bias, j * c, c, axis=3) if full_bias is not None else None
         mj = lax.dynamic_slice_in_dim(full_mask, j * c, c, axis=3) if full_mask is not None else None
-        return kj, vj, bj, mj
+        sj = lax.dynamic_slice_in_dim(full_segments, j * c, c, axis=1) if full_segments is not None else None
+        return kj, vj, bj, mj, sj
 
     return fetch
 
 
-def _chunk_operands(layout: _Layout, fetch, j, kj, vj, tb, tm, bias, mask):
+def _chunk_operands(layout: _Layout, fetch, j, kj, vj, tb, tm, ts, bias, mask):
     """Key chunk j's k, v and travelling bias / mask (as they arrived by ppermute, or fetched from the gathered
     arrays), and the bias / mask parts the pair uses: the travelling ones, or the chunk's columns of a bias / mask
     laid out over all keys."""
     if fetch is not None:
-        kj, vj, fb, fm = fetch(j)
+        kj, vj, fb, fm, fs = fetch(j)
         tb = fb if fb is not None else tb
         tm = fm if fm is not None else tm
+        ts = fs if fs is not None else ts
     bj = tb if layout.bias_keys == "chunk" else _slice_keys(bias, layout.bias_keys, j, layout.chunk)
     mj = tm if layout.mask_keys == "chunk" else _slice_keys(mask, layout.mask_keys, j, layout.chunk)
-    return kj, vj, tb, tm, bj, mj
+    return kj, vj, tb, tm, ts, bj, mj
 
 
-def _forward(q, k, v, bias, mask, layout: _Layout):
+def _forward(q, k, v, bias, mask, layout: _Layout, rows=None, key_segments=None):
     n = layout.n
     i = lax.axis_index(layout.axis_name)
     b, lq, h, d = q.shape
-    fetch = _kv_source(layout, k, v, bias, mask)
+    fetch = _kv_source(layout, k, v, bias, mask, key_segments)
     trav_bias = bias if layout.bias_keys == "chunk" else None
     trav_mask = mask if layout.mask_keys == "chunk" else None
 
-    def compute(s, out, lse, kj, vj, tb, tm):
+    def compute(s, out, lse, kj, vj, tb, tm, ts):
         j = (i - s) % n
-        kj, vj, tb, tm, bj, mj = _chunk_operands(layout, fetch, j, kj, vj, tb, tm, bias, mask)
-        out_s, lse_s = _step_fwd(q, kj, vj, bj, mj, i, j, layout)
+        kj, vj, tb, tm, ts, bj, mj = _chunk_operands(layout, fetch, j, kj, vj, tb, tm, ts, bias, mask)
+        out_s, lse_s = _step_fwd(q, kj, vj, bj, mj, ts, rows, i, j, layout)
         return _partials.combine(out, lse, out_s, lse_s)
 
     def step(s, carry):
-        out, lse, kj, vj, tb, tm = carry
+        out, lse, kj, vj, tb, tm, ts = carry
         if fetch is None:  # the next chunk is in flight while this one is computed
-            nxt = lax.ppermute((kj, vj, tb, tm), layout.axis_name, _ring_perm(n))
-        out, lse = compute(s, out, lse, kj, vj, tb, tm)
+            nxt = lax.ppermute((kj, vj, tb, tm, ts), layout.axis_name, _ring_perm(n))
+        out, lse = compute(s, out, lse, kj, vj, tb, tm, ts)
         if fetch is None:
-            kj, vj, tb, tm = nxt
-        return out, lse, kj, vj, tb, tm
+            kj, vj, tb, tm, ts = nxt
+        return out, lse, kj, vj, tb, tm, ts
 
     init = (jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32), k, v,
-            trav_bias, trav_mask)
+            trav_bias, trav_mask, key_segments)
     init = _primitives._match_vma(*init)
     carry = lax.fori_loop(0, n - 1, step, init)  # n - 1 hops: the last chunk is computed where it lands
     out, lse = compute(n - 1, *carry)
@@ -325,21 +349,25 @@ def layout_for(config: _primitives.KernelConfig, axis_name, n: int, q_chunk: int
                    bias_keys=_key_layout("bias", bias, chunk, n), mask_keys=mask_keys, chunk=chunk, zigzag=zigzag)
 
 
-def forward(q, k, v, bias, mask, layout: _Layout):
-    """(out, lse) of this device's query rows over every key chunk (the primal of :func:`attention`)."""
-    return _forward(q, k, v, bias, mask, layout)
+def forward(q, k, v, bias, mask, layout: _Layout, rows=None, key_segments=None):
+    """(out, lse) of this device's query rows over every key chunk (the primal of :func:`attention`). ``rows``
+    [1|B, Lq / n, 4]: the row bounds (jax_dmattn/_bounds.py: global key positions) of this device's rows;
+    ``key_segments`` [1|B, Lk / n]: its key chunk's segment ids (they travel with the chunk)."""
+    return _forward(q, k, v, bias, mask, layout, rows, key_segments)
 
 
-def backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, *, lse_term: bool = True):
+def backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, rows=None, key_segments=None, *,
+             lse_term: bool = True):
     """(dq, dk, dv, dbias) on the devices that own them. ``lse_term=False`` leaves out the lse cotangent's part of
     a key-broadcast bias's gradient, for callers that add it themselves (jax_dmattn's custom_vjp)."""
-    return _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout, lse_term=lse_term)
+    return _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout, rows, key_segments, lse_term=lse_term)
 
 
-def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, lse_term: bool = True):
+def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, rows=None, key_segments=None,
+              lse_term: bool = True):
     n, c = layout.n, layout.chunk
     i = lax.axis_index(layout.axis_name)
-    fetch = _kv_source(layout, k, v, bias, mask)
+    fetch = _kv_source(layout, k, v, bias, mask, key_segments)
     has_bias = bias is not None
     dbias_full = jnp.zeros(bias.shape, jnp.float32) if layout.bias_keys in ("one", "full") else None
     trav_bias = bias if layout.bias_keys == "chunk" else None
@@ -352,10 +380,10 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, lse_te
         db_all = (jnp.zeros(bias.shape[:3] + (n * c,), jnp.float32) if layout.bias_keys == "chunk" else None)
 
     def step(s, carry):
-        dq, kj, vj, tb, tm, dkj, dvj, dtb, dbf, acc = carry
+        dq, kj, vj, tb, tm, ts, dkj, dvj, dtb, dbf, acc = carry
         j = (i - s) % n
-        kj, vj, tb, tm, bj, mj = _chunk_operands(layout, fetch, j, kj, vj, tb, tm, bias, mask)
-        gq, gk, gv, gb = _step_bwd(q, kj, vj, bj, mj, out, lse, dout, dlse, i, j, layout)
+        kj, vj, tb, tm, ts, bj, mj = _chunk_operands(layout, fetch, j, kj, vj, tb, tm, ts, bias, mask)
+        gq, gk, gv, gb = _step_bwd(q, kj, vj, bj, mj, ts, rows, out, lse, dout, dlse, i, j, layout)
         dq = dq + gq
         if has_bias:
             gb = gb.astype(jnp.float32)
@@ -376,17 +404,17 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, lse_te
             acc = (ak, av, ab)
         else:
             dkj, dvj = dkj + gk.astype(jnp.float32), dvj + gv.astype(jnp.float32)
-            kj, vj, tb, tm, dkj, dvj, dtb = lax.ppermute((kj, vj, tb, tm, dkj, dvj, dtb), layout.axis_name,
-                                                          _ring_perm(n))
-        return dq, kj, vj, tb, tm, dkj, dvj, dtb, dbf, acc
+            kj, vj, tb, tm, ts, dkj, dvj, dtb = lax.ppermute((kj, vj, tb, tm, ts, dkj, dvj, dtb),
+                                                              layout.axis_name, _ring_perm(n))
+        return dq, kj, vj, tb, tm, ts, dkj, dvj, dtb, dbf, acc
 
     zeros_kv = jnp.zeros(k.shape, jnp.float32)
     acc0 = (dk_all, dv_all, db_all) if gathered else (None, None, None)
     # the loop's carry varies over the same mesh axes throughout (shard_map's check_vma)
     *flat, a0, a1, a2 = _primitives._match_vma(jnp.zeros(q.shape, jnp.float32), k, v, trav_bias, trav_mask,
-                                               zeros_kv, zeros_kv, dtb0, dbias_full, *acc0)
+                                               key_segments, zeros_kv, zeros_kv, dtb0, dbias_full, *acc0)
     init = (*flat, (a0, a1, a2))
-    dq, _, _, _, _, dk, dv, dtb, dbf, acc = lax.fori_loop(0, n, step, init)
+    dq, _, _, _, _, _, dk, dv, dtb, dbf, acc = lax.fori_loop(0, n, step, init)
     if gathered:
         scatter = functools.partial(lax.psum_scatter, axis_name=layout.axis_name, tiled=True)
         dk, dv = scatter(acc[0], scatter_dimension=1), scatter(acc[1], scatter_dimension=1)
@@ -401,23 +429,23 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, lse_te
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _cp_attention(q, k, v, bias, mask, layout: _Layout):
-    return _forward(q, k, v, bias, mask, layout)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _cp_attention(q, k, v, bias, mask, rows, key_segments, layout: _Layout):
+    return _forward(q, k, v, bias, mask, layout, rows, key_segments)
 
 
-def _cp_fwd(q, k, v, bias, mask, layout):
-    out, lse = _forward(q, k, v, bias, mask, layout)
-    return (out, lse), (q, k, v, bias, mask, out, lse)
+def _cp_fwd(q, k, v, bias, mask, rows, key_segments, layout):
+    out, lse = _forward(q, k, v, bias, mask, layout, rows, key_segments)
+    return (out, lse), (q, k, v, bias, mask, rows, key_segments, out, lse)
 
 
 def _cp_bwd(layout, residuals, cotangents):
-    q, k, v, bias, mask, out, lse = residuals
+    q, k, v, bias, mask, rows, key_segments, out, lse = residuals
     dout, dlse = cotangents
     dout = jnp.asarray(dout, out.dtype)
     dlse = jnp.asarray(dlse, jnp.float32)
-    dq, dk, dv, dbias = _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout)
-    return dq, dk, dv, dbias, None
+    dq, dk, dv, dbias = _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout, rows, key_segments)
+    return dq, dk, dv, dbias, None, None, None
 
 
 _cp_attention.defvjp(_cp_fwd, _cp_bwd)
@@ -488,7 +516,19 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     "contiguous" (device i holds the i-th n-th of the sequence) or "zigzag" (device i holds the sequence halves
     i and 2n - 1 - i, as :func:`to_zigzag` lays them out: balanced work under ``is_causal``). ``deterministic`` keeps
     each kernel call bitwise reproducible; the order of the cross-device sums is fixed by the ring.
+
+    Segment ids, windows and sequence lengths: pass them to :func:`jax_dmattn.attention` on sequence-sharded
+    inputs (under ``jit``), which builds their row bounds over the whole sequence and runs this.
     """
+    return _attention(query, key, value, bias, mask, None, None, axis_name=axis_name, strategy=strategy,
+                      chunk_order=chunk_order, scale=scale, is_causal=is_causal, softcap=softcap,
+                      return_lse=return_lse, deterministic=deterministic, implementation=implementation)
+
+
+def _attention(query, key, value, bias, mask, rows, key_segments, *, axis_name, strategy, chunk_order, scale,
+               is_causal, softcap, return_lse, deterministic, implementation):
+    """:func:`attention` with row bounds: ``rows`` [1|B, Lq / n, 4] of this device's rows (global key positions,
+    jax_dmattn/_bounds.py, causality included) and ``key_segments`` [1|B, Lk / n] of its key chunk, or None."""
     is_causal = _validation.check_flag("is_causal", is_causal)
     return_lse = _validation.check_flag("return_lse", return_lse)
     deterministic = _validation.check_flag("deterministic", deterministic)
@@ -532,7 +572,10 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
                                       mask_kind=mask_kind)
     layout = layout_for(config, axis_name, int(n), lq, chunk, bias, mask, strategy=strategy,
                         zigzag=chunk_order == "zigzag")
-    q, k, v, bias, mask = _primitives._match_vma(q, k, v, bias, mask)
-    out, lse = _cp_attention(q, k, v, bias, mask, layout)
+    if rows is not None and mask_kind != "bool":
+        raise ValueError("context parallelism with segment ids, a window or sequence lengths takes a bool mask or "
+                         "none, not a KeyIndices or TopKMask")
+    q, k, v, bias, mask, rows, key_segments = _primitives._match_vma(q, k, v, bias, mask, rows, key_segments)
+    out, lse = _cp_attention(q, k, v, bias, mask, rows, key_segments, layout)
     out = out[..., :d]
     return (out, lse) if return_lse else out

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_dmattn
 from jax_dmattn import context_parallel
+from helpers import packed_segments
 from multi_device import N_DEVICES, multi_device
 
 B, L, H, D = 2, 64, 4, 16
@@ -342,6 +343,58 @@ def test_flax_layer_on_a_sequence_split(axis_type):
     _close(got_loss, want_loss, "loss")
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
         _close(g, w, jax.tree_util.keystr(path), rtol=1e-4)
+
+
+def _bounds_kwargs(name):
+    """Keyword arguments of jax_dmattn.attention that make row bounds (jax_dmattn/_bounds.py)."""
+    rng = np.random.default_rng(7)
+    if name == "packed":  # sorted ids: each row's range is its document
+        ids = jnp.asarray(packed_segments(rng, B, L, 5))
+        return dict(q_segment_ids=ids, kv_segment_ids=ids)
+    if name == "unsorted":  # ids compared key by key
+        ids = jnp.asarray(rng.integers(0, 3, (B, L)).astype(np.int32))
+        return dict(q_segment_ids=ids, kv_segment_ids=ids)
+    if name == "window":
+        return dict(local_window_size=(9, 3))
+    return dict(query_seq_lengths=jnp.asarray([L, L - 21], jnp.int32),
+                key_value_seq_lengths=jnp.asarray([L, L - 13], jnp.int32))
+
+
+@multi_device
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+@pytest.mark.parametrize("bounds, is_causal", [("packed", True), ("unsorted", False), ("window", True),
+                                               ("lengths", False)])
+def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal):
+    """Segment ids, a window or sequence lengths with query and key split over one mesh axis (Auto axes: the
+    partitioning rule; Explicit: the shard_map route) run context-parallel: each (query chunk, key chunk) pair
+    takes the rows' key ranges clipped to its keys, the key segment ids travel with their chunk. Values and all
+    four gradients equal one device, with a per-key bias and a bool mask."""
+    q, k, v, bias, mask, ct, _ = _inputs(2, (B, 2, 1, L), (B, 1, L, L))
+    kw = _bounds_kwargs(bounds)
+
+    def grads(ct, mask, kw):
+        def loss(q, k, v, bias):
+            out = jax_dmattn.attention(q, k, v, bias, mask, is_causal=is_causal, implementation=IMPL, **kw)
+            return jnp.sum(out * ct)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+    want_loss, want_grads = grads(ct, mask, kw)(q, k, v, bias)
+    mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    seq = P(None, "sp")
+    args = (put(q, seq), put(k, seq), put(v, seq), put(bias, KEYS))
+    kw_sharded = {name: (put(x, seq) if getattr(x, "ndim", 0) == 2 else x) for name, x in kw.items()}
+    f = grads(put(ct, seq), put(mask, ROWS), kw_sharded)
+    if axis_type == "Explicit":
+        set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+        with set_mesh(mesh):
+            got_loss, got_grads = f(*args)
+    else:
+        got_loss, got_grads = f(*args)
+        assert "collective-permute" in _collectives(f.lower(*args).compile().as_text())  # the ring ran
+    _close(got_loss, want_loss, "loss")
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+        _close(g, w, name)
 
 
 @multi_device
