@@ -344,10 +344,7 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
 
     (axis,) = plan.seq_axes
     q, k, v, bias, mask, rows, key_segments = (None if _is_absent(x) else x for x in args[:7])
-    if rows is not None and config.mask_kind != "bool":
-        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) with segment "
-                         "ids, a window or sequence lengths takes a bool mask or none, not a "
-                         f"{config.mask_kind!r} compact mask")
+    context_parallel.check_bounds_mask(rows, config.mask_kind != "bool")
     n, chunk = mesh.shape[axis], k.shape[1]
     if config.mask_kind == "topk":
         mask = context_parallel._topk_key_indices(

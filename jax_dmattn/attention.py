@@ -176,10 +176,6 @@ def attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=
     if implementation == "cuda" and bounds is None:
         _compact.check_cuda_support(call.mask_kind, call.mask_k, is_causal)
     seq_axis = _explicit_sequence_axis(query, key)
-    if seq_axis is not None and bounds is not None and call.mask_kind != "bool":
-        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) with segment "
-                         "ids, local_window_size or sequence lengths takes a bool mask or none, not a KeyIndices or "
-                         "TopKMask")
     if seq_axis is not None and implementation != "xla":
         rows, key_segments = (None, None) if bounds is None else (bounds.rows, bounds.key_segments)
         return _context_parallel_call(query, key, value, bias, mask, rows, key_segments, seq_axis, scale=scale,

@@ -525,6 +525,15 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
                       return_lse=return_lse, deterministic=deterministic, implementation=implementation)
 
 
+def check_bounds_mask(rows, compact: bool) -> None:
+    """Row bounds (segment ids, a window, sequence lengths) under context parallelism take a bool mask or none, not
+    a ``compact`` one: a KeyIndices' or TopKMask's selection would have to be bounded across chunks."""
+    if rows is not None and compact:
+        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) with segment "
+                         "ids, local_window_size or sequence lengths takes a bool mask or none, not a KeyIndices or "
+                         "TopKMask")
+
+
 def _attention(query, key, value, bias, mask, rows, key_segments, *, axis_name, strategy, chunk_order, scale,
                is_causal, softcap, return_lse, deterministic, implementation):
     """:func:`attention` with row bounds: ``rows`` [1|B, Lq / n, 4] of this device's rows (global key positions,
@@ -549,6 +558,7 @@ def _attention(query, key, value, bias, mask, rows, key_segments, *, axis_name, 
         raise ValueError(f"chunk_order='zigzag' splits each device's chunk in two halves: the local query and key "
                          f"lengths must be even, got {lq} and {chunk}")
     bias = _rank4("bias", bias, (b, h, hkv, lq))
+    check_bounds_mask(rows, isinstance(mask, masks.COMPACT_MASKS))
     mask_kind = "bool"
     if isinstance(mask, masks.TopKMask):
         mask = _topk_key_indices(mask, axis_name, int(n), (b, h, hkv, lq, chunk), is_causal=is_causal,
@@ -572,9 +582,6 @@ def _attention(query, key, value, bias, mask, rows, key_segments, *, axis_name, 
                                       mask_kind=mask_kind)
     layout = layout_for(config, axis_name, int(n), lq, chunk, bias, mask, strategy=strategy,
                         zigzag=chunk_order == "zigzag")
-    if rows is not None and mask_kind != "bool":
-        raise ValueError("context parallelism with segment ids, a window or sequence lengths takes a bool mask or "
-                         "none, not a KeyIndices or TopKMask")
     q, k, v, bias, mask, rows, key_segments = _primitives._match_vma(q, k, v, bias, mask, rows, key_segments)
     out, lse = _cp_attention(q, k, v, bias, mask, rows, key_segments, layout)
     out = out[..., :d]

@@ -398,6 +398,29 @@ def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal):
 
 
 @multi_device
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_row_bounds_with_a_compact_mask_on_a_sequence_split_are_refused(axis_type):
+    """Segment ids with a KeyIndices or TopKMask under a sequence split: a ValueError on both routes (under Auto
+    axes it arrives from the partitioner, wrapped, at compile time)."""
+    q, k, v, *_ = _inputs(2, None, None)
+    ids = jnp.asarray(packed_segments(np.random.default_rng(8), B, L, 3))
+    mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "sp")))  # noqa: E731
+    forms = [jax_dmattn.KeyIndices(jnp.asarray(_key_indices((B, 2, K_IDX)))),
+             jax_dmattn.TopKMask(jnp.zeros((B, 2, L)), 4)]
+    for form in forms:
+        f = jax.jit(lambda q, k, v, ids, m=form: jax_dmattn.attention(
+            q, k, v, mask=m, is_causal=True, q_segment_ids=ids, kv_segment_ids=ids, implementation=IMPL))
+        with pytest.raises(Exception, match="takes a bool mask or none"):
+            if axis_type == "Explicit":
+                set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+                with set_mesh(mesh):
+                    f(put(q), put(k), put(v), put(ids))
+            else:
+                f(put(q), put(k), put(v), put(ids))
+
+
+@multi_device
 def test_errors():
     mesh = _mesh()
     q, k, v, *_ = _inputs(2, None, None)
