@@ -521,7 +521,8 @@ def cuda_bounded_topk_lists(scores, k: int, rows, key_segments, *, kv_len: int):
     cannot. One dmattn_topk_bounded_key_lists_cuda call (csrc/cuda/topk_bounded_key_lists.h): without segment ids
     a unit holds at most k + 2 * spread keys (k with one query row: each element's list is the top k of its key
     range); with them the capacity is 2 k + 4 * spread, which packed sequences never outgrow (a unit meets at most
-    two long segments), and True says some unit did: per_row_topk_lists then serves the call. A k above the pre-pass's largest takes per_row_topk_lists (and None)."""
+    two long segments), and True says some unit did: per_row_topk_lists then serves the call. A k above the
+    pre-pass's largest takes per_row_topk_lists (and None)."""
     from jax_dmattn import _cuda_fwd
 
     facts = _ffi.kernel_facts()

@@ -214,7 +214,7 @@ def _lists_reference(k, v, bias):
 @pytest.mark.parametrize("per_row", [False, True])
 def test_split_lists_merge_to_the_whole_list(monkeypatch, mask_heads, per_row):
     """Key lists with one unit per (batch, head), shared by the packed rows or with a row word each (per_row: what
-    a TopKMask under row bounds gives a packed step), cut into parts along the heads (some parts short or empty: the
+    per-query-head KeyIndices give a packed step), cut into parts along the heads (some parts short or empty: the
     lists have pads and repeats) give the whole list's out and lse; each part is one query head per (kv head,
     part)."""
     from jax_dmattn import _compact
