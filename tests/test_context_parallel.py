@@ -6,6 +6,8 @@ raise clear errors.
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,15 @@ def _shard_map(*args, **kwargs):
 
 def _mesh(shape=(N_DEVICES,), names=("sp",)):
     return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def _mesh_context(mesh):
+    """The context a call on ``mesh`` runs in: the mesh set (jax.set_mesh) when its axes are Explicit, nothing for
+    Auto axes (the shardings travel with the arrays)."""
+    if all(t != jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return contextlib.nullcontext()
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    return set_mesh(mesh)
 
 
 def _inputs(hkv, bias_shape, mask_shape, seed=0):
@@ -272,8 +283,7 @@ def test_explicit_mesh_routes_to_context_parallel():
 
     want_loss, want_grads = jax.jit(loss_of(ct))(q, k, v, bias)
     mesh = jax.make_mesh((2, 4), ("dp", "sp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-    with set_mesh(mesh):
+    with _mesh_context(mesh):
         put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
         seq = P("dp", "sp")
         args = (put(q, seq), put(k, seq), put(v, seq), put(bias, P("dp", None, None, "sp")))
@@ -303,8 +313,7 @@ def test_explicit_mesh_compact_masks():
 
         want_loss, want_grads = jax.jit(loss_of(ct, operand))(q, k, v, bias)
         mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,))
-        set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-        with set_mesh(mesh):
+        with _mesh_context(mesh):
             put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
             seq = P(None, "sp")
             args = (put(q, seq), put(k, seq), put(v, seq), put(bias, KEYS))
@@ -331,14 +340,12 @@ def test_flax_layer_on_a_sequence_split(axis_type):
     want_loss, want_grads = jax.jit(loss)(params, x)
     mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
     xs = jax.device_put(x, NamedSharding(mesh, P(None, "sp")))
-    if axis_type == "Explicit":
-        set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-        with set_mesh(mesh):
+    f = jax.jit(loss)
+    with _mesh_context(mesh):
+        if axis_type == "Explicit":
             assert tuple(jax.typeof(jax.jit(layer.apply)(params, xs)).sharding.spec)[:2] == (None, "sp")
-            got_loss, got_grads = jax.jit(loss)(params, xs)
-    else:
-        f = jax.jit(loss)
         got_loss, got_grads = f(params, xs)
+    if axis_type == "Auto":
         assert "collective-permute" in _collectives(f.lower(params, xs).compile().as_text())  # the ring ran
     _close(got_loss, want_loss, "loss")
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
@@ -385,12 +392,9 @@ def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal):
     args = (put(q, seq), put(k, seq), put(v, seq), put(bias, KEYS))
     kw_sharded = {name: (put(x, seq) if getattr(x, "ndim", 0) == 2 else x) for name, x in kw.items()}
     f = grads(put(ct, seq), put(mask, ROWS), kw_sharded)
-    if axis_type == "Explicit":
-        set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-        with set_mesh(mesh):
-            got_loss, got_grads = f(*args)
-    else:
+    with _mesh_context(mesh):
         got_loss, got_grads = f(*args)
+    if axis_type == "Auto":
         assert "collective-permute" in _collectives(f.lower(*args).compile().as_text())  # the ring ran
     _close(got_loss, want_loss, "loss")
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
@@ -411,13 +415,8 @@ def test_row_bounds_with_a_compact_mask_on_a_sequence_split_are_refused(axis_typ
     for form in forms:
         f = jax.jit(lambda q, k, v, ids, m=form: jax_dmattn.attention(
             q, k, v, mask=m, is_causal=True, q_segment_ids=ids, kv_segment_ids=ids, implementation=IMPL))
-        with pytest.raises(Exception, match="takes a bool mask or none"):
-            if axis_type == "Explicit":
-                set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-                with set_mesh(mesh):
-                    f(put(q), put(k), put(v), put(ids))
-            else:
-                f(put(q), put(k), put(v), put(ids))
+        with pytest.raises(Exception, match="takes a bool mask or none"), _mesh_context(mesh):
+            f(put(q), put(k), put(v), put(ids))
 
 
 @multi_device
