@@ -106,8 +106,13 @@ def _slice_keys(x, layout: str | None, j, chunk: int):
     return lax.dynamic_slice_in_dim(x, j * chunk, chunk, axis=3)
 
 
-def _pair_kind(i, j, causal: bool):
-    """0: no mask from causality, 1: the diagonal (causal), 2: above the diagonal (nothing visible)."""
+def _pair_kind(i, j, causal: bool, pair_rows=None):
+    """0: no mask from causality, 1: the diagonal (causal), 2: nothing visible (skipped). With row bounds (the
+    pair's clipped ``pair_rows``, _pair_bounds) the bounds decide alone: they hold causality relative to each batch
+    element's own lengths, which may reach above the global diagonal, and a pair that none of its rows' ranges
+    reaches (another document, outside every window) is skipped."""
+    if pair_rows is not None:
+        return jnp.where(jnp.any(pair_rows[..., 1] > pair_rows[..., 0]), 0, 2).astype(jnp.int32)
     if not causal:
         return jnp.int32(0)
     return jnp.where(i == j, 1, jnp.where(j > i, 2, 0)).astype(jnp.int32)
@@ -179,10 +184,10 @@ def _step_fwd(q, kj, vj, bj, mj, sj, rows, i, j, layout: _Layout):
     for qpart, qi in _parts(layout, i, q.shape[1]):
         out, lse = None, None
         for kpart, kj_i in _parts(layout, j, kj.shape[1]):
+            bounds = _pair_bounds(rows, sj, qpart, kpart, kj_i)
             o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
-                              _pair_mask(layout, mj, qpart, kpart, kj_i),
-                              _pair_bounds(rows, sj, qpart, kpart, kj_i),
-                              _pair_kind(qi, kj_i, layout.config.is_causal), layout)
+                              _pair_mask(layout, mj, qpart, kpart, kj_i), bounds,
+                              _pair_kind(qi, kj_i, layout.config.is_causal, bounds[0]), layout)
             if out is None:
                 out, lse = o.astype(jnp.float32), l_
             else:
@@ -201,10 +206,11 @@ def _step_bwd(q, kj, vj, bj, mj, sj, rows, out, lse, dout, dlse, i, j, layout: _
     for qpart, qi in _parts(layout, i, q.shape[1]):
         gq = jnp.zeros(q[:, qpart].shape, jnp.float32)
         for n_k, (kpart, kj_i) in enumerate(_parts(layout, j, kj.shape[1])):
+            bounds = _pair_bounds(rows, sj, qpart, kpart, kj_i)
             g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
-                          _pair_mask(layout, mj, qpart, kpart, kj_i), _pair_bounds(rows, sj, qpart, kpart, kj_i),
+                          _pair_mask(layout, mj, qpart, kpart, kj_i), bounds,
                           out[:, qpart], lse[:, :, qpart], dout[:, qpart], dlse[:, :, qpart],
-                          _pair_kind(qi, kj_i, layout.config.is_causal), layout)
+                          _pair_kind(qi, kj_i, layout.config.is_causal, bounds[0]), layout)
             gq = gq + g[0].astype(jnp.float32)
             dk[n_k] = dk[n_k] + g[1].astype(jnp.float32)
             dv[n_k] = dv[n_k] + g[2].astype(jnp.float32)

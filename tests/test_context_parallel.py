@@ -370,7 +370,7 @@ def _bounds_kwargs(name):
 @multi_device
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 @pytest.mark.parametrize("bounds, is_causal", [("packed", True), ("unsorted", False), ("window", True),
-                                               ("lengths", False)])
+                                               ("lengths", False), ("lengths", True)])
 def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal):
     """Segment ids, a window or sequence lengths with query and key split over one mesh axis (Auto axes: the
     partitioning rule; Explicit: the shard_map route) run context-parallel: each (query chunk, key chunk) pair
