@@ -40,7 +40,7 @@ def _shape_str(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _int_array(name, x, shape_desc, shape):
+def check_int_array(name, x, shape_desc, shape):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an integer array {shape_desc}, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
@@ -132,14 +132,14 @@ def make_row_bounds(*, batch: int, q_len: int, kv_len: int, is_causal: bool, q_s
     b, lq, lk = batch, q_len, kv_len
     q_seg = kv_seg = None
     if q_segment_ids is not None:
-        q_seg = _int_array("q_segment_ids", q_segment_ids, "[batch, q_len]", (b, lq))
-        kv_seg = _int_array("kv_segment_ids", kv_segment_ids, "[batch, kv_len]", (b, lk))
+        q_seg = check_int_array("q_segment_ids", q_segment_ids, "[batch, q_len]", (b, lq))
+        kv_seg = check_int_array("kv_segment_ids", kv_segment_ids, "[batch, kv_len]", (b, lk))
         q_seg, kv_seg = _whole_positions(q_seg), _whole_positions(kv_seg)
     q_lens = kv_lens = None
     if query_seq_lengths is not None:
-        q_lens = jnp.clip(_int_array("query_seq_lengths", query_seq_lengths, "[batch]", (b,)), 0, lq)
+        q_lens = jnp.clip(check_int_array("query_seq_lengths", query_seq_lengths, "[batch]", (b,)), 0, lq)
     if key_value_seq_lengths is not None:
-        kv_lens = jnp.clip(_int_array("key_value_seq_lengths", key_value_seq_lengths, "[batch]", (b,)), 0, lk)
+        kv_lens = jnp.clip(check_int_array("key_value_seq_lengths", key_value_seq_lengths, "[batch]", (b,)), 0, lk)
     per_batch = any_given(q_seg, q_lens, kv_lens)
     bb = b if per_batch else 1
 

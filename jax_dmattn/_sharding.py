@@ -344,14 +344,11 @@ def _lower_context_parallel(kind, plan, mesh, config, args):
 
     (axis,) = plan.seq_axes
     q, k, v, bias, mask, rows, key_segments = (None if _is_absent(x) else x for x in args[:7])
-    context_parallel.check_bounds_mask(rows, config.mask_kind != "bool")
     n, chunk = mesh.shape[axis], k.shape[1]
     if config.mask_kind == "topk":
-        mask = context_parallel._topk_key_indices(
-            masks.TopKMask(mask[:, :, 0, :], config.mask_k), axis, n, (q.shape[0], q.shape[2], k.shape[2],
-                                                                       q.shape[1], chunk),
-            is_causal=config.is_causal, zigzag=False)
-        config = dataclasses.replace(config, mask_kind="bool" if mask is None else "indices", mask_k=0)
+        mask = masks.TopKMask(mask[:, :, 0, :], config.mask_k)
+    mask, config, rows, key_segments = context_parallel.compact_operands(
+        mask, config, rows, key_segments, axis, n, (q.shape[0], q.shape[2], k.shape[2], q.shape[1], chunk))
     layout = context_parallel.layout_for(config, axis, n, q.shape[1], chunk, bias, mask)
     if kind == "fwd":
         return context_parallel.forward(q, k, v, bias, mask, layout, rows, key_segments)

@@ -12,8 +12,9 @@ Each step is one call of the kernels on a (query chunk, key chunk) pair, combine
 With ``is_causal`` (self-attention: equal global query and key lengths, equal chunks) a pair above the diagonal
 is skipped, the diagonal pair is causal and a pair below it has no mask. KeyIndices (global key positions) stay
 with their query rows; each pair keeps the indices inside its key part, renumbered from the part's start. Row
-bounds (segment ids, a window, sequence lengths, from jax_dmattn.attention) likewise: each row's key range stays
-with it, the key segment ids travel with their chunk, and each pair clips the ranges to its keys. The
+bounds (segment ids, a window, sequence lengths) likewise: each row's key range, built over the whole sequence,
+stays with it, the key segment ids travel with their chunk, and each pair clips the ranges to its keys; a
+compact mask with bounds becomes KeyIndices that hold them (compact_operands). The
 backward walks the ring again: dq stays, dk / dv (and the gradient of a travelling bias) travel with their chunk
 and end on the device that owns it; each step calls the backward kernel with the rows' global output and
 log-sum-exp, which makes its partial gradients exact (docs/distributed.md, "Context parallelism").
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_dmattn import _compact, _partials, _primitives, _validation, masks
+from jax_dmattn import _bounds, _compact, _partials, _primitives, _validation, masks
 from jax_dmattn.attention import default_implementation, kernel_operands
 
 __all__ = ["attention", "from_zigzag", "to_zigzag"]
@@ -106,16 +107,21 @@ def _slice_keys(x, layout: str | None, j, chunk: int):
     return lax.dynamic_slice_in_dim(x, j * chunk, chunk, axis=3)
 
 
-def _pair_kind(i, j, causal: bool, pair_rows=None):
+def _pair_kind(i, j, causal: bool, pair_rows=None, pair_indices=None):
     """0: no mask from causality, 1: the diagonal (causal), 2: nothing visible (skipped). With row bounds (the
     pair's clipped ``pair_rows``, _pair_bounds) the bounds decide alone: they hold causality relative to each batch
     element's own lengths, which may reach above the global diagonal, and a pair that none of its rows' ranges
-    reaches (another document, outside every window) is skipped."""
+    reaches (another document, outside every window) is skipped. A pair whose localised KeyIndices
+    (``pair_indices``) hold no key is skipped too."""
     if pair_rows is not None:
-        return jnp.where(jnp.any(pair_rows[..., 1] > pair_rows[..., 0]), 0, 2).astype(jnp.int32)
-    if not causal:
-        return jnp.int32(0)
-    return jnp.where(i == j, 1, jnp.where(j > i, 2, 0)).astype(jnp.int32)
+        kind = jnp.where(jnp.any(pair_rows[..., 1] > pair_rows[..., 0]), 0, 2)
+    elif causal:
+        kind = jnp.where(i == j, 1, jnp.where(j > i, 2, 0))
+    else:
+        kind = jnp.zeros((), jnp.int32)
+    if pair_indices is not None:
+        kind = jnp.where(jnp.any(pair_indices != _compact.INDEX_PAD), kind, 2)
+    return kind.astype(jnp.int32)
 
 
 def _parts(layout: _Layout, device, length: int):
@@ -163,6 +169,11 @@ def _pair_mask(layout: _Layout, x, qpart: slice, kpart: slice, k_index):
     return _local_indices(_sub(x, 2, qpart), k_index * length, length)
 
 
+def _indices(layout: _Layout, pair_mask):
+    """A pair's mask when it is localised KeyIndices, else None."""
+    return pair_mask if layout.mask_keys == "indices" else None
+
+
 def _pair_bounds(rows, sj, qpart: slice, kpart: slice, k_index):
     """Row bounds of one (query part, key part): each row's key range (global positions) clipped to the key part
     [start, start + length) and renumbered from its start, so lo and hi stay non-decreasing; the part's key
@@ -184,10 +195,10 @@ def _step_fwd(q, kj, vj, bj, mj, sj, rows, i, j, layout: _Layout):
     for qpart, qi in _parts(layout, i, q.shape[1]):
         out, lse = None, None
         for kpart, kj_i in _parts(layout, j, kj.shape[1]):
-            bounds = _pair_bounds(rows, sj, qpart, kpart, kj_i)
-            o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
-                              _pair_mask(layout, mj, qpart, kpart, kj_i), bounds,
-                              _pair_kind(qi, kj_i, layout.config.is_causal, bounds[0]), layout)
+            mask, bounds = _pair_mask(layout, mj, qpart, kpart, kj_i), _pair_bounds(rows, sj, qpart, kpart, kj_i)
+            o, l_ = _fwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart), mask, bounds,
+                              _pair_kind(qi, kj_i, layout.config.is_causal, bounds[0], _indices(layout, mask)),
+                              layout)
             if out is None:
                 out, lse = o.astype(jnp.float32), l_
             else:
@@ -206,11 +217,10 @@ def _step_bwd(q, kj, vj, bj, mj, sj, rows, out, lse, dout, dlse, i, j, layout: _
     for qpart, qi in _parts(layout, i, q.shape[1]):
         gq = jnp.zeros(q[:, qpart].shape, jnp.float32)
         for n_k, (kpart, kj_i) in enumerate(_parts(layout, j, kj.shape[1])):
-            bounds = _pair_bounds(rows, sj, qpart, kpart, kj_i)
-            g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart),
-                          _pair_mask(layout, mj, qpart, kpart, kj_i), bounds,
+            mask, bounds = _pair_mask(layout, mj, qpart, kpart, kj_i), _pair_bounds(rows, sj, qpart, kpart, kj_i)
+            g = _bwd_pair(q[:, qpart], kj[:, kpart], vj[:, kpart], _pair_part(bj, qpart, kpart), mask, bounds,
                           out[:, qpart], lse[:, :, qpart], dout[:, qpart], dlse[:, :, qpart],
-                          _pair_kind(qi, kj_i, layout.config.is_causal, bounds[0]), layout)
+                          _pair_kind(qi, kj_i, layout.config.is_causal, bounds[0], _indices(layout, mask)), layout)
             gq = gq + g[0].astype(jnp.float32)
             dk[n_k] = dk[n_k] + g[1].astype(jnp.float32)
             dv[n_k] = dv[n_k] + g[2].astype(jnp.float32)
@@ -457,23 +467,31 @@ def _cp_bwd(layout, residuals, cotangents):
 _cp_attention.defvjp(_cp_fwd, _cp_bwd)
 
 
-def _topk_key_indices(mask: masks.TopKMask, axis_name, n: int, dims, *, is_causal: bool, zigzag: bool):
+def _whole_keys(x, axis_name, n: int, zigzag: bool, axis: int):
+    """A key-chunk operand gathered over the whole sequence, in the sequence's own order."""
+    whole = lax.all_gather(lax.stop_gradient(x), axis_name, axis=axis, tiled=True)
+    return from_zigzag(whole, n, axis=axis) if zigzag else whole
+
+
+def _topk_key_indices(mask: masks.TopKMask, axis_name, n: int, dims, *, is_causal: bool, zigzag: bool,
+                      rows=None, key_segments=None):
     """A TopKMask whose scores are this device's key chunk's, as the normal-form KeyIndices of the GLOBAL keys each
-    local query row keeps ([Bs, Hs, 1, k] shared by the rows without causality, [Bs, Hs, Lq / n, k] with it), or
-    None where k keeps every key. The scores of all chunks are gathered (O(Lk) numbers per score head, no K / V);
-    each row then ranks the keys it sees (causal: the global prefix up to its own position) as one device would."""
+    local query row keeps ([Bs, Hs, 1, k] shared by the rows without causality or bounds, [B', Hs, Lq / n, k]
+    with them), or None where k keeps every key. The scores of all chunks are gathered (O(Lk) numbers per score
+    head, no K / V); each row then ranks the keys it sees (causal: the global prefix up to its own position; with
+    row bounds ``rows`` and the whole sequence's ``key_segments``: the keys they leave it) as one device would."""
     b, h, hkv, lq, chunk = dims
     scores = mask.scores
     if not hasattr(scores, "shape") or getattr(scores, "ndim", 0) != 3 or scores.shape[2] != chunk:
         raise ValueError(f"context_parallel.attention: TopKMask.scores must be this device's key chunk's scores "
                          f"[B|1, 1|Hkv|H, Lk / n] with Lk / n = {chunk}, got shape "
                          f"{getattr(scores, 'shape', type(scores).__name__)}")
-    gathered = lax.all_gather(lax.stop_gradient(scores), axis_name, axis=2, tiled=True)
-    if zigzag:
-        gathered = from_zigzag(gathered, n, axis=2)
+    gathered = _whole_keys(scores, axis_name, n, zigzag, axis=2)
     norm, kind, k = _compact.normalize(masks.TopKMask(gathered, mask.k), (b, h, hkv, lq, n * chunk))
     if kind != "topk":
         return None
+    if rows is not None:
+        return _compact.bounded_topk_indices(norm, k, rows, key_segments)
     if not is_causal:
         s = norm[:, :, 0, :]
         return _compact.keep_best(s, k, *_compact.kth_best(s, k))[:, :, None, :]
@@ -491,9 +509,41 @@ def _topk_key_indices(mask: masks.TopKMask, axis_name, n: int, dims, *, is_causa
     return jnp.concatenate([part_indices(*part) for part in parts], axis=2)
 
 
+def compact_operands(mask, config: _primitives.KernelConfig, rows, key_segments, axis_name, n: int, dims, *,
+                     zigzag: bool = False):
+    """What the ring runs for a call's mask: (mask, config, rows, key_segments). ``mask`` is a bool mask (or
+    None), a TopKMask of this device's key chunk's scores, or normal-form KeyIndices (config.mask_kind "indices")
+    of global keys; ``rows`` / ``key_segments`` the row bounds of this device's rows and key chunk, or None.
+
+    A TopKMask becomes the KeyIndices of the keys each local row keeps (a bool call where k keeps every key).
+    With row bounds, KeyIndices hold the bounds themselves (the keys outside them dropped, causality included;
+    a TopKMask ranks only the keys inside them), and the call runs without bounds and without a causal rule of
+    its own: what the CUDA key-list kernels take. The whole sequence's key segment ids are gathered for this
+    (O(Lk) ints)."""
+    compact = isinstance(mask, masks.TopKMask) or config.mask_kind == "indices"
+    if not compact:
+        return mask, config, rows, key_segments
+    whole_segments = None
+    if rows is not None and key_segments is not None:
+        whole_segments = _whole_keys(key_segments, axis_name, n, zigzag, axis=1)
+    if isinstance(mask, masks.TopKMask):
+        mask = _topk_key_indices(mask, axis_name, n, dims, is_causal=config.is_causal, zigzag=zigzag, rows=rows,
+                                 key_segments=whole_segments)
+        if mask is None:  # k keeps every key: the bounds alone (or causality) select
+            return None, dataclasses.replace(config, mask_kind="bool", mask_k=0), rows, key_segments
+    elif rows is not None:
+        mask = _bounds.filter_key_indices(mask, _bounds.RowBounds(rows, whole_segments), _compact.INDEX_PAD)
+    config = dataclasses.replace(config, mask_kind="indices", mask_k=0)
+    if rows is not None:
+        config = dataclasses.replace(config, is_causal=False)
+        rows = key_segments = None
+    return mask, config, rows, key_segments
+
+
 def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: str = "ring",
-              chunk_order: str = "contiguous", scale=None, is_causal=False, softcap=None, return_lse=False,
-              deterministic=False, implementation=None):
+              chunk_order: str = "contiguous", scale=None, is_causal=False, softcap=None, q_segment_ids=None,
+              kv_segment_ids=None, local_window_size=None, query_seq_lengths=None, key_value_seq_lengths=None,
+              return_lse=False, deterministic=False, implementation=None):
     """:func:`jax_dmattn.attention` over a sequence sharded along mesh axis ``axis_name``, called inside
     ``shard_map``: ``query`` [B, Lq / n, H, D] and ``key`` / ``value`` [B, Lk / n, Hkv, D] are this device's
     chunks (chunk i on the axis's device i); the result is this device's query rows of the whole attention.
@@ -523,21 +573,50 @@ def attention(query, key, value, bias=None, mask=None, *, axis_name, strategy: s
     i and 2n - 1 - i, as :func:`to_zigzag` lays them out: balanced work under ``is_causal``). ``deterministic`` keeps
     each kernel call bitwise reproducible; the order of the cross-device sums is fixed by the ring.
 
-    Segment ids, windows and sequence lengths: pass them to :func:`jax_dmattn.attention` on sequence-sharded
-    inputs (under ``jit``), which builds their row bounds over the whole sequence and runs this.
+    ``q_segment_ids`` / ``kv_segment_ids`` (int [B, Lq / n] / [B, Lk / n]: this device's chunks, in the chunk
+    order), ``local_window_size`` and ``query_seq_lengths`` / ``key_value_seq_lengths`` (int [B], replicated) mean
+    what they mean in :func:`jax_dmattn.attention` over the whole sequence: the segment ids of every chunk are
+    gathered (O(B * L) ints per device), each query row's key range is built over the whole sequence and each
+    device keeps its own rows'; a KeyIndices or TopKMask then selects within those ranges.
     """
-    return _attention(query, key, value, bias, mask, None, None, axis_name=axis_name, strategy=strategy,
+    rows, key_segments = _chunk_row_bounds(
+        axis_name, (query.shape[0], query.shape[1], key.shape[1]), is_causal=is_causal,
+        zigzag=chunk_order == "zigzag", q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        local_window_size=local_window_size, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths)
+    return _attention(query, key, value, bias, mask, rows, key_segments, axis_name=axis_name, strategy=strategy,
                       chunk_order=chunk_order, scale=scale, is_causal=is_causal, softcap=softcap,
                       return_lse=return_lse, deterministic=deterministic, implementation=implementation)
 
 
-def check_bounds_mask(rows, compact: bool) -> None:
-    """Row bounds (segment ids, a window, sequence lengths) under context parallelism take a bool mask or none, not
-    a ``compact`` one: a KeyIndices' or TopKMask's selection would have to be bounded across chunks."""
-    if rows is not None and compact:
-        raise ValueError("jax_dmattn.attention: a sequence split over devices (context parallelism) with segment "
-                         "ids, local_window_size or sequence lengths takes a bool mask or none, not a KeyIndices or "
-                         "TopKMask")
+def _chunk_row_bounds(axis_name, dims, *, is_causal, zigzag: bool, q_segment_ids, kv_segment_ids,
+                      local_window_size, query_seq_lengths, key_value_seq_lengths):
+    """(rows [1|B, Lq / n, 4], key_segments [1|B, Lk / n] or None) of this device's query rows and key chunk, for
+    :func:`attention`'s bounds arguments: the row bounds (jax_dmattn/_bounds.py) built over the whole sequence from
+    the gathered segment ids, then cut to the device's own rows and keys; (None, None) without bounds."""
+    if not _bounds.any_given(q_segment_ids, kv_segment_ids, local_window_size, query_seq_lengths,
+                             key_value_seq_lengths):
+        return None, None
+    b, lq, chunk = dims
+    n = _axis_size(axis_name)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    whole = {}
+    for name, ids, length, desc in (("q_segment_ids", q_segment_ids, lq, "[batch, q_len / n]"),
+                                    ("kv_segment_ids", kv_segment_ids, chunk, "[batch, kv_len / n]")):
+        if ids is not None:
+            whole[name] = _whole_keys(_bounds.check_int_array(name, ids, desc, (b, length)), axis_name, n, zigzag,
+                                      axis=1)
+    bounds = _bounds.make_row_bounds(batch=b, q_len=n * lq, kv_len=n * chunk, is_causal=is_causal,
+                                     local_window_size=local_window_size, query_seq_lengths=query_seq_lengths,
+                                     key_value_seq_lengths=key_value_seq_lengths, **whole)
+    device = lax.axis_index(axis_name)
+
+    def mine(x, length):  # [Bb, n * length, ...] in sequence order -> this device's chunk, in the chunk order
+        x = to_zigzag(x, n, axis=1) if zigzag else x
+        return lax.dynamic_slice_in_dim(x, device * length, length, axis=1)
+
+    return mine(bounds.rows, lq), None if bounds.key_segments is None else mine(bounds.key_segments, chunk)
 
 
 def _attention(query, key, value, bias, mask, rows, key_segments, *, axis_name, strategy, chunk_order, scale,
@@ -564,16 +643,11 @@ def _attention(query, key, value, bias, mask, rows, key_segments, *, axis_name, 
         raise ValueError(f"chunk_order='zigzag' splits each device's chunk in two halves: the local query and key "
                          f"lengths must be even, got {lq} and {chunk}")
     bias = _rank4("bias", bias, (b, h, hkv, lq))
-    check_bounds_mask(rows, isinstance(mask, masks.COMPACT_MASKS))
     mask_kind = "bool"
-    if isinstance(mask, masks.TopKMask):
-        mask = _topk_key_indices(mask, axis_name, int(n), (b, h, hkv, lq, chunk), is_causal=is_causal,
-                                 zigzag=chunk_order == "zigzag")
-        mask_kind = "bool" if mask is None else "indices"
-    elif isinstance(mask, masks.KeyIndices):
+    if isinstance(mask, masks.KeyIndices):
         # checked and normalised once against the local rows and the global key length; each pair localises it
         mask, mask_kind, _ = _compact.normalize(mask, (b, h, hkv, lq, int(n) * chunk))
-    else:
+    elif not isinstance(mask, masks.TopKMask):
         mask = _rank4("mask", mask, (b, h, hkv, lq))
     if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
         raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
@@ -586,6 +660,8 @@ def _attention(query, key, value, bias, mask, rows, key_segments, *, axis_name, 
     config = _primitives.KernelConfig(scale=call.scale, softcap=call.softcap, is_causal=is_causal,
                                       deterministic=deterministic, implementation=implementation,
                                       mask_kind=mask_kind)
+    mask, config, rows, key_segments = compact_operands(mask, config, rows, key_segments, axis_name, int(n),
+                                                        (b, h, hkv, lq, chunk), zigzag=chunk_order == "zigzag")
     layout = layout_for(config, axis_name, int(n), lq, chunk, bias, mask, strategy=strategy,
                         zigzag=chunk_order == "zigzag")
     q, k, v, bias, mask, rows, key_segments = _primitives._match_vma(q, k, v, bias, mask, rows, key_segments)

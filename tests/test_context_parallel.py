@@ -75,12 +75,13 @@ def _reorder(x, n, fn, seq_dims):
 
 
 def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec, mesh=None, seq_axis="sp",
-         qspec=P(None, "sp"), chunk_order="contiguous", indices=None, topk=None):
+         qspec=P(None, "sp"), chunk_order="contiguous", indices=None, topk=None, bounds=None):
     """Values and gradients (q, k, v, bias) of context-parallel attention against one device, with an lse
     cotangent as well (the loss uses out and lse). With chunk_order="zigzag" the sequence is laid out by
     context_parallel.to_zigzag before sharding and the results are put back in order for the comparison.
     ``indices`` (sharded by mask_spec) is passed as KeyIndices instead of a bool mask: under zigzag its query
-    rows are reordered like a bias's, its values stay positions of the original sequence."""
+    rows are reordered like a bias's, its values stay positions of the original sequence. ``bounds``: keyword
+    arguments of row bounds (jax_dmattn.attention's), segment ids sharded and reordered like the sequence."""
     mesh = mesh or _mesh()
     q, k, v, bias, mask, ct, ct_lse = _inputs(hkv, bias_shape, mask_shape)
     wrap = lambda m: m  # noqa: E731
@@ -102,17 +103,22 @@ def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec,
             return jnp.sum(out * ct) + jnp.sum(lse * ct_lse), (out, lse)
         return loss
 
+    bounds = bounds or {}
+    static = {name: x for name, x in bounds.items() if not hasattr(x, "ndim")}
+    names = sorted(set(bounds) - set(static))
+    ids_spec = lambda x: P(qspec[0], seq_axis) if x.ndim == 2 else P()  # noqa: E731
+
     def one_device(q, k, v, bias):
         return jax_dmattn.attention(q, k, v, bias, wrap(mask), is_causal=is_causal, return_lse=True,
-                                    implementation=IMPL)
+                                    implementation=IMPL, **bounds)
 
-    in_specs = (qspec, qspec, qspec, bias_spec, mask_spec)
+    in_specs = (qspec, qspec, qspec, bias_spec, mask_spec) + tuple(ids_spec(bounds[name]) for name in names)
     lse_spec = P(qspec[0], None, seq_axis)
 
-    def local(q, k, v, bias, mask):
+    def local(q, k, v, bias, mask, *ids):
         return context_parallel.attention(q, k, v, bias, wrap(mask), axis_name=seq_axis, strategy=strategy,
                                           chunk_order=chunk_order, is_causal=is_causal, return_lse=True,
-                                          implementation=IMPL)
+                                          implementation=IMPL, **static, **dict(zip(names, ids)))
 
     sharded = _shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(qspec, lse_spec))
     argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
@@ -120,9 +126,10 @@ def _run(strategy, is_causal, hkv, bias_shape, bias_spec, mask_shape, mask_spec,
     put = lambda x, s: None if x is None else jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
     seq = (1,)
     laid_out = [order(q, seq), order(k, seq), order(v, seq), order(bias, (2, 3)), order(mask, (2, 3))]
+    laid_out += [order(bounds[name], seq) for name in names]
     args = [put(x, s) for x, s in zip(laid_out, in_specs)]
     ct, ct_lse = order(ct, seq), order(ct_lse, (2,))
-    cp_loss = loss_of(lambda q, k, v, bias: sharded(q, k, v, bias, args[4]))
+    cp_loss = loss_of(lambda q, k, v, bias: sharded(q, k, v, bias, *args[4:]))
     got_grads, (got_out, got_lse) = jax.jit(jax.grad(cp_loss, argnums, has_aux=True))(*args[:4])
     got_out, got_lse = back(got_out, seq), back(got_lse, (2,))
     got_grads = [back(g, seq) for g in got_grads[:3]] + [back(g, (2, 3)) for g in got_grads[3:]]
@@ -367,16 +374,35 @@ def _bounds_kwargs(name):
                 key_value_seq_lengths=jnp.asarray([L, L - 13], jnp.int32))
 
 
+def _bounds_mask(form, rng):
+    """(mask as the one-device call takes it, the same as the sequence-split call takes it given a put(x, spec)):
+    a bool mask along queries, per-row KeyIndices of global keys along queries, a TopKMask's scores along keys."""
+    if form == "bool":
+        mask = jnp.asarray(rng.random((B, 1, L, L)) < 0.7)
+        return mask, lambda put: put(mask, ROWS)
+    if form == "indices":
+        idx = _key_indices((B, 2, L, K_IDX))
+        return jax_dmattn.KeyIndices(idx), lambda put: jax_dmattn.KeyIndices(put(idx, P(None, None, "sp", None)))
+    scores = jnp.asarray(np.round(rng.standard_normal((B, 2, L)) * 2), jnp.float32)
+    return (jax_dmattn.TopKMask(scores, 6),
+            lambda put: jax_dmattn.TopKMask(put(scores, P(None, None, "sp")), 6))
+
+
 @multi_device
-@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-@pytest.mark.parametrize("bounds, is_causal", [("packed", True), ("unsorted", False), ("window", True),
-                                               ("lengths", False), ("lengths", True)])
-def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal):
+@pytest.mark.parametrize("axis_type, bounds, is_causal, form", [
+    (axis, bounds, causal, "bool") for axis in ("Auto", "Explicit")
+    for bounds, causal in (("packed", True), ("unsorted", False), ("window", True), ("lengths", False),
+                           ("lengths", True))
+] + [("Auto", "packed", True, "topk"), ("Explicit", "unsorted", False, "topk"),
+     ("Explicit", "lengths", True, "indices"), ("Auto", "window", True, "indices")])
+def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal, form):
     """Segment ids, a window or sequence lengths with query and key split over one mesh axis (Auto axes: the
     partitioning rule; Explicit: the shard_map route) run context-parallel: each (query chunk, key chunk) pair
-    takes the rows' key ranges clipped to its keys, the key segment ids travel with their chunk. Values and all
-    four gradients equal one device, with a per-key bias and a bool mask."""
-    q, k, v, bias, mask, ct, _ = _inputs(2, (B, 2, 1, L), (B, 1, L, L))
+    takes the rows' key ranges clipped to its keys, the key segment ids travel with their chunk; a KeyIndices or
+    TopKMask selects within the bounds (the selection holds them). Values and all four gradients equal one
+    device, with a per-key bias."""
+    q, k, v, bias, _, ct, _ = _inputs(2, (B, 2, 1, L), None)
+    mask, sharded_mask = _bounds_mask(form, np.random.default_rng(3))
     kw = _bounds_kwargs(bounds)
 
     def grads(ct, mask, kw):
@@ -391,7 +417,7 @@ def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal):
     seq = P(None, "sp")
     args = (put(q, seq), put(k, seq), put(v, seq), put(bias, KEYS))
     kw_sharded = {name: (put(x, seq) if getattr(x, "ndim", 0) == 2 else x) for name, x in kw.items()}
-    f = grads(put(ct, seq), put(mask, ROWS), kw_sharded)
+    f = grads(put(ct, seq), sharded_mask(put), kw_sharded)
     with _mesh_context(mesh):
         got_loss, got_grads = f(*args)
     if axis_type == "Auto":
@@ -402,21 +428,23 @@ def test_row_bounds_on_a_sequence_split(axis_type, bounds, is_causal):
 
 
 @multi_device
-@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-def test_row_bounds_with_a_compact_mask_on_a_sequence_split_are_refused(axis_type):
-    """Segment ids with a KeyIndices or TopKMask under a sequence split: a ValueError on both routes (under Auto
-    axes it arrives from the partitioner, wrapped, at compile time)."""
-    q, k, v, *_ = _inputs(2, None, None)
-    ids = jnp.asarray(packed_segments(np.random.default_rng(8), B, L, 3))
-    mesh = jax.make_mesh((N_DEVICES,), ("sp",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
-    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "sp")))  # noqa: E731
-    forms = [jax_dmattn.KeyIndices(jnp.asarray(_key_indices((B, 2, K_IDX)))),
-             jax_dmattn.TopKMask(jnp.zeros((B, 2, L)), 4)]
-    for form in forms:
-        f = jax.jit(lambda q, k, v, ids, m=form: jax_dmattn.attention(
-            q, k, v, mask=m, is_causal=True, q_segment_ids=ids, kv_segment_ids=ids, implementation=IMPL))
-        with pytest.raises(Exception, match="takes a bool mask or none"), _mesh_context(mesh):
-            f(put(q), put(k), put(v), put(ids))
+@pytest.mark.parametrize("strategy, chunk_order, bounds, is_causal, form", [
+    ("ring", "zigzag", "packed", True, None),
+    ("all_gather", "contiguous", "lengths", True, "topk"),
+    ("ring", "contiguous", "unsorted", False, "indices"),
+    ("ring", "zigzag", "window", True, "topk"),
+])
+def test_explicit_call_with_row_bounds(strategy, chunk_order, bounds, is_causal, form):
+    """context_parallel.attention's own segment ids (this device's chunks), window and lengths, for shard_map
+    users: out, lse and all four gradients equal one device over the whole sequence, in both chunk orders, with
+    a per-key bias and no mask, per-row KeyIndices or a TopKMask."""
+    kw = dict(chunk_order=chunk_order, bounds=_bounds_kwargs(bounds))
+    if form == "indices":
+        kw.update(indices=_key_indices((B, 2, L, K_IDX)))
+    elif form == "topk":
+        kw.update(topk=(jnp.asarray(np.round(np.random.default_rng(5).standard_normal((B, 2, L)) * 2)), 6))
+    spec = {None: None, "indices": P(None, None, "sp", None), "topk": P(None, None, "sp")}[form]
+    _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, None, spec, **kw)
 
 
 @multi_device
