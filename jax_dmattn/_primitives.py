@@ -378,28 +378,42 @@ def flash_attention(q, k, v, bias, mask, config: KernelConfig, rows=None, key_se
                       _operand(key_segments, jnp.int32), config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q, k, v, bias, mask, rows, key_segments, config: KernelConfig):
-    return tuple(dmattn_fwd_p.bind(q, k, v, bias, mask, rows, key_segments, config=config))
+def attention_vjp(forward, backward):
+    """A differentiable attention over (q, k, v, bias, mask, rows, key_segments, static) from its two halves:
+    ``forward(q, k, v, bias, mask, rows, key_segments, static)`` -> (out, lse) and ``backward(q, k, v, bias, mask,
+    rows, key_segments, out, lse, dout, dlse, static)`` -> (dq, dk, dv, dbias). The residuals are the operands and
+    (out, lse); masks and bounds get no gradient; the cotangents arrive in out's dtype and float32, varying over
+    the residuals' manual axes (one may vary over fewer, e.g. an invariant one in shard_map)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+    def attention(q, k, v, bias, mask, rows, key_segments, static):
+        return tuple(forward(q, k, v, bias, mask, rows, key_segments, static))
+
+    def attention_fwd(q, k, v, bias, mask, rows, key_segments, static):
+        out, lse = forward(q, k, v, bias, mask, rows, key_segments, static)
+        return (out, lse), (q, k, v, bias, mask, rows, key_segments, out, lse)
+
+    def attention_bwd(static, residuals, cotangents):
+        *operands, out, lse = residuals
+        dout, dlse = cotangents
+        *_, dout, dlse = _match_vma(operands[0], jnp.asarray(dout, out.dtype), jnp.asarray(dlse, jnp.float32))
+        dq, dk, dv, dbias = backward(*operands, out, lse, dout, dlse, static)
+        return dq, dk, dv, dbias, None, None, None
+
+    attention.defvjp(attention_fwd, attention_bwd)
+    return attention
 
 
-def _attention_fwd(q, k, v, bias, mask, rows, key_segments, config):
-    out, lse = dmattn_fwd_p.bind(q, k, v, bias, mask, rows, key_segments, config=config)
-    return (out, lse), (q, k, v, bias, mask, rows, key_segments, out, lse)
+def _kernels_fwd(q, k, v, bias, mask, rows, key_segments, config: KernelConfig):
+    return dmattn_fwd_p.bind(q, k, v, bias, mask, rows, key_segments, config=config)
 
 
-def _attention_bwd(config, residuals, cotangents):
-    q, k, v, bias, mask, rows, key_segments, out, lse = residuals
-    dout, dlse = cotangents
-    dout = jnp.asarray(dout, out.dtype)
-    dlse = jnp.asarray(dlse, jnp.float32)
-    # A cotangent may vary over fewer manual axes than the residuals (e.g. an invariant one in shard_map).
-    *_, dout, dlse = _match_vma(q, dout, dlse)
+def _kernels_bwd(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, config: KernelConfig):
     dq, dk, dv, dbias = dmattn_bwd_p.bind(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse,
                                           config=config)
     if not _is_absent(bias) and bias.shape[3] == 1 and k.shape[1] != 1:
         dbias = (dbias.astype(jnp.float32) + key_broadcast_dbias(bias.shape, lse, dlse)).astype(dbias.dtype)
-    return dq, dk, dv, dbias, None, None, None  # masks and bounds get no gradient
+    return dq, dk, dv, dbias
 
 
 def key_broadcast_dbias(bias_shape, lse, dlse):
@@ -420,7 +434,7 @@ def key_broadcast_dbias(bias_shape, lse, dlse):
     return x[..., None]
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = attention_vjp(_kernels_fwd, _kernels_bwd)
 
 
 # ---------------------------------------------------------------------------------------------- registration

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -318,7 +317,7 @@ def _chunk_operands(layout: _Layout, fetch, j, kj, vj, tb, tm, ts, bias, mask):
     return kj, vj, tb, tm, ts, bj, mj
 
 
-def _forward(q, k, v, bias, mask, layout: _Layout, rows=None, key_segments=None):
+def _forward(q, k, v, bias, mask, rows, key_segments, layout: _Layout):
     n = layout.n
     i = lax.axis_index(layout.axis_name)
     b, lq, h, d = q.shape
@@ -369,17 +368,17 @@ def forward(q, k, v, bias, mask, layout: _Layout, rows=None, key_segments=None):
     """(out, lse) of this device's query rows over every key chunk (the primal of :func:`attention`). ``rows``
     [1|B, Lq / n, 4]: the row bounds (jax_dmattn/_bounds.py: global key positions) of this device's rows;
     ``key_segments`` [1|B, Lk / n]: its key chunk's segment ids (they travel with the chunk)."""
-    return _forward(q, k, v, bias, mask, layout, rows, key_segments)
+    return _forward(q, k, v, bias, mask, rows, key_segments, layout)
 
 
 def backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, rows=None, key_segments=None, *,
              lse_term: bool = True):
     """(dq, dk, dv, dbias) on the devices that own them. ``lse_term=False`` leaves out the lse cotangent's part of
     a key-broadcast bias's gradient, for callers that add it themselves (jax_dmattn's custom_vjp)."""
-    return _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout, rows, key_segments, lse_term=lse_term)
+    return _backward(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, layout, lse_term=lse_term)
 
 
-def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, rows=None, key_segments=None,
+def _backward(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, layout: _Layout,
               lse_term: bool = True):
     n, c = layout.n, layout.chunk
     i = lax.axis_index(layout.axis_name)
@@ -445,26 +444,7 @@ def _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout: _Layout, rows=N
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _cp_attention(q, k, v, bias, mask, rows, key_segments, layout: _Layout):
-    return _forward(q, k, v, bias, mask, layout, rows, key_segments)
-
-
-def _cp_fwd(q, k, v, bias, mask, rows, key_segments, layout):
-    out, lse = _forward(q, k, v, bias, mask, layout, rows, key_segments)
-    return (out, lse), (q, k, v, bias, mask, rows, key_segments, out, lse)
-
-
-def _cp_bwd(layout, residuals, cotangents):
-    q, k, v, bias, mask, rows, key_segments, out, lse = residuals
-    dout, dlse = cotangents
-    dout = jnp.asarray(dout, out.dtype)
-    dlse = jnp.asarray(dlse, jnp.float32)
-    dq, dk, dv, dbias = _backward(q, k, v, bias, mask, out, lse, dout, dlse, layout, rows, key_segments)
-    return dq, dk, dv, dbias, None, None, None
-
-
-_cp_attention.defvjp(_cp_fwd, _cp_bwd)
+_cp_attention = _primitives.attention_vjp(_forward, _backward)
 
 
 def _whole_keys(x, axis_name, n: int, zigzag: bool, axis: int):

@@ -168,24 +168,19 @@ MASKS = {
 }
 
 
-@multi_device
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("bias", list(BIASES))
-@pytest.mark.parametrize("chunk_order", ORDERS)
-def test_bias_layouts(strategy, is_causal, bias, chunk_order):
-    shape, spec = BIASES[bias]
-    _run(strategy, is_causal, 2, shape, spec, None, None, chunk_order=chunk_order)
+# (bias, mask) of each layout case: a bias alone, or a mask with a per-key bias
+LAYOUTS = {**{f"bias-{name}": ((shape, spec), (None, None)) for name, (shape, spec) in BIASES.items()},
+           **{f"mask-{name}": (((B, 2, 1, L), KEYS), (shape, spec)) for name, (shape, spec) in MASKS.items()}}
 
 
 @multi_device
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("chunk_order", ORDERS)
-def test_masks_with_per_key_bias(strategy, is_causal, mask, chunk_order):
-    shape, spec = MASKS[mask]
-    _run(strategy, is_causal, 2, (B, 2, 1, L), KEYS, shape, spec, chunk_order=chunk_order)
+def test_bias_and_mask_layouts(strategy, is_causal, layout, chunk_order):
+    (bias_shape, bias_spec), (mask_shape, mask_spec) = LAYOUTS[layout]
+    _run(strategy, is_causal, 2, bias_shape, bias_spec, mask_shape, mask_spec, chunk_order=chunk_order)
 
 
 def _key_indices(shape, seed=1):

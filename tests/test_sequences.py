@@ -202,6 +202,14 @@ def test_rows_past_query_length_have_zero_output_and_gradient(implementation):
             assert np.all(np.isfinite(np.asarray(g[b, :n], np.float32)))
 
 
+def _vmap_equals_each(one, *args):
+    """jit(vmap(one)) over the leading dim of args equals jit(one) on each example."""
+    got = jax.jit(jax.vmap(one))(*args)
+    for e in range(args[0].shape[0]):
+        want = jax.jit(one)(*(x[e] for x in args))
+        np.testing.assert_allclose(np.asarray(got[e]), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.cpu_kernels
 def test_traced_lengths_and_ids_under_jit_and_vmap():
     """Lengths and segment ids are ordinary traced arrays: one compiled function serves any values, and vmap over
@@ -217,10 +225,7 @@ def test_traced_lengths_and_ids_under_jit_and_vmap():
                                     q_segment_ids=seg, kv_segment_ids=seg, local_window_size=(20, 0),
                                     implementation="cpu")
 
-    got = jax.jit(jax.vmap(one))(q, k, v, lens, seg)
-    for e in range(n):
-        want = jax.jit(one)(q[e], k[e], v[e], lens[e], seg[e])
-        np.testing.assert_allclose(np.asarray(got[e]), np.asarray(want), rtol=1e-6, atol=1e-6)
+    _vmap_equals_each(one, q, k, v, lens, seg)
 
 
 @pytest.mark.cpu_kernels
@@ -238,10 +243,7 @@ def test_topk_mask_with_ids_under_vmap():
         return jax_dmattn.attention(q, k, v, mask=TopKMask(s, 7), is_causal=True, q_segment_ids=seg,
                                     kv_segment_ids=seg, implementation="cpu")
 
-    got = jax.jit(jax.vmap(one))(q, k, v, scores, seg)
-    for e in range(n):
-        want = jax.jit(one)(q[e], k[e], v[e], scores[e], seg[e])
-        np.testing.assert_allclose(np.asarray(got[e]), np.asarray(want), rtol=1e-6, atol=1e-6)
+    _vmap_equals_each(one, q, k, v, scores, seg)
 
 
 @pytest.mark.cpu_kernels
