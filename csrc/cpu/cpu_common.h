@@ -1,7 +1,9 @@
 // Building blocks of the CPU kernels: dtype conversion, a fixed-shape GEMM micro-kernel, a vectorisable exp2,
 // tile-class lookup and a small parallel-for. Everything is float32 inside.
 #pragma once
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -22,6 +24,24 @@ constexpr int kBlockN = 64;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// The scratch arrays of one work item, of the given float counts, carved in order out of one buffer that each thread
+// keeps between items (and calls), so that a kernel allocates once per thread, not once per tile. The arrays are
+// valid until the calling thread's next call with as many arrays.
+template <size_t N>
+std::array<float*, N> thread_scratch(const int64_t (&sizes)[N]) {
+  thread_local std::vector<float> buf;
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  buf.resize(total);
+  std::array<float*, N> arrays;
+  float* at = buf.data();
+  for (size_t i = 0; i < N; ++i) {
+    arrays[i] = at;
+    at += sizes[i];
+  }
+  return arrays;
+}
 
 // ---------------------------------------------------------------------------------------- conversions
 // A float's bits and back. C++17 has no std::bit_cast; memcpy is the defined way, and compiles to a register move.

@@ -78,21 +78,11 @@ void flash_bwd(const AttentionParams& p, const void* q, const void* k, const voi
     const int64_t b_begin = b_group * batches_per_item, kvh_begin = kv_group * kv_heads_per_item;
     const int64_t n0 = nt * kBlockN, bn = std::min<int64_t>(kBlockN, p.kv_len - n0);
 
-    thread_local std::vector<float> buf;
-    buf.resize(kBlockM * Dp * 3 + kBlockN * Dp * 6 + kBlockM * kBlockN * 4);
-    float* Q = buf.data();
-    float* dO = Q + kBlockM * Dp;
-    float* dQ = dO + kBlockM * Dp;
-    float* K = dQ + kBlockM * Dp;
-    float* Kt = K + kBlockN * Dp;
-    float* V = Kt + kBlockN * Dp;
-    float* Vt = V + kBlockN * Dp;
-    float* dK = Vt + kBlockN * Dp;
-    float* dV = dK + kBlockN * Dp;
-    float* S = dV + kBlockN * Dp;          // logits, then P
-    float* T = S + kBlockM * kBlockN;      // tanh of the capped logits (softcap only)
-    float* dS = T + kBlockM * kBlockN;     // dP, then dS
-    float* Tr = dS + kBlockM * kBlockN;    // P^T, then dS^T
+    const int64_t q_tile = kBlockM * Dp, kv_tile = kBlockN * Dp, s_tile = kBlockM * kBlockN;
+    // S: the logits, then P; T: tanh of the capped logits (softcap only); dS: dP, then dS; Tr: P^T, then dS^T
+    auto [Q, dO, dQ, K, Kt, V, Vt, dK, dV, S, T, dS, Tr] =
+        thread_scratch({q_tile, q_tile, q_tile, kv_tile, kv_tile, kv_tile, kv_tile, kv_tile, kv_tile, s_tile, s_tile,
+                        s_tile, s_tile});
     uint8_t keep[kBlockM * kBlockN];
 
     // dbias scratch for the bias heads this item touches: [heads][bias rows][kBlockN].

@@ -23,16 +23,10 @@ void flash_fwd(const AttentionParams& p, const void* q, const void* k, const voi
     const int64_t kvh = h / g;
     const int64_t m0 = mt * kBlockM, bm = std::min<int64_t>(kBlockM, p.q_len - m0);
 
-    thread_local std::vector<float> buf;
-    buf.resize(kBlockM * Dp * 2 + kBlockN * Dp * 3 + kBlockM * kBlockN + 2 * kBlockM);
-    float* Q = buf.data();
-    float* O = Q + kBlockM * Dp;
-    float* K = O + kBlockM * Dp;
-    float* Kt = K + kBlockN * Dp;
-    float* V = Kt + kBlockN * Dp;
-    float* S = V + kBlockN * Dp;
-    float* row_max = S + kBlockM * kBlockN;  // running max of the logits
-    float* row_sum = row_max + kBlockM;
+    const int64_t q_tile = kBlockM * Dp, kv_tile = kBlockN * Dp, s_tile = kBlockM * kBlockN;
+    // row_max: the running max of the logits
+    auto [Q, O, K, Kt, V, S, row_max, row_sum] = thread_scratch({q_tile, q_tile, kv_tile, kv_tile, kv_tile, s_tile,
+                                                                 int64_t(kBlockM), int64_t(kBlockM)});
     uint8_t keep[kBlockM * kBlockN];
 
     load_seq_tile(q, p.dtype, p.q_len, p.heads, D, b, h, m0, bm, kBlockM, Dp, Q);
