@@ -305,6 +305,11 @@ def _topk_causal_per_key(bias, mask, k: int, shape: tuple[int, ...]):
     return keep.reshape(shape)
 
 
+def _within(keep, allowed):
+    """A selection cut to the allowed entries (None: all of them)."""
+    return keep if allowed is None else keep & allowed
+
+
 @functools.partial(jax.jit, static_argnames=("k", "is_causal", "shape"))
 def _topk_mask_impl(bias, mask, *, k: int, is_causal: bool, shape: tuple[int, ...]):
     allowed = _allowed(mask, is_causal, shape)
@@ -317,10 +322,7 @@ def _topk_mask_impl(bias, mask, *, k: int, is_causal: bool, shape: tuple[int, ..
     s = jnp.broadcast_to(_canonical_scores(bias), shape)
     if allowed is not None:
         s = jnp.where(allowed, s, -jnp.inf)
-    keep = _topk_rows(s, k)
-    if allowed is not None:
-        keep = keep & allowed
-    return keep
+    return _within(_topk_rows(s, k), allowed)
 
 
 def topk_mask(
@@ -440,10 +442,7 @@ def _block_topk_mask_impl(bias, mask, *, kb: int, bq: int, bk: int, is_causal: b
     pooled = jnp.where(any_ok, pooled, -jnp.inf)
     keep_blocks = _topk_rows(pooled, kb) & any_ok  # [..., nq, nk]
     keep = jnp.repeat(jnp.repeat(keep_blocks, bq, axis=-2), bk, axis=-1)
-    keep = keep[..., :lq, :lk]
-    if allowed is not None:
-        keep = keep & allowed
-    return keep
+    return _within(keep[..., :lq, :lk], allowed)
 
 
 def block_topk_mask(
