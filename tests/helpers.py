@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import warnings
 from typing import Optional, Tuple
 
 import jax
@@ -263,10 +262,6 @@ class Case:
     def bias_jdtype(self):
         return DTYPES[self.bias_dtype or self.dtype]
 
-    def full_shape(self, head="H"):
-        """[B, H|Hkv, Lq, Lk]."""
-        return (self.B, self.H if head == "H" else self.Hkv, self.Lq, self.Lk)
-
 
 def _round(x, dtype):
     """Round a float64 numpy array to ``dtype`` (numpy array of that dtype)."""
@@ -460,10 +455,6 @@ def check_grads(implementation, case: Case, rng, *, inputs=None, dout=None):
         tol = max(tolerance(case.jdtype, "grad"), tolerance(bias.dtype, "grad"))
         assert_close(db, edb, case.jdtype, "grad", name="dbias", tol=tol, floor=fb)
     return (out, dq, dk, dv, db), (eo, edq, edk, edv, edb)
-
-
-def suppress_donation_warnings():
-    warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
 
 
 def random_qkv_bias(rng, *, B, Lq, Lk, H, Hkv, D, bias, dtype):
