@@ -66,6 +66,22 @@ constexpr int64_t kTopKListsMaxK = 16384;
 constexpr int kTopKBoundedGroupSpread = kKeyListBlockM;
 constexpr int64_t kTopKBoundedListsMaxK = 8192 - 2 * kTopKBoundedGroupSpread;
 
+// Whether that pre-pass serves a call by the shared-list select over one key range per unit: one query row without
+// segment ids (a decoding step over a ragged batch), whose list is the top k of its row's range.
+constexpr bool topk_bounded_one_range(int64_t q_len, bool key_segments) { return q_len == 1 && !key_segments; }
+
+// The keys a unit's list of that pre-pass may have to hold: k on the one-range route; else k plus the group's two
+// ends without segment ids, and twice that with them (packed sequences: a unit meets at most two long segments; a
+// unit that outgrows it is marked dense). Rounded up to whole chunks, and at most the key length's chunks.
+constexpr int64_t topk_bounded_list_capacity(int64_t k, int64_t q_len, bool key_segments, int64_t kv_len) {
+  const int64_t need = topk_bounded_one_range(q_len, key_segments) ? k
+                       : key_segments ? 2 * k + 4 * kTopKBoundedGroupSpread
+                                      : k + 2 * kTopKBoundedGroupSpread;
+  const int64_t chunks = (need + kKeyListChunk - 1) / kKeyListChunk;
+  const int64_t kv_chunks = (kv_len + kKeyListChunk - 1) / kKeyListChunk;
+  return (chunks < kv_chunks ? chunks : kv_chunks) * kKeyListChunk;
+}
+
 // uint32 words after the int64 dK / dV counts of the deterministic key-list backward (its statistics).
 constexpr int kFixedStatsWords = 8;
 

@@ -86,6 +86,8 @@ nb::dict kernel_facts() {
 NB_MODULE(_jax_dmattn_ext, m) {
   m.def("kernel_facts", &kernel_facts);
   m.def("key_list_bwd_smem_bytes", &dmattn::key_list_bwd_smem_bytes, nb::arg("head_dim"), nb::arg("rows"));
+  m.def("topk_bounded_list_capacity", &dmattn::topk_bounded_list_capacity, nb::arg("k"), nb::arg("q_len"),
+        nb::arg("key_segments"), nb::arg("kv_len"));
   m.def("dbias_tiles_get_several_flushes",
         [](std::array<int64_t, 4> bias_dims, int64_t batch, int64_t heads, int64_t kv_heads) {
           return dmattn::dbias_tiles_get_several_flushes(bias_dims.data(), batch, heads, kv_heads);

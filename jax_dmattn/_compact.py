@@ -528,14 +528,8 @@ def cuda_bounded_topk_lists(scores, k: int, rows, key_segments, *, kv_len: int):
     facts = _ffi.kernel_facts()
     if k > facts["topk_bounded_lists_max_k"]:
         return per_row_topk_lists(scores, k, rows, key_segments, kv_len=kv_len), None
-    _, chunk = _list_geometry()
-    spread = facts["topk_bounded_group_spread"]
     segments = key_segments is not None
-    if rows.shape[1] == 1 and not segments:
-        need = k  # one query row (a decoding step): the shared-list pre-pass over its key range
-    else:
-        need = 2 * k + 4 * spread if segments else k + 2 * spread
-    capacity = min(_round_up(need, chunk), _round_up(kv_len, chunk))
+    capacity = _ffi.extension().topk_bounded_list_capacity(k, rows.shape[1], segments, kv_len)
     s = scores[:, :, 0, :]
     keys, bits = _cuda_fwd.build_topk_bounded_key_lists(s, rows, key_segments, k=k, capacity=capacity,
                                                         may_overflow=segments)

@@ -6,6 +6,7 @@ package (``dense_topk`` / ``dense_indices``); the package's own dense form (``to
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -350,6 +351,27 @@ def test_bounded_topk_lowers_to_its_cuda_pre_pass(segments, monkeypatch):
     text = _lowered_text("cuda", n, n, mask, arrays)
     assert text.count("@dmattn_topk_bounded_key_lists_cuda(") == 2, "one pre-pass call in each of fwd and bwd"
     assert ("stablehlo.case" in text or "stablehlo.if" in text) == segments
+
+
+@pytest.mark.parametrize("lq, segments, route", [(1, False, "one range"), (64, False, "unit"),
+                                                 (64, True, "unit with segments")])
+def test_bounded_topk_list_capacity(lq, segments, route, monkeypatch):
+    """The bounded pre-pass's list capacity comes from the rule its handler routes by (csrc/kernel_facts.h:
+    topk_bounded_list_capacity): k on the one-range route of a decoding step (one query row, no segment ids), k plus
+    a unit's two ends otherwise, twice that with segment ids; whole 64-key chunks."""
+    monkeypatch.setattr(_ffi, "has_cuda_kernels", lambda: True)
+    facts = _ffi.kernel_facts()
+    spread, chunk = facts["topk_bounded_group_spread"], facts["key_list_chunk"]
+    n, k = 4096, 100
+    mask = TopKMask(jax.ShapeDtypeStruct((1, 1, n), jnp.float32), k)
+    ids = jax.ShapeDtypeStruct((1, lq), jnp.int32), jax.ShapeDtypeStruct((1, n), jnp.int32)
+    arrays = (dict(q_segment_ids=ids[0], kv_segment_ids=ids[1]) if segments else
+              dict(key_value_seq_lengths=jax.ShapeDtypeStruct((1,), jnp.int32)))
+    need = {"one range": k, "unit": k + 2 * spread, "unit with segments": 2 * k + 4 * spread}[route]
+    text = _lowered_text("cuda", lq, n, mask, arrays)
+    capacities = [int(c) for line in text.splitlines() if "@dmattn_topk_bounded_key_lists_cuda(" in line
+                  for c in re.findall(r"capacity = (\d+)", line)]
+    assert capacities and set(capacities) == {-(-need // chunk) * chunk}
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -151,7 +151,7 @@ ffi::Error topk_bounded_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32
   if (L.units() == 0) return ffi::Error::Success();
   L.keys = keys->typed_data();
   L.bits = reinterpret_cast<uint64_t*>(bits->typed_data());
-  if (L.rows == 1 && args.bounds.key_segments == nullptr) {
+  if (topk_bounded_one_range(rd[1], args.bounds.key_segments != nullptr)) {
     // One query row per unit without segment ids (a decoding step over a ragged batch): its list is the top k of
     // one key range, which the shared-list pre-pass selects with a team of CTAs per row.
     if (capacity < k)
