@@ -239,7 +239,7 @@ def _bounds_operands(bounds):
 
 def _fwd_pair(q, k, v, bias, mask, bounds, kind, layout: _Layout):
     """(out [B, Lq, H, D], lse [B, H, Lq] f32) of one (query chunk, key chunk) pair. With row bounds the kernels
-    take causality from them (the pair kind still skips the pairs above the diagonal)."""
+    take causality from them (their pair kind is never the causal one, _pair_kind)."""
     b, lq, h, _ = q.shape
     bias_op, mask_op = _primitives._operand(bias, jnp.float32), _primitives._operand(mask, jnp.bool_)
 
@@ -447,8 +447,9 @@ def _backward(q, k, v, bias, mask, rows, key_segments, out, lse, dout, dlse, lay
 _cp_attention = _primitives.attention_vjp(_forward, _backward)
 
 
-def _whole_keys(x, axis_name, n: int, zigzag: bool, axis: int):
-    """A key-chunk operand gathered over the whole sequence, in the sequence's own order."""
+def _whole_sequence(x, axis_name, n: int, zigzag: bool, axis: int):
+    """A chunk operand (the device's query rows or keys along ``axis``) gathered over the whole sequence, in the
+    sequence's own order."""
     whole = lax.all_gather(lax.stop_gradient(x), axis_name, axis=axis, tiled=True)
     return from_zigzag(whole, n, axis=axis) if zigzag else whole
 
@@ -466,7 +467,7 @@ def _topk_key_indices(mask: masks.TopKMask, axis_name, n: int, dims, *, is_causa
         raise ValueError(f"context_parallel.attention: TopKMask.scores must be this device's key chunk's scores "
                          f"[B|1, 1|Hkv|H, Lk / n] with Lk / n = {chunk}, got shape "
                          f"{getattr(scores, 'shape', type(scores).__name__)}")
-    gathered = _whole_keys(scores, axis_name, n, zigzag, axis=2)
+    gathered = _whole_sequence(scores, axis_name, n, zigzag, axis=2)
     norm, kind, k = _compact.normalize(masks.TopKMask(gathered, mask.k), (b, h, hkv, lq, n * chunk))
     if kind != "topk":
         return None
@@ -505,7 +506,7 @@ def compact_operands(mask, config: _primitives.KernelConfig, rows, key_segments,
         return mask, config, rows, key_segments
     whole_segments = None
     if rows is not None and key_segments is not None:
-        whole_segments = _whole_keys(key_segments, axis_name, n, zigzag, axis=1)
+        whole_segments = _whole_sequence(key_segments, axis_name, n, zigzag, axis=1)
     if isinstance(mask, masks.TopKMask):
         mask = _topk_key_indices(mask, axis_name, n, dims, is_causal=config.is_causal, zigzag=zigzag, rows=rows,
                                  key_segments=whole_segments)
@@ -579,14 +580,12 @@ def _chunk_row_bounds(axis_name, dims, *, is_causal, zigzag: bool, q_segment_ids
         return None, None
     b, lq, chunk = dims
     n = _axis_size(axis_name)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    whole = {}
+    whole = {}  # one id array without the other: make_row_bounds says they go together
     for name, ids, length, desc in (("q_segment_ids", q_segment_ids, lq, "[batch, q_len / n]"),
                                     ("kv_segment_ids", kv_segment_ids, chunk, "[batch, kv_len / n]")):
         if ids is not None:
-            whole[name] = _whole_keys(_bounds.check_int_array(name, ids, desc, (b, length)), axis_name, n, zigzag,
-                                      axis=1)
+            ids = _bounds.check_int_array(name, ids, desc, (b, length))
+            whole[name] = _whole_sequence(ids, axis_name, n, zigzag, axis=1)
     bounds = _bounds.make_row_bounds(batch=b, q_len=n * lq, kv_len=n * chunk, is_causal=is_causal,
                                      local_window_size=local_window_size, query_seq_lengths=query_seq_lengths,
                                      key_value_seq_lengths=key_value_seq_lengths, **whole)
