@@ -229,18 +229,35 @@ struct FwdMainloop
   CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, TileCoords const& cT, const float* staged,
                                        int64_t bias_base, Consumer const& lg, ProblemShape const& problem,
                                        bool check_bounds, int b) {
+    using cutlass::fmha::collective::layout_acc_mn;
     const int lq = get<2>(problem), lk = get<3>(problem);
-    if (lg.softcap > 0.f) {
+    const bool capped = lg.softcap > 0.f;
+    if (capped) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) = lg.softcap * tanhf(acc(i) * lg.qk_scale);
-    } else {
+    }
+    if (staged != nullptr) {
+      // The per-element loop is the softmax's issue cost, so what is per key is decided per key: a bias of -inf
+      // drops its key there (add_bias's rule, which keeps a +inf or NaN logit out of such a pair), and the scale and
+      // the bias join in one fused multiply-add per element.
+      const float scale = capped ? 1.f : lg.qk_scale;
+      Tensor s_mn = make_tensor(acc.data(), layout_acc_mn(TiledMmaQK{}, acc.layout()));
+      Tensor t_mn = make_tensor(cT.data(), layout_acc_mn(TiledMmaQK{}, cT.layout()));
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(s_mn); ++j) {
+        const float bk = staged[int(get<1>(t_mn(0, j)))];
+        const bool dropped = bk == -INFINITY;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size<0>(s_mn); ++i) {
+          const float x = fmaf(s_mn(i, j), scale, bk);
+          s_mn(i, j) = dropped ? -INFINITY : x;
+        }
+      }
+    } else if (!capped) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale;
     }
-    if (staged != nullptr) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(acc); ++i) acc(i) = add_bias(acc(i), staged[int(get<1>(cT(i)))]);
-    } else if (lg.bias != nullptr) {
+    if (staged == nullptr && lg.bias != nullptr) {
       // One dtype dispatch per tile. Rows past Lq (the partial last query tile) and keys past Lk read an in-range
       // element; the result is never stored (rows) or masked below (keys).
       auto add_tile = [&](auto dtype) {
@@ -259,7 +276,6 @@ struct FwdMainloop
     if (check_bounds && kBounded) {
       // Row by row: each thread's accumulator holds a few rows, whose bounds it reads once per tile. Rows past Lq
       // read the last row's (never stored).
-      using cutlass::fmha::collective::layout_acc_mn;
       Tensor s_mn = make_tensor(acc.data(), layout_acc_mn(TiledMmaQK{}, acc.layout()));
       Tensor c_mn = make_tensor(cS.data(), layout_acc_mn(TiledMmaQK{}, cS.layout()));
       const int32_t* key_segments = lg.bounds.segments(b);
