@@ -494,16 +494,17 @@ struct BwdMainloop
         for (int i = 0; i < kKeys; ++i)
           if (key_bias[i] == -INFINITY) kept &= ~(((1u << kCols) - 1u) << (i * kCols));
       }
-      // P = exp(s - lse) with s = scale * q.k + bias, in natural units as the forward's lse (exact at the row's
-      // max).
+      // P = exp(s - lse) with s = scale * q.k + bias, in natural units as the forward's lse; the scale joins the
+      // bias, or without one the lse, in one fused multiply-add (the per-element work bounds the softmax's issue).
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kKeys; ++i) {
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kCols; ++j) {
           const bool keep = (kept >> (i * kCols + j)) & 1u;
-          float x = s_mn(i, j) * lg.scale;
-          if constexpr (has_bias) x += key_bias[i];
-          s_mn(i, j) = keep ? exp2f((x - lse[j]) * kBwdLog2e) : 0.f;
+          float x;
+          if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse[j];
+          else x = fmaf(s_mn(i, j), lg.scale, -lse[j]);
+          s_mn(i, j) = keep ? exp2f(x * kBwdLog2e) : 0.f;
         }
       }
       math_wg_order_barrier.arrive();
