@@ -13,6 +13,7 @@ Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L
                      k=1024): no [L, L] array; L = 16K, 64K, 128K, 256K by default
   topk_compact_train the same mask at training shapes: B=8, H=32, Hkv=8, D=128, L = 32K
   plain              standard shapes, no bias and no mask (plain causal attention)
+  plain_noncausal    plain without causality (every row sees every key); L = 4K, 16K
   bias_only          standard shapes, the per-key bias and no mask
   full_bias          standard shapes, a bias [B, Hkv, L, L] and no mask (dbias of that shape in fwd+bwd)
   cpu_standard       bench_cpu.py's case: H=8, Hkv=2, D=64, float32, no mask; L = 1K, 2K, 4K
@@ -85,6 +86,7 @@ CASES = {
     "topk_compact": dict(b=1, h=16, hkv=4, d=128, mask="topk_compact", lengths=(16384, 65536, 131072, 262144)),
     "topk_compact_train": dict(b=8, h=32, hkv=8, d=128, mask="topk_compact", lengths=(32768,)),
     "plain": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None),
+    "plain_noncausal": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, causal=False, lengths=(4096, 16384)),
     "bias_only": dict(b=1, h=16, hkv=4, d=128, mask=None),
     "full_bias": dict(b=1, h=16, hkv=4, d=128, mask=None, bias="full", lengths=(1024, 4096, 16384)),
     "cpu_standard": dict(b=1, h=8, hkv=2, d=64, mask=None, dtype=jnp.float32, lengths=(1024, 2048, 4096)),
