@@ -16,6 +16,12 @@
 # must be told the commit for the benchmark rows: DMATTN_BENCH_COMMIT=<sha>. Logs, junit XML and benchmark JSON
 # go to $OUT (default ./gpu_check_out).
 #
+# Same-run A/B: BASE_TREE=<dir> holds a copy of the sources to compare with (e.g. `git archive main | tar -x -C
+# _ab/base`, in a folder git ignores, named in the call's carry). The build step then also builds it, at the same
+# time as this tree, into /tmp/dmattn_base_site, and the bench step times the two alternately BENCH_ROUNDS times
+# (default 2), the base's rows labelled BASE_COMMIT (default "base"), this tree's DMATTN_BENCH_COMMIT: drift of the
+# card between runs then shows in both. Both use this tree's benchmark code; tests always run on this tree.
+#
 # A fresh machine need not compile again what an earlier one built from the same sources. SAVE_PREBUILT=1 writes the
 # built wheel to $OUT/prebuilt/ (in parts of at most 15 MiB, beside the key it was built for: a hash of csrc/,
 # CMakeLists.txt, pyproject.toml, the archs and the installed jaxlib's version). Put those files in
@@ -30,6 +36,22 @@ cd "$REPO"
 status=0
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
+# The A/B base (BASE_TREE): compiled beside this tree's build (each with half the cores; the build step waits for
+# both).
+build_base() {
+  [ -n "${BASE_TREE:-}" ] || return 0
+  local t0=$(date +%s)
+  rm -rf /tmp/dmattn_base_wheel /tmp/dmattn_base_site
+  if (cd "$BASE_TREE" && python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_base_wheel . \
+        >"$OUT/build_base.log" 2>&1) \
+      && python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site \
+        /tmp/dmattn_base_wheel/jax_dmattn-*.whl >>"$OUT/build_base.log" 2>&1; then
+    echo "build: base ($BASE_TREE) ok in $(( $(date +%s) - t0 )) s"
+  else
+    echo "build: base FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"
+  fi
+}
+
 if has_step build; then
   if [ -z "${CUTLASS_INCLUDE_DIR:-}" ] && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dmattn_cutlass \
@@ -39,8 +61,10 @@ if has_step build; then
   export DMATTN_CUDA_ARCHS=${DMATTN_CUDA_ARCHS:-90a}
   # The extension target exists before enable_language(CUDA): give CMake the archs up front as well.
   export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=${DMATTN_CUDA_ARCHS}"
-  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+  jobs=$(nproc); [ -n "${BASE_TREE:-}" ] && jobs=$(( (jobs + 1) / 2 ))
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}
   t0=$(date +%s)
+  build_base &
   key=$( (find csrc CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
           echo "archs=$DMATTN_CUDA_ARCHS"; python3 -c "import jaxlib; print('jaxlib', jaxlib.__version__)") | sha256sum | cut -c1-16)
   prebuilt=$REPO/build/prebuilt
@@ -75,6 +99,7 @@ if has_step build; then
       exit 1
     fi
   fi
+  wait  # the base's build
 fi
 
 # Tests and benchmark run from outside the repo so that the installed package (with its extension) is imported.
@@ -103,9 +128,21 @@ has_step suite && run_pytest test_suite_gpu "${SUITE_TIMEOUT:-1800}" "${PYTEST_S
 
 if has_step bench; then
   t0=$(date +%s)
-  rm -f "$OUT/bench.json"  # the results writer appends: this file holds this call's rows only
-  PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-1800}" python3 "$REPO/benchmarks/bench_attention.py" --out "$OUT/bench.json" \
-    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^WARNING"
+  rm -f "$OUT/bench.json" "$OUT/bench.log"  # the results writer appends: this file holds this call's rows only
+  bench_once() {  # extra environment (VAR=value ...) for one run of bench_attention.py
+    env "$@" PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-1800}" python3 "$REPO/benchmarks/bench_attention.py" \
+      --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | grep -v "^WARNING"
+  }
+  if [ -n "${BASE_TREE:-}" ]; then
+    for round in $(seq "${BENCH_ROUNDS:-2}"); do
+      echo "bench: round $round, base"
+      bench_once PYTHONPATH=/tmp/dmattn_base_site DMATTN_BENCH_COMMIT="${BASE_COMMIT:-base}"
+      echo "bench: round $round, this tree"
+      bench_once
+    done
+  else
+    bench_once
+  fi
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi
 exit $status
