@@ -36,8 +36,8 @@ cd "$REPO"
 status=0
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# The A/B base (BASE_TREE): compiled beside this tree's build (each with half the cores; the build step waits for
-# both).
+# The A/B base (BASE_TREE): compiled beside this tree's build (each with half the cores when both compile; the
+# build step waits for both).
 build_base() {
   [ -n "${BASE_TREE:-}" ] || return 0
   local t0=$(date +%s)
@@ -61,14 +61,17 @@ if has_step build; then
   export DMATTN_CUDA_ARCHS=${DMATTN_CUDA_ARCHS:-90a}
   # The extension target exists before enable_language(CUDA): give CMake the archs up front as well.
   export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=${DMATTN_CUDA_ARCHS}"
-  jobs=$(nproc); [ -n "${BASE_TREE:-}" ] && jobs=$(( (jobs + 1) / 2 ))
-  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}
   t0=$(date +%s)
-  build_base &
   key=$( (find csrc CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
           echo "archs=$DMATTN_CUDA_ARCHS"; python3 -c "import jaxlib; print('jaxlib', jaxlib.__version__)") | sha256sum | cut -c1-16)
   prebuilt=$REPO/build/prebuilt
-  if [ -f "$prebuilt/key" ] && [ "$(cat "$prebuilt/key")" = "$key" ] && [ -f "$prebuilt/wheel_name" ]; then
+  use_prebuilt=0
+  [ -f "$prebuilt/key" ] && [ "$(cat "$prebuilt/key")" = "$key" ] && [ -f "$prebuilt/wheel_name" ] && use_prebuilt=1
+  jobs=$(nproc)  # halved when the base compiles beside this tree
+  [ -n "${BASE_TREE:-}" ] && [ $use_prebuilt = 0 ] && jobs=$(( (jobs + 1) / 2 ))
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}
+  build_base &
+  if [ $use_prebuilt = 1 ]; then
     wheel=/tmp/$(cat "$prebuilt/wheel_name")
     cat "$prebuilt"/wheel.part* > "$wheel"
     site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
