@@ -22,6 +22,11 @@
 # (default 2), the base's rows labelled BASE_COMMIT (default "base"), this tree's DMATTN_BENCH_COMMIT: drift of the
 # card between runs then shows in both. Both use this tree's benchmark code; tests always run on this tree.
 #
+# Wheels built elsewhere (a CPU machine with nvcc, while no GPU is held: `pip wheel --no-build-isolation --no-deps`
+# with DMATTN_CUDA=ON, DMATTN_CUDA_ARCHS=90a, CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a -DDMATTN_NATIVE=OFF" and
+# CUTLASS_INCLUDE_DIR; docs/building.md): WHEEL=<file> installs that wheel as this tree's build, BASE_WHEEL=<file> as
+# the A/B base (instead of BASE_TREE), so that a device call compiles nothing. Carry them in a git-ignored folder.
+#
 # A fresh machine need not compile again what an earlier one built from the same sources. SAVE_PREBUILT=1 writes the
 # built wheel to $OUT/prebuilt/ (in parts of at most 15 MiB, beside the key it was built for: a hash of csrc/,
 # CMakeLists.txt, pyproject.toml, the archs and the installed jaxlib's version). Put those files in
@@ -39,9 +44,18 @@ has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 # The A/B base (BASE_TREE): compiled beside this tree's build (each with half the cores when both compile; the
 # build step waits for both).
 build_base() {
-  [ -n "${BASE_TREE:-}" ] || return 0
   local t0=$(date +%s)
   rm -rf /tmp/dmattn_base_wheel /tmp/dmattn_base_site
+  if [ -n "${BASE_WHEEL:-}" ]; then
+    if python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site "$BASE_WHEEL" \
+        >"$OUT/build_base.log" 2>&1; then
+      echo "build: base wheel $BASE_WHEEL installed in $(( $(date +%s) - t0 )) s"
+    else
+      echo "build: base wheel FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"
+    fi
+    return 0
+  fi
+  [ -n "${BASE_TREE:-}" ] || return 0
   if (cd "$BASE_TREE" && python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_base_wheel . \
         >"$OUT/build_base.log" 2>&1) \
       && python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site \
@@ -67,11 +81,18 @@ if has_step build; then
   prebuilt=$REPO/build/prebuilt
   use_prebuilt=0
   [ -f "$prebuilt/key" ] && [ "$(cat "$prebuilt/key")" = "$key" ] && [ -f "$prebuilt/wheel_name" ] && use_prebuilt=1
+  [ -n "${WHEEL:-}" ] && use_prebuilt=2
   jobs=$(nproc)  # halved when the base compiles beside this tree
-  [ -n "${BASE_TREE:-}" ] && [ $use_prebuilt = 0 ] && jobs=$(( (jobs + 1) / 2 ))
+  [ -n "${BASE_TREE:-}" ] && [ -z "${BASE_WHEEL:-}" ] && [ $use_prebuilt = 0 ] && jobs=$(( (jobs + 1) / 2 ))
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}
   build_base &
-  if [ $use_prebuilt = 1 ]; then
+  if [ $use_prebuilt = 2 ]; then
+    if python3 -m pip install -q --no-deps --force-reinstall "$WHEEL" >"$OUT/build.log" 2>&1; then
+      echo "build: installed the wheel $WHEEL in $(( $(date +%s) - t0 )) s"
+    else
+      echo "build: the wheel $WHEEL did not install"; tail -20 "$OUT/build.log"; exit 1
+    fi
+  elif [ $use_prebuilt = 1 ]; then
     wheel=/tmp/$(cat "$prebuilt/wheel_name")
     cat "$prebuilt"/wheel.part* > "$wheel"
     site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -136,7 +157,7 @@ if has_step bench; then
     env "$@" PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-1800}" python3 "$REPO/benchmarks/bench_attention.py" \
       --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | grep -v "^WARNING"
   }
-  if [ -n "${BASE_TREE:-}" ]; then
+  if [ -n "${BASE_TREE:-}${BASE_WHEEL:-}" ]; then
     for round in $(seq "${BENCH_ROUNDS:-2}"); do
       echo "bench: round $round, base"
       bench_once PYTHONPATH=/tmp/dmattn_base_site DMATTN_BENCH_COMMIT="${BASE_COMMIT:-base}"
