@@ -25,7 +25,8 @@
 # Wheels built elsewhere (a CPU machine with nvcc, while no GPU is held: `pip wheel --no-build-isolation --no-deps`
 # with DMATTN_CUDA=ON, DMATTN_CUDA_ARCHS=90a, CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a -DDMATTN_NATIVE=OFF" and
 # CUTLASS_INCLUDE_DIR; docs/building.md): WHEEL=<file> installs that wheel as this tree's build, BASE_WHEEL=<file> as
-# the A/B base (instead of BASE_TREE), so that a device call compiles nothing. Carry them in a git-ignored folder.
+# the A/B base (instead of BASE_TREE), so that a device call compiles nothing; each runs its own Python files, as
+# built. Keep pip's file name (the installer reads it) and carry them in a git-ignored folder.
 #
 # A fresh machine need not compile again what an earlier one built from the same sources. SAVE_PREBUILT=1 writes the
 # built wheel to $OUT/prebuilt/ (in parts of at most 15 MiB, beside the key it was built for: a hash of csrc/,
@@ -41,8 +42,8 @@ cd "$REPO"
 status=0
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# The A/B base (BASE_TREE): compiled beside this tree's build (each with half the cores when both compile; the
-# build step waits for both).
+# The A/B base: BASE_WHEEL installed, or BASE_TREE compiled beside this tree's build (each with half the cores when
+# both compile; the build step waits for both).
 build_base() {
   local t0=$(date +%s)
   rm -rf /tmp/dmattn_base_wheel /tmp/dmattn_base_site
