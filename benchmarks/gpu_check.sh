@@ -42,26 +42,24 @@ cd "$REPO"
 status=0
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# The A/B base: BASE_WHEEL installed, or BASE_TREE compiled beside this tree's build (each with half the cores when
-# both compile; the build step waits for both).
+# The A/B base: BASE_WHEEL, or BASE_TREE compiled beside this tree's build (each with half the cores when both
+# compile), installed into /tmp/dmattn_base_site; the build step waits for it.
 build_base() {
-  local t0=$(date +%s)
+  [ -n "${BASE_WHEEL:-}${BASE_TREE:-}" ] || return 0
+  local t0=$(date +%s) wheel=${BASE_WHEEL:-}
   rm -rf /tmp/dmattn_base_wheel /tmp/dmattn_base_site
-  if [ -n "${BASE_WHEEL:-}" ]; then
-    if python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site "$BASE_WHEEL" \
-        >"$OUT/build_base.log" 2>&1; then
-      echo "build: base wheel $BASE_WHEEL installed in $(( $(date +%s) - t0 )) s"
+  : >"$OUT/build_base.log"
+  if [ -z "$wheel" ]; then
+    if (cd "$BASE_TREE" && python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_base_wheel . \
+          >>"$OUT/build_base.log" 2>&1); then
+      wheel=$(ls /tmp/dmattn_base_wheel/jax_dmattn-*.whl)
     else
-      echo "build: base wheel FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"
+      echo "build: base ($BASE_TREE) FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"; return 0
     fi
-    return 0
   fi
-  [ -n "${BASE_TREE:-}" ] || return 0
-  if (cd "$BASE_TREE" && python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_base_wheel . \
-        >"$OUT/build_base.log" 2>&1) \
-      && python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site \
-        /tmp/dmattn_base_wheel/jax_dmattn-*.whl >>"$OUT/build_base.log" 2>&1; then
-    echo "build: base ($BASE_TREE) ok in $(( $(date +%s) - t0 )) s"
+  if python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site "$wheel" \
+      >>"$OUT/build_base.log" 2>&1; then
+    echo "build: base ${BASE_TREE:-$wheel} ok in $(( $(date +%s) - t0 )) s"
   else
     echo "build: base FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"
   fi
@@ -77,31 +75,31 @@ if has_step build; then
   # The extension target exists before enable_language(CUDA): give CMake the archs up front as well.
   export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=${DMATTN_CUDA_ARCHS}"
   t0=$(date +%s)
-  key=$( (find csrc CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
-          echo "archs=$DMATTN_CUDA_ARCHS"; python3 -c "import jaxlib; print('jaxlib', jaxlib.__version__)") | sha256sum | cut -c1-16)
+  # A wheel to install instead of compiling: WHEEL, or build/prebuilt/'s when its key matches these sources (that
+  # one gets this tree's Python files laid over it).
   prebuilt=$REPO/build/prebuilt
-  use_prebuilt=0
-  [ -f "$prebuilt/key" ] && [ "$(cat "$prebuilt/key")" = "$key" ] && [ -f "$prebuilt/wheel_name" ] && use_prebuilt=1
-  [ -n "${WHEEL:-}" ] && use_prebuilt=2
+  wheel=${WHEEL:-} key=""
+  overlay=0
+  if [ -z "$wheel" ]; then
+    key=$( (find csrc CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
+            echo "archs=$DMATTN_CUDA_ARCHS"; python3 -c "import jaxlib; print('jaxlib', jaxlib.__version__)") | sha256sum | cut -c1-16)
+    if [ -f "$prebuilt/key" ] && [ "$(cat "$prebuilt/key")" = "$key" ] && [ -f "$prebuilt/wheel_name" ]; then
+      wheel=/tmp/$(cat "$prebuilt/wheel_name")
+      cat "$prebuilt"/wheel.part* > "$wheel"
+      overlay=1
+    fi
+  fi
   jobs=$(nproc)  # halved when the base compiles beside this tree
-  [ -n "${BASE_TREE:-}" ] && [ -z "${BASE_WHEEL:-}" ] && [ $use_prebuilt = 0 ] && jobs=$(( (jobs + 1) / 2 ))
+  [ -n "${BASE_TREE:-}" ] && [ -z "${BASE_WHEEL:-}" ] && [ -z "$wheel" ] && jobs=$(( (jobs + 1) / 2 ))
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$jobs}
   build_base &
-  if [ $use_prebuilt = 2 ]; then
-    if python3 -m pip install -q --no-deps --force-reinstall "$WHEEL" >"$OUT/build.log" 2>&1; then
-      echo "build: installed the wheel $WHEEL in $(( $(date +%s) - t0 )) s"
-    else
-      echo "build: the wheel $WHEEL did not install"; tail -20 "$OUT/build.log"; exit 1
-    fi
-  elif [ $use_prebuilt = 1 ]; then
-    wheel=/tmp/$(cat "$prebuilt/wheel_name")
-    cat "$prebuilt"/wheel.part* > "$wheel"
+  if [ -n "$wheel" ]; then
     site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     if python3 -m pip install -q --no-deps --force-reinstall "$wheel" >"$OUT/build.log" 2>&1 \
-        && cp "$REPO"/jax_dmattn/*.py "$site/jax_dmattn/"; then
-      echo "build: installed the prebuilt wheel (key $key) in $(( $(date +%s) - t0 )) s"
+        && { [ $overlay = 0 ] || cp "$REPO"/jax_dmattn/*.py "$site/jax_dmattn/"; }; then
+      echo "build: installed $wheel${key:+ (key $key)} in $(( $(date +%s) - t0 )) s"
     else
-      echo "build: the prebuilt wheel did not install"; tail -20 "$OUT/build.log"; exit 1
+      echo "build: $wheel did not install"; tail -20 "$OUT/build.log"; exit 1
     fi
   else
     [ -d "$prebuilt" ] && echo "build: build/prebuilt/ is for other sources (key $(cat "$prebuilt/key" 2>/dev/null)," \
