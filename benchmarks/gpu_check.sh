@@ -24,9 +24,11 @@
 #
 # Wheels built elsewhere (a CPU machine with nvcc, while no GPU is held: `pip wheel --no-build-isolation --no-deps`
 # with DMATTN_CUDA=ON, DMATTN_CUDA_ARCHS=90a, CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a -DDMATTN_NATIVE=OFF" and
-# CUTLASS_INCLUDE_DIR; docs/building.md): WHEEL=<file> installs that wheel as this tree's build, BASE_WHEEL=<file> as
-# the A/B base (instead of BASE_TREE), so that a device call compiles nothing; each runs its own Python files, as
-# built. Keep pip's file name (the installer reads it) and carry them in a git-ignored folder.
+# CUTLASS_INCLUDE_DIR, under the Python and jaxlib versions of the machine that loads them; docs/building.md):
+# WHEEL=<file> installs that wheel as this tree's build, BASE_WHEEL=<file> as the A/B base (instead of BASE_TREE), so
+# that a device call compiles nothing; each runs its own Python files, as built. Keep pip's file name (the installer
+# reads its tags) and carry them in a git-ignored folder. A wheel that does not install (another Python's tag) is
+# reported and the sources are compiled instead: this tree's, and BASE_TREE's when it is given beside BASE_WHEEL.
 #
 # A fresh machine need not compile again what an earlier one built from the same sources. SAVE_PREBUILT=1 writes the
 # built wheel to $OUT/prebuilt/ (in parts of at most 15 MiB, beside the key it was built for: a hash of csrc/,
@@ -49,19 +51,21 @@ build_base() {
   local t0=$(date +%s) wheel=${BASE_WHEEL:-}
   rm -rf /tmp/dmattn_base_wheel /tmp/dmattn_base_site
   : >"$OUT/build_base.log"
-  if [ -z "$wheel" ]; then
-    if (cd "$BASE_TREE" && python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_base_wheel . \
-          >>"$OUT/build_base.log" 2>&1); then
-      wheel=$(ls /tmp/dmattn_base_wheel/jax_dmattn-*.whl)
-    else
-      echo "build: base ($BASE_TREE) FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"; return 0
-    fi
+  install_base() {
+    python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site "$1" >>"$OUT/build_base.log" 2>&1
+  }
+  if [ -n "$wheel" ] && ! install_base "$wheel"; then
+    echo "build: base wheel $wheel did not install${BASE_TREE:+, compiling $BASE_TREE}"; tail -5 "$OUT/build_base.log"
+    wheel=""
+    [ -n "${BASE_TREE:-}" ] || return 0
+  elif [ -n "$wheel" ]; then
+    echo "build: base $wheel ok in $(( $(date +%s) - t0 )) s"; return 0
   fi
-  if python3 -m pip install -q --no-deps --no-compile --target /tmp/dmattn_base_site "$wheel" \
-      >>"$OUT/build_base.log" 2>&1; then
-    echo "build: base ${BASE_TREE:-$wheel} ok in $(( $(date +%s) - t0 )) s"
+  if (cd "$BASE_TREE" && python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_base_wheel . \
+        >>"$OUT/build_base.log" 2>&1) && install_base "$(ls /tmp/dmattn_base_wheel/jax_dmattn-*.whl)"; then
+    echo "build: base $BASE_TREE ok in $(( $(date +%s) - t0 )) s"
   else
-    echo "build: base FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"
+    echo "build: base ($BASE_TREE) FAILED (tail of $OUT/build_base.log)"; tail -20 "$OUT/build_base.log"
   fi
 }
 
@@ -99,10 +103,12 @@ if has_step build; then
         && { [ $overlay = 0 ] || cp "$REPO"/jax_dmattn/*.py "$site/jax_dmattn/"; }; then
       echo "build: installed $wheel${key:+ (key $key)} in $(( $(date +%s) - t0 )) s"
     else
-      echo "build: $wheel did not install"; tail -20 "$OUT/build.log"; exit 1
+      # A wheel for another Python (its tag) or a broken file must not cost the call: compile instead.
+      echo "build: $wheel did not install, compiling instead"; tail -5 "$OUT/build.log"; wheel=""
     fi
-  else
-    [ -d "$prebuilt" ] && echo "build: build/prebuilt/ is for other sources (key $(cat "$prebuilt/key" 2>/dev/null)," \
+  fi
+  if [ -z "$wheel" ]; then
+    [ -z "${WHEEL:-}" ] && [ -d "$prebuilt" ] && echo "build: build/prebuilt/ is for other sources (key $(cat "$prebuilt/key" 2>/dev/null)," \
       "these are $key): compiling"
     rm -rf /tmp/dmattn_wheel
     if python3 -m pip wheel --no-build-isolation --no-deps -v -w /tmp/dmattn_wheel . >"$OUT/build.log" 2>&1 \
