@@ -83,8 +83,9 @@ struct BwdConsumer {
 };
 
 // kBias: a bias constant along rows is read (and its dbias summed). A template flag, since its registers would
-// otherwise cost the calls without one (ptxas sm_90a, D = 128, non-causal / causal: 0 / 36 bytes of spills without
-// a bias, 84 / 92 with one; 128 / 152 for both with the bias as a run-time branch).
+// otherwise cost the calls without one (with lse and delta held in registers, ptxas sm_90a, D = 128, non-causal /
+// causal: 0 / 36 bytes of spills without a bias, 84 / 92 with one, 128 / 152 for both with the bias as a run-time
+// branch; with them staged in shared memory, none spills).
 template <class Element, class TileShape_, KeyRule kRule, bool kBias>
 struct BwdMainloop
     : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<
@@ -99,7 +100,6 @@ struct BwdMainloop
   using typename Base::MainloopPipelineQ;
   using typename Base::PipelineState;
   using typename Base::PipelineStateQ;
-  using typename Base::SharedStorage;
   using typename Base::SmemLayoutDO;
   using typename Base::SmemLayoutDOp;
   using typename Base::SmemLayoutDQ;
@@ -131,9 +131,18 @@ struct BwdMainloop
   static constexpr bool kBounded = kRule == KeyRule::kBounded;
   using Trips = BwdTrips<kRule, kBlockM, kBlockN>;
 
-  // A pipeline stage holds one Q or one dO tile: lse and delta are read by the consumers from global memory (L2)
-  // instead of staged, so the base's per-stage row-statistics bytes are not expected.
+  // A pipeline stage holds one Q or one dO tile: lse and delta are staged by the consumers themselves (TMA would need
+  // 16-byte row strides, which [B, H, Lq] lacks at odd Lq), so the base's per-stage row-statistics bytes are not
+  // expected.
   static constexpr int kInnerLoadBytes = size(SmemLayoutQ{}(_, _, _0{})) * sizeof(Element);
+
+  // Each consumer warpgroup's lse and delta of a trip's query rows, [parity of the trip][lse, delta][row]: copied a
+  // trip ahead (cp.async, one element a thread), so that a thread reads its 2 x kCols row statistics from shared
+  // memory where it uses them instead of holding them in registers across the products.
+  static_assert(2 * kBlockM == cutlass::NumThreadsPerWarpGroup, "a warpgroup copies a trip's statistics at once");
+  struct SharedStorage : Base::SharedStorage {
+    alignas(16) float row_stats[NumMmaWarpGroups][2][2][kBlockM];
+  };
 
   // Canonical layouts (csrc/cuda/flash_bwd.h): strides as (batch, head, row, 1) in elements.
   using Strides = cute::tuple<int, int, int, _1>;
@@ -408,6 +417,18 @@ struct BwdMainloop
       }
     };
 
+    // Trip t's lse (threads 0 .. kBlockM - 1) and delta (the others) into row_stats[wg][t & 1], one element a thread;
+    // rows past Lq copy the last row's (they are dropped wherever they are used).
+    auto stage_stats = [&](int t) {
+      const int r = thread_idx % kBlockM, which = thread_idx / kBlockM;
+      const int row = min(trips.m(t) * kBlockM + r, lq - 1);
+      const float* src = (which == 0 ? lg.lse : lg.delta) + (int64_t(b) * lg.heads + trips.head(kv_head, t)) * lq + row;
+      const uint32_t dst = cute::cast_smem_ptr_to_uint(&storage.row_stats[wg][t & 1][which][r]);
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+      cute::cp_async_fence();
+    };
+    if (trips.count > 0) stage_stats(0);
+
     CUTLASS_PRAGMA_NO_UNROLL
     for (int t = 0; t < trips.count; ++t) {
       const int row0 = trips.m(t) * kBlockM;
@@ -425,16 +446,6 @@ struct BwdMainloop
       gemm_zero_acc(mma_nm, tSrK(_, _, _, smem_pipe_read_k.index()), tSrQ(_, _, _, q_stage), acc_s);
       warpgroup_commit_batch();
 
-      // Row statistics of this thread's query rows (L2-resident), read while the products run: lse now, delta once
-      // P is done (it is needed only for dS, and fewer registers are live across P that way).
-      const int64_t stats = (int64_t(b) * lg.heads + h) * lq;
-      auto row_stat = [&](const float* x, int j) {
-        const int row = row0 + int(get<1>(cS_mn(0, j)));
-        return row < lq ? __ldg(x + stats + row) : 0.f;
-      };
-      float lse[kCols];
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kCols; ++j) lse[j] = row_stat(lg.lse, j);
       float key_bias[kKeys];
       if constexpr (has_bias) {
         const int64_t base = bias_base(t);
@@ -462,6 +473,13 @@ struct BwdMainloop
 
       warpgroup_wait<1>();  // this trip's S
       warpgroup_fence_operand(acc_s);
+      // This trip's row statistics: every thread's copies have landed once all passed the barrier, which they reach
+      // after the last read of the other parity (the previous trip's dS): the next trip's copies may then go there.
+      cute::cp_async_wait<0>();
+      cutlass::arch::NamedBarrier::arrive_and_wait(cutlass::NumThreadsPerWarpGroup, wg);
+      const float* row_lse = storage.row_stats[wg][t & 1][0];
+      const float* row_delta = storage.row_stats[wg][t & 1][1];
+      if (t + 1 < trips.count) stage_stats(t + 1);
       math_wg_order_barrier.wait();
       Tensor s_mn = make_tensor(acc_s.data(), layout_acc_mn(mma_nm, acc_s.layout()));
       if (check && kBounded) {
@@ -502,15 +520,13 @@ struct BwdMainloop
         for (int j = 0; j < kCols; ++j) {
           const bool keep = (kept >> (i * kCols + j)) & 1u;
           float x;
-          if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse[j];
-          else x = fmaf(s_mn(i, j), lg.scale, -lse[j]);
+          const float lse = row_lse[int(get<1>(cS_mn(0, j)))];
+          if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse;
+          else x = fmaf(s_mn(i, j), lg.scale, -lse);
           s_mn(i, j) = keep ? exp2f(x * kBwdLog2e) : 0.f;
         }
       }
       math_wg_order_barrier.arrive();
-      float delta[kCols];
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kCols; ++j) delta[j] = row_stat(lg.delta, j);
 
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_dp);
@@ -524,7 +540,7 @@ struct BwdMainloop
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kCols; ++j) {
           const bool keep = (kept >> (i * kCols + j)) & 1u;
-          const float d = keep ? s_mn(i, j) * (dp_mn(i, j) - delta[j]) : 0.f;
+          const float d = keep ? s_mn(i, j) * (dp_mn(i, j) - row_delta[int(get<1>(cS_mn(0, j)))]) : 0.f;
           if (has_dbias) col_sum[i] += d;
           ds_mn(i, j) = static_cast<Element>(d * lg.scale);
         }
