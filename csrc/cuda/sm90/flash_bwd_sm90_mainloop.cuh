@@ -512,20 +512,30 @@ struct BwdMainloop
         for (int i = 0; i < kKeys; ++i)
           if (key_bias[i] == -INFINITY) kept &= ~(((1u << kCols) - 1u) << (i * kCols));
       }
+      // The per-element work bounds the issue of these steps, so a thread whose pairs are all kept (every trip off
+      // the diagonal and the sequence ends, unless a key has a -inf bias) runs them without the per-pair selects.
+      constexpr uint32_t kAllKept = kKeys * kCols == 32 ? 0xffffffffu : (1u << (kKeys * kCols)) - 1u;
+      const bool all_kept = (kept & kAllKept) == kAllKept;
+      auto keeps = [&](auto every, int i, int j) {
+        return decltype(every)::value || ((kept >> (i * kCols + j)) & 1u) != 0u;
+      };
       // P = exp(s - lse) with s = scale * q.k + bias, in natural units as the forward's lse; the scale joins the
-      // bias, or without one the lse, in one fused multiply-add (the per-element work bounds the softmax's issue).
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kKeys; ++i) {
+      // bias, or without one the lse, in one fused multiply-add.
+      auto p_step = [&](auto every) {
         CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < kCols; ++j) {
-          const bool keep = (kept >> (i * kCols + j)) & 1u;
-          float x;
-          const float lse = row_lse[int(get<1>(cS_mn(0, j)))];
-          if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse;
-          else x = fmaf(s_mn(i, j), lg.scale, -lse);
-          s_mn(i, j) = keep ? exp2f(x * kBwdLog2e) : 0.f;
+        for (int i = 0; i < kKeys; ++i) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kCols; ++j) {
+            float x;
+            const float lse = row_lse[int(get<1>(cS_mn(0, j)))];
+            if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse;
+            else x = fmaf(s_mn(i, j), lg.scale, -lse);
+            s_mn(i, j) = keeps(every, i, j) ? exp2f(x * kBwdLog2e) : 0.f;
+          }
         }
-      }
+      };
+      if (all_kept) p_step(cute::true_type{});
+      else p_step(cute::false_type{});
       math_wg_order_barrier.arrive();
 
       warpgroup_wait<0>();
@@ -535,16 +545,20 @@ struct BwdMainloop
       Tensor ds = make_fragment_like<Element>(acc_dp);
       Tensor ds_mn = make_tensor(ds.data(), layout_acc_mn(mma_nm, ds.layout()));
       Tensor dp_mn = make_tensor(acc_dp.data(), layout_acc_mn(mma_nm, acc_dp.layout()));
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kKeys; ++i) {
+      auto ds_step = [&](auto every) {
         CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < kCols; ++j) {
-          const bool keep = (kept >> (i * kCols + j)) & 1u;
-          const float d = keep ? s_mn(i, j) * (dp_mn(i, j) - row_delta[int(get<1>(cS_mn(0, j)))]) : 0.f;
-          if (has_dbias) col_sum[i] += d;
-          ds_mn(i, j) = static_cast<Element>(d * lg.scale);
+        for (int i = 0; i < kKeys; ++i) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kCols; ++j) {
+            const float d =
+                keeps(every, i, j) ? s_mn(i, j) * (dp_mn(i, j) - row_delta[int(get<1>(cS_mn(0, j)))]) : 0.f;
+            if (has_dbias) col_sum[i] += d;
+            ds_mn(i, j) = static_cast<Element>(d * lg.scale);
+          }
         }
-      }
+      };
+      if (all_kept) ds_step(cute::true_type{});
+      else ds_step(cute::false_type{});
       if (has_dbias && (t + 1 == trips.count || bias_base(t + 1) != bias_base(t))) flush_dbias(bias_base(t));
 
       // dV += P dO (P from registers).
