@@ -69,9 +69,11 @@ struct BwdKeyListParams {
   int accum_kv_heads = 0;
 };
 
-// Element offset of (batch b, key, kv head kvh of the current pass, dim 0) in the dK / dV accumulators.
-__host__ __device__ inline int64_t key_list_accum_offset(const BwdKeyListParams& sp, int b, int key, int kvh) {
-  return ((int64_t(b) * sp.base.kv_len + key) * sp.accum_kv_heads + (kvh - sp.kv_head_begin)) * sp.base.head_dim;
+// Element offset of (batch b, key, kv head kvh of the current pass, dim 0) in the dK / dV accumulators. The kernels
+// pass their compile-time head dim, which keeps the address arithmetic as cheap as a plain [B, Lk, Hkv, D] index.
+__host__ __device__ inline int64_t key_list_accum_offset(const BwdKeyListParams& sp, int b, int key, int kvh,
+                                                         int head_dim) {
+  return ((int64_t(b) * sp.base.kv_len + key) * sp.accum_kv_heads + (kvh - sp.kv_head_begin)) * head_dim;
 }
 
 // The whole key-list backward on `stream` after the key lists are built: delta, (deterministic mode: the maxima of

@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     for (int r = 0; r < size<0>(a); ++r) {
       const int key = keys[get<0>(cKV(r, 0))];
       if (key < 0) continue;
-      float* dst = accum + key_list_accum_offset(sp, b, key, kvh);
+      float* dst = accum + key_list_accum_offset(sp, b, key, kvh, kD);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(a); c += 2) {
         const int d = get<1>(cKV(0, c));
@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     CUTE_UNROLL
     for (int r = 0; r < size<0>(a); ++r) {
       const int key = keys[get<0>(cKV(r, 0))];
-      unsigned long long* dst = accum + key_list_accum_offset(sp, b, key < 0 ? 0 : key, kvh);
+      unsigned long long* dst = accum + key_list_accum_offset(sp, b, key < 0 ? 0 : key, kvh, kD);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(a); c += 2) {
         const unsigned long long e0 = fixed::to_count((a(r, c) * mul) * inv_res, bad);

@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
     for (int r = 0; r < size<0>(kv); ++r) {
       const int key = idx[get<0>(cKV(r, 0))];
       if (key < 0) continue;
-      float* dst = kv_accum + key_list_accum_offset(sp, b, key, hk);
+      float* dst = kv_accum + key_list_accum_offset(sp, b, key, hk, kD);
       CUTE_UNROLL
       for (int cc = 0; cc < size<1>(kv); cc += 2) {
         atomicAdd(reinterpret_cast<float2*>(dst + get<1>(cKV(0, cc))),
