@@ -85,6 +85,32 @@ constexpr int64_t topk_bounded_list_capacity(int64_t k, int64_t q_len, bool key_
 // uint32 words after the int64 dK / dV counts of the deterministic key-list backward (its statistics).
 constexpr int kFixedStatsWords = 8;
 
+// The key-list backward adds dK and dV into accumulators of 4 (fp32) or 8 (deterministic: int64 counts) bytes an
+// element, 2x or 4x the size of the bf16 / f16 gradients. At long sequences the call works through the kv heads in
+// passes instead: a pass covers `accum_kv_heads` kv heads (their query heads' CTAs) with accumulators
+// [2, B, Lk, accum_kv_heads, D] and converts them into its heads of dk and dv before the next one starts. One pass
+// while the accumulators of all kv heads stay within kKeyListAccumBytes; otherwise the fewest passes that bring
+// them within it, as long as a pass keeps kKeyListPassMinCtas CTAs (several waves, so that a pass's tail stays
+// small); else the smallest slice with that many CTAs.
+constexpr int64_t kKeyListAccumBytes = int64_t(128) << 20;
+constexpr int64_t kKeyListPassMinCtas = 1024;
+
+constexpr int64_t key_list_bwd_accum_kv_heads(int64_t batch, int64_t q_len, int64_t heads, int64_t kv_len,
+                                              int64_t kv_heads, int64_t head_dim, bool deterministic) {
+  const int64_t elem_bytes = deterministic ? 8 : 4;
+  const int64_t group = kv_heads > 0 ? heads / kv_heads : 1;
+  const int64_t q_tiles = (q_len + 127) / 128;
+  int64_t best = kv_heads;
+  if (2 * batch * kv_len * kv_heads * head_dim * elem_bytes <= kKeyListAccumBytes) return best;
+  for (int64_t hs = kv_heads - 1; hs >= 1; --hs) {  // fewer kv heads per pass: more passes, smaller accumulators
+    if (kv_heads % hs != 0) continue;
+    if (batch * hs * group * q_tiles < kKeyListPassMinCtas) break;
+    best = hs;
+    if (2 * batch * kv_len * hs * head_dim * elem_bytes <= kKeyListAccumBytes) break;
+  }
+  return best;
+}
+
 // Query rows per CTA the key-list backward is built with for a head dim: 128 (a whole key-list unit) while the
 // dQ accumulator fits the registers (D <= 128), 64 above. D = 128 also has a 64-row build, for devices whose
 // shared memory per block (sm_80: 163 KB) cannot hold the 128-row one (181 KB).

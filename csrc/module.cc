@@ -92,6 +92,8 @@ NB_MODULE(_jax_dmattn_ext, m) {
         [](std::array<int64_t, 4> bias_dims, int64_t batch, int64_t heads, int64_t kv_heads) {
           return dmattn::dbias_tiles_get_several_flushes(bias_dims.data(), batch, heads, kv_heads);
         });
+  m.def("key_list_bwd_accum_kv_heads", &dmattn::key_list_bwd_accum_kv_heads, nb::arg("batch"), nb::arg("q_len"),
+        nb::arg("heads"), nb::arg("kv_len"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("deterministic"));
   m.def("uses_key_list_path", &dmattn::uses_key_list_path, nb::arg("has_mask"), nb::arg("mask_cols"),
         nb::arg("has_bias"), nb::arg("bias_rows"), nb::arg("kv_len"));
   m.def("cpu_targets", [] { return as_capsules(dmattn::cpu_targets()); });

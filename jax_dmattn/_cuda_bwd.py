@@ -12,7 +12,12 @@ by the forward's pre-pass call (``_cuda_fwd.build_key_lists``, its own FFI call 
 one jit it is the very call of the forward, merged by XLA's CSE), and a query-tile-parallel kernel walks only those
 keys, adding dk / dv / dbias by fp32 atomics (``deterministic=False``) or by int64 fixed-point atomics of a
 per-call power-of-two resolution (``deterministic=True``: integer addition is associative, so the result is
-bitwise reproducible) (docs/cuda_backward.md, "Key-list path" and "Deterministic key-list path").
+bitwise reproducible) (docs/cuda_backward.md, "Key-list path" and "Deterministic key-list path"). At long
+sequences it works through the kv heads in passes, so that its dk / dv accumulators hold a slice of them
+(``key_list_accum_kv_heads``).
+
+dq is aliased to dout: XLA writes dq into dout's buffer when nothing reads dout after the call, and copies dout
+first otherwise.
 
 Inputs are the canonical layout of docs/design.md: q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (bf16 or f16,
 D in {32, 64, 96, 128, 192, 256}); bias None or rank 4 [Bb, Hb, Mb, Nb] (bf16 / f16 / f32); mask None or rank
@@ -33,6 +38,8 @@ _FACTS = _ffi.kernel_facts()  # csrc/kernel_facts.h
 BLOCK_M = _FACTS["bwd_block_m"]
 BLOCK_N = _FACTS["bwd_block_n"]
 TARGET = "dmattn_bwd_cuda"
+# Position of dout among the call's operands (q, k, v, bias, mask, out, lse, dout, ...: flash_bwd's ffi_call).
+DOUT_OPERAND = 7
 # uint32 words after the int64 dK / dV counts of the deterministic key-list path.
 FIXED_STATS_WORDS = _FACTS["fixed_stats_words"]
 
@@ -112,6 +119,15 @@ def key_list_path_serves(head_dim: int, bias_shape, kv_len: int) -> bool:
     return key_list_rows_per_cta(head_dim) > 0 and uses_key_list_path(bias_shape, (1, 1, 1, kv_len), kv_len)
 
 
+def key_list_accum_kv_heads(batch: int, q_len: int, heads: int, kv_len: int, kv_heads: int, head_dim: int,
+                            deterministic: bool) -> int:
+    """kv heads per pass of the key-list backward (csrc/kernel_facts.h: key_list_bwd_accum_kv_heads, exported by the
+    extension): its dK / dV accumulators hold that many kv heads, and the call works through the kv heads in
+    ``kv_heads // result`` passes. The handler reads the count back from the workspace's size."""
+    return int(_ffi.extension().key_list_bwd_accum_kv_heads(
+        int(batch), int(q_len), int(heads), int(kv_len), int(kv_heads), int(head_dim), bool(deterministic)))
+
+
 # The key lists are the forward pre-pass's (csrc/cuda/key_lists.h); one size rule for both calls.
 key_list_sizes = _cuda_fwd.key_list_sizes
 
@@ -169,13 +185,15 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         keys, bits = _cuda_fwd.build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
     else:  # an empty mask (Lq = 0) has nothing to list, and the handler sees no mask
         keys, bits = _cuda_fwd.no_key_lists()
+    # The key-list path's dK / dV accumulators hold the kv heads of one pass (key_list_accum_kv_heads).
+    accum_shape = (b, lk, key_list_accum_kv_heads(b, lq, h, lk, hkv, k.shape[3], fixed), k.shape[3])
     if fixed:
         dbias_ws = jax.ShapeDtypeStruct((2 * int(np.prod(bias.shape)),) if ws_bias else (0,), jnp.uint32)
         # [dK counts | dV counts | stats words]: int64 as uint32 pairs.
-        dkv_ws = jax.ShapeDtypeStruct((4 * int(np.prod(k.shape)) + FIXED_STATS_WORDS,), jnp.uint32)
+        dkv_ws = jax.ShapeDtypeStruct((4 * int(np.prod(accum_shape)) + FIXED_STATS_WORDS,), jnp.uint32)
     else:
         dbias_ws = jax.ShapeDtypeStruct(bias.shape if ws_bias else (0,), jnp.float32)
-        dkv_ws = jax.ShapeDtypeStruct((2,) + k.shape if key_list_path else (0,), jnp.float32)
+        dkv_ws = jax.ShapeDtypeStruct((2,) + accum_shape if key_list_path else (0,), jnp.float32)
     out_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -190,7 +208,9 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         # One word: set when q, dout or k holds an inf or NaN, on the route through the Hopper backward.
         jax.ShapeDtypeStruct((1,), jnp.uint32),                                            # nonfinite
     )
-    dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types)(
+    # dq takes dout's buffer where XLA can give it (dout dead after this call, as a layer's output cotangent is):
+    # every kernel reads a query tile's dout before it writes that tile's dq (docs/cuda_backward.md, "Buffers").
+    dq, dk, dv, dbias, *_ = jax.ffi.ffi_call(TARGET, out_types, input_output_aliases={DOUT_OPERAND: 0})(
         q, k, v, bias_arg, mask_arg, out, lse.astype(jnp.float32), dout.astype(q.dtype), dlse.astype(jnp.float32),
         keys, bits, *_cuda_fwd.bounds_operands(bounds_rows, key_segments),
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),

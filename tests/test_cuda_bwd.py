@@ -88,12 +88,18 @@ def oracle_fwd(q, k, v, bias, mask, *, scale, softcap, is_causal, dtype):
 
 
 def run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale, softcap, is_causal, deterministic,
-            capacity=None):
+            capacity=None, dout_in_jit=False):
+    """dout_in_jit: dout is made inside the jit (2 x the half of the given one, exact in bf16 / f16), so that its
+    buffer dies at the call and XLA writes dq into it (the call aliases them) instead of copying dout first."""
     from jax_dmattn import _cuda_bwd
 
     fn = functools.partial(_cuda_bwd.flash_bwd, scale=scale, softcap=softcap, is_causal=is_causal,
                            deterministic=deterministic, key_list_capacity=capacity)
-    return jax.jit(fn)(q, k, v, bias, mask, out, lse, dout, dlse)
+    if not dout_in_jit:
+        return jax.jit(fn)(q, k, v, bias, mask, out, lse, dout, dlse)
+    half = (dout.astype(F32) * 0.5).astype(dout.dtype)
+    return jax.jit(lambda q, k, v, b, m, o, lse, h, dlse: fn(q, k, v, b, m, o, lse, h * 2, dlse))(
+        q, k, v, bias, mask, out, lse, half, dlse)
 
 
 def with_lse_term(grads, bias, lse, dlse):
@@ -126,14 +132,14 @@ def assert_grads_match_oracle(grads, q, k, v, bias, mask, lse, dout, dlse, *, sc
         assert err < TOL[dtype], f"{name}: rel err {err:.3e}"
 
 
-def check_against_oracle(case, deterministic=False, empty_rows=False):
+def check_against_oracle(case, deterministic=False, empty_rows=False, dout_in_jit=False):
     b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_code = case
     q, k, v, bias, mask, dout, dlse = make_case(hash(case) % 2**31, b, lq, lk, h, hkv, d, dtype, bias_spec,
                                                 mask_code, empty_rows)
     scale = d ** -0.5
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
-                    deterministic=deterministic)
+                    deterministic=deterministic, dout_in_jit=dout_in_jit)
     assert_grads_match_oracle(grads, q, k, v, bias, mask, lse, dout, dlse, scale=scale, causal=causal,
                               softcap=softcap, dtype=dtype)
     if bias is not None and bias.shape[-1] == 1 and lk != 1:
@@ -302,7 +308,8 @@ def key_list_inputs(seed, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_k
     return (q, k, v, bias, mask) + draw_cotangents(rng, b, lq, h, d, dtype)
 
 
-def check_key_list_path_against_oracle(case, seed=0, empty_rows=None, deterministic=False, scales=None, capacity=None):
+def check_key_list_path_against_oracle(case, seed=0, empty_rows=None, deterministic=False, scales=None, capacity=None,
+                                       dout_in_jit=False):
     """Runs the key-list path (asserting it is the one taken) and compares all four gradients with the oracle.
     Also checks the exact zeros: dk / dv rows of keys that no kept (row, key) uses, dq rows with no kept key.
     scales: optional dict of factors applied to the inputs ("q", "v", "dout", "dlse") and to the softmax scale
@@ -321,7 +328,7 @@ def check_key_list_path_against_oracle(case, seed=0, empty_rows=None, determinis
         scale = scale * scales.get("scale", 1.0)
     out, lse = oracle_fwd(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=causal, dtype=dtype)
     grads = run_bwd(q, k, v, bias, mask, out, lse, dout, dlse, scale=scale, softcap=softcap, is_causal=causal,
-                    deterministic=deterministic, capacity=capacity)
+                    deterministic=deterministic, capacity=capacity, dout_in_jit=dout_in_jit)
     assert_grads_match_oracle(grads, q, k, v, bias, mask, lse, dout, dlse, scale=scale, causal=causal,
                               softcap=softcap, dtype=dtype)
 
@@ -574,3 +581,60 @@ def test_sm80_choices_match_oracle(monkeypatch, index, deterministic):
     case[5] = 256  # no key-list build fits: the key-tile path, same gradients
     assert _cuda_bwd.key_list_rows_per_cta(256) == 0
     check_key_list_path_against_oracle(tuple(case), seed=600 + index, deterministic=deterministic)
+
+
+# dq shares dout's buffer (the call aliases them: _cuda_bwd.DOUT_OPERAND): with dout made inside the jit, XLA writes
+# dq into it. Every kernel must have read a query tile's dout before that tile's dq lands: the key-tile path (atomic
+# dq and the deterministic dq kernel; the Hopper main kernel where it serves) and the key-list path (both modes).
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index", [0, 1, 3, 9])
+def test_dq_into_dout_buffer_key_tiles(index, deterministic, kernel_route):
+    check_against_oracle(CASES[index], deterministic=deterministic, dout_in_jit=True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index", [0, 2, 6, 19])
+def test_dq_into_dout_buffer_key_lists(index, deterministic, kernel_route):
+    check_key_list_path_against_oracle(KEY_LIST_CASES[index], seed=900 + index, deterministic=deterministic,
+                                       dout_in_jit=True)
+
+
+def test_dq_aliases_dout_in_the_compiled_call():
+    """The compiled backward keeps the alias (dq is output 0, dout operand DOUT_OPERAND of the custom call)."""
+    from jax_dmattn import _cuda_bwd
+
+    case = KEY_LIST_CASES[0]
+    b, lq, lk, h, hkv, d, dtype, causal, softcap, bias_spec, mask_kind, mask_code = case
+    q, k, v, bias, mask, dout, dlse = key_list_inputs(31, b, lq, lk, h, hkv, d, dtype, causal, bias_spec, mask_kind,
+                                                    mask_code)
+    out, lse = oracle_fwd(q, k, v, bias, mask, scale=d ** -0.5, softcap=0.0, is_causal=causal, dtype=dtype)
+    fn = functools.partial(_cuda_bwd.flash_bwd, scale=d ** -0.5, softcap=0.0, is_causal=causal, deterministic=False)
+    text = jax.jit(lambda *a: fn(*a[:7], a[7] * 2, a[8])).lower(q, k, v, bias, mask, out, lse, dout, dlse)
+    text = text.compile().as_text()
+    (line,) = [ln for ln in text.splitlines() if 'custom_call_target="dmattn_bwd_cuda"' in ln]
+    assert f"output_to_operand_aliasing={{{{0}}: ({_cuda_bwd.DOUT_OPERAND}, {{}})}}" in line, line
+
+
+# The key-list backward in passes over the kv heads (csrc/kernel_facts.h: key_list_bwd_accum_kv_heads), forced at
+# small sizes: accumulators of one kv head (Hkv passes) or of half of them. Deterministic mode adds the same int64
+# counts per element however the heads are split, so its gradients are bitwise those of one pass.
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index,heads", [(0, 1), (2, 2), (2, 1), (6, 1), (13, 1), (17, 1), (19, 1)])
+def test_key_list_path_in_kv_head_passes(index, heads, deterministic, kernel_route, monkeypatch):
+    from jax_dmattn import _cuda_bwd
+
+    case = KEY_LIST_CASES[index]
+    inputs, one_pass = check_key_list_path_against_oracle(case, seed=950 + index, deterministic=deterministic)
+    monkeypatch.setattr(_cuda_bwd, "key_list_accum_kv_heads", lambda *args: heads)
+    _, passes = check_key_list_path_against_oracle(case, seed=950 + index, deterministic=deterministic)
+    if deterministic:
+        for name, a, c in zip(("dq", "dk", "dv", "dbias"), one_pass, passes):
+            assert _bits(a) == _bits(c), name
+
+
+def test_key_list_path_dense_units_in_kv_head_passes(monkeypatch):
+    from jax_dmattn import _cuda_bwd
+
+    monkeypatch.setattr(_cuda_bwd, "key_list_accum_kv_heads", lambda *args: 1)
+    for deterministic in (False, True):
+        check_key_list_path_against_oracle(DENSE_UNIT_CASES[0], seed=990, deterministic=deterministic, capacity=64)

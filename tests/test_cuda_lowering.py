@@ -157,10 +157,9 @@ def test_backward_path_choice(deterministic):
     types = result_types(line)
     n_keys, n_words = _cuda_fwd.key_list_sizes((B, HKV, L, L), CAP)
     # Args: q, k, v, bias, mask, out, lse, dout, dlse, key lists, bit words, row bounds, key segment ids.
-    # Results: dq, dk, dv, dbias,
-    # dq_accum, delta, tile classes, dbias_accum, dkv_accum, nonfinite. Both modes take the key-list path here; deterministic
-    # mode accumulates int64 fixed-point counts (as uint32 pairs) with the stats words after them, the atomic
-    # mode fp32.
+    # Results: dq, dk, dv, dbias, dq_accum, delta, tile classes, dbias_accum, dkv_accum, nonfinite. Both modes take
+    # the key-list path here; deterministic mode accumulates int64 fixed-point counts (as uint32 pairs) with the
+    # stats words after them, the atomic mode fp32.
     ops = operand_types(line)
     assert len(ops) == 13
     assert ops[9] == f"tensor<{n_keys}xi32>" and ops[10] == f"tensor<{2 * n_words}xui32>"
@@ -363,3 +362,65 @@ def test_nothing_to_compute_reaches_no_cuda_call(lq, lk):
     if lq:
         assert "dmattn_fwd_cuda" in fn.trace(q, k, k, jnp.ones((B, HKV, 1, 7))).lower(
             lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("bias_shape, mask_shape", [((B, HKV, 1, L), (B, HKV, L, L)),  # key-list path
+                                                     ((B, HKV, L, L), (B, HKV, L, L)),  # key-tile path
+                                                     (None, None)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_aliases_dq_to_dout(bias_shape, mask_shape, deterministic):
+    """On every path dq is result 0 aliased to dout (operand DOUT_OPERAND): XLA writes dq into dout's buffer when
+    dout dies at the call, so the backward holds one [B, Lq, H, D] buffer less."""
+    from jax_dmattn import _cuda_bwd
+
+    (line,) = lowered_calls(bias_shape, mask_shape, deterministic=deterministic)["dmattn_bwd_cuda"]
+    alias = re.search(r"output_operand_aliases = \[(.*?)\]\s*\}", line).group(1)
+    assert (f"output_tuple_indices = [0], operand_index = {_cuda_bwd.DOUT_OPERAND}, operand_tuple_indices = []"
+            in alias), alias
+    assert alias.count("operand_index") == 1
+    assert operand_types(line)[_cuda_bwd.DOUT_OPERAND] == result_types(line)[0]
+
+
+def _rule(b, lq, h, lk, hkv, d, deterministic=False):
+    from jax_dmattn import _cuda_bwd
+
+    return _cuda_bwd.key_list_accum_kv_heads(b, lq, h, lk, hkv, d, deterministic)
+
+
+def test_key_list_accum_kv_heads_rule():
+    """One pass while dK + dV accumulators of every kv head fit 128 MiB; else the fewest passes that fit, as long as a
+    pass keeps 1024 CTAs (128-row query tiles x its query heads x batch); else the smallest such slice."""
+    assert _rule(1, 16384, 16, 16384, 4, 128) == 4                       # 64 MiB: one pass (the standard case)
+    assert _rule(1, 16384, 16, 16384, 4, 128, deterministic=True) == 4   # int64 counts: 128 MiB, one pass
+    assert _rule(1, 131072, 16, 131072, 4, 128) == 1                     # 512 MiB: 4 passes of 128 MiB
+    assert _rule(8, 4096, 32, 4096, 8, 128) == 4                         # 256 MiB: 2 passes of 128 MiB
+    assert _rule(8, 4096, 32, 4096, 8, 128, deterministic=True) == 2     # twice the bytes: 4 passes
+    assert _rule(8, 32768, 32, 32768, 8, 128) == 1                       # training size: 8 passes of 256 MiB
+    assert _rule(1, 1024, 8, 524288, 8, 128) == 8                        # 8 query tiles: too few CTAs to split
+    assert _rule(1, 16384, 16, 131072, 4, 128) == 2                      # 512 CTAs a kv head: passes of 2 heads
+    assert _rule(1, 4096, 12, 4096, 6, 64) == 6                          # small: one pass
+    assert _rule(2, 16384, 12, 16384, 6, 128) == 3                       # divisors of 6: 2 passes of 3 heads
+    assert _rule(1, 0, 4, 0, 2, 64) == 2
+
+
+def test_key_list_backward_workspace_holds_one_pass_of_kv_heads():
+    """The lowered call's dK / dV accumulators have the rule's kv heads (traced from shapes: nothing allocated)."""
+    b, l, h, hkv, d = 1, 65536, 16, 4, 128
+    args = (jax.ShapeDtypeStruct((b, l, h, d), jnp.bfloat16), jax.ShapeDtypeStruct((b, l, hkv, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, l, hkv, d), jnp.bfloat16), jax.ShapeDtypeStruct((b, hkv, 1, l), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, hkv, l), jnp.float32))
+
+    for deterministic in (False, True):
+        def loss(q, k, v, bias, scores):
+            return jax_dmattn.attention(q, k, v, bias=bias, mask=jax_dmattn.TopKMask(scores, 1024), is_causal=True,
+                                        deterministic=deterministic, implementation="cuda").astype(jnp.float32).sum()
+
+        fn = jax.grad(loss, argnums=(0, 1, 2, 3))
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        (line,) = [ln for ln in text.splitlines() if re.search(r"custom_call @dmattn_bwd_cuda\b", ln)]
+        heads = _rule(b, l, h, l, hkv, d, deterministic)
+        assert heads == (1 if deterministic else 2)  # 128 MiB of fp32 a pass, or 128 MiB of int64 counts
+        if deterministic:
+            assert result_types(line)[8] == f"tensor<{4 * b * l * heads * d + 8}xui32>"
+        else:
+            assert result_types(line)[8] == f"tensor<2x{b}x{l}x{heads}x{d}xf32>"

@@ -58,15 +58,27 @@ struct BwdKeyListParams {
   // and read the mask's bytes themselves; classes / dq_accum are unused.
   BwdParams base;
   BwdKeyLists lists;
-  float* dk_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dk
-  float* dv_accum = nullptr;  // [B, Lk, Hkv, D] f32, zeroed, then converted into dv
+  float* dk_accum = nullptr;  // [B, Lk, accum_kv_heads, D] f32, zeroed, then converted into dk
+  float* dv_accum = nullptr;  // [B, Lk, accum_kv_heads, D] f32, zeroed, then converted into dv
   BwdFixedPoint fixed;        // deterministic mode when fixed.dk != nullptr (then dk_accum / dv_accum are unused)
   int rows_per_cta = 0;       // 128 or 64 (key_list_bwd_has_rows); chosen by the caller from the device's limit
+  // The pass over kv heads [kv_head_begin, kv_head_begin + accum_kv_heads) (kernel_facts.h:
+  // key_list_bwd_accum_kv_heads): the kernels run the query heads of these kv heads only, and the accumulators hold
+  // their dK / dV.
+  int kv_head_begin = 0;
+  int accum_kv_heads = 0;
 };
 
-// The whole key-list backward on `stream` after the key lists are built: zero-fill of the accumulators, delta,
-// (deterministic mode: the maxima of the fixed-point bounds), the key-list kernel, conversions of dk / dv / dbias.
-// Nothing is allocated, nothing synchronises.
+// Element offset of (batch b, key, kv head kvh of the current pass, dim 0) in the dK / dV accumulators. The kernels
+// pass their compile-time head dim, which keeps the address arithmetic as cheap as a plain [B, Lk, Hkv, D] index.
+__host__ __device__ inline int64_t key_list_accum_offset(const BwdKeyListParams& sp, int b, int key, int kvh,
+                                                         int head_dim) {
+  return ((int64_t(b) * sp.base.kv_len + key) * sp.accum_kv_heads + (kvh - sp.kv_head_begin)) * head_dim;
+}
+
+// The whole key-list backward on `stream` after the key lists are built: delta, (deterministic mode: the maxima of
+// the fixed-point bounds), then per pass over kv heads the zero-fill of the accumulators, the key-list kernel and
+// the conversions into dk / dv; last the dbias conversion. Nothing is allocated, nothing synchronises.
 cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& params, cudaStream_t stream);
 
 // The key-list kernel of one (head dim, dtype), defined in the generated flash_bwd_key_list_hdim<D>.cu

@@ -3,8 +3,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "cuda/bwd_fixed_point.cuh"
 #include "cuda/flash_bwd_key_list.h"
+#include "cuda/half_float.cuh"
 #if defined(DMATTN_WITH_SM90)
 #include "cuda/sm90/flash_bwd_sm90.h"
 #endif
@@ -92,6 +95,67 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One pass's accumulators into its kv heads of dk or dv: src [B * Lk, cols] (cols = accum_kv_heads * D, contiguous)
+// to the rows of dst [B * Lk, Hkv * D] from column dst_col on. One warp per row at a time; cols % 4 == 0 (D % 8 == 0).
+// Counts (deterministic mode: which 0 dK, 1 dV) or fp32 sums (fx.stats == nullptr).
+template <class Out, class Src>
+__global__ void __launch_bounds__(kThreads)
+    accum_rows_to_out_kernel(const Src* __restrict__ src, Out* __restrict__ dst, int64_t rows, int cols,
+                             int64_t dst_stride, int64_t dst_col, int which, BwdFixedPoint fx, int head_dim,
+                             float scale) {
+  double res = 0;
+  bool nan = false;
+  if constexpr (std::is_same_v<Src, unsigned long long>) {
+    const fixed::Exponents ex = fixed::fixed_exponents(fx.stats, fx, head_dim, scale);
+    res = fixed::res(which == 0 ? ex.dk : ex.dv);
+    nan = fixed::poisoned(fx.stats);
+  }
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  for (int64_t r = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const Src* s = src + r * cols;
+    Out* d = dst + r * dst_stride + dst_col;
+    for (int c = 4 * lane; c < cols; c += 4 * 32) {
+      float x[4];
+      if constexpr (std::is_same_v<Src, float>) {
+        const float4 v = *reinterpret_cast<const float4*>(s + c);
+        x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+      } else {
+        for (int j = 0; j < 4; ++j) x[j] = nan ? __int_as_float(0x7fc00000) : fixed::from_count(s[c + j], res);
+      }
+      for (int j = 0; j < 4; ++j) d[c + j] = from_f32<Out>(x[j]);
+    }
+  }
+}
+
+// The pass's dK and dV accumulators (dk first, then dv, each B * Lk * accum_kv_heads * D elements) into its kv heads
+// of dk and dv.
+template <class Src>
+cudaError_t launch_accum_to_out(const Src* dk_accum, const Src* dv_accum, const BwdKeyListParams& sp,
+                                cudaStream_t stream) {
+  const BwdParams& p = sp.base;
+  const int64_t rows = int64_t(p.batch) * p.kv_len;
+  if (rows == 0) return cudaSuccess;
+  const int cols = sp.accum_kv_heads * p.head_dim;
+  const int64_t dst_stride = int64_t(p.kv_heads) * p.head_dim, dst_col = int64_t(sp.kv_head_begin) * p.head_dim;
+  const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  for (int which : {0, 1}) {
+    const Src* src = which == 0 ? dk_accum : dv_accum;
+    void* dst = which == 0 ? p.dk : p.dv;
+    if (p.is_bf16)
+      accum_rows_to_out_kernel<<<grid, kThreads, 0, stream>>>(src, static_cast<__nv_bfloat16*>(dst), rows, cols,
+                                                              dst_stride, dst_col, which, sp.fixed, p.head_dim,
+                                                              p.scale);
+    else
+      accum_rows_to_out_kernel<<<grid, kThreads, 0, stream>>>(src, static_cast<__half*>(dst), rows, cols,
+                                                              dst_stride, dst_col, which, sp.fixed, p.head_dim,
+                                                              p.scale);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 cudaError_t launch_fixed_stats(const BwdParams& p, uint32_t* stats, cudaStream_t stream) {
   fixed_stats_kernel<<<dim3(256, 4), kThreads, 0, stream>>>(p, stats);
   return cudaGetLastError();
@@ -121,18 +185,15 @@ cudaError_t run_key_list_kernel(const BwdKeyListParams& sp, cudaStream_t stream)
 }
 
 // Deterministic mode: int64 counts instead of fp32 sums (csrc/cuda/bwd_fixed_point.cuh). The handler laid out
-// the workspace as [dK counts | dV counts | stats words] and, with a computed dbias, an int64 dbias workspace.
+// the workspace as [dK counts | dV counts | stats words] (the counts of one pass's kv heads) and, with a computed
+// dbias, an int64 dbias workspace.
 cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStream_t stream) {
   const BwdParams& p = sp.base;
   const BwdFixedPoint& fx = sp.fixed;
   cudaError_t err;
-  const int64_t kv_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
-  const size_t kv_bytes = size_t(kv_elems) * sizeof(unsigned long long);
-  // dK, dV counts and the stats words are contiguous: one zero-fill.
-  if (fx.dv != fx.dk + kv_elems || reinterpret_cast<unsigned long long*>(fx.stats) != fx.dv + kv_elems)
+  const int64_t pass_elems = int64_t(p.batch) * p.kv_len * sp.accum_kv_heads * p.head_dim;
+  if (fx.dv != fx.dk + pass_elems || reinterpret_cast<unsigned long long*>(fx.stats) != fx.dv + pass_elems)
     return cudaErrorInvalidValue;
-  if ((err = cudaMemsetAsync(fx.dk, 0, 2 * kv_bytes + kFixedStatsWords * sizeof(uint32_t), stream)) != cudaSuccess)
-    return err;
   const bool dbias_computed = p.bias != nullptr && p.dbias_mode != kDbiasNone;
   if (p.bias != nullptr) {
     const int64_t esize = p.bias_dtype == DType::kF32 ? 4 : 2;
@@ -144,15 +205,19 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
       if (err != cudaSuccess) return err;
     }
   }
+  if ((err = cudaMemsetAsync(fx.stats, 0, kFixedStatsWords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
   if ((err = launch_fixed_stats(p, fx.stats, stream)) != cudaSuccess) return err;
-  if ((err = run_key_list_kernel(sp, stream)) != cudaSuccess) return err;
-  const DType out_dtype = p.is_bf16 ? DType::kBF16 : DType::kF16;
-  if ((err = launch_fixed_to_out(fx.dk, p.dk, kv_elems, out_dtype, 0, sp, stream)) != cudaSuccess) return err;
-  if ((err = launch_fixed_to_out(fx.dv, p.dv, kv_elems, out_dtype, 1, sp, stream)) != cudaSuccess) return err;
-  if (dbias_computed) {
-    if ((err = launch_fixed_to_out(fx.dbias, p.dbias, p.bias_size, p.bias_dtype, 2, sp, stream)) != cudaSuccess)
+  BwdKeyListParams pass = sp;
+  for (pass.kv_head_begin = 0; pass.kv_head_begin < p.kv_heads; pass.kv_head_begin += sp.accum_kv_heads) {
+    if ((err = cudaMemsetAsync(fx.dk, 0, 2 * pass_elems * sizeof(unsigned long long), stream)) != cudaSuccess)
       return err;
+    if ((err = run_key_list_kernel(pass, stream)) != cudaSuccess) return err;
+    if ((err = launch_accum_to_out<unsigned long long>(fx.dk, fx.dv, pass, stream)) != cudaSuccess) return err;
+  }
+  if (dbias_computed) {
+    const DType dtype = p.bias_dtype;
+    if ((err = launch_fixed_to_out(fx.dbias, p.dbias, p.bias_size, dtype, 2, sp, stream)) != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
@@ -160,15 +225,13 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
 }  // namespace
 
 cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t stream) {
+  const BwdParams& p = sp.base;
+  if (sp.accum_kv_heads <= 0 || p.kv_heads % sp.accum_kv_heads != 0) return cudaErrorInvalidValue;
   BwdKeyListParams sm80 = sp;
   sm80.base.nonfinite = nullptr;  // the sm80 kernel does the work unless the Hopper route takes the call
   if (sp.fixed.dk != nullptr) return launch_flash_bwd_key_list_fixed(sm80, stream);
-  const BwdParams& p = sp.base;
   cudaError_t err;
-  const int64_t kv_elems = int64_t(p.batch) * p.kv_len * p.kv_heads * p.head_dim;
-  // dK / dV are sums of atomically added partials (several query tiles and the whole GQA group per key).
-  if ((err = cudaMemsetAsync(sp.dk_accum, 0, kv_elems * sizeof(float), stream)) != cudaSuccess) return err;
-  if ((err = cudaMemsetAsync(sp.dv_accum, 0, kv_elems * sizeof(float), stream)) != cudaSuccess) return err;
+  const int64_t pass_elems = int64_t(p.batch) * p.kv_len * sp.accum_kv_heads * p.head_dim;
   if (p.bias != nullptr) {
     // dbias columns are added atomically into dbias_accum (dbias itself for an f32 bias). A key-broadcast bias
     // (kDbiasNone) gets exact zeros, as does every key no row keeps.
@@ -181,18 +244,29 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
     }
   }
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
+  bool hopper = false;
 #if defined(DMATTN_WITH_SM90)
   if (flash_bwd_key_list_sm90_serves(sp)) {
     // The Hopper kernel needs finite q, dout and k (see its header); the scan's word hands other calls to the sm80
     // kernel.
     if ((err = launch_nonfinite_scan(p, stream)) != cudaSuccess) return err;
-    if ((err = launch_flash_bwd_key_list_sm90(sp, stream)) != cudaSuccess) return err;
     sm80.base.nonfinite = p.nonfinite;
+    hopper = true;
   }
 #endif
-  if ((err = run_key_list_kernel(sm80, stream)) != cudaSuccess) return err;
-  if ((err = launch_f32_to_half(sp.dk_accum, p.dk, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
-  if ((err = launch_f32_to_half(sp.dv_accum, p.dv, kv_elems, p.is_bf16, stream)) != cudaSuccess) return err;
+  // dK / dV are sums of atomically added partials (several query tiles and the whole GQA group per key), one pass
+  // of kv heads at a time.
+  for (int h0 = 0; h0 < p.kv_heads; h0 += sp.accum_kv_heads) {
+    BwdKeyListParams pass = sp, pass_sm80 = sm80;
+    pass.kv_head_begin = pass_sm80.kv_head_begin = h0;
+    if ((err = cudaMemsetAsync(sp.dk_accum, 0, pass_elems * sizeof(float), stream)) != cudaSuccess) return err;
+    if ((err = cudaMemsetAsync(sp.dv_accum, 0, pass_elems * sizeof(float), stream)) != cudaSuccess) return err;
+#if defined(DMATTN_WITH_SM90)
+    if (hopper && (err = launch_flash_bwd_key_list_sm90(pass, stream)) != cudaSuccess) return err;
+#endif
+    if ((err = run_key_list_kernel(pass_sm80, stream)) != cudaSuccess) return err;
+    if ((err = launch_accum_to_out<float>(sp.dk_accum, sp.dv_accum, pass, stream)) != cudaSuccess) return err;
+  }
   if (p.bias != nullptr && p.dbias_mode != kDbiasNone && p.bias_dtype != DType::kF32) {
     err = launch_f32_to_half(p.dbias_accum, p.dbias, p.bias_size, p.bias_dtype == DType::kBF16, stream);
     if (err != cudaSuccess) return err;

@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   extern __shared__ __align__(128) char smem[];
 
   const int m_block = gridDim.x - 1 - blockIdx.x;  // late (causally heavier) query tiles first
-  const int h = blockIdx.y;
+  const int h = sp.kv_head_begin * p.group + blockIdx.y;  // the query heads of this pass's kv heads
   const int b = blockIdx.z;
   const int kvh = h / p.group;
   const int tid = threadIdx.x;
@@ -373,14 +373,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
   clear(acc_dq);
 
-  // Adds a [64 keys, D] partial (keys = this chunk's list) into an fp32 [B, Lk, Hkv, D] workspace.
+  // Adds a [64 keys, D] partial (keys = this chunk's list) into the fp32 [B, Lk, accum_kv_heads, D] accumulator.
   auto add_key_rows = [&](auto& acc, float* accum, const int* keys, float mul) {
     Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
     CUTE_UNROLL
     for (int r = 0; r < size<0>(a); ++r) {
       const int key = keys[get<0>(cKV(r, 0))];
       if (key < 0) continue;
-      float* dst = accum + (int64_t(b) * p.kv_len + key) * k_row_stride + int64_t(kvh) * kD;
+      float* dst = accum + key_list_accum_offset(sp, b, key, kvh, kD);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(a); c += 2) {
         const int d = get<1>(cKV(0, c));
@@ -393,9 +393,9 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
     }
   };
-  // The same into an int64 [B, Lk, Hkv, D] workspace of counts: each partial (times mul, rounded in fp32 as
-  // above) is scaled by the exact power of two inv_res, rounded to the nearest integer and added with a 64-bit
-  // integer atomic. A non-finite or out-of-range count raises the flag (outputs become NaN).
+  // The same into the int64 [B, Lk, accum_kv_heads, D] accumulator of counts: each partial (times mul, rounded in
+  // fp32 as above) is scaled by the exact power of two inv_res, rounded to the nearest integer and added with a
+  // 64-bit integer atomic. A non-finite or out-of-range count raises the flag (outputs become NaN).
   // Coalescing: in the MMA accumulator layout lane q of a quad holds columns 2q, 2q + 1 of each 8-column block, so
   // adding them directly makes every warp instruction touch 8 rows x two half-used 32-byte sectors. The quad first
   // swaps counts (4 shuffles per pair) so that lane q adds columns q and q + 4: each instruction then covers one
@@ -410,8 +410,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     CUTE_UNROLL
     for (int r = 0; r < size<0>(a); ++r) {
       const int key = keys[get<0>(cKV(r, 0))];
-      unsigned long long* dst =
-          accum + (int64_t(b) * p.kv_len + (key < 0 ? 0 : key)) * k_row_stride + int64_t(kvh) * kD;
+      unsigned long long* dst = accum + key_list_accum_offset(sp, b, key < 0 ? 0 : key, kvh, kD);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(a); c += 2) {
         const unsigned long long e0 = fixed::to_count((a(r, c) * mul) * inv_res, bad);

@@ -19,7 +19,7 @@ cudaError_t launch_key_list_kernel(const BwdKeyListParams& sp, cudaStream_t stre
   static std::atomic<uint64_t> configured{0};
   if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
   const BwdParams& p = sp.base;
-  const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, p.heads, p.batch);
+  const dim3 grid((p.q_len + Kt::kBlockM - 1) / Kt::kBlockM, sp.accum_kv_heads * p.group, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   kernel<<<grid, Kt::kNThreads, Kt::kSmemBytes, stream>>>(sp);
   return cudaGetLastError();

@@ -5,6 +5,7 @@
 // shares the forward's lists through XLA's CSE.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -35,12 +36,15 @@ ffi::Error bad(const std::string& what) { return ffi::Error::InvalidArgument(std
 // dq_accum [B, Lq, H, D] f32 (zero-size when deterministic), delta [B, H, Lq] f32, the mask tile classes
 // [Bm, Hm, ceil(Mm / 64), ceil(Nm / 64)] u8 (zero-size without a mask), dbias_accum f32 of bias's shape
 // (only for a bf16/f16 bias whose dbias tiles get several flushes, see docs/cuda_backward.md; else zero-size).
-// Key-list path (uses_key_list_path): dq_accum and the tile classes are zero-size. Not deterministic: dbias_accum is
-// f32 of bias's shape for any bf16/f16 bias that is not key-broadcast, dkv_accum [2, B, Lk, Hkv, D] f32 (dK then
-// dV). Deterministic (fixed point): dbias_accum is u32 [2 * bias elements] (int64 counts) for any bias that is not
-// key-broadcast, dkv_accum u32 [2 * 2 * B * Lk * Hkv * D + kFixedStatsWords] (int64 dK counts, int64 dV counts,
-// the stats words). The dense path requires f32 for a non-empty dbias_accum. Last, nonfinite u32 [1]: the word the
-// Hopper route's non-finite scan sets (csrc/cuda/flash_bwd.h).
+// Key-list path (uses_key_list_path): dq_accum and the tile classes are zero-size. With Hs the kv heads of one pass
+// (kernel_facts.h: key_list_bwd_accum_kv_heads), not deterministic: dbias_accum is f32 of bias's shape for any
+// bf16/f16 bias that is not key-broadcast, dkv_accum [2, B, Lk, Hs, D] f32 (dK then dV). Deterministic (fixed
+// point): dbias_accum is u32 [2 * bias elements] (int64 counts) for any bias that is not key-broadcast, dkv_accum u32
+// [2 * 2 * B * Lk * Hs * D + kFixedStatsWords] (int64 dK counts, int64 dV counts, the stats words). The dense path
+// requires f32 for a non-empty dbias_accum. Last, nonfinite u32 [1]: the word the Hopper route's non-finite scan
+// sets (csrc/cuda/flash_bwd.h).
+// dq may share dout's buffer (the caller aliases them): every kernel reads a query tile's dout before it writes
+// that tile's dq, and no other CTA reads those rows afterwards (docs/cuda_backward.md, "Buffers").
 ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> dlse,
@@ -184,22 +188,28 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                                                 key_list_bits.element_count(), ka);
           e.failure())
         return e;
-      const int64_t kv_elems = B * Lk * Hkv * D;
-      if (deterministic) {
-        if (dkv_accum->element_type() != ffi::DataType::U32 ||
-            dkv_accum->size_bytes() !=
-                static_cast<size_t>(2 * kv_elems) * sizeof(uint64_t) + kFixedStatsWords * sizeof(uint32_t))
-          return bad("dkv_accum must be u32 [4 * B * Lk * Hkv * D + 8] on the deterministic key-list path");
-      } else if (dkv_accum->element_type() != ffi::DataType::F32 ||
-                 dkv_accum->element_count() != static_cast<size_t>(2 * kv_elems)) {
-        return bad("dkv_accum must be f32 [2, B, Lk, Hkv, D] on the key-list path");
-      }
+      // The accumulators hold the dK / dV of one pass's Hs kv heads; the caller chose Hs (kernel_facts.h:
+      // key_list_bwd_accum_kv_heads) and sized dkv_accum for it, and any divisor of Hkv works.
+      const int64_t stats_bytes = deterministic ? kFixedStatsWords * int64_t(sizeof(uint32_t)) : 0;
+      const int64_t head_bytes = 2 * B * Lk * D * (deterministic ? 8 : 4);  // dK + dV of one kv head
+      const int64_t accum_bytes = static_cast<int64_t>(dkv_accum->size_bytes()) - stats_bytes;
+      const int64_t accum_heads = head_bytes == 0 ? std::max<int64_t>(Hkv, 1) : accum_bytes / head_bytes;
+      if (dkv_accum->element_type() != (deterministic ? ffi::DataType::U32 : ffi::DataType::F32) ||
+          accum_bytes < 0 || (head_bytes != 0 && accum_bytes % head_bytes != 0) || accum_heads < 1 ||
+          Hkv % accum_heads != 0)
+        return bad(deterministic
+                       ? "dkv_accum must be u32 [4 * B * Lk * Hs * D + 8] (int64 dK, dV counts of Hs kv heads, Hs "
+                         "dividing Hkv, then the stats words) on the deterministic key-list path"
+                       : "dkv_accum must be f32 [2, B, Lk, Hs, D] (dK, dV of Hs kv heads, Hs dividing Hkv) on the "
+                         "key-list path");
+      const int64_t pass_elems = B * Lk * accum_heads * D;
 
       // The kernel also reads the mask itself (sp.base.mask, set above) for units marked dense; compact lists
       // have none.
       BwdKeyListParams sp;
       sp.base = p;
       sp.rows_per_cta = static_cast<int>(key_list_rows);
+      sp.accum_kv_heads = static_cast<int>(accum_heads);
       sp.lists.keys = key_list_keys.typed_data();
       sp.lists.bits = reinterpret_cast<const uint64_t*>(key_list_bits.typed_data());
       sp.lists.unit_head_stride = ka.m_tiles();
@@ -211,13 +221,13 @@ ffi::Error flash_bwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
       sp.lists.rows_per_unit = ka.rows_per_unit();
       if (deterministic) {
         fixed.dk = static_cast<unsigned long long*>(dkv_accum->untyped_data());
-        fixed.dv = fixed.dk + kv_elems;
-        fixed.stats = reinterpret_cast<uint32_t*>(fixed.dv + kv_elems);
+        fixed.dv = fixed.dk + pass_elems;
+        fixed.stats = reinterpret_cast<uint32_t*>(fixed.dv + pass_elems);
         fixed.rows_kv = double(Lq) * double(H / Hkv);
         sp.fixed = fixed;
       } else {
         sp.dk_accum = static_cast<float*>(dkv_accum->untyped_data());
-        sp.dv_accum = sp.dk_accum + kv_elems;
+        sp.dv_accum = sp.dk_accum + pass_elems;
       }
       return cuda_error(launch_flash_bwd_key_list(sp, stream), "flash_bwd_key_list");
     }

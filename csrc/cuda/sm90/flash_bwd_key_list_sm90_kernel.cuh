@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + Kt::kAlign - 1) &
                                        ~uintptr_t(Kt::kAlign - 1));
 
-  const int h = blockIdx.x;
+  const int h = sp.kv_head_begin * p.group + blockIdx.x;  // the query heads of this pass's kv heads
   const int m_block = gridDim.y - 1 - blockIdx.y;  // late (causally heavier) query tiles first
   const int b = blockIdx.z;
   const int hk = h / p.group;
@@ -391,13 +391,13 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(acc_kv);
-    // The warpgroup's partial into its fp32 [B, Lk, Hkv, D] workspace.
+    // The warpgroup's partial into its fp32 [B, Lk, accum_kv_heads, D] accumulator.
     Tensor kv = make_tensor(acc_kv.data(), gmma_rowcol_layout(acc_kv.layout()));
     CUTE_UNROLL
     for (int r = 0; r < size<0>(kv); ++r) {
       const int key = idx[get<0>(cKV(r, 0))];
       if (key < 0) continue;
-      float* dst = kv_accum + (int64_t(b) * kv_len + key) * k_row_stride + int64_t(hk) * kD;
+      float* dst = kv_accum + key_list_accum_offset(sp, b, key, hk, kD);
       CUTE_UNROLL
       for (int cc = 0; cc < size<1>(kv); cc += 2) {
         atomicAdd(reinterpret_cast<float2*>(dst + get<1>(cKV(0, cc))),
@@ -420,7 +420,7 @@ cudaError_t launch_key_list_bwd(const BwdKeyListParams& sp, cudaStream_t stream)
   static std::atomic<uint64_t> configured{0};
   auto kernel = flash_bwd_key_list_sm90_kernel<Kt>;
   if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
-  kernel<<<dim3(p.heads, m_blocks, p.batch), Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
+  kernel<<<dim3(sp.accum_kv_heads * p.group, m_blocks, p.batch), Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
   return cudaGetLastError();
 }
 
