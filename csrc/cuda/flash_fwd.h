@@ -30,6 +30,25 @@ struct FwdParams : CallParams {
   int kb_rows = 0;             // rows per unit: 128, or 1 for a row-broadcast mask
 };
 
+// The operands of (batch b, query head h) at row 0, addressed with the call's row strides: q and out of the head, k
+// and v of its kv head (h / group).
+template <class Elem>
+struct HeadOperands {
+  const Elem* q;
+  const Elem* k;
+  const Elem* v;
+  Elem* out;
+};
+
+template <class Elem>
+__host__ __device__ inline HeadOperands<Elem> head_operands(const FwdParams& p, int b, int h) {
+  const int hk = h / p.group;
+  return {static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride,
+          static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride,
+          static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride,
+          static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride};
+}
+
 // Launches the forward for params.head_dim in {32, 64, 96, 128, 192, 256} and params.is_bf16.
 cudaError_t launch_flash_fwd(const FwdParams& params, cudaStream_t stream);
 

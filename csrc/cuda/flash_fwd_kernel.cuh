@@ -282,7 +282,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
-  const int hk = h / p.group;
   const int tid = threadIdx.x;
   const int row0 = m_block * kBlockM;
   const int q_len = p.q_len, kv_len = p.kv_len;
@@ -324,17 +323,14 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
   };
 
   // Global tensors.
-  const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Elem* v_ptr = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  Elem* o_ptr = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  const HeadOperands<Elem> head = head_operands<Elem>(p, b, h);
 
-  Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(row0) * p.q_row_stride),
+  Tensor gQ = make_tensor(make_gmem_ptr(head.q + int64_t(row0) * p.q_row_stride),
                           Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.q_row_stride, _1{}));
-  Tensor gO = make_tensor(make_gmem_ptr(o_ptr + int64_t(row0) * p.o_row_stride),
+  Tensor gO = make_tensor(make_gmem_ptr(head.out + int64_t(row0) * p.o_row_stride),
                           Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.o_row_stride, _1{}));
-  Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(p.kv_len, Int<kD>{}), make_stride(p.k_row_stride, _1{}));
-  Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(p.kv_len, Int<kD>{}), make_stride(p.v_row_stride, _1{}));
+  Tensor mK = make_tensor(make_gmem_ptr(head.k), make_shape(p.kv_len, Int<kD>{}), make_stride(p.k_row_stride, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(head.v), make_shape(p.kv_len, Int<kD>{}), make_stride(p.v_row_stride, _1{}));
   Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));  // (BlockN, D, n)
   Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, 0));
 
@@ -581,7 +577,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks) flash_fwd_kerne
       __syncthreads();  // V cleaned, the bad keys known
       online_softmax_step(acc_s, acc_o, row_max, row_sum);
       correct_nonfinite_v<Elem>(acc_o, cO, kept, bad_v_keys[buf],
-                                [&](int j) { return v_ptr + int64_t(col0 + j) * p.v_row_stride; });
+                                [&](int j) { return head.v + int64_t(col0 + j) * p.v_row_stride; });
     } else {
       online_softmax_step(acc_s, acc_o, row_max, row_sum);
     }

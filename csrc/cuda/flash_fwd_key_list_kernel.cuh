@@ -99,7 +99,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   const int h = blockIdx.x;
   const int m_block = gridDim.y - 1 - blockIdx.y;
   const int b = blockIdx.z;
-  const int hk = h / p.group;
   const int tid = threadIdx.x;
   const int row0 = m_block * kBlockM;
   const int q_len = p.q_len, kv_len = p.kv_len;
@@ -110,14 +109,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   // Dense units read the mask rows of this (batch, head) directly.
   const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 
-  const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Elem* v_ptr = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  Elem* o_ptr = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  const HeadOperands<Elem> head = head_operands<Elem>(p, b, h);
 
-  Tensor gQ = make_tensor(make_gmem_ptr(q_ptr + int64_t(row0) * p.q_row_stride),
+  Tensor gQ = make_tensor(make_gmem_ptr(head.q + int64_t(row0) * p.q_row_stride),
                           Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.q_row_stride, _1{}));
-  Tensor gO = make_tensor(make_gmem_ptr(o_ptr + int64_t(row0) * p.o_row_stride),
+  Tensor gO = make_tensor(make_gmem_ptr(head.out + int64_t(row0) * p.o_row_stride),
                           Shape<Int<kBlockM>, Int<kD>>{}, make_stride(p.o_row_stride, _1{}));
 
   Elem* smem_q = reinterpret_cast<Elem*>(smem);
@@ -216,7 +212,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   if (n_chunks > 0) {
     CUTE_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = key_at(0, gather_row(i));
-    gather(k_ptr, p.k_row_stride, smem_k, next_rows);
+    gather(head.k, p.k_row_stride, smem_k, next_rows);
     const int key0 = tid < kChunk ? key_at(0, tid) : -1;
     stage_tables(0, key0, load_key_bias(key0));
   }
@@ -232,7 +228,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     clear(acc_s);
     cute::cp_async_wait<0>();
     __syncthreads();  // K(c) and the chunk tables landed
-    gather(v_ptr, p.v_row_stride, smem_v, cur_rows);
+    gather(head.v, p.v_row_stride, smem_v, cur_rows);
     cute::cp_async_fence();
 
     // Loads whose latency the Q K^T product hides: the next chunk's indices and this chunk's mask words.
@@ -270,7 +266,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
     const bool v_bad = __syncthreads_or(own_v_nonfinite());
     if (tid == 0) bad_v_keys[buf ^ 1] = 0ull;  // last read by chunk c - 1, before this iteration's first barrier
     if (has_next) {
-      gather(k_ptr, p.k_row_stride, smem_k, next_rows);
+      gather(head.k, p.k_row_stride, smem_k, next_rows);
       cute::cp_async_fence();
       next_key_bias = load_key_bias(next_key);  // consumed after P V, which hides its latency
     }
@@ -292,7 +288,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
       __syncthreads();  // V cleaned, the bad columns known
       online_softmax_step(acc_s, acc_o, row_max, row_sum);
       correct_nonfinite_v<Elem>(acc_o, cO, kept, bad_v_keys[buf],
-                                [&](int j) { return v_ptr + int64_t(idx[j]) * p.v_row_stride; });
+                                [&](int j) { return head.v + int64_t(idx[j]) * p.v_row_stride; });
     } else {
       online_softmax_step(acc_s, acc_o, row_max, row_sum);
     }

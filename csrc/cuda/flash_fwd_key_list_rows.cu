@@ -96,20 +96,16 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
   __shared__ float s_out[kWarps / 2][kRows][kD];
 
   const int h = blockIdx.x, b = blockIdx.z;
-  const int hk = h / p.group;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int q_len = p.q_len;
   const KeyListWalk walk = key_list_walk<kKeyListBlockM, kKeyListChunk, kThreads>(p, b, h, 0);
   const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, walk.dense);
 
-  const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Elem* v_ptr = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  Elem* o_ptr = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  const HeadOperands<Elem> head = head_operands<Elem>(p, b, h);
 
   for (int e = tid; e < kRows * kD; e += kThreads) {
     const int r = e / kD, d = e % kD;
-    sq[r][d] = r < q_len ? to_float(q_ptr[int64_t(r) * p.q_row_stride + d]) : 0.f;
+    sq[r][d] = r < q_len ? to_float(head.q[int64_t(r) * p.q_row_stride + d]) : 0.f;
   }
   __syncthreads();
 
@@ -137,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
 #pragma unroll
     for (int r = 0; r < kRows; ++r) s[r] = 0.f;
     if (key >= 0) {
-      const uint4* krow = reinterpret_cast<const uint4*>(k_ptr + int64_t(key) * p.k_row_stride);
+      const uint4* krow = reinterpret_cast<const uint4*>(head.k + int64_t(key) * p.k_row_stride);
 #pragma unroll
       for (int i0 = 0; i0 < kD / 8; i0 += kKBatch) {
         uint4 raw[kKBatch];  // all loads issued before the first is used
@@ -212,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
       for (int jj = 0; jj < kVBatch; ++jj) {
         const int kj = __shfl_sync(0xffffffffu, key, j0 + jj);
         if ((any_kept >> (j0 + jj)) & 1u) {
-          raw[jj].load(v_ptr + int64_t(kj) * p.v_row_stride + lane * kDL);
+          raw[jj].load(head.v + int64_t(kj) * p.v_row_stride + lane * kDL);
         } else {
           raw[jj].clear();
         }
@@ -304,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
     for (int w = 0; w < kWarps; ++w) total += exp2f((s_max[w][r] - m_use) * kLog2e) * s_sum[w][r];
 #pragma unroll
     for (int w = 0; w < half; ++w) o += s_out[w][r][d];
-    store(o_ptr + int64_t(r) * p.o_row_stride + d, empty ? 0.f : o / total);
+    store(head.out + int64_t(r) * p.o_row_stride + d, empty ? 0.f : o / total);
     if (d == 0) lse_ptr[r] = empty ? -INFINITY : m + logf(total);
   }
 }

@@ -99,7 +99,6 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   const int h = blockIdx.x;
   const int m_block = gridDim.y - 1 - blockIdx.y;
   const int b = blockIdx.z;
-  const int hk = h / p.group;
   const int tid = threadIdx.x;
   const int row0 = m_block * kBlockM;
   const int q_len = p.q_len, kv_len = p.kv_len;
@@ -109,10 +108,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   const int n_chunks = walk.n_chunks;
   const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 
-  const Elem* q_ptr = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Elem* k_ptr = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Elem* v_ptr = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  Elem* o_ptr = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  const HeadOperands<Elem> head = head_operands<Elem>(p, b, h);
 
   Elem* smem_q = reinterpret_cast<Elem*>(smem);
   Elem* smem_k = smem_q + Kt::kQElems;
@@ -167,8 +163,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
       Elem* dk = addr(sK, j, d0, stage);
       Elem* dv = addr(sVt, d0, j, stage);
       if (rows[i] >= 0) {
-        copy_piece(k_ptr + int64_t(rows[i]) * p.k_row_stride + d0, dk);
-        copy_piece(v_ptr + int64_t(rows[i]) * p.v_row_stride + d0, dv);
+        copy_piece(head.k + int64_t(rows[i]) * p.k_row_stride + d0, dk);
+        copy_piece(head.v + int64_t(rows[i]) * p.v_row_stride + d0, dv);
       } else {
         *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
         *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
@@ -201,7 +197,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     const int e = tid + i * kThreads, r = e / kPieces, d0 = (e % kPieces) * 8;
     Elem* dq = addr(sQ, r, d0);
     if (row0 + r < q_len) {
-      copy_piece(q_ptr + int64_t(row0 + r) * p.q_row_stride + d0, dq);
+      copy_piece(head.q + int64_t(row0 + r) * p.q_row_stride + d0, dq);
     } else {
       *reinterpret_cast<uint4*>(dq) = make_uint4(0, 0, 0, 0);
     }
@@ -324,7 +320,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
       if (warp_live) {
         fwd::online_softmax_rows(s, o, row_max, row_sum);
         fwd::correct_nonfinite_v_rows<Elem>(o, cO, kept, bad_v_keys[stage],
-                                       [&](int j) { return v_ptr + int64_t(idx[j]) * p.v_row_stride; });
+                                       [&](int j) { return head.v + int64_t(idx[j]) * p.v_row_stride; });
       }
     } else if (warp_live) {
       fwd::online_softmax_rows(s, o, row_max, row_sum);
@@ -355,7 +351,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   for (int i = 0; i < kBlockM * kPieces / kThreads; ++i) {
     const int e = tid + i * kThreads, r = e / kPieces, d0 = (e % kPieces) * 8;
     if (row0 + r < q_len) {
-      *reinterpret_cast<uint4*>(o_ptr + int64_t(row0 + r) * p.o_row_stride + d0) =
+      *reinterpret_cast<uint4*>(head.out + int64_t(row0 + r) * p.o_row_stride + d0) =
           *reinterpret_cast<const uint4*>(addr(sQ, r, d0));
     }
   }
