@@ -186,7 +186,8 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
     else:  # an empty mask (Lq = 0) has nothing to list, and the handler sees no mask
         keys, bits = _cuda_fwd.no_key_lists()
     # The key-list path's dK / dV accumulators hold the kv heads of one pass (key_list_accum_kv_heads).
-    accum_shape = (b, lk, key_list_accum_kv_heads(b, lq, h, lk, hkv, k.shape[3], fixed), k.shape[3])
+    if key_list_path:
+        accum_shape = (b, lk, key_list_accum_kv_heads(b, lq, h, lk, hkv, k.shape[3], fixed), k.shape[3])
     if fixed:
         dbias_ws = jax.ShapeDtypeStruct((2 * int(np.prod(bias.shape)),) if ws_bias else (0,), jnp.uint32)
         # [dK counts | dV counts | stats words]: int64 as uint32 pairs.

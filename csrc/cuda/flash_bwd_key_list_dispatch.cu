@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // One pass's accumulators into its kv heads of dk or dv: src [B * Lk, cols] (cols = accum_kv_heads * D, contiguous)
 // to the rows of dst [B * Lk, Hkv * D] from column dst_col on. One warp per row at a time; cols % 4 == 0 (D % 8 == 0).
-// Counts (deterministic mode: which 0 dK, 1 dV) or fp32 sums (fx.stats == nullptr).
+// Src is int64 counts (deterministic mode: which 0 dK, 1 dV, scaled by fx's exponents) or fp32 sums.
 template <class Out, class Src>
 __global__ void __launch_bounds__(kThreads)
     accum_rows_to_out_kernel(const Src* __restrict__ src, Out* __restrict__ dst, int64_t rows, int cols,
@@ -216,8 +216,8 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
     if ((err = launch_accum_to_out<unsigned long long>(fx.dk, fx.dv, pass, stream)) != cudaSuccess) return err;
   }
   if (dbias_computed) {
-    const DType dtype = p.bias_dtype;
-    if ((err = launch_fixed_to_out(fx.dbias, p.dbias, p.bias_size, dtype, 2, sp, stream)) != cudaSuccess) return err;
+    if ((err = launch_fixed_to_out(fx.dbias, p.dbias, p.bias_size, p.bias_dtype, 2, sp, stream)) != cudaSuccess)
+      return err;
   }
   return cudaSuccess;
 }
