@@ -78,14 +78,12 @@ __global__ void __launch_bounds__(kThreads) fixed_stats_kernel(BwdParams p, uint
   }
 }
 
-// dst[i] = count[i] * 2^e in the output dtype, e from the same
-// bounds as the kernel's; NaN everywhere when an input maximum is non-finite or the kernel flagged a partial.
-// which: 0 dK, 1 dV, 2 dbias.
+// dbias[i] = count[i] * 2^e in the bias dtype, e the dbias exponent from the same bounds as the kernel's; NaN
+// everywhere when an input maximum is non-finite or the kernel flagged a partial.
 __global__ void __launch_bounds__(kThreads)
-    fixed_to_out_kernel(const unsigned long long* __restrict__ src, void* __restrict__ dst, int64_t n, DType dtype,
-                        int which, BwdFixedPoint fx, int head_dim, float scale) {
-  const fixed::Exponents ex = fixed::fixed_exponents(fx.stats, fx, head_dim, scale);
-  const double res = fixed::res(which == 0 ? ex.dk : (which == 1 ? ex.dv : ex.dbias));
+    dbias_counts_to_out_kernel(const unsigned long long* __restrict__ src, void* __restrict__ dst, int64_t n,
+                               DType dtype, BwdFixedPoint fx, int head_dim, float scale) {
+  const double res = fixed::res(fixed::fixed_exponents(fx.stats, fx, head_dim, scale).dbias);
   const bool nan = fixed::poisoned(fx.stats);
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
     const float x = nan ? __int_as_float(0x7fc00000) : fixed::from_count(src[i], res);
@@ -161,13 +159,13 @@ cudaError_t launch_fixed_stats(const BwdParams& p, uint32_t* stats, cudaStream_t
   return cudaGetLastError();
 }
 
-cudaError_t launch_fixed_to_out(const unsigned long long* src, void* dst, int64_t n, DType dtype, int which,
-                                const BwdKeyListParams& sp, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
+cudaError_t launch_dbias_counts_to_out(const BwdKeyListParams& sp, cudaStream_t stream) {
+  const BwdParams& p = sp.base;
+  if (p.bias_size == 0) return cudaSuccess;
+  const int64_t blocks = (p.bias_size + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
-  fixed_to_out_kernel<<<grid, kThreads, 0, stream>>>(src, dst, n, dtype, which, sp.fixed, sp.base.head_dim,
-                                                     sp.base.scale);
+  dbias_counts_to_out_kernel<<<grid, kThreads, 0, stream>>>(sp.fixed.dbias, p.dbias, p.bias_size, p.bias_dtype,
+                                                            sp.fixed, p.head_dim, p.scale);
   return cudaGetLastError();
 }
 
@@ -216,7 +214,7 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
     if ((err = launch_accum_to_out<unsigned long long>(fx.dk, fx.dv, pass, stream)) != cudaSuccess) return err;
   }
   if (dbias_computed) {
-    if ((err = launch_fixed_to_out(fx.dbias, p.dbias, p.bias_size, p.bias_dtype, 2, sp, stream)) != cudaSuccess)
+    if ((err = launch_dbias_counts_to_out(sp, stream)) != cudaSuccess)
       return err;
   }
   return cudaSuccess;
