@@ -81,6 +81,50 @@ def test_forward_matches_reference(case, kernel_route):
         assert np.isneginf(np.asarray(lse)[:, :, :lq - lk]).all()
 
 
+# The per-key bias [B, Hkv, 1, Lk] as each consumer thread reads it for its own key columns: in pairs (a contiguous row
+# of even length) or one key at a time (odd Lk), in every dtype, with -inf entries that drop single keys, whole key
+# tiles and every key of the first causal rows (empty rows: out 0, lse -inf). (Lq = Lk, q dtype, bias dtype, D)
+KEY_BIAS_CASES = {
+    "pairs-bf16": (450, jnp.bfloat16, jnp.bfloat16, 128),
+    "pairs-f16": (1000, jnp.float16, jnp.float16, 64),
+    "pairs-f32": (256, jnp.bfloat16, jnp.float32, 256),
+    "single-bf16": (301, jnp.bfloat16, jnp.bfloat16, 128),
+    "single-f16": (199, jnp.float16, jnp.float16, 64),
+    "single-f32": (333, jnp.float16, jnp.float32, 128),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_BIAS_CASES))
+def test_per_key_bias_with_dropped_keys(name, kernel_route):
+    import jax_dmattn
+    from helpers import seed_from
+    from oracle import oracle_attention
+
+    l, dtype, bias_dtype, d = KEY_BIAS_CASES[name]
+    b, h, hkv = 2, 4, 2
+    rng = np.random.default_rng(seed_from(f"test_cuda_fwd_sm90::key_bias::{name}"))
+    q, k, v = (jnp.asarray(rng.standard_normal((b, l, heads, d)), dtype) for heads in (h, hkv, hkv))
+    bias = 2.0 * rng.standard_normal((b, hkv, 1, l))
+    bias[rng.random(bias.shape) < 0.2] = -np.inf  # single dropped keys
+    bias[:, :, :, :5] = -np.inf                   # rows 0..4 see only these keys: empty
+    bias[0, 1, :, 128:192] = -np.inf              # a key tile's worth dropped for one head
+    bias = jnp.asarray(bias, bias_dtype)
+
+    before = sm90_launches("fwd")
+    out, lse = jax.jit(lambda q, k, v, bias: jax_dmattn.attention(
+        q, k, v, bias, is_causal=True, return_lse=True, implementation="cuda"))(q, k, v, bias)
+    served = sm90_launches("fwd") > before
+    hopper = hopper_kernels_available() and kernel_route == "default"
+    assert served == hopper, (f"route {kernel_route}: the Hopper forward "
+                              f"{'did not serve' if hopper else 'served'} the call")
+
+    ref_out, ref_lse = oracle_attention(q, k, v, bias, None, is_causal=True)
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(lse, ref_lse) < 1e-4
+    assert (np.asarray(out, np.float32)[:, :5] == 0).all()
+    assert np.isneginf(np.asarray(lse)[:, :, :5]).all()
+
+
 @pytest.mark.parametrize("case", [
     (2, 200, 200, 8, 2, 128, jnp.bfloat16, True, ("BK1N", jnp.bfloat16)),
     (1, 150, 300, 4, 4, 64, jnp.float16, False, ("BHMN", jnp.float32)),
