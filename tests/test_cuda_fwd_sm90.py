@@ -81,16 +81,16 @@ def test_forward_matches_reference(case, kernel_route):
         assert np.isneginf(np.asarray(lse)[:, :, :lq - lk]).all()
 
 
-# The per-key bias [B, Hkv, 1, Lk] as each consumer thread reads it for its own key columns: in pairs (a contiguous row
-# of even length) or one key at a time (odd Lk), in every dtype, with -inf entries that drop single keys, whole key
-# tiles and every key of the first causal rows (empty rows: out 0, lse -inf). (Lq = Lk, q dtype, bias dtype, D)
+# The per-key bias [B, Hkv, 1, Lk] (staged per key tile) in every dtype, even and odd Lk, whole and partial last key
+# tiles, with -inf entries that drop single keys, a key tile's worth for one head and every key of the first causal
+# rows (empty rows: out 0, lse -inf). (Lq = Lk, q dtype, bias dtype, D)
 KEY_BIAS_CASES = {
-    "pairs-bf16": (450, jnp.bfloat16, jnp.bfloat16, 128),
-    "pairs-f16": (1000, jnp.float16, jnp.float16, 64),
-    "pairs-f32": (256, jnp.bfloat16, jnp.float32, 256),
-    "single-bf16": (301, jnp.bfloat16, jnp.bfloat16, 128),
-    "single-f16": (199, jnp.float16, jnp.float16, 64),
-    "single-f32": (333, jnp.float16, jnp.float32, 128),
+    "even-bf16": (450, jnp.bfloat16, jnp.bfloat16, 128),
+    "even-f16": (1000, jnp.float16, jnp.float16, 64),
+    "even-f32-whole-tiles": (256, jnp.bfloat16, jnp.float32, 256),
+    "odd-bf16": (301, jnp.bfloat16, jnp.bfloat16, 128),
+    "odd-f16": (199, jnp.float16, jnp.float16, 64),
+    "odd-f32": (333, jnp.float16, jnp.float32, 128),
 }
 
 
