@@ -176,18 +176,17 @@ def flash_bwd(q, k, v, bias, mask, out, lse, dout, dlse, *, scale: float, softca
         # dbias columns are added atomically: in fp32, into dbias itself for an f32 bias; in deterministic mode as
         # int64 counts for every bias dtype.
         ws_bias = dbias_computed and (fixed or jnp.dtype(bias.dtype) != jnp.float32)
+        # The dK / dV accumulators hold the kv heads of one pass (key_list_accum_kv_heads).
+        accum_shape = (b, lk, key_list_accum_kv_heads(b, lq, h, lk, hkv, k.shape[3], fixed), k.shape[3])
     else:
         ws_bias = bias is not None and dbias_needs_workspace(bias.shape, bias.dtype, b, h, hkv, lk)
     if compact_lists is not None:
         keys, bits, _ = compact_lists  # the forward's own lists: the same ops on the same operands, merged by CSE
-    elif compact_lists is None and key_list_path and mask.size > 0:
+    elif key_list_path and mask.size > 0:
         # Exactly the forward's call (same mask value, q_len, is_causal, capacity): CSE merges the two.
         keys, bits = _cuda_fwd.build_key_lists(mask, q_len=lq, is_causal=is_causal, capacity=capacity)
     else:  # an empty mask (Lq = 0) has nothing to list, and the handler sees no mask
         keys, bits = _cuda_fwd.no_key_lists()
-    # The key-list path's dK / dV accumulators hold the kv heads of one pass (key_list_accum_kv_heads).
-    if key_list_path:
-        accum_shape = (b, lk, key_list_accum_kv_heads(b, lq, h, lk, hkv, k.shape[3], fixed), k.shape[3])
     if fixed:
         dbias_ws = jax.ShapeDtypeStruct((2 * int(np.prod(bias.shape)),) if ws_bias else (0,), jnp.uint32)
         # [dK counts | dV counts | stats words]: int64 as uint32 pairs.

@@ -27,6 +27,16 @@ F32 = jnp.float32
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
 
 
+def assert_route(out, before, kernel_route, *, hopper_head_dim=True):
+    """The call that gave ``out`` ran the Hopper forward exactly when it should: on the default route of a device with
+    the Hopper kernels, for their head dims (``before``: the launch counter before the call)."""
+    jax.block_until_ready(out)
+    served = sm90_launches("fwd") > before
+    hopper = hopper_kernels_available() and hopper_head_dim and kernel_route == "default"
+    assert served == hopper, (f"route {kernel_route}: the Hopper forward "
+                              f"{'did not serve' if hopper else 'served'} the call")
+
+
 def bias_of(key, code, dtype, b, lq, lk, h, hkv):
     dims = {"B": b, "H": h, "K": hkv, "M": lq, "N": lk, "1": 1}
     return (2.0 * jax.random.normal(key, tuple(dims[c] for c in code), F32)).astype(dtype)
@@ -64,11 +74,8 @@ def test_forward_matches_reference(case, kernel_route):
     scale = d ** -0.5
     fn = functools.partial(_cuda_fwd.flash_fwd, scale=scale, softcap=softcap, is_causal=causal)
     before = sm90_launches("fwd")
-    out, lse = jax.block_until_ready(jax.jit(fn)(q, k, v, bias, None))
-    served = sm90_launches("fwd") > before
-    hopper = hopper_kernels_available() and d in (64, 128, 256) and kernel_route == "default"
-    assert served == hopper, (f"route {kernel_route}: the Hopper forward "
-                              f"{'did not serve' if hopper else 'served'} the call")
+    out, lse = jax.jit(fn)(q, k, v, bias, None)
+    assert_route(out, before, kernel_route, hopper_head_dim=d in (64, 128, 256))
 
     up = lambda x: None if x is None else x.astype(F32)
     ref_out, ref_lse = reference.reference_core(up(q), up(k), up(v), up(bias), None, scale=scale, is_causal=causal,
@@ -82,7 +89,7 @@ def test_forward_matches_reference(case, kernel_route):
 
 
 # The per-key bias [B, Hkv, 1, Lk] (staged per key tile) in every dtype, even and odd Lk, whole and partial last key
-# tiles, with -inf entries that drop single keys, a key tile's worth for one head and every key of the first causal
+# tiles, with -inf entries that drop single keys, a run of 64 keys for one head and every key of the first causal
 # rows (empty rows: out 0, lse -inf). (Lq = Lk, q dtype, bias dtype, D)
 KEY_BIAS_CASES = {
     "even-bf16": (450, jnp.bfloat16, jnp.bfloat16, 128),
@@ -107,16 +114,13 @@ def test_per_key_bias_with_dropped_keys(name, kernel_route):
     bias = 2.0 * rng.standard_normal((b, hkv, 1, l))
     bias[rng.random(bias.shape) < 0.2] = -np.inf  # single dropped keys
     bias[:, :, :, :5] = -np.inf                   # rows 0..4 see only these keys: empty
-    bias[0, 1, :, 128:192] = -np.inf              # a key tile's worth dropped for one head
+    bias[0, 1, :, 128:192] = -np.inf              # a run of 64 keys dropped for one head
     bias = jnp.asarray(bias, bias_dtype)
 
     before = sm90_launches("fwd")
     out, lse = jax.jit(lambda q, k, v, bias: jax_dmattn.attention(
         q, k, v, bias, is_causal=True, return_lse=True, implementation="cuda"))(q, k, v, bias)
-    served = sm90_launches("fwd") > before
-    hopper = hopper_kernels_available() and kernel_route == "default"
-    assert served == hopper, (f"route {kernel_route}: the Hopper forward "
-                              f"{'did not serve' if hopper else 'served'} the call")
+    assert_route(out, before, kernel_route)
 
     ref_out, ref_lse = oracle_attention(q, k, v, bias, None, is_causal=True)
     assert rel_err(out, ref_out) < TOL[dtype]
@@ -185,11 +189,7 @@ def test_row_bounds_forward(name, kernel_route):
     before = sm90_launches("fwd")
     out, lse = jax.jit(lambda q, k, v, bias, kw: jax_dmattn.attention(
         q, k, v, bias, is_causal=causal, return_lse=True, implementation="cuda", **window, **kw))(q, k, v, bias, kw)
-    jax.block_until_ready(out)
-    served = sm90_launches("fwd") > before
-    hopper = hopper_kernels_available() and kernel_route == "default"
-    assert served == hopper, (f"route {kernel_route}: the Hopper forward "
-                              f"{'did not serve' if hopper else 'served'} the call")
+    assert_route(out, before, kernel_route)
 
     ref_out, ref_lse = oracle_attention(q, k, v, bias, dense)
     assert rel_err(out, ref_out) < TOL[dtype]

@@ -214,8 +214,7 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
     if ((err = launch_accum_to_out<unsigned long long>(fx.dk, fx.dv, pass, stream)) != cudaSuccess) return err;
   }
   if (dbias_computed) {
-    if ((err = launch_dbias_counts_to_out(sp, stream)) != cudaSuccess)
-      return err;
+    if ((err = launch_dbias_counts_to_out(sp, stream)) != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
