@@ -136,21 +136,38 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
     kept[r] = 0u;
   }
   static_assert(decltype(size<1>(s))::value <= 32, "kept bits fit a word per row");
+  // The row's word shifted once to the thread's first column, so that each element tests a constant bit.
+  const int col0 = get<1>(cS(0, 0));
+  uint64_t row_word[kRows];
   CUTE_UNROLL
-  for (int c = 0; c < size<1>(s); ++c) {
-    const int lcol = get<1>(cS(0, c));
-    const int key = skey[lcol];  // -1 past the end of the list
-    const float bias = has_bias ? sbias[lcol] : 0.f;
+  for (int r = 0; r < kRows; ++r) row_word[r] = word[r] >> col0;
+  // kWhole: every column holds a walked key (a walk is ascending and padded with -1 at its end, so its last entry
+  // decides) and under causality every key lies at or below the CTA's first row's bound (fwd::key_list_logits's
+  // chunk-uniform case): the word alone decides where the key is kept. Only a unit's last chunks take the key tests.
+  auto to_p = [&](auto whole) {
+    constexpr bool kWhole = decltype(whole)::value;
     CUTE_UNROLL
-    for (int r = 0; r < size<0>(s); ++r) {
-      float d;
-      const float x = add_bias(bwd::capped_logit(p, s(r, c), use_cap, cap_in, d), bias);
-      const bool keep = ((word[r] >> lcol) & 1ull) != 0 && key >= 0 && key <= row_last_key[r] &&
-                        x != -INFINITY && lse[r] != -INFINITY;
-      s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
-      if constexpr (kCapFactor) cd(r, c) = d;
-      kept[r] |= uint32_t(keep) << c;
+    for (int c = 0; c < size<1>(s); ++c) {
+      const int lcol = get<1>(cS(0, c));
+      const int key = skey[lcol];  // -1 past the end of the list
+      const float bias = has_bias ? sbias[lcol] : 0.f;
+      CUTE_UNROLL
+      for (int r = 0; r < size<0>(s); ++r) {
+        float d;
+        const float x = add_bias(bwd::capped_logit(p, s(r, c), use_cap, cap_in, d), bias);
+        bool keep = ((row_word[r] >> (lcol - col0)) & 1ull) != 0 && x != -INFINITY && lse[r] != -INFINITY;
+        if constexpr (!kWhole) keep = keep && key >= 0 && key <= row_last_key[r];
+        s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
+        if constexpr (kCapFactor) cd(r, c) = d;
+        kept[r] |= uint32_t(keep) << c;
+      }
     }
+  };
+  const int last_key = skey[kKeyListChunk - 1];
+  if (last_key >= 0 && (!p.is_causal || last_key <= m0 + causal_off)) {
+    to_p(std::true_type{});
+  } else {
+    to_p(std::false_type{});
   }
 }
 

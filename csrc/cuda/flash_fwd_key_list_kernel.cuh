@@ -65,6 +65,25 @@ __device__ __forceinline__ void key_list_logits(Acc& acc, S& s, CS const& cS, co
   }
   const int row_lim = p.q_len - row0;
   const int causal_off = p.kv_len - p.q_len;
+  // Chunk-uniform case: every column holds a walked key (a walk is ascending and padded with -1 at its end, so its
+  // last entry decides), every row of the CTA is a query row, and under causality every key lies at or below the
+  // first row's bound. Then the row's word alone decides, shifted once to the thread's first column so that each
+  // element tests a constant bit. Only a unit's last chunks (its diagonal keys, the end of its list) and the last
+  // query tile take the per-element tests below.
+  const int last_key = idx[kKeyListChunk - 1];
+  if (last_key >= 0 && row_lim >= kKeyListBlockM && (!p.is_causal || last_key <= row0 + causal_off)) {
+    const int col0 = get<1>(cS(0, 0));
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const uint64_t word = row_bits[r] >> col0;
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const int bit = get<1>(cS(0, cc)) - col0;  // a constant: the thread's columns differ by static offsets
+        s(r, cc) = ((word >> bit) & 1u) ? s(r, cc) : -INFINITY;
+      }
+    }
+    return;
+  }
   CUTE_UNROLL
   for (int cc = 0; cc < kCols; ++cc) {
     const int cl = get<1>(cS(0, cc));
