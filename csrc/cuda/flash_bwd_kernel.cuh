@@ -25,6 +25,7 @@
 #include "cuda/flash_bwd.h"
 #include "cuda/smem_tiles.cuh"
 #include "cuda/tile_classes.h"
+#include "cuda/fast_exp2.cuh"
 
 namespace dmattn {
 namespace bwd {
@@ -225,7 +226,7 @@ __device__ __forceinline__ void scores_to_p(AccS& acc_s, CapD& capd, CS const& c
           x = add_bias(x, bv);
         }
         keep = keep && x != -INFINITY && lse[r] != -INFINITY;
-        s(r, c + e) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
+        s(r, c + e) = keep ? exp2_ftz((x - lse[r]) * kLog2e) : 0.f;
         cd(r, c + e) = d;
         kept[r] |= uint32_t(keep) << (c + e);
       }

@@ -26,6 +26,7 @@
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
 #include "cuda/smem_tiles.cuh"
+#include "cuda/fast_exp2.cuh"
 
 namespace dmattn {
 namespace bwd_key_list {
@@ -157,7 +158,7 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
         const float x = add_bias(bwd::capped_logit(p, s(r, c), use_cap, cap_in, d), bias);
         bool keep = ((row_word[r] >> (lcol - col0)) & 1ull) != 0 && x != -INFINITY && lse[r] != -INFINITY;
         if constexpr (!kWhole) keep = keep && key >= 0 && key <= row_last_key[r];
-        s(r, c) = keep ? exp2f((x - lse[r]) * kLog2e) : 0.f;
+        s(r, c) = keep ? exp2_ftz((x - lse[r]) * kLog2e) : 0.f;
         if constexpr (kCapFactor) cd(r, c) = d;
         kept[r] |= uint32_t(keep) << c;
       }

@@ -22,6 +22,7 @@
 #include "cuda/flash_fwd.h"
 #include "cuda/smem_tiles.cuh"
 #include "cuda/tile_classes.h"
+#include "cuda/fast_exp2.cuh"
 
 namespace dmattn {
 namespace fwd {
@@ -126,13 +127,13 @@ __device__ __forceinline__ void online_softmax_rows(S& s, O& o, float (&row_max)
     for (int c = 0; c < kCols; ++c) mx = max_nan(mx, s(r, c));
     mx = quad_max(mx);
     const float m_use = mx == -INFINITY ? 0.f : mx;
-    const float corr = exp2f((row_max[r] - m_use) * kLog2e);
+    const float corr = exp2_ftz((row_max[r] - m_use) * kLog2e);
     row_max[r] = mx;
     row_sum[r] *= corr;
     float sum = 0.f;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float e = exp2f((s(r, c) - m_use) * kLog2e);
+      const float e = exp2_ftz((s(r, c) - m_use) * kLog2e);
       s(r, c) = e;
       sum += e;
     }

@@ -11,6 +11,7 @@
 #include "cuda/mask_words.cuh"
 #include "cuda/smem_tiles.cuh"
 #include "kernel_facts.h"
+#include "cuda/fast_exp2.cuh"
 
 namespace dmattn {
 namespace {
@@ -183,9 +184,9 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
       kept[r] = __ballot_sync(0xffffffffu, s[r] != -INFINITY);
       const float mx = max_nan(row_max[r], warp_max_nan(s[r]));
       const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float corr = exp2f((row_max[r] - m_use) * kLog2e);
+      const float corr = exp2_ftz((row_max[r] - m_use) * kLog2e);
       row_max[r] = mx;
-      s[r] = exp2f((s[r] - m_use) * kLog2e);  // P of this lane's key
+      s[r] = exp2_ftz((s[r] - m_use) * kLog2e);  // P of this lane's key
       row_sum[r] = row_sum[r] * corr + s[r];
 #pragma unroll
       for (int d = 0; d < kDL; ++d) acc[r][d] *= corr;
@@ -268,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) m = max_nan(m, s_max[w][r]);
     const float m_use = m == -INFINITY ? 0.f : m;
-    weight[r] = exp2f((row_max[r] - m_use) * kLog2e);
+    weight[r] = exp2_ftz((row_max[r] - m_use) * kLog2e);
   }
   const int half = kWarps / 2;
   if (warp >= half) {
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) fla
     const float m_use = empty ? 0.f : m;
     float total = 0.f, o = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += exp2f((s_max[w][r] - m_use) * kLog2e) * s_sum[w][r];
+    for (int w = 0; w < kWarps; ++w) total += exp2_ftz((s_max[w][r] - m_use) * kLog2e) * s_sum[w][r];
 #pragma unroll
     for (int w = 0; w < half; ++w) o += s_out[w][r][d];
     store(head.out + int64_t(r) * p.o_row_stride + d, empty ? 0.f : o / total);

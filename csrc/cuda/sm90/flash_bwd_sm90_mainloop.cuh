@@ -21,6 +21,7 @@
 #include "cuda/flash_bwd.h"
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
+#include "cuda/fast_exp2.cuh"
 
 namespace dmattn::sm90 {
 
@@ -530,7 +531,7 @@ struct BwdMainloop
             const float lse = row_lse[int(get<1>(cS_mn(0, j)))];
             if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse;
             else x = fmaf(s_mn(i, j), lg.scale, -lse);
-            s_mn(i, j) = keeps(every, i, j) ? exp2f(x * kBwdLog2e) : 0.f;
+            s_mn(i, j) = keeps(every, i, j) ? exp2_ftz(x * kBwdLog2e) : 0.f;
           }
         }
       };

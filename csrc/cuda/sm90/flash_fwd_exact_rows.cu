@@ -11,6 +11,7 @@
 #include "cuda/bias_element.cuh"
 #include "cuda/half_float.cuh"
 #include "cuda/sm90/flash_fwd_sm90.h"
+#include "cuda/fast_exp2.cuh"
 
 namespace dmattn {
 namespace {
@@ -73,8 +74,8 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
         }
         if (s == -INFINITY) continue;  // a dropped key contributes nothing, whatever its values
         const float m_new = fmaxf(m, s);
-        const float corr = exp2f((m - m_new) * kLog2e);
-        const float w = exp2f((s - m_new) * kLog2e);
+        const float corr = exp2_ftz((m - m_new) * kLog2e);
+        const float w = exp2_ftz((s - m_new) * kLog2e);
         m = m_new;
         sum = sum * corr + w;
 #pragma unroll

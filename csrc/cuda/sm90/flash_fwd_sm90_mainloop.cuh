@@ -22,6 +22,7 @@
 #include "cuda/bias_element.cuh"
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
+#include "cuda/fast_exp2.cuh"
 
 namespace dmattn::sm90 {
 
@@ -448,12 +449,12 @@ struct FwdMainloop
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, stride<r>(quad) * step));
         });
         const float ref = m == -INFINITY ? 0.f : m;
-        const float rescale = exp2f((row_max(i) - ref) * kLog2e);  // 0 on the first kept key (row_max -inf)
+        const float rescale = exp2_ftz((row_max(i) - ref) * kLog2e);  // 0 on the first kept key (row_max -inf)
         row_max(i) = m;
         float sum = 0.f;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(s_mn); ++j) {
-          s_mn(i, j) = exp2f((s_mn(i, j) - ref) * kLog2e);
+          s_mn(i, j) = exp2_ftz((s_mn(i, j) - ref) * kLog2e);
           sum += s_mn(i, j);
         }
         row_sum(i) = row_sum(i) * rescale + sum;
