@@ -429,6 +429,10 @@ struct FwdMainloop
       warpgroup_fence_operand(acc_qk);
       warpgroup_fence_operand(acc_pv);
       if (key_bias) cutlass::arch::NamedBarrier::arrive_and_wait(kWarpGroupThreads, wg);
+      // The warpgroups take turns at the softmax (trip 0 took its turn at the QK^T issue above), so that one's
+      // softmax runs while the other's GEMMs occupy the tensor cores; unordered, the two drift into step and leave
+      // the tensor cores idle while both exponentiate.
+      if (trip > 0) math_wg_order_barrier.wait();
 
       to_logits(acc_qk, cS, cT, staged, bias_base, lg, problem, needs_test(trip), b);
 
@@ -461,6 +465,7 @@ struct FwdMainloop
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= rescale;
       }
+      if (trip > 0) math_wg_order_barrier.arrive();
 
       Tensor p = make_acc_into_op<Element>(acc_qk, typename TiledMmaPV::LayoutA_TV{});
       pipeline.consumer_wait(smem_pipe_read, v_token);
