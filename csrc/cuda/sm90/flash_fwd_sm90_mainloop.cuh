@@ -29,6 +29,11 @@ namespace dmattn::sm90 {
 using namespace cute;
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// A row's softmax keeps its reference (the max it subtracts) until a tile's max exceeds it by more than this many
+// powers of two (FlashAttention-4's lazy rescaling): weights then reach 2^8 at most, far inside the range of fp32
+// sums and of P in 16 bits, and most trips skip the rescale of the output accumulator.
+constexpr float kRescaleSlack = 8.f;
 
 // Which key tiles a CTA of BlockM query rows visits, in order 0 .. trips - 1: all keys, or with bottom-right causality
 // (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The trips from the unmasked count on need
@@ -220,7 +225,9 @@ struct FwdMainloop
   CUTLASS_DEVICE void reduce(BlkCoord const&, Params const&, ProblemShape const&, PipelineReducer&,
                              PipelineStateReducer&, SharedStorage&) {}
 
-  // Logits of one QK^T tile in place, in natural units as the backward recomputes them: scale or softcap, bias,
+  // Logits of one QK^T tile in place, in base-2 units (natural logits times log2 e, so that the softmax weight is
+  // one exp2 of a difference; log2 e joins the scale, the softcap or the staged bias, and costs no instruction per
+  // element except for a bias read per element): scale or softcap, bias,
   // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk, (causal) after the
   // row's limit or (bounded) outside the row's bounds of batch element b. `cS` gives each accumulator element's
   // (row, key) in the CTA's problem, `cT` its (row, key) in the tile. `staged`: this tile's per-key bias in shared
@@ -235,13 +242,13 @@ struct FwdMainloop
     const bool capped = lg.softcap > 0.f;
     if (capped) {
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(acc); ++i) acc(i) = lg.softcap * tanhf(acc(i) * lg.qk_scale);
+      for (int i = 0; i < size(acc); ++i) acc(i) = (lg.softcap * kLog2e) * tanhf(acc(i) * lg.qk_scale);
     }
     if (staged != nullptr) {
       // The per-element loop is the softmax's issue cost, so what is per key is decided per key: a bias of -inf
       // drops its key there (add_bias's rule, which keeps a +inf or NaN logit out of such a pair), and the scale and
       // the bias join in one fused multiply-add per element.
-      const float scale = capped ? 1.f : lg.qk_scale;
+      const float scale = capped ? 1.f : lg.qk_scale * kLog2e;  // the staged bias is in base-2 units already
       Tensor s_mn = make_tensor(acc.data(), layout_acc_mn(TiledMmaQK{}, acc.layout()));
       Tensor t_mn = make_tensor(cT.data(), layout_acc_mn(TiledMmaQK{}, cT.layout()));
       CUTLASS_PRAGMA_UNROLL
@@ -256,7 +263,7 @@ struct FwdMainloop
       }
     } else if (!capped) {
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale;
+      for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale * kLog2e;
     }
     if (staged == nullptr && lg.bias != nullptr) {
       // One dtype dispatch per tile. Rows past Lq (the partial last query tile) and keys past Lk read an in-range
@@ -267,7 +274,8 @@ struct FwdMainloop
           const auto pos = cS(i);
           const int64_t off = bias_base + int64_t(min(int(get<0>(pos)), lq - 1)) * lg.bias_row_stride +
                               int64_t(min(int(get<1>(pos)), lk - 1)) * lg.bias_col_stride;
-          acc(i) = add_bias(acc(i), load_bias<decltype(dtype)::value>(lg.bias, off));
+          const float bias = load_bias<decltype(dtype)::value>(lg.bias, off);
+          acc(i) = bias == -INFINITY ? -INFINITY : fmaf(bias, kLog2e, acc(i));  // add_bias's rule
         }
       };
       if (lg.bias_dtype == DType::kBF16) add_tile(std::integral_constant<DType, DType::kBF16>{});
@@ -420,7 +428,7 @@ struct FwdMainloop
       if (trip == 0) math_wg_order_barrier.arrive();
       float* staged = key_bias ? storage.key_bias[wg][trip & 1] : nullptr;
       if (stages) {
-        staged[stage_key] = next_key_bias;
+        staged[stage_key] = next_key_bias * kLog2e;
         if (trip + 1 < trips) next_key_bias = load_key_bias(trip + 1);
       }
       ++smem_pipe_read;
@@ -436,12 +444,16 @@ struct FwdMainloop
 
       to_logits(acc_qk, cS, cT, staged, bias_base, lg, problem, needs_test(trip), b);
 
-      // Online softmax, exp2((s - max) * log2 e): subtracting before scaling makes the largest weight exactly 1 at
-      // any logit size (the lse then equals the max there, as the backward needs). A row whose logits so far are
-      // all -inf keeps max -inf and uses 0 as its reference, so its weights are exp2(-inf) = 0 and no inf - inf
-      // appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which reaches the row's sum, output and
-      // lse.
+      // Online softmax over base-2 logits, weight exp2(s - ref). A row's reference is its running max, renewed only
+      // when a tile's max passes it by more than kRescaleSlack (then every row of the warp renews, so the rescale of
+      // the output accumulator is skipped or taken by the whole warp). A fresh reference makes the largest weight
+      // exactly 1; a kept one bounds weights by 2^kRescaleSlack; either way lse = ln 2 * (ref + log2 sum). A row
+      // whose logits so far are all -inf keeps ref -inf and uses 0 in its place, so its weights are exp2(-inf) = 0
+      // and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which reaches the row's
+      // sum, output and lse.
       Tensor s_mn = make_tensor(acc_qk.data(), layout_acc_mn(mma_qk, acc_qk.layout()));
+      float tile_max[kRows];
+      bool renew = false;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) {
         float m = row_max(i);
@@ -452,18 +464,30 @@ struct FwdMainloop
           for (int step = 1; step < shape<r>(quad); step *= 2)
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, stride<r>(quad) * step));
         });
-        const float ref = m == -INFINITY ? 0.f : m;
-        const float rescale = exp2_ftz((row_max(i) - ref) * kLog2e);  // 0 on the first kept key (row_max -inf)
-        row_max(i) = m;
+        tile_max[i] = m;
+        renew |= m > row_max(i) + kRescaleSlack;
+      }
+      if (__any_sync(0xffffffffu, renew)) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kRows; ++i) {
+          const float ref = tile_max[i] == -INFINITY ? 0.f : tile_max[i];
+          const float rescale = exp2_ftz(row_max(i) - ref);  // 0 on the first kept key (row_max -inf)
+          row_max(i) = tile_max[i];
+          row_sum(i) *= rescale;
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= rescale;
+        }
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        const float ref = row_max(i) == -INFINITY ? 0.f : row_max(i);
         float sum = 0.f;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(s_mn); ++j) {
-          s_mn(i, j) = exp2_ftz((s_mn(i, j) - ref) * kLog2e);
+          s_mn(i, j) = exp2_ftz(s_mn(i, j) - ref);
           sum += s_mn(i, j);
         }
-        row_sum(i) = row_sum(i) * rescale + sum;
-        CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= rescale;
+        row_sum(i) += sum;
       }
       if (trip > 0) math_wg_order_barrier.arrive();
 
@@ -514,7 +538,7 @@ struct FwdMainloop
         bad |= !isfinite(acc_pv_mn(i, j));
       }
       bad = quad_reduce(bad, [](int a, int c) { return a | c; });
-      lse(i) = empty ? -INFINITY : (bad && isfinite(sum)) ? INFINITY : row_max(i) + logf(sum);
+      lse(i) = empty ? -INFINITY : (bad && isfinite(sum)) ? INFINITY : kLn2 * (row_max(i) + log2f(sum));
     }
     return make_tuple(acc_pv, lse);
   }
