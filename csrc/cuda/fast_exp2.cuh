@@ -1,8 +1,8 @@
 // exp2 for the kernels' softmax weights: the MUFU unit's ex2.approx with results below 2^-126 flushed to zero.
 // exp2f compiles to the same MUFU.EX2 plus a range test and two predicated scalings per call, which keep such results
-// denormal; a weight that small changes no sum it joins (the row's largest weight is 1), and the extra instructions
-// were about a third of the per-score work of the softmax loops (ptxas, sm_90a). exp2_ftz(-inf) = +0,
-// exp2_ftz(+inf) = +inf, NaN stays NaN, as with exp2f.
+// denormal; a weight that small changes no sum it joins (the row's largest weight is at least 1), and the extra
+// instructions were about a third of the per-score work of the softmax loops (ptxas, sm_90a).
+// exp2_ftz(-inf) = +0, exp2_ftz(+inf) = +inf, NaN stays NaN, as with exp2f.
 #pragma once
 
 namespace dmattn {
