@@ -15,6 +15,7 @@
 
 #include "attention_params.h"
 #include "kernel_facts.h"
+#include "log_constants.h"
 
 namespace dmattn::cpu {
 
@@ -170,7 +171,6 @@ inline float exp2_nonpositive(float x) {
   return x < -126.f ? 0.f : p * pow2n;
 }
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -INFINITY;
 
 // C[M x N] += A[M x K] * B[K x N]; M % 4 == 0, N % 16 == 0; row-major with leading dims. A 4 x 16

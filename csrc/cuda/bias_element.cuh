@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "attention_params.h"
+#include "log_constants.h"
 
 namespace dmattn {
 
@@ -44,6 +45,12 @@ __device__ __forceinline__ void store_bias(void* base, int64_t off, DType dtype,
 // A -inf bias drops the key whatever the logit is (even an inf or NaN q.k).
 __device__ __forceinline__ float add_bias(float logit, float bias) {
   return bias == -INFINITY ? -INFINITY : logit + bias;
+}
+
+// The same rule for a base-2 logit (the natural one times log2 e, as the Hopper forward works): one fused
+// multiply-add, logit2 + bias log2 e, rounded once.
+__device__ __forceinline__ float add_bias_log2(float logit2, float bias) {
+  return bias == -INFINITY ? -INFINITY : fmaf(bias, kLog2e, logit2);
 }
 
 }  // namespace dmattn

@@ -10,13 +10,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "log_constants.h"
+
 namespace dmattn {
 
-// exp2f takes log2-domain arguments. Scores stay in natural units and a difference is scaled after the
-// subtraction, (s - m) * log2(e): s - m is exact near the max, so the top term is exactly 1 at any magnitude (a
-// fused s * log2(e) - m * log2(e) is off by the rounding of m * log2(e), which is huge for logits of 1e9), and the
-// backward recomputes P = exp(s - lse) from the very same s.
-constexpr float kLog2e = 1.4426950408889634f;
+// The sm80 kernels' exponents take log2-domain arguments (kLog2e). Scores stay in natural units and a difference is
+// scaled after the subtraction, (s - m) * log2(e): s - m is exact near the max, so the top term is exactly 1 at any
+// magnitude (a fused s * log2(e) - m * log2(e) is off by the rounding of m * log2(e), which is huge for logits of
+// 1e9), and the backward recomputes P = exp(s - lse) from the very same s.
 
 // max that propagates NaN (max.NaN, sm_80+): fmaxf drops a NaN operand, but a NaN logit of a kept key must make
 // its row NaN.

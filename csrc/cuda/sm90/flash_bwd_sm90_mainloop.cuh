@@ -22,12 +22,11 @@
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
 #include "cuda/fast_exp2.cuh"
+#include "log_constants.h"
 
 namespace dmattn::sm90 {
 
 using namespace cute;
-
-constexpr float kBwdLog2e = 1.4426950408889634f;
 
 // The work of a CTA of kBlockN keys starting at key n0 (batch element b): trips t = 0 .. count - 1 over (query tile
 // m, query head of the group gi) with m = m_begin + t / group, gi = t % group. Bottom-right causal (row i sees key j
@@ -531,7 +530,7 @@ struct BwdMainloop
             const float lse = row_lse[int(get<1>(cS_mn(0, j)))];
             if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse;
             else x = fmaf(s_mn(i, j), lg.scale, -lse);
-            s_mn(i, j) = keeps(every, i, j) ? exp2_ftz(x * kBwdLog2e) : 0.f;
+            s_mn(i, j) = keeps(every, i, j) ? exp2_ftz(x * kLog2e) : 0.f;
           }
         }
       };

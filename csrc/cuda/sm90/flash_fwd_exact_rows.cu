@@ -12,12 +12,12 @@
 #include "cuda/half_float.cuh"
 #include "cuda/sm90/flash_fwd_sm90.h"
 #include "cuda/fast_exp2.cuh"
+#include "log_constants.h"
 
 namespace dmattn {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxPerLane = 256 / 32;  // head dims up to 256
 
 template <class T>

@@ -23,13 +23,12 @@
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
 #include "cuda/fast_exp2.cuh"
+#include "log_constants.h"
 
 namespace dmattn::sm90 {
 
 using namespace cute;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 // A row's softmax keeps its reference (the max it subtracts) until a tile's max exceeds it by more than this many
 // powers of two (FlashAttention-4's lazy rescaling): weights then reach 2^8 at most, far inside the range of fp32
 // sums and of P in 16 bits, and most trips skip the rescale of the output accumulator.
@@ -275,7 +274,7 @@ struct FwdMainloop
           const int64_t off = bias_base + int64_t(min(int(get<0>(pos)), lq - 1)) * lg.bias_row_stride +
                               int64_t(min(int(get<1>(pos)), lk - 1)) * lg.bias_col_stride;
           const float bias = load_bias<decltype(dtype)::value>(lg.bias, off);
-          acc(i) = bias == -INFINITY ? -INFINITY : fmaf(bias, kLog2e, acc(i));  // add_bias's rule
+          acc(i) = add_bias_log2(acc(i), bias);
         }
       };
       if (lg.bias_dtype == DType::kBF16) add_tile(std::integral_constant<DType, DType::kBF16>{});
