@@ -111,25 +111,50 @@ __device__ __forceinline__ void start_softmax_rows(float (&row_max)[kRows], floa
   }
 }
 
-// One online-softmax step on a tile of natural-unit scores (dropped entries -inf): rescales the running sums and
-// the output accumulator, and leaves exp(s - running max) in acc_s. The max propagates NaN: a NaN logit of a kept
-// key makes the row's max, sum and accumulator NaN for good (as does a +inf one, through inf - inf), while a
-// dropped key's NaN was replaced by -inf before this step. It takes (rows, cols) views of the two accumulators, which
-// serves the sm80 and the Hopper MMA layouts alike (the four lanes of a quad hold the same rows);
-// online_softmax_step takes the sm80 accumulators themselves.
+// A row's running reference (the max it subtracts) is renewed only when a tile's max passes it by more than this,
+// in natural units (2^8 in base 2): weights then stay at most 2^8, far inside fp32 sums and 16-bit P, and most
+// tiles skip the rescale of the output accumulator (FlashAttention-4's lazy rescaling).
+constexpr float kRescaleSlack = 5.545177444479562f;  // 8 ln 2
+
+// One online-softmax step on a tile of natural-unit scores (dropped entries -inf): renews the references where a
+// row's max outgrew its reference by more than kRescaleSlack, rescaling the running sums and the output accumulator
+// then, and leaves exp(s - reference) in s. The renewal is decided per warp (every row of the warp renews when one
+// must), so the warp skips or takes the accumulator's rescale as a whole. A renewed reference is the row's max, and
+// its top weight exactly 1; a kept one is within kRescaleSlack below it, and a dominant key's weight is
+// exp(max - ref), whose log normalize_rows adds back to ref within ~2e-6 (ex2.approx, logf and one rounding of the
+// exact difference max - ref), so lse is that key's logit to the last bit wherever |logit| >= 32, however large,
+// and within an ulp of it below. The max propagates NaN: a NaN
+// logit of a kept key makes the row's max, sum and accumulator NaN for good (as does a +inf one, through inf - inf),
+// while a dropped key's NaN was replaced by -inf before this step. It takes (rows, cols) views of the two
+// accumulators, which serves the sm80 and the Hopper MMA layouts alike (the four lanes of a quad hold the same
+// rows); online_softmax_step takes the sm80 accumulators themselves.
 template <int kRows, class S, class O>
 __device__ __forceinline__ void online_softmax_rows(S& s, O& o, float (&row_max)[kRows], float (&row_sum)[kRows]) {
   constexpr int kCols = decltype(size<1>(s))::value;
+  float tile_max[kRows];
+  bool renew = false;
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     float mx = row_max[r];
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) mx = max_nan(mx, s(r, c));
-    mx = quad_max(mx);
-    const float m_use = mx == -INFINITY ? 0.f : mx;
-    const float corr = exp2_ftz((row_max[r] - m_use) * kLog2e);
-    row_max[r] = mx;
-    row_sum[r] *= corr;
+    tile_max[r] = quad_max(mx);
+    renew |= !(tile_max[r] <= row_max[r] + kRescaleSlack);  // a NaN max renews, so it reaches sum and output
+  }
+  if (__any_sync(0xffffffffu, renew)) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const float m_use = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
+      const float corr = exp2_ftz((row_max[r] - m_use) * kLog2e);
+      row_max[r] = tile_max[r];
+      row_sum[r] *= corr;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
+    }
+  }
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const float m_use = row_max[r] == -INFINITY ? 0.f : row_max[r];
     float sum = 0.f;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
@@ -138,8 +163,6 @@ __device__ __forceinline__ void online_softmax_rows(S& s, O& o, float (&row_max)
       sum += e;
     }
     row_sum[r] += sum;
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(o); ++c) o(r, c) *= corr;
   }
 }
 
@@ -153,9 +176,9 @@ __device__ __forceinline__ void online_softmax_step(AccS& acc_s, AccO& acc_o, fl
 
 // Normalises the output rows of a (rows, cols) view and writes their lse (lanes with tid % 4 == 0): a row is empty
 // iff its max is still -inf (out 0, lse -inf); otherwise its sum is >= 1 (the max term) or NaN, and a NaN must reach
-// out and lse (a test on the sum alone would turn it into -inf). lse = max + log(sum) is exactly the max when the
-// sum is 1, which keeps the backward's exp(s - lse) exact for huge logits. `cS`: (row, col) of each element in the
-// CTA's tile.
+// out and lse (a test on the sum alone would turn it into -inf). lse = ref + log(sum) is exactly a dominant key's
+// logit (online_softmax_rows), which keeps the backward's exp(s - lse) exact for huge logits. `cS`: (row, col) of
+// each element in the CTA's tile.
 template <int kRows, class O, class CS>
 __device__ __forceinline__ void normalize_rows(O& o, float const (&row_max)[kRows], float const (&row_sum)[kRows],
                                                CS const& cS, float* lse_ptr, int row0, int q_len) {
@@ -168,7 +191,7 @@ __device__ __forceinline__ void normalize_rows(O& o, float const (&row_max)[kRow
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
     const int row = row0 + get<0>(cS(r, 0));
     if ((threadIdx.x & 3) == 0 && row < q_len) {
-      lse_ptr[row] = empty ? -INFINITY : row_max[r] + logf(sum);  // logf(1) is exactly 0
+      lse_ptr[row] = empty ? -INFINITY : row_max[r] + logf(sum);  // row_max: the reference
     }
   }
 }
