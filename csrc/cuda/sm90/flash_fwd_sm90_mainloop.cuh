@@ -29,6 +29,18 @@ namespace dmattn::sm90 {
 
 using namespace cute;
 
+// A named barrier of `threads` threads that also ORs a predicate over them (bar.red.or): the warpgroup barrier that
+// publishes a staged bias tile tells every thread at no extra cost whether the tile holds a -inf. `id` counts from
+// CUTLASS's first user barrier, as NamedBarrier's ids do.
+CUTLASS_DEVICE bool named_barrier_or(int threads, int id, bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(any)
+      : "r"(uint32_t(pred)), "r"(id + int(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier)), "r"(threads)
+      : "memory");
+  return any != 0u;
+}
 // A row's softmax keeps its reference (the max it subtracts) until a tile's max exceeds it by more than this many
 // powers of two (FlashAttention-4's lazy rescaling): weights then reach 2^8 at most, far inside the range of fp32
 // sums and of P in 16 bits, and most trips skip the rescale of the output accumulator.
@@ -234,8 +246,8 @@ struct FwdMainloop
   // `bias_base` (the batch and head offset) plus row and key strides.
   template <class Acc, class Coords, class TileCoords, class ProblemShape>
   CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, TileCoords const& cT, const float* staged,
-                                       int64_t bias_base, Consumer const& lg, ProblemShape const& problem,
-                                       bool check_bounds, int b) {
+                                       bool staged_drops, int64_t bias_base, Consumer const& lg,
+                                       ProblemShape const& problem, bool check_bounds, int b) {
     using cutlass::fmha::collective::layout_acc_mn;
     const int lq = get<2>(problem), lk = get<3>(problem);
     const bool capped = lg.softcap > 0.f;
@@ -250,16 +262,22 @@ struct FwdMainloop
       const float scale = capped ? 1.f : lg.qk_scale * kLog2e;  // the staged bias is in base-2 units already
       Tensor s_mn = make_tensor(acc.data(), layout_acc_mn(TiledMmaQK{}, acc.layout()));
       Tensor t_mn = make_tensor(cT.data(), layout_acc_mn(TiledMmaQK{}, cT.layout()));
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(s_mn); ++j) {
-        const float bk = staged[int(get<1>(t_mn(0, j)))];
-        const bool dropped = bk == -INFINITY;
+      auto add_staged = [&](auto drops) {
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size<0>(s_mn); ++i) {
-          const float x = fmaf(s_mn(i, j), scale, bk);
-          s_mn(i, j) = dropped ? -INFINITY : x;
+        for (int j = 0; j < size<1>(s_mn); ++j) {
+          const float bk = staged[int(get<1>(t_mn(0, j)))];
+          const bool dropped = decltype(drops)::value && bk == -INFINITY;
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size<0>(s_mn); ++i) {
+            const float x = fmaf(s_mn(i, j), scale, bk);
+            s_mn(i, j) = dropped ? -INFINITY : x;
+          }
         }
-      }
+      };
+      // Only a tile whose staged bias holds a -inf pays the select (fma(x, scale, -inf) is -inf already unless q.k
+      // is +inf or NaN, which a dropped key must not pass on).
+      if (staged_drops) add_staged(cute::true_type{});
+      else add_staged(cute::false_type{});
     } else if (!capped) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale * kLog2e;
@@ -426,8 +444,11 @@ struct FwdMainloop
       warpgroup_commit_batch();
       if (trip == 0) math_wg_order_barrier.arrive();
       float* staged = key_bias ? storage.key_bias[wg][trip & 1] : nullptr;
+      bool stage_drops = false;  // this thread's staged key has a -inf bias
       if (stages) {
-        staged[stage_key] = next_key_bias * kLog2e;
+        const float staged_bias = next_key_bias * kLog2e;
+        staged[stage_key] = staged_bias;
+        stage_drops = staged_bias == -INFINITY;
         if (trip + 1 < trips) next_key_bias = load_key_bias(trip + 1);
       }
       ++smem_pipe_read;
@@ -435,13 +456,13 @@ struct FwdMainloop
       warpgroup_wait<0>();  // this QK^T, and the previous trip's PV before acc_pv is rescaled
       warpgroup_fence_operand(acc_qk);
       warpgroup_fence_operand(acc_pv);
-      if (key_bias) cutlass::arch::NamedBarrier::arrive_and_wait(kWarpGroupThreads, wg);
+      const bool staged_drops = key_bias && named_barrier_or(kWarpGroupThreads, wg, stage_drops);
       // The warpgroups take turns at the softmax (trip 0 took its turn at the QK^T issue above), so that one's
       // softmax runs while the other's GEMMs occupy the tensor cores; unordered, the two drift into step and leave
       // the tensor cores idle while both exponentiate.
       if (trip > 0) math_wg_order_barrier.wait();
 
-      to_logits(acc_qk, cS, cT, staged, bias_base, lg, problem, needs_test(trip), b);
+      to_logits(acc_qk, cS, cT, staged, staged_drops, bias_base, lg, problem, needs_test(trip), b);
 
       // Online softmax over base-2 logits, weight exp2(s - ref). A row's reference is its running max, renewed only
       // when a tile's max passes it by more than kRescaleSlack (then every row of the warp renews, so the rescale of
