@@ -1,5 +1,6 @@
 """The Hopper key-list backward (csrc/cuda/sm90/flash_bwd_key_list_sm90_kernel.cuh): masked calls on the key-list
-path with deterministic=False, no softcap, D in 64 / 128, on a compute-capability-9.0 GPU.
+path in both modes (fp32 atomics, and deterministic=True's fixed-point counts), no softcap, D in 64 / 128, on a
+compute-capability-9.0 GPU.
 
 Every case runs through the default route and with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80), against
 the float64 oracle (all four gradients, dlse folded, and the exact zeros of rows with no kept key and of keys no
@@ -7,7 +8,8 @@ row keeps); each route must reach the kernel it names (the launch counter moves 
 random element masks of two densities, block masks, row-broadcast masks (one bit word per chunk), rows with no
 kept key, dense units (a capacity below the unit's live keys: the kernel reads the mask itself); GQA 1 / 2 / 4,
 Lq != Lk both ways, odd lengths, one query row, both dtypes, biases of every dtype and broadcast. The calls it
-leaves to the sm80 kernel (softcap, deterministic, other head dims) must not move the counter. Inputs with an inf
+leaves to the sm80 kernel (softcap, other head dims) must not move the counter. Deterministic mode on the Hopper
+kernel: the oracle, bitwise identical repeats, and agreement with the forced sm80 fixed-point kernel. Inputs with an inf
 or NaN in q, dout or k go through the scan to the sm80 key-list kernel; one in v stays on the Hopper kernel; either
 way the gradients are the forced sm80 route's, NaN for NaN. Gradients through the public API for the bool and the
 compact masks: tests/test_cuda_fwd_key_list_sm90.py::test_gradients_through_the_api, which checks that both Hopper
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 
 from helpers import cuda_kernel_marks, hopper_kernels_available, sm90_bwd_head_dims, sm90_launches
-from test_cuda_bwd import (BF16, F16, check_key_list_path_against_oracle, key_list_inputs, oracle_fwd, rel_err,
+from test_cuda_bwd import (BF16, F16, _bits, check_key_list_path_against_oracle, key_list_inputs, oracle_fwd, rel_err,
                            run_bwd)
 
 pytestmark = cuda_kernel_marks("dmattn_bwd_cuda")
@@ -89,11 +91,31 @@ def test_rows_with_no_kept_key(kernel_route):
                 seed=9, empty_rows=rows)
 
 
-def test_deterministic_stays_on_sm80_kernel():
-    before = sm90_launches("bwd_key_list")
-    check_key_list_path_against_oracle((1, 300, 300, 4, 2, 128, BF16, True, 0.0, ("BK1N", "bf16"), "topk48", "BKMN"),
-                                       seed=3, deterministic=True)
-    assert sm90_launches("bwd_key_list") == before
+# Deterministic mode: per-key biases of both float widths and a broadcast one (dbias counts), no bias, GQA 1 / 4,
+# Lq != Lk, dense units.
+DETERMINISTIC = [SERVED[0], SERVED[2], SERVED[4], SERVED[6], SERVED[10], SERVED[13]]
+
+
+@pytest.mark.parametrize("index", range(len(DETERMINISTIC) + 1),
+                         ids=[f"det{i}" for i in range(len(DETERMINISTIC))] + ["det_dense"])
+def test_deterministic_mode(index, monkeypatch):
+    """deterministic=True on the Hopper kernel: the oracle and its exact zeros, bitwise identical over two more runs,
+    and close to the forced sm80 fixed-point kernel (the same counts up to the fp32 partials' rounding)."""
+    monkeypatch.delenv("JAX_DMATTN_CUDA_KERNELS", raising=False)
+    dense = index == len(DETERMINISTIC)
+    case = SERVED_DENSE[0] if dense else DETERMINISTIC[index]
+    kw = dict(capacity=64) if dense else {}
+    args, got = check_route(case, "default", True, seed=600 + index, deterministic=True, **kw)
+    d, causal = case[5], case[7]
+    call = lambda: run_bwd(*args, scale=d ** -0.5, softcap=0.0, is_causal=causal, deterministic=True, **kw)
+    for _ in range(2):
+        for name, a, b in zip(("dq", "dk", "dv", "dbias"), got, call()):
+            if a is not None:
+                assert _bits(a) == _bits(b), f"{name} differs between deterministic runs"
+    monkeypatch.setenv("JAX_DMATTN_CUDA_KERNELS", "sm80")
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), got, call()):
+        if a is not None:
+            assert rel_err(a, b, floor=1e-6) < 1e-2, name
 
 
 def default_and_sm80_routes(call, monkeypatch):

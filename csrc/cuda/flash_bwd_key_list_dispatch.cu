@@ -182,10 +182,27 @@ cudaError_t run_key_list_kernel(const BwdKeyListParams& sp, cudaStream_t stream)
 #undef DMATTN_BWD_KEY_LIST_CASE
 }
 
+// The key-list kernels of one pass of kv heads: the Hopper kernel when it serves the call (`hopper`), then the sm80
+// kernel, which does the work only when there is no Hopper kernel or the non-finite scan flagged the inputs
+// (pass_sm80.base.nonfinite).
+cudaError_t run_key_list_pass(const BwdKeyListParams& pass, const BwdKeyListParams& pass_sm80, bool hopper,
+                              cudaStream_t stream) {
+#if defined(DMATTN_WITH_SM90)
+  if (hopper) {
+    if (cudaError_t err = launch_flash_bwd_key_list_sm90(pass, stream); err != cudaSuccess) return err;
+  }
+#else
+  (void)pass;
+  (void)hopper;
+#endif
+  return run_key_list_kernel(pass_sm80, stream);
+}
+
 // Deterministic mode: int64 counts instead of fp32 sums (csrc/cuda/bwd_fixed_point.cuh). The handler laid out
 // the workspace as [dK counts | dV counts | stats words] (the counts of one pass's kv heads) and, with a computed
 // dbias, an int64 dbias workspace.
-cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStream_t stream) {
+cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, const BwdKeyListParams& sm80, bool hopper,
+                                            cudaStream_t stream) {
   const BwdParams& p = sp.base;
   const BwdFixedPoint& fx = sp.fixed;
   cudaError_t err;
@@ -206,11 +223,12 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
   if ((err = cudaMemsetAsync(fx.stats, 0, kFixedStatsWords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
   if ((err = launch_fixed_stats(p, fx.stats, stream)) != cudaSuccess) return err;
-  BwdKeyListParams pass = sp;
-  for (pass.kv_head_begin = 0; pass.kv_head_begin < p.kv_heads; pass.kv_head_begin += sp.accum_kv_heads) {
+  BwdKeyListParams pass = sp, pass_sm80 = sm80;
+  for (int h0 = 0; h0 < p.kv_heads; h0 += sp.accum_kv_heads) {
+    pass.kv_head_begin = pass_sm80.kv_head_begin = h0;
     if ((err = cudaMemsetAsync(fx.dk, 0, 2 * pass_elems * sizeof(unsigned long long), stream)) != cudaSuccess)
       return err;
-    if ((err = run_key_list_kernel(pass, stream)) != cudaSuccess) return err;
+    if ((err = run_key_list_pass(pass, pass_sm80, hopper, stream)) != cudaSuccess) return err;
     if ((err = launch_accum_to_out<unsigned long long>(fx.dk, fx.dv, pass, stream)) != cudaSuccess) return err;
   }
   if (dbias_computed) {
@@ -224,10 +242,20 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, cudaStre
 cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t stream) {
   const BwdParams& p = sp.base;
   if (sp.accum_kv_heads <= 0 || p.kv_heads % sp.accum_kv_heads != 0) return cudaErrorInvalidValue;
+  cudaError_t err;
   BwdKeyListParams sm80 = sp;
   sm80.base.nonfinite = nullptr;  // the sm80 kernel does the work unless the Hopper route takes the call
-  if (sp.fixed.dk != nullptr) return launch_flash_bwd_key_list_fixed(sm80, stream);
-  cudaError_t err;
+  bool hopper = false;
+#if defined(DMATTN_WITH_SM90)
+  if (flash_bwd_key_list_sm90_serves(sp)) {
+    // The Hopper kernel needs finite q, dout and k (see its header); the scan's word hands other calls to the sm80
+    // kernel.
+    if ((err = launch_nonfinite_scan(p, stream)) != cudaSuccess) return err;
+    sm80.base.nonfinite = p.nonfinite;
+    hopper = true;
+  }
+#endif
+  if (sp.fixed.dk != nullptr) return launch_flash_bwd_key_list_fixed(sp, sm80, hopper, stream);
   const int64_t pass_elems = int64_t(p.batch) * p.kv_len * sp.accum_kv_heads * p.head_dim;
   if (p.bias != nullptr) {
     // dbias columns are added atomically into dbias_accum (dbias itself for an f32 bias). A key-broadcast bias
@@ -241,16 +269,6 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
     }
   }
   if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
-  bool hopper = false;
-#if defined(DMATTN_WITH_SM90)
-  if (flash_bwd_key_list_sm90_serves(sp)) {
-    // The Hopper kernel needs finite q, dout and k (see its header); the scan's word hands other calls to the sm80
-    // kernel.
-    if ((err = launch_nonfinite_scan(p, stream)) != cudaSuccess) return err;
-    sm80.base.nonfinite = p.nonfinite;
-    hopper = true;
-  }
-#endif
   // dK / dV are sums of atomically added partials (several query tiles and the whole GQA group per key), one pass
   // of kv heads at a time.
   for (int h0 = 0; h0 < p.kv_heads; h0 += sp.accum_kv_heads) {
@@ -258,10 +276,7 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
     pass.kv_head_begin = pass_sm80.kv_head_begin = h0;
     if ((err = cudaMemsetAsync(sp.dk_accum, 0, pass_elems * sizeof(float), stream)) != cudaSuccess) return err;
     if ((err = cudaMemsetAsync(sp.dv_accum, 0, pass_elems * sizeof(float), stream)) != cudaSuccess) return err;
-#if defined(DMATTN_WITH_SM90)
-    if (hopper && (err = launch_flash_bwd_key_list_sm90(pass, stream)) != cudaSuccess) return err;
-#endif
-    if ((err = run_key_list_kernel(pass_sm80, stream)) != cudaSuccess) return err;
+    if ((err = run_key_list_pass(pass, pass_sm80, hopper, stream)) != cudaSuccess) return err;
     if ((err = launch_accum_to_out<float>(sp.dk_accum, sp.dv_accum, pass, stream)) != cudaSuccess) return err;
   }
   if (p.bias != nullptr && p.dbias_mode != kDbiasNone && p.bias_dtype != DType::kF32) {

@@ -172,6 +172,54 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
   }
 }
 
+// Adds a [keys, D] partial into the int64 [B, Lk, accum_kv_heads, D] accumulator of counts (deterministic mode):
+// each partial (times mul, rounded in fp32 as the fp32 path rounds it) is scaled by the exact power of two inv_res,
+// rounded to the nearest integer and added with a 64-bit integer atomic. A non-finite or out-of-range count raises
+// the flag (the outputs become NaN). a is the partial as (keys, D) in an MMA accumulator's row / column view
+// (mma.sync's and wgmma's agree: lane q of a quad holds columns 2q, 2q + 1 of each 8-column block of its rows), cKV
+// its coordinates, keys[row] the chunk's key of a row (< 0: past the list).
+// Coalescing: adding the columns as the quad holds them makes every warp instruction touch 8 rows x two half-used
+// 32-byte sectors. The quad first swaps counts (4 shuffles per pair) so that lane q adds columns q and q + 4: each
+// instruction then covers one full sector per row, half the L2 sectors for the same 8-byte adds. Shuffles run on
+// every lane (rows past the list included); only the atomics are skipped for them.
+template <int kD, class TA, class TC>
+__device__ __forceinline__ void add_key_rows_fixed(const BwdKeyListParams& sp, const TA& a, const TC& cKV,
+                                                   unsigned long long* accum, const int* keys, int b, int kvh,
+                                                   float mul, float inv_res) {
+  static_assert(decltype(size<1>(a))::value % 2 == 0, "columns come in pairs per lane");
+  const int lane = threadIdx.x % 32;
+  const int q = lane & 3;
+  const int src_lo = (lane & ~3) + (q >> 1), src_hi = src_lo + 2;
+  bool bad = false;
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(a); ++r) {
+    const int key = keys[get<0>(cKV(r, 0))];
+    unsigned long long* dst = accum + key_list_accum_offset(sp, b, key < 0 ? 0 : key, kvh, kD);
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(a); c += 2) {
+      const unsigned long long e0 = fixed::to_count((a(r, c) * mul) * inv_res, bad);
+      const unsigned long long e1 = fixed::to_count((a(r, c + 1) * mul) * inv_res, bad);
+      const unsigned long long lo0 = __shfl_sync(0xffffffffu, e0, src_lo);
+      const unsigned long long lo1 = __shfl_sync(0xffffffffu, e1, src_lo);
+      const unsigned long long hi0 = __shfl_sync(0xffffffffu, e0, src_hi);
+      const unsigned long long hi1 = __shfl_sync(0xffffffffu, e1, src_hi);
+      const int n0 = get<1>(cKV(0, c)) - 2 * q;  // first column of this 8-column block
+      if (key >= 0) {
+        atomicAdd(dst + n0 + q, (q & 1) ? lo1 : lo0);
+        atomicAdd(dst + n0 + q + 4, (q & 1) ? hi1 : hi0);
+      }
+    }
+  }
+  if (bad) atomicOr(sp.fixed.stats + kFixedBad, 1u);
+}
+
+// The dbias entry `off` += v as a count of resolution 1 / inv_res (deterministic mode).
+__device__ __forceinline__ void add_dbias_fixed(const BwdKeyListParams& sp, int64_t off, float v, float inv_res) {
+  bool bad = false;
+  atomicAdd(sp.fixed.dbias + off, fixed::to_count(v * inv_res, bad));
+  if (bad) atomicOr(sp.fixed.stats + kFixedBad, 1u);
+}
+
 template <class Kt, bool kFixed>
 __global__ void __launch_bounds__(Kt::kNThreads, 1)
     flash_bwd_key_list_kernel(const __grid_constant__ BwdKeyListParams sp) {
@@ -411,42 +459,6 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       }
     }
   };
-  // The same into the int64 [B, Lk, accum_kv_heads, D] accumulator of counts: each partial (times mul, rounded in
-  // fp32 as above) is scaled by the exact power of two inv_res, rounded to the nearest integer and added with a
-  // 64-bit integer atomic. A non-finite or out-of-range count raises the flag (outputs become NaN).
-  // Coalescing: in the MMA accumulator layout lane q of a quad holds columns 2q, 2q + 1 of each 8-column block, so
-  // adding them directly makes every warp instruction touch 8 rows x two half-used 32-byte sectors. The quad first
-  // swaps counts (4 shuffles per pair) so that lane q adds columns q and q + 4: each instruction then covers one
-  // full sector per row, half the L2 sectors for the same 8-byte adds. Shuffles run on every lane (rows past the
-  // list included); only the atomics are skipped for them.
-  auto add_key_rows_fixed = [&](auto& acc, unsigned long long* accum, const int* keys, float mul, float inv_res) {
-    Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
-    static_assert(decltype(size<1>(a))::value % 2 == 0, "columns come in pairs per lane");
-    const int q = lane & 3;
-    const int src_lo = (lane & ~3) + (q >> 1), src_hi = src_lo + 2;
-    bool bad = false;
-    CUTE_UNROLL
-    for (int r = 0; r < size<0>(a); ++r) {
-      const int key = keys[get<0>(cKV(r, 0))];
-      unsigned long long* dst = accum + key_list_accum_offset(sp, b, key < 0 ? 0 : key, kvh, kD);
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(a); c += 2) {
-        const unsigned long long e0 = fixed::to_count((a(r, c) * mul) * inv_res, bad);
-        const unsigned long long e1 = fixed::to_count((a(r, c + 1) * mul) * inv_res, bad);
-        const unsigned long long lo0 = __shfl_sync(0xffffffffu, e0, src_lo);
-        const unsigned long long lo1 = __shfl_sync(0xffffffffu, e1, src_lo);
-        const unsigned long long hi0 = __shfl_sync(0xffffffffu, e0, src_hi);
-        const unsigned long long hi1 = __shfl_sync(0xffffffffu, e1, src_hi);
-        const int n0 = get<1>(cKV(0, c)) - 2 * q;  // first column of this 8-column block
-        if (key >= 0) {
-          atomicAdd(dst + n0 + q, (q & 1) ? lo1 : lo0);
-          atomicAdd(dst + n0 + q + 4, (q & 1) ? hi1 : hi0);
-        }
-      }
-    }
-    if (bad) atomicOr(sp.fixed.stats + kFixedBad, 1u);
-  };
-
   // ---- Prologue: chunk 0 in flight, keys of chunk 1 in registers.
   read_keys(0);
   if (n_chunks > 0) issue_chunk(0, 0);
@@ -558,9 +570,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
       for (int w = 0; w < Kt::kWarpsM; ++w) v += sdb[w * kBlockN + tid];
       const int64_t off = bias_base + int64_t(ckey[tid]) * p.bias_col_stride;
       if constexpr (kFixed) {
-        bool bad = false;
-        atomicAdd(sp.fixed.dbias + off, fixed::to_count(v * sfix[2], bad));
-        if (bad) atomicOr(sp.fixed.stats + kFixedBad, 1u);
+        add_dbias_fixed(sp, off, v, sfix[2]);
       } else {
         atomicAdd(p.dbias_accum + off, v);
       }
@@ -569,17 +579,18 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
     // dV[key] += P^T dO, dK[key] += scale dS^T Q.
     {
       Tensor acc_kv = partition_fragment_C(mmak, Shape<Int<kBlockN>, Int<kD>>{});
+      auto kv_rows = [&] { return make_tensor(acc_kv.data(), rowcol_layout(acc_kv.layout())); };
       clear(acc_kv);
       if (slow)
         bwd::kept_product_through_call<bwd::KeptSum::kOverRows>(acc_kv, cKV, sP, sdO, keep_bytes, kBlockM);
       else gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
-      if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dv, ckey, 1.f, sfix[1]);
+      if constexpr (kFixed) add_key_rows_fixed<kD>(sp, kv_rows(), cKV, sp.fixed.dv, ckey, b, kvh, 1.f, sfix[1]);
       else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
       clear(acc_kv);
       if (slow)
         bwd::kept_product_through_call<bwd::KeptSum::kOverRows>(acc_kv, cKV, sdS, sQ, keep_bytes, kBlockM);
       else gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
-      if constexpr (kFixed) add_key_rows_fixed(acc_kv, sp.fixed.dk, ckey, p.scale, sfix[0]);
+      if constexpr (kFixed) add_key_rows_fixed<kD>(sp, kv_rows(), cKV, sp.fixed.dk, ckey, b, kvh, p.scale, sfix[0]);
       else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
     }
   }

@@ -14,7 +14,8 @@
 //   -> [proxy fence, CTA barrier] -> warpgroup 0: dV partial = P^T dO, warpgroup 1: dK partial = dS^T Q (wgmma,
 //      [64 keys, D] over the 128 rows, every operand read MN-major from the tiles above), dbias column sums
 //   -> partials added to the fp32 dK / dV workspaces by red.global.add.v2.f32 (the same keys come from other query
-//      tiles and from the other heads of the GQA group).
+//      tiles and from the other heads of the GQA group), or, in deterministic mode (kFixed), to the int64 workspaces
+//      as fixed-point counts (csrc/cuda/bwd_fixed_point.cuh; bwd_key_list::add_key_rows_fixed, the sm80 kernel's).
 // dQ stays in registers and is written once.
 //
 // Non-finite inputs: the products multiply the exact zeros of dropped pairs by q, dout and k, so an inf or NaN there
@@ -94,8 +95,9 @@ struct KeyListBwdTraits {
   static constexpr int kAlign = 1024;
   static constexpr int kTableBytes = kStages * kChunk * (4 + 4);  // key index and per-key bias of each stage
   static constexpr int kColSumBytes = kWarps * kChunk * 4;        // dbias column sums of each warp's 16 rows
-  static constexpr int kSmemBytes =
-      kAlign + (2 * kQElems + 2 * kKVElems + 2 * kPElems) * int(sizeof(Elem)) + kTableBytes + kColSumBytes;
+  static constexpr int kFixBytes = 4 * 4;                         // deterministic mode: 2^-e of dK, dV, dbias
+  static constexpr int kSmemBytes = kAlign + (2 * kQElems + 2 * kKVElems + 2 * kPElems) * int(sizeof(Elem)) +
+                                    kTableBytes + kColSumBytes + kFixBytes;
 };
 
 // Two fp32 values as one 32-bit pair of Elem, the lower address first.
@@ -104,7 +106,7 @@ __device__ __forceinline__ uint32_t pack_pair(float a, float b) {
   return uint32_t(Elem(a).raw()) | (uint32_t(Elem(b).raw()) << 16);
 }
 
-template <class Kt>
+template <class Kt, bool kFixed>
 __global__ void __launch_bounds__(Kt::kThreads, 1)
     flash_bwd_key_list_sm90_kernel(const __grid_constant__ BwdKeyListParams sp) {
   using Elem = typename Kt::Elem;
@@ -153,6 +155,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
   int32_t* smem_idx = reinterpret_cast<int32_t*>(smem_ds + Kt::kPElems);      // [kStages][kChunk]
   float* smem_kbias = reinterpret_cast<float*>(smem_idx + kStages * kChunk);  // [kStages][kChunk]
   float* smem_colsum = smem_kbias + kStages * kChunk;                         // [kWarps][kChunk]
+  float* smem_fix = smem_colsum + Kt::kWarps * kChunk;                        // kFixed: count factors [3]
   // The GMMA layouts swizzle byte addresses: an element's address comes from the tensor (its swizzled pointer), never
   // from the layout alone.
   Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Kt::SmemLayoutQ{});
@@ -258,6 +261,16 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
     }
   }
   cute::cp_async_fence();
+  if constexpr (kFixed) {
+    // The resolutions of this call (the stats kernel gathered the maxima before this one); read after the loop's
+    // first barrier.
+    if (tid == 0) {
+      const fixed::Exponents ex = fixed::fixed_exponents(sp.fixed.stats, sp.fixed, kD, p.scale);
+      smem_fix[0] = fixed::inv_res(ex.dk);
+      smem_fix[1] = fixed::inv_res(ex.dv);
+      smem_fix[2] = fixed::inv_res(ex.dbias);
+    }
+  }
 
   const int lane = tid % 32;
   const int warp = tid / 32;
@@ -385,23 +398,30 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
       float v = 0.f;
       CUTE_UNROLL
       for (int w = 0; w < Kt::kWarps; ++w) v += smem_colsum[w * kChunk + tid];
-      atomicAdd(p.dbias_accum + bias_base + int64_t(idx[tid]) * p.bias_col_stride, v);
+      const int64_t off = bias_base + int64_t(idx[tid]) * p.bias_col_stride;
+      if constexpr (kFixed) bwd_key_list::add_dbias_fixed(sp, off, v, smem_fix[2]);
+      else atomicAdd(p.dbias_accum + off, v);
     }
 
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(acc_kv);
-    // The warpgroup's partial into its fp32 [B, Lk, accum_kv_heads, D] accumulator.
+    // The warpgroup's partial into its [B, Lk, accum_kv_heads, D] accumulator: int64 counts or fp32 sums.
     Tensor kv = make_tensor(acc_kv.data(), gmma_rowcol_layout(acc_kv.layout()));
-    CUTE_UNROLL
-    for (int r = 0; r < size<0>(kv); ++r) {
-      const int key = idx[get<0>(cKV(r, 0))];
-      if (key < 0) continue;
-      float* dst = kv_accum + key_list_accum_offset(sp, b, key, hk, kD);
+    if constexpr (kFixed) {
+      bwd_key_list::add_key_rows_fixed<kD>(sp, kv, cKV, wg == 0 ? sp.fixed.dv : sp.fixed.dk, idx, b, hk, kv_mul,
+                                           smem_fix[wg == 0 ? 1 : 0]);
+    } else {
       CUTE_UNROLL
-      for (int cc = 0; cc < size<1>(kv); cc += 2) {
-        atomicAdd(reinterpret_cast<float2*>(dst + get<1>(cKV(0, cc))),
-                  make_float2(kv(r, cc) * kv_mul, kv(r, cc + 1) * kv_mul));
+      for (int r = 0; r < size<0>(kv); ++r) {
+        const int key = idx[get<0>(cKV(r, 0))];
+        if (key < 0) continue;
+        float* dst = kv_accum + key_list_accum_offset(sp, b, key, hk, kD);
+        CUTE_UNROLL
+        for (int cc = 0; cc < size<1>(kv); cc += 2) {
+          atomicAdd(reinterpret_cast<float2*>(dst + get<1>(cKV(0, cc))),
+                    make_float2(kv(r, cc) * kv_mul, kv(r, cc + 1) * kv_mul));
+        }
       }
     }
   }
@@ -417,10 +437,18 @@ cudaError_t launch_key_list_bwd(const BwdKeyListParams& sp, cudaStream_t stream)
   const BwdParams& p = sp.base;
   const int m_blocks = (p.q_len + Kt::kBlockM - 1) / Kt::kBlockM;
   if (m_blocks == 0 || p.heads == 0 || p.batch == 0) return cudaSuccess;
-  static std::atomic<uint64_t> configured{0};
-  auto kernel = flash_bwd_key_list_sm90_kernel<Kt>;
-  if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
-  kernel<<<dim3(sp.accum_kv_heads * p.group, m_blocks, p.batch), Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
+  const dim3 grid(sp.accum_kv_heads * p.group, m_blocks, p.batch);
+  if (sp.fixed.dk != nullptr) {
+    static std::atomic<uint64_t> configured{0};
+    auto kernel = flash_bwd_key_list_sm90_kernel<Kt, true>;
+    if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+    kernel<<<grid, Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
+  } else {
+    static std::atomic<uint64_t> configured{0};
+    auto kernel = flash_bwd_key_list_sm90_kernel<Kt, false>;
+    if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+    kernel<<<grid, Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
+  }
   return cudaGetLastError();
 }
 

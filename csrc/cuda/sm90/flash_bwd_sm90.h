@@ -25,7 +25,7 @@ cudaError_t launch_flash_bwd_sm90(const BwdParams& params, cudaStream_t stream);
 int64_t flash_bwd_sm90_launches();
 
 // Whether the Hopper key-list backward (flash_bwd_key_list_sm90_kernel.cuh) serves this call on the key-list path:
-// deterministic=False (the fixed-point mode stays on the sm80 key-list kernel), no softcap (its factor would cost the
+// either mode (fp32 atomics, or deterministic=True's fixed-point counts), no softcap (its factor would cost the
 // registers that keep the kernel free of spills), a non-finite word to scan into,
 // head dim in DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM, on a device where the Hopper kernels may serve calls (sm90_route.h).
 bool flash_bwd_key_list_sm90_serves(const BwdKeyListParams& params);

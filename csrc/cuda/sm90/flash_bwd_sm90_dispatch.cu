@@ -42,7 +42,7 @@ cudaError_t launch_flash_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
 }
 
 bool flash_bwd_key_list_sm90_serves(const BwdKeyListParams& sp) {
-  return sp.fixed.dk == nullptr && sp.base.softcap == 0.f && sp.base.nonfinite != nullptr && has_head_dim(kSm90BwdHeadDims, sp.base.head_dim) &&
+  return sp.base.softcap == 0.f && sp.base.nonfinite != nullptr && has_head_dim(kSm90BwdHeadDims, sp.base.head_dim) &&
          sm90_kernels_route_open();
 }
 
