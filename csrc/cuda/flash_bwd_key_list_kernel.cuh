@@ -23,6 +23,7 @@
 #include "cuda/bwd_fixed_point.cuh"
 #include "cuda/flash_bwd_kernel.cuh"  // the dense backward's helpers (load_row_stats, store_pair, ...)
 #include "cuda/flash_bwd_key_list.h"
+#include "cuda/key_list_walk.cuh"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
 #include "cuda/smem_tiles.cuh"
@@ -142,9 +143,8 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
   uint64_t row_word[kRows];
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) row_word[r] = word[r] >> col0;
-  // kWhole: every column holds a walked key (a walk is ascending and padded with -1 at its end, so its last entry
-  // decides) and under causality every key lies at or below the CTA's first row's bound (fwd::key_list_logits's
-  // chunk-uniform case): the word alone decides where the key is kept. Only a unit's last chunks take the key tests.
+  // kWhole: a chunk uniform for the CTA (chunk_keys_uniform): the word alone decides where the key is kept. Only a
+  // unit's last chunks take the key tests.
   auto to_p = [&](auto whole) {
     constexpr bool kWhole = decltype(whole)::value;
     CUTE_UNROLL
@@ -164,8 +164,7 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
       }
     }
   };
-  const int last_key = skey[kKeyListChunk - 1];
-  if (last_key >= 0 && (!p.is_causal || last_key <= m0 + causal_off)) {
+  if (chunk_keys_uniform(skey[kKeyListChunk - 1], p, m0)) {
     to_p(std::true_type{});
   } else {
     to_p(std::false_type{});

@@ -65,13 +65,10 @@ __device__ __forceinline__ void key_list_logits(Acc& acc, S& s, CS const& cS, co
   }
   const int row_lim = p.q_len - row0;
   const int causal_off = p.kv_len - p.q_len;
-  // Chunk-uniform case: every column holds a walked key (a walk is ascending and padded with -1 at its end, so its
-  // last entry decides), every row of the CTA is a query row, and under causality every key lies at or below the
-  // first row's bound. Then the row's word alone decides, shifted once to the thread's first column so that each
-  // element tests a constant bit. Only a unit's last chunks (its diagonal keys, the end of its list) and the last
-  // query tile take the per-element tests below.
-  const int last_key = idx[kKeyListChunk - 1];
-  if (last_key >= 0 && row_lim >= kKeyListBlockM && (!p.is_causal || last_key <= row0 + causal_off)) {
+  // A chunk uniform for the CTA (chunk_keys_uniform) whose rows are all query rows: the row's word alone decides,
+  // shifted once to the thread's first column so that each element tests a constant bit. Only a unit's last chunks
+  // and the last query tile take the per-element tests below.
+  if (row_lim >= kKeyListBlockM && chunk_keys_uniform(idx[kKeyListChunk - 1], p, row0)) {
     const int col0 = get<1>(cS(0, 0));
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {

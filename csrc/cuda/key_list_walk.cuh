@@ -1,7 +1,8 @@
 // What a CTA on the key-list path walks (csrc/cuda/key_lists.h): its unit's list of live keys 64 at a time, or, for a
 // dense unit, every key up to the causal bound. Shared by the key-list forwards (sm80 flash_fwd_key_list_kernel.cuh,
 // Hopper sm90/flash_fwd_key_list_sm90_kernel.cuh) and the Hopper key-list backward
-// (sm90/flash_bwd_key_list_sm90_kernel.cuh), so that they walk the same keys in the same order.
+// (sm90/flash_bwd_key_list_sm90_kernel.cuh), so that they walk the same keys in the same order; which chunks need no
+// per-element key tests (chunk_keys_uniform) also by the sm80 key-list backward.
 #pragma once
 
 #include <cstdint>
@@ -108,6 +109,16 @@ __device__ __forceinline__ void stage_chunk_tables(int32_t* idx, float* kbias, i
     idx[stage * kChunk + tid] = key;
     kbias[stage * kChunk + tid] = key_bias;
   }
+}
+
+// Whether a chunk's keys are uniform for the CTA: every column holds a walked key (a walk is ascending and padded with
+// -1 at its end, so its last entry decides) and, under bottom-right causality, every key lies at or below the bound
+// of the CTA's first query row row0. A row's bit word alone then decides which of the chunk's keys the row keeps; the
+// key-list forwards and backwards take the per-element key and causal tests only in the other chunks (a unit's
+// diagonal keys, the end of its list).
+template <class Params>
+__device__ __forceinline__ bool chunk_keys_uniform(int last_key, const Params& p, int row0) {
+  return last_key >= 0 && (!p.is_causal || last_key <= row0 + (p.kv_len - p.q_len));
 }
 
 }  // namespace dmattn
