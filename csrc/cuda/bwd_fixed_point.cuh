@@ -69,6 +69,16 @@ __device__ __forceinline__ Exponents fixed_exponents(const uint32_t* stats, cons
   return ex;
 }
 
+// The count factors 2^-e of dK, dV and dbias (factors[0 .. 2]) for this call: the key-list kernels' thread 0
+// writes them to shared memory before the chunk loop, whose first barrier publishes them.
+__device__ __forceinline__ void store_count_factors(float* factors, const uint32_t* stats, const BwdFixedPoint& fx,
+                                                    int head_dim, float scale) {
+  const Exponents ex = fixed_exponents(stats, fx, head_dim, scale);
+  factors[0] = inv_res(ex.dk);
+  factors[1] = inv_res(ex.dv);
+  factors[2] = inv_res(ex.dbias);
+}
+
 // Count of one partial (already multiplied by inv_res). |y| < 2^62 or NaN / inf sets `bad`.
 __device__ __forceinline__ unsigned long long to_count(float y, bool& bad) {
   bad |= !(fabsf(y) < 0x1p62f);

@@ -171,6 +171,30 @@ __device__ __forceinline__ void chunk_scores_to_p(S& s, CD& cd, CS const& cS, co
   }
 }
 
+// Adds a [keys, D] partial times mul into the fp32 [B, Lk, accum_kv_heads, D] accumulator: one float2 atomic per
+// column pair from sm_90 on (red.global.add.v2.f32), two scalar ones before. a, cKV, keys as for add_key_rows_fixed
+// below.
+template <int kD, class TA, class TC>
+__device__ __forceinline__ void add_key_rows(const BwdKeyListParams& sp, const TA& a, const TC& cKV, float* accum,
+                                             const int* keys, int b, int kvh, float mul) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(a); ++r) {
+    const int key = keys[get<0>(cKV(r, 0))];
+    if (key < 0) continue;
+    float* dst = accum + key_list_accum_offset(sp, b, key, kvh, kD);
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(a); c += 2) {
+      const int d = get<1>(cKV(0, c));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2*>(dst + d), make_float2(a(r, c) * mul, a(r, c + 1) * mul));
+#else
+      atomicAdd(dst + d, a(r, c) * mul);
+      atomicAdd(dst + d + 1, a(r, c + 1) * mul);
+#endif
+    }
+  }
+}
+
 // Adds a [keys, D] partial into the int64 [B, Lk, accum_kv_heads, D] accumulator of counts (deterministic mode):
 // each partial (times mul, rounded in fp32 as the fp32 path rounds it) is scaled by the exact power of two inv_res,
 // rounded to the nearest integer and added with a 64-bit integer atomic. A non-finite or out-of-range count raises
@@ -438,39 +462,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
   Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kD>>{});
   clear(acc_dq);
 
-  // Adds a [64 keys, D] partial (keys = this chunk's list) into the fp32 [B, Lk, accum_kv_heads, D] accumulator.
-  auto add_key_rows = [&](auto& acc, float* accum, const int* keys, float mul) {
-    Tensor a = make_tensor(acc.data(), rowcol_layout(acc.layout()));
-    CUTE_UNROLL
-    for (int r = 0; r < size<0>(a); ++r) {
-      const int key = keys[get<0>(cKV(r, 0))];
-      if (key < 0) continue;
-      float* dst = accum + key_list_accum_offset(sp, b, key, kvh, kD);
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(a); c += 2) {
-        const int d = get<1>(cKV(0, c));
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        atomicAdd(reinterpret_cast<float2*>(dst + d), make_float2(a(r, c) * mul, a(r, c + 1) * mul));
-#else
-        atomicAdd(dst + d, a(r, c) * mul);
-        atomicAdd(dst + d + 1, a(r, c + 1) * mul);
-#endif
-      }
-    }
-  };
   // ---- Prologue: chunk 0 in flight, keys of chunk 1 in registers.
   read_keys(0);
   if (n_chunks > 0) issue_chunk(0, 0);
   read_keys(1);
   if constexpr (kFixed) {
-    // The resolutions of this call (the maxima were gathered by the stats kernel before this one); read after
-    // the loop's first barrier.
-    if (tid == 0) {
-      const fixed::Exponents ex = fixed::fixed_exponents(sp.fixed.stats, sp.fixed, kD, p.scale);
-      sfix[0] = fixed::inv_res(ex.dk);
-      sfix[1] = fixed::inv_res(ex.dv);
-      sfix[2] = fixed::inv_res(ex.dbias);
-    }
+    if (tid == 0) fixed::store_count_factors(sfix, sp.fixed.stats, sp.fixed, kD, p.scale);
   }
 
   for (int c = 0; c < n_chunks; ++c) {
@@ -584,13 +581,13 @@ __global__ void __launch_bounds__(Kt::kNThreads, 1)
         bwd::kept_product_through_call<bwd::KeptSum::kOverRows>(acc_kv, cKV, sP, sdO, keep_bytes, kBlockM);
       else gemm_ss(acc_kv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed<kD>(sp, kv_rows(), cKV, sp.fixed.dv, ckey, b, kvh, 1.f, sfix[1]);
-      else add_key_rows(acc_kv, sp.dv_accum, ckey, 1.f);
+      else add_key_rows<kD>(sp, kv_rows(), cKV, sp.dv_accum, ckey, b, kvh, 1.f);
       clear(acc_kv);
       if (slow)
         bwd::kept_product_through_call<bwd::KeptSum::kOverRows>(acc_kv, cKV, sdS, sQ, keep_bytes, kBlockM);
       else gemm_ss(acc_kv, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mmak, cpkAT, cpkAT_t, cpkBT, cpkBT_t);
       if constexpr (kFixed) add_key_rows_fixed<kD>(sp, kv_rows(), cKV, sp.fixed.dk, ckey, b, kvh, p.scale, sfix[0]);
-      else add_key_rows(acc_kv, sp.dk_accum, ckey, p.scale);
+      else add_key_rows<kD>(sp, kv_rows(), cKV, sp.dk_accum, ckey, b, kvh, p.scale);
     }
   }
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk

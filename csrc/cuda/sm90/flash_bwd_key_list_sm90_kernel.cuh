@@ -15,7 +15,8 @@
 //      [64 keys, D] over the 128 rows, every operand read MN-major from the tiles above), dbias column sums
 //   -> partials added to the fp32 dK / dV workspaces by red.global.add.v2.f32 (the same keys come from other query
 //      tiles and from the other heads of the GQA group), or, in deterministic mode (kFixed), to the int64 workspaces
-//      as fixed-point counts (csrc/cuda/bwd_fixed_point.cuh; bwd_key_list::add_key_rows_fixed, the sm80 kernel's).
+//      as fixed-point counts (csrc/cuda/bwd_fixed_point.cuh); bwd_key_list::add_key_rows and add_key_rows_fixed,
+//      shared with the sm80 kernel.
 // dQ stays in registers and is written once.
 //
 // Non-finite inputs: the products multiply the exact zeros of dropped pairs by q, dout and k, so an inf or NaN there
@@ -262,14 +263,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
   }
   cute::cp_async_fence();
   if constexpr (kFixed) {
-    // The resolutions of this call (the stats kernel gathered the maxima before this one); read after the loop's
-    // first barrier.
-    if (tid == 0) {
-      const fixed::Exponents ex = fixed::fixed_exponents(sp.fixed.stats, sp.fixed, kD, p.scale);
-      smem_fix[0] = fixed::inv_res(ex.dk);
-      smem_fix[1] = fixed::inv_res(ex.dv);
-      smem_fix[2] = fixed::inv_res(ex.dbias);
-    }
+    if (tid == 0) fixed::store_count_factors(smem_fix, sp.fixed.stats, sp.fixed, kD, p.scale);
   }
 
   const int lane = tid % 32;
@@ -412,17 +406,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
       bwd_key_list::add_key_rows_fixed<kD>(sp, kv, cKV, wg == 0 ? sp.fixed.dv : sp.fixed.dk, idx, b, hk, kv_mul,
                                            smem_fix[wg == 0 ? 1 : 0]);
     } else {
-      CUTE_UNROLL
-      for (int r = 0; r < size<0>(kv); ++r) {
-        const int key = idx[get<0>(cKV(r, 0))];
-        if (key < 0) continue;
-        float* dst = kv_accum + key_list_accum_offset(sp, b, key, hk, kD);
-        CUTE_UNROLL
-        for (int cc = 0; cc < size<1>(kv); cc += 2) {
-          atomicAdd(reinterpret_cast<float2*>(dst + get<1>(cKV(0, cc))),
-                    make_float2(kv(r, cc) * kv_mul, kv(r, cc + 1) * kv_mul));
-        }
-      }
+      bwd_key_list::add_key_rows<kD>(sp, kv, cKV, kv_accum, idx, b, hk, kv_mul);
     }
   }
   cute::cp_async_wait<0>();  // Q / dO of a tile with no chunk
