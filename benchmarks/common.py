@@ -16,6 +16,9 @@ Cases (README.md, section Performance), bf16, causal, per-key bias [B, Hkv, 1, L
   plain_noncausal    plain without causality (every row sees every key); L = 4K, 16K
   bias_only          standard shapes, the per-key bias and no mask
   full_bias          standard shapes, a bias [B, Hkv, L, L] and no mask (dbias of that shape in fwd+bwd)
+  rowwise_topk       standard shapes, a bias [B, Hkv, L, L] and the top-1024 mask of each row of it (the rows keep
+                     different keys: the mask the key lists cannot shrink); L = 4K, 16K
+  plain_d256         plain at D = 256; L = 4K, 16K
   cpu_standard       bench_cpu.py's case: H=8, Hkv=2, D=64, float32, no mask; L = 1K, 2K, 4K
   decode             one decoding step: B=8, H=32, Hkv=8, D=128, one query row against L = 8K, 64K, 512K keys,
                      not causal (one row sees every key), no bias, no mask; forward only
@@ -89,6 +92,8 @@ CASES = {
     "plain_noncausal": dict(b=1, h=16, hkv=4, d=128, mask=None, bias=None, causal=False, lengths=(4096, 16384)),
     "bias_only": dict(b=1, h=16, hkv=4, d=128, mask=None),
     "full_bias": dict(b=1, h=16, hkv=4, d=128, mask=None, bias="full", lengths=(1024, 4096, 16384)),
+    "rowwise_topk": dict(b=1, h=16, hkv=4, d=128, mask="topk", bias="full", lengths=(4096, 16384)),
+    "plain_d256": dict(b=1, h=16, hkv=4, d=256, mask=None, bias=None, lengths=(4096, 16384)),
     "cpu_standard": dict(b=1, h=8, hkv=2, d=64, mask=None, dtype=jnp.float32, lengths=(1024, 2048, 4096)),
     "decode": dict(b=8, h=32, hkv=8, d=128, mask=None, bias=None, q_len=1, causal=False,
                    lengths=(8192, 65536, 524288)),

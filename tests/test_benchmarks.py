@@ -95,3 +95,23 @@ def test_sequence_cases(bench_attention, tmp_path, monkeypatch):
     rows = json.loads(out.read_text())
     assert {r["case"] for r in rows} == {"packed_docs", "decode_ragged", "decode_topk_compact_ragged"}
     assert all("error" not in r and r["ms"] > 0 for r in rows), rows
+
+
+def test_rowwise_topk_rows_keep_different_keys(bench_attention):
+    """rowwise_topk's mask is the top-k of each row of a full bias: every row with k visible keys keeps exactly k,
+    the rows of one head keep different keys (what a per-key bias's mask never does off its causal ramp), and the
+    kept keys are the row's largest bias entries."""
+    import common
+    import jax.numpy as jnp
+
+    l, k = 2048, common.window("rowwise_topk")
+    with jax.default_device(jax.devices("cpu")[0]):
+        q, key, v, bias, mask = common.make_inputs("rowwise_topk", l)
+    assert bias.shape == (1, 4, l, l) and mask.shape == (1, 4, l, l) and mask.dtype == jnp.bool_
+    counts = mask.sum(-1)
+    rows = jnp.arange(l)
+    assert bool(jnp.all(counts == jnp.minimum(rows + 1, k)))  # causal: row i sees i + 1 keys
+    assert bool(jnp.any(mask[0, 0, l - 1] != mask[0, 0, l - 2]))
+    b = bias[0, 0, l - 1].astype(jnp.float32)
+    assert float(b[mask[0, 0, l - 1]].min()) >= float(b[~mask[0, 0, l - 1]].max())
+    assert common.CASES["plain_d256"]["d"] == 256 and common.input_shapes("plain_d256", 64)[0].shape[-1] == 256
