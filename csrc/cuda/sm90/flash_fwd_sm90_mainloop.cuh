@@ -6,7 +6,7 @@
 // register reallocation) and their epilogue (O through shared memory and a TMA store, the LSE per row). What this
 // file adds is the consumer's compute step, because the logits are ours: scale and softcap as the other kernels do,
 // the bias (any broadcast: strides; a bias constant along query rows, the paper's per-key bias, staged per key tile
-// in shared memory, any other read per element), bottom-right causal, rows with no key (out 0, lse -inf) and the
+// in shared memory by the kernel's otherwise idle reducer warp, any other read per element), bottom-right causal, rows with no key (out 0, lse -inf) and the
 // natural-log LSE the backward reads; with row bounds also the K / V load, which starts at the CTA's first visible
 // key tile instead of tile 0. docs/cuda_kernels.md describes the pipeline.
 #pragma once
@@ -29,17 +29,19 @@ namespace dmattn::sm90 {
 
 using namespace cute;
 
-// A named barrier of `threads` threads that also ORs a predicate over them (bar.red.or): the warpgroup barrier that
-// publishes a staged bias tile tells every thread at no extra cost whether the tile holds a -inf. `id` counts from
-// CUTLASS's first user barrier, as NamedBarrier's ids do.
-CUTLASS_DEVICE bool named_barrier_or(int threads, int id, bool pred) {
-  uint32_t any;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(any)
-      : "r"(uint32_t(pred)), "r"(id + int(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier)), "r"(threads)
-      : "memory");
-  return any != 0u;
+// Named barriers of a producer / consumer handshake through shared memory (`id` counts from CUTLASS's first user
+// barrier, as NamedBarrier's ids do): the producer's threads arrive after their stores, the consumer's wait before
+// their loads. Unlike NamedBarrier's, these are compiler memory barriers too, so no shared-memory access moves
+// across them.
+CUTLASS_DEVICE void named_barrier_arrive(int threads, int id) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id + int(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier)),
+               "r"(threads)
+               : "memory");
+}
+CUTLASS_DEVICE void named_barrier_sync(int threads, int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id + int(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier)),
+               "r"(threads)
+               : "memory");
 }
 // A row's softmax keeps its reference (the max it subtracts) until a tile's max exceeds it by more than this many
 // powers of two (FlashAttention-4's lazy rescaling): weights then reach 2^8 at most, far inside the range of fp32
@@ -140,13 +142,30 @@ struct FwdMainloop
   static constexpr int kBlockM = get<0>(TileShape{});
   static constexpr int kBlockN = get<1>(TileShape{});
   static constexpr int kWarpGroupThreads = cutlass::NumThreadsPerWarpGroup;
-  static_assert(kBlockN <= kWarpGroupThreads, "one staged bias value per consumer thread and key tile");
 
-  // The base's Q and K / V tiles, then each consumer warpgroup's per-key bias of two key tiles (the one its logits
-  // read and the next one its threads write). It lies past the base's storage, so the epilogue's output tiles, which
-  // the kernel overlays on the mainloop's storage, never reach it.
+  // The per-key bias ring (section "Hopper forward" of docs/cuda_kernels.md): the bias warp stages key tile t into
+  // slot t % kBiasSlots; per slot, one "filled" barrier per consumer warpgroup (the bias warp arrives, the
+  // warpgroup waits) and one "free" barrier (every consumer thread arrives, the bias warp waits). CUTLASS leaves 8
+  // named barriers to its users.
+  static constexpr int kBiasSlots = 2;
+  static constexpr int kBiasFilledThreads = cutlass::NumThreadsPerWarp + kWarpGroupThreads;
+  static constexpr int kBiasFreeThreads = cutlass::NumThreadsPerWarp + Base::NumMmaWarpGroups * kWarpGroupThreads;
+  static constexpr int kBiasPerLane = kBlockN / cutlass::NumThreadsPerWarp;
+  static_assert(kBlockN % cutlass::NumThreadsPerWarp == 0, "the bias warp stages whole key tiles");
+  static_assert(kBiasSlots * (Base::NumMmaWarpGroups + 1) <= 8, "named barriers left to users");
+  CUTLASS_DEVICE static int bias_filled_barrier(int slot, int wg) {
+    return slot * (Base::NumMmaWarpGroups + 1) + wg;
+  }
+  CUTLASS_DEVICE static int bias_free_barrier(int slot) {
+    return slot * (Base::NumMmaWarpGroups + 1) + Base::NumMmaWarpGroups;
+  }
+
+  // The base's Q and K / V tiles, then the per-key bias ring: kBiasSlots key tiles of bias values (times log2 e)
+  // and whether each holds a -inf. It lies past the base's storage, so the epilogue's output tiles, which the
+  // kernel overlays on the mainloop's storage, never reach it.
   struct SharedStorage : Base::SharedStorage {
-    alignas(16) float key_bias[Base::NumMmaWarpGroups][2][kBlockN];
+    alignas(16) float key_bias[kBiasSlots][kBlockN];
+    int key_bias_drops[kBiasSlots];
   };
 
   struct Arguments {
@@ -232,9 +251,72 @@ struct FwdMainloop
                        do_barrier);
   }
 
+  // A bias constant along query rows (row stride 0: the paper's per-key bias, any broadcast of it) is staged per key
+  // tile by the bias warp; any other bias is read per element by the consumers.
+  CUTLASS_DEVICE static bool stages_key_bias(Consumer const& lg) {
+    return lg.bias != nullptr && lg.bias_row_stride == 0;
+  }
+
+  // The bias's batch and head offset for the CTA's (batch, query head).
+  CUTLASS_DEVICE static int64_t bias_offset(Consumer const& lg, int b, int h) {
+    return lg.bias == nullptr ? 0
+                              : int64_t(b) * lg.bias_batch_stride +
+                                    int64_t((h * lg.group + lg.group_index) / lg.bias_hdiv) * lg.bias_head_stride;
+  }
+
+  // The key tiles [first, first + trips) the CTA visits: from 0 without bounds, its BoundedSpan with them.
+  template <class BlkCoord, class ProblemShape>
+  CUTLASS_DEVICE static cute::tuple<int, int> key_span(BlkCoord const& blk_coord, Params const& params,
+                                                       ProblemShape const& problem) {
+    if constexpr (kBounded) {
+      const BoundedSpan span = BoundedSpan::of<kBlockM, kBlockN>(
+          params.consumer.bounds, int(get<0>(get<2>(blk_coord))), int(get<0>(blk_coord)) * kBlockM,
+          get<2>(problem), get<3>(problem));
+      return make_tuple(span.first, span.trips);
+    } else {
+      return make_tuple(0, KeyTiles<kRule>{}.get_trip_count(blk_coord, TileShape{}, problem));
+    }
+  }
+
+  // The bias warp: the kernel's reducer warp, which the forward has no other use for. It stages a per-key bias for
+  // the consumers, one key tile per trip (times log2 e, and whether the tile holds a -inf), into the ring's slots.
+  // A tile's loads are issued before the wait for its slot, so their latency hides behind the consumers' trips;
+  // the consumers only wait at a filled barrier and read shared memory.
   template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer>
-  CUTLASS_DEVICE void reduce(BlkCoord const&, Params const&, ProblemShape const&, PipelineReducer&,
-                             PipelineStateReducer&, SharedStorage&) {}
+  CUTLASS_DEVICE void reduce(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
+                             PipelineReducer&, PipelineStateReducer&, SharedStorage& storage) {
+    Consumer const& lg = params.consumer;
+    if (!stages_key_bias(lg)) return;
+    const int lk = get<3>(problem);
+    const int64_t base = bias_offset(lg, get<0>(get<2>(blk_coord)), get<1>(get<2>(blk_coord)));
+    const auto span = key_span(blk_coord, params, problem);
+    const int first = get<0>(span), trips = get<1>(span);
+    const int lane = int(threadIdx.x) % cutlass::NumThreadsPerWarp;
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int trip = 0; trip < trips; ++trip) {
+      const int slot = trip % kBiasSlots;
+      float v[kBiasPerLane];
+      bool drops = false;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kBiasPerLane; ++j) {
+        // Keys past Lk read the last key's value; the consumers mask those keys whatever their bias.
+        const int key = min((first + trip) * kBlockN + j * cutlass::NumThreadsPerWarp + lane, lk - 1);
+        v[j] = load_bias(lg.bias, base + int64_t(key) * lg.bias_col_stride, lg.bias_dtype) * kLog2e;
+        drops |= v[j] == -INFINITY;
+      }
+      drops = __any_sync(0xffffffffu, drops);
+      if (trip >= kBiasSlots) named_barrier_sync(kBiasFreeThreads, bias_free_barrier(slot));
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kBiasPerLane; ++j) storage.key_bias[slot][j * cutlass::NumThreadsPerWarp + lane] = v[j];
+      if (lane == 0) storage.key_bias_drops[slot] = drops;
+      CUTLASS_PRAGMA_UNROLL
+      for (int wg = 0; wg < Base::NumMmaWarpGroups; ++wg) named_barrier_arrive(kBiasFilledThreads, bias_filled_barrier(slot, wg));
+    }
+    // The consumers' arrivals of the last trips, so that every free barrier completes before the next work tile.
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int trip = max(trips, kBiasSlots) - kBiasSlots; trip < trips; ++trip)
+      named_barrier_sync(kBiasFreeThreads, bias_free_barrier(trip % kBiasSlots));
+  }
 
   // Logits of one QK^T tile in place, in base-2 units (natural logits times log2 e, so that the softmax weight is
   // one exp2 of a difference; log2 e joins the scale, the softcap or the staged bias, and costs no instruction per
@@ -366,11 +448,10 @@ struct FwdMainloop
     // kept_to) are kept by all its rows unless ids are compared: RowBounds::keeps_all's rule read once per
     // warpgroup; calling keeps_all per trip raised the bounded kernel's spills from 8 to 24 bytes, and RowBounds::range
     // per row in to_logits on top of it to 84: ptxas, sm_90a, D = 128).
-    int first = 0, trips = 0, unmasked = 0, kept_from = 0, kept_to = 0;
+    const auto span = key_span(blk_coord, params, problem);
+    const int first = get<0>(span), trips = get<1>(span);
+    int unmasked = 0, kept_from = 0, kept_to = 0;
     if constexpr (kBounded) {
-      const BoundedSpan span =
-          BoundedSpan::of<kBlockM, kBlockN>(params.consumer.bounds, b, int(get<0>(blk_coord)) * kBlockM, lq, lk);
-      first = span.first, trips = span.trips;
       const int r0 = wg_tile * kWgRows;
       if (r0 < lq) {
         RowBounds const& rb = params.consumer.bounds;
@@ -381,9 +462,7 @@ struct FwdMainloop
         kept_to = INT_MAX;  // rows past Lq (a decoding step's few rows): never stored, so never tested
       }
     } else {
-      const KeyTiles<kRule> key_tiles;
-      trips = key_tiles.get_trip_count(blk_coord, TileShape{}, problem);
-      unmasked = key_tiles.get_unmasked_trip_count(blk_coord, TileShape{}, problem);
+      unmasked = KeyTiles<kRule>{}.get_unmasked_trip_count(blk_coord, TileShape{}, problem);
     }
     auto needs_test = [&](int trip) {
       if constexpr (kBounded) {
@@ -400,24 +479,11 @@ struct FwdMainloop
     Tensor cS = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
     cS.data() = cS.data() + E<0>{} * (wg_tile * kWgRows) + E<1>{} * (first * kBlockN);
 
-    // The bias's batch and head offset. A bias constant along rows (row stride 0: one value per key) is staged per
-    // key tile: thread t of the warpgroup loads key t of the next tile one trip ahead (its latency hides behind this
-    // trip's QK^T), stores it into the buffer of that tile's parity, and a warpgroup barrier publishes the tile
-    // before the logits read it. Two buffers: a thread writes tile n + 2 only after the barrier of tile n + 1, which
-    // every thread reaches after it read tile n.
+    // A per-key bias comes staged by the bias warp (reduce); any other bias is read per element at its batch and
+    // head offset.
     Consumer const& lg = params.consumer;
-    const int64_t bias_base = lg.bias == nullptr ? 0
-                                                 : int64_t(b) * lg.bias_batch_stride +
-                                                       int64_t((h * lg.group + lg.group_index) / lg.bias_hdiv) *
-                                                           lg.bias_head_stride;
-    const bool key_bias = lg.bias != nullptr && lg.bias_row_stride == 0;
-    const int stage_key = thread_idx % kWarpGroupThreads;
-    const bool stages = key_bias && stage_key < kBlockN;
-    auto load_key_bias = [&](int trip) {
-      const int key = min((first + trip) * kBlockN + stage_key, lk - 1);  // keys past Lk are masked in to_logits
-      return load_bias(lg.bias, bias_base + int64_t(key) * lg.bias_col_stride, lg.bias_dtype);
-    };
-    float next_key_bias = stages ? load_key_bias(0) : 0.f;
+    const int64_t bias_base = bias_offset(lg, b, h);
+    const bool key_bias = stages_key_bias(lg);
 
     Tensor acc_pv = partition_fragment_C(mma_pv, take<0, 2>(TileShapePV{}));
     Tensor acc_pv_mn = make_tensor(acc_pv.data(), layout_acc_mn(mma_pv, acc_pv.layout()));
@@ -443,26 +509,26 @@ struct FwdMainloop
       gemm_zero_acc(mma_qk, tSrQ(_, _, _, q_stage), tSrK(_, _, _, smem_pipe_read.index()), acc_qk);
       warpgroup_commit_batch();
       if (trip == 0) math_wg_order_barrier.arrive();
-      float* staged = key_bias ? storage.key_bias[wg][trip & 1] : nullptr;
-      bool stage_drops = false;  // this thread's staged key has a -inf bias
-      if (stages) {
-        const float staged_bias = next_key_bias * kLog2e;
-        staged[stage_key] = staged_bias;
-        stage_drops = staged_bias == -INFINITY;
-        if (trip + 1 < trips) next_key_bias = load_key_bias(trip + 1);
-      }
       ++smem_pipe_read;
       auto v_token = pipeline.consumer_try_wait(smem_pipe_read);
       warpgroup_wait<0>();  // this QK^T, and the previous trip's PV before acc_pv is rescaled
       warpgroup_fence_operand(acc_qk);
       warpgroup_fence_operand(acc_pv);
-      const bool staged_drops = key_bias && named_barrier_or(kWarpGroupThreads, wg, stage_drops);
+      const int slot = trip % kBiasSlots;
+      const float* staged = nullptr;
+      bool staged_drops = false;
+      if (key_bias) {
+        named_barrier_sync(kBiasFilledThreads, bias_filled_barrier(slot, wg));
+        staged = storage.key_bias[slot];
+        staged_drops = storage.key_bias_drops[slot] != 0;
+      }
       // The warpgroups take turns at the softmax (trip 0 took its turn at the QK^T issue above), so that one's
       // softmax runs while the other's GEMMs occupy the tensor cores; unordered, the two drift into step and leave
       // the tensor cores idle while both exponentiate.
       if (trip > 0) math_wg_order_barrier.wait();
 
       to_logits(acc_qk, cS, cT, staged, staged_drops, bias_base, lg, problem, needs_test(trip), b);
+      if (key_bias) named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(slot));
 
       // Online softmax over base-2 logits, weight exp2(s - ref). A row's reference is its running max, renewed only
       // when a tile's max passes it by more than kRescaleSlack (then every row of the warp renews, so the rescale of
