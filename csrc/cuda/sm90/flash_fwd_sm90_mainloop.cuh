@@ -6,9 +6,10 @@
 // register reallocation) and their epilogue (O through shared memory and a TMA store, the LSE per row). What this
 // file adds is the consumer's compute step, because the logits are ours: scale and softcap as the other kernels do,
 // the bias (any broadcast: strides; a bias constant along query rows, the paper's per-key bias, staged per key tile
-// in shared memory by the kernel's otherwise idle reducer warp, any other read per element), bottom-right causal, rows with no key (out 0, lse -inf) and the
-// natural-log LSE the backward reads; with row bounds also the K / V load, which starts at the CTA's first visible
-// key tile instead of tile 0. docs/cuda_kernels.md describes the pipeline.
+// in shared memory by the kernel's otherwise idle reducer warp, any other read per element), bottom-right causal,
+// rows with no key (out 0, lse -inf) and the natural-log LSE the backward reads; with row bounds also the K / V
+// load, which starts at the CTA's first visible key tile instead of tile 0. docs/cuda_kernels.md describes the
+// pipeline.
 #pragma once
 
 #include <climits>
@@ -310,7 +311,8 @@ struct FwdMainloop
       for (int j = 0; j < kBiasPerLane; ++j) storage.key_bias[slot][j * cutlass::NumThreadsPerWarp + lane] = v[j];
       if (lane == 0) storage.key_bias_drops[slot] = drops;
       CUTLASS_PRAGMA_UNROLL
-      for (int wg = 0; wg < Base::NumMmaWarpGroups; ++wg) named_barrier_arrive(kBiasFilledThreads, bias_filled_barrier(slot, wg));
+      for (int wg = 0; wg < Base::NumMmaWarpGroups; ++wg)
+        named_barrier_arrive(kBiasFilledThreads, bias_filled_barrier(slot, wg));
     }
     // The consumers' arrivals of the last trips, so that every free barrier completes before the next work tile.
     CUTLASS_PRAGMA_NO_UNROLL
