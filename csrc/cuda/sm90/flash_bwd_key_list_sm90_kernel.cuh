@@ -415,6 +415,16 @@ __global__ void __launch_bounds__(Kt::kThreads, 1)
                           q_row_stride, b, h, row0);
 }
 
+// One mode's kernel (each instantiation raises its own shared-memory limit once).
+template <class Kt, bool kFixed>
+cudaError_t launch_key_list_bwd_mode(const BwdKeyListParams& sp, dim3 grid, cudaStream_t stream) {
+  static std::atomic<uint64_t> configured{0};
+  auto kernel = flash_bwd_key_list_sm90_kernel<Kt, kFixed>;
+  if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
+  kernel<<<grid, Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
+  return cudaGetLastError();
+}
+
 template <int kHeadDim, bool kIsBF16>
 cudaError_t launch_key_list_bwd(const BwdKeyListParams& sp, cudaStream_t stream) {
   using Kt = KeyListBwdTraits<kHeadDim, kIsBF16>;
@@ -422,18 +432,8 @@ cudaError_t launch_key_list_bwd(const BwdKeyListParams& sp, cudaStream_t stream)
   const int m_blocks = (p.q_len + Kt::kBlockM - 1) / Kt::kBlockM;
   if (m_blocks == 0 || p.heads == 0 || p.batch == 0) return cudaSuccess;
   const dim3 grid(sp.accum_kv_heads * p.group, m_blocks, p.batch);
-  if (sp.fixed.dk != nullptr) {
-    static std::atomic<uint64_t> configured{0};
-    auto kernel = flash_bwd_key_list_sm90_kernel<Kt, true>;
-    if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
-    kernel<<<grid, Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
-  } else {
-    static std::atomic<uint64_t> configured{0};
-    auto kernel = flash_bwd_key_list_sm90_kernel<Kt, false>;
-    if (cudaError_t err = raise_smem_limit_once(kernel, Kt::kSmemBytes, configured); err != cudaSuccess) return err;
-    kernel<<<grid, Kt::kThreads, Kt::kSmemBytes, stream>>>(sp);
-  }
-  return cudaGetLastError();
+  return sp.fixed.dk != nullptr ? launch_key_list_bwd_mode<Kt, true>(sp, grid, stream)
+                                : launch_key_list_bwd_mode<Kt, false>(sp, grid, stream);
 }
 
 }  // namespace dmattn::sm90
