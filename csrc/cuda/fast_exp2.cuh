@@ -7,6 +7,11 @@
 
 namespace dmattn {
 
+// The online softmax of the forwards keeps a row's reference (the max it subtracts) until a tile's max exceeds it by
+// more than this many powers of two (FlashAttention-4's lazy rescaling): weights then reach 2^8 at most, far inside
+// the range of fp32 sums and of P in 16 bits, and most tiles skip the rescale of the output accumulator.
+constexpr float kRescaleSlackLog2 = 8.f;
+
 __device__ __forceinline__ float exp2_ftz(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

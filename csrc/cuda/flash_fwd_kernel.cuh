@@ -111,10 +111,8 @@ __device__ __forceinline__ void start_softmax_rows(float (&row_max)[kRows], floa
   }
 }
 
-// A row's running reference (the max it subtracts) is renewed only when a tile's max passes it by more than this,
-// in natural units (2^8 in base 2): weights then stay at most 2^8, far inside fp32 sums and 16-bit P, and most
-// tiles skip the rescale of the output accumulator (FlashAttention-4's lazy rescaling).
-constexpr float kRescaleSlack = 8.f * kLn2;
+// kRescaleSlackLog2 (fast_exp2.cuh) in the natural units of these scores.
+constexpr float kRescaleSlack = kRescaleSlackLog2 * kLn2;
 
 // One online-softmax step on a tile of natural-unit scores (dropped entries -inf): renews the references where a
 // row's max outgrew its reference by more than kRescaleSlack, rescaling the running sums and the output accumulator

@@ -44,10 +44,6 @@ CUTLASS_DEVICE void named_barrier_sync(int threads, int id) {
                "r"(threads)
                : "memory");
 }
-// A row's softmax keeps its reference (the max it subtracts) until a tile's max exceeds it by more than this many
-// powers of two (FlashAttention-4's lazy rescaling): weights then reach 2^8 at most, far inside the range of fp32
-// sums and of P in 16 bits, and most trips skip the rescale of the output accumulator.
-constexpr float kRescaleSlack = 8.f;
 
 // Which key tiles a CTA of BlockM query rows visits, in order 0 .. trips - 1: all keys, or with bottom-right causality
 // (row i sees key j iff j <= i + Lk - Lq) those up to its last row's limit. The trips from the unmasked count on need
@@ -533,12 +529,12 @@ struct FwdMainloop
       if (key_bias) named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(slot));
 
       // Online softmax over base-2 logits, weight exp2(s - ref). A row's reference is its running max, renewed only
-      // when a tile's max passes it by more than kRescaleSlack (then every row of the warp renews, so the rescale of
-      // the output accumulator is skipped or taken by the whole warp). A fresh reference makes the largest weight
-      // exactly 1; a kept one bounds weights by 2^kRescaleSlack; either way lse = ln 2 * (ref + log2 sum). A row
-      // whose logits so far are all -inf keeps ref -inf and uses 0 in its place, so its weights are exp2(-inf) = 0
-      // and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which reaches the row's
-      // sum, output and lse.
+      // when a tile's max passes it by more than kRescaleSlackLog2 (fast_exp2.cuh; then every row of the warp renews,
+      // so the rescale of the output accumulator is skipped or taken by the whole warp). A fresh reference makes the
+      // largest weight exactly 1; a kept one bounds weights by 2^kRescaleSlackLog2; either way lse = ln 2 * (ref +
+      // log2 sum). A row whose logits so far are all -inf keeps ref -inf and uses 0 in its place, so its weights are
+      // exp2(-inf) = 0 and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which
+      // reaches the row's sum, output and lse.
       Tensor s_mn = make_tensor(acc_qk.data(), layout_acc_mn(mma_qk, acc_qk.layout()));
       float tile_max[kRows];
       bool renew = false;
@@ -553,7 +549,7 @@ struct FwdMainloop
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, stride<r>(quad) * step));
         });
         tile_max[i] = m;
-        renew |= m > row_max(i) + kRescaleSlack;
+        renew |= m > row_max(i) + kRescaleSlackLog2;
       }
       if (__any_sync(0xffffffffu, renew)) {
         CUTLASS_PRAGMA_UNROLL
