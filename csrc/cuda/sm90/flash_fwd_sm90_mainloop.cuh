@@ -421,7 +421,6 @@ struct FwdMainloop
     using cutlass::fmha::collective::make_acc_into_op;
     using cutlass::fmha::collective::reduction_target_n;
     const int thread_idx = int(threadIdx.x);
-    PipelineState smem_pipe_release = smem_pipe_read;
 
     TiledMmaQK mma_qk;
     auto thr_qk = mma_qk.get_thread_slice(thread_idx);
@@ -497,21 +496,50 @@ struct FwdMainloop
     pipeline_q.consumer_wait(smem_pipe_read_q);
     const int q_stage = smem_pipe_read_q.index();
 
-    CUTLASS_PRAGMA_NO_UNROLL
-    for (int trip = 0; trip < trips; ++trip) {
-      Tensor acc_qk = partition_fragment_C(mma_qk, take<0, 2>(TileShapeQK{}));
-      pipeline.consumer_wait(smem_pipe_read);
-      if (trip == 0) math_wg_order_barrier.wait();
+    // Each trip overlaps its softmax with the previous trip's P V on the tensor cores (FlashAttention-3's
+    // intra-warpgroup pipelining): it issues QK^T of its key tile and P V of the previous one, waits for the QK^T
+    // only, computes the logits and weights while the P V runs, then waits for it, rescales the output if the
+    // reference moved, and keeps its weights in P for the next trip. Trip 0 has no P V to issue and the last tile's
+    // P V follows the loop: both are peeled, since a P V issued under a branch inside the QK^T's pipeline stage
+    // makes ptxas serialise every wgmma of the kernel (C7513). K of trip t is stage 2t of the ring, V stage 2t + 1;
+    // K is released as soon as its QK^T is done. The warpgroups take turns at issuing their products, so that one's
+    // softmax runs while the other's GEMMs (and its own P V) occupy the tensor cores; unordered, the two drift into
+    // step and leave the tensor cores idle while both exponentiate.
+    using TensorP = decltype(make_acc_into_op<Element>(partition_fragment_C(mma_qk, take<0, 2>(TileShapeQK{})),
+                                                       typename TiledMmaPV::LayoutA_TV{}));
+    TensorP p;
+    auto issue_qk = [&](PipelineState const& pipe_k, auto& acc_qk) {
+      pipeline.consumer_wait(pipe_k);
+      math_wg_order_barrier.wait();
       warpgroup_fence_operand(acc_qk);
       warpgroup_arrive();
-      gemm_zero_acc(mma_qk, tSrQ(_, _, _, q_stage), tSrK(_, _, _, smem_pipe_read.index()), acc_qk);
+      gemm_zero_acc(mma_qk, tSrQ(_, _, _, q_stage), tSrK(_, _, _, pipe_k.index()), acc_qk);
       warpgroup_commit_batch();
-      if (trip == 0) math_wg_order_barrier.arrive();
-      ++smem_pipe_read;
-      auto v_token = pipeline.consumer_try_wait(smem_pipe_read);
-      warpgroup_wait<0>();  // this QK^T, and the previous trip's PV before acc_pv is rescaled
       warpgroup_fence_operand(acc_qk);
+    };
+    auto issue_pv = [&](PipelineState const& pipe_v) {
+      pipeline.consumer_wait(pipe_v);
       warpgroup_fence_operand(acc_pv);
+      warpgroup_fence_operand(p);
+      warpgroup_arrive();
+      cute::gemm(mma_pv, p, tOrV(_, _, _, pipe_v.index()), acc_pv);
+      warpgroup_commit_batch();
+      warpgroup_fence_operand(acc_pv);
+      warpgroup_fence_operand(p);
+    };
+
+    // Logits and weights of one key tile in place, the running max and sums; returns whether the warp renewed its
+    // references, and then in `rescale` the factors that move the output accumulator to them (applied by the
+    // caller once the previous trip's P V, which adds weights taken against the old ones, is done).
+    //
+    // Online softmax over base-2 logits, weight exp2(s - ref). A row's reference is its running max, renewed only
+    // when a tile's max passes it by more than kRescaleSlackLog2 (fast_exp2.cuh; then every row of the warp renews,
+    // so the rescale of the output accumulator is skipped or taken by the whole warp). A fresh reference makes the
+    // largest weight exactly 1; a kept one bounds weights by 2^kRescaleSlackLog2; either way lse = ln 2 * (ref +
+    // log2 sum). A row whose logits so far are all -inf keeps ref -inf and uses 0 in its place, so its weights are
+    // exp2(-inf) = 0 and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which
+    // reaches the row's sum, output and lse.
+    auto softmax = [&](auto& acc_qk, int trip, float* rescale) {
       const int slot = trip % kBiasSlots;
       const float* staged = nullptr;
       bool staged_drops = false;
@@ -520,21 +548,10 @@ struct FwdMainloop
         staged = storage.key_bias[slot];
         staged_drops = storage.key_bias_drops[slot] != 0;
       }
-      // The warpgroups take turns at the softmax (trip 0 took its turn at the QK^T issue above), so that one's
-      // softmax runs while the other's GEMMs occupy the tensor cores; unordered, the two drift into step and leave
-      // the tensor cores idle while both exponentiate.
-      if (trip > 0) math_wg_order_barrier.wait();
-
       to_logits(acc_qk, cS, cT, staged, staged_drops, bias_base, lg, problem, needs_test(trip), b);
       if (key_bias) named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(slot));
+      cS.data() = cS.data() + E<1>{} * get<1>(TileShapeQK{});
 
-      // Online softmax over base-2 logits, weight exp2(s - ref). A row's reference is its running max, renewed only
-      // when a tile's max passes it by more than kRescaleSlackLog2 (fast_exp2.cuh; then every row of the warp renews,
-      // so the rescale of the output accumulator is skipped or taken by the whole warp). A fresh reference makes the
-      // largest weight exactly 1; a kept one bounds weights by 2^kRescaleSlackLog2; either way lse = ln 2 * (ref +
-      // log2 sum). A row whose logits so far are all -inf keeps ref -inf and uses 0 in its place, so its weights are
-      // exp2(-inf) = 0 and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which
-      // reaches the row's sum, output and lse.
       Tensor s_mn = make_tensor(acc_qk.data(), layout_acc_mn(mma_qk, acc_qk.layout()));
       float tile_max[kRows];
       bool renew = false;
@@ -551,15 +568,14 @@ struct FwdMainloop
         tile_max[i] = m;
         renew |= m > row_max(i) + kRescaleSlackLog2;
       }
-      if (__any_sync(0xffffffffu, renew)) {
+      const bool rescale_rows = __any_sync(0xffffffffu, renew);
+      if (rescale_rows) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kRows; ++i) {
           const float ref = tile_max[i] == -INFINITY ? 0.f : tile_max[i];
-          const float rescale = exp2_ftz(row_max(i) - ref);  // 0 on the first kept key (row_max -inf)
+          rescale[i] = exp2_ftz(row_max(i) - ref);  // 0 on the first kept key (row_max -inf)
           row_max(i) = tile_max[i];
-          row_sum(i) *= rescale;
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= rescale;
+          row_sum(i) *= rescale[i];
         }
       }
       CUTLASS_PRAGMA_UNROLL
@@ -573,27 +589,64 @@ struct FwdMainloop
         }
         row_sum(i) += sum;
       }
-      if (trip > 0) math_wg_order_barrier.arrive();
-
-      Tensor p = make_acc_into_op<Element>(acc_qk, typename TiledMmaPV::LayoutA_TV{});
-      pipeline.consumer_wait(smem_pipe_read, v_token);
-      warpgroup_fence_operand(acc_pv);
+      return rescale_rows;
+    };
+    // P of the tile for the next P V, pinned here (with the output accumulator): moved past the next trip's QK^T
+    // issue, the conversion would define a wgmma's input registers inside its pipeline stage.
+    auto keep_p = [&](auto& acc_qk) {
+      p = make_acc_into_op<Element>(acc_qk, typename TiledMmaPV::LayoutA_TV{});
       warpgroup_fence_operand(p);
-      warpgroup_arrive();
-      cute::gemm(mma_pv, p, tOrV(_, _, _, smem_pipe_read.index()), acc_pv);
-      warpgroup_commit_batch();
-      // Release this trip's K stage, and the previous trip's V stage (its PV finished at the wait above).
-      if (trip > 0) {
-        pipeline.consumer_release(smem_pipe_release);
-        ++smem_pipe_release;
-      }
-      pipeline.consumer_release(smem_pipe_release);
-      ++smem_pipe_release;
+      warpgroup_fence_operand(acc_pv);
+    };
+
+    PipelineState pipe_v;  // V of the previous trip
+    {
+      Tensor acc_qk = partition_fragment_C(mma_qk, take<0, 2>(TileShapeQK{}));
+      const PipelineState pipe_k = smem_pipe_read;
+      issue_qk(pipe_k, acc_qk);
+      math_wg_order_barrier.arrive();
       ++smem_pipe_read;
-      cS.data() = cS.data() + E<1>{} * get<1>(TileShapeQK{});
+      pipe_v = smem_pipe_read;
+      ++smem_pipe_read;
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_qk);
+      pipeline.consumer_release(pipe_k);
+      float rescale[kRows];
+      softmax(acc_qk, 0, rescale);  // the output accumulator is still zero: nothing to rescale
+      keep_p(acc_qk);
     }
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int trip = 1; trip < trips; ++trip) {
+      Tensor acc_qk = partition_fragment_C(mma_qk, take<0, 2>(TileShapeQK{}));
+      const PipelineState pipe_k = smem_pipe_read;
+      issue_qk(pipe_k, acc_qk);
+      issue_pv(pipe_v);
+      math_wg_order_barrier.arrive();
+      ++smem_pipe_read;
+      const PipelineState pipe_v_next = smem_pipe_read;
+      ++smem_pipe_read;
+      warpgroup_wait<1>();  // this trip's QK^T; the previous trip's P V may still run
+      warpgroup_fence_operand(acc_qk);
+      pipeline.consumer_release(pipe_k);
+      float rescale[kRows];
+      const bool rescale_rows = softmax(acc_qk, trip, rescale);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_pv);
+      pipeline.consumer_release(pipe_v);
+      if (rescale_rows) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kRows; ++i) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < size<1>(acc_pv_mn); ++j) acc_pv_mn(i, j) *= rescale[i];
+        }
+      }
+      keep_p(acc_qk);
+      pipe_v = pipe_v_next;
+    }
+    issue_pv(pipe_v);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_pv);
+    pipeline.consumer_release(pipe_v);
 
     // Normalise; lse = row_max + log(sum), -inf for a row without a kept key (sum 0). A row whose output is
     // non-finite while its sum is finite and positive got an inf or NaN of V through P V, where the exact-zero
