@@ -470,6 +470,36 @@ struct FwdMainloop
       }
     };
 
+    // A warpgroup whose 64 rows all lie past Lq (the second one of a decoding step's few packed rows, the last query
+    // tile's tail) has nothing to store: it skips both products and the softmax, and only keeps its place in the
+    // ring (waiting for each stage before releasing it, so that its arrivals count towards that stage's phase) and
+    // in the warpgroups' turns, and the bias warp's handshake, so that the other warpgroup's trips are not held up by
+    // work nobody reads.
+    if (wg_tile * kWgRows >= lq) {
+      const bool key_bias = stages_key_bias(params.consumer);
+      CUTLASS_PRAGMA_NO_UNROLL
+      for (int trip = 0; trip < trips; ++trip) {
+        if (key_bias) {
+          named_barrier_sync(kBiasFilledThreads, bias_filled_barrier(trip % kBiasSlots, wg));
+          named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(trip % kBiasSlots));
+        }
+        pipeline.consumer_wait(smem_pipe_read);  // K
+        math_wg_order_barrier.wait();             // its turn: at the QK^T issue on trip 0, at the softmax after
+        math_wg_order_barrier.arrive();
+        pipeline.consumer_release(smem_pipe_read);
+        ++smem_pipe_read;
+        pipeline.consumer_wait(smem_pipe_read);  // V
+        pipeline.consumer_release(smem_pipe_read);
+        ++smem_pipe_read;
+      }
+      Tensor acc_pv = partition_fragment_C(mma_pv, take<0, 2>(TileShapePV{}));
+      clear(acc_pv);
+      constexpr int kRows = decltype(size<0>(layout_acc_mn(mma_pv, acc_pv.layout())))::value;
+      Tensor lse = make_tensor<float>(Int<kRows>{});
+      fill(lse, -INFINITY);
+      return make_tuple(acc_pv, lse);
+    }
+
     // (row, key) of each accumulator element within the tile, and in the problem: this warpgroup's 64 rows,
     // advanced by BlockN keys per trip.
     Tensor cT = thr_qk.partition_C(make_identity_tensor(take<0, 2>(TileShapeQK{})));
