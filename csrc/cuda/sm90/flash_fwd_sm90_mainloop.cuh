@@ -484,7 +484,7 @@ struct FwdMainloop
           named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(trip % kBiasSlots));
         }
         pipeline.consumer_wait(smem_pipe_read);  // K
-        math_wg_order_barrier.wait();             // its turn: at the QK^T issue on trip 0, at the softmax after
+        math_wg_order_barrier.wait();             // its turn at the products' issue
         math_wg_order_barrier.arrive();
         pipeline.consumer_release(smem_pipe_read);
         ++smem_pipe_read;
