@@ -558,9 +558,10 @@ struct FwdMainloop
       warpgroup_fence_operand(p);
     };
 
-    // Logits and weights of one key tile in place, the running max and sums; returns whether the warp renewed its
-    // references, and then in `rescale` the factors that move the output accumulator to them (applied by the
-    // caller once the previous trip's P V, which adds weights taken against the old ones, is done).
+    // Logits and weights of one key tile in place, the running max and sums, and cS moved on to the next tile;
+    // returns whether the warp renewed its references, and then in `rescale` the factors that move the output
+    // accumulator to them (applied by the caller once the previous trip's P V, which adds weights taken against the
+    // old ones, is done).
     //
     // Online softmax over base-2 logits, weight exp2(s - ref). A row's reference is its running max, renewed only
     // when a tile's max passes it by more than kRescaleSlackLog2 (fast_exp2.cuh; then every row of the warp renews,
