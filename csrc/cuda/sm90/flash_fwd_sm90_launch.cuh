@@ -70,11 +70,11 @@ struct ReverseQueryTiles {
   }
 };
 
-template <int kHeadDim, bool kIsBF16, KeyRule kRule>
+template <int kHeadDim, bool kIsBF16, KeyRule kRule, bool kGeneralLogits>
 struct FwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   using Tile = FwdTile<kHeadDim>;
-  using Mainloop = FwdMainloop<Element, typename Tile::Shape, kRule,
+  using Mainloop = FwdMainloop<Element, typename Tile::Shape, kRule, kGeneralLogits,
                                cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kStagesKV,
                                                              cute::Int<Tile::kStages>>>;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<Element, float, typename Mainloop::TileShapePV>;
@@ -128,12 +128,20 @@ struct FwdKernel {
 
 namespace dmattn {
 
+template <int kHeadDim, bool kIsBF16, bool kGeneralLogits>
+cudaError_t run_flash_fwd_sm90_logits(const FwdParams& p, cudaStream_t stream) {
+  using sm90::KeyRule;
+  if (p.bounds.present()) return sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kBounded, kGeneralLogits>::run(p, stream);
+  return p.is_causal ? sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kCausal, kGeneralLogits>::run(p, stream)
+                     : sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kAll, kGeneralLogits>::run(p, stream);
+}
+
+// Softcap or a bias read per element: the general instantiation; no bias or a staged per-key bias: the lean one.
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
-  using sm90::KeyRule;
-  if (p.bounds.present()) return sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kBounded>::run(p, stream);
-  return p.is_causal ? sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kCausal>::run(p, stream)
-                     : sm90::FwdKernel<kHeadDim, kIsBF16, KeyRule::kAll>::run(p, stream);
+  const bool general = p.softcap > 0.f || (p.bias != nullptr && !sm90::key_bias_staged(p.bias, p.bias_row_stride));
+  return general ? run_flash_fwd_sm90_logits<kHeadDim, kIsBF16, true>(p, stream)
+                 : run_flash_fwd_sm90_logits<kHeadDim, kIsBF16, false>(p, stream);
 }
 
 }  // namespace dmattn

@@ -109,9 +109,19 @@ struct Consumer {
   RowBounds bounds;  // read with KeyRule::kBounded only
 };
 
+// A bias constant along query rows (row stride 0: the paper's per-key bias, any broadcast of it) is staged per key
+// tile by the bias warp; any other bias is read per element by the consumers. The launcher picks the instantiation
+// by the same rule.
+CUTLASS_HOST_DEVICE bool key_bias_staged(const void* bias, int64_t bias_row_stride) {
+  return bias != nullptr && bias_row_stride == 0;
+}
+
 // The CUTLASS mainloop with our consumer step. Producer side (TMA loads of Q, K, V), shared storage, pipelines and
-// tiled MMAs are the base's; its Params travel inside ours.
-template <class Element, class TileShape_, KeyRule kRule, class... Options>
+// tiled MMAs are the base's; its Params travel inside ours. kGeneralLogits: the logits may take a softcap or a bias
+// read per element (one with query rows); calls with neither (no bias, or a staged per-key bias) run the
+// instantiation without those paths, whose consumers hold no registers for them (ptxas, sm_90a: no spills, against
+// 60-132 bytes at D = 128 and 128-136 at D = 256 with them).
+template <class Element, class TileShape_, KeyRule kRule, bool kGeneralLogits, class... Options>
 struct FwdMainloop
     : cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
           Element, float, float, TileShape_, cute::tuple<int, _1, cute::tuple<int, int>>,
@@ -248,10 +258,8 @@ struct FwdMainloop
                        do_barrier);
   }
 
-  // A bias constant along query rows (row stride 0: the paper's per-key bias, any broadcast of it) is staged per key
-  // tile by the bias warp; any other bias is read per element by the consumers.
   CUTLASS_DEVICE static bool stages_key_bias(Consumer const& lg) {
-    return lg.bias != nullptr && lg.bias_row_stride == 0;
+    return key_bias_staged(lg.bias, lg.bias_row_stride);
   }
 
   // The bias's batch and head offset for the CTA's (batch, query head).
@@ -330,7 +338,7 @@ struct FwdMainloop
                                        ProblemShape const& problem, bool check_bounds, int b) {
     using cutlass::fmha::collective::layout_acc_mn;
     const int lq = get<2>(problem), lk = get<3>(problem);
-    const bool capped = lg.softcap > 0.f;
+    const bool capped = kGeneralLogits && lg.softcap > 0.f;
     if (capped) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) = (lg.softcap * kLog2e) * tanhf(acc(i) * lg.qk_scale);
@@ -362,7 +370,7 @@ struct FwdMainloop
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale * kLog2e;
     }
-    if (staged == nullptr && lg.bias != nullptr) {
+    if (kGeneralLogits && staged == nullptr && lg.bias != nullptr) {
       // One dtype dispatch per tile. Rows past Lq (the partial last query tile) and keys past Lk read an in-range
       // element; the result is never stored (rows) or masked below (keys).
       auto add_tile = [&](auto dtype) {
