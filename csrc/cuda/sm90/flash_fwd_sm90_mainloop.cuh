@@ -119,8 +119,8 @@ CUTLASS_HOST_DEVICE bool key_bias_staged(const void* bias, int64_t bias_row_stri
 // The CUTLASS mainloop with our consumer step. Producer side (TMA loads of Q, K, V), shared storage, pipelines and
 // tiled MMAs are the base's; its Params travel inside ours. kGeneralLogits: the logits may take a softcap or a bias
 // read per element (one with query rows); calls with neither (no bias, or a staged per-key bias) run the
-// instantiation without those paths, whose consumers hold no registers for them (ptxas, sm_90a: no spills, against
-// 60-132 bytes at D = 128 and 128-136 at D = 256 with them).
+// instantiation without those paths, whose consumers hold no registers for them (ptxas, sm_90a: no spills at D = 64
+// and 128, 4 bytes at D = 256 with row bounds, against 60-132 bytes at D = 128 and 128-136 at D = 256 with them).
 template <class Element, class TileShape_, KeyRule kRule, bool kGeneralLogits, class... Options>
 struct FwdMainloop
     : cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
