@@ -67,6 +67,7 @@ nb::dict kernel_facts() {
   f["key_list_chunk"] = kKeyListChunk;
   f["key_list_dense"] = kKeyListDense;
   f["key_list_max_keys"] = kKeyListMaxKeys;
+  f["key_list_tile_min_visible"] = kKeyListTileMinVisible;
   f["key_list_rows_max"] = kKeyListRowsMax;
   f["topk_lists_max_k"] = kTopKListsMaxK;
   f["topk_bounded_group_spread"] = kTopKBoundedGroupSpread;
@@ -121,6 +122,13 @@ NB_MODULE(_jax_dmattn_ext, m) {
   m.def("sm90_fwd_key_list_launches", [] {  // calls the Hopper key-list forward has served
 #if defined(DMATTN_WITH_SM90)
     return dmattn::flash_fwd_key_list_sm90_launches();
+#else
+    return int64_t{0};
+#endif
+  });
+  m.def("sm90_fwd_tile_units_launches", [] {  // key-list calls whose tile units the Hopper forward served
+#if defined(DMATTN_WITH_SM90)
+    return dmattn::flash_fwd_sm90_tile_unit_launches();
 #else
     return int64_t{0};
 #endif

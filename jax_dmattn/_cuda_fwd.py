@@ -48,6 +48,8 @@ KEY_LIST_CHUNK = _FACTS["key_list_chunk"]      # keys per bit word
 # A unit whose live keys exceed the capacity is "dense": the kernels walk all of its keys and read the mask
 # itself, which is what such a unit costs anyway (lists only pay off when few keys are live).
 KEY_LIST_MAX_KEYS = _FACTS["key_list_max_keys"]
+# On Hopper, lists of most of the keys a unit sees go to the forward's key tiles only past this many keys.
+KEY_LIST_TILE_MIN_VISIBLE = _FACTS["key_list_tile_min_visible"]
 KEY_LIST_DENSE = _FACTS["key_list_dense"]  # the count of a unit that is not listed
 
 

@@ -28,6 +28,9 @@ struct FwdParams : CallParams {
   int64_t kl_keys_stride = 0;  // 1 + capacity
   int64_t kb_unit_stride = 0;  // capacity / 64 * kb_rows
   int kb_rows = 0;             // rows per unit: 128, or 1 for a row-broadcast mask
+  // The Hopper forward computes the units that key_list_unit_on_tiles picks (flash_fwd_sm90_serves_tile_units):
+  // key-list CTAs of those units leave at once.
+  bool tile_units_apart = false;
 };
 
 // The operands of (batch b, query head h) at row 0, addressed with the call's row strides: q and out of the head, k

@@ -20,6 +20,7 @@ struct KeyListWalk {
   const uint64_t* bits;  // the unit's bit words [chunks][bit_rows]
   int bit_rows;          // rows of a unit's bit words per chunk (1: one word per chunk, shared by every row)
   bool dense;            // walk 0 .. last_key, reading the mask itself
+  int count;             // the unit's first word: its live keys, or kKeyListDense
   int last_key;          // the largest key the CTA's last row may see (-1: none)
   int n_live;            // keys walked
   int n_chunks;          // ceil(n_live / chunk), 0 when no row sees a key
@@ -49,6 +50,7 @@ __device__ __forceinline__ KeyListWalk key_list_walk_of_unit(const int32_t* list
   w.bits = bits;
   w.bit_rows = bit_rows;
   const int count = list[0];
+  w.count = count;
   w.dense = count == kKeyListDense;
   // Lists: the live keys visible from the tile's last row (the list is ascending); lists of a row-full causal mask
   // are already cut at that bound, a row-broadcast mask's list is shared by every query tile.

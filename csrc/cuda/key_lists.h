@@ -13,7 +13,8 @@
 //   bits [units, C / 64, rows_per_unit] uint64, rows_per_unit = min(Mm, BlockM):
 //     bit j of bits[u][c][r] = mask[bm, hm, t * BlockM + r, keys[u][1 + 64 c + j]] for 64 c + j < count, else 0.
 // A unit whose live keys do not fit (count > C) is "dense": keys[u][0] = kKeyListDense, nothing else of the unit
-// is written, and the kernels walk every key (up to the causal bound) 64 at a time, reading the mask itself.
+// is written, and the kernels walk every key (up to the causal bound) 64 at a time, reading the mask itself (on
+// Hopper the forward without a mask streams such units, and lists of most visible keys: key_list_unit_on_tiles).
 // The capacity keeps the workspace at O(B * H * Lq) (C keys of 4 + 16 bytes per 128-row unit) instead of a
 // fraction of the O(Lq * Lk) mask; a mask that keeps most keys gains nothing from lists anyway.
 // A key is live when some row of the unit keeps it and, with causal masking and a row-full mask (Mm == Lq), it
@@ -49,6 +50,26 @@ struct KeyListArgs {
   }
   __host__ __device__ int64_t bits_size() const { return units() * chunks() * rows_per_unit(); }
 };
+
+// Whether the Hopper forward computes a unit over its key tiles, reading the mask itself, instead of the key-list
+// kernel walking its list (launch_flash_fwd_key_list_sm90, a bool mask): a dense unit, or a list of more than three
+// quarters of the keys the unit's rows may see (`visible`: keys 0 .. visible - 1), where the unit sees more than
+// kKeyListTileMinVisible keys (kernel_facts.h). `count`: the unit's first word. Both kernels decide each unit with it.
+//
+// Why these bounds (H100, 16K, D = 128, per key and row: 0.34 ns gathered through a list, 0.17 ns streamed as masked
+// tiles): a list of half the visible keys costs about what its tiles do, so only lists well above that move; and
+// the tiles' launches (one per query-head group member) cost the call about 8 us each even where they hold few
+// units, which a unit seeing few keys does not repay.
+__host__ __device__ inline bool key_list_unit_on_tiles(int32_t count, int64_t visible) {
+  return count == kKeyListDense || (visible > kKeyListTileMinVisible && 4 * int64_t(count) > 3 * visible);
+}
+
+// Whether some unit of a call with `kv_len` keys and list capacity `capacity` can go to the tiles: one must see more
+// than kKeyListTileMinVisible keys or hold more live keys than a list does. Calls where none can skip the tiles'
+// launches.
+__host__ __device__ inline bool key_list_call_may_hold_tile_units(int64_t kv_len, int64_t capacity) {
+  return kv_len > kKeyListTileMinVisible || kv_len > capacity;
+}
 
 // Two kernels on `stream`: the per-unit union and list, then the bit words. No allocation, no sync.
 cudaError_t launch_build_key_lists(const KeyListArgs& args, cudaStream_t stream);

@@ -12,11 +12,11 @@ namespace dmattn {
 
 // Bit i of the result: byte i of x is non-zero (i < 4).
 __device__ __forceinline__ uint32_t nonzero_bytes_to_bits(uint32_t x) {
-  x |= x >> 4;
-  x |= x >> 2;
-  x |= x >> 1;
-  // Byte i's low bit lands at bit 24 + i; the partial products never collide, so no carries.
-  return ((x & 0x01010101u) * 0x01020408u) >> 24;
+  // A byte's high bit ends up set iff the byte is non-zero: its low seven bits plus 0x7F carry into it (never out of
+  // the byte), or it was set already.
+  const uint32_t high = (((x & 0x7F7F7F7Fu) + 0x7F7F7F7Fu) | x) & 0x80808080u;
+  // Byte i's high bit (bit 8 i + 7) lands at bit 28 + i; the other partial products stay below bit 24, so no carries.
+  return (high * 0x00204081u) >> 28;
 }
 
 __device__ __forceinline__ uint32_t pack16(uint4 w) {

@@ -1,7 +1,8 @@
 // The rows the Hopper forward marks with lse = +inf (flash_fwd_sm90_mainloop.cuh: an inf or NaN of V reached the
 // row through P V, possibly through the exact-zero weight of a dropped key, 0 * NaN), recomputed over their kept
-// keys only: out and lse exactly as the sm80 kernels give them. One warp per marked row, keys in order, lanes over D
-// (an online softmax in fp32); a pass over the lse finds the rows, so a call without such rows costs one read of it.
+// keys only (the row's range, and its mask where the forward served a key-list call's dense units): out and lse
+// exactly as the sm80 kernels give them. One warp per marked row, keys in order, lanes over D (an online softmax in
+// fp32); a pass over the lse finds the rows, so a call without such rows costs one read of it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -57,6 +58,9 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
       float m = -INFINITY, sum = 0.f;
       for (int j = range.lo; j < range.hi; ++j) {
         if (!range.keeps(j)) continue;
+        if (p.mask != nullptr && p.mask[b * p.mask_batch_stride + int64_t(h / p.mask_hdiv) * p.mask_head_stride +
+                                        int64_t(i) * p.mask_row_stride + int64_t(j) * p.mask_col_stride] == 0)
+          continue;  // a key the mask drops (the dense units of a key-list call)
         float x = 0.f;
 #pragma unroll
         for (int e = 0; e < kMaxPerLane; ++e) {

@@ -105,6 +105,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
 
   const KeyListWalk walk = key_list_walk<kBlockM, kChunk, kThreads>(p, b, h, m_block);
   const bool dense = walk.dense;
+  // The Hopper forward computes this unit (the whole CTA leaves).
+  if (p.tile_units_apart && key_list_unit_on_tiles(walk.count, walk.last_key + 1)) return;
   const int n_chunks = walk.n_chunks;
   const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, dense);
 

@@ -15,7 +15,15 @@ namespace dmattn {
 // kernels with it).
 bool flash_fwd_sm90_serves(const FwdParams& params);
 
-// Launches the Hopper forward (one launch per query head of a GQA group); callers check flash_fwd_sm90_serves first.
+// Whether the Hopper forward serves the tile units (key_list_unit_on_tiles: dense units, lists of most visible keys)
+// of this key-list call (flash_fwd_key_list_sm90_serves's calls with a bool mask): no row bounds, the mask's keys at unit stride and its rows 16-byte aligned, the operands as for
+// flash_fwd_sm90_serves. launch_flash_fwd_key_list_sm90 asks it.
+bool flash_fwd_sm90_serves_tile_units(const FwdParams& params);
+
+// How many key-list calls had their tile units served by the Hopper forward in this process.
+int64_t flash_fwd_sm90_tile_unit_launches();
+
+// Launches the Hopper forward (one launch over every query head); callers check flash_fwd_sm90_serves first.
 cudaError_t launch_flash_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 
 // Recomputes, over their kept keys only, the rows the Hopper forward marked with lse = +inf (an inf or NaN of V
@@ -30,7 +38,8 @@ int64_t flash_fwd_sm90_launches();
 // where the Hopper kernels may serve calls (sm90_route.h).
 bool flash_fwd_key_list_sm90_serves(const FwdParams& params);
 
-// Launches the Hopper key-list forward; callers check flash_fwd_key_list_sm90_serves first.
+// Launches the Hopper key-list forward, and the Hopper forward over the tile units where it serves them
+// (flash_fwd_sm90_serves_tile_units); callers check flash_fwd_key_list_sm90_serves first.
 cudaError_t launch_flash_fwd_key_list_sm90(const FwdParams& params, cudaStream_t stream);
 
 // How many calls launch_flash_fwd_key_list_sm90 has served in this process.

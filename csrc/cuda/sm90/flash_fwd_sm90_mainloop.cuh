@@ -24,6 +24,7 @@
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
 #include "cuda/fast_exp2.cuh"
+#include "cuda/sm90/mask_tile_map.h"
 #include "log_constants.h"
 
 namespace dmattn::sm90 {
@@ -95,9 +96,8 @@ struct BoundedSpan {
   }
 };
 
-// What the consumer step needs beyond the collectives' TMA parameters: the logit rule (scale, softcap, bias). A
-// launch covers the query heads h = kv_head * group + group_index of every kv head (flash_fwd_sm90_launch.cuh: one
-// launch per group_index).
+// What the consumer step needs beyond the collectives' TMA parameters: the logit rule (scale, softcap, bias). A CTA's
+// head coordinate is its query head.
 struct Consumer {
   float qk_scale = 1.f;  // scale; with softcap: scale / softcap (the tanh argument)
   float softcap = 0.f;   // 0: off
@@ -105,7 +105,14 @@ struct Consumer {
   DType bias_dtype = DType::kF32;
   int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
   int bias_hdiv = 1;
-  int group = 1, group_index = 0;
+  // A bool mask (the tile units of a key-list call: flash_fwd_sm90_serves_tile_units), read by the masked
+  // instantiation only, through its TMA map (mask_tile_map.h); mask head of query head h is h / mask_hdiv, a stride
+  // of 0 broadcasts. nullptr: none.
+  const uint8_t* mask = nullptr;
+  int64_t mask_batch_stride = 0, mask_head_stride = 0;
+  int mask_hdiv = 1;
+  CUtensorMap mask_tiles;
+  int group = 1;  // query heads per kv head (gqa_problem)
   RowBounds bounds;  // read with KeyRule::kBounded only
 };
 
@@ -116,23 +123,40 @@ CUTLASS_HOST_DEVICE bool key_bias_staged(const void* bias, int64_t bias_row_stri
   return bias != nullptr && bias_row_stride == 0;
 }
 
+// The collectives' loads see the heads as (member, kv head) (gqa_problem): query head h is member h % G of kv head
+// h / G, so that one launch covers every query head. Q strides (row, 1, (batch, (head, G heads))); K and V (row, 1,
+// (batch, (0, head))): the static 0 makes the member no coordinate of their TMA (CuTe drops the mode).
+using StrideQ = cute::tuple<int, _1, cute::tuple<int, cute::tuple<int, int>>>;
+using StrideKV = cute::tuple<int, _1, cute::tuple<int, cute::tuple<_0, int>>>;
+
+// The kernel's problem (batch, query heads, Lq, Lk, D) as the collectives' loads see it: heads as (G, kv heads).
+template <class ProblemShape>
+CUTLASS_HOST_DEVICE auto gqa_problem(ProblemShape const& problem, int group) {
+  return make_shape(get<0>(problem), make_shape(group, get<1>(problem) / group), get<2>(problem), get<3>(problem),
+                    get<4>(problem));
+}
+
+// Which logit paths an instantiation holds. kGeneral: a softcap or a bias read per element (one with query rows);
+// kLean: neither (no bias, or a staged per-key bias), so that the consumers hold no registers for them (ptxas,
+// sm_90a: no spills at D = 64 and 128, against 60-132 bytes at D = 128 and 128-136 at D = 256 with them); kMasked:
+// kGeneral's and a bool mask whose tiles the TMA loads (the tile units of a key-list call: mask_tile_map.h), apart
+// since its byte tests add about 200 bytes of spills at D = 128.
+enum class Logits { kLean, kGeneral, kMasked };
+
 // The CUTLASS mainloop with our consumer step. Producer side (TMA loads of Q, K, V), shared storage, pipelines and
-// tiled MMAs are the base's; its Params travel inside ours. kGeneralLogits: the logits may take a softcap or a bias
-// read per element (one with query rows); calls with neither (no bias, or a staged per-key bias) run the
-// instantiation without those paths, whose consumers hold no registers for them (ptxas, sm_90a: no spills at D = 64
-// and 128, 4 bytes at D = 256 with row bounds, against 60-132 bytes at D = 128 and 128-136 at D = 256 with them).
-template <class Element, class TileShape_, KeyRule kRule, bool kGeneralLogits, class... Options>
+// tiled MMAs are the base's; its Params travel inside ours.
+template <class Element, class TileShape_, KeyRule kRule, Logits kLogits, class... Options>
 struct FwdMainloop
-    : cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
-          Element, float, float, TileShape_, cute::tuple<int, _1, cute::tuple<int, int>>,
-          cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kRule>,
-          Options...> {
-  using Base = cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<
-      Element, float, float, TileShape_, cute::tuple<int, _1, cute::tuple<int, int>>,
-      cute::tuple<int, _1, cute::tuple<int, int>>, cute::tuple<int, _1, cute::tuple<int, int>>, KeyTiles<kRule>,
-      Options...>;
+    : cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<Element, float, float, TileShape_, StrideQ, StrideKV,
+                                                                StrideKV, KeyTiles<kRule>, Options...> {
+  using Base = cutlass::fmha::collective::FmhaMainloopTmaWarpSpecialized<Element, float, float, TileShape_, StrideQ,
+                                                                         StrideKV, StrideKV, KeyTiles<kRule>,
+                                                                         Options...>;
   static constexpr bool kCausal = kRule == KeyRule::kCausal;
   static constexpr bool kBounded = kRule == KeyRule::kBounded;
+  static constexpr bool kGeneralLogits = kLogits != Logits::kLean;
+  static constexpr bool kMasked = kLogits == Logits::kMasked;
+  static_assert(!(kMasked && kBounded), "a masked call holds no row bounds (flash_fwd_sm90_serves_tile_units)");
   using typename Base::MainloopPipeline;
   using typename Base::MainloopPipelineQ;
   using typename Base::PipelineState;
@@ -167,12 +191,23 @@ struct FwdMainloop
     return slot * (Base::NumMmaWarpGroups + 1) + Base::NumMmaWarpGroups;
   }
 
+  // The mask (masked instantiation): the TMA loads key tile t's [BlockM, BlockN] bytes into slot t % kBiasSlots (the
+  // bias ring's slot, under its barriers), and `landed` completes when they are there.
+  static constexpr uint32_t kMaskTileSwizzle = mask_tile_swizzle(kBlockN);
+  static_assert(!kMasked || kBlockN == 64 || kBlockN == 128, "mask tiles of 64 or 128 bytes a row (mask_tile_map.h)");
+  struct MaskRing {
+    alignas(1024) uint8_t bytes[kBiasSlots][kBlockM][kBlockN];
+    alignas(8) uint64_t landed[kBiasSlots];
+  };
+  struct NoMaskRing {};
+
   // The base's Q and K / V tiles, then the per-key bias ring: kBiasSlots key tiles of bias values (times log2 e)
-  // and whether each holds a -inf. It lies past the base's storage, so the epilogue's output tiles, which the
-  // kernel overlays on the mainloop's storage, never reach it.
+  // and whether each holds a -inf, and the mask ring. They lie past the base's storage, so the epilogue's output
+  // tiles, which the kernel overlays on the mainloop's storage, never reach them.
   struct SharedStorage : Base::SharedStorage {
     alignas(16) float key_bias[kBiasSlots][kBlockN];
     int key_bias_drops[kBiasSlots];
+    std::conditional_t<kMasked, MaskRing, NoMaskRing> mask;
   };
 
   struct Arguments {
@@ -191,7 +226,8 @@ struct FwdMainloop
 
   template <class ProblemShape>
   static Params to_underlying_arguments(ProblemShape const& problem, Arguments const& args, void* workspace) {
-    return Params{Base::to_underlying_arguments(problem, args.base, workspace), args.consumer};
+    return Params{Base::to_underlying_arguments(gqa_problem(problem, args.consumer.group), args.base, workspace),
+                  args.consumer};
   }
 
   CUTLASS_DEVICE static void prefetch_tma_descriptors(Params const& params) {
@@ -205,9 +241,9 @@ struct FwdMainloop
                                       PipelineStateQ& smem_pipe_write_q, SharedStorage& storage,
                                       LoadWarpBarrier& load_warp_barrier, bool do_barrier) {
     if constexpr (!kBounded) {
-      Base::template load_kv_maybe_q<kLoadQ>(block_rank_in_cluster, blk_coord, params.base, problem, pipeline,
-                                             smem_pipe_write, pipeline_q, smem_pipe_write_q, storage,
-                                             load_warp_barrier, do_barrier);
+      Base::template load_kv_maybe_q<kLoadQ>(block_rank_in_cluster, blk_coord, params.base,
+                                             gqa_problem(problem, params.consumer.group), pipeline, smem_pipe_write,
+                                             pipeline_q, smem_pipe_write_q, storage, load_warp_barrier, do_barrier);
     } else {
       load_bounded_kv_and_q(block_rank_in_cluster, blk_coord, params, problem, pipeline, smem_pipe_write, pipeline_q,
                             smem_pipe_write_q, storage);
@@ -233,12 +269,13 @@ struct FwdMainloop
     int q_count = Base::NumMmaWarpGroups;
     auto kv_tiles = cute::make_coord_iterator(span.first, span.first + span.trips);
     int kv_count = 2 * span.trips;  // K and V loads count down one counter; the V load advances the iterator
+    const auto loads = gqa_problem(problem, params.consumer.group);
     typename Base::LoadQ load_q{params.base.tma_load_q, pipeline_q, storage.smem_q};
-    auto q_state = load_q.init_state(_0{}, problem, TileShapeQK{}, blk_coord, Base::NumMmaWarpGroups);
+    auto q_state = load_q.init_state(_0{}, loads, TileShapeQK{}, blk_coord, Base::NumMmaWarpGroups);
     typename Base::LoadK load_k{params.base.tma_load_k, pipeline, storage.smem_k};
-    auto k_state = load_k.init_state(block_rank_in_cluster, problem, TileShapeQK{}, blk_coord, span.trips);
+    auto k_state = load_k.init_state(block_rank_in_cluster, loads, TileShapeQK{}, blk_coord, span.trips);
     typename Base::LoadV load_v{params.base.tma_load_v, pipeline, storage.smem_v};
-    auto v_state = load_v.init_state(block_rank_in_cluster, problem, TileShapePV{}, blk_coord, span.trips);
+    auto v_state = load_v.init_state(block_rank_in_cluster, loads, TileShapePV{}, blk_coord, span.trips);
     load_q.step(q_tiles, q_state, smem_pipe_write_q, lane_predicate, q_count);
     load_k.template step<false>(kv_tiles, k_state, smem_pipe_write, lane_predicate, kv_count);
     while (q_count > 0) load_q.step(q_tiles, q_state, smem_pipe_write_q, lane_predicate, q_count);
@@ -254,19 +291,22 @@ struct FwdMainloop
   CUTLASS_DEVICE void load_maybe_q(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
                                    MainloopPipelineQ& pipeline_q, PipelineStateQ& smem_pipe_write_q,
                                    SharedStorage& storage, LoadWarpBarrier& load_warp_barrier, bool do_barrier) {
-    Base::load_maybe_q(blk_coord, params.base, problem, pipeline_q, smem_pipe_write_q, storage, load_warp_barrier,
-                       do_barrier);
+    Base::load_maybe_q(blk_coord, params.base, gqa_problem(problem, params.consumer.group), pipeline_q,
+                       smem_pipe_write_q, storage, load_warp_barrier, do_barrier);
   }
 
   CUTLASS_DEVICE static bool stages_key_bias(Consumer const& lg) {
     return key_bias_staged(lg.bias, lg.bias_row_stride);
   }
+  CUTLASS_DEVICE static bool stages_mask(Consumer const& lg) { return kMasked && lg.mask != nullptr; }
+  // Whether the bias warp stages anything, so that the consumers take part in its handshake.
+  CUTLASS_DEVICE static bool stages(Consumer const& lg) { return stages_key_bias(lg) || stages_mask(lg); }
 
   // The bias's batch and head offset for the CTA's (batch, query head).
   CUTLASS_DEVICE static int64_t bias_offset(Consumer const& lg, int b, int h) {
     return lg.bias == nullptr ? 0
                               : int64_t(b) * lg.bias_batch_stride +
-                                    int64_t((h * lg.group + lg.group_index) / lg.bias_hdiv) * lg.bias_head_stride;
+                                    int64_t(h / lg.bias_hdiv) * lg.bias_head_stride;
   }
 
   // The key tiles [first, first + trips) the CTA visits: from 0 without bounds, its BoundedSpan with them.
@@ -286,14 +326,19 @@ struct FwdMainloop
   // The bias warp: the kernel's reducer warp, which the forward has no other use for. It stages a per-key bias for
   // the consumers, one key tile per trip (times log2 e, and whether the tile holds a -inf), into the ring's slots.
   // A tile's loads are issued before the wait for its slot, so their latency hides behind the consumers' trips;
-  // the consumers only wait at a filled barrier and read shared memory.
+  // the consumers only wait at a filled barrier and read shared memory. With a mask (masked instantiation) it
+  // runs reduce_masked instead.
   template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer>
   CUTLASS_DEVICE void reduce(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
                              PipelineReducer&, PipelineStateReducer&, SharedStorage& storage) {
     Consumer const& lg = params.consumer;
+    if constexpr (kMasked) {
+      if (stages_mask(lg)) return reduce_masked(blk_coord, params, problem, storage);
+    }
     if (!stages_key_bias(lg)) return;
     const int lk = get<3>(problem);
-    const int64_t base = bias_offset(lg, get<0>(get<2>(blk_coord)), get<1>(get<2>(blk_coord)));
+    const int b = get<0>(get<2>(blk_coord)), h = get<1>(get<2>(blk_coord));
+    const int64_t base = bias_offset(lg, b, h);
     const auto span = key_span(blk_coord, params, problem);
     const int first = get<0>(span), trips = get<1>(span);
     const int lane = int(threadIdx.x) % cutlass::NumThreadsPerWarp;
@@ -301,19 +346,9 @@ struct FwdMainloop
     for (int trip = 0; trip < trips; ++trip) {
       const int slot = trip % kBiasSlots;
       float v[kBiasPerLane];
-      bool drops = false;
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kBiasPerLane; ++j) {
-        // Keys past Lk read the last key's value; the consumers mask those keys whatever their bias.
-        const int key = min((first + trip) * kBlockN + j * cutlass::NumThreadsPerWarp + lane, lk - 1);
-        v[j] = load_bias(lg.bias, base + int64_t(key) * lg.bias_col_stride, lg.bias_dtype) * kLog2e;
-        drops |= v[j] == -INFINITY;
-      }
-      drops = __any_sync(0xffffffffu, drops);
+      const bool drops = load_key_bias(lg, base, (first + trip) * kBlockN, lk, v);
       if (trip >= kBiasSlots) named_barrier_sync(kBiasFreeThreads, bias_free_barrier(slot));
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kBiasPerLane; ++j) storage.key_bias[slot][j * cutlass::NumThreadsPerWarp + lane] = v[j];
-      if (lane == 0) storage.key_bias_drops[slot] = drops;
+      store_key_bias(storage, slot, v, drops);
       CUTLASS_PRAGMA_UNROLL
       for (int wg = 0; wg < Base::NumMmaWarpGroups; ++wg)
         named_barrier_arrive(kBiasFilledThreads, bias_filled_barrier(slot, wg));
@@ -322,6 +357,129 @@ struct FwdMainloop
     CUTLASS_PRAGMA_NO_UNROLL
     for (int trip = max(trips, kBiasSlots) - kBiasSlots; trip < trips; ++trip)
       named_barrier_sync(kBiasFreeThreads, bias_free_barrier(trip % kBiasSlots));
+  }
+
+  // A lane's values of the per-key bias of key tile [key0, key0 + BlockN) (times log2 e), and whether the tile holds
+  // a -inf (the same on every lane).
+  CUTLASS_DEVICE static bool load_key_bias(Consumer const& lg, int64_t base, int key0, int lk,
+                                           float (&v)[kBiasPerLane]) {
+    const int lane = int(threadIdx.x) % cutlass::NumThreadsPerWarp;
+    bool drops = false;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kBiasPerLane; ++j) {
+      // Keys past Lk read the last key's value; the consumers mask those keys whatever their bias.
+      const int key = min(key0 + j * cutlass::NumThreadsPerWarp + lane, lk - 1);
+      v[j] = load_bias(lg.bias, base + int64_t(key) * lg.bias_col_stride, lg.bias_dtype) * kLog2e;
+      drops |= v[j] == -INFINITY;
+    }
+    return __any_sync(0xffffffffu, drops);
+  }
+
+  CUTLASS_DEVICE static void store_key_bias(SharedStorage& storage, int slot, float const (&v)[kBiasPerLane],
+                                            bool drops) {
+    const int lane = int(threadIdx.x) % cutlass::NumThreadsPerWarp;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kBiasPerLane; ++j) storage.key_bias[slot][j * cutlass::NumThreadsPerWarp + lane] = v[j];
+    if (lane == 0) storage.key_bias_drops[slot] = drops;
+  }
+
+  // The bias warp with a mask: besides a per-key bias, it has the TMA load the mask's [BlockM, BlockN] bytes of each
+  // key tile into the tile's ring slot, one tile ahead: tile t + 1's load is issued once the consumers are done with
+  // tile t - 1 (the slot's previous tile), and tile t is handed over when its bytes have landed. The load costs the
+  // warp one instruction a tile; rows past Lq and keys past Lk land as 0.
+  template <class BlkCoord, class ProblemShape>
+  CUTLASS_DEVICE void reduce_masked(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
+                                    SharedStorage& storage) {
+    static_assert(kBiasSlots == 2, "a slot is reloaded once the tile before it is done");
+    Consumer const& lg = params.consumer;
+    const bool key_bias = stages_key_bias(lg);
+    const int lk = get<3>(problem);
+    const int b = get<0>(get<2>(blk_coord)), h = get<1>(get<2>(blk_coord));
+    const int64_t base = bias_offset(lg, b, h);
+    const auto span = key_span(blk_coord, params, problem);
+    const int first = get<0>(span), trips = get<1>(span);
+    const bool leader = int(threadIdx.x) % cutlass::NumThreadsPerWarp == 0;
+    const int row0 = int(get<0>(blk_coord)) * kBlockM;
+    const int mask_head = lg.mask_head_stride == 0 ? 0 : h / lg.mask_hdiv;
+    const int mask_batch = lg.mask_batch_stride == 0 ? 0 : b;
+    using Landed = cutlass::arch::ClusterTransactionBarrier;
+    if (leader) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int s = 0; s < kBiasSlots; ++s) Landed::init(&storage.mask.landed[s], 1);
+      cutlass::arch::fence_barrier_init();
+    }
+    __syncwarp();
+    auto load = [&](int trip) {
+      if (!leader) return;
+      const int slot = trip % kBiasSlots;
+      Landed::arrive_and_expect_tx(&storage.mask.landed[slot], kBlockM * kBlockN);
+      cute::SM90_TMA_LOAD_4D::copy(&lg.mask_tiles, &storage.mask.landed[slot],
+                                   uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST), &storage.mask.bytes[slot][0][0],
+                                   (first + trip) * kBlockN, row0, mask_head, mask_batch);
+    };
+    if (trips > 0) load(0);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int trip = 0; trip < trips; ++trip) {
+      const int slot = trip % kBiasSlots;
+      float v[kBiasPerLane];
+      bool drops = false;
+      if (key_bias) drops = load_key_bias(lg, base, (first + trip) * kBlockN, lk, v);
+      if (trip >= 1) named_barrier_sync(kBiasFreeThreads, bias_free_barrier((trip - 1) % kBiasSlots));
+      if (trip + 1 < trips) load(trip + 1);
+      if (key_bias) store_key_bias(storage, slot, v, drops);
+      Landed::wait(&storage.mask.landed[slot], (trip / kBiasSlots) % 2);
+      CUTLASS_PRAGMA_UNROLL
+      for (int wg = 0; wg < Base::NumMmaWarpGroups; ++wg)
+        named_barrier_arrive(kBiasFilledThreads, bias_filled_barrier(slot, wg));
+    }
+    // The consumers' arrival of the last trip, so that every free barrier completes before the next work tile.
+    if (trips > 0) named_barrier_sync(kBiasFreeThreads, bias_free_barrier((trips - 1) % kBiasSlots));
+  }
+
+  // -inf where the mask drops the pair (whatever q.k is, as a bias of -inf), from the tile's bytes as the TMA left
+  // them (mask_tile_map.h: 16-byte pieces of a row swizzled by its address). A warp whose 16 rows keep every key of
+  // the tile returns after one pass over them; otherwise each lane reads the two words of each 16-byte piece of its
+  // rows that hold its bytes (a warp's eight rows lie in different banks) and each element tests its byte.
+  template <class Acc, class TileCoords>
+  CUTLASS_DEVICE static void apply_mask(Acc& acc, const uint8_t* tile, TileCoords const& cT, int wg_row0) {
+    using cutlass::fmha::collective::layout_acc_mn;
+    constexpr int kWarpRows = 16;  // a warp's rows of the wgmma accumulator
+    const int lane = int(threadIdx.x) % cutlass::NumThreadsPerWarp;
+    const int warp_row0 = wg_row0 + kWarpRows * (int(threadIdx.x) / cutlass::NumThreadsPerWarp % 4);
+    {
+      constexpr int kPiecesPerLane = kWarpRows * kBlockN / 16 / cutlass::NumThreadsPerWarp;
+      const uint4* pieces = reinterpret_cast<const uint4*>(tile + warp_row0 * kBlockN);
+      uint32_t zero_bytes = 0;
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kPiecesPerLane; ++k) {
+        const uint4 w = pieces[k * cutlass::NumThreadsPerWarp + lane];
+        zero_bytes |= has_zero_byte(w.x) | has_zero_byte(w.y) | has_zero_byte(w.z) | has_zero_byte(w.w);
+      }
+      if (__all_sync(0xffffffffu, zero_bytes == 0)) return;
+    }
+    Tensor s_mn = make_tensor(acc.data(), layout_acc_mn(TiledMmaQK{}, acc.layout()));
+    Tensor t_mn = make_tensor(cT.data(), layout_acc_mn(TiledMmaQK{}, cT.layout()));
+    static_assert(decltype(size<1>(s_mn))::value == kBlockN / 4, "a quad lane's columns: pairs 8 apart");
+    const int c0 = int(get<1>(t_mn(0, 0)));  // 2 * (lane % 4)
+    // The lane's two bytes of each 8 keys: word c0 / 4 of the piece's first and second half, at byte c0 % 4.
+    const int word = c0 / 4;
+    const int shift = 8 * (c0 % 4);
+    const uint32_t tile_address = uint32_t(__cvta_generic_to_shared(tile));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size<0>(s_mn); ++i) {
+      const int r = wg_row0 + int(get<0>(t_mn(i, 0)));
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kBlockN / 16; ++k) {
+        const uint32_t* piece = reinterpret_cast<const uint32_t*>(
+            tile + mask_tile_piece(tile_address, uint32_t(r * kBlockN + 16 * k), kMaskTileSwizzle));
+        const uint32_t lo = piece[word] >> shift, hi = piece[2 + word] >> shift;
+        // Columns 16 k + c0 + {0, 1} and 16 k + 8 + c0 + {0, 1}: j = 4 k .. 4 k + 3.
+        if (!(lo & 0xffu)) s_mn(i, 4 * k) = -INFINITY;
+        if (!(lo & 0xff00u)) s_mn(i, 4 * k + 1) = -INFINITY;
+        if (!(hi & 0xffu)) s_mn(i, 4 * k + 2) = -INFINITY;
+        if (!(hi & 0xff00u)) s_mn(i, 4 * k + 3) = -INFINITY;
+      }
+    }
   }
 
   // Logits of one QK^T tile in place, in base-2 units (natural logits times log2 e, so that the softmax weight is
@@ -484,10 +642,10 @@ struct FwdMainloop
     // in the warpgroups' turns, and the bias warp's handshake, so that the other warpgroup's trips are not held up by
     // work nobody reads.
     if (wg_tile * kWgRows >= lq) {
-      const bool key_bias = stages_key_bias(params.consumer);
+      const bool staged = stages(params.consumer);
       CUTLASS_PRAGMA_NO_UNROLL
       for (int trip = 0; trip < trips; ++trip) {
-        if (key_bias) {
+        if (staged) {
           named_barrier_sync(kBiasFilledThreads, bias_filled_barrier(trip % kBiasSlots, wg));
           named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(trip % kBiasSlots));
         }
@@ -519,6 +677,8 @@ struct FwdMainloop
     Consumer const& lg = params.consumer;
     const int64_t bias_base = bias_offset(lg, b, h);
     const bool key_bias = stages_key_bias(lg);
+    const bool masked = stages_mask(lg);
+    const bool handshake = key_bias || masked;
 
     Tensor acc_pv = partition_fragment_C(mma_pv, take<0, 2>(TileShapePV{}));
     Tensor acc_pv_mn = make_tensor(acc_pv.data(), layout_acc_mn(mma_pv, acc_pv.layout()));
@@ -582,13 +742,16 @@ struct FwdMainloop
       const int slot = trip % kBiasSlots;
       const float* staged = nullptr;
       bool staged_drops = false;
+      if (handshake) named_barrier_sync(kBiasFilledThreads, bias_filled_barrier(slot, wg));
       if (key_bias) {
-        named_barrier_sync(kBiasFilledThreads, bias_filled_barrier(slot, wg));
         staged = storage.key_bias[slot];
         staged_drops = storage.key_bias_drops[slot] != 0;
       }
       to_logits(acc_qk, cS, cT, staged, staged_drops, bias_base, lg, problem, needs_test(trip), b);
-      if (key_bias) named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(slot));
+      if constexpr (kMasked) {
+        if (masked) apply_mask(acc_qk, &storage.mask.bytes[slot][0][0], cT, wg * kWgRows);
+      }
+      if (handshake) named_barrier_arrive(kBiasFreeThreads, bias_free_barrier(slot));
       cS.data() = cS.data() + E<1>{} * get<1>(TileShapeQK{});
 
       Tensor s_mn = make_tensor(acc_qk.data(), layout_acc_mn(mma_qk, acc_qk.layout()));
