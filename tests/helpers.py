@@ -190,9 +190,8 @@ def hopper_kernels_available() -> bool:
 
 def sm90_launches(direction: str) -> int:
     """Calls a Hopper kernel has served in this process: "fwd" (the forward without a mask), "fwd_key_list" (the
-    key-list forward), "fwd_tile_units" (key-list calls whose tile units, key_lists.h: key_list_unit_on_tiles, the forward
-    without a mask served), "bwd"
-    (the backward without a mask) or "bwd_key_list" (the key-list backward)."""
+    key-list forward), "fwd_tile_units" (key-list calls whose tile units, key_lists.h: key_list_unit_on_tiles, the
+    forward without a mask served), "bwd" (the backward without a mask) or "bwd_key_list" (the key-list backward)."""
     from jax_dmattn import _ffi
 
     return getattr(_ffi.extension(), f"sm90_{direction}_launches")()

@@ -58,8 +58,8 @@ struct KeyListArgs {
 //
 // Why these bounds (H100, 16K, D = 128, per key and row: 0.34 ns gathered through a list, 0.17 ns streamed as masked
 // tiles): a list of half the visible keys costs about what its tiles do, so only lists well above that move; and
-// the tiles' launches (one per query-head group member) cost the call about 8 us each even where they hold few
-// units, which a unit seeing few keys does not repay.
+// the tiles' launch costs the call some microseconds even where it holds few units (24 us at 16K with none), which
+// units seeing few keys do not repay.
 __host__ __device__ inline bool key_list_unit_on_tiles(int32_t count, int64_t visible) {
   return count == kKeyListDense || (visible > kKeyListTileMinVisible && 4 * int64_t(count) > 3 * visible);
 }
