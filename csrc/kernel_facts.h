@@ -54,7 +54,7 @@ constexpr int32_t kKeyListDense = -1;
 constexpr int64_t kKeyListMaxKeys = 4096;
 // On Hopper, the fewest keys a unit's rows must see before its list may go to the forward's key tiles
 // (csrc/cuda/key_lists.h: key_list_unit_on_tiles).
-constexpr int64_t kKeyListTileMinVisible = 4096;
+constexpr int64_t kKeyListTileMinVisible = 1024;
 // Most query rows the key-list forward for few rows (csrc/cuda/flash_fwd_key_list_rows.h) takes; decoding steps
 // split their shared lists into more parts when it serves them (jax_dmattn/_decode.py).
 constexpr int kKeyListRowsMax = 8;

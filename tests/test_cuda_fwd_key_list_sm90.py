@@ -96,9 +96,10 @@ CASES = [
     (3, 200, 256, 4, 4, 64, jnp.float16, False, 0.0, "shared_batch", "H", ("BK1N", jnp.float16), 64),
     (2, 640, 640, 4, 2, 128, jnp.bfloat16, True, 0.0, "nearly_full", "K", ("BKMN", jnp.bfloat16), 64),
     (1, 300, 448, 4, 1, 256, jnp.float16, False, 0.0, "nearly_full", "K", None, 64),
-    # Lists of most keys go to the tiles where a unit sees more than KEY_LIST_TILE_MIN_VISIBLE (4096) keys: the last
+    # Lists of most keys go to the tiles where a unit sees more than KEY_LIST_TILE_MIN_VISIBLE (1024) keys: the last
     # units of these (random rows) do, the others (top-k rows) keep their lists (causal: bottom-right, so the first
-    # unit of the first case sees exactly 4096 keys).
+    # unit of the first case sees exactly 1024 keys, its second 1152).
+    (1, 384, 1280, 4, 2, 128, jnp.bfloat16, True, 0.0, "mixed", "K", ("BK1N", jnp.bfloat16), None),
     (1, 384, 4352, 4, 2, 128, jnp.bfloat16, True, 0.0, "mixed", "K", ("BK1N", jnp.bfloat16), None),
     (2, 384, 4608, 8, 2, 64, jnp.float16, False, 0.0, "mixed", "K", ("BKMN", jnp.float16), None),
     (1, 512, 4608, 4, 1, 256, jnp.bfloat16, True, 0.0, "mixed", "K", None, None),
