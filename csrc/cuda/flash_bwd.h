@@ -52,11 +52,12 @@ struct BwdParams : CallParams {
 // caller has already written the tile-class map.
 cudaError_t launch_flash_bwd(const BwdParams& params, cudaStream_t stream);
 
-// Pieces of the launch sequence shared with the key-list backward (csrc/cuda/flash_bwd_key_list.h):
-// delta = rowsum(dout * out) - dlse into params.delta, and an fp32 -> bf16 / f16 conversion of n elements.
-cudaError_t launch_bwd_delta(const BwdParams& params, cudaStream_t stream);
-// The Hopper routes' non-finite scan: zeroes *params.nonfinite, then sets it when q, dout or k holds an inf or NaN.
-cudaError_t launch_nonfinite_scan(const BwdParams& params, cudaStream_t stream);
+// Pieces of the launch sequence shared with the key-list backward (csrc/cuda/flash_bwd_key_list.h). The preprocess:
+// delta = rowsum(dout * out) - dlse into params.delta, in one pass over the rows of out and dout that also zeroes
+// `dq_zero` ([B, Lq, H, D] fp32, nullptr: none) and, with `scan_nonfinite` (the Hopper routes), zeroes
+// *params.nonfinite and sets it when q, dout or k holds an inf or NaN. Then an fp32 -> bf16 / f16 conversion of n
+// elements.
+cudaError_t launch_bwd_preprocess(const BwdParams& params, float* dq_zero, bool scan_nonfinite, cudaStream_t stream);
 cudaError_t launch_f32_to_half(const float* src, void* dst, int64_t n, bool to_bf16, cudaStream_t stream);
 
 // The main and dq kernels of one (head dim, dtype), defined in the generated flash_bwd_hdim<D>.cu (cmake/Cuda.cmake).

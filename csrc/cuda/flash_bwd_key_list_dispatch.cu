@@ -221,7 +221,7 @@ cudaError_t launch_flash_bwd_key_list_fixed(const BwdKeyListParams& sp, const Bw
     }
   }
   if ((err = cudaMemsetAsync(fx.stats, 0, kFixedStatsWords * sizeof(uint32_t), stream)) != cudaSuccess) return err;
-  if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
+  if ((err = launch_bwd_preprocess(p, nullptr, hopper, stream)) != cudaSuccess) return err;
   if ((err = launch_fixed_stats(p, fx.stats, stream)) != cudaSuccess) return err;
   BwdKeyListParams pass = sp, pass_sm80 = sm80;
   for (int h0 = 0; h0 < p.kv_heads; h0 += sp.accum_kv_heads) {
@@ -248,9 +248,8 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
   bool hopper = false;
 #if defined(DMATTN_WITH_SM90)
   if (flash_bwd_key_list_sm90_serves(sp)) {
-    // The Hopper kernel needs finite q, dout and k (see its header); the scan's word hands other calls to the sm80
-    // kernel.
-    if ((err = launch_nonfinite_scan(p, stream)) != cudaSuccess) return err;
+    // The Hopper kernel needs finite q, dout and k (see its header); the preprocess's scan sets the word that hands
+    // other calls to the sm80 kernel.
     sm80.base.nonfinite = p.nonfinite;
     hopper = true;
   }
@@ -268,7 +267,7 @@ cudaError_t launch_flash_bwd_key_list(const BwdKeyListParams& sp, cudaStream_t s
       if ((err = cudaMemsetAsync(p.dbias_accum, 0, p.bias_size * sizeof(float), stream)) != cudaSuccess) return err;
     }
   }
-  if ((err = launch_bwd_delta(p, stream)) != cudaSuccess) return err;
+  if ((err = launch_bwd_preprocess(p, nullptr, hopper, stream)) != cudaSuccess) return err;
   // dK / dV are sums of atomically added partials (several query tiles and the whole GQA group per key), one pass
   // of kv heads at a time.
   for (int h0 = 0; h0 < p.kv_heads; h0 += sp.accum_kv_heads) {
