@@ -100,6 +100,7 @@ CASES = [
     # units of these (random rows) do, the others (top-k rows) keep their lists (causal: bottom-right, so the first
     # unit of the first case sees exactly 1024 keys, its second 1152).
     (1, 384, 1280, 4, 2, 128, jnp.bfloat16, True, 0.0, "mixed", "K", ("BK1N", jnp.bfloat16), None),
+    (1, 384, 1280, 4, 2, 128, jnp.bfloat16, True, 0.0, "mixed", "K", ("BKMN", jnp.bfloat16), None),  # bias tiles
     (1, 384, 4352, 4, 2, 128, jnp.bfloat16, True, 0.0, "mixed", "K", ("BK1N", jnp.bfloat16), None),
     (2, 384, 4608, 8, 2, 64, jnp.float16, False, 0.0, "mixed", "K", ("BKMN", jnp.float16), None),
     (1, 512, 4608, 4, 1, 256, jnp.bfloat16, True, 0.0, "mixed", "K", None, None),

@@ -58,6 +58,12 @@ CASES = [
     (1, 260, 1000, 2, 1, 256, jnp.bfloat16, True, 0.0, ("111N", jnp.float32)),   # one f32 bias row for all heads
     (1, 513, 1, 2, 2, 64, jnp.bfloat16, False, 0.0, None),                       # one key
     (2, 190, 260, 4, 2, 96, jnp.bfloat16, True, 0.0, ("BK1N", jnp.bfloat16)),    # D = 96: sm80 kernels everywhere
+    # Biases with query rows in 2-byte dtypes and Lk a multiple of 8 come in tiles by TMA (bias_tile_map.h): per kv
+    # head with a partial last query tile, batch- and head-broadcast, D = 256 (one 64-key box a tile), softcap.
+    (2, 300, 512, 8, 2, 128, jnp.bfloat16, True, 0.0, ("BKMN", jnp.bfloat16)),
+    (1, 520, 256, 4, 4, 64, jnp.float16, False, 0.0, ("1HMN", jnp.float16)),     # Lq > Lk, not causal
+    (1, 200, 328, 6, 3, 256, jnp.bfloat16, True, 0.0, ("BKMN", jnp.bfloat16)),   # partial last key tile
+    (2, 128, 384, 4, 2, 128, jnp.float16, True, 4.0, ("B1MN", jnp.float16)),
 ]
 
 
@@ -127,6 +133,50 @@ def test_per_key_bias_with_dropped_keys(name, kernel_route):
     assert rel_err(lse, ref_lse) < 1e-4
     assert (np.asarray(out, np.float32)[:, :5] == 0).all()
     assert np.isneginf(np.asarray(lse)[:, :, :5]).all()
+
+
+# A bias with query rows in tiles by TMA (bias_tile_map.h) with -inf entries: single dropped pairs, rows whose keys
+# are all dropped (out 0, lse -inf), a whole 64-key box of one head dropped, and a NaN at a kept pair that must reach
+# its row's output and lse. (L, q dtype, bias dtype, D)
+FULL_BIAS_CASES = {
+    "bf16-d128": (392, jnp.bfloat16, jnp.bfloat16, 128),
+    "f16-d64": (264, jnp.float16, jnp.float16, 64),
+    "bf16-d256": (200, jnp.bfloat16, jnp.bfloat16, 256),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_BIAS_CASES))
+def test_full_bias_tiles_with_dropped_pairs(name, kernel_route):
+    import jax_dmattn
+    from helpers import seed_from
+    from oracle import oracle_attention
+
+    l, dtype, bias_dtype, d = FULL_BIAS_CASES[name]
+    b, h, hkv = 2, 4, 2
+    rng = np.random.default_rng(seed_from(f"test_cuda_fwd_sm90::full_bias::{name}"))
+    q, k, v = (jnp.asarray(rng.standard_normal((b, l, heads, d)), dtype) for heads in (h, hkv, hkv))
+    bias = 2.0 * rng.standard_normal((b, hkv, l, l))
+    bias[rng.random(bias.shape) < 0.2] = -np.inf  # single dropped pairs
+    bias[:, :, 7, :] = -np.inf                    # row 7 keeps no key
+    bias[1, 0, :, 64:128] = -np.inf               # a whole box of keys dropped for one head
+    bias[0, 1, 150, 3] = np.nan                   # a kept pair (causal: 3 <= 150): row 150 of heads 2, 3 is NaN
+    bias = jnp.asarray(bias, bias_dtype)
+
+    before = sm90_launches("fwd")
+    out, lse = jax.jit(lambda q, k, v, bias: jax_dmattn.attention(
+        q, k, v, bias, is_causal=True, return_lse=True, implementation="cuda"))(q, k, v, bias)
+    assert_route(out, before, kernel_route)
+
+    out, lse = np.asarray(out, np.float32), np.asarray(lse)
+    assert np.isnan(out[0, 150, 2:4]).all() and np.isnan(lse[0, 2:4, 150]).all()
+    assert not np.isnan(np.delete(out, 150, axis=1)).any()
+    assert (out[:, 7] == 0).all() and np.isneginf(lse[:, :, 7]).all()
+    finite_bias = jnp.where(jnp.isnan(bias), 0.0, bias).astype(bias_dtype)
+    ref_out, ref_lse = oracle_attention(q, k, v, finite_bias, None, is_causal=True)
+    keep = np.ones(out.shape[1], bool)
+    keep[150] = False
+    assert rel_err(out[:, keep], np.asarray(ref_out, np.float32)[:, keep]) < TOL[dtype]
+    assert rel_err(lse[:, :, keep], np.asarray(ref_lse)[:, :, keep]) < 1e-4
 
 
 @pytest.mark.parametrize("case", [

@@ -107,8 +107,16 @@ template <int kHeadDim, bool kIsBF16, KeyRule kRule, Logits kLogits>
 struct FwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   using Tile = FwdTile<kHeadDim>;
-  // The masked instantiation's mask ring (32 KB at D = 128) takes one K / V stage there.
-  static constexpr int kStages = kLogits == Logits::kMasked && kHeadDim == 128 ? Tile::kStages - 1 : Tile::kStages;
+  // The tile ring of the general and masked instantiations (two slots of a bias tile, 2 bytes an element, and of a
+  // mask tile, 1 byte) takes K / V stages where shared memory (227 KB a block) runs out: at D = 128 the general one
+  // keeps 4 of 5, the masked one 3; at D = 256 4 and 3 of 4.
+  static constexpr int kBlockM = get<0>(typename Tile::Shape{}), kBlockN = get<1>(typename Tile::Shape{});
+  static constexpr int kRingBytes = (kLogits != Logits::kLean ? 2 * kBlockM * kBlockN * 2 : 0) +
+                                    (kLogits == Logits::kMasked ? 2 * kBlockM * kBlockN : 0);
+  static constexpr int kStageBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kStagesFit = (227 * 1024 - 2048 - kQBytes - kRingBytes) / kStageBytes;
+  static constexpr int kStages = kStagesFit < Tile::kStages ? kStagesFit : Tile::kStages;
   using Mainloop = FwdMainloop<Element, typename Tile::Shape, kRule, kLogits,
                                cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kStagesKV,
                                                              cute::Int<kStages>>>;
@@ -129,12 +137,17 @@ struct FwdKernel {
         err != cudaSuccess)
       return err;
     const int g = p.group;
-    CUtensorMap mask_tiles{};
+    CUtensorMap mask_tiles{}, bias_tiles{};
     if constexpr (kLogits == Logits::kMasked) {
-      if (const cudaError_t err = encode_mask_tile_map(mask_tiles, p, get<0>(typename Tile::Shape{}),
-                                                       get<1>(typename Tile::Shape{}));
-          err != cudaSuccess)
+      if (const cudaError_t err = encode_mask_tile_map(mask_tiles, p, kBlockM, kBlockN); err != cudaSuccess)
         return err;
+    }
+    bool bias_tiled = false;
+    if constexpr (kLogits != Logits::kLean) {
+      if (!key_bias_staged(p.bias, p.bias_row_stride) && bias_tile_map_fits(p)) {
+        if (const cudaError_t err = encode_bias_tile_map(bias_tiles, p, kBlockM); err != cudaSuccess) return err;
+        bias_tiled = true;
+      }
     }
     const auto problem = cute::make_tuple(p.batch, p.heads, p.q_len, p.kv_len, p.head_dim);
     Consumer lg;
@@ -149,6 +162,8 @@ struct FwdKernel {
     lg.mask_batch_stride = p.mask_batch_stride, lg.mask_head_stride = p.mask_head_stride;
     lg.mask_hdiv = p.mask_hdiv;
     lg.mask_tiles = mask_tiles;
+    lg.bias_tiles = bias_tiles;
+    lg.bias_tiled = bias_tiled;
     lg.group = g;
     lg.bounds = p.bounds;
     typename Kernel::Arguments args{

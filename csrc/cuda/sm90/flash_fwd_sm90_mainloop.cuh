@@ -24,6 +24,7 @@
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
 #include "cuda/fast_exp2.cuh"
+#include "cuda/sm90/bias_tile_map.h"
 #include "cuda/sm90/mask_tile_map.h"
 #include "log_constants.h"
 
@@ -112,6 +113,11 @@ struct Consumer {
   int64_t mask_batch_stride = 0, mask_head_stride = 0;
   int mask_hdiv = 1;
   CUtensorMap mask_tiles;
+  // A bias with query rows that the TMA can map (bias_tile_map.h): the general and masked instantiations load it
+  // tile by tile through `bias_tiles` into shared memory; otherwise (bias_tiled false) the consumers read it per
+  // element.
+  CUtensorMap bias_tiles;
+  bool bias_tiled = false;
   int group = 1;  // query heads per kv head (gqa_problem)
   RowBounds bounds;  // read with KeyRule::kBounded only
 };
@@ -191,23 +197,41 @@ struct FwdMainloop
     return slot * (Base::NumMmaWarpGroups + 1) + Base::NumMmaWarpGroups;
   }
 
-  // The mask (masked instantiation): the TMA loads key tile t's [BlockM, BlockN] bytes into slot t % kBiasSlots (the
-  // bias ring's slot, under its barriers), and `landed` completes when they are there.
+  // Tiles by TMA (general and masked instantiations): key tile t's [BlockM, BlockN] bias elements (a bias with query
+  // rows, bias_tile_map.h: BlockN / 64 boxes of 64 keys) and, masked, its mask bytes (mask_tile_map.h) land in slot
+  // t % kBiasSlots (the bias ring's slot, under its barriers), and `landed` completes when they are there.
   static constexpr uint32_t kMaskTileSwizzle = mask_tile_swizzle(kBlockN);
   static_assert(!kMasked || kBlockN == 64 || kBlockN == 128, "mask tiles of 64 or 128 bytes a row (mask_tile_map.h)");
-  struct MaskRing {
-    alignas(1024) uint8_t bytes[kBiasSlots][kBlockM][kBlockN];
-    alignas(8) uint64_t landed[kBiasSlots];
+  static_assert(kBlockN % kBiasBoxKeys == 0, "bias tiles of whole boxes (bias_tile_map.h)");
+  static constexpr int kBiasBoxBytes = kBlockM * kBiasBoxKeys * 2;
+  struct StagedKeyBias {
+    alignas(16) float values[kBiasSlots][kBlockN];
+    int drops[kBiasSlots];
   };
-  struct NoMaskRing {};
+  struct BiasTiles {
+    alignas(1024) uint16_t elems[kBiasSlots][kBlockM * kBlockN];
+  };
+  // A call stages a per-key bias or loads bias tiles, never both (bias_tile_map_fits wants query rows), so the two
+  // share their bytes: at D = 128 the general instantiation then keeps 4 K / V stages and the masked one 3.
+  union KeyBiasOrTiles {
+    StagedKeyBias key;
+    BiasTiles tiles;
+  };
+  struct KeyBiasOnly {
+    StagedKeyBias key;
+  };
+  struct MaskTiles {
+    alignas(1024) uint8_t bytes[kBiasSlots][kBlockM][kBlockN];
+  };
+  struct NoMaskTiles {};
 
-  // The base's Q and K / V tiles, then the per-key bias ring: kBiasSlots key tiles of bias values (times log2 e)
-  // and whether each holds a -inf, and the mask ring. They lie past the base's storage, so the epilogue's output
-  // tiles, which the kernel overlays on the mainloop's storage, never reach them.
+  // The base's Q and K / V tiles, then the bias warp's ring: kBiasSlots key tiles of a per-key bias (times log2 e)
+  // and whether each holds a -inf, or of bias tiles; mask tiles; the TMA's barriers. They lie past the base's
+  // storage, so the epilogue's output tiles, which the kernel overlays on the mainloop's storage, never reach them.
   struct SharedStorage : Base::SharedStorage {
-    alignas(16) float key_bias[kBiasSlots][kBlockN];
-    int key_bias_drops[kBiasSlots];
-    std::conditional_t<kMasked, MaskRing, NoMaskRing> mask;
+    std::conditional_t<kGeneralLogits, KeyBiasOrTiles, KeyBiasOnly> bias;
+    std::conditional_t<kMasked, MaskTiles, NoMaskTiles> mask;
+    alignas(8) uint64_t landed[kBiasSlots];
   };
 
   struct Arguments {
@@ -299,8 +323,11 @@ struct FwdMainloop
     return key_bias_staged(lg.bias, lg.bias_row_stride);
   }
   CUTLASS_DEVICE static bool stages_mask(Consumer const& lg) { return kMasked && lg.mask != nullptr; }
+  CUTLASS_DEVICE static bool stages_bias_tiles(Consumer const& lg) { return kGeneralLogits && lg.bias_tiled; }
   // Whether the bias warp stages anything, so that the consumers take part in its handshake.
-  CUTLASS_DEVICE static bool stages(Consumer const& lg) { return stages_key_bias(lg) || stages_mask(lg); }
+  CUTLASS_DEVICE static bool stages(Consumer const& lg) {
+    return stages_key_bias(lg) || stages_mask(lg) || stages_bias_tiles(lg);
+  }
 
   // The bias's batch and head offset for the CTA's (batch, query head).
   CUTLASS_DEVICE static int64_t bias_offset(Consumer const& lg, int b, int h) {
@@ -326,14 +353,14 @@ struct FwdMainloop
   // The bias warp: the kernel's reducer warp, which the forward has no other use for. It stages a per-key bias for
   // the consumers, one key tile per trip (times log2 e, and whether the tile holds a -inf), into the ring's slots.
   // A tile's loads are issued before the wait for its slot, so their latency hides behind the consumers' trips;
-  // the consumers only wait at a filled barrier and read shared memory. With a mask (masked instantiation) it
-  // runs reduce_masked instead.
+  // the consumers only wait at a filled barrier and read shared memory. With tiles to load (a mask, a bias with
+  // query rows) it runs reduce_tiles instead.
   template <class BlkCoord, class ProblemShape, class PipelineReducer, class PipelineStateReducer>
   CUTLASS_DEVICE void reduce(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
                              PipelineReducer&, PipelineStateReducer&, SharedStorage& storage) {
     Consumer const& lg = params.consumer;
-    if constexpr (kMasked) {
-      if (stages_mask(lg)) return reduce_masked(blk_coord, params, problem, storage);
+    if constexpr (kGeneralLogits) {
+      if (stages_mask(lg) || stages_bias_tiles(lg)) return reduce_tiles(blk_coord, params, problem, storage);
     }
     if (!stages_key_bias(lg)) return;
     const int lk = get<3>(problem);
@@ -379,17 +406,18 @@ struct FwdMainloop
                                             bool drops) {
     const int lane = int(threadIdx.x) % cutlass::NumThreadsPerWarp;
     CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < kBiasPerLane; ++j) storage.key_bias[slot][j * cutlass::NumThreadsPerWarp + lane] = v[j];
-    if (lane == 0) storage.key_bias_drops[slot] = drops;
+    for (int j = 0; j < kBiasPerLane; ++j) storage.bias.key.values[slot][j * cutlass::NumThreadsPerWarp + lane] = v[j];
+    if (lane == 0) storage.bias.key.drops[slot] = drops;
   }
 
-  // The bias warp with a mask: besides a per-key bias, it has the TMA load the mask's [BlockM, BlockN] bytes of each
-  // key tile into the tile's ring slot, one tile ahead: tile t + 1's load is issued once the consumers are done with
-  // tile t - 1 (the slot's previous tile), and tile t is handed over when its bytes have landed. The load costs the
-  // warp one instruction a tile; rows past Lq and keys past Lk land as 0.
+  // The bias warp with tiles to load (a mask, a bias with query rows): besides a per-key bias, it has the TMA load
+  // the mask's [BlockM, BlockN] bytes and the bias's elements of each key tile into the tile's ring slot, one tile
+  // ahead: tile t + 1's loads are issued once the consumers are done with tile t - 1 (the slot's previous tile), and
+  // tile t is handed over when its bytes have landed. The loads cost the warp a few instructions a tile; rows past
+  // Lq and keys past Lk land as 0.
   template <class BlkCoord, class ProblemShape>
-  CUTLASS_DEVICE void reduce_masked(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
-                                    SharedStorage& storage) {
+  CUTLASS_DEVICE void reduce_tiles(BlkCoord const& blk_coord, Params const& params, ProblemShape const& problem,
+                                   SharedStorage& storage) {
     static_assert(kBiasSlots == 2, "a slot is reloaded once the tile before it is done");
     Consumer const& lg = params.consumer;
     const bool key_bias = stages_key_bias(lg);
@@ -400,22 +428,38 @@ struct FwdMainloop
     const int first = get<0>(span), trips = get<1>(span);
     const bool leader = int(threadIdx.x) % cutlass::NumThreadsPerWarp == 0;
     const int row0 = int(get<0>(blk_coord)) * kBlockM;
+    const bool masked = stages_mask(lg), bias_tiled = stages_bias_tiles(lg);
     const int mask_head = lg.mask_head_stride == 0 ? 0 : h / lg.mask_hdiv;
     const int mask_batch = lg.mask_batch_stride == 0 ? 0 : b;
+    const int bias_head = lg.bias_head_stride == 0 ? 0 : h / lg.bias_hdiv;
+    const int bias_batch = lg.bias_batch_stride == 0 ? 0 : b;
+    const uint32_t tile_bytes = (masked ? kBlockM * kBlockN : 0) + (bias_tiled ? kBlockM * kBlockN * 2 : 0);
     using Landed = cutlass::arch::ClusterTransactionBarrier;
     if (leader) {
       CUTLASS_PRAGMA_UNROLL
-      for (int s = 0; s < kBiasSlots; ++s) Landed::init(&storage.mask.landed[s], 1);
+      for (int s = 0; s < kBiasSlots; ++s) Landed::init(&storage.landed[s], 1);
       cutlass::arch::fence_barrier_init();
     }
     __syncwarp();
     auto load = [&](int trip) {
       if (!leader) return;
       const int slot = trip % kBiasSlots;
-      Landed::arrive_and_expect_tx(&storage.mask.landed[slot], kBlockM * kBlockN);
-      cute::SM90_TMA_LOAD_4D::copy(&lg.mask_tiles, &storage.mask.landed[slot],
-                                   uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST), &storage.mask.bytes[slot][0][0],
-                                   (first + trip) * kBlockN, row0, mask_head, mask_batch);
+      const int key0 = (first + trip) * kBlockN;
+      Landed::arrive_and_expect_tx(&storage.landed[slot], tile_bytes);
+      if constexpr (kMasked) {
+        if (masked)
+          cute::SM90_TMA_LOAD_4D::copy(&lg.mask_tiles, &storage.landed[slot],
+                                       uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST), &storage.mask.bytes[slot][0][0],
+                                       key0, row0, mask_head, mask_batch);
+      }
+      if (bias_tiled) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int box = 0; box < kBlockN / kBiasBoxKeys; ++box)
+          cute::SM90_TMA_LOAD_4D::copy(&lg.bias_tiles, &storage.landed[slot],
+                                       uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST),
+                                       &storage.bias.tiles.elems[slot][box * kBlockM * kBiasBoxKeys],
+                                       key0 + box * kBiasBoxKeys, row0, bias_head, bias_batch);
+      }
     };
     if (trips > 0) load(0);
     CUTLASS_PRAGMA_NO_UNROLL
@@ -427,7 +471,7 @@ struct FwdMainloop
       if (trip >= 1) named_barrier_sync(kBiasFreeThreads, bias_free_barrier((trip - 1) % kBiasSlots));
       if (trip + 1 < trips) load(trip + 1);
       if (key_bias) store_key_bias(storage, slot, v, drops);
-      Landed::wait(&storage.mask.landed[slot], (trip / kBiasSlots) % 2);
+      Landed::wait(&storage.landed[slot], (trip / kBiasSlots) % 2);
       CUTLASS_PRAGMA_UNROLL
       for (int wg = 0; wg < Base::NumMmaWarpGroups; ++wg)
         named_barrier_arrive(kBiasFilledThreads, bias_filled_barrier(slot, wg));
@@ -482,17 +526,54 @@ struct FwdMainloop
     }
   }
 
+  // The bias of a tile from shared memory (bias_tile_map.h): a quad lane's two keys of each group of 8 (columns
+  // 8 g + c0 + {0, 1}, accumulator columns j = 2 g, 2 g + 1) are one 32-bit word of the group's 16-byte piece, which
+  // the TMA swizzled within its 128-byte row; a warp's eight rows read eight different pieces, so no bank conflicts.
+  template <bool kBF16, class Acc, class TileCoords>
+  CUTLASS_DEVICE static void add_bias_tile(Acc& acc, const uint16_t* tile, TileCoords const& cT, int wg_row0) {
+    using cutlass::fmha::collective::layout_acc_mn;
+    Tensor s_mn = make_tensor(acc.data(), layout_acc_mn(TiledMmaQK{}, acc.layout()));
+    Tensor t_mn = make_tensor(cT.data(), layout_acc_mn(TiledMmaQK{}, cT.layout()));
+    static_assert(decltype(size<1>(s_mn))::value == kBlockN / 4, "a quad lane's columns: pairs 8 apart");
+    const int c0 = int(get<1>(t_mn(0, 0)));  // 2 * (lane % 4)
+    const uint32_t tile_address = uint32_t(__cvta_generic_to_shared(tile));
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(tile);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size<0>(s_mn); ++i) {
+      const int r = wg_row0 + int(get<0>(t_mn(i, 0)));
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kBlockN / 8; ++g) {
+        const int box = g / (kBiasBoxKeys / 8), piece = g % (kBiasBoxKeys / 8);
+        const uint32_t offset = uint32_t(box * kBiasBoxBytes + r * kBiasBoxKeys * 2 + 16 * piece);
+        const uint32_t word = *reinterpret_cast<const uint32_t*>(
+            bytes + mask_tile_piece(tile_address, offset, kBiasTileSwizzle) + 2 * c0);
+        float lo, hi;
+        if constexpr (kBF16) {
+          lo = __uint_as_float(word << 16);
+          hi = __uint_as_float(word & 0xffff0000u);
+        } else {
+          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&word));
+          lo = f.x, hi = f.y;
+        }
+        s_mn(i, 2 * g) = add_bias_log2(s_mn(i, 2 * g), lo);
+        s_mn(i, 2 * g + 1) = add_bias_log2(s_mn(i, 2 * g + 1), hi);
+      }
+    }
+  }
+
   // Logits of one QK^T tile in place, in base-2 units (natural logits times log2 e, so that the softmax weight is
   // one exp2 of a difference; log2 e joins the scale, the softcap or the staged bias, and costs no instruction per
   // element except for a bias read per element): scale or softcap, bias,
   // and -inf where the bias is -inf (whatever q.k is: a masked key), where the key is past Lk, (causal) after the
   // row's limit or (bounded) outside the row's bounds of batch element b. `cS` gives each accumulator element's
   // (row, key) in the CTA's problem, `cT` its (row, key) in the tile. `staged`: this tile's per-key bias in shared
-  // memory when the bias is constant along rows, else null and a bias is read per element from global memory at
-  // `bias_base` (the batch and head offset) plus row and key strides.
+  // memory when the bias is constant along rows; else `bias_tile`: the tile's bias elements as the TMA left them in
+  // shared memory (bias_tile_map.h; `wg_row0` the warpgroup's first row in the tile); else null and a bias is read per
+  // element from global memory at `bias_base` (the batch and head offset) plus row and key strides.
   template <class Acc, class Coords, class TileCoords, class ProblemShape>
   CUTLASS_DEVICE static void to_logits(Acc& acc, Coords const& cS, TileCoords const& cT, const float* staged,
-                                       bool staged_drops, int64_t bias_base, Consumer const& lg,
+                                       bool staged_drops, const uint16_t* bias_tile, int wg_row0,
+                                       int64_t bias_base, Consumer const& lg,
                                        ProblemShape const& problem, bool check_bounds, int b) {
     using cutlass::fmha::collective::layout_acc_mn;
     const int lq = get<2>(problem), lk = get<3>(problem);
@@ -528,7 +609,10 @@ struct FwdMainloop
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < size(acc); ++i) acc(i) *= lg.qk_scale * kLog2e;
     }
-    if (kGeneralLogits && staged == nullptr && lg.bias != nullptr) {
+    if (kGeneralLogits && bias_tile != nullptr) {
+      if (lg.bias_dtype == DType::kBF16) add_bias_tile<true>(acc, bias_tile, cT, wg_row0);
+      else add_bias_tile<false>(acc, bias_tile, cT, wg_row0);
+    } else if (kGeneralLogits && staged == nullptr && lg.bias != nullptr) {
       // One dtype dispatch per tile. Rows past Lq (the partial last query tile) and keys past Lk read an in-range
       // element; the result is never stored (rows) or masked below (keys).
       auto add_tile = [&](auto dtype) {
@@ -678,7 +762,8 @@ struct FwdMainloop
     const int64_t bias_base = bias_offset(lg, b, h);
     const bool key_bias = stages_key_bias(lg);
     const bool masked = stages_mask(lg);
-    const bool handshake = key_bias || masked;
+    const bool bias_tiled = stages_bias_tiles(lg);
+    const bool handshake = key_bias || masked || bias_tiled;
 
     Tensor acc_pv = partition_fragment_C(mma_pv, take<0, 2>(TileShapePV{}));
     Tensor acc_pv_mn = make_tensor(acc_pv.data(), layout_acc_mn(mma_pv, acc_pv.layout()));
@@ -744,10 +829,15 @@ struct FwdMainloop
       bool staged_drops = false;
       if (handshake) named_barrier_sync(kBiasFilledThreads, bias_filled_barrier(slot, wg));
       if (key_bias) {
-        staged = storage.key_bias[slot];
-        staged_drops = storage.key_bias_drops[slot] != 0;
+        staged = storage.bias.key.values[slot];
+        staged_drops = storage.bias.key.drops[slot] != 0;
       }
-      to_logits(acc_qk, cS, cT, staged, staged_drops, bias_base, lg, problem, needs_test(trip), b);
+      const uint16_t* bias_tile = nullptr;
+      if constexpr (kGeneralLogits) {
+        if (bias_tiled) bias_tile = storage.bias.tiles.elems[slot];
+      }
+      to_logits(acc_qk, cS, cT, staged, staged_drops, bias_tile, wg * kWgRows, bias_base, lg, problem,
+                needs_test(trip), b);
       if constexpr (kMasked) {
         if (masked) apply_mask(acc_qk, &storage.mask.bytes[slot][0][0], cT, wg * kWgRows);
       }
