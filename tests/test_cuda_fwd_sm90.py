@@ -107,26 +107,40 @@ KEY_BIAS_CASES = {
 }
 
 
+def dropped_bias_inputs(tag, l, dtype, d, b=2, h=4, hkv=2):
+    """(rng, q, k, v) of the dropped-bias tests: B = 2, H = 4, Hkv = 2, Lq = Lk = l, seeded by the test's tag."""
+    from helpers import seed_from
+
+    rng = np.random.default_rng(seed_from(f"test_cuda_fwd_sm90::{tag}"))
+    q, k, v = (jnp.asarray(rng.standard_normal((b, l, heads, d)), dtype) for heads in (h, hkv, hkv))
+    return rng, q, k, v
+
+
+def causal_attention_with_lse(q, k, v, bias, kernel_route):
+    """(out, lse) of the public API on CUDA, causal, after checking that the route reached the kernels it names."""
+    import jax_dmattn
+
+    before = sm90_launches("fwd")
+    out, lse = jax.jit(lambda q, k, v, bias: jax_dmattn.attention(
+        q, k, v, bias, is_causal=True, return_lse=True, implementation="cuda"))(q, k, v, bias)
+    assert_route(out, before, kernel_route)
+    return out, lse
+
+
 @pytest.mark.parametrize("name", list(KEY_BIAS_CASES))
 def test_per_key_bias_with_dropped_keys(name, kernel_route):
-    import jax_dmattn
-    from helpers import seed_from
     from oracle import oracle_attention
 
     l, dtype, bias_dtype, d = KEY_BIAS_CASES[name]
-    b, h, hkv = 2, 4, 2
-    rng = np.random.default_rng(seed_from(f"test_cuda_fwd_sm90::key_bias::{name}"))
-    q, k, v = (jnp.asarray(rng.standard_normal((b, l, heads, d)), dtype) for heads in (h, hkv, hkv))
+    rng, q, k, v = dropped_bias_inputs(f"key_bias::{name}", l, dtype, d)
+    b, hkv = 2, 2
     bias = 2.0 * rng.standard_normal((b, hkv, 1, l))
     bias[rng.random(bias.shape) < 0.2] = -np.inf  # single dropped keys
     bias[:, :, :, :5] = -np.inf                   # rows 0..4 see only these keys: empty
     bias[0, 1, :, 128:192] = -np.inf              # a run of 64 keys dropped for one head
     bias = jnp.asarray(bias, bias_dtype)
 
-    before = sm90_launches("fwd")
-    out, lse = jax.jit(lambda q, k, v, bias: jax_dmattn.attention(
-        q, k, v, bias, is_causal=True, return_lse=True, implementation="cuda"))(q, k, v, bias)
-    assert_route(out, before, kernel_route)
+    out, lse = causal_attention_with_lse(q, k, v, bias, kernel_route)
 
     ref_out, ref_lse = oracle_attention(q, k, v, bias, None, is_causal=True)
     assert rel_err(out, ref_out) < TOL[dtype]
@@ -147,14 +161,11 @@ FULL_BIAS_CASES = {
 
 @pytest.mark.parametrize("name", list(FULL_BIAS_CASES))
 def test_full_bias_tiles_with_dropped_pairs(name, kernel_route):
-    import jax_dmattn
-    from helpers import seed_from
     from oracle import oracle_attention
 
     l, dtype, bias_dtype, d = FULL_BIAS_CASES[name]
-    b, h, hkv = 2, 4, 2
-    rng = np.random.default_rng(seed_from(f"test_cuda_fwd_sm90::full_bias::{name}"))
-    q, k, v = (jnp.asarray(rng.standard_normal((b, l, heads, d)), dtype) for heads in (h, hkv, hkv))
+    rng, q, k, v = dropped_bias_inputs(f"full_bias::{name}", l, dtype, d)
+    b, hkv = 2, 2
     bias = 2.0 * rng.standard_normal((b, hkv, l, l))
     bias[rng.random(bias.shape) < 0.2] = -np.inf  # single dropped pairs
     bias[:, :, 7, :] = -np.inf                    # row 7 keeps no key
@@ -162,10 +173,7 @@ def test_full_bias_tiles_with_dropped_pairs(name, kernel_route):
     bias[0, 1, 150, 3] = np.nan                   # a kept pair (causal: 3 <= 150): row 150 of heads 2, 3 is NaN
     bias = jnp.asarray(bias, bias_dtype)
 
-    before = sm90_launches("fwd")
-    out, lse = jax.jit(lambda q, k, v, bias: jax_dmattn.attention(
-        q, k, v, bias, is_causal=True, return_lse=True, implementation="cuda"))(q, k, v, bias)
-    assert_route(out, before, kernel_route)
+    out, lse = causal_attention_with_lse(q, k, v, bias, kernel_route)
 
     out, lse = np.asarray(out, np.float32), np.asarray(lse)
     assert np.isnan(out[0, 150, 2:4]).all() and np.isnan(lse[0, 2:4, 150]).all()
