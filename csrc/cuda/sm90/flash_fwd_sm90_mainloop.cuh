@@ -1,12 +1,13 @@
 // Hopper (sm_90a) forward mainloop for the calls without a mask: plain, causal (bottom-right), any broadcast bias,
 // softcap, GQA, Lq != Lk, and row bounds (segment ids, a window, sequence lengths: row_bounds.h). It builds on
 // CUTLASS's Hopper FMHA collectives, included from the nvidia-cutlass wheel's examples/88_hopper_fmha (never copied
-// here): their TMA loads of Q once and of K / V tiles into a 5-stage shared
-// memory ring (one producer warp), their warp-specialised kernel (two consumer warpgroups of 64 query rows each, with
-// register reallocation) and their epilogue (O through shared memory and a TMA store, the LSE per row). What this
-// file adds is the consumer's compute step, because the logits are ours: scale and softcap as the other kernels do,
-// the bias (any broadcast: strides; a bias constant along query rows, the paper's per-key bias, staged per key tile
-// in shared memory by the kernel's otherwise idle reducer warp, any other read per element), bottom-right causal,
+// here): their TMA loads of Q once and of K / V tiles into a shared memory ring of up to 5 stages (one producer
+// warp), their warp-specialised kernel (two consumer warpgroups of 64 query rows each, with register reallocation)
+// and their epilogue (O through shared memory and a TMA store, the LSE per row). What this file adds is the
+// consumer's compute step, because the logits are ours: scale and softcap as the other kernels do, the bias (any
+// broadcast: strides; a bias constant along query rows, the paper's per-key bias, staged per key tile in shared
+// memory by the kernel's otherwise idle reducer warp; a bf16 / f16 bias with query rows loaded by that warp's TMA
+// tile by tile; any other read per element), bottom-right causal,
 // rows with no key (out 0, lse -inf) and the natural-log LSE the backward reads; with row bounds also the K / V
 // load, which starts at the CTA's first visible key tile instead of tile 0. docs/cuda_kernels.md describes the
 // pipeline.
