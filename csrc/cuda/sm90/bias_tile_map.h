@@ -16,12 +16,14 @@
 
 #include "cutlass/cuda_host_adapter.hpp"
 #include "cuda/flash_fwd.h"
+#include "cuda/sm90/mask_tile_map.h"
 
 namespace dmattn::sm90 {
 
 // Keys per box: 128 bytes of 2-byte elements, the 128-byte swizzle's span.
 constexpr int kBiasBoxKeys = 64;
-constexpr uint32_t kBiasTileSwizzle = 0x70u;  // address bits 4-6 take bits 7-9 (mask_tile_piece)
+// The swizzle of a box's 128-byte rows, undone by mask_tile_piece as for a mask tile of 128-byte rows.
+constexpr uint32_t kBiasTileSwizzle = mask_tile_swizzle(2 * kBiasBoxKeys);
 
 // Whether the TMA can map the call's bias: 2-byte elements, keys at unit stride, one row per query row, every
 // stride a multiple of 16 bytes below 2^40 (a broadcast dim's may be 0), the base 16-byte aligned. An fp32 bias, a
