@@ -1,12 +1,14 @@
-"""The Hopper backward (csrc/cuda/sm90/): calls without a mask or softcap, with no bias or one constant along query
-rows (the paper's per-key bias and its broadcasts, dbias included), deterministic=False, D in 64 / 128, on a
-compute-capability-9.0 GPU, and row bounds (segment ids, windows, lengths).
+"""The Hopper backward (csrc/cuda/sm90/): calls without a mask or softcap, with no bias, one constant along query
+rows (the paper's per-key bias and its broadcasts) or one with query rows (dbias included), deterministic=False, D
+in 64 / 128, on a compute-capability-9.0 GPU, and row bounds (segment ids, windows, lengths).
 
 Every case runs twice, through the default route and with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80),
 against the float64 oracle (all three gradients, dlse folded); each route must really reach the kernels it names on
 such a device (the Hopper backward's launch counter moves or not). Covers both dtypes, GQA, Lq != Lk both ways
 (bottom-right causal, rows with no key), odd lengths, one query row, one key, and the calls it leaves to the sm80
-kernels (a bias with query rows, softcap, deterministic, D = 96 / 256, a mask), and a per-key bias with -inf keys.
+kernels (softcap, deterministic, D = 96 / 256, a mask, and the biases with query rows it does not take: f32, another
+dtype than q's, unaligned rows, dbias summed over batch elements or kv heads), a per-key bias with -inf keys and a bias
+with query rows with -inf pairs.
 Inputs with an inf or NaN in q, dout or k go through the Hopper route's scan to the sm80 main kernel: the gradients
 match the forced sm80 route's, NaN for NaN.
 
@@ -46,9 +48,19 @@ SERVED = [
     (1, 260, 1000, 2, 1, 128, BF16, True, 0.0, ("111N", "f32"), None),   # one f32 row for all heads
     (3, 1, 700, 4, 2, 128, BF16, True, 0.0, ("B11N", "bf16"), None),     # one query row, head-broadcast bias
     (1, 150, 170, 4, 4, 64, BF16, False, 0.0, ("BH11", "f32"), None),    # constant per head: dbias exactly 0
+    # Biases with query rows in q's dtype (16-byte rows): dbias per element, summed over the heads sharing it.
+    (2, 200, 200, 8, 2, 128, BF16, True, 0.0, ("BKMN", "bf16"), None),   # per kv head: summed over the group
+    (1, 301, 264, 4, 2, 64, F16, False, 0.0, ("1HMN", "f16"), None),     # per query head, Lq > Lk, odd Lq
+    (2, 129, 328, 4, 4, 128, F16, True, 0.0, ("BHMN", "f16"), None),     # MHA, Lq < Lk
+    (1, 190, 136, 4, 1, 128, BF16, True, 0.0, ("11MN", "bf16"), None),   # one bias for all heads of one kv head
+    (3, 1, 704, 4, 2, 128, BF16, True, 0.0, ("BKMN", "bf16"), None),     # one query row
 ]
 LEFT_TO_SM80 = [
-    (2, 200, 200, 8, 2, 128, BF16, True, 0.0, ("BKMN", "bf16"), None),   # a bias with query rows
+    (1, 200, 200, 8, 2, 128, BF16, True, 0.0, ("BKMN", "f32"), None),    # a bias with query rows: f32
+    (1, 200, 200, 4, 2, 64, BF16, False, 0.0, ("BKMN", "f16"), None),    # another 16-bit dtype than q's
+    (1, 100, 203, 4, 2, 64, BF16, True, 0.0, ("BKMN", "bf16"), None),    # rows not 16-byte aligned
+    (2, 120, 160, 4, 2, 128, BF16, True, 0.0, ("1KMN", "bf16"), None),   # dbias summed over the batch
+    (1, 120, 160, 4, 2, 128, F16, True, 0.0, ("11MN", "f16"), None),     # dbias summed over kv heads
     (1, 128, 256, 4, 4, 64, BF16, False, 30.0, None, None),              # softcap
     (1, 190, 260, 4, 2, 96, BF16, True, 0.0, None, None),                # D = 96
     (1, 150, 170, 2, 2, 256, F16, True, 0.0, None, None),                # D = 256
@@ -101,6 +113,37 @@ def test_minus_inf_key_bias_drops_keys(dtype, kernel_route):
     assert (np.asarray(dk, np.float32)[dropped] == 0).all() and (np.asarray(dv, np.float32)[dropped] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_minus_inf_row_bias_drops_pairs(dtype, kernel_route):
+    """A -inf element of a bias with query rows drops its pair (P and dS exactly 0, also in rows that keep no key,
+    whose lse is -inf, and in a whole 64 x 64 tile): gradients against the oracle, dbias exactly 0 at the dropped
+    pairs, dK and dV exactly 0 at keys that every row drops."""
+    b, lq, lk, h, hkv, d = 2, 190, 264, 4, 2, 128
+    q, k, v, _, _, dout, dlse = make_case(7, b, lq, lk, h, hkv, d, dtype, None, None)
+    rng = np.random.default_rng(8)
+    bias = rng.standard_normal((b, hkv, lq, lk)).astype(np.float32)
+    bias[rng.random(bias.shape) < 0.3] = -np.inf
+    bias[0, 1, 64:128, 128:192] = -np.inf  # a whole tile of one warpgroup
+    bias[1, 0, 10:20, :] = -np.inf          # rows that keep no key
+    bias[1, 1, :, 7] = -np.inf              # a key no row keeps
+    bias = jax.numpy.asarray(bias, dtype)
+    scale = d ** -0.5
+    out, lse = oracle_fwd(q, k, v, bias, None, scale=scale, softcap=0.0, is_causal=False, dtype=dtype)
+    before = sm90_launches("bwd")
+    dq, dk, dv, dbias = run_bwd(q, k, v, bias, None, out, lse, dout, dlse, scale=scale, softcap=0.0, is_causal=False,
+                                deterministic=False)
+    assert (sm90_launches("bwd") > before) == (hopper_kernels_available() and kernel_route == "default")
+    kw = dict(scale=scale, is_causal=False, dlse=np.asarray(dlse))
+    ref = oracle.oracle_grads(q, k, v, bias, None, dout, **kw)
+    mag = oracle.oracle_grads(q, k, v, bias, None, dout, magnitude=True, **kw)
+    for name, got, exp, m in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, dbias), ref, mag):
+        assert rel_err(got, exp, floor=0.02 * np.linalg.norm(m)) < TOL[dtype], name
+    dropped = np.isneginf(np.asarray(bias, np.float32))
+    assert (np.asarray(dbias, np.float32)[dropped] == 0).all()
+    assert np.isfinite(np.asarray(dbias, np.float32)).all()
+    assert (np.asarray(dk, np.float32)[1, 7, 1] == 0).all() and (np.asarray(dv, np.float32)[1, 7, 1] == 0).all()
+
+
 @pytest.mark.parametrize("where", ["q", "dout", "k", "v"])
 def test_nonfinite_inputs_match_the_sm80_route(where, monkeypatch):
     """An inf or NaN in q, dout or k sets the scan's word and the sm80 main kernel does the work; one in v needs no
@@ -142,11 +185,15 @@ BOUNDS_CASES = {
     "segments-unsorted-window": (1, 390, 390, 2, 2, 64, F16, True, dict(segments="random", window=(150, 0))),
     "lengths-zero-and-partial": (3, 333, 500, 4, 2, 128, BF16, True,
                                  dict(q_lens=(333, 0, 120), kv_lens=(500, 260, 0))),
+    "lengths-aligned": (2, 333, 504, 4, 2, 128, F16, True, dict(q_lens=(333, 100), kv_lens=(504, 0))),
 }
+# The cases whose keys fill 16-byte rows also run with a bias with query rows ([B, Hkv, Lq, Lk]).
+ROW_BIAS_BOUNDS = ["packed-causal-gqa", "lengths-aligned"]
 
 
-@pytest.mark.parametrize("name", list(BOUNDS_CASES))
-def test_row_bounds_backward(name, kernel_route):
+@pytest.mark.parametrize("name,bias_rows", [(n, False) for n in BOUNDS_CASES] + [(n, True) for n in ROW_BIAS_BOUNDS],
+                         ids=list(BOUNDS_CASES) + [f"{n}-row-bias" for n in ROW_BIAS_BOUNDS])
+def test_row_bounds_backward(name, bias_rows, kernel_route):
     import jax.numpy as jnp
     import jax_dmattn
     from helpers import DEFAULT_FLOOR_RMS, GRAD_FLOOR_FRAC, assert_close, seed_from, sequence_keywords, split_static
@@ -155,7 +202,8 @@ def test_row_bounds_backward(name, kernel_route):
     rng = np.random.default_rng(seed_from(f"test_cuda_bwd_sm90::bounds::{name}"))
     q, k, v, dout = (jnp.asarray(rng.standard_normal((b, n, heads, d)), dtype)
                      for n, heads in ((lq, h), (lk, hkv), (lk, hkv), (lq, h)))
-    bias = jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), jnp.float32)
+    bias = (jnp.asarray(rng.standard_normal((b, hkv, lq, lk)), dtype) if bias_rows else
+            jnp.asarray(rng.standard_normal((b, hkv, 1, lk)), jnp.float32))
     kw, dense = sequence_keywords(rng, b, lq, lk, is_causal=causal, **seq)
     kw, window = split_static(kw)
 

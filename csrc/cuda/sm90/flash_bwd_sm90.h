@@ -10,8 +10,10 @@
 namespace dmattn {
 
 // Whether the Hopper backward serves this call on this device: built for sm_90a, a compute-capability-9.0 device, no
-// mask (bool or tile classes), row bounds or none, no bias or one constant along query rows (row stride 0: the
-// paper's per-key bias and its broadcasts), no softcap, deterministic=False, head dim in
+// mask (bool or tile classes), row bounds or none, no bias, one constant along query rows (row stride 0: the
+// paper's per-key bias and its broadcasts) or one with query rows in q's dtype whose dbias one CTA finishes (16-byte
+// aligned rows; batch not broadcast over several, bias heads H or Hkv, or 1 with one kv head), no softcap,
+// deterministic=False, head dim in
 // DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM (kernel_facts.h), sizes whose element strides fit 32 bits, and
 // JAX_DMATTN_CUDA_KERNELS not "sm80".
 bool flash_bwd_sm90_serves(const BwdParams& params);

@@ -13,11 +13,23 @@ namespace {
 std::atomic<int64_t> g_launches{0};
 std::atomic<int64_t> g_key_list_launches{0};
 
+// A bias with query rows: q's 16-bit dtype, keys at unit stride, 16-byte aligned rows (the tiles' 16-byte copies), and
+// a dbias whose every element one CTA finishes (one batch element and one kv head per CTA: the bias's batch is not
+// broadcast over several, and the query heads of a bias head lie in one GQA group).
+bool row_bias_fits(const BwdParams& p) {
+  auto aligned = [](int64_t elems) { return elems % 8 == 0; };
+  return p.bias_dtype == (p.is_bf16 ? DType::kBF16 : DType::kF16) && p.bias_col_stride == 1 &&
+         aligned(p.bias_row_stride) && aligned(p.bias_head_stride) && aligned(p.bias_batch_stride) &&
+         (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.dbias) & 15) == 0 &&
+         p.dbias_mode == kDbiasDirect && p.batches_per_item == 1 && p.kv_heads_per_item == 1 &&
+         p.group % p.bias_hdiv == 0;
+}
+
 }  // namespace
 
 bool flash_bwd_sm90_serves(const BwdParams& p) {
   if (p.mask != nullptr || p.classes != nullptr || p.softcap > 0.f || p.deterministic) return false;
-  if (p.bias != nullptr && p.bias_row_stride != 0) return false;  // a bias with query rows: per-element dbias
+  if (p.bias != nullptr && p.bias_row_stride != 0 && !row_bias_fits(p)) return false;
   if (!has_head_dim(kSm90BwdHeadDims, p.head_dim) || p.q_len == 0 || p.kv_len == 0 || p.dq_accum == nullptr)
     return false;
   // Batch strides of the canonical layouts as ints (the TMA descriptors' CuTe strides).

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
   op(params, smem);
 }
 
-template <int kHeadDim, bool kIsBF16, KeyRule kRule, bool kBias>
+template <int kHeadDim, bool kIsBF16, KeyRule kRule, BwdBias kBias>
 struct BwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   using Mainloop = BwdMainloop<Element, BwdTileShape<kHeadDim>, kRule, kBias>;
@@ -47,6 +47,7 @@ struct BwdKernel {
 
   static cudaError_t run(const BwdParams& p, cudaStream_t stream) {
     constexpr int kSmem = Kernel::SharedStorageSize;
+    static_assert(kSmem <= 227 * 1024, "shared memory per block on sm_90");
     static std::atomic<uint64_t> smem_configured{0};
     if (const cudaError_t err = raise_smem_limit_once(flash_bwd_sm90_kernel<Kernel>, kSmem, smem_configured);
         err != cudaSuccess)
@@ -66,7 +67,7 @@ struct BwdKernel {
     consumer.bias = p.bias;
     consumer.bias_dtype = p.bias_dtype;
     consumer.bias_batch_stride = p.bias_batch_stride, consumer.bias_head_stride = p.bias_head_stride;
-    consumer.bias_col_stride = p.bias_col_stride;
+    consumer.bias_row_stride = p.bias_row_stride, consumer.bias_col_stride = p.bias_col_stride;
     consumer.bias_hdiv = p.bias_hdiv;
     consumer.dbias = p.dbias;
     consumer.dbias_accum = p.dbias_accum;
@@ -90,7 +91,7 @@ struct BwdKernel {
 
 namespace dmattn {
 
-template <int kHeadDim, bool kIsBF16, bool kBias>
+template <int kHeadDim, bool kIsBF16, sm90::BwdBias kBias>
 cudaError_t run_flash_bwd_sm90_rule(const BwdParams& p, cudaStream_t stream) {
   using sm90::KeyRule;
   if (p.bounds.present()) return sm90::BwdKernel<kHeadDim, kIsBF16, KeyRule::kBounded, kBias>::run(p, stream);
@@ -100,8 +101,10 @@ cudaError_t run_flash_bwd_sm90_rule(const BwdParams& p, cudaStream_t stream) {
 
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
-  return p.bias != nullptr ? run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, true>(p, stream)
-                           : run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, false>(p, stream);
+  using sm90::BwdBias;
+  if (p.bias == nullptr) return run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, BwdBias::kNone>(p, stream);
+  return p.bias_row_stride == 0 ? run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, BwdBias::kKeys>(p, stream)
+                                : run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, BwdBias::kRows>(p, stream);
 }
 
 }  // namespace dmattn

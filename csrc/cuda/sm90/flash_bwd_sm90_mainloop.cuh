@@ -1,6 +1,7 @@
 // Hopper (sm_90a) backward mainloop for the calls without a mask: plain and bottom-right causal attention, row bounds
 // (segment ids, a window, sequence lengths: row_bounds.h), a bias constant along query rows (the paper's per-key
-// bias [B, Hkv, 1, Lk] and its broadcasts) with its dbias, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's
+// bias [B, Hkv, 1, Lk] and its broadcasts) or one with query rows (q's 16-bit dtype, staged tile by tile in shared
+// memory) with its dbias, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's
 // Hopper FMHA backward collective, included from the nvidia-cutlass wheel's examples/88_hopper_fmha (never copied
 // here): its shared-memory layouts, pipelines and tiled MMAs, and its kernel (a producer warpgroup whose warps load by TMA and reduce dQ, two consumer warpgroups of 64
 // keys each, register reallocation, and the dK / dV epilogue by TMA store). What this file adds is the schedule of
@@ -59,16 +60,22 @@ struct BwdTrips {
   CUTLASS_HOST_DEVICE int head(int kv_head, int t) const { return kv_head * group + t % group; }
 };
 
+// The bias an instantiation reads: none; one constant along query rows (row stride 0, the paper's per-key bias: a
+// value per key, dbias as column sums of dS); or one with query rows in q's 16-bit dtype (dbias per element, the sum
+// of dS over the query heads that share a bias head: flash_bwd_sm90_serves admits the shapes whose sums one CTA
+// holds whole).
+enum class BwdBias { kNone, kKeys, kRows };
+
 // What the consumer step and the dQ reducer need beyond the TMA descriptors.
 struct BwdConsumer {
   const float* lse = nullptr;    // [B, H, Lq], natural log, from the forward
   const float* delta = nullptr;  // [B, H, Lq], rowsum(dout * out) - dlse
   float scale = 1.f;
   int heads = 1, group = 1;
-  // A bias constant along query rows, nullptr: none. Bias head of query head h: h / bias_hdiv.
+  // The bias (BwdBias), nullptr: none. Bias head of query head h: h / bias_hdiv.
   const void* bias = nullptr;
   DType bias_dtype = DType::kF32;
-  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_col_stride = 0;
+  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
   int bias_hdiv = 1;
   // Its gradient, the column sums of dS (DbiasMode of flash_bwd.h): stored in the bias dtype when one CTA holds all
   // of a column's terms (kDbiasDirect: the bias head is then the same for all query heads of the CTA's kv head),
@@ -82,11 +89,11 @@ struct BwdConsumer {
   RowBounds bounds;  // read with KeyRule::kBounded only
 };
 
-// kBias: a bias constant along rows is read (and its dbias summed). A template flag, since its registers would
-// otherwise cost the calls without one (with lse and delta held in registers, ptxas sm_90a, D = 128, non-causal /
-// causal: 0 / 36 bytes of spills without a bias, 84 / 92 with one, 128 / 152 for both with the bias as a run-time
-// branch; with them staged in shared memory, none spills).
-template <class Element, class TileShape_, KeyRule kRule, bool kBias>
+// kBias: which bias is read (and its dbias summed). A template parameter, since its registers would otherwise cost
+// the calls without one (with lse and delta held in registers, ptxas sm_90a, D = 128, non-causal / causal: 0 / 36
+// bytes of spills without a bias, 84 / 92 with a per-key one, 128 / 152 for both with the bias as a run-time branch;
+// with them staged in shared memory, none spills).
+template <class Element, class TileShape_, KeyRule kRule, BwdBias kBias>
 struct BwdMainloop
     : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<
           Element, float, TileShape_,
@@ -140,9 +147,43 @@ struct BwdMainloop
   // trip ahead (cp.async, one element a thread), so that a thread reads its 2 x kCols row statistics from shared
   // memory where it uses them instead of holding them in registers across the products.
   static_assert(2 * kBlockM == cutlass::NumThreadsPerWarpGroup, "a warpgroup copies a trip's statistics at once");
-  struct SharedStorage : Base::SharedStorage {
+  // The base's shared memory without its per-stage row statistics (lse and delta are staged as below), which leaves
+  // room for the tiles of a bias with query rows at D = 128.
+  struct StatsStorage {
+    union {
+      cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> smem_k;
+      cute::array_aligned<Element, cute::cosize_v<SmemLayoutKp>> smem_kp;
+      cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>> smem_v;
+    };
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutDS>> smem_ds;
+    union {
+      cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_q;
+      cute::array_aligned<Element, cute::cosize_v<SmemLayoutDO>> smem_do;
+      cute::array_aligned<Element, cute::cosize_v<SmemLayoutQp>> smem_qp;
+      cute::array_aligned<Element, cute::cosize_v<SmemLayoutDOp>> smem_dop;
+    };
+    cute::array_aligned<float, cute::cosize_v<SmemLayoutDQ>> smem_dq;
     alignas(16) float row_stats[NumMmaWarpGroups][2][2][kBlockM];
   };
+  // A bias with query rows: each consumer warpgroup's [kBlockM rows, kWgKeys keys] tile of a trip, 128-byte rows
+  // whose 16-byte pieces are swizzled (piece ^ row % 8) so that the eight rows an ldmatrix reads at once fall in
+  // different banks. One buffer a warpgroup (two would not fit beside the base's stages at D = 128): the next tile
+  // is copied in once every thread has read this one.
+  static constexpr int kRowBiasPieces = kWgKeys * 2 / 16;  // 16-byte pieces per tile row
+  static_assert(kRowBiasPieces == 8, "the swizzle spans 128-byte rows");
+  struct RowBiasStorage : StatsStorage {
+    alignas(128) uint16_t bias_tile[NumMmaWarpGroups][kBlockM * kWgKeys];
+  };
+  static constexpr bool kRowBias = kBias == BwdBias::kRows;
+  using SharedStorage = std::conditional_t<kRowBias, RowBiasStorage, StatsStorage>;
+  CUTLASS_DEVICE static float bias_half_to_float(uint32_t bits) {
+    if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) return __uint_as_float(bits << 16);
+    else return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
+  CUTLASS_DEVICE static uint16_t* row_bias_tile_of(SharedStorage& storage, int wg) {
+    if constexpr (kRowBias) return storage.bias_tile[wg];
+    else return nullptr;
+  }
 
   // Canonical layouts (csrc/cuda/flash_bwd.h): strides as (batch, head, row, 1) in elements.
   using Strides = cute::tuple<int, int, int, _1>;
@@ -389,8 +430,8 @@ struct BwdMainloop
 
     // The bias of this thread's keys (one value per key: the bias is constant along rows), and its gradient's
     // partial column sums, added over trips while the bias head stays the same and flushed when it changes.
-    constexpr bool has_bias = kBias;
-    const bool has_dbias = kBias && lg.dbias_mode != kDbiasNone;
+    constexpr bool has_bias = kBias == BwdBias::kKeys;
+    const bool has_dbias = has_bias && lg.dbias_mode != kDbiasNone;
     auto bias_base = [&](int t) {
       return int64_t(b) * lg.bias_batch_stride + int64_t(trips.head(kv_head, t) / lg.bias_hdiv) * lg.bias_head_stride;
     };
@@ -417,6 +458,54 @@ struct BwdMainloop
       }
     };
 
+    // A bias with query rows. Trips share a tile while their query tile and bias head stay the same (the query heads
+    // of a GQA group that share a bias head follow each other); dbias of a pair sums dS over those trips in
+    // registers and is stored in the bias dtype at the last of them (every pair of the tile has all its terms then:
+    // flash_bwd_sm90_serves). Rows past Lq and keys past Lk copy in-range bytes and are never stored.
+    auto row_bias_base = [&](int t) {
+      return int64_t(b) * lg.bias_batch_stride + int64_t(trips.head(kv_head, t) / lg.bias_hdiv) * lg.bias_head_stride;
+    };
+    auto row_bias_tile = [&](int t) { return trips.m(t) * lg.heads + trips.head(kv_head, t) / lg.bias_hdiv; };
+    uint16_t* const bias_tile = row_bias_tile_of(storage, wg);
+    auto load_row_bias = [&](int t) {  // cp.async, 16 bytes a piece, eight threads a row
+      const int64_t base = row_bias_base(t);
+      const int row0 = trips.m(t) * kBlockM;
+      constexpr int kPerThread = kBlockM * kRowBiasPieces / cutlass::NumThreadsPerWarpGroup;
+      CUTLASS_PRAGMA_UNROLL
+      for (int it = 0; it < kPerThread; ++it) {
+        const int piece = thread_idx + it * cutlass::NumThreadsPerWarpGroup;
+        const int r = piece / kRowBiasPieces, c = piece % kRowBiasPieces;
+        const int row = min(row0 + r, lq - 1);
+        int key = key0 + 8 * c;
+        if (key >= lk) key = 0;  // a piece past Lk (one that starts below it stays inside its row: 16-byte strides)
+        const uint16_t* src = static_cast<const uint16_t*>(lg.bias) + base + int64_t(row) * lg.bias_row_stride + key;
+        const uint32_t dst = cute::cast_smem_ptr_to_uint(
+            &bias_tile[r * kWgKeys + ((c ^ (r % kRowBiasPieces)) * 8)]);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+      }
+      cute::cp_async_fence();
+    };
+    // This thread's bias values, by ldmatrix.trans: matrix (i, jj) holds keys 16 warp + 8 i + (0 .. 7) of query rows
+    // 8 jj + (0 .. 7), which lands, transposed, in the accumulator's layout (key lane / 4, rows 2 (lane % 4) + 0 / 1):
+    // s_mn(i, j) is element j % 2 of matrix (i, j / 2), the m-th of four x4 loads' 16 registers, m = 2 (j / 2) + i.
+    static_assert(!kRowBias || (kKeys == 2 && kCols == 16), "the 64 x 64 accumulator layout of wgmma");
+    uint32_t bias_words[kRowBias ? 4 : 1][4];
+    auto read_row_bias = [&]() __attribute__((always_inline)) {
+      const int lane = thread_idx % cutlass::NumThreadsPerWarp, warp = thread_idx / cutlass::NumThreadsPerWarp;
+      CUTLASS_PRAGMA_UNROLL
+      for (int x = 0; x < 4; ++x) {
+        const int m = 4 * x + lane / 8;
+        const int row = 8 * (m / 2) + lane % 8, piece = 2 * warp + m % 2;
+        const uint32_t addr = cute::cast_smem_ptr_to_uint(
+            &bias_tile[row * kWgKeys + ((piece ^ (row % kRowBiasPieces)) * 8)]);
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(bias_words[x][0]), "=r"(bias_words[x][1]), "=r"(bias_words[x][2]), "=r"(bias_words[x][3])
+                     : "r"(addr));
+      }
+    };
+    float dbias_sum[kRowBias ? kKeys * kCols : 1];
+    const float bias_inv_scale = 1.f / lg.scale;
+
     // Trip t's lse (threads 0 .. kBlockM - 1) and delta (the others) into row_stats[wg][t & 1], one element a thread;
     // rows past Lq copy the last row's (they are dropped wherever they are used).
     auto stage_stats = [&](int t) {
@@ -427,7 +516,10 @@ struct BwdMainloop
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
       cute::cp_async_fence();
     };
-    if (trips.count > 0) stage_stats(0);
+    if (trips.count > 0) {
+      stage_stats(0);
+      if constexpr (kRowBias) load_row_bias(0);
+    }
 
     CUTLASS_PRAGMA_NO_UNROLL
     for (int t = 0; t < trips.count; ++t) {
@@ -441,9 +533,32 @@ struct BwdMainloop
       ++smem_pipe_read_inner;
 
       Tensor acc_s = partition_fragment_C(mma_nm, take<0, 2>(TileShapeNM{}));
+      Tensor s_mn = make_tensor(acc_s.data(), layout_acc_mn(mma_nm, acc_s.layout()));
+      if constexpr (kRowBias) {
+        // S starts from bias / scale: the bias costs no registers beside the logits. The trip's tile (and its
+        // statistics) have landed once every thread of the warpgroup passed the barrier.
+        cute::cp_async_wait<0>();
+        cutlass::arch::NamedBarrier::arrive_and_wait(cutlass::NumThreadsPerWarpGroup, wg);
+        read_row_bias();
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kKeys; ++i) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kCols; ++j) {
+            const int m = 2 * (j / 2) + i;
+            s_mn(i, j) = bias_inv_scale * bias_half_to_float(j % 2 == 0 ? bias_words[m / 4][m % 4] & 0xffffu
+                                                                        : bias_words[m / 4][m % 4] >> 16);
+          }
+        }
+      }
       warpgroup_fence_operand(acc_s);
       warpgroup_arrive();
-      gemm_zero_acc(mma_nm, tSrK(_, _, _, smem_pipe_read_k.index()), tSrQ(_, _, _, q_stage), acc_s);
+      if constexpr (kRowBias) {
+        mma_nm.accumulate_ = GMMA::ScaleOut::One;
+        cutlass::fmha::collective::gemm_reset_zero_acc(mma_nm, tSrK(_, _, _, smem_pipe_read_k.index()),
+                                                       tSrQ(_, _, _, q_stage), acc_s);
+      } else {
+        gemm_zero_acc(mma_nm, tSrK(_, _, _, smem_pipe_read_k.index()), tSrQ(_, _, _, q_stage), acc_s);
+      }
       warpgroup_commit_batch();
 
       float key_bias[kKeys];
@@ -480,8 +595,10 @@ struct BwdMainloop
       const float* row_lse = storage.row_stats[wg][t & 1][0];
       const float* row_delta = storage.row_stats[wg][t & 1][1];
       if (t + 1 < trips.count) stage_stats(t + 1);
+      // The next trip's bias tile: every thread of the warpgroup has read this one (at the trip's start).
+      if constexpr (kRowBias)
+        if (t + 1 < trips.count && row_bias_tile(t + 1) != row_bias_tile(t)) load_row_bias(t + 1);
       math_wg_order_barrier.wait();
-      Tensor s_mn = make_tensor(acc_s.data(), layout_acc_mn(mma_nm, acc_s.layout()));
       if (check && kBounded) {
         // Row by row: each of this thread's rows reads its bounds once per trip.
         kept = 0u;
@@ -521,22 +638,40 @@ struct BwdMainloop
       };
       // P = exp(s - lse) with s = scale * q.k + bias, in natural units as the forward's lse; the scale joins the
       // bias, or without one the lse, in one fused multiply-add.
-      auto p_step = [&](auto every) {
+      // A -inf element of a bias with query rows drops its pair: P and dS are exact zeros there by select.
+      uint32_t bias_drops = 0u;
+      auto p_step = [&](auto every) __attribute__((always_inline)) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kKeys; ++i) {
           CUTLASS_PRAGMA_UNROLL
           for (int j = 0; j < kCols; ++j) {
             float x;
+            bool keep = keeps(every, i, j);
             const float lse = row_lse[int(get<1>(cS_mn(0, j)))];
-            if constexpr (has_bias) x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse;
-            else x = fmaf(s_mn(i, j), lg.scale, -lse);
-            s_mn(i, j) = keeps(every, i, j) ? exp2_ftz(x * kLog2e) : 0.f;
+            if constexpr (has_bias) {
+              x = fmaf(s_mn(i, j), lg.scale, key_bias[i]) - lse;
+            } else if constexpr (kRowBias) {
+              // S holds q.k + bias / scale, -inf exactly where the bias is (q and k are finite here); by select,
+              // since a row whose every bias is -inf has lse -inf.
+              const bool drop = s_mn(i, j) == -INFINITY;
+              bias_drops |= uint32_t(drop) << (i * kCols + j);
+              keep = keep && !drop;
+              x = fmaf(s_mn(i, j), lg.scale, -lse);
+            } else {
+              x = fmaf(s_mn(i, j), lg.scale, -lse);
+            }
+            s_mn(i, j) = keep ? exp2_ftz(x * kLog2e) : 0.f;
           }
         }
       };
       if (all_kept) p_step(cute::true_type{});
       else p_step(cute::false_type{});
       math_wg_order_barrier.arrive();
+      bool ds_all_kept = all_kept;
+      if constexpr (kRowBias) {
+        kept &= ~bias_drops;
+        ds_all_kept = (kept & kAllKept) == kAllKept;
+      }
 
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_dp);
@@ -545,7 +680,8 @@ struct BwdMainloop
       Tensor ds = make_fragment_like<Element>(acc_dp);
       Tensor ds_mn = make_tensor(ds.data(), layout_acc_mn(mma_nm, ds.layout()));
       Tensor dp_mn = make_tensor(acc_dp.data(), layout_acc_mn(mma_nm, acc_dp.layout()));
-      auto ds_step = [&](auto every) {
+      const bool run_first = kRowBias && (t == 0 || row_bias_tile(t - 1) != row_bias_tile(t));
+      auto ds_step = [&](auto every) __attribute__((always_inline)) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kKeys; ++i) {
           CUTLASS_PRAGMA_UNROLL
@@ -553,13 +689,28 @@ struct BwdMainloop
             const float d =
                 keeps(every, i, j) ? s_mn(i, j) * (dp_mn(i, j) - row_delta[int(get<1>(cS_mn(0, j)))]) : 0.f;
             if (has_dbias) col_sum[i] += d;
+            if constexpr (kRowBias) dbias_sum[i * kCols + j] = run_first ? d : dbias_sum[i * kCols + j] + d;
             ds_mn(i, j) = static_cast<Element>(d * lg.scale);
           }
         }
       };
-      if (all_kept) ds_step(cute::true_type{});
+      if (ds_all_kept) ds_step(cute::true_type{});
       else ds_step(cute::false_type{});
       if (has_dbias && (t + 1 == trips.count || bias_base(t + 1) != bias_base(t))) flush_dbias(bias_base(t));
+      if constexpr (kRowBias) {
+        if (t + 1 == trips.count || row_bias_tile(t + 1) != row_bias_tile(t)) {
+          Element* dbias = static_cast<Element*>(lg.dbias) + row_bias_base(t);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kKeys; ++i) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int j = 0; j < kCols; ++j) {
+              const int key = key0 + int(get<0>(cS_mn(i, j))), row = row0 + int(get<1>(cS_mn(i, j)));
+              if (row < lq && key < lk)
+                dbias[int64_t(row) * lg.bias_row_stride + key] = static_cast<Element>(dbias_sum[i * kCols + j]);
+            }
+          }
+        }
+      }
 
       // dV += P dO (P from registers).
       Tensor op_p = make_acc_into_op<Element>(acc_s, typename TiledMmaND::LayoutA_TV{});
