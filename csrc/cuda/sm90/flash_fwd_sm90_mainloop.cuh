@@ -823,7 +823,8 @@ struct FwdMainloop
     // largest weight exactly 1; a kept one bounds weights by 2^kRescaleSlackLog2; either way lse = ln 2 * (ref +
     // log2 sum). A row whose logits so far are all -inf keeps ref -inf and uses 0 in its place, so its weights are
     // exp2(-inf) = 0 and no inf - inf appears; a NaN logit is skipped by fmaxf and becomes a NaN weight, which
-    // reaches the row's sum, output and lse.
+    // reaches the row's sum, output and lse. Always inlined: ptxas otherwise calls it from the masked instantiation,
+    // the accumulator through local memory.
     auto softmax = [&](auto& acc_qk, int trip, float* rescale) __attribute__((always_inline)) {
       const int slot = trip % kBiasSlots;
       const float* staged = nullptr;
