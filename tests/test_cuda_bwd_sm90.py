@@ -86,6 +86,24 @@ def test_deterministic_stays_on_sm80_kernels():
     assert sm90_launches("bwd") == before
 
 
+def bias_grads_match_oracle(q, k, v, bias, dout, dlse, dtype, kernel_route, *, is_causal):
+    """The Hopper backward's gradients (served unless the sm80 kernels are forced) of a call with this bias, each
+    against the float64 oracle; returns (dq, dk, dv, dbias) as float32 arrays."""
+    d = q.shape[-1]
+    scale = d ** -0.5
+    out, lse = oracle_fwd(q, k, v, bias, None, scale=scale, softcap=0.0, is_causal=is_causal, dtype=dtype)
+    before = sm90_launches("bwd")
+    grads = run_bwd(q, k, v, bias, None, out, lse, dout, dlse, scale=scale, softcap=0.0, is_causal=is_causal,
+                    deterministic=False)
+    assert (sm90_launches("bwd") > before) == (hopper_kernels_available() and kernel_route == "default")
+    kw = dict(scale=scale, is_causal=is_causal, dlse=np.asarray(dlse))
+    ref = oracle.oracle_grads(q, k, v, bias, None, dout, **kw)
+    mag = oracle.oracle_grads(q, k, v, bias, None, dout, magnitude=True, **kw)
+    for name, got, exp, m in zip(("dq", "dk", "dv", "dbias"), grads, ref, mag):
+        assert rel_err(got, exp, floor=0.02 * np.linalg.norm(m)) < TOL[dtype], name
+    return tuple(np.asarray(g, np.float32) for g in grads)
+
+
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_minus_inf_key_bias_drops_keys(dtype, kernel_route):
     """A -inf per-key bias drops its key in every row (P and dS exactly 0 there, also for rows that keep no key):
@@ -97,20 +115,10 @@ def test_minus_inf_key_bias_drops_keys(dtype, kernel_route):
     bias[rng.random(bias.shape) < 0.3] = -np.inf
     bias[1, 0, 0, :100] = -np.inf  # batch 1, kv head 0: the first rows keep no key under causality
     bias = jax.numpy.asarray(bias)
-    scale = d ** -0.5
-    out, lse = oracle_fwd(q, k, v, bias, None, scale=scale, softcap=0.0, is_causal=True, dtype=dtype)
-    before = sm90_launches("bwd")
-    dq, dk, dv, dbias = run_bwd(q, k, v, bias, None, out, lse, dout, dlse, scale=scale, softcap=0.0, is_causal=True,
-                                deterministic=False)
-    assert (sm90_launches("bwd") > before) == (hopper_kernels_available() and kernel_route == "default")
-    kw = dict(scale=scale, is_causal=True, dlse=np.asarray(dlse))
-    ref = oracle.oracle_grads(q, k, v, bias, None, dout, **kw)
-    mag = oracle.oracle_grads(q, k, v, bias, None, dout, magnitude=True, **kw)
-    for name, got, exp, m in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, dbias), ref, mag):
-        assert rel_err(got, exp, floor=0.02 * np.linalg.norm(m)) < TOL[dtype], name
-    assert (np.asarray(dbias)[np.isneginf(np.asarray(bias))] == 0).all()
+    dq, dk, dv, dbias = bias_grads_match_oracle(q, k, v, bias, dout, dlse, dtype, kernel_route, is_causal=True)
+    assert (dbias[np.isneginf(np.asarray(bias))] == 0).all()
     dropped = np.isneginf(np.asarray(bias))[:, :, 0, :].transpose(0, 2, 1)  # [B, Lk, Hkv]
-    assert (np.asarray(dk, np.float32)[dropped] == 0).all() and (np.asarray(dv, np.float32)[dropped] == 0).all()
+    assert (dk[dropped] == 0).all() and (dv[dropped] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
@@ -127,21 +135,10 @@ def test_minus_inf_row_bias_drops_pairs(dtype, kernel_route):
     bias[1, 0, 10:20, :] = -np.inf          # rows that keep no key
     bias[1, 1, :, 7] = -np.inf              # a key no row keeps
     bias = jax.numpy.asarray(bias, dtype)
-    scale = d ** -0.5
-    out, lse = oracle_fwd(q, k, v, bias, None, scale=scale, softcap=0.0, is_causal=False, dtype=dtype)
-    before = sm90_launches("bwd")
-    dq, dk, dv, dbias = run_bwd(q, k, v, bias, None, out, lse, dout, dlse, scale=scale, softcap=0.0, is_causal=False,
-                                deterministic=False)
-    assert (sm90_launches("bwd") > before) == (hopper_kernels_available() and kernel_route == "default")
-    kw = dict(scale=scale, is_causal=False, dlse=np.asarray(dlse))
-    ref = oracle.oracle_grads(q, k, v, bias, None, dout, **kw)
-    mag = oracle.oracle_grads(q, k, v, bias, None, dout, magnitude=True, **kw)
-    for name, got, exp, m in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, dbias), ref, mag):
-        assert rel_err(got, exp, floor=0.02 * np.linalg.norm(m)) < TOL[dtype], name
-    dropped = np.isneginf(np.asarray(bias, np.float32))
-    assert (np.asarray(dbias, np.float32)[dropped] == 0).all()
-    assert np.isfinite(np.asarray(dbias, np.float32)).all()
-    assert (np.asarray(dk, np.float32)[1, 7, 1] == 0).all() and (np.asarray(dv, np.float32)[1, 7, 1] == 0).all()
+    dq, dk, dv, dbias = bias_grads_match_oracle(q, k, v, bias, dout, dlse, dtype, kernel_route, is_causal=False)
+    assert (dbias[np.isneginf(np.asarray(bias, np.float32))] == 0).all()
+    assert np.isfinite(dbias).all()
+    assert (dk[1, 7, 1] == 0).all() and (dv[1, 7, 1] == 0).all()
 
 
 @pytest.mark.parametrize("where", ["q", "dout", "k", "v"])
