@@ -23,6 +23,7 @@
 
 #include "cuda/bias_element.cuh"
 #include "cuda/flash_bwd.h"
+#include "cuda/smem_limit.cuh"
 #include "cuda/smem_tiles.cuh"
 #include "cuda/tile_classes.h"
 #include "cuda/fast_exp2.cuh"
@@ -93,7 +94,7 @@ struct Traits : SmemTiles<std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutla
       (4 * kQElems + 2 * kKVElems + 2 * kPElems) * int(sizeof(Elem)) + kBlockM * kDbStride * int(sizeof(float));
   // dq kernel: K and V double-buffered, + the kept bytes of a tile with non-finite K.
   static constexpr int kSmemBytesDq = (2 * kQElems + 4 * kKVElems + kPElems) * int(sizeof(Elem)) + kPElems;
-  static_assert(kSmemBytes <= 227 * 1024 && kSmemBytesDq <= 227 * 1024, "shared memory over the sm_90 limit");
+  static_assert(kSmemBytes <= kMaxSmemPerBlockSm90 && kSmemBytesDq <= kMaxSmemPerBlockSm90, "shared memory over the sm_90 limit");
 };
 
 // ---------------------------------------------------------------------------------------------- helpers

@@ -26,6 +26,7 @@
 #include "cuda/key_list_walk.cuh"
 #include "cuda/key_lists.h"
 #include "cuda/mask_words.cuh"
+#include "cuda/smem_limit.cuh"
 #include "cuda/smem_tiles.cuh"
 #include "cuda/fast_exp2.cuh"
 
@@ -73,7 +74,7 @@ struct BwdKeyListTraits : bwd::SmemTiles<std::conditional_t<kIsBF16, cutlass::bf
   static constexpr int kMaskBytes = 2 * kBlockM * kBlockN;
   static constexpr int kSmemBytes = kElemBytes + kMaskBytes + 2 * kBlockM * 8 + 2 * kBlockN * 4 +
                                     2 * kBlockN * 4 + kWarpsM * kBlockN * 4 + 4 * 4;
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+  static_assert(kSmemBytes <= kMaxSmemPerBlockSm90, "shared memory over the sm_90 limit");
   static_assert(kSmemBytes == key_list_bwd_smem_bytes(kHeadDim, kBlockM), "flash_bwd_key_list.h's formula is stale");
 };
 

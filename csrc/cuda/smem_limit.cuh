@@ -9,6 +9,10 @@
 
 namespace dmattn {
 
+// Dynamic shared memory a block may use on sm_90 (227 KiB), the bound every kernel's shared storage is checked against
+// at compile time.
+constexpr int kMaxSmemPerBlockSm90 = 227 * 1024;
+
 // The limit is a per-device function attribute, so it is raised once per (kernel, device): a process that drives
 // several GPUs (pmap, shard_map) must configure each of them. `configured` is a bit set of device ordinals, one
 // static per kernel instantiation at the call site; racing threads set the same attribute, which is harmless.

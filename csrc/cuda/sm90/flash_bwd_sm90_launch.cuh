@@ -47,7 +47,7 @@ struct BwdKernel {
 
   static cudaError_t run(const BwdParams& p, cudaStream_t stream) {
     constexpr int kSmem = Kernel::SharedStorageSize;
-    static_assert(kSmem <= 227 * 1024, "shared memory per block on sm_90");
+    static_assert(kSmem <= kMaxSmemPerBlockSm90, "shared memory per block on sm_90");
     static std::atomic<uint64_t> smem_configured{0};
     if (const cudaError_t err = raise_smem_limit_once(flash_bwd_sm90_kernel<Kernel>, kSmem, smem_configured);
         err != cudaSuccess)

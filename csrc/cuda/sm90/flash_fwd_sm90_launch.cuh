@@ -115,7 +115,7 @@ struct FwdKernel {
                                     (kLogits == Logits::kMasked ? 2 * kBlockM * kBlockN : 0);
   static constexpr int kStageBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
-  static constexpr int kStagesFit = (227 * 1024 - 2048 - kQBytes - kRingBytes) / kStageBytes;
+  static constexpr int kStagesFit = (kMaxSmemPerBlockSm90 - 2048 - kQBytes - kRingBytes) / kStageBytes;
   static constexpr int kStages = kStagesFit < Tile::kStages ? kStagesFit : Tile::kStages;
   using Mainloop = FwdMainloop<Element, typename Tile::Shape, kRule, kLogits,
                                cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kStagesKV,
@@ -131,7 +131,7 @@ struct FwdKernel {
 
   static cudaError_t run(const FwdParams& p, cudaStream_t stream) {
     constexpr int kSmem = Kernel::SharedStorageSize;
-    static_assert(kSmem <= 227 * 1024, "shared memory per block on sm_90");
+    static_assert(kSmem <= kMaxSmemPerBlockSm90, "shared memory per block on sm_90");
     static std::atomic<uint64_t> smem_configured{0};
     if (const cudaError_t err = raise_smem_limit_once(cutlass::device_kernel<Kernel>, kSmem, smem_configured);
         err != cudaSuccess)
