@@ -147,8 +147,13 @@ struct BwdMainloop
   // trip ahead (cp.async, one element a thread), so that a thread reads its 2 x kCols row statistics from shared
   // memory where it uses them instead of holding them in registers across the products.
   static_assert(2 * kBlockM == cutlass::NumThreadsPerWarpGroup, "a warpgroup copies a trip's statistics at once");
-  // The base's shared memory without its per-stage row statistics (lse and delta are staged as below), which leaves
-  // room for the tiles of a bias with query rows at D = 128.
+  // The base's shared memory without its per-stage row statistics (lse and delta are staged as below). A bias with
+  // query rows (kRowBias) also needs its tiles and the fp32 partial sums of its dbias beside the stages at D = 128:
+  // its dQ hand-off keeps one shared-memory buffer instead of two (the reducer releases it once its TMA reduce-add
+  // has read it, and the second warpgroup waits for that before it writes the next trip's dQ: a trip apart).
+  static constexpr bool kRowBias = kBias == BwdBias::kRows;
+  static constexpr int kDqBuffers = kRowBias ? 1 : 2;
+  static_assert(size<2>(SmemLayoutDQ{}) == 2, "the reducer pipeline's two stages");
   struct StatsStorage {
     union {
       cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> smem_k;
@@ -162,7 +167,7 @@ struct BwdMainloop
       cute::array_aligned<Element, cute::cosize_v<SmemLayoutQp>> smem_qp;
       cute::array_aligned<Element, cute::cosize_v<SmemLayoutDOp>> smem_dop;
     };
-    cute::array_aligned<float, cute::cosize_v<SmemLayoutDQ>> smem_dq;
+    cute::array_aligned<float, cute::cosize_v<SmemLayoutDQ> / 2 * kDqBuffers> smem_dq;
     alignas(16) float row_stats[NumMmaWarpGroups][2][2][kBlockM];
   };
   // A bias with query rows: each consumer warpgroup's [kBlockM rows, kWgKeys keys] tile of a trip, 128-byte rows
@@ -171,10 +176,12 @@ struct BwdMainloop
   // is copied in once every thread has read this one.
   static constexpr int kRowBiasPieces = kWgKeys * 2 / 16;  // 16-byte pieces per tile row
   static_assert(kRowBiasPieces == 8, "the swizzle spans 128-byte rows");
+  // dbias partial sums: [warpgroup][the thread's pair][thread], each thread reading and writing only its own column.
+  static constexpr int kPairsPerThread = kBlockM * kWgKeys / cutlass::NumThreadsPerWarpGroup;
   struct RowBiasStorage : StatsStorage {
     alignas(128) uint16_t bias_tile[NumMmaWarpGroups][kBlockM * kWgKeys];
+    alignas(16) float dbias_partial[NumMmaWarpGroups][kPairsPerThread][cutlass::NumThreadsPerWarpGroup];
   };
-  static constexpr bool kRowBias = kBias == BwdBias::kRows;
   using SharedStorage = std::conditional_t<kRowBias, RowBiasStorage, StatsStorage>;
   CUTLASS_DEVICE static float bias_half_to_float(uint32_t bits) {
     if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) return __uint_as_float(bits << 16);
@@ -184,6 +191,12 @@ struct BwdMainloop
     if constexpr (kRowBias) return storage.bias_tile[wg];
     else return nullptr;
   }
+  CUTLASS_DEVICE static float* dbias_partial_of(SharedStorage& storage, int wg, int thread_idx) {
+    if constexpr (kRowBias) return &storage.dbias_partial[wg][0][thread_idx];
+    else return nullptr;
+  }
+  // The dQ buffer of a reducer pipeline stage.
+  CUTLASS_DEVICE static int dq_buffer(int stage) { return kRowBias ? 0 : stage; }
 
   // Canonical layouts (csrc/cuda/flash_bwd.h): strides as (batch, head, row, 1) in elements.
   using Strides = cute::tuple<int, int, int, _1>;
@@ -333,24 +346,38 @@ struct BwdMainloop
     Tensor tDQsDQ = tma.partition_S(sDQ);
     Tensor tDQgDQ = tma.partition_D(gDQ);
 
-    auto smem_pipe_release = smem_pipe_read_reducer;
-    for (int t = 0; t < trips.count; ++t) {
-      pipeline_reducer.consumer_wait(smem_pipe_read_reducer);
-      if (lane_predicate) tma_store_wait<1>();
-      if (t > 0) {
-        pipeline_reducer.consumer_release(smem_pipe_release);
-        ++smem_pipe_release;
+    if constexpr (kRowBias) {  // one buffer: released once this trip's reduce-add has read it
+      for (int t = 0; t < trips.count; ++t) {
+        pipeline_reducer.consumer_wait(smem_pipe_read_reducer);
+        if (lane_predicate) {
+          copy(params.tma_red_dq, tDQsDQ(_, _, _, 0), tDQgDQ(_, _, _, trips.m(t), b, trips.head(kv_head, t)));
+          tma_store_arrive();
+          tma_store_wait<0>();
+        }
+        __syncwarp();
+        pipeline_reducer.consumer_release(smem_pipe_read_reducer);
+        ++smem_pipe_read_reducer;
       }
-      if (lane_predicate) {
-        copy(params.tma_red_dq, tDQsDQ(_, _, _, smem_pipe_read_reducer.index()),
-             tDQgDQ(_, _, _, trips.m(t), b, trips.head(kv_head, t)));
-        tma_store_arrive();
+    } else {
+      auto smem_pipe_release = smem_pipe_read_reducer;
+      for (int t = 0; t < trips.count; ++t) {
+        pipeline_reducer.consumer_wait(smem_pipe_read_reducer);
+        if (lane_predicate) tma_store_wait<1>();
+        if (t > 0) {
+          pipeline_reducer.consumer_release(smem_pipe_release);
+          ++smem_pipe_release;
+        }
+        if (lane_predicate) {
+          copy(params.tma_red_dq, tDQsDQ(_, _, _, smem_pipe_read_reducer.index()),
+               tDQgDQ(_, _, _, trips.m(t), b, trips.head(kv_head, t)));
+          tma_store_arrive();
+        }
+        ++smem_pipe_read_reducer;
       }
-      ++smem_pipe_read_reducer;
+      if (lane_predicate) tma_store_wait<0>();
+      pipeline_reducer.consumer_release(smem_pipe_release);
+      ++smem_pipe_release;
     }
-    if (lane_predicate) tma_store_wait<0>();
-    pipeline_reducer.consumer_release(smem_pipe_release);
-    ++smem_pipe_release;
   }
 
   // One consumer warpgroup: 64 keys of the CTA, every trip. Per trip: S = K Q^T and dP = V dO^T (keys x rows),
@@ -503,7 +530,8 @@ struct BwdMainloop
                      : "r"(addr));
       }
     };
-    float dbias_sum[kRowBias ? kKeys * kCols : 1];
+    float* const dbias_partial = dbias_partial_of(storage, wg, thread_idx);
+    static_assert(!kRowBias || kKeys * kCols == kPairsPerThread, "a thread's pairs of a warpgroup's tile");
     const float bias_inv_scale = 1.f / lg.scale;
 
     // Trip t's lse (threads 0 .. kBlockM - 1) and delta (the others) into row_stats[wg][t & 1], one element a thread;
@@ -681,6 +709,8 @@ struct BwdMainloop
       Tensor ds_mn = make_tensor(ds.data(), layout_acc_mn(mma_nm, ds.layout()));
       Tensor dp_mn = make_tensor(acc_dp.data(), layout_acc_mn(mma_nm, acc_dp.layout()));
       const bool run_first = kRowBias && (t == 0 || row_bias_tile(t - 1) != row_bias_tile(t));
+      const bool run_last = kRowBias && (t + 1 == trips.count || row_bias_tile(t + 1) != row_bias_tile(t));
+      Element* const dbias_tile = kRowBias ? static_cast<Element*>(lg.dbias) + row_bias_base(t) : nullptr;
       auto ds_step = [&](auto every) __attribute__((always_inline)) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kKeys; ++i) {
@@ -689,7 +719,16 @@ struct BwdMainloop
             const float d =
                 keeps(every, i, j) ? s_mn(i, j) * (dp_mn(i, j) - row_delta[int(get<1>(cS_mn(0, j)))]) : 0.f;
             if (has_dbias) col_sum[i] += d;
-            if constexpr (kRowBias) dbias_sum[i * kCols + j] = run_first ? d : dbias_sum[i * kCols + j] + d;
+            if constexpr (kRowBias) {
+              float* partial = dbias_partial + (i * kCols + j) * cutlass::NumThreadsPerWarpGroup;
+              const float total = run_first ? d : *partial + d;
+              if (!run_last) {
+                *partial = total;
+              } else {
+                const int key = key0 + int(get<0>(cS_mn(i, j))), row = row0 + int(get<1>(cS_mn(i, j)));
+                if (row < lq && key < lk) dbias_tile[int64_t(row) * lg.bias_row_stride + key] = static_cast<Element>(total);
+              }
+            }
             ds_mn(i, j) = static_cast<Element>(d * lg.scale);
           }
         }
@@ -697,20 +736,6 @@ struct BwdMainloop
       if (ds_all_kept) ds_step(cute::true_type{});
       else ds_step(cute::false_type{});
       if (has_dbias && (t + 1 == trips.count || bias_base(t + 1) != bias_base(t))) flush_dbias(bias_base(t));
-      if constexpr (kRowBias) {
-        if (t + 1 == trips.count || row_bias_tile(t + 1) != row_bias_tile(t)) {
-          Element* dbias = static_cast<Element*>(lg.dbias) + row_bias_base(t);
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kKeys; ++i) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int j = 0; j < kCols; ++j) {
-              const int key = key0 + int(get<0>(cS_mn(i, j))), row = row0 + int(get<1>(cS_mn(i, j)));
-              if (row < lq && key < lk)
-                dbias[int64_t(row) * lg.bias_row_stride + key] = static_cast<Element>(dbias_sum[i * kCols + j]);
-            }
-          }
-        }
-      }
 
       // dV += P dO (P from registers).
       Tensor op_p = make_acc_into_op<Element>(acc_s, typename TiledMmaND::LayoutA_TV{});
@@ -748,8 +773,13 @@ struct BwdMainloop
         math_wg_order_barrier.arrive();
 
         pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+        if constexpr (kRowBias) {  // one buffer: the previous trip's reduce-add has read it (its stage was released)
+          auto previous_released = smem_pipe_write_reducer;
+          ++previous_released;
+          pipeline_reducer.producer_acquire(previous_released);
+        }
         using Vec = uint_bit_t<sizeof_bits_v<float> * 2>;
-        auto dst = recast<Vec>(tDQsDQ(_, _, _, smem_pipe_write_reducer.index()));
+        auto dst = recast<Vec>(tDQsDQ(_, _, _, dq_buffer(smem_pipe_write_reducer.index())));
         auto src = recast<Vec>(acc_dq);
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(src); ++i) dst(i) = src(i);
