@@ -497,10 +497,13 @@ struct BwdMainloop
     auto load_row_bias = [&](int t) {  // cp.async, 16 bytes a piece, eight threads a row
       const int64_t base = row_bias_base(t);
       const int row0 = trips.m(t) * kBlockM;
+      // Opaque to ptxas, so that it recomputes the pieces' offsets here instead of holding them across the trip loop.
+      int tid = thread_idx;
+      asm volatile("" : "+r"(tid));
       constexpr int kPerThread = kBlockM * kRowBiasPieces / cutlass::NumThreadsPerWarpGroup;
       CUTLASS_PRAGMA_UNROLL
       for (int it = 0; it < kPerThread; ++it) {
-        const int piece = thread_idx + it * cutlass::NumThreadsPerWarpGroup;
+        const int piece = tid + it * cutlass::NumThreadsPerWarpGroup;
         const int r = piece / kRowBiasPieces, c = piece % kRowBiasPieces;
         const int row = min(row0 + r, lq - 1);
         int key = key0 + 8 * c;
@@ -518,7 +521,9 @@ struct BwdMainloop
     static_assert(!kRowBias || (kKeys == 2 && kCols == 16), "the 64 x 64 accumulator layout of wgmma");
     uint32_t bias_words[kRowBias ? 4 : 1][4];
     auto read_row_bias = [&]() __attribute__((always_inline)) {
-      const int lane = thread_idx % cutlass::NumThreadsPerWarp, warp = thread_idx / cutlass::NumThreadsPerWarp;
+      int tid = thread_idx;  // opaque, as in load_row_bias
+      asm volatile("" : "+r"(tid));
+      const int lane = tid % cutlass::NumThreadsPerWarp, warp = tid / cutlass::NumThreadsPerWarp;
       CUTLASS_PRAGMA_UNROLL
       for (int x = 0; x < 4; ++x) {
         const int m = 4 * x + lane / 8;
