@@ -131,10 +131,12 @@ struct BwdMainloop
   using typename Base::TMA_V;
   using Base::NumMmaWarpGroups;
 
-  // A bias with query rows computes dQ in two products of D / 2 columns (its accumulator beside dK and dV is the
-  // register peak of that instantiation).
-  using TileShapeMDHalf =
-      decltype(make_shape(get<0>(TileShapeMD{}), get<1>(TileShapeMD{}) / _2{}, get<2>(TileShapeMD{})));
+  // A bias with query rows computes dQ in two products of D / 2 columns at D >= 128 (its accumulator beside dK and
+  // dV is the register peak of that instantiation).
+  static constexpr bool kSplitDq = kBias == BwdBias::kRows && get<2>(TileShape_{}) >= 128;
+  using TileShapeMDHalf = std::conditional_t<
+      kSplitDq, decltype(make_shape(get<0>(TileShapeMD{}), get<1>(TileShapeMD{}) / _2{}, get<2>(TileShapeMD{}))),
+      TileShapeMD>;
   using TiledMmaMDHalf = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cute::tuple<_1, int, cute::tuple<int, int>>,
       16 / sizeof(Element), Element, cute::tuple<_1, int, cute::tuple<int, int>>, 16 / sizeof(Element), float,
@@ -448,19 +450,6 @@ struct BwdMainloop
     Tensor tDQrDS = thr_md.make_fragment_A(thr_md.partition_A(sDS));
     Tensor tDQrK = thr_md.make_fragment_B(thr_md.partition_B(make_tensor(make_smem_ptr(storage.smem_kp.data()), SmemLayoutKp{})));
     Tensor tDQsDQ = thr_md.partition_C(make_tensor(make_smem_ptr(storage.smem_dq.data()), SmemLayoutDQ{}));
-    // The two halves of D (kRowBias): K^T and the dQ buffer divided along D.
-    TiledMmaMDHalf mma_mdh;
-    auto thr_mdh = mma_mdh.get_thread_slice(thread_idx);
-    Tensor tDQrDSh = thr_mdh.make_fragment_A(thr_mdh.partition_A(sDS));
-    constexpr int kHalfD = decltype(size<1>(TileShapeMDHalf{}))::value;
-    Tensor sKpd = flat_divide(make_tensor(make_smem_ptr(storage.smem_kp.data()), SmemLayoutKp{}),
-                              make_tile(Int<kHalfD>{}));  // (D / 2, 2, keys, stages)
-    Tensor sDQd = flat_divide(make_tensor(make_smem_ptr(storage.smem_dq.data()), SmemLayoutDQ{}),
-                              make_tile(Int<kBlockM>{}, Int<kHalfD>{}));  // (rows, D / 2, 1, 2, buffers)
-    Tensor tDQrK0 = thr_mdh.make_fragment_B(thr_mdh.partition_B(sKpd(_, 0, _, _)));
-    Tensor tDQrK1 = thr_mdh.make_fragment_B(thr_mdh.partition_B(sKpd(_, 1, _, _)));
-    Tensor tDQsDQ0 = thr_mdh.partition_C(sDQd(_, _, 0, 0, _));
-    Tensor tDQsDQ1 = thr_mdh.partition_C(sDQd(_, _, 0, 1, _));
 
     // The dS tile of each warpgroup is rows x keys (the A operand of dQ = dS K); it is written, and read by
     // dK += dS^T Q, through its keys x rows view, the layout of the logits.
@@ -783,44 +772,62 @@ struct BwdMainloop
       cutlass::arch::fence_view_async_shared();
       if (wg == 0) math_wg_order_barrier.arrive();
 
-      if (kRowBias && wg == 1) {
-        // dQ = dS K in two halves of D, the first beside dK += dS Q, each handed to the reducer's one buffer.
-        math_wg_order_barrier.wait();
-        pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
-        auto previous_released = smem_pipe_write_reducer;  // the previous trip's reduce-add has read the buffer
-        ++previous_released;
-        pipeline_reducer.producer_acquire(previous_released);
-        using Vec = uint_bit_t<sizeof_bits_v<float> * 2>;
-        Tensor acc_dq = partition_fragment_C(mma_mdh, take<0, 2>(TileShapeMDHalf{}));
-        auto dq_half = [&](auto const& tDQrK) {
-          warpgroup_fence_operand(acc_dq);
+      bool dq_done = false;
+      if constexpr (kSplitDq) {
+        if (wg == 1) {
+          // dQ = dS K in two halves of D, the first beside dK += dS Q, each handed to the reducer's one buffer: K^T
+          // and the dQ buffer divided along D.
+          TiledMmaMDHalf mma_mdh;
+          auto thr_mdh = mma_mdh.get_thread_slice(thread_idx);
+          Tensor tDQrDSh = thr_mdh.make_fragment_A(thr_mdh.partition_A(sDS));
+          constexpr int kHalfD = decltype(size<1>(TileShapeMDHalf{}))::value;
+          Tensor sKpd = flat_divide(make_tensor(make_smem_ptr(storage.smem_kp.data()), SmemLayoutKp{}),
+                                    make_tile(Int<kHalfD>{}));  // (D / 2, 2, keys, stages)
+          Tensor sDQd = flat_divide(make_tensor(make_smem_ptr(storage.smem_dq.data()), SmemLayoutDQ{}),
+                                    make_tile(Int<kBlockM>{}, Int<kHalfD>{}));  // (rows, D / 2, 1, 2, buffers)
+          Tensor tDQrK0 = thr_mdh.make_fragment_B(thr_mdh.partition_B(sKpd(_, 0, _, _)));
+          Tensor tDQrK1 = thr_mdh.make_fragment_B(thr_mdh.partition_B(sKpd(_, 1, _, _)));
+          Tensor tDQsDQ0 = thr_mdh.partition_C(sDQd(_, _, 0, 0, _));
+          Tensor tDQsDQ1 = thr_mdh.partition_C(sDQd(_, _, 0, 1, _));
+          math_wg_order_barrier.wait();
+          pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+          auto previous_released = smem_pipe_write_reducer;  // the previous trip's reduce-add has read the buffer
+          ++previous_released;
+          pipeline_reducer.producer_acquire(previous_released);
+          using Vec = uint_bit_t<sizeof_bits_v<float> * 2>;
+          Tensor acc_dq = partition_fragment_C(mma_mdh, take<0, 2>(TileShapeMDHalf{}));
+          auto dq_half = [&](auto const& tDQrK) {
+            warpgroup_fence_operand(acc_dq);
+            warpgroup_arrive();
+            gemm_zero_acc(mma_mdh, tDQrDSh(_, _, _, 0), tDQrK(_, _, _, smem_pipe_read_k_other.index()), acc_dq);
+            cute::gemm(mma_mdh, tDQrDSh(_, _, _, 1), tDQrK(_, _, _, smem_pipe_read_k.index()), acc_dq);
+            warpgroup_commit_batch();
+          };
+          auto store_half = [&](auto const& tDQsDQh) {
+            warpgroup_fence_operand(acc_dq);
+            auto dst = recast<Vec>(tDQsDQh(_, _, _, 0));
+            auto src = recast<Vec>(acc_dq);
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < size(src); ++i) dst(i) = src(i);
+          };
+          dq_half(tDQrK0);
+          warpgroup_fence_operand(acc_dk);
           warpgroup_arrive();
-          gemm_zero_acc(mma_mdh, tDQrDSh(_, _, _, 0), tDQrK(_, _, _, smem_pipe_read_k_other.index()), acc_dq);
-          cute::gemm(mma_mdh, tDQrDSh(_, _, _, 1), tDQrK(_, _, _, smem_pipe_read_k.index()), acc_dq);
+          cute::gemm(TiledMmaND_SS{}, tDKrDS(_, _, _, wg), tDKrQ(_, _, _, q_stage), acc_dk);
           warpgroup_commit_batch();
-        };
-        auto store_half = [&](auto const& tDQsDQh) {
-          warpgroup_fence_operand(acc_dq);
-          auto dst = recast<Vec>(tDQsDQh(_, _, _, 0));
-          auto src = recast<Vec>(acc_dq);
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(src); ++i) dst(i) = src(i);
-        };
-        dq_half(tDQrK0);
-        warpgroup_fence_operand(acc_dk);
-        warpgroup_arrive();
-        cute::gemm(TiledMmaND_SS{}, tDKrDS(_, _, _, wg), tDKrQ(_, _, _, q_stage), acc_dk);
-        warpgroup_commit_batch();
-        warpgroup_wait<1>();
-        store_half(tDQsDQ0);
-        dq_half(tDQrK1);
-        warpgroup_wait<0>();
-        store_half(tDQsDQ1);
-        math_wg_order_barrier.arrive();
-        cutlass::arch::fence_view_async_shared();
-        pipeline_reducer.producer_commit(smem_pipe_write_reducer);
-        ++smem_pipe_write_reducer;
-      } else if (wg == 1) {
+          warpgroup_wait<1>();
+          store_half(tDQsDQ0);
+          dq_half(tDQrK1);
+          warpgroup_wait<0>();
+          store_half(tDQsDQ1);
+          math_wg_order_barrier.arrive();
+          cutlass::arch::fence_view_async_shared();
+          pipeline_reducer.producer_commit(smem_pipe_write_reducer);
+          ++smem_pipe_write_reducer;
+          dq_done = true;
+        }
+      }
+      if (!dq_done && wg == 1) {
         // dQ = dS K over both halves, once the first warpgroup's dS is in shared memory; then dK += dS Q.
         math_wg_order_barrier.wait();
         Tensor acc_dq = partition_fragment_C(mma_md, take<0, 2>(TileShapeMD{}));
@@ -838,6 +845,11 @@ struct BwdMainloop
         math_wg_order_barrier.arrive();
 
         pipeline_reducer.producer_acquire(smem_pipe_write_reducer);
+        if constexpr (kRowBias) {  // one buffer: the previous trip's reduce-add has read it (its stage was released)
+          auto previous_released = smem_pipe_write_reducer;
+          ++previous_released;
+          pipeline_reducer.producer_acquire(previous_released);
+        }
         using Vec = uint_bit_t<sizeof_bits_v<float> * 2>;
         auto dst = recast<Vec>(tDQsDQ(_, _, _, dq_buffer(smem_pipe_write_reducer.index())));
         auto src = recast<Vec>(acc_dq);
@@ -846,7 +858,7 @@ struct BwdMainloop
         cutlass::arch::fence_view_async_shared();
         pipeline_reducer.producer_commit(smem_pipe_write_reducer);
         ++smem_pipe_write_reducer;
-      } else {
+      } else if (!dq_done) {
         warpgroup_fence_operand(acc_dk);
         warpgroup_arrive();
         cute::gemm(TiledMmaND_SS{}, tDKrDS(_, _, _, wg), tDKrQ(_, _, _, q_stage), acc_dk);
