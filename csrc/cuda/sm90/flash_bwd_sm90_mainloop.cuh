@@ -501,13 +501,14 @@ struct BwdMainloop
     // of a GQA group that share a bias head follow each other); dbias of a pair sums dS over those trips in
     // registers and is stored in the bias dtype at the last of them (every pair of the tile has all its terms then:
     // flash_bwd_sm90_serves). Rows past Lq and keys past Lk copy in-range bytes and are never stored.
-    auto row_bias_base = [&](int t) {
-      return int64_t(b) * lg.bias_batch_stride + int64_t(trips.head(kv_head, t) / lg.bias_hdiv) * lg.bias_head_stride;
-    };
     auto row_bias_tile = [&](int t) { return trips.m(t) * lg.heads + trips.head(kv_head, t) / lg.bias_hdiv; };
     uint16_t* const bias_tile = row_bias_tile_of(storage, wg);
+    // Element 0 of 16-byte piece `piece` of tile row `row` (the swizzle of the type's comment).
+    auto bias_tile_piece = [&](int row, int piece) {
+      return &bias_tile[row * kWgKeys + (piece ^ (row % kRowBiasPieces)) * 8];
+    };
     auto load_row_bias = [&](int t) {  // cp.async, 16 bytes a piece, eight threads a row
-      const int64_t base = row_bias_base(t);
+      const int64_t base = bias_base(t);
       const int row0 = trips.m(t) * kBlockM;
       // Opaque to ptxas, so that it recomputes the pieces' offsets here instead of holding them across the trip loop.
       int tid = thread_idx;
@@ -522,7 +523,7 @@ struct BwdMainloop
         if (key >= lk) key = 0;  // a piece past Lk (one that starts below it stays inside its row: 16-byte strides)
         const uint16_t* src = static_cast<const uint16_t*>(lg.bias) + base + int64_t(row) * lg.bias_row_stride + key;
         const uint32_t dst = cute::cast_smem_ptr_to_uint(
-            &bias_tile[r * kWgKeys + ((c ^ (r % kRowBiasPieces)) * 8)]);
+            bias_tile_piece(r, c));
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
       }
       cute::cp_async_fence();
@@ -541,7 +542,7 @@ struct BwdMainloop
         const int m = 4 * x + lane / 8;
         const int row = 8 * (m / 2) + lane % 8, piece = 2 * warp + m % 2;
         const uint32_t addr = cute::cast_smem_ptr_to_uint(
-            &bias_tile[row * kWgKeys + ((piece ^ (row % kRowBiasPieces)) * 8)]);
+            bias_tile_piece(row, piece));
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                      : "=r"(bias_words[x][0]), "=r"(bias_words[x][1]), "=r"(bias_words[x][2]), "=r"(bias_words[x][3])
                      : "r"(addr));
@@ -727,7 +728,7 @@ struct BwdMainloop
       Tensor dp_mn = make_tensor(acc_dp.data(), layout_acc_mn(mma_nm, acc_dp.layout()));
       const bool run_first = kRowBias && (t == 0 || row_bias_tile(t - 1) != row_bias_tile(t));
       const bool run_last = kRowBias && (t + 1 == trips.count || row_bias_tile(t + 1) != row_bias_tile(t));
-      Element* const dbias_tile = kRowBias ? static_cast<Element*>(lg.dbias) + row_bias_base(t) : nullptr;
+      Element* const dbias_tile = kRowBias ? static_cast<Element*>(lg.dbias) + bias_base(t) : nullptr;
       auto ds_step = [&](auto every) __attribute__((always_inline)) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kKeys; ++i) {
