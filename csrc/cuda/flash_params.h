@@ -46,4 +46,14 @@ struct CallParams : QkvParams {
   int64_t cls_batch_stride = 0, cls_head_stride = 0, cls_m_stride = 0, cls_n_stride = 0;
 };
 
+// Whether the call's bias rows can be copied in 16-byte pieces (the Hopper kernels' bias tiles: TMA boxes in the
+// forward, cp.async copies in the backward): 2-byte elements, keys at unit stride, every stride a multiple of 16
+// bytes (a broadcast dim's is 0) and the base 16-byte aligned.
+inline bool bias_rows_in_16_byte_pieces(const CallParams& p) {
+  auto aligned = [](int64_t elems) { return (2 * elems) % 16 == 0; };
+  return p.bias != nullptr && p.bias_dtype != DType::kF32 && p.bias_col_stride == 1 && aligned(p.bias_row_stride) &&
+         aligned(p.bias_head_stride) && aligned(p.bias_batch_stride) &&
+         (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0;
+}
+
 }  // namespace dmattn

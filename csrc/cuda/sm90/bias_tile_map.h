@@ -25,14 +25,13 @@ constexpr int kBiasBoxKeys = 64;
 // The swizzle of a box's 128-byte rows, undone by mask_tile_piece as for a mask tile of 128-byte rows.
 constexpr uint32_t kBiasTileSwizzle = mask_tile_swizzle(2 * kBiasBoxKeys);
 
-// Whether the TMA can map the call's bias: 2-byte elements, keys at unit stride, one row per query row, every
-// stride a multiple of 16 bytes below 2^40 (a broadcast dim's may be 0), the base 16-byte aligned. An fp32 bias, a
-// bias constant along keys ([B, H, Lq, 1]) and unaligned rows stay with the per-element reads.
+// Whether the TMA can map the call's bias: rows in 16-byte pieces (bias_rows_in_16_byte_pieces), one row per query
+// row, and every stride below 2^40 bytes and not negative (the TMA's limits). An fp32 bias, a bias constant along
+// keys ([B, H, Lq, 1]) and unaligned rows stay with the per-element reads.
 inline bool bias_tile_map_fits(const FwdParams& p) {
-  auto stride_ok = [](int64_t elems) { return elems >= 0 && (2 * elems) % 16 == 0 && 2 * elems < (int64_t(1) << 40); };
-  return p.bias != nullptr && p.bias_dtype != DType::kF32 && p.bias_col_stride == 1 && p.bias_row_stride > 0 &&
-         stride_ok(p.bias_row_stride) && stride_ok(p.bias_head_stride) && stride_ok(p.bias_batch_stride) &&
-         (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0;
+  auto tma_stride = [](int64_t elems) { return elems >= 0 && 2 * elems < (int64_t(1) << 40); };
+  return bias_rows_in_16_byte_pieces(p) && p.bias_row_stride > 0 && tma_stride(p.bias_row_stride) &&
+         tma_stride(p.bias_head_stride) && tma_stride(p.bias_batch_stride);
 }
 
 // Encodes the map of the call's bias (bias_tile_map_fits holds) for boxes of kBiasBoxKeys keys and block_m rows.

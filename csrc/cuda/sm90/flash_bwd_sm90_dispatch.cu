@@ -14,17 +14,14 @@ namespace {
 std::atomic<int64_t> g_launches{0};
 std::atomic<int64_t> g_key_list_launches{0};
 
-// A bias with query rows: q's 16-bit dtype, keys at unit stride, 16-byte aligned rows (the tiles' 16-byte copies), and
-// a dbias whose every element one CTA finishes (one batch element and one kv head per CTA: the bias's batch is not
-// broadcast over several, and the query heads of a bias head lie in one GQA group); S starts from bias / scale, so the
-// scale must have a finite inverse.
+// A bias with query rows: q's 16-bit dtype, rows in 16-byte pieces (the tiles' cp.async copies), and a dbias whose
+// every element one CTA finishes (one batch element and one kv head per CTA: the bias's batch is not broadcast over
+// several, and the query heads of a bias head lie in one GQA group); S starts from bias / scale, so the scale must
+// have a finite inverse.
 bool row_bias_fits(const BwdParams& p) {
-  auto aligned = [](int64_t elems) { return elems % 8 == 0; };
-  return p.bias_dtype == (p.is_bf16 ? DType::kBF16 : DType::kF16) && p.bias_col_stride == 1 &&
-         aligned(p.bias_row_stride) && aligned(p.bias_head_stride) && aligned(p.bias_batch_stride) &&
-         (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.dbias) & 15) == 0 &&
-         p.dbias_mode == kDbiasDirect && p.batches_per_item == 1 && p.kv_heads_per_item == 1 &&
-         p.group % p.bias_hdiv == 0 && p.scale != 0.f && std::isfinite(1.f / p.scale);
+  return bias_rows_in_16_byte_pieces(p) && p.bias_dtype == (p.is_bf16 ? DType::kBF16 : DType::kF16) &&
+         (reinterpret_cast<uintptr_t>(p.dbias) & 15) == 0 && p.dbias_mode == kDbiasDirect && p.batches_per_item == 1 &&
+         p.kv_heads_per_item == 1 && p.group % p.bias_hdiv == 0 && p.scale != 0.f && std::isfinite(1.f / p.scale);
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
 #include "cuda/fast_exp2.cuh"
+#include "cuda/half_float.cuh"
 #include "log_constants.h"
 
 namespace dmattn::sm90 {
@@ -195,10 +196,6 @@ struct BwdMainloop
     alignas(16) float dbias_partial[NumMmaWarpGroups][kPairsPerThread][cutlass::NumThreadsPerWarpGroup];
   };
   using SharedStorage = std::conditional_t<kRowBias, RowBiasStorage, StatsStorage>;
-  CUTLASS_DEVICE static float bias_half_to_float(uint32_t bits) {
-    if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) return __uint_as_float(bits << 16);
-    else return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
-  }
   CUTLASS_DEVICE static uint16_t* row_bias_tile_of(SharedStorage& storage, int wg) {
     if constexpr (kRowBias) return storage.bias_tile[wg];
     else return nullptr;
@@ -591,8 +588,9 @@ struct BwdMainloop
           CUTLASS_PRAGMA_UNROLL
           for (int j = 0; j < kCols; ++j) {
             const int m = 2 * (j / 2) + i;
-            s_mn(i, j) = bias_inv_scale * bias_half_to_float(j % 2 == 0 ? bias_words[m / 4][m % 4] & 0xffffu
-                                                                        : bias_words[m / 4][m % 4] >> 16);
+            const uint32_t word = bias_words[m / 4][m % 4];
+            s_mn(i, j) = bias_inv_scale * half_bits_to_f32<cute::is_same_v<Element, cutlass::bfloat16_t>>(
+                                              j % 2 == 0 ? word : word >> 16);
           }
         }
       }

@@ -25,6 +25,7 @@
 #include "cuda/sm90/key_rule.h"
 #include "row_bounds.h"
 #include "cuda/fast_exp2.cuh"
+#include "cuda/half_float.cuh"
 #include "cuda/sm90/bias_tile_map.h"
 #include "cuda/sm90/mask_tile_map.h"
 #include "log_constants.h"
@@ -548,14 +549,7 @@ struct FwdMainloop
         const uint32_t offset = uint32_t(box * kBiasBoxBytes + r * kBiasBoxKeys * 2 + 16 * piece);
         const uint32_t word = *reinterpret_cast<const uint32_t*>(
             bytes + mask_tile_piece(tile_address, offset, kBiasTileSwizzle) + 2 * c0);
-        float lo, hi;
-        if constexpr (kBF16) {
-          lo = __uint_as_float(word << 16);
-          hi = __uint_as_float(word & 0xffff0000u);
-        } else {
-          lo = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
-          hi = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
-        }
+        const float lo = half_bits_to_f32<kBF16>(word), hi = half_bits_to_f32<kBF16>(word >> 16);
         s_mn(i, 2 * g) = add_bias_log2(s_mn(i, 2 * g), lo);
         s_mn(i, 2 * g + 1) = add_bias_log2(s_mn(i, 2 * g + 1), hi);
       }
