@@ -371,7 +371,6 @@ struct FwdMainloop
     const int64_t base = bias_offset(lg, b, h);
     const auto span = key_span(blk_coord, params, problem);
     const int first = get<0>(span), trips = get<1>(span);
-    const int lane = int(threadIdx.x) % cutlass::NumThreadsPerWarp;
     CUTLASS_PRAGMA_NO_UNROLL
     for (int trip = 0; trip < trips; ++trip) {
       const int slot = trip % kBiasSlots;
