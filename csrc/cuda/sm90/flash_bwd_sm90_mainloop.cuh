@@ -495,9 +495,10 @@ struct BwdMainloop
     };
 
     // A bias with query rows. Trips share a tile while their query tile and bias head stay the same (the query heads
-    // of a GQA group that share a bias head follow each other); dbias of a pair sums dS over those trips in
-    // registers and is stored in the bias dtype at the last of them (every pair of the tile has all its terms then:
-    // flash_bwd_sm90_serves). Rows past Lq and keys past Lk copy in-range bytes and are never stored.
+    // of a GQA group that share a bias head follow each other); dbias of a pair sums dS over those trips in the
+    // thread's own column of dbias_partial and is stored in the bias dtype at the last of them (every pair of the
+    // tile has all its terms then: flash_bwd_sm90_serves). Rows past Lq and keys past Lk copy in-range bytes and are
+    // never stored.
     auto row_bias_tile = [&](int t) { return trips.m(t) * lg.heads + trips.head(kv_head, t) / lg.bias_hdiv; };
     uint16_t* const bias_tile = row_bias_tile_of(storage, wg);
     // Element 0 of 16-byte piece `piece` of tile row `row` (the swizzle of the type's comment).
@@ -742,7 +743,8 @@ struct BwdMainloop
                 *partial = total;
               } else {
                 const int key = key0 + int(get<0>(cS_mn(i, j))), row = row0 + int(get<1>(cS_mn(i, j)));
-                if (row < lq && key < lk) dbias_tile[int64_t(row) * lg.bias_row_stride + key] = static_cast<Element>(total);
+                if (row < lq && key < lk)
+                  dbias_tile[int64_t(row) * lg.bias_row_stride + key] = static_cast<Element>(total);
               }
             }
             ds_mn(i, j) = static_cast<Element>(d * lg.scale);
