@@ -107,19 +107,24 @@ template <int kHeadDim, bool kIsBF16, KeyRule kRule, Logits kLogits>
 struct FwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
   using Tile = FwdTile<kHeadDim>;
-  // The tile ring of the general and masked instantiations (two slots of a bias tile, 2 bytes an element, and of a
-  // mask tile, 1 byte) takes K / V stages where shared memory (227 KB a block) runs out: at D = 128 the general one
-  // keeps 4 of 5, the masked one 3; at D = 256 4 and 3 of 4.
+  template <int kStageCount>
+  using MainloopOf = FwdMainloop<Element, typename Tile::Shape, kRule, kLogits,
+                                 cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kStagesKV,
+                                                               cute::Int<kStageCount>>>;
+  // The ring of the general and masked instantiations (two slots of a bias tile, 2 bytes an element, and of a mask
+  // tile, 1 byte) takes K / V stages where shared memory (227 KB a block) runs out: at D = 128 the general one keeps
+  // 4 of 5, the masked one 3; at D = 256 4 and 3 of 4. Its bytes are those the mainloop's SharedStorage declares
+  // beyond the base's, whatever the stage count (measured at the tile's).
+  using RingProbe = MainloopOf<Tile::kStages>;
+  static constexpr int kRingBytes =
+      int(sizeof(typename RingProbe::SharedStorage) - sizeof(typename RingProbe::Base::SharedStorage));
   static constexpr int kBlockM = get<0>(typename Tile::Shape{}), kBlockN = get<1>(typename Tile::Shape{});
-  static constexpr int kRingBytes = (kLogits != Logits::kLean ? 2 * kBlockM * kBlockN * 2 : 0) +
-                                    (kLogits == Logits::kMasked ? 2 * kBlockM * kBlockN : 0);
   static constexpr int kStageBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  // 2048: what the kernel declares beside the mainloop's storage (its pipelines' barriers), and alignment.
   static constexpr int kStagesFit = (kMaxSmemPerBlockSm90 - 2048 - kQBytes - kRingBytes) / kStageBytes;
   static constexpr int kStages = kStagesFit < Tile::kStages ? kStagesFit : Tile::kStages;
-  using Mainloop = FwdMainloop<Element, typename Tile::Shape, kRule, kLogits,
-                               cutlass::fmha::kernel::Option<cutlass::fmha::kernel::Tag::kStagesKV,
-                                                             cute::Int<kStages>>>;
+  using Mainloop = MainloopOf<kStages>;
   using Epilogue = cutlass::fmha::collective::FmhaFwdEpilogue<Element, float, typename Mainloop::TileShapePV>;
   using Kernel = cutlass::fmha::kernel::FmhaKernelTmaWarpSpecialized<Mainloop, Epilogue, ReverseQueryTiles>;
   using Stride = cute::tuple<int, _1, cute::tuple<int, int>>;
