@@ -102,6 +102,13 @@ __device__ __forceinline__ void copy_piece(const Elem* src, Elem* dst) {
                                                            *reinterpret_cast<cute::uint128_t*>(dst));
 }
 
+// The same copy to a shared-memory byte address, zero-filling the piece where `valid` is false (then `src` is not
+// read): the Hopper key-list forward keeps its pieces' addresses as 32-bit offsets, so a gather costs an add and a
+// copy per piece, with no branch for the padding past the walk.
+__device__ __forceinline__ void copy_piece_or_zero(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
 // Chunk position tid's entries (threads tid < kChunk) of the chunk tables at ring stage `stage`: the key index and
 // its per-key bias, which the whole CTA reads after the next barrier.
 template <int kChunk>

@@ -50,6 +50,15 @@ __device__ __forceinline__ uint32_t piece_nonfinite_bits(const void* piece) {
          nonfinite_halves<Elem>(w.w);
 }
 
+// piece_nonfinite_bits of a piece at a shared-memory byte address.
+template <class Elem>
+__device__ __forceinline__ uint32_t shared_piece_nonfinite_bits(uint32_t addr) {
+  uint32_t w0, w1, w2, w3;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(w0), "=r"(w1), "=r"(w2), "=r"(w3) : "r"(addr));
+  return nonfinite_halves<Elem>(w0) | nonfinite_halves<Elem>(w1) | nonfinite_halves<Elem>(w2) |
+         nonfinite_halves<Elem>(w3);
+}
+
 // Whether any 16-byte piece of a thread's partition of a tiled cp.async copy (CPY, CPY_M, CPY_K; CPY = 8 contiguous
 // elements) holds an inf or NaN. Called after cp_async_wait by the thread that issued the copies, whose own writes
 // are visible to it without a barrier.

@@ -70,6 +70,18 @@ struct KeyListFwdTraits {
   using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Elem>{},
                                               Shape<Int<kD>, Int<kChunk>, Int<kStages>>{}));
 
+  // The gather: 16-byte pieces, kPieces a row; a thread's pieces of a chunk lie kGatherRowStep rows apart in one
+  // column. Their byte offsets from the thread's first piece at stage 0, without the 128-byte swizzle (address bits
+  // 4-9): the steps are whole 1024-byte swizzle atoms, which leave those bits as they are.
+  static constexpr int kPieces = kD / 8;
+  static constexpr int kGatherRowStep = kThreads / kPieces;
+  static_assert(kThreads % kPieces == 0, "a thread's pieces share one column");
+  static constexpr uint32_t kKPieceStep = SmemLayoutK{}.layout_b()(kGatherRowStep, 0, 0) * sizeof(Elem);
+  static constexpr uint32_t kKStageBytes = SmemLayoutK{}.layout_b()(0, 0, 1) * sizeof(Elem);
+  static constexpr uint32_t kVPieceStep = SmemLayoutVt{}.layout_b()(0, kGatherRowStep, 0) * sizeof(Elem);
+  static constexpr uint32_t kVStageBytes = SmemLayoutVt{}.layout_b()(0, 0, 1) * sizeof(Elem);
+  static_assert((kKPieceStep | kKStageBytes | kVPieceStep | kVStageBytes) % 1024 == 0, "whole swizzle atoms");
+
   static constexpr int kQElems = cosize_v<SmemLayoutQ>;
   static constexpr int kKElems = cosize_v<SmemLayoutK>;
   static constexpr int kVElems = cosize_v<SmemLayoutVt>;
@@ -88,7 +100,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   constexpr int kThreads = Kt::kThreads;
   constexpr int kStages = Kt::kStages;
   // Gathered K/V copy: 16-byte pieces, kPieces per row; piece i of a thread is (tid + i * kThreads).
-  constexpr int kPieces = kD / 8;
+  constexpr int kPieces = Kt::kPieces;
   static_assert((kChunk * kPieces) % kThreads == 0 && (kBlockM * kPieces) % kThreads == 0, "copy split");
   constexpr int kRowsPerThread = kChunk * kPieces / kThreads;
 
@@ -157,27 +169,30 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
 
   auto gather_row = [&](int i) { return (tid + i * kThreads) / kPieces; };
   auto gather_piece = [&](int i) { return (tid + i * kThreads) % kPieces; };
+  // The thread's pieces: column d0 of rows gather_row(i) = gather_row(0) + i * kGatherRowStep, at the shared-memory
+  // byte addresses k_piece0 / v_piece0 + stage * k/vStageBytes + i * k/vPieceStep (Kt: whole swizzle atoms).
+  const int d0 = gather_piece(0) * 8;
+  const uint32_t k_piece0 = static_cast<uint32_t>(__cvta_generic_to_shared(addr(sK, gather_row(0), d0, 0)));
+  const uint32_t v_piece0 = static_cast<uint32_t>(__cvta_generic_to_shared(addr(sVt, d0, gather_row(0), 0)));
+  const Elem* k_src = head.k + d0;
+  const Elem* v_src = head.v + d0;
   // K and V rows of one chunk into ring stage `stage`; rows[i] < 0: past the walked keys, finite zeros (P is 0 there).
   auto gather = [&](int stage, const int (&rows)[kRowsPerThread]) {
+    const uint32_t dk = k_piece0 + stage * Kt::kKStageBytes, dv = v_piece0 + stage * Kt::kVStageBytes;
     CUTE_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) {
-      const int j = gather_row(i), d0 = gather_piece(i) * 8;
-      Elem* dk = addr(sK, j, d0, stage);
-      Elem* dv = addr(sVt, d0, j, stage);
-      if (rows[i] >= 0) {
-        copy_piece(head.k + int64_t(rows[i]) * p.k_row_stride + d0, dk);
-        copy_piece(head.v + int64_t(rows[i]) * p.v_row_stride + d0, dv);
-      } else {
-        *reinterpret_cast<uint4*>(dk) = make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(dv) = make_uint4(0, 0, 0, 0);
-      }
+      const bool valid = rows[i] >= 0;
+      const int64_t row = valid ? rows[i] : 0;
+      copy_piece_or_zero(dk + i * Kt::kKPieceStep, k_src + row * p.k_row_stride, valid);
+      copy_piece_or_zero(dv + i * Kt::kVPieceStep, v_src + row * p.v_row_stride, valid);
     }
   };
   auto v_piece = [&](int stage, int i) { return addr(sVt, gather_piece(i) * 8, gather_row(i), stage); };
   auto own_v_nonfinite = [&](int stage) {
+    const uint32_t dv = v_piece0 + stage * Kt::kVStageBytes;
     uint32_t bits = 0;
     CUTE_UNROLL
-    for (int i = 0; i < kRowsPerThread; ++i) bits |= piece_nonfinite_bits<Elem>(v_piece(stage, i));
+    for (int i = 0; i < kRowsPerThread; ++i) bits |= shared_piece_nonfinite_bits<Elem>(dv + i * Kt::kVPieceStep);
     return (bits & kNonfiniteBits) != 0;
   };
   auto load_key_bias = [&](int key) -> float {
