@@ -25,30 +25,40 @@ namespace fwd {
 // Logits of one key-list chunk in place, in natural units as the tile kernel computes them: scale or softcap,
 // the bias (a per-key bias from the chunk's table `key_bias`, any other bias per element at `bias_base` through its
 // strides), then -inf where a pair is dropped: rows past Lq, columns past the walked keys (idx < 0), a zero bit in
-// the row's word, the bottom-right causal bound on the real key index. `acc` is the raw q.k accumulator, `s` and
-// `cS` its (rows, cols) view and coordinates in the CTA's tile (either MMA layout); the key of chunk column cl is
-// idx[cl]. Shared by the sm80 and the Hopper key-list forwards.
+// the row's word, a zero bit of `key_keep` (a per-key bias of -inf: stage_chunk_keep_word; all ones without a
+// per-key bias), the bottom-right causal bound on the real key index. A per-key bias without softcap is one fused
+// multiply-add (the scale's product and the bias's sum rounded once). `acc` is the raw q.k accumulator, `s` and `cS`
+// its (rows, cols) view and coordinates in the CTA's tile (either MMA layout); the key of chunk column cl is idx[cl].
+// Shared by the sm80 and the Hopper key-list forwards.
 template <class Acc, class S, class CS, int kRows>
 __device__ __forceinline__ void key_list_logits(Acc& acc, S& s, CS const& cS, const FwdParams& p, const int32_t* idx,
-                                                const float* key_bias, int64_t bias_base,
+                                                const float* key_bias, uint64_t key_keep, int64_t bias_base,
                                                 const uint64_t (&row_bits)[kRows], int row0) {
   constexpr int kCols = decltype(size<1>(cS))::value;
   if (p.softcap > 0.f) {
     const float cap_in = p.scale / p.softcap;
     CUTE_UNROLL
     for (int i = 0; i < size(acc); ++i) acc(i) = p.softcap * tanhf(acc(i) * cap_in);
-  } else {
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc); ++i) acc(i) *= p.scale;
-  }
-  if (key_bias != nullptr) {
+    if (key_bias != nullptr) {
+      CUTE_UNROLL
+      for (int cc = 0; cc < kCols; ++cc) {
+        const float bk = key_bias[get<1>(cS(0, cc))];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) s(r, cc) += bk;  // a -inf bias: key_keep drops the column
+      }
+    }
+  } else if (key_bias != nullptr) {
     CUTE_UNROLL
     for (int cc = 0; cc < kCols; ++cc) {
       const float bk = key_bias[get<1>(cS(0, cc))];
       CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) s(r, cc) = add_bias(s(r, cc), bk);
+      for (int r = 0; r < kRows; ++r) s(r, cc) = fmaf(s(r, cc), p.scale, bk);  // a -inf bias: as above
     }
-  } else if (p.bias != nullptr) {
+  } else {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) acc(i) *= p.scale;
+  }
+  if (key_bias == nullptr && p.bias != nullptr) {
     CUTE_UNROLL
     for (int cc = 0; cc < kCols; ++cc) {
       const int key = idx[get<1>(cS(0, cc))];
@@ -72,7 +82,7 @@ __device__ __forceinline__ void key_list_logits(Acc& acc, S& s, CS const& cS, co
     const int col0 = get<1>(cS(0, 0));
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      const uint64_t word = row_bits[r] >> col0;
+      const uint64_t word = (row_bits[r] & key_keep) >> col0;
       CUTE_UNROLL
       for (int cc = 0; cc < kCols; ++cc) {
         const int bit = get<1>(cS(0, cc)) - col0;  // a constant: the thread's columns differ by static offsets
@@ -88,7 +98,7 @@ __device__ __forceinline__ void key_list_logits(Acc& acc, S& s, CS const& cS, co
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const int rl = get<0>(cS(r, 0));
-      const bool keep = rl < row_lim && key >= 0 && ((row_bits[r] >> cl) & 1u) &&
+      const bool keep = rl < row_lim && key >= 0 && (((row_bits[r] & key_keep) >> cl) & 1u) &&
                         (!p.is_causal || key <= row0 + rl + causal_off);
       s(r, cc) = keep ? s(r, cc) : -INFINITY;
     }
@@ -213,10 +223,12 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
   // Chunk columns whose V holds an inf or NaN, double-buffered by chunk parity (see the tile kernel).
   __shared__ unsigned long long bad_v_keys[2];
   if (tid == 0) bad_v_keys[0] = bad_v_keys[1] = 0ull;
+  __shared__ uint64_t key_keep[2];  // per-key bias tables' keep words (stage_chunk_keep_word)
   Tensor tOcO = tmma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
   Tensor cO = make_tensor(tOcO.data(), rowcol_layout(tOcO.layout()));
   auto stage_tables = [&](int buf, int key, float key_bias) {
     stage_chunk_tables<kChunk>(smem_idx, smem_kbias, buf, tid, key, key_bias);
+    if (bias_per_key) stage_chunk_keep_word<kChunk>(key_keep, buf, tid, key_bias);
   };
 
 
@@ -289,8 +301,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocks)
 
     const int32_t* idx = smem_idx + buf * kChunk;
     Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + buf * kChunk : nullptr, bias_base, row_bits,
-                    row0);
+    key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + buf * kChunk : nullptr,
+                    bias_per_key ? key_keep[buf] : ~uint64_t{0}, bias_base, row_bits, row0);
 
     if (v_bad) {  // rare (CTA-uniform): V of this chunk holds an inf or NaN; see correct_nonfinite_v
       uint64_t kept[kRows];

@@ -120,6 +120,18 @@ __device__ __forceinline__ void stage_chunk_tables(int32_t* idx, float* kbias, i
   }
 }
 
+// Bit j of keep[stage]: chunk position j's per-key bias is not -inf. A -inf bias drops its key whatever the logit
+// (even an inf or NaN q.k), so the forwards fold that rule into the rows' mask words (one AND a row) instead of
+// testing every element. Threads tid < kChunk (whole warps), CTA-uniformly with stage_chunk_tables.
+template <int kChunk>
+__device__ __forceinline__ void stage_chunk_keep_word(uint64_t* keep, int stage, int tid, float key_bias) {
+  static_assert(kChunk == 64, "two warps' ballots make the word");
+  if (tid < kChunk) {
+    const uint32_t w = __ballot_sync(0xffffffffu, key_bias != -INFINITY);
+    if ((tid & 31) == 0) reinterpret_cast<uint32_t*>(keep + stage)[tid >> 5] = w;
+  }
+}
+
 // Whether a chunk's keys are uniform for the CTA: every column holds a walked key (a walk is ascending and padded with
 // -1 at its end, so its last entry decides) and, under bottom-right causality, every key lies at or below the bound
 // of the CTA's first query row row0. A row's bit word alone then decides which of the chunk's keys the row keeps; the

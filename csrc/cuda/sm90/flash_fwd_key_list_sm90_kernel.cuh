@@ -199,8 +199,10 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     if (!bias_per_key || key < 0) return 0.f;
     return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype);
   };
+  __shared__ uint64_t key_keep[kStages];  // per-key bias tables' keep words (stage_chunk_keep_word)
   auto stage_tables = [&](int stage, int key, float key_bias) {
     stage_chunk_tables<kChunk>(smem_idx, smem_kbias, stage, tid, key, key_bias);
+    if (bias_per_key) stage_chunk_keep_word<kChunk>(key_keep, stage, tid, key_bias);
   };
   // Chunk columns whose V holds an inf or NaN, per ring stage (see the sm80 tile kernel).
   __shared__ unsigned long long bad_v_keys[kStages];
@@ -322,8 +324,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     const int32_t* idx = smem_idx + stage * kChunk;
     Tensor s = make_tensor(acc_s.data(), gmma_rowcol_layout(acc_s.layout()));
     if (warp_live)
-      fwd::key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + stage * kChunk : nullptr, bias_base,
-                           row_bits, row0);
+      fwd::key_list_logits(acc_s, s, cS, p, idx, bias_per_key ? smem_kbias + stage * kChunk : nullptr,
+                           bias_per_key ? key_keep[stage] : ~uint64_t{0}, bias_base, row_bits, row0);
 
     if (v_bad) {  // rare (CTA-uniform): V of this chunk holds an inf or NaN; see correct_nonfinite_v_rows
       uint64_t kept[kRows];
