@@ -71,7 +71,7 @@ __host__ __device__ inline bool key_list_call_may_hold_tile_units(int64_t kv_len
   return kv_len > kKeyListTileMinVisible || kv_len > capacity;
 }
 
-// Two kernels on `stream`: the per-unit union and list, then the bit words. No allocation, no sync.
+// One kernel on `stream`, a CTA per unit: its live keys and list, then its bit words. No allocation, no sync.
 cudaError_t launch_build_key_lists(const KeyListArgs& args, cudaStream_t stream);
 
 }  // namespace dmattn
