@@ -222,12 +222,16 @@ def numpy_key_lists(mask, *, is_causal, q_len, capacity, bm=128, chunk=64):
     return keys, bits
 
 
-@pytest.mark.parametrize("capacity", [None, 256])
+@pytest.mark.parametrize("capacity", [None, 256, 8192])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 2, 300, 300), (1, 1, 1, 517), (1, 2, 130, 200), (1, 1, 400, 256)])
+@pytest.mark.parametrize("shape", [(2, 2, 300, 300), (1, 1, 1, 517), (1, 2, 130, 200), (1, 1, 400, 256),
+                                   (1, 2, 200, 8208), (1, 1, 130, 5000)])
 def test_key_lists_match_numpy(shape, causal, capacity):
     """The pre-pass's lists and bit words, read back from the workspace outputs, entry by entry (capacity 256:
-    the units of ~270 live keys of the 300-key masks overflow and must be marked dense)."""
+    the units of ~270 live keys of the 300-key masks overflow and must be marked dense). The 8208- and 5000-key
+    masks (16-byte rows and not) keep ~92% of their keys per 128-row unit: under capacity 8192 a unit lists more
+    keys than one pass of the pre-pass's CTA examines (4096), and under the default capacity (4096) it overflows
+    after the first pass."""
     from jax_dmattn import _cuda_fwd
 
     b, hm, rows, lk = shape
@@ -240,7 +244,7 @@ def test_key_lists_match_numpy(shape, causal, capacity):
     out, lse, cls, klist, kbits = run_kernel(q, k, v, None, mask, scale=0.125, is_causal=causal, tiles=True,
                                              capacity=capacity)
     assert cls.size == 0 and klist.size > 0
-    cap = _cuda_fwd.key_list_capacity(lk) if capacity is None else capacity
+    cap = _cuda_fwd.key_list_capacity(lk, capacity)  # a capacity past the keys is cut to them
     exp_keys, exp_bits = numpy_key_lists(mask, is_causal=causal, q_len=lq, capacity=cap)
     got_keys = np.asarray(klist).reshape(exp_keys.shape)
     got_bits = np.asarray(kbits).view(np.uint64).reshape(exp_bits.shape)
