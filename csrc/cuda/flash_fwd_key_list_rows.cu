@@ -7,18 +7,20 @@
 #include <type_traits>
 
 #include "cuda/bias_element.cuh"
+#include "cuda/fast_exp2.cuh"
 #include "cuda/key_list_walk.cuh"
 #include "cuda/mask_words.cuh"
+#include "cuda/smem_limit.cuh"
 #include "cuda/smem_tiles.cuh"
 #include "kernel_facts.h"
-#include "cuda/fast_exp2.cuh"
 
 namespace dmattn {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kGroup = 32;  // keys a warp scores at once, one per lane
-static_assert(kKeyListChunk == 2 * kGroup, "a chunk's bit word covers two groups");
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = kKeyListChunk;
+static_assert(kChunk == 8 * kWarps, "a chunk's 64 keys (one bit word) are 8 per warp");
 
 std::atomic<int64_t> g_launches{0};
 
@@ -27,293 +29,335 @@ using ElemOf = std::conditional_t<kIsBF16, __nv_bfloat16, __half>;
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
-__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
 
-// The 8 elements of a 16-byte piece as floats.
 template <class Elem>
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-  const Elem* e = reinterpret_cast<const Elem*>(&u);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) f[i] = to_float(e[i]);
+__device__ __forceinline__ float2 to_float2(uint32_t w) {
+  const Elem* e = reinterpret_cast<const Elem*>(&w);
+  return make_float2(to_float(e[0]), to_float(e[1]));
 }
 
-// kN consecutive elements of one row, as packed 32-bit words (16-bit loads when kN is odd: the lane's offset is
-// then only 2-byte aligned).
-template <class Elem, int kN>
-struct RawElems {
-  static constexpr int kWords = (kN + 1) / 2;
-  uint32_t w[kWords];
-  __device__ __forceinline__ void load(const Elem* src) {
-    if constexpr (kN % 2 == 0) {
-#pragma unroll
-      for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int*>(src) + i);
-    } else {
-      const unsigned short* s16 = reinterpret_cast<const unsigned short*>(src);
-#pragma unroll
-      for (int i = 0; i < kWords; ++i) {
-        const uint32_t lo = __ldg(s16 + 2 * i);
-        const uint32_t hi = 2 * i + 1 < kN ? uint32_t(__ldg(s16 + 2 * i + 1)) : 0u;
-        w[i] = lo | (hi << 16);
-      }
-    }
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// mma.sync m16n8k16 with fp32 accumulators: d += a b (a: 16 x 16 row-major, b: 16 x 8 column-major fragments).
+template <bool kIsBF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (kIsBF16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
-  __device__ __forceinline__ void clear() {
-#pragma unroll
-    for (int i = 0; i < kWords; ++i) w[i] = 0u;
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory (lane l gives row l % 8 of matrix l / 8); kTrans
+// transposes each.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
   }
-  __device__ __forceinline__ float operator[](int i) const {
-    return to_float(reinterpret_cast<const Elem*>(w)[i]);
+}
+
+template <class Elem>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<Elem, __nv_bfloat16>) {
+    const __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&x);
+  } else {
+    const __half2 x = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&x);
   }
+}
+
+// Shared-memory layout of the kernel (one CTA): a ring of chunk stages.
+template <int kD>
+struct RowsSmem {
+  static constexpr int kPieces = kD / 8;  // 16-byte pieces of a K / V row
+  // Rows padded by one piece: ldmatrix reads 8 rows of a piece column at once, which the pad spreads over all banks.
+  static constexpr int kRowBytes = 2 * kD + 16;
+  static constexpr int kKBytes = kChunk * kRowBytes, kVBytes = kChunk * kRowBytes;
+  static constexpr int kStageBytes = kKBytes + kVBytes + kChunk * 4;  // K, V, the chunk's key indices
+  // Enough chunks in flight to cover a gather's latency, and two CTAs a multiprocessor where they fit.
+  static constexpr int kStages = kStageBytes <= 40 * 1024 ? 3 : 2;
+  static constexpr int kBytes = kStages * kStageBytes;
+  static_assert(kBytes <= kMaxSmemPerBlockSm90, "shared memory of one CTA");
+  static_assert(kPieces * kChunk % kThreads == 0, "whole pieces per thread");
+  static constexpr int kLoadRows = kPieces * kChunk / kThreads;  // K (and V) pieces a thread gathers per chunk
+  static constexpr int kCtasPerSm = 2 * (kBytes + 4 * 1024) <= 228 * 1024 ? 2 : 1;
 };
 
-__device__ __forceinline__ float warp_max_nan(float x) {
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, d));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) x += __shfl_xor_sync(0xffffffffu, x, d);
-  return x;
-}
-
-// One CTA per (batch, query head) of a call with Lq <= kRows rows (one key-list unit; the header says why).
-template <int kD, bool kIsBF16, int kRows>
-__global__ void __launch_bounds__(kThreads, kRows <= 4 && kD <= 128 ? 2 : 1) flash_fwd_key_list_rows_kernel(const __grid_constant__ FwdParams p) {
+// One CTA per (batch, query head) of a call with Lq <= kRowsMax rows (one key-list unit; the header says why). The
+// rows are the first rows of mma.sync's 16-row tiles (the others are zeros): warp w scores keys [8w, 8w + 8) of each
+// chunk against every row and, after the softmax, accumulates P V for head-dim columns 8n of n = w, w + 8, ...
+template <int kD, bool kIsBF16>
+__global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
+    flash_fwd_key_list_rows_kernel(const __grid_constant__ FwdParams p) {
   using Elem = ElemOf<kIsBF16>;
-  constexpr int kWarps = kThreads / 32;
-  constexpr int kDL = kD / 32;  // output dims per lane: lane l holds dims [l * kDL, (l + 1) * kDL) of every row
-  static_assert(kD % 32 == 0 && kD % 8 == 0, "whole 16-byte pieces of a row, whole dims per lane");
-  // K pieces a lane has in flight at once (the whole row up to D = 128), and V rows a warp reads at once.
-  constexpr int kKBatch = kD / 8 <= 8 ? kD / 8 : (kD % 64 == 0 ? 8 : 12);
-  constexpr int kVBatch = kDL * kRows <= 16 ? 16 : 8;
-  static_assert((kD / 8) % kKBatch == 0 && kGroup % kVBatch == 0, "whole batches");
-  __shared__ __align__(16) float sq[kRows][kD];  // the query rows (zeros past Lq)
-  __shared__ float s_max[kWarps][kRows], s_sum[kWarps][kRows];
-  // The warps' outputs for the merge, two warps at a time: 48 KiB of static shared memory hold no more for
-  // kRows * kD = 2048.
-  __shared__ float s_out[kWarps / 2][kRows][kD];
+  using L = RowsSmem<kD>;
+  constexpr int kStages = L::kStages;
+  constexpr int kRowsMax = 8;  // rows of an mma.sync fragment a lane quad holds (g = lane / 4)
+  static_assert(kKeyListRowsMax <= kRowsMax, "a call's rows fit the fragments' first 8 rows");
+  constexpr int kKSteps = kD / 16;       // q . k: k-steps of 16 dims
+  constexpr int kNTiles = kD / 8;        // P V: 8-dim column tiles
+  constexpr int kTilesPerWarp = (kNTiles + kWarps - 1) / kWarps;
+  static_assert(kD % 32 == 0, "ldmatrix.x4 covers 32 dims of a key");
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ float s_wmax[kWarps][kRowsMax];            // each warp's max of each row over its keys of the chunk
+  // P of the chunk in the input dtype (as the tile kernels); rows padded by 8 keys, so that a fragment's 8 rows fall
+  // in different banks.
+  __shared__ __align__(16) Elem s_p[kRowsMax][kChunk + 8];
+  __shared__ uint8_t s_kept[kRowsMax][kChunk];          // the row keeps the key (NaN logits count as kept)
+  __shared__ float s_wsum[kWarps][kRowsMax];
 
   const int h = blockIdx.x, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;  // fragment row and column pair of this lane
   const int q_len = p.q_len;
-  const KeyListWalk walk = key_list_walk<kKeyListBlockM, kKeyListChunk, kThreads>(p, b, h, 0);
+  const KeyListWalk walk = key_list_walk<kKeyListBlockM, kChunk, kThreads>(p, b, h, 0);
   const DenseMaskRows dense_mask = dense_mask_rows(p, b, h, walk.dense);
-
   const HeadOperands<Elem> head = head_operands<Elem>(p, b, h);
+  const int n_chunks = walk.n_chunks;
 
-  for (int e = tid; e < kRows * kD; e += kThreads) {
-    const int r = e / kD, d = e % kD;
-    sq[r][d] = r < q_len ? to_float(head.q[int64_t(r) * p.q_row_stride + d]) : 0.f;
+  // The gather: thread tid copies pieces tid + i * kThreads of a chunk's K and V, row (key) e / kPieces.
+  const uint32_t ring = smem_addr(smem);
+  int g_row[L::kLoadRows], g_piece[L::kLoadRows], g_key[L::kLoadRows];
+#pragma unroll
+  for (int i = 0; i < L::kLoadRows; ++i) {
+    const int e = tid + i * kThreads;
+    g_row[i] = e / L::kPieces, g_piece[i] = e % L::kPieces;
+    g_key[i] = walk.key_at(0, g_row[i], kChunk);
   }
-  __syncthreads();
+  // Issues chunk c's copies into its stage (rows past the walk are zero-filled) and reads the keys of chunk c + 1.
+  auto gather = [&](int c) {
+    const int stage = c % kStages;
+    const uint32_t k_base = ring + stage * L::kStageBytes, v_base = k_base + L::kKBytes;
+    int32_t* s_keys = reinterpret_cast<int32_t*>(smem + stage * L::kStageBytes + L::kKBytes + L::kVBytes);
+#pragma unroll
+    for (int i = 0; i < L::kLoadRows; ++i) {
+      const int key = g_key[i];
+      const bool valid = key >= 0;
+      const uint32_t dst = g_row[i] * L::kRowBytes + g_piece[i] * 16;
+      const int64_t k_off = valid ? int64_t(key) * p.k_row_stride : 0;
+      const int64_t v_off = valid ? int64_t(key) * p.v_row_stride : 0;
+      copy_piece_or_zero(k_base + dst, head.k + k_off + g_piece[i] * 8, valid);
+      copy_piece_or_zero(v_base + dst, head.v + v_off + g_piece[i] * 8, valid);
+      if (g_piece[i] == 0) s_keys[g_row[i]] = key;
+    }
+#pragma unroll
+    for (int i = 0; i < L::kLoadRows; ++i) g_key[i] = walk.key_at(c + 1, g_row[i], kChunk);
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_chunks) gather(s);
+    cp_async_commit();
+  }
+
+  // The query rows as mma.sync A fragments (row g; rows g + 8 are zero): a[ks][0] dims 16ks + 2t, a[ks][1] + 8.
+  uint32_t qa[kKSteps][2];
+  {
+    const Elem* qrow = head.q + int64_t(g) * p.q_row_stride;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      qa[ks][0] = g < q_len ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 2 * t) : 0u;
+      qa[ks][1] = g < q_len ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 2 * t + 8) : 0u;
+    }
+  }
 
   const bool has_bias = p.bias != nullptr;
   const int64_t bias_base = has_bias ? b * p.bias_batch_stride + (h / p.bias_hdiv) * p.bias_head_stride : 0;
-  const bool bias_per_key = has_bias && p.bias_row_stride == 0;
   const int causal_off = p.kv_len - q_len;
   const float cap_in = p.softcap > 0.f ? p.scale / p.softcap : 0.f;
 
-  float row_max[kRows], row_sum[kRows], acc[kRows][kDL];  // row_sum: this lane's share; the rest warp-uniform
+  // What the lane's two logits (row g, keys 8 warp + 2t + i of a chunk) need from global memory: loaded for chunk
+  // c + 1 while chunk c computes.
+  struct Meta {
+    int key[2];
+    float bias[2];
+    bool mask[2];  // the row's mask bit of each key (list bits or the dense unit's mask bytes)
+  };
+  auto load_meta = [&](int c) {
+    Meta m;
+    const int32_t* s_keys =
+        reinterpret_cast<const int32_t*>(smem + (c % kStages) * L::kStageBytes + L::kKBytes + L::kVBytes);
+    const uint64_t word = !walk.dense && g < q_len ? walk.word(c, g) : 0;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY, row_sum[r] = 0.f;
+    for (int i = 0; i < 2; ++i) {
+      const int col = 8 * warp + 2 * t + i;
+      const int key = s_keys[col];
+      m.key[i] = key;
+      const bool live = key >= 0 && g < q_len;
+      m.bias[i] = has_bias && live
+                      ? load_bias(p.bias, bias_base + int64_t(g) * p.bias_row_stride + int64_t(key) * p.bias_col_stride,
+                                  p.bias_dtype)
+                      : 0.f;
+      m.mask[i] = live && (walk.dense ? dense_mask.rows[int64_t(g) * p.mask_row_stride +
+                                                        int64_t(key) * p.mask_col_stride] != 0
+                                      : ((word >> col) & 1u) != 0);
+    }
+    return m;
+  };
+  Meta meta;
+
+  float row_max = -INFINITY, row_sum = 0.f;  // row g's running max (the same in every warp) and this lane's sum
+  float acc[kTilesPerWarp][4];  // P V: rows g (and g + 8: zeros), dims 8n + 2t, + 1 of n = warp + 8j
 #pragma unroll
-    for (int d = 0; d < kDL; ++d) acc[r][d] = 0.f;
+  for (int j = 0; j < kTilesPerWarp; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
   }
 
-  const int n_groups = walk.n_chunks * 2;
-  for (int g = warp; g < n_groups; g += kWarps) {
-    const int c = g >> 1, col = (g & 1) * kGroup + lane;  // this lane's key: column `col` of chunk c
-    const int key = walk.key_at(c, col, kKeyListChunk);
+  for (int c = 0; c < n_chunks; ++c) {
+    cp_async_wait<kStages - 2>();
+    const int stage = c % kStages;
+    const uint32_t k_stage = ring + stage * L::kStageBytes, v_stage = k_stage + L::kKBytes;
+    // Whether the chunk's V holds an inf or NaN: each thread scans the pieces it copied (its own copies are visible
+    // to it); P V then takes the exact per-element rules instead of mma.sync (0 * inf would be NaN).
+    uint32_t halves = 0;
+#pragma unroll
+    for (int i = 0; i < L::kLoadRows; ++i) {
+      halves |= shared_piece_nonfinite_bits<Elem>(v_stage + g_row[i] * L::kRowBytes + g_piece[i] * 16);
+    }
+    // Chunk c's stage has landed for every thread; every thread is done with chunk c - 1.
+    const bool v_nonfinite = __syncthreads_or((halves & kNonfiniteBits) != 0);
+    if (c + kStages - 1 < n_chunks) gather(c + kStages - 1);
+    cp_async_commit();
+    if (c == 0) meta = load_meta(0);
 
-    // q . k of every row for this lane's key: its K row read whole (16-byte pieces), the query rows broadcast.
-    float s[kRows];
+    // S = q k^T for keys [8 warp, 8 warp + 8): B fragments by ldmatrix from the K rows (lane l: key l % 8, dims
+    // 8 (4j + l / 8) .. + 8).
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) s[r] = 0.f;
-    if (key >= 0) {
-      const uint4* krow = reinterpret_cast<const uint4*>(head.k + int64_t(key) * p.k_row_stride);
-#pragma unroll
-      for (int i0 = 0; i0 < kD / 8; i0 += kKBatch) {
-        uint4 raw[kKBatch];  // all loads issued before the first is used
-#pragma unroll
-        for (int i = 0; i < kKBatch; ++i) raw[i] = __ldg(krow + i0 + i);
-#pragma unroll
-        for (int i = 0; i < kKBatch; ++i) {
-          float kf[8];
-          unpack8<Elem>(raw[i], kf);
-          const int d0 = 8 * (i0 + i);
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) {
-            const float4 q0 = *reinterpret_cast<const float4*>(&sq[r][d0]);
-            const float4 q1 = *reinterpret_cast<const float4*>(&sq[r][d0 + 4]);
-            s[r] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
-                    q1.z * kf[6] + q1.w * kf[7];
-          }
-        }
-      }
+    for (int j = 0; j < kD / 32; ++j) {
+      uint32_t kb[4];
+      ldmatrix_x4<false>(kb, k_stage + (8 * warp + (lane & 7)) * L::kRowBytes + (4 * j + (lane >> 3)) * 16);
+      mma_16816<kIsBF16>(sc, qa[2 * j][0], 0u, qa[2 * j][1], 0u, kb[0], kb[1]);
+      mma_16816<kIsBF16>(sc, qa[2 * j + 1][0], 0u, qa[2 * j + 1][1], 0u, kb[2], kb[3]);
     }
 
-    // Logits in natural units, -inf where the pair is dropped (as fwd::key_list_logits).
-    const float key_bias = bias_per_key && key >= 0
-                               ? load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype)
-                               : 0.f;
+    // Logits of row g, keys 8 warp + 2t + i, in natural units, -inf where the pair is dropped (as
+    // fwd::key_list_logits); the warp's max of each row over its 8 keys.
+    float x[2];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float x = p.softcap > 0.f ? p.softcap * tanhf(s[r] * cap_in) : s[r] * p.scale;
-      if (bias_per_key) {
-        x = add_bias(x, key_bias);
-      } else if (has_bias && key >= 0 && r < q_len) {
-        x = add_bias(x, load_bias(p.bias, bias_base + int64_t(r) * p.bias_row_stride +
-                                              int64_t(key) * p.bias_col_stride, p.bias_dtype));
-      }
-      bool keep = r < q_len && key >= 0 && (!p.is_causal || key <= r + causal_off);
-      if (keep) {
-        keep = walk.dense ? dense_mask.rows[int64_t(r) * p.mask_row_stride + int64_t(key) * p.mask_col_stride] != 0
-                          : ((walk.word(c, r) >> col) & 1u) != 0;
-      }
-      s[r] = keep ? x : -INFINITY;
+    for (int i = 0; i < 2; ++i) {
+      float logit = p.softcap > 0.f ? p.softcap * tanhf(sc[i] * cap_in) : sc[i] * p.scale;
+      if (has_bias) logit = add_bias(logit, meta.bias[i]);
+      const bool keep = meta.mask[i] && (!p.is_causal || meta.key[i] <= g + causal_off);
+      x[i] = keep ? logit : -INFINITY;
+      s_kept[g][8 * warp + 2 * t + i] = x[i] != -INFINITY;
     }
+    float wmax = max_nan(x[0], x[1]);
+    wmax = max_nan(wmax, __shfl_xor_sync(0xffffffffu, wmax, 1));
+    wmax = max_nan(wmax, __shfl_xor_sync(0xffffffffu, wmax, 2));
+    if (t == 0) s_wmax[warp][g] = wmax;
+    __syncthreads();
+    // Chunk c + 1's key indices are in its stage by now (its gather ran before this barrier, at the latest).
+    if (c + 1 < n_chunks) meta = load_meta(c + 1);
 
-    // Online softmax over the group; kept[r] bit j: lane j's key is kept by row r (NaN counts as kept).
-    uint32_t kept[kRows];
+    // Online softmax: every warp forms the same chunk max of row g from the warps' maxima.
+    float mx = row_max;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      kept[r] = __ballot_sync(0xffffffffu, s[r] != -INFINITY);
-      const float mx = max_nan(row_max[r], warp_max_nan(s[r]));
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float corr = exp2_ftz((row_max[r] - m_use) * kLog2e);
-      row_max[r] = mx;
-      s[r] = exp2_ftz((s[r] - m_use) * kLog2e);  // P of this lane's key
-      row_sum[r] = row_sum[r] * corr + s[r];
+    for (int w = 0; w < kWarps; ++w) mx = max_nan(mx, s_wmax[w][g]);
+    const float m_use = mx == -INFINITY ? 0.f : mx;
+    const float corr = exp2_ftz((row_max - m_use) * kLog2e);
+    row_max = mx;
+    const float p0 = exp2_ftz((x[0] - m_use) * kLog2e), p1 = exp2_ftz((x[1] - m_use) * kLog2e);
+    row_sum = row_sum * corr + p0 + p1;
+    *reinterpret_cast<uint32_t*>(&s_p[g][8 * warp + 2 * t]) = pack2<Elem>(p0, p1);
 #pragma unroll
-      for (int d = 0; d < kDL; ++d) acc[r][d] *= corr;
-    }
+    for (int j = 0; j < kTilesPerWarp; ++j) acc[j][0] *= corr, acc[j][1] *= corr;
+    __syncthreads();
 
-    // P V: the warp reads the group's V rows one at a time (lane l its dims), each row's P from the key's lane. A
-    // kept key's inf or NaN V element is added as it is (an underflowed fp32 P must not turn inf into NaN, as in
-    // the tile kernels); a dropped key adds nothing, whatever its V holds.
-    const uint32_t any_kept = [&] {
-      uint32_t x = 0;
+    // O += P V over the chunk's 64 keys for this warp's column tiles.
+    if (!v_nonfinite) {
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) x |= kept[r];
-      return x;
-    }();
-#pragma unroll 1
-    for (int j0 = 0; j0 < kGroup; j0 += kVBatch) {
-      if (((any_kept >> j0) & ((1ull << kVBatch) - 1)) == 0) continue;  // warp-uniform
-      RawElems<Elem, kDL> raw[kVBatch];  // the batch's V rows, all loads issued before the first is used
+      for (int kp = 0; kp < 2; ++kp) {  // 32 keys: two k-steps
+        uint32_t pa[2][2];
 #pragma unroll
-      for (int jj = 0; jj < kVBatch; ++jj) {
-        const int kj = __shfl_sync(0xffffffffu, key, j0 + jj);
-        if ((any_kept >> (j0 + jj)) & 1u) {
-          raw[jj].load(head.v + int64_t(kj) * p.v_row_stride + lane * kDL);
-        } else {
-          raw[jj].clear();
+        for (int s = 0; s < 2; ++s) {
+          pa[s][0] = *reinterpret_cast<const uint32_t*>(&s_p[g][32 * kp + 16 * s + 2 * t]);
+          pa[s][1] = *reinterpret_cast<const uint32_t*>(&s_p[g][32 * kp + 16 * s + 2 * t + 8]);
+        }
+#pragma unroll
+        for (int j = 0; j < kTilesPerWarp; ++j) {
+          const int n = warp + kWarps * j;
+          if (kNTiles % kWarps != 0 && n >= kNTiles) break;
+          uint32_t vb[4];  // lane l: key 32 kp + l, dims 8n .. 8n + 8, transposed
+          ldmatrix_x4<true>(vb, v_stage + (32 * kp + lane) * L::kRowBytes + n * 16);
+          mma_16816<kIsBF16>(acc[j], pa[0][0], 0u, pa[0][1], 0u, vb[0], vb[1]);
+          mma_16816<kIsBF16>(acc[j], pa[1][0], 0u, pa[1][1], 0u, vb[2], vb[3]);
         }
       }
-      // V rows without an inf or NaN (the batch's raw words, warp-wide): a dropped key's P is 0 and adds nothing, so
-      // every row takes P v without a test.
-      uint32_t halves = 0;
+    } else {
+      // A kept key's inf or NaN V element is added as it is (an underflowed P must not turn inf into NaN); a dropped
+      // key adds nothing, whatever its V holds.
+      const uint8_t* vrows = smem + stage * L::kStageBytes + L::kKBytes;
 #pragma unroll
-      for (int jj = 0; jj < kVBatch; ++jj) {
-#pragma unroll
-        for (int i = 0; i < RawElems<Elem, kDL>::kWords; ++i) halves |= nonfinite_halves<Elem>(raw[jj].w[i]);
-      }
-      if (!__any_sync(0xffffffffu, (halves & kNonfiniteBits) != 0)) {
-#pragma unroll
-        for (int jj = 0; jj < kVBatch; ++jj) {
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) {
-            const float pj = __shfl_sync(0xffffffffu, s[r], j0 + jj);
-#pragma unroll
-            for (int d = 0; d < kDL; ++d) acc[r][d] = fmaf(pj, raw[jj][d], acc[r][d]);
-          }
-        }
-        continue;
-      }
-#pragma unroll
-      for (int jj = 0; jj < kVBatch; ++jj) {
-        const int j = j0 + jj;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float pj = __shfl_sync(0xffffffffu, s[r], j);
-          if ((kept[r] >> j) & 1u) {
-#pragma unroll
-            for (int d = 0; d < kDL; ++d) {
-              const float v = raw[jj][d];
-              acc[r][d] += is_nonfinite(v) ? v : pj * v;
-            }
-          }
+      for (int j = 0; j < kTilesPerWarp; ++j) {
+        const int n = warp + kWarps * j;
+        if (kNTiles % kWarps != 0 && n >= kNTiles) break;
+        for (int key = 0; key < kChunk; ++key) {
+          if (!s_kept[g][key]) continue;
+          const float pk = to_float(s_p[g][key]);
+          const uint8_t* v_pair = vrows + key * L::kRowBytes + n * 16 + 4 * t;
+          const float2 v = to_float2<Elem>(*reinterpret_cast<const uint32_t*>(v_pair));
+          acc[j][0] += is_nonfinite(v.x) ? v.x : pk * v.x;
+          acc[j][1] += is_nonfinite(v.y) ? v.y : pk * v.y;
         }
       }
     }
   }
+  cp_async_wait<0>();
 
-  // Merge the warps: out = sum_w exp(max_w - M) acc_w / sum_w exp(max_w - M) sum_w, M = max_w max_w (NaN
-  // propagates); a row no warp saw a key of is empty (out 0, lse -inf).
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const float sum = warp_sum(row_sum[r]);
-    if (lane == 0) s_max[warp][r] = row_max[r], s_sum[warp][r] = sum;
-  }
+  // Row g's sum over every warp's keys; a row that kept no key is empty (out 0, lse -inf).
+  row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
+  row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
+  if (t == 0) s_wsum[warp][g] = row_sum;
   __syncthreads();
-  // Each lane rescales its dims by its warp's weight exp(max_w - M) now; the weighted outputs then add up in
-  // s_out, half the warps writing and half adding at a time.
-  float weight[kRows];
+  if (g < q_len) {
+    float total = 0.f;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    float m = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) total += s_wsum[w][g];
+    const bool empty = row_max == -INFINITY;
+    const float inv = empty ? 0.f : 1.f / total;
+    Elem* orow = head.out + int64_t(g) * p.o_row_stride;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = max_nan(m, s_max[w][r]);
-    const float m_use = m == -INFINITY ? 0.f : m;
-    weight[r] = exp2_ftz((row_max[r] - m_use) * kLog2e);
-  }
-  const int half = kWarps / 2;
-  if (warp >= half) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int d = 0; d < kDL; ++d) s_out[warp - half][r][lane * kDL + d] = weight[r] * acc[r][d];
+    for (int j = 0; j < kTilesPerWarp; ++j) {
+      const int n = warp + kWarps * j;
+      if (kNTiles % kWarps != 0 && n >= kNTiles) break;
+      *reinterpret_cast<uint32_t*>(orow + 8 * n + 2 * t) = pack2<Elem>(acc[j][0] * inv, acc[j][1] * inv);
     }
-  }
-  __syncthreads();
-  if (warp < half) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int d = 0; d < kDL; ++d) s_out[warp][r][lane * kDL + d] += weight[r] * acc[r][d];
+    if (warp == 0 && t == 0) {
+      p.lse[(int64_t(b) * p.heads + h) * p.q_len + g] = empty ? -INFINITY : row_max + logf(total);
     }
-  }
-  __syncthreads();
-  float* lse_ptr = p.lse + (int64_t(b) * p.heads + h) * p.q_len;
-  for (int e = tid; e < q_len * kD; e += kThreads) {
-    const int r = e / kD, d = e % kD;
-    float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = max_nan(m, s_max[w][r]);
-    const bool empty = m == -INFINITY;
-    const float m_use = empty ? 0.f : m;
-    float total = 0.f, o = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += exp2_ftz((s_max[w][r] - m_use) * kLog2e) * s_sum[w][r];
-#pragma unroll
-    for (int w = 0; w < half; ++w) o += s_out[w][r][d];
-    store(head.out + int64_t(r) * p.o_row_stride + d, empty ? 0.f : o / total);
-    if (d == 0) lse_ptr[r] = empty ? -INFINITY : m + logf(total);
   }
 }
 
 template <int kD, bool kIsBF16>
 cudaError_t launch_rows(const FwdParams& p, cudaStream_t stream) {
-  const dim3 grid(p.heads, 1, p.batch);
-  if (p.q_len <= 4) {
-    flash_fwd_key_list_rows_kernel<kD, kIsBF16, 4><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    flash_fwd_key_list_rows_kernel<kD, kIsBF16, kKeyListRowsMax><<<grid, kThreads, 0, stream>>>(p);
-  }
+  constexpr int smem = RowsSmem<kD>::kBytes;
+  auto kernel = flash_fwd_key_list_rows_kernel<kD, kIsBF16>;
+  static std::atomic<uint64_t> configured{0};
+  if (cudaError_t err = raise_smem_limit_once(kernel, smem, configured); err != cudaSuccess) return err;
+  kernel<<<dim3(p.heads, 1, p.batch), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -4,12 +4,15 @@
 // tile and one CTA per multiprocessor; for G = 4 their per-chunk work is 32 times what the rows need, and a step's
 // masked forward ran far below the bandwidth of the kept K/V rows.
 //
-// No tensor cores: one warp scores 32 keys at a time, one key per lane (the lane reads the key's whole K row and the
-// query rows from shared memory, broadcast), runs the online softmax of its rows over them, and accumulates P V with
-// each lane holding D / 32 output dims of every row (V rows read whole by the warp). The warps of a CTA take the
-// unit's 32-key groups in turn and merge their (max, sum, out) at the end. Same logits (scale or softcap, bias, -inf
-// bias drops a key), masks (list bits, or a dense unit's mask bytes), causal bound, NaN and non-finite V rules and
-// empty-row convention as the tile kernels; P V uses fp32 P (the tile kernels round P to the input dtype).
+// The CTA (8 warps) gathers each 64-key chunk's K and V rows into a ring of shared-memory stages with cp.async (whole
+// rows, one or two chunks in flight ahead of the one computed), so a step's list keeps its rows streaming. The G rows
+// are the first rows of mma.sync's 16-row tiles: per chunk, warp w scores keys [8w, 8w + 8) against every row (the
+// query rows stay in registers as A fragments, K arrives by ldmatrix), the warps' row maxima meet in shared memory so
+// that every warp runs the same online softmax, and P (in the input dtype, as the tile kernels round it) times V
+// accumulates each warp's 8-dim column tiles of the output. Where a chunk's V holds an inf or NaN (a scan of the
+// copied pieces) its P V takes the per-element rules instead (a kept key's inf or NaN reaches its rows, a dropped key
+// adds nothing: 0 * inf in an MMA would be NaN). Same logits (scale or softcap, bias, -inf bias drops a key), masks
+// (list bits, or a dense unit's mask bytes), causal bound, NaN rules and empty-row convention as the tile kernels.
 #pragma once
 #include <cstdint>
 
