@@ -38,8 +38,8 @@ ITEMS_PER_CORE = 2
 ITEMS_PER_CORE_BOUNDED = 8
 # List parts per multiprocessor: the key-list tile forward holds one CTA per multiprocessor (its registers and shared
 # memory), so its parts aim at one wave; the few-rows forward (csrc/cuda/flash_fwd_key_list_rows.h, up to
-# kernel_facts()["key_list_rows_max"] rows) holds two, and its parts aim at two waves of them (1, 2 and 8 parts per
-# multiprocessor measured the same within the run-to-run spread: docs/decoding.md).
+# kernel_facts()["key_list_rows_max"] rows) holds two up to D = 192, and its parts aim at two waves of them (two
+# parts per multiprocessor, one wave, were slower: docs/decoding.md).
 ITEMS_PER_CORE_LISTS = 1
 ITEMS_PER_CORE_LIST_ROWS = 4
 
