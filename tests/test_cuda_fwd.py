@@ -225,13 +225,14 @@ def numpy_key_lists(mask, *, is_causal, q_len, capacity, bm=128, chunk=64):
 @pytest.mark.parametrize("capacity", [None, 256, 8192])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 2, 300, 300), (1, 1, 1, 517), (1, 2, 130, 200), (1, 1, 400, 256),
-                                   (1, 2, 200, 8208), (1, 1, 130, 5000)])
+                                   (1, 2, 200, 8208), (1, 1, 130, 5000), (1, 2, 3, 40000), (1, 1, 1, 20000)])
 def test_key_lists_match_numpy(shape, causal, capacity):
     """The pre-pass's lists and bit words, read back from the workspace outputs, entry by entry (capacity 256:
     the units of ~270 live keys of the 300-key masks overflow and must be marked dense). The 8208- and 5000-key
     masks (16-byte rows and not) keep ~92% of their keys per 128-row unit: under capacity 8192 a unit lists more
     keys than one pass of the pre-pass's CTA examines (4096), and under the default capacity (4096) it overflows
-    after the first pass."""
+    after the first pass. Units of at most 8 rows (the 3- and 1-row masks) take 4 mask words a thread and pass
+    (16384 keys): 40000 and 20000 keys need three and two passes, the last one ending inside a thread's 64 keys."""
     from jax_dmattn import _cuda_fwd
 
     b, hm, rows, lk = shape

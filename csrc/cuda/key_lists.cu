@@ -9,13 +9,75 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kKeysPerThread = 16;                      // one 16-byte mask word per row
-constexpr int kSegment = kThreads * kKeysPerThread;     // keys examined per pass of the CTA
+constexpr int kWordKeys = 16;  // keys of one 16-byte mask word
+// Units of at most this many rows (a decoding step's packed heads) read 4 words of each row per thread and pass, so
+// that a long row takes a quarter of the passes (each a load latency and a CTA scan); more rows keep one word, which
+// already gives each thread a word per row in flight.
+constexpr int kFewRows = 8;
+
+// Phase 1 (below) over [0, key_end): the unit's live keys in order into keys[1..], up to the capacity; returns their
+// count (past the capacity: some count above it). Each pass examines kThreads * kWords words' keys.
+template <int kWords>
+__device__ __forceinline__ int list_live_keys(const KeyListArgs& a, const uint8_t* base, int rows, int64_t key_end,
+                                              int32_t* keys, int64_t capacity, bool vec, int* scratch) {
+  constexpr int kKeysPerThread = kWordKeys * kWords;
+  constexpr int kSegment = kThreads * kKeysPerThread;
+  static_assert(kKeysPerThread <= 64, "a thread's keys are one 64-bit word");
+  int count = 0;
+  for (int64_t s0 = 0; s0 < key_end; s0 += kSegment) {
+    const int64_t k0 = s0 + int64_t(threadIdx.x) * kKeysPerThread;
+    uint64_t live = 0;  // bit i: key k0 + i is kept by some row
+    if (k0 < key_end) {
+      if (vec && k0 + kKeysPerThread <= key_end) {
+        uint4 acc[kWords];
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) acc[w] = make_uint4(0, 0, 0, 0);
+#pragma unroll 8
+        for (int r = 0; r < rows; ++r) {
+#pragma unroll
+          for (int w = 0; w < kWords; ++w) {
+            const uint4 x = __ldg(reinterpret_cast<const uint4*>(base + int64_t(r) * a.cols + k0) + w);
+            acc[w].x |= x.x, acc[w].y |= x.y, acc[w].z |= x.z, acc[w].w |= x.w;
+          }
+        }
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) {
+          const uint32_t words[4] = {acc[w].x, acc[w].y, acc[w].z, acc[w].w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              live |= ((words[i] >> (8 * j)) & 0xffu) ? (uint64_t{1} << (kWordKeys * w + 4 * i + j)) : 0u;
+            }
+          }
+        }
+      } else {
+        for (int r = 0; r < rows; ++r) {
+          const uint8_t* src = base + int64_t(r) * a.cols;
+          for (int i = 0; i < kKeysPerThread; ++i) {
+            if (k0 + i < key_end && src[k0 + i]) live |= uint64_t{1} << i;
+          }
+        }
+      }
+    }
+    int total = 0;
+    const int offset = cta_exclusive_scan<kWarps>(__popcll(live), scratch, total);
+    int pos = count + offset;
+    while (live && pos < capacity) {
+      const int i = __ffsll(live) - 1;
+      live &= live - 1;
+      keys[1 + pos++] = static_cast<int32_t>(k0 + i);
+    }
+    count += total;
+    if (count > capacity) break;  // uniform: every thread has the same total
+  }
+  return count;
+}
 
 // One CTA per unit (mask batch, mask head, 128-row query tile).
 // Phase 1: OR the unit's rows over each 16-key word, then list the live keys in order (CTA prefix sums). A unit
-//          whose live keys outgrow the capacity stops reading the mask and is marked dense.
-// Phase 2: for each 64-key chunk of the list, one warp per row gathers the row's bytes at the listed keys and
+//          whose live keys outgrow the capacity stops reading the mask and is marked dense (list_live_keys).
+// Phase 2: for each 64-key chunk of the list and each row, a warp gathers the row's bytes at the listed keys and
 //          packs them with a ballot: the mask over the live keys, one uint64 per (chunk, row).
 __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a) {
   __shared__ int scratch[kWarps + 1];
@@ -38,44 +100,8 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
   int32_t* keys = a.keys + unit * a.keys_stride();
   const int64_t capacity = a.capacity;
   const bool vec = (a.cols % 16 == 0) && (reinterpret_cast<uintptr_t>(a.mask) % 16 == 0);
-  int count = 0;
-  for (int64_t s0 = 0; s0 < key_end; s0 += kSegment) {
-    const int64_t k0 = s0 + int64_t(threadIdx.x) * kKeysPerThread;
-    uint32_t live = 0;  // bit i: key k0 + i is kept by some row
-    if (k0 < key_end) {
-      if (vec && k0 + kKeysPerThread <= key_end) {
-        uint4 acc = make_uint4(0, 0, 0, 0);
-#pragma unroll 8
-        for (int r = 0; r < rows; ++r) {
-          const uint4 w = __ldg(reinterpret_cast<const uint4*>(base + int64_t(r) * a.cols + k0));
-          acc.x |= w.x, acc.y |= w.y, acc.z |= w.z, acc.w |= w.w;
-        }
-        const uint32_t words[4] = {acc.x, acc.y, acc.z, acc.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) live |= ((words[i] >> (8 * j)) & 0xffu) ? (1u << (4 * i + j)) : 0u;
-        }
-      } else {
-        for (int r = 0; r < rows; ++r) {
-          const uint8_t* src = base + int64_t(r) * a.cols;
-          for (int i = 0; i < kKeysPerThread; ++i) {
-            if (k0 + i < key_end && src[k0 + i]) live |= 1u << i;
-          }
-        }
-      }
-    }
-    int total = 0;
-    const int offset = cta_exclusive_scan<kWarps>(__popc(live), scratch, total);
-    int pos = count + offset;
-    while (live && pos < capacity) {
-      const int i = __ffs(live) - 1;
-      live &= live - 1;
-      keys[1 + pos++] = static_cast<int32_t>(k0 + i);
-    }
-    count += total;
-    if (count > capacity) break;  // uniform: every thread has the same total
-  }
+  const int count = rows <= kFewRows ? list_live_keys<4>(a, base, rows, key_end, keys, capacity, vec, scratch)
+                                     : list_live_keys<1>(a, base, rows, key_end, keys, capacity, vec, scratch);
   if (count > capacity) {
     if (threadIdx.x == 0) keys[0] = kKeyListDense;  // the kernels walk all keys and read the mask themselves
     return;
@@ -86,23 +112,28 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int chunks = (count + kKeyListChunk - 1) / kKeyListChunk;
   uint64_t* bits = a.bits + unit * a.chunks() * rows_per_unit;
-  for (int c = 0; c < chunks; ++c) {
+  // Work items of (chunk, block of kRowsPerItem rows), spread over the warps: a unit of a tile's 128 rows gives each
+  // warp its block of rows in every chunk, a unit of a few rows (a decoding step's packed heads) its share of the
+  // chunks, so that its chunks' two dependent reads (list entries, then the mask bytes) overlap across warps.
+  constexpr int kRowsPerItem = kKeyListBlockM / kWarps;
+  const int row_blocks = (rows_per_unit + kRowsPerItem - 1) / kRowsPerItem;
+  for (int item = warp; item < chunks * row_blocks; item += kWarps) {
+    const int c = item / row_blocks, r0 = (item % row_blocks) * kRowsPerItem;
     const int j0 = c * kKeyListChunk + lane, j1 = j0 + 32;
     const int64_t key0 = j0 < count ? keys[1 + j0] : -1;
     const int64_t key1 = j1 < count ? keys[1 + j1] : -1;
-    // All of the warp's row loads are issued before the first ballot: the gathers are latency-bound.
-    constexpr int kRowsPerWarp = kKeyListBlockM / kWarps;
-    bool b0[kRowsPerWarp], b1[kRowsPerWarp];
+    // All of the item's row loads are issued before the first ballot: the gathers are latency-bound.
+    bool b0[kRowsPerItem], b1[kRowsPerItem];
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int r = warp + i * kWarps;
+    for (int i = 0; i < kRowsPerItem; ++i) {
+      const int r = r0 + i;
       const uint8_t* src = base + int64_t(r) * a.cols;
       b0[i] = r < rows && key0 >= 0 && src[key0];
       b1[i] = r < rows && key1 >= 0 && src[key1];
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int r = warp + i * kWarps;
+    for (int i = 0; i < kRowsPerItem; ++i) {
+      const int r = r0 + i;
       const uint32_t lo = __ballot_sync(0xffffffffu, b0[i]), hi = __ballot_sync(0xffffffffu, b1[i]);
       if (lane == 0 && r < rows_per_unit) bits[int64_t(c) * rows_per_unit + r] = (uint64_t(hi) << 32) | lo;
     }
