@@ -102,7 +102,7 @@ struct RowsSmem {
   static_assert(kBytes <= kMaxSmemPerBlockSm90, "shared memory of one CTA");
   static_assert(kPieces * kChunk % kThreads == 0, "whole pieces per thread");
   static constexpr int kLoadRows = kPieces * kChunk / kThreads;  // K (and V) pieces a thread gathers per chunk
-  static constexpr int kCtasPerSm = 2 * (kBytes + 4 * 1024) <= 228 * 1024 ? 2 : 1;
+  static constexpr int kCtasPerSm = 2 * (kBytes + 4 * 1024) <= kSmemPerSmSm90 ? 2 : 1;
 };
 
 // One CTA per (batch, query head) of a call with Lq <= kRowsMax rows (one key-list unit; the header says why). The
@@ -137,6 +137,10 @@ __global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
   const HeadOperands<Elem> head = head_operands<Elem>(p, b, h);
   const int n_chunks = walk.n_chunks;
 
+  // A stage's key indices, after its K and V rows.
+  auto stage_keys = [&](int stage) {
+    return reinterpret_cast<int32_t*>(smem + stage * L::kStageBytes + L::kKBytes + L::kVBytes);
+  };
   // The gather: thread tid copies pieces tid + i * kThreads of a chunk's K and V, row (key) e / kPieces.
   const uint32_t ring = smem_addr(smem);
   int g_row[L::kLoadRows], g_piece[L::kLoadRows], g_key[L::kLoadRows];
@@ -150,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
   auto gather = [&](int c) {
     const int stage = c % kStages;
     const uint32_t k_base = ring + stage * L::kStageBytes, v_base = k_base + L::kKBytes;
-    int32_t* s_keys = reinterpret_cast<int32_t*>(smem + stage * L::kStageBytes + L::kKBytes + L::kVBytes);
+    int32_t* s_keys = stage_keys(stage);
 #pragma unroll
     for (int i = 0; i < L::kLoadRows; ++i) {
       const int key = g_key[i];
@@ -196,8 +200,7 @@ __global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
   };
   auto load_meta = [&](int c) {
     Meta m;
-    const int32_t* s_keys =
-        reinterpret_cast<const int32_t*>(smem + (c % kStages) * L::kStageBytes + L::kKBytes + L::kVBytes);
+    const int32_t* s_keys = stage_keys(c % kStages);
     const uint64_t word = !walk.dense && g < q_len ? walk.word(c, g) : 0;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {

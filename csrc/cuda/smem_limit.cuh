@@ -12,6 +12,9 @@ namespace dmattn {
 // Dynamic shared memory a block may use on sm_90 (227 KiB), the bound every kernel's shared storage is checked against
 // at compile time.
 constexpr int kMaxSmemPerBlockSm90 = 227 * 1024;
+// Shared memory of one sm_90 multiprocessor (228 KiB), which the CTAs resident on it share (each also reserving 1 KiB
+// for the system).
+constexpr int kSmemPerSmSm90 = 228 * 1024;
 
 // The limit is a per-device function attribute, so it is raised once per (kernel, device): a process that drives
 // several GPUs (pmap, shard_map) must configure each of them. `configured` is a bit set of device ordinals, one
