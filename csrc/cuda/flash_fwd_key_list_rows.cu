@@ -8,6 +8,7 @@
 
 #include "cuda/bias_element.cuh"
 #include "cuda/fast_exp2.cuh"
+#include "cuda/half_float.cuh"
 #include "cuda/key_list_walk.cuh"
 #include "cuda/mask_words.cuh"
 #include "cuda/smem_limit.cuh"
@@ -27,13 +28,11 @@ std::atomic<int64_t> g_launches{0};
 template <bool kIsBF16>
 using ElemOf = std::conditional_t<kIsBF16, __nv_bfloat16, __half>;
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 template <class Elem>
 __device__ __forceinline__ float2 to_float2(uint32_t w) {
   const Elem* e = reinterpret_cast<const Elem*>(&w);
-  return make_float2(to_float(e[0]), to_float(e[1]));
+  return make_float2(to_f32(e[0]), to_f32(e[1]));
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -319,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
         if (kNTiles % kWarps != 0 && n >= kNTiles) break;
         for (int key = 0; key < kChunk; ++key) {
           if (!s_kept[g][key]) continue;
-          const float pk = to_float(s_p[g][key]);
+          const float pk = to_f32(s_p[g][key]);
           const uint8_t* v_pair = vrows + key * L::kRowBytes + n * 16 + 4 * t;
           const float2 v = to_float2<Elem>(*reinterpret_cast<const uint32_t*>(v_pair));
           acc[j][0] += is_nonfinite(v.x) ? v.x : pk * v.x;

@@ -1,6 +1,6 @@
 // fp32 to and from the kernels' 2-byte float types, for device code templated on the type (flash_bwd_dispatch.cu,
-// sm90/flash_fwd_exact_rows.cu, the Hopper mainloops' bias tiles). Rounding to nearest even, as the kernels store
-// their outputs.
+// flash_fwd_key_list_rows.cu, sm90/flash_fwd_exact_rows.cu, the Hopper mainloops' bias tiles). Rounding to nearest
+// even, as the kernels store their outputs.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
