@@ -207,9 +207,11 @@ def test_shared_lists_match_topk_mask(rng, bs, hs, kv_len, k, kind):
     check_shared(rng, bs, hs, kv_len, k, kind)
 
 
-def test_shared_lists_all_tied(rng):
-    # One value everywhere: the k lowest indices, decided by the tie-break alone.
-    check_shared(rng, 2, 1, 3000, 1000, "normal", scores=np.full((2, 1, 3000), 0.5, np.float32))
+@pytest.mark.parametrize("kv_len,k", [(3000, 1000), (40000, 3000), (1 << 20, 70000)], ids=["one_cta", "team4", "team8"])
+def test_shared_lists_all_tied(rng, kv_len, k):
+    # One value everywhere: the k lowest indices, decided by the tie-break alone; in a team, every member's keys
+    # equal T, and only the first members' are kept.
+    check_shared(rng, 2, 1, kv_len, k, "normal", scores=np.full((2, 1, kv_len), 0.5, np.float32))
 
 
 def test_shared_lists_reject_an_order():

@@ -32,6 +32,33 @@ __device__ __forceinline__ float load_bias(const void* base, int64_t off, DType 
   return load_bias<DType::kF32>(base, off);
 }
 
+// The bits of one element as stored (f32: 32; bf16 / f16: 16, zero-extended), or 0 where !pred, read by predicated
+// loads with no branch. A loop that reads a bias a step ahead of its use keeps these bits and converts them where it
+// uses them (bias_of_bits): converted next to its load, inside the dtype dispatch, the value would be waited for there.
+__device__ __forceinline__ uint32_t load_bias_bits(const void* base, int64_t off, DType dtype, bool pred) {
+  const bool wide = dtype == DType::kF32;
+  const char* addr = static_cast<const char*>(base) + off * (wide ? 4 : 2);
+  uint32_t bits;
+  asm volatile(
+      "{\n\t.reg .pred pw, pn;\n\t"
+      "setp.ne.b32 pw, %2, 0;\n\t"
+      "setp.ne.b32 pn, %3, 0;\n\t"
+      "mov.b32 %0, 0;\n\t"
+      "@pw ld.global.nc.b32 %0, [%1];\n\t"
+      "@pn ld.global.nc.u16 %0, [%1];\n\t"
+      "}"
+      : "=r"(bits)
+      : "l"(addr), "r"(int(pred && wide)), "r"(int(pred && !wide)));
+  return bits;
+}
+
+// The value of load_bias_bits' bits (0 bits: 0).
+__device__ __forceinline__ float bias_of_bits(uint32_t bits, DType dtype) {
+  if (dtype == DType::kBF16) return __uint_as_float(bits << 16);
+  if (dtype == DType::kF16) return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  return __uint_as_float(bits);
+}
+
 __device__ __forceinline__ void store_bias(void* base, int64_t off, DType dtype, float v) {
   if (dtype == DType::kBF16) {
     static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(v);

@@ -190,34 +190,44 @@ __global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
   const int causal_off = p.kv_len - q_len;
   const float cap_in = p.softcap > 0.f ? p.scale / p.softcap : 0.f;
 
-  // What the lane's two logits (row g, keys 8 warp + 2t + i of a chunk) need from global memory: loaded for chunk
-  // c + 1 while chunk c computes.
+  // What the lane's two logits (row g, keys 8 warp + 2t + i of a chunk) need from global memory, as loaded: read for
+  // chunk c + 1 while chunk c computes, and converted where chunk c + 1 uses them, so that the loads' latency
+  // overlaps chunk c (a conversion next to its load would wait for it there).
   struct Meta {
     int key[2];
-    float bias[2];
-    bool mask[2];  // the row's mask bit of each key (list bits or the dense unit's mask bytes)
+    uint32_t bias_bits[2];
+    uint64_t word;       // the row's bit word of the chunk (a list's unit)
+    uint8_t dense[2];    // the row's mask bytes of the keys (a dense unit)
   };
-  auto load_meta = [&](int c) {
+  auto fill_meta = [&](int c, const int (&keys)[2]) {
     Meta m;
-    const int32_t* s_keys = stage_keys(c % kStages);
-    const uint64_t word = !walk.dense && g < q_len ? walk.word(c, g) : 0;
+    m.word = !walk.dense && g < q_len ? walk.word(c, g) : 0;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int col = 8 * warp + 2 * t + i;
-      const int key = s_keys[col];
+      const int key = keys[i];
       m.key[i] = key;
       const bool live = key >= 0 && g < q_len;
-      m.bias[i] = has_bias && live
-                      ? load_bias(p.bias, bias_base + int64_t(g) * p.bias_row_stride + int64_t(key) * p.bias_col_stride,
-                                  p.bias_dtype)
-                      : 0.f;
-      m.mask[i] = live && (walk.dense ? dense_mask.rows[int64_t(g) * p.mask_row_stride +
-                                                        int64_t(key) * p.mask_col_stride] != 0
-                                      : ((word >> col) & 1u) != 0);
+      m.bias_bits[i] = load_bias_bits(
+          p.bias, bias_base + int64_t(g) * p.bias_row_stride + int64_t(key) * p.bias_col_stride, p.bias_dtype,
+          has_bias && live);
+      m.dense[i] = walk.dense && live ? dense_mask.rows[int64_t(g) * p.mask_row_stride +
+                                                        int64_t(key) * p.mask_col_stride]
+                                      : 0;
     }
     return m;
   };
+  // Chunk c's keys from its stage (written by other threads: after a barrier that follows its gather).
+  auto load_meta = [&](int c) {
+    const int32_t* s_keys = stage_keys(c % kStages);
+    const int keys[2] = {s_keys[8 * warp + 2 * t], s_keys[8 * warp + 2 * t + 1]};
+    return fill_meta(c, keys);
+  };
+  // Chunk 0's from the list itself, before the loop's first barrier.
   Meta meta;
+  {
+    const int keys[2] = {walk.key_at(0, 8 * warp + 2 * t, kChunk), walk.key_at(0, 8 * warp + 2 * t + 1, kChunk)};
+    meta = fill_meta(0, keys);
+  }
 
   float row_max = -INFINITY, row_sum = 0.f;  // row g's running max (the same in every warp) and this lane's sum
   float acc[kTilesPerWarp][4];  // P V: rows g (and g + 8: zeros), dims 8n + 2t, + 1 of n = warp + 8j
@@ -242,7 +252,6 @@ __global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
     const bool v_nonfinite = __syncthreads_or((halves & kNonfiniteBits) != 0);
     if (c + kStages - 1 < n_chunks) gather(c + kStages - 1);
     cp_async_commit();
-    if (c == 0) meta = load_meta(0);
 
     // S = q k^T for keys [8 warp, 8 warp + 8): B fragments by ldmatrix from the K rows (lane l: key l % 8, dims
     // 8 (4j + l / 8) .. + 8).
@@ -261,10 +270,13 @@ __global__ void __launch_bounds__(kThreads, RowsSmem<kD>::kCtasPerSm)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float logit = p.softcap > 0.f ? p.softcap * tanhf(sc[i] * cap_in) : sc[i] * p.scale;
-      if (has_bias) logit = add_bias(logit, meta.bias[i]);
-      const bool keep = meta.mask[i] && (!p.is_causal || meta.key[i] <= g + causal_off);
+      if (has_bias) logit = add_bias(logit, bias_of_bits(meta.bias_bits[i], p.bias_dtype));
+      const int col = 8 * warp + 2 * t + i;
+      const bool mask = meta.key[i] >= 0 && g < q_len &&
+                        (walk.dense ? meta.dense[i] != 0 : ((meta.word >> col) & 1u) != 0);
+      const bool keep = mask && (!p.is_causal || meta.key[i] <= g + causal_off);
       x[i] = keep ? logit : -INFINITY;
-      s_kept[g][8 * warp + 2 * t + i] = x[i] != -INFINITY;
+      s_kept[g][col] = x[i] != -INFINITY;
     }
     float wmax = max_nan(x[0], x[1]);
     wmax = max_nan(wmax, __shfl_xor_sync(0xffffffffu, wmax, 1));

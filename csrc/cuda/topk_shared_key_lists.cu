@@ -162,6 +162,11 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
 
   if (tid == 0) sm.prefix = 0, sm.rem = k;
   uint32_t high_mask = 0;  // the bits of the digits chosen so far
+  // This member's keys above T and equal to T (a team's members place their slices after the earlier members').
+  // A key lies above T where its first digit that differs from T's is larger, so they are summed from the member's
+  // own histograms, digit by digit: the bins above the chosen one (its keys match the digits chosen before); the
+  // last digit's chosen bin holds the keys equal to T. No pass over the row counts them.
+  int own_above = 0, own_equal = 0;
 #pragma unroll 1
   for (int d = 0; d < kDigits; ++d) {
     const int shift = digit_shift(d), bins = digit_bins(d);
@@ -187,6 +192,15 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
     }, sm.scratch, &sm.prefix, &sm.rem);
     high_mask |= uint32_t(bins - 1) << shift;
     Team::sync();  // the members are done reading the histograms (the next digit clears them), and sm is set
+    if constexpr (kCluster > 1) {
+      const int chosen = static_cast<int>((sm.prefix >> shift) & uint32_t(bins - 1));
+      int above = 0;
+      for (int i = chosen + 1 + tid; i < bins; i += kThreads) above += sm.hist[i];
+      int total = 0;
+      cta_exclusive_scan<kWarps>(above, sm.scratch, total);  // its barriers precede the next digit's clearing
+      own_above += total;
+      if (d == kDigits - 1) own_equal = sm.hist[chosen];
+    }
   }
 
   // T = sm.prefix, the k-th largest key; take = how many keys equal to T are kept (the lowest indices).
@@ -195,21 +209,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
   // The keys before this member's slice: its place in the list (a single CTA starts at 0).
   int placed_above = 0, placed_equal = 0;  // uniform: the kept keys before this piece, by kind
   if (kCluster > 1) {
-    int above = 0, equal = 0;
-    for_each_step(row, begin, lo, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
-#pragma unroll
-      for (int i = 0; i < kPerThread; ++i) {
-        const uint32_t key = order_key(x[i]);
-        above += ((valid >> i) & 1u) && key > t;
-        equal += ((valid >> i) & 1u) && key == t;
-      }
-      return true;
-    });
-    int total = 0;
-    cta_exclusive_scan<kWarps>(above, sm.scratch, total);
-    if (tid == 0) sm.above = total;
-    cta_exclusive_scan<kWarps>(equal, sm.scratch, total);
-    if (tid == 0) sm.equal = total;
+    if (tid == 0) sm.above = own_above, sm.equal = own_equal;
     Team::sync();  // every member's counts are set
     for (int r = 0; r < rank; ++r) {
       placed_above += *Team::member(&sm.above, r);

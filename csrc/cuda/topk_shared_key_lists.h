@@ -20,8 +20,9 @@
 // A long row is read by a team of 2, 4 or 8 CTAs on sm_90 (a thread-block cluster; one CTA elsewhere) when the teams
 // of all rows still fit on the multiprocessors at once (one CTA each), each member taking a slice of whole steps:
 // the members build their histograms over their slices, and each sums all of them through distributed shared
-// memory, so every member picks the same digits; before placing, a count pass gives each member the numbers of
-// kept keys (above T, equal to T) in the slices before its own, its place in the list.
+// memory, so every member picks the same digits. A member's keys above T and equal to T come from its own
+// histograms (at each digit, the bins above the chosen one hold keys above T; the last digit's chosen bin, those
+// equal to it), and their sums over the members before it give its place in the list.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>

@@ -195,9 +195,11 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     for (int i = 0; i < kRowsPerThread; ++i) bits |= shared_piece_nonfinite_bits<Elem>(dv + i * Kt::kVPieceStep);
     return (bits & kNonfiniteBits) != 0;
   };
-  auto load_key_bias = [&](int key) -> float {
-    if (!bias_per_key || key < 0) return 0.f;
-    return load_bias(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype);
+  // A per-key bias's bits, converted where a stage's table is written (bias_of_bits), so that no warp waits for the
+  // load before then.
+  auto load_key_bias_bits = [&](int key) -> uint32_t {
+    return load_bias_bits(p.bias, bias_base + int64_t(key) * p.bias_col_stride, p.bias_dtype,
+                          bias_per_key && key >= 0);
   };
   __shared__ uint64_t key_keep[kStages];  // per-key bias tables' keep words (stage_chunk_keep_word)
   auto stage_tables = [&](int stage, int key, float key_bias) {
@@ -228,7 +230,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
   // the list entry and the bias that depends on it each get a whole chunk's time.
   int next_rows[kRowsPerThread], later_rows[kRowsPerThread];
   int next_key = -1, later_key = -1;
-  float next_key_bias = 0.f;
+  uint32_t next_key_bias = 0;  // bits
   auto load_indices = [&](int c, int (&rows)[kRowsPerThread], int& key) {
     CUTE_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) rows[i] = key_at(c, gather_row(i));
@@ -239,13 +241,13 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
     CUTE_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) next_rows[i] = later_rows[i];
     next_key = later_key;
-    next_key_bias = load_key_bias(next_key);
+    next_key_bias = load_key_bias_bits(next_key);
     load_indices(c, later_rows, later_key);
   };
   {
     // All of the prologue's indices first, then its gathers: one index latency, not one per chunk.
     int rows[kStages - 1][kRowsPerThread], key[kStages - 1];
-    float key_bias[kStages - 1];
+    uint32_t key_bias[kStages - 1];  // bits
     CUTE_UNROLL
     for (int c = 0; c < kStages - 1; ++c) {
       CUTE_UNROLL
@@ -253,19 +255,19 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
       key[c] = tid < kChunk ? key_at(c, tid) : -1;
     }
     CUTE_UNROLL
-    for (int c = 0; c < kStages - 1; ++c) key_bias[c] = load_key_bias(key[c]);
+    for (int c = 0; c < kStages - 1; ++c) key_bias[c] = load_key_bias_bits(key[c]);
     CUTE_UNROLL
     for (int c = 0; c < kStages - 1; ++c) {
       if (c < n_chunks) {
         gather(c, rows[c]);
-        stage_tables(c, key[c], key_bias[c]);
+        stage_tables(c, key[c], bias_of_bits(key_bias[c], p.bias_dtype));
       }
       cute::cp_async_fence();
     }
   }
   // key_at gives -1 past the walk, so chunks past it load nothing and gather nothing.
   load_indices(kStages - 1, next_rows, next_key);
-  next_key_bias = load_key_bias(next_key);
+  next_key_bias = load_key_bias_bits(next_key);
   load_indices(kStages, later_rows, later_key);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) next_bits[r] = 0;
@@ -286,7 +288,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) flash_fwd_key_list_sm90_kerne
 
     if (c + kStages - 1 < n_chunks) {
       gather(fill_stage, next_rows);
-      stage_tables(fill_stage, next_key, next_key_bias);
+      stage_tables(fill_stage, next_key, bias_of_bits(next_key_bias, p.bias_dtype));
       advance_indices(c + kStages + 1);
     }
     cute::cp_async_fence();
