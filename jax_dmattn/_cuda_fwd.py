@@ -74,27 +74,30 @@ def _resolve_capacity(caller: str, kv_len: int, capacity) -> int:
     return key_list_capacity(kv_len, int(capacity))
 
 
-def key_list_sizes(mask_shape, capacity: int | None = None) -> tuple[int, int]:
-    """(int32 elements of the key lists, uint64 bit words) for a rank-4 mask with a full key dim and a list
-    capacity (None: key_list_capacity of the mask's key dim)."""
+def key_list_sizes(mask_shape, capacity: int | None = None, parts: int = 1) -> tuple[int, int]:
+    """(int32 elements of the key lists, uint64 bit words) for a rank-4 mask with a full key dim, a list capacity
+    (None: key_list_capacity of a part's keys) and its key dim listed in ``parts`` parts."""
     bm, hm, mm, nm = mask_shape
     if capacity is None:
-        capacity = key_list_capacity(nm)
-    units = bm * hm * -(-mm // KEY_LIST_BLOCK_M)
+        capacity = key_list_capacity(nm // parts)
+    units = bm * hm * parts * -(-mm // KEY_LIST_BLOCK_M)
     return units * (1 + capacity), units * (capacity // KEY_LIST_CHUNK) * min(mm, KEY_LIST_BLOCK_M)
 
 
-def build_key_lists(mask, *, q_len: int, is_causal: bool, capacity: int):
+def build_key_lists(mask, *, q_len: int, is_causal: bool, capacity: int, parts: int = 1):
     """The live-key lists of a rank-4 bool mask [Bm, Hm, Mm, Lk] (one ``dmattn_key_lists_cuda`` call):
     (keys int32 [units * (1 + capacity)], bit words as uint32 pairs [2 * units * capacity / 64 * min(Mm, 128)]).
 
-    ``q_len`` is the attention call's query length (the causal cut applies when Mm == q_len). Every caller
-    passing the same mask value, q_len, is_causal and capacity emits an identical call, which XLA's CSE merges."""
+    ``q_len`` is the attention call's query length (the causal cut applies when Mm == q_len). ``parts`` > 1 lists
+    each of that many equal key ranges apart, as heads hm * parts + p of the units (csrc/cuda/key_lists.h: a
+    decoding step's split over the keys). Every caller passing the same mask value, q_len, is_causal, capacity and
+    parts emits an identical call, which XLA's CSE merges."""
     _ffi.register_targets()
-    n_keys, n_words = key_list_sizes(mask.shape, capacity)
+    n_keys, n_words = key_list_sizes(mask.shape, capacity, parts)
     out_types = (jax.ShapeDtypeStruct((n_keys,), jnp.int32), jax.ShapeDtypeStruct((2 * n_words,), jnp.uint32))
     keys, bits = jax.ffi.ffi_call(KEY_LISTS_TARGET, out_types)(
-        mask, is_causal=np.bool_(is_causal), q_len=np.int64(q_len), capacity=np.int64(capacity))
+        mask, is_causal=np.bool_(is_causal), q_len=np.int64(q_len), capacity=np.int64(capacity),
+        parts=np.int64(parts))
     return keys, bits
 
 

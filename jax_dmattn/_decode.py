@@ -11,8 +11,10 @@
   not positions of the part (TopKMask: one top-k over all keys; KeyIndices: global indices) are not cut by key
   range: their live-key list, one per (batch, mask head) that every row shares, is cut instead (``split_lists``):
   part p of kv head h runs as query head h * S + p, whose GQA kv head is h, with the p-th slice of the list, so
-  each part reads only its slice of the kept keys. The backward of a decoding step runs packed, not split: it gets
-  the merged out and lse, so it is exact as it is.
+  each part reads only its slice of the kept keys. A bool mask with a full key dim and no row bounds is not cut
+  either: the key-list pre-pass lists each part's key range apart, with the keys' positions in the whole key dim
+  (``split_mask_lists``), and the parts run as the list slices do, so no operand is copied into parts. The backward
+  of a decoding step runs packed, not split: it gets the merged out and lse, so it is exact as it is.
 
 The lowerings run per device (after custom_partitioning), so this is invisible to sharding, vmap and autodiff: the
 primitives keep their shapes and contract. Absent operands are the primitives' zero-size placeholders here.
@@ -104,15 +106,38 @@ def split_lists(run, q, lists):
     starts = jnp.arange(s, dtype=jnp.int32) * part
     counts = jnp.clip(listed[:, :1] - starts[None, :], 0, part)                       # [n, s]
     part_keys = jnp.concatenate([counts[..., None], listed[:, 1:].reshape(n, s, part)], axis=2)
-    words = part // chunk * mm * 2  # a part's words: [chunks, Mm rows, 2] in chunk order
-    part_bits = bits.reshape(n, s, words)
-    # Heads (bm, hm, s) -> (bm, Hkv * s): part p of kv head h is query head h * s + p.
-    part_keys = jnp.broadcast_to(part_keys.reshape(bm, hm, s, 1 + part), (bm, hkv, s, 1 + part)).reshape(-1)
-    part_bits = jnp.broadcast_to(part_bits.reshape(bm, hm, s, -1), (bm, hkv, s, words)).reshape(-1)
+    part_bits = bits.reshape(n, s, part // chunk * mm * 2)  # a part's words: [chunks, Mm rows, 2] in chunk order
+    return _run_list_parts(run, q, part_keys, part_bits, (bm, hm, mm), s)
+
+
+def split_mask_lists(run, q, mask):
+    """``run(q, lists) -> (out, lse)``, the CUDA forward of a packed one-row call (q [B, G, Hkv, D]) with a bool mask
+    [Bm, Hm, Mm, Lk] (Hm in {1, Hkv}, Mm in {1, G}), run as the parts of ``split_count``: the key-list pre-pass lists
+    each part's key range apart (csrc/cuda/key_lists.h, parts), with each key's position in the whole key dim, so
+    that neither the mask nor K, V or the bias is cut; the parts' (out, lse) merged."""
+    from jax_dmattn import _cuda_fwd  # imported late: the CPU route needs none of it
+
+    b, g, hkv, d = q.shape
+    bm, hm, mm, lk = mask.shape
+    s = split_count(batch=b, kv_heads=hkv, kv_len=lk, implementation="cuda")
+    capacity = _cuda_fwd.key_list_capacity(lk // s, max_keys=lk)  # a part's keys rounded up to 64: never dense
+    keys, bits = _cuda_fwd.build_key_lists(mask, q_len=q.shape[1], is_causal=False, capacity=capacity, parts=s)
+    return _run_list_parts(run, q, keys.reshape(bm * hm, s, 1 + capacity), bits.reshape(bm * hm, s, -1),
+                           (bm, hm, mm), s)
+
+
+def _run_list_parts(run, q, part_keys, part_bits, geometry, s: int):
+    """``run`` on key lists in s parts (part_keys [Bm * Hm, s, 1 + C], part_bits [Bm * Hm, s, words]; geometry
+    (Bm, Hm, Mm)) as query heads: part p of kv head h is query head h * s + p (GQA maps it to kv head h; a mask head
+    shared by the kv heads has its lists repeated for each); the parts' (out, lse) merged."""
+    b, g, hkv, d = q.shape
+    bm, hm, mm = geometry
+    keys_len, words = part_keys.shape[-1], part_bits.shape[-1]
+    part_keys = jnp.broadcast_to(part_keys.reshape(bm, hm, s, keys_len), (bm, hkv, s, keys_len)).reshape(-1)
+    part_bits = jnp.broadcast_to(part_bits.reshape(bm, hm, s, words), (bm, hkv, s, words)).reshape(-1)
     out, lse = run(jnp.repeat(q, s, axis=2), (part_keys, part_bits, (bm, hkv * s, mm)))
-    out, lse = _partials.merge(jnp.moveaxis(out.reshape(b, g, hkv, s, d), 3, 0),
-                               jnp.moveaxis(lse.reshape(b, hkv, s, g), 2, 0))
-    return out, lse
+    return _partials.merge(jnp.moveaxis(out.reshape(b, g, hkv, s, d), 3, 0),
+                           jnp.moveaxis(lse.reshape(b, hkv, s, g), 2, 0))
 
 
 # ------------------------------------------------------------------------------------------ packing
@@ -193,6 +218,15 @@ def _split_rows(rows, s: int, part: int, batch: int):
 
 
 # ------------------------------------------------------------------------------------------ the two passes
+def _mask_lists_split(mask, rows, key_segments, kv_heads: int, kv_len: int, config) -> bool:
+    """Whether a packed CUDA call's bool mask is split by listing its parts' keys apart (split_mask_lists) instead of
+    cutting every operand into parts along the batch: a mask with a full key dim, one head or one per kv head, and
+    no row bounds (their lists come from another pre-pass)."""
+    return (config.implementation == "cuda" and config.mask_kind == "bool" and _present(mask)
+            and mask.shape[3] == kv_len and mask.shape[1] in (1, kv_heads) and not _present(rows)
+            and not _present(key_segments))
+
+
 def forward(body, q, k, v, bias, mask, rows, key_segments, config):
     """``body(q, k, v, bias, mask, rows, key_segments, config) -> (out, lse)``, the platform's forward lowering, run
     packed (and on CUDA split over the keys) for a call that ``packs``."""
@@ -202,7 +236,9 @@ def forward(body, q, k, v, bias, mask, rows, key_segments, config):
     qp, bias, mask, rows = _packed_operands(q, k, bias, mask, rows)
     config = _packed_config(config)
     s = split_count(batch=b, kv_heads=hkv, kv_len=lk, implementation=config.implementation, bounded=_present(rows))
-    if s > 1 and config.mask_kind == "bool":
+    if s > 1 and _mask_lists_split(mask, rows, key_segments, hkv, lk, config):
+        out, lse = body(qp, k, v, bias, mask, rows, key_segments, dataclasses.replace(config, split_lists=True))
+    elif s > 1 and config.mask_kind == "bool":
         part = lk // s
         ks, vs = (x.reshape(b * s, part, hkv, d) for x in (k, v))
         out, lse = body(jnp.repeat(qp, s, axis=0), ks, vs, _split_bcast(bias, s, b), _split_bcast(mask, s, b),

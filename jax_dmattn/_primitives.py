@@ -34,7 +34,7 @@ class KernelConfig:
     mask_kind: str = "bool"  # what the mask operand is: "bool" | "topk" | "indices" (jax_dmattn/_compact.py)
     mask_k: int = 0          # k of a "topk" mask
     # Set inside the CUDA forward lowering only (jax_dmattn/_decode.py): a packed one-row call whose shared key
-    # lists may be cut into parts along the heads.
+    # lists may be cut into parts along the heads, or whose bool mask's parts are listed apart.
     split_lists: bool = False
     # Set inside the lowerings only (jax_dmattn/_decode.py): a packed one-row call, whose query rows are the query
     # heads of one row and so share its row bounds.
@@ -129,13 +129,15 @@ def _fwd_cuda(q, k, v, bias, mask, rows, key_segments, config):
     from jax_dmattn import _cuda_fwd
 
     def run(mask_arg, lists, rows_arg, segments_arg, is_causal):
-        def call(q, lists):
+        def call(q, lists, mask_arg=mask_arg):
             return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
                                        key_segments=segments_arg, compact_lists=lists, scale=config.scale,
                                        softcap=config.softcap, is_causal=is_causal)
 
         if config.split_lists and lists is not None:
             return _decode.split_lists(call, q, lists)
+        if config.split_lists and mask_arg is not None:
+            return _decode.split_mask_lists(lambda q, lists: call(q, lists, None), q, mask_arg)
         return call(q, lists)
 
     return _with_cuda_mask(run, q, k, mask, rows, key_segments, config)

@@ -261,6 +261,44 @@ def test_key_lists_match_numpy(shape, causal, capacity):
     assert rel_err(out, ref_out) < 1e-2 and rel_err(lse, ref_lse) < 1e-3
 
 
+@pytest.mark.parametrize("shape,parts,causal,density,capacity", [
+    ((2, 2, 1, 40000), 4, False, 0.02, None),   # a decoding step's parts: 10000 keys each, 16-byte words
+    ((1, 2, 3, 20000), 5, False, 0.1, None),    # several rows a unit
+    ((1, 1, 1, 4100), 2, False, 0.3, None),     # 2050-key parts: no 16-byte words
+    ((1, 1, 130, 1024), 4, True, 0.05, None),   # causal cut inside the parts (rows == q_len)
+    ((1, 2, 2, 8192), 2, False, 0.5, 256),      # parts past the capacity: dense
+])
+def test_key_list_parts_match_numpy(shape, parts, causal, density, capacity):
+    """The pre-pass with the key dim in parts (csrc/cuda/key_lists.h): unit (bm, hm * parts + p) lists part p's live
+    keys by their positions in the whole key dim, as numpy lists the part's slice of the mask."""
+    from jax_dmattn import _cuda_fwd
+
+    b, hm, rows, lk = shape
+    pc = lk // parts
+    cap = _cuda_fwd.key_list_capacity(pc, max_keys=lk) if capacity is None else capacity
+    mask = np.asarray(jax.random.bernoulli(jax.random.PRNGKey(lk + parts), density, shape))
+    got_keys, got_bits = jax.jit(lambda m: _cuda_fwd.build_key_lists(m, q_len=rows, is_causal=causal, capacity=cap,
+                                                                      parts=parts))(jnp.asarray(mask))
+    mt = -(-rows // 128)
+    got_keys = np.asarray(got_keys).reshape(b, hm, parts, mt, 1 + cap)
+    got_bits = np.asarray(got_bits).view(np.uint64).reshape(b, hm, parts, mt, cap // 64, min(rows, 128))
+    for p in range(parts):
+        part_mask = mask[..., p * pc:(p + 1) * pc].copy()
+        if causal:  # keys past the bound of a unit's last row are not live in it (q_len = rows here)
+            for t in range(mt):
+                last = min(rows, (t + 1) * 128) - 1 + (lk - rows)
+                part_mask[:, :, t * 128:(t + 1) * 128, max(0, last + 1 - p * pc):] = False
+        exp_keys, exp_bits = numpy_key_lists(part_mask, is_causal=False, q_len=rows, capacity=cap)
+        for idx in np.ndindex(exp_keys.shape[:3]):
+            n = exp_keys[idx][0]
+            got = got_keys[idx[:2] + (p,) + idx[2:]]
+            assert got[0] == n, (p, idx)
+            if n < 0:
+                continue
+            np.testing.assert_array_equal(got[1:1 + n], exp_keys[idx][1:1 + n] + p * pc)
+            np.testing.assert_array_equal(got_bits[idx[:2] + (p,) + idx[2:]][:-(-n // 64)], exp_bits[idx][:-(-n // 64)])
+
+
 def mixed_mask(rng, shape, window):
     """Query tiles (128 rows) alternate between `window` random keys shared by the tile's rows (each row keeps
     ~90% of them: a short list) and a random half-dense mask (all keys live: a dense unit under a small

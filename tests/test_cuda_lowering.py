@@ -102,6 +102,36 @@ def test_forward_takes_key_lists_for_a_full_key_mask():
     assert operands(line)[5:7] == [f"{kl_results}#0", f"{kl_results}#1"]
 
 
+@pytest.mark.parametrize("mask_heads", [1, HKV, H])
+def test_decoding_step_lists_the_parts_of_the_whole_mask(monkeypatch, mask_heads):
+    """A packed decoding step (one query row, GQA) with a bool mask, split into 4 key parts: one key-list pre-pass
+    over the whole mask with parts = 4 (a per-query-head mask moved to the packed rows), the forward on K, V, the
+    bias and the q heads of the parts, with the lists as its only mask: nothing cut into parts along the batch."""
+    from jax_dmattn import _decode
+
+    monkeypatch.setattr(_decode, "split_count", lambda **kw: 4)
+    b, lk, g = 2, 4096, H // HKV
+    sds = jax.ShapeDtypeStruct
+    args = (sds((b, 1, H, D), jnp.bfloat16), sds((b, lk, HKV, D), jnp.bfloat16), sds((b, lk, HKV, D), jnp.bfloat16),
+            sds((b, HKV, 1, lk), jnp.bfloat16), sds((b, mask_heads, 1, lk), jnp.bool_))
+    fn = lambda q, k, v, bias, mask: jax_dmattn.attention(q, k, v, bias=bias, mask=mask,  # noqa: E731
+                                                          implementation="cuda")
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    lines = [ln for ln in text.splitlines() if "dmattn" in ln and "custom_call" in ln]
+    (kl,) = [ln for ln in lines if "dmattn_key_lists_cuda" in ln]
+    (fwd,) = [ln for ln in lines if "dmattn_fwd_cuda" in ln]
+    hm, mm = (HKV, g) if mask_heads == H else (mask_heads, 1)
+    assert operand_types(kl) == [f"tensor<{b}x{hm}x{mm}x{lk}xi1>"] and "parts = 4 : i64" in kl
+    cap = lk // 4
+    assert result_types(kl)[0] == f"tensor<{b * hm * 4 * (1 + cap)}xi32>"
+    ops = operand_types(fwd)
+    assert ops[0] == f"tensor<{b}x{g}x{HKV * 4}x{D}xbf16>"  # q: the parts as query heads h * 4 + p
+    assert ops[1] == ops[2] == f"tensor<{b}x{lk}x{HKV}x{D}xbf16>" and ops[3] == f"tensor<{b}x{HKV}x1x{lk}xbf16>"
+    assert ops[4] == "tensor<0xi1>"  # no mask operand: the lists stand for it
+    assert ops[5] == f"tensor<{b * HKV * 4 * (1 + cap)}xi32>"  # a mask head shared by the kv heads: its lists each
+    assert f"list_heads = {HKV * 4} : i64" in fwd
+
+
 def test_forward_takes_tile_classes_for_a_key_broadcast_mask():
     calls = lowered_calls(None, (B, HKV, L, 1), grad=False)
     (line,) = calls["dmattn_fwd_cuda"]

@@ -42,6 +42,7 @@ CASES = {
     "head-bias": DecodeCase(bias="head"),
     "one-bias-noncausal": DecodeCase(bias="one", is_causal=False),
     "bool-head": DecodeCase(mask="bool_head"),
+    "bool-kv": DecodeCase(mask="bool_kv"),
     "bool-kv-lengths": DecodeCase(mask="bool_kv", lengths=True),
     "indices-head": DecodeCase(mask="indices_head", bias="head", k=40),
     "indices-kv": DecodeCase(mask="indices_kv", k=70),
@@ -256,9 +257,10 @@ def _check_cuda_step(case, seed: str):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("name", ["key-bias", "bool-kv-lengths", "segments-lengths", "head-bias"])
+@pytest.mark.parametrize("name", ["key-bias", "bool-kv-lengths", "segments-lengths", "head-bias", "bool-head", "bool-kv"])
 def test_cuda_split_decode(name):
-    """The CUDA route of a decoding step at a length the device splits, against the oracle."""
+    """The CUDA route of a decoding step at a length the device splits, against the oracle (bool masks without
+    row bounds: their parts' key lists; the others: every operand cut into parts along the batch)."""
     case = dataclasses.replace(CASES[name], Lk=8192, B=2)
     assert _decode.split_count(batch=case.B, kv_heads=case.Hkv, kv_len=case.Lk, implementation="cuda") > 1
     _check_cuda_step(case, f"test_decode::cuda::{name}")

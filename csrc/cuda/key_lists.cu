@@ -15,16 +15,17 @@ constexpr int kWordKeys = 16;  // keys of one 16-byte mask word
 // already gives each thread a word per row in flight.
 constexpr int kFewRows = 8;
 
-// Phase 1 (below) over [0, key_end): the unit's live keys in order into keys[1..], up to the capacity; returns their
-// count (past the capacity: some count above it). Each pass examines kThreads * kWords words' keys.
+// Phase 1 (below) over [key_begin, key_end): the unit's live keys in order into keys[1..], up to the capacity;
+// returns their count (past the capacity: some count above it). Each pass examines kThreads * kWords words' keys.
 template <int kWords>
-__device__ __forceinline__ int list_live_keys(const KeyListArgs& a, const uint8_t* base, int rows, int64_t key_end,
-                                              int32_t* keys, int64_t capacity, bool vec, int* scratch) {
+__device__ __forceinline__ int list_live_keys(const KeyListArgs& a, const uint8_t* base, int rows, int64_t key_begin,
+                                              int64_t key_end, int32_t* keys, int64_t capacity, bool vec,
+                                              int* scratch) {
   constexpr int kKeysPerThread = kWordKeys * kWords;
   constexpr int kSegment = kThreads * kKeysPerThread;
   static_assert(kKeysPerThread <= 64, "a thread's keys are one 64-bit word");
   int count = 0;
-  for (int64_t s0 = 0; s0 < key_end; s0 += kSegment) {
+  for (int64_t s0 = key_begin; s0 < key_end; s0 += kSegment) {
     const int64_t k0 = s0 + int64_t(threadIdx.x) * kKeysPerThread;
     uint64_t live = 0;  // bit i: key k0 + i is kept by some row
     if (k0 < key_end) {
@@ -74,7 +75,7 @@ __device__ __forceinline__ int list_live_keys(const KeyListArgs& a, const uint8_
   return count;
 }
 
-// One CTA per unit (mask batch, mask head, 128-row query tile).
+// One CTA per unit (mask batch, mask head, key part, 128-row query tile).
 // Phase 1: OR the unit's rows over each 16-key word, then list the live keys in order (CTA prefix sums). A unit
 //          whose live keys outgrow the capacity stops reading the mask and is marked dense (list_live_keys).
 // Phase 2: for each 64-key chunk of the list and each row, a warp gathers the row's bytes at the listed keys and
@@ -84,24 +85,27 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
   const int64_t m_tiles = a.m_tiles();
   const int64_t unit = blockIdx.x;
   const int64_t t = unit % m_tiles;
-  const int64_t bh = unit / m_tiles;  // bm * heads + hm
+  const int64_t bhp = unit / m_tiles;  // (bm * heads + hm) * parts + part
+  const int64_t bh = bhp / a.parts, part = bhp % a.parts;
   const int64_t row0 = t * kKeyListBlockM;
   const int rows = static_cast<int>(a.rows - row0 < kKeyListBlockM ? a.rows - row0 : kKeyListBlockM);
   const int rows_per_unit = static_cast<int>(a.rows_per_unit());
   const uint8_t* base = a.mask + (bh * a.rows + row0) * a.cols;
 
-  // Keys past the causal bound of the unit's last row are invisible to every row of the unit.
-  int64_t key_end = a.cols;
+  // The part's keys; those past the causal bound of the unit's last row are invisible to every row of the unit.
+  const int64_t key_begin = part * a.part_cols();
+  int64_t key_end = key_begin + a.part_cols();
   if (a.is_causal && a.rows == a.q_len) {
     const int64_t last = row0 + rows - 1 + a.causal_offset;
-    key_end = last < 0 ? 0 : (last + 1 < a.cols ? last + 1 : a.cols);
+    key_end = last < key_begin ? key_begin : (last + 1 < key_end ? last + 1 : key_end);
   }
 
   int32_t* keys = a.keys + unit * a.keys_stride();
   const int64_t capacity = a.capacity;
-  const bool vec = (a.cols % 16 == 0) && (reinterpret_cast<uintptr_t>(a.mask) % 16 == 0);
-  const int count = rows <= kFewRows ? list_live_keys<4>(a, base, rows, key_end, keys, capacity, vec, scratch)
-                                     : list_live_keys<1>(a, base, rows, key_end, keys, capacity, vec, scratch);
+  const bool vec = (a.cols % 16 == 0) && (a.part_cols() % 16 == 0) && (reinterpret_cast<uintptr_t>(a.mask) % 16 == 0);
+  const int count = rows <= kFewRows
+                        ? list_live_keys<4>(a, base, rows, key_begin, key_end, keys, capacity, vec, scratch)
+                        : list_live_keys<1>(a, base, rows, key_begin, key_end, keys, capacity, vec, scratch);
   if (count > capacity) {
     if (threadIdx.x == 0) keys[0] = kKeyListDense;  // the kernels walk all keys and read the mask themselves
     return;

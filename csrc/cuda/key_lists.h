@@ -19,6 +19,12 @@
 // fraction of the O(Lq * Lk) mask; a mask that keeps most keys gains nothing from lists anyway.
 // A key is live when some row of the unit keeps it and, with causal masking and a row-full mask (Mm == Lq), it
 // is visible from the unit's last row. Causality is not folded into the bits: the kernels still mask it.
+//
+// Parts (a decoding step's split over the keys, jax_dmattn/_decode.py): with P > 1 parts the key dim is cut into P
+// equal ranges of Lk / P keys, and each range of each (bm, hm) is a unit of its own, as if the mask had Hm * P heads
+// (head hm * P + p: part p of mask head hm), listing the part's live keys by their positions in the whole key dim.
+// A part's lists then hold only its keys, and the kernels read K, V and the bias at those positions, so no operand
+// is cut into parts; the capacity bounds a part's keys (at most Lk / P rounded up to 64).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -33,20 +39,23 @@ struct KeyListArgs {
   // Causal bound (bottom-right): used only when rows == q_len; key j is visible from row i iff j <= i + offset.
   bool is_causal = false;
   int64_t q_len = 0, causal_offset = 0;
-  int64_t capacity = 0;      // C: keys listed per unit, a multiple of 64 in [64, ceil(cols / 64) * 64]
+  int64_t capacity = 0;      // C: keys listed per unit, a multiple of 64 in [64, ceil(part_cols() / 64) * 64]
+  int64_t parts = 1;         // P: key ranges per (bm, hm), each its own unit (cols a multiple of P)
   int32_t* keys = nullptr;   // [units, 1 + capacity]
   uint64_t* bits = nullptr;  // [units, capacity / 64, rows_per_unit]
 
   __host__ __device__ int64_t m_tiles() const { return (rows + kKeyListBlockM - 1) / kKeyListBlockM; }
-  __host__ __device__ int64_t units() const { return batch * heads * m_tiles(); }
+  __host__ __device__ int64_t part_cols() const { return cols / parts; }
+  __host__ __device__ int64_t units() const { return batch * heads * parts * m_tiles(); }
   __host__ __device__ int64_t rows_per_unit() const { return rows < kKeyListBlockM ? rows : kKeyListBlockM; }
   __host__ __device__ int64_t chunks() const { return capacity / kKeyListChunk; }  // bit-word chunks per unit
   __host__ __device__ int64_t keys_stride() const { return 1 + capacity; }
   __host__ __device__ int64_t keys_size() const { return units() * keys_stride(); }
-  // A capacity the kernels accept for this mask.
+  // Parts and a capacity the kernels accept for this mask.
+  __host__ __device__ bool parts_ok() const { return parts >= 1 && cols % parts == 0; }
   __host__ __device__ bool capacity_ok() const {
-    return capacity > 0 && capacity % kKeyListChunk == 0 &&
-           capacity <= (cols + kKeyListChunk - 1) / kKeyListChunk * kKeyListChunk;
+    return parts_ok() && capacity > 0 && capacity % kKeyListChunk == 0 &&
+           capacity <= (part_cols() + kKeyListChunk - 1) / kKeyListChunk * kKeyListChunk;
   }
   __host__ __device__ int64_t bits_size() const { return units() * chunks() * rows_per_unit(); }
 };

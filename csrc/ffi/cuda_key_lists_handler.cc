@@ -30,9 +30,11 @@ ffi::Error bad(const std::string& what) {
 // mask [Bm, Hm, Mm, Lk] bool (the attention call's mask in its own broadcast shape; the key dim is full).
 // keys: KeyListArgs::keys_size() int32; bits: 2 * KeyListArgs::bits_size() uint32 (the uint64 bit words as
 // uint32 pairs, so that callers need no x64 mode). q_len is the attention call's query length: the causal cut
-// applies only when the mask has a row per query (Mm == q_len), with the bottom-right offset Lk - q_len.
+// applies only when the mask has a row per query (Mm == q_len), with the bottom-right offset Lk - q_len. parts:
+// the key ranges listed apart (KeyListArgs::parts; 1 for a prompt's lists).
 ffi::Error key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::S32> keys,
-                          ffi::ResultBuffer<ffi::U32> bits, bool is_causal, int64_t q_len, int64_t capacity) {
+                          ffi::ResultBuffer<ffi::U32> bits, bool is_causal, int64_t q_len, int64_t capacity,
+                          int64_t parts) {
   count_cuda_handler_run(stream);
   const auto md = mask.dimensions();
   if (md.size() != 4) return bad("mask must be rank 4 [Bm, Hm, Mm, Lk]");
@@ -44,10 +46,13 @@ ffi::Error key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::PRED> mask, ffi:
   args.q_len = q_len;
   args.causal_offset = args.cols - q_len;
   args.capacity = capacity;
+  args.parts = parts;
+  if (!args.parts_ok())
+    return bad("parts " + std::to_string(parts) + " must be >= 1 and divide the key dim " + std::to_string(args.cols));
   if (!args.capacity_ok())
     return bad("capacity " + std::to_string(capacity) + " must be a positive multiple of 64 and at most " +
-               std::to_string((args.cols + kKeyListChunk - 1) / kKeyListChunk * kKeyListChunk) +
-               " (the key dim rounded up to 64)");
+               std::to_string((args.part_cols() + kKeyListChunk - 1) / kKeyListChunk * kKeyListChunk) +
+               " (a part's keys rounded up to 64)");
   if (static_cast<int64_t>(keys->element_count()) != args.keys_size())
     return bad("keys must have " + std::to_string(args.keys_size()) + " elements (units x (1 + capacity)), got " +
                std::to_string(keys->element_count()));
@@ -72,7 +77,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kKeyListsCuda, key_lists_impl,
                                   .Ret<ffi::Buffer<ffi::U32>>()   // bits [2 * units * capacity / 64 * rows]
                                   .Attr<bool>("is_causal")
                                   .Attr<int64_t>("q_len")
-                                  .Attr<int64_t>("capacity"),
+                                  .Attr<int64_t>("capacity")
+                                  .Attr<int64_t>("parts"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 std::vector<FfiTarget> cuda_key_lists_targets() {
