@@ -220,10 +220,11 @@ def _split_rows(rows, s: int, part: int, batch: int):
 # ------------------------------------------------------------------------------------------ the two passes
 def _mask_lists_split(mask, rows, key_segments, kv_heads: int, kv_len: int, config) -> bool:
     """Whether a packed CUDA call's bool mask is split by listing its parts' keys apart (split_mask_lists) instead of
-    cutting every operand into parts along the batch: a mask with a full key dim, one head or one per kv head, and
-    no row bounds (their lists come from another pre-pass)."""
+    cutting every operand into parts along the batch: a mask with a full key dim, one head or one per kv head, rows
+    that one list unit holds, and no row bounds (their lists come from another pre-pass)."""
     return (config.implementation == "cuda" and config.mask_kind == "bool" and _present(mask)
-            and mask.shape[3] == kv_len and mask.shape[1] in (1, kv_heads) and not _present(rows)
+            and mask.shape[3] == kv_len and mask.shape[1] in (1, kv_heads)
+            and mask.shape[2] <= _ffi.kernel_facts()["key_list_block_m"] and not _present(rows)
             and not _present(key_segments))
 
 
