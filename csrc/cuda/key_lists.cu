@@ -79,7 +79,8 @@ __device__ __forceinline__ int list_live_keys(const KeyListArgs& a, const uint8_
 // Phase 1: OR the unit's rows over each 16-key word, then list the live keys in order (CTA prefix sums). A unit
 //          whose live keys outgrow the capacity stops reading the mask and is marked dense (list_live_keys).
 // Phase 2: for each 64-key chunk of the list and each row, a warp gathers the row's bytes at the listed keys and
-//          packs them with a ballot: the mask over the live keys, one uint64 per (chunk, row).
+//          packs them with a ballot: the mask over the live keys, one uint64 per (chunk, row). A one-row mask keeps
+//          each live key in its row, so its words are set from the count alone.
 __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a) {
   __shared__ int scratch[kWarps + 1];
   const int64_t m_tiles = a.m_tiles();
@@ -111,11 +112,18 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
     return;
   }
   if (threadIdx.x == 0) keys[0] = count;
+  const int chunks = (count + kKeyListChunk - 1) / kKeyListChunk;
+  uint64_t* bits = a.bits + unit * a.chunks() * rows_per_unit;
+  if (a.rows == 1) {  // the one row keeps every live key: its words are the first `count` bits, no mask read
+    for (int c = threadIdx.x; c < chunks; c += kThreads) {
+      const int n = count - c * kKeyListChunk;
+      bits[c] = n >= kKeyListChunk ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+    }
+    return;
+  }
   __syncthreads();  // the list (global, written by this CTA) is visible to the whole CTA
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int chunks = (count + kKeyListChunk - 1) / kKeyListChunk;
-  uint64_t* bits = a.bits + unit * a.chunks() * rows_per_unit;
   // Work items of (chunk, block of kRowsPerItem rows), spread over the warps: a unit of a tile's 128 rows gives each
   // warp its block of rows in every chunk, a unit of a few rows (a decoding step's packed heads) its share of the
   // chunks, so that its chunks' two dependent reads (list entries, then the mask bytes) overlap across warps.
