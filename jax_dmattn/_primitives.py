@@ -129,15 +129,18 @@ def _fwd_cuda(q, k, v, bias, mask, rows, key_segments, config):
     from jax_dmattn import _cuda_fwd
 
     def run(mask_arg, lists, rows_arg, segments_arg, is_causal):
-        def call(q, lists, mask_arg=mask_arg):
+        def call(q, lists, mask_arg=mask_arg, q_head_repeat=1):
             return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
                                        key_segments=segments_arg, compact_lists=lists, scale=config.scale,
-                                       softcap=config.softcap, is_causal=is_causal)
+                                       softcap=config.softcap, is_causal=is_causal, q_head_repeat=q_head_repeat)
+
+        def call_parts(q, lists, q_head_repeat):
+            return call(q, lists, None, q_head_repeat)
 
         if config.split_lists and lists is not None:
-            return _decode.split_lists(call, q, lists)
+            return _decode.split_lists(call_parts, q, lists)
         if config.split_lists and mask_arg is not None:
-            return _decode.split_mask_lists(lambda q, lists: call(q, lists, None), q, mask_arg)
+            return _decode.split_mask_lists(call_parts, q, mask_arg)
         return call(q, lists)
 
     return _with_cuda_mask(run, q, k, mask, rows, key_segments, config)

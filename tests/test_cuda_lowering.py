@@ -106,7 +106,8 @@ def test_forward_takes_key_lists_for_a_full_key_mask():
 def test_decoding_step_lists_the_parts_of_the_whole_mask(monkeypatch, mask_heads):
     """A packed decoding step (one query row, GQA) with a bool mask, split into 4 key parts: one key-list pre-pass
     over the whole mask with parts = 4 (a per-query-head mask moved to the packed rows), the forward on K, V, the
-    bias and the q heads of the parts, with the lists as its only mask: nothing cut into parts along the batch."""
+    bias and q, the parts being query heads h * 4 + p that read q's head h, with the lists as its only mask: nothing
+    cut into parts or repeated."""
     from jax_dmattn import _decode
 
     monkeypatch.setattr(_decode, "split_count", lambda **kw: 4)
@@ -125,11 +126,19 @@ def test_decoding_step_lists_the_parts_of_the_whole_mask(monkeypatch, mask_heads
     cap = lk // 4
     assert result_types(kl)[0] == f"tensor<{b * hm * 4 * (1 + cap)}xi32>"
     ops = operand_types(fwd)
-    assert ops[0] == f"tensor<{b}x{g}x{HKV * 4}x{D}xbf16>"  # q: the parts as query heads h * 4 + p
+    assert ops[0] == f"tensor<{b}x{g}x{HKV}x{D}xbf16>" and "q_head_repeat = 4 : i64" in fwd  # q serves each part
     assert ops[1] == ops[2] == f"tensor<{b}x{lk}x{HKV}x{D}xbf16>" and ops[3] == f"tensor<{b}x{HKV}x1x{lk}xbf16>"
     assert ops[4] == "tensor<0xi1>"  # no mask operand: the lists stand for it
     assert ops[5] == f"tensor<{b * HKV * 4 * (1 + cap)}xi32>"  # a mask head shared by the kv heads: its lists each
     assert f"list_heads = {HKV * 4} : i64" in fwd
+
+
+def test_q_head_repeat_needs_compact_lists():
+    q = jnp.zeros((B, 1, HKV, D), jnp.bfloat16)
+    k = jnp.zeros((B, L, HKV, D), jnp.bfloat16)
+    with pytest.raises(ValueError, match="q_head_repeat is taken with compact_lists only"):
+        _cuda_fwd.flash_fwd(q, k, k, None, jnp.ones((B, HKV, 1, L), bool), scale=1.0, softcap=0.0, is_causal=False,
+                            q_head_repeat=2)
 
 
 def test_forward_takes_tile_classes_for_a_key_broadcast_mask():

@@ -196,7 +196,9 @@ def test_list_split_count_follows_the_device(monkeypatch):
 def _lists_reference(k, v, bias):
     """A stand-in for the CUDA forward with compact lists: decodes the lists to a dense mask, runs the oracle."""
 
-    def run(q, lists):
+    def run(q, lists, q_head_repeat=1):
+        run.calls.append((q.shape, q_head_repeat))
+        q = jnp.repeat(q, q_head_repeat, axis=2)  # the kernel's q_head_div: query head h reads q's head h / repeat
         keys, bits, geometry = lists
         dense = decode_lists(keys, bits, geometry, q.shape[1], k.shape[1])  # [Bm, Hm, 1, Lk]
         keep = np.repeat(dense, q.shape[2] // dense.shape[1], axis=1)
@@ -204,7 +206,6 @@ def _lists_reference(k, v, bias):
         kk, vv = (np.repeat(np.asarray(x), qh // x.shape[2], axis=2) for x in (k, v))
         b = None if bias is None else np.repeat(np.asarray(bias), qh // bias.shape[1], axis=1)
         out, lse = oracle.oracle_attention(np.asarray(q), kk, vv, b, keep)
-        run.calls.append(q.shape)
         return jnp.asarray(out, jnp.float32), jnp.asarray(lse, jnp.float32)
 
     run.calls = []
@@ -236,7 +237,7 @@ def test_split_lists_merge_to_the_whole_list(monkeypatch, mask_heads, per_row):
     want = whole(q, lists)
     parts = _lists_reference(k, v, bias)
     got = _decode.split_lists(parts, q, lists)
-    assert parts.calls == [(b, g, hkv * 2, d)], parts.calls  # 512 keys: 8 chunks, 2 parts of >= 4 chunks
+    assert parts.calls == [((b, g, hkv, d), 2)], parts.calls  # 512 keys: 8 chunks, 2 parts of >= 4 chunks
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
 

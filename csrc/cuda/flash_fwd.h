@@ -18,6 +18,9 @@ struct FwdParams : CallParams {
   int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
   int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
   bool skip_empty_tiles = true;  // false: every mask tile is treated as partial (for bitwise tests)
+  // Query heads per head of q: query head h reads q's head h / q_head_div (a decoding step's key parts run as query
+  // heads that share their q, jax_dmattn/_decode.py). 1 but for key lists given without a mask.
+  int q_head_div = 1;
 
   // Live-key lists of the mask (csrc/cuda/key_lists.h); when set the kernel walks them instead of key tiles.
   // Unit of (b, h, query tile) = b * kl_batch_stride + (h / mask_hdiv) * kl_head_stride + m * kl_m_stride.
@@ -33,8 +36,8 @@ struct FwdParams : CallParams {
   bool tile_units_apart = false;
 };
 
-// The operands of (batch b, query head h) at row 0, addressed with the call's row strides: q and out of the head, k
-// and v of its kv head (h / group).
+// The operands of (batch b, query head h) at row 0, addressed with the call's row strides: out of the head, q of its
+// q head (h / q_head_div), k and v of its kv head (h / group).
 template <class Elem>
 struct HeadOperands {
   const Elem* q;
@@ -46,7 +49,7 @@ struct HeadOperands {
 template <class Elem>
 __host__ __device__ inline HeadOperands<Elem> head_operands(const FwdParams& p, int b, int h) {
   const int hk = h / p.group;
-  return {static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride,
+  return {static_cast<const Elem*>(p.q) + b * p.q_batch_stride + (h / p.q_head_div) * p.q_head_stride,
           static_cast<const Elem*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride,
           static_cast<const Elem*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride,
           static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride};

@@ -40,7 +40,8 @@ __global__ void __launch_bounds__(kWarps * 32) exact_rows_kernel(FwdParams p) {
       // lse is [B, H, Lq]: row = (b * H + h) * Lq + i.
       const int i = int(row % p.q_len), h = int((row / p.q_len) % p.heads), b = int(row / (int64_t(p.q_len) * p.heads));
       const int hk = h / p.group;
-      const T* qr = q + b * p.q_batch_stride + int64_t(i) * p.q_row_stride + int64_t(h) * p.q_head_stride;
+      const T* qr =
+          q + b * p.q_batch_stride + int64_t(i) * p.q_row_stride + int64_t(h / p.q_head_div) * p.q_head_stride;
       const T* kb = k + b * p.k_batch_stride + int64_t(hk) * p.k_head_stride;
       const T* vb = v + b * p.v_batch_stride + int64_t(hk) * p.v_head_stride;
       float qv[kMaxPerLane], acc[kMaxPerLane];
