@@ -178,7 +178,8 @@ def list_geometry_attrs(compact_lists):
 
 def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
                          skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None,
-                         compact_lists=None, rows=None, key_segments=None, q_head_repeat: int = 1):
+                         compact_lists=None, rows=None, key_segments=None, q_head_repeat: int = 1,
+                         q_heads_first: bool = False):
     """Returns (out [B, Lq, H, D], lse [B, H, Lq] f32, tile classes uint8 or a zero-size array, key lists int32
     or zero-size, their bit words as uint32 pairs or zero-size).
 
@@ -189,17 +190,18 @@ def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, i
     given instead of a mask; they never hold a dense unit. ``rows`` / ``key_segments``: row bounds
     (jax_dmattn/_bounds.py), which only the tile path takes: with them a mask goes through tile classes.
     ``q_head_repeat``: each head of q serves that many consecutive query heads (out and lse have H * q_head_repeat
-    heads; with compact_lists only: a decoding step's key parts, jax_dmattn/_decode.py)."""
+    heads; with compact_lists only: a decoding step's key parts, jax_dmattn/_decode.py); ``q_heads_first``: q is
+    [B, Hq, Lq, D] (compact_lists only: a packed step's q as the reshape of its query heads, with no transpose)."""
     check_operands("flash_fwd", q, k, v, bias, mask)
-    if q_head_repeat != 1 and compact_lists is None:
-        raise ValueError("flash_fwd: q_head_repeat is taken with compact_lists only")
+    if (q_head_repeat != 1 or q_heads_first) and compact_lists is None:
+        raise ValueError("flash_fwd: q_head_repeat and q_heads_first are taken with compact_lists only")
     if compact_lists is not None and mask is not None:
         raise ValueError("flash_fwd: give a mask or compact_lists, not both")
     if rows is not None and compact_lists is not None:
         raise ValueError("flash_fwd: row bounds are taken on the tile path only, not with compact_lists")
     key_lists = key_lists and rows is None
     _ffi.register_targets()
-    b, lq, hq, d = q.shape
+    b, lq, hq, d = (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) if q_heads_first else q.shape
     h = hq * q_head_repeat
     lk = k.shape[1]
     capacity = _resolve_capacity("flash_fwd", lk, key_list_capacity)
@@ -226,16 +228,18 @@ def flash_fwd_with_tiles(q, k, v, bias, mask, *, scale: float, softcap: float, i
         q, k, v, bias_arg, mask_arg, keys, bits, *bounds_operands(rows, key_segments),
         scale=np.float32(scale), softcap=np.float32(softcap or 0.0), is_causal=np.bool_(is_causal),
         skip_empty_tiles=np.bool_(skip_empty_tiles), key_lists=np.bool_(lists),
-        **list_geometry_attrs(compact_lists if lists else None), q_head_repeat=np.int64(q_head_repeat))
+        **list_geometry_attrs(compact_lists if lists else None), q_head_repeat=np.int64(q_head_repeat),
+        q_heads_first=np.bool_(q_heads_first))
     return out, lse, classes, keys, bits
 
 
 def flash_fwd(q, k, v, bias, mask, *, scale: float, softcap: float, is_causal: bool,
               skip_empty_tiles: bool = True, key_lists: bool = True, key_list_capacity=None, compact_lists=None,
-              rows=None, key_segments=None, q_head_repeat: int = 1):
+              rows=None, key_segments=None, q_head_repeat: int = 1, q_heads_first: bool = False):
     """out [B, Lq, H, D] (q dtype), lse [B, H, Lq] f32 (natural log; empty rows: out 0, lse -inf)."""
     out, lse, *_ = flash_fwd_with_tiles(q, k, v, bias, mask, scale=scale, softcap=softcap, is_causal=is_causal,
                                         skip_empty_tiles=skip_empty_tiles, key_lists=key_lists,
                                         key_list_capacity=key_list_capacity, compact_lists=compact_lists,
-                                        rows=rows, key_segments=key_segments, q_head_repeat=q_head_repeat)
+                                        rows=rows, key_segments=key_segments, q_head_repeat=q_head_repeat,
+                                        q_heads_first=q_heads_first)
     return out, lse

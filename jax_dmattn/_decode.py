@@ -86,8 +86,9 @@ def list_split_count(*, batch: int, kv_heads: int, chunks: int, rows: int) -> in
 
 
 def split_lists(run, q, lists):
-    """``run(q, lists, q_head_repeat) -> (out, lse)``, the CUDA forward of a packed one-row call (q [B, G, Hkv, D];
-    each head of q serves q_head_repeat query heads) with compact key lists ``(keys, bits, (Bm, Hm, Mm))``, run as S
+    """``run(q, lists, q_head_repeat, q_heads_first) -> (out, lse)``, the CUDA forward of a packed one-row call
+    (q [B, G, Hkv, D]; each head of q serves q_head_repeat query heads; q_heads_first: q given as [B, Hkv, G, D])
+    with compact key lists ``(keys, bits, (Bm, Hm, Mm))``, run as S
     list parts when each (batch, head) has one list unit: shared by every row (Mm = 1: a TopKMask, with or without
     row bounds, or shared KeyIndices) or with a bit row per packed row (Mm = G: per-query-head KeyIndices, whose
     heads became the rows), with Hm in {1, Hkv}; the parts' (out, lse) merged. Other lists run as they are."""
@@ -95,12 +96,12 @@ def split_lists(run, q, lists):
     b, g, hkv, d = q.shape
     n = bm * hm
     if mm not in (1, g) or n == 0 or hm not in (1, hkv):
-        return run(q, lists, 1)
+        return run(q, lists, 1, False)
     capacity = keys.shape[0] // n - 1
     chunk = _ffi.kernel_facts()["key_list_chunk"]
     s = list_split_count(batch=b, kv_heads=hkv, chunks=capacity // chunk, rows=g)
     if s == 1:
-        return run(q, lists, 1)
+        return run(q, lists, 1, False)
     part = capacity // s
     listed = keys.reshape(n, 1 + capacity)
     starts = jnp.arange(s, dtype=jnp.int32) * part
@@ -111,10 +112,10 @@ def split_lists(run, q, lists):
 
 
 def split_mask_lists(run, q, mask):
-    """``run(q, lists, q_head_repeat) -> (out, lse)`` as for split_lists, for a packed one-row call with a bool mask
-    [Bm, Hm, Mm, Lk] (Hm in {1, Hkv}, Mm in {1, G}), run as the parts of ``split_count``: the key-list pre-pass lists
-    each part's key range apart (csrc/cuda/key_lists.h, parts), with each key's position in the whole key dim, so
-    that neither the mask nor K, V or the bias is cut; the parts' (out, lse) merged."""
+    """``run(q, lists, q_head_repeat, q_heads_first) -> (out, lse)`` as for split_lists, for a packed one-row call
+    with a bool mask [Bm, Hm, Mm, Lk] (Hm in {1, Hkv}, Mm in {1, G}), run as the parts of ``split_count``: the
+    key-list pre-pass lists each part's key range apart (csrc/cuda/key_lists.h, parts), with each key's position in
+    the whole key dim, so that neither the mask nor K, V or the bias is cut; the parts' (out, lse) merged."""
     from jax_dmattn import _cuda_fwd  # imported late: the CPU route needs none of it
 
     b, g, hkv, d = q.shape
@@ -129,14 +130,15 @@ def split_mask_lists(run, q, mask):
 def _run_list_parts(run, q, part_keys, part_bits, geometry, s: int):
     """``run`` on key lists in s parts (part_keys [Bm * Hm, s, 1 + C], part_bits [Bm * Hm, s, words]; geometry
     (Bm, Hm, Mm)) as query heads: part p of kv head h is query head h * s + p (GQA maps it to kv head h, and the
-    kernel to q's head h: q_head_repeat, no copy of q; a mask head shared by the kv heads has its lists repeated for
-    each); the parts' (out, lse) merged."""
+    kernel to q's head h: q_head_repeat, no copy of q; q goes heads first, which undoes the packing's transpose, so
+    XLA copies nothing; a mask head shared by the kv heads has its lists repeated for each); the parts' (out, lse)
+    merged."""
     b, g, hkv, d = q.shape
     bm, hm, mm = geometry
     keys_len, words = part_keys.shape[-1], part_bits.shape[-1]
     part_keys = jnp.broadcast_to(part_keys.reshape(bm, hm, s, keys_len), (bm, hkv, s, keys_len)).reshape(-1)
     part_bits = jnp.broadcast_to(part_bits.reshape(bm, hm, s, words), (bm, hkv, s, words)).reshape(-1)
-    out, lse = run(q, (part_keys, part_bits, (bm, hkv * s, mm)), s)
+    out, lse = run(jnp.swapaxes(q, 1, 2), (part_keys, part_bits, (bm, hkv * s, mm)), s, True)
     return _partials.merge(jnp.moveaxis(out.reshape(b, g, hkv, s, d), 3, 0),
                            jnp.moveaxis(lse.reshape(b, hkv, s, g), 2, 0))
 

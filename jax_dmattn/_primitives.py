@@ -129,13 +129,14 @@ def _fwd_cuda(q, k, v, bias, mask, rows, key_segments, config):
     from jax_dmattn import _cuda_fwd
 
     def run(mask_arg, lists, rows_arg, segments_arg, is_causal):
-        def call(q, lists, mask_arg=mask_arg, q_head_repeat=1):
+        def call(q, lists, mask_arg=mask_arg, q_head_repeat=1, q_heads_first=False):
             return _cuda_fwd.flash_fwd(q, k, v, None if _is_absent(bias) else bias, mask_arg, rows=rows_arg,
                                        key_segments=segments_arg, compact_lists=lists, scale=config.scale,
-                                       softcap=config.softcap, is_causal=is_causal, q_head_repeat=q_head_repeat)
+                                       softcap=config.softcap, is_causal=is_causal, q_head_repeat=q_head_repeat,
+                                       q_heads_first=q_heads_first)
 
-        def call_parts(q, lists, q_head_repeat):
-            return call(q, lists, None, q_head_repeat)
+        def call_parts(q, lists, q_head_repeat, q_heads_first):
+            return call(q, lists, None, q_head_repeat, q_heads_first)
 
         if config.split_lists and lists is not None:
             return _decode.split_lists(call_parts, q, lists)

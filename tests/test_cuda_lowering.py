@@ -126,7 +126,9 @@ def test_decoding_step_lists_the_parts_of_the_whole_mask(monkeypatch, mask_heads
     cap = lk // 4
     assert result_types(kl)[0] == f"tensor<{b * hm * 4 * (1 + cap)}xi32>"
     ops = operand_types(fwd)
-    assert ops[0] == f"tensor<{b}x{g}x{HKV}x{D}xbf16>" and "q_head_repeat = 4 : i64" in fwd  # q serves each part
+    # q as the reshape of its heads, [B, Hkv, G, D], serving each part's query head
+    assert ops[0] == f"tensor<{b}x{HKV}x{g}x{D}xbf16>" and "q_head_repeat = 4 : i64" in fwd
+    assert "q_heads_first = true" in fwd
     assert ops[1] == ops[2] == f"tensor<{b}x{lk}x{HKV}x{D}xbf16>" and ops[3] == f"tensor<{b}x{HKV}x1x{lk}xbf16>"
     assert ops[4] == "tensor<0xi1>"  # no mask operand: the lists stand for it
     assert ops[5] == f"tensor<{b * HKV * 4 * (1 + cap)}xi32>"  # a mask head shared by the kv heads: its lists each
@@ -136,7 +138,7 @@ def test_decoding_step_lists_the_parts_of_the_whole_mask(monkeypatch, mask_heads
 def test_q_head_repeat_needs_compact_lists():
     q = jnp.zeros((B, 1, HKV, D), jnp.bfloat16)
     k = jnp.zeros((B, L, HKV, D), jnp.bfloat16)
-    with pytest.raises(ValueError, match="q_head_repeat is taken with compact_lists only"):
+    with pytest.raises(ValueError, match="q_head_repeat and q_heads_first are taken with compact_lists only"):
         _cuda_fwd.flash_fwd(q, k, k, None, jnp.ones((B, HKV, 1, L), bool), scale=1.0, softcap=0.0, is_causal=False,
                             q_head_repeat=2)
 

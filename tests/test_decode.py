@@ -196,7 +196,9 @@ def test_list_split_count_follows_the_device(monkeypatch):
 def _lists_reference(k, v, bias):
     """A stand-in for the CUDA forward with compact lists: decodes the lists to a dense mask, runs the oracle."""
 
-    def run(q, lists, q_head_repeat=1):
+    def run(q, lists, q_head_repeat=1, q_heads_first=False):
+        if q_heads_first:
+            q = jnp.swapaxes(q, 1, 2)
         run.calls.append((q.shape, q_head_repeat))
         q = jnp.repeat(q, q_head_repeat, axis=2)  # the kernel's q_head_div: query head h reads q's head h / repeat
         keys, bits, geometry = lists

@@ -21,10 +21,11 @@ namespace ffi = xla::ffi;
 namespace dmattn {
 namespace {
 
-// q [B, Lq, H / q_head_repeat, D] (query head h reads q's head h / q_head_repeat; > 1 only with key lists given
-// without a mask), k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or zero-size; mask bool of the same rule or zero-size;
-// with key_lists, the mask's live-key lists and bit words built by dmattn_key_lists_cuda (int32 [units * (1 + C)],
-// uint64 words as u32 pairs [2 * units * C / 64 * min(Mm, 128)]; zero-size otherwise). They
+// q [B, Lq, H / q_head_repeat, D], or [B, H / q_head_repeat, Lq, D] with q_heads_first (query head h reads q's head
+// h / q_head_repeat; both only with key lists given without a mask), k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or
+// zero-size; mask bool of the same rule or zero-size; with key_lists, the mask's live-key lists and bit words built
+// by dmattn_key_lists_cuda (int32 [units * (1 + C)], uint64 words as u32 pairs [2 * units * C / 64 * min(Mm,
+// 128)]; zero-size otherwise). They
 // are inputs, not built here, so that XLA's CSE can share one pre-pass between the forward, the backward and
 // layers with the same mask. Returns out [B, Lq, H, D], lse [B, H, Lq] f32 and, off the list path, the mask
 // tile classes [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (workspace; zero-size without a mask or with lists).
@@ -34,19 +35,21 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Result<ffi::AnyBuffer> out,
                           ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::U8> classes, float scale,
                           float softcap, bool is_causal, bool skip_empty_tiles, bool use_key_lists,
-                          int64_t list_batch, int64_t list_heads, int64_t list_rows, int64_t q_head_repeat) {
+                          int64_t list_batch, int64_t list_heads, int64_t list_rows, int64_t q_head_repeat,
+                          bool q_heads_first) {
   count_cuda_handler_run(stream);
   constexpr const char* kTarget = "dmattn_fwd_cuda";
   QkvDims s;
   FwdParams p;
   BroadcastOperand bias_op;
   if (auto e = set_call_params(kTarget, q, k, v, bias, bound_rows, key_segments, scale, softcap, is_causal, s, p,
-                               bias_op, q_head_repeat);
+                               bias_op, q_head_repeat, q_heads_first);
       e.failure())
     return e;
   // Only the key-list kernels read q through head_operands (q_head_div); lists without a mask reach only them.
-  if (q_head_repeat > 1 && list_rows == 0)
-    return ffi::Error::InvalidArgument("dmattn_fwd_cuda: q_head_repeat > 1 needs key lists given without a mask");
+  if ((q_head_repeat > 1 || q_heads_first) && list_rows == 0)
+    return ffi::Error::InvalidArgument(
+        "dmattn_fwd_cuda: q_head_repeat > 1 and q_heads_first need key lists given without a mask");
   if (out->element_type() != q.element_type())
     return ffi::Error::InvalidArgument("dmattn_fwd_cuda: out must have q's dtype");
   const int64_t Lq = s.Lq, H = s.H, D = s.D, Lk = s.Lk, Hkv = s.Hkv;
@@ -54,7 +57,8 @@ ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.out = out->untyped_data();
   p.lse = lse->typed_data();
   const int64_t Hq = H / q_head_repeat;  // q's own heads
-  p.q_row_stride = Hq * D, p.q_head_stride = D, p.q_batch_stride = Lq * Hq * D;
+  p.q_row_stride = q_heads_first ? D : Hq * D, p.q_head_stride = q_heads_first ? Lq * D : D;
+  p.q_batch_stride = Lq * Hq * D;
   p.q_head_div = static_cast<int>(q_head_repeat);
   p.k_row_stride = Hkv * D, p.k_head_stride = D, p.k_batch_stride = Lk * Hkv * D;
   p.v_row_stride = Hkv * D, p.v_head_stride = D, p.v_batch_stride = Lk * Hkv * D;
@@ -142,7 +146,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashFwdCuda, flash_fwd_impl,
                                   .Attr<int64_t>("list_batch")  // unit geometry of compact lists (0: none)
                                   .Attr<int64_t>("list_heads")
                                   .Attr<int64_t>("list_rows")
-                                  .Attr<int64_t>("q_head_repeat"),  // query heads per head of q
+                                  .Attr<int64_t>("q_head_repeat")  // query heads per head of q
+                                  .Attr<bool>("q_heads_first"),    // q [B, Hq, Lq, D]
                               {ffi::Traits::kCmdBufferCompatible});
 
 namespace {

@@ -54,16 +54,18 @@ struct QkvDims {
 
 // Checks q, k, v as the CUDA kernels take them (rank 4, matching shapes, H a multiple of Hkv, an instantiated
 // head dim, bf16 or f16) and reads their dims; each head of q serves q_head_repeat query heads (H = q's heads times
-// it). Error messages start with `target`.
+// it), and q_heads_first says q is [B, Hq, Lq, D] instead of [B, Lq, Hq, D]. Error messages start with `target`.
 inline xla::ffi::Error decode_qkv(const char* target, const xla::ffi::AnyBuffer& q, const xla::ffi::AnyBuffer& k,
-                                  const xla::ffi::AnyBuffer& v, int64_t q_head_repeat, QkvDims& s) {
+                                  const xla::ffi::AnyBuffer& v, int64_t q_head_repeat, bool q_heads_first,
+                                  QkvDims& s) {
   auto bad = [&](const std::string& what) {
     return xla::ffi::Error::InvalidArgument(std::string(target) + ": " + what);
   };
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return bad("q, k, v must be rank 4");
   if (q_head_repeat < 1) return bad("q_head_repeat must be >= 1");
-  s.B = qd[0], s.Lq = qd[1], s.H = qd[2] * q_head_repeat, s.D = qd[3], s.Lk = kd[1], s.Hkv = kd[2];
+  s.B = qd[0], s.Lq = qd[q_heads_first ? 2 : 1], s.H = qd[q_heads_first ? 1 : 2] * q_head_repeat, s.D = qd[3];
+  s.Lk = kd[1], s.Hkv = kd[2];
   if (kd[0] != s.B || kd[3] != s.D || vd[0] != s.B || vd[1] != s.Lk || vd[2] != s.Hkv || vd[3] != s.D)
     return bad("q/k/v shapes disagree");
   if (s.Hkv <= 0 || s.H % s.Hkv != 0) return bad("H % Hkv != 0");
@@ -152,8 +154,8 @@ inline xla::ffi::Error set_call_params(const char* target, const xla::ffi::AnyBu
                                        const xla::ffi::AnyBuffer& bias, const xla::ffi::AnyBuffer& bound_rows,
                                        const xla::ffi::AnyBuffer& key_segments, float scale, float softcap,
                                        bool is_causal, QkvDims& s, CallParams& p, BroadcastOperand& bias_op,
-                                       int64_t q_head_repeat = 1) {
-  if (auto e = decode_qkv(target, q, k, v, q_head_repeat, s); e.failure()) return e;
+                                       int64_t q_head_repeat = 1, bool q_heads_first = false) {
+  if (auto e = decode_qkv(target, q, k, v, q_head_repeat, q_heads_first, s); e.failure()) return e;
   p.q = q.untyped_data();
   p.k = k.untyped_data();
   p.v = v.untyped_data();
