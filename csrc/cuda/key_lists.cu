@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kThreads) build_key_lists_kernel(KeyListArgs a
 
   int32_t* keys = a.keys + unit * a.keys_stride();
   const int64_t capacity = a.capacity;
-  const bool vec = (a.cols % 16 == 0) && (a.part_cols() % 16 == 0) && (reinterpret_cast<uintptr_t>(a.mask) % 16 == 0);
+  const bool vec =
+      (a.cols % 16 == 0) && (a.part_cols() % 16 == 0) && (reinterpret_cast<uintptr_t>(a.mask) % 16 == 0);
   const int count = rows <= kFewRows
                         ? list_live_keys<4>(a, base, rows, key_begin, key_end, keys, capacity, vec, scratch)
                         : list_live_keys<1>(a, base, rows, key_begin, key_end, keys, capacity, vec, scratch);

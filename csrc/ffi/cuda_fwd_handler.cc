@@ -24,11 +24,11 @@ namespace {
 // q [B, Lq, H / q_head_repeat, D], or [B, H / q_head_repeat, Lq, D] with q_heads_first (query head h reads q's head
 // h / q_head_repeat; both only with key lists given without a mask), k/v [B, Lk, Hkv, D]; bias [Bb, Hb, Mb, Nb] or
 // zero-size; mask bool of the same rule or zero-size; with key_lists, the mask's live-key lists and bit words built
-// by dmattn_key_lists_cuda (int32 [units * (1 + C)], uint64 words as u32 pairs [2 * units * C / 64 * min(Mm,
-// 128)]; zero-size otherwise). They
-// are inputs, not built here, so that XLA's CSE can share one pre-pass between the forward, the backward and
-// layers with the same mask. Returns out [B, Lq, H, D], lse [B, H, Lq] f32 and, off the list path, the mask
-// tile classes [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (workspace; zero-size without a mask or with lists).
+// by dmattn_key_lists_cuda (int32 [units * (1 + C)], uint64 words as u32 pairs [2 * units * C / 64 * min(Mm, 128)];
+// zero-size otherwise). They are inputs, not built here, so that XLA's CSE can share one pre-pass between the
+// forward, the backward and layers with the same mask. Returns out [B, Lq, H, D], lse [B, H, Lq] f32 and, off the
+// list path, the mask tile classes [Bm, Hm, ceil(Mm / 128), ceil(Nm / 64)] uint8 (workspace; zero-size without a
+// mask or with lists).
 ffi::Error flash_fwd_impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::AnyBuffer bias, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> key_lists,
                           ffi::Buffer<ffi::U32> key_bits, ffi::AnyBuffer bound_rows, ffi::AnyBuffer key_segments,
