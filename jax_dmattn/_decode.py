@@ -88,10 +88,10 @@ def list_split_count(*, batch: int, kv_heads: int, chunks: int, rows: int) -> in
 def split_lists(run, q, lists):
     """``run(q, lists, q_head_repeat, q_heads_first) -> (out, lse)``, the CUDA forward of a packed one-row call
     (q [B, G, Hkv, D]; each head of q serves q_head_repeat query heads; q_heads_first: q given as [B, Hkv, G, D])
-    with compact key lists ``(keys, bits, (Bm, Hm, Mm))``, run as S
-    list parts when each (batch, head) has one list unit: shared by every row (Mm = 1: a TopKMask, with or without
-    row bounds, or shared KeyIndices) or with a bit row per packed row (Mm = G: per-query-head KeyIndices, whose
-    heads became the rows), with Hm in {1, Hkv}; the parts' (out, lse) merged. Other lists run as they are."""
+    with compact key lists ``(keys, bits, (Bm, Hm, Mm))``, run as S list parts when each (batch, head) has one list
+    unit: shared by every row (Mm = 1: a TopKMask, with or without row bounds, or shared KeyIndices) or with a bit
+    row per packed row (Mm = G: per-query-head KeyIndices, whose heads became the rows), with Hm in {1, Hkv}; the
+    parts' (out, lse) merged. Other lists run as they are."""
     keys, bits, (bm, hm, mm) = lists
     b, g, hkv, d = q.shape
     n = bm * hm
