@@ -29,7 +29,8 @@ class DecodeCase:
     D: int = 32
     is_causal: bool = True
     bias: str | None = "key"     # None | key [B, Hkv, 1, Lk] | head [B, H, 1, Lk] | one [1, 1, 1, Lk]
-    mask: str | None = None      # None | bool_head [B, H, 1, Lk] | bool_kv [1, Hkv, 1, Lk] | indices_head | topk_kv
+    mask: str | None = None      # None | bool_head [B, H, 1, Lk] | bool_kv [1, Hkv, 1, Lk] | bool_one [B, 1, 1, Lk]
+    #                              | indices_head | topk_kv
     #                              | indices_kv (KeyIndices [B, Hkv, K], shared by every row)
     k: int = 30                  # topk_kv: k; indices_*: K
     lengths: bool = False        # key_value_seq_lengths (ragged cache fill)
@@ -43,6 +44,7 @@ CASES = {
     "one-bias-noncausal": DecodeCase(bias="one", is_causal=False),
     "bool-head": DecodeCase(mask="bool_head"),
     "bool-kv": DecodeCase(mask="bool_kv"),
+    "bool-one": DecodeCase(mask="bool_one"),
     "bool-kv-lengths": DecodeCase(mask="bool_kv", lengths=True),
     "indices-head": DecodeCase(mask="indices_head", bias="head", k=40),
     "indices-kv": DecodeCase(mask="indices_kv", k=70),
@@ -68,6 +70,9 @@ def make(case: DecodeCase, rng):
     elif case.mask == "bool_kv":
         mask = rng.random((1, case.Hkv, 1, case.Lk)) < 0.5
         keep &= np.repeat(mask, g, axis=1)
+    elif case.mask == "bool_one":
+        mask = rng.random((case.B, 1, 1, case.Lk)) < 0.5
+        keep &= mask
     elif case.mask in ("indices_head", "indices_kv"):
         heads = case.H if case.mask == "indices_head" else case.Hkv
         idx = rng.integers(-1, case.Lk, (case.B, heads, 1, case.k)).astype(np.int32)
@@ -260,7 +265,8 @@ def _check_cuda_step(case, seed: str):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("name", ["key-bias", "bool-kv-lengths", "segments-lengths", "head-bias", "bool-head", "bool-kv"])
+@pytest.mark.parametrize("name", ["key-bias", "bool-kv-lengths", "segments-lengths", "head-bias", "bool-head", "bool-kv",
+                                  "bool-one"])
 def test_cuda_split_decode(name):
     """The CUDA route of a decoding step at a length the device splits, against the oracle (bool masks without
     row bounds: their parts' key lists; the others: every operand cut into parts along the batch)."""
