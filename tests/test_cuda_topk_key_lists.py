@@ -100,6 +100,14 @@ def make_scores(rng, shape, kind: str) -> np.ndarray:
     elif kind == "lowest":  # canonical NaN / -inf (the lowest finite float32) beside negatives and positives
         s = rng.standard_normal(shape).astype(np.float32)
         s[..., ::3] = np.finfo(np.float32).min
+    elif kind == "raw":  # not canonical (the shared builder ranks NaN and -inf lowest, -0.0 as 0.0): returned as is
+        s = rng.standard_normal(shape).astype(np.float32)
+        s[..., ::5] = np.nan
+        s[..., 1::7] = -np.inf
+        s[..., 2::11] = -0.0
+        s[..., 3::13] = 0.0
+        s[..., 4::97] = np.inf
+        return s
     else:
         raise ValueError(kind)
     return np.where(s == 0, np.float32(0), s).astype(np.float32)  # canonical: no -0.0
@@ -193,25 +201,28 @@ def check_shared(rng, bs, hs, kv_len, k, kind, scores=None):
     assert np.all(listed[:, 1 + k:] == 0), "list entries past k must be zero"
 
 
-# Lk: below one step of the kernel (4096 keys), not a multiple of 4 (scalar loads), several steps, and long rows that
-# sm_90 reads with a cluster of 2 (20001), 4 (40000), 8 (64K, 1M) CTAs, and 136 rows, more than an H100 / H200 has
-# multiprocessors (one CTA each).
+# Lk: below one step of the streaming kernel (4096 keys), not a multiple of 4 (scalar loads), several steps, and long
+# rows that sm_90 reads with a cluster of 2 (20001), 4 (40000), 8 (64K, 1M) CTAs; 136 rows, more than an H100 / H200
+# has multiprocessors; 64 rows of 64K (a decoding step's lists: teams of 2 whose slices fill the shared memory); 200
+# rows of 60000 keys (teams of 2 for the slices to fit, in several waves). 1M keys a row outgrow the resident slices
+# (the streaming kernel); every other case runs the resident kernel.
 SHARED = [(2, 3, 100, 1), (1, 2, 257, 64), (3, 1, 1001, 200), (2, 2, 8192, 2048), (1, 3, 20001, 777),
           (2, 2, 65536, 2048), (1, 1, 65536, 65535), (1, 2, 1 << 20, 2048), (1, 2, 40000, 3000),
-          (17, 8, 16384, 1000)]
+          (17, 8, 16384, 1000), (8, 8, 65536, 2048), (25, 8, 60000, 1500)]
 
 
-@pytest.mark.parametrize("kind", KINDS + ["lowest"])
+@pytest.mark.parametrize("kind", KINDS + ["lowest", "raw"])
 @pytest.mark.parametrize("bs,hs,kv_len,k", SHARED, ids=[f"b{b}h{h}-k{lk}-top{k}" for b, h, lk, k in SHARED])
 def test_shared_lists_match_topk_mask(rng, bs, hs, kv_len, k, kind):
     check_shared(rng, bs, hs, kv_len, k, kind)
 
 
-@pytest.mark.parametrize("kv_len,k", [(3000, 1000), (40000, 3000), (1 << 20, 70000)], ids=["one_cta", "team4", "team8"])
-def test_shared_lists_all_tied(rng, kv_len, k):
+@pytest.mark.parametrize("rows,kv_len,k", [(2, 3000, 1000), (2, 40000, 3000), (150, 60000, 5000), (2, 1 << 20, 70000)],
+                         ids=["one_cta", "team4", "team2_waves", "team8_streaming"])
+def test_shared_lists_all_tied(rng, rows, kv_len, k):
     # One value everywhere: the k lowest indices, decided by the tie-break alone; in a team, every member's keys
     # equal T, and only the first members' are kept.
-    check_shared(rng, 2, 1, kv_len, k, "normal", scores=np.full((2, 1, kv_len), 0.5, np.float32))
+    check_shared(rng, rows, 1, kv_len, k, "normal", scores=np.full((rows, 1, kv_len), 0.5, np.float32))
 
 
 def test_shared_lists_reject_an_order():

@@ -13,6 +13,15 @@ __device__ __forceinline__ uint32_t order_key(float s) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// order_key of the score's canonical form (NaN and -inf rank as the lowest finite float, -0.0 as 0.0): the same key
+// for a canonical score, and one no canonical score maps below. Never 0, which the builders use for "no key".
+__device__ __forceinline__ uint32_t canonical_order_key(float s) {
+  uint32_t u = __float_as_uint(s);
+  u = s > -3.40282347e+38f ? u : 0xff7fffffu;  // NaN and -inf compare false
+  u = s == 0.f ? 0u : u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // The radix select's digits, most significant first: bits [21, 32), [10, 21), [0, 10).
 constexpr int kSelectDigits = 3;
 constexpr int kSelectMaxBins = 2048;

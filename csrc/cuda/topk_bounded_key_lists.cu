@@ -101,7 +101,7 @@ __device__ void select_kth(StaticSmem& sm, const float* s, int q0, int q1, int k
     const int rem = sm.rem;
     for (int j = q0 + tid; j < q1; j += kThreads) {
       if (!sees(j)) continue;
-      const uint32_t key = order_key(__ldg(s + j));
+      const uint32_t key = canonical_order_key(__ldg(s + j));
       if ((key & high_mask) == prefix) atomicAdd(sm.hist + ((key >> shift) & uint32_t(bins - 1)), 1);
     }
     __syncthreads();
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) build_topk_bounded_key_lists_kernel(
       for (int base = lo_max; base < hi_min; base += kThreads) {
         const int j = base + tid;
         const bool in = j < hi_min && sees(j);
-        const uint32_t key = in ? order_key(__ldg(s + j)) : 0u;
+        const uint32_t key = in ? canonical_order_key(__ldg(s + j)) : 0u;
         const bool above = in && key > t, equal = in && key == t;
         int step_equal = 0;
         const int before = cta_exclusive_scan<kWarps>(equal ? 1 : 0, sm.scratch, step_equal);
@@ -193,9 +193,9 @@ __global__ void __launch_bounds__(kThreads) build_topk_bounded_key_lists_kernel(
     // The end ranges: [lo_min, lo_max) and [hi_min, hi_max) beside Q, or [lo_min, hi_max) without it.
     const int end0 = has_q ? lo_max : hi_max, begin1 = has_q ? hi_min : hi_max;
     for (int j = lo_min + tid; j < end0; j += kThreads)
-      if (sees(j)) push_candidate(sm, cand, cand_room, order_key(__ldg(s + j)), j);
+      if (sees(j)) push_candidate(sm, cand, cand_room, canonical_order_key(__ldg(s + j)), j);
     for (int j = begin1 + tid; j < hi_max; j += kThreads)
-      if (sees(j)) push_candidate(sm, cand, cand_room, order_key(__ldg(s + j)), j);
+      if (sees(j)) push_candidate(sm, cand, cand_room, canonical_order_key(__ldg(s + j)), j);
     __syncthreads();
     const int n = sm.candidates;
     if (n > cand_room) __trap();  // at most k + 2 * kSpread by the grouping rule
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) build_topk_bounded_key_lists_kernel(
       for (int half = 0; half < 2; ++half) {
         const int p = c * kKeyListChunk + half * 32 + lane;
         const int j = p < count ? keys[1 + p] : -1;
-        const uint32_t key = j >= 0 ? order_key(__ldg(s + j)) : 0u;
+        const uint32_t key = j >= 0 ? canonical_order_key(__ldg(s + j)) : 0u;
         const int key_id = j >= 0 && key_segments != nullptr ? __ldg(key_segments + j) : 0;
 #pragma unroll 8
         for (int i = 0; i < 32; ++i) {
