@@ -6,8 +6,11 @@ one CUDA fallback documented in docs/compact_masks.md use.
 Normal forms (``normalize``; the mask operand of the primitives, always rank 4 so that the batching and sharding
 rules treat it like a bool mask: batch dim 0, head dim 1):
 
-- "topk": float32 scores [Bs, Hs, 1, Lk], canonical (NaN / -inf -> the lowest finite float32, -0.0 -> 0.0, no
-  gradient) and k < Lk (a k >= Lk keeps every visible key: no mask at all).
+- "topk": scores [Bs, Hs, 1, Lk] as given (no gradient) in float32, bfloat16 or float16 (SCORE_DTYPES; others cast
+  to float32), and k < Lk (a k >= Lk keeps every visible key: no mask at all). Every consumer ranks their canonical
+  float32 form (NaN / -inf as the lowest finite float32, -0.0 as 0.0): XLA consumers through ``canonical_scores``
+  (fused into their own passes), the CUDA shared-list builder in the kernel, so that a decoding step pays no pass
+  over its scores before the list builder reads them.
 - "indices": int32 [Bm, Hm, Mq, K] (Mq = 1 or Lq), each row sorted ascending with duplicates and invalid entries
   (-1, out of range) replaced by INDEX_PAD, which sorts last and never matches a key.
 
@@ -37,6 +40,8 @@ REFERENCE_MAX_SCORES = 1 << 31
 # with candidates gathered per unit of SELECT_ROWS query rows where the bounds allow (bounded_topk).
 BOUNDED_TOPK_SCORES = 1 << 24
 SELECT_ROWS = 128
+# TopKMask score dtypes the normal form keeps (each ranks as its exact float32 value); others are cast to float32.
+SCORE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _shape_str(shape) -> str:
@@ -64,7 +69,7 @@ def _check_dims(name, shape, dims, with_rows: bool):
 
 
 def canonical_scores(scores):
-    """float32 ranking scores: what the kernels compare (NaN / -inf rank lowest, -0.0 equals 0.0)."""
+    """float32 ranking scores: what the rankings compare (NaN / -inf rank lowest, -0.0 equals 0.0)."""
     s = masks._canonical_scores(lax.stop_gradient(scores).astype(jnp.float32))
     return s
 
@@ -89,7 +94,10 @@ def _normalize_topk(m: masks.TopKMask, dims):
     _check_dims("TopKMask.scores", s.shape, dims, with_rows=False)
     if k >= lk:  # every row keeps every key it sees
         return None, "bool", 0
-    return canonical_scores(s)[:, :, None, :], "topk", k
+    s = lax.stop_gradient(s)
+    if s.dtype not in SCORE_DTYPES:
+        s = s.astype(jnp.float32)
+    return s[:, :, None, :], "topk", k
 
 
 def _normalize_indices(m: masks.KeyIndices, dims):
@@ -237,7 +245,7 @@ def topk_row_thresholds(scores, k: int, *, q_len: int, is_causal: bool):
     """Per query row, the k-th best (score, index) of the keys it sees: (t float32 [Bs, Hs, Lq], jt int32
     [Bs, Hs, Lq]); t = -inf where the row sees <= k keys (it keeps them all). scores: normal form [Bs, Hs, 1, Lk]."""
     bs, hs, _, lk = scores.shape
-    s = scores.reshape(bs * hs, lk)
+    s = canonical_scores(scores).reshape(bs * hs, lk)
     if not is_causal:
         t, jt = kth_best(s, k)
         t = jnp.broadcast_to(t[:, None], (bs * hs, q_len))
@@ -281,7 +289,7 @@ def _selection_units(scores, rows, key_segments):
     bs, hs, _, lk = scores.shape
     bb, lq, _ = rows.shape
     b = max(bs, bb)
-    s = jnp.broadcast_to(scores[:, :, 0, :], (b, hs, lk))
+    s = jnp.broadcast_to(canonical_scores(scores[:, :, 0, :]), (b, hs, lk))
     rows = jnp.broadcast_to(rows, (b, lq, 4))
     ks = None if key_segments is None else jnp.broadcast_to(key_segments, (b, lk))
     units = -(-lq // SELECT_ROWS)
@@ -430,6 +438,8 @@ def bounded_topk_indices(scores, k: int, rows, key_segments):
 def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool, rows=None, key_segments=None):
     """(mask, row_threshold, row_threshold_key) operands of the CPU targets for a normal-form mask. With row
     bounds (``rows``) a top-k row's threshold is its k-th best among the keys the bounds leave it."""
+    if kind == "topk":
+        mask = canonical_scores(mask)  # the CPU kernels compare the scores with the thresholds
     if kind == "topk" and rows is not None:
         t, jt = bounded_topk(mask, k, rows, key_segments, form="thresholds")
         # the scores' batch grows to the thresholds': the kernels' tile classes read both on one grid
@@ -530,7 +540,7 @@ def cuda_bounded_topk_lists(scores, k: int, rows, key_segments, *, kv_len: int):
         return per_row_topk_lists(scores, k, rows, key_segments, kv_len=kv_len), None
     segments = key_segments is not None
     capacity = _ffi.extension().topk_bounded_list_capacity(k, rows.shape[1], segments, kv_len)
-    s = scores[:, :, 0, :]
+    s = scores[:, :, 0, :].astype(jnp.float32)  # the kernels rank the canonical form themselves
     keys, bits = _cuda_fwd.build_topk_bounded_key_lists(s, rows, key_segments, k=k, capacity=capacity,
                                                         may_overflow=segments)
     lists = keys, bits, (max(s.shape[0], rows.shape[0]), s.shape[1], rows.shape[1])
@@ -557,9 +567,10 @@ def cuda_key_lists(mask, kind: str, k: int, *, q_len: int, kv_len: int, is_causa
     BLOCK, CHUNK = _list_geometry()
     bm, hm = mask.shape[:2]
     if kind == "topk":
-        s = mask[:, :, 0, :]
+        s = mask[:, :, 0, :]  # the shared builder ranks these scores' canonical form itself
         # One query row under bottom-right causality sees every key: its list is the shared one.
         if is_causal and q_len > 1:
+            s = canonical_scores(s)
             # the iota takes the scores' sharding by a sum (sort wants equal ones under Explicit axes)
             iota = lax.broadcasted_iota(jnp.int32, s.shape, 2) + jnp.zeros_like(s, jnp.int32)
             _, order = lax.sort((-s, iota), dimension=2, num_keys=1, is_stable=True)

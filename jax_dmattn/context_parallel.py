@@ -474,7 +474,7 @@ def _topk_key_indices(mask: masks.TopKMask, axis_name, n: int, dims, *, is_causa
     if rows is not None:
         return _compact.bounded_topk_indices(norm, k, rows, key_segments)
     if not is_causal:
-        s = norm[:, :, 0, :]
+        s = _compact.canonical_scores(norm[:, :, 0, :])
         return _compact.keep_best(s, k, *_compact.kth_best(s, k))[:, :, None, :]
     # causal (equal global lengths): local row r is at global position `start + r` of each contiguous part
     device = lax.axis_index(axis_name)

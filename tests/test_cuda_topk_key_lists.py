@@ -225,6 +225,26 @@ def test_shared_lists_all_tied(rng, rows, kv_len, k):
     check_shared(rng, rows, 1, kv_len, k, "normal", scores=np.full((rows, 1, kv_len), 0.5, np.float32))
 
 
+SHARED_16BIT = [(2, 3, 100, 1), (3, 1, 1001, 200), (1, 3, 20001, 777), (8, 8, 65536, 2048), (1, 2, 1 << 20, 2048)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("kind", ["normal", "raw"])
+@pytest.mark.parametrize("bs,hs,kv_len,k", SHARED_16BIT, ids=[f"b{b}h{h}-k{lk}-top{k}" for b, h, lk, k in SHARED_16BIT])
+def test_shared_lists_of_16bit_scores(rng, bs, hs, kv_len, k, kind, dtype):
+    # 16-bit scores are read as they are (4 a vector load of 8 bytes, or one at a time where Lk % 4 != 0) and rank as
+    # their float32 values: rounding makes ties, which the index tie-break decides.
+    scores = np.asarray(jnp.asarray(make_scores(rng, (bs, hs, kv_len), kind)).astype(dtype))
+    check_shared(rng, bs, hs, kv_len, k, kind, scores=scores)
+
+
+def test_causal_lists_reject_16bit_scores():
+    scores = jnp.zeros((1, 1, 100), jnp.bfloat16)
+    order = key_order(scores.astype(jnp.float32))
+    with pytest.raises(Exception, match="f32 scores"):
+        jax.block_until_ready(call(scores, order, k=5, q_len=50, capacity=192))
+
+
 def test_shared_lists_reject_an_order():
     scores = jnp.zeros((1, 1, 100), jnp.float32)
     with pytest.raises(Exception, match="zero-size"):

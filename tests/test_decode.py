@@ -35,6 +35,7 @@ class DecodeCase:
     k: int = 30                  # topk_kv: k; indices_*: K
     lengths: bool = False        # key_value_seq_lengths (ragged cache fill)
     segments: bool = False       # unsorted segment ids (the id comparison, not the span)
+    scores: str = "float32"      # topk_kv's scores: float32 | bfloat16 (read at that width) | raw (NaN, -inf, -0.0)
 
 
 CASES = {
@@ -49,6 +50,8 @@ CASES = {
     "indices-head": DecodeCase(mask="indices_head", bias="head", k=40),
     "indices-kv": DecodeCase(mask="indices_kv", k=70),
     "topk-kv": DecodeCase(mask="topk_kv"),
+    "topk-kv-bf16-scores": DecodeCase(mask="topk_kv", scores="bfloat16"),
+    "topk-kv-raw-scores": DecodeCase(mask="topk_kv", scores="raw"),
     "lengths": DecodeCase(lengths=True, H=12, Hkv=3, Lk=512),
     "segments-lengths": DecodeCase(lengths=True, segments=True),
     "mqa": DecodeCase(H=4, Hkv=1, bias="head"),
@@ -83,6 +86,10 @@ def make(case: DecodeCase, rng):
         mask = KeyIndices(jnp.asarray(idx if heads == case.H else idx[:, :, 0]))
     elif case.mask == "topk_kv":
         scores = r((case.B, case.Hkv, case.Lk))
+        if case.scores == "bfloat16":
+            scores = np.asarray(jnp.asarray(scores, jnp.bfloat16))
+        elif case.scores == "raw":
+            scores[..., ::5], scores[..., 1::7], scores[..., 2::11] = np.nan, -np.inf, -0.0
         top = np.asarray(jax_dmattn.topk_mask(jnp.asarray(scores)[:, :, None, :], case.k))
         keep &= np.repeat(top, g, axis=1)
         mask = TopKMask(jnp.asarray(scores), case.k)
@@ -277,7 +284,8 @@ def test_cuda_split_decode(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("name,k", [("topk-kv", 1024), ("topk-kv", 2047), ("indices-kv", 1500)])
+@pytest.mark.parametrize("name,k", [("topk-kv", 1024), ("topk-kv", 2047), ("topk-kv-bf16-scores", 1024),
+                                    ("topk-kv-raw-scores", 2047), ("indices-kv", 1500)])
 def test_cuda_list_split_decode(name, k):
     """A decoding step whose compact mask's shared key list the device cuts into parts, against the oracle."""
     case = dataclasses.replace(CASES[name], Lk=8192, B=2, k=k)

@@ -3,10 +3,12 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include <cooperative_groups.h>
 
 #include "cuda/cta_scan.cuh"
+#include "cuda/half_float.cuh"
 #include "cuda/score_order.cuh"
 #include "cuda/smem_limit.cuh"
 
@@ -15,10 +17,10 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-// Two 16-byte loads per thread and step (4096 keys a step), with the next step's loads in flight while one is
-// processed (for_each_step); 64 registers a thread, two CTAs of 512 threads per multiprocessor. Load i of a step
-// covers its keys [i * 4 * kThreads, (i + 1) * 4 * kThreads), four per thread in thread order, so each warp-wide load
-// reads whole 32-byte sectors.
+// The streaming kernel: two vector loads of four scores per thread and step (4096 keys a step), with the next step's
+// loads in flight while one is processed (for_each_step); 64 registers a thread, two CTAs of 512 threads per
+// multiprocessor. Load i of a step covers its keys [i * 4 * kThreads, (i + 1) * 4 * kThreads), four per thread in
+// thread order, so each warp-wide load reads whole 32-byte sectors.
 constexpr int kCtasPerSm = 2;
 constexpr int kVectors = 2;
 constexpr int kPerThread = 4 * kVectors;
@@ -33,24 +35,49 @@ __device__ __forceinline__ int64_t key_of(int64_t base, int e) {
   return base + (int64_t(e / 4) * kThreads + threadIdx.x) * 4 + e % 4;
 }
 
-// This thread's kPerThread scores of the step starting at `base`, raw, with a bit per entry whose key lies in
-// [lo, end). Vector loads where a whole 16-byte piece lies in the range and the row allows them. Nothing here uses
+// Four scores of type T at row + j0 as floats (16-bit ones convert exactly), by one vector load: 16 bytes of float,
+// 8 bytes of a 16-bit type. The caller checks that the piece lies in the row and is aligned.
+template <class T>
+__device__ __forceinline__ void load_four(const T* row, int64_t j0, float* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(row + j0));
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+  } else {
+    constexpr bool kBF16 = std::is_same_v<T, __nv_bfloat16>;
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(row + j0));
+    x[0] = half_bits_to_f32<kBF16>(v.x), x[1] = half_bits_to_f32<kBF16>(v.x >> 16);
+    x[2] = half_bits_to_f32<kBF16>(v.y), x[3] = half_bits_to_f32<kBF16>(v.y >> 16);
+  }
+}
+template <class T>
+__device__ __forceinline__ float load_one(const T* row, int64_t j) {
+  if constexpr (std::is_same_v<T, float>) return __ldg(row + j);
+  else return half_bits_to_f32<std::is_same_v<T, __nv_bfloat16>>(__ldg(reinterpret_cast<const uint16_t*>(row) + j));
+}
+// Whether a row of T allows the vector loads of load_four (each piece of four keys from a multiple of 4).
+template <class T>
+__device__ __forceinline__ bool vector_row(const T* row, int lk) {
+  return lk % 4 == 0 && reinterpret_cast<uintptr_t>(row) % (4 * sizeof(T)) == 0;
+}
+
+// This thread's kPerThread scores of the step starting at `base`, as floats, with a bit per entry whose key lies in
+// [lo, end). Vector loads where a whole piece of four lies in the range and the row allows them. Nothing here uses
 // the loaded values, so the loads stay in flight until the caller reads them.
-__device__ __forceinline__ uint32_t load_step(const float* row, int lo, int end, bool vec, int64_t base,
+template <class T>
+__device__ __forceinline__ uint32_t load_step(const T* row, int lo, int end, bool vec, int64_t base,
                                               float (&x)[kPerThread]) {
   uint32_t valid = 0;
 #pragma unroll
   for (int i = 0; i < kVectors; ++i) {
     const int64_t j0 = key_of(base, 4 * i);
     if (vec && j0 >= lo && j0 + 4 <= end) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(row + j0));
-      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+      load_four(row, j0, x + 4 * i);
       valid |= 0xfu << (4 * i);
     } else {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const bool in = j0 + c >= lo && j0 + c < end;
-        x[4 * i + c] = in ? __ldg(row + j0 + c) : 0.f;
+        x[4 * i + c] = in ? load_one(row, j0 + c) : 0.f;
         valid |= in ? (1u << (4 * i + c)) : 0u;
       }
     }
@@ -61,8 +88,8 @@ __device__ __forceinline__ uint32_t load_step(const float* row, int lo, int end,
 // f(base, valid, scores) over the steps from `begin` (a multiple of 4) below `end`, the keys of [lo, end) valid, in
 // order, while the next step's loads are in flight (two register buffers in turn: a copy from one to the other
 // would wait for the loads). f returns false to stop; it must return the same on every thread of the CTA.
-template <class F>
-__device__ __forceinline__ void for_each_step(const float* row, int64_t begin, int lo, int end, bool vec, F&& f) {
+template <class T, class F>
+__device__ __forceinline__ void for_each_step(const T* row, int64_t begin, int lo, int end, bool vec, F&& f) {
   if (begin >= end) return;
   float a[kPerThread], b[kPerThread];
   uint32_t valid_a = load_step(row, lo, end, vec, begin, a), valid_b = 0;
@@ -128,7 +155,7 @@ __device__ __forceinline__ void finish_list(const KeyListArgs& L, int64_t bh, in
 // One team per (b, h); the header gives the algorithm. Member r of the team reads the r-th slice of the row (whole
 // steps); the histograms and the above / equal counts are summed over the team, so every member selects the same
 // T and places its slice's kept keys at their places in the whole row's list.
-template <int kCluster>
+template <class T, int kCluster>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_lists_kernel(TopKSharedKeyListArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
@@ -140,8 +167,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
   const int64_t bh = blockIdx.x / kCluster;
   const int64_t b = bh / L.heads;
   const int rank = Team::rank();
-  const float* row = args.scores + b * args.scores_batch_stride + (bh % L.heads) * lk;
-  const bool vec = lk % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0;
+  const T* row = static_cast<const T*>(args.scores) + b * args.scores_batch_stride + (bh % L.heads) * lk;
+  const bool vec = vector_row(row, lk);
   const int tid = threadIdx.x;
   // The keys the row may keep: [lo, hi) of its batch element's bounds, else all.
   int lo = 0, hi = lk;
@@ -158,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
     finish_list(L, bh, k, worker, workers);
     return;
   }
-  // Member r reads the r-th slice of whole steps from lo rounded down to a 16-byte piece.
+  // Member r reads the r-th slice of whole steps from lo rounded down to a piece of four.
   const int64_t first = lo & ~3;
   const int64_t steps = (int64_t(hi) - first + kStep - 1) / kStep;
   const int64_t per_member = (steps + kCluster - 1) / kCluster;
@@ -222,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
     }
     Team::sync();  // no member leaves while another reads its counts
   }
-  // Placement in index order: one CTA prefix sum per 16-byte load of the step (the loads' keys are in thread order).
+  // Placement in index order: one CTA prefix sum per vector load of the step (the loads' keys are in thread order).
   for_each_step(row, begin, lo, end, vec, [&](int64_t base, uint32_t valid, const float (&x)[kPerThread]) {
 #pragma unroll
     for (int v = 0; v < kVectors; ++v) {
@@ -266,7 +293,7 @@ constexpr int kResThreads = 1024;
 constexpr int kResWarps = kResThreads / 32;
 constexpr int kResMaxRun = 48;       // keys per thread; the placement holds a thread's run as two 64-bit masks
 constexpr int kResHistCopies = 2;    // warps of even and odd index count into their own copy (half the contention)
-constexpr int kResLoadBatch = 4;     // 16-byte loads a thread has in flight while loading its slice
+constexpr int kResLoadBatch = 4;     // pieces of four scores a thread has in flight while loading its slice
 
 struct ResidentSmem {
   int hist[kResHistCopies][kMaxBins];
@@ -285,30 +312,30 @@ __host__ __device__ constexpr int64_t resident_smem_bytes(int64_t run) {
   return kResSliceOffset + run * kResThreads * 4;
 }
 
-// Keys [j0, j0 + 4) of the row as canonical order keys, 0 for a key outside [lo, end). Raw loads first (a 16-byte
-// one where the whole piece is valid and the row allows it); the caller converts them with keys_of after issuing
-// its other loads.
+// Keys [j0, j0 + 4) of the row as floats, with a bit per key inside [lo, end) (load_step's loads, for one piece);
+// the caller converts them with keys_of after issuing its other loads.
 struct Piece {
   float x[4];
   uint32_t valid;
 };
-__device__ __forceinline__ Piece load_piece(const float* row, int64_t j0, int lo, int end, bool vec) {
+template <class T>
+__device__ __forceinline__ Piece load_piece(const T* row, int64_t j0, int lo, int end, bool vec) {
   Piece p;
   if (vec && j0 >= lo && j0 + 4 <= end) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(row + j0));
-    p.x[0] = v.x, p.x[1] = v.y, p.x[2] = v.z, p.x[3] = v.w;
+    load_four(row, j0, p.x);
     p.valid = 0xfu;
   } else {
     p.valid = 0;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const bool in = j0 + c >= lo && j0 + c < end;
-      p.x[c] = in ? __ldg(row + j0 + c) : 0.f;
+      p.x[c] = in ? load_one(row, j0 + c) : 0.f;
       p.valid |= in ? (1u << c) : 0u;
     }
   }
   return p;
 }
+// The piece's canonical order keys, 0 for a key outside the range (below every key).
 __device__ __forceinline__ uint4 keys_of(const Piece& p) {
   uint32_t k[4];
 #pragma unroll
@@ -319,7 +346,7 @@ __device__ __forceinline__ uint32_t key_at(const uint4& w, int c) {
   return c == 0 ? w.x : (c == 1 ? w.y : (c == 2 ? w.z : w.w));
 }
 
-template <int kCluster>
+template <class T, int kCluster>
 __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_resident_kernel(TopKSharedKeyListArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
@@ -333,8 +360,8 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
   const int64_t bh = blockIdx.x / kCluster;
   const int64_t b = bh / L.heads;
   const int rank = Team::rank();
-  const float* row = args.scores + b * args.scores_batch_stride + (bh % L.heads) * lk;
-  const bool vec = lk % 4 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0;
+  const T* row = static_cast<const T*>(args.scores) + b * args.scores_batch_stride + (bh % L.heads) * lk;
+  const bool vec = vector_row(row, lk);
   const int tid = threadIdx.x;
   int lo = 0, hi = lk;
   if (args.bounds.present()) {
@@ -349,11 +376,11 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
     finish_list(L, bh, k, worker, workers);
     return;
   }
-  // Member r holds keys [begin, begin + run * kResThreads) of the row from lo rounded down to a 16-byte piece; those
+  // Member r holds keys [begin, begin + run * kResThreads) of the row from lo rounded down to a piece of four; those
   // outside [lo, end) are held as 0, below every key.
   const int64_t first = lo & ~3;
   const int run = static_cast<int>(resident_run(hi - first, kCluster));
-  const int vectors = run / 4;  // 16-byte pieces a thread loads, and in its run
+  const int vectors = run / 4;  // pieces of four keys a thread loads, and in its run
   const int64_t begin = first + int64_t(rank) * run * kResThreads;
   const int end = static_cast<int>(begin + int64_t(run) * kResThreads < hi ? begin + int64_t(run) * kResThreads : hi);
   uint4* slice4 = reinterpret_cast<uint4*>(slice);
@@ -492,15 +519,15 @@ cudaError_t launch_teams(Kernel kernel, const TopKSharedKeyListArgs& args, int64
   return cudaLaunchKernelEx(&config, kernel, args);
 }
 
-template <int kCluster>
+template <class T, int kCluster>
 cudaError_t launch_with_team(const TopKSharedKeyListArgs& args, int64_t units, cudaStream_t stream) {
-  return launch_teams<kCluster>(build_topk_shared_key_lists_kernel<kCluster>, args, units, kThreads, 0, stream);
+  return launch_teams<kCluster>(build_topk_shared_key_lists_kernel<T, kCluster>, args, units, kThreads, 0, stream);
 }
 
-template <int kCluster>
+template <class T, int kCluster>
 cudaError_t launch_resident(const TopKSharedKeyListArgs& args, int64_t units, int64_t run, int64_t smem_limit,
                             cudaStream_t stream) {
-  auto kernel = build_topk_shared_key_lists_resident_kernel<kCluster>;
+  auto kernel = build_topk_shared_key_lists_resident_kernel<T, kCluster>;
   // Raised once to what the longest run needs, or the device's whole opt-in where that is less.
   const int64_t most = resident_smem_bytes(kResMaxRun) < smem_limit ? resident_smem_bytes(kResMaxRun) : smem_limit;
   static std::atomic<uint64_t> configured{0};
@@ -520,7 +547,7 @@ int team_capacity() {
   if (device < 64 && known[device].load() != 0) return known[device].load();
   cudaFuncAttributes attr;
   int sms = 1;
-  const bool clusters = cudaFuncGetAttributes(&attr, build_topk_shared_key_lists_kernel<8>) == cudaSuccess &&
+  const bool clusters = cudaFuncGetAttributes(&attr, build_topk_shared_key_lists_kernel<float, 8>) == cudaSuccess &&
                         attr.binaryVersion >= 90 &&
                         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess;
   const int capacity = clusters && sms > 1 ? sms : 1;
@@ -538,6 +565,30 @@ int64_t resident_smem_limit() {
   if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) limit = 0;
   if (device < 64 && limit > 0) known[device].store(limit);
   return limit;
+}
+
+// The launch for scores of type T: the resident kernel with the smallest team at least `team` whose slices fit in a
+// thread's run and in the device's shared memory (teams above 1 only where clusters run), else the streaming one.
+template <class T>
+cudaError_t launch_for_type(const TopKSharedKeyListArgs& args, int64_t units, int team, int max_team,
+                            cudaStream_t stream) {
+  const int64_t smem_limit = resident_smem_limit();
+  for (int t = team; t <= max_team; t *= 2) {
+    const int64_t run = resident_run(args.lists.cols, t);
+    if (run > kResMaxRun || resident_smem_bytes(run) > smem_limit) continue;
+    switch (t) {
+      case 8: return launch_resident<T, 8>(args, units, run, smem_limit, stream);
+      case 4: return launch_resident<T, 4>(args, units, run, smem_limit, stream);
+      case 2: return launch_resident<T, 2>(args, units, run, smem_limit, stream);
+      default: return launch_resident<T, 1>(args, units, run, smem_limit, stream);
+    }
+  }
+  switch (team) {
+    case 8: return launch_with_team<T, 8>(args, units, stream);
+    case 4: return launch_with_team<T, 4>(args, units, stream);
+    case 2: return launch_with_team<T, 2>(args, units, stream);
+    default: return launch_with_team<T, 1>(args, units, stream);
+  }
 }
 
 }  // namespace
@@ -558,25 +609,13 @@ cudaError_t launch_build_topk_shared_key_lists(const TopKSharedKeyListArgs& args
   const int64_t sms = units < INT_MAX / 8 ? team_capacity() : 1;
   const auto fits = [&](int team) { return steps >= 2 * team && units * team <= sms; };
   const int team = fits(8) ? 8 : (fits(4) ? 4 : (fits(2) ? 2 : 1));
-  // The resident kernel, with the smallest team at least `team` whose slices fit in a thread's run and in the
-  // device's shared memory (teams above 1 only where clusters run: sms > 1).
-  const int64_t smem_limit = resident_smem_limit();
-  for (int t = team; t <= (sms > 1 ? 8 : 1); t *= 2) {
-    const int64_t run = resident_run(L.cols, t);
-    if (run > kResMaxRun || resident_smem_bytes(run) > smem_limit) continue;
-    switch (t) {
-      case 8: return launch_resident<8>(args, units, run, smem_limit, stream);
-      case 4: return launch_resident<4>(args, units, run, smem_limit, stream);
-      case 2: return launch_resident<2>(args, units, run, smem_limit, stream);
-      default: return launch_resident<1>(args, units, run, smem_limit, stream);
-    }
+  const int max_team = team_capacity() > 1 ? 8 : 1;
+  switch (args.scores_dtype) {
+    case DType::kF32: return launch_for_type<float>(args, units, team, max_team, stream);
+    case DType::kBF16: return launch_for_type<__nv_bfloat16>(args, units, team, max_team, stream);
+    case DType::kF16: return launch_for_type<__half>(args, units, team, max_team, stream);
   }
-  switch (team) {
-    case 8: return launch_with_team<8>(args, units, stream);
-    case 4: return launch_with_team<4>(args, units, stream);
-    case 2: return launch_with_team<2>(args, units, stream);
-    default: return launch_with_team<1>(args, units, stream);
-  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace dmattn

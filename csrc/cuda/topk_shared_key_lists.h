@@ -4,36 +4,46 @@
 // decoding step over a ragged batch: each element's row sees its keys [lo, hi)), reached through
 // "dmattn_topk_bounded_key_lists_cuda" with q_len = 1.
 //
-// The mask: scores s [Bs, Hs, Lk] (canonical: finite, no -0.0). Every row keeps the k best keys of its range (all
-// keys, or [lo, hi) of its batch element) in (score desc, index asc) order, or the whole range when it holds at
-// most k keys. So each (b, h) has one list, over the row-broadcast geometry (rows = 1): count = min(k, range), the
+// The mask: scores s [Bs, Hs, Lk], ranked by their canonical form (canonical_order_key: NaN and -inf as the lowest
+// finite float, -0.0 as 0.0). Every row keeps the k best keys of its range (all keys, or [lo, hi) of its batch
+// element) in (score desc, index asc) order, or the whole range when it holds at most k keys. So each (b, h) has one list, over the row-broadcast geometry (rows = 1): count = min(k, range), the
 // kept keys ascending, zeros past the count, and the first count bits of its words set.
 //
-// One CTA per (b, h), no sort. The scores map to order-preserving uint32 keys (sign-flipped IEEE bits), and a
-// radix select over three digits (11, 11 and 10 bits, most significant first) finds T, the k-th largest key: each
+// One team of CTAs per (b, h), no sort. The scores map to order-preserving uint32 keys (sign-flipped IEEE bits), and
+// a radix select over three digits (11, 11 and 10 bits, most significant first) finds T, the k-th largest key: each
 // digit's pass histograms the keys that match the digits chosen so far and picks the bucket where the count from
 // the top reaches k. The kept keys are then those above T and the first `take` (in index order) equal to it, where
-// take = k - #{keys above T}: the index tie-break. A last pass in index order places them with a CTA prefix sum
-// and stops as soon as k are placed. Every pass reads the range's scores (4 bytes a key; from L2 after the first),
-// so the work is O(range), and no workspace but the outputs.
+// take = k - #{keys above T}: the index tie-break. A last pass in index order places them by a CTA prefix sum. The
+// work is O(range), and no workspace but the outputs.
 //
-// A long row is read by a team of 2, 4 or 8 CTAs on sm_90 (a thread-block cluster; one CTA elsewhere) when the teams
-// of all rows still fit on the multiprocessors at once (one CTA each), each member taking a slice of whole steps:
-// the members build their histograms over their slices, and each sums all of them through distributed shared
-// memory, so every member picks the same digits. A member's keys above T and equal to T come from its own
-// histograms (at each digit, the bins above the chosen one hold keys above T; the last digit's chosen bin, those
-// equal to it), and their sums over the members before it give its place in the list.
+// A row is read by a team of 1, 2, 4 or 8 CTAs (a thread-block cluster on sm_90; teams of 1 elsewhere), each member
+// taking a slice: the members build their histograms over their slices, and each sums all of them through
+// distributed shared memory, so every member picks the same digits. A member's keys above T and equal to T come from
+// its own histograms (at each digit, the bins above the chosen one hold keys above T; the last digit's chosen bin,
+// those equal to it), and their sums over the members before it give its place in the list. A row gets more members
+// while the teams of all rows still fit on the multiprocessors at once (one CTA each) and each keeps two steps of
+// 4096 keys.
+//
+// Two kernels. The resident kernel (1024 threads) holds its member's slice in shared memory as order keys, at most
+// 48 a thread (192 KiB): the slice is read from global memory once, the first digit's histogram built from the
+// registers as it arrives, and the later digits and the placement (each thread a run of consecutive keys, one
+// prefix sum) read shared memory; a row too long for its team's slices gets the smallest larger team whose slices
+// fit. Rows too long for teams of 8 (more than 384K keys on sm_90) take the streaming kernel (512 threads), which
+// reads its slice from global memory (L2 after the first) for every digit and for the placement, one prefix sum per
+// 2048 keys.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "attention_params.h"
 #include "cuda/key_lists.h"
 #include "row_bounds.h"
 
 namespace dmattn {
 
 struct TopKSharedKeyListArgs {
-  const float* scores = nullptr;     // [Bs, Hs, Lk]
+  const void* scores = nullptr;      // [Bs, Hs, Lk] of scores_dtype
+  DType scores_dtype = DType::kF32;  // f32, bf16 or f16 (a 16-bit score ranks as its float value)
   int64_t scores_batch_stride = 0;   // Hs * Lk, or 0 when Bs = 1 (broadcast over the lists' batch)
   int64_t k = 0;                     // 1 <= k < Lk
   RowBounds bounds;                  // absent, or rows [Bb, 1, 4] without key segment ids (lo, hi of row 0)

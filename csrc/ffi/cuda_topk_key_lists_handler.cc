@@ -31,17 +31,26 @@ ffi::Error bad(const std::string& what) {
   return ffi::Error::InvalidArgument("dmattn_topk_key_lists_cuda: " + what);
 }
 
-// scores f32 [Bs, Hs, Lk] (canonical: finite, no -0.0). Causal: order s32 [Bs, Hs, Lk], per (b, h) the key indices
+// scores [Bs, Hs, Lk]: causal f32, canonical (finite, no -0.0); not causal f32, bf16 or f16, any values (the kernel
+// ranks their canonical form). Causal: order s32 [Bs, Hs, Lk], per (b, h) the key indices
 // by (score desc, index asc), and query row i of q_len = Lq rows keeps the k best keys j <= i + Lk - Lq; the lists
 // are over the layout batch = Bs, heads = Hs, rows = Lq, cols = Lk. Not causal: order is zero-size, every row keeps
 // the k best keys, and the lists are over rows = 1 (q_len is not used). keys: KeyListArgs::keys_size() int32;
 // bits: 2 * KeyListArgs::bits_size() uint32 (uint64 words as uint32 pairs).
-ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> order,
+ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::AnyBuffer scores, ffi::Buffer<ffi::S32> order,
                                ffi::ResultBuffer<ffi::S32> keys, ffi::ResultBuffer<ffi::U32> bits, int64_t k,
                                bool is_causal, int64_t q_len, int64_t capacity) {
   count_cuda_handler_run(stream);
   const auto sd = scores.dimensions(), od = order.dimensions();
   if (sd.size() != 3) return bad("scores must be rank 3 [Bs, Hs, Lk]");
+  DType scores_dtype = DType::kF32;
+  switch (scores.element_type()) {
+    case ffi::DataType::F32: break;
+    case ffi::DataType::BF16: scores_dtype = DType::kBF16; break;
+    case ffi::DataType::F16: scores_dtype = DType::kF16; break;
+    default: return bad("scores must be f32, bf16 or f16");
+  }
+  if (is_causal && scores_dtype != DType::kF32) return bad("the causal lists take f32 scores");
   if (is_causal && (od.size() != 3 || od[0] != sd[0] || od[1] != sd[1] || od[2] != sd[2]))
     return bad("order must have the shape of scores [Bs, Hs, Lk]");
   if (!is_causal && order.element_count() != 0) return bad("order must be zero-size without is_causal");
@@ -84,7 +93,8 @@ ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores
 
   if (!is_causal) {
     TopKSharedKeyListArgs args;
-    args.scores = scores.typed_data();
+    args.scores = scores.untyped_data();
+    args.scores_dtype = scores_dtype;
     args.scores_batch_stride = L.heads * L.cols;
     args.k = k;
     args.lists = L;
@@ -98,7 +108,7 @@ ffi::Error topk_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores
     return bad("k = " + std::to_string(k) + " needs " + std::to_string(smem) +
                " bytes of shared memory per block, this device allows " + std::to_string(limit));
   TopKKeyListArgs args;
-  args.scores = scores.typed_data();
+  args.scores = static_cast<const float*>(scores.untyped_data());
   args.order = order.typed_data();
   args.k = k;
   args.lists = L;
@@ -109,7 +119,7 @@ ffi::Error bad_bounded(const std::string& what) {
   return ffi::Error::InvalidArgument("dmattn_topk_bounded_key_lists_cuda: " + what);
 }
 
-// scores f32 [Bs, Hs, Lk] (canonical), rows s32 [Bb, Lq, 4] and key segment ids s32 [Bb, Lk] or zero-size
+// scores f32 [Bs, Hs, Lk] (the kernels rank their canonical form), rows s32 [Bb, Lq, 4] and key segment ids s32 [Bb, Lk] or zero-size
 // (csrc/row_bounds.h), Bs and Bb in {1, B'}, B' = max(Bs, Bb): query row i keeps the k best keys its bounds leave
 // it. The lists are over batch = B', heads = Hs, rows = Lq, cols = Lk. may_overflow: a unit whose keys exceed the
 // capacity is marked with count kKeyListDense (else the kernel traps). Lq = 1 without segment ids runs the
@@ -185,7 +195,7 @@ ffi::Error topk_bounded_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kTopKKeyListsCuda, topk_key_lists_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scores [Bs, Hs, Lk]
+                                  .Arg<ffi::AnyBuffer>()         // scores [Bs, Hs, Lk]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // order [Bs, Hs, Lk] (causal), else zero-size
                                   .Ret<ffi::Buffer<ffi::S32>>()  // keys [units * (1 + capacity)]
                                   .Ret<ffi::Buffer<ffi::U32>>()  // bits [2 * units * capacity / 64 * rows]
