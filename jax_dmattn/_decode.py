@@ -40,10 +40,10 @@ ITEMS_PER_CORE = 2
 ITEMS_PER_CORE_BOUNDED = 8
 # List parts per multiprocessor: the key-list tile forward holds one CTA per multiprocessor (its registers and shared
 # memory), so its parts aim at one wave; the few-rows forward (csrc/cuda/flash_fwd_key_list_rows.h, up to
-# kernel_facts()["key_list_rows_max"] rows) holds two up to D = 192, and its parts aim at two waves of them (two
-# parts per multiprocessor, one wave, were slower: docs/decoding.md).
+# kernel_facts()["key_list_rows_max"] rows) holds two up to D = 192, and its parts aim at one wave of them (one or
+# four parts per multiprocessor were slower: docs/decoding.md).
 ITEMS_PER_CORE_LISTS = 1
-ITEMS_PER_CORE_LIST_ROWS = 4
+ITEMS_PER_CORE_LIST_ROWS = 2
 
 
 def _present(x) -> bool:

@@ -201,14 +201,14 @@ def check_shared(rng, bs, hs, kv_len, k, kind, scores=None):
     assert np.all(listed[:, 1 + k:] == 0), "list entries past k must be zero"
 
 
-# Lk: below one step of the streaming kernel (4096 keys), not a multiple of 4 (scalar loads), several steps, and long
-# rows that sm_90 reads with a cluster of 2 (20001), 4 (40000), 8 (64K, 1M) CTAs; 136 rows, more than an H100 / H200
-# has multiprocessors; 64 rows of 64K (a decoding step's lists: teams of 2 whose slices fill the shared memory); 200
-# rows of 60000 keys (teams of 2 for the slices to fit, in several waves). 1M keys a row outgrow the resident slices
-# (the streaming kernel); every other case runs the resident kernel.
+# Lk: below one step of the streaming kernel (4096 keys), not a multiple of 4 (scalar loads), several steps; rows that
+# the resident kernel reads with one CTA (up to 48K keys: 20001, 40000), a cluster of 2 (64K; 64 rows of 64K are a
+# decoding step's lists), 4 (150000) and 8 (300000) on sm_90; 136 rows, more than an H100 / H200 has multiprocessors;
+# 200 rows of 60000 keys (teams of 2, several waves). 1M keys a row outgrow the resident slices: the streaming kernel.
 SHARED = [(2, 3, 100, 1), (1, 2, 257, 64), (3, 1, 1001, 200), (2, 2, 8192, 2048), (1, 3, 20001, 777),
           (2, 2, 65536, 2048), (1, 1, 65536, 65535), (1, 2, 1 << 20, 2048), (1, 2, 40000, 3000),
-          (17, 8, 16384, 1000), (8, 8, 65536, 2048), (25, 8, 60000, 1500)]
+          (17, 8, 16384, 1000), (8, 8, 65536, 2048), (25, 8, 60000, 1500), (1, 2, 150000, 3000),
+          (1, 1, 300000, 5000)]
 
 
 @pytest.mark.parametrize("kind", KINDS + ["lowest", "raw"])
@@ -217,8 +217,9 @@ def test_shared_lists_match_topk_mask(rng, bs, hs, kv_len, k, kind):
     check_shared(rng, bs, hs, kv_len, k, kind)
 
 
-@pytest.mark.parametrize("rows,kv_len,k", [(2, 3000, 1000), (2, 40000, 3000), (150, 60000, 5000), (2, 1 << 20, 70000)],
-                         ids=["one_cta", "team4", "team2_waves", "team8_streaming"])
+@pytest.mark.parametrize("rows,kv_len,k", [(2, 3000, 1000), (2, 40000, 3000), (150, 60000, 5000), (2, 300000, 9000),
+                                           (2, 1 << 20, 70000)],
+                         ids=["one_cta", "one_cta_40k", "team2_waves", "team8", "team8_streaming"])
 def test_shared_lists_all_tied(rng, rows, kv_len, k):
     # One value everywhere: the k lowest indices, decided by the tie-break alone; in a team, every member's keys
     # equal T, and only the first members' are kept.

@@ -20,17 +20,16 @@
 // taking a slice: the members build their histograms over their slices, and each sums all of them through
 // distributed shared memory, so every member picks the same digits. A member's keys above T and equal to T come from
 // its own histograms (at each digit, the bins above the chosen one hold keys above T; the last digit's chosen bin,
-// those equal to it), and their sums over the members before it give its place in the list. A row gets more members
-// while the teams of all rows still fit on the multiprocessors at once (one CTA each) and each keeps two steps of
-// 4096 keys.
+// those equal to it), and their sums over the members before it give its place in the list.
 //
 // Two kernels. The resident kernel (1024 threads) holds its member's slice in shared memory as order keys, at most
 // 48 a thread (192 KiB): the slice is read from global memory once, the first digit's histogram built from the
 // registers as it arrives, and the later digits and the placement (each thread a run of consecutive keys, one
-// prefix sum) read shared memory; a row too long for its team's slices gets the smallest larger team whose slices
-// fit. Rows too long for teams of 8 (more than 384K keys on sm_90) take the streaming kernel (512 threads), which
-// reads its slice from global memory (L2 after the first) for every digit and for the placement, one prefix sum per
-// 2048 keys.
+// prefix sum) read shared memory; a row gets the smallest team whose slices fit (more members only add cluster
+// barriers and sums over distributed shared memory). Rows too long for teams of 8 (more than 384K keys on sm_90) take
+// the streaming kernel (512 threads), which reads its slice from global memory (L2 after the first) for every digit
+// and for the placement, one prefix sum per 2048 keys; its rows get more members while the teams of all rows still
+// fit on the multiprocessors at once (one CTA each) and each keeps two steps of 4096 keys.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
