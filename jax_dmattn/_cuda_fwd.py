@@ -106,8 +106,9 @@ TOPK_KEY_LISTS_TARGET = "dmattn_topk_key_lists_cuda"
 
 def build_topk_key_lists(scores, order, *, k: int, q_len: int, capacity: int):
     """The live-key lists of a TopKMask (one ``dmattn_topk_key_lists_cuda`` call) from scores [Bs, Hs, Lk]
-    (causal: float32, canonical; shared: float32, bfloat16 or float16, whose canonical form the kernel ranks). Causal: order int32 [Bs, Hs, Lk] (keys by score desc, index asc), lists per 128-row query tile
-    over the unit geometry (Bs, Hs, Lq) (csrc/cuda/topk_key_lists.h). order None: every row keeps the k best keys,
+    (causal: float32, canonical; shared: float32, bfloat16 or float16, whose canonical form the kernel ranks).
+    Causal: order int32 [Bs, Hs, Lk] (keys by score desc, index asc), lists per 128-row query tile over the unit
+    geometry (Bs, Hs, Lq) (csrc/cuda/topk_key_lists.h). order None: every row keeps the k best keys,
     one list per (b, h) over (Bs, Hs, 1) (csrc/cuda/topk_shared_key_lists.h). Deterministic and side-effect free:
     the forward's and the backward's calls merge."""
     _ffi.register_targets()
@@ -126,8 +127,9 @@ TOPK_BOUNDED_KEY_LISTS_TARGET = "dmattn_topk_bounded_key_lists_cuda"
 def build_topk_bounded_key_lists(scores, rows, key_segments, *, k: int, capacity: int, may_overflow: bool):
     """The live-key lists of a TopKMask under row bounds (one ``dmattn_topk_bounded_key_lists_cuda`` call,
     csrc/cuda/topk_bounded_key_lists.h): scores float32 [Bs, Hs, Lk] (the kernel ranks their canonical form), rows
-    int32 [Bb, Lq, 4], key segment ids int32 [Bb, Lk] or None; lists over the unit geometry (max(Bs, Bb), Hs, Lq). With ``may_overflow``
-    a unit whose keys exceed the capacity has count ``KEY_LIST_DENSE`` (not a list the kernels can take).
+    int32 [Bb, Lq, 4], key segment ids int32 [Bb, Lk] or None; lists over the unit geometry (max(Bs, Bb), Hs, Lq).
+    With ``may_overflow`` a unit whose keys exceed the capacity has count ``KEY_LIST_DENSE`` (not a list the kernels
+    can take).
     Deterministic and side-effect free: the forward's and the backward's calls merge."""
     _ffi.register_targets()
     bs, hs, lk = scores.shape

@@ -53,8 +53,8 @@ class NormalizedCall(CallDims):
     softcap: float  # 0.0: off
     bias: jax.Array | None  # rank 4 [1|B, 1|Hkv|H, 1|Lq, 1|Lk]
     # rank 4, by mask_kind (jax_dmattn/_compact.py): "bool": bool, same rule as bias; "topk": scores
-    # [1|B, 1|Hkv|H, 1, Lk] as given (f32, bf16 or f16), ranked by their canonical form, with mask_k = k < Lk; "indices": int32 [1|B, 1|Hkv|H, 1|Lq, K], rows sorted,
-    # duplicates and invalid entries replaced by INDEX_PAD.
+    # [1|B, 1|Hkv|H, 1, Lk] as given (f32, bf16 or f16), ranked by their canonical form, with mask_k = k < Lk;
+    # "indices": int32 [1|B, 1|Hkv|H, 1|Lq, K], rows sorted, duplicates and invalid entries replaced by INDEX_PAD.
     mask: jax.Array | None
     mask_kind: str = "bool"
     mask_k: int = 0

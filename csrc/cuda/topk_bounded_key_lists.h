@@ -2,11 +2,11 @@
 // (segment ids, a local window, sequence lengths and their causality: csrc/row_bounds.h), built without anything
 // of size Lq x Lk: the pre-pass of a TopKMask with bounds, "dmattn_topk_bounded_key_lists_cuda".
 //
-// The mask: scores s [Bs, Hs, Lk] (ranked by their canonical form: canonical_order_key) and bounds rows [Bb, Lq, 4], key segment ids
-// [Bb, Lk] or none. Row i of batch b sees the keys its bounds keep (RowRange::keeps) and keeps the k best of them in
-// (score desc, index asc) order, all of them where it sees at most k. This is jax_dmattn.topk_mask of the scores
-// with the bounds' dense mask folded in, bit for bit. The lists are over the geometry batch = B' = max(Bs, Bb),
-// heads = Hs, rows = Lq, not causal (the bits hold the bounds).
+// The mask: scores s [Bs, Hs, Lk] (ranked by their canonical form: canonical_order_key) and bounds rows [Bb, Lq, 4],
+// key segment ids [Bb, Lk] or none. Row i of batch b sees the keys its bounds keep (RowRange::keeps) and keeps the k
+// best of them in (score desc, index asc) order, all of them where it sees at most k. This is jax_dmattn.topk_mask of
+// the scores with the bounds' dense mask folded in, bit for bit. The lists are over the geometry
+// batch = B' = max(Bs, Bb), heads = Hs, rows = Lq, not causal (the bits hold the bounds).
 //
 // One CTA per unit (b, h, 128-row query tile). Its non-empty rows form groups: consecutive rows (empty rows
 // skipped) whose lo and hi each spread over at most kGroupSpread keys and that compare the same segment id or

@@ -6,8 +6,9 @@
 //
 // The mask: scores s [Bs, Hs, Lk], ranked by their canonical form (canonical_order_key: NaN and -inf as the lowest
 // finite float, -0.0 as 0.0). Every row keeps the k best keys of its range (all keys, or [lo, hi) of its batch
-// element) in (score desc, index asc) order, or the whole range when it holds at most k keys. So each (b, h) has one list, over the row-broadcast geometry (rows = 1): count = min(k, range), the
-// kept keys ascending, zeros past the count, and the first count bits of its words set.
+// element) in (score desc, index asc) order, or the whole range when it holds at most k keys. So each (b, h) has one
+// list, over the row-broadcast geometry (rows = 1): count = min(k, range), the kept keys ascending, zeros past the
+// count, and the first count bits of its words set.
 //
 // One team of CTAs per (b, h), no sort. The scores map to order-preserving uint32 keys (sign-flipped IEEE bits), and
 // a radix select over three digits (11, 11 and 10 bits, most significant first) finds T, the k-th largest key: each
