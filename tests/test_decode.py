@@ -199,10 +199,10 @@ def test_list_split_count_follows_the_device(monkeypatch):
     assert _decode.list_split_count(batch=1, kv_heads=8, chunks=32, rows=rows_max + 1) == 8
     assert _decode.list_split_count(batch=1, kv_heads=8, chunks=7, rows=rows_max + 1) == 1
     assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32, rows=rows_max + 1) == 1
-    # the few-rows forward: 528 wanted
-    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32, rows=4) == 8
-    assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32, rows=4) == 2
-    assert _decode.list_split_count(batch=256, kv_heads=8, chunks=32, rows=4) == 1
+    # the few-rows forward: 264 wanted (one wave of two CTAs a multiprocessor)
+    assert _decode.list_split_count(batch=8, kv_heads=8, chunks=32, rows=4) == 4
+    assert _decode.list_split_count(batch=32, kv_heads=8, chunks=32, rows=4) == 2
+    assert _decode.list_split_count(batch=64, kv_heads=8, chunks=32, rows=4) == 1
 
 
 def _lists_reference(k, v, bias):
