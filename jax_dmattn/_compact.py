@@ -438,16 +438,17 @@ def bounded_topk_indices(scores, k: int, rows, key_segments):
 def cpu_operands(mask, kind: str, k: int, *, q_len: int, is_causal: bool, rows=None, key_segments=None):
     """(mask, row_threshold, row_threshold_key) operands of the CPU targets for a normal-form mask. With row
     bounds (``rows``) a top-k row's threshold is its k-th best among the keys the bounds leave it."""
-    if kind == "topk":
-        mask = canonical_scores(mask)  # the CPU kernels compare the scores with the thresholds
-    if kind == "topk" and rows is not None:
+    if kind != "topk":
+        return mask, jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
+    # The CPU kernels compare the canonical scores with the thresholds; the rankings canonicalise the same scores
+    # themselves (one expression, which XLA computes once).
+    scores = canonical_scores(mask)
+    if rows is not None:
         t, jt = bounded_topk(mask, k, rows, key_segments, form="thresholds")
         # the scores' batch grows to the thresholds': the kernels' tile classes read both on one grid
-        return jnp.broadcast_to(mask, (t.shape[0],) + mask.shape[1:]), t, jt
-    if kind == "topk":
-        t, jt = topk_row_thresholds(mask, k, q_len=q_len, is_causal=is_causal)
-        return mask, t, jt
-    return mask, jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
+        return jnp.broadcast_to(scores, (t.shape[0],) + scores.shape[1:]), t, jt
+    t, jt = topk_row_thresholds(mask, k, q_len=q_len, is_causal=is_causal)
+    return scores, t, jt
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
