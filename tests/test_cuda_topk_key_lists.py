@@ -202,13 +202,14 @@ def check_shared(rng, bs, hs, kv_len, k, kind, scores=None):
 
 
 # Lk: below one step of the streaming kernel (4096 keys), not a multiple of 4 (scalar loads), several steps; rows that
-# the resident kernel reads with one CTA (up to 48K keys: 20001, 40000), a cluster of 2 (64K; 64 rows of 64K are a
-# decoding step's lists), 4 (150000) and 8 (300000) on sm_90; 136 rows, more than an H100 / H200 has multiprocessors;
-# 200 rows of 60000 keys (teams of 2, several waves). 1M keys a row outgrow the resident slices: the streaming kernel.
+# the resident kernel reads with one CTA (up to 32K keys: 20001), a cluster of 2 (40000; 64K, and 64 rows of 64K are a
+# decoding step's lists), 4 (100000) and 8 (150000; 300000 at 40 keys a thread) on sm_90; 136 rows, more than an
+# H100 / H200 has multiprocessors; 200 rows of 60000 keys (teams of 2, several waves). 1M keys a row outgrow the
+# resident slices: the streaming kernel.
 SHARED = [(2, 3, 100, 1), (1, 2, 257, 64), (3, 1, 1001, 200), (2, 2, 8192, 2048), (1, 3, 20001, 777),
           (2, 2, 65536, 2048), (1, 1, 65536, 65535), (1, 2, 1 << 20, 2048), (1, 2, 40000, 3000),
-          (17, 8, 16384, 1000), (8, 8, 65536, 2048), (25, 8, 60000, 1500), (1, 2, 150000, 3000),
-          (1, 1, 300000, 5000)]
+          (17, 8, 16384, 1000), (8, 8, 65536, 2048), (25, 8, 60000, 1500), (1, 2, 100000, 3000),
+          (1, 2, 150000, 3000), (1, 1, 300000, 5000)]
 
 
 @pytest.mark.parametrize("kind", KINDS + ["lowest", "raw"])
@@ -219,14 +220,18 @@ def test_shared_lists_match_topk_mask(rng, bs, hs, kv_len, k, kind):
 
 @pytest.mark.parametrize("rows,kv_len,k", [(2, 3000, 1000), (2, 40000, 3000), (150, 60000, 5000), (2, 300000, 9000),
                                            (2, 1 << 20, 70000)],
-                         ids=["one_cta", "one_cta_40k", "team2_waves", "team8", "team8_streaming"])
+                         ids=["one_cta", "team2_40k", "team2_waves", "team8", "team8_streaming"])
 def test_shared_lists_all_tied(rng, rows, kv_len, k):
     # One value everywhere: the k lowest indices, decided by the tie-break alone; in a team, every member's keys
     # equal T, and only the first members' are kept.
     check_shared(rng, rows, 1, kv_len, k, "normal", scores=np.full((rows, 1, kv_len), 0.5, np.float32))
 
 
-SHARED_16BIT = [(2, 3, 100, 1), (3, 1, 1001, 200), (1, 3, 20001, 777), (8, 8, 65536, 2048), (1, 2, 1 << 20, 2048)]
+# 16-bit keys: the teams of float32 scores up to 256K keys (at most 32 keys a thread), then up to 64 a thread in
+# teams of 8 (300000; 512K, the longest resident row), streaming past 512K.
+SHARED_16BIT = [(2, 3, 100, 1), (3, 1, 1001, 200), (1, 3, 20001, 777), (8, 8, 65536, 2048), (25, 8, 60000, 1500),
+                (1, 2, 100000, 3000), (1, 1, 300000, 5000), (1, 2, 1 << 19, 2048), (1, 1, (1 << 19) + 12, 4000),
+                (1, 2, 1 << 20, 2048)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -237,6 +242,12 @@ def test_shared_lists_of_16bit_scores(rng, bs, hs, kv_len, k, kind, dtype):
     # their float32 values: rounding makes ties, which the index tie-break decides.
     scores = np.asarray(jnp.asarray(make_scores(rng, (bs, hs, kv_len), kind)).astype(dtype))
     check_shared(rng, bs, hs, kv_len, k, kind, scores=scores)
+
+
+@pytest.mark.parametrize("rows,kv_len,k", [(2, 3000, 1000), (2, 1 << 19, 9000), (2, 1 << 20, 70000)],
+                         ids=["one_cta", "team8", "team8_streaming"])
+def test_shared_lists_of_16bit_scores_all_tied(rng, rows, kv_len, k):
+    check_shared(rng, rows, 1, kv_len, k, "normal", scores=np.asarray(jnp.full((rows, 1, kv_len), 0.5, jnp.bfloat16)))
 
 
 def test_causal_lists_reject_16bit_scores():

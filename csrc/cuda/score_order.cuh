@@ -1,5 +1,6 @@
 // How the TopKMask builders rank scores (topk_shared_key_lists.cu, topk_bounded_key_lists.cu): as order-preserving
-// uint32 keys, selected by a radix select over three digits.
+// uint32 keys selected by a radix select over three digits; the shared-list builder ranks 16-bit scores by 16-bit
+// keys over two digits.
 #pragma once
 #include <cstdint>
 
@@ -27,6 +28,27 @@ constexpr int kSelectDigits = 3;
 constexpr int kSelectMaxBins = 2048;
 __device__ __forceinline__ int digit_shift(int d) { return d == 0 ? 21 : (d == 1 ? 10 : 0); }
 __device__ __forceinline__ int digit_bins(int d) { return d == 2 ? 1024 : 2048; }
+
+// canonical_order_key for the bits of a 16-bit score (bf16 where kBF16, else f16), in 16 bits: NaN and -inf take
+// -inf's key, below every finite score's (as the lowest finite float ranks below every 16-bit one), -0.0 takes
+// 0.0's. Never 0. Keys of two scores compare as canonical_order_key of their floats do.
+template <bool kBF16>
+__device__ __forceinline__ uint32_t canonical_order_key16(uint32_t bits) {
+  constexpr uint32_t kNegInf = kBF16 ? 0xff80u : 0xfc00u;
+  const uint32_t mag = bits & 0x7fffu;
+  bits = mag > (kNegInf & 0x7fffu) || bits == kNegInf ? kNegInf : (mag == 0u ? 0u : bits);
+  return (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
+}
+
+// The digits of a select over scores of type T: float32 scores rank by canonical_order_key (the three digits above),
+// 16-bit ones by canonical_order_key16 (two digits: bits [5, 16) and [0, 5)).
+template <class T>
+struct SelectDigits {
+  static constexpr bool kHalf = sizeof(T) == 2;
+  static constexpr int kCount = kHalf ? 2 : kSelectDigits;
+  __device__ __forceinline__ static int shift(int d) { return kHalf ? (d == 0 ? 5 : 0) : digit_shift(d); }
+  __device__ __forceinline__ static int bins(int d) { return kHalf ? (d == 0 ? 2048 : 32) : digit_bins(d); }
+};
 
 // One digit of the radix select over a CTA of kThreads threads: count(b) is how many of the keys that match the
 // digits chosen so far (`prefix`) fall in bin b of this digit (bits from `shift`), and `rem` of them are still to be

@@ -25,7 +25,6 @@ constexpr int kCtasPerSm = 2;
 constexpr int kVectors = 2;
 constexpr int kPerThread = 4 * kVectors;
 constexpr int kStep = kThreads * kPerThread;
-constexpr int kDigits = kSelectDigits;
 constexpr int kMaxBins = kSelectMaxBins;
 static_assert(kStep < (1 << 16), "a step's counts are packed as two 16-bit halves");
 
@@ -35,24 +34,28 @@ __device__ __forceinline__ int64_t key_of(int64_t base, int e) {
   return base + (int64_t(e / 4) * kThreads + threadIdx.x) * 4 + e % 4;
 }
 
-// Four scores of type T at row + j0 as floats (16-bit ones convert exactly), by one vector load: 16 bytes of float,
-// 8 bytes of a 16-bit type. The caller checks that the piece lies in the row and is aligned.
+// Four scores of type T at row + j0 as their bits (a 16-bit score's in the low half), by one vector load: 16 bytes
+// of float, 8 bytes of a 16-bit type. The caller checks that the piece lies in the row and is aligned.
 template <class T>
-__device__ __forceinline__ void load_four(const T* row, int64_t j0, float* x) {
+__device__ __forceinline__ void load_four(const T* row, int64_t j0, uint32_t* x) {
   if constexpr (std::is_same_v<T, float>) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(row + j0));
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + j0));
     x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
   } else {
-    constexpr bool kBF16 = std::is_same_v<T, __nv_bfloat16>;
     const uint2 v = __ldg(reinterpret_cast<const uint2*>(row + j0));
-    x[0] = half_bits_to_f32<kBF16>(v.x), x[1] = half_bits_to_f32<kBF16>(v.x >> 16);
-    x[2] = half_bits_to_f32<kBF16>(v.y), x[3] = half_bits_to_f32<kBF16>(v.y >> 16);
+    x[0] = v.x & 0xffffu, x[1] = v.x >> 16, x[2] = v.y & 0xffffu, x[3] = v.y >> 16;
   }
 }
 template <class T>
-__device__ __forceinline__ float load_one(const T* row, int64_t j) {
-  if constexpr (std::is_same_v<T, float>) return __ldg(row + j);
-  else return half_bits_to_f32<std::is_same_v<T, __nv_bfloat16>>(__ldg(reinterpret_cast<const uint16_t*>(row) + j));
+__device__ __forceinline__ uint32_t load_one(const T* row, int64_t j) {
+  if constexpr (std::is_same_v<T, float>) return __ldg(reinterpret_cast<const uint32_t*>(row) + j);
+  else return __ldg(reinterpret_cast<const uint16_t*>(row) + j);
+}
+// The order key a select over scores of type T ranks a score's bits by (score_order.cuh); never 0.
+template <class T>
+__device__ __forceinline__ uint32_t order_key_of(uint32_t bits) {
+  if constexpr (std::is_same_v<T, float>) return canonical_order_key(__uint_as_float(bits));
+  else return canonical_order_key16<std::is_same_v<T, __nv_bfloat16>>(bits);
 }
 // Whether a row of T allows the vector loads of load_four (each piece of four keys from a multiple of 4).
 template <class T>
@@ -60,27 +63,42 @@ __device__ __forceinline__ bool vector_row(const T* row, int lk) {
   return lk % 4 == 0 && reinterpret_cast<uintptr_t>(row) % (4 * sizeof(T)) == 0;
 }
 
-// This thread's kPerThread scores of the step starting at `base`, as floats, with a bit per entry whose key lies in
-// [lo, end). Vector loads where a whole piece of four lies in the range and the row allows them. Nothing here uses
-// the loaded values, so the loads stay in flight until the caller reads them.
+// Keys [j0, j0 + 4) of the row as bits, with a bit per key inside [lo, end), by one vector load where the
+// whole piece lies in the range and the row allows it. Nothing here uses the loaded values, so the loads stay in
+// flight until the caller reads them.
+struct Piece {
+  uint32_t x[4];
+  uint32_t valid;
+};
+template <class T>
+__device__ __forceinline__ Piece load_piece(const T* row, int64_t j0, int lo, int end, bool vec) {
+  Piece p;
+  if (vec && j0 >= lo && j0 + 4 <= end) {
+    load_four(row, j0, p.x);
+    p.valid = 0xfu;
+  } else {
+    p.valid = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const bool in = j0 + c >= lo && j0 + c < end;
+      p.x[c] = in ? load_one(row, j0 + c) : 0u;
+      p.valid |= in ? (1u << c) : 0u;
+    }
+  }
+  return p;
+}
+// This thread's kPerThread scores of the step starting at `base`, as bits, with a bit per entry whose key lies in
+// [lo, end): one piece of four per vector load.
 template <class T>
 __device__ __forceinline__ uint32_t load_step(const T* row, int lo, int end, bool vec, int64_t base,
-                                              float (&x)[kPerThread]) {
+                                              uint32_t (&x)[kPerThread]) {
   uint32_t valid = 0;
 #pragma unroll
   for (int i = 0; i < kVectors; ++i) {
-    const int64_t j0 = key_of(base, 4 * i);
-    if (vec && j0 >= lo && j0 + 4 <= end) {
-      load_four(row, j0, x + 4 * i);
-      valid |= 0xfu << (4 * i);
-    } else {
+    const Piece p = load_piece(row, key_of(base, 4 * i), lo, end, vec);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const bool in = j0 + c >= lo && j0 + c < end;
-        x[4 * i + c] = in ? load_one(row, j0 + c) : 0.f;
-        valid |= in ? (1u << (4 * i + c)) : 0u;
-      }
-    }
+    for (int c = 0; c < 4; ++c) x[4 * i + c] = p.x[c];
+    valid |= p.valid << (4 * i);
   }
   return valid;
 }
@@ -91,7 +109,7 @@ __device__ __forceinline__ uint32_t load_step(const T* row, int lo, int end, boo
 template <class T, class F>
 __device__ __forceinline__ void for_each_step(const T* row, int64_t begin, int lo, int end, bool vec, F&& f) {
   if (begin >= end) return;
-  float a[kPerThread], b[kPerThread];
+  uint32_t a[kPerThread], b[kPerThread];
   uint32_t valid_a = load_step(row, lo, end, vec, begin, a), valid_b = 0;
   for (int64_t base = begin;;) {
     if (base + kStep < end) valid_b = load_step(row, lo, end, vec, base + kStep, b);
@@ -152,6 +170,33 @@ __device__ __forceinline__ void finish_list(const KeyListArgs& L, int64_t bh, in
   }
 }
 
+// The row of team bh: its scores, whether they allow vector loads, the keys it may keep ([lo, hi) of its batch
+// element's bounds, else all), its list's count k and entries.
+template <class T>
+struct ScoreRow {
+  const T* scores;
+  bool vec;
+  int lo, hi, k;
+  int32_t* keys;
+};
+template <class T>
+__device__ __forceinline__ ScoreRow<T> score_row(const TopKSharedKeyListArgs& args, int64_t bh) {
+  const KeyListArgs& L = args.lists;
+  const int lk = static_cast<int>(L.cols);
+  const int64_t b = bh / L.heads;
+  ScoreRow<T> r;
+  r.scores = static_cast<const T*>(args.scores) + b * args.scores_batch_stride + (bh % L.heads) * lk;
+  r.vec = vector_row(r.scores, lk);
+  r.lo = 0, r.hi = lk;
+  if (args.bounds.present()) {
+    r.hi = min(max(args.bounds.hi(b, 0), 0), lk);
+    r.lo = min(max(args.bounds.lo(b, 0), 0), r.hi);
+  }
+  r.k = static_cast<int>(args.k < r.hi - r.lo ? args.k : r.hi - r.lo);
+  r.keys = L.keys + bh * L.keys_stride();
+  return r;
+}
+
 // One team per (b, h); the header gives the algorithm. Member r of the team reads the r-th slice of the row (whole
 // steps); the histograms and the above / equal counts are summed over the team, so every member selects the same
 // T and places its slice's kept keys at their places in the whole row's list.
@@ -161,23 +206,17 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
   if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
 #endif
   using Team = RowTeam<kCluster>;
+  using Digits = SelectDigits<T>;
   __shared__ Smem sm;
   const KeyListArgs& L = args.lists;
-  const int lk = static_cast<int>(L.cols);
   const int64_t bh = blockIdx.x / kCluster;
-  const int64_t b = bh / L.heads;
   const int rank = Team::rank();
-  const T* row = static_cast<const T*>(args.scores) + b * args.scores_batch_stride + (bh % L.heads) * lk;
-  const bool vec = vector_row(row, lk);
+  const ScoreRow<T> sr = score_row<T>(args, bh);
+  const T* row = sr.scores;
+  const bool vec = sr.vec;
+  const int lo = sr.lo, hi = sr.hi, k = sr.k;
+  int32_t* keys = sr.keys;
   const int tid = threadIdx.x;
-  // The keys the row may keep: [lo, hi) of its batch element's bounds, else all.
-  int lo = 0, hi = lk;
-  if (args.bounds.present()) {
-    hi = min(max(args.bounds.hi(b, 0), 0), lk);
-    lo = min(max(args.bounds.lo(b, 0), 0), hi);
-  }
-  const int k = static_cast<int>(args.k < hi - lo ? args.k : hi - lo);  // the list's count
-  int32_t* keys = L.keys + bh * L.keys_stride();
   const int worker = rank * kThreads + tid;
   const int workers = kThreads * kCluster;
   if (k == hi - lo) {  // the row keeps every key it sees (uniform over the team)
@@ -199,16 +238,20 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
   // own histograms, digit by digit: the bins above the chosen one (its keys match the digits chosen before); the
   // last digit's chosen bin holds the keys equal to T. No pass over the row counts them.
   int own_above = 0, own_equal = 0;
+  // The digit count made opaque: with two digits (16-bit scores) known, ptxas spilled 60-272 bytes of the teams'
+  // instantiations at their 64-register bound (sm_90a); the loop stays a loop either way.
+  int digits = Digits::kCount;
+  asm volatile("" : "+r"(digits));
 #pragma unroll 1
-  for (int d = 0; d < kDigits; ++d) {
-    const int shift = digit_shift(d), bins = digit_bins(d);
+  for (int d = 0; d < digits; ++d) {
+    const int shift = Digits::shift(d), bins = Digits::bins(d);
     for (int i = tid; i < bins; i += kThreads) sm.hist[i] = 0;
     __syncthreads();
     const uint32_t prefix = sm.prefix;
-    for_each_step(row, begin, lo, end, vec, [&](int64_t, uint32_t valid, const float (&x)[kPerThread]) {
+    for_each_step(row, begin, lo, end, vec, [&](int64_t, uint32_t valid, const uint32_t (&x)[kPerThread]) {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        const uint32_t key = canonical_order_key(x[i]);
+        const uint32_t key = order_key_of<T>(x[i]);
         if (((valid >> i) & 1u) && (key & high_mask) == prefix)
           atomicAdd(sm.hist + ((key >> shift) & uint32_t(bins - 1)), 1);
       }
@@ -231,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
       int total = 0;
       cta_exclusive_scan<kWarps>(above, sm.scratch, total);  // its barriers precede the next digit's clearing
       own_above += total;
-      if (d == kDigits - 1) own_equal = sm.hist[chosen];
+      if (d == digits - 1) own_equal = sm.hist[chosen];
     }
   }
 
@@ -250,14 +293,14 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
     Team::sync();  // no member leaves while another reads its counts
   }
   // Placement in index order: one CTA prefix sum per vector load of the step (the loads' keys are in thread order).
-  for_each_step(row, begin, lo, end, vec, [&](int64_t base, uint32_t valid, const float (&x)[kPerThread]) {
+  for_each_step(row, begin, lo, end, vec, [&](int64_t base, uint32_t valid, const uint32_t (&x)[kPerThread]) {
 #pragma unroll
     for (int v = 0; v < kVectors; ++v) {
       uint32_t above = 0, equal = 0;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int i = 4 * v + c;
-        const uint32_t key = canonical_order_key(x[i]);
+        const uint32_t key = order_key_of<T>(x[i]);
         above |= ((valid >> i) & 1u) && key > t ? (1u << c) : 0u;
         equal |= ((valid >> i) & 1u) && key == t ? (1u << c) : 0u;
       }
@@ -287,63 +330,54 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
 // ------------------------------------------------------------------------------------------ resident slices
 // The same selection with each member's slice of the row held in shared memory as order keys: the row is read from
 // global memory once, the first digit's histogram built as it arrives, and the later digits and the placement read
-// shared memory. A slice of at most kResMaxRun keys a thread (1024 threads) runs here when it fits the device's
-// shared memory; longer rows take the streaming kernel above.
+// shared memory. A slice of at most ResidentKeys<T>::kMaxRun keys a thread (1024 threads) runs here when it fits the
+// device's shared memory; longer rows take the streaming kernel above.
 constexpr int kResThreads = 1024;
 constexpr int kResWarps = kResThreads / 32;
-constexpr int kResMaxRun = 48;       // keys per thread; the placement holds a thread's run as two 64-bit masks
 constexpr int kResHistCopies = 2;    // warps of even and odd index count into their own copy (half the contention)
 constexpr int kResLoadBatch = 4;     // pieces of four scores a thread has in flight while loading its slice
 
+// Histograms in two buffers, digit d counting into buffer d % 2: a member clears the next digit's buffer while the
+// other members may still read this digit's, so one cluster barrier a digit orders them (the one before its select).
 struct ResidentSmem {
-  int hist[kResHistCopies][kMaxBins];
-  int scratch[kResWarps + 1];
+  int hist[2][kResHistCopies][kMaxBins];
+  long long scratch[kResWarps + 1];
   uint32_t prefix;
   int rem;
-  int above, equal;
+  int above, equal;  // this member's keys above and equal to T, for the other members of the team
 };
 // The slice's keys follow the struct, 16-byte aligned.
 constexpr int kResSliceOffset = (sizeof(ResidentSmem) + 15) / 16 * 16;
 
+// How a slice holds the order keys of scores of type T: four keys a piece (uint4 of 32-bit keys, uint2 of 16-bit
+// ones for 16-bit scores), at most kMaxRun keys a thread. The placement holds a thread's run as two 64-bit masks;
+// 48 32-bit keys a thread take 192 KiB, 64 16-bit ones 128 KiB (rows of 384K and 512K keys in teams of 8).
+template <class T>
+struct ResidentKeys {
+  static constexpr bool kHalf = sizeof(T) == 2;
+  using Vec = std::conditional_t<kHalf, uint2, uint4>;
+  static constexpr int kBytes = kHalf ? 2 : 4;
+  static constexpr int kMaxRun = kHalf ? 64 : 48;
+  static_assert(kMaxRun <= 64, "a run's keys are bits of one 64-bit word");
+  // The piece's order keys, 0 for a key outside the range (below every key).
+  __device__ __forceinline__ static Vec pack(const Piece& p) {
+    uint32_t k[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) k[c] = (p.valid >> c) & 1u ? order_key_of<T>(p.x[c]) : 0u;
+    if constexpr (kHalf) return make_uint2(k[0] | (k[1] << 16), k[2] | (k[3] << 16));
+    else return make_uint4(k[0], k[1], k[2], k[3]);
+  }
+  __device__ __forceinline__ static uint32_t key(const Vec& w, int c) {
+    if constexpr (kHalf) return ((c < 2 ? w.x : w.y) >> (16 * (c & 1))) & 0xffffu;
+    else return c == 0 ? w.x : (c == 1 ? w.y : (c == 2 ? w.z : w.w));
+  }
+};
+
 __host__ __device__ constexpr int64_t resident_run(int64_t span, int team) {
   return ((span + int64_t(team) * kResThreads - 1) / (int64_t(team) * kResThreads) + 3) / 4 * 4;
 }
-__host__ __device__ constexpr int64_t resident_smem_bytes(int64_t run) {
-  return kResSliceOffset + run * kResThreads * 4;
-}
-
-// Keys [j0, j0 + 4) of the row as floats, with a bit per key inside [lo, end) (load_step's loads, for one piece);
-// the caller converts them with keys_of after issuing its other loads.
-struct Piece {
-  float x[4];
-  uint32_t valid;
-};
-template <class T>
-__device__ __forceinline__ Piece load_piece(const T* row, int64_t j0, int lo, int end, bool vec) {
-  Piece p;
-  if (vec && j0 >= lo && j0 + 4 <= end) {
-    load_four(row, j0, p.x);
-    p.valid = 0xfu;
-  } else {
-    p.valid = 0;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const bool in = j0 + c >= lo && j0 + c < end;
-      p.x[c] = in ? load_one(row, j0 + c) : 0.f;
-      p.valid |= in ? (1u << c) : 0u;
-    }
-  }
-  return p;
-}
-// The piece's canonical order keys, 0 for a key outside the range (below every key).
-__device__ __forceinline__ uint4 keys_of(const Piece& p) {
-  uint32_t k[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) k[c] = (p.valid >> c) & 1u ? canonical_order_key(p.x[c]) : 0u;
-  return make_uint4(k[0], k[1], k[2], k[3]);
-}
-__device__ __forceinline__ uint32_t key_at(const uint4& w, int c) {
-  return c == 0 ? w.x : (c == 1 ? w.y : (c == 2 ? w.z : w.w));
+__host__ __device__ constexpr int64_t resident_smem_bytes(int64_t run, int key_bytes) {
+  return kResSliceOffset + run * kResThreads * key_bytes;
 }
 
 template <class T, int kCluster>
@@ -352,24 +386,21 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
   if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
 #endif
   using Team = RowTeam<kCluster>;
+  using Digits = SelectDigits<T>;
+  using Keys = ResidentKeys<T>;
+  using Vec = typename Keys::Vec;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   ResidentSmem& sm = *reinterpret_cast<ResidentSmem*>(smem_raw);
-  uint32_t* slice = reinterpret_cast<uint32_t*>(smem_raw + kResSliceOffset);
+  Vec* slice = reinterpret_cast<Vec*>(smem_raw + kResSliceOffset);
   const KeyListArgs& L = args.lists;
-  const int lk = static_cast<int>(L.cols);
   const int64_t bh = blockIdx.x / kCluster;
-  const int64_t b = bh / L.heads;
   const int rank = Team::rank();
-  const T* row = static_cast<const T*>(args.scores) + b * args.scores_batch_stride + (bh % L.heads) * lk;
-  const bool vec = vector_row(row, lk);
+  const ScoreRow<T> sr = score_row<T>(args, bh);
+  const T* row = sr.scores;
+  const bool vec = sr.vec;
+  const int lo = sr.lo, hi = sr.hi, k = sr.k;
+  int32_t* keys = sr.keys;
   const int tid = threadIdx.x;
-  int lo = 0, hi = lk;
-  if (args.bounds.present()) {
-    hi = min(max(args.bounds.hi(b, 0), 0), lk);
-    lo = min(max(args.bounds.lo(b, 0), 0), hi);
-  }
-  const int k = static_cast<int>(args.k < hi - lo ? args.k : hi - lo);
-  int32_t* keys = L.keys + bh * L.keys_stride();
   const int worker = rank * kResThreads + tid, workers = kResThreads * kCluster;
   if (k == hi - lo) {  // the row keeps every key it sees (uniform over the team)
     for (int i = worker; i < k; i += workers) keys[1 + i] = lo + i;
@@ -383,14 +414,14 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
   const int vectors = run / 4;  // pieces of four keys a thread loads, and in its run
   const int64_t begin = first + int64_t(rank) * run * kResThreads;
   const int end = static_cast<int>(begin + int64_t(run) * kResThreads < hi ? begin + int64_t(run) * kResThreads : hi);
-  uint4* slice4 = reinterpret_cast<uint4*>(slice);
-  int* hist = sm.hist[(tid >> 5) & (kResHistCopies - 1)];
 
-  for (int i = tid; i < kResHistCopies * kMaxBins; i += kResThreads) (&sm.hist[0][0])[i] = 0;
-  if (tid == 0) sm.prefix = 0, sm.rem = k;
+  for (int i = tid; i < 2 * kResHistCopies * kMaxBins; i += kResThreads) (&sm.hist[0][0][0])[i] = 0;
+  if (tid == 0) sm.prefix = 0, sm.rem = k, sm.above = 0, sm.equal = 0;
   __syncthreads();
   // Piece v of this thread: keys begin + 4 (v * kResThreads + tid) + [0, 4), so each warp-wide load reads whole
   // sectors and each store fills whole banks. The first digit's histogram is built from the registers.
+  const int copy = (tid >> 5) & (kResHistCopies - 1);
+  int* hist = sm.hist[0][copy];
 #pragma unroll 1
   for (int v0 = 0; v0 < vectors; v0 += kResLoadBatch) {
     Piece p[kResLoadBatch];
@@ -400,64 +431,83 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
 #pragma unroll
     for (int i = 0; i < kResLoadBatch; ++i) {
       if (v0 + i >= vectors) break;
-      const uint4 w = keys_of(p[i]);
-      slice4[(v0 + i) * kResThreads + tid] = w;
+      const Vec w = Keys::pack(p[i]);
+      slice[(v0 + i) * kResThreads + tid] = w;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const uint32_t key = key_at(w, c);
-        if (key != 0u) atomicAdd(hist + (key >> digit_shift(0)), 1);
+        const uint32_t key = Keys::key(w, c);
+        if (key != 0u) atomicAdd(hist + (key >> Digits::shift(0)), 1);
       }
     }
   }
 
+  // The digits. Thread tid reads bins (bins - 2 - 2 tid, bins - 1 - 2 tid) of every member (one 8-byte read per member
+  // and copy) and of its own histograms; one prefix sum from the top bin down of (team count, own count), packed in
+  // 64 bits, finds the bin where the team's count reaches rem, and the member's own keys above it (the bins before
+  // it in that order), which give its place in the list after the last digit.
+  static_assert(kResHistCopies == 2 && kResThreads * 2 == kMaxBins, "each thread selects over two bins");
   uint32_t high_mask = 0;
-  int own_above = 0, own_equal = 0;  // this member's keys above and equal to T (the streaming kernel's way)
 #pragma unroll 1
-  for (int d = 0; d < kDigits; ++d) {
-    const int shift = digit_shift(d), bins = digit_bins(d);
-    if (d > 0) {
-      for (int i = tid; i < kResHistCopies * kMaxBins; i += kResThreads) (&sm.hist[0][0])[i] = 0;
-      __syncthreads();
-      const uint32_t prefix = sm.prefix;
-#pragma unroll 4
-      for (int v = 0; v < vectors; ++v) {
-        const uint4 w = slice4[v * kResThreads + tid];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const uint32_t key = key_at(w, c);
-          if ((key & high_mask) == prefix) atomicAdd(hist + ((key >> shift) & uint32_t(bins - 1)), 1);
-        }
-      }
-    }
-    Team::sync();  // every member's histograms are complete (and sm.prefix / sm.rem set)
+  for (int d = 0; d < Digits::kCount; ++d) {
+    const int shift = Digits::shift(d), bins = Digits::bins(d);
+    int (*buf)[kMaxBins] = sm.hist[d & 1];
+    Team::sync();  // every member's histograms of digit d are complete, and every member is past digit d - 1
     const uint32_t prefix = sm.prefix;
-    select_digit<kResThreads>(bins, shift, prefix, sm.rem, [&](int bin) {
-      int n = 0;
+    const int rem = sm.rem;
+    const int b1 = bins - 2 - 2 * tid;  // this thread's bins b1 + 1 (first from the top) and b1
+    int team[2] = {0, 0}, own[2] = {0, 0};
+    if (b1 >= 0) {
 #pragma unroll
       for (int r = 0; r < kCluster; ++r)
 #pragma unroll
-        for (int c = 0; c < kResHistCopies; ++c) n += *Team::member(sm.hist[c] + bin, r);
-      return n;
-    }, sm.scratch, &sm.prefix, &sm.rem);
+        for (int c = 0; c < kResHistCopies; ++c) {
+          const int2 x = *reinterpret_cast<const int2*>(Team::member(buf[c] + b1, r));
+          team[0] += x.y, team[1] += x.x;
+        }
+#pragma unroll
+      for (int c = 0; c < kResHistCopies; ++c) own[0] += buf[c][b1 + 1], own[1] += buf[c][b1];
+    }
+    long long total = 0;
+    const long long before = cta_exclusive_scan<kResWarps>(
+        (static_cast<long long>(team[0] + team[1]) << 32) | static_cast<long long>(own[0] + own[1]), sm.scratch,
+        total);
+    int team_before = static_cast<int>(before >> 32), own_before = static_cast<int>(before & 0xffffffffll);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      if (team_before < rem && team_before + team[q] >= rem) {  // one thread of the CTA
+        sm.prefix = prefix | (uint32_t(b1 + 1 - q) << shift);
+        sm.rem = rem - team_before;
+        sm.above += own_before;
+        if (d == Digits::kCount - 1) sm.equal = own[q];
+      }
+      team_before += team[q], own_before += own[q];
+    }
     high_mask |= uint32_t(bins - 1) << shift;
-    Team::sync();  // the members are done reading the histograms, and sm is set
-    if constexpr (kCluster > 1) {
-      const int chosen = static_cast<int>((sm.prefix >> shift) & uint32_t(bins - 1));
-      int above = 0;
-      for (int i = chosen + 1 + tid; i < bins; i += kResThreads) above += sm.hist[0][i] + sm.hist[1][i];
-      int total = 0;
-      cta_exclusive_scan<kResWarps>(above, sm.scratch, total);  // its barriers precede the next digit's clearing
-      own_above += total;
-      if (d == kDigits - 1) own_equal = sm.hist[0][chosen] + sm.hist[1][chosen];
+    if (d + 1 < Digits::kCount) {
+      // The next digit's buffer last held digit d - 1, which every member has read (the barrier above).
+      for (int i = tid; i < kResHistCopies * kMaxBins; i += kResThreads) (&sm.hist[(d + 1) & 1][0][0])[i] = 0;
+      __syncthreads();  // cleared, and sm.prefix / sm.rem set
+      const uint32_t next_prefix = sm.prefix;
+      const int next_shift = Digits::shift(d + 1), next_bins = Digits::bins(d + 1);
+      int* next_hist = sm.hist[(d + 1) & 1][copy];
+#pragma unroll 4
+      for (int v = 0; v < vectors; ++v) {
+        const Vec w = slice[v * kResThreads + tid];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint32_t key = Keys::key(w, c);
+          if ((key & high_mask) == next_prefix)
+            atomicAdd(next_hist + ((key >> next_shift) & uint32_t(next_bins - 1)), 1);
+        }
+      }
     }
   }
-  static_assert(kResHistCopies == 2, "the sums above read both copies");
+  __syncthreads();  // the last digit's T, take and this member's counts are set
 
   const uint32_t t = sm.prefix;
   const int take = sm.rem;
   int placed_above = 0, placed_equal = 0;
   if (kCluster > 1) {
-    if (tid == 0) sm.above = own_above, sm.equal = own_equal;
     Team::sync();
     for (int r = 0; r < rank; ++r) {
       placed_above += *Team::member(&sm.above, r);
@@ -468,25 +518,25 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
   // Placement: thread tid takes the run [tid * run, (tid + 1) * run) of the slice (index order across threads), one
   // bit per key above T and per key equal to T; one CTA prefix sum of the counts gives each thread's places. The run
   // is read starting at piece tid % vectors, so that the threads of a quarter-warp read different banks.
-  const uint4* mine = slice4 + tid * vectors;
+  const Vec* mine = slice + tid * vectors;
   uint64_t above = 0, equal = 0;
   const int start = tid % vectors;
 #pragma unroll 4
   for (int q = 0; q < vectors; ++q) {
     const int v = q + start < vectors ? q + start : q + start - vectors;
-    const uint4 w = mine[v];
+    const Vec w = mine[v];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const uint32_t key = key_at(w, c);
+      const uint32_t key = Keys::key(w, c);
       above |= uint64_t(key > t) << (4 * v + c);
       equal |= uint64_t(key == t) << (4 * v + c);
     }
   }
-  static_assert(kResMaxRun <= 64, "a run's keys are bits of one 64-bit word");
-  static_assert(kResMaxRun * kResThreads < (1 << 16), "a member's counts are packed as two 16-bit halves");
-  int total = 0;
-  const int excl = cta_exclusive_scan<kResWarps>(__popcll(above) | (__popcll(equal) << 16), sm.scratch, total);
-  int n_above = placed_above + (excl & 0xffff), n_equal = placed_equal + (excl >> 16);
+  long long total = 0;
+  const long long excl = cta_exclusive_scan<kResWarps>(
+      (static_cast<long long>(__popcll(above)) << 32) | static_cast<long long>(__popcll(equal)), sm.scratch, total);
+  int n_above = placed_above + static_cast<int>(excl >> 32);
+  int n_equal = placed_equal + static_cast<int>(excl & 0xffffffffll);
   const int64_t run_begin = begin + int64_t(tid) * run;
   for (uint64_t m = above | equal; m != 0; m &= m - 1) {
     const int j = __ffsll(static_cast<long long>(m)) - 1;
@@ -529,11 +579,13 @@ cudaError_t launch_resident(const TopKSharedKeyListArgs& args, int64_t units, in
                             cudaStream_t stream) {
   auto kernel = build_topk_shared_key_lists_resident_kernel<T, kCluster>;
   // Raised once to what the longest run needs, or the device's whole opt-in where that is less.
-  const int64_t most = resident_smem_bytes(kResMaxRun) < smem_limit ? resident_smem_bytes(kResMaxRun) : smem_limit;
+  using Keys = ResidentKeys<T>;
+  const int64_t longest = resident_smem_bytes(Keys::kMaxRun, Keys::kBytes);
+  const int64_t most = longest < smem_limit ? longest : smem_limit;
   static std::atomic<uint64_t> configured{0};
   if (cudaError_t err = raise_smem_limit_once(kernel, static_cast<int>(most), configured); err != cudaSuccess)
     return err;
-  return launch_teams<kCluster>(kernel, args, units, kResThreads, static_cast<size_t>(resident_smem_bytes(run)),
+  return launch_teams<kCluster>(kernel, args, units, kResThreads, static_cast<size_t>(resident_smem_bytes(run, Keys::kBytes)),
                                 stream);
 }
 
@@ -567,23 +619,30 @@ int64_t resident_smem_limit() {
   return limit;
 }
 
-// The launch for scores of type T: the resident kernel with the smallest team whose slices fit in a thread's run and
-// in the device's shared memory (teams above 1 only where clusters run), else the streaming one with `team` members.
-// A larger resident team than needed only adds cluster barriers and sums over distributed shared memory (NVIDIA H100,
-// Nsight Compute, commit c6bccde: 8 rows of 64K keys in teams of 8 took 39 us, 64 rows of 64K in teams of 2 30 us,
-// 64 rows of 8K in teams of 1 11 us).
+// The launch for scores of type T: the resident kernel with the smallest team whose runs hold at most
+// kResTargetRun keys a thread, else the smallest whose slices fit in a thread's run and in the device's shared memory
+// (teams above 1 only where clusters run); else the streaming one with `team` members. Longer runs leave a member
+// too long a serial pass, more members add cluster barriers and sums over distributed shared memory (NVIDIA H100,
+// Nsight Compute, 2026-12-07, us, float32 / bfloat16 scores, the smallest team that fits against teams of at least
+// 2: 64 rows of 64K keys 25.7 / 32.5 (teams of 2 / 1, runs of 32 / 64) against 25.7 / 23.2 (2 / 2); 8 rows of 32K
+// 18.8 / 20.1 (1 / 1, runs of 32) against 17.6 / 16.9 (2 / 2); 64 rows of 8K 11.7 / 10.8 (1 / 1, runs of 8) against
+// 14.4 / 12.2).
+constexpr int kResTargetRun = 32;
 template <class T>
 cudaError_t launch_for_type(const TopKSharedKeyListArgs& args, int64_t units, int team, int max_team,
                             cudaStream_t stream) {
+  using Keys = ResidentKeys<T>;
   const int64_t smem_limit = resident_smem_limit();
-  for (int t = 1; t <= max_team; t *= 2) {
-    const int64_t run = resident_run(args.lists.cols, t);
-    if (run > kResMaxRun || resident_smem_bytes(run) > smem_limit) continue;
-    switch (t) {
-      case 8: return launch_resident<T, 8>(args, units, run, smem_limit, stream);
-      case 4: return launch_resident<T, 4>(args, units, run, smem_limit, stream);
-      case 2: return launch_resident<T, 2>(args, units, run, smem_limit, stream);
-      default: return launch_resident<T, 1>(args, units, run, smem_limit, stream);
+  for (const int longest_run : {kResTargetRun, Keys::kMaxRun}) {
+    for (int t = 1; t <= max_team; t *= 2) {
+      const int64_t run = resident_run(args.lists.cols, t);
+      if (run > longest_run || resident_smem_bytes(run, Keys::kBytes) > smem_limit) continue;
+      switch (t) {
+        case 8: return launch_resident<T, 8>(args, units, run, smem_limit, stream);
+        case 4: return launch_resident<T, 4>(args, units, run, smem_limit, stream);
+        case 2: return launch_resident<T, 2>(args, units, run, smem_limit, stream);
+        default: return launch_resident<T, 1>(args, units, run, smem_limit, stream);
+      }
     }
   }
   switch (team) {

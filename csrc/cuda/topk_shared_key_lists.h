@@ -10,8 +10,9 @@
 // list, over the row-broadcast geometry (rows = 1): count = min(k, range), the kept keys ascending, zeros past the
 // count, and the first count bits of its words set.
 //
-// One team of CTAs per (b, h), no sort. The scores map to order-preserving uint32 keys (sign-flipped IEEE bits), and
-// a radix select over three digits (11, 11 and 10 bits, most significant first) finds T, the k-th largest key: each
+// One team of CTAs per (b, h), no sort. The scores map to order-preserving keys (sign-flipped IEEE bits: uint32 for
+// float32 scores, 16 bits for bfloat16 and float16 ones, score_order.cuh), and a radix select over their digits
+// (11, 11 and 10 bits, most significant first; 11 and 5 for 16-bit keys) finds T, the k-th largest key: each
 // digit's pass histograms the keys that match the digits chosen so far and picks the bucket where the count from
 // the top reaches k. The kept keys are then those above T and the first `take` (in index order) equal to it, where
 // take = k - #{keys above T}: the index tie-break. A last pass in index order places them by a CTA prefix sum. The
@@ -24,13 +25,14 @@
 // those equal to it), and their sums over the members before it give its place in the list.
 //
 // Two kernels. The resident kernel (1024 threads) holds its member's slice in shared memory as order keys, at most
-// 48 a thread (192 KiB): the slice is read from global memory once, the first digit's histogram built from the
-// registers as it arrives, and the later digits and the placement (each thread a run of consecutive keys, one
-// prefix sum) read shared memory; a row gets the smallest team whose slices fit (more members only add cluster
-// barriers and sums over distributed shared memory). Rows too long for teams of 8 (more than 384K keys on sm_90) take
-// the streaming kernel (512 threads), which reads its slice from global memory (L2 after the first) for every digit
-// and for the placement, one prefix sum per 2048 keys; its rows get more members while the teams of all rows still
-// fit on the multiprocessors at once (one CTA each) and each keeps two steps of 4096 keys.
+// 48 a thread of 32 bits (192 KiB) or 64 of 16 bits (128 KiB): the slice is read from global memory once, the first
+// digit's histogram built from the registers as it arrives, and the later digits and the placement (each thread a
+// run of consecutive keys, one prefix sum) read shared memory; a row gets the smallest team whose slices fit (more
+// members only add cluster barriers and sums over distributed shared memory). Rows too long for teams of 8 (on sm_90
+// more than 384K float32 or 512K 16-bit scores) take the streaming kernel (512 threads), which reads its slice from
+// global memory (L2 after the first) for every digit and for the placement, one prefix sum per 2048 keys; its rows
+// get more members while the teams of all rows still fit on the multiprocessors at once (one CTA each) and each
+// keeps two steps of 4096 keys.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
