@@ -6,9 +6,10 @@
 #include <type_traits>
 
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "cuda/cta_scan.cuh"
-#include "cuda/half_float.cuh"
 #include "cuda/score_order.cuh"
 #include "cuda/smem_limit.cuh"
 
@@ -354,7 +355,7 @@ constexpr int kResSliceOffset = (sizeof(ResidentSmem) + 15) / 16 * 16;
 // 48 32-bit keys a thread take 192 KiB, 64 16-bit ones 128 KiB (rows of 384K and 512K keys in teams of 8).
 template <class T>
 struct ResidentKeys {
-  static constexpr bool kHalf = sizeof(T) == 2;
+  static constexpr bool kHalf = SelectDigits<T>::kHalf;
   using Vec = std::conditional_t<kHalf, uint2, uint4>;
   static constexpr int kBytes = kHalf ? 2 : 4;
   static constexpr int kMaxRun = kHalf ? 64 : 48;
@@ -585,8 +586,8 @@ cudaError_t launch_resident(const TopKSharedKeyListArgs& args, int64_t units, in
   static std::atomic<uint64_t> configured{0};
   if (cudaError_t err = raise_smem_limit_once(kernel, static_cast<int>(most), configured); err != cudaSuccess)
     return err;
-  return launch_teams<kCluster>(kernel, args, units, kResThreads, static_cast<size_t>(resident_smem_bytes(run, Keys::kBytes)),
-                                stream);
+  return launch_teams<kCluster>(kernel, args, units, kResThreads,
+                                static_cast<size_t>(resident_smem_bytes(run, Keys::kBytes)), stream);
 }
 
 // How many CTAs a row's team may have on this device: 1 where it does not run the kernel's sm_90 code (thread-block

@@ -24,15 +24,15 @@
 // its own histograms (at each digit, the bins above the chosen one hold keys above T; the last digit's chosen bin,
 // those equal to it), and their sums over the members before it give its place in the list.
 //
-// Two kernels. The resident kernel (1024 threads) holds its member's slice in shared memory as order keys, at most
-// 48 a thread of 32 bits (192 KiB) or 64 of 16 bits (128 KiB): the slice is read from global memory once, the first
-// digit's histogram built from the registers as it arrives, and the later digits and the placement (each thread a
-// run of consecutive keys, one prefix sum) read shared memory; a row gets the smallest team whose slices fit (more
-// members only add cluster barriers and sums over distributed shared memory). Rows too long for teams of 8 (on sm_90
-// more than 384K float32 or 512K 16-bit scores) take the streaming kernel (512 threads), which reads its slice from
-// global memory (L2 after the first) for every digit and for the placement, one prefix sum per 2048 keys; its rows
-// get more members while the teams of all rows still fit on the multiprocessors at once (one CTA each) and each
-// keeps two steps of 4096 keys.
+// Two kernels. The resident kernel (1024 threads) holds its member's slice in shared memory as order keys, at most 48 a
+// thread of 32 bits (192 KiB) or 64 of 16 bits (128 KiB): the slice is read from global memory once, the first digit's
+// histogram built from the registers as it arrives, and the later digits and the placement (each thread a run of
+// consecutive keys, one prefix sum) read shared memory; a row gets the smallest team whose runs hold at most 32 keys a
+// thread, else the smallest whose slices fit (longer runs leave a member a long serial pass, more members add cluster
+// barriers and sums over distributed shared memory). Rows too long for teams of 8 (on sm_90 more than 384K float32 or
+// 512K 16-bit scores) take the streaming kernel (512 threads), which reads its slice from global memory (L2 after the
+// first) for every digit and for the placement, one prefix sum per 2048 keys; its rows get more members while the teams
+// of all rows still fit on the multiprocessors at once (one CTA each) and each keeps two steps of 4096 keys.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
