@@ -1,14 +1,15 @@
-"""The Hopper backward (csrc/cuda/sm90/): calls without a mask or softcap, with no bias, one constant along query
-rows (the paper's per-key bias and its broadcasts) or one with query rows (dbias included), deterministic=False, D
-in 64 / 128, on a compute-capability-9.0 GPU, and row bounds (segment ids, windows, lengths).
+"""The Hopper backward (csrc/cuda/sm90/): calls without softcap, with no bias, one constant along query rows (the
+paper's per-key bias and its broadcasts) or one with query rows (dbias included), that one also beside a bool mask
+(Lk a multiple of 16), deterministic=False, D in 64 / 128, on a compute-capability-9.0 GPU, and row bounds (segment
+ids, windows, lengths).
 
 Every case runs twice, through the default route and with the sm80 kernels forced (JAX_DMATTN_CUDA_KERNELS=sm80),
 against the float64 oracle (all three gradients, dlse folded); each route must really reach the kernels it names on
 such a device (the Hopper backward's launch counter moves or not). Covers both dtypes, GQA, Lq != Lk both ways
 (bottom-right causal, rows with no key), odd lengths, one query row, one key, and the calls it leaves to the sm80
-kernels (softcap, deterministic, D = 96 / 256, a mask, and the biases with query rows it does not take: f32, another
-dtype than q's, unaligned rows, dbias summed over batch elements or kv heads), a per-key bias with -inf keys and a bias
-with query rows with -inf pairs.
+kernels (softcap, deterministic, D = 96 / 256, a mask on the key-tile path whose Lk is not a multiple of 16, and the
+biases with query rows it does not take: f32, another dtype than q's, unaligned rows, dbias summed over batch elements
+or kv heads), a per-key bias with -inf keys, a bias with query rows with -inf pairs, and masked rows with no key.
 Inputs with an inf or NaN in q, dout or k go through the Hopper route's scan to the sm80 main kernel: the gradients
 match the forced sm80 route's, NaN for NaN.
 
@@ -54,6 +55,12 @@ SERVED = [
     (2, 129, 328, 4, 4, 128, F16, True, 0.0, ("BHMN", "f16"), None),     # MHA, Lq < Lk
     (1, 190, 136, 4, 1, 128, BF16, True, 0.0, ("11MN", "bf16"), None),   # one bias for all heads of one kv head
     (3, 1, 704, 4, 2, 128, BF16, True, 0.0, ("BKMN", "bf16"), None),     # one query row
+    # A bool mask beside a bias with query rows (the key-tile path): empty, partial and full 64 x 64 tiles.
+    (2, 200, 208, 8, 2, 128, BF16, True, 0.0, ("BKMN", "bf16"), "BKMN"),  # per kv head, GQA 4
+    (1, 301, 256, 4, 2, 64, F16, False, 0.0, ("1HMN", "f16"), "BHMN"),    # per query head, Lq > Lk, odd Lq
+    (2, 129, 320, 4, 4, 128, F16, True, 0.0, ("BHMN", "f16"), "11MN"),    # one mask for all heads, Lq < Lk
+    (1, 190, 144, 4, 1, 128, BF16, False, 0.0, ("11MN", "bf16"), "B11N"), # constant along query rows
+    (2, 96, 400, 8, 2, 64, BF16, True, 0.0, ("BKMN", "bf16"), "1KMN"),    # batch-broadcast mask, Lq < Lk
 ]
 LEFT_TO_SM80 = [
     (1, 200, 200, 8, 2, 128, BF16, True, 0.0, ("BKMN", "f32"), None),    # a bias with query rows: f32
@@ -64,7 +71,8 @@ LEFT_TO_SM80 = [
     (1, 128, 256, 4, 4, 64, BF16, False, 30.0, None, None),              # softcap
     (1, 190, 260, 4, 2, 96, BF16, True, 0.0, None, None),                # D = 96
     (1, 150, 170, 2, 2, 256, F16, True, 0.0, None, None),                # D = 256
-    (2, 100, 100, 4, 2, 64, F16, False, 0.0, None, "BHMN"),              # a mask
+    (2, 100, 100, 4, 2, 64, F16, False, 0.0, None, "BHMN"),              # a mask (the key-list path)
+    (1, 100, 200, 4, 2, 64, BF16, True, 0.0, ("BKMN", "bf16"), "BKMN"),  # a mask whose Lk is not a multiple of 16
 ]
 
 
@@ -78,6 +86,16 @@ def test_backward_matches_oracle(case, kernel_route):
     hopper = hopper_kernels_available() and kernel_route == "default" and case in SERVED and d in sm90_bwd_head_dims()
     assert served == hopper, (f"route {kernel_route}: the Hopper backward "
                               f"{'did not serve' if hopper else 'served'} the call")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_masked_rows_with_no_key(dtype, kernel_route):
+    """Rows whose mask keeps no key (a whole 64-row tile and parts of the next) beside a bias with query rows: zero
+    dq, no dk / dv / dbias contribution, on either route."""
+    name = "bf16" if dtype == BF16 else "f16"
+    before = sm90_launches("bwd")
+    check_against_oracle((2, 190, 256, 4, 2, 128, dtype, False, 0.0, ("BKMN", name), "BKMN"), empty_rows=True)
+    assert (sm90_launches("bwd") > before) == (hopper_kernels_available() and kernel_route == "default")
 
 
 def test_deterministic_stays_on_sm80_kernels():

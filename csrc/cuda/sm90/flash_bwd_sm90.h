@@ -10,10 +10,11 @@
 namespace dmattn {
 
 // Whether the Hopper backward serves this call on this device: built for sm_90a, a compute-capability-9.0 device, no
-// mask (bool or tile classes), row bounds or none, no bias, one constant along query rows (row stride 0: the
-// paper's per-key bias and its broadcasts) or one with query rows in q's dtype whose dbias one CTA finishes (16-byte
-// aligned rows; batch not broadcast over several, bias heads H or Hkv, or 1 with one kv head), no softcap,
-// deterministic=False, head dim in
+// bias, one constant along query rows (row stride 0: the paper's per-key bias and its broadcasts) or one with query
+// rows in q's dtype whose dbias one CTA finishes (16-byte aligned rows; batch not broadcast over several, bias heads H
+// or Hkv, or 1 with one kv head), row bounds or none, no mask or a bool mask beside a bias with query rows without
+// row bounds (keys at unit stride, Lk a multiple of 16, 16-byte strides and base), no softcap, deterministic=False,
+// head dim in
 // DMATTN_FOR_EACH_SM90_BWD_HEAD_DIM (kernel_facts.h), sizes whose element strides fit 32 bits, and
 // JAX_DMATTN_CUDA_KERNELS not "sm80".
 bool flash_bwd_sm90_serves(const BwdParams& params);

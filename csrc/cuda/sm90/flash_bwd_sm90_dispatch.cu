@@ -1,4 +1,4 @@
-// Which calls the Hopper backwards (no mask; key lists) serve, and their head-dim / dtype dispatch (no CuTe here: the
+// Which calls the Hopper backwards (key tiles; key lists) serve, and their head-dim / dtype dispatch (no CuTe here: the
 // kernels live in the generated flash_bwd_sm90_hdim*.cu and flash_bwd_key_list_sm90_hdim*.cu).
 #include <atomic>
 #include <climits>
@@ -24,10 +24,21 @@ bool row_bias_fits(const BwdParams& p) {
          p.kv_heads_per_item == 1 && p.group % p.bias_hdiv == 0 && p.scale != 0.f && std::isfinite(1.f / p.scale);
 }
 
+// A bool mask, read by the masked instantiation (a bias with query rows, no row bounds) in 16-byte chunks of 16 keys:
+// keys at unit stride, Lk a multiple of 16 (no chunk straddles the sequence end), every stride a multiple of 16 bytes
+// (a broadcast dim's is 0) and the base 16-byte aligned.
+bool mask_fits(const BwdParams& p) {
+  auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+  return p.bias != nullptr && p.bias_row_stride != 0 && !p.bounds.present() && p.mask_col_stride == 1 &&
+         p.kv_len % 16 == 0 && aligned(p.mask_row_stride) && aligned(p.mask_head_stride) &&
+         aligned(p.mask_batch_stride) && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+}
+
 }  // namespace
 
 bool flash_bwd_sm90_serves(const BwdParams& p) {
-  if (p.mask != nullptr || p.classes != nullptr || p.softcap > 0.f || p.deterministic) return false;
+  if (p.softcap > 0.f || p.deterministic) return false;
+  if (p.mask != nullptr ? !mask_fits(p) : p.classes != nullptr) return false;
   if (p.bias != nullptr && p.bias_row_stride != 0 && !row_bias_fits(p)) return false;
   if (!has_head_dim(kSm90BwdHeadDims, p.head_dim) || p.q_len == 0 || p.kv_len == 0 || p.dq_accum == nullptr)
     return false;

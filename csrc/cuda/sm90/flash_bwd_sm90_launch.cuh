@@ -35,10 +35,10 @@ __global__ void __launch_bounds__(Kernel::MaxThreadsPerBlock, Kernel::MinBlocksP
   op(params, smem);
 }
 
-template <int kHeadDim, bool kIsBF16, KeyRule kRule, BwdBias kBias>
+template <int kHeadDim, bool kIsBF16, KeyRule kRule, BwdBias kBias, bool kMasked = false>
 struct BwdKernel {
   using Element = std::conditional_t<kIsBF16, cutlass::bfloat16_t, cutlass::half_t>;
-  using Mainloop = BwdMainloop<Element, BwdTileShape<kHeadDim>, kRule, kBias>;
+  using Mainloop = BwdMainloop<Element, BwdTileShape<kHeadDim>, kRule, kBias, kMasked>;
   using Epilogue = cutlass::fmha::collective::FmhaBwdEpilogueKV<Element, float, typename Mainloop::TileShapePV>;
   // Grid (key tiles, B, Hkv); key tile 0 first, the one that most query tiles see under causality.
   using Scheduler = cutlass::fmha::kernel::TileSchedulerBwdAdapter<cutlass::fmha::kernel::IndividualTileScheduler>;
@@ -73,6 +73,13 @@ struct BwdKernel {
     consumer.dbias_accum = p.dbias_accum;
     consumer.dbias_mode = p.dbias_mode;
     consumer.bounds = p.bounds;
+    consumer.mask = p.mask;
+    consumer.mask_batch_stride = p.mask_batch_stride, consumer.mask_head_stride = p.mask_head_stride;
+    consumer.mask_row_stride = p.mask_row_stride;
+    consumer.mask_hdiv = p.mask_hdiv;
+    consumer.classes = p.classes;
+    consumer.cls_batch_stride = p.cls_batch_stride, consumer.cls_head_stride = p.cls_head_stride;
+    consumer.cls_m_stride = p.cls_m_stride, consumer.cls_n_stride = p.cls_n_stride;
     typename Kernel::Arguments args{
         problem,
         {static_cast<const Element*>(p.q), q_strides, static_cast<const Element*>(p.k), k_strides,
@@ -102,6 +109,11 @@ cudaError_t run_flash_bwd_sm90_rule(const BwdParams& p, cudaStream_t stream) {
 template <int kHeadDim, bool kIsBF16>
 cudaError_t run_flash_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   using sm90::BwdBias;
+  using sm90::KeyRule;
+  if (p.mask != nullptr) {  // with a bias with query rows, without row bounds (flash_bwd_sm90_serves)
+    return p.is_causal ? sm90::BwdKernel<kHeadDim, kIsBF16, KeyRule::kCausal, BwdBias::kRows, true>::run(p, stream)
+                       : sm90::BwdKernel<kHeadDim, kIsBF16, KeyRule::kAll, BwdBias::kRows, true>::run(p, stream);
+  }
   if (p.bias == nullptr) return run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, BwdBias::kNone>(p, stream);
   return p.bias_row_stride == 0 ? run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, BwdBias::kKeys>(p, stream)
                                 : run_flash_bwd_sm90_rule<kHeadDim, kIsBF16, BwdBias::kRows>(p, stream);

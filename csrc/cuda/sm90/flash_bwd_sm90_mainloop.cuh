@@ -1,7 +1,7 @@
-// Hopper (sm_90a) backward mainloop for the calls without a mask: plain and bottom-right causal attention, row bounds
+// Hopper (sm_90a) backward mainloop of the key-tile path: plain and bottom-right causal attention, row bounds
 // (segment ids, a window, sequence lengths: row_bounds.h), a bias constant along query rows (the paper's per-key
 // bias [B, Hkv, 1, Lk] and its broadcasts) or one with query rows (q's 16-bit dtype, staged tile by tile in shared
-// memory) with its dbias, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's
+// memory) with its dbias, that one also beside a bool mask, GQA, Lq != Lk, odd lengths. It builds on CUTLASS's
 // Hopper FMHA backward collective, included from the nvidia-cutlass wheel's examples/88_hopper_fmha (never copied
 // here): its shared-memory layouts, pipelines and tiled MMAs, and its kernel (a producer warpgroup whose warps load by TMA and reduce dQ, two consumer warpgroups of 64
 // keys each, register reallocation, and the dK / dV epilogue by TMA store). What this file adds is the schedule of
@@ -24,6 +24,7 @@
 #include "row_bounds.h"
 #include "cuda/fast_exp2.cuh"
 #include "cuda/half_float.cuh"
+#include "kernel_facts.h"
 #include "log_constants.h"
 
 namespace dmattn::sm90 {
@@ -88,13 +89,47 @@ struct BwdConsumer {
   // nothing and the sm80 main kernel, which handles those, runs instead.
   const uint32_t* nonfinite = nullptr;
   RowBounds bounds;  // read with KeyRule::kBounded only
+  // The bool mask (the masked instantiation only): [Bm, Hm, Lq, Lk] bytes, keys at unit stride, strides in bytes
+  // (0 on broadcast dims); mask head of query head h: h / mask_hdiv. Its tile classes at kBwdBlockM x kBwdBlockN
+  // (one class a warpgroup's tile of a trip), nullptr: every tile partial.
+  const uint8_t* mask = nullptr;
+  int64_t mask_batch_stride = 0, mask_head_stride = 0, mask_row_stride = 0;
+  int mask_hdiv = 1;
+  const uint8_t* classes = nullptr;
+  int64_t cls_batch_stride = 0, cls_head_stride = 0, cls_m_stride = 0, cls_n_stride = 0;
 };
+
+// The kept word of one thread's pairs of a warpgroup's 64 x 64 tile (bit 2 j + i: key i, row j of the thread's
+// accumulator layout) from the mask bytes its warp loaded: lane l holds rows 2 l and 2 l + 1 of the tile, the warp's
+// 16 keys each. The accumulator gives lane l keys 16 warp + l / 4 + 8 i and rows 8 c + 2 (l % 4) + e (j = 2 c + e),
+// so each lane first packs its 32 bytes into one word (row e at bits 16 e .. 16 e + 15: a byte is kept when it is
+// not zero) and then takes its four bits of every row pair from lane l % 4 + 4 c. Both steps gather flags by one
+// multiplication whose partial products never overlap.
+__device__ __forceinline__ uint32_t mask_kept_bits(uint4 const (&rows)[2], int lane) {
+  const uint32_t words[8] = {rows[0].x, rows[0].y, rows[0].z, rows[0].w, rows[1].x, rows[1].y, rows[1].z, rows[1].w};
+  uint32_t packed = 0u;
+  CUTLASS_PRAGMA_UNROLL
+  for (int w = 0; w < 8; ++w) {
+    const uint32_t x = words[w];
+    const uint32_t nonzero = (((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x) & 0x80808080u;  // bit 7 of a byte: byte != 0
+    packed |= ((nonzero * 0x00204081u) >> 28) << (4 * w);  // the four flags at bits 28 .. 31, in byte order
+  }
+  const int g = lane / 4, quad = lane % 4;
+  uint32_t bits = 0u;
+  CUTLASS_PRAGMA_UNROLL
+  for (int c = 0; c < 8; ++c) {
+    const uint32_t y = (__shfl_sync(0xffffffffu, packed, quad + 4 * c) >> g) & 0x01010101u;  // (e, i) at 16 e + 8 i
+    bits |= ((y * 0x01020408u) >> 24) << (4 * c);  // (e, i) at bit 2 e + i of the nibble
+  }
+  return bits;
+}
 
 // kBias: which bias is read (and its dbias summed). A template parameter, since its registers would otherwise cost
 // the calls without one (with lse and delta held in registers, ptxas sm_90a, D = 128, non-causal / causal: 0 / 36
 // bytes of spills without a bias, 84 / 92 with a per-key one, 128 / 152 for both with the bias as a run-time branch;
-// with them staged in shared memory, none spills).
-template <class Element, class TileShape_, KeyRule kRule, BwdBias kBias>
+// with them staged in shared memory, none spills). kMasked: a bool mask drops pairs (BwdConsumer::mask), read tile by
+// tile straight from global memory into registers (no shared memory is left beside a bias with query rows).
+template <class Element, class TileShape_, KeyRule kRule, BwdBias kBias, bool kMasked = false>
 struct BwdMainloop
     : cutlass::fmha::collective::FmhaBwdMainloopTmaWarpSpecialized<
           Element, float, TileShape_,
@@ -462,6 +497,8 @@ struct BwdMainloop
     constexpr int kKeys = decltype(size<0>(cS_mn))::value;  // keys per thread
     constexpr int kCols = decltype(size<1>(cS_mn))::value;  // query rows per thread
     static_assert(kKeys * kCols <= 32 && kCols < 32, "kept bits fit one word");
+    // Bit of pair (key i, row j) in a kept word: a row's keys side by side, the order of mask_kept_bits.
+    auto kept_bit = [](int i, int j) { return j * kKeys + i; };
     const int causal_off = lk - lq;
 
     // The bias of this thread's keys (one value per key: the bias is constant along rows), and its gradient's
@@ -560,9 +597,27 @@ struct BwdMainloop
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
       cute::cp_async_fence();
     };
+    // The mask's class of trip t's tile of this warpgroup (tile_classes.h; partial without classes): the classes
+    // are the backward's own, at this kernel's 64 x 64 warpgroup tile.
+    static_assert(!kMasked || (kBlockM == kBwdBlockM && kWgKeys == kBwdBlockN), "a warpgroup tile is one class");
+    static_assert(!kMasked || (kKeys == 2 && kCols == 16), "mask_kept_bits: the 64 x 64 accumulator layout of wgmma");
+    // The batch element and thread index are made opaque where the mask's offsets and source lanes are computed, so
+    // that ptxas recomputes them there instead of holding them across the trip loop (which spilled the P step).
+    auto opaque = [](int x) {
+      asm volatile("" : "+r"(x));
+      return x;
+    };
+    auto mask_class_of = [&](int t) {
+      if (lg.classes == nullptr) return int(kTilePartial);
+      return int(lg.classes[int64_t(opaque(b)) * lg.cls_batch_stride +
+                            int64_t(trips.head(kv_head, t) / lg.mask_hdiv) * lg.cls_head_stride +
+                            int64_t(trips.m(t)) * lg.cls_m_stride + int64_t(wg_tile) * lg.cls_n_stride]);
+    };
+    int next_mask_class = kTileFull;
     if (trips.count > 0) {
       stage_stats(0);
       if constexpr (kRowBias) load_row_bias(0);
+      if constexpr (kMasked) next_mask_class = mask_class_of(0);
     }
 
     CUTLASS_PRAGMA_NO_UNROLL
@@ -606,6 +661,28 @@ struct BwdMainloop
       }
       warpgroup_commit_batch();
 
+      // The mask of this warpgroup's tile: its class (read a trip ahead) and, for a partial tile, two rows of the
+      // warp's 16 keys a lane (mask_kept_bits), loaded while the products run.
+      int mask_class = kTileFull;
+      uint4 mask_rows[2];
+      if constexpr (kMasked) {
+        mask_class = next_mask_class;
+        if (t + 1 < trips.count) next_mask_class = mask_class_of(t + 1);
+        if (mask_class == kTilePartial) {
+          const int tid = opaque(thread_idx);
+          const int lane = tid % cutlass::NumThreadsPerWarp, warp = tid / cutlass::NumThreadsPerWarp;
+          // A chunk past Lk (Lk is a multiple of 16: flash_bwd_sm90_serves) reads one in range; its pairs drop.
+          const int key = key0 + 16 * warp < lk ? key0 + 16 * warp : 0;
+          const uint8_t* base =
+              lg.mask + opaque(b) * lg.mask_batch_stride + int64_t(h / lg.mask_hdiv) * lg.mask_head_stride + key;
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < 2; ++e) {  // rows past Lq read the last row (dropped)
+            const int row = min(row0 + 2 * lane + e, lq - 1);
+            mask_rows[e] = __ldg(reinterpret_cast<const uint4*>(base + int64_t(row) * lg.mask_row_stride));
+          }
+        }
+      }
+
       float key_bias[kKeys];
       if constexpr (has_bias) {
         const int64_t base = bias_base(t);
@@ -643,6 +720,12 @@ struct BwdMainloop
       // The next trip's bias tile: every thread of the warpgroup has read this one (at the trip's start).
       if constexpr (kRowBias)
         if (t + 1 < trips.count && row_bias_tile(t + 1) != row_bias_tile(t)) load_row_bias(t + 1);
+      uint32_t mask_kept = 0xffffffffu;  // before the wait, beside the other warpgroup's softmax
+      if constexpr (kMasked) {
+        if (mask_class == kTileEmpty) mask_kept = 0u;
+        else if (mask_class == kTilePartial)
+          mask_kept = mask_kept_bits(mask_rows, opaque(thread_idx) % cutlass::NumThreadsPerWarp);
+      }
       math_wg_order_barrier.wait();
       if (check && kBounded) {
         // Row by row: each of this thread's rows reads its bounds once per trip.
@@ -654,7 +737,7 @@ struct BwdMainloop
           const RowRange range = lg.bounds.range(b, row);
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < kKeys; ++i)
-            kept |= uint32_t(range.keeps(key0 + int(get<0>(cS_mn(i, j))))) << (i * kCols + j);
+            kept |= uint32_t(range.keeps(key0 + int(get<0>(cS_mn(i, j))))) << kept_bit(i, j);
         }
       } else if (check) {
         kept = 0u;
@@ -665,21 +748,26 @@ struct BwdMainloop
             const int key = key0 + int(get<0>(cS_mn(i, j))), row = row0 + int(get<1>(cS_mn(i, j)));
             bool keep = row < lq && key < lk;
             if constexpr (kCausal) keep = keep && key <= row + causal_off;
-            kept |= uint32_t(keep) << (i * kCols + j);
+            kept |= uint32_t(keep) << kept_bit(i, j);
           }
         }
       }
+      if constexpr (kMasked) kept &= mask_kept;
       if constexpr (has_bias) {  // a -inf bias drops its key in every row
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kKeys; ++i)
-          if (key_bias[i] == -INFINITY) kept &= ~(((1u << kCols) - 1u) << (i * kCols));
+        for (int i = 0; i < kKeys; ++i) {
+          uint32_t key_pairs = 0u;
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kCols; ++j) key_pairs |= 1u << kept_bit(i, j);
+          if (key_bias[i] == -INFINITY) kept &= ~key_pairs;
+        }
       }
       // The per-element work bounds the issue of these steps, so a thread whose pairs are all kept (every trip off
       // the diagonal and the sequence ends, unless a key has a -inf bias) runs them without the per-pair selects.
       constexpr uint32_t kAllKept = kKeys * kCols == 32 ? 0xffffffffu : (1u << (kKeys * kCols)) - 1u;
       const bool all_kept = (kept & kAllKept) == kAllKept;
       auto keeps = [&](auto every, int i, int j) {
-        return decltype(every)::value || ((kept >> (i * kCols + j)) & 1u) != 0u;
+        return decltype(every)::value || ((kept >> kept_bit(i, j)) & 1u) != 0u;
       };
       // P = exp(s - lse) with s = scale * q.k + bias, in natural units as the forward's lse; the scale joins the
       // bias, or without one the lse, in one fused multiply-add.
@@ -699,7 +787,7 @@ struct BwdMainloop
               // S holds q.k + bias / scale, -inf exactly where the bias is (q and k are finite here); by select,
               // since a row whose every bias is -inf has lse -inf.
               const bool drop = s_mn(i, j) == -INFINITY;
-              bias_drops |= uint32_t(drop) << (i * kCols + j);
+              bias_drops |= uint32_t(drop) << kept_bit(i, j);
               keep = keep && !drop;
               x = fmaf(s_mn(i, j), lg.scale, -lse);
             } else {
