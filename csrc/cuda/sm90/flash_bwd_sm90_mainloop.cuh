@@ -536,6 +536,12 @@ struct BwdMainloop
     // thread's own column of dbias_partial and is stored in the bias dtype at the last of them (every pair of the
     // tile has all its terms then: flash_bwd_sm90_serves). Rows past Lq and keys past Lk copy in-range bytes and are
     // never stored.
+    // A value made opaque to ptxas where it is used, so that ptxas recomputes what derives from it there (tile
+    // offsets, source lanes) instead of holding it across the trip loop.
+    auto opaque = [](int x) {
+      asm volatile("" : "+r"(x));
+      return x;
+    };
     auto row_bias_tile = [&](int t) { return trips.m(t) * lg.heads + trips.head(kv_head, t) / lg.bias_hdiv; };
     uint16_t* const bias_tile = row_bias_tile_of(storage, wg);
     // Element 0 of 16-byte piece `piece` of tile row `row` (the swizzle of the type's comment).
@@ -545,9 +551,7 @@ struct BwdMainloop
     auto load_row_bias = [&](int t) {  // cp.async, 16 bytes a piece, eight threads a row
       const int64_t base = bias_base(t);
       const int row0 = trips.m(t) * kBlockM;
-      // Opaque to ptxas, so that it recomputes the pieces' offsets here instead of holding them across the trip loop.
-      int tid = thread_idx;
-      asm volatile("" : "+r"(tid));
+      const int tid = opaque(thread_idx);
       constexpr int kPerThread = kBlockM * kRowBiasPieces / cutlass::NumThreadsPerWarpGroup;
       CUTLASS_PRAGMA_UNROLL
       for (int it = 0; it < kPerThread; ++it) {
@@ -569,8 +573,7 @@ struct BwdMainloop
     static_assert(!kRowBias || (kKeys == 2 && kCols == 16), "the 64 x 64 accumulator layout of wgmma");
     uint32_t bias_words[kRowBias ? 4 : 1][4];
     auto read_row_bias = [&]() __attribute__((always_inline)) {
-      int tid = thread_idx;  // opaque, as in load_row_bias
-      asm volatile("" : "+r"(tid));
+      const int tid = opaque(thread_idx);
       const int lane = tid % cutlass::NumThreadsPerWarp, warp = tid / cutlass::NumThreadsPerWarp;
       CUTLASS_PRAGMA_UNROLL
       for (int x = 0; x < 4; ++x) {
@@ -601,12 +604,8 @@ struct BwdMainloop
     // are the backward's own, at this kernel's 64 x 64 warpgroup tile.
     static_assert(!kMasked || (kBlockM == kBwdBlockM && kWgKeys == kBwdBlockN), "a warpgroup tile is one class");
     static_assert(!kMasked || (kKeys == 2 && kCols == 16), "mask_kept_bits: the 64 x 64 accumulator layout of wgmma");
-    // The batch element and thread index are made opaque where the mask's offsets and source lanes are computed, so
-    // that ptxas recomputes them there instead of holding them across the trip loop (which spilled the P step).
-    auto opaque = [](int x) {
-      asm volatile("" : "+r"(x));
-      return x;
-    };
+    // The batch element and thread index are opaque where the mask's offsets and source lanes are computed (held
+    // across the trip loop, they spilled the P step).
     auto mask_class_of = [&](int t) {
       if (lg.classes == nullptr) return int(kTilePartial);
       return int(lg.classes[int64_t(opaque(b)) * lg.cls_batch_stride +
