@@ -121,9 +121,9 @@ ffi::Error bad_bounded(const std::string& what) {
 
 // scores f32 [Bs, Hs, Lk] (the kernels rank their canonical form), rows s32 [Bb, Lq, 4] and key segment ids
 // s32 [Bb, Lk] or zero-size (csrc/row_bounds.h), Bs and Bb in {1, B'}, B' = max(Bs, Bb): query row i keeps the k best
-// keys its bounds leave it. The lists are over batch = B', heads = Hs, rows = Lq, cols = Lk. may_overflow: a unit whose keys
-// exceed the capacity is marked with count kKeyListDense (else the kernel traps). Lq = 1 without segment ids runs the
-// shared-list pre-pass over each element's key range (csrc/cuda/topk_shared_key_lists.h; capacity >= k).
+// keys its bounds leave it. The lists are over batch = B', heads = Hs, rows = Lq, cols = Lk. may_overflow: a unit
+// whose keys exceed the capacity is marked with count kKeyListDense (else the kernel traps). Lq = 1 without segment
+// ids runs the shared-list pre-pass over each element's key range (csrc/cuda/topk_shared_key_lists.h; capacity >= k).
 ffi::Error topk_bounded_key_lists_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores, ffi::AnyBuffer rows,
                                        ffi::AnyBuffer key_segments, ffi::ResultBuffer<ffi::S32> keys,
                                        ffi::ResultBuffer<ffi::U32> bits, int64_t k, int64_t capacity,
