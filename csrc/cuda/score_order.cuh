@@ -3,6 +3,9 @@
 // keys over two digits.
 #pragma once
 #include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
 
 #include "cuda/cta_scan.cuh"
 
@@ -40,14 +43,19 @@ __device__ __forceinline__ uint32_t canonical_order_key16(uint32_t bits) {
   return (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
 }
 
-// The digits of a select over scores of type T: float32 scores rank by canonical_order_key (the three digits above),
-// 16-bit ones by canonical_order_key16 (two digits: bits [5, 16) and [0, 5)).
+// How a select over scores of type T ranks them: float32 scores by canonical_order_key over the three digits above,
+// 16-bit ones by canonical_order_key16 over two (bits [5, 16) and [0, 5)).
 template <class T>
-struct SelectDigits {
+struct ScoreKeys {
   static constexpr bool kHalf = sizeof(T) == 2;
-  static constexpr int kCount = kHalf ? 2 : kSelectDigits;
+  static constexpr int kDigits = kHalf ? 2 : kSelectDigits;
   __device__ __forceinline__ static int shift(int d) { return kHalf ? (d == 0 ? 5 : 0) : digit_shift(d); }
   __device__ __forceinline__ static int bins(int d) { return kHalf ? (d == 0 ? 2048 : 32) : digit_bins(d); }
+  // The order key of a score's bits as stored (float32: 32 bits; 16-bit: 16, zero-extended); never 0.
+  __device__ __forceinline__ static uint32_t of(uint32_t bits) {
+    if constexpr (kHalf) return canonical_order_key16<std::is_same_v<T, __nv_bfloat16>>(bits);
+    else return canonical_order_key(__uint_as_float(bits));
+  }
 };
 
 // One digit of the radix select over a CTA of kThreads threads: count(b) is how many of the keys that match the

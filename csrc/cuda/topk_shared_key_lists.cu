@@ -52,12 +52,6 @@ __device__ __forceinline__ uint32_t load_one(const T* row, int64_t j) {
   if constexpr (std::is_same_v<T, float>) return __ldg(reinterpret_cast<const uint32_t*>(row) + j);
   else return __ldg(reinterpret_cast<const uint16_t*>(row) + j);
 }
-// The order key a select over scores of type T ranks a score's bits by (score_order.cuh); never 0.
-template <class T>
-__device__ __forceinline__ uint32_t order_key_of(uint32_t bits) {
-  if constexpr (std::is_same_v<T, float>) return canonical_order_key(__uint_as_float(bits));
-  else return canonical_order_key16<std::is_same_v<T, __nv_bfloat16>>(bits);
-}
 // Whether a row of T allows the vector loads of load_four (each piece of four keys from a multiple of 4).
 template <class T>
 __device__ __forceinline__ bool vector_row(const T* row, int lk) {
@@ -207,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
   if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
 #endif
   using Team = RowTeam<kCluster>;
-  using Digits = SelectDigits<T>;
+  using Score = ScoreKeys<T>;
   __shared__ Smem sm;
   const KeyListArgs& L = args.lists;
   const int64_t bh = blockIdx.x / kCluster;
@@ -241,18 +235,18 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
   int own_above = 0, own_equal = 0;
   // The digit count made opaque: with two digits (16-bit scores) known, ptxas spilled 60-272 bytes of the teams'
   // instantiations at their 64-register bound (sm_90a); the loop stays a loop either way.
-  int digits = Digits::kCount;
+  int digits = Score::kDigits;
   asm volatile("" : "+r"(digits));
 #pragma unroll 1
   for (int d = 0; d < digits; ++d) {
-    const int shift = Digits::shift(d), bins = Digits::bins(d);
+    const int shift = Score::shift(d), bins = Score::bins(d);
     for (int i = tid; i < bins; i += kThreads) sm.hist[i] = 0;
     __syncthreads();
     const uint32_t prefix = sm.prefix;
     for_each_step(row, begin, lo, end, vec, [&](int64_t, uint32_t valid, const uint32_t (&x)[kPerThread]) {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
-        const uint32_t key = order_key_of<T>(x[i]);
+        const uint32_t key = ScoreKeys<T>::of(x[i]);
         if (((valid >> i) & 1u) && (key & high_mask) == prefix)
           atomicAdd(sm.hist + ((key >> shift) & uint32_t(bins - 1)), 1);
       }
@@ -301,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) build_topk_shared_key_li
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int i = 4 * v + c;
-        const uint32_t key = order_key_of<T>(x[i]);
+        const uint32_t key = ScoreKeys<T>::of(x[i]);
         above |= ((valid >> i) & 1u) && key > t ? (1u << c) : 0u;
         equal |= ((valid >> i) & 1u) && key == t ? (1u << c) : 0u;
       }
@@ -355,7 +349,7 @@ constexpr int kResSliceOffset = (sizeof(ResidentSmem) + 15) / 16 * 16;
 // 48 32-bit keys a thread take 192 KiB, 64 16-bit ones 128 KiB (rows of 384K and 512K keys in teams of 8).
 template <class T>
 struct ResidentKeys {
-  static constexpr bool kHalf = SelectDigits<T>::kHalf;
+  static constexpr bool kHalf = ScoreKeys<T>::kHalf;
   using Vec = std::conditional_t<kHalf, uint2, uint4>;
   static constexpr int kBytes = kHalf ? 2 : 4;
   static constexpr int kMaxRun = kHalf ? 64 : 48;
@@ -364,7 +358,7 @@ struct ResidentKeys {
   __device__ __forceinline__ static Vec pack(const Piece& p) {
     uint32_t k[4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) k[c] = (p.valid >> c) & 1u ? order_key_of<T>(p.x[c]) : 0u;
+    for (int c = 0; c < 4; ++c) k[c] = (p.valid >> c) & 1u ? ScoreKeys<T>::of(p.x[c]) : 0u;
     if constexpr (kHalf) return make_uint2(k[0] | (k[1] << 16), k[2] | (k[3] << 16));
     else return make_uint4(k[0], k[1], k[2], k[3]);
   }
@@ -387,7 +381,7 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
   if constexpr (kCluster > 1) __trap();  // the launcher picks clusters only for sm_90 code
 #endif
   using Team = RowTeam<kCluster>;
-  using Digits = SelectDigits<T>;
+  using Score = ScoreKeys<T>;
   using Keys = ResidentKeys<T>;
   using Vec = typename Keys::Vec;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -437,7 +431,7 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const uint32_t key = Keys::key(w, c);
-        if (key != 0u) atomicAdd(hist + (key >> Digits::shift(0)), 1);
+        if (key != 0u) atomicAdd(hist + (key >> Score::shift(0)), 1);
       }
     }
   }
@@ -449,8 +443,8 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
   static_assert(kResHistCopies == 2 && kResThreads * 2 == kMaxBins, "each thread selects over two bins");
   uint32_t high_mask = 0;
 #pragma unroll 1
-  for (int d = 0; d < Digits::kCount; ++d) {
-    const int shift = Digits::shift(d), bins = Digits::bins(d);
+  for (int d = 0; d < Score::kDigits; ++d) {
+    const int shift = Score::shift(d), bins = Score::bins(d);
     int (*buf)[kMaxBins] = sm.hist[d & 1];
     Team::sync();  // every member's histograms of digit d are complete, and every member is past digit d - 1
     const uint32_t prefix = sm.prefix;
@@ -479,17 +473,17 @@ __global__ void __launch_bounds__(kResThreads, 1) build_topk_shared_key_lists_re
         sm.prefix = prefix | (uint32_t(b1 + 1 - q) << shift);
         sm.rem = rem - team_before;
         sm.above += own_before;
-        if (d == Digits::kCount - 1) sm.equal = own[q];
+        if (d == Score::kDigits - 1) sm.equal = own[q];
       }
       team_before += team[q], own_before += own[q];
     }
     high_mask |= uint32_t(bins - 1) << shift;
-    if (d + 1 < Digits::kCount) {
+    if (d + 1 < Score::kDigits) {
       // The next digit's buffer last held digit d - 1, which every member has read (the barrier above).
       for (int i = tid; i < kResHistCopies * kMaxBins; i += kResThreads) (&sm.hist[(d + 1) & 1][0][0])[i] = 0;
       __syncthreads();  // cleared, and sm.prefix / sm.rem set
       const uint32_t next_prefix = sm.prefix;
-      const int next_shift = Digits::shift(d + 1), next_bins = Digits::bins(d + 1);
+      const int next_shift = Score::shift(d + 1), next_bins = Score::bins(d + 1);
       int* next_hist = sm.hist[(d + 1) & 1][copy];
 #pragma unroll 4
       for (int v = 0; v < vectors; ++v) {
