@@ -56,4 +56,13 @@ inline bool bias_rows_in_16_byte_pieces(const CallParams& p) {
          (reinterpret_cast<uintptr_t>(p.bias) & 15) == 0;
 }
 
+// Whether the call's bool mask rows can be read in 16-byte pieces (the Hopper kernels' mask reads: TMA boxes in the
+// forward, 16-byte loads in the backward): keys at unit stride, every stride a multiple of 16 bytes (a broadcast
+// dim's is 0) and the base 16-byte aligned.
+inline bool mask_rows_in_16_byte_pieces(const CallParams& p) {
+  auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+  return p.mask != nullptr && p.mask_col_stride == 1 && aligned(p.mask_row_stride) && aligned(p.mask_head_stride) &&
+         aligned(p.mask_batch_stride) && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+}
+
 }  // namespace dmattn

@@ -24,14 +24,11 @@ bool row_bias_fits(const BwdParams& p) {
          p.kv_heads_per_item == 1 && p.group % p.bias_hdiv == 0 && p.scale != 0.f && std::isfinite(1.f / p.scale);
 }
 
-// A bool mask, read by the masked instantiation (a bias with query rows, no row bounds) in 16-byte chunks of 16 keys:
-// keys at unit stride, Lk a multiple of 16 (no chunk straddles the sequence end), every stride a multiple of 16 bytes
-// (a broadcast dim's is 0) and the base 16-byte aligned.
+// A bool mask, read by the masked instantiation (a bias with query rows, no row bounds) in 16-byte chunks of 16 keys
+// (mask_rows_in_16_byte_pieces), Lk a multiple of 16 so that no chunk straddles the sequence end.
 bool mask_fits(const BwdParams& p) {
-  auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
-  return p.bias != nullptr && p.bias_row_stride != 0 && !p.bounds.present() && p.mask_col_stride == 1 &&
-         p.kv_len % 16 == 0 && aligned(p.mask_row_stride) && aligned(p.mask_head_stride) &&
-         aligned(p.mask_batch_stride) && (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+  return p.bias != nullptr && p.bias_row_stride != 0 && !p.bounds.present() && mask_rows_in_16_byte_pieces(p) &&
+         p.kv_len % 16 == 0;
 }
 
 }  // namespace

@@ -30,13 +30,12 @@ __device__ __forceinline__ uint32_t mask_tile_piece(uint32_t tile_address, uint3
 // Non-zero iff some byte of x is zero.
 __device__ __forceinline__ uint32_t has_zero_byte(uint32_t x) { return (x - 0x01010101u) & ~x & 0x80808080u; }
 
-// Whether the TMA can map the call's mask: keys at unit stride, one row per query row, every stride a multiple of
-// 16 bytes below 2^40 (a broadcast dim's may be 0), the base 16-byte aligned.
+// Whether the TMA can map the call's mask: rows in 16-byte pieces (mask_rows_in_16_byte_pieces), one row per query
+// row, and every stride below 2^40 bytes and not negative (the TMA's limits).
 inline bool mask_tile_map_fits(const FwdParams& p) {
-  auto stride_ok = [](int64_t s) { return s >= 0 && s % 16 == 0 && s < (int64_t(1) << 40); };
-  return p.mask != nullptr && p.mask_col_stride == 1 && p.mask_row_stride > 0 && stride_ok(p.mask_row_stride) &&
-         stride_ok(p.mask_head_stride) && stride_ok(p.mask_batch_stride) &&
-         (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0;
+  auto tma_stride = [](int64_t bytes) { return bytes >= 0 && bytes < (int64_t(1) << 40); };
+  return mask_rows_in_16_byte_pieces(p) && p.mask_row_stride > 0 && tma_stride(p.mask_row_stride) &&
+         tma_stride(p.mask_head_stride) && tma_stride(p.mask_batch_stride);
 }
 
 // Encodes the map of the call's mask (mask_tile_map_fits holds) for [block_m, block_n] tiles.
